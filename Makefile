@@ -1,0 +1,47 @@
+# The two set-up commands of README.md: `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# pip prints harmless "Location ... is ignored" lines on these machines
+QUIET_PIP := { grep -v -e "is ignored" -e "^$$" || true; }
+
+.PHONY: demo test lint typecheck pytest bench install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e ".[test]" 2>&1 | $(QUIET_PIP)
+	$(PY) -m kernel_engine.cli install --sys-prefix
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) notebooks/quickstart.py
+
+lint: install
+	$(VENV)/bin/ruff check jupyter_ext kernel_engine tests benchmarks
+	$(VENV)/bin/ruff format --check jupyter_ext kernel_engine tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest -q -p no:randomly $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,59 @@
+"""jupyter_ext: interactive parallel computing for Jupyter.
+
+``import jupyter_ext as jx``; ``rc = jx.Cluster(n=4).start_and_connect_sync()``; then
+``rc[:]`` (DirectView), ``rc.load_balanced_view()``, AsyncResults, ``%load_ext jupyter_ext``.
+"""
+
+from kernel_engine.errors import (
+    ClusterError,
+    CompositeError,
+    DependencyTimeout,
+    EngineError,
+    ImpossibleDependency,
+    InvalidDependency,
+    InvalidTarget,
+    NoEnginesRegistered,
+    RemoteError,
+    SerializationError,
+    TaskAborted,
+    TaskTimeout,
+    UnmetDependency,
+)
+from kernel_engine.serialize import Reference, interactive
+
+from ._asyncresult import AsyncMapResult, AsyncResult
+from ._client import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Client
+from ._cluster import Cluster
+from ._metadata import ExecuteReply, Metadata
+from ._views import DirectView, View
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "AsyncMapResult",
+    "AsyncResult",
+    "Client",
+    "Cluster",
+    "ClusterError",
+    "CompositeError",
+    "DependencyTimeout",
+    "DirectView",
+    "EngineError",
+    "ExecuteReply",
+    "ImpossibleDependency",
+    "InvalidDependency",
+    "InvalidTarget",
+    "Metadata",
+    "NoEnginesRegistered",
+    "Reference",
+    "RemoteError",
+    "SerializationError",
+    "TaskAborted",
+    "TaskTimeout",
+    "UnmetDependency",
+    "View",
+    "interactive",
+]

@@ -1,0 +1,387 @@
+"""AsyncResult: a ``concurrent.futures.Future`` over one or more remote tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sys
+import threading
+import time
+from collections.abc import Generator, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from kernel_engine.errors import CompositeError, RemoteError
+
+from ._metadata import METADATA_KEYS, Metadata
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+
+def _wait_one(future: concurrent.futures.Future, timeout: float | None) -> bool:  # type: ignore[type-arg]
+    """Wait for one future without the waiter objects of ``concurrent.futures.wait``."""
+    if future.done():
+        return True
+    try:
+        future.exception(timeout)
+    except concurrent.futures.TimeoutError:
+        return False
+    except concurrent.futures.CancelledError:
+        pass
+    return True
+
+
+class MessageFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The future of one request message; the client's IO thread resolves it."""
+
+    def __init__(self, msg_id: str, metadata: Metadata, kind: str = "apply"):
+        super().__init__()
+        self.msg_id = msg_id
+        self.metadata = metadata
+        self.kind = kind
+        self.tracker: zmq.MessageTracker | None = None
+        # execute requests finish when both the reply and the engine's idle status
+        # (the end of the request's output on iopub) have arrived.
+        self.reply_seen = False
+        self.idle_seen = kind != "execute"
+        self.outcome: tuple[bool, Any] | None = None
+
+
+class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The result of work submitted through a view, available later.
+
+    A ``concurrent.futures.Future`` (so ``add_done_callback``, ``asyncio.wrap_future``
+    and ``await ar`` work) with IPython Parallel's interface: ``get``, ``wait``, ``ready``,
+    ``successful``, ``get_dict``, ``metadata``, timing properties and iteration as results
+    arrive.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        futures: list[MessageFuture],
+        fname: str = "unknown",
+        targets: Any = None,
+        single: bool = False,
+    ):
+        super().__init__()
+        self._client = client
+        self._children = list(futures)
+        self.msg_ids = [f.msg_id for f in futures]
+        self._fname = fname
+        self._targets = targets
+        self._single = single
+        self._lock = threading.Lock()
+        self._ndone = 0
+        if not futures:
+            self.set_result(None if single else [])
+        for f in futures:
+            f.add_done_callback(self._child_done)
+
+    def _child_done(self, _: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+        with self._lock:
+            self._ndone += 1
+            last = self._ndone == len(self._children)
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        errors: list[RemoteError] = []
+        results: list[Any] = []
+        for f in self._children:
+            exc = f.exception()
+            if exc is None:
+                results.append(f.result())
+            else:
+                errors.append(
+                    exc
+                    if isinstance(exc, RemoteError)
+                    else RemoteError(type(exc).__name__, str(exc))
+                )
+                results.append(exc)
+        try:
+            if errors:
+                if self._single and len(self._children) == 1:
+                    self.set_exception(errors[0])
+                else:
+                    self.set_exception(
+                        CompositeError(f"one or more exceptions from call to {self._fname}", errors)
+                    )
+            else:
+                self.set_result(self._reconstruct(results))
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
+
+    def _reconstruct(self, results: list[Any]) -> Any:
+        return results[0] if self._single else results
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result, waiting up to ``timeout`` s (None: forever).
+
+        Raises
+        ------
+        TimeoutError
+            When the result is not ready within ``timeout``.
+        RemoteError, CompositeError
+            When the task (or several) raised.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
+        return super().result()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The Future API's ``result``; the same as :meth:`get`."""
+        return self.get(timeout)
+
+    @property
+    def r(self) -> Any:
+        """Shorthand for ``get()``."""
+        return self.get()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until done or ``timeout`` s pass; returns whether done. Never raises."""
+        return _wait_one(self, timeout)
+
+    def ready(self) -> bool:
+        """Whether the result has arrived (successful or not)."""
+        return self.done()
+
+    def successful(self) -> bool:
+        """Whether it completed without raising; AssertionError while not ready."""
+        if not self.done():
+            raise AssertionError("the result is not ready")
+        return not self.cancelled() and self.exception() is None
+
+    def get_dict(self, timeout: float | None = None) -> dict[int, Any]:
+        """The results keyed by engine id (one result per engine)."""
+        results = self.get(timeout)
+        if self._single:
+            results = [results]
+        engine_ids = [md["engine_id"] for md in self._metadata_list()]
+        if len(set(engine_ids)) != len(engine_ids):
+            raise ValueError("cannot make a dict of results: several came from one engine")
+        return dict(zip(engine_ids, results))
+
+    def cancel(self) -> bool:
+        """Abort the tasks that have not run; True if the future is now cancelled."""
+        if self.done():
+            return False
+        self.abort()
+        return super().cancel()
+
+    def abort(self) -> None:
+        """Ask the controller and engines not to run those tasks yet to start."""
+        pending = [f.msg_id for f in self._children if not f.done()]
+        if pending:
+            self._client.abort(pending, block=False)
+
+    def _metadata_list(self) -> list[Metadata]:
+        return [f.metadata for f in self._children]
+
+    @property
+    def metadata(self) -> Metadata | list[Metadata]:
+        """Metadata of the task (a list of them for several tasks)."""
+        mds = self._metadata_list()
+        return mds[0] if self._single and len(mds) == 1 else mds
+
+    def __getattr__(self, key: str) -> Any:
+        if key in METADATA_KEYS:
+            values = [md[key] for md in self._metadata_list()]
+            return values[0] if self._single and len(values) == 1 else values
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key) if key in METADATA_KEYS else self.__getattr__(key)
+        results = self.get()
+        if self._single:
+            results = [results]
+        return results[key]
+
+    def __len__(self) -> int:
+        return len(self.msg_ids)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Results in order, each as soon as it (and those before it) arrived."""
+        for f in self._children:
+            _wait_one(f, None)
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+            yield f.result()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    @property
+    def progress(self) -> int:
+        """How many tasks have finished."""
+        return sum(f.done() for f in self._children)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the first task was submitted (until now, or until done)."""
+        submitted = [md["submitted"] for md in self._metadata_list() if md["submitted"]]
+        if not submitted:
+            return 0.0
+        end = self._received_last() if self.done() else None
+        now = end or datetime.now(timezone.utc)
+        return (now - min(submitted)).total_seconds()
+
+    def _received_last(self) -> datetime | None:
+        received = [md["received"] for md in self._metadata_list() if md["received"]]
+        return max(received) if received else None
+
+    @property
+    def serial_time(self) -> float:
+        """Sum of the tasks' run times on their engines, in seconds."""
+        return sum(md.duration() for md in self._metadata_list())
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from the first submission to the last result received."""
+        submitted = [md["submitted"] for md in self._metadata_list() if md["submitted"]]
+        last = self._received_last()
+        if not submitted or last is None:
+            return 0.0
+        return (last - min(submitted)).total_seconds()
+
+    @property
+    def sent(self) -> bool:
+        """Whether zmq is done with every buffer sent (only tracked with ``track=True``)."""
+        return all(f.tracker is None or f.tracker.done for f in self._children)
+
+    def wait_on_send(self, timeout: float | None = None) -> None:
+        """Block until zmq is done with the buffers sent (``track=True``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in self._children:
+            if f.tracker is not None:
+                remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    f.tracker.wait(remaining)
+                except zmq.NotDone:
+                    raise TimeoutError(f"buffers still being sent after {timeout} s") from None
+
+    def display_outputs(self, groupby: str = "type") -> None:
+        """Print each engine's stdout and stderr, labelled ``[stdout:0]``."""
+        for md in self._metadata_list():
+            eid = md["engine_id"]
+            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                text = md[name]
+                if text:
+                    print(
+                        f"[{name}:{eid}] {text}",
+                        end="" if text.endswith("\n") else "\n",
+                        file=stream,
+                    )
+
+    def wait_interactive(
+        self, interval: float = 0.1, timeout: float | None = None, widget: bool | None = None
+    ) -> bool:
+        """Wait, showing progress (a widget in a notebook, text elsewhere)."""
+        from ._progress import wait_with_progress
+
+        return wait_with_progress(self, interval=interval, timeout=timeout, widget=widget)
+
+    def _total(self) -> int:
+        return len(self._children)
+
+    def __repr__(self) -> str:
+        state = "finished" if self.done() else "pending"
+        return f"<{type(self).__name__}({self._fname}): {state}>"
+
+
+class AsyncMapResult(AsyncResult):
+    """The result of a map: chunks reassembled into one list of items.
+
+    Iteration yields items as they arrive: in order, or with ``ordered=False`` in the
+    order chunks complete. ``len`` and ``progress`` count items, not messages.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        futures: list[MessageFuture],
+        chunk_sizes: list[int],
+        fname: str = "unknown",
+        ordered: bool = True,
+        return_exceptions: bool = False,
+    ):
+        self._chunk_sizes = list(chunk_sizes)
+        self._ordered = ordered
+        self._return_exceptions = return_exceptions
+        self._completion_order: list[int] = []
+        self._index = {id(f): i for i, f in enumerate(futures)}
+        super().__init__(client, futures, fname=fname)
+
+    def _child_done(self, f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+        with self._lock:
+            self._completion_order.append(self._index[id(f)])
+        super()._child_done(f)
+
+    def _finish(self) -> None:
+        if not self._return_exceptions:
+            super()._finish()
+            return
+        try:
+            self.set_result(self._reconstruct([self._chunk_result(f) for f in self._children]))
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def _chunk_result(self, f: MessageFuture) -> Any:
+        exc = f.exception()
+        if exc is None:
+            return f.result()
+        size = self._chunk_sizes[self._children.index(f)]
+        return [exc] * size
+
+    def _reconstruct(self, results: list[Any]) -> list[Any]:
+        ordered = results
+        if not self._ordered:
+            ordered = [results[i] for i in self._completion_order]
+        items: list[Any] = []
+        for chunk in ordered:
+            items.extend(chunk)
+        return items
+
+    def __len__(self) -> int:
+        return sum(self._chunk_sizes)
+
+    def _total(self) -> int:
+        return len(self)
+
+    @property
+    def progress(self) -> int:
+        """How many items (not chunks) have finished."""
+        return sum(n for f, n in zip(self._children, self._chunk_sizes) if f.done())
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._ordered:
+            order: Iterator[int] = iter(range(len(self._children)))
+        else:
+            order = self._completion_iter()
+        for i in order:
+            f = self._children[i]
+            self._client._wait_futures([f], None)
+            yield from self._chunk_result(f) if self._return_exceptions else self._raise(f)
+
+    def _raise(self, f: MessageFuture) -> Any:
+        exc = f.exception()
+        if exc is not None:
+            raise exc
+        return f.result()
+
+    def _completion_iter(self) -> Iterator[int]:
+        seen = 0
+        while seen < len(self._children):
+            with self._lock:
+                available = self._completion_order[seen:]
+            if not available:
+                pending = [f for f in self._children if not f.done()]
+                self._client._wait_futures(pending, None, first=True)
+                continue
+            for i in available:
+                seen += 1
+                yield i

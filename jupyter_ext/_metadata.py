@@ -1,0 +1,135 @@
+"""Per-task metadata and the result of ``execute`` (what IPython Parallel users know)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from kernel_engine.protocol import parse_date
+
+METADATA_KEYS = (
+    "msg_id",
+    "submitted",
+    "started",
+    "completed",
+    "received",
+    "engine_id",
+    "engine_uuid",
+    "status",
+    "stdout",
+    "stderr",
+    "outputs",
+    "execute_input",
+    "execute_result",
+    "error",
+    "after",
+    "follow",
+    "label",
+)
+
+
+class Metadata(dict[str, Any]):
+    """A task's metadata: a dict with attribute access (``md.stdout``).
+
+    Keys: msg_id, submitted, started, completed, received (datetimes), engine_id,
+    engine_uuid, status ('ok' / 'error' / None while pending), stdout, stderr, outputs
+    (display_data contents), execute_input, execute_result, error, after, follow, label.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(
+            msg_id=None,
+            submitted=None,
+            started=None,
+            completed=None,
+            received=None,
+            engine_id=None,
+            engine_uuid=None,
+            status=None,
+            stdout="",
+            stderr="",
+            outputs=[],
+            execute_input=None,
+            execute_result=None,
+            error=None,
+            after=[],
+            follow=[],
+            label=None,
+        )
+        self.update(*args, **kwargs)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def update_from_reply(self, md: dict[str, Any]) -> None:
+        """Merge an engine reply's metadata (dates parsed, its stdout is the whole stdout)."""
+        for key in ("started", "completed"):
+            if md.get(key):
+                self[key] = parse_date(md[key])
+        for key in ("engine_uuid", "status", "stdout", "stderr"):
+            if md.get(key) is not None:
+                self[key] = md[key]
+        if md.get("engine_id") is not None:
+            self["engine_id"] = md["engine_id"]
+
+    def duration(self) -> float:
+        """Seconds the task ran on its engine (0 while unknown)."""
+        started: datetime | None = self.get("started")
+        completed: datetime | None = self.get("completed")
+        if started and completed:
+            return (completed - started).total_seconds()
+        return 0.0
+
+
+class ExecuteReply:
+    """The result of ``execute`` on one engine: its execution count, result and outputs."""
+
+    def __init__(self, msg_id: str, content: dict[str, Any], metadata: Metadata):
+        self.msg_id = msg_id
+        self._content = content
+        self.metadata = metadata
+
+    @property
+    def execution_count(self) -> int | None:
+        count: int | None = self._content.get("execution_count")
+        return count
+
+    @property
+    def success(self) -> bool:
+        return self._content.get("status") == "ok"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metadata[key]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self.metadata[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        return f"<ExecuteReply[{self.execution_count}]: {self._plaintext()[:60]}>"
+
+    def _plaintext(self) -> str:
+        result = self.metadata.get("execute_result") or {}
+        return str(result.get("data", {}).get("text/plain", ""))
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        text = self._plaintext()
+        if not text:
+            return
+        eid = self.metadata.get("engine_id")
+        p.text(f"Out[{eid}:{self.execution_count}]: {text}")
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        result = self.metadata.get("execute_result") or {}
+        data = dict(result.get("data", {}))
+        return data

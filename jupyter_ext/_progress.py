@@ -1,0 +1,150 @@
+"""Progress while waiting: an ipywidgets bar in a notebook, a text bar elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def _in_notebook() -> bool:
+    """Whether we run in a kernel whose frontend can show widgets."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class ProgressDisplay:
+    """Shows ``done / total`` and elapsed time; a widget or a text line."""
+
+    def __init__(self, total: int, label: str = "", widget: bool | None = None):
+        self.total = total
+        self.label = label
+        self.widget: Any = None
+        self._last_text = ""
+        use_widget = _in_notebook() if widget is None else widget
+        if use_widget:
+            try:
+                self._make_widget()
+            except Exception:
+                self.widget = None
+
+    def _make_widget(self) -> None:
+        import ipywidgets
+        from IPython.display import display
+
+        self.bar = ipywidgets.IntProgress(
+            value=0,
+            min=0,
+            max=max(self.total, 1),
+            description=self.label or "progress",
+            bar_style="info",
+            layout=ipywidgets.Layout(width="60%"),
+        )
+        self.text = ipywidgets.HTML(value=self._status(0, 0.0))
+        self.widget = ipywidgets.HBox([self.bar, self.text])
+        display(self.widget)
+
+    def _status(self, done: int, elapsed: float) -> str:
+        return f"{done}/{self.total} tasks, {elapsed:.1f} s"
+
+    def update(self, done: int, elapsed: float) -> None:
+        if self.widget is not None:
+            self.bar.value = done
+            self.text.value = self._status(done, elapsed)
+            return
+        text = self._status(done, elapsed)
+        if text != self._last_text:
+            width = 30
+            filled = int(width * done / max(self.total, 1))
+            label = f"{self.label}: " if self.label else ""
+            line = f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {text}"
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self._last_text = text
+
+    def close(self, done: int, elapsed: float, success: bool) -> None:
+        self.update(done, elapsed)
+        if self.widget is not None:
+            self.bar.bar_style = "success" if success else "danger"
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _wait_loop(
+    done_count: Callable[[], int],
+    finished: Callable[[float], bool],
+    elapsed: Callable[[], float],
+    total: int,
+    label: str,
+    interval: float,
+    timeout: float | None,
+    widget: bool | None,
+    success: Callable[[], bool],
+) -> bool:
+    display = ProgressDisplay(total, label, widget)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = False
+    try:
+        while True:
+            wait = interval
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            if finished(wait):
+                ok = True
+                break
+            display.update(done_count(), elapsed())
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    finally:
+        display.close(done_count(), elapsed(), ok and success())
+    return ok
+
+
+def wait_with_progress(
+    ar: Any, interval: float = 0.1, timeout: float | None = None, widget: bool | None = None
+) -> bool:
+    """Wait for an AsyncResult, showing its progress (items, not messages)."""
+    return _wait_loop(
+        lambda: ar.progress,
+        ar.wait,
+        lambda: ar.elapsed,
+        ar._total(),
+        ar._fname,
+        interval,
+        timeout,
+        widget,
+        lambda: not ar.cancelled() and ar.exception() is None,
+    )
+
+
+def wait_futures_with_progress(
+    futures: Sequence[Any],
+    interval: float = 0.1,
+    timeout: float | None = None,
+    widget: bool | None = None,
+) -> bool:
+    """Wait for futures (a client's outstanding work), showing how many are done."""
+    import concurrent.futures
+
+    start = time.monotonic()
+
+    def finished(wait: float) -> bool:
+        return not concurrent.futures.wait(futures, wait)[1]
+
+    return _wait_loop(
+        lambda: sum(f.done() for f in futures),
+        finished,
+        lambda: time.monotonic() - start,
+        len(futures),
+        "",
+        interval,
+        timeout,
+        widget,
+        lambda: all(f.exception() is None for f in futures if not f.cancelled()),
+    )

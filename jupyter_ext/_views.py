@@ -1,0 +1,465 @@
+"""Views: how work is sent to engines (DirectView: to named engines)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any
+
+from kernel_engine import protocol
+from kernel_engine.engine import ops
+from kernel_engine.serialize import pack_apply
+
+from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+
+def _fname(f: Any) -> str:
+    return str(getattr(f, "__name__", None) or type(f).__name__)
+
+
+def partition(seq: Any, n: int, i: int, dist: str = "b") -> Any:
+    """Part ``i`` of ``n`` of a sequence: contiguous blocks (``'b'``) or round robin (``'r'``)."""
+    if dist == "r":
+        return seq[i::n]
+    if dist != "b":
+        raise ValueError(f"dist must be 'b' (blocks) or 'r' (round robin), not {dist!r}")
+    base, extra = divmod(len(seq), n)
+    start = i * base + min(i, extra)
+    return seq[start : start + base + (1 if i < extra else 0)]
+
+
+def _sliceable(seq: Any) -> Any:
+    return seq if hasattr(seq, "__getitem__") and hasattr(seq, "__len__") else list(seq)
+
+
+class View:
+    """What every view shares: flags, apply, map, waiting.
+
+    Flags: ``block`` (wait and return results instead of AsyncResults), ``track`` (let
+    ``AsyncResult.sent`` say when zmq is done with sent buffers), ``targets``, ``label``.
+    """
+
+    _flag_names = ("block", "track", "targets", "label")
+
+    def __init__(self, client: Client, targets: Any = None):
+        self.client = client
+        self.targets = targets
+        self.block = False
+        self.track = False
+        self.label: str | None = None
+        self.history: list[str] = []
+
+    def set_flags(self, **flags: Any) -> None:
+        """Set view flags (``block``, ``track``, ``targets``, ...)."""
+        for name, value in flags.items():
+            if name not in self._flag_names:
+                raise KeyError(f"invalid flag {name!r}; flags are {self._flag_names}")
+            setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def temp_flags(self, **flags: Any) -> Iterator[None]:
+        """Set flags for the duration of a ``with`` block."""
+        saved = {name: getattr(self, name) for name in flags}
+        self.set_flags(**flags)
+        try:
+            yield
+        finally:
+            self.set_flags(**saved)
+
+    def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely; result or AsyncResult per ``block``."""
+        return self._really_apply(f, args, kwargs)
+
+    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+        """Call ``f(*args, **kwargs)`` remotely; returns an AsyncResult at once."""
+        result: AsyncResult = self._really_apply(f, args, kwargs, block=False)
+        return result
+
+    def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely and wait for the result."""
+        return self._really_apply(f, args, kwargs, block=True)
+
+    def _really_apply(
+        self,
+        f: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        raise NotImplementedError
+
+    def map(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Any:
+        """Parallel ``map``; result list or AsyncMapResult per ``block``."""
+        raise NotImplementedError
+
+    def map_async(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Any:
+        return self.map(f, *sequences, block=False, **kwargs)
+
+    def map_sync(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Any:
+        return self.map(f, *sequences, block=True, **kwargs)
+
+    def imap(self, f: Callable[..., Any], *sequences: Any, **kwargs: Any) -> Iterator[Any]:
+        """Iterate over the results of a map as they arrive (in order)."""
+        return iter(self.map(f, *sequences, block=False, **kwargs))
+
+    def _finish(self, ar: AsyncResult, block: bool | None) -> Any:
+        self.history.extend(ar.msg_ids)
+        if not (self.block if block is None else block):
+            return ar
+        return self._block_on(ar)
+
+    def _block_on(self, ar: AsyncResult) -> Any:
+        """Wait for ``ar``; Ctrl-C interrupts the engines running it, then re-raises."""
+        try:
+            return ar.get()
+        except KeyboardInterrupt:
+            running = {
+                f.metadata["engine_id"]
+                for f in ar._children
+                if not f.done() and f.metadata["engine_id"] is not None
+            }
+            if running:
+                with contextlib.suppress(Exception):
+                    self.client.send_signal(signal.SIGINT, sorted(running))
+            raise
+
+    def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
+        """Wait for jobs (default: everything sent through this view); returns whether done."""
+        return self.client.wait(self.history if jobs is None else jobs, timeout)
+
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
+        """Do not run these jobs (default: all this view's outstanding ones)."""
+        if jobs is None:
+            jobs = [m for m in self.history if m in self.client.outstanding]
+        self.client.abort(jobs, targets=targets, block=bool(block))
+
+    def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
+        return self.client.queue_status(targets if targets is not None else self.targets)
+
+    def purge_results(self, jobs: Any = "all", targets: Any = None) -> None:
+        self.client.purge_results(jobs, targets)
+
+    @property
+    def executor(self) -> Any:
+        """A ``concurrent.futures.Executor`` submitting through this view."""
+        from ._executor import ViewExecutor
+
+        return ViewExecutor(self)
+
+    def __len__(self) -> int:
+        return len(self._target_ids())
+
+    def _target_ids(self, targets: Any = None) -> list[int]:
+        return self.client._build_targets(self.targets if targets is None else targets)
+
+
+class DirectView(View):
+    """Work sent to named engines: every target runs every call.
+
+    ``rc[0]`` (one engine: results are single values), ``rc[:]``, ``rc[::2]``,
+    ``rc[0, 1]`` (several: results are lists in target order).
+    """
+
+    def __repr__(self) -> str:
+        return f"<DirectView {self.targets}>"
+
+    def _is_single(self, targets: Any) -> bool:
+        return isinstance(targets, int)
+
+    def _send_apply(
+        self, targets: list[int], buffers: list[Any], track: bool
+    ) -> list[MessageFuture]:
+        client = self.client
+        metadata = {"label": self.label} if self.label else None
+        return [
+            client._send(
+                protocol.route_frame("lane", t),
+                protocol.APPLY_REQUEST,
+                {},
+                buffers,
+                metadata=metadata,
+                engine_id=t,
+                track=track,
+                md_extra={"label": self.label},
+            )
+            for t in targets
+        ]
+
+    def _really_apply(
+        self,
+        f: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        chosen = self.targets if targets is None else targets
+        ids = self._target_ids(chosen)
+        buffers = pack_apply(f, args, kwargs)
+        futures = self._send_apply(ids, buffers, self.track if track is None else track)
+        ar = AsyncResult(self.client, futures, _fname(f), ids, single=self._is_single(chosen))
+        return self._finish(ar, block)
+
+    def map(
+        self,
+        f: Callable[..., Any],
+        *sequences: Any,
+        block: bool | None = None,
+        track: bool | None = None,
+        return_exceptions: bool = False,
+    ) -> Any:
+        """Static map: each engine gets one contiguous chunk of the sequences."""
+        if not sequences:
+            raise TypeError("map needs at least one sequence")
+        seqs = [_sliceable(s) for s in sequences]
+        length = min(len(s) for s in seqs)
+        seqs = [s[:length] if len(s) != length else s for s in seqs]
+        ids = self._target_ids()
+        n = min(len(ids), length) or 1
+        futures, sizes = [], []
+        for i, t in enumerate(ids[:n]):
+            parts = [partition(s, n, i) for s in seqs]
+            buffers = pack_apply(ops.map_chunk, (f, *parts), {})
+            futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
+            sizes.append(len(parts[0]))
+        ar = AsyncMapResult(
+            self.client, futures, sizes, _fname(f), return_exceptions=return_exceptions
+        )
+        return self._finish(ar, block)
+
+    def execute(
+        self, code: str, silent: bool = False, targets: Any = None, block: bool | None = None
+    ) -> AsyncResult:
+        """Run code (a string) on the engines, as a notebook cell; returns the AsyncResult.
+
+        With ``block``, waits first (raising the engines' errors). ``get()`` gives
+        ExecuteReply objects (execution count, result, outputs).
+        """
+        chosen = self.targets if targets is None else targets
+        ids = self._target_ids(chosen)
+        content = {
+            "code": code,
+            "silent": silent,
+            "store_history": not silent,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        }
+        futures = [
+            self.client._send(
+                protocol.route_frame("shell", t),
+                "execute_request",
+                content,
+                engine_id=t,
+                kind="execute",
+                md_extra={"execute_input": code},
+            )
+            for t in ids
+        ]
+        ar = AsyncResult(self.client, futures, "execute", ids, single=self._is_single(chosen))
+        self.history.extend(ar.msg_ids)
+        if self.block if block is None else block:
+            self._block_on(ar)
+        return ar
+
+    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> AsyncResult:
+        """Execute the code of a local file on the engines."""
+        with open(filename) as f:
+            code = f.read()
+        return self.execute(code, targets=targets, block=block)
+
+    def push(
+        self,
+        ns: dict[str, Any],
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        """Assign the names of ``ns`` on the engines (arrays are sent without copies)."""
+        if not isinstance(ns, dict):
+            raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
+        return self._really_apply(ops.push, (ns,), {}, targets, block, track)
+
+    update = push
+
+    def pull(
+        self, names: str | Sequence[str], targets: Any = None, block: bool | None = None
+    ) -> Any:
+        """Values of names on the engines (one name: a value per engine; a list: lists)."""
+        if not isinstance(names, str):
+            names = list(names)
+        return self._really_apply(ops.pull, (names,), {}, targets, block)
+
+    def get(self, names: str | Sequence[str]) -> Any:
+        """``pull`` that always waits."""
+        return self.pull(names, block=True)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.pull(name, block=True)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.push({name: value}, block=True)
+
+    def scatter(
+        self,
+        key: str,
+        seq: Any,
+        dist: str = "b",
+        flatten: bool = False,
+        targets: Any = None,
+        block: bool | None = None,
+        track: bool | None = None,
+    ) -> Any:
+        """Partition ``seq`` over the engines and assign each part to ``key`` there.
+
+        ``flatten=True`` assigns a part of one element as that element.
+        """
+        ids = self._target_ids(targets)
+        seq = _sliceable(seq)
+        track = bool(self.track if track is None else track)
+        futures = []
+        for i, t in enumerate(ids):
+            part = partition(seq, len(ids), i, dist)
+            if flatten and len(part) == 1:
+                part = part[0]
+            futures += self._send_apply([t], pack_apply(ops.push, ({key: part},), {}), track)
+        ar = AsyncResult(self.client, futures, "scatter", ids)
+        return self._finish(ar, block)
+
+    def gather(
+        self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None
+    ) -> Any:
+        """Pull ``key`` from each engine and join the parts (the inverse of scatter)."""
+        ids = self._target_ids(targets)
+        futures = [
+            f for t in ids for f in self._send_apply([t], pack_apply(ops.pull, (key,), {}), False)
+        ]
+        ar = _GatherResult(self.client, futures, "gather", ids, dist=dist)
+        return self._finish(ar, block)
+
+    def clear(self, targets: Any = None, block: bool | None = None) -> Any:
+        """Remove every name from the engines' namespaces."""
+        return self._really_apply(ops.clear, (), {}, targets, block)
+
+    def sync_imports(self, local: bool = True, quiet: bool = False) -> SyncImports:
+        """A ``with`` block whose imports happen on the engines too (``as`` names kept)."""
+        return SyncImports(self, local=local, quiet=quiet)
+
+
+class _GatherResult(AsyncResult):
+    """Joins the parts a gather pulled: arrays concatenated, sequences chained."""
+
+    def __init__(self, *args: Any, dist: str = "b", **kwargs: Any):
+        self._dist = dist
+        super().__init__(*args, **kwargs)
+
+    def _reconstruct(self, results: list[Any]) -> Any:
+        parts = [
+            r if isinstance(r, (list, tuple, range)) or hasattr(r, "shape") else [r]
+            for r in results
+        ]
+        if parts and all(hasattr(p, "shape") and hasattr(p, "dtype") for p in parts):
+            import numpy
+
+            if self._dist == "b":
+                return numpy.concatenate(parts)
+        if self._dist == "r":
+            out: list[Any] = []
+            longest = max((len(p) for p in parts), default=0)
+            for i in range(longest):
+                out.extend(p[i] for p in parts if i < len(p))
+            return out
+        joined: list[Any] = []
+        for p in parts:
+            joined.extend(p)
+        return joined
+
+
+def _remote_bind(bindings: list[tuple[str, str, str | None]]) -> None:
+    """On an engine: ``name = import_module(module)`` or ``name = module.attr``."""
+    import importlib
+
+    ns = ops._namespace()
+    for name, module, attr in bindings:
+        mod = importlib.import_module(module)
+        ns[name] = getattr(mod, attr) if attr else mod
+
+
+class SyncImports:
+    """Context manager of :meth:`DirectView.sync_imports`.
+
+    Imports run locally as usual (unless ``local=False``, which skips nothing but keeps
+    IPython Parallel's signature); on leaving the block, every name the block bound to
+    an imported module or to a name imported from one is bound on the engines too.
+    """
+
+    def __init__(self, view: DirectView, local: bool = True, quiet: bool = False):
+        self.view = view
+        self.local = local
+        self.quiet = quiet
+        self.frame: FrameType | None = None
+        self.before: dict[str, Any] = {}
+        self.imports: list[tuple[str, tuple[str, ...]]] = []
+        self._saved_import: Any = None
+
+    def _namespace(self) -> dict[str, Any]:
+        assert self.frame is not None
+        return (
+            self.frame.f_locals if self.frame.f_code.co_name != "<module>" else self.frame.f_globals
+        )
+
+    def __enter__(self) -> SyncImports:
+        self.frame = sys._getframe(1)
+        self.before = dict(self._namespace())
+        self._saved_import = builtins.__import__
+        saved = self._saved_import
+
+        def hooked(
+            name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
+        ) -> ModuleType:
+            module: ModuleType = saved(name, globals, locals, fromlist, level)
+            if level == 0 and sys._getframe(1) is self.frame:
+                self.imports.append((name, tuple(fromlist or ())))
+            return module
+
+        builtins.__import__ = hooked
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        builtins.__import__ = self._saved_import
+        if exc[0] is not None:
+            return
+        bindings = self._bindings()
+        if not bindings:
+            return
+        if not self.quiet:
+            names = ", ".join(f"{n} ({m}{'.' + a if a else ''})" for n, m, a in bindings)
+            print(f"importing on engine(s): {names}")
+        self.view._really_apply(_remote_bind, (bindings,), {}, block=True)
+
+    def _bindings(self) -> list[tuple[str, str, str | None]]:
+        after = self._namespace()
+        bindings: list[tuple[str, str, str | None]] = []
+        for name, value in after.items():
+            if self.before.get(name, object()) is value:
+                continue
+            if isinstance(value, ModuleType):
+                bindings.append((name, value.__name__, None))
+                continue
+            for module_name, fromlist in self.imports:
+                module = sys.modules.get(module_name)
+                for attr in fromlist:
+                    if module is not None and getattr(module, attr, None) is value:
+                        bindings.append((name, module_name, attr))
+                        break
+        return bindings

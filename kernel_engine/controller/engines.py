@@ -1,0 +1,341 @@
+"""The engine set: start engine kernels through jupyter_client, watch them, stop them.
+
+Each engine is a kernel of the installed engine kernel spec started by a
+``jupyter_client.KernelManager`` (so its provisioner decides how), with its stdout and
+stderr in a log file in the cluster folder. It is ready when it has answered
+``kernel_info_request`` on its shell channel (which also tells us its task lane port, pid
+and host) and ``engine_setup_request`` on its lane (which tells it its id). It is watched
+by polling its process (a death is seen within :attr:`EngineSet.poll_interval`) and by
+heartbeats (for engines whose process we cannot poll, and hung hosts).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from jupyter_client import KernelManager
+
+from kernel_engine import protocol
+from kernel_engine.kernelspec import KERNEL_NAME
+
+from .loop import PollLoop
+
+log = logging.getLogger("kernel_engine.controller")
+
+SOCKET_TYPES = {"shell": zmq.DEALER, "control": zmq.DEALER, "lane": zmq.DEALER}
+
+
+@dataclass
+class Pending:
+    """A request forwarded to an engine and not yet answered."""
+
+    client: bytes
+    header: dict[str, Any]
+    channel: str
+
+
+@dataclass(eq=False)
+class Engine:
+    """One engine kernel and the controller's sockets to it."""
+
+    id: int
+    connection_info: dict[str, Any]
+    km: KernelManager | None = None
+    log_path: str | None = None
+    state: str = "starting"
+    uuid: str = ""
+    pid: int | None = None
+    hostname: str = ""
+    sockets: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[str, Pending] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    last_beat: float = field(default_factory=time.monotonic)
+    info_sent_at: float = 0.0
+    completed: int = 0
+
+    @property
+    def route(self) -> bytes:
+        """The frame naming this engine in replies to clients."""
+        return str(self.id).encode()
+
+    def url(self, port: int) -> str:
+        info = self.connection_info
+        if info.get("transport", "tcp") == "ipc":
+            return f"ipc://{info['ip']}-{port}"
+        return f"tcp://{info['ip']}:{port}"
+
+    def info(self) -> dict[str, Any]:
+        """What clients learn about this engine (``Client.engine_info``)."""
+        conn = {k: v for k, v in self.connection_info.items() if k != "key"}
+        return {
+            "id": self.id,
+            "uuid": self.uuid,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "state": self.state,
+            "connection_info": conn,
+        }
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the engine's stdout/stderr log, without ipykernel's TCP warning."""
+        if not self.log_path:
+            return ""
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        kept = [ln for ln in text.splitlines() if "running over TCP without encryption" not in ln]
+        return "\n".join(kept[-lines:])
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words: ``killed by signal SIGKILL`` or ``exited with code 1``."""
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"was killed by signal {name}"
+    return f"exited with code {code}"
+
+
+class EngineSet:
+    """Starts, watches and stops engines; reports through the ``on_*`` callbacks."""
+
+    poll_interval = 0.1
+    heartbeat_interval = 1.0
+    heartbeat_timeout = 10.0
+    start_timeout = 60.0
+
+    def __init__(
+        self,
+        loop: PollLoop,
+        context: zmq.Context[Any],
+        wire: protocol.Wire,
+        folder: Path,
+        ip: str = "127.0.0.1",
+        cluster_id: str = "",
+    ):
+        self.loop = loop
+        self.context = context
+        self.wire = wire
+        self.folder = folder
+        self.ip = ip
+        self.cluster_id = cluster_id
+        self.engines: dict[int, Engine] = {}
+        self._next_id = 0
+        self.on_ready: Callable[[Engine], None] = lambda e: None
+        self.on_dead: Callable[[Engine, str], None] = lambda e, why: None
+        self.on_message: Callable[[Engine, str, list[Any]], None] = lambda e, ch, f: None
+        self.on_iopub: Callable[[Engine, list[Any]], None] = lambda e, f: None
+        loop.call_every(self.poll_interval, self._watch)
+        loop.call_every(self.heartbeat_interval, self._beat)
+
+    def ready_ids(self) -> list[int]:
+        return sorted(e.id for e in self.engines.values() if e.state == "ready")
+
+    def start(self, n: int, cwd: str | None = None) -> list[Engine]:
+        """Start ``n`` engine kernels; they become ready (or die) asynchronously."""
+        started = []
+        for _ in range(n):
+            eid = self._next_id
+            self._next_id += 1
+            log_path = self.folder / f"engine-{eid}.log"
+            km = KernelManager(
+                kernel_name=KERNEL_NAME,
+                connection_file=str(self.folder / f"engine-{eid}.json"),
+                ip=self.ip,
+            )
+            km.session.key = self.wire.key
+            with open(log_path, "ab") as logf:
+                km.start_kernel(stdout=logf, stderr=logf, cwd=cwd)
+            info = km.get_connection_info(session=False)
+            info["key"] = self.wire.key.decode()
+            engine = Engine(eid, dict(info), km=km, log_path=str(log_path))
+            self.engines[eid] = engine
+            self._connect(engine)
+            started.append(engine)
+        return started
+
+    def _connect(self, engine: Engine) -> None:
+        info = engine.connection_info
+        for channel in ("shell", "control"):
+            sock = self.context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(engine.url(info[f"{channel}_port"]))
+            engine.sockets[channel] = sock
+            self.loop.add_socket(sock, self._handler(engine, channel))
+        iopub = self.context.socket(zmq.SUB)
+        iopub.linger = 0
+        iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        iopub.connect(engine.url(info["iopub_port"]))
+        engine.sockets["iopub"] = iopub
+        self.loop.add_socket(iopub, lambda frames: self.on_iopub(engine, frames))
+        hb = self.context.socket(zmq.DEALER)
+        hb.linger = 0
+        hb.connect(engine.url(info["hb_port"]))
+        engine.sockets["hb"] = hb
+        self.loop.add_socket(hb, lambda frames: self._beat_received(engine))
+        self._send_kernel_info(engine)
+
+    def _handler(self, engine: Engine, channel: str) -> Callable[[list[Any]], None]:
+        def handle(frames: list[Any]) -> None:
+            if (
+                frames
+                and len(frames[0]) == len(protocol.DELIM)
+                and frames[0].bytes == protocol.DELIM
+            ):
+                self._own_reply(engine, frames)
+            else:
+                self.on_message(engine, channel, frames)
+
+        return handle
+
+    def _send_kernel_info(self, engine: Engine) -> None:
+        engine.info_sent_at = time.monotonic()
+        self.wire.send(engine.sockets["shell"], "kernel_info_request")
+
+    def _own_reply(self, engine: Engine, frames: list[Any]) -> None:
+        """Replies to the controller's own requests: the steps of becoming ready."""
+        msg = self.wire.recv(frames)
+        if msg.msg_type == "kernel_info_reply" and engine.state == "starting":
+            px = msg.content.get("engine", {})
+            if "lane_port" not in px:
+                self._fail(engine, "is not a jupyter-px engine kernel (no task lane)")
+                return
+            engine.state = "connecting"
+            engine.uuid = msg.header.get("session", "")
+            engine.pid = px.get("pid")
+            engine.hostname = px.get("hostname", "")
+            engine.connection_info["lane_port"] = px["lane_port"]
+            lane = self.context.socket(zmq.DEALER)
+            lane.linger = 0
+            lane.connect(engine.url(px["lane_port"]))
+            engine.sockets["lane"] = lane
+            self.loop.add_socket(lane, self._handler(engine, "lane"))
+            self.wire.send(
+                lane,
+                protocol.ENGINE_SETUP_REQUEST,
+                {"engine_id": engine.id, "cluster_id": self.cluster_id},
+            )
+        elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
+            engine.state = "ready"
+            engine.last_beat = time.monotonic()
+            log.info("engine %i ready (pid %s)", engine.id, engine.pid)
+            self.on_ready(engine)
+
+    def exit_code(self, engine: Engine) -> int | None:
+        """The engine's exit code if its process ended, else None."""
+        km = engine.km
+        if km is None:
+            return None
+        process = getattr(km.provisioner, "process", None)
+        if process is not None:
+            code: int | None = process.poll()
+            return code
+        return None if km.is_alive() else -1
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for engine in list(self.engines.values()):
+            code = self.exit_code(engine)
+            if code is not None:
+                self._fail(engine, describe_exit(code))
+            elif engine.state != "ready":
+                if now - engine.started_at > self.start_timeout:
+                    self._fail(engine, f"did not become ready within {self.start_timeout:.0f} s")
+                elif engine.state == "starting" and now - engine.info_sent_at > 2.0:
+                    self._send_kernel_info(engine)
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        for engine in list(self.engines.values()):
+            if engine.state != "ready":
+                continue
+            if now - engine.last_beat > self.heartbeat_timeout:
+                self._fail(engine, f"missed heartbeats for {now - engine.last_beat:.0f} s")
+                continue
+            try:
+                engine.sockets["hb"].send_multipart([b"", b"ping"], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _beat_received(self, engine: Engine) -> None:
+        engine.last_beat = time.monotonic()
+
+    def _fail(self, engine: Engine, why: str) -> None:
+        """Forget a dead (or hopeless) engine and tell the controller how it died."""
+        if engine.state == "dead":
+            return
+        was_ready = engine.state == "ready"
+        engine.state = "dead"
+        what = f"engine {engine.id}" + (f" (pid {engine.pid})" if engine.pid else "")
+        reason = f"{what} {why}"
+        if not was_ready:
+            tail = engine.log_tail()
+            if tail:
+                reason += f"\n--- engine {engine.id} output ---\n{tail}"
+        log.warning("%s", reason.splitlines()[0])
+        self._close(engine)
+        self._cleanup(engine, kill=True)
+        self.engines.pop(engine.id, None)
+        self.on_dead(engine, reason)
+
+    def _close(self, engine: Engine) -> None:
+        for sock in engine.sockets.values():
+            self.loop.remove_socket(sock)
+            sock.close(linger=0)
+        engine.sockets.clear()
+
+    @staticmethod
+    def _cleanup(engine: Engine, kill: bool) -> None:
+        km = engine.km
+        if km is None:
+            return
+        try:
+            if kill:
+                km.shutdown_kernel(now=True)
+            else:
+                km.cleanup_resources()
+        except Exception:
+            log.exception("cleaning up engine %i", engine.id)
+
+    def signal(self, eid: int, signum: int) -> None:
+        """Send a signal to an engine's process (SIGINT through its kernel manager)."""
+        engine = self.engines[eid]
+        if engine.km is None:
+            raise ValueError(f"engine {eid} was not started by this controller")
+        if signum == signal.SIGINT:
+            engine.km.interrupt_kernel()
+        else:
+            engine.km.signal_kernel(signum)
+
+    def stop(self, eids: list[int] | None = None, grace: float = 3.0) -> list[Engine]:
+        """Stop engines: shutdown_request first, then kill what is left after ``grace`` s."""
+        chosen = [self.engines[e] for e in (eids if eids is not None else list(self.engines))]
+        for engine in chosen:
+            engine.state = "stopping"
+            sock = engine.sockets.get("control")
+            if sock is not None:
+                self.wire.send(sock, "shutdown_request", {"restart": False})
+        deadline = time.monotonic() + grace
+        waiting = [e for e in chosen if e.km is not None]
+        while waiting and time.monotonic() < deadline:
+            waiting = [e for e in waiting if self.exit_code(e) is None]
+            if waiting:
+                time.sleep(0.02)
+        for engine in chosen:
+            self._close(engine)
+            self._cleanup(engine, kill=engine in waiting)
+            engine.state = "dead"
+            self.engines.pop(engine.id, None)
+        return chosen

@@ -1,0 +1,1 @@
+"""The engine: an ipykernel kernel with a task lane."""

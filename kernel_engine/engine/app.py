@@ -1,0 +1,73 @@
+"""The engine application: ipykernel's kernel app, binding one more socket, the task lane."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import zmq
+from ipykernel.kernelapp import IPKernelApp
+from traitlets import Type
+
+from .kernel import EngineKernel
+
+
+class EngineApp(IPKernelApp):
+    """Starts an :class:`EngineKernel`; the lane port joins the kernel's connection file."""
+
+    name = "jupyter-px-engine"
+    kernel_class = Type(EngineKernel, klass="ipykernel.kernelbase.Kernel")  # type: ignore[assignment]
+
+    lane_socket: Any = None
+    lane_port = 0
+
+    def init_sockets(self) -> None:
+        super().init_sockets()
+        assert self.context is not None
+        self.lane_socket = self.context.socket(zmq.ROUTER)
+        self.lane_socket.linger = 1000
+        self.lane_socket.router_handover = 1
+        self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
+        self.log.debug("task lane ROUTER on port %i", self.lane_port)
+
+    def _requested_lane_port(self) -> int:
+        """A lane port the launcher chose, if it put ``lane_port`` in the connection file."""
+        try:
+            info = json.loads(Path(self.abs_connection_file).read_text())
+        except (OSError, ValueError):
+            return 0
+        return int(info.get("lane_port", 0) or 0)
+
+    def write_connection_file(self, **kwargs: Any) -> None:
+        super().write_connection_file(**kwargs)
+        path = Path(self.abs_connection_file)
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("lane_port") != self.lane_port:
+            info["lane_port"] = self.lane_port
+            path.write_text(json.dumps(info, indent=1))
+            path.chmod(0o600)
+
+    def close(self) -> None:
+        """Close the lane socket too, or the zmq context's term() would wait for it forever."""
+        if self.lane_socket is not None and not self.lane_socket.closed:
+            self.lane_socket.close(linger=0)
+        super().close()
+
+    def init_kernel(self) -> None:
+        super().init_kernel()
+        kernel = self.kernel
+        kernel.lane_socket = self.lane_socket
+        kernel.lane_port = self.lane_port
+
+
+def main() -> None:
+    """Run one engine kernel (``python -m kernel_engine.engine -f FILE``)."""
+    logging.getLogger("tornado").setLevel(logging.ERROR)
+    app = EngineApp.instance()
+    app.initialize()
+    app.start()

@@ -1,0 +1,63 @@
+"""The engine kernel: ipykernel's IPython kernel plus a task lane.
+
+Everything a Jupyter client expects (execute, complete, inspect, interrupt, widgets) is
+ipykernel's own; the subclass adds the task lane socket, an ``engine`` section in
+``kernel_info_reply`` (how the controller learns the lane's port, the pid and the host)
+and one control message, ``px_abort_request``, that marks msg_ids not to run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from traitlets import Any as AnyTrait
+from traitlets import Integer, Unicode
+
+from kernel_engine import protocol
+
+from .lane import TaskLane
+
+
+class EngineKernel(IPythonKernel):
+    """An IPython kernel that also serves the task lane of a jupyter-px cluster."""
+
+    implementation = "jupyter-px-engine"
+    lane_socket = AnyTrait(None, allow_none=True, help="The bound ROUTER of the task lane.")
+    lane_port = Integer(0, help="The task lane's port.")
+    engine_id = Integer(None, allow_none=True, help="This engine's id, set by the controller.")
+    cluster_id = Unicode("", help="The cluster this engine belongs to.")
+
+    control_msg_types = [*IPythonKernel.control_msg_types, protocol.ENGINE_ABORT_REQUEST]
+
+    def start(self) -> None:
+        """Start ipykernel's channels, then the task lane on the same (main) event loop."""
+        super().start()
+        if self.lane_socket is not None:
+            self.lane = TaskLane(self, self.lane_socket)
+            self.lane.start()
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:  # type: ignore[override]
+        info = dict(super().kernel_info)
+        info["engine"] = {
+            "lane_port": self.lane_port,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "engine_id": self.engine_id,
+            "python": sys.executable,
+        }
+        return info
+
+    async def px_abort_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """Control channel: do not run the given msg_ids if they reach the lane."""
+        msg_ids = list(parent.get("content", {}).get("msg_ids", []))
+        lane = getattr(self, "lane", None)
+        if lane is not None:
+            lane.abort(msg_ids)
+        self.session.send(  # type: ignore[union-attr]
+            stream, protocol.ENGINE_ABORT_REPLY, {"status": "ok", "msg_ids": msg_ids}, parent, ident
+        )

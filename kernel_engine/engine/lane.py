@@ -1,0 +1,197 @@
+"""The task lane: ``apply_request`` served with the least work per message.
+
+The lane is one ROUTER socket read on the engine's main thread event loop (the thread that
+runs cells), so tasks and cells never run at the same time and both see one namespace.
+Per message: verify, unpack, call, pack, reply. Output a task prints goes to iopub with the
+task's request as parent (ipykernel's own streams) and is also returned in the reply's
+metadata, so the client has it with the result. A lane message may be a batch
+(:func:`kernel_engine.protocol.pack_batch`): each task gets its own reply, and the replies
+go back as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from zmq.eventloop.zmqstream import ZMQStream
+
+from kernel_engine import protocol
+from kernel_engine.errors import SerializationError
+from kernel_engine.serialize import dumps, unpack_apply
+
+if TYPE_CHECKING:
+    from .kernel import EngineKernel
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Tee:
+    """Writes go to the kernel's stream (so iopub sees them) and to a local copy.
+
+    Not an ``io.IOBase``: that would flush the kernel's stream when garbage-collected.
+    """
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return int(self.stream.write(text) or len(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def format_traceback(exc: BaseException) -> list[str]:
+    """The traceback of a task's exception, without the lane's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return traceback.format_exception(type(exc), exc, tb)
+
+
+class TaskLane:
+    """Receives tasks on ``socket`` and runs them on the kernel's main thread."""
+
+    def __init__(self, kernel: EngineKernel, socket: Any):
+        self.kernel = kernel
+        self.socket = socket
+        session = kernel.session
+        assert session is not None, "the kernel has no session"
+        self.wire = protocol.Wire(session.key, session=session.session)
+        self.aborted: set[str] = set()
+        self.stream: ZMQStream | None = None
+
+    def start(self) -> None:
+        """Serve the lane on the kernel's main event loop.
+
+        The socket's file descriptor is watched directly by the asyncio loop under
+        ipykernel's tornado loop (cheaper per message than a ZMQStream); the handler drains
+        every queued message, since a zmq descriptor only signals edges.
+        """
+        asyncio_loop = getattr(self.kernel.io_loop, "asyncio_loop", None)
+        if asyncio_loop is None:
+            self.stream = ZMQStream(self.socket, self.kernel.io_loop)
+            self.stream.on_recv(self._on_recv, copy=False)
+            return
+        asyncio_loop.add_reader(self.socket.FD, self._on_readable)
+        # messages that arrived before the reader was added raise no new edge
+        asyncio_loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        socket = self.socket
+        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._on_recv(frames)
+            except Exception:
+                self.kernel.log.exception("task lane: error handling a message")
+
+    def abort(self, msg_ids: list[str]) -> None:
+        """Tasks with these ids fail with ``TaskAborted`` instead of running."""
+        self.aborted.update(msg_ids)
+
+    def _on_recv(self, frames: list[Any]) -> None:
+        if protocol.is_batch(frames, 1):
+            replies = [self._handle(m) for m in protocol.unpack_batch(frames[1:])]
+            out = protocol.pack_batch([r for r in replies if r is not None])
+            self.socket.send_multipart([frames[0].bytes, *out], copy=False)
+            return
+        reply = self._handle(frames[1:], frames[0].bytes)
+        if reply is not None:
+            self.socket.send_multipart(reply, copy=False)
+
+    def _handle(self, frames: list[Any], router_ident: bytes | None = None) -> list[Any] | None:
+        """Run one message; return the reply's frames (with the idents to route it back)."""
+        try:
+            msg = self.wire.recv(frames)
+        except Exception:
+            self.kernel.log.error("task lane: dropped a malformed or unsigned message")
+            return None
+        idents = msg.idents if router_ident is None else [router_ident, *msg.idents]
+        if msg.msg_type == protocol.APPLY_REQUEST:
+            return self._apply(msg, idents)
+        if msg.msg_type == protocol.ENGINE_SETUP_REQUEST:
+            content = msg.content
+            self.kernel.engine_id = int(content["engine_id"])
+            self.kernel.cluster_id = str(content.get("cluster_id", ""))
+            return self.wire.pack(
+                protocol.ENGINE_SETUP_REPLY, {"status": "ok"}, msg.header, idents=idents
+            )[1]
+        self.kernel.log.error("task lane: unknown message type %r", msg.msg_type)
+        return None
+
+    def _apply(self, msg: protocol.Message, idents: list[bytes]) -> list[Any]:
+        kernel = self.kernel
+        started = protocol.utcnow_iso()
+        metadata: dict[str, Any] = {
+            "started": started,
+            "engine_id": kernel.engine_id,
+            "engine_uuid": self.wire.session,
+        }
+        if msg.msg_id in self.aborted:
+            self.aborted.discard(msg.msg_id)
+            aborted = protocol.error_content("TaskAborted", f"task {msg.msg_id} was aborted")
+            return self._reply(msg, idents, aborted, metadata, [])
+
+        kernel.set_parent(idents, msg.as_dict(), channel="shell")
+        out, err = _Tee(sys.stdout), _Tee(sys.stderr)
+        saved_out, saved_err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+        saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        buffers: list[Any] = []
+        content: dict[str, Any]
+        try:
+            f, args, kwargs = unpack_apply(msg.buffers, kernel.shell.user_ns)  # type: ignore[union-attr]
+            result = f(*args, **kwargs)
+            buffers = dumps(result)
+            content = {"status": "ok"}
+        except SerializationError as exc:
+            content = protocol.error_content(
+                "SerializationError", f"the result could not be sent back: {exc}"
+            )
+        except BaseException as exc:
+            content = protocol.error_content(type(exc).__name__, str(exc), format_traceback(exc))
+            if type(exc).__name__ == "UnmetDependency":
+                content["px_error"] = "UnmetDependency"
+        finally:
+            signal.signal(signal.SIGINT, saved_sigint)
+            sys.stdout, sys.stderr = saved_out, saved_err
+            if out.parts:
+                saved_out.flush()
+            if err.parts:
+                saved_err.flush()
+        metadata["stdout"] = out.text()
+        metadata["stderr"] = err.text()
+        return self._reply(msg, idents, content, metadata, buffers)
+
+    def _reply(
+        self,
+        msg: protocol.Message,
+        idents: list[bytes],
+        content: dict[str, Any],
+        metadata: dict[str, Any],
+        buffers: list[Any],
+    ) -> list[Any]:
+        metadata["completed"] = protocol.utcnow_iso()
+        metadata["status"] = content["status"]
+        if content["status"] == "error":
+            content.setdefault("engine_info", {"engine_id": self.kernel.engine_id})
+        return self.wire.pack(
+            protocol.APPLY_REPLY, content, msg.header, metadata, buffers, idents=idents
+        )[1]

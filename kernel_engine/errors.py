@@ -1,0 +1,156 @@
+"""The error classes that engines, the controller and clients raise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PXError(Exception):
+    """Raised as the base of every jupyter-px error."""
+
+
+class RemoteError(PXError):
+    """Raised when a task raised an exception on an engine.
+
+    Parameters
+    ----------
+    ename, evalue
+        The remote exception's class name and ``str``.
+    traceback
+        The remote traceback, as text lines.
+    engine_info
+        Where it ran: ``engine_id``, ``engine_uuid``, ``msg_id``.
+    """
+
+    def __init__(
+        self,
+        ename: str,
+        evalue: str,
+        traceback: list[str] | str | None = None,
+        engine_info: dict[str, Any] | None = None,
+    ):
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = "\n".join(traceback) if isinstance(traceback, list) else (traceback or "")
+        self.engine_info = dict(engine_info or {})
+        self.engine_id: int | None = self.engine_info.get("engine_id")
+        super().__init__(ename, evalue, self.traceback, self.engine_info)
+
+    def __repr__(self) -> str:
+        where = f"[{self.engine_id}:{self.engine_info.get('msg_id', '')[:8]}]"
+        return f"{where} {self.ename}: {self.evalue}"
+
+    def __str__(self) -> str:
+        tb = f"\n{self.traceback}" if self.traceback else ""
+        return f"{self.ename}({self.evalue}) on engine {self.engine_id}{tb}"
+
+    def render_traceback(self) -> list[str]:
+        """IPython's hook: show the remote traceback instead of the local one."""
+        lines = [f"[Engine {self.engine_id}] {self.ename}: {self.evalue}"]
+        if self.traceback:
+            lines.extend(self.traceback.splitlines())
+        return lines
+
+    def _render_traceback_(self) -> list[str]:
+        return self.render_traceback()
+
+
+class CompositeError(RemoteError):
+    """Raised when several tasks of one AsyncResult failed; ``elist`` holds each error."""
+
+    tb_limit = 4
+
+    def __init__(self, message: str, elist: list[RemoteError]):
+        self.elist = list(elist)
+        self.message = message
+        first = self.elist[0] if self.elist else None
+        super().__init__(
+            first.ename if first else "CompositeError",
+            message,
+            first.traceback if first else "",
+            first.engine_info if first else {},
+        )
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        for err in self.elist[: self.tb_limit]:
+            lines.append(repr(err))
+        if len(self.elist) > self.tb_limit:
+            lines.append(f"... {len(self.elist) - self.tb_limit} more exceptions ...")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"CompositeError({len(self.elist)} errors)"
+
+    def render_traceback(self, excid: int | None = None) -> list[str]:
+        """One compact traceback per engine (or only error ``excid``)."""
+        chosen = self.elist if excid is None else [self.elist[excid]]
+        lines: list[str] = [self.message]
+        for err in chosen[: self.tb_limit if excid is None else 1]:
+            lines.append("")
+            lines.extend(err.render_traceback())
+        if excid is None and len(self.elist) > self.tb_limit:
+            lines.append(f"... {len(self.elist) - self.tb_limit} more exceptions ...")
+        return lines
+
+    def raise_exception(self, excid: int = 0) -> None:
+        """Raise error number ``excid`` of ``elist`` on its own."""
+        raise self.elist[excid]
+
+
+class EngineError(RemoteError):
+    """Raised when the engine running (or holding) a task died or was stopped."""
+
+
+class TaskAborted(RemoteError):
+    """Raised when a task was aborted before it ran."""
+
+
+class TaskTimeout(RemoteError, TimeoutError):
+    """Raised when a task ran longer than its ``time_limit`` and was interrupted."""
+
+
+class NoEnginesRegistered(PXError):
+    """Raised when work is submitted to a cluster with no engines."""
+
+
+class InvalidTarget(PXError, ValueError):
+    """Raised when a view names engines that do not exist."""
+
+
+class UnmetDependency(RemoteError):
+    """Raised on an engine when a task's requirements are not met there."""
+
+
+class ImpossibleDependency(UnmetDependency):
+    """Raised when a task's dependencies can never be met."""
+
+
+class DependencyTimeout(ImpossibleDependency):
+    """Raised when a task's dependencies were not met within its ``timeout``."""
+
+
+class InvalidDependency(ImpossibleDependency):
+    """Raised when a task depends on msg_ids the controller never saw."""
+
+
+class SerializationError(PXError, TypeError):
+    """Raised when an argument or result cannot be serialized; names the culprit."""
+
+
+class ClusterError(PXError, RuntimeError):
+    """Raised when a cluster or its engines fail to start or stop; carries their stderr."""
+
+
+REMOTE_ERROR_CLASSES: dict[str, type[RemoteError]] = {
+    cls.__name__: cls
+    for cls in (
+        EngineError,
+        TaskAborted,
+        TaskTimeout,
+        UnmetDependency,
+        ImpossibleDependency,
+        DependencyTimeout,
+        InvalidDependency,
+    )
+}

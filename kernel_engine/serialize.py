@@ -1,0 +1,203 @@
+"""Serialization of functions, arguments and results.
+
+cloudpickle with pickle protocol 5: the buffers pickle hands out of band (numpy arrays,
+anything reducing through ``PickleBuffer``; ``bytes`` and ``bytearray`` of at least
+:data:`OOB_THRESHOLD` bytes) travel as their own zmq frames, sent with ``copy=False`` and
+never copied; on receipt they are read-only views on the received frames, so a received
+array is always read-only, whatever its size (as IPython Parallel documents). Past
+:data:`MAX_OOB_BUFFERS` buffers in one message the rest go in band, so a list of many
+tiny arrays does not become thousands of frames.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from types import CellType, FunctionType, ModuleType
+from typing import Any
+
+import cloudpickle
+
+from .errors import SerializationError
+
+OOB_THRESHOLD = 64 * 1024
+"""``bytes`` at least this large are sent as their own frames."""
+
+MAX_OOB_BUFFERS = 256
+"""At most this many out-of-band buffers per message."""
+
+
+class Reference:
+    """An argument that the engine replaces with a name from its own namespace.
+
+    ``Reference("a")`` (or ``Reference("a.b")`` for an attribute) passed to ``apply`` is
+    looked up in each engine's namespace when the task runs.
+    """
+
+    def __init__(self, name: str):
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise TypeError(f"Reference needs a (dotted) Python name, not {name!r}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Reference {self.name}>"
+
+    def resolve(self, namespace: dict[str, Any]) -> Any:
+        """The referenced object in ``namespace``."""
+        head, *rest = self.name.split(".")
+        try:
+            obj = namespace[head]
+        except KeyError:
+            raise NameError(f"name {head!r} is not defined on this engine") from None
+        for attr in rest:
+            obj = getattr(obj, attr)
+        return obj
+
+
+class _BytesBuffer:
+    """Makes ``bytes`` arguments travel out of band (pickle keeps them in band otherwise)."""
+
+    def __init__(self, data: bytes | bytearray):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (_restore_bytes, (pickle.PickleBuffer(self.data), type(self.data) is bytearray))
+
+
+def _restore_bytes(buf: Any, mutable: bool) -> bytes | bytearray:
+    return bytearray(buf) if mutable else bytes(buf)
+
+
+def _wrap_large_bytes(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray)) and len(obj) >= OOB_THRESHOLD:
+        return _BytesBuffer(obj)
+    return obj
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Serialize ``obj`` to frames: the pickle first, then out-of-band buffers.
+
+    Raises
+    ------
+    SerializationError
+        When ``obj`` (or something inside it) cannot be pickled.
+    """
+    buffers: list[Any] = []
+
+    def take(pb: pickle.PickleBuffer) -> bool:
+        if len(buffers) >= MAX_OOB_BUFFERS:
+            return True
+        buffers.append(pb.raw())
+        return False
+
+    try:
+        data = cloudpickle.dumps(_wrap_large_bytes(obj), protocol=5, buffer_callback=take)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize {type(obj).__name__} object: {type(exc).__name__}: {exc}"
+        ) from exc
+    return [data, *buffers]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Rebuild an object from :func:`dumps` frames; buffers become read-only views."""
+    buffers = [memoryview(f).toreadonly() for f in frames[1:]]
+    return pickle.loads(frames[0], buffers=buffers)
+
+
+def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """Frames for an ``apply_request``: ``f(*args, **kwargs)``.
+
+    On failure the error names the culprit: the function, argument ``i`` or keyword ``k``.
+    """
+    try:
+        return dumps((f, tuple(_wrap_large_bytes(a) for a in args), kwargs))
+    except SerializationError as exc:
+        culprit = _find_culprit(f, args, kwargs)
+        if culprit is None:
+            raise
+        raise SerializationError(f"{culprit}: {exc.__cause__}") from exc.__cause__
+
+
+def _find_culprit(f: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    candidates: list[tuple[str, Any]] = [(f"function {getattr(f, '__name__', f)!r}", f)]
+    candidates += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
+    candidates += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
+    for label, value in candidates:
+        try:
+            cloudpickle.dumps(value, protocol=5, buffer_callback=lambda pb: False)
+        except Exception:
+            return f"cannot serialize {label}"
+    return None
+
+
+def bind_interactive(obj: Any, namespace: dict[str, Any]) -> Any:
+    """Make a function defined interactively (``__main__``) use ``namespace`` as globals.
+
+    This is what makes ``view.apply(lambda: a)`` read the engine's ``a``. Code that the
+    function needs and that cloudpickle brought along (functions, classes, modules it
+    references) is added to ``namespace``: interactively defined functions replace older
+    copies, modules and classes are added only where missing. Data is not, so a variable
+    that only the client defines raises ``NameError`` on the engine.
+    """
+    if not isinstance(obj, FunctionType) or obj.__module__ != "__main__":
+        return obj
+    if obj.__globals__ is namespace:
+        return obj
+    for name, value in obj.__globals__.items():
+        if name.startswith("__") or value is namespace.get(name):
+            continue
+        if isinstance(value, FunctionType) and value.__module__ == "__main__":
+            # The caller's current version of a helper wins over an older copy.
+            namespace[name] = value
+            namespace[name] = bind_interactive(value, namespace)
+        elif isinstance(value, (FunctionType, ModuleType, type)) and name not in namespace:
+            namespace[name] = value
+    closure = obj.__closure__
+    if closure:
+        closure = tuple(_bind_cell(cell, namespace) for cell in closure)
+    bound = FunctionType(obj.__code__, namespace, obj.__name__, obj.__defaults__, closure)
+    bound.__kwdefaults__ = obj.__kwdefaults__
+    bound.__qualname__ = obj.__qualname__
+    bound.__doc__ = obj.__doc__
+    bound.__dict__.update(obj.__dict__)
+    bound.__module__ = "__main__"
+    return bound
+
+
+def _bind_cell(cell: CellType, namespace: dict[str, Any]) -> CellType:
+    """A closure cell holding an interactive function gets the bound function."""
+    try:
+        contents = cell.cell_contents
+    except ValueError:  # an empty cell
+        return cell
+    if isinstance(contents, FunctionType) and contents.__module__ == "__main__":
+        return CellType(bind_interactive(contents, namespace))
+    return cell
+
+
+def unpack_apply(
+    frames: Sequence[Any], namespace: dict[str, Any]
+) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
+    """The call an ``apply_request`` carries, with References resolved in ``namespace``."""
+    f, args, kwargs = loads(frames)
+    f = bind_interactive(f, namespace)
+    args = [_resolve(a, namespace) for a in args]
+    kwargs = {k: _resolve(v, namespace) for k, v in kwargs.items()}
+    return f, args, kwargs
+
+
+def _resolve(value: Any, namespace: dict[str, Any]) -> Any:
+    if isinstance(value, Reference):
+        return value.resolve(namespace)
+    return bind_interactive(value, namespace)
+
+
+def interactive(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: treat ``f`` as defined interactively, so it runs in the engine's namespace.
+
+    The function then travels by value (even from an importable module) and its globals
+    on the engine are the engine's namespace.
+    """
+    f.__module__ = "__main__"
+    return f

@@ -1,0 +1,145 @@
+"""AsyncResult: the Future API, metadata and timing, as seeds 000, 001, 003 and 004 describe."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import time
+from datetime import datetime
+
+import cloudpickle
+import pytest
+
+import jupyter_ext as jx
+from jupyter_ext._metadata import METADATA_KEYS
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_is_a_future_with_the_multiprocessing_interface(rc):
+    ar = rc[0].apply_async(lambda: (time.sleep(0.3), 5)[1])
+    assert isinstance(ar, concurrent.futures.Future)
+    assert not ar.ready()
+    with pytest.raises(AssertionError):
+        ar.successful()
+    assert ar.wait(0.01) is False
+    with pytest.raises(TimeoutError):
+        ar.get(0.01)
+    assert ar.wait(5) is True
+    assert ar.ready() and ar.successful()
+    assert ar.get() == 5 and ar.r == 5 and ar.result() == 5 and ar.done()
+
+
+def test_failed_result(rc):
+    ar = rc[0].apply_async(lambda: 1 / 0)
+    assert ar.wait(5)
+    assert ar.ready() and not ar.successful()
+    with pytest.raises(jx.RemoteError, match="ZeroDivisionError"):
+        ar.get()
+    assert isinstance(ar.exception(), jx.RemoteError)
+
+
+def test_metadata_has_every_key(rc):
+    ar = rc[:].apply_async(lambda: print("hi") or 1)
+    ar.get(5)
+    for md in ar.metadata:
+        assert set(METADATA_KEYS) <= set(md)
+        assert md["status"] == "ok" and md.status == "ok"
+        for key in ("submitted", "started", "completed", "received"):
+            assert isinstance(md[key], datetime), key
+        assert md["submitted"] <= md["received"]
+        assert md["started"] <= md["completed"]
+        assert md["stdout"] == "hi\n"
+        assert md["engine_uuid"]
+        assert md["msg_id"] in ar.msg_ids
+    assert [md["engine_id"] for md in ar.metadata] == [0, 1]
+    assert ar.engine_id == [0, 1]
+    assert ar["stdout"] == ["hi\n", "hi\n"]
+    assert rc.metadata[ar.msg_ids[0]]["stdout"] == "hi\n"
+    assert ar.msg_ids[0] in rc.history and ar.msg_ids[0] in rc.results
+    assert rc.results[ar.msg_ids[0]] == 1
+
+
+def test_timing_properties(rc):
+    ar = rc[:].apply_async(time.sleep, 0.2)
+    assert ar.elapsed >= 0
+    ar.get(5)
+    assert 0.35 <= ar.serial_time < 2.0
+    assert 0.2 <= ar.wall_time < 2.0
+    assert ar.progress == len(ar) == 2
+    speedup = ar.serial_time / ar.wall_time
+    assert speedup > 1.0
+
+
+def test_iteration_as_results_arrive_and_indexing(rc):
+    ar = rc[:].apply_async(lambda t: (time.sleep(t), t)[1], 0.1)
+    assert list(ar) == [0.1, 0.1]
+    assert ar[0] == 0.1 and ar[-1] == 0.1 and len(ar) == 2
+
+
+def test_add_done_callback(rc):
+    got = concurrent.futures.Future()
+    f = rc[-1].apply(os.getpid)
+    f.add_done_callback(lambda fut: got.set_result(fut.result()))
+    assert got.result(5) == rc.engine_info(rc.ids[-1])["pid"]
+
+
+def test_await_and_wrap_future(rc):
+    def sleep_task(t):
+        time.sleep(t)
+        return os.getpid()
+
+    async def work():
+        out = []
+        for t in [0.01, 0.02]:
+            ar = rc[:].apply(sleep_task, t)
+            out.append(await asyncio.wrap_future(ar))
+            out.append(await rc[:].apply(sleep_task, t))
+        return out
+
+    results = asyncio.run(asyncio.wait_for(work(), 20))
+    pids = [rc.engine_info(i)["pid"] for i in rc.ids]
+    assert results == [pids] * 4
+
+
+def test_client_wait_outstanding_history(rc):
+    ars = [rc[:].apply_async(time.sleep, 0.05) for _ in range(3)]
+    assert rc.wait(ars, timeout=10) is True
+    assert not any(m in rc.outstanding for ar in ars for m in ar.msg_ids)
+    slow = rc[0].apply_async(time.sleep, 1)
+    assert rc.wait(slow, timeout=0.01) is False
+    assert slow.msg_ids[0] in rc.outstanding
+    assert rc.wait(timeout=10) is True
+    rc.spin()
+
+
+def test_abort_queued_work(rc):
+    rc[0].apply_async(time.sleep, 0.5)
+    queued = rc[0].apply_async(lambda: "ran")
+    queued.abort()
+    with pytest.raises(jx.TaskAborted):
+        queued.get(10)
+
+
+def test_wait_interactive_text(rc, capsys):
+    ar = rc[:].apply_async(time.sleep, 0.3)
+    assert ar.wait_interactive(interval=0.05, widget=False) is True
+    out = capsys.readouterr().out
+    assert "2/2 tasks" in out
+
+
+def test_queue_status_and_hub_queries(rc):
+    ar = rc[:].apply_async(abs, -1)
+    ar.get(5)
+    status = rc.queue_status()
+    assert set(status) >= {0, 1, "unassigned"}
+    assert status[0]["completed"] >= 1
+    assert ar.msg_ids[0] in rc.hub_history()
+    assert rc.result_status(ar.msg_ids)["completed"] == ar.msg_ids
+    records = rc.db_query({"msg_id": ar.msg_ids[0]})
+    assert records[0]["status"] == "ok" and records[0]["engine_id"] == 0
+    rc.purge_results("all")
+    assert ar.msg_ids[0] not in rc.results
+    assert ar.get() == [1, 1]  # the AsyncResult keeps its own

@@ -1,0 +1,179 @@
+"""Cluster and Client lifetime, the command line, and attaching Jupyter clients to engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from conftest import wait_gone
+from jupyter_client import BlockingKernelClient
+
+import jupyter_ext as jx
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+JUPYTER_PX = str(Path(sys.executable).parent / "jupyter-px")
+
+
+def test_with_cluster_starts_ready_and_stops_everything():
+    t0 = time.monotonic()
+    with jx.Cluster(n=2) as rc:
+        assert time.monotonic() - t0 < 30
+        assert rc.ids == [0, 1]  # ready on return: no waiting for engines
+        pids = [rc.engine_info(i)["pid"] for i in rc.ids]
+        controller = json.loads(Path(rc.connection_file).read_text())["controller_pid"]
+        assert rc[:].apply_sync(os.getpid) == pids
+    assert wait_gone([*pids, controller]) == []
+
+
+def test_async_start_and_connect(cluster_factory):
+    cluster = cluster_factory(2)
+
+    async def main():
+        rc = await cluster.start_and_connect()
+        ids = rc.ids
+        await cluster.stop_cluster()
+        return ids
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [0, 1]
+    assert not cluster.running
+
+
+def test_async_with(cluster_factory):
+    async def main():
+        async with jx.Cluster(n=1) as rc:
+            return await rc[0].apply(lambda: 3)
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == 3
+
+
+def test_connection_file_is_private_and_local(rc):
+    path = Path(rc.connection_file)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    info = json.loads(path.read_text())
+    assert info["ip"] == "127.0.0.1"
+    for i in rc.ids:
+        assert rc.engine_info(i)["connection_info"]["ip"] == "127.0.0.1"
+
+
+def test_engine_info_and_a_jupyter_client_on_an_engine(rc):
+    info = rc.engine_info(0)
+    assert info["pid"] > 0 and info["hostname"]
+    rc[0]["pushed"] = {"from": "direct view"}
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info["connection_info"])
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=10)
+        reply = kc.execute_interactive("print(pushed['from'])", timeout=10)
+        assert reply["content"]["status"] == "ok"
+        kc.execute_interactive("from_console = 41 + 1", timeout=10)
+    finally:
+        kc.stop_channels()
+    assert rc[0]["from_console"] == 42
+
+
+def test_start_stop_restart_engines(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    new = cluster.start_engines_sync(1)
+    assert new == [1] and rc.ids == [0, 1]
+    cluster_factory.pids.append(rc.engine_info(1)["pid"])
+    old_pid = rc.engine_info(0)["pid"]
+    cluster.stop_engines_sync([0])
+    assert wait_gone([old_pid]) == []
+    assert rc.ids == [1]
+    restarted = cluster.restart_engines_sync()
+    assert rc.ids == restarted
+    cluster_factory.pids += [rc.engine_info(i)["pid"] for i in rc.ids]
+
+
+def test_from_file_in_another_process(cluster_factory):
+    cluster, rc = cluster_factory.start(2)
+    code = (
+        "import jupyter_ext as jx, sys\n"
+        f"c = jx.Cluster.from_file({cluster.cluster_id!r})\n"
+        "rc = c.connect_client_sync()\n"
+        "print(rc.ids, rc[:].apply_sync(abs, -3))\n"
+        "rc.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 1] [3, 3]"
+    attached = jx.Cluster.from_file(rc.connection_file)
+    assert attached.controller_pid == cluster.controller_pid and attached.running
+
+
+def test_shutdown_from_the_client(cluster_factory):
+    cluster, rc = cluster_factory.start(2)
+    pids = [rc.engine_info(i)["pid"] for i in rc.ids]
+    rc.shutdown(targets=[0])
+    assert wait_gone(pids[:1]) == [] and rc.ids == [1]
+    rc.shutdown(hub=True)
+    assert wait_gone([*pids, cluster.controller_pid]) == []
+
+
+def test_cli_install_start_list_stop(tmp_path):
+    prefix = tmp_path / "prefix"
+    out = subprocess.run(
+        [JUPYTER_PX, "install", "--prefix", str(prefix)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((prefix / "share/jupyter/kernels/jupyter-px-engine/kernel.json").read_text())
+    assert spec["argv"][1:3] == ["-m", "kernel_engine.engine"]
+
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [JUPYTER_PX, "start", "-n", "2", "--cluster-id", "cli-test"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "2 engines ready" in out.stdout and time.monotonic() - t0 < 60
+    rc = jx.Client("cli-test")
+    pids = [rc.engine_info(i)["pid"] for i in rc.ids]
+    controller = json.loads(Path(rc.connection_file).read_text())["controller_pid"]
+    try:
+        assert rc.ids == [0, 1]
+        listed = subprocess.run(
+            [JUPYTER_PX, "list", "--json"], capture_output=True, text=True, timeout=30
+        )
+        assert "cli-test" in listed.stdout
+        engines = subprocess.run(
+            [JUPYTER_PX, "engines", "--cluster-id", "cli-test"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert f"pid {pids[0]}" in engines.stdout
+    finally:
+        rc.close()
+        stopped = subprocess.run(
+            [JUPYTER_PX, "stop", "--cluster-id", "cli-test"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        left = wait_gone([*pids, controller])
+    assert stopped.returncode == 0, stopped.stderr
+    assert left == []
+
+
+def test_client_finds_the_newest_cluster(rc):
+    other = jx.Client()
+    try:
+        assert other.ids == rc.ids
+    finally:
+        other.close()
+
+
+def test_missing_cluster_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="no cluster"):
+        jx.Client("no-such-cluster")

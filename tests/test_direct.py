@@ -1,0 +1,265 @@
+"""The direct interface, with real engines: the seeds' DirectView and data movement examples."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+
+import jupyter_ext as jx
+from jupyter_ext import Reference, interactive
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(autouse=True)
+def clean(rc):
+    rc[:].clear(block=True)
+
+
+def test_ids_and_indexing_as_the_seeds_describe(rc):
+    assert rc.ids == [0, 1]
+    assert len(rc) == 2
+    assert rc[0].targets == 0
+    assert rc[-1].targets == rc.ids[-1]
+    assert rc[::2].targets == rc.ids[::2]
+    assert rc[0, 1].targets == [0, 1]
+    assert rc[:].targets == rc.ids
+    assert repr(rc[0]) == "<DirectView 0>"
+    with pytest.raises(jx.InvalidTarget):
+        rc[5]
+    with pytest.raises(jx.InvalidTarget):
+        rc[0, 7]
+
+
+def test_apply_sync_getpid_and_hostname(rc):
+    dview = rc[:]
+    pids = dview.apply_sync(os.getpid)
+    assert len(pids) == 2 and len(set(pids)) == 2 and os.getpid() not in pids
+    assert dview.apply_sync(socket.gethostname) == [socket.gethostname()] * 2
+    assert rc[0].apply_sync(os.getpid) == pids[0]
+
+
+def test_apply_flags_block_targets_set_and_temp(rc):
+    dview = rc[:]
+    ar = dview.apply(lambda x: x + 1, 1)
+    assert isinstance(ar, jx.AsyncResult) and ar.get(5) == [2, 2]
+    dview.block = True
+    assert dview.apply(lambda x: x * 3, 2) == [6, 6]
+    with dview.temp_flags(block=False, targets=1):
+        ar = dview.apply(lambda: 7)
+        assert ar.get(5) == 7
+    assert dview.block is True and dview.targets == [0, 1]
+    dview.set_flags(block=False)
+    assert isinstance(dview.apply(abs, -1), jx.AsyncResult)
+    with pytest.raises(KeyError):
+        dview.set_flags(nonsense=1)
+    assert dview.apply_async(abs, -2).get(5) == [2, 2]
+
+
+def test_dictionary_access_push_pull(dv):
+    dv["a"] = ["foo", "bar"]
+    assert dv["a"] == [["foo", "bar"], ["foo", "bar"]]
+    dv.push({"b": 1, "c": "x"})
+    assert dv.pull("b") == [1, 1]
+    assert dv.pull(["b", "c"]) == [[1, "x"], [1, "x"]]
+    assert dv.get("c") == ["x", "x"]
+    dv.update({"d": 4})
+    assert dv.pull("d", targets=0) == 4
+    with pytest.raises(jx.CompositeError, match="NameError"):
+        dv.pull("nope")
+
+
+def test_lambda_is_a_pull(dv):
+    dv["a"] = 5
+    assert dv.apply(interactive(lambda: a)) == [5, 5]  # noqa: F821
+    assert dv.pull("a") == [5, 5]
+
+
+def test_interactive_function_assigns_engine_globals(dv):
+    @interactive
+    def setter(value):
+        global z
+        z = value
+
+    dv.apply(setter, 42)
+    assert dv["z"] == [42, 42]
+
+
+def test_scatter_gather_as_the_seed(dv):
+    assert dv.scatter("a", range(16)) == [None, None]
+    assert dv["a"] == [range(0, 8), range(8, 16)]
+    assert dv.gather("a") == list(range(16))
+    dv.scatter("l", list(range(5)))
+    assert dv["l"] == [[0, 1, 2], [3, 4]]
+    assert dv.gather("l") == [0, 1, 2, 3, 4]
+    dv.scatter("r", list(range(5)), dist="r")
+    assert dv["r"] == [[0, 2, 4], [1, 3]]
+    assert dv.gather("r", dist="r") == [0, 1, 2, 3, 4]
+
+
+def test_scatter_flatten_and_reference_seed_example(rc):
+    dv = rc[:]
+    dv.block = True
+    dv.scatter("id", rc.ids, flatten=True)
+    assert dv["id"] == rc.ids
+    ref = Reference("id")
+    tic = time.time()
+    ar = dv.apply(lambda t: (time.sleep(0.2 * t), t)[1], ref)
+    assert ar == [0, 1]
+    dv.block = False
+    ar = dv.apply(time.sleep, Reference("id"))
+    seen = [time.time() - tic for _ in ar]
+    assert len(seen) == 2
+
+
+def test_scatter_gather_numpy(dv):
+    a = np.arange(10.0)
+    dv.scatter("x", a)
+    parts = dv["x"]
+    assert [p.tolist() for p in parts] == [a[:5].tolist(), a[5:].tolist()]
+    back = dv.gather("x")
+    assert isinstance(back, np.ndarray) and back.tolist() == a.tolist()
+
+
+def test_static_map(dv):
+    assert dv.map(lambda x: x * x, range(10)) == [x * x for x in range(10)]
+    assert dv.map(lambda x, y: x + y, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
+    ar = dv.map_async(lambda x: x, range(5))
+    assert isinstance(ar, jx.AsyncMapResult) and len(ar) == 5 and ar.get(5) == list(range(5))
+    assert dv.map_sync(str, [1, 2]) == ["1", "2"]
+    assert list(dv.imap(abs, [-1, -2, -3])) == [1, 2, 3]
+    pids = dv.map(lambda _: os.getpid(), range(4))
+    assert len(set(pids)) == 2  # one chunk per engine
+
+
+def test_execute_and_run(dv, tmp_path):
+    ar = dv.execute("b = 5\nprint('hi')\nb * 2")
+    replies = ar.get()
+    assert [r.success for r in replies] == [True, True]
+    assert ar.stdout == ["hi\n", "hi\n"]
+    assert [md["execute_result"]["data"]["text/plain"] for md in ar.metadata] == ["10", "10"]
+    assert dv["b"] == [5, 5]
+    script = tmp_path / "script.py"
+    script.write_text("from_file = 'yes'\n")
+    dv.run(str(script))
+    assert dv["from_file"] == ["yes", "yes"]
+    with pytest.raises(jx.CompositeError, match="ZeroDivisionError"):
+        dv.execute("1/0")
+    single = dv.execute("print('one')", targets=0)
+    assert single.get().success and single.stdout == "one\n"
+
+
+def test_sync_imports(dv):
+    with dv.sync_imports(quiet=True):
+        import json
+        import os.path as osp
+        from math import sqrt as root
+    assert (
+        dv.apply(interactive(lambda: (json.__name__, osp.__name__, root(16))))
+        == [("json", osp.__name__, 4.0)] * 2
+    )
+
+
+def test_clear(dv):
+    dv["gone"] = 1
+    dv.clear()
+    with pytest.raises(jx.CompositeError):
+        dv.pull("gone")
+
+
+def test_remote_errors_name_engine_and_traceback(rc):
+    def boom():
+        raise ValueError("bad value")
+
+    with pytest.raises(jx.RemoteError) as info:
+        rc[1].apply_sync(boom)
+    err = info.value
+    assert err.ename == "ValueError" and err.evalue == "bad value" and err.engine_id == 1
+    assert "boom" in err.traceback and "bad value" in err.traceback
+    assert "[Engine 1] ValueError: bad value" in "\n".join(err.render_traceback())
+    with pytest.raises(jx.CompositeError) as cinfo:
+        rc[:].apply_sync(boom)
+    assert len(cinfo.value.elist) == 2
+    assert {e.engine_id for e in cinfo.value.elist} == {0, 1}
+    with pytest.raises(jx.RemoteError, match="bad value"):
+        cinfo.value.raise_exception(0)
+
+
+def test_unpicklable_argument_fails_at_submit(rc):
+    import threading
+
+    with pytest.raises(jx.SerializationError, match="argument 0"):
+        rc[0].apply_sync(print, threading.Lock())
+
+
+def test_unpicklable_result_is_a_remote_error(rc):
+    with pytest.raises(jx.RemoteError, match="could not be sent back"):
+        rc[0].apply_sync(lambda: __import__("threading").Lock())
+
+
+def test_closures_and_the_seed_examples(rc):
+    def f(a):
+        def inner():
+            return a
+
+        return inner
+
+    assert rc[0].apply_sync(f(1)) == 1
+    assert rc[0].apply_sync(f(2)) == 2
+
+
+def test_arrays_are_read_only_on_arrival_as_the_seed_says(rc):
+    A = np.zeros(2)
+
+    def setter(a):
+        a[0] = 1
+        return a
+
+    with pytest.raises(jx.RemoteError, match="read-only"):
+        rc[0].apply_sync(setter, A)
+
+    def copying_setter(a):
+        if not a.flags.writeable:
+            a = a.copy()
+        a[0] = 1
+        return a
+
+    out = rc[0].apply_sync(copying_setter, np.zeros(100_000))
+    assert out[0] == 1.0
+    assert not out.flags.writeable
+
+
+def test_track_sent_and_wait_on_send(rc):
+    view = rc[0]
+    view.track = True
+    A = np.random.random((1024, 1024))
+    ar = view.apply_async(lambda x: 2 * x, A)
+    ar.wait_on_send(10)
+    assert ar.sent
+    assert np.allclose(ar.get(10), 2 * A)
+
+
+def test_get_dict_pid_map_seed(rc):
+    ar = rc[:].apply_async(os.getpid)
+    pids = ar.get_dict()
+    assert sorted(pids) == rc.ids
+    rc[:]["pid_map"] = pids
+    assert rc[:]["pid_map"] == [pids, pids]
+
+
+def test_output_is_captured_per_task(rc):
+    def talk(x):
+        print("out", x)
+        print("err", x, file=sys.stderr)
+        return x
+
+    ar = rc[:].apply_async(talk, 3)
+    assert ar.get(5) == [3, 3]
+    assert ar.stdout == ["out 3\n", "out 3\n"]
+    assert ar.stderr == ["err 3\n", "err 3\n"]

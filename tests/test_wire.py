@@ -1,0 +1,156 @@
+"""The wire and serialization, without processes."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from kernel_engine import protocol, serialize
+from kernel_engine.errors import SerializationError
+
+
+def frames_of(frames):
+    return [zmq.Frame(bytes(f) if not isinstance(f, bytes) else f) for f in frames]
+
+
+def test_pack_unpack_roundtrip():
+    wire = protocol.Wire(b"secret")
+    header, frames = wire.pack(
+        "apply_request", {"a": 1}, {"msg_id": "p"}, {"m": 2}, [b"buf"], idents=[b"id1"]
+    )
+    msg = wire.recv(frames_of(frames))
+    assert msg.idents == [b"id1"]
+    assert msg.msg_id == header["msg_id"]
+    assert msg.msg_type == "apply_request"
+    assert msg.content == {"a": 1}
+    assert msg.parent_header == {"msg_id": "p"}
+    assert msg.metadata == {"m": 2}
+    assert bytes(msg.buffers[0]) == b"buf"
+
+
+def test_wrong_key_is_rejected():
+    _, frames = protocol.Wire(b"one").pack("x", {})
+    with pytest.raises(protocol.SignatureError):
+        protocol.Wire(b"two").recv(frames_of(frames))
+
+
+def test_tampered_content_is_rejected():
+    wire = protocol.Wire(b"k")
+    _, frames = wire.pack("x", {"a": 1})
+    frames[-1] = b'{"a":2}'
+    with pytest.raises(protocol.SignatureError):
+        wire.recv(frames_of(frames))
+
+
+def test_malformed_messages_are_rejected():
+    wire = protocol.Wire(b"k")
+    with pytest.raises(ValueError):
+        wire.recv(frames_of([b"no delimiter here"]))
+    with pytest.raises(protocol.SignatureError):
+        wire.recv(frames_of([protocol.DELIM, b"sig"]))
+
+
+def test_session_compatible_signature():
+    """ipykernel's jupyter_client.Session accepts what we sign, and vice versa."""
+    from jupyter_client.session import Session
+
+    session = Session(key=b"k")
+    wire = protocol.Wire(b"k")
+    _, frames = wire.pack("execute_request", {"code": "1"})
+    msg = session.deserialize(frames[1:] if frames[0] == protocol.DELIM else frames)
+    assert msg["content"] == {"code": "1"}
+    serialized = session.serialize(session.msg("kernel_info_request"))
+    assert wire.recv(frames_of(serialized)).msg_type == "kernel_info_request"
+
+
+def test_batch_roundtrip():
+    messages = [[b"a", b"b"], [b"c"], [b"d", b"e", b"f"]]
+    frames = protocol.pack_batch(messages)
+    assert protocol.is_batch(frames)
+    assert (
+        protocol.unpack_batch(frames_of(frames)) == [[zmq.Frame(x) for x in m] for m in messages]
+        or [[bytes(x) for x in m] for m in protocol.unpack_batch(frames_of(frames))] == messages
+    )
+
+
+def test_routes():
+    assert protocol.parse_route(protocol.route_frame("lane", 3)) == ("lane", 3)
+    assert protocol.parse_route(b"hub") == ("hub", None)
+    assert protocol.reply_identity(b"abc:s") == b"abc:r"
+    assert protocol.reply_identity(b"plain") == b"plain"
+
+
+def test_large_arrays_travel_out_of_band_and_arrive_read_only():
+    a = np.arange(1_000_000, dtype=np.float64)
+    frames = serialize.dumps({"a": a, "small": np.arange(3)})
+    assert len(frames) == 3  # the pickle and one frame per array
+    assert frames[1].nbytes == a.nbytes
+    back = serialize.loads([frames[0], *(zmq.Frame(f) for f in frames[1:])])
+    assert np.array_equal(back["a"], a)
+    assert not back["a"].flags.writeable
+    assert back["small"].tolist() == [0, 1, 2] and not back["small"].flags.writeable
+
+
+def test_many_small_arrays_stay_in_band_past_the_limit():
+    frames = serialize.dumps([np.arange(2) for _ in range(serialize.MAX_OOB_BUFFERS + 10)])
+    assert len(frames) == 1 + serialize.MAX_OOB_BUFFERS
+
+
+def test_large_bytes_travel_out_of_band():
+    data = b"x" * (1 << 20)
+    frames = serialize.pack_apply(len, (data,), {})
+    assert len(frames) == 2
+    _f, args, _kwargs = serialize.unpack_apply(frames, {})
+    assert args == [data] and isinstance(args[0], bytes)
+
+
+def test_unpicklable_argument_is_named():
+    lock = threading.Lock()
+    with pytest.raises(SerializationError, match=r"argument 1 \(lock\)"):
+        serialize.pack_apply(print, (1, lock), {})
+    with pytest.raises(SerializationError, match=r"keyword argument 'k'"):
+        serialize.pack_apply(print, (), {"k": lock})
+
+
+def test_unpicklable_result_is_a_serialization_error():
+    with pytest.raises(SerializationError, match="lock"):
+        serialize.dumps(threading.Lock())
+
+
+def test_reference_resolves_in_namespace():
+    ns = {"a": 5, "obj": type("O", (), {"x": 7})()}
+    assert serialize.Reference("a").resolve(ns) == 5
+    assert serialize.Reference("obj.x").resolve(ns) == 7
+    with pytest.raises(NameError, match="'missing'"):
+        serialize.Reference("missing").resolve(ns)
+    with pytest.raises(TypeError):
+        serialize.Reference("not a name")
+
+
+def test_interactive_functions_use_the_engine_namespace():
+    @serialize.interactive
+    def helper(x):
+        return x + offset  # noqa: F821 - defined in the engine's namespace
+
+    @serialize.interactive
+    def f(x):
+        return helper(x) * 2
+
+    frames = serialize.pack_apply(f, (1,), {})
+    ns = {"offset": 10}
+    g, args, _ = serialize.unpack_apply(frames, ns)
+    assert g(*args) == 22
+    # data the client has is not injected: a name only the engine lacks fails
+    ns2: dict = {}
+    g2, args2, _ = serialize.unpack_apply(frames, ns2)
+    with pytest.raises(NameError):
+        g2(*args2)
+
+
+def test_pickle_protocol_five_used():
+    frames = serialize.dumps([1, 2])
+    assert pickle.loads(frames[0]) == [1, 2]
