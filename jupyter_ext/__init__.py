@@ -21,11 +21,13 @@ from kernel_engine.errors import (
 )
 from kernel_engine.serialize import Reference, interactive
 
-from ._asyncresult import AsyncMapResult, AsyncResult
+from ._asyncresult import AsyncHubResult, AsyncMapResult, AsyncResult
 from ._client import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Client
 from ._cluster import Cluster
+from ._dependency import Dependency, depend, require
 from ._metadata import ExecuteReply, Metadata
-from ._views import DirectView, View
+from ._remotefunction import ParallelFunction, RemoteFunction, parallel, remote
+from ._views import DirectView, LoadBalancedView, View
 
 __version__ = "0.1.0"
 
@@ -33,12 +35,14 @@ __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "AsyncHubResult",
     "AsyncMapResult",
     "AsyncResult",
     "Client",
     "Cluster",
     "ClusterError",
     "CompositeError",
+    "Dependency",
     "DependencyTimeout",
     "DirectView",
     "EngineError",
@@ -46,14 +50,21 @@ __all__ = [
     "ImpossibleDependency",
     "InvalidDependency",
     "InvalidTarget",
+    "LoadBalancedView",
     "Metadata",
     "NoEnginesRegistered",
+    "ParallelFunction",
     "Reference",
     "RemoteError",
+    "RemoteFunction",
     "SerializationError",
     "TaskAborted",
     "TaskTimeout",
     "UnmetDependency",
     "View",
+    "depend",
     "interactive",
+    "parallel",
+    "remote",
+    "require",
 ]

@@ -385,3 +385,48 @@ class AsyncMapResult(AsyncResult):
             for i in available:
                 seen += 1
                 yield i
+
+
+class AsyncHubResult(AsyncResult):
+    """Results another client submitted, fetched from the controller's records.
+
+    While they are pending, ``wait`` asks the controller again every ``interval`` s,
+    which costs more than the passive waiting of an ordinary AsyncResult.
+    """
+
+    interval = 0.1
+
+    def __init__(self, client: Client, msg_ids: list[str], single: bool = False):
+        futures = [MessageFuture(m, Metadata(msg_id=m)) for m in msg_ids]
+        super().__init__(client, futures, "get_result", single=single)
+        self._poll()
+
+    def _poll(self) -> None:
+        pending = [f for f in self._children if not f.done()]
+        if not pending:
+            return
+        records = self._client._fetch_records([f.msg_id for f in pending])
+        for f in pending:
+            record, outcome = records.get(f.msg_id, (None, None))
+            if record is None:
+                f.set_exception(KeyError(f"the controller has no record of {f.msg_id}"))
+            elif outcome is not None:
+                (ok, value), md = outcome
+                f.metadata.update(md)
+                if ok:
+                    f.set_result(value)
+                else:
+                    f.set_exception(value)
+            elif record["status"] != "pending":
+                f.set_exception(KeyError(f"the result of {f.msg_id} was not stored (too large)"))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            self._poll()
+            if self.done():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.interval)
+        return True

@@ -241,30 +241,91 @@ class Client:
         md.update_from_reply(msg.metadata)
         if route != protocol.HUB_ROUTE and md.get("engine_id") is None:
             md["engine_id"] = int(route)
-        content = msg.content
-        if content.get("status") == "ok":
-            if msg.msg_type == protocol.APPLY_REPLY:
-                try:
-                    outcome: tuple[bool, Any] = (True, serialize.loads(msg.buffers))
-                except Exception as exc:
-                    outcome = (
-                        False,
-                        RemoteError(
-                            "SerializationError",
-                            f"could not load the result: {exc}",
-                            None,
-                            {"engine_id": md["engine_id"], "msg_id": msg_id},
-                        ),
-                    )
-            else:
-                outcome = (True, ExecuteReply(msg_id, content, md))
-        else:
-            outcome = (False, self._error(content, md, msg_id))
+        outcome = self._outcome(msg, md, msg_id)
         md["status"] = "ok" if outcome[0] else "error"
         future.outcome = outcome
         future.reply_seen = True
         if future.idle_seen:
             self._resolve(future)
+
+    def _outcome(self, msg: protocol.Message, md: Metadata, msg_id: str) -> tuple[bool, Any]:
+        """(succeeded, result or error) of a reply."""
+        content = msg.content
+        if content.get("status") != "ok":
+            return False, self._error(content, md, msg_id)
+        if msg.msg_type != protocol.APPLY_REPLY:
+            return True, ExecuteReply(msg_id, content, md)
+        try:
+            return True, serialize.loads(msg.buffers)
+        except Exception as exc:
+            info = {"engine_id": md["engine_id"], "msg_id": msg_id}
+            return False, RemoteError(
+                "SerializationError", f"could not load the result: {exc}", None, info
+            )
+
+    def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
+        """An AsyncResult for earlier work: history indices, msg_ids or AsyncResults.
+
+        Work this client submitted resolves as usual; work another client submitted
+        comes from the controller's records (an :class:`AsyncHubResult`).
+        """
+        from ._asyncresult import AsyncHubResult
+
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        items = (
+            indices_or_msg_ids
+            if isinstance(indices_or_msg_ids, (list, tuple))
+            else [indices_or_msg_ids]
+        )
+        msg_ids: list[str] = []
+        for item in items:
+            if isinstance(item, int):
+                msg_ids.append(self.history[item])
+            elif isinstance(item, AsyncResult):
+                msg_ids.extend(item.msg_ids)
+            else:
+                msg_ids.append(str(item))
+        single = len(msg_ids) == 1
+        local = [self._local_future(m) for m in msg_ids]
+        if all(f is not None for f in local):
+            ar = AsyncResult(self, [f for f in local if f is not None], "get_result", single=single)
+        else:
+            ar = AsyncHubResult(self, msg_ids, single=single)
+        return ar.get() if block else ar
+
+    def _local_future(self, msg_id: str) -> MessageFuture | None:
+        future = self._futures.get(msg_id)
+        if future is not None:
+            return future
+        if msg_id not in self.results:
+            return None
+        value = self.results[msg_id]
+        done = MessageFuture(msg_id, self.metadata.get(msg_id) or Metadata(msg_id=msg_id))
+        if isinstance(value, BaseException):
+            done.set_exception(value)
+        else:
+            done.set_result(value)
+        return done
+
+    def _fetch_records(self, msg_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
+        """The controller's records of these tasks, with their outcome when stored."""
+        reply = self._hub_request(protocol.RESULT_REQUEST, {"msg_ids": list(msg_ids)})
+        frames = list(reply["_buffers"])
+        out: dict[str, tuple[dict[str, Any], Any]] = {}
+        for msg_id, record in reply["records"].items():
+            if record is None:
+                continue
+            outcome = None
+            n = reply["frame_counts"].get(msg_id)
+            if n:
+                part, frames = frames[:n], frames[n:]
+                msg = self.wire.unpack(part)
+                md = Metadata(msg_id=msg_id, engine_id=record.get("engine_id"))
+                md.update_from_reply(msg.metadata)
+                outcome = (self._outcome(msg, md, msg_id), md)
+            out[msg_id] = (record, outcome)
+        return out
 
     def _error(self, content: dict[str, Any], md: Metadata, msg_id: str) -> RemoteError:
         info = {

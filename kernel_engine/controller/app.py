@@ -23,6 +23,7 @@ import zmq
 
 from kernel_engine import protocol
 
+from .balancer import Balancer
 from .engines import Engine, EngineSet, Pending
 from .hub import Hub
 from .loop import PollLoop
@@ -73,6 +74,7 @@ class Controller:
         self.iopub_port = self.iopub.bind_to_random_port(f"tcp://{ip}")
         self.engines = EngineSet(self.loop, self.context, self.wire, folder, ip, self.cluster_id)
         self.router = Router(self)
+        self.balancer = Balancer(self)
         self.dead: dict[int, str] = {}
         self._awaiting: set[int] = set()
         self._startup_reported = False
@@ -132,6 +134,7 @@ class Controller:
         return ids
 
     def _engine_ready(self, engine: Engine) -> None:
+        self.balancer.engine_added(engine)
         self.router.publish_event(protocol.ENGINE_REGISTERED, {"engine": engine.info()})
         self._awaiting.discard(engine.id)
         self._write_cluster_json()
@@ -141,6 +144,7 @@ class Controller:
     def _engine_dead(self, engine: Engine, reason: str) -> None:
         self.dead[engine.id] = reason.splitlines()[0]
         self.router.fail_inflight(engine, "EngineError", self.dead[engine.id])
+        self.balancer.engine_removed(engine)
         self.router.publish_event(
             protocol.ENGINE_UNREGISTERED, {"engine_id": engine.id, "reason": reason}
         )
@@ -184,6 +188,7 @@ class Controller:
         for engine in self.engines.stop(eids):
             self.dead[engine.id] = f"engine {engine.id} {reason}"
             self.router.fail_inflight(engine, "EngineError", self.dead[engine.id])
+            self.balancer.engine_removed(engine)
             self.router.publish_event(
                 protocol.ENGINE_UNREGISTERED,
                 {"engine_id": engine.id, "reason": self.dead[engine.id]},

@@ -55,13 +55,11 @@ class Router:
         if channel == "hub":
             self._hub_request(client, msg)
             return
+        if channel == "lb":
+            self.c.balancer.submit(client, msg, frames[3:])
+            return
         pending = Pending(client, msg.header, channel)
         engine = self.c.engines.engines.get(eid) if eid is not None else None
-        if channel == "lb" or eid is None:
-            self._send_client(
-                self._fail(pending, None, "InvalidTarget", "load balancing is not available")
-            )
-            return
         if engine is None or engine.state != "ready" or channel not in protocol.CHANNELS:
             if eid in self.c.dead:
                 why = ("EngineError", self.c.dead[eid])
@@ -71,6 +69,7 @@ class Router:
             return
         engine.inflight[msg.msg_id] = pending
         self.c.hub.submitted(msg.header, client, engine.id)
+        self.c.balancer.scheduler.note_known(msg.msg_id)
         engine.sockets[channel].send_multipart([client, protocol.DELIM, *frames[3:]], copy=False)
 
     def from_engine(self, engine: Engine, channel: str, frames: list[Any]) -> None:
@@ -92,6 +91,12 @@ class Router:
         if engine.inflight.pop(msg_id, None) is not None:
             engine.completed += 1
         status = metadata.get("status") or "ok"
+        balancer = self.c.balancer
+        if balancer.owns(msg_id):
+            if not balancer.reply(engine, msg_id, frames, metadata):
+                return  # a retried attempt: the scheduler sent the task elsewhere
+        elif channel != "control":
+            balancer.record_direct(msg_id, engine.id, status == "ok")
         self.c.hub.completed(msg_id, status, metadata, frames[2:] if channel == "lane" else None)
         self.c.clients.send_multipart([frames[0], engine.route, *frames[1:]], copy=False)
 
@@ -104,7 +109,7 @@ class Router:
 
     def fail_inflight(self, engine: Engine, ename: str, evalue: str) -> None:
         """Answer every request an engine still held with an error (it died or stopped)."""
-        pending = list(engine.inflight.values())
+        pending = [p for m, p in engine.inflight.items() if not self.c.balancer.owns(m)]
         engine.inflight.clear()
         for p in pending:
             self.c.hub.completed(p.header.get("msg_id", ""), "error", {}, None)
@@ -167,14 +172,16 @@ class Router:
 
     def _queue_status(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
         status: dict[str, Any] = {}
+        balanced = self.c.balancer.queue_status()
         for eid in self._targets(msg):
             engine = self.c.engines.engines[eid]
+            tasks = balanced.get(str(eid), {})
             status[str(eid)] = {
                 "queue": len(engine.inflight),
                 "completed": engine.completed,
-                "tasks": 0,
+                "tasks": tasks.get("tasks", 0) if isinstance(tasks, dict) else 0,
             }
-        status["unassigned"] = 0
+        status["unassigned"] = balanced.get("unassigned", 0)
         return {"queue_status": status}, []
 
     def _result(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
@@ -198,10 +205,13 @@ class Router:
         if msg_ids == "all":
             msg_ids = None
         n = self.c.hub.purge(msg_ids, content.get("engine_ids"))
+        if msg_ids:
+            self.c.balancer.forget(msg_ids)
         return {"purged": n}, []
 
     def _abort(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
         msg_ids = list(msg.content.get("msg_ids", []))
+        self.c.balancer.abort(msg_ids)
         for eid in self._targets(msg):
             sock = self.c.engines.engines[eid].sockets.get("control")
             if sock is not None:

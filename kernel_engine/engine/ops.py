@@ -43,8 +43,31 @@ def clear() -> None:
 
 
 def map_chunk(f: Any, *sequences: Any) -> list[Any]:
-    """``list(map(f, *sequences))`` on one engine's share of a static map."""
+    """``list(map(f, *sequences))`` on one chunk of a map."""
     return list(map(f, *sequences))
+
+
+def map_chunk_safe(f: Any, *sequences: Any) -> list[Any]:
+    """Like :func:`map_chunk`, but an element that raises gives its RemoteError as result."""
+    from kernel_engine.engine.lane import format_traceback
+    from kernel_engine.errors import RemoteError
+
+    out: list[Any] = []
+    for args in zip(*sequences):
+        try:
+            out.append(f(*args))
+        except Exception as exc:
+            out.append(
+                RemoteError(
+                    type(exc).__name__, str(exc), format_traceback(exc), {"engine_id": engine_id()}
+                )
+            )
+    return out
+
+
+def call_part(f: Any, *parts: Any) -> Any:
+    """``f(*parts)`` for a ParallelFunction: the result is one part of the joined result."""
+    return f(*parts)
 
 
 def engine_id() -> int | None:

@@ -1,0 +1,153 @@
+"""Dependencies of load-balanced tasks: ``Dependency``, ``@depend`` and ``@require``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any
+
+from kernel_engine.errors import UnmetDependency
+
+
+class Dependency(set[str]):
+    """A set of msg_ids a task waits for (``after``) or must run beside (``follow``).
+
+    Parameters
+    ----------
+    dependencies
+        msg_ids, AsyncResults, or other Dependencies (or an iterable of them).
+    all
+        Every dependency must be met (else: any one).
+    success, failure
+        Whether a dependency that succeeded / failed counts as met.
+    """
+
+    def __init__(
+        self,
+        dependencies: Any = (),
+        all: bool = True,
+        success: bool = True,
+        failure: bool = False,
+    ):
+        super().__init__(msg_ids_of(dependencies))
+        self.all = all
+        self.success = success
+        self.failure = failure
+        if not (success or failure):
+            raise ValueError("a dependency must count success, failure, or both as met")
+
+    def as_dict(self) -> dict[str, Any]:
+        """What travels in a task's metadata."""
+        return {
+            "msg_ids": sorted(self),
+            "all": self.all,
+            "success": self.success,
+            "failure": self.failure,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Dependency({sorted(self)}, all={self.all}, success={self.success}, "
+            f"failure={self.failure})"
+        )
+
+
+def msg_ids_of(obj: Any) -> list[str]:
+    """msg_ids from a msg_id, an AsyncResult, a Dependency, or an iterable of those."""
+    if obj is None:
+        return []
+    if isinstance(obj, str):
+        return [obj]
+    ids = getattr(obj, "msg_ids", None)
+    if ids is not None:
+        return list(ids)
+    if isinstance(obj, Iterable):
+        out: list[str] = []
+        for item in obj:
+            out.extend(msg_ids_of(item))
+        return out
+    raise TypeError(f"cannot depend on a {type(obj).__name__}: give msg_ids or AsyncResults")
+
+
+def as_dependency(obj: Any) -> dict[str, Any] | None:
+    """The wire form of an ``after``/``follow`` flag (None when empty)."""
+    if obj is None:
+        return None
+    dep = obj if isinstance(obj, Dependency) else Dependency(obj)
+    return dep.as_dict() if dep else None
+
+
+class DependentFunction:
+    """A function that first checks, on the engine, that it can run there.
+
+    When ``check(*args, **kwargs)`` is false, the engine refuses the task with
+    ``UnmetDependency`` and the scheduler tries another engine.
+    """
+
+    def __init__(self, f: Callable[..., Any], check: Callable[..., Any], *args: Any, **kwargs: Any):
+        self.f = f
+        self.check = check
+        self.args = args
+        self.kwargs = kwargs
+        self.__name__ = getattr(f, "__name__", "dependent")
+        self.__doc__ = getattr(f, "__doc__", None)
+
+    def _px_bind(self, namespace: dict[str, Any]) -> DependentFunction:
+        from kernel_engine.serialize import bind_interactive
+
+        return DependentFunction(
+            bind_interactive(self.f, namespace),
+            bind_interactive(self.check, namespace),
+            *self.args,
+            **self.kwargs,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.check(*self.args, **self.kwargs):
+            raise UnmetDependency(
+                "UnmetDependency", f"{getattr(self.check, '__name__', 'check')} was false here"
+            )
+        return self.f(*args, **kwargs)
+
+
+def depend(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Decorator: run the function only on engines where ``check(*args, **kwargs)`` is true."""
+
+    def decorate(f: Callable[..., Any]) -> DependentFunction:
+        return DependentFunction(f, check, *args, **kwargs)
+
+    return decorate
+
+
+def _importable(*names: str) -> bool:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return False
+    return True
+
+
+class _Requirements:
+    """The check of ``@require``: every module imports on the engine."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.__name__ = f"require({', '.join(names)})"
+
+    def __call__(self) -> bool:
+        if not _importable(*self.names):
+            missing = [n for n in self.names if not _importable(n)]
+            raise UnmetDependency("UnmetDependency", f"cannot import {', '.join(missing)}")
+        return True
+
+
+def require(*modules: str | ModuleType) -> Callable[..., Any]:
+    """Decorator: run the function only on engines where these modules import."""
+    names = tuple(m.__name__ if isinstance(m, ModuleType) else str(m) for m in modules)
+
+    def decorate(f: Callable[..., Any]) -> DependentFunction:
+        return DependentFunction(f, _Requirements(names))
+
+    return decorate

@@ -1,0 +1,92 @@
+"""Remote functions: ``@view.remote()`` and ``@view.parallel()``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._views import View
+
+
+class RemoteFunction:
+    """A function whose calls run through a view (``apply``)."""
+
+    def __init__(self, view: View, f: Callable[..., Any], block: bool | None = None, **flags: Any):
+        self.view = view
+        self.func = f
+        self.block = block
+        self.flags = flags
+        functools.update_wrapper(self, f)
+
+    def _flags(self) -> dict[str, Any]:
+        flags = dict(self.flags)
+        if self.block is not None:
+            flags["block"] = self.block
+        return flags
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.view.temp_flags(**self._flags()):
+            return self.view.apply(self.func, *args, **kwargs)
+
+
+class ParallelFunction(RemoteFunction):
+    """A function called on parts of its sequence arguments, in parallel.
+
+    ``pf(seq)`` calls the function once per part (one part per engine on a DirectView,
+    ``chunksize`` elements on a LoadBalancedView) and joins the results; ``pf.map(seq)``
+    calls it once per element, like the builtin ``map``.
+    """
+
+    def __init__(
+        self,
+        view: View,
+        f: Callable[..., Any],
+        dist: str = "b",
+        block: bool | None = None,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        **flags: Any,
+    ):
+        super().__init__(view, f, block=block, **flags)
+        if dist != "b":
+            raise ValueError("only dist='b' (contiguous blocks) is supported")
+        self.chunksize = chunksize
+        self.ordered = ordered
+
+    def __call__(self, *sequences: Any) -> Any:
+        from ._views import call_on_parts
+
+        with self.view.temp_flags(**self._flags()):
+            return call_on_parts(self.view, self.func, sequences, self.chunksize, self.ordered)
+
+    def map(self, *sequences: Any) -> Any:
+        """``map(f, *sequences)`` in parallel, one call per element."""
+        kwargs: dict[str, Any] = {}
+        if self.chunksize is not None:
+            kwargs["chunksize"] = self.chunksize
+        if not self.ordered:
+            kwargs["ordered"] = False
+        with self.view.temp_flags(**self._flags()):
+            return self.view.map(self.func, *sequences, **kwargs)
+
+
+def remote(view: View, block: bool | None = None, **flags: Any) -> Callable[..., RemoteFunction]:
+    """Decorator: calls of the function run on ``view``'s engines."""
+
+    def decorate(f: Callable[..., Any]) -> RemoteFunction:
+        return RemoteFunction(view, f, block=block, **flags)
+
+    return decorate
+
+
+def parallel(
+    view: View, dist: str = "b", block: bool | None = None, **flags: Any
+) -> Callable[..., ParallelFunction]:
+    """Decorator: the function is called on parts of its sequence arguments in parallel."""
+
+    def decorate(f: Callable[..., Any]) -> ParallelFunction:
+        return ParallelFunction(view, f, dist=dist, block=block, **flags)
+
+    return decorate
