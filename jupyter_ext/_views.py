@@ -628,7 +628,7 @@ class LoadBalancedView(View):
         exhausted = False
         while True:
             while not exhausted and len(pending) < limit:
-                chunk = list(zip(*iterators))[:0]
+                chunk: list[tuple[Any, ...]] = []
                 for _ in range(chunksize):
                     try:
                         chunk.append(tuple(next(it) for it in iterators))

@@ -1,0 +1,361 @@
+"""Load-balanced views with real engines: map, dependencies, retries, limits, executors."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import signal
+import sys
+import time
+from functools import reduce
+from math import sqrt
+
+import cloudpickle
+import numpy as np
+import pytest
+
+import jupyter_ext as jx
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture
+def view(rc):
+    v = rc.load_balanced_view()
+    yield v
+    rc.wait(timeout=30)
+
+
+def test_apply_runs_on_some_engine(view, rc):
+    pids = {rc.engine_info(i)["pid"] for i in rc.ids}
+    assert view.apply_sync(os.getpid) in pids
+    ar = view.apply_async(lambda x: x + 1, 1)
+    assert ar.get(10) == 2 and ar.metadata["engine_id"] in rc.ids
+    assert "<LoadBalancedView" in repr(view)
+
+
+def test_no_data_movement_on_a_load_balanced_view(view):
+    for name in ("push", "pull", "scatter", "gather"):
+        with pytest.raises(AttributeError, match="DirectView"):
+            getattr(view, name)
+
+
+def test_map_iterates_as_results_arrive_seed(view):
+    def sleep_here(t):
+        import time
+
+        time.sleep(t)
+        return os.getpid(), t
+
+    amr = view.map(sleep_here, [0.01 * t for t in range(20)])
+    assert isinstance(amr, jx.AsyncMapResult) and len(amr) == 20
+    got = [r[1] for r in amr]
+    assert got == [0.01 * t for t in range(20)]
+
+    amr = view.map(sleep_here, [0.01 * t for t in range(20)], chunksize=4)
+    assert len(amr.msg_ids) == 5 and len(amr) == 20
+    assert [r[1] for r in amr] == [0.01 * t for t in range(20)]
+
+    amr = view.map(sleep_here, [0.05 * t for t in range(8, 0, -1)], ordered=False, chunksize=2)
+    slept = [r[1] for r in amr]
+    assert sorted(slept) == sorted(0.05 * t for t in range(8, 0, -1))
+    assert slept != [0.05 * t for t in range(8, 0, -1)]  # completion order, not submission
+    assert [r[1] for r in amr.get()] == slept
+
+
+def test_one_line_rms_with_builtin_reduce(view):
+    X = np.linspace(0, 100)
+    add = lambda a, b: a + b  # noqa: E731
+    sq = lambda x: x * x  # noqa: E731
+    local = sqrt(reduce(add, map(sq, X)) / len(X))
+    remote = sqrt(reduce(add, view.map(sq, X)) / len(X))
+    assert remote == pytest.approx(local) == pytest.approx(58.028845747399714)
+
+
+def test_map_progress_counts_items(view):
+    amr = view.map(abs, range(100), chunksize=10)
+    amr.get(20)
+    assert amr.progress == 100 and len(amr) == 100
+
+
+def test_map_return_exceptions(view):
+    def inv(x):
+        return 1 / x
+
+    with pytest.raises(jx.CompositeError):
+        view.map_sync(inv, [1, 0, 2])
+    out = view.map_sync(inv, [1, 0, 2], return_exceptions=True, chunksize=3)
+    assert out[0] == 1 and out[2] == 0.5
+    assert isinstance(out[1], jx.RemoteError) and out[1].ename == "ZeroDivisionError"
+
+
+def test_imap_consumes_an_infinite_generator_lazily(view):
+    consumed = []
+
+    def numbers():
+        for i in itertools.count():
+            consumed.append(i)
+            yield i
+
+    results = view.imap(lambda x: x * 2, numbers(), max_outstanding=8)
+    first = list(itertools.islice(results, 20))
+    assert first == [2 * i for i in range(20)]
+    assert len(consumed) < 40
+    unordered = view.imap(abs, range(-30, 0), ordered=False, chunksize=3)
+    assert sorted(unordered) == list(range(1, 31))
+
+
+def test_targets_restrict_engines(rc):
+    v = rc.load_balanced_view(targets=[1])
+    assert set(v.map_sync(lambda _: __import__("os").getpid(), range(10))) == {
+        rc.engine_info(1)["pid"]
+    }
+    ex_even = rc.load_balanced_view(targets=rc.ids[::2]).executor
+    assert set(ex_even.map(lambda x: os.getpid(), range(10))) == {rc.engine_info(0)["pid"]}
+    with pytest.raises(jx.InvalidTarget, match="no engine with id 7"):
+        rc.load_balanced_view(targets=[7]).apply_sync(abs, 1)
+
+
+def test_after_and_follow(view, rc):
+    first = view.apply_async(lambda: (time.sleep(0.3), time.time())[1])
+    with view.temp_flags(after=[first]):
+        later = view.apply_async(time.time)
+    assert later.get(10) >= first.get(10)
+    with view.temp_flags(follow=first):
+        where = view.apply_async(os.getpid)
+    assert where.get(10) == rc.engine_info(first.metadata["engine_id"])["pid"]
+    dep = jx.Dependency([first, later], all=True)
+    with view.temp_flags(after=dep):
+        assert view.apply_sync(lambda: "after both") == "after both"
+
+
+def test_failed_dependency_is_impossible(view):
+    bad = view.apply_async(lambda: 1 / 0)
+    with pytest.raises(jx.RemoteError):
+        bad.get(10)
+    with view.temp_flags(after=bad), pytest.raises(jx.ImpossibleDependency, match=bad.msg_ids[0]):
+        view.apply_sync(abs, 1)
+    with view.temp_flags(after=jx.Dependency(bad, success=False, failure=True)):
+        assert view.apply_sync(lambda: "ran after the failure") == "ran after the failure"
+
+
+def test_dependency_timeout(view):
+    slow = view.apply_async(time.sleep, 2)
+    with view.temp_flags(after=slow, timeout=0.2), pytest.raises(jx.DependencyTimeout):
+        view.apply_sync(abs, 1)
+    slow.get(10)
+
+
+def test_unknown_dependency_is_invalid(view):
+    with view.temp_flags(after=["not-a-msg-id"]), pytest.raises(jx.InvalidDependency):
+        view.apply_sync(abs, 1)
+
+
+def test_dag_of_dependencies(view):
+    """A small DAG (as in IPython Parallel's dependency docs): parents finish first."""
+    edges = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"]}
+    results = {}
+    for node in ["a", "b", "c", "d", "e"]:
+        deps = [results[p] for p in edges[node]]
+        with view.temp_flags(after=deps):
+            results[node] = view.apply_async(
+                lambda name: (time.sleep(0.05), name, time.time())[1:], node
+            )
+    done = {k: ar.get(20)[1] for k, ar in results.items()}
+    for node, parents in edges.items():
+        for parent in parents:
+            started = results[node].metadata["started"]
+            assert started >= results[parent].metadata["completed"], (node, parent)
+            assert done[node] >= done[parent]
+
+
+def test_require_and_depend(view, rc):
+    @jx.require("json")
+    def uses_json():
+        import json
+
+        return json.dumps([1])
+
+    assert view.apply_sync(uses_json) == "[1]"
+
+    @jx.require("module_that_does_not_exist_anywhere")
+    def impossible():
+        return 1
+
+    with pytest.raises(jx.ImpossibleDependency):
+        view.apply_sync(impossible)
+
+    target_pid = rc.engine_info(1)["pid"]
+
+    def on_engine(pid):
+        import os
+
+        return os.getpid() == pid
+
+    @jx.depend(on_engine, target_pid)
+    def where():
+        return os.getpid()
+
+    for _ in range(4):
+        assert view.apply_sync(where) == target_pid
+
+
+def test_retries_resubmit_failed_tasks(view, rc):
+    rc[:].execute("attempts = 0", block=True)
+
+    @jx.interactive
+    def flaky():
+        global attempts
+        attempts += 1
+        if attempts < 2:
+            raise RuntimeError("first try fails")
+        return "ok"
+
+    with view.temp_flags(retries=3):
+        assert view.apply_sync(flaky) == "ok"
+    rc[:].execute("attempts = 0", block=True)
+    with view.temp_flags(retries=0), pytest.raises(jx.RemoteError, match="first try fails"):
+        view.apply_sync(flaky)
+
+
+def test_time_limit_interrupts_and_fails_with_task_timeout(view):
+    t0 = time.monotonic()
+    with view.temp_flags(time_limit=0.5), pytest.raises(jx.TaskTimeout):
+        view.apply_sync(time.sleep, 30)
+    assert time.monotonic() - t0 < 10
+    assert view.apply_sync(lambda: "engine still usable") == "engine still usable"
+
+
+def test_abort_queued_tasks(view, rc):
+    blockers = [view.apply_async(time.sleep, 0.5) for _ in range(len(rc) * 20)]
+    last = view.apply_async(lambda: "never")
+    last.abort()
+    with pytest.raises(jx.TaskAborted):
+        last.get(20)
+    for b in blockers:
+        b.abort()
+    rc.wait(blockers, timeout=30)
+
+
+def test_remote_and_parallel_decorators(rc):
+    dview = rc[:]
+    lview = rc.load_balanced_view()
+
+    @dview.remote(block=True)
+    def getpid():
+        import os
+
+        return os.getpid()
+
+    assert sorted(getpid()) == sorted(rc.engine_info(i)["pid"] for i in rc.ids)
+
+    @lview.remote(block=True)
+    def double(x):
+        return 2 * x
+
+    assert double(21) == 42
+
+    @dview.parallel(block=True)
+    def pmul(a, b):
+        return a * b
+
+    A = np.arange(10.0)
+    B = np.arange(10.0) + 1
+    assert np.allclose(pmul(A, B), A * B)
+    assert pmul.map([1, 2, 3], [4, 5, 6]) == [4, 10, 18]
+
+    @jx.parallel(lview, block=True)
+    def lens(strings):
+        return [len(s) for s in strings]
+
+    assert lens(["a", "bb", "ccc", "dddd"]) == [1, 2, 3, 4]
+
+    @jx.remote(dview, block=True)
+    def hello():
+        return "hi"
+
+    assert hello() == ["hi", "hi"]
+
+
+def test_futures_await_and_callbacks(view):
+    async def main():
+        return await view.apply_async(lambda: 5), await asyncio.wrap_future(view.apply(abs, -3))
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == (5, 3)
+    got = concurrent.futures.Future()
+    view.apply_async(lambda: "cb").add_done_callback(lambda f: got.set_result(f.result()))
+    assert got.result(10) == "cb"
+
+
+def test_executors(rc):
+    ex = rc.executor()
+    assert isinstance(ex, concurrent.futures.Executor)
+    assert ex.submit(pow, 2, 10).result(10) == 1024
+    assert list(ex.map(str, range(5))) == ["0", "1", "2", "3", "4"]
+    with rc[:].executor as dex:
+        assert dex.submit(abs, -1).result(10) == [1, 1]
+    ex.shutdown()
+    with pytest.raises(RuntimeError):
+        ex.submit(abs, 1)
+
+
+def test_executor_comparison_seed(rc):
+    """Process, thread and jupyter_ext executors (and dask's, if installed) agree."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    import task_mod
+    from task_mod import task
+
+    cloudpickle.register_pickle_by_value(task_mod)  # engines do not have the tests folder
+    sizes = np.logspace(10, 14, 6, base=2, dtype=int)
+    ref = list(map(task, sizes))
+    N = 2
+    executors = [ThreadPoolExecutor(N), ProcessPoolExecutor(N), rc.executor(targets=range(N))]
+    try:
+        for executor in executors:
+            assert list(executor.map(str, range(5))) == ["0", "1", "2", "3", "4"]
+            assert list(executor.map(task, sizes)) == ref
+    finally:
+        for executor in executors[:2]:
+            executor.shutdown()
+
+
+def test_get_result_from_another_client(rc):
+    ar = rc.load_balanced_view().apply_async(lambda: "shared")
+    ar.get(10)
+    other = jx.Client(rc.connection_file)
+    try:
+        hub_ar = other.get_result(ar.msg_ids[0])
+        assert isinstance(hub_ar, jx.AsyncHubResult)
+        assert hub_ar.get(10) == "shared"
+        assert rc.get_result(ar.msg_ids[0]).get(10) == "shared"
+    finally:
+        other.close()
+
+
+def test_killed_engine_in_a_map_with_retries_completes_every_item(cluster_factory):
+    _, rc = cluster_factory.start(2)
+    v = rc.load_balanced_view()
+    v.retries = 1
+    amr = v.map(lambda x: (time.sleep(0.05), x)[1], range(60))
+    while amr.progress < 10:
+        time.sleep(0.01)
+    os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
+    assert amr.get(60) == list(range(60))
+
+
+def test_killed_engine_in_a_map_without_retries_fails_lost_items(cluster_factory):
+    _, rc = cluster_factory.start(2)
+    v = rc.load_balanced_view()
+    amr = v.map(lambda x: (time.sleep(0.05), x)[1], range(60))
+    while amr.progress < 10:
+        time.sleep(0.01)
+    os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
+    assert amr.wait(30)
+    with pytest.raises(jx.CompositeError) as info:
+        amr.get()
+    assert all(isinstance(e, jx.EngineError) for e in info.value.elist)
+    out = v.map_sync(lambda x: x, range(60), return_exceptions=True)
+    assert out == list(range(60))
