@@ -185,7 +185,7 @@ class Client:
         msg_type: str,
         content: dict[str, Any] | None = None,
         buffers: Sequence[Any] = (),
-        metadata: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | bytes | None = None,
         engine_id: int | None = None,
         track: bool = False,
         kind: str = "apply",

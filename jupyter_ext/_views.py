@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol
 from kernel_engine.engine import ops
-from kernel_engine.serialize import pack_apply
+from kernel_engine.serialize import PickledFunction, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
 
@@ -246,9 +246,10 @@ class DirectView(View):
         ids = self._target_ids()
         n = min(len(ids), length) or 1
         futures, sizes = [], []
+        once = PickledFunction(f)
         for i, t in enumerate(ids[:n]):
             parts = [partition(s, n, i) for s in seqs]
-            buffers = pack_apply(ops.map_chunk, (f, *parts), {})
+            buffers = pack_apply(ops.map_chunk, (once, *parts), {})
             futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(
@@ -484,6 +485,20 @@ class SyncImports:
         return bindings
 
 
+class _TaskFlags:
+    """A load-balanced view's flags, JSON-encoded once for all the tasks of a call."""
+
+    def __init__(self, flags: dict[str, Any]):
+        self.flags = flags
+        self.encoded = protocol.dumps_json(flags)
+        after, follow = flags["after"], flags["follow"]
+        self.extra = {
+            "label": flags["label"],
+            "after": after["msg_ids"] if after else [],
+            "follow": follow["msg_ids"] if follow else [],
+        }
+
+
 class LoadBalancedView(View):
     """Work sent to whichever engine the controller's scheduler picks.
 
@@ -514,21 +529,23 @@ class LoadBalancedView(View):
             )
         raise AttributeError(name)
 
-    def _task_metadata(self) -> dict[str, Any]:
+    def _task_metadata(self) -> _TaskFlags:
         from ._dependency import as_dependency
 
         targets = None if self.targets is None else self._target_ids()
-        return {
-            "targets": targets,
-            "after": as_dependency(self.after),
-            "follow": as_dependency(self.follow),
-            "timeout": self.timeout,
-            "retries": self.retries,
-            "time_limit": self.time_limit,
-            "label": self.label,
-        }
+        return _TaskFlags(
+            {
+                "targets": targets,
+                "after": as_dependency(self.after),
+                "follow": as_dependency(self.follow),
+                "timeout": self.timeout,
+                "retries": self.retries,
+                "time_limit": self.time_limit,
+                "label": self.label,
+            }
+        )
 
-    def _submit(self, buffers: list[Any], track: bool, md: dict[str, Any]) -> MessageFuture:
+    def _submit(self, buffers: list[Any], track: bool, md: _TaskFlags) -> MessageFuture:
         if not self.client.ids and not self.client._engines:
             from kernel_engine.errors import NoEnginesRegistered
 
@@ -538,13 +555,9 @@ class LoadBalancedView(View):
             protocol.APPLY_REQUEST,
             {},
             buffers,
-            metadata=md,
+            metadata=md.encoded,
             track=track,
-            md_extra={
-                "label": self.label,
-                "after": md["after"] or [],
-                "follow": md["follow"] or [],
-            },
+            md_extra=md.extra,
         )
 
     def _really_apply(
@@ -591,10 +604,11 @@ class LoadBalancedView(View):
         md = self._task_metadata()
         track = bool(self.track if track is None else track)
         mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
+        once = PickledFunction(f)
         futures, sizes = [], []
         for start in range(0, length, chunksize):
             parts = [s[start : start + chunksize] for s in seqs]
-            futures.append(self._submit(pack_apply(mapper, (f, *parts), {}), track, md))
+            futures.append(self._submit(pack_apply(mapper, (once, *parts), {}), track, md))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(
             self.client,
@@ -624,6 +638,7 @@ class LoadBalancedView(View):
         )
         iterators = [iter(s) for s in sequences]
         md = self._task_metadata()
+        once = PickledFunction(f)
         pending: list[tuple[AsyncResult, int]] = []
         exhausted = False
         while True:
@@ -639,7 +654,7 @@ class LoadBalancedView(View):
                     exhausted = True
                     break
                 parts = [list(p) for p in zip(*chunk)]
-                future = self._submit(pack_apply(ops.map_chunk, (f, *parts), {}), False, md)
+                future = self._submit(pack_apply(ops.map_chunk, (once, *parts), {}), False, md)
                 ar = AsyncResult(self.client, [future], _fname(f), single=True)
                 self.history.extend(ar.msg_ids)
                 pending.append((ar, len(chunk)))

@@ -161,6 +161,17 @@ def dumps_json(obj: Any) -> bytes:
     )
 
 
+_EMPTY = b"{}"
+
+
+def _encode(part: dict[str, Any] | bytes | None) -> bytes:
+    if not part:
+        return _EMPTY
+    if isinstance(part, bytes):
+        return part
+    return dumps_json(part)
+
+
 def _as_bytes(frame: Any) -> bytes:
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
@@ -249,6 +260,7 @@ class Wire:
         self.session = session or uuid.uuid4().hex
         self.username = username
         self._hmac = hmac.new(key, digestmod=hashlib.sha256) if key else None
+        self._plain = all(c.isalnum() or c in "-_.:" for c in f"{self.session}{self.username}")
 
     def sign(self, parts: Sequence[Any]) -> bytes:
         """The hex HMAC of the four signed parts."""
@@ -273,22 +285,35 @@ class Wire:
     def pack(
         self,
         msg_type: str,
-        content: dict[str, Any] | None = None,
-        parent: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
+        content: dict[str, Any] | bytes | None = None,
+        parent: dict[str, Any] | bytes | None = None,
+        metadata: dict[str, Any] | bytes | None = None,
         buffers: Sequence[Any] = (),
         idents: Sequence[bytes] = (),
         header: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], list[Any]]:
-        """Build a signed message; returns (header, frames ready for ``send_multipart``)."""
-        header = header or self.header(msg_type)
-        parts = [
-            dumps_json(header),
-            dumps_json(parent or {}),
-            dumps_json(metadata or {}),
-            dumps_json(content or {}),
-        ]
+        """Build a signed message; returns (header, frames ready for ``send_multipart``).
+
+        ``content``, ``parent`` and ``metadata`` may be given already encoded (bytes from
+        :func:`dumps_json`), so a map encodes its tasks' shared metadata once.
+        """
+        if header is None:
+            header = self.header(msg_type)
+            encoded_header = self._encode_header(header)
+        else:
+            encoded_header = dumps_json(header)
+        parts = [encoded_header, _encode(parent), _encode(metadata), _encode(content)]
         return header, [*idents, DELIM, self.sign(parts), *parts, *buffers]
+
+    def _encode_header(self, header: dict[str, Any]) -> bytes:
+        """The JSON of a header this Wire made (plain ASCII fields: no escaping needed)."""
+        if not (header["msg_type"].isidentifier() and self._plain):
+            return dumps_json(header)
+        return (
+            f'{{"msg_id":"{header["msg_id"]}","msg_type":"{header["msg_type"]}",'
+            f'"username":"{self.username}","session":"{self.session}",'
+            f'"date":"{header["date"]}","version":"{PROTOCOL_VERSION}"}}'
+        ).encode()
 
     def send(
         self,

@@ -105,6 +105,40 @@ def loads(frames: Sequence[Any]) -> Any:
     return pickle.loads(frames[0], buffers=buffers)
 
 
+_FUNCTION_CACHE: dict[bytes, Any] = {}
+_FUNCTION_CACHE_SIZE = 256
+
+
+def _load_function(data: bytes) -> Any:
+    """A function pickled once by :class:`PickledFunction`, unpickled once per engine."""
+    f = _FUNCTION_CACHE.get(data)
+    if f is None:
+        if len(_FUNCTION_CACHE) >= _FUNCTION_CACHE_SIZE:
+            _FUNCTION_CACHE.clear()
+        f = _FUNCTION_CACHE[data] = cloudpickle.loads(data)
+    return f
+
+
+class PickledFunction:
+    """A function serialized once and sent with many tasks (a map's chunks).
+
+    Pickling it costs a bytes copy, not a cloudpickle run; engines unpickle it once and
+    reuse it while the same bytes keep coming.
+    """
+
+    def __init__(self, f: Any):
+        self.__name__ = getattr(f, "__name__", type(f).__name__)
+        try:
+            self.data = cloudpickle.dumps(f, protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize function {self.__name__!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_function, (self.data,))
+
+
 def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
     """Frames for an ``apply_request``: ``f(*args, **kwargs)``.
 
