@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -89,3 +90,33 @@ def test_dead_controller_fails_waiting_calls(cluster_factory):
         ar.get(5)
     with pytest.raises(jx.EngineError, match="controller"):
         rc[0].apply_sync(abs, 1)
+
+
+def test_garbage_and_unsigned_messages_do_not_hurt_the_controller(rc):
+    import zmq
+
+    from kernel_engine import protocol
+
+    info = json.loads(Path(rc.connection_file).read_text())
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(f"tcp://127.0.0.1:{info['client_port']}")
+    try:
+        pending = rc[0].apply_async(time.sleep, 0.3)
+        bad_wire = protocol.Wire(b"wrong key")
+        sock.send_multipart([b"garbage"])
+        sock.send_multipart([b"lane:0", protocol.DELIM, b"sig", b"not json", b"{}", b"{}", b"{}"])
+        bad_wire.send(sock, "apply_request", {}, idents=[b"lane:0"])
+        bad_wire.send(sock, protocol.SHUTDOWN_REQUEST, {"hub": True}, idents=[b"hub"])
+        good_wire = protocol.Wire(info["key"].encode())
+        good_wire.send(sock, "apply_request", {}, idents=[b"nonsense-route"])
+        good_wire.send(sock, "no_such_request", {}, idents=[b"hub"])
+        assert sock.poll(5000), "the controller should answer the unknown hub request"
+        reply = good_wire.recv(sock.recv_multipart(copy=False))
+        assert reply.content["status"] == "error" and "unknown" in reply.content["evalue"]
+        assert pending.get(10) is None
+        assert rc[:].apply_sync(abs, -5) == [5, 5]
+    finally:
+        sock.close()
+        ctx.term()
