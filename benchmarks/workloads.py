@@ -1,0 +1,258 @@
+"""Benchmark workloads shared by every tool.
+
+Each ``*_rc`` workload takes a connected client ``rc`` -- an ``ipyparallel.Client`` or a
+``jupyter_ext.Client`` (same public API) -- and returns a number (or a small dict of
+numbers, for percentiles).  The ``dask_*`` functions are the dask.distributed equivalents,
+taking a ``distributed.Client``.
+
+Nothing here imports ipyparallel, jupyter_ext or distributed: the module is also imported
+*on the engines/workers* (the remote functions ``noop`` and ``noop1`` live here and are
+sent by reference), so it must stay cheap and tool-agnostic.  ``run.py`` makes it
+importable remotely by putting this directory on ``PYTHONPATH`` before any cluster starts
+(and, for IPython-style engines, on ``sys.path`` again through ``execute``).
+
+Every wait is bounded: blocking calls are written as ``*_async(...).get(timeout=...)``,
+which is what ``apply_sync`` / ``push(block=True)`` / ``map_sync`` do internally, minus the
+unbounded wait.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+#: Seconds any single remote call may take before the workload gives up.
+CALL_TIMEOUT = 60.0
+
+
+# --------------------------------------------------------------------------- remote functions
+
+
+def noop() -> None:
+    """The trivial remote function."""
+    return None
+
+
+def noop1(x: Any) -> Any:
+    """The trivial one-argument remote function (for map)."""
+    return x
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """``q``-th percentile (0-100) with linear interpolation, like numpy's default."""
+    return float(np.percentile(np.asarray(samples, dtype=float), q))
+
+
+def _latencies_ms(call: Callable[[], Any], calls: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    perf = time.perf_counter
+    for _ in range(calls):
+        t0 = perf()
+        call()
+        samples.append((perf() - t0) * 1e3)
+    return {
+        "p50": percentile(samples, 50),
+        "p90": percentile(samples, 90),
+        "mean": statistics.fmean(samples),
+    }
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("workload deadline exceeded")
+    return left
+
+
+def make_array(mb: int) -> np.ndarray:
+    """``mb`` MiB of float64 (random, so nothing can compress or deduplicate it)."""
+    n = mb * 2**20 // 8
+    return np.random.default_rng(12345).random(n)
+
+
+def _check_same(sent: np.ndarray, got: Any) -> None:
+    if not isinstance(got, np.ndarray) or got.shape != sent.shape or got.dtype != sent.dtype:
+        raise AssertionError(f"pulled back {type(got).__name__} {getattr(got, 'shape', '')}")
+    step = max(1, sent.size // 1024)
+    if not np.array_equal(sent[::step], got[::step]) or sent[-1] != got[-1]:
+        raise AssertionError("pulled-back array differs from the pushed one")
+
+
+# --------------------------------------------------------------------------- IPython-Parallel API
+
+
+def setup_engines_rc(rc: Any, path: str, timeout: float = CALL_TIMEOUT) -> None:
+    """Make ``path`` importable on every engine (belt and braces next to PYTHONPATH).
+
+    ``sys.path.insert`` can't be sent through ``apply``: a bound method of a list pickles
+    the list *by value*, so the insert would land in a copy.  ``execute`` runs in place.
+    """
+    code = f"import sys\nif {path!r} not in sys.path:\n    sys.path.insert(0, {path!r})\n"
+    rc[:].execute(code, block=False).get(timeout=timeout)
+
+
+def warmup_rc(rc: Any, timeout: float = CALL_TIMEOUT) -> None:
+    """One call through each path, so imports/first-use costs aren't measured."""
+    rc[:].apply_async(noop).get(timeout=timeout)
+
+
+def apply_latency_rc(rc: Any, calls: int = 1000, warmup: int = 50,
+                     timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+    """``rc[0].apply_sync(noop)`` round trip: p50/p90/mean in ms.  Lower is better."""
+    view = rc[0]
+    return _latencies_ms(lambda: view.apply_async(noop).get(timeout=timeout), calls, warmup)
+
+
+def dv_apply_rate_rc(rc: Any, seconds: float = 1.5, warmup: int = 10,
+                     timeout: float = CALL_TIMEOUT) -> float:
+    """``rc[:].apply_sync(noop)`` (every engine), back to back: calls/s.  Higher is better."""
+    view = rc[:]
+    nengines = len(rc.ids)
+    for _ in range(warmup):
+        view.apply_async(noop).get(timeout=timeout)
+    perf = time.perf_counter
+    calls = 0
+    t0 = perf()
+    while True:
+        res = view.apply_async(noop).get(timeout=timeout)
+        calls += 1
+        elapsed = perf() - t0
+        if elapsed >= seconds:
+            break
+    if len(res) != nengines:
+        raise AssertionError(f"expected {nengines} results, got {len(res)}")
+    return calls / elapsed
+
+
+def dv_pipelined_rate_rc(rc: Any, calls: int = 1000, timeout: float = 120.0) -> float:
+    """Submit ``calls`` x ``rc[:].apply_async(noop)``, then wait for all: calls/s."""
+    view = rc[:]
+    view.apply_async(noop).get(timeout=CALL_TIMEOUT)
+    deadline = time.monotonic() + timeout
+    perf = time.perf_counter
+    t0 = perf()
+    ars = [view.apply_async(noop) for _ in range(calls)]
+    for ar in ars:
+        ar.get(timeout=_remaining(deadline))
+    return calls / (perf() - t0)
+
+
+def push_pull_gbps_rc(rc: Any, mb: int = 64, reps: int = 3,
+                      timeout: float = 120.0) -> float:
+    """Push then pull an ``mb`` MiB numpy array to/from one engine: GB/s (2·size/time),
+    median over ``reps``.  Higher is better."""
+    arr = make_array(mb)
+    view = rc[0]
+    view.push({"a": np.zeros(1)}, block=False).get(timeout=timeout)
+    rates = []
+    perf = time.perf_counter
+    for _ in range(reps):
+        t0 = perf()
+        view.push({"a": arr}, block=False).get(timeout=timeout)
+        got = view.pull("a", block=False).get(timeout=timeout)
+        dt = perf() - t0
+        _check_same(arr, got)
+        del got
+        rates.append(2 * arr.nbytes / dt / 1e9)
+    view.execute("del a", block=False).get(timeout=timeout)
+    return statistics.median(rates)
+
+
+def lb_apply_latency_rc(rc: Any, calls: int = 300, warmup: int = 30,
+                        timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+    """Load-balanced ``v.apply_sync(noop)`` round trip: p50/p90 in ms.  Lower is better."""
+    view = rc.load_balanced_view()
+    return _latencies_ms(lambda: view.apply_async(noop).get(timeout=timeout), calls, warmup)
+
+
+def lb_map_rate_rc(rc: Any, n: int = 2000, timeout: float = 300.0) -> float:
+    """Load-balanced ``v.map_sync(noop1, range(n))`` with chunksize=1: tasks/s."""
+    view = rc.load_balanced_view()
+    view.map(noop1, range(20), block=False, chunksize=1).get(timeout=CALL_TIMEOUT)
+    perf = time.perf_counter
+    t0 = perf()
+    res = view.map(noop1, range(n), block=False, chunksize=1).get(timeout=timeout)
+    dt = perf() - t0
+    res = list(res)
+    if len(res) != n or res[-1] != n - 1:
+        raise AssertionError(f"map returned {len(res)} results, last={res[-1:]}")
+    return n / dt
+
+
+# --------------------------------------------------------------------------- dask.distributed
+
+
+def first_result_dask(client: Any, timeout: float = CALL_TIMEOUT) -> None:
+    """``noop`` pinned to each worker, wait for all (analogue of ``rc[:].apply_sync(noop)``)."""
+    from distributed import wait
+
+    workers = sorted(client.scheduler_info()["workers"])
+    futs = [client.submit(noop, pure=False, workers=[w], allow_other_workers=False)
+            for w in workers]
+    _done, not_done = wait(futs, timeout=timeout)
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} workers did not answer in {timeout}s")
+    client.gather(futs)
+
+
+def warmup_dask(client: Any, timeout: float = CALL_TIMEOUT) -> None:
+    client.gather(client.map(noop1, range(20), pure=False))
+    client.submit(noop, pure=False).result(timeout=timeout)
+
+
+def lb_apply_latency_dask(client: Any, calls: int = 300, warmup: int = 30,
+                          timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+    """``client.submit(noop, pure=False).result()`` round trip: p50/p90 in ms."""
+    return _latencies_ms(
+        lambda: client.submit(noop, pure=False).result(timeout=timeout), calls, warmup
+    )
+
+
+def lb_map_rate_dask(client: Any, n: int = 2000, timeout: float = 300.0) -> float:
+    """``client.gather(client.map(noop1, range(n), pure=False))``: tasks/s."""
+    import concurrent.futures
+
+    client.gather(client.map(noop1, range(20), pure=False))
+    perf = time.perf_counter
+    t0 = perf()
+    futs = client.map(noop1, range(n), pure=False)
+    # gather has no timeout of its own: wait (bounded) first, then gather what is done.
+    from distributed import wait
+
+    _done, not_done = wait(futs, timeout=timeout)
+    if not_done:
+        raise concurrent.futures.TimeoutError(f"{len(not_done)} tasks not done in {timeout}s")
+    res = client.gather(futs)
+    dt = perf() - t0
+    if len(res) != n or res[-1] != n - 1:
+        raise AssertionError(f"map returned {len(res)} results")
+    return n / dt
+
+
+def push_pull_gbps_dask(client: Any, mb: int = 64, reps: int = 3,
+                        timeout: float = 120.0) -> float:
+    """``scatter(arr, workers=[w], direct=True, hash=False)`` then ``future.result()``:
+    the dask analogue of push+pull to one engine.  GB/s (2·size/time), median of reps."""
+    arr = make_array(mb)
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    rates = []
+    perf = time.perf_counter
+    for _ in range(reps):
+        t0 = perf()
+        fut = client.scatter(arr, workers=[worker], direct=True, hash=False, timeout=timeout)
+        got = fut.result(timeout=timeout)
+        dt = perf() - t0
+        _check_same(arr, got)
+        del got
+        fut.release()
+        rates.append(2 * arr.nbytes / dt / 1e9)
+    return statistics.median(rates)
