@@ -62,26 +62,67 @@ class Metric:
 
 METRICS = [
     Metric("start_s", "Start to ready, 2 engines", "s", "lower", ("direct", "lb"), True),
-    Metric("first_result_s", "Start to first `rc[:].apply_sync(noop)` result", "s", "lower",
-           ("direct", "lb"), True),
+    Metric(
+        "first_result_s",
+        "Start to first `rc[:].apply_sync(noop)` result",
+        "s",
+        "lower",
+        ("direct", "lb"),
+        True,
+    ),
     Metric("apply_p50_ms", "`rc[0].apply_sync(noop)` p50", "ms", "lower", ("direct",), False),
     Metric("apply_p90_ms", "`rc[0].apply_sync(noop)` p90", "ms", "lower", ("direct",), False),
-    Metric("dv_apply_cps", "`rc[:].apply_sync(noop)`, back to back", "calls/s", "higher",
-           ("direct",), False),
-    Metric("dv_pipelined_cps", "`rc[:].apply_async(noop)` x{pipelined_calls}, then wait",
-           "calls/s", "higher", ("direct",), False),
-    Metric("pushpull_gbps", "{mb} MiB numpy push+pull, one engine", "GB/s", "higher",
-           ("direct",), True),
-    Metric("lb_map_tps", "LB `map_sync(noop1, range({lb_map_n}))`, chunksize=1", "tasks/s",
-           "higher", ("lb",), True),
+    Metric(
+        "dv_apply_cps",
+        "`rc[:].apply_sync(noop)`, back to back",
+        "calls/s",
+        "higher",
+        ("direct",),
+        False,
+    ),
+    Metric(
+        "dv_pipelined_cps",
+        "`rc[:].apply_async(noop)` x{pipelined_calls}, then wait",
+        "calls/s",
+        "higher",
+        ("direct",),
+        False,
+    ),
+    Metric(
+        "pushpull_gbps", "{mb} MiB numpy push+pull, one engine", "GB/s", "higher", ("direct",), True
+    ),
+    Metric(
+        "lb_map_tps",
+        "LB `map_sync(noop1, range({lb_map_n}))`, chunksize=1",
+        "tasks/s",
+        "higher",
+        ("lb",),
+        True,
+    ),
     Metric("lb_apply_p50_ms", "LB `apply_sync(noop)` p50", "ms", "lower", ("lb",), True),
 ]
 
 SIZES = {
-    "full": dict(apply_calls=1000, apply_warmup=50, dv_seconds=1.5, pipelined_calls=1000,
-                 mb=64, pushpull_reps=5, lb_apply_calls=300, lb_map_n=2000),
-    "quick": dict(apply_calls=200, apply_warmup=20, dv_seconds=0.5, pipelined_calls=200,
-                  mb=16, pushpull_reps=1, lb_apply_calls=100, lb_map_n=300),
+    "full": dict(
+        apply_calls=1000,
+        apply_warmup=50,
+        dv_seconds=1.5,
+        pipelined_calls=1000,
+        mb=64,
+        pushpull_reps=5,
+        lb_apply_calls=300,
+        lb_map_n=2000,
+    ),
+    "quick": dict(
+        apply_calls=200,
+        apply_warmup=20,
+        dv_seconds=0.5,
+        pipelined_calls=200,
+        mb=16,
+        pushpull_reps=1,
+        lb_apply_calls=100,
+        lb_map_n=300,
+    ),
 }
 
 
@@ -145,7 +186,9 @@ class RcTool:
         else:
             # A private profile dir: no cluster files left in ~/.ipython by crashed runs.
             self.cluster = self.mod.Cluster(
-                n=n, log_level=logging.WARNING, engine_timeout=START_TIMEOUT,
+                n=n,
+                log_level=logging.WARNING,
+                engine_timeout=START_TIMEOUT,
                 profile_dir=os.path.join(workdir, "ipp-profile"),
             )
         self.rc = self.cluster.start_and_connect_sync()
@@ -175,18 +218,28 @@ class RcTool:
         out: list[tuple[tuple[str, ...], Any]] = []
         if only in ("direct", "all"):
             out += [
-                (("apply_p50_ms", "apply_p90_ms"),
-                 lambda: W.apply_latency_rc(rc, calls=s["apply_calls"], warmup=s["apply_warmup"])),
+                (
+                    ("apply_p50_ms", "apply_p90_ms"),
+                    lambda: W.apply_latency_rc(
+                        rc, calls=s["apply_calls"], warmup=s["apply_warmup"]
+                    ),
+                ),
                 (("dv_apply_cps",), lambda: W.dv_apply_rate_rc(rc, seconds=s["dv_seconds"])),
-                (("dv_pipelined_cps",),
-                 lambda: W.dv_pipelined_rate_rc(rc, calls=s["pipelined_calls"])),
-                (("pushpull_gbps",),
-                 lambda: W.push_pull_gbps_rc(rc, mb=s["mb"], reps=s["pushpull_reps"])),
+                (
+                    ("dv_pipelined_cps",),
+                    lambda: W.dv_pipelined_rate_rc(rc, calls=s["pipelined_calls"]),
+                ),
+                (
+                    ("pushpull_gbps",),
+                    lambda: W.push_pull_gbps_rc(rc, mb=s["mb"], reps=s["pushpull_reps"]),
+                ),
             ]
         if only in ("lb", "all"):
             out += [
-                (("lb_apply_p50_ms",),
-                 lambda: W.lb_apply_latency_rc(rc, calls=s["lb_apply_calls"])),
+                (
+                    ("lb_apply_p50_ms",),
+                    lambda: W.lb_apply_latency_rc(rc, calls=s["lb_apply_calls"]),
+                ),
                 (("lb_map_tps",), lambda: W.lb_map_rate_rc(rc, n=s["lb_map_n"])),
             ]
         return out
@@ -220,8 +273,12 @@ class DaskTool:
 
         t0 = time.perf_counter()
         self.cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.WARNING, local_directory=workdir,
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+            local_directory=workdir,
         )
         self.client = Client(self.cluster, timeout=START_TIMEOUT)
         self.client.wait_for_workers(n, timeout=START_TIMEOUT)
@@ -244,12 +301,18 @@ class DaskTool:
         c = self.client
         out: list[tuple[tuple[str, ...], Any]] = []
         if only in ("direct", "all"):
-            out.append((("pushpull_gbps",),
-                        lambda: W.push_pull_gbps_dask(c, mb=s["mb"], reps=s["pushpull_reps"])))
+            out.append(
+                (
+                    ("pushpull_gbps",),
+                    lambda: W.push_pull_gbps_dask(c, mb=s["mb"], reps=s["pushpull_reps"]),
+                )
+            )
         if only in ("lb", "all"):
             out += [
-                (("lb_apply_p50_ms",),
-                 lambda: W.lb_apply_latency_dask(c, calls=s["lb_apply_calls"])),
+                (
+                    ("lb_apply_p50_ms",),
+                    lambda: W.lb_apply_latency_dask(c, calls=s["lb_apply_calls"]),
+                ),
                 (("lb_map_tps",), lambda: W.lb_map_rate_dask(c, n=s["lb_map_n"])),
             ]
         return out
@@ -342,7 +405,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rfind(")") + 2:].split()
+    rest = data[data.rfind(")") + 2 :].split()
     return rest[0], int(rest[1]), int(rest[19])
 
 
@@ -444,18 +507,27 @@ def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dic
     result_file = os.path.join(tmpdir, f"{tool}-r{rnd}.json")
     log_path = os.path.join(tmpdir, f"{tool}-r{rnd}.log")
     env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool,
-           "--only", args.only, "--size", args.size, "--result-file", result_file]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        tool,
+        "--only",
+        args.only,
+        "--size",
+        args.size,
+        "--result-file",
+        result_file,
+    ]
     notes: list[str] = []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmpdir,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmpdir, stdin=subprocess.DEVNULL
+        )
         _OWN_CHILDREN.add(proc.pid)
         timed_out = False
         while proc.poll() is None:
@@ -489,8 +561,12 @@ def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dic
         with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
             lines = [ln for ln in f.read().splitlines() if ln.strip()]
             tail = lines[-1] if lines else ""
-        res = {"tool": tool, "metrics": {}, "errors": {},
-               "start_error": f"child exited {proc.returncode}: {tail}"[:200]}
+        res = {
+            "tool": tool,
+            "metrics": {},
+            "errors": {},
+            "start_error": f"child exited {proc.returncode}: {tail}"[:200],
+        }
     if timed_out and "start_s" not in res["metrics"] and "start_error" not in res:
         res["start_error"] = notes[0]
     res.setdefault("notes", []).extend(notes)
@@ -526,8 +602,9 @@ def _cell_text(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def summarize(tools: list[str], results: dict[str, list[dict[str, Any]]],
-              metrics: list[Metric]) -> dict[str, dict[str, dict[str, Any]]]:
+def summarize(
+    tools: list[str], results: dict[str, list[dict[str, Any]]], metrics: list[Metric]
+) -> dict[str, dict[str, dict[str, Any]]]:
     """{metric: {tool: {"median", "min", "max", "n", "errors", "cell"}}}."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for m in metrics:
@@ -544,9 +621,14 @@ def summarize(tools: list[str], results: dict[str, list[dict[str, Any]]],
             vals = [r["metrics"][m.key] for r in runs if m.key in r.get("metrics", {})]
             errs = [r["errors"][m.key] for r in runs if m.key in r.get("errors", {})]
             errs += [r["start_error"] for r in runs if "start_error" in r]
-            errs += [n for r in runs if m.key not in r.get("metrics", {})
-                     and m.key not in r.get("errors", {}) and "start_error" not in r
-                     for n in r.get("notes", [])[:1]]
+            errs += [
+                n
+                for r in runs
+                if m.key not in r.get("metrics", {})
+                and m.key not in r.get("errors", {})
+                and "start_error" not in r
+                for n in r.get("notes", [])[:1]
+            ]
             info: dict[str, Any] = {"n": len(vals), "errors": errs, "samples": vals}
             if vals:
                 med = statistics.median(vals)
@@ -574,8 +656,9 @@ def ratio(m: Metric, subject: dict[str, Any], other: dict[str, Any]) -> tuple[fl
     return r, f"{r:.2f}x"
 
 
-def render_table(tools: list[str], summary: dict[str, Any], metrics: list[Metric],
-                 sizes: dict[str, Any]) -> str:
+def render_table(
+    tools: list[str], summary: dict[str, Any], metrics: list[Metric], sizes: dict[str, Any]
+) -> str:
     subject = "jx" if "jx" in tools else tools[0]
     others = [t for t in tools if t != subject]
     head = ["Workload (2 engines)", "Unit", "Better"] + [TOOL_NAMES[t] for t in tools]
@@ -624,18 +707,20 @@ def parent_main(args: argparse.Namespace) -> int:
             if "unavailable" in res:
                 skip[tool] = res
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
-            problems = ([f"unavailable: {res['unavailable']}"] if "unavailable" in res else [])
+            problems = [f"unavailable: {res['unavailable']}"] if "unavailable" in res else []
             problems += [f"start: {res['start_error']}"] if "start_error" in res else []
             problems += [f"{k}: {v}" for k, v in res["errors"].items()] + res["notes"]
-            print(f"[round {rnd + 1}/{args.rounds}] {tool} ({res['wall_s']:.0f}s): {shown}"
-                  + (f"  !! {' | '.join(problems)}" if problems else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"[round {rnd + 1}/{args.rounds}] {tool} ({res['wall_s']:.0f}s): {shown}"
+                + (f"  !! {' | '.join(problems)}" if problems else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     summary = summarize(tools, results, metrics)
     table = render_table(tools, summary, metrics, sizes)
     subject = "jx" if "jx" in tools else tools[0]
     versions = ", ".join(
-        f"{TOOL_NAMES[t]} {_version(t)}" + (" (not importable)" if t in skip else "")
-        for t in tools
+        f"{TOOL_NAMES[t]} {_version(t)}" + (" (not importable)" if t in skip else "") for t in tools
     )
     out = [
         "",
@@ -654,16 +739,22 @@ def parent_main(args: argparse.Namespace) -> int:
     ]
     loads = [r["load_before"] for t in tools for r in results[t] if r.get("load_before")]
     if loads:
-        out += ["", "1-min load average before each tool's round: "
-                f"{min(loads):.2f}-{max(loads):.2f} "
-                f"on {os.cpu_count()} CPUs (our own previous round counts too; well above the "
-                "CPU count means something else was competing)."]
+        out += [
+            "",
+            "1-min load average before each tool's round: "
+            f"{min(loads):.2f}-{max(loads):.2f} "
+            f"on {os.cpu_count()} CPUs (our own previous round counts too; well above the "
+            "CPU count means something else was competing).",
+        ]
     for t in tools:
         codes = {r["code"] for r in results[t] if "code" in r}
         if len(codes) > 1:
-            out += ["", f"**Warning:** {TOOL_NAMES[t]}'s source changed during the run "
-                        f"({len(codes)} versions over {args.rounds} rounds): its rounds "
-                        "don't all measure the same code."]
+            out += [
+                "",
+                f"**Warning:** {TOOL_NAMES[t]}'s source changed during the run "
+                f"({len(codes)} versions over {args.rounds} rounds): its rounds "
+                "don't all measure the same code.",
+            ]
     if "dask" in tools:
         out += [
             "",
@@ -679,16 +770,26 @@ def parent_main(args: argparse.Namespace) -> int:
     print(f"\n# total {time.monotonic() - t_start:.0f}s; logs in {tmpdir}", file=sys.stderr)
     if args.json:
         payload = {
-            "meta": {"rounds": args.rounds, "only": args.only, "tools": tools,
-                     "size": args.size, "sizes": sizes, "cpus": os.cpu_count(),
-                     "python": platform.python_version(),
-                     "versions": {t: _version(t) for t in tools},
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "better": {m.key: m.better for m in metrics},
-                     "units": {m.key: m.unit for m in metrics}},
-            "summary": {k: {t: {kk: vv for kk, vv in v.items() if kk != "cell"}
-                            | {"cell": v["cell"]} for t, v in row.items()}
-                        for k, row in summary.items()},
+            "meta": {
+                "rounds": args.rounds,
+                "only": args.only,
+                "tools": tools,
+                "size": args.size,
+                "sizes": sizes,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "versions": {t: _version(t) for t in tools},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "better": {m.key: m.better for m in metrics},
+                "units": {m.key: m.unit for m in metrics},
+            },
+            "summary": {
+                k: {
+                    t: {kk: vv for kk, vv in v.items() if kk != "cell"} | {"cell": v["cell"]}
+                    for t, v in row.items()
+                }
+                for k, row in summary.items()
+            },
             "runs": results,
             "table": table,
         }
@@ -701,16 +802,30 @@ def parent_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="rounds per tool (default 5)")
-    p.add_argument("--only", choices=("direct", "lb", "all"), default="all",
-                   help="direct: start, apply latency, DirectView rates, push/pull; "
-                        "lb: start, load-balanced apply and map")
+    p.add_argument(
+        "--only",
+        choices=("direct", "lb", "all"),
+        default="all",
+        help="direct: start, apply latency, DirectView rates, push/pull; "
+        "lb: start, load-balanced apply and map",
+    )
     p.add_argument("--tools", default="jx,ipp,dask", help="comma list of jx,ipp,dask")
     p.add_argument("--json", metavar="OUT", help="also write every sample and the summary")
-    p.add_argument("--quick", dest="size", action="store_const", const="quick",
-                   default="full", help="small sizes, for a smoke test")
+    p.add_argument(
+        "--quick",
+        dest="size",
+        action="store_const",
+        const="quick",
+        default="full",
+        help="small sizes, for a smoke test",
+    )
     p.add_argument("--size", choices=tuple(SIZES), default="full", help=argparse.SUPPRESS)
-    p.add_argument("--child-timeout", type=float, default=400.0,
-                   help="hard limit (s) for one tool's round (default 400)")
+    p.add_argument(
+        "--child-timeout",
+        type=float,
+        default=400.0,
+        help="hard limit (s) for one tool's round (default 400)",
+    )
     p.add_argument("--child", choices=tuple(TOOL_NAMES), help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

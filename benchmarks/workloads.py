@@ -105,15 +105,17 @@ def warmup_rc(rc: Any, timeout: float = CALL_TIMEOUT) -> None:
     rc[:].apply_async(noop).get(timeout=timeout)
 
 
-def apply_latency_rc(rc: Any, calls: int = 1000, warmup: int = 50,
-                     timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+def apply_latency_rc(
+    rc: Any, calls: int = 1000, warmup: int = 50, timeout: float = CALL_TIMEOUT
+) -> dict[str, float]:
     """``rc[0].apply_sync(noop)`` round trip: p50/p90/mean in ms.  Lower is better."""
     view = rc[0]
     return _latencies_ms(lambda: view.apply_async(noop).get(timeout=timeout), calls, warmup)
 
 
-def dv_apply_rate_rc(rc: Any, seconds: float = 1.5, warmup: int = 10,
-                     timeout: float = CALL_TIMEOUT) -> float:
+def dv_apply_rate_rc(
+    rc: Any, seconds: float = 1.5, warmup: int = 10, timeout: float = CALL_TIMEOUT
+) -> float:
     """``rc[:].apply_sync(noop)`` (every engine), back to back: calls/s.  Higher is better."""
     view = rc[:]
     nengines = len(rc.ids)
@@ -146,8 +148,7 @@ def dv_pipelined_rate_rc(rc: Any, calls: int = 1000, timeout: float = 120.0) -> 
     return calls / (perf() - t0)
 
 
-def push_pull_gbps_rc(rc: Any, mb: int = 64, reps: int = 3,
-                      timeout: float = 120.0) -> float:
+def push_pull_gbps_rc(rc: Any, mb: int = 64, reps: int = 3, timeout: float = 120.0) -> float:
     """Push then pull an ``mb`` MiB numpy array to/from one engine: GB/s (2·size/time),
     median over ``reps``.  Higher is better."""
     arr = make_array(mb)
@@ -167,8 +168,9 @@ def push_pull_gbps_rc(rc: Any, mb: int = 64, reps: int = 3,
     return statistics.median(rates)
 
 
-def lb_apply_latency_rc(rc: Any, calls: int = 300, warmup: int = 30,
-                        timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+def lb_apply_latency_rc(
+    rc: Any, calls: int = 300, warmup: int = 30, timeout: float = CALL_TIMEOUT
+) -> dict[str, float]:
     """Load-balanced ``v.apply_sync(noop)`` round trip: p50/p90 in ms.  Lower is better."""
     view = rc.load_balanced_view()
     return _latencies_ms(lambda: view.apply_async(noop).get(timeout=timeout), calls, warmup)
@@ -196,8 +198,9 @@ def first_result_dask(client: Any, timeout: float = CALL_TIMEOUT) -> None:
     from distributed import wait
 
     workers = sorted(client.scheduler_info()["workers"])
-    futs = [client.submit(noop, pure=False, workers=[w], allow_other_workers=False)
-            for w in workers]
+    futs = [
+        client.submit(noop, pure=False, workers=[w], allow_other_workers=False) for w in workers
+    ]
     _done, not_done = wait(futs, timeout=timeout)
     if not_done:
         raise TimeoutError(f"{len(not_done)} workers did not answer in {timeout}s")
@@ -209,8 +212,9 @@ def warmup_dask(client: Any, timeout: float = CALL_TIMEOUT) -> None:
     client.submit(noop, pure=False).result(timeout=timeout)
 
 
-def lb_apply_latency_dask(client: Any, calls: int = 300, warmup: int = 30,
-                          timeout: float = CALL_TIMEOUT) -> dict[str, float]:
+def lb_apply_latency_dask(
+    client: Any, calls: int = 300, warmup: int = 30, timeout: float = CALL_TIMEOUT
+) -> dict[str, float]:
     """``client.submit(noop, pure=False).result()`` round trip: p50/p90 in ms."""
     return _latencies_ms(
         lambda: client.submit(noop, pure=False).result(timeout=timeout), calls, warmup
@@ -238,8 +242,7 @@ def lb_map_rate_dask(client: Any, n: int = 2000, timeout: float = 300.0) -> floa
     return n / dt
 
 
-def push_pull_gbps_dask(client: Any, mb: int = 64, reps: int = 3,
-                        timeout: float = 120.0) -> float:
+def push_pull_gbps_dask(client: Any, mb: int = 64, reps: int = 3, timeout: float = 120.0) -> float:
     """``scatter(arr, workers=[w], direct=True, hash=False)`` then ``future.result()``:
     the dask analogue of push+pull to one engine.  GB/s (2·size/time), median of reps."""
     arr = make_array(mb)
