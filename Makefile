@@ -25,8 +25,8 @@ demo: install
 	$(PY) notebooks/quickstart.py
 
 lint: install
-	$(VENV)/bin/ruff check jupyter_ext kernel_engine tests benchmarks
-	$(VENV)/bin/ruff format --check jupyter_ext kernel_engine tests benchmarks
+	$(VENV)/bin/ruff check jupyter_ext kernel_engine tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check jupyter_ext kernel_engine tests benchmarks notebooks
 
 typecheck: install
 	$(VENV)/bin/mypy

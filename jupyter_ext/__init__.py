@@ -25,9 +25,10 @@ from ._asyncresult import AsyncHubResult, AsyncMapResult, AsyncResult
 from ._client import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Client
 from ._cluster import Cluster
 from ._dependency import Dependency, depend, require
+from ._lbview import LoadBalancedView
 from ._metadata import ExecuteReply, Metadata
 from ._remotefunction import ParallelFunction, RemoteFunction, parallel, remote
-from ._views import DirectView, LoadBalancedView, View
+from ._views import DirectView, View
 
 __version__ = "0.1.0"
 

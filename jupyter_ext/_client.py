@@ -158,7 +158,7 @@ class Client:
 
     def load_balanced_view(self, targets: Any = None) -> Any:
         """A LoadBalancedView over ``targets`` (None: all engines)."""
-        from ._views import LoadBalancedView
+        from ._lbview import LoadBalancedView
 
         return LoadBalancedView(self, targets)
 

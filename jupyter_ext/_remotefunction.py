@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._views import View
+from kernel_engine.engine import ops
+from kernel_engine.serialize import pack_apply
+
+from ._lbview import LoadBalancedView
+from ._views import DirectView, View, _fname, _GatherResult, _sliceable, partition
 
 
 class RemoteFunction:
@@ -56,8 +59,6 @@ class ParallelFunction(RemoteFunction):
         self.ordered = ordered
 
     def __call__(self, *sequences: Any) -> Any:
-        from ._views import call_on_parts
-
         with self.view.temp_flags(**self._flags()):
             return call_on_parts(self.view, self.func, sequences, self.chunksize, self.ordered)
 
@@ -90,3 +91,34 @@ def parallel(
         return ParallelFunction(view, f, dist=dist, block=block, **flags)
 
     return decorate
+
+
+def call_on_parts(
+    view: View,
+    f: Callable[..., Any],
+    sequences: Sequence[Any],
+    chunksize: int | None,
+    ordered: bool,
+) -> Any:
+    """A ParallelFunction's call: ``f`` on parts of the sequences, results joined."""
+    seqs = [_sliceable(s) for s in sequences]
+    length = min(len(s) for s in seqs)
+    if isinstance(view, DirectView):
+        ids = view._target_ids()
+        n = min(len(ids), length) or 1
+        futures = []
+        for i, t in enumerate(ids[:n]):
+            parts = [partition(s, n, i) for s in seqs]
+            futures += view._send_apply([t], pack_apply(ops.call_part, (f, *parts), {}), False)
+    else:
+        assert isinstance(view, LoadBalancedView)
+        size = chunksize or max(1, -(-length // max(1, len(view.client.ids))))
+        md = view._task_metadata()
+        futures = [
+            view._submit(
+                pack_apply(ops.call_part, (f, *[s[i : i + size] for s in seqs]), {}), False, md
+            )
+            for i in range(0, length, size)
+        ]
+    ar = _GatherResult(view.client, futures, _fname(f))
+    return view._finish(ar, None)
