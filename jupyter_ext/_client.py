@@ -74,6 +74,7 @@ class Client:
         self._dead: dict[int, str] = {}
         self._iopub_handlers: list[Any] = []
         self._closed = False
+        self._dask: tuple[str, list[int]] | None = None
         self._io = IOThread(self._info, self._on_reply, self._on_iopub, self._on_controller_lost)
         self._io.on_tick = self._finish_idle_stragglers
         try:
@@ -621,6 +622,30 @@ class Client:
         for job in [jobs] if isinstance(jobs, (str, AsyncResult)) else jobs:
             out.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
         return out
+
+    # ----- integrations
+
+    def become_dask(
+        self,
+        targets: Any = "all",
+        port: int = 0,
+        nanny: bool = False,
+        scheduler_args: dict[str, Any] | None = None,
+        **worker_args: Any,
+    ) -> Any:
+        """Make the engines a dask.distributed cluster; returns a ``distributed.Client``.
+
+        The scheduler runs in the first target engine, a worker in every target engine.
+        """
+        from .integrations.dask import become_dask
+
+        return become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
+
+    def stop_dask(self, targets: Any = None) -> None:
+        """Stop the dask scheduler and workers that ``become_dask`` started."""
+        from .integrations.dask import stop_dask
+
+        stop_dask(self, targets)
 
     # ----- lifetime
 

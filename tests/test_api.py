@@ -23,7 +23,7 @@ CLIENT = {
     "wait_for_engines", "outstanding", "history", "results", "metadata", "spin",
     "queue_status", "result_status", "get_result", "purge_results", "purge_local_results",
     "purge_hub_results", "db_query", "hub_history", "abort", "clear", "send_signal",
-    "shutdown", "close", "engine_info",
+    "shutdown", "close", "engine_info", "become_dask", "stop_dask",
 }  # fmt: skip
 VIEW = {
     "block", "track", "targets", "label", "set_flags", "temp_flags", "apply", "apply_async",

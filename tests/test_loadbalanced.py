@@ -305,14 +305,23 @@ def test_executor_comparison_seed(rc):
     """Process, thread and jupyter_ext executors (and dask's, if installed) agree."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    import task_mod
     from task_mod import task
 
-    cloudpickle.register_pickle_by_value(task_mod)  # engines do not have the tests folder
+    # the seed's task module sits beside the notebook: make it importable on the engines
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    rc[:].execute(f"import sys; sys.path.insert(0, {tests_dir!r})", block=True)
     sizes = np.logspace(10, 14, 6, base=2, dtype=int)
     ref = list(map(task, sizes))
     N = 2
     executors = [ThreadPoolExecutor(N), ProcessPoolExecutor(N), rc.executor(targets=range(N))]
+    distributed_client = None
+    try:
+        import distributed  # noqa: F401 - dask is optional, as in the seed
+    except ImportError:
+        pass
+    else:
+        distributed_client = rc.become_dask()
+        executors.append(distributed_client.get_executor())
     try:
         for executor in executors:
             assert list(executor.map(str, range(5))) == ["0", "1", "2", "3", "4"]
@@ -320,6 +329,9 @@ def test_executor_comparison_seed(rc):
     finally:
         for executor in executors[:2]:
             executor.shutdown()
+        if distributed_client is not None:
+            distributed_client.close()
+            rc.stop_dask()
 
 
 def test_get_result_from_another_client(rc):
