@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import signal as _signal
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +75,7 @@ class Client:
         self._dead: dict[int, str] = {}
         self._iopub_handlers: list[Any] = []
         self._closed = False
+        self._welcomed = threading.Event()
         self._dask: tuple[str, list[int]] | None = None
         self._io = IOThread(self._info, self._on_reply, self._on_iopub, self._on_controller_lost)
         self._io.on_tick = self._finish_idle_stragglers
@@ -86,7 +88,23 @@ class Client:
                 f"answer within {timeout} s (connection file {self.connection_file})"
             ) from None
         self._engines = {int(k): v for k, v in reply["engines"].items()}
+        self._await_iopub(timeout)
         _current = self
+
+    def _await_iopub(self, timeout: float | None) -> None:
+        """Return once this client's iopub subscription receives (so no output is missed).
+
+        A zmq subscription takes effect a little after connecting; until then the engines'
+        output and status messages would be dropped. Each connect request makes the
+        controller publish a welcome; we repeat it until one arrives.
+        """
+        import time
+
+        deadline = time.monotonic() + (timeout or 10.0)
+        while not self._welcomed.wait(0.05):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no message from the controller's iopub socket")
+            self._send(protocol.HUB_ROUTE, protocol.CONNECT_REQUEST, {}, kind="hub")
 
     # ----- engines and views
 
@@ -411,6 +429,8 @@ class Client:
             self._engines.pop(eid, None)
             self._dead[eid] = content.get("reason", "")
             self._fail_waiting_for(eid, content.get("reason", f"engine {eid} died"))
+        elif msg.msg_type == protocol.IOPUB_WELCOME:
+            self._welcomed.set()
         elif msg.msg_type == protocol.CONTROLLER_STOPPING:
             self._on_controller_lost("the controller stopped")
 

@@ -75,6 +75,8 @@ EVENT_TOPIC = b"px.event"
 ENGINE_REGISTERED = "px_engine_registered"
 ENGINE_UNREGISTERED = "px_engine_unregistered"
 CONTROLLER_STOPPING = "px_controller_stopping"
+# Published for every connect request, so a new client knows its iopub subscription works.
+IOPUB_WELCOME = "px_iopub_welcome"
 
 # Error classes the controller or the lane report by name in an error reply's content
 # (``"px_error"``), so the client raises the matching class of ``kernel_engine.errors``.

@@ -162,6 +162,7 @@ class Router:
         return [int(t) for t in targets]
 
     def _connect(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
+        self.publish_event(protocol.IOPUB_WELCOME, {"token": msg.msg_id})
         engines = self.c.engines.engines
         return {
             "cluster_id": self.c.cluster_id,
