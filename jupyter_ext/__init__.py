@@ -26,6 +26,7 @@ from ._client import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Client
 from ._cluster import Cluster
 from ._dependency import Dependency, depend, require
 from ._lbview import LoadBalancedView
+from ._magics import load_ipython_extension
 from ._metadata import ExecuteReply, Metadata
 from ._remotefunction import ParallelFunction, RemoteFunction, parallel, remote
 from ._views import DirectView, View
@@ -65,6 +66,7 @@ __all__ = [
     "View",
     "depend",
     "interactive",
+    "load_ipython_extension",
     "parallel",
     "remote",
     "require",

@@ -403,7 +403,7 @@ class Client:
             return
         md = future.metadata
         msg_type, content = msg.msg_type, msg.content
-        if msg_type == "stream" and not future.reply_seen:
+        if msg_type == "stream" and (future.kind == "execute" or not future.reply_seen):
             name = content.get("name", "stdout")
             md[name] = md.get(name, "") + content.get("text", "")
         elif msg_type in ("display_data", "update_display_data"):

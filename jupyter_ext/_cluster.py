@@ -135,7 +135,9 @@ class Cluster:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 cwd=self.cwd,
-                start_new_session=not self.shutdown_atexit,
+                # its own session: a Ctrl-C (SIGINT to our process group, as a notebook
+                # interrupt sends) must interrupt the work, not stop the cluster
+                start_new_session=True,
             )
         self.controller_pid = self.controller.pid
         if self.shutdown_atexit and not self._atexit_registered:
