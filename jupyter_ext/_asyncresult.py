@@ -288,6 +288,11 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     def _total(self) -> int:
         return len(self._children)
 
+    def _repr_html_(self) -> str:
+        from ._reprs import result_html
+
+        return result_html(self)
+
     def __repr__(self) -> str:
         state = "finished" if self.done() else "pending"
         return f"<{type(self).__name__}({self._fname}): {state}>"

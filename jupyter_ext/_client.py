@@ -687,3 +687,8 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<Client cluster={self.cluster_id!r} engines={self.ids}>"
+
+    def _repr_html_(self) -> str:
+        from ._reprs import client_html
+
+        return client_html(self)

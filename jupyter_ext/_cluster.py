@@ -87,6 +87,11 @@ class Cluster:
         state = "running" if self.running else "stopped"
         return f"<Cluster {self.cluster_id} n={self.n} {state}>"
 
+    def _repr_html_(self) -> str:
+        from ._reprs import cluster_html
+
+        return cluster_html(self)
+
     @property
     def running(self) -> bool:
         if self.controller_pid is None:

@@ -175,6 +175,11 @@ class View:
     def __len__(self) -> int:
         return len(self._target_ids())
 
+    def _repr_html_(self) -> str:
+        from ._reprs import view_html
+
+        return view_html(self)
+
     def _target_ids(self, targets: Any = None) -> list[int]:
         return self.client._build_targets(self.targets if targets is None else targets)
 

@@ -143,3 +143,24 @@ def test_queue_status_and_hub_queries(rc):
     rc.purge_results("all")
     assert ar.msg_ids[0] not in rc.results
     assert ar.get() == [1, 1]  # the AsyncResult keeps its own
+
+
+def test_rich_and_plain_reprs(rc):
+    ar = rc[:].apply_async(abs, -1)
+    ar.get(10)
+    html = ar._repr_html_()
+    assert "AsyncResult" in html and "done" in html and "2/2" in html
+    assert repr(ar) == "<AsyncResult(abs): finished>"
+    pending = rc[0].apply_async(time.sleep, 0.5)
+    assert "pending" in pending._repr_html_()
+    pending.get(10)
+    failed = rc[0].apply_async(lambda: 1 / 0)
+    failed.wait(10)
+    assert "ZeroDivisionError" in failed._repr_html_()
+    client_html = rc._repr_html_()
+    for eid in rc.ids:
+        assert str(rc.engine_info(eid)["pid"]) in client_html
+    assert "DirectView" in rc[:]._repr_html_() and "block" in rc[:]._repr_html_()
+    assert "LoadBalancedView" in rc.load_balanced_view()._repr_html_()
+    cluster = jx.Cluster.from_file(rc.connection_file)
+    assert "running" in cluster._repr_html_() and cluster.cluster_id in repr(cluster)
