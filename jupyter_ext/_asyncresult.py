@@ -128,9 +128,29 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         RemoteError, CompositeError
             When the task (or several) raised.
         """
-        if not self.wait(timeout):
+        try:
+            ready = self.wait(timeout)
+        except KeyboardInterrupt:
+            self._interrupt_running()
+            raise
+        if not ready:
             raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
         return super().result()
+
+    def _interrupt_running(self, grace: float = 5.0) -> list[int]:
+        """Ctrl-C here: interrupt the engines running this work, wait ``grace`` s for them.
+
+        Returns the engines interrupted.
+        """
+        pending = [f.msg_id for f in self._children if not f.done()]
+        if not pending:
+            return []
+        try:
+            engines = self._client._interrupt_tasks(pending)
+        except Exception:
+            return []
+        _wait_one(self, grace)
+        return engines
 
     def result(self, timeout: float | None = None) -> Any:
         """The Future API's ``result``; the same as :meth:`get`."""

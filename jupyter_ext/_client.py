@@ -576,6 +576,14 @@ class Client:
         else:
             self._send(protocol.HUB_ROUTE, protocol.SIGNAL_REQUEST, content, kind="hub")
 
+    def _interrupt_tasks(self, msg_ids: list[str]) -> list[int]:
+        """SIGINT the engines running these requests (wherever the scheduler put them)."""
+        content = {"signum": int(_signal.SIGINT), "msg_ids": list(msg_ids)}
+        targets: list[int] = self._hub_request(protocol.SIGNAL_REQUEST, content, timeout=10)[
+            "targets"
+        ]
+        return targets
+
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the engines are running (SIGINT through their kernel managers)."""
         self.send_signal(_signal.SIGINT, targets)

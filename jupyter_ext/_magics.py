@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import queue
 import shlex
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -309,11 +308,10 @@ class PXMagics:
                 if progress is not None:
                     progress.update(ar.progress, elapsed)
                 if timeout is not None and elapsed >= timeout:
-                    self._interrupt(ar)
+                    engines = self._interrupt(ar)
                     drain()
                     raise TimeoutError(
-                        f"%px: no result within {timeout} s; interrupted engines "
-                        f"{self._running_engines(ar)}"
+                        f"%px: no result within {timeout} s; interrupted engines {engines}"
                     )
         except KeyboardInterrupt:
             self._interrupt(ar)
@@ -326,19 +324,9 @@ class PXMagics:
             renderer.final(ar)
 
     @staticmethod
-    def _running_engines(ar: AsyncResult) -> list[int]:
-        return sorted(
-            f.metadata["engine_id"]
-            for f in ar._children
-            if not f.done() and f.metadata["engine_id"] is not None
-        )
-
-    def _interrupt(self, ar: AsyncResult) -> None:
-        """Interrupt the engines still running ``ar`` and give them a moment to answer."""
-        running = self._running_engines(ar)
-        if running:
-            ar._client.send_signal(signal.SIGINT, running)
-            ar.wait(5)
+    def _interrupt(ar: AsyncResult) -> list[int]:
+        """Interrupt the engines still running ``ar``; returns them."""
+        return ar._interrupt_running()
 
     @staticmethod
     def _raise_errors(ar: AsyncResult) -> None:

@@ -86,6 +86,7 @@ def _wait_loop(
     timeout: float | None,
     widget: bool | None,
     success: Callable[[], bool],
+    interrupt: Callable[[], Any] = lambda: None,
 ) -> bool:
     display = ProgressDisplay(total, label, widget)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -101,6 +102,9 @@ def _wait_loop(
             display.update(done_count(), elapsed())
             if deadline is not None and time.monotonic() >= deadline:
                 break
+    except KeyboardInterrupt:
+        interrupt()
+        raise
     finally:
         display.close(done_count(), elapsed(), ok and success())
     return ok
@@ -120,6 +124,7 @@ def wait_with_progress(
         timeout,
         widget,
         lambda: not ar.cancelled() and ar.exception() is None,
+        ar._interrupt_running,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -117,18 +116,7 @@ class View:
 
     def _block_on(self, ar: AsyncResult) -> Any:
         """Wait for ``ar``; Ctrl-C interrupts the engines running it, then re-raises."""
-        try:
-            return ar.get()
-        except KeyboardInterrupt:
-            running = {
-                f.metadata["engine_id"]
-                for f in ar._children
-                if not f.done() and f.metadata["engine_id"] is not None
-            }
-            if running:
-                with contextlib.suppress(Exception):
-                    self.client.send_signal(signal.SIGINT, sorted(running))
-            raise
+        return ar.get()
 
     def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
         """Wait for jobs (default: everything sent through this view); returns whether done."""

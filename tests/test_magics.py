@@ -217,6 +217,21 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
         )
         texts = "".join(m["content"].get("text", "") for m in outputs)
         assert "[stdout:0] engines usable" in texts and "[stdout:1] engines usable" in texts
+        for code in (
+            "rc.load_balanced_view().apply_async(time.sleep, 60).get()",
+            "rc[:].apply_async(time.sleep, 60).wait_interactive()",
+        ):
+            msg_id = kc.execute(code)
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            km.interrupt_kernel()
+            reply = kc.get_shell_msg(timeout=10)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = kc.get_shell_msg(timeout=10)
+            assert time.monotonic() - t0 < 5, code
+            assert reply["content"]["ename"] == "KeyboardInterrupt", code
+            again = kc.execute_interactive("print(rc[:].apply_sync(lambda: 'free'))", timeout=10)
+            assert again["content"]["status"] == "ok", code
         kc.execute_interactive("cluster.stop_cluster_sync()", timeout=30)
     finally:
         kc.stop_channels()

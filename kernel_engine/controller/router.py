@@ -221,7 +221,13 @@ class Router:
 
     def _signal(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
         signum = int(msg.content.get("signum", signal.SIGINT))
-        targets = self._targets(msg)
+        msg_ids = msg.content.get("msg_ids")
+        if msg_ids is not None:  # the engines running (or holding) these requests
+            wanted = set(msg_ids)
+            engines = self.c.engines.engines.values()
+            targets = sorted(e.id for e in engines if wanted & e.inflight.keys())
+        else:
+            targets = self._targets(msg)
         for eid in targets:
             self.c.engines.signal(eid, signum)
         return {"targets": targets}, []
