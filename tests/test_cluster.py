@@ -177,3 +177,12 @@ def test_client_finds_the_newest_cluster(rc):
 def test_missing_cluster_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no cluster"):
         jx.Client("no-such-cluster")
+
+
+def test_first_execute_after_connecting_gets_its_output_promptly(cluster_factory):
+    """A new client's iopub subscription works before Client() returns: no lost idle."""
+    _, rc = cluster_factory.start(2)
+    t0 = time.monotonic()
+    ar = rc[:].execute("print('first')", block=True)
+    assert time.monotonic() - t0 < 1.5
+    assert ar.stdout == ["first\n", "first\n"]
