@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol
 from kernel_engine.engine import ops
-from kernel_engine.serialize import PickledFunction, pack_apply
+from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
 from ._views import View, _fname, _sliceable
@@ -137,10 +137,12 @@ class LoadBalancedView(View):
         track = bool(self.track if track is None else track)
         mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
         once = PickledFunction(f)
+        head = dumps_function(mapper)
         futures, sizes = [], []
         for start in range(0, length, chunksize):
             parts = [s[start : start + chunksize] for s in seqs]
-            futures.append(self._submit(pack_apply(mapper, (once, *parts), {}), track, md))
+            buffers = pack_apply(mapper, (once, *parts), {}, head)
+            futures.append(self._submit(buffers, track, md))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(
             self.client,
@@ -171,6 +173,7 @@ class LoadBalancedView(View):
         iterators = [iter(s) for s in sequences]
         md = self._task_metadata()
         once = PickledFunction(f)
+        head = dumps_function(ops.map_chunk)
         pending: list[tuple[AsyncResult, int]] = []
         exhausted = False
         while True:
@@ -186,7 +189,9 @@ class LoadBalancedView(View):
                     exhausted = True
                     break
                 parts = [list(p) for p in zip(*chunk)]
-                future = self._submit(pack_apply(ops.map_chunk, (once, *parts), {}), False, md)
+                future = self._submit(
+                    pack_apply(ops.map_chunk, (once, *parts), {}, head), False, md
+                )
                 ar = AsyncResult(self.client, [future], _fname(f), single=True)
                 self.history.extend(ar.msg_ids)
                 pending.append((ar, len(chunk)))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol
 from kernel_engine.engine import ops
-from kernel_engine.serialize import PickledFunction, pack_apply
+from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
 
@@ -238,9 +238,10 @@ class DirectView(View):
         n = min(len(ids), length) or 1
         futures, sizes = [], []
         once = PickledFunction(f)
+        head = dumps_function(ops.map_chunk)
         for i, t in enumerate(ids[:n]):
             parts = [partition(s, n, i) for s in seqs]
-            buffers = pack_apply(ops.map_chunk, (once, *parts), {})
+            buffers = pack_apply(ops.map_chunk, (once, *parts), {}, head)
             futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(

@@ -11,6 +11,7 @@ tiny arrays does not become thousands of frames.
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Callable, Sequence
 from types import CellType, FunctionType, ModuleType
@@ -139,13 +140,74 @@ class PickledFunction:
         return (_load_function, (self.data,))
 
 
-def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
-    """Frames for an ``apply_request``: ``f(*args, **kwargs)``.
+def dumps_function(f: Any) -> bytes:
+    """The first frame of an ``apply_request``: the callable alone, pickled by cloudpickle.
 
-    On failure the error names the culprit: the function, argument ``i`` or keyword ``k``.
+    A map computes it once and sends the same bytes with every task; engines unpickle
+    each distinct function once (:func:`_load_function`).
     """
     try:
-        return dumps((f, tuple(_wrap_large_bytes(a) for a in args), kwargs))
+        return bytes(cloudpickle.dumps(f, protocol=5))
+    except Exception as exc:
+        name = getattr(f, "__name__", type(f).__name__)
+        raise SerializationError(
+            f"cannot serialize function {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class _NeedsCloudpickle(Exception):
+    """Plain pickle met something only cloudpickle may serialize (interactive code)."""
+
+
+class _PlainPickler(pickle.Pickler):
+    """The standard (C) pickler, refusing what it would pickle wrongly by reference.
+
+    Functions and classes defined interactively (``__main__``) or nested in functions must
+    travel by value, which only cloudpickle does; for plain data this is much faster.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (FunctionType, type)) and (
+            obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
+        ):
+            raise _NeedsCloudpickle
+        if isinstance(obj, (CellType, ModuleType)) or type(obj).__module__ == "__main__":
+            raise _NeedsCloudpickle
+        return NotImplemented
+
+
+def _dumps_fast(obj: Any) -> list[Any]:
+    """:func:`dumps` with the standard pickler when that is correct, else cloudpickle."""
+    buffers: list[Any] = []
+
+    def take(pb: pickle.PickleBuffer) -> bool:
+        if len(buffers) >= MAX_OOB_BUFFERS:
+            return True
+        buffers.append(pb.raw())
+        return False
+
+    stream = io.BytesIO()
+    try:
+        _PlainPickler(stream, protocol=5, buffer_callback=take).dump(obj)
+    except Exception:
+        return dumps(obj)
+    return [stream.getvalue(), *buffers]
+
+
+def pack_apply(
+    f: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    function_frame: bytes | None = None,
+) -> list[Any]:
+    """Frames for an ``apply_request``: the function, then the arguments and their buffers.
+
+    ``function_frame`` is :func:`dumps_function` of ``f``, when the caller has it already.
+    On failure the error names the culprit: the function, argument ``i`` or keyword ``k``.
+    """
+    head = function_frame if function_frame is not None else dumps_function(f)
+    try:
+        return [head, *_dumps_fast((tuple(_wrap_large_bytes(a) for a in args), kwargs))]
     except SerializationError as exc:
         culprit = _find_culprit(f, args, kwargs)
         if culprit is None:
@@ -214,7 +276,8 @@ def unpack_apply(
     frames: Sequence[Any], namespace: dict[str, Any]
 ) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
     """The call an ``apply_request`` carries, with References resolved in ``namespace``."""
-    f, args, kwargs = loads(frames)
+    f = _load_function(bytes(frames[0]))
+    args, kwargs = loads(frames[1:])
     f = bind_interactive(f, namespace)
     args = [_resolve(a, namespace) for a in args]
     kwargs = {k: _resolve(v, namespace) for k, v in kwargs.items()}

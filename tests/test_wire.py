@@ -103,7 +103,7 @@ def test_many_small_arrays_stay_in_band_past_the_limit():
 def test_large_bytes_travel_out_of_band():
     data = b"x" * (1 << 20)
     frames = serialize.pack_apply(len, (data,), {})
-    assert len(frames) == 2
+    assert len(frames) == 3  # the function, the arguments, the buffer
     _f, args, _kwargs = serialize.unpack_apply(frames, {})
     assert args == [data] and isinstance(args[0], bytes)
 
@@ -154,3 +154,26 @@ def test_interactive_functions_use_the_engine_namespace():
 def test_pickle_protocol_five_used():
     frames = serialize.dumps([1, 2])
     assert pickle.loads(frames[0]) == [1, 2]
+
+
+def test_plain_arguments_use_the_fast_pickler_and_code_falls_back():
+    frames = serialize.pack_apply(abs, ([1, "a", {"b": 2.0}],), {})
+    assert serialize.unpack_apply(frames, {})[1] == [[1, "a", {"b": 2.0}]]
+
+    @serialize.interactive
+    def inner(x):
+        return x + 1
+
+    frames = serialize.pack_apply(map, (inner, [1, 2]), {})
+    f, args, _ = serialize.unpack_apply(frames, {})
+    assert list(f(*args)) == [2, 3]
+
+
+def test_function_frames_are_shared_and_cached():
+    head = serialize.dumps_function(abs)
+    a = serialize.pack_apply(abs, (-1,), {}, head)
+    b = serialize.pack_apply(abs, (-2,), {}, head)
+    assert a[0] is b[0] is head
+    f1 = serialize.unpack_apply(a, {})[0]
+    f2 = serialize.unpack_apply(b, {})[0]
+    assert f1 is f2 and f1(-3) == 3

@@ -52,7 +52,7 @@ def _dependency(spec: Any) -> Dependency | None:
 class Balancer:
     """Feeds the scheduler events and carries out its actions."""
 
-    def __init__(self, controller: Controller, hwm: int = 16, max_batch: int = 64):
+    def __init__(self, controller: Controller, hwm: int = 16, max_batch: int = 32):
         self.c = controller
         self.scheduler = Scheduler(hwm=hwm, max_batch=max_batch)
         self.tasks: dict[str, tuple[Pending, list[Any]]] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ from kernel_engine.serialize import dumps, unpack_apply
 
 if TYPE_CHECKING:
     from .kernel import EngineKernel
+
+FLUSH_AFTER = 0.005
+"""Seconds of work after which a batch's finished replies are sent."""
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,13 +112,36 @@ class TaskLane:
 
     def _on_recv(self, frames: list[Any]) -> None:
         if protocol.is_batch(frames, 1):
-            replies = [self._handle(m) for m in protocol.unpack_batch(frames[1:])]
-            out = protocol.pack_batch([r for r in replies if r is not None])
-            self.socket.send_multipart([frames[0].bytes, *out], copy=False)
+            self._run_batch(frames[0].bytes, protocol.unpack_batch(frames[1:]))
             return
         reply = self._handle(frames[1:], frames[0].bytes)
         if reply is not None:
             self.socket.send_multipart(reply, copy=False)
+
+    def _run_batch(self, router_ident: bytes, messages: list[list[Any]]) -> None:
+        """Run a batch; replies go back together, but never held more than FLUSH_AFTER s.
+
+        Tiny tasks share one reply message (throughput); slower ones are answered as they
+        finish, so results and progress arrive as they happen.
+        """
+        replies: list[list[Any]] = []
+        last_flush = time.monotonic()
+        for message in messages:
+            reply = self._handle(message)
+            if reply is not None:
+                replies.append(reply)
+            if replies and time.monotonic() - last_flush > FLUSH_AFTER:
+                self._send_replies(router_ident, replies)
+                replies = []
+                last_flush = time.monotonic()
+        if replies:
+            self._send_replies(router_ident, replies)
+
+    def _send_replies(self, router_ident: bytes, replies: list[list[Any]]) -> None:
+        if len(replies) == 1:
+            self.socket.send_multipart([router_ident, *replies[0]], copy=False)
+        else:
+            self.socket.send_multipart([router_ident, *protocol.pack_batch(replies)], copy=False)
 
     def _handle(self, frames: list[Any], router_ident: bytes | None = None) -> list[Any] | None:
         """Run one message; return the reply's frames (with the idents to route it back)."""
