@@ -371,3 +371,15 @@ def test_killed_engine_in_a_map_without_retries_fails_lost_items(cluster_factory
     assert all(isinstance(e, jx.EngineError) for e in info.value.elist)
     out = v.map_sync(lambda x: x, range(60), return_exceptions=True)
     assert out == list(range(60))
+
+
+def test_results_arrive_one_by_one_not_per_batch(view):
+    """Batches go to engines for throughput, but each result comes back when it is done."""
+    amr = view.map(lambda x: (time.sleep(0.1), x)[1], range(20))
+    seen = set()
+    deadline = time.monotonic() + 20
+    while not amr.done() and time.monotonic() < deadline:
+        seen.add(amr.progress)
+        time.sleep(0.01)
+    assert amr.get(5) == list(range(20))
+    assert len({p for p in seen if 0 < p < 20}) >= 5, sorted(seen)
