@@ -194,12 +194,14 @@ class PXMagics:
         return self._run(cell, self._parse(f"px{self.suffix}", line))
 
     def pxresult_line(self, line: str = "") -> None:
-        """Show the output of the last %px run."""
+        """Show the output of the last %px run (``--group-outputs`` applies)."""
+        __tracebackhide__ = True
+        args = self._parse(f"pxresult{self.suffix}", line)
         if self.last_result is None:
             raise UsageError("no %px result yet")
         ar = self.last_result
         ar.wait()
-        Renderer(self.group).final(ar)
+        Renderer(args.group_outputs or self.group).final(ar)
         self._raise_errors(ar)
 
     def autopx_line(self, line: str = "") -> None:
@@ -229,6 +231,7 @@ class PXMagics:
             raise UsageError(f"%{name}: {exc}") from None
 
     def _run(self, code: str, args: argparse.Namespace) -> Any:
+        __tracebackhide__ = True  # IPython hides this frame in tracebacks
         view = self.view
         targets = parse_targets(args.targets) if args.targets is not None else self.targets
         if targets is None:
@@ -284,6 +287,7 @@ class PXMagics:
         progress_after: float | None,
         timeout: float | None,
     ) -> None:
+        __tracebackhide__ = True
         renderer = Renderer(group)
         start = time.monotonic()
         progress = None
@@ -330,6 +334,7 @@ class PXMagics:
 
     @staticmethod
     def _raise_errors(ar: AsyncResult) -> None:
+        __tracebackhide__ = True
         exc = ar.exception() if ar.done() and not ar.cancelled() else None
         if exc is not None:
             raise exc

@@ -76,18 +76,27 @@ class SyncImports:
         self.view._really_apply(_remote_bind, (bindings,), {}, block=True)
 
     def _bindings(self) -> list[tuple[str, str, str | None]]:
-        after = self._namespace()
+        """(name, module, attribute) for every name the block's imports bound.
+
+        Found from what was imported (not from what changed), so a module already imported
+        here before the block is still imported on the engines; aliases (``as``) are the
+        names now bound to the imported objects.
+        """
+        namespace = self._namespace()
         bindings: list[tuple[str, str, str | None]] = []
-        for name, value in after.items():
-            if self.before.get(name, object()) is value:
+        for module_name, fromlist in self.imports:
+            module = sys.modules.get(module_name)
+            if module is None:
                 continue
-            if isinstance(value, ModuleType):
-                bindings.append((name, value.__name__, None))
-                continue
-            for module_name, fromlist in self.imports:
-                module = sys.modules.get(module_name)
-                for attr in fromlist:
-                    if module is not None and getattr(module, attr, None) is value:
-                        bindings.append((name, module_name, attr))
-                        break
+            wanted: list[tuple[Any, str, str | None]]
+            if fromlist:
+                wanted = [(getattr(module, a, None), module_name, a) for a in fromlist]
+            else:
+                top = module_name.split(".")[0]
+                wanted = [(module, module_name, None), (sys.modules.get(top), top, None)]
+            for value, mod, attr in wanted:
+                if value is None:
+                    continue
+                names = [n for n, v in namespace.items() if v is value]
+                bindings += [(n, mod, attr) for n in names if (n, mod, attr) not in bindings]
         return bindings

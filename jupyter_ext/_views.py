@@ -363,11 +363,11 @@ class DirectView(View):
         """Remove every name from the engines' namespaces."""
         return self._really_apply(ops.clear, (), {}, targets, block)
 
-    def activate(self, suffix: str = "") -> Any:
+    def activate(self, suffix: str = "") -> None:
         """Register ``%px<suffix>``, ``%%px<suffix>``, ``%autopx<suffix>``... for this view."""
         from ._magics import activate
 
-        return activate(self, suffix)
+        activate(self, suffix)
 
     def sync_imports(self, local: bool = True, quiet: bool = False) -> SyncImports:
         """A ``with`` block whose imports happen on the engines too (``as`` names kept)."""

@@ -166,6 +166,22 @@ def test_sync_imports(dv):
     )
 
 
+def test_sync_imports_of_modules_already_imported_here(dv):
+    import math  # already bound in this frame before the block
+
+    with dv.sync_imports(quiet=True):
+        import math
+        import os.path
+    assert dv.apply(interactive(lambda: (math.sqrt(9), os.path.sep))) == [(3.0, "/")] * 2
+
+
+def test_remote_traceback_lines_are_not_doubled(rc):
+    with pytest.raises(jx.RemoteError) as info:
+        rc[0].apply_sync(lambda: 1 / 0)
+    assert "\n\n" not in info.value.traceback
+    assert "ZeroDivisionError: division by zero" in info.value.traceback
+
+
 def test_clear(dv):
     dv["gone"] = 1
     dv.clear()

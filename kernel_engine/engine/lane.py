@@ -63,7 +63,7 @@ def format_traceback(exc: BaseException) -> list[str]:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
-    return traceback.format_exception(type(exc), exc, tb)
+    return "".join(traceback.format_exception(type(exc), exc, tb)).splitlines()
 
 
 class TaskLane:
