@@ -8,7 +8,11 @@ PIP := $(PY) -m pip
 # pip prints harmless "Location ... is ignored" lines on these machines
 QUIET_PIP := { grep -v -e "is ignored" -e "^$$" || true; }
 
-.PHONY: demo test lint typecheck pytest bench install clean
+# Debian packages the tests need (the browser test drives Debian's Chromium)
+APT_PACKAGES := chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck pytest bench install system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) notebooks/quickstart.py
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb
 
 lint: install
 	$(VENV)/bin/ruff check jupyter_ext kernel_engine tests benchmarks notebooks
@@ -31,7 +35,13 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    $(APT_PACKAGES) >/dev/null; }
+
+pytest: install system-deps
 	$(PY) -m pytest -q -p no:randomly $(PYTEST_ARGS)
 
 test: lint typecheck pytest
