@@ -299,11 +299,15 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def wait_interactive(
         self, interval: float = 0.1, timeout: float | None = None, widget: bool | None = None
-    ) -> bool:
-        """Wait, showing progress (a widget in a notebook, text elsewhere)."""
+    ) -> None:
+        """Wait, showing progress (a widget in a notebook, text elsewhere).
+
+        Returns nothing (so a notebook shows no ``Out``), like IPython Parallel's; use
+        ``ready()`` afterwards to learn whether it finished within ``timeout``.
+        """
         from ._progress import wait_with_progress
 
-        return wait_with_progress(self, interval=interval, timeout=timeout, widget=widget)
+        wait_with_progress(self, interval=interval, timeout=timeout, widget=widget)
 
     def _total(self) -> int:
         return len(self._children)

@@ -502,11 +502,11 @@ class Client:
 
     def wait_interactive(
         self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
-    ) -> bool:
+    ) -> None:
         """Wait with a progress display for outstanding work (or ``jobs``)."""
         from ._progress import wait_futures_with_progress
 
-        return wait_futures_with_progress(self._futures_for(jobs), interval, timeout)
+        wait_futures_with_progress(self._futures_for(jobs), interval, timeout)
 
     def spin(self) -> None:
         """Kept for IPython Parallel compatibility: results arrive on the IO thread."""

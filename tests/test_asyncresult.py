@@ -125,7 +125,8 @@ def test_abort_queued_work(rc):
 
 def test_wait_interactive_text(rc, capsys):
     ar = rc[:].apply_async(time.sleep, 0.3)
-    assert ar.wait_interactive(interval=0.05, widget=False) is True
+    assert ar.wait_interactive(interval=0.05, widget=False) is None
+    assert ar.ready()
     out = capsys.readouterr().out
     assert "2/2 tasks" in out
 
