@@ -59,6 +59,7 @@ class Engine:
     last_beat: float = field(default_factory=time.monotonic)
     info_sent_at: float = 0.0
     completed: int = 0
+    iopub_seen: bool = False
 
     @property
     def route(self) -> bytes:
@@ -179,7 +180,7 @@ class EngineSet:
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.connect(engine.url(info["iopub_port"]))
         engine.sockets["iopub"] = iopub
-        self.loop.add_socket(iopub, lambda frames: self.on_iopub(engine, frames))
+        self.loop.add_socket(iopub, lambda frames: self._iopub(engine, frames))
         hb = self.context.socket(zmq.DEALER)
         hb.linger = 0
         hb.connect(engine.url(info["hb_port"]))
@@ -199,6 +200,19 @@ class EngineSet:
                 self.on_message(engine, channel, frames)
 
         return handle
+
+    def _iopub(self, engine: Engine, frames: list[Any]) -> None:
+        if not engine.iopub_seen:
+            engine.iopub_seen = True
+            if engine.state == "awaiting iopub":
+                self._ready(engine)
+        self.on_iopub(engine, frames)
+
+    def _ready(self, engine: Engine) -> None:
+        engine.state = "ready"
+        engine.last_beat = time.monotonic()
+        log.info("engine %i ready (pid %s)", engine.id, engine.pid)
+        self.on_ready(engine)
 
     def _send_kernel_info(self, engine: Engine) -> None:
         engine.info_sent_at = time.monotonic()
@@ -228,10 +242,13 @@ class EngineSet:
                 {"engine_id": engine.id, "cluster_id": self.cluster_id},
             )
         elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
-            engine.state = "ready"
-            engine.last_beat = time.monotonic()
-            log.info("engine %i ready (pid %s)", engine.id, engine.pid)
-            self.on_ready(engine)
+            # Ready only once its iopub reaches us too: a subscription takes effect a little
+            # after connecting, and output published before that would be lost.
+            if engine.iopub_seen:
+                self._ready(engine)
+            else:
+                engine.state = "awaiting iopub"
+                self._send_kernel_info(engine)
 
     def exit_code(self, engine: Engine) -> int | None:
         """The engine's exit code if its process ended, else None."""
@@ -255,6 +272,8 @@ class EngineSet:
                     self._fail(engine, f"did not become ready within {self.start_timeout:.0f} s")
                 elif engine.state == "starting" and now - engine.info_sent_at > 2.0:
                     self._send_kernel_info(engine)
+                elif engine.state == "awaiting iopub" and now - engine.info_sent_at > 0.1:
+                    self._send_kernel_info(engine)  # its status messages go out on iopub
 
     def _beat(self) -> None:
         now = time.monotonic()
