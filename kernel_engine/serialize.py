@@ -75,6 +75,18 @@ def _wrap_large_bytes(obj: Any) -> Any:
     return obj
 
 
+def _out_of_band(buffers: list[Any]) -> Any:
+    """A pickle ``buffer_callback`` collecting up to MAX_OOB_BUFFERS buffers in ``buffers``."""
+
+    def take(pb: pickle.PickleBuffer) -> bool:
+        if len(buffers) >= MAX_OOB_BUFFERS:
+            return True  # in band
+        buffers.append(pb.raw())
+        return False
+
+    return take
+
+
 def dumps(obj: Any) -> list[Any]:
     """Serialize ``obj`` to frames: the pickle first, then out-of-band buffers.
 
@@ -84,12 +96,7 @@ def dumps(obj: Any) -> list[Any]:
         When ``obj`` (or something inside it) cannot be pickled.
     """
     buffers: list[Any] = []
-
-    def take(pb: pickle.PickleBuffer) -> bool:
-        if len(buffers) >= MAX_OOB_BUFFERS:
-            return True
-        buffers.append(pb.raw())
-        return False
+    take = _out_of_band(buffers)
 
     try:
         data = cloudpickle.dumps(_wrap_large_bytes(obj), protocol=5, buffer_callback=take)
@@ -179,12 +186,7 @@ class _PlainPickler(pickle.Pickler):
 def _dumps_fast(obj: Any) -> list[Any]:
     """:func:`dumps` with the standard pickler when that is correct, else cloudpickle."""
     buffers: list[Any] = []
-
-    def take(pb: pickle.PickleBuffer) -> bool:
-        if len(buffers) >= MAX_OOB_BUFFERS:
-            return True
-        buffers.append(pb.raw())
-        return False
+    take = _out_of_band(buffers)
 
     stream = io.BytesIO()
     try:

@@ -185,6 +185,18 @@ def test_progress_bars_reach_100_percent_in_saved_widget_state(executed):
     assert any(b["max"] == 2 and b["value"] == 2 for b in bars), bars
 
 
+def interrupt_after(kc, km, code: str, delay: float) -> tuple[dict, float]:
+    """Run ``code``, interrupt the kernel after ``delay`` s; (its reply, seconds to reply)."""
+    msg_id = kc.execute(code)
+    time.sleep(delay)
+    t0 = time.monotonic()
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=10)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=10)
+    return reply, time.monotonic() - t0
+
+
 def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
     km = KernelManager(kernel_name="python3")
     km.start_kernel()
@@ -197,14 +209,8 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
         reply = kc.execute_interactive(SETUP, timeout=60, output_hook=outputs.append)
         assert reply["content"]["status"] == "ok", [o["content"] for o in outputs]
         pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
-        msg_id = kc.execute("%%px\nimport time\ntime.sleep(60)")
-        time.sleep(1.5)
-        t0 = time.monotonic()
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=10)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = kc.get_shell_msg(timeout=10)
-        assert time.monotonic() - t0 < 5
+        reply, took = interrupt_after(kc, km, "%%px\nimport time\ntime.sleep(60)", 1.5)
+        assert took < 5
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         outputs = []
@@ -221,14 +227,8 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
             "rc.load_balanced_view().apply_async(time.sleep, 60).get()",
             "rc[:].apply_async(time.sleep, 60).wait_interactive()",
         ):
-            msg_id = kc.execute(code)
-            time.sleep(1.0)
-            t0 = time.monotonic()
-            km.interrupt_kernel()
-            reply = kc.get_shell_msg(timeout=10)
-            while reply["parent_header"].get("msg_id") != msg_id:
-                reply = kc.get_shell_msg(timeout=10)
-            assert time.monotonic() - t0 < 5, code
+            reply, took = interrupt_after(kc, km, code, 1.0)
+            assert took < 5, code
             assert reply["content"]["ename"] == "KeyboardInterrupt", code
             again = kc.execute_interactive("print(rc[:].apply_sync(lambda: 'free'))", timeout=10)
             assert again["content"]["status"] == "ok", code
