@@ -247,21 +247,22 @@ class PXMagics:
         if verbose:
             print(f"[px] running on engines {ids}{' (no block)' if not block else ''}")
         handler, inbox = self._listen(view)
+        ar: AsyncResult | None = None
         try:
             ar = view.execute(code, silent=False, targets=ids, block=False)
-        except BaseException:
-            view.client._iopub_handlers.remove(handler)
-            raise
-        self.last_result = ar
-        if args.save_name:
-            self.shell.user_ns[args.save_name] = ar
-        if args.local:
-            self.shell.run_cell(code, store_history=False)
-        if not block:
-            view.client._iopub_handlers.remove(handler)
-            return ar
-        try:
+            self.last_result = ar
+            if args.save_name:
+                self.shell.user_ns[args.save_name] = ar
+            if args.local:
+                self.shell.run_cell(code, store_history=False)
+            if not block:
+                return ar
             self._wait(ar, inbox, set(ar.msg_ids), stream, group, progress_after, args.timeout)
+        except KeyboardInterrupt:
+            # also when Ctrl-C lands between submitting and waiting
+            if ar is not None and not ar.done():
+                self._interrupt(ar)
+            raise
         finally:
             view.client._iopub_handlers.remove(handler)
         self._raise_errors(ar)
