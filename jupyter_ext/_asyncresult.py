@@ -298,16 +298,21 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
                     )
 
     def wait_interactive(
-        self, interval: float = 0.1, timeout: float | None = None, widget: bool | None = None
+        self,
+        interval: float = 0.1,
+        timeout: float | None = None,
+        widget: bool | None = None,
+        show: bool = True,
     ) -> None:
         """Wait, showing progress (a widget in a notebook, text elsewhere).
 
-        Returns nothing (so a notebook shows no ``Out``), like IPython Parallel's; use
-        ``ready()`` afterwards to learn whether it finished within ``timeout``.
+        ``widget=False`` forces the text bar; ``show=False`` (or the environment variable
+        ``JUPYTER_PX_PROGRESS=off``) shows nothing. Returns nothing (so a notebook shows no
+        ``Out``), like IPython Parallel's; ``ready()`` says whether it finished in time.
         """
         from ._progress import wait_with_progress
 
-        wait_with_progress(self, interval=interval, timeout=timeout, widget=widget)
+        wait_with_progress(self, interval=interval, timeout=timeout, widget=widget, show=show)
 
     def _total(self) -> int:
         return len(self._children)

@@ -1,11 +1,26 @@
-"""Progress while waiting: an ipywidgets bar in a notebook, a text bar elsewhere."""
+"""Progress while waiting: an ipywidgets bar in a notebook, a text bar elsewhere.
+
+Switched off for one call with ``wait_interactive(show=False)``, or for the whole process
+with the environment variable ``JUPYTER_PX_PROGRESS=off``; waiting is the same either way.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def progress_enabled() -> bool:
+    """False when ``JUPYTER_PX_PROGRESS`` is ``off`` (or 0, false, no)."""
+    return os.environ.get("JUPYTER_PX_PROGRESS", "").strip().lower() not in (
+        "off",
+        "0",
+        "false",
+        "no",
+    )
 
 
 def _in_notebook() -> bool:
@@ -21,13 +36,14 @@ def _in_notebook() -> bool:
 class ProgressDisplay:
     """Shows ``done / total`` and elapsed time; a widget or a text line."""
 
-    def __init__(self, total: int, label: str = "", widget: bool | None = None):
+    def __init__(self, total: int, label: str = "", widget: bool | None = None, show: bool = True):
         self.total = total
         self.label = label
         self.widget: Any = None
         self._last_text = ""
+        self.show = show and progress_enabled()
         use_widget = _in_notebook() if widget is None else widget
-        if use_widget:
+        if use_widget and self.show:
             try:
                 self._make_widget()
             except Exception:
@@ -53,6 +69,8 @@ class ProgressDisplay:
         return f"{done}/{self.total} tasks, {elapsed:.1f} s"
 
     def update(self, done: int, elapsed: float) -> None:
+        if not self.show:
+            return
         if self.widget is not None:
             self.bar.value = done
             self.text.value = self._status(done, elapsed)
@@ -68,6 +86,8 @@ class ProgressDisplay:
             self._last_text = text
 
     def close(self, done: int, elapsed: float, success: bool) -> None:
+        if not self.show:
+            return
         self.update(done, elapsed)
         if self.widget is not None:
             self.bar.bar_style = "success" if success else "danger"
@@ -87,8 +107,9 @@ def _wait_loop(
     widget: bool | None,
     success: Callable[[], bool],
     interrupt: Callable[[], Any] = lambda: None,
+    show: bool = True,
 ) -> bool:
-    display = ProgressDisplay(total, label, widget)
+    display = ProgressDisplay(total, label, widget, show)
     deadline = None if timeout is None else time.monotonic() + timeout
     ok = False
     try:
@@ -111,7 +132,11 @@ def _wait_loop(
 
 
 def wait_with_progress(
-    ar: Any, interval: float = 0.1, timeout: float | None = None, widget: bool | None = None
+    ar: Any,
+    interval: float = 0.1,
+    timeout: float | None = None,
+    widget: bool | None = None,
+    show: bool = True,
 ) -> bool:
     """Wait for an AsyncResult, showing its progress (items, not messages)."""
     return _wait_loop(
@@ -125,6 +150,7 @@ def wait_with_progress(
         widget,
         lambda: not ar.cancelled() and ar.exception() is None,
         ar._interrupt_running,
+        show,
     )
 
 

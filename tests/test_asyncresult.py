@@ -131,6 +131,15 @@ def test_wait_interactive_text(rc, capsys):
     assert "2/2 tasks" in out
 
 
+def test_progress_can_be_switched_off(rc, capsys, monkeypatch):
+    rc[:].apply_async(time.sleep, 0.2).wait_interactive(interval=0.05, widget=False, show=False)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("JUPYTER_PX_PROGRESS", "off")
+    ar = rc[:].apply_async(time.sleep, 0.2)
+    ar.wait_interactive(interval=0.05, widget=False)
+    assert ar.ready() and capsys.readouterr().out == ""
+
+
 def test_queue_status_and_hub_queries(rc):
     ar = rc[:].apply_async(abs, -1)
     ar.get(5)
