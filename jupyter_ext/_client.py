@@ -22,6 +22,7 @@ from kernel_engine.errors import (
 )
 
 from ._asyncresult import AsyncResult, MessageFuture
+from ._dependency import msg_ids_of
 from ._io import IOThread
 from ._metadata import ExecuteReply, Metadata
 from ._paths import find_connection_file
@@ -542,12 +543,7 @@ class Client:
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool = True) -> None:
         """Do not run these tasks (msg_ids or AsyncResults; default: all outstanding)."""
-        if jobs is None:
-            msg_ids = list(self.outstanding)
-        else:
-            msg_ids = []
-            for job in [jobs] if isinstance(jobs, (str, AsyncResult)) else jobs:
-                msg_ids.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
+        msg_ids = list(self.outstanding) if jobs is None else msg_ids_of(jobs)
         content = {
             "msg_ids": msg_ids,
             "targets": None if targets is None else self._build_targets(targets),
@@ -626,7 +622,7 @@ class Client:
         if jobs == "all":
             done = [m for m in self.results if m not in self.outstanding]
         else:
-            done = [j for j in self._msg_ids(jobs) if j not in self.outstanding]
+            done = [j for j in msg_ids_of(jobs) if j not in self.outstanding]
         for msg_id in done:
             self.results.pop(msg_id, None)
             self.metadata.pop(msg_id, None)
@@ -634,7 +630,7 @@ class Client:
     def purge_hub_results(self, jobs: Any = "all", targets: Any = None) -> int:
         """Forget finished task records on the controller; returns how many."""
         content = {
-            "msg_ids": "all" if jobs == "all" else self._msg_ids(jobs),
+            "msg_ids": "all" if jobs == "all" else msg_ids_of(jobs),
             "engine_ids": None if targets is None else self._build_targets(targets),
         }
         return int(self._hub_request(protocol.PURGE_REQUEST, content)["purged"])
@@ -643,13 +639,6 @@ class Client:
         """Forget finished results here and on the controller."""
         self.purge_local_results(jobs)
         self.purge_hub_results(jobs, targets)
-
-    @staticmethod
-    def _msg_ids(jobs: Any) -> list[str]:
-        out: list[str] = []
-        for job in [jobs] if isinstance(jobs, (str, AsyncResult)) else jobs:
-            out.extend(job.msg_ids if isinstance(job, AsyncResult) else [job])
-        return out
 
     # ----- integrations
 

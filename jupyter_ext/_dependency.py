@@ -67,7 +67,7 @@ def msg_ids_of(obj: Any) -> list[str]:
         for item in obj:
             out.extend(msg_ids_of(item))
         return out
-    raise TypeError(f"cannot depend on a {type(obj).__name__}: give msg_ids or AsyncResults")
+    raise TypeError(f"expected msg_ids or AsyncResults, not a {type(obj).__name__}")
 
 
 def as_dependency(obj: Any) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import zmq
 from kernel_engine import protocol
 
 from .balancer import Balancer
-from .engines import Engine, EngineSet, Pending
+from .engines import Engine, EngineSet
 from .hub import Hub
 from .loop import PollLoop
 from .router import Router
@@ -209,23 +209,3 @@ class Controller:
             self.clients.close(linger=0)
             self.iopub.close(linger=100)
             self.context.term()
-
-
-def fail_reply(
-    wire: protocol.Wire,
-    pending: Pending,
-    engine_id: int | None,
-    ename: str,
-    evalue: str,
-) -> list[Any]:
-    """The frames of an error reply the controller makes for a request it cannot serve."""
-    msg_type = pending.header.get("msg_type", "apply_request").replace("_request", "_reply")
-    metadata = {
-        "engine_id": engine_id,
-        "status": "error",
-        "completed": protocol.utcnow_iso(),
-    }
-    route = protocol.HUB_ROUTE if engine_id is None else str(engine_id).encode()
-    content = protocol.error_content(ename, evalue)
-    content["engine_info"] = {"engine_id": engine_id}
-    return wire.pack(msg_type, content, pending.header, metadata, idents=[pending.client, route])[1]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kernel_engine import protocol
 
 from .engines import Engine, Pending
+from .router import fail_reply
 from .scheduler import (
     Action,
     Dependency,
@@ -168,8 +169,6 @@ class Balancer:
                 log.error("could not interrupt engine %i: %s", action.eid, exc)
 
     def _reply_error(self, pending: Pending, kind: str, reason: str) -> None:
-        from .app import fail_reply
-
         self.c.hub.completed(pending.header.get("msg_id", ""), "error", {}, None)
         self.c.clients.send_multipart(
             fail_reply(self.c.wire, pending, None, kind, reason), copy=False

@@ -116,8 +116,6 @@ class Router:
             self._send_client(self._fail(p, engine.id, ename, evalue))
 
     def _fail(self, pending: Pending, eid: int | None, ename: str, evalue: str) -> list[Any]:
-        from .app import fail_reply
-
         return fail_reply(self.wire, pending, eid, ename, evalue)
 
     def _send_client(self, frames: list[Any]) -> None:
@@ -250,3 +248,23 @@ class Router:
         if n < 1:
             raise ValueError(f"cannot start {n} engines")
         return {"ids": self.c.start_engines(n)}, []
+
+
+def fail_reply(
+    wire: protocol.Wire,
+    pending: Pending,
+    engine_id: int | None,
+    ename: str,
+    evalue: str,
+) -> list[Any]:
+    """The frames of an error reply the controller makes for a request it cannot serve."""
+    msg_type = pending.header.get("msg_type", "apply_request").replace("_request", "_reply")
+    metadata = {
+        "engine_id": engine_id,
+        "status": "error",
+        "completed": protocol.utcnow_iso(),
+    }
+    route = protocol.HUB_ROUTE if engine_id is None else str(engine_id).encode()
+    content = protocol.error_content(ename, evalue)
+    content["engine_info"] = {"engine_id": engine_id}
+    return wire.pack(msg_type, content, pending.header, metadata, idents=[pending.client, route])[1]
