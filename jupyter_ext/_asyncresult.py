@@ -48,6 +48,10 @@ class MessageFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self.reply_seen = False
         self.idle_seen = kind != "execute"
         self.outcome: tuple[bool, Any] | None = None
+        # (route, frames, track, header) until sent; ``unsent`` is set once it has been
+        # sent when it had to wait for requests on another path (see ``_order``)
+        self.pending: tuple[bytes, list[Any], bool, dict[str, Any]] | None = None
+        self.unsent: threading.Event | None = None
 
 
 class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -271,12 +275,19 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     @property
     def sent(self) -> bool:
         """Whether zmq is done with every buffer sent (only tracked with ``track=True``)."""
-        return all(f.tracker is None or f.tracker.done for f in self._children)
+        return all(
+            (f.unsent is None or f.unsent.is_set()) and (f.tracker is None or f.tracker.done)
+            for f in self._children
+        )
 
     def wait_on_send(self, timeout: float | None = None) -> None:
         """Block until zmq is done with the buffers sent (``track=True``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for f in self._children:
+            if f.unsent is not None:
+                remaining_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not f.unsent.wait(remaining_s):
+                    raise TimeoutError(f"request still waiting to be sent after {timeout} s")
             if f.tracker is not None:
                 remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
                 try:

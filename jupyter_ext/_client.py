@@ -1,31 +1,24 @@
-"""The Client: a connection to one cluster's controller."""
+"""The Client: a connection to one cluster, and what it asks of the controller."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal as _signal
-import threading
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from kernel_engine import protocol, serialize
-from kernel_engine.errors import (
-    REMOTE_ERROR_CLASSES,
-    EngineError,
-    InvalidTarget,
-    NoEnginesRegistered,
-    RemoteError,
-)
+from kernel_engine import protocol
+from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
 
-from ._asyncresult import AsyncResult, MessageFuture
+from ._asyncresult import AsyncHubResult, AsyncResult, MessageFuture
+from ._connection import Connection
 from ._dependency import msg_ids_of
-from ._io import IOThread
-from ._metadata import ExecuteReply, Metadata
-from ._paths import find_connection_file
+from ._lbview import LoadBalancedView
+from ._metadata import Metadata
+from ._reprs import client_html
+from ._views import DirectView
+from .integrations import dask as _dask
 
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
@@ -35,11 +28,11 @@ _current: Client | None = None
 
 
 def current_client() -> Client | None:
-    """The most recently connected client (what ``%px`` uses by default)."""
+    """The Client most recently connected in this process and still open (for %px)."""
     return _current
 
 
-class Client:
+class Client(Connection):
     """A connection to a cluster: engines, views, results.
 
     Parameters
@@ -61,100 +54,20 @@ class Client:
         max_results: int = 100_000,
     ):
         global _current
-        path = find_connection_file(connection_file)
-        self.connection_file = str(path)
-        self._info: dict[str, Any] = json.loads(Path(path).read_text())
-        self.cluster_id: str = self._info.get("cluster_id", "")
-        self.wire = protocol.Wire(self._info["key"].encode(), username="client")
-        self._futures: dict[str, MessageFuture] = {}
-        self.outstanding: set[str] = set()
-        self.history: list[str] = []
-        self.results: dict[str, Any] = {}
-        self.metadata: dict[str, Metadata] = {}
-        self.max_results = max_results
-        self._engines: dict[int, dict[str, Any]] = {}
-        self._dead: dict[int, str] = {}
-        self._iopub_handlers: list[Any] = []
-        self._closed = False
-        self._welcomed = threading.Event()
-        self._dask: tuple[str, list[int]] | None = None
-        self._io = IOThread(self._info, self._on_reply, self._on_iopub, self._on_controller_lost)
-        self._io.on_tick = self._finish_idle_stragglers
-        try:
-            reply = self._hub_request(protocol.CONNECT_REQUEST, {}, timeout=timeout)
-        except TimeoutError:
-            self.close()
-            raise TimeoutError(
-                f"the controller at {self._info['ip']}:{self._info['client_port']} did not "
-                f"answer within {timeout} s (connection file {self.connection_file})"
-            ) from None
-        self._engines = {int(k): v for k, v in reply["engines"].items()}
-        self._await_iopub(timeout)
+        super().__init__(connection_file, timeout, max_results)
         _current = self
 
-    def _await_iopub(self, timeout: float | None) -> None:
-        """Return once this client's iopub subscription receives (so no output is missed).
+    def close(self) -> None:
+        """Stop the IO thread and close the sockets (the cluster keeps running)."""
+        global _current
+        if _current is self:
+            _current = None
+        super().close()
 
-        A zmq subscription takes effect a little after connecting; until then the engines'
-        output and status messages would be dropped. Each connect request makes the
-        controller publish a welcome; we repeat it until one arrives.
-        """
-        import time
+    # ----- views
 
-        deadline = time.monotonic() + (timeout or 10.0)
-        while not self._welcomed.wait(0.05):
-            if time.monotonic() > deadline:
-                raise TimeoutError("no message from the controller's iopub socket")
-            self._send(protocol.HUB_ROUTE, protocol.CONNECT_REQUEST, {}, kind="hub")
-
-    # ----- engines and views
-
-    @property
-    def ids(self) -> list[int]:
-        """The ids of the engines that are ready, sorted."""
-        return sorted(self._engines)
-
-    def __len__(self) -> int:
-        return len(self._engines)
-
-    def engine_info(self, engine_id: int) -> dict[str, Any]:
-        """``pid``, ``hostname``, ``uuid`` and ``connection_info`` of one engine.
-
-        ``connection_info`` is the engine kernel's Jupyter connection info (with the
-        cluster key), so any Jupyter client can attach to the engine.
-        """
-        try:
-            info = dict(self._engines[engine_id])
-        except KeyError:
-            raise InvalidTarget(f"no engine with id {engine_id}; ids are {self.ids}") from None
-        conn = dict(info["connection_info"])
-        conn["key"] = self.wire.key.decode()
-        info["connection_info"] = conn
-        return info
-
-    def _build_targets(self, targets: Any) -> list[int]:
-        """Engine ids for ``targets``: None/'all', an id, a slice, or ids."""
-        ids = self.ids
-        if targets is None or targets == "all":
-            if not ids:
-                raise NoEnginesRegistered("the cluster has no engines")
-            return ids
-        if isinstance(targets, slice):
-            return ids[targets]
-        if isinstance(targets, int):
-            targets = [targets]
-        out = []
-        for t in targets:
-            if isinstance(t, int) and t in self._dead and t not in self._engines:
-                raise EngineError("EngineError", self._dead[t], None, {"engine_id": t})
-            if not isinstance(t, int) or t not in self._engines:
-                raise InvalidTarget(f"no engine with id {t!r}; ids are {ids}")
-            out.append(t)
-        return out
-
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: Any) -> DirectView:
         """``rc[0]``, ``rc[-1]``, ``rc[::2]``, ``rc[0, 1]``, ``rc[:]``: DirectViews."""
-        from ._views import DirectView
 
         ids = self.ids
         if not ids:
@@ -170,15 +83,13 @@ class Client:
             return DirectView(self, self._build_targets(list(key)))
         raise TypeError(f"engines are indexed by int, slice or ids, not {type(key).__name__}")
 
-    def direct_view(self, targets: Any = "all") -> Any:
+    def direct_view(self, targets: Any = "all") -> DirectView:
         """A DirectView; ``targets='all'`` follows engines as they come and go."""
-        from ._views import DirectView
 
         return DirectView(self, targets)
 
-    def load_balanced_view(self, targets: Any = None) -> Any:
+    def load_balanced_view(self, targets: Any = None) -> LoadBalancedView:
         """A LoadBalancedView over ``targets`` (None: all engines)."""
-        from ._lbview import LoadBalancedView
 
         return LoadBalancedView(self, targets)
 
@@ -186,102 +97,7 @@ class Client:
         """A ``concurrent.futures.Executor`` over a load-balanced view."""
         return self.load_balanced_view(targets).executor
 
-    # ----- sending
-
-    def _new_metadata(
-        self, header: dict[str, Any], engine_id: int | None, **extra: Any
-    ) -> Metadata:
-        md = Metadata(
-            msg_id=header["msg_id"],
-            submitted=datetime.now(timezone.utc),
-            engine_id=engine_id,
-            **extra,
-        )
-        return md
-
-    def _send(
-        self,
-        route: bytes,
-        msg_type: str,
-        content: dict[str, Any] | None = None,
-        buffers: Sequence[Any] = (),
-        metadata: dict[str, Any] | bytes | None = None,
-        engine_id: int | None = None,
-        track: bool = False,
-        kind: str = "apply",
-        md_extra: dict[str, Any] | None = None,
-    ) -> MessageFuture:
-        if self._closed:
-            raise RuntimeError("this Client is closed")
-        if self._io.lost:
-            raise EngineError("EngineError", self._io.lost)
-        header, frames = self.wire.pack(msg_type, content, None, metadata, buffers, idents=[route])
-        msg_id = header["msg_id"]
-        md = self._new_metadata(header, engine_id, **(md_extra or {}))
-        future = MessageFuture(msg_id, md, kind=kind)
-        self._futures[msg_id] = future
-        if kind != "hub":
-            self.metadata[msg_id] = md
-            self.outstanding.add(msg_id)
-            self.history.append(msg_id)
-        future.tracker = self._io.send(frames, track=track)
-        return future
-
-    def _hub_request(
-        self,
-        msg_type: str,
-        content: dict[str, Any],
-        timeout: float | None = 30.0,
-    ) -> dict[str, Any]:
-        future = self._send(protocol.HUB_ROUTE, msg_type, content, kind="hub")
-        try:
-            reply: dict[str, Any] = future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            self._futures.pop(future.msg_id, None)
-            raise TimeoutError(f"the controller did not answer {msg_type} in {timeout} s") from None
-        return reply
-
-    # ----- receiving (on the IO thread)
-
-    def _on_reply(self, frames: list[Any]) -> None:
-        route = frames[0].bytes
-        msg = self.wire.unpack(frames[2:])
-        msg_id = msg.parent_header.get("msg_id", "")
-        future = self._futures.get(msg_id)
-        if future is None:
-            return
-        if future.kind == "hub":
-            self._futures.pop(msg_id, None)
-            content = msg.content
-            content["_buffers"] = msg.buffers
-            future.set_result(content)
-            return
-        md = future.metadata
-        md["received"] = datetime.now(timezone.utc)
-        md.update_from_reply(msg.metadata)
-        if route != protocol.HUB_ROUTE and md.get("engine_id") is None:
-            md["engine_id"] = int(route)
-        outcome = self._outcome(msg, md, msg_id)
-        md["status"] = "ok" if outcome[0] else "error"
-        future.outcome = outcome
-        future.reply_seen = True
-        if future.idle_seen:
-            self._resolve(future)
-
-    def _outcome(self, msg: protocol.Message, md: Metadata, msg_id: str) -> tuple[bool, Any]:
-        """(succeeded, result or error) of a reply."""
-        content = msg.content
-        if content.get("status") != "ok":
-            return False, self._error(content, md, msg_id)
-        if msg.msg_type != protocol.APPLY_REPLY:
-            return True, ExecuteReply(msg_id, content, md)
-        try:
-            return True, serialize.loads(msg.buffers)
-        except Exception as exc:
-            info = {"engine_id": md["engine_id"], "msg_id": msg_id}
-            return False, RemoteError(
-                "SerializationError", f"could not load the result: {exc}", None, info
-            )
+    # ----- requests to the controller
 
     def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
         """An AsyncResult for earlier work: history indices, msg_ids or AsyncResults.
@@ -289,8 +105,6 @@ class Client:
         Work this client submitted resolves as usual; work another client submitted
         comes from the controller's records (an :class:`AsyncHubResult`).
         """
-        from ._asyncresult import AsyncHubResult
-
         if indices_or_msg_ids is None:
             indices_or_msg_ids = -1
         items = (
@@ -347,198 +161,6 @@ class Client:
             out[msg_id] = (record, outcome)
         return out
 
-    def _error(self, content: dict[str, Any], md: Metadata, msg_id: str) -> RemoteError:
-        info = {
-            "engine_id": md.get("engine_id"),
-            "engine_uuid": md.get("engine_uuid"),
-            "msg_id": msg_id,
-        }
-        cls = REMOTE_ERROR_CLASSES.get(content.get("px_error", ""), RemoteError)
-        err = cls(
-            content.get("ename", "Error"),
-            content.get("evalue", ""),
-            content.get("traceback", []),
-            info,
-        )
-        md["error"] = err
-        return err
-
-    def _resolve(self, future: MessageFuture) -> None:
-        msg_id = future.msg_id
-        self._futures.pop(msg_id, None)
-        self.outstanding.discard(msg_id)
-        ok, value = future.outcome or (False, EngineError("EngineError", "no reply"))
-        self.results[msg_id] = value
-        if len(self.results) > self.max_results:
-            self._trim()
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def _trim(self) -> None:
-        while len(self.results) > self.max_results:
-            oldest = next(iter(self.results))
-            self.results.pop(oldest, None)
-            self.metadata.pop(oldest, None)
-
-    def _on_iopub(self, frames: list[Any]) -> None:
-        topic = frames[0].bytes
-        if len(frames) < 7:
-            return  # not a Jupyter message (ipykernel's XPUB welcome, say)
-        msg = self.wire.unpack(frames[2:])
-        if topic == protocol.EVENT_TOPIC:
-            self._on_event(msg)
-            return
-        try:
-            engine_id = int(topic.rsplit(b".", 1)[1])
-        except (IndexError, ValueError):
-            return
-        msg_id = msg.parent_header.get("msg_id", "")
-        future = self._futures.get(msg_id)
-        for handler in list(self._iopub_handlers):
-            handler(engine_id, msg)
-        if future is None:
-            return
-        md = future.metadata
-        msg_type, content = msg.msg_type, msg.content
-        if msg_type == "stream" and (future.kind == "execute" or not future.reply_seen):
-            name = content.get("name", "stdout")
-            md[name] = md.get(name, "") + content.get("text", "")
-        elif msg_type in ("display_data", "update_display_data"):
-            md["outputs"] = [*md["outputs"], content]
-        elif msg_type == "execute_result":
-            md["execute_result"] = content
-        elif msg_type == "execute_input":
-            md["execute_input"] = content.get("code")
-        elif msg_type == "error":
-            md["error"] = content
-        elif msg_type == "status" and content.get("execution_state") == "idle":
-            future.idle_seen = True
-            if future.reply_seen:
-                self._resolve(future)
-
-    def _on_event(self, msg: protocol.Message) -> None:
-        content = msg.content
-        if msg.msg_type == protocol.ENGINE_REGISTERED:
-            info = content["engine"]
-            self._engines[int(info["id"])] = info
-        elif msg.msg_type == protocol.ENGINE_UNREGISTERED:
-            eid = int(content["engine_id"])
-            self._engines.pop(eid, None)
-            self._dead[eid] = content.get("reason", "")
-            self._fail_waiting_for(eid, content.get("reason", f"engine {eid} died"))
-        elif msg.msg_type == protocol.IOPUB_WELCOME:
-            self._welcomed.set()
-        elif msg.msg_type == protocol.CONTROLLER_STOPPING:
-            self._on_controller_lost("the controller stopped")
-
-    def _finish_idle_stragglers(self) -> None:
-        """Execute replies whose idle status never came (lost iopub) finish after 2 s."""
-        now = datetime.now(timezone.utc)
-        for future in list(self._futures.values()):
-            received = future.metadata.get("received")
-            late = received is not None and (now - received).total_seconds() > 2.0
-            if future.reply_seen and not future.idle_seen and late:
-                future.idle_seen = True
-                self._resolve(future)
-
-    def _fail_waiting_for(self, eid: int, reason: str) -> None:
-        """Execute requests whose reply came but whose idle never will (engine died)."""
-        for future in list(self._futures.values()):
-            if future.reply_seen and future.metadata.get("engine_id") == eid:
-                future.idle_seen = True
-                self._resolve(future)
-
-    def _on_controller_lost(self, reason: str) -> None:
-        for future in list(self._futures.values()):
-            if future.kind == "hub":
-                self._futures.pop(future.msg_id, None)
-                if not future.done():
-                    future.set_exception(EngineError("EngineError", reason))
-                continue
-            if future.outcome is None:
-                future.outcome = (
-                    False,
-                    EngineError("EngineError", reason, None, {"msg_id": future.msg_id}),
-                )
-            self._resolve(future)
-
-    # ----- waiting
-
-    def _wait_futures(
-        self, futures: Iterable[Any], timeout: float | None, first: bool = False
-    ) -> bool:
-        futures = list(futures)
-        done, not_done = concurrent.futures.wait(
-            futures, timeout, FIRST_COMPLETED if first else ALL_COMPLETED
-        )
-        return not not_done if not first else bool(done)
-
-    def _futures_for(self, jobs: Any) -> list[concurrent.futures.Future]:  # type: ignore[type-arg]
-        if jobs is None:
-            jobs = list(self.outstanding)
-        if isinstance(jobs, (str, AsyncResult)):
-            jobs = [jobs]
-        out: list[concurrent.futures.Future] = []  # type: ignore[type-arg]
-        for job in jobs:
-            if isinstance(job, concurrent.futures.Future):
-                out.append(job)
-            elif isinstance(job, str):
-                f = self._futures.get(job)
-                if f is not None:
-                    out.append(f)
-            else:
-                raise TypeError(f"cannot wait for {type(job).__name__}")
-        return out
-
-    def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
-        """Wait for msg_ids or AsyncResults (default: everything outstanding).
-
-        Returns whether they are all done; never raises on timeout.
-        """
-        return self._wait_futures(self._futures_for(jobs), timeout)
-
-    def wait_interactive(
-        self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
-    ) -> None:
-        """Wait with a progress display for outstanding work (or ``jobs``)."""
-        from ._progress import wait_futures_with_progress
-
-        wait_futures_with_progress(self._futures_for(jobs), interval, timeout)
-
-    def spin(self) -> None:
-        """Kept for IPython Parallel compatibility: results arrive on the IO thread."""
-
-    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> None:
-        """Wait until at least ``n`` engines are ready."""
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self._engines) < n:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self._engines)} of {n} engines ready after {timeout} s")
-            time.sleep(0.02)
-
-    def wait_for_engines_ready(self, ids: Sequence[int], timeout: float | None = 60.0) -> None:
-        """Wait until engines ``ids`` are ready; raise ClusterError if one dies starting."""
-        import time
-
-        from kernel_engine.errors import ClusterError
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            dead = [i for i in ids if i in self._dead]
-            if dead:
-                raise ClusterError(f"engine {dead[0]} failed to start: {self._dead[dead[0]]}")
-            if all(i in self._engines for i in ids):
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"engines {list(ids)} not ready after {timeout} s")
-            time.sleep(0.02)
-
     # ----- controller requests
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool = True) -> None:
@@ -574,7 +196,13 @@ class Client:
 
     def _interrupt_tasks(self, msg_ids: list[str]) -> list[int]:
         """SIGINT the engines running these requests (wherever the scheduler put them)."""
-        content = {"signum": int(_signal.SIGINT), "msg_ids": list(msg_ids)}
+        lanes = self._io.lanes
+        direct = [] if lanes is None else [lanes.inflight.get(m) for m in msg_ids]
+        content = {
+            "signum": int(_signal.SIGINT),
+            "msg_ids": list(msg_ids),
+            "targets": sorted({e for e in direct if e is not None}),
+        }
         targets: list[int] = self._hub_request(protocol.SIGNAL_REQUEST, content, timeout=10)[
             "targets"
         ]
@@ -654,38 +282,12 @@ class Client:
 
         The scheduler runs in the first target engine, a worker in every target engine.
         """
-        from .integrations.dask import become_dask
-
-        return become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
+        return _dask.become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
 
     def stop_dask(self, targets: Any = None) -> None:
         """Stop the dask scheduler and workers that ``become_dask`` started."""
-        from .integrations.dask import stop_dask
-
-        stop_dask(self, targets)
-
-    # ----- lifetime
-
-    def close(self) -> None:
-        """Stop the IO thread and close the sockets (the cluster keeps running)."""
-        global _current
-        if self._closed:
-            return
-        self._closed = True
-        self._io.stop()
-        if _current is self:
-            _current = None
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Client cluster={self.cluster_id!r} engines={self.ids}>"
+        _dask.stop_dask(self, targets)
 
     def _repr_html_(self) -> str:
-        from ._reprs import client_html
 
         return client_html(self)

@@ -14,6 +14,12 @@ delimiter, never the signed parts, so the controller forwards frames without re-
   ``b"lane:3"`` (engine 3's task lane), ``b"shell:3"``, ``b"control:3"``, ``b"hub"``
   (the controller itself) or ``b"lb"`` (the load-balancing scheduler);
 - controller -> client: one frame names the engine that answered (``b"3"``) or ``b"hub"``.
+
+A client on the engines' host may also send ``apply_request`` straight to an engine's task
+lane (see ``jupyter_ext._lanes``). It sends from a socket whose identity ends in ``:s`` and
+receives on a twin ending in ``:r``; the lane, like the controller, answers the twin
+(:func:`reply_identity`). The client then tells the controller what it sent and what came
+back, in batches (:data:`DIRECT_NOTICE`), so the hub's records stay complete.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ ENGINE_SETUP_REPLY = "engine_setup_reply"
 ENGINE_ABORT_REQUEST = "px_abort_request"
 ENGINE_ABORT_REPLY = "px_abort_reply"
 
+# A client checks that a lane's replies reach it before sending tasks to it directly.
+LANE_PING_REQUEST = "px_lane_ping_request"
+LANE_PING_REPLY = "px_lane_ping_reply"
+
 # Requests a client sends to the controller (route ``b"hub"``); each has a ``*_reply``.
 CONNECT_REQUEST = "px_connect_request"
 QUEUE_REQUEST = "px_queue_request"
@@ -69,6 +79,14 @@ HUB_REQUESTS = frozenset(
         START_REQUEST,
     }
 )
+# A client's account of the tasks it sent to lanes directly (route ``b"hub"``, no reply):
+# content ``{"submitted": [...], "completed": [...]}``, the completed tasks' reply frames
+# joined into the buffers (see ``jupyter_ext._lanes``).
+DIRECT_NOTICE = "px_direct_notice"
+# Replies the controller keeps for other clients' ``get_result`` (larger ones are dropped).
+MAX_STORED_RESULT = 1024 * 1024
+# The identity of the controller's DEALER on each engine's lane (never ends in ``:s``).
+CONTROLLER_IDENTITY = b"px-controller"
 
 # Events the controller publishes to every client on its iopub socket.
 EVENT_TOPIC = b"px.event"

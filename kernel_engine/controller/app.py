@@ -61,6 +61,10 @@ class Controller:
         self.parent_pid = parent_pid
         self.cwd = cwd
         self.context: zmq.Context[Any] = zmq.Context()
+        # No high-water marks: a busy engine or a slow client must never block this loop
+        # (a DEALER blocks at its mark) nor lose replies (a ROUTER drops at its mark).
+        self.context.sndhwm = 0
+        self.context.rcvhwm = 0
         self.wire = protocol.Wire(protocol.new_key(), username="controller")
         self.loop = PollLoop()
         self.hub = Hub()

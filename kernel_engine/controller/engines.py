@@ -55,6 +55,8 @@ class Engine:
     hostname: str = ""
     sockets: dict[str, Any] = field(default_factory=dict)
     inflight: dict[str, Pending] = field(default_factory=dict)
+    # requests clients sent straight to the lane (known from their notices), not finished
+    direct: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
     info_sent_at: float = 0.0
@@ -233,6 +235,7 @@ class EngineSet:
             engine.connection_info["lane_port"] = px["lane_port"]
             lane = self.context.socket(zmq.DEALER)
             lane.linger = 0
+            lane.identity = protocol.CONTROLLER_IDENTITY
             lane.connect(engine.url(px["lane_port"]))
             engine.sockets["lane"] = lane
             self.loop.add_socket(lane, self._handler(engine, "lane"))

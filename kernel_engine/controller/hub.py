@@ -56,7 +56,7 @@ class Hub:
         self,
         max_records: int = 200_000,
         max_result_bytes: int = 64 * 1024 * 1024,
-        max_one_result: int = 1024 * 1024,
+        max_one_result: int = protocol.MAX_STORED_RESULT,
     ):
         self.max_records = max_records
         self.max_result_bytes = max_result_bytes

@@ -53,7 +53,10 @@ class Router:
             log.error("dropped a client message: %s", exc)
             return
         if channel == "hub":
-            self._hub_request(client, msg)
+            if msg.msg_type == protocol.DIRECT_NOTICE:
+                self._direct_notice(client, msg)
+            else:
+                self._hub_request(client, msg)
             return
         if channel == "lb":
             self.c.balancer.submit(client, msg, frames[3:])
@@ -97,8 +100,44 @@ class Router:
                 return  # a retried attempt: the scheduler sent the task elsewhere
         elif channel != "control":
             balancer.record_direct(msg_id, engine.id, status == "ok")
-        self.c.hub.completed(msg_id, status, metadata, frames[2:] if channel == "lane" else None)
         self.c.clients.send_multipart([frames[0], engine.route, *frames[1:]], copy=False)
+        self.c.hub.completed(msg_id, status, metadata, frames[2:] if channel == "lane" else None)
+
+    def _direct_notice(self, client: bytes, msg: protocol.Message) -> None:
+        """A client's account of requests it sent to engines' lanes itself.
+
+        Each submitted request becomes a hub record (and a valid dependency for the
+        scheduler); each completed one gets its outcome and, when small, its reply frames,
+        sliced out of the joined buffers.
+        """
+        engines = self.c.engines.engines
+        content = msg.content
+        for sub in content.get("submitted", []):
+            eid = int(sub["engine_id"])
+            header = {"msg_id": sub["msg_id"], "msg_type": sub["msg_type"], "date": sub["date"]}
+            self.c.hub.submitted(header, client, eid, sub.get("label"))
+            self.c.balancer.scheduler.note_known(sub["msg_id"])
+            if eid in engines:
+                engines[eid].direct.add(sub["msg_id"])
+        blobs = iter(msg.buffers)
+        for done in content.get("completed", []):
+            msg_id, eid = done["msg_id"], done.get("engine_id")
+            metadata = done.get("metadata") or {}
+            status = metadata.get("status") or "error"
+            frames = None
+            sizes = done.get("sizes")
+            if sizes:
+                blob, frames, at = memoryview(next(blobs)), [], 0
+                for size in sizes:
+                    frames.append(blob[at : at + size])
+                    at += size
+            engine = engines.get(eid) if eid is not None else None
+            if engine is not None and msg_id in engine.direct:
+                engine.direct.discard(msg_id)
+                engine.completed += 1
+            if eid is not None:
+                self.c.balancer.record_direct(msg_id, int(eid), status == "ok")
+            self.c.hub.completed(msg_id, status, metadata, frames)
 
     def relay_iopub(self, engine: Engine, frames: list[Any]) -> None:
         """Re-publish an engine's iopub message, topic ``engine.<id>``."""
@@ -176,7 +215,7 @@ class Router:
             engine = self.c.engines.engines[eid]
             tasks = balanced.get(str(eid), {})
             status[str(eid)] = {
-                "queue": len(engine.inflight),
+                "queue": len(engine.inflight) + len(engine.direct),
                 "completed": engine.completed,
                 "tasks": tasks.get("tasks", 0) if isinstance(tasks, dict) else 0,
             }
@@ -222,8 +261,11 @@ class Router:
         msg_ids = msg.content.get("msg_ids")
         if msg_ids is not None:  # the engines running (or holding) these requests
             wanted = set(msg_ids)
-            engines = self.c.engines.engines.values()
-            targets = sorted(e.id for e in engines if wanted & e.inflight.keys())
+            engines = self.c.engines.engines
+            held = {e.id for e in engines.values() if wanted & e.inflight.keys()}
+            # a client names the engines of requests it sent to their lanes itself
+            held.update(t for t in msg.content.get("targets") or () if t in engines)
+            targets = sorted(held)
         else:
             targets = self._targets(msg)
         for eid in targets:

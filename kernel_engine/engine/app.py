@@ -28,6 +28,9 @@ class EngineApp(IPKernelApp):
         assert self.context is not None
         self.lane_socket = self.context.socket(zmq.ROUTER)
         self.lane_socket.linger = 1000
+        # queued tasks wait here however many there are; replies are never dropped
+        self.lane_socket.sndhwm = 0
+        self.lane_socket.rcvhwm = 0
         self.lane_socket.router_handover = 1
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
         self.log.debug("task lane ROUTER on port %i", self.lane_port)

@@ -150,9 +150,19 @@ class TaskLane:
         except Exception:
             self.kernel.log.error("task lane: dropped a malformed or unsigned message")
             return None
-        idents = msg.idents if router_ident is None else [router_ident, *msg.idents]
+        if router_ident is None:
+            idents = msg.idents
+        else:  # a client sending directly gets the reply on its receiving twin
+            idents = [protocol.reply_identity(router_ident), *msg.idents]
         if msg.msg_type == protocol.APPLY_REQUEST:
             return self._apply(msg, idents)
+        if msg.msg_type == protocol.LANE_PING_REQUEST:
+            return self.wire.pack(
+                protocol.LANE_PING_REPLY,
+                {"status": "ok", "engine_id": self.kernel.engine_id},
+                msg.header,
+                idents=idents,
+            )[1]
         if msg.msg_type == protocol.ENGINE_SETUP_REQUEST:
             content = msg.content
             self.kernel.engine_id = int(content["engine_id"])

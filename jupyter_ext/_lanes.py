@@ -1,0 +1,302 @@
+"""Direct lanes: ``apply_request`` sent straight to an engine's task lane.
+
+Through the controller a request takes two more hops, each a receive, a routing decision
+and a send in another process: on this 2-core machine about a third of a round trip. A
+client on the engines' host can skip them. Per engine it connects a sending DEALER
+(identity ``<id>:s``) to the lane, and its receiving DEALER (``<id>:r``, the one that
+also receives the controller's replies) to the lane too; the lane answers the ``:r`` twin
+(:func:`kernel_engine.protocol.reply_identity`).
+
+The controller still learns of every request: the client sends it notices
+(:data:`~kernel_engine.protocol.DIRECT_NOTICE`) of what it submitted and what came back,
+in batches, at most :data:`FLUSH_EVERY` seconds late and always before any other message
+of the client's reaches the controller. So the hub's records, ``queue_status``,
+dependencies of load-balanced tasks on direct ones, and other clients' ``get_result`` see
+direct requests as they see routed ones.
+
+Rules that keep this as safe as routing through the controller:
+
+- A lane is used only for engines on this host (loopback address, this hostname), once it
+  has answered a ping on the receiving socket (so replies cannot be dropped for an
+  unconnected twin).
+- Requests to one engine stay in order when an engine switches from routed to direct
+  (and between lane and shell): see :mod:`jupyter_ext._order`.
+- A dead engine's requests fail: the controller's ``ENGINE_UNREGISTERED`` event does it
+  (with the controller's account of how it died); should that event never come, the IO
+  thread's own check of the engine's process does, :data:`DEATH_GRACE` seconds later.
+
+Threads: sockets are created, connected and closed on the client's IO thread; user threads
+send on the per-engine sockets under the IO thread's send lock. Bookkeeping shared by both
+is guarded by :attr:`DirectLanes.lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as _socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from kernel_engine import protocol
+
+log = logging.getLogger("jupyter_ext")
+
+FLUSH_EVERY = 0.02
+"""Seconds a notice may wait before the IO thread sends the batch it is in."""
+
+PING_FIRST_RETRY = 0.005
+"""Seconds before a lane that has not answered is pinged again; doubles every time, up
+to :data:`PING_MAX_INTERVAL` (a ping is lost when it beats the receiving socket's
+connection)."""
+
+PING_MAX_INTERVAL = 0.5
+
+PING_GIVE_UP = 30.0
+"""Seconds after which an unanswering lane is left alone (requests stay routed)."""
+
+DEATH_GRACE = 2.0
+"""Seconds between seeing an engine's process gone and failing its direct requests,
+when the controller's event has not done it first."""
+
+_LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def direct_enabled(controller_ip: str) -> bool:
+    """Whether a client may use lanes: it runs beside the controller, and nobody said no."""
+    if os.environ.get("JUPYTER_PX_DIRECT", "1").lower() in ("0", "no", "off", "false"):
+        return False
+    return controller_ip in _LOCAL_IPS
+
+
+class _Lane:
+    """One engine's lane as this client sees it."""
+
+    def __init__(self, engine_id: int, url: str, pid: int | None, sock: zmq.Socket[Any]):
+        self.engine_id = engine_id
+        self.url = url
+        self.pid = pid
+        self.socket = sock
+        self.ready = False
+        self.added_at = time.monotonic()
+        self.next_ping = 0.0
+        self.ping_interval = PING_FIRST_RETRY
+        self.gone_since: float | None = None
+
+
+class DirectLanes:
+    """Per-engine lane sockets, which requests are in flight on them, and the notices."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        wire: protocol.Wire,
+        identity: bytes,
+        receiver: zmq.Socket[Any],
+        send_lock: threading.Lock,
+    ):
+        self.context = context
+        self.wire = wire
+        self.identity = identity
+        self.receiver = receiver
+        self.send_lock = send_lock
+        self.lock = threading.Lock()
+        self.lanes: dict[int, _Lane] = {}
+        self.unready: set[int] = set()  # lanes being pinged
+        self._pings: dict[str, int] = {}
+        # requests sent directly and not answered yet: msg_id -> engine id
+        self.inflight: dict[str, int] = {}
+        self._submitted: list[dict[str, Any]] = []
+        self._completed: list[dict[str, Any]] = []
+        self._blobs: list[bytes] = []
+        self._first_pending = 0.0
+        self._hostname = _socket.gethostname()
+
+    # ----- engines (IO thread)
+
+    def add_engines(self, infos: list[dict[str, Any]]) -> None:
+        for info in infos:
+            self.add_engine(info)
+
+    def add_engine(self, info: dict[str, Any]) -> None:
+        """Start using an engine's lane, if it is on this host and has one."""
+        eid = int(info["id"])
+        conn = info.get("connection_info") or {}
+        port = conn.get("lane_port")
+        if eid in self.lanes or not port or conn.get("ip") not in _LOCAL_IPS:
+            return
+        if info.get("hostname") and info["hostname"] != self._hostname:
+            return
+        if conn.get("transport", "tcp") == "ipc":
+            url = f"ipc://{conn['ip']}-{port}"
+        else:
+            url = f"tcp://{conn['ip']}:{port}"
+        with self.send_lock:
+            sock = self.context.socket(zmq.DEALER)
+            sock.linger = 1000
+            sock.identity = self.identity + b":s"
+            sock.connect(url)
+        self.receiver.connect(url)
+        self.lanes[eid] = _Lane(eid, url, info.get("pid"), sock)
+        self.unready.add(eid)
+        self._ping(self.lanes[eid])
+
+    def remove_engine(self, eid: int) -> list[str]:
+        """Stop using an engine's lane; returns the msg_ids that were in flight on it."""
+        lane = self.lanes.pop(eid, None)
+        self.unready.discard(eid)
+        if lane is not None:
+            with self.send_lock:
+                lane.socket.close(linger=0)
+            try:
+                self.receiver.disconnect(lane.url)
+            except zmq.ZMQError:
+                pass
+        with self.lock:
+            lost = [m for m, e in self.inflight.items() if e == eid]
+            for msg_id in lost:
+                del self.inflight[msg_id]
+        self._pings = {m: e for m, e in self._pings.items() if e != eid}
+        return lost
+
+    def _ping(self, lane: _Lane) -> None:
+        lane.next_ping = time.monotonic() + lane.ping_interval
+        lane.ping_interval = min(2 * lane.ping_interval, PING_MAX_INTERVAL)
+        header, frames = self.wire.pack(protocol.LANE_PING_REQUEST, {})
+        self._pings[header["msg_id"]] = lane.engine_id
+        with self.send_lock:
+            lane.socket.send_multipart(frames, copy=False)
+
+    def on_ping_reply(self, msg_id: str) -> None:
+        eid = self._pings.pop(msg_id, None)
+        lane = self.lanes.get(eid) if eid is not None else None
+        if lane is not None:
+            lane.ready = True
+            self.unready.discard(lane.engine_id)
+            self._pings = {m: e for m, e in self._pings.items() if e != eid}
+
+    def ping_silent(self, now: float) -> float | None:
+        """Ping the lanes that are due; returns seconds until the next is due, or None."""
+        soonest: float | None = None
+        for eid in list(self.unready):
+            lane = self.lanes[eid]
+            if now - lane.added_at > PING_GIVE_UP:
+                self.unready.discard(eid)  # its requests stay routed through the controller
+                continue
+            if now >= lane.next_ping:
+                self._ping(lane)
+            wait = max(0.0, lane.next_ping - now)
+            soonest = wait if soonest is None else min(soonest, wait)
+        return soonest
+
+    def tick(self, now: float, alive: Callable[[int], bool]) -> list[tuple[int, str]]:
+        """Returns (engine id, reason) for engines whose process is gone."""
+        dead: list[tuple[int, str]] = []
+        for lane in list(self.lanes.values()):
+            if lane.pid is None or lane.engine_id not in self.inflight.values():
+                continue
+            if alive(lane.pid):
+                lane.gone_since = None
+            elif lane.gone_since is None:
+                lane.gone_since = now
+            elif now - lane.gone_since > DEATH_GRACE:
+                dead.append((lane.engine_id, f"engine {lane.engine_id} (pid {lane.pid}) is gone"))
+        return dead
+
+    # ----- sending (any thread)
+
+    def usable(self, eid: int) -> bool:
+        """Whether requests to ``eid`` may go to its lane directly now."""
+        lane = self.lanes.get(eid)
+        return lane is not None and lane.ready
+
+    def start(self, eid: int, header: dict[str, Any], label: str | None) -> zmq.Socket[Any] | None:
+        """Note a request about to go to ``eid``'s lane; returns the lane's socket (None
+        if the engine is gone)."""
+        lane = self.lanes.get(eid)
+        if lane is None:
+            return None
+        entry = {
+            "msg_id": header["msg_id"],
+            "msg_type": header["msg_type"],
+            "date": header["date"],
+            "engine_id": eid,
+            "label": label,
+        }
+        with self.lock:
+            self.inflight[header["msg_id"]] = eid
+            if not self._first_pending:
+                self._first_pending = time.monotonic()
+            self._submitted.append(entry)
+        return lane.socket
+
+    # ----- receiving (IO thread)
+
+    def direct_done(
+        self, msg_id: str, metadata: dict[str, Any], reply: list[Any] | None = None
+    ) -> int | None:
+        """A direct request finished: note it for the controller; returns its engine id.
+
+        ``reply`` (the frames after the delimiter) is kept for the hub when small.
+        """
+        entry: dict[str, Any] = {
+            "msg_id": msg_id,
+            "metadata": {
+                "status": metadata.get("status") or "error",
+                "started": metadata.get("started"),
+                "completed": metadata.get("completed") or protocol.utcnow_iso(),
+            },
+        }
+        blob = None
+        if reply is not None:
+            sizes = [len(f) for f in reply]
+            if sum(sizes) <= protocol.MAX_STORED_RESULT:
+                entry["sizes"] = sizes
+                blob = b"".join(getattr(f, "buffer", f) for f in reply)
+        with self.lock:
+            eid = entry["engine_id"] = self.inflight.pop(msg_id, None)
+            if blob is not None:
+                self._blobs.append(blob)
+            if not self._first_pending:
+                self._first_pending = time.monotonic()
+            self._completed.append(entry)
+        return eid
+
+    # ----- notices
+
+    def flush_due(self, now: float) -> float | None:
+        """Seconds until the pending notices must go (0: now), or None if none wait."""
+        first = self._first_pending
+        if not first:
+            return None
+        return max(0.0, first + FLUSH_EVERY - now)
+
+    def flush(self, controller: zmq.Socket[Any]) -> None:
+        """Send pending notices on ``controller`` (call with the send lock held)."""
+        if not self._first_pending:
+            return
+        with self.lock:
+            content = {"submitted": self._submitted, "completed": self._completed}
+            blobs = self._blobs
+            self._submitted, self._completed, self._blobs = [], [], []
+            self._first_pending = 0.0
+        frames = self.wire.pack(
+            protocol.DIRECT_NOTICE, content, None, None, blobs, idents=[protocol.HUB_ROUTE]
+        )[1]
+        try:  # never block: a stuck controller loses these records, nobody's results
+            controller.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning(
+                "jupyter-px client: the controller is not reading; %i notices dropped",
+                len(content["submitted"]) + len(content["completed"]),
+            )
+
+    def close(self) -> None:
+        """Close the lane sockets (IO thread, send lock held by the caller)."""
+        for lane in self.lanes.values():
+            lane.socket.close(linger=1000)
+        self.lanes.clear()

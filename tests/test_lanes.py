@@ -1,0 +1,157 @@
+"""Direct lanes: a client on the engines' host sends apply requests to the lanes itself.
+
+These tests check what makes that safe: requests stay in order when an engine switches
+from routed to direct, the controller still knows every request (records, queue status,
+other clients' ``get_result``, dependencies), and a dead engine's direct requests fail
+with or without the controller's event.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import jupyter_ext as jx
+from jupyter_ext._lanes import DEATH_GRACE
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _set_later(name, value, delay):
+    """Wait, then set a name in the engine's namespace."""
+    import time
+
+    from IPython import get_ipython
+
+    time.sleep(delay)
+    get_ipython().user_ns[name] = value
+    return value
+
+
+def _wait_ready(rc, ids, timeout=5.0):
+    lanes = rc._io.lanes
+    deadline = time.monotonic() + timeout
+    while not all(i in lanes.lanes and lanes.lanes[i].ready for i in ids):
+        assert time.monotonic() < deadline, "lanes did not answer their pings"
+        time.sleep(0.01)
+
+
+def test_lanes_are_used_and_the_controller_keeps_records(rc):
+    _wait_ready(rc, rc.ids)
+    lanes = rc._io.lanes
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    assert lanes.inflight.get(ar.msg_ids[0]) == 0  # sent straight to engine 0's lane
+    status = rc.queue_status(0)
+    assert status["queue"] == 1  # the controller was told before it answered
+    assert ar.get(5) is None
+    assert rc[0].apply_sync(pow, 2, 10) == 1024
+    last = rc.history[-1]
+    records = {r["msg_id"]: r for r in rc.db_query({"engine_id": 0})}
+    assert records[ar.msg_ids[0]]["status"] == "ok"
+    assert records[last]["status"] == "ok" and records[last]["result_stored"]
+    assert rc.queue_status(0)["queue"] == 0
+    with jx.Client(rc.connection_file) as other:
+        assert other.get_result(last).get(5) == 1024
+        assert last in other.hub_history()
+
+
+def test_switch_from_routed_to_direct_keeps_order(rc):
+    _wait_ready(rc, [1])
+    lane = rc._io.lanes.lanes[1]
+    lane.ready = False  # as if the ping had not come back yet
+    first = rc[1].apply_async(_set_later, "order_x", 1, 0.3)
+    assert first.msg_ids[0] not in rc._io.lanes.inflight  # routed through the controller
+    lane.ready = True
+    # engine 1 still has a routed request in flight: this one waits, unsent
+    second = rc[1].apply_async(lambda x: x, jx.Reference("order_x"))
+    assert rc._order.waiting(1) == 1 and not second.sent
+    assert second.get(5) == 1
+    assert second.sent and rc._order.waiting(1) == 0
+    third = rc[1].apply_async(lambda x: x + 1, jx.Reference("order_x"))
+    assert third.get(5) == 2
+
+
+def test_execute_and_apply_run_in_the_order_sent(rc):
+    """Without blocking, as IPython Parallel users write it."""
+    _wait_ready(rc, rc.ids)
+    dv = rc[:]
+    for i in range(3):
+        dv.execute(f"import time; time.sleep(0.2); seq_z = {i}", block=False)
+        assert dv.pull("seq_z", block=False).get(5) == [i, i]
+    dv.push({"seq_w": 7}, block=False)
+    assert dv.execute("print(seq_w)", block=False).get(5)[0].stdout == "7\n"
+    dv.apply_async(_set_later, "seq_v", 8, 0.2)
+    assert dv.execute("seq_v += 1", block=False).get(5)
+    assert dv.pull("seq_v", block=True) == [9, 9]
+
+
+def test_load_balanced_task_after_a_direct_one(rc):
+    _wait_ready(rc, rc.ids)
+    direct = rc[0].apply_async(_set_later, "dep_y", 5, 0.3)
+    lview = rc.load_balanced_view()
+    with lview.temp_flags(after=direct, block=False):
+        later = lview.apply(lambda: time.time())
+    finished = later.get(5)
+    assert direct.get(5) == 5
+    assert finished >= direct.metadata["completed"].timestamp() - 0.01
+
+
+def test_interrupting_a_direct_task(rc):
+    _wait_ready(rc, rc.ids)
+    ar = rc[1].apply_async(time.sleep, 30)
+    time.sleep(0.3)
+    assert rc._interrupt_tasks(ar.msg_ids) == [1]
+    with pytest.raises(jx.RemoteError, match="KeyboardInterrupt"):
+        ar.get(5)
+    assert rc[1].apply_sync(abs, -3) == 3
+
+
+def test_lanes_can_be_switched_off(rc, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PX_DIRECT", "0")
+    with jx.Client(rc.connection_file) as routed:
+        assert routed._io.lanes is None
+        assert routed[:].apply_sync(os.getpid) == [rc.engine_info(i)["pid"] for i in routed.ids]
+
+
+def test_dead_engine_fails_direct_requests_without_the_event(cluster_factory):
+    """Should the controller's event be lost, the client's own check fails the requests."""
+    _, rc = cluster_factory.start(2)
+    _wait_ready(rc, rc.ids)
+    on_event = rc._on_event
+
+    def drop_unregistered(msg):
+        if msg.msg_type != "px_engine_unregistered":
+            on_event(msg)
+
+    rc._on_event = drop_unregistered
+    pid = rc.engine_info(1)["pid"]
+    ar = rc[1].apply_async(time.sleep, 60)
+    assert ar.msg_ids[0] in rc._io.lanes.inflight
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(jx.EngineError, match=f"engine 1 \\(pid {pid}\\) is gone"):
+        ar.get(DEATH_GRACE + 5)
+    assert time.monotonic() - t0 < DEATH_GRACE + 2
+    assert rc[0].apply_sync(abs, -1) == 1
+
+
+def test_thousands_queued_behind_a_busy_engine_never_block(rc):
+    """No high-water mark stops a sender: 20,000 requests wait while the engine sleeps.
+
+    (With zmq's default marks, sending blocks after a few thousand until the engine
+    wakes.)
+    """
+    _wait_ready(rc, [0])
+    busy = rc[0].apply_async(time.sleep, 5.0)
+    t0 = time.monotonic()
+    queued = [rc[0].apply_async(abs, -i) for i in range(20_000)]
+    assert time.monotonic() - t0 < 4.5
+    assert queued[-1].msg_ids[0] in rc._io.lanes.inflight
+    assert busy.get(10) is None
+    assert [ar.get(60) for ar in queued] == list(range(20_000))
