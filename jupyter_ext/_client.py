@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import signal as _signal
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from kernel_engine import protocol
 from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
 
+from . import _connection
 from ._asyncresult import AsyncHubResult, AsyncResult, MessageFuture
 from ._connection import Connection
 from ._dependency import msg_ids_of
@@ -24,45 +24,21 @@ ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
 FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 
-_current: Client | None = None
-
 
 def current_client() -> Client | None:
     """The Client most recently connected in this process and still open (for %px)."""
-    return _current
+    client = _connection.current
+    return client if isinstance(client, Client) else None
 
 
 class Client(Connection):
     """A connection to a cluster: engines, views, results.
 
-    Parameters
-    ----------
-    connection_file
-        The cluster's ``client.json`` (or a cluster id); by default the newest running
-        cluster's.
-    timeout
-        Seconds to wait for the controller to answer the first request.
-    max_results
-        How many finished tasks' results and metadata ``results``/``metadata`` keep; the
-        oldest go first (AsyncResults keep their own), so memory stays bounded.
+    ``Client(connection_file=None, timeout=10.0, max_results=100_000)``: see
+    :class:`~jupyter_ext._connection.Connection` for the parameters. The machinery (sockets,
+    sending, receiving, futures) lives there; this class adds views and the requests to
+    the controller.
     """
-
-    def __init__(
-        self,
-        connection_file: str | os.PathLike[str] | None = None,
-        timeout: float | None = 10.0,
-        max_results: int = 100_000,
-    ):
-        global _current
-        super().__init__(connection_file, timeout, max_results)
-        _current = self
-
-    def close(self) -> None:
-        """Stop the IO thread and close the sockets (the cluster keeps running)."""
-        global _current
-        if _current is self:
-            _current = None
-        super().close()
 
     # ----- views
 

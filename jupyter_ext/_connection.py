@@ -35,6 +35,9 @@ from ._metadata import ExecuteReply, Metadata
 from ._order import EngineOrder
 from ._paths import find_connection_file
 
+current: Connection | None = None
+"""The connection most recently made in this process and still open."""
+
 
 class Connection:
     """A connection to a cluster: engines, views, results (see :class:`jupyter_ext.Client`).
@@ -57,6 +60,7 @@ class Connection:
         timeout: float | None = 10.0,
         max_results: int = 100_000,
     ):
+        global current
         path = find_connection_file(connection_file)
         self.connection_file = str(path)
         self._info: dict[str, Any] = json.loads(Path(path).read_text())
@@ -93,6 +97,7 @@ class Connection:
             known = list(self._engines.values())
             self._io.call_soon(lambda: lanes.add_engines(known))
         self._await_iopub(timeout)
+        current = self
 
     def _await_iopub(self, timeout: float | None) -> None:
         """Return once this client's iopub subscription receives (so no output is missed).
@@ -560,9 +565,12 @@ class Connection:
 
     def close(self) -> None:
         """Stop the IO thread and close the sockets (the cluster keeps running)."""
+        global current
         if self._closed:
             return
         self._closed = True
+        if current is self:
+            current = None
         self._io.stop()
 
     def __enter__(self) -> Self:
