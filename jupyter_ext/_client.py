@@ -196,10 +196,15 @@ class Client(Connection):
         """Stop engines (and with ``hub=True`` the controller and every engine)."""
         ids = self._build_targets(targets) if self._engines else []
         content = {"targets": ids, "hub": hub}
-        if block:
-            self._hub_request(protocol.SHUTDOWN_REQUEST, content, timeout=60)
-        else:
+        if not block:
             self._send(protocol.HUB_ROUTE, protocol.SHUTDOWN_REQUEST, content, kind="hub")
+            return
+        reply = self._hub_request(protocol.SHUTDOWN_REQUEST, content, timeout=60)
+        if not hub:  # gone from ``ids`` on return, whenever the controller's event comes
+            reasons = reply.get("reasons") or {}
+            self._engines_gone(
+                {int(k): v or f"engine {k} was shut down" for k, v in reasons.items()}
+            )
 
     def hub_history(self) -> list[str]:
         """Every msg_id the controller has a record of, oldest first."""

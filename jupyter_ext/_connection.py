@@ -444,15 +444,31 @@ class Connection:
                 self._io.lanes.add_engine(info)
         elif msg.msg_type == protocol.ENGINE_UNREGISTERED:
             eid = int(content["engine_id"])
-            reason = content.get("reason") or f"engine {eid} died"
-            self._engines.pop(eid, None)
-            self._dead[eid] = reason
-            self._fail_waiting_for(eid, reason)
-            self._fail_engine_requests(eid, reason.splitlines()[0])
+            self._engine_gone(eid, content.get("reason") or f"engine {eid} died")
         elif msg.msg_type == protocol.IOPUB_WELCOME:
             self._welcomed.set()
         elif msg.msg_type == protocol.CONTROLLER_STOPPING:
             self._on_controller_lost("the controller stopped")
+
+    def _engine_gone(self, eid: int, reason: str) -> None:
+        """An engine left the cluster (IO thread; a second call changes nothing)."""
+        self._engines.pop(eid, None)
+        self._dead[eid] = reason
+        self._fail_waiting_for(eid, reason)
+        self._fail_engine_requests(eid, reason.splitlines()[0])
+
+    def _engines_gone(self, reasons: dict[int, str], timeout: float = 10.0) -> None:
+        """Apply what the controller said of engines it stopped now, not when its event
+        arrives (any thread; returns once the IO thread has done it)."""
+        done = threading.Event()
+
+        def apply() -> None:
+            for eid, reason in reasons.items():
+                self._engine_gone(eid, reason)
+            done.set()
+
+        self._io.call_soon(apply)
+        done.wait(timeout)
 
     def _finish_idle_stragglers(self) -> None:
         """Execute replies whose idle status never came (lost iopub) finish after 2 s."""

@@ -94,6 +94,18 @@ def test_start_stop_restart_engines(cluster_factory):
     cluster_factory.pids += [rc.engine_info(i)["pid"] for i in rc.ids]
 
 
+def test_shutdown_updates_ids_before_it_returns(cluster_factory):
+    """The controller's event may come after the reply: ``ids`` must not wait for it."""
+    _, rc = cluster_factory.start(2)
+    on_event = rc._on_event
+    rc._on_event = lambda msg: None if msg.msg_type == "px_engine_unregistered" else on_event(msg)
+    rc.shutdown(targets=[0])
+    assert rc.ids == [1]
+    with pytest.raises(jx.EngineError, match="engine 0 was shut down by a client"):
+        rc[0].apply_sync(abs, 1)
+    assert rc[1].apply_sync(abs, -2) == 2
+
+
 def test_from_file_in_another_process(cluster_factory):
     cluster, rc = cluster_factory.start(2)
     code = (

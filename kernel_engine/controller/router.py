@@ -277,7 +277,7 @@ class Router:
         if msg.content.get("hub"):
             return {"targets": targets}, []
         self.c.stop_engines(targets, reason="was shut down by a client")
-        return {"targets": targets}, []
+        return {"targets": targets, "reasons": {str(t): self.c.dead.get(t) for t in targets}}, []
 
     def _history(self, msg: protocol.Message) -> tuple[dict[str, Any], list[Any]]:
         return {"history": self.c.hub.history()}, []
