@@ -155,3 +155,28 @@ def test_thousands_queued_behind_a_busy_engine_never_block(rc):
     assert queued[-1].msg_ids[0] in rc._io.lanes.inflight
     assert busy.get(10) is None
     assert [ar.get(60) for ar in queued] == list(range(20_000))
+
+
+def test_threads_and_clients_share_the_lanes(rc):
+    """Several threads of one client, and a second client, on the same lanes at once."""
+    import concurrent.futures
+
+    _wait_ready(rc, rc.ids)
+
+    def work(k):
+        view = rc[k % 2]
+        out = []
+        for i in range(200):
+            if i % 50 == 0:  # a shell request among the lane ones
+                view.execute(f"t{k} = {i}", block=False)
+                out.append(view.pull(f"t{k}", block=False).get(10) == i)
+            else:
+                out.append(view.apply_async(pow, k, 2).get(10) == k * k)
+        return all(out)
+
+    with jx.Client(rc.connection_file) as other:
+        _wait_ready(other, other.ids)
+        theirs = [other[i % 2].apply_async(abs, -i) for i in range(500)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(4)))
+        assert [ar.get(10) for ar in theirs] == list(range(500))
