@@ -116,7 +116,8 @@ class IOThread:
         """Run ``callback`` on this thread (which owns the sockets) soon."""
         self._calls.append(callback)
         with self._send_lock:
-            self._wake_out.send(b"", zmq.NOBLOCK)
+            if not self._wake_out.closed:  # else the thread has stopped (see stop)
+                self._wake_out.send(b"", zmq.NOBLOCK)
 
     def _run(self) -> None:
         poller = zmq.Poller()

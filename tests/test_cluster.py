@@ -186,6 +186,16 @@ def test_client_finds_the_newest_cluster(rc):
         other.close()
 
 
+def test_close_after_the_io_thread_stopped(rc):
+    """close() must not fail when the IO thread has already left its loop (a race with
+    its own poll timing out)."""
+    other = jx.Client(rc.connection_file)
+    other._io._running = False
+    other._io.thread.join(5)
+    assert not other._io.thread.is_alive()
+    other.close()
+
+
 def test_missing_cluster_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no cluster"):
         jx.Client("no-such-cluster")
