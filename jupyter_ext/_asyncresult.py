@@ -16,6 +16,8 @@ import zmq
 from kernel_engine.errors import CompositeError, RemoteError
 
 from ._metadata import METADATA_KEYS, Metadata
+from ._progress import wait_with_progress
+from ._reprs import result_html
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -321,16 +323,12 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         ``JUPYTER_PX_PROGRESS=off``) shows nothing. Returns nothing (so a notebook shows no
         ``Out``), like IPython Parallel's; ``ready()`` says whether it finished in time.
         """
-        from ._progress import wait_with_progress
-
         wait_with_progress(self, interval=interval, timeout=timeout, widget=widget, show=show)
 
     def _total(self) -> int:
         return len(self._children)
 
     def _repr_html_(self) -> str:
-        from ._reprs import result_html
-
         return result_html(self)
 
     def __repr__(self) -> str:

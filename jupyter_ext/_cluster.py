@@ -20,7 +20,8 @@ from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 
 from ._client import Client
-from ._paths import cluster_folder, clusters_dir
+from ._paths import cluster_folder, clusters_dir, find_connection_file
+from ._reprs import cluster_html
 
 
 class Cluster:
@@ -88,8 +89,6 @@ class Cluster:
         return f"<Cluster {self.cluster_id} n={self.n} {state}>"
 
     def _repr_html_(self) -> str:
-        from ._reprs import cluster_html
-
         return cluster_html(self)
 
     @property
@@ -322,8 +321,6 @@ class Cluster:
     @classmethod
     def from_file(cls, cluster: str | os.PathLike[str] | None = None) -> Cluster:
         """Attach to a running cluster: by id, folder or connection file (default: newest)."""
-        from ._paths import find_connection_file
-
         path = find_connection_file(cluster)
         info = json.loads(path.read_text())
         self = cls.__new__(cls)

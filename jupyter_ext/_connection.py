@@ -23,6 +23,7 @@ import zmq
 from kernel_engine import protocol, serialize
 from kernel_engine.errors import (
     REMOTE_ERROR_CLASSES,
+    ClusterError,
     EngineError,
     InvalidTarget,
     NoEnginesRegistered,
@@ -34,6 +35,7 @@ from ._io import IOThread, process_alive
 from ._metadata import ExecuteReply, Metadata
 from ._order import EngineOrder
 from ._paths import find_connection_file
+from ._progress import wait_futures_with_progress
 
 current: Connection | None = None
 """The connection most recently made in this process and still open."""
@@ -545,8 +547,6 @@ class Connection:
         self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
     ) -> None:
         """Wait with a progress display for outstanding work (or ``jobs``)."""
-        from ._progress import wait_futures_with_progress
-
         wait_futures_with_progress(self._futures_for(jobs), interval, timeout)
 
     def spin(self) -> None:
@@ -563,9 +563,6 @@ class Connection:
 
     def wait_for_engines_ready(self, ids: Sequence[int], timeout: float | None = 60.0) -> None:
         """Wait until engines ``ids`` are ready; raise ClusterError if one dies starting."""
-
-        from kernel_engine.errors import ClusterError
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             dead = [i for i in ids if i in self._dead]

@@ -8,6 +8,7 @@ from types import ModuleType
 from typing import Any
 
 from kernel_engine.errors import UnmetDependency
+from kernel_engine.serialize import bind_interactive
 
 
 class Dependency(set[str]):
@@ -94,8 +95,6 @@ class DependentFunction:
         self.__doc__ = getattr(f, "__doc__", None)
 
     def _px_bind(self, namespace: dict[str, Any]) -> DependentFunction:
-        from kernel_engine.serialize import bind_interactive
-
         return DependentFunction(
             bind_interactive(self.f, namespace),
             bind_interactive(self.check, namespace),

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol
 from kernel_engine.engine import ops
+from kernel_engine.errors import NoEnginesRegistered
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
+from ._dependency import as_dependency
 from ._views import View, _fname, _sliceable
 
 if TYPE_CHECKING:
@@ -62,8 +64,6 @@ class LoadBalancedView(View):
         raise AttributeError(name)
 
     def _task_metadata(self) -> _TaskFlags:
-        from ._dependency import as_dependency
-
         targets = None if self.targets is None else self._target_ids()
         return _TaskFlags(
             {
@@ -79,8 +79,6 @@ class LoadBalancedView(View):
 
     def _submit(self, buffers: list[Any], track: bool, md: _TaskFlags) -> MessageFuture:
         if not self.client.ids and not self.client._engines:
-            from kernel_engine.errors import NoEnginesRegistered
-
             raise NoEnginesRegistered("the cluster has no engines to balance work over")
         return self.client._send(
             protocol.LB_ROUTE,
