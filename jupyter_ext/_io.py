@@ -29,7 +29,7 @@ import zmq
 
 from kernel_engine import protocol
 
-from ._lanes import DirectLanes, direct_enabled
+from ._lanes import LOCAL_IPS, DirectLanes, direct_enabled
 
 log = logging.getLogger("jupyter_ext")
 
@@ -82,7 +82,7 @@ class IOThread:
         if direct_enabled(ip):
             self.lanes = DirectLanes(self.context, wire, identity, self.dealer, self._send_lock)
         self._controller_pid = int(info.get("controller_pid") or 0)
-        self._local = ip in ("127.0.0.1", "localhost", "::1")
+        self._local = ip in LOCAL_IPS
         self._running = True
         self.lost: str | None = None
         self.on_tick: Callable[[], None] = lambda: None

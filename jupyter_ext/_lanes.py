@@ -63,14 +63,15 @@ DEATH_GRACE = 2.0
 """Seconds between seeing an engine's process gone and failing its direct requests,
 when the controller's event has not done it first."""
 
-_LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
+LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
+"""Addresses that mean "this machine"."""
 
 
 def direct_enabled(controller_ip: str) -> bool:
     """Whether a client may use lanes: it runs beside the controller, and nobody said no."""
     if os.environ.get("JUPYTER_PX_DIRECT", "1").lower() in ("0", "no", "off", "false"):
         return False
-    return controller_ip in _LOCAL_IPS
+    return controller_ip in LOCAL_IPS
 
 
 class _Lane:
@@ -127,14 +128,11 @@ class DirectLanes:
         eid = int(info["id"])
         conn = info.get("connection_info") or {}
         port = conn.get("lane_port")
-        if eid in self.lanes or not port or conn.get("ip") not in _LOCAL_IPS:
+        if eid in self.lanes or not port or conn.get("ip") not in LOCAL_IPS:
             return
         if info.get("hostname") and info["hostname"] != self._hostname:
             return
-        if conn.get("transport", "tcp") == "ipc":
-            url = f"ipc://{conn['ip']}-{port}"
-        else:
-            url = f"tcp://{conn['ip']}:{port}"
+        url = protocol.endpoint(conn, port)
         with self.send_lock:
             sock = self.context.socket(zmq.DEALER)
             sock.linger = 1000
@@ -146,7 +144,8 @@ class DirectLanes:
         self._ping(self.lanes[eid])
 
     def remove_engine(self, eid: int) -> list[str]:
-        """Stop using an engine's lane; returns the msg_ids that were in flight on it."""
+        """Stop using an engine's lane; returns the msg_ids in flight on it (each still to
+        be finished with :meth:`direct_done`)."""
         lane = self.lanes.pop(eid, None)
         self.unready.discard(eid)
         if lane is not None:
@@ -158,8 +157,6 @@ class DirectLanes:
                 pass
         with self.lock:
             lost = [m for m, e in self.inflight.items() if e == eid]
-            for msg_id in lost:
-                del self.inflight[msg_id]
         self._pings = {m: e for m, e in self._pings.items() if e != eid}
         return lost
 
@@ -196,8 +193,9 @@ class DirectLanes:
     def tick(self, now: float, alive: Callable[[int], bool]) -> list[tuple[int, str]]:
         """Returns (engine id, reason) for engines whose process is gone."""
         dead: list[tuple[int, str]] = []
+        busy = set(self.inflight.values())
         for lane in list(self.lanes.values()):
-            if lane.pid is None or lane.engine_id not in self.inflight.values():
+            if lane.pid is None or lane.engine_id not in busy:
                 continue
             if alive(lane.pid):
                 lane.gone_since = None
@@ -238,8 +236,8 @@ class DirectLanes:
 
     def direct_done(
         self, msg_id: str, metadata: dict[str, Any], reply: list[Any] | None = None
-    ) -> int | None:
-        """A direct request finished: note it for the controller; returns its engine id.
+    ) -> None:
+        """A direct request finished (or failed): note it for the controller.
 
         ``reply`` (the frames after the delimiter) is kept for the hub when small.
         """
@@ -258,13 +256,12 @@ class DirectLanes:
                 entry["sizes"] = sizes
                 blob = b"".join(getattr(f, "buffer", f) for f in reply)
         with self.lock:
-            eid = entry["engine_id"] = self.inflight.pop(msg_id, None)
+            entry["engine_id"] = self.inflight.pop(msg_id, None)
             if blob is not None:
                 self._blobs.append(blob)
             if not self._first_pending:
                 self._first_pending = time.monotonic()
             self._completed.append(entry)
-        return eid
 
     # ----- notices
 

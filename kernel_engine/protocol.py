@@ -129,6 +129,14 @@ def reply_identity(sender: bytes) -> bytes:
     return sender
 
 
+def endpoint(connection_info: dict[str, Any], port: int) -> str:
+    """The zmq URL of ``port`` of a Jupyter connection info (``tcp`` or ``ipc``)."""
+    ip = connection_info["ip"]
+    if connection_info.get("transport", "tcp") == "ipc":
+        return f"ipc://{ip}-{port}"
+    return f"tcp://{ip}:{port}"
+
+
 def route_frame(channel: str, engine_id: int) -> bytes:
     """The route frame a client puts before the delimiter to reach ``channel`` of an engine."""
     return f"{channel}:{engine_id}".encode()

@@ -180,3 +180,20 @@ def test_threads_and_clients_share_the_lanes(rc):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             assert all(pool.map(work, range(4)))
         assert [ar.get(10) for ar in theirs] == list(range(500))
+
+
+def test_task_after_a_direct_one_whose_engine_died(cluster_factory):
+    """The controller hears of the direct task's failure, so its dependents do not wait."""
+    _, rc = cluster_factory.start(2)
+    _wait_ready(rc, rc.ids)
+    direct = rc[1].apply_async(time.sleep, 60)
+    assert direct.msg_ids[0] in rc._io.lanes.inflight
+    lview = rc.load_balanced_view(targets=[0])
+    with lview.temp_flags(after=direct, block=False):
+        dependent = lview.apply(abs, -1)
+    time.sleep(0.2)
+    os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
+    with pytest.raises(jx.EngineError):
+        direct.get(5)
+    with pytest.raises(jx.ImpossibleDependency):
+        dependent.get(5)

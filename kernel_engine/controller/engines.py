@@ -69,10 +69,7 @@ class Engine:
         return str(self.id).encode()
 
     def url(self, port: int) -> str:
-        info = self.connection_info
-        if info.get("transport", "tcp") == "ipc":
-            return f"ipc://{info['ip']}-{port}"
-        return f"tcp://{info['ip']}:{port}"
+        return protocol.endpoint(self.connection_info, port)
 
     def info(self) -> dict[str, Any]:
         """What clients learn about this engine (``Client.engine_info``)."""
