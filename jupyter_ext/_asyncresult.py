@@ -18,6 +18,7 @@ from kernel_engine.errors import CompositeError, RemoteError
 from ._metadata import METADATA_KEYS, Metadata
 from ._progress import wait_with_progress
 from ._reprs import result_html
+from ._request import Request
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -36,26 +37,6 @@ def _wait_one(future: concurrent.futures.Future, timeout: float | None) -> bool:
     return True
 
 
-class MessageFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """The future of one request message; the client's IO thread resolves it."""
-
-    def __init__(self, msg_id: str, metadata: Metadata, kind: str = "apply"):
-        super().__init__()
-        self.msg_id = msg_id
-        self.metadata = metadata
-        self.kind = kind
-        self.tracker: zmq.MessageTracker | None = None
-        # execute requests finish when both the reply and the engine's idle status
-        # (the end of the request's output on iopub) have arrived.
-        self.reply_seen = False
-        self.idle_seen = kind != "execute"
-        self.outcome: tuple[bool, Any] | None = None
-        # (route, frames, track, header) until sent; ``unsent`` is set once it has been
-        # sent when it had to wait for requests on another path (see ``_order``)
-        self.pending: tuple[bytes, list[Any], bool, dict[str, Any]] | None = None
-        self.unsent: threading.Event | None = None
-
-
 class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     """The result of work submitted through a view, available later.
 
@@ -68,13 +49,14 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     def __init__(
         self,
         client: Client,
-        futures: list[MessageFuture],
+        futures: list[Request],
         fname: str = "unknown",
         targets: Any = None,
         single: bool = False,
     ):
         super().__init__()
         self._client = client
+        self._transport = client.transport
         self._children = list(futures)
         self.msg_ids = [f.msg_id for f in futures]
         self._fname = fname
@@ -152,7 +134,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         if not pending:
             return []
         try:
-            engines = self._client._interrupt_tasks(pending)
+            engines = self._transport.interrupt(pending)
         except Exception:
             return []
         _wait_one(self, grace)
@@ -202,7 +184,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         """Ask the controller and engines not to run those tasks yet to start."""
         pending = [f.msg_id for f in self._children if not f.done()]
         if pending:
-            self._client.abort(pending, block=False)
+            self._transport.abort(pending, block=False)
 
     def _metadata_list(self) -> list[Metadata]:
         return [f.metadata for f in self._children]
@@ -346,7 +328,7 @@ class AsyncMapResult(AsyncResult):
     def __init__(
         self,
         client: Client,
-        futures: list[MessageFuture],
+        futures: list[Request],
         chunk_sizes: list[int],
         fname: str = "unknown",
         ordered: bool = True,
@@ -373,7 +355,7 @@ class AsyncMapResult(AsyncResult):
         except concurrent.futures.InvalidStateError:
             pass
 
-    def _chunk_result(self, f: MessageFuture) -> Any:
+    def _chunk_result(self, f: Request) -> Any:
         exc = f.exception()
         if exc is None:
             return f.result()
@@ -407,10 +389,10 @@ class AsyncMapResult(AsyncResult):
             order = self._completion_iter()
         for i in order:
             f = self._children[i]
-            self._client._wait_futures([f], None)
+            self._transport.wait([f], None)
             yield from self._chunk_result(f) if self._return_exceptions else self._raise(f)
 
-    def _raise(self, f: MessageFuture) -> Any:
+    def _raise(self, f: Request) -> Any:
         exc = f.exception()
         if exc is not None:
             raise exc
@@ -423,7 +405,7 @@ class AsyncMapResult(AsyncResult):
                 available = self._completion_order[seen:]
             if not available:
                 pending = [f for f in self._children if not f.done()]
-                self._client._wait_futures(pending, None, first=True)
+                self._transport.wait(pending, None, first=True)
                 continue
             for i in available:
                 seen += 1
@@ -440,7 +422,7 @@ class AsyncHubResult(AsyncResult):
     interval = 0.1
 
     def __init__(self, client: Client, msg_ids: list[str], single: bool = False):
-        futures = [MessageFuture(m, Metadata(msg_id=m)) for m in msg_ids]
+        futures = [Request(m, Metadata(msg_id=m)) for m in msg_ids]
         super().__init__(client, futures, "get_result", single=single)
         self._poll()
 
@@ -448,7 +430,7 @@ class AsyncHubResult(AsyncResult):
         pending = [f for f in self._children if not f.done()]
         if not pending:
             return
-        records = self._client._fetch_records([f.msg_id for f in pending])
+        records = self._transport.fetch_records([f.msg_id for f in pending])
         for f in pending:
             record, outcome = records.get(f.msg_id, (None, None))
             if record is None:

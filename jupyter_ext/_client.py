@@ -1,22 +1,29 @@
-"""The Client: a connection to one cluster, and what it asks of the controller."""
+"""The Client: what a user holds of a cluster, a thin facade over its transport.
+
+Everything that moves requests and keeps their state is the :class:`~._transport.Transport`
+(``client.transport``); this class adds IPython Parallel's names: views, waiting, and the
+requests to the controller (queries, aborts, signals, shutdown, purges).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
-import signal as _signal
+import os
+import signal
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from kernel_engine import protocol
 from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
 
-from . import _connection
-from ._asyncresult import AsyncHubResult, AsyncResult, MessageFuture
-from ._connection import Connection
+from ._asyncresult import AsyncHubResult, AsyncResult
 from ._dependency import msg_ids_of
 from ._lbview import LoadBalancedView
 from ._metadata import Metadata
+from ._progress import wait_futures_with_progress
 from ._reprs import client_html
+from ._request import Request
+from ._transport import Transport
 from ._views import DirectView
 from .integrations import dask as _dask
 
@@ -24,56 +31,140 @@ ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
 FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 
+_current: Client | None = None
+
 
 def current_client() -> Client | None:
     """The Client most recently connected in this process and still open (for %px)."""
-    client = _connection.current
-    return client if isinstance(client, Client) else None
+    return _current if _current is not None and not _current.transport.closed else None
 
 
-class Client(Connection):
+class Client:
     """A connection to a cluster: engines, views, results.
 
-    ``Client(connection_file=None, timeout=10.0, max_results=100_000)``: see
-    :class:`~jupyter_ext._connection.Connection` for the parameters. The machinery (sockets,
-    sending, receiving, futures) lives there; this class adds views and the requests to
-    the controller.
+    Parameters
+    ----------
+    connection_file
+        The cluster's ``client.json`` (or a cluster id); by default the newest running
+        cluster's.
+    timeout
+        Seconds to wait for the controller to answer the first request.
+    max_results
+        How many finished tasks' results and metadata (and msg_ids in ``history``) the
+        client keeps; the oldest go first (AsyncResults keep their own), so memory stays
+        bounded however long it runs.
     """
+
+    def __init__(
+        self,
+        connection_file: str | os.PathLike[str] | None = None,
+        timeout: float | None = 10.0,
+        max_results: int = 100_000,
+    ):
+        global _current
+        self.transport = Transport(connection_file, timeout, max_results)
+        self._dask: tuple[str, list[int]] | None = None
+        _current = self
+
+    # ----- state kept by the transport
+
+    @property
+    def connection_file(self) -> str:
+        return self.transport.connection_file
+
+    @property
+    def cluster_id(self) -> str:
+        return self.transport.cluster_id
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the engines that are ready, sorted."""
+        return self.transport.ids
+
+    def __len__(self) -> int:
+        return len(self.transport.engines)
+
+    @property
+    def outstanding(self) -> set[str]:
+        """msg_ids of tasks submitted and not finished."""
+        return self.transport.outstanding
+
+    @property
+    def history(self) -> Any:
+        """msg_ids submitted, oldest first (the newest ``max_results`` of them)."""
+        return self.transport.history
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """Results (or errors) of finished tasks by msg_id (the newest ``max_results``)."""
+        return self.transport.results
+
+    @property
+    def metadata(self) -> dict[str, Metadata]:
+        """Metadata of tasks by msg_id (the newest ``max_results``)."""
+        return self.transport.metadata
+
+    def engine_info(self, engine_id: int) -> dict[str, Any]:
+        """``pid``, ``hostname``, ``uuid`` and ``connection_info`` of one engine.
+
+        ``connection_info`` is the engine kernel's Jupyter connection info (with the
+        cluster key), so any Jupyter client can attach to the engine.
+        """
+        return self.transport.engine_info(engine_id)
 
     # ----- views
 
     def __getitem__(self, key: Any) -> DirectView:
         """``rc[0]``, ``rc[-1]``, ``rc[::2]``, ``rc[0, 1]``, ``rc[:]``: DirectViews."""
-
         ids = self.ids
         if not ids:
             raise NoEnginesRegistered("the cluster has no engines")
-        if isinstance(key, int):
+        if isinstance(key, int) and not isinstance(key, bool):
             try:
-                return DirectView(self, ids[key] if key < 0 else self._build_targets(key)[0])
+                return DirectView(self, ids[key] if key < 0 else self.transport.targets(key)[0])
             except IndexError:
                 raise InvalidTarget(f"no engine at index {key}; ids are {ids}") from None
         if isinstance(key, slice):
             return DirectView(self, ids[key])
         if isinstance(key, (tuple, list, range)):
-            return DirectView(self, self._build_targets(list(key)))
+            return DirectView(self, self.transport.targets(list(key)))
         raise TypeError(f"engines are indexed by int, slice or ids, not {type(key).__name__}")
 
     def direct_view(self, targets: Any = "all") -> DirectView:
         """A DirectView; ``targets='all'`` follows engines as they come and go."""
-
         return DirectView(self, targets)
 
     def load_balanced_view(self, targets: Any = None) -> LoadBalancedView:
         """A LoadBalancedView over ``targets`` (None: all engines)."""
-
         return LoadBalancedView(self, targets)
 
     def executor(self, targets: Any = None) -> Any:
         """A ``concurrent.futures.Executor`` over a load-balanced view."""
         return self.load_balanced_view(targets).executor
 
-    # ----- requests to the controller
+    # ----- waiting
+
+    def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
+        """Wait for msg_ids or AsyncResults (default: everything outstanding).
+
+        Returns whether they are all done; never raises on timeout.
+        """
+        return self.transport.wait(self.transport.futures_for(jobs), timeout)
+
+    def wait_interactive(
+        self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
+    ) -> None:
+        """Wait with a progress display for outstanding work (or ``jobs``)."""
+        wait_futures_with_progress(self.transport.futures_for(jobs), interval, timeout)
+
+    def spin(self) -> None:
+        """Kept for IPython Parallel compatibility: results arrive on the IO thread."""
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> None:
+        """Wait until at least ``n`` engines are ready."""
+        self.transport.wait_for_engines(n, timeout)
+
+    # ----- results of earlier work
 
     def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
         """An AsyncResult for earlier work: history indices, msg_ids or AsyncResults.
@@ -104,59 +195,33 @@ class Client(Connection):
             ar = AsyncHubResult(self, msg_ids, single=single)
         return ar.get() if block else ar
 
-    def _local_future(self, msg_id: str) -> MessageFuture | None:
-        future = self._futures.get(msg_id)
-        if future is not None:
-            return future
-        if msg_id not in self.results:
+    def _local_future(self, msg_id: str) -> Request | None:
+        transport = self.transport
+        live = transport.requests.get(msg_id)
+        if live is not None:
+            return live
+        if msg_id not in transport.results:
             return None
-        value = self.results[msg_id]
-        done = MessageFuture(msg_id, self.metadata.get(msg_id) or Metadata(msg_id=msg_id))
-        if isinstance(value, BaseException):
-            done.set_exception(value)
-        else:
-            done.set_result(value)
+        value = transport.results[msg_id]
+        done = Request(msg_id, transport.metadata.get(msg_id) or Metadata(msg_id=msg_id))
+        done.outcome = (not isinstance(value, BaseException), value)
+        done.settle()
         return done
 
-    def _fetch_records(self, msg_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
-        """The controller's records of these tasks, with their outcome when stored."""
-        reply = self._hub_request(protocol.RESULT_REQUEST, {"msg_ids": list(msg_ids)})
-        frames = list(reply["_buffers"])
-        out: dict[str, tuple[dict[str, Any], Any]] = {}
-        for msg_id, record in reply["records"].items():
-            if record is None:
-                continue
-            outcome = None
-            n = reply["frame_counts"].get(msg_id)
-            if n:
-                part, frames = frames[:n], frames[n:]
-                msg = self.wire.unpack(part)
-                md = Metadata(msg_id=msg_id, engine_id=record.get("engine_id"))
-                md.update_from_reply(msg.metadata)
-                outcome = (self._outcome(msg, md, msg_id), md)
-            out[msg_id] = (record, outcome)
-        return out
-
-    # ----- controller requests
+    # ----- requests to the controller
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool = True) -> None:
         """Do not run these tasks (msg_ids or AsyncResults; default: all outstanding)."""
         msg_ids = list(self.outstanding) if jobs is None else msg_ids_of(jobs)
-        content = {
-            "msg_ids": msg_ids,
-            "targets": None if targets is None else self._build_targets(targets),
-        }
-        if block:
-            self._hub_request(protocol.ABORT_REQUEST, content)
-        else:
-            self._send(protocol.HUB_ROUTE, protocol.ABORT_REQUEST, content, kind="hub")
+        ids = None if targets is None else self.transport.targets(targets)
+        self.transport.abort(msg_ids, ids, block)
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         """Per engine: requests queued or running (``queue``), ``completed``, ``tasks``."""
-        ids = None if targets is None else self._build_targets(targets)
-        status = self._hub_request(protocol.QUEUE_REQUEST, {"targets": ids})["queue_status"]
+        ids = None if targets is None else tuple(self.transport.targets(targets))
+        reply = self.transport.ask(protocol.QUEUE_REQUEST, protocol.QueueRequest(ids))
         out: dict[Any, Any] = {}
-        for key, value in status.items():
+        for key, value in reply["queue_status"].items():
             out[int(key) if key.isdigit() else key] = value
         if isinstance(targets, int):
             return dict(out[targets])
@@ -164,62 +229,49 @@ class Client(Connection):
 
     def send_signal(self, sig: int, targets: Any = None, block: bool = True) -> None:
         """Send a signal to engines' processes (``SIGINT`` interrupts running work)."""
-        content = {"signum": int(sig), "targets": self._build_targets(targets)}
+        request = protocol.SignalRequest(int(sig), tuple(self.transport.targets(targets)))
         if block:
-            self._hub_request(protocol.SIGNAL_REQUEST, content)
+            self.transport.ask(protocol.SIGNAL_REQUEST, request)
         else:
-            self._send(protocol.HUB_ROUTE, protocol.SIGNAL_REQUEST, content, kind="hub")
-
-    def _interrupt_tasks(self, msg_ids: list[str]) -> list[int]:
-        """SIGINT the engines running these requests (wherever the scheduler put them)."""
-        lanes = self._io.lanes
-        direct = [] if lanes is None else [lanes.inflight.get(m) for m in msg_ids]
-        content = {
-            "signum": int(_signal.SIGINT),
-            "msg_ids": list(msg_ids),
-            "targets": sorted({e for e in direct if e is not None}),
-        }
-        targets: list[int] = self._hub_request(protocol.SIGNAL_REQUEST, content, timeout=10)[
-            "targets"
-        ]
-        return targets
+            self.transport.tell(protocol.SIGNAL_REQUEST, request)
 
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the engines are running (SIGINT through their kernel managers)."""
-        self.send_signal(_signal.SIGINT, targets)
+        self.send_signal(signal.SIGINT, targets)
 
     def clear(self, targets: Any = None, block: bool = True) -> Any:
         """Remove every name from the engines' namespaces."""
-        return self.direct_view(self._build_targets(targets)).clear(block=block)
+        return self.direct_view(self.transport.targets(targets)).clear(block=block)
 
     def shutdown(self, targets: Any = "all", hub: bool = False, block: bool = True) -> None:
         """Stop engines (and with ``hub=True`` the controller and every engine)."""
-        ids = self._build_targets(targets) if self._engines else []
-        content = {"targets": ids, "hub": hub}
+        ids = self.transport.targets(targets) if self.transport.engines else []
+        request = protocol.ShutdownRequest(tuple(ids), hub)
         if not block:
-            self._send(protocol.HUB_ROUTE, protocol.SHUTDOWN_REQUEST, content, kind="hub")
+            self.transport.tell(protocol.SHUTDOWN_REQUEST, request)
             return
-        reply = self._hub_request(protocol.SHUTDOWN_REQUEST, content, timeout=60)
+        reply = self.transport.ask(protocol.SHUTDOWN_REQUEST, request, timeout=60)
         if not hub:  # gone from ``ids`` on return, whenever the controller's event comes
             reasons = reply.get("reasons") or {}
-            self._engines_gone(
+            self.transport.engines_gone(
                 {int(k): v or f"engine {k} was shut down" for k, v in reasons.items()}
             )
 
     def hub_history(self) -> list[str]:
         """Every msg_id the controller has a record of, oldest first."""
-        return list(self._hub_request(protocol.HISTORY_REQUEST, {})["history"])
+        return list(self.transport.ask(protocol.HISTORY_REQUEST, protocol.Empty())["history"])
 
     def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None) -> list[Any]:
         """The controller's task records whose fields equal ``query``'s values."""
-        records = self._hub_request(protocol.DB_REQUEST, {"query": query})["records"]
-        if keys is not None:
-            records = [{k: r.get(k) for k in keys} for r in records]
-        return list(records)
+        if not isinstance(query, dict):
+            raise TypeError(f"query must be a dict of record keys to values, not {query!r}")
+        request = protocol.DbRequest(query, None if keys is None else tuple(keys))
+        return list(self.transport.ask(protocol.DB_REQUEST, request)["records"])
 
     def result_status(self, msg_ids: Sequence[str]) -> dict[str, Any]:
         """The controller's records of these tasks (``pending``, ``completed``)."""
-        records = self._hub_request(protocol.RESULT_REQUEST, {"msg_ids": list(msg_ids)})["records"]
+        request = protocol.ResultRequest(tuple(msg_ids_of(msg_ids)))
+        records = self.transport.ask(protocol.RESULT_REQUEST, request)["records"]
         status: dict[str, Any] = {"pending": [], "completed": []}
         for msg_id, record in records.items():
             done = record is not None and record["status"] != "pending"
@@ -228,21 +280,24 @@ class Client(Connection):
 
     def purge_local_results(self, jobs: Any = "all") -> None:
         """Forget finished results held by this client."""
-        if jobs == "all":
-            done = [m for m in self.results if m not in self.outstanding]
+        results, metadata = self.transport.results, self.transport.metadata
+        outstanding = self.outstanding
+        if isinstance(jobs, str) and jobs == "all":
+            done = [m for m in results if m not in outstanding]
         else:
-            done = [j for j in msg_ids_of(jobs) if j not in self.outstanding]
+            done = [j for j in msg_ids_of(jobs) if j not in outstanding]
         for msg_id in done:
-            self.results.pop(msg_id, None)
-            self.metadata.pop(msg_id, None)
+            results.pop(msg_id, None)
+            metadata.pop(msg_id, None)
 
     def purge_hub_results(self, jobs: Any = "all", targets: Any = None) -> int:
         """Forget finished task records on the controller; returns how many."""
-        content = {
-            "msg_ids": "all" if jobs == "all" else msg_ids_of(jobs),
-            "engine_ids": None if targets is None else self._build_targets(targets),
-        }
-        return int(self._hub_request(protocol.PURGE_REQUEST, content)["purged"])
+        everything = isinstance(jobs, str) and jobs == "all"
+        request = protocol.PurgeRequest(
+            None if everything else tuple(msg_ids_of(jobs)),
+            None if targets is None else tuple(self.transport.targets(targets)),
+        )
+        return int(self.transport.ask(protocol.PURGE_REQUEST, request)["purged"])
 
     def purge_results(self, jobs: Any = "all", targets: Any = None) -> None:
         """Forget finished results here and on the controller."""
@@ -269,6 +324,23 @@ class Client(Connection):
         """Stop the dask scheduler and workers that ``become_dask`` started."""
         _dask.stop_dask(self, targets)
 
-    def _repr_html_(self) -> str:
+    # ----- lifetime
 
+    def close(self) -> None:
+        """Stop the IO thread and close the sockets (the cluster keeps running)."""
+        global _current
+        if _current is self:
+            _current = None
+        self.transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client cluster={self.cluster_id!r} engines={self.ids}>"
+
+    def _repr_html_(self) -> str:
         return client_html(self)

@@ -6,21 +6,15 @@ import asyncio
 import atexit
 import json
 import os
-import select
-import signal
 import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from kernel_engine import protocol
+from kernel_engine import clusters, protocol
 from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 
 from ._client import Client
-from ._paths import cluster_folder, clusters_dir, find_connection_file
 from ._reprs import cluster_html
 
 
@@ -66,17 +60,17 @@ class Cluster:
             )
         self.n = n if n is not None else (os.cpu_count() or 1)
         self.engines = engines
-        self.cluster_id = (
-            cluster_id or f"px-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        )
+        self.cluster_id = cluster_id or clusters.new_cluster_id()
         self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.start_timeout = start_timeout
         self.shutdown_atexit = shutdown_atexit
         self.log_level = log_level
-        self.folder = cluster_folder(self.cluster_id)
+        self.folder = clusters.cluster_folder(self.cluster_id)
         self.controller: subprocess.Popen[bytes] | None = None
         self.controller_pid: int | None = None
+        # a re-attached controller's recorded start time: tells it from a reuse of its PID
+        self._controller_started: str | None = None
         self._client: Client | None = None
         self._atexit_registered = False
 
@@ -97,91 +91,33 @@ class Cluster:
             return False
         if self.controller is not None:
             return self.controller.poll() is None
-        try:
-            os.kill(self.controller_pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return clusters.is_controller(self.controller_pid, self.folder, self._controller_started)
 
     # ----- starting
 
     def start_cluster_sync(self, n: int | None = None) -> None:
-        """Start the controller and ``n`` engines; return when every engine is ready."""
+        """Start the controller and ``n`` engines; return when every engine is ready.
+
+        Also removes the key files that clusters whose controller died left behind.
+        """
         if self.running:
             raise ClusterError(f"cluster {self.cluster_id} is already running")
         n = self.n if n is None else n
         ensure_installed()
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_path = self.folder / "controller.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "kernel_engine.controller",
-            "--folder",
-            str(self.folder),
-            "-n",
-            str(n),
-            "--ip",
-            self.ip,
-            "--cluster-id",
-            self.cluster_id,
-            "--cwd",
-            self.cwd,
-            "--log-level",
-            self.log_level,
-        ]
-        if self.shutdown_atexit:
-            cmd += ["--parent-pid", str(os.getpid())]
-        with open(log_path, "ab") as log:
-            self.controller = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                cwd=self.cwd,
-                # its own session: a Ctrl-C (SIGINT to our process group, as a notebook
-                # interrupt sends) must interrupt the work, not stop the cluster
-                start_new_session=True,
-            )
+        self.controller = clusters.launch_controller(
+            self.folder,
+            n,
+            cluster_id=self.cluster_id,
+            ip=self.ip,
+            cwd=self.cwd,
+            log_level=self.log_level,
+            parent_pid=os.getpid() if self.shutdown_atexit else None,
+        )
         self.controller_pid = self.controller.pid
         if self.shutdown_atexit and not self._atexit_registered:
             atexit.register(self._stop_at_exit)
             self._atexit_registered = True
-        status = self._read_status(log_path)
-        if status.get("status") != "ready":
-            self._kill_controller()
-            raise ClusterError(status.get("message", "the controller failed to start"))
-
-    def _read_status(self, log_path: Path) -> dict[str, Any]:
-        """The controller's one status line, within ``start_timeout`` (+ a margin)."""
-        assert self.controller is not None and self.controller.stdout is not None
-        deadline = time.monotonic() + self.start_timeout + 10
-        stdout = self.controller.stdout
-        line = b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._kill_controller()
-                raise ClusterError(
-                    f"engines not ready within {self.start_timeout:.0f} s; "
-                    f"controller log:\n{_tail(log_path)}"
-                )
-            ready, _, _ = select.select([stdout], [], [], min(remaining, 0.5))
-            if ready:
-                chunk = os.read(stdout.fileno(), 4096)
-                if not chunk:
-                    code = self.controller.wait(5)
-                    raise ClusterError(
-                        f"the controller exited with code {code} before it was ready; "
-                        f"its log:\n{_tail(log_path)}"
-                    )
-                line += chunk
-        stdout.close()
-        try:
-            status: dict[str, Any] = json.loads(line.decode())
-        except ValueError:
-            return {"status": "error", "message": f"unexpected controller output: {line!r}"}
-        return status
+        clusters.wait_ready(self.controller, self.folder, self.start_timeout)
 
     async def start_cluster(self, n: int | None = None) -> None:
         """Start the controller and ``n`` engines; return when every engine is ready."""
@@ -209,16 +145,16 @@ class Cluster:
     # ----- engines
 
     def _client_or_connect(self) -> Client:
-        if self._client is None or self._client._closed:
+        if self._client is None or self._client.transport.closed:
             self._client = Client(self.connection_file)
         return self._client
 
     def start_engines_sync(self, n: int, timeout: float | None = None) -> list[int]:
         """Start ``n`` more engines; returns their ids once they are ready."""
         client = self._client_or_connect()
-        reply = client._hub_request(protocol.START_REQUEST, {"n": n}, timeout=30)
+        reply = client.transport.ask(protocol.START_REQUEST, protocol.StartRequest(n), timeout=30)
         ids = [int(i) for i in reply["ids"]]
-        client.wait_for_engines_ready(ids, timeout or self.start_timeout)
+        client.transport.wait_for_engines_ready(ids, timeout or self.start_timeout)
         return ids
 
     async def start_engines(self, n: int, timeout: float | None = None) -> list[int]:
@@ -237,7 +173,7 @@ class Cluster:
     def restart_engines_sync(self, engine_ids: Any = None) -> list[int]:
         """Stop engines and start as many new ones; returns the new ids when ready."""
         client = self._client_or_connect()
-        ids = client.ids if engine_ids is None else client._build_targets(engine_ids)
+        ids = client.ids if engine_ids is None else client.transport.targets(engine_ids)
         client.shutdown(targets=ids)
         return self.start_engines_sync(len(ids))
 
@@ -260,45 +196,20 @@ class Cluster:
         if self._client is not None:
             self._client.close()
             self._client = None
-        pid = self.controller_pid
-        if pid is None:
+        if self.controller_pid is None:
             return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        if not self._wait_exit(timeout):
-            self._kill_controller()
+        clusters.stop_controller(
+            self.controller_pid,
+            self.folder,
+            timeout,
+            process=self.controller,
+            started=self._controller_started,
+        )
         self.controller_pid = None
 
     async def stop_cluster(self, timeout: float = 30.0) -> None:
         """Stop every engine and the controller; return when they are gone."""
         await asyncio.to_thread(self.stop_cluster_sync, timeout)
-
-    def _wait_exit(self, timeout: float) -> bool:
-        if self.controller is not None:
-            try:
-                self.controller.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running:
-                return True
-            time.sleep(0.05)
-        return False
-
-    def _kill_controller(self) -> None:
-        """Last resort: SIGKILL the controller (its engines exit when it is gone)."""
-        if self.controller_pid is None:
-            return
-        try:
-            os.kill(self.controller_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.controller is not None:
-            self.controller.wait(10)
 
     def _stop_at_exit(self) -> None:
         if self.running:
@@ -321,36 +232,14 @@ class Cluster:
     @classmethod
     def from_file(cls, cluster: str | os.PathLike[str] | None = None) -> Cluster:
         """Attach to a running cluster: by id, folder or connection file (default: newest)."""
-        path = find_connection_file(cluster)
+        path = clusters.find_connection_file(cluster)
+        state = clusters.read_cluster(path.parent)
         info = json.loads(path.read_text())
-        self = cls.__new__(cls)
-        self.__init__(cluster_id=info["cluster_id"], shutdown_atexit=False)  # type: ignore[misc]
+        self = cls(cluster_id=info["cluster_id"], shutdown_atexit=False)
         self.folder = path.parent
         self.controller_pid = int(info["controller_pid"])
-        try:
-            cluster_info = json.loads((self.folder / "cluster.json").read_text())
-            self.n = len(cluster_info.get("engines", {}))
-        except (OSError, ValueError):
-            pass
+        if state.controller_pid == self.controller_pid:
+            self._controller_started = state.controller_started
+        if "engines" in state.info:
+            self.n = len(state.info["engines"])
         return self
-
-
-def list_clusters() -> list[dict[str, Any]]:
-    """Running clusters: id, controller pid, engines, connection file."""
-    out = []
-    for path in sorted(clusters_dir().glob("*/cluster.json")):
-        try:
-            info = json.loads(path.read_text())
-            os.kill(int(info["controller_pid"]), 0)
-        except (OSError, ValueError, KeyError):
-            continue
-        out.append(info)
-    return out
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:])

@@ -32,9 +32,9 @@ class Dependency(set[str]):
         failure: bool = False,
     ):
         super().__init__(msg_ids_of(dependencies))
-        self.all = all
-        self.success = success
-        self.failure = failure
+        self.all = bool(all)
+        self.success = bool(success)
+        self.failure = bool(failure)
         if not (success or failure):
             raise ValueError("a dependency must count success, failure, or both as met")
 

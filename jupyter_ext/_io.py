@@ -1,15 +1,27 @@
 """The client's IO thread: the one owner of the client's sockets.
 
-Thread ``jupyter-px-io`` (one per :class:`~jupyter_ext.Client`) polls three sockets: the
-DEALER on which replies arrive and the SUB on the controller's iopub (engine output and
-cluster events). Everything it receives is handed to the client's ``_on_reply`` /
-``_on_iopub`` on this thread; those resolve futures, which wakes whoever waits on them.
+Thread ``jupyter-px-io`` (one per :class:`~jupyter_ext.Client`) polls the DEALER on which
+replies arrive, the SUB on the controller's iopub (engine output and cluster events), a
+DEALER that pings the controller's heartbeat echo, and the sockets of direct lanes.
+Everything it receives is handed to the transport's ``on_reply`` / ``on_iopub`` on this
+thread; those resolve futures, which wakes whoever waits on them.
 
 Requests do not pass through this thread: user threads send them on a second DEALER,
 one at a time under a lock (a zmq socket must not be used by two threads at once, and
-this one is used by no thread but the sender of the moment). Its identity ends in ``:s``
-and the receiving socket's in ``:r``, and the controller answers the ``:r`` twin, so a
-blocking call costs one thread hand-off (the reply), not three.
+this one is used by no thread but the sender of the moment). Its identity is
+``<16 hex>:s`` and the receiving socket's ``<16 hex>:r``, and the controller answers the
+``:r`` twin, so a blocking call costs one thread hand-off (the reply), not three.
+
+Liveness, both ways:
+
+- this thread pings the controller's heartbeat echo every :data:`HEARTBEAT_EVERY` s; after
+  :data:`MAX_MISSED` pings in a row without an echo (counted from pings actually sent, so
+  a pause of this process is not the controller's silence), the controller is lost and
+  everything waiting fails with a clear error, wherever the controller runs; when echoes
+  come back, the client works again;
+- a controller on this machine whose process is gone is lost at once;
+- it sends the controller a keepalive notice every few seconds, and a goodbye when the
+  client closes, so the controller drops a vanished client's queued work.
 
 On the engines' host, requests to engines' task lanes skip the controller: see
 :mod:`jupyter_ext._lanes`, whose sockets this thread also owns.
@@ -27,13 +39,22 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import protocol
+from kernel_engine import processes, protocol, wire
 
 from ._lanes import LOCAL_IPS, DirectLanes, direct_enabled
 
 log = logging.getLogger("jupyter_ext")
 
 THREAD_NAME = "jupyter-px-io"
+
+HEARTBEAT_EVERY = 1.0
+"""Seconds between pings to the controller's heartbeat echo."""
+
+MAX_MISSED = 4
+"""Pings in a row without an echo after which the controller counts as lost."""
+
+IOPUB_HWM = 100_000
+"""Output messages buffered for this client before the controller's side drops some."""
 
 
 class IOThread:
@@ -42,19 +63,25 @@ class IOThread:
     def __init__(
         self,
         info: dict[str, Any],
-        wire: protocol.Wire,
+        wire_: wire.Wire,
         on_reply: Callable[[list[Any]], None],
         on_iopub: Callable[[list[Any]], None],
-        on_controller_lost: Callable[[str], None],
+        on_lost: Callable[[str], None],
+        on_back: Callable[[], None],
     ):
         self.context: zmq.Context[Any] = zmq.Context()
         # no high-water marks: pipelining many requests must not block the sending thread
         self.context.sndhwm = 0
         self.context.rcvhwm = 0
+        self.wire = wire_
         self.on_reply = on_reply
         self.on_iopub = on_iopub
-        self.on_controller_lost = on_controller_lost
+        self.on_lost = on_lost
+        self.on_back = on_back
+        self.on_tick: Callable[[], None] = lambda: None
+        self.drops = wire.DropLog(log, "jupyter-px client")
         ip, transport = info["ip"], info.get("transport", "tcp")
+        self.address = f"{ip}:{info['client_port']}"
         identity = os.urandom(8).hex().encode()
         url = f"{transport}://{ip}:{info['client_port']}"
         self.dealer = self.context.socket(zmq.DEALER)
@@ -67,9 +94,16 @@ class IOThread:
         self._sender.connect(url)
         self.sub = self.context.socket(zmq.SUB)
         self.sub.linger = 0
-        self.sub.rcvhwm = 0
+        self.sub.rcvhwm = IOPUB_HWM
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"{transport}://{ip}:{info['iopub_port']}")
+        self.hb: zmq.Socket[Any] | None = None
+        if info.get("hb_port"):
+            self.hb = self.context.socket(zmq.DEALER)
+            self.hb.linger = 0
+            self.hb.maxmsgsize = 64
+            self.hb.connect(f"{transport}://{ip}:{info['hb_port']}")
+        self._ping = self._pong = self._missed = 0
         self._send_lock = threading.Lock()
         # work for this thread from others (call_soon), and the socket pair that wakes it
         self._calls: deque[Callable[[], None]] = deque()
@@ -80,12 +114,12 @@ class IOThread:
         self._wake_out.connect(self._wake_url)
         self.lanes: DirectLanes | None = None
         if direct_enabled(ip):
-            self.lanes = DirectLanes(self.context, wire, identity, self.dealer, self._send_lock)
+            self.lanes = DirectLanes(self.context, wire_, identity, self.dealer, self._send_lock)
         self._controller_pid = int(info.get("controller_pid") or 0)
         self._local = ip in LOCAL_IPS
         self._running = True
         self.lost: str | None = None
-        self.on_tick: Callable[[], None] = lambda: None
+        self._lost_by_heartbeat = False
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self.thread.start()
 
@@ -112,6 +146,16 @@ class IOThread:
             sock.send_multipart(frames, copy=False)
         return None
 
+    def _notify(self, msg_type: str) -> None:
+        """Send a notice (no reply) to the controller, never blocking (IO thread)."""
+        frames = self.wire.pack(msg_type, {}, idents=[protocol.HUB_ROUTE])[1]
+        with self._send_lock:
+            if not self._sender.closed:
+                try:
+                    self._sender.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    pass
+
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on this thread (which owns the sockets) soon."""
         self._calls.append(callback)
@@ -121,9 +165,11 @@ class IOThread:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        for sock in (self.dealer, self.sub, self._wake_in):
-            poller.register(sock, zmq.POLLIN)
-        next_check = time.monotonic() + 0.5
+        for sock in (self.dealer, self.sub, self._wake_in, self.hb):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        now = time.monotonic()
+        next_check, next_beat, next_keepalive = now + 0.5, now, now + protocol.KEEPALIVE_EVERY
         lanes = self.lanes
         timeout = 250
         while self._running:
@@ -135,6 +181,8 @@ class IOThread:
                 self._drain(self.dealer, self.on_reply)
             if self.sub in events:
                 self._drain(self.sub, self.on_iopub)
+            if self.hb is not None and self.hb in events:
+                self._drain(self.hb, self._on_echo)
             if self._wake_in in events:
                 self._run_calls()
             now = time.monotonic()
@@ -150,21 +198,30 @@ class IOThread:
                     ping = lanes.ping_silent(now)
                     if ping is not None:
                         timeout = min(timeout, int(ping * 1000) + 1)
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_EVERY
+                self._heartbeat()
+            if now >= next_keepalive:
+                next_keepalive = now + protocol.KEEPALIVE_EVERY
+                self._notify(protocol.KEEPALIVE_NOTICE)
             if now >= next_check:
                 next_check = now + 0.5
                 self._check_controller()
-                try:
-                    self.on_tick()
-                except Exception:
-                    log.exception("jupyter-px client: error in periodic check")
+                self._safely(self.on_tick)
+                self.drops.flush(now)
+        self._close(lanes)
+
+    def _close(self, lanes: DirectLanes | None) -> None:
+        self._notify(protocol.GOODBYE_NOTICE)
         with self._send_lock:
             if lanes is not None:
                 lanes.flush(self._sender)
                 lanes.close()
             self._sender.close(linger=1000)
             self._wake_out.close(linger=0)
-        for sock in (self.dealer, self.sub, self._wake_in):
-            sock.close(linger=0)
+        for sock in (self.dealer, self.sub, self._wake_in, self.hb):
+            if sock is not None:
+                sock.close(linger=0)
         self.context.term()
 
     def _run_calls(self) -> None:
@@ -174,49 +231,71 @@ class IOThread:
             except zmq.Again:
                 break
         while self._calls:
-            try:
-                self._calls.popleft()()
-            except Exception:
-                log.exception("jupyter-px client: error in a call on the IO thread")
+            self._safely(self._calls.popleft())
 
-    @staticmethod
-    def _drain(sock: zmq.Socket[Any], handler: Callable[[list[Any]], None]) -> None:
+    def _drain(self, sock: zmq.Socket[Any], handler: Callable[[list[Any]], None]) -> None:
         for _ in range(1000):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                handler(frames)
-            except Exception:
+            self._safely(handler, frames)
+
+    def _safely(self, call: Callable[..., None], *args: Any) -> None:
+        """Run ``call(*args)``; what it raises is counted (the first one logged in full)."""
+        try:
+            call(*args)
+        except wire.MessageError as exc:
+            self.drops.drop(str(exc))
+        except Exception as exc:
+            if not self.drops.total:
                 log.exception("jupyter-px client: error handling a message")
+            self.drops.drop(f"{type(exc).__name__}: {exc}")
+
+    # ----- liveness
+
+    def _heartbeat(self) -> None:
+        """Every interval: count the last ping if it went unanswered, then ping again."""
+        if self.hb is None:
+            return
+        self._missed = 0 if self._pong == self._ping else self._missed + 1
+        if self._missed >= MAX_MISSED and not self.lost:
+            span = self._missed * HEARTBEAT_EVERY
+            self._lost_by_heartbeat = True
+            self._set_lost(
+                f"lost contact with the controller at {self.address}: no heartbeat for {span:.0f} s"
+            )
+        self._ping += 1
+        try:
+            self.hb.send(b"%d" % self._ping, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_echo(self, frames: list[Any]) -> None:
+        if len(frames) != 1 or frames[0].bytes != b"%d" % self._ping:
+            return
+        self._pong = self._ping
+        self._missed = 0
+        if self.lost and self._lost_by_heartbeat:
+            self.lost = None
+            self._lost_by_heartbeat = False
+            log.warning("jupyter-px client: the controller at %s answers again", self.address)
+            self.on_back()
 
     def _check_controller(self) -> None:
         """A controller on this machine that has exited fails everything still waiting."""
         if self.lost or not (self._local and self._controller_pid):
             return
-        if not process_alive(self._controller_pid):
-            self.lost = f"the controller (pid {self._controller_pid}) is gone"
-            self.on_controller_lost(self.lost)
+        if not processes.running(self._controller_pid):
+            self._lost_by_heartbeat = False
+            self._set_lost(f"the controller (pid {self._controller_pid}) is gone")
+
+    def _set_lost(self, reason: str) -> None:
+        self.lost = reason
+        self._safely(self.on_lost, reason)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._running = False
         if threading.current_thread() is not self.thread:
             self.call_soon(lambda: None)  # wake the thread up now
             self.thread.join(timeout)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a local process runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != b"Z"

@@ -26,8 +26,10 @@ Rules that keep this as safe as routing through the controller:
   thread's own check of the engine's process does, :data:`DEATH_GRACE` seconds later.
 
 Threads: sockets are created, connected and closed on the client's IO thread; user threads
-send on the per-engine sockets under the IO thread's send lock. Bookkeeping shared by both
-is guarded by :attr:`DirectLanes.lock`.
+send on the per-engine sockets under the IO thread's send lock. The notices waiting to be
+sent, shared by both, are guarded by :attr:`DirectLanes.lock`. Which requests are in
+flight on a lane is the request table's to know (:mod:`jupyter_ext._request`), not this
+module's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 
 log = logging.getLogger("jupyter_ext")
 
@@ -95,13 +97,13 @@ class DirectLanes:
     def __init__(
         self,
         context: zmq.Context[Any],
-        wire: protocol.Wire,
+        wire_: wire.Wire,
         identity: bytes,
         receiver: zmq.Socket[Any],
         send_lock: threading.Lock,
     ):
         self.context = context
-        self.wire = wire
+        self.wire = wire_
         self.identity = identity
         self.receiver = receiver
         self.send_lock = send_lock
@@ -109,10 +111,8 @@ class DirectLanes:
         self.lanes: dict[int, _Lane] = {}
         self.unready: set[int] = set()  # lanes being pinged
         self._pings: dict[str, int] = {}
-        # requests sent directly and not answered yet: msg_id -> engine id
-        self.inflight: dict[str, int] = {}
-        self._submitted: list[dict[str, Any]] = []
-        self._completed: list[dict[str, Any]] = []
+        self._submitted: list[protocol.DirectSubmitted] = []
+        self._completed: list[protocol.DirectCompleted] = []
         self._blobs: list[bytes] = []
         self._first_pending = 0.0
         self._hostname = _socket.gethostname()
@@ -143,9 +143,8 @@ class DirectLanes:
         self.unready.add(eid)
         self._ping(self.lanes[eid])
 
-    def remove_engine(self, eid: int) -> list[str]:
-        """Stop using an engine's lane; returns the msg_ids in flight on it (each still to
-        be finished with :meth:`direct_done`)."""
+    def remove_engine(self, eid: int) -> None:
+        """Stop using an engine's lane (its requests are the request table's to fail)."""
         lane = self.lanes.pop(eid, None)
         self.unready.discard(eid)
         if lane is not None:
@@ -155,10 +154,7 @@ class DirectLanes:
                 self.receiver.disconnect(lane.url)
             except zmq.ZMQError:
                 pass
-        with self.lock:
-            lost = [m for m, e in self.inflight.items() if e == eid]
         self._pings = {m: e for m, e in self._pings.items() if e != eid}
-        return lost
 
     def _ping(self, lane: _Lane) -> None:
         lane.next_ping = time.monotonic() + lane.ping_interval
@@ -190,12 +186,14 @@ class DirectLanes:
             soonest = wait if soonest is None else min(soonest, wait)
         return soonest
 
-    def tick(self, now: float, alive: Callable[[int], bool]) -> list[tuple[int, str]]:
-        """Returns (engine id, reason) for engines whose process is gone."""
+    def tick(
+        self, now: float, busy: Callable[[int], bool], alive: Callable[[int], bool]
+    ) -> list[tuple[int, str]]:
+        """Returns (engine id, reason) for engines with requests in flight (``busy``)
+        whose process is gone."""
         dead: list[tuple[int, str]] = []
-        busy = set(self.inflight.values())
         for lane in list(self.lanes.values()):
-            if lane.pid is None or lane.engine_id not in busy:
+            if lane.pid is None or not busy(lane.engine_id):
                 continue
             if alive(lane.pid):
                 lane.gone_since = None
@@ -218,15 +216,10 @@ class DirectLanes:
         lane = self.lanes.get(eid)
         if lane is None:
             return None
-        entry = {
-            "msg_id": header["msg_id"],
-            "msg_type": header["msg_type"],
-            "date": header["date"],
-            "engine_id": eid,
-            "label": label,
-        }
+        entry = protocol.DirectSubmitted(
+            header["msg_id"], header["msg_type"], header["date"], eid, label
+        )
         with self.lock:
-            self.inflight[header["msg_id"]] = eid
             if not self._first_pending:
                 self._first_pending = time.monotonic()
             self._submitted.append(entry)
@@ -235,28 +228,33 @@ class DirectLanes:
     # ----- receiving (IO thread)
 
     def direct_done(
-        self, msg_id: str, metadata: dict[str, Any], reply: list[Any] | None = None
+        self,
+        msg_id: str,
+        engine_id: int | None,
+        metadata: dict[str, Any],
+        reply: list[Any] | None = None,
     ) -> None:
         """A direct request finished (or failed): note it for the controller.
 
         ``reply`` (the frames after the delimiter) is kept for the hub when small.
         """
-        entry: dict[str, Any] = {
-            "msg_id": msg_id,
-            "metadata": {
-                "status": metadata.get("status") or "error",
-                "started": metadata.get("started"),
-                "completed": metadata.get("completed") or protocol.utcnow_iso(),
-            },
-        }
-        blob = None
+        status = metadata.get("status")
+        started, completed = metadata.get("started"), metadata.get("completed")
+        sizes, blob = None, None
         if reply is not None:
-            sizes = [len(f) for f in reply]
-            if sum(sizes) <= protocol.MAX_STORED_RESULT:
-                entry["sizes"] = sizes
+            lengths = [len(f) for f in reply]
+            if sum(lengths) <= protocol.MAX_STORED_RESULT:
+                sizes = tuple(lengths)
                 blob = b"".join(getattr(f, "buffer", f) for f in reply)
+        entry = protocol.DirectCompleted(
+            msg_id,
+            engine_id,
+            "ok" if status == "ok" else "error",
+            started if isinstance(started, str) else None,
+            completed if isinstance(completed, str) else wire.utcnow_iso(),
+            sizes,
+        )
         with self.lock:
-            entry["engine_id"] = self.inflight.pop(msg_id, None)
             if blob is not None:
                 self._blobs.append(blob)
             if not self._first_pending:
@@ -277,10 +275,11 @@ class DirectLanes:
         if not self._first_pending:
             return
         with self.lock:
-            content = {"submitted": self._submitted, "completed": self._completed}
+            notice = protocol.DirectNotice(tuple(self._submitted), tuple(self._completed))
             blobs = self._blobs
             self._submitted, self._completed, self._blobs = [], [], []
             self._first_pending = 0.0
+        content = notice.to_content()
         frames = self.wire.pack(
             protocol.DIRECT_NOTICE, content, None, None, blobs, idents=[protocol.HUB_ROUTE]
         )[1]

@@ -6,13 +6,14 @@ import concurrent.futures
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 from kernel_engine.engine import ops
 from kernel_engine.errors import NoEnginesRegistered
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
-from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
+from ._asyncresult import AsyncMapResult, AsyncResult
 from ._dependency import as_dependency
+from ._request import Request
 from ._views import View, _fname, _sliceable
 
 if TYPE_CHECKING:
@@ -20,17 +21,45 @@ if TYPE_CHECKING:
 
 
 class _TaskFlags:
-    """A load-balanced view's flags, JSON-encoded once for all the tasks of a call."""
+    """A load-balanced view's flags, checked, and JSON-encoded once for all the tasks of a
+    call."""
 
-    def __init__(self, flags: dict[str, Any]):
+    def __init__(self, flags: protocol.TaskFlags):
         self.flags = flags
-        self.encoded = protocol.dumps_json(flags)
-        after, follow = flags["after"], flags["follow"]
+        self.encoded = wire.dumps_json(flags.to_content())
         self.extra = {
-            "label": flags["label"],
-            "after": after["msg_ids"] if after else [],
-            "follow": follow["msg_ids"] if follow else [],
+            "label": flags.label,
+            "after": list(flags.after.msg_ids) if flags.after else [],
+            "follow": list(flags.follow.msg_ids) if flags.follow else [],
         }
+
+
+def _dependency(name: str, value: Any) -> protocol.DependencySpec | None:
+    """The wire form of an ``after``/``follow`` flag; TypeError naming the flag if bad."""
+    try:
+        spec = as_dependency(value)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be msg_ids, AsyncResults or a Dependency: {exc}") from None
+    return protocol.DependencySpec.from_content(name, spec)
+
+
+def check_flag(name: str, value: Any) -> Any:
+    """A load-balancing flag's value if it is valid; else TypeError/ValueError naming it.
+
+    The controller checks again (:class:`kernel_engine.protocol.TaskFlags`): a flag set
+    behind the view's back still never reaches its scheduler unchecked.
+    """
+    if name in ("after", "follow"):
+        _dependency(name, value)
+    elif name == "timeout":
+        protocol.check_seconds(name, value)
+    elif name == "time_limit":
+        protocol.check_seconds(name, value, positive=True)
+    elif name == "retries":
+        protocol.check_int(name, value, 0, protocol.MAX_RETRIES)
+    elif name == "label":
+        protocol.check_label(name, value)
+    return value
 
 
 class LoadBalancedView(View):
@@ -63,24 +92,32 @@ class LoadBalancedView(View):
             )
         raise AttributeError(name)
 
+    def set_flags(self, **flags: Any) -> None:
+        """Set view flags; a value of the wrong type or range raises TypeError/ValueError
+        naming the flag (and sets nothing)."""
+        for name, value in flags.items():
+            if name in self._flag_names:
+                check_flag(name, value)
+        super().set_flags(**flags)
+
     def _task_metadata(self) -> _TaskFlags:
-        targets = None if self.targets is None else self._target_ids()
+        targets = None if self.targets is None else tuple(self._target_ids())
         return _TaskFlags(
-            {
-                "targets": targets,
-                "after": as_dependency(self.after),
-                "follow": as_dependency(self.follow),
-                "timeout": self.timeout,
-                "retries": self.retries,
-                "time_limit": self.time_limit,
-                "label": self.label,
-            }
+            protocol.TaskFlags(
+                targets=targets,
+                after=protocol.DependencySpec.from_content("after", as_dependency(self.after)),
+                follow=protocol.DependencySpec.from_content("follow", as_dependency(self.follow)),
+                timeout=protocol.check_seconds("timeout", self.timeout),
+                retries=protocol.check_int("retries", self.retries, 0, protocol.MAX_RETRIES),
+                time_limit=protocol.check_seconds("time_limit", self.time_limit, positive=True),
+                label=protocol.check_label("label", self.label),
+            )
         )
 
-    def _submit(self, buffers: list[Any], track: bool, md: _TaskFlags) -> MessageFuture:
-        if not self.client.ids and not self.client._engines:
+    def _submit(self, buffers: list[Any], track: bool, md: _TaskFlags) -> Request:
+        if not self.transport.engines:
             raise NoEnginesRegistered("the cluster has no engines to balance work over")
-        return self.client._send(
+        return self.transport.submit(
             protocol.LB_ROUTE,
             protocol.APPLY_REQUEST,
             {},

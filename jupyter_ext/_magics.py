@@ -243,7 +243,7 @@ class PXMagics:
         progress_after = (
             args.progress_after if args.progress_after is not None else self.progress_after
         )
-        ids = view.client._build_targets(targets)
+        ids = view.transport.targets(targets)
         if verbose:
             print(f"[px] running on engines {ids}{' (no block)' if not block else ''}")
         handler, inbox = self._listen(view)
@@ -264,7 +264,7 @@ class PXMagics:
                 self._interrupt(ar)
             raise
         finally:
-            view.client._iopub_handlers.remove(handler)
+            view.transport.remove_iopub_handler(handler)
         self._raise_errors(ar)
         return None
 
@@ -275,7 +275,7 @@ class PXMagics:
         def handler(eid: int, msg: Any) -> None:
             inbox.put((eid, msg.parent_header.get("msg_id"), msg.msg_type, msg.content))
 
-        view.client._iopub_handlers.append(handler)
+        view.transport.add_iopub_handler(handler)
         return handler, inbox
 
     def _wait(

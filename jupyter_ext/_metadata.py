@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from kernel_engine.protocol import parse_date
+from kernel_engine.wire import parse_date
 
 METADATA_KEYS = (
     "msg_id",

@@ -83,6 +83,12 @@ class EngineOrder:
                         self._engine_of.pop(waiting_id, None)
                         state.inflight -= 1
 
+    def reset(self) -> None:
+        """Forget every engine's books (the controller is gone: nothing is in flight)."""
+        with self.lock:
+            self._engines.clear()
+            self._engine_of.clear()
+
     def waiting(self, eid: int) -> int:
         state = self._engines.get(eid)
         return len(state.waiting) if state is not None else 0

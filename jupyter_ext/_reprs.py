@@ -49,7 +49,7 @@ def engines_grid(client: Client) -> list[list[Any]]:
     )
     return [
         [eid, info.get("pid"), info.get("hostname"), waiting.get(eid, 0)]
-        for eid, info in sorted(client._engines.items())
+        for eid, info in sorted(client.transport.engines.items())
     ]
 
 
@@ -63,8 +63,9 @@ def client_html(client: Client) -> str:
         ("outstanding", len(client.outstanding)),
         ("submitted", len(client.history)),
     ]
-    if client._dead:
-        rows.append(("engines lost", ", ".join(f"{k}: {v}" for k, v in client._dead.items())))
+    dead = client.transport.dead
+    if dead:
+        rows.append(("engines lost", ", ".join(f"{k}: {v}" for k, v in dead.items())))
     return table("jupyter_ext.Client", rows, engines_grid(client), ENGINE_HEADER)
 
 
@@ -77,7 +78,7 @@ def cluster_html(cluster: Cluster) -> str:
         ("connection file", cluster.connection_file),
     ]
     client = cluster._client
-    grid = engines_grid(client) if client is not None and not client._closed else None
+    grid = engines_grid(client) if client is not None and not client.transport.closed else None
     return table("jupyter_ext.Cluster", rows, grid, ENGINE_HEADER)
 
 

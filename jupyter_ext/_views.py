@@ -10,7 +10,8 @@ from kernel_engine import protocol
 from kernel_engine.engine import ops
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
-from ._asyncresult import AsyncMapResult, AsyncResult, MessageFuture
+from ._asyncresult import AsyncMapResult, AsyncResult
+from ._request import Request
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -47,6 +48,7 @@ class View:
 
     def __init__(self, client: Client, targets: Any = None):
         self.client = client
+        self.transport = client.transport
         self.targets = targets
         self.block = False
         self.track = False
@@ -54,10 +56,21 @@ class View:
         self.history: list[str] = []
 
     def set_flags(self, **flags: Any) -> None:
-        """Set view flags (``block``, ``track``, ``targets``, ...)."""
+        """Set view flags (``block``, ``track``, ``targets``, ...).
+
+        Every flag is checked before any is set: an unknown one raises KeyError, a value
+        of the wrong type or range TypeError/ValueError naming the flag.
+        """
         for name, value in flags.items():
             if name not in self._flag_names:
                 raise KeyError(f"invalid flag {name!r}; flags are {self._flag_names}")
+            if name in ("block", "track"):
+                protocol.check_bool(name, value)
+            elif name == "label":
+                protocol.check_label(name, value)
+            elif name == "targets" and value is not None:
+                self.transport.targets(value)
+        for name, value in flags.items():
             setattr(self, name, value)
 
     @contextlib.contextmanager
@@ -169,7 +182,7 @@ class View:
         return view_html(self)
 
     def _target_ids(self, targets: Any = None) -> list[int]:
-        return self.client._build_targets(self.targets if targets is None else targets)
+        return self.transport.targets(self.targets if targets is None else targets)
 
 
 class DirectView(View):
@@ -185,13 +198,10 @@ class DirectView(View):
     def _is_single(self, targets: Any) -> bool:
         return isinstance(targets, int)
 
-    def _send_apply(
-        self, targets: list[int], buffers: list[Any], track: bool
-    ) -> list[MessageFuture]:
-        client = self.client
+    def _send_apply(self, targets: list[int], buffers: list[Any], track: bool) -> list[Request]:
         metadata = {"label": self.label} if self.label else None
         return [
-            client._send(
+            self.transport.submit(
                 protocol.route_frame("lane", t),
                 protocol.APPLY_REQUEST,
                 {},
@@ -268,7 +278,7 @@ class DirectView(View):
             "stop_on_error": True,
         }
         futures = [
-            self.client._send(
+            self.transport.submit(
                 protocol.route_frame("shell", t),
                 "execute_request",
                 content,

@@ -1,11 +1,19 @@
-"""``jupyter px ...``: install the engine kernel spec; start, stop and list clusters."""
+"""``jupyter px ...``: install the engine kernel spec; start, stop, list and clean clusters.
+
+Cluster folders and controllers are :mod:`kernel_engine.clusters`' business; this module
+only parses arguments and prints. Commands that read the folders (start, stop, list) also
+remove the key files that clusters whose controller died left behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from kernel_engine import clusters
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -18,61 +26,115 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from jupyter_ext._cluster import Cluster
+    from kernel_engine.kernelspec import ensure_installed
 
-    cluster = Cluster(
-        n=args.n,
-        cluster_id=args.cluster_id,
-        ip=args.ip,
-        start_timeout=args.timeout,
-        shutdown_atexit=False,
+    ensure_installed()
+    _report_cleaned(clusters.clean_dead_clusters())
+    cluster_id = args.cluster_id or clusters.new_cluster_id()
+    folder = clusters.cluster_folder(cluster_id)
+    process = clusters.launch_controller(
+        folder, args.n, cluster_id=cluster_id, ip=args.ip, cwd=os.getcwd()
     )
-    cluster.start_cluster_sync()
-    print(f"cluster {cluster.cluster_id}: {args.n} engines ready")
-    print(f"connection file: {cluster.connection_file}")
+    status = clusters.wait_ready(process, folder, args.timeout)
+    print(f"cluster {cluster_id}: {len(status.get('ids', []))} engines ready")
+    print(f"connection file: {status.get('connection_file', folder / clusters.CLIENT_FILE)}")
     return 0
 
 
-def _stop(args: argparse.Namespace) -> int:
-    from jupyter_ext._cluster import Cluster, list_clusters
+def _report_cleaned(cleaned: list[clusters.ClusterState]) -> None:
+    for c in cleaned:
+        print(
+            f"removed the key files of dead cluster {c.cluster_id} "
+            f"(controller pid {c.controller_pid} is gone)",
+            file=sys.stderr,
+        )
 
-    ids = [c["cluster_id"] for c in list_clusters()] if args.all else [args.cluster_id]
-    if not args.all and args.cluster_id is None:
-        running = list_clusters()
-        if not running:
+
+def _stop(args: argparse.Namespace) -> int:
+    if args.cluster_id is not None:
+        folder = clusters.cluster_folder(args.cluster_id)
+        if not folder.is_dir():
+            print(f"no cluster {args.cluster_id} in {clusters.clusters_dir()}", file=sys.stderr)
+            return 1
+        chosen = [clusters.read_cluster(folder)]
+    else:
+        _report_cleaned(clusters.clean_dead_clusters())
+        chosen = clusters.list_clusters()
+        if not chosen:
             print("no running clusters", file=sys.stderr)
             return 1
-        ids = [running[-1]["cluster_id"]]
-    for cluster_id in ids:
-        Cluster.from_file(cluster_id).stop_cluster_sync()
-        print(f"stopped cluster {cluster_id}")
+        if not args.all:
+            chosen = chosen[-1:]
+    return max(_stop_one(c, args.timeout) for c in chosen)
+
+
+def _stop_one(cluster: clusters.ClusterState, timeout: float) -> int:
+    """Stop one cluster; for a dead one, say so and remove what its controller left."""
+    if cluster.state == "starting":
+        print(f"cluster {cluster.cluster_id} has no controller record yet", file=sys.stderr)
+        return 1
+    keys = clusters.key_files(cluster.folder)
+    pid = cluster.controller_pid
+    if pid is None:
+        clusters.remove_key_files(cluster.folder)
+    elif clusters.stop_controller(pid, cluster.folder, timeout, started=cluster.controller_started):
+        print(f"stopped cluster {cluster.cluster_id}")
+        return 0
+    removed = ", ".join(p.name for p in keys if not p.exists())
+    print(
+        f"cluster {cluster.cluster_id} was not running (controller pid {pid} is gone); "
+        + (f"removed its key files: {removed}" if removed else "it left no key files")
+    )
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from jupyter_ext._cluster import list_clusters
-
-    clusters = list_clusters()
+    _report_cleaned(clusters.clean_dead_clusters())
+    running = clusters.list_clusters()
     if args.json:
-        print(json.dumps(clusters, indent=1))
+        print(json.dumps([c.as_dict() for c in running], indent=1))
         return 0
-    if not clusters:
+    if not running:
         print("no running clusters")
-    for c in clusters:
+    for c in running:
         print(
-            f"{c['cluster_id']}  controller pid {c['controller_pid']}  "
-            f"engines {c.get('ready', [])}  {c['connection_file']}"
+            f"{c.cluster_id}  controller pid {c.controller_pid}  "
+            f"engines {c.info.get('ready', [])}  {c.connection_file}"
         )
     return 0
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from jupyter_ext._client import Client
+    if args.cluster_id is None:
+        running = clusters.list_clusters()
+        if not running:
+            print("no running clusters", file=sys.stderr)
+            return 1
+        cluster = running[-1]
+    else:
+        cluster = clusters.read_cluster(clusters.cluster_folder(args.cluster_id))
+        if not cluster.running:
+            print(f"cluster {args.cluster_id} is not running", file=sys.stderr)
+            return 1
+    engines = cluster.info.get("engines", {})
+    if args.json:
+        print(json.dumps(list(engines.values()), indent=1))
+        return 0
+    if not engines:
+        print(f"cluster {cluster.cluster_id} has no engines")
+    for eid, info in sorted(engines.items(), key=lambda item: int(item[0])):
+        print(
+            f"engine {eid}: pid {info.get('pid')} on {info.get('hostname')} ({info.get('state')})"
+        )
+    return 0
 
-    with Client(args.cluster_id) as rc:
-        for eid in rc.ids:
-            info = rc.engine_info(eid)
-            print(f"engine {eid}: pid {info['pid']} on {info['hostname']}")
+
+def _clean(args: argparse.Namespace) -> int:
+    cleaned = clusters.clean_dead_clusters(remove_folders=True)
+    for c in cleaned:
+        print(f"removed dead cluster {c.cluster_id} ({c.folder})")
+    if not cleaned:
+        print("no dead clusters")
     return 0
 
 
@@ -107,14 +169,18 @@ def parser() -> argparse.ArgumentParser:
     start.set_defaults(func=_start)
     stop = sub.add_parser("stop", help="stop a cluster (default: the newest)")
     stop.add_argument("--cluster-id", default=None)
-    stop.add_argument("--all", action="store_true")
+    stop.add_argument("--all", action="store_true", help="every running cluster")
+    stop.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL")
     stop.set_defaults(func=_stop)
-    lst = sub.add_parser("list", help="list running clusters")
+    lst = sub.add_parser("list", help="list running clusters (cleans up after dead ones)")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list)
     eng = sub.add_parser("engines", help="list a cluster's engines")
-    eng.add_argument("--cluster-id", default=None)
+    eng.add_argument("--cluster-id", default=None, help="default: the newest running")
+    eng.add_argument("--json", action="store_true")
     eng.set_defaults(func=_engines)
+    clean = sub.add_parser("clean", help="remove dead clusters' folders, logs included")
+    clean.set_defaults(func=_clean)
     sub.add_parser("controller", help="run a controller in the foreground", add_help=False)
     sub.add_parser("engine", help="run one engine kernel", add_help=False)
     return p

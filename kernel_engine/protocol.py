@@ -1,11 +1,5 @@
-"""The wire: every message type jupyter-px sends, and how frames are packed and signed.
-
-Messages are Jupyter messages (``idents..., <IDS|MSG>, hmac, header, parent, metadata,
-content, buffers...``) signed with HMAC-SHA256 and the cluster's key, so ipykernel's own
-``Session`` accepts what we send it and we accept what it sends. This module packs and
-parses them with less work than ``jupyter_client.Session``: the header is parsed eagerly
-(routing needs it), the other JSON parts only on first use, and dates stay ISO strings
-until somebody asks for a ``datetime``.
+"""The protocol: every message type jupyter-px sends, what its content holds, and where it
+goes. How messages are framed, signed and checked is :mod:`kernel_engine.wire`.
 
 Routing between client, controller and engines uses zmq identity frames in front of the
 delimiter, never the signed parts, so the controller forwards frames without re-signing:
@@ -16,29 +10,28 @@ delimiter, never the signed parts, so the controller forwards frames without re-
 - controller -> client: one frame names the engine that answered (``b"3"``) or ``b"hub"``.
 
 A client on the engines' host may also send ``apply_request`` straight to an engine's task
-lane (see ``jupyter_ext._lanes``). It sends from a socket whose identity ends in ``:s`` and
-receives on a twin ending in ``:r``; the lane, like the controller, answers the twin
-(:func:`reply_identity`). The client then tells the controller what it sent and what came
-back, in batches (:data:`DIRECT_NOTICE`), so the hub's records stay complete.
+lane (see ``jupyter_ext._lanes``). It sends from a socket whose identity is
+:func:`client_identity` ``+ b":s"`` and receives on a twin ending in ``:r``; the lane, like
+the controller, answers the twin (:func:`reply_identity`). The client then tells the
+controller what it sent and what came back, in batches (:data:`DIRECT_NOTICE`), so the
+hub's records stay complete.
+
+Contents are small typed structures (:class:`TaskFlags`, :class:`QueueRequest`, ...): the
+sender builds them, the receiver parses them with ``from_content``, which checks every
+field by type and range and raises ``TypeError``/``ValueError`` naming the field. So a bad
+flag is refused in the client before it is sent, and again in the controller (as an error
+reply naming the field) before anything acts on it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import os
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+import math
+import re
+import signal
+from dataclasses import dataclass
+from typing import Any, Self
 
-import zmq
-
-DELIM = b"<IDS|MSG>"
-PROTOCOL_VERSION = "5.3"
-SIGNATURE_SCHEME = "hmac-sha256"
+from .wire import Wire, utcnow_iso
 
 # Requests a client sends to an engine's task lane, and their replies.
 APPLY_REQUEST = "apply_request"
@@ -65,28 +58,21 @@ SHUTDOWN_REQUEST = "px_shutdown_request"
 HISTORY_REQUEST = "px_history_request"
 DB_REQUEST = "px_db_request"
 START_REQUEST = "px_start_request"
-HUB_REQUESTS = frozenset(
-    {
-        CONNECT_REQUEST,
-        QUEUE_REQUEST,
-        RESULT_REQUEST,
-        PURGE_REQUEST,
-        ABORT_REQUEST,
-        SIGNAL_REQUEST,
-        SHUTDOWN_REQUEST,
-        HISTORY_REQUEST,
-        DB_REQUEST,
-        START_REQUEST,
-    }
-)
-# A client's account of the tasks it sent to lanes directly (route ``b"hub"``, no reply):
-# content ``{"submitted": [...], "completed": [...]}``, the completed tasks' reply frames
-# joined into the buffers (see ``jupyter_ext._lanes``).
+# A client's account of the tasks it sent to lanes directly (route ``b"hub"``, no reply),
+# the completed tasks' reply frames joined into the buffers (see ``jupyter_ext._lanes``).
 DIRECT_NOTICE = "px_direct_notice"
+# A client that closes says so (route ``b"hub"``, no reply): its queued tasks are dropped.
+GOODBYE_NOTICE = "px_goodbye_notice"
+# Sent by a client's IO thread every few seconds (route ``b"hub"``, no reply): it is alive.
+# (Whether the controller is alive, a client learns from the controller's heartbeat
+# port, which echoes from a thread of its own, so a busy controller never seems dead.)
+KEEPALIVE_NOTICE = "px_keepalive_notice"
+KEEPALIVE_EVERY = 2.0
+"""Seconds between a client's keepalive notices."""
+NOTICES = frozenset({DIRECT_NOTICE, GOODBYE_NOTICE, KEEPALIVE_NOTICE})
+
 # Replies the controller keeps for other clients' ``get_result`` (larger ones are dropped).
 MAX_STORED_RESULT = 1024 * 1024
-# The identity of the controller's DEALER on each engine's lane (never ends in ``:s``).
-CONTROLLER_IDENTITY = b"px-controller"
 
 # Events the controller publishes to every client on its iopub socket.
 EVENT_TOPIC = b"px.event"
@@ -111,20 +97,39 @@ CONTROLLER_ERRORS = frozenset(
         "InvalidTarget",
     }
 )
+DUPLICATE = "DuplicateRequest"
+"""``px_error`` of the reply to a request whose msg_id was seen before: the reply answers
+the copy, never the original, so a client never resolves a request from it."""
 
 HUB_ROUTE = b"hub"
 LB_ROUTE = b"lb"
 CHANNELS = ("lane", "shell", "control")
+
+MAX_IDS = 1_000_000
+"""Most msg_ids (or engine ids) one request may name."""
+
+MAX_SECONDS = 1e9
+"""Longest timeout or time limit accepted (about 31 years: finite, so deadlines are)."""
+
+MAX_RETRIES = 1_000_000
+
+_CLIENT_ID = re.compile(rb"[0-9a-f]{16}:[sr]\Z")
+
+
+def client_identity(raw: bytes) -> bytes:
+    """The identity stem of a client's twin sockets (16 hex digits)."""
+    return raw.hex()[:16].encode()
 
 
 def reply_identity(sender: bytes) -> bytes:
     """Where replies to a client's request go.
 
     A client sends from one socket (any thread, under a lock) and receives on another
-    (its IO thread); their identities end in ``:s`` and ``:r``. Other peers (a bare
-    DEALER) get replies on the socket they sent from.
+    (its IO thread): identities ``<16 hex>:s`` and ``<16 hex>:r``. Any other peer (the
+    controller's own sockets have identities zmq makes up, which start with a zero byte)
+    gets replies on the socket it sent from.
     """
-    if sender.endswith(b":s"):
+    if _CLIENT_ID.match(sender) and sender.endswith(b":s"):
         return sender[:-1] + b"r"
     return sender
 
@@ -143,249 +148,19 @@ def route_frame(channel: str, engine_id: int) -> bytes:
 
 
 def parse_route(frame: bytes) -> tuple[str, int | None]:
-    """Split a route frame into (channel, engine id); ``("hub", None)`` for the controller."""
+    """Split a route frame into (channel, engine id); ``("hub", None)`` for the controller.
+
+    Raises ValueError for anything that is not a route.
+    """
     if frame == HUB_ROUTE:
         return "hub", None
     if frame == LB_ROUTE:
         return "lb", None
     channel, _, eid = frame.partition(b":")
-    return channel.decode("ascii", "replace"), int(eid)
-
-
-def utcnow_iso() -> str:
-    """The current time as the ISO 8601 string Jupyter headers carry."""
-    return datetime.now(timezone.utc).isoformat()
-
-
-def parse_date(value: str | datetime | None) -> datetime | None:
-    """An ISO 8601 string from a header or metadata as an aware ``datetime``."""
-    if value is None or isinstance(value, datetime):
-        return value
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def new_key() -> bytes:
-    """A fresh HMAC key for a cluster."""
-    return uuid.uuid4().hex.encode("ascii") + os.urandom(8).hex().encode("ascii")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if isinstance(obj, bytes):
-        return obj.decode("utf8", "replace")
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def dumps_json(obj: Any) -> bytes:
-    """Compact JSON, the encoding of every JSON frame."""
-    return json.dumps(obj, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf8"
-    )
-
-
-_EMPTY = b"{}"
-
-
-def _encode(part: dict[str, Any] | bytes | None) -> bytes:
-    if not part:
-        return _EMPTY
-    if isinstance(part, bytes):
-        return part
-    return dumps_json(part)
-
-
-def _as_bytes(frame: Any) -> bytes:
-    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
-
-
-def split_idents(frames: Sequence[Any]) -> tuple[list[bytes], list[Any]]:
-    """Split received frames at the delimiter into (identity frames, message frames)."""
-    for i, frame in enumerate(frames[:32]):
-        if len(frame) == len(DELIM) and _as_bytes(frame) == DELIM:
-            return [_as_bytes(f) for f in frames[:i]], list(frames[i + 1 :])
-    raise ValueError("no <IDS|MSG> delimiter in message")
-
-
-class SignatureError(ValueError):
-    """Raised when a message's HMAC signature does not match the cluster key."""
-
-
-@dataclass
-class Message:
-    """A parsed message: header now, the other parts when first asked for."""
-
-    header: dict[str, Any]
-    frames: list[Any]
-    idents: list[bytes] = field(default_factory=list)
-    _parent: dict[str, Any] | None = None
-    _metadata: dict[str, Any] | None = None
-    _content: dict[str, Any] | None = None
-
-    @property
-    def msg_id(self) -> str:
-        return str(self.header.get("msg_id", ""))
-
-    @property
-    def msg_type(self) -> str:
-        return str(self.header.get("msg_type", ""))
-
-    @property
-    def parent_header(self) -> dict[str, Any]:
-        if self._parent is None:
-            self._parent = json.loads(_as_bytes(self.frames[2]) or b"{}")
-        return self._parent
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        if self._metadata is None:
-            self._metadata = json.loads(_as_bytes(self.frames[3]) or b"{}")
-        return self._metadata
-
-    @property
-    def content(self) -> dict[str, Any]:
-        if self._content is None:
-            self._content = json.loads(_as_bytes(self.frames[4]) or b"{}")
-        return self._content
-
-    @property
-    def buffers(self) -> list[Any]:
-        return self.frames[5:]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The message in ``jupyter_client.Session`` dict form (for ipykernel's set_parent)."""
-        return {
-            "header": self.header,
-            "parent_header": self.parent_header,
-            "metadata": self.metadata,
-            "content": self.content,
-            "msg_id": self.msg_id,
-            "msg_type": self.msg_type,
-            "buffers": self.buffers,
-        }
-
-
-class Wire:
-    """Packs, signs, verifies and parses messages with one cluster key.
-
-    Parameters
-    ----------
-    key
-        The cluster's HMAC key; empty disables signing (never used by jupyter-px itself).
-    session
-        This peer's session id, written into every header it makes.
-    username
-        The header's ``username``.
-    """
-
-    def __init__(self, key: bytes, session: str | None = None, username: str = "jupyter-px"):
-        self.key = key
-        self.session = session or uuid.uuid4().hex
-        self.username = username
-        self._hmac = hmac.new(key, digestmod=hashlib.sha256) if key else None
-        self._plain = all(c.isalnum() or c in "-_.:" for c in f"{self.session}{self.username}")
-
-    def sign(self, parts: Sequence[Any]) -> bytes:
-        """The hex HMAC of the four signed parts."""
-        if self._hmac is None:
-            return b""
-        h = self._hmac.copy()
-        for part in parts:
-            h.update(part)
-        return h.hexdigest().encode("ascii")
-
-    def header(self, msg_type: str, msg_id: str | None = None) -> dict[str, Any]:
-        """A fresh Jupyter header."""
-        return {
-            "msg_id": msg_id or uuid.uuid4().hex,
-            "msg_type": msg_type,
-            "username": self.username,
-            "session": self.session,
-            "date": utcnow_iso(),
-            "version": PROTOCOL_VERSION,
-        }
-
-    def pack(
-        self,
-        msg_type: str,
-        content: dict[str, Any] | bytes | None = None,
-        parent: dict[str, Any] | bytes | None = None,
-        metadata: dict[str, Any] | bytes | None = None,
-        buffers: Sequence[Any] = (),
-        idents: Sequence[bytes] = (),
-        header: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], list[Any]]:
-        """Build a signed message; returns (header, frames ready for ``send_multipart``).
-
-        ``content``, ``parent`` and ``metadata`` may be given already encoded (bytes from
-        :func:`dumps_json`), so a map encodes its tasks' shared metadata once.
-        """
-        if header is None:
-            header = self.header(msg_type)
-            encoded_header = self._encode_header(header)
-        else:
-            encoded_header = dumps_json(header)
-        parts = [encoded_header, _encode(parent), _encode(metadata), _encode(content)]
-        return header, [*idents, DELIM, self.sign(parts), *parts, *buffers]
-
-    def _encode_header(self, header: dict[str, Any]) -> bytes:
-        """The JSON of a header this Wire made (plain ASCII fields: no escaping needed)."""
-        if not (header["msg_type"].isidentifier() and self._plain):
-            return dumps_json(header)
-        return (
-            f'{{"msg_id":"{header["msg_id"]}","msg_type":"{header["msg_type"]}",'
-            f'"username":"{self.username}","session":"{self.session}",'
-            f'"date":"{header["date"]}","version":"{PROTOCOL_VERSION}"}}'
-        ).encode()
-
-    def send(
-        self,
-        socket: zmq.Socket[Any],
-        msg_type: str,
-        content: dict[str, Any] | None = None,
-        parent: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-        buffers: Sequence[Any] = (),
-        idents: Sequence[bytes] = (),
-    ) -> dict[str, Any]:
-        """Pack and send a message; returns its header."""
-        header, frames = self.pack(msg_type, content, parent, metadata, buffers, idents)
-        socket.send_multipart(frames, copy=False)
-        return header
-
-    def verify(self, msg_frames: Sequence[Any]) -> None:
-        """Check the signature of message frames (those after the delimiter)."""
-        if self._hmac is None:
-            return
-        if len(msg_frames) < 5:
-            raise SignatureError(f"malformed message: {len(msg_frames)} frames after delimiter")
-        signature = _as_bytes(msg_frames[0])
-        expected = self.sign([_as_bytes(f) for f in msg_frames[1:5]])
-        if not hmac.compare_digest(signature, expected):
-            raise SignatureError("invalid HMAC signature")
-
-    def unpack(self, msg_frames: list[Any], verify: bool = True) -> Message:
-        """Parse message frames (after the delimiter) into a :class:`Message`."""
-        if verify:
-            self.verify(msg_frames)
-        elif len(msg_frames) < 5:
-            raise SignatureError(f"malformed message: {len(msg_frames)} frames after delimiter")
-        header = json.loads(_as_bytes(msg_frames[1]))
-        if not isinstance(header, dict):
-            raise ValueError("message header is not a JSON object")
-        return Message(header=header, frames=msg_frames)
-
-    def recv(self, frames: list[Any], verify: bool = True) -> Message:
-        """Split identities off received frames and parse the rest."""
-        idents, msg_frames = split_idents(frames)
-        msg = self.unpack(msg_frames, verify=verify)
-        msg.idents = idents
-        return msg
+    name = channel.decode("ascii", "replace")
+    if name not in CHANNELS or not eid.isdigit() or len(eid) > 9:
+        raise ValueError(f"not a route: {frame[:40]!r}")
+    return name, int(eid)
 
 
 def error_content(ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
@@ -396,35 +171,528 @@ def error_content(ename: str, evalue: str, traceback: list[str] | None = None) -
         "evalue": evalue,
         "traceback": traceback or [],
     }
-    if ename in CONTROLLER_ERRORS:
+    if ename in CONTROLLER_ERRORS or ename == DUPLICATE:
         content["px_error"] = ename
     return content
 
 
-BATCH = b"<PX|BATCH>"
-"""First frame of a lane message that carries several messages (tasks or replies)."""
+def fail_reply(
+    wire: Wire,
+    client: bytes,
+    request_header: dict[str, Any],
+    engine_id: int | None,
+    ename: str,
+    evalue: str,
+) -> list[Any]:
+    """The frames of an error reply made for a request that will not run (or was lost).
+
+    ``client`` is the identity the reply goes to; the reply's parent is the request's
+    header, so the client matches it to its request.
+    """
+    msg_type = str(request_header.get("msg_type", APPLY_REQUEST)).replace("_request", "_reply")
+    metadata = {"engine_id": engine_id, "status": "error", "completed": utcnow_iso()}
+    route = HUB_ROUTE if engine_id is None else str(engine_id).encode()
+    content = error_content(ename, evalue)
+    content["engine_info"] = {"engine_id": engine_id}
+    return wire.pack(msg_type, content, request_header, metadata, idents=[client, route])[1]
 
 
-def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
-    """Frames of one lane message carrying several complete messages (each with idents)."""
-    counts = dumps_json([len(m) for m in messages])
-    frames: list[Any] = [BATCH, counts]
-    for m in messages:
-        frames.extend(m)
-    return frames
+# ----- field checks: each raises TypeError or ValueError naming the field
 
 
-def unpack_batch(frames: Sequence[Any]) -> list[list[Any]]:
-    """The messages of a :func:`pack_batch` lane message (``frames`` starts at ``BATCH``)."""
-    counts = json.loads(_as_bytes(frames[1]))
-    out: list[list[Any]] = []
-    pos = 2
-    for n in counts:
-        out.append(list(frames[pos : pos + n]))
-        pos += n
-    return out
+def _kind(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
-def is_batch(frames: Sequence[Any], at: int = 0) -> bool:
-    """Whether ``frames[at]`` is the batch marker."""
-    return len(frames) > at and len(frames[at]) == len(BATCH) and _as_bytes(frames[at]) == BATCH
+def check_seconds(name: str, value: Any, positive: bool = False) -> float | None:
+    """A number of seconds (or None): finite, at least 0 (above 0 when ``positive``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {_kind(value)}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > MAX_SECONDS:
+        low = "above 0" if positive else "at least 0"
+        raise ValueError(f"{name} must be a finite number of seconds {low}, not {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int = 0, high: int = MAX_IDS) -> int:
+    """An int (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {_kind(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {_kind(value)}")
+    return value
+
+
+def check_label(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, not {_kind(value)}")
+    if len(value) > 1024:
+        raise ValueError(f"{name} must be at most 1024 characters, not {len(value)}")
+    return value
+
+
+def check_ids(name: str, value: Any, allow_none: bool = True) -> tuple[int, ...] | None:
+    """Engine ids: a list of ints (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of engine ids, not {_kind(value)}")
+    if len(value) > MAX_IDS:
+        raise ValueError(f"{name} names {len(value)} engines, more than {MAX_IDS}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name} must hold engine ids (ints), not {_kind(item)}")
+        if item < 0:
+            raise ValueError(f"{name} must hold engine ids (ints at least 0), not {item}")
+    return tuple(value)
+
+
+def check_msg_id(name: str, value: Any) -> str:
+    """A msg_id (or message type): a string of 1 to 256 characters."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {_kind(value)}")
+    if not 0 < len(value) <= 256:
+        raise ValueError(f"{name} must have 1 to 256 characters, not {len(value)}")
+    return value
+
+
+def check_msg_ids(name: str, value: Any) -> tuple[str, ...]:
+    """msg_ids: a list of non-empty strings."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of msg_ids, not {_kind(value)}")
+    if len(value) > MAX_IDS:
+        raise ValueError(f"{name} names {len(value)} msg_ids, more than {MAX_IDS}")
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= 256:
+            raise TypeError(f"{name} must hold msg_ids (strings), not {_kind(item)}")
+    return tuple(value)
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object, not {_kind(value)}")
+    return value
+
+
+# ----- contents
+
+
+@dataclass(frozen=True, slots=True)
+class DependencySpec:
+    """The ``after``/``follow`` of a load-balanced task: msg_ids and how they count."""
+
+    msg_ids: tuple[str, ...]
+    all: bool = True
+    success: bool = True
+    failure: bool = False
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_ids": list(self.msg_ids),
+            "all": self.all,
+            "success": self.success,
+            "failure": self.failure,
+        }
+
+    @classmethod
+    def from_content(cls, name: str, value: Any) -> DependencySpec | None:
+        """None for no dependency (None, or no msg_ids)."""
+        if value is None:
+            return None
+        spec = _mapping(name, value)
+        unknown = set(spec) - {"msg_ids", "all", "success", "failure"}
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {sorted(unknown)}")
+        dep = cls(
+            check_msg_ids(f"{name}.msg_ids", spec.get("msg_ids", [])),
+            check_bool(f"{name}.all", spec.get("all", True)),
+            check_bool(f"{name}.success", spec.get("success", True)),
+            check_bool(f"{name}.failure", spec.get("failure", False)),
+        )
+        if not (dep.success or dep.failure):
+            raise ValueError(f"{name} counts neither success nor failure as met")
+        return dep if dep.msg_ids else None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFlags:
+    """The metadata of a load-balanced ``apply_request``: the view's flags.
+
+    ``timeout`` bounds the wait for dependencies, ``time_limit`` the run time (seconds);
+    ``retries`` resubmits a task that failed or whose engine died.
+    """
+
+    targets: tuple[int, ...] | None = None
+    after: DependencySpec | None = None
+    follow: DependencySpec | None = None
+    timeout: float | None = None
+    retries: int = 0
+    time_limit: float | None = None
+    label: str | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "targets": None if self.targets is None else list(self.targets),
+            "after": self.after.to_content() if self.after else None,
+            "follow": self.follow.to_content() if self.follow else None,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "time_limit": self.time_limit,
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_content(cls, md: dict[str, Any]) -> TaskFlags:
+        return cls(
+            targets=check_ids("targets", md.get("targets")),
+            after=DependencySpec.from_content("after", md.get("after")),
+            follow=DependencySpec.from_content("follow", md.get("follow")),
+            timeout=check_seconds("timeout", md.get("timeout")),
+            retries=check_int("retries", md.get("retries", 0) or 0, 0, MAX_RETRIES),
+            time_limit=check_seconds("time_limit", md.get("time_limit"), positive=True),
+            label=check_label("label", md.get("label")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """A request without content (connect, history)."""
+
+    def to_content(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRequest:
+    """``queue_status``: per engine of ``targets`` (None: all)."""
+
+    targets: tuple[int, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {"targets": None if self.targets is None else list(self.targets)}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(check_ids("targets", content.get("targets")))
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRequest:
+    """The controller's records (and stored results) of these msg_ids."""
+
+    msg_ids: tuple[str, ...]
+
+    def to_content(self) -> dict[str, Any]:
+        return {"msg_ids": list(self.msg_ids)}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(check_msg_ids("msg_ids", content.get("msg_ids", [])))
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeRequest:
+    """Forget finished records: ``msg_ids`` (None: all), or those of ``engine_ids``."""
+
+    msg_ids: tuple[str, ...] | None
+    engine_ids: tuple[int, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_ids": "all" if self.msg_ids is None else list(self.msg_ids),
+            "engine_ids": None if self.engine_ids is None else list(self.engine_ids),
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        raw = content.get("msg_ids", "all")
+        msg_ids = None if raw == "all" else check_msg_ids("msg_ids", raw)
+        return cls(msg_ids, check_ids("engine_ids", content.get("engine_ids")))
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    """Do not run these msg_ids (queued ones fail with TaskAborted); ``targets`` are the
+    engines to tell (None: all)."""
+
+    msg_ids: tuple[str, ...]
+    targets: tuple[int, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_ids": list(self.msg_ids),
+            "targets": None if self.targets is None else list(self.targets),
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(
+            check_msg_ids("msg_ids", content.get("msg_ids", [])),
+            check_ids("targets", content.get("targets")),
+        )
+
+
+_SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRequest:
+    """Signal engines: ``targets`` (None: all), or those running ``msg_ids`` (plus the
+    ``targets`` a client names for requests it sent to lanes itself)."""
+
+    signum: int
+    targets: tuple[int, ...] | None = None
+    msg_ids: tuple[str, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "signum": self.signum,
+            "targets": None if self.targets is None else list(self.targets),
+            "msg_ids": None if self.msg_ids is None else list(self.msg_ids),
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        signum = check_int("signum", content.get("signum", int(signal.SIGINT)), 1, 64)
+        if signum not in _SIGNALS:
+            raise ValueError(f"signum {signum} is not a signal of this system")
+        raw = content.get("msg_ids")
+        return cls(
+            signum,
+            check_ids("targets", content.get("targets")),
+            None if raw is None else check_msg_ids("msg_ids", raw),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownRequest:
+    """Stop engines ``targets`` (None: all); with ``hub``, the controller and everything."""
+
+    targets: tuple[int, ...] | None = None
+    hub: bool = False
+
+    def to_content(self) -> dict[str, Any]:
+        return {"targets": None if self.targets is None else list(self.targets), "hub": self.hub}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(
+            check_ids("targets", content.get("targets")),
+            check_bool("hub", content.get("hub", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DbRequest:
+    """Records whose fields match ``query`` (field -> value), with ``keys`` (None: all)."""
+
+    query: dict[str, Any]
+    keys: tuple[str, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {"query": self.query, "keys": None if self.keys is None else list(self.keys)}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        query = _mapping("query", content.get("query", {}))
+        keys = content.get("keys")
+        if keys is not None:
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise TypeError(f"keys must be a list of strings or None, not {_kind(keys)}")
+            keys = tuple(keys)
+        return cls(query, keys)
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """Start ``n`` more engines."""
+
+    n: int = 1
+
+    def to_content(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(check_int("n", content.get("n", 1), 1, 4096))
+
+
+HUB_REQUESTS: dict[str, Any] = {
+    CONNECT_REQUEST: Empty,
+    HISTORY_REQUEST: Empty,
+    QUEUE_REQUEST: QueueRequest,
+    RESULT_REQUEST: ResultRequest,
+    PURGE_REQUEST: PurgeRequest,
+    ABORT_REQUEST: AbortRequest,
+    SIGNAL_REQUEST: SignalRequest,
+    SHUTDOWN_REQUEST: ShutdownRequest,
+    DB_REQUEST: DbRequest,
+    START_REQUEST: StartRequest,
+}
+"""Each request the controller answers itself, and the structure of its content."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectSubmitted:
+    """One request a client sent to a lane directly."""
+
+    msg_id: str
+    msg_type: str
+    date: str
+    engine_id: int
+    label: str | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_id": self.msg_id,
+            "msg_type": self.msg_type,
+            "date": self.date,
+            "engine_id": self.engine_id,
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_content(cls, item: Any) -> Self:
+        item = _mapping("submitted", item)
+        return cls(
+            check_msg_id("msg_id", item.get("msg_id")),
+            check_msg_id("msg_type", item.get("msg_type")),
+            check_msg_id("date", item.get("date")),
+            check_int("engine_id", item.get("engine_id")),
+            check_label("label", item.get("label")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DirectCompleted:
+    """One direct request that finished: its outcome, and the sizes of its reply frames
+    (in the notice's buffers) when small enough to keep."""
+
+    msg_id: str
+    engine_id: int | None
+    status: str
+    started: str | None = None
+    completed: str | None = None
+    sizes: tuple[int, ...] | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_id": self.msg_id,
+            "engine_id": self.engine_id,
+            "status": self.status,
+            "started": self.started,
+            "completed": self.completed,
+            "sizes": None if self.sizes is None else list(self.sizes),
+        }
+
+    @classmethod
+    def from_content(cls, item: Any) -> Self:
+        item = _mapping("completed", item)
+        msg_id = check_msg_id("msg_id", item.get("msg_id"))
+        eid = item.get("engine_id")
+        status = item.get("status")
+        if status not in ("ok", "error", "aborted"):
+            raise ValueError(f"status must be 'ok', 'error' or 'aborted', not {_kind(status)}")
+        sizes = check_ids("sizes", item.get("sizes"))
+        return cls(
+            msg_id,
+            None if eid is None else check_int("engine_id", eid),
+            status,
+            check_label("started", item.get("started")),
+            check_label("completed", item.get("completed")),
+            sizes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DirectNotice:
+    """What a client sent to lanes directly, and what came back (see ``_lanes``)."""
+
+    submitted: tuple[DirectSubmitted, ...] = ()
+    completed: tuple[DirectCompleted, ...] = ()
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "submitted": [s.to_content() for s in self.submitted],
+            "completed": [c.to_content() for c in self.completed],
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        submitted = content.get("submitted", [])
+        completed = content.get("completed", [])
+        for name, items in (("submitted", submitted), ("completed", completed)):
+            if not isinstance(items, list) or len(items) > MAX_IDS:
+                raise TypeError(f"{name} must be a list, not {_kind(items)}")
+        return cls(
+            tuple(DirectSubmitted.from_content(s) for s in submitted),
+            tuple(DirectCompleted.from_content(c) for c in completed),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSetup:
+    """What the controller tells an engine when it adopts it."""
+
+    engine_id: int
+    cluster_id: str = ""
+
+    def to_content(self) -> dict[str, Any]:
+        return {"engine_id": self.engine_id, "cluster_id": self.cluster_id}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(
+            check_int("engine_id", content.get("engine_id")),
+            check_label("cluster_id", content.get("cluster_id", "")) or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What clients learn about an engine (events, the connect reply, ``engine_info``)."""
+
+    id: int
+    uuid: str
+    pid: int | None
+    hostname: str
+    state: str
+    connection_info: dict[str, Any]
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "uuid": self.uuid,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "state": self.state,
+            "connection_info": self.connection_info,
+        }
+
+    @classmethod
+    def from_content(cls, info: Any) -> Self:
+        info = _mapping("engine", info)
+        pid = info.get("pid")
+        return cls(
+            check_int("id", info.get("id")),
+            check_label("uuid", info.get("uuid", "")) or "",
+            None if pid is None else check_int("pid", pid, 1, 2**31),
+            check_label("hostname", info.get("hostname", "")) or "",
+            check_label("state", info.get("state", "")) or "",
+            _mapping("connection_info", info.get("connection_info", {})),
+        )

@@ -97,8 +97,9 @@ def test_start_stop_restart_engines(cluster_factory):
 def test_shutdown_updates_ids_before_it_returns(cluster_factory):
     """The controller's event may come after the reply: ``ids`` must not wait for it."""
     _, rc = cluster_factory.start(2)
-    on_event = rc._on_event
-    rc._on_event = lambda msg: None if msg.msg_type == "px_engine_unregistered" else on_event(msg)
+    transport = rc.transport
+    on_event = transport._on_event
+    transport._on_event = lambda m: None if m.msg_type == "px_engine_unregistered" else on_event(m)
     rc.shutdown(targets=[0])
     assert rc.ids == [1]
     with pytest.raises(jx.EngineError, match="engine 0 was shut down by a client"):
@@ -190,9 +191,10 @@ def test_close_after_the_io_thread_stopped(rc):
     """close() must not fail when the IO thread has already left its loop (a race with
     its own poll timing out)."""
     other = jx.Client(rc.connection_file)
-    other._io._running = False
-    other._io.thread.join(5)
-    assert not other._io.thread.is_alive()
+    io = other.transport.io
+    io._running = False
+    io.thread.join(5)
+    assert not io.thread.is_alive()
     other.close()
 
 

@@ -95,7 +95,7 @@ def test_dead_controller_fails_waiting_calls(cluster_factory):
 def test_garbage_and_unsigned_messages_do_not_hurt_the_controller(rc):
     import zmq
 
-    from kernel_engine import protocol
+    from kernel_engine import protocol, wire
 
     info = json.loads(Path(rc.connection_file).read_text())
     ctx = zmq.Context()
@@ -104,17 +104,21 @@ def test_garbage_and_unsigned_messages_do_not_hurt_the_controller(rc):
     sock.connect(f"tcp://127.0.0.1:{info['client_port']}")
     try:
         pending = rc[0].apply_async(time.sleep, 0.3)
-        bad_wire = protocol.Wire(b"wrong key")
+        bad_wire = wire.Wire(b"wrong key")
         sock.send_multipart([b"garbage"])
-        sock.send_multipart([b"lane:0", protocol.DELIM, b"sig", b"not json", b"{}", b"{}", b"{}"])
+        sock.send_multipart([b"lane:0", wire.DELIM, b"sig", b"not json", b"{}", b"{}", b"{}"])
         bad_wire.send(sock, "apply_request", {}, idents=[b"lane:0"])
         bad_wire.send(sock, protocol.SHUTDOWN_REQUEST, {"hub": True}, idents=[b"hub"])
-        good_wire = protocol.Wire(info["key"].encode())
-        good_wire.send(sock, "apply_request", {}, idents=[b"nonsense-route"])
-        good_wire.send(sock, "no_such_request", {}, idents=[b"hub"])
-        assert sock.poll(5000), "the controller should answer the unknown hub request"
-        reply = good_wire.recv(sock.recv_multipart(copy=False))
-        assert reply.content["status"] == "error" and "unknown" in reply.content["evalue"]
+        good_wire = wire.Wire(info["key"].encode())
+        nonsense = good_wire.send(sock, "apply_request", {}, idents=[b"nonsense-route"])
+        unknown = good_wire.send(sock, "no_such_request", {}, idents=[b"hub"])
+        replies = {}
+        for _ in range(2):
+            assert sock.poll(5000), "the controller should answer both signed requests"
+            reply = good_wire.recv(sock.recv_multipart(copy=False))
+            replies[reply.parent_id] = reply.content
+        assert "not a route" in replies[nonsense["msg_id"]]["evalue"]
+        assert "unknown" in replies[unknown["msg_id"]]["evalue"]
         assert pending.get(10) is None
         assert rc[:].apply_sync(abs, -5) == [5, 5]
     finally:

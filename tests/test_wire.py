@@ -10,6 +10,15 @@ import pytest
 import zmq
 
 from kernel_engine import protocol, serialize
+from kernel_engine.wire import (
+    DELIM,
+    MessageError,
+    SignatureError,
+    Wire,
+    is_batch,
+    pack_batch,
+    unpack_batch,
+)
 from kernel_engine.errors import SerializationError
 
 
@@ -18,7 +27,7 @@ def frames_of(frames):
 
 
 def test_pack_unpack_roundtrip():
-    wire = protocol.Wire(b"secret")
+    wire = Wire(b"secret")
     header, frames = wire.pack(
         "apply_request", {"a": 1}, {"msg_id": "p"}, {"m": 2}, [b"buf"], idents=[b"id1"]
     )
@@ -33,25 +42,25 @@ def test_pack_unpack_roundtrip():
 
 
 def test_wrong_key_is_rejected():
-    _, frames = protocol.Wire(b"one").pack("x", {})
-    with pytest.raises(protocol.SignatureError):
-        protocol.Wire(b"two").recv(frames_of(frames))
+    _, frames = Wire(b"one").pack("x", {})
+    with pytest.raises(SignatureError):
+        Wire(b"two").recv(frames_of(frames))
 
 
 def test_tampered_content_is_rejected():
-    wire = protocol.Wire(b"k")
+    wire = Wire(b"k")
     _, frames = wire.pack("x", {"a": 1})
     frames[-1] = b'{"a":2}'
-    with pytest.raises(protocol.SignatureError):
+    with pytest.raises(SignatureError):
         wire.recv(frames_of(frames))
 
 
 def test_malformed_messages_are_rejected():
-    wire = protocol.Wire(b"k")
+    wire = Wire(b"k")
     with pytest.raises(ValueError):
         wire.recv(frames_of([b"no delimiter here"]))
-    with pytest.raises(protocol.SignatureError):
-        wire.recv(frames_of([protocol.DELIM, b"sig"]))
+    with pytest.raises(MessageError):
+        wire.recv(frames_of([DELIM, b"sig"]))
 
 
 def test_session_compatible_signature():
@@ -59,9 +68,9 @@ def test_session_compatible_signature():
     from jupyter_client.session import Session
 
     session = Session(key=b"k")
-    wire = protocol.Wire(b"k")
+    wire = Wire(b"k")
     _, frames = wire.pack("execute_request", {"code": "1"})
-    msg = session.deserialize(frames[1:] if frames[0] == protocol.DELIM else frames)
+    msg = session.deserialize(frames[1:] if frames[0] == DELIM else frames)
     assert msg["content"] == {"code": "1"}
     serialized = session.serialize(session.msg("kernel_info_request"))
     assert wire.recv(frames_of(serialized)).msg_type == "kernel_info_request"
@@ -69,19 +78,26 @@ def test_session_compatible_signature():
 
 def test_batch_roundtrip():
     messages = [[b"a", b"b"], [b"c"], [b"d", b"e", b"f"]]
-    frames = protocol.pack_batch(messages)
-    assert protocol.is_batch(frames)
+    frames = pack_batch(messages)
+    assert is_batch(frames)
     assert (
-        protocol.unpack_batch(frames_of(frames)) == [[zmq.Frame(x) for x in m] for m in messages]
-        or [[bytes(x) for x in m] for m in protocol.unpack_batch(frames_of(frames))] == messages
+        unpack_batch(frames_of(frames)) == [[zmq.Frame(x) for x in m] for m in messages]
+        or [[bytes(x) for x in m] for m in unpack_batch(frames_of(frames))] == messages
     )
 
 
 def test_routes():
     assert protocol.parse_route(protocol.route_frame("lane", 3)) == ("lane", 3)
     assert protocol.parse_route(b"hub") == ("hub", None)
-    assert protocol.reply_identity(b"abc:s") == b"abc:r"
+    assert protocol.reply_identity(b"0123456789abcdef:s") == b"0123456789abcdef:r"
     assert protocol.reply_identity(b"plain") == b"plain"
+    # only a client's identity has a twin: zmq's own identities (a zero byte first) and
+    # anything else a peer picks are answered on the socket that sent
+    assert protocol.reply_identity(b"\x00\x8b\x45:s") == b"\x00\x8b\x45:s"
+    assert protocol.reply_identity(b"px-controller:s") == b"px-controller:s"
+    for bad in (b"lane:", b"lane:x", b"nope:1", b"lane:-1", b"lane:1234567890", b""):
+        with pytest.raises(ValueError):
+            protocol.parse_route(bad)
 
 
 def test_large_arrays_travel_out_of_band_and_arrive_read_only():

@@ -96,7 +96,7 @@ def become_dask(
     """
     import distributed
 
-    ids = client._build_targets(targets)
+    ids = client.transport.targets(targets)
     first = client[ids[0]]
     first.apply_sync(start_scheduler, port, dict(scheduler_args or {}))
     address = _poll(lambda: first.apply_sync(scheduler_address), "scheduler", timeout)

@@ -21,6 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0, help="stop when it exits")
     parser.add_argument("--cwd", default=None, help="engines' working directory")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--client-timeout",
+        type=float,
+        default=30.0,
+        help="seconds of silence after which a client counts as gone (its queued tasks dropped)",
+    )
+    parser.add_argument(
+        "--on-client-lost",
+        choices=("finish", "abort"),
+        default="finish",
+        help="a lost client's tasks already on engines: run them, or abort those not started",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -34,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster_id=args.cluster_id,
         parent_pid=args.parent_pid or None,
         cwd=args.cwd,
+        client_timeout=args.client_timeout,
+        on_client_lost=args.on_client_lost,
     )
     controller.write_files()
     if args.n:

@@ -1,11 +1,24 @@
 """The controller process: owns the engines and multiplexes clients onto them.
 
-Sockets: a ROUTER for clients' requests (``client_port``) and a PUB relaying every
-engine's iopub, tagged ``engine.<id>``, plus the controller's own events
-(``iopub_port``). Requests are forwarded as frames; the controller parses headers (and
-reply parent headers) only, never unpickles user data, and never re-signs what it relays.
-Every forwarded request is remembered until its engine answers, so an engine's death
-turns each of them into an ``EngineError`` reply at once.
+Sockets: a ROUTER for clients' requests (``client_port``), a PUB relaying every engine's
+iopub, tagged ``engine.<id>``, plus the controller's own events (``iopub_port``), and an
+echo for clients' heartbeats on a thread of its own (``hb_port``, see :mod:`.heartbeat`).
+
+Every message from a client passes the edge (:meth:`Controller.from_client`) before any
+component sees it: framing, signature, header, a msg_id not seen before (a replay or a
+duplicate gets an error reply and never disturbs the original), a known route. Then the
+components take it, each owning one piece of state and given only what it uses:
+
+- :class:`~.router.Router`: requests to one engine, every engine reply, direct notices;
+- :class:`~.balancer.Balancer`: load-balanced tasks, around the pure scheduler;
+- :class:`~.requests.HubRequests`: the requests the controller answers itself;
+- :class:`~.inflight.Inflight`: what is on which engine, unanswered;
+- :class:`~.hub.Hub`: the task records;
+- :class:`~.engines.EngineSet`: the engines, their sockets and liveness;
+- :class:`~.clients.Clients`: which clients are still there.
+
+The controller parses headers (and reply parent headers) only, never unpickles user data,
+and never re-signs what it relays.
 """
 
 from __future__ import annotations
@@ -21,15 +34,26 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import protocol
+from kernel_engine import clusters, protocol, wire
+from kernel_engine.wire import DropLog, Message
 
 from .balancer import Balancer
+from .clients import Clients
 from .engines import Engine, EngineSet
+from .heartbeat import Echo
 from .hub import Hub
+from .inflight import Inflight
 from .loop import PollLoop
+from .requests import HubRequests
 from .router import Router
 
 log = logging.getLogger("kernel_engine.controller")
+
+IOPUB_HWM = 100_000
+"""Messages the iopub socket holds for one slow subscriber before dropping its share (a
+stalled subscriber must not grow the controller without bound)."""
+
+CLIENT_POLICIES = ("finish", "abort")
 
 
 class Controller:
@@ -45,6 +69,14 @@ class Controller:
         The cluster's name.
     parent_pid
         Stop when this process (the launching notebook or script) is gone.
+    cwd
+        The engines' working directory.
+    client_timeout
+        Seconds of silence after which a client counts as gone.
+    on_client_lost
+        What happens to a lost client's tasks already on engines: ``"finish"`` (they run;
+        its queued tasks are dropped either way) or ``"abort"`` (those not started yet are
+        aborted on the engines too).
     """
 
     def __init__(
@@ -54,46 +86,76 @@ class Controller:
         cluster_id: str = "",
         parent_pid: int | None = None,
         cwd: str | None = None,
+        client_timeout: float = 30.0,
+        on_client_lost: str = "finish",
     ):
+        if on_client_lost not in CLIENT_POLICIES:
+            raise ValueError(f"on_client_lost must be one of {CLIENT_POLICIES}")
         self.folder = folder
         self.ip = ip
         self.cluster_id = cluster_id or folder.name
         self.parent_pid = parent_pid
         self.cwd = cwd
+        self.on_client_lost = on_client_lost
+        self.record = clusters.controller_record()
         self.context: zmq.Context[Any] = zmq.Context()
-        # No high-water marks: a busy engine or a slow client must never block this loop
-        # (a DEALER blocks at its mark) nor lose replies (a ROUTER drops at its mark).
+        # No high-water marks on the sockets that carry requests and replies: a busy engine
+        # or a slow client must never block this loop (a DEALER blocks at its mark) nor
+        # lose replies (a ROUTER drops at its mark). What a peer can pile up there is the
+        # work it asked for; a lost client's queued work is dropped (see _client_lost).
         self.context.sndhwm = 0
         self.context.rcvhwm = 0
-        self.wire = protocol.Wire(protocol.new_key(), username="controller")
+        self.wire = wire.Wire(wire.new_key(), username="controller")
+        self.drops = DropLog(log, "controller")
+        self.seen = wire.SeenWindow()
         self.loop = PollLoop()
         self.hub = Hub()
-        self.clients = self.context.socket(zmq.ROUTER)
-        self.clients.linger = 0
-        self.clients.router_mandatory = False
-        self.client_port = self.clients.bind_to_random_port(f"tcp://{ip}")
+        self.inflight = Inflight()
+        self.clients = Clients(timeout=max(1, round(client_timeout)))
+        self.dead: dict[int, str] = {}
+        self.clients_socket = self.context.socket(zmq.ROUTER)
+        self.clients_socket.linger = 0
+        self.client_port = self.clients_socket.bind_to_random_port(f"tcp://{ip}")
         self.iopub = self.context.socket(zmq.PUB)
         self.iopub.linger = 0
-        self.iopub.sndhwm = 0
+        self.iopub.sndhwm = IOPUB_HWM
         self.iopub_port = self.iopub.bind_to_random_port(f"tcp://{ip}")
+        self.echo = Echo(self.context, ip)
+        self.echo.start()
         self.engines = EngineSet(self.loop, self.context, self.wire, folder, ip, self.cluster_id)
-        self.router = Router(self)
-        self.balancer = Balancer(self)
-        self.dead: dict[int, str] = {}
+        self.balancer = Balancer(self.wire, self.engines, self.inflight, self.hub, self.send_client)
+        self.router = Router(
+            self.wire,
+            self.engines,
+            self.inflight,
+            self.hub,
+            self.balancer,
+            self.send_client,
+            self.dead,
+            self.drops,
+        )
+        self.requests = HubRequests(
+            self.cluster_id, self.engines, self.inflight, self.hub, self.balancer, self.dead, self
+        )
         self._awaiting: set[int] = set()
         self._startup_reported = False
         self.exit_code = 0
         self.engines.on_ready = self._engine_ready
         self.engines.on_dead = self._engine_dead
         self.engines.on_message = self.router.from_engine
-        self.engines.on_iopub = self.router.relay_iopub
-        self.loop.add_socket(self.clients, self.router.from_client)
+        self.engines.on_iopub = self._relay_iopub
+        self.loop.add_socket(self.clients_socket, self.from_client)
+        self.loop.after_events.append(self.balancer.schedule)
+        self.loop.call_every(0.05, self.balancer.tick)
+        self.loop.call_every(1.0, self._tick)
         if parent_pid:
             self.loop.call_every(0.5, self._check_parent)
 
+    # ----- files
+
     @property
     def connection_file(self) -> Path:
-        return self.folder / "client.json"
+        return self.folder / clusters.CLIENT_FILE
 
     def connection_info(self) -> dict[str, Any]:
         return {
@@ -102,33 +164,136 @@ class Controller:
             "transport": "tcp",
             "client_port": self.client_port,
             "iopub_port": self.iopub_port,
+            "hb_port": self.echo.port,
             "key": self.wire.key.decode(),
-            "signature_scheme": protocol.SIGNATURE_SCHEME,
-            "controller_pid": os.getpid(),
+            "signature_scheme": wire.SIGNATURE_SCHEME,
             "folder": str(self.folder),
+            **self.record,
         }
 
     def write_files(self) -> None:
         """Write the client connection file (mode 0600) and the cluster description."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.connection_info(), f, indent=1)
-        os.chmod(self.connection_file, 0o600)
+        clusters.write_private_json(self.connection_file, self.connection_info())
         self._write_cluster_json()
 
     def _write_cluster_json(self) -> None:
         info = {
             "cluster_id": self.cluster_id,
-            "controller_pid": os.getpid(),
             "connection_file": str(self.connection_file),
-            "engines": {str(e.id): e.info() for e in self.engines.engines.values()},
+            "engines": {str(e.id): e.info().to_content() for e in self.engines.engines.values()},
             "ready": self.engines.ready_ids(),
             "updated": time.time(),
+            **self.record,
         }
-        tmp = self.folder / "cluster.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        tmp.replace(self.folder / "cluster.json")
+        clusters.write_private_json(self.folder / clusters.CLUSTER_FILE, info)
+
+    # ----- the edge: every client message
+
+    def send_client(self, frames: list[Any]) -> None:
+        self.clients_socket.send_multipart(frames, copy=False)
+
+    def from_client(self, frames: list[Any]) -> None:
+        """A client's message: ``[client, route, DELIM, signature, header, ...]``."""
+        if len(frames) < 8 or wire.delimiter_at(frames) != 2:
+            self.drops.drop("malformed client message")
+            return
+        try:
+            msg = self.wire.unpack(frames[3:])
+        except wire.MessageError as exc:
+            self.drops.drop(str(exc))
+            return
+        client = protocol.reply_identity(frames[0].bytes)
+        self.clients.seen(client)
+        if not self.seen.add(msg.msg_id):
+            self._duplicate(client, msg)
+            return
+        try:
+            channel, eid = protocol.parse_route(frames[1].bytes)
+        except ValueError as exc:
+            reply = protocol.fail_reply(self.wire, client, msg.header, None, "ValueError", str(exc))
+            self.send_client(reply)
+            return
+        if channel == "hub":
+            if msg.msg_type in protocol.NOTICES:
+                self._notice(client, msg)
+            else:
+                self._hub_request(client, msg)
+            return
+        if self.hub.known(msg.msg_id) or msg.msg_id in self.inflight:
+            self._duplicate(client, msg)
+        elif eid is None:
+            self.balancer.submit(client, msg, frames[3:])
+        else:
+            self.router.forward(client, channel, eid, msg, frames[3:])
+
+    def _duplicate(self, client: bytes, msg: Message) -> None:
+        self.drops.drop("a msg_id seen before (a replay or a duplicate)")
+        why = f"msg_id {msg.msg_id} was seen before (a replay or a duplicate); ignored"
+        self.send_client(
+            protocol.fail_reply(self.wire, client, msg.header, None, protocol.DUPLICATE, why)
+        )
+
+    def _notice(self, client: bytes, msg: Message) -> None:
+        if msg.msg_type == protocol.GOODBYE_NOTICE:
+            if self.clients.goodbye(client):
+                self._client_lost(client, "closed")
+        elif msg.msg_type == protocol.DIRECT_NOTICE:
+            try:
+                self.router.direct_notice(client, msg)
+            except (TypeError, ValueError) as exc:
+                self.drops.drop(f"invalid direct notice: {exc}")
+
+    def _hub_request(self, client: bytes, msg: Message) -> None:
+        buffers: list[Any] = []
+        try:
+            content, buffers = self.requests.handle(msg)
+        except (TypeError, ValueError, KeyError) as exc:
+            content = protocol.error_content(type(exc).__name__, str(exc))
+        except Exception as exc:
+            self.loop._failed(f"controller request {msg.msg_type}", exc)
+            content = protocol.error_content(type(exc).__name__, str(exc))
+        reply_type = msg.msg_type.replace("_request", "_reply")
+        self.wire.send(
+            self.clients_socket,
+            reply_type,
+            content,
+            msg.header,
+            buffers=buffers,
+            idents=[client, protocol.HUB_ROUTE],
+        )
+
+    def _relay_iopub(self, engine: Engine, frames: list[Any]) -> None:
+        """Re-publish an engine's iopub message, topic ``engine.<id>``."""
+        self.iopub.send_multipart([b"engine.%d" % engine.id, *frames[1:]], copy=False)
+
+    def publish_event(self, msg_type: str, content: dict[str, Any]) -> None:
+        self.wire.send(self.iopub, msg_type, content, idents=[protocol.EVENT_TOPIC])
+
+    # ----- clients
+
+    def _tick(self) -> None:
+        for client in self.clients.tick():
+            self._client_lost(client, f"was silent for {self.clients.timeout} s")
+        self.drops.flush()
+        self.loop.errors.flush()
+
+    def _client_lost(self, client: bytes, why: str) -> None:
+        """A client is gone: its queued tasks fail; with the "abort" policy its tasks on
+        engines that have not started are aborted there too."""
+        abort = self.on_client_lost == "abort"
+        running = self.balancer.client_lost(client, abort)
+        if abort:
+            by_engine: dict[int, list[str]] = {}
+            for eid, msg_id in running:
+                by_engine.setdefault(eid, []).append(msg_id)
+            for msg_id, pending in self.inflight.of_client(client):
+                by_engine.setdefault(pending.engine_id, []).append(msg_id)
+            for eid, msg_ids in by_engine.items():
+                self.tell_engines([eid], protocol.ENGINE_ABORT_REQUEST, {"msg_ids": msg_ids})
+        log.info("client %s %s", client[:16].decode("ascii", "replace"), why)
+
+    # ----- engines
 
     def start_engines(self, n: int) -> list[int]:
         """Start ``n`` engines; returns their ids (they become ready asynchronously)."""
@@ -137,27 +302,44 @@ class Controller:
         self._awaiting.update(ids)
         return ids
 
+    def tell_engines(self, eids: list[int], msg_type: str, content: dict[str, Any]) -> None:
+        """Send a message of the controller's own on the engines' control channels."""
+        for eid in eids:
+            engine = self.engines.engines.get(eid)
+            sock = engine.sockets.get("control") if engine is not None else None
+            if sock is not None:
+                self.wire.send(sock, msg_type, content)
+
     def _engine_ready(self, engine: Engine) -> None:
-        self.balancer.engine_added(engine)
-        self.router.publish_event(protocol.ENGINE_REGISTERED, {"engine": engine.info()})
+        self.balancer.engine_added(engine.id)
+        self.publish_event(protocol.ENGINE_REGISTERED, {"engine": engine.info().to_content()})
         self._awaiting.discard(engine.id)
         self._write_cluster_json()
         if not self._awaiting and not self._startup_reported:
             self._report({"status": "ready", "ids": self.engines.ready_ids()})
 
     def _engine_dead(self, engine: Engine, reason: str) -> None:
-        self.dead[engine.id] = reason.splitlines()[0]
-        self.router.fail_inflight(engine, "EngineError", self.dead[engine.id])
-        self.balancer.engine_removed(engine)
-        self.router.publish_event(
-            protocol.ENGINE_UNREGISTERED, {"engine_id": engine.id, "reason": reason}
-        )
-        self._write_cluster_json()
+        self._engine_gone(engine.id, reason)
         if engine.id in self._awaiting and not self._startup_reported:
             self._report({"status": "error", "message": f"engine failed to start: {reason}"})
             self.loop.stop()
             self.exit_code = 1
         self._awaiting.discard(engine.id)
+
+    def _engine_gone(self, eid: int, reason: str) -> None:
+        """An engine left: fail what it held, tell the scheduler and every client."""
+        self.dead[eid] = first = reason.splitlines()[0]
+        self.router.fail_engine(eid, first)
+        self.balancer.engine_removed(eid, first)
+        self.publish_event(protocol.ENGINE_UNREGISTERED, {"engine_id": eid, "reason": reason})
+        self._write_cluster_json()
+
+    def stop_engines(self, eids: list[int] | None = None, reason: str = "was stopped") -> None:
+        """Stop engines; their unanswered requests fail with ``EngineError``."""
+        for engine in self.engines.stop(eids):
+            self._engine_gone(engine.id, f"engine {engine.id} {reason}")
+
+    # ----- lifetime
 
     def _report(self, status: dict[str, Any]) -> None:
         """Tell whoever launched us (on stdout) that startup finished, then leave stdout."""
@@ -177,6 +359,10 @@ class Controller:
             log.warning("parent process %i is gone; stopping", self.parent_pid)
             self.loop.stop()
 
+    def stop(self) -> None:
+        """Stop serving (after the current message); :meth:`run` then closes everything."""
+        self.loop.stop()
+
     def run(self) -> int:
         """Serve until stopped (a shutdown request, SIGTERM/SIGINT, or the parent's exit)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -187,29 +373,14 @@ class Controller:
             self.close()
         return self.exit_code
 
-    def stop_engines(self, eids: list[int] | None = None, reason: str = "was stopped") -> None:
-        """Stop engines; their unanswered requests fail with ``EngineError``."""
-        for engine in self.engines.stop(eids):
-            self.dead[engine.id] = f"engine {engine.id} {reason}"
-            self.router.fail_inflight(engine, "EngineError", self.dead[engine.id])
-            self.balancer.engine_removed(engine)
-            self.router.publish_event(
-                protocol.ENGINE_UNREGISTERED,
-                {"engine_id": engine.id, "reason": self.dead[engine.id]},
-            )
-        self._write_cluster_json()
-
     def close(self) -> None:
         """Stop every engine, tell clients, close sockets, remove the cluster folder files."""
         try:
             self.stop_engines(reason="was stopped with its cluster")
-            self.router.publish_event(protocol.CONTROLLER_STOPPING, {})
+            self.publish_event(protocol.CONTROLLER_STOPPING, {})
+            self.drops.flush()
         finally:
-            for name in ("client.json", "cluster.json"):
-                try:
-                    (self.folder / name).unlink()
-                except OSError:
-                    pass
-            self.clients.close(linger=0)
+            clusters.remove_key_files(self.folder)
+            self.clients_socket.close(linger=0)
             self.iopub.close(linger=100)
             self.context.term()

@@ -1,23 +1,28 @@
 """The controller's side of load balancing: the pure scheduler, wired to sockets.
 
-Load-balanced requests (route ``b"lb"``) wait here, as frames, until the scheduler
-dispatches them; several tasks for one engine go as one batch lane message. A task's frames
-are kept until its final outcome, so a retry (after an error or an engine's death) resends
-them; replies that the scheduler does not take as final (a retried attempt) are dropped.
+Load-balanced requests (route ``b"lb"``) have their flags checked here
+(:class:`~kernel_engine.protocol.TaskFlags`: a bad flag gets an error reply naming it and
+never reaches the scheduler), then wait, as frames, until the scheduler dispatches them;
+several tasks for one engine go as one batch lane message. A task's frames are kept until
+its final outcome, so a retry (after an error or an engine's death) resends them; replies
+that the scheduler does not take as final (a retried attempt) are dropped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
+from kernel_engine.wire import Message
 
-from .engines import Engine, Pending
-from .router import fail_reply
+from .engines import EngineSet
+from .hub import PENDING, Hub
+from .inflight import Inflight, Pending
 from .scheduler import (
     Action,
     Dependency,
@@ -26,99 +31,146 @@ from .scheduler import (
     Interrupt,
     Resubmit,
     Scheduler,
-    Status,
     Task,
 )
-
-if TYPE_CHECKING:
-    from .app import Controller
 
 log = logging.getLogger("kernel_engine.controller")
 
 
-def _dependency(spec: Any) -> Dependency | None:
-    if not spec:
+def _dependency(spec: protocol.DependencySpec | None) -> Dependency | None:
+    if spec is None:
         return None
-    ids = frozenset(str(m) for m in spec.get("msg_ids", []))
-    if not ids:
-        return None
-    return Dependency(
-        ids,
-        all=bool(spec.get("all", True)),
-        success=bool(spec.get("success", True)),
-        failure=bool(spec.get("failure", False)),
-    )
+    return Dependency(frozenset(spec.msg_ids), spec.all, spec.success, spec.failure)
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A load-balanced task without a final outcome: who asked, and its frames."""
+
+    client: bytes
+    header: dict[str, Any]
+    frames: list[Any]
 
 
 class Balancer:
-    """Feeds the scheduler events and carries out its actions."""
+    """Feeds the scheduler events and carries out its actions.
 
-    def __init__(self, controller: Controller, hwm: int = 16, max_batch: int = 32):
-        self.c = controller
+    Parameters
+    ----------
+    wire
+        Packs the error replies the balancer makes itself.
+    engines, inflight, hub
+        The engine set (to send and to interrupt), what is in flight, the task records.
+    send_client
+        Sends frames on the client socket.
+    """
+
+    def __init__(
+        self,
+        wire: wire.Wire,
+        engines: EngineSet,
+        inflight: Inflight,
+        hub: Hub,
+        send_client: Callable[[list[Any]], None],
+        hwm: int = 16,
+        max_batch: int = 32,
+    ):
+        self.wire = wire
+        self.engines = engines
+        self.inflight = inflight
+        self.hub = hub
+        self.send_client = send_client
         self.scheduler = Scheduler(hwm=hwm, max_batch=max_batch)
-        self.tasks: dict[str, tuple[Pending, list[Any]]] = {}
-        controller.loop.after_events.append(self.schedule)
-        controller.loop.call_every(0.05, self.tick)
+        self.tasks: dict[str, _Queued] = {}
 
-    def submit(self, client: bytes, msg: protocol.Message, frames: list[Any]) -> None:
-        """A load-balanced request (``frames``: signature onwards)."""
-        md = msg.metadata
-        targets = md.get("targets")
+    def submit(self, client: bytes, msg: Message, frames: list[Any]) -> None:
+        """A load-balanced request (``frames``: signature onwards); its msg_id is new."""
+        try:
+            flags = protocol.TaskFlags.from_content(msg.metadata)
+        except (TypeError, ValueError) as exc:
+            self._refuse(client, msg.header, type(exc).__name__, f"invalid flag: {exc}")
+            return
+        self._declare(flags)
         task = Task(
             msg_id=msg.msg_id,
             client=client,
-            targets=None if targets is None else frozenset(int(t) for t in targets),
-            after=_dependency(md.get("after")),
-            follow=_dependency(md.get("follow")),
-            timeout=md.get("timeout") or None,
-            retries=int(md.get("retries") or 0),
-            time_limit=md.get("time_limit") or None,
+            targets=None if flags.targets is None else frozenset(flags.targets),
+            after=_dependency(flags.after),
+            follow=_dependency(flags.follow),
+            timeout=flags.timeout,
+            retries=flags.retries,
+            time_limit=flags.time_limit,
         )
-        self.tasks[msg.msg_id] = (Pending(client, msg.header, "lane"), frames)
-        self.c.hub.submitted(msg.header, client, None, label=md.get("label"))
+        self.tasks[msg.msg_id] = _Queued(client, msg.header, frames)
+        self.hub.submitted(
+            msg.msg_id, msg.msg_type, client, None, wire.header_date(msg.header), flags.label
+        )
         try:
             actions = self.scheduler.submit(task, time.monotonic())
         except ValueError as exc:
             self.tasks.pop(msg.msg_id, None)
-            self._reply_error(Pending(client, msg.header, "lane"), "InvalidTarget", str(exc))
+            self._reply_error(_Queued(client, msg.header, []), "ValueError", str(exc))
             return
         self.apply(actions)
+
+    def _declare(self, flags: protocol.TaskFlags) -> None:
+        """Tell the scheduler what the records know of dependencies it has forgotten (or
+        never saw: requests routed to one engine, or sent to a lane directly)."""
+        for spec in (flags.after, flags.follow):
+            for msg_id in spec.msg_ids if spec is not None else ():
+                if self.scheduler.knows(msg_id):
+                    continue
+                outcome = self.hub.outcome(msg_id)
+                if outcome == PENDING:
+                    self.scheduler.note_known(msg_id)
+                elif isinstance(outcome, tuple):
+                    self.apply(self.scheduler.record_outcome(msg_id, *outcome))
 
     def owns(self, msg_id: str) -> bool:
         return msg_id in self.tasks
 
-    def reply(
-        self, engine: Engine, msg_id: str, frames: list[Any], metadata: dict[str, Any]
-    ) -> bool:
+    def reply(self, eid: int, msg_id: str, frames: list[Any], status: str) -> bool:
         """An engine answered a load-balanced task; returns whether to forward the reply."""
-        status: Status = "ok" if (metadata.get("status") or "ok") == "ok" else "error"
-        if status != "ok":
+        verdict: Any = "ok" if status == "ok" else "error"
+        if verdict != "ok":
             try:
-                content = json.loads(frames[6].bytes)
-            except (ValueError, IndexError):
+                content = wire.loads_object(frames[6].bytes, "content")
+            except (wire.MessageError, IndexError):
                 content = {}
             if content.get("px_error") == "UnmetDependency":
-                status = "unmet"
-        actions = self.scheduler.finished(msg_id, engine.id, status, time.monotonic())
+                verdict = "unmet"
+        actions = self.scheduler.finished(msg_id, eid, verdict, time.monotonic())
         final = not any(isinstance(a, (Fail, Resubmit)) and a.msg_id == msg_id for a in actions)
         if final:
             self.tasks.pop(msg_id, None)
         self.apply(actions)
         return final
 
-    def record_direct(self, msg_id: str, engine_id: int, success: bool) -> None:
+    def outcome(self, msg_id: str, engine_id: int | None, success: bool) -> None:
+        """A request outside load balancing finished (its dependents may run now)."""
         self.apply(self.scheduler.record_outcome(msg_id, engine_id, success))
 
-    def engine_added(self, engine: Engine) -> None:
-        self.scheduler.add_engine(engine.id)
+    def engine_added(self, eid: int) -> None:
+        self.scheduler.add_engine(eid)
 
-    def engine_removed(self, engine: Engine) -> None:
-        self.apply(self.scheduler.remove_engine(engine.id, time.monotonic()))
+    def engine_removed(self, eid: int, reason: str) -> None:
+        self.apply(self.scheduler.remove_engine(eid, time.monotonic(), reason))
 
-    def abort(self, msg_ids: list[str]) -> None:
+    def abort(self, msg_ids: tuple[str, ...]) -> None:
         self.apply(self.scheduler.abort(msg_ids, time.monotonic()))
 
-    def forget(self, msg_ids: list[str]) -> None:
+    def client_lost(self, client: bytes, abort: bool = False) -> list[tuple[int, str]]:
+        """A client is gone: its queued tasks fail (TaskAborted); returns (engine, msg_id)
+        of its tasks already dispatched, which with ``abort`` count as aborted (an engine
+        told to skip them replies TaskAborted, and that is final, retries or not)."""
+        now = time.monotonic()
+        self.apply(self.scheduler.drop_client(client, now))
+        running = self.scheduler.running_of(client)
+        if abort:
+            self.apply(self.scheduler.abort([m for _, m in running], now))
+        return running
+
+    def forget(self, msg_ids: tuple[str, ...] | None) -> None:
         self.scheduler.forget(msg_ids)
 
     def schedule(self) -> None:
@@ -135,44 +187,41 @@ class Balancer:
             if isinstance(action, Dispatch):
                 self._dispatch(action)
             elif isinstance(action, Fail):
-                entry = self.tasks.pop(action.msg_id, None)
-                if entry is not None:
-                    self._reply_error(entry[0], action.kind, action.reason)
-                for engine in self.c.engines.engines.values():
-                    engine.inflight.pop(action.msg_id, None)
+                queued = self.tasks.pop(action.msg_id, None)
+                self.inflight.pop(action.msg_id, answered=False)
+                if queued is not None:
+                    self._reply_error(queued, action.kind, action.reason)
             elif isinstance(action, Interrupt):
                 self._interrupt(action)
             elif isinstance(action, Resubmit):
                 log.info("task %s goes to another engine: %s", action.msg_id, action.reason)
 
     def _dispatch(self, action: Dispatch) -> None:
-        engine = self.c.engines.engines.get(action.eid)
-        if engine is None or "lane" not in engine.sockets:
-            log.error("scheduler chose engine %i, which is gone", action.eid)
-            return
         messages = []
         for msg_id in action.msg_ids:
-            pending, frames = self.tasks[msg_id]
-            engine.inflight[msg_id] = pending
-            self.c.hub.assigned(msg_id, engine.id)
-            messages.append([pending.client, protocol.DELIM, *frames])
-        if len(messages) == 1:
-            engine.sockets["lane"].send_multipart(messages[0], copy=False)
-        else:
-            engine.sockets["lane"].send_multipart(protocol.pack_batch(messages), copy=False)
+            queued = self.tasks[msg_id]
+            pending = Pending(queued.client, queued.header, action.eid, "lane", "lb")
+            self.inflight.add(msg_id, pending)
+            self.hub.assigned(msg_id, action.eid)
+            messages.append([queued.client, wire.DELIM, *queued.frames])
+        frames = messages[0] if len(messages) == 1 else wire.pack_batch(messages)
+        if not self.engines.send(action.eid, "lane", frames):
+            log.error("the scheduler chose engine %i, which is gone", action.eid)
 
     def _interrupt(self, action: Interrupt) -> None:
         if action.msg_id in self.scheduler.in_flight(action.eid):
             try:
-                self.c.engines.signal(action.eid, signal.SIGINT)
+                self.engines.signal(action.eid, signal.SIGINT)
             except (KeyError, ValueError) as exc:
                 log.error("could not interrupt engine %i: %s", action.eid, exc)
 
-    def _reply_error(self, pending: Pending, kind: str, reason: str) -> None:
-        self.c.hub.completed(pending.header.get("msg_id", ""), "error", {}, None)
-        self.c.clients.send_multipart(
-            fail_reply(self.c.wire, pending, None, kind, reason), copy=False
-        )
+    def _refuse(self, client: bytes, header: dict[str, Any], ename: str, evalue: str) -> None:
+        """A request refused before it became a task (no record)."""
+        self.send_client(protocol.fail_reply(self.wire, client, header, None, ename, evalue))
+
+    def _reply_error(self, queued: _Queued, kind: str, reason: str) -> None:
+        self.hub.completed(str(queued.header.get("msg_id", "")), "error")
+        self._refuse(queued.client, queued.header, kind, reason)
 
     def queue_status(self) -> dict[str, Any]:
         return self.scheduler.queue_status()

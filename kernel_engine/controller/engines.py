@@ -7,11 +7,21 @@ stderr in a log file in the cluster folder. It is ready when it has answered
 and host) and ``engine_setup_request`` on its lane (which tells it its id). It is watched
 by polling its process (a death is seen within :attr:`EngineSet.poll_interval`) and by
 heartbeats (for engines whose process we cannot poll, and hung hosts).
+
+Heartbeats are counted from the pings this controller actually sent: an engine is lost
+after :attr:`EngineSet.max_missed` pings in a row went unanswered, each given a whole
+interval to come back. A controller that was itself paused sent no pings meanwhile, so
+its pause never counts against healthy engines.
+
+The controller's sockets to an engine have identities that zmq makes up (they start
+with a zero byte, which no peer may choose), so nobody can take over the controller's
+place on an engine's lane.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,23 +32,19 @@ from typing import Any
 import zmq
 from jupyter_client import KernelManager
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 from kernel_engine.kernelspec import KERNEL_NAME
 
 from .loop import PollLoop
 
 log = logging.getLogger("kernel_engine.controller")
 
-SOCKET_TYPES = {"shell": zmq.DEALER, "control": zmq.DEALER, "lane": zmq.DEALER}
+SECRET_KEYS = frozenset({"key", "curve_secretkey"})
+"""Connection info fields that never leave the controller in events (``engine_info``
+adds the key back for the client that asks, which has it anyway)."""
 
-
-@dataclass
-class Pending:
-    """A request forwarded to an engine and not yet answered."""
-
-    client: bytes
-    header: dict[str, Any]
-    channel: str
+IOPUB_HWM = 10_000
+"""Messages of an engine's output the controller buffers before the engine's side drops."""
 
 
 @dataclass(eq=False)
@@ -54,14 +60,13 @@ class Engine:
     pid: int | None = None
     hostname: str = ""
     sockets: dict[str, Any] = field(default_factory=dict)
-    inflight: dict[str, Pending] = field(default_factory=dict)
-    # requests clients sent straight to the lane (known from their notices), not finished
-    direct: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
-    last_beat: float = field(default_factory=time.monotonic)
     info_sent_at: float = 0.0
-    completed: int = 0
     iopub_seen: bool = False
+    # heartbeats: the last ping sent, the last one echoed, pings unanswered in a row
+    ping: int = 0
+    pong: int = 0
+    missed: int = 0
 
     @property
     def route(self) -> bytes:
@@ -71,24 +76,20 @@ class Engine:
     def url(self, port: int) -> str:
         return protocol.endpoint(self.connection_info, port)
 
-    def info(self) -> dict[str, Any]:
-        """What clients learn about this engine (``Client.engine_info``)."""
-        conn = {k: v for k, v in self.connection_info.items() if k != "key"}
-        return {
-            "id": self.id,
-            "uuid": self.uuid,
-            "pid": self.pid,
-            "hostname": self.hostname,
-            "state": self.state,
-            "connection_info": conn,
-        }
+    def info(self) -> protocol.EngineInfo:
+        """What clients learn about this engine (``Client.engine_info``), key left out."""
+        conn = {k: v for k, v in self.connection_info.items() if k not in SECRET_KEYS}
+        return protocol.EngineInfo(self.id, self.uuid, self.pid, self.hostname, self.state, conn)
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the engine's stdout/stderr log, without ipykernel's TCP warning."""
         if not self.log_path:
             return ""
         try:
-            text = Path(self.log_path).read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
         kept = [ln for ln in text.splitlines() if "running over TCP without encryption" not in ln]
@@ -113,14 +114,14 @@ class EngineSet:
 
     poll_interval = 0.1
     heartbeat_interval = 1.0
-    heartbeat_timeout = 10.0
+    max_missed = 10
     start_timeout = 60.0
 
     def __init__(
         self,
         loop: PollLoop,
         context: zmq.Context[Any],
-        wire: protocol.Wire,
+        wire: wire.Wire,
         folder: Path,
         ip: str = "127.0.0.1",
         cluster_id: str = "",
@@ -176,24 +177,22 @@ class EngineSet:
             self.loop.add_socket(sock, self._handler(engine, channel))
         iopub = self.context.socket(zmq.SUB)
         iopub.linger = 0
+        iopub.rcvhwm = IOPUB_HWM
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.connect(engine.url(info["iopub_port"]))
         engine.sockets["iopub"] = iopub
         self.loop.add_socket(iopub, lambda frames: self._iopub(engine, frames))
         hb = self.context.socket(zmq.DEALER)
         hb.linger = 0
+        hb.maxmsgsize = 64
         hb.connect(engine.url(info["hb_port"]))
         engine.sockets["hb"] = hb
-        self.loop.add_socket(hb, lambda frames: self._beat_received(engine))
+        self.loop.add_socket(hb, lambda frames: self._beat_received(engine, frames))
         self._send_kernel_info(engine)
 
     def _handler(self, engine: Engine, channel: str) -> Callable[[list[Any]], None]:
         def handle(frames: list[Any]) -> None:
-            if (
-                frames
-                and len(frames[0]) == len(protocol.DELIM)
-                and frames[0].bytes == protocol.DELIM
-            ):
+            if frames and len(frames[0]) == len(wire.DELIM) and frames[0].bytes == wire.DELIM:
                 self._own_reply(engine, frames)
             else:
                 self.on_message(engine, channel, frames)
@@ -209,7 +208,8 @@ class EngineSet:
 
     def _ready(self, engine: Engine) -> None:
         engine.state = "ready"
-        engine.last_beat = time.monotonic()
+        engine.missed = 0
+        engine.pong = engine.ping
         log.info("engine %i ready (pid %s)", engine.id, engine.pid)
         self.on_ready(engine)
 
@@ -221,26 +221,23 @@ class EngineSet:
         """Replies to the controller's own requests: the steps of becoming ready."""
         msg = self.wire.recv(frames)
         if msg.msg_type == "kernel_info_reply" and engine.state == "starting":
-            px = msg.content.get("engine", {})
-            if "lane_port" not in px:
+            px = msg.content.get("engine")
+            if not isinstance(px, dict) or not isinstance(px.get("lane_port"), int):
                 self._fail(engine, "is not a jupyter-px engine kernel (no task lane)")
                 return
             engine.state = "connecting"
-            engine.uuid = msg.header.get("session", "")
-            engine.pid = px.get("pid")
-            engine.hostname = px.get("hostname", "")
+            engine.uuid = str(msg.header.get("session", ""))
+            pid = px.get("pid")
+            engine.pid = pid if isinstance(pid, int) else None
+            engine.hostname = str(px.get("hostname", ""))
             engine.connection_info["lane_port"] = px["lane_port"]
             lane = self.context.socket(zmq.DEALER)
             lane.linger = 0
-            lane.identity = protocol.CONTROLLER_IDENTITY
             lane.connect(engine.url(px["lane_port"]))
             engine.sockets["lane"] = lane
             self.loop.add_socket(lane, self._handler(engine, "lane"))
-            self.wire.send(
-                lane,
-                protocol.ENGINE_SETUP_REQUEST,
-                {"engine_id": engine.id, "cluster_id": self.cluster_id},
-            )
+            setup = protocol.EngineSetup(engine.id, self.cluster_id)
+            self.wire.send(lane, protocol.ENGINE_SETUP_REQUEST, setup.to_content())
         elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
             # Ready only once its iopub reaches us too: a subscription takes effect a little
             # after connecting, and output published before that would be lost.
@@ -276,20 +273,40 @@ class EngineSet:
                     self._send_kernel_info(engine)  # its status messages go out on iopub
 
     def _beat(self) -> None:
-        now = time.monotonic()
+        """Every interval: count the last ping if it went unanswered, then ping again."""
         for engine in list(self.engines.values()):
             if engine.state != "ready":
                 continue
-            if now - engine.last_beat > self.heartbeat_timeout:
-                self._fail(engine, f"missed heartbeats for {now - engine.last_beat:.0f} s")
+            engine.missed = 0 if engine.pong == engine.ping else engine.missed + 1
+            if engine.missed >= self.max_missed:
+                span = engine.missed * self.heartbeat_interval
+                self._fail(engine, f"missed {engine.missed} heartbeats in a row ({span:.0f} s)")
                 continue
+            engine.ping += 1
             try:
-                engine.sockets["hb"].send_multipart([b"", b"ping"], zmq.NOBLOCK)
+                engine.sockets["hb"].send_multipart([b"", b"%d" % engine.ping], zmq.NOBLOCK)
             except zmq.Again:
                 pass
 
-    def _beat_received(self, engine: Engine) -> None:
-        engine.last_beat = time.monotonic()
+    @staticmethod
+    def _beat_received(engine: Engine, frames: list[Any]) -> None:
+        """The echo of a ping: only the latest ping's echo answers it."""
+        if len(frames) == 2 and frames[1].bytes == b"%d" % engine.ping:
+            engine.pong = engine.ping
+
+    def send(self, eid: int, channel: str, frames: list[Any]) -> bool:
+        """Send frames on ``channel`` of a ready engine; False if it has no such socket."""
+        engine = self.engines.get(eid)
+        sock = engine.sockets.get(channel) if engine is not None else None
+        if sock is None:
+            return False
+        sock.send_multipart(frames, copy=False)
+        return True
+
+    def ready(self, eid: int | None) -> Engine | None:
+        """The engine ``eid`` if it is ready, else None."""
+        engine = self.engines.get(eid) if eid is not None else None
+        return engine if engine is not None and engine.state == "ready" else None
 
     def _fail(self, engine: Engine, why: str) -> None:
         """Forget a dead (or hopeless) engine and tell the controller how it died."""

@@ -1,43 +1,79 @@
-"""The hub: a record of every task the controller routed, in bounded memory.
+"""The hub: the one owner of task records, in bounded memory.
 
 Records hold what the controller saw (who submitted, which engine, when, the outcome)
 and, for small results, the reply frames themselves, so another client can fetch them
-(``Client.get_result``). Memory stays bounded: at most :attr:`Hub.max_records` records
-(the oldest finished ones go first) and :attr:`Hub.max_result_bytes` of stored results.
+(``Client.get_result``). Memory stays bounded however many tasks run:
+
+- at most :attr:`Hub.max_records` records: past that, the records finished longest ago
+  go first; records of live (pending) tasks are never evicted;
+- at most :attr:`Hub.max_result_bytes` of stored results: past that, the oldest stored
+  results are dropped (their records stay).
+
+Both evictions take the oldest entry of a queue in completion order, so each costs O(1)
+amortised, never a scan of the records. Entries of records forgotten meanwhile (purged)
+are skipped when they reach the front, and the queues are compacted when such entries
+outnumber live ones.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Any
 
 from kernel_engine import protocol
+from kernel_engine.wire import utcnow_iso
+
+PENDING = "pending"
 
 
-@dataclass
 class TaskRecord:
     """What the hub knows of one request."""
 
-    msg_id: str
-    msg_type: str
-    client: str
-    engine_id: int | None
-    submitted: str
-    started: str | None = None
-    completed: str | None = None
-    status: str = "pending"
-    label: str | None = None
-    reply: list[bytes] | None = None
-    reply_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = (
+        "client",
+        "completed",
+        "engine_id",
+        "label",
+        "msg_id",
+        "msg_type",
+        "reply",
+        "reply_bytes",
+        "started",
+        "status",
+        "submitted",
+    )
+
+    def __init__(
+        self,
+        msg_id: str,
+        msg_type: str,
+        client: bytes,
+        engine_id: int | None,
+        submitted: str,
+        label: str | None,
+    ):
+        self.msg_id = msg_id
+        self.msg_type = msg_type
+        self.client = client
+        self.engine_id = engine_id
+        self.submitted = submitted
+        self.label = label
+        self.started: str | None = None
+        self.completed: str | None = None
+        self.status = PENDING
+        self.reply: list[bytes] | None = None
+        self.reply_bytes = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status != PENDING
 
     def summary(self) -> dict[str, Any]:
         """The record as JSON, without the result frames."""
         return {
             "msg_id": self.msg_id,
             "msg_type": self.msg_type,
-            "client_uuid": self.client,
+            "client_uuid": self.client[:16].decode("ascii", "replace"),
             "engine_id": self.engine_id,
             "submitted": self.submitted,
             "started": self.started,
@@ -45,39 +81,51 @@ class TaskRecord:
             "status": self.status,
             "label": self.label,
             "result_stored": self.reply is not None,
-            **self.extra,
         }
 
 
 class Hub:
-    """Task records keyed by msg_id, oldest first."""
+    """Task records keyed by msg_id, with O(1) amortised eviction."""
 
     def __init__(
         self,
-        max_records: int = 200_000,
+        max_records: int = 100_000,
         max_result_bytes: int = 64 * 1024 * 1024,
         max_one_result: int = protocol.MAX_STORED_RESULT,
     ):
         self.max_records = max_records
         self.max_result_bytes = max_result_bytes
         self.max_one_result = max_one_result
-        self.records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.records: dict[str, TaskRecord] = {}
         self.result_bytes = 0
+        self._finished: deque[str] = deque()  # completion order; may hold forgotten ids
+        self._stored: deque[str] = deque()  # records with result frames, oldest first
+        self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
+
+    def known(self, msg_id: str) -> bool:
+        """Whether a record of ``msg_id`` exists (live or finished)."""
+        return msg_id in self.records
+
+    def get(self, msg_id: str) -> TaskRecord | None:
+        return self.records.get(msg_id)
 
     def submitted(
-        self, header: dict[str, Any], client: bytes, engine_id: int | None, label: str | None = None
+        self,
+        msg_id: str,
+        msg_type: str,
+        client: bytes,
+        engine_id: int | None,
+        date: str | None = None,
+        label: str | None = None,
     ) -> TaskRecord:
-        record = TaskRecord(
-            msg_id=str(header.get("msg_id", "")),
-            msg_type=str(header.get("msg_type", "")),
-            client=client.hex(),
-            engine_id=engine_id,
-            submitted=str(header.get("date") or protocol.utcnow_iso()),
-            label=label,
-        )
-        self.records[record.msg_id] = record
-        if len(self.records) > self.max_records:
-            self._evict()
+        """Record a new request (its msg_id must not be :meth:`known`)."""
+        if len(self._clients) > 10_000:
+            self._clients.clear()
+        client = self._clients.setdefault(client, client)
+        record = TaskRecord(msg_id, msg_type, client, engine_id, date or utcnow_iso(), label)
+        self.records[msg_id] = record
+        while len(self.records) > self.max_records and self._evict_finished():
+            pass
         return record
 
     def assigned(self, msg_id: str, engine_id: int) -> None:
@@ -86,69 +134,107 @@ class Hub:
             record.engine_id = engine_id
 
     def completed(
-        self, msg_id: str, status: str, metadata: dict[str, Any], frames: list[Any] | None
+        self,
+        msg_id: str,
+        status: str,
+        started: str | None = None,
+        completed: str | None = None,
+        frames: list[Any] | None = None,
     ) -> None:
         """Record a task's outcome; keep its reply frames when they are small enough."""
         record = self.records.get(msg_id)
+        if record is None or record.finished:
+            return
+        record.status = status if status in ("ok", "error", "aborted") else "error"
+        record.started = started if isinstance(started, str) else record.started
+        record.completed = completed if isinstance(completed, str) else utcnow_iso()
+        self._finished.append(msg_id)
+        if frames is not None:
+            size = sum(len(f) for f in frames)
+            if size <= self.max_one_result:
+                record.reply = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames]
+                record.reply_bytes = size
+                self.result_bytes += size
+                self._stored.append(msg_id)
+                while self.result_bytes > self.max_result_bytes and self._drop_oldest_result():
+                    pass
+        self._compact()
+
+    def outcome(self, msg_id: str) -> tuple[int | None, bool] | str | None:
+        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown."""
+        record = self.records.get(msg_id)
         if record is None:
-            return
-        record.status = status
-        record.started = metadata.get("started", record.started)
-        record.completed = metadata.get("completed") or protocol.utcnow_iso()
-        if frames is None:
-            return
-        size = sum(len(f) for f in frames)
-        if size <= self.max_one_result:
-            record.reply = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames]
-            record.reply_bytes = size
-            self.result_bytes += size
-            while self.result_bytes > self.max_result_bytes:
-                if not self._drop_oldest_result():
-                    break
+            return None
+        if not record.finished:
+            return PENDING
+        return record.engine_id, record.status == "ok"
+
+    def _evict_finished(self) -> bool:
+        """Forget the record finished longest ago; False if no finished record is left."""
+        while self._finished:
+            msg_id = self._finished.popleft()
+            record = self.records.get(msg_id)
+            if record is not None and record.finished:
+                self._forget(msg_id)
+                return True
+        return False
 
     def _drop_oldest_result(self) -> bool:
-        for record in self.records.values():
-            if record.reply is not None:
+        while self._stored:
+            record = self.records.get(self._stored.popleft())
+            if record is not None and record.reply is not None:
                 self.result_bytes -= record.reply_bytes
                 record.reply = None
                 record.reply_bytes = 0
                 return True
         return False
 
-    def _evict(self) -> None:
-        for msg_id, record in self.records.items():
-            if record.status != "pending":
-                self._forget(msg_id)
-                return
-        self.records.popitem(last=False)
+    def _compact(self) -> None:
+        """Drop queue entries of forgotten records once they outnumber the live ones."""
+        slack = len(self.records) + 1024
+        if len(self._finished) > 2 * slack:
+            self._finished = deque(
+                m for m in self._finished if (r := self.records.get(m)) is not None and r.finished
+            )
+        if len(self._stored) > 2 * slack:
+            self._stored = deque(
+                m for m in self._stored if (r := self.records.get(m)) is not None and r.reply
+            )
 
     def _forget(self, msg_id: str) -> None:
         record = self.records.pop(msg_id, None)
         if record is not None and record.reply is not None:
             self.result_bytes -= record.reply_bytes
 
-    def purge(self, msg_ids: list[str] | None, engine_ids: list[int] | None = None) -> int:
+    def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
         """Forget finished records: the given ones, those of the engines, or all (None)."""
         if msg_ids is None and engine_ids is None:
-            chosen = [m for m, r in self.records.items() if r.status != "pending"]
+            chosen = [m for m, r in self.records.items() if r.finished]
         else:
-            chosen = [m for m in (msg_ids or []) if m in self.records]
+            chosen = [m for m in msg_ids or () if m in self.records]
             if engine_ids:
                 wanted = set(engine_ids)
                 chosen += [m for m, r in self.records.items() if r.engine_id in wanted]
-            chosen = [m for m in chosen if self.records[m].status != "pending"]
+            chosen = [m for m in dict.fromkeys(chosen) if self.records[m].finished]
         for msg_id in chosen:
             self._forget(msg_id)
+        if msg_ids is None and engine_ids is None:
+            self._finished.clear()
+            self._stored = deque(m for m in self._stored if m in self.records)
+        self._compact()
         return len(chosen)
 
     def history(self) -> list[str]:
+        """Every msg_id with a record, in submission order."""
         return list(self.records)
 
-    def query(self, keys: dict[str, Any]) -> list[dict[str, Any]]:
+    def query(
+        self, query: dict[str, Any], keys: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
         """Records whose fields equal the given values (``{"engine_id": 0}``), as JSON."""
         out = []
         for record in self.records.values():
             summary = record.summary()
-            if all(summary.get(k) == v for k, v in keys.items()):
-                out.append(summary)
+            if all(summary.get(k) == v for k, v in query.items()):
+                out.append(summary if keys is None else {k: summary.get(k) for k in keys})
         return out

@@ -3,6 +3,11 @@
 A plain poll loop rather than asyncio: per message it costs a poll and a callback, which
 is the controller's latency budget. Each readable socket is drained (up to a bound, for
 fairness between sockets) before the next poll.
+
+Nothing a handler or timer raises ends the loop: each call is guarded, the first failure
+of each kind is logged with its traceback and later ones are counted (a peer that found a
+way to make a handler raise cannot fill the log either). Only :meth:`PollLoop.stop` ends
+it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+
+from kernel_engine.wire import DropLog
 
 log = logging.getLogger("kernel_engine.controller")
 
@@ -32,6 +39,8 @@ class PollLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
         self._running = False
+        self._logged: set[str] = set()
+        self.errors = DropLog(log, "controller: errors handling input")
         self.after_events: list[Callable[[], None]] = []
 
     def add_socket(self, socket: zmq.Socket[Any], handler: Handler) -> None:
@@ -67,13 +76,18 @@ class PollLoop:
             timeout_ms = None
             if self._timers:
                 timeout_ms = max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
-            for socket, _ in self.poller.poll(timeout_ms):
+            try:
+                ready = self.poller.poll(timeout_ms)
+            except zmq.ZMQError as exc:
+                self._failed("poll", exc)
+                continue
+            for socket, _ in ready:
                 handler = self._handlers.get(socket)
                 if handler is None:
                     continue
                 self._drain(socket, handler)
             for callback in self.after_events:
-                callback()
+                self._safely(callback)
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now and self._running:
                 _, _, callback = heapq.heappop(self._timers)
@@ -86,18 +100,26 @@ class PollLoop:
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
-                log.error("receive failed: %s", exc)
+                self._failed("receive", exc)
                 return
             try:
                 handler(frames)
-            except Exception:
-                log.exception("error handling a message; message dropped")
+            except Exception as exc:
+                self._failed(getattr(handler, "__qualname__", "handler"), exc)
             if socket not in self._handlers:
                 return
 
-    @staticmethod
-    def _safely(callback: Callable[[], None]) -> None:
+    def _safely(self, callback: Callable[[], None]) -> None:
         try:
             callback()
-        except Exception:
-            log.exception("error in timer callback")
+        except Exception as exc:
+            self._failed(getattr(callback, "__qualname__", "callback"), exc)
+
+    def _failed(self, where: str, exc: BaseException) -> None:
+        """Log the first failure of each kind with its traceback; count the rest."""
+        kind = f"{where}: {type(exc).__name__}"
+        if kind not in self._logged and len(self._logged) < 1000:
+            self._logged.add(kind)
+            log.error("error in %s (later ones are counted)", where, exc_info=exc)
+        else:
+            self.errors.drop(kind)

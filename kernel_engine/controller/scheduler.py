@@ -122,16 +122,25 @@ class Scheduler:
     tasks are ready than free slots at ``hwm``, the cap is ``max(hwm, max_batch)`` so engines get
     pipelines of ``max_batch`` tasks per Dispatch (``max_batch <= hwm`` keeps ``hwm`` strict).
 
+    Outcomes of finished tasks (what dependencies look up) are a bounded memory of the
+    ``max_outcomes`` most recent, evicted oldest first in O(1); the controller's task records
+    are the full account, and it re-declares older outcomes (:meth:`record_outcome`) before
+    submitting a task that depends on them.
+
     Parameters
     ----------
     hwm : int
         Tasks in flight per engine (0: unlimited).
     max_batch : int
         Most msg_ids in one :class:`Dispatch`.
+    max_outcomes : int
+        Most outcomes (and known msg_ids) remembered.
     """
 
-    def __init__(self, hwm: int = 4, max_batch: int = 32) -> None:
+    def __init__(self, hwm: int = 4, max_batch: int = 32, max_outcomes: int = 100_000) -> None:
         self.hwm, self.max_batch = max(hwm, 0), max(max_batch, 1)
+        self.max_outcomes = max(max_outcomes, 1)
+        self._order: deque[str] = deque()  # outcomes and known ids, oldest first (evicted first)
         self._inflight: dict[int, dict[str, None]] = {}  # live engines: ordered msg_id sets
         self._last: dict[int, int] = {}  # engine -> when it was last given a task
         self._heap: list[tuple[int, int, int]] = []  # (load, last, eid); stale entries dropped
@@ -154,9 +163,10 @@ class Scheduler:
             self._push(eid)
             self._unpark(x for e in list(self._parked) for x in self._parked.pop(e))
 
-    def remove_engine(self, eid: int, now: float) -> list[Action]:
-        """Forget engine ``eid``; its tasks are resubmitted (costing a retry) or fail. Tasks left
-        with no engine to run on fail with ImpossibleDependency; later replies are ignored."""
+    def remove_engine(self, eid: int, now: float, reason: str = "") -> list[Action]:
+        """Forget engine ``eid``; its tasks are resubmitted (costing a retry) or fail with
+        EngineError saying ``reason`` (how it died). Tasks left with no engine to run on fail
+        with ImpossibleDependency; later replies are ignored."""
         out: list[Action] = []
         if eid in self._inflight:
             inflight, _ = self._inflight.pop(eid), self._last.pop(eid)
@@ -164,16 +174,21 @@ class Scheduler:
             self._push(None)
             self._unpark(self._parked.pop(eid, ()))
             for mid in inflight:
-                self._reply(self._jobs[mid], eid, "died", out)
+                self._reply(self._jobs[mid], eid, "died", out, reason)
             for job in list(self._placed.values()):
                 if job.state <= PARKED:  # (not failed by a cascade meanwhile)
                     self._check(job, out)
         return out
 
+    def knows(self, msg_id: str) -> bool:
+        """Whether ``msg_id`` is a task here, a remembered outcome or a known msg_id."""
+        return msg_id in self._jobs or msg_id in self._outcomes or msg_id in self._known
+
     def note_known(self, msg_id: str) -> None:
         """Declare ``msg_id`` (e.g. a direct task) a valid dependency target."""
         if msg_id not in self._jobs and msg_id not in self._outcomes:
             self._known.add(msg_id)
+            self._remember(msg_id)
 
     def record_outcome(self, msg_id: str, eid: int | None, success: bool) -> list[Action]:
         """Record that ``msg_id`` finished on ``eid``; wakes dependents (may fail some). Ignored
@@ -189,6 +204,12 @@ class Scheduler:
         mid, out = task.msg_id, list[Action]()
         if mid in self._jobs or mid in self._outcomes:
             raise ValueError(f"duplicate msg_id {mid!r}")
+        for name in ("timeout", "time_limit"):  # (the controller validated them already)
+            value = getattr(task, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+        if not isinstance(task.retries, int) or task.retries < 0:
+            raise ValueError(f"retries must be an int at least 0, not {task.retries!r}")
         ids = {m for d in (task.after, task.follow) if d is not None for m in d.msg_ids}
         known = (self._jobs, self._outcomes, self._known)
         bad = sorted(m for m in ids if m == mid or not any(m in k for k in known))
@@ -225,6 +246,21 @@ class Scheduler:
             if not job.aborting:
                 self._fail(job, "TaskAborted", "aborted before dispatch", out)
         return out
+
+    def drop_client(self, client: bytes, now: float) -> list[Action]:
+        """A client is gone: its tasks not yet dispatched fail with TaskAborted (so they stop
+        taking engines from others); returns those Fails. Its dispatched tasks run on, and
+        :meth:`running_of` lists them for a controller that aborts them too."""
+        out: list[Action] = []
+        for job in [j for j in self._jobs.values() if j.task.client == client]:
+            if job.state != RUNNING and job.state != DONE:
+                self._fail(job, "TaskAborted", "its client disconnected before it ran", out)
+        return out
+
+    def running_of(self, client: bytes) -> list[tuple[int, str]]:
+        """(engine, msg_id) of a client's dispatched tasks."""
+        return [(j.eid, m) for m, j in self._jobs.items()
+                if j.task.client == client and j.state == RUNNING]  # fmt: skip
 
     def tick(self, now: float) -> list[Action]:
         """Fail tasks whose dependency timeout passed; interrupt tasks over their time limit."""
@@ -297,11 +333,27 @@ class Scheduler:
         """Number of submitted tasks without a final outcome yet (queued or in flight)."""
         return len(self._jobs)
 
-    def forget(self, msg_ids: Iterable[str]) -> None:
-        """Drop recorded outcomes (memory); new tasks may then no longer depend on them."""
+    def forget(self, msg_ids: Iterable[str] | None = None) -> None:
+        """Drop recorded outcomes (all of them for None): memory; new tasks may then no
+        longer depend on them unless the controller declares them again."""
+        if msg_ids is None:
+            self._outcomes.clear()
+            self._known.clear()
+            self._order.clear()
+            return
         for mid in msg_ids:
             self._outcomes.pop(mid, None)
             self._known.discard(mid)
+
+    def _remember(self, msg_id: str) -> None:
+        """Note an outcome or known id; past ``max_outcomes`` the oldest is forgotten."""
+        order = self._order
+        order.append(msg_id)
+        while len(order) > self.max_outcomes:
+            old = order.popleft()
+            if old not in self._jobs:
+                self._outcomes.pop(old, None)
+                self._known.discard(old)
 
     def _deps(self, spec: Dependency | None, located: bool = False) -> _Deps | None:
         return _Deps(spec, located, self._outcomes) if spec and spec.msg_ids else None
@@ -359,8 +411,9 @@ class Scheduler:
             heapq.heappush(self._timers, (job.limit, next(self._count), job))
         batches.setdefault(eid, []).append(job.mid)
 
-    def _reply(self, job: _Job, eid: int, status: str, out: list[Action]) -> None:
-        """Decide about a task that left engine ``eid`` (status "died": the engine was lost)."""
+    def _reply(self, job: _Job, eid: int, status: str, out: list[Action], why: str = "") -> None:
+        """Decide about a task that left engine ``eid`` (status "died": the engine was lost,
+        ``why`` says how)."""
         if status == "ok" or (job.aborting and status == "error"):
             self._finish(job.mid, eid, status == "ok", out)
         elif job.interrupted:
@@ -375,7 +428,7 @@ class Scheduler:
             job.retries, job.avoid = job.retries - 1, eid
             self._check(job, out, Resubmit(job.mid, eid, f"{status} on engine {eid}; retrying"))
         elif status == "died":
-            self._fail(job, "EngineError", f"engine {eid} died", out)
+            self._fail(job, "EngineError", why or f"engine {eid} died", out)
         else:
             self._finish(job.mid, eid, False, out)
 
@@ -438,6 +491,7 @@ class Scheduler:
             self._placed.pop(mid, None)
             self._outcomes[mid] = (where, ok)
             self._known.discard(mid)
+            self._remember(mid)
             for dep in (j for j in self._waiting.pop(mid, ()) if j.state != DONE):
                 for d in (dep.after, dep.follow):
                     if d is not None and mid in d.spec.msg_ids:

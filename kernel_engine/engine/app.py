@@ -31,7 +31,8 @@ class EngineApp(IPKernelApp):
         # queued tasks wait here however many there are; replies are never dropped
         self.lane_socket.sndhwm = 0
         self.lane_socket.rcvhwm = 0
-        self.lane_socket.router_handover = 1
+        # no router_handover: a peer connecting with an identity already in use is refused,
+        # so nobody can take over the controller's (or a client's) place on the lane
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
         self.log.debug("task lane ROUTER on port %i", self.lane_port)
 

@@ -54,10 +54,15 @@ class EngineKernel(IPythonKernel):
 
     async def px_abort_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """Control channel: do not run the given msg_ids if they reach the lane."""
-        msg_ids = list(parent.get("content", {}).get("msg_ids", []))
-        lane = getattr(self, "lane", None)
-        if lane is not None:
-            lane.abort(msg_ids)
+        try:
+            msg_ids = list(protocol.check_msg_ids("msg_ids", parent["content"].get("msg_ids", [])))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            reply: dict[str, Any] = protocol.error_content(type(exc).__name__, str(exc))
+        else:
+            lane = getattr(self, "lane", None)
+            if lane is not None:
+                lane.abort(msg_ids)
+            reply = {"status": "ok", "msg_ids": msg_ids}
         self.session.send(  # type: ignore[union-attr]
-            stream, protocol.ENGINE_ABORT_REPLY, {"status": "ok", "msg_ids": msg_ids}, parent, ident
+            stream, protocol.ENGINE_ABORT_REPLY, reply, parent, ident
         )

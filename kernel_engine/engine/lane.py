@@ -5,8 +5,15 @@ runs cells), so tasks and cells never run at the same time and both see one name
 Per message: verify, unpack, call, pack, reply. Output a task prints goes to iopub with the
 task's request as parent (ipykernel's own streams) and is also returned in the reply's
 metadata, so the client has it with the result. A lane message may be a batch
-(:func:`kernel_engine.protocol.pack_batch`): each task gets its own reply, and the replies
+(:func:`kernel_engine.wire.pack_batch`): each task gets its own reply, and the replies
 go back as one batch.
+
+Anyone on the host can connect to the lane, so nothing is trusted before it is checked:
+every message's signature is verified before any of it is parsed; batches are taken only
+from the controller (the peer that sent the signed ``engine_setup_request``; its identity
+is one zmq made up, which no other peer can claim), and only once their frame counts add
+up; a message from anyone else whose msg_id was seen lately is a replay and gets an error
+reply instead of running twice. Dropped input is counted and logged once per interval.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.eventloop.zmqstream import ZMQStream
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 from kernel_engine.errors import SerializationError
 from kernel_engine.serialize import dumps, unpack_apply
 
@@ -30,6 +37,9 @@ if TYPE_CHECKING:
 
 FLUSH_AFTER = 0.005
 """Seconds of work after which a batch's finished replies are sent."""
+
+DRAIN_LIMIT = 1000
+"""Messages read per wake-up before the kernel's other channels get their turn."""
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,9 +84,13 @@ class TaskLane:
         self.socket = socket
         session = kernel.session
         assert session is not None, "the kernel has no session"
-        self.wire = protocol.Wire(session.key, session=session.session)
-        self.aborted: set[str] = set()
+        self.wire = wire.Wire(session.key, session=session.session)
+        self.aborted = wire.SeenWindow(16384)
+        self.seen = wire.SeenWindow(16384)
+        self.controller: bytes | None = None
+        self.drops = wire.DropLog(kernel.log, "task lane")
         self.stream: ZMQStream | None = None
+        self._asyncio_loop: Any = None
 
     def start(self) -> None:
         """Serve the lane on the kernel's main event loop.
@@ -90,31 +104,47 @@ class TaskLane:
             self.stream = ZMQStream(self.socket, self.kernel.io_loop)
             self.stream.on_recv(self._on_recv, copy=False)
             return
+        self._asyncio_loop = asyncio_loop
         asyncio_loop.add_reader(self.socket.FD, self._on_readable)
         # messages that arrived before the reader was added raise no new edge
         asyncio_loop.call_soon(self._on_readable)
 
     def _on_readable(self) -> None:
         socket = self.socket
-        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for _ in range(DRAIN_LIMIT):
+            if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return
             try:
                 self._on_recv(frames)
-            except Exception:
-                self.kernel.log.exception("task lane: error handling a message")
+            except Exception as exc:
+                self.drops.drop(f"error handling a message: {type(exc).__name__}: {exc}")
+        # more are waiting: let the kernel's other channels run, then go on (a zmq
+        # descriptor signals edges only, so nobody else would wake us)
+        self._asyncio_loop.call_soon(self._on_readable)
 
     def abort(self, msg_ids: list[str]) -> None:
         """Tasks with these ids fail with ``TaskAborted`` instead of running."""
-        self.aborted.update(msg_ids)
+        for msg_id in msg_ids:
+            self.aborted.add(msg_id)
 
     def _on_recv(self, frames: list[Any]) -> None:
-        if protocol.is_batch(frames, 1):
-            self._run_batch(frames[0].bytes, protocol.unpack_batch(frames[1:]))
+        peer = frames[0].bytes
+        if wire.is_batch(frames, 1):
+            if peer != self.controller:
+                self.drops.drop("a batch not from the controller")
+                return
+            try:
+                messages = wire.unpack_batch(frames[1:])
+            except wire.MessageError as exc:
+                self.drops.drop(str(exc))
+                return
+            self._run_batch(peer, messages)
             return
-        reply = self._handle(frames[1:], frames[0].bytes)
+        reply = self._handle(frames[1:], peer)
         if reply is not None:
             self.socket.send_multipart(reply, copy=False)
 
@@ -141,19 +171,30 @@ class TaskLane:
         if len(replies) == 1:
             self.socket.send_multipart([router_ident, *replies[0]], copy=False)
         else:
-            self.socket.send_multipart([router_ident, *protocol.pack_batch(replies)], copy=False)
+            self.socket.send_multipart([router_ident, *wire.pack_batch(replies)], copy=False)
 
     def _handle(self, frames: list[Any], router_ident: bytes | None = None) -> list[Any] | None:
-        """Run one message; return the reply's frames (with the idents to route it back)."""
+        """Run one message; return the reply's frames (with the idents to route it back).
+
+        ``router_ident`` is the peer that sent it; None for a message of a batch (which
+        only the controller sends).
+        """
         try:
             msg = self.wire.recv(frames)
-        except Exception:
-            self.kernel.log.error("task lane: dropped a malformed or unsigned message")
+        except wire.MessageError as exc:
+            self.drops.drop(str(exc))
             return None
         if router_ident is None:
             idents = msg.idents
         else:  # a client sending directly gets the reply on its receiving twin
             idents = [protocol.reply_identity(router_ident), *msg.idents]
+            if router_ident != self.controller and not self.seen.add(msg.msg_id):
+                self.drops.drop("a msg_id seen before (a replay or a duplicate)")
+                why = f"msg_id {msg.msg_id} was seen before (a replay or a duplicate); ignored"
+                duplicate = protocol.error_content(protocol.DUPLICATE, why)
+                return self.wire.pack(
+                    protocol.APPLY_REPLY, duplicate, msg.header, {"status": "error"}, idents=idents
+                )[1]
         if msg.msg_type == protocol.APPLY_REQUEST:
             return self._apply(msg, idents)
         if msg.msg_type == protocol.LANE_PING_REQUEST:
@@ -163,30 +204,38 @@ class TaskLane:
                 msg.header,
                 idents=idents,
             )[1]
-        if msg.msg_type == protocol.ENGINE_SETUP_REQUEST:
-            content = msg.content
-            self.kernel.engine_id = int(content["engine_id"])
-            self.kernel.cluster_id = str(content.get("cluster_id", ""))
+        if msg.msg_type == protocol.ENGINE_SETUP_REQUEST and router_ident is not None:
+            try:
+                setup = protocol.EngineSetup.from_content(msg.content)
+            except (TypeError, ValueError, wire.MessageError) as exc:
+                self.drops.drop(f"invalid engine setup: {exc}")
+                return None
+            self.controller = router_ident
+            self.kernel.engine_id = setup.engine_id
+            self.kernel.cluster_id = setup.cluster_id
             return self.wire.pack(
                 protocol.ENGINE_SETUP_REPLY, {"status": "ok"}, msg.header, idents=idents
             )[1]
-        self.kernel.log.error("task lane: unknown message type %r", msg.msg_type)
+        self.drops.drop(f"unknown message type {msg.msg_type[:40]!r}")
         return None
 
-    def _apply(self, msg: protocol.Message, idents: list[bytes]) -> list[Any]:
+    def _apply(self, msg: wire.Message, idents: list[bytes]) -> list[Any]:
         kernel = self.kernel
-        started = protocol.utcnow_iso()
+        started = wire.utcnow_iso()
         metadata: dict[str, Any] = {
             "started": started,
             "engine_id": kernel.engine_id,
             "engine_uuid": self.wire.session,
         }
         if msg.msg_id in self.aborted:
-            self.aborted.discard(msg.msg_id)
             aborted = protocol.error_content("TaskAborted", f"task {msg.msg_id} was aborted")
             return self._reply(msg, idents, aborted, metadata, [])
-
-        kernel.set_parent(idents, msg.as_dict(), channel="shell")
+        try:
+            parent = msg.as_dict()
+        except wire.MessageError as exc:
+            bad = protocol.error_content("ValueError", f"malformed apply_request: {exc}")
+            return self._reply(msg, idents, bad, metadata, [])
+        kernel.set_parent(idents, parent, channel="shell")
         out, err = _Tee(sys.stdout), _Tee(sys.stderr)
         saved_out, saved_err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
@@ -219,13 +268,13 @@ class TaskLane:
 
     def _reply(
         self,
-        msg: protocol.Message,
+        msg: wire.Message,
         idents: list[bytes],
         content: dict[str, Any],
         metadata: dict[str, Any],
         buffers: list[Any],
     ) -> list[Any]:
-        metadata["completed"] = protocol.utcnow_iso()
+        metadata["completed"] = wire.utcnow_iso()
         metadata["status"] = content["status"]
         if content["status"] == "error":
             content.setdefault("engine_info", {"engine_id": self.kernel.engine_id})

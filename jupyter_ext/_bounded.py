@@ -1,0 +1,70 @@
+"""Containers that keep only the newest entries, evicting the oldest in O(1).
+
+A client keeps results, metadata and the msg_ids it submitted for IPython Parallel's
+``rc.results``, ``rc.metadata`` and ``rc.history``; however many tasks run, these must not
+grow without bound, and evicting must not cost more as they fill (``next(iter(d))`` on a
+dict that is evicted from the front rescans the holes left behind: it is O(n) per call).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, TypeVar, overload
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class BoundedDict(dict[K, V]):
+    """A dict that forgets its oldest keys beyond ``maxlen`` (insertion order).
+
+    Deleting a key early is allowed; its place in the eviction queue is skipped later.
+    """
+
+    def __init__(self, maxlen: int):
+        super().__init__()
+        self.maxlen = maxlen
+        self._order: deque[K] = deque()
+
+    def __setitem__(self, key: K, value: V) -> None:
+        if key not in self:
+            self._order.append(key)
+        super().__setitem__(key, value)
+        while len(self) > self.maxlen and self._order:
+            super().pop(self._order.popleft(), None)
+        if len(self._order) > 2 * self.maxlen + 1024:  # many keys were deleted early
+            self._order = deque(k for k in self._order if k in self)
+
+    def clear(self) -> None:
+        super().clear()
+        self._order.clear()
+
+
+class History(deque[T]):
+    """IPython Parallel's ``history`` list, keeping the newest ``maxlen`` items.
+
+    A deque that also takes slices (``rc.history[-10:]`` gives a list).
+    """
+
+    def __init__(self, maxlen: int, items: Iterable[T] = ()):
+        super().__init__(items, maxlen=maxlen)
+
+    @overload  # type: ignore[override]
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            n = len(self)
+            start, stop, step = index.indices(n)
+            if step != 1 or start >= stop:
+                return list(self)[index]
+            if start > n // 2:  # the newest items: walk from the right end
+                return list(itertools.islice(reversed(self), n - stop, n - start))[::-1]
+            return list(itertools.islice(self, start, stop))
+        return super().__getitem__(index)

@@ -1,0 +1,284 @@
+"""A request's life on the client: one state machine per request, one table for them all.
+
+Each request a client sends (an apply, an execute, a controller query) is a
+:class:`Request`, a ``concurrent.futures.Future`` that moves through these states::
+
+    new --admit--> waiting --release--> sent --reply--> replied --end of output--> done
+     \\--admit (nothing to wait for)--> sent --reply (no output to wait for)-----> done
+    every state but done --fail (its engine or the controller is gone)--------> done
+
+- **waiting**: held in the order books (:mod:`._order`) until this client's requests on
+  another path to the same engine have been answered;
+- **sent**: on its path: ``direct`` (the engine's lane), ``routed`` (the lane through the
+  controller), ``shell`` (an execute through the controller) or ``controller`` (load
+  balanced, or a request to the controller itself);
+- **replied**: the reply came; an execute also waits for the end of its output (the
+  engine's idle status on iopub), at most :data:`OUTPUT_GRACE` seconds;
+- **done**: it has its outcome (a result or an error) and has left the table.
+
+:class:`Requests` is the one owner of live requests: a table by msg_id, an index by engine
+(so "engine 3 is gone" finds its requests at once), the order books, and the executes
+waiting for their output. It is pure logic: no sockets and no threads of its own. The
+transport (:mod:`._transport`) feeds it what arrives and sends what it releases; every
+method returns the requests it finished, whose futures the caller then resolves outside
+the lock (so no callback runs while the table is locked).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ._metadata import Metadata
+from ._order import EngineOrder
+
+NEW, WAITING, SENT, REPLIED, DONE = "new", "waiting", "sent", "replied", "done"
+
+OUTPUT_GRACE = 2.0
+"""Seconds an execute whose reply came waits for the end of its output (a lost idle
+status must not keep it pending forever)."""
+
+ORDERED_CHANNELS = ("lane", "shell")
+"""Channels whose requests keep this client's order per engine (see :mod:`._order`)."""
+
+
+class Request(concurrent.futures.Future):  # type: ignore[type-arg]
+    """One request and its future; its state changes only through :class:`Requests`.
+
+    Parameters
+    ----------
+    msg_id
+        The request's msg_id.
+    metadata
+        Its metadata (``engine_id`` is None for a load-balanced task until it is answered).
+    kind
+        ``"apply"``, ``"execute"`` (which also waits for the end of its output) or
+        ``"hub"`` (a request to the controller; not a task).
+    channel
+        ``"lane"``, ``"shell"`` or ``"control"`` of engine ``metadata["engine_id"]``, or
+        ``"controller"``.
+    frames
+        The signed frames to send (kept until sent).
+    """
+
+    def __init__(
+        self,
+        msg_id: str,
+        metadata: Metadata,
+        kind: str = "apply",
+        channel: str = "controller",
+        frames: list[Any] | None = None,
+        route: bytes = b"",
+        track: bool = False,
+        header: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.msg_id = msg_id
+        self.metadata = metadata
+        self.kind = kind
+        self.channel = channel
+        self.state = NEW
+        self.path: str | None = None
+        self.outcome: tuple[bool, Any] | None = None
+        self.output_seen = kind != "execute"
+        self.replied_at = 0.0
+        self.frames = frames
+        self.route = route
+        self.track = track
+        self.header = header or {}
+        self.tracker: zmq.MessageTracker | None = None
+        # set once a request that had to wait has been sent (or failed)
+        self.unsent: threading.Event | None = None
+
+    @property
+    def engine_id(self) -> int | None:
+        eid: int | None = self.metadata.get("engine_id")
+        return eid
+
+    def settle(self) -> None:
+        """Resolve the future from the outcome (the table finished this request)."""
+        if self.done():
+            return
+        ok, value = self.outcome or (False, RuntimeError("no outcome"))
+        try:
+            if ok:
+                self.set_result(value)
+            else:
+                self.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
+
+    def __repr__(self) -> str:
+        return f"<Request {self.msg_id[:8]} {self.kind} {self.state}>"
+
+
+Send = Callable[[Request, str], bool]
+
+
+class Requests:
+    """The live requests of one client.
+
+    Parameters
+    ----------
+    path_of
+        ``path_of(engine_id, channel)``: the path a request to that engine and channel
+        takes now (``"direct"``, ``"routed"`` or ``"shell"``).
+    """
+
+    def __init__(self, path_of: Callable[[int, str], str]):
+        self.order = EngineOrder(path_of)
+        self.lock = self.order.lock  # one lock for the table and the books
+        self.live: dict[str, Request] = {}
+        self._by_engine: dict[int, dict[str, None]] = {}
+        self._awaiting_output: dict[str, Request] = {}  # replied executes, oldest first
+
+    # ----- events
+
+    def add(self, req: Request) -> str | None:
+        """Take a new request: the path to send it on now, or None (it waits; ``unsent``
+        is set once :meth:`replied` releases it)."""
+        with self.lock:
+            self.live[req.msg_id] = req
+            eid = req.engine_id
+            if eid is not None:
+                self._by_engine.setdefault(eid, {})[req.msg_id] = None
+            if eid is None or req.channel not in ORDERED_CHANNELS:
+                req.state, req.path = SENT, "controller"
+                return "controller"
+            path = self.order.admit(eid, req.msg_id, req.channel)
+            if path is None:
+                req.state = WAITING
+                req.unsent = threading.Event()
+                return None
+            req.state, req.path = SENT, path
+            return path
+
+    def replied(
+        self,
+        msg_id: str,
+        outcome: tuple[bool, Any],
+        now: float,
+        send: Send,
+        engine_id: int | None = None,
+    ) -> list[Request]:
+        """The reply to ``msg_id`` came with ``outcome``; requests it held back are sent
+        with ``send(request, path)`` (under the lock, so none sent later overtakes them).
+        ``engine_id`` names the engine that answered a load-balanced task."""
+        with self.lock:
+            self.order.done(msg_id, lambda m, path: self._release(m, path, send))
+            req = self.live.get(msg_id)
+            if req is None or req.outcome is not None or req.state != SENT:
+                return []
+            if engine_id is not None and req.engine_id is None:
+                req.metadata["engine_id"] = engine_id
+            req.outcome = outcome
+            if req.output_seen:
+                return [self._finish(req)]
+            req.state, req.replied_at = REPLIED, now
+            self._awaiting_output[msg_id] = req
+            return []
+
+    def _release(self, msg_id: str, path: str, send: Send) -> bool:
+        req = self.live.get(msg_id)
+        if req is None or req.state != WAITING:
+            return False  # failed meanwhile
+        req.state, req.path = SENT, path
+        try:
+            return send(req, path)
+        finally:
+            if req.unsent is not None:
+                req.unsent.set()
+
+    def output_done(self, msg_id: str) -> list[Request]:
+        """The engine's idle status for ``msg_id``: its output is complete."""
+        with self.lock:
+            req = self.live.get(msg_id)
+            if req is None:
+                return []
+            req.output_seen = True
+            if req.state != REPLIED:
+                return []
+            del self._awaiting_output[msg_id]
+            return [self._finish(req)]
+
+    def fail_engine(
+        self, engine_id: int, error_of: Callable[[Request], BaseException]
+    ) -> list[Request]:
+        """Engine ``engine_id`` is gone: every request addressed to it ends, failed with
+        ``error_of(request)`` (an execute that had its reply keeps it: only its output
+        ends). Load-balanced tasks are the controller's to retry or fail."""
+        with self.lock:
+            self.order.forget_engine(engine_id)
+            done = []
+            for msg_id in list(self._by_engine.pop(engine_id, ())):
+                req = self.live.get(msg_id)
+                if req is None:
+                    continue
+                if req.outcome is None:
+                    req.outcome = (False, error_of(req))
+                self._awaiting_output.pop(msg_id, None)
+                done.append(self._finish(req))
+            return done
+
+    def fail_all(self, error_of: Callable[[Request], BaseException]) -> list[Request]:
+        """The controller is gone: every live request ends, failed with ``error_of``."""
+        with self.lock:
+            self.order.reset()
+            done = []
+            for req in list(self.live.values()):
+                if req.outcome is None:
+                    req.outcome = (False, error_of(req))
+                done.append(self._finish(req))
+            self._awaiting_output.clear()
+            return done
+
+    def tick(self, now: float) -> list[Request]:
+        """Executes whose output did not end within :data:`OUTPUT_GRACE` of their reply
+        (a lost idle status) end now."""
+        with self.lock:
+            done = []
+            for msg_id, req in list(self._awaiting_output.items()):
+                if now - req.replied_at < OUTPUT_GRACE:
+                    break  # (oldest first)
+                del self._awaiting_output[msg_id]
+                done.append(self._finish(req))
+            return done
+
+    def _finish(self, req: Request) -> Request:
+        req.state = DONE
+        req.frames = None
+        self.live.pop(req.msg_id, None)
+        eid = req.engine_id
+        held = self._by_engine.get(eid) if eid is not None else None
+        if held is not None:
+            held.pop(req.msg_id, None)
+            if not held:
+                del self._by_engine[eid]  # type: ignore[arg-type]
+        return req
+
+    # ----- queries
+
+    def get(self, msg_id: str) -> Request | None:
+        return self.live.get(msg_id)
+
+    def busy(self, engine_id: int) -> bool:
+        """Whether any live request is addressed to ``engine_id``."""
+        return engine_id in self._by_engine
+
+    def outstanding(self) -> set[str]:
+        """msg_ids of live tasks (not controller queries)."""
+        with self.lock:
+            return {m for m, r in self.live.items() if r.kind != "hub"}
+
+    def direct_engines(self, msg_ids: list[str]) -> list[int]:
+        """The engines of those requests that went to a lane directly."""
+        with self.lock:
+            reqs = [r for m in msg_ids if (r := self.live.get(m)) is not None]
+        return sorted({e for r in reqs if r.path == "direct" and (e := r.engine_id) is not None})
+
+    def __len__(self) -> int:
+        return len(self.live)

@@ -1,0 +1,583 @@
+"""The transport: one client's connection to its cluster.
+
+:class:`Transport` owns everything that moves a request: the IO thread and its sockets
+(:mod:`._io`), the direct lanes (:mod:`._lanes`) and the table of live requests
+(:mod:`._request`), plus what a client keeps of finished work (``results``,
+``metadata``, ``history``, all bounded). ``Client`` is a facade over it, and this is the
+interface views and AsyncResults use (and nothing else of the client's):
+
+- :meth:`submit` sends a request on its path and returns its :class:`~._request.Request`;
+- :meth:`ask` / :meth:`tell` send a request to the controller itself (and wait / not);
+- :meth:`targets` turns a view's ``targets`` into engine ids;
+- :meth:`interrupt`, :meth:`abort`, :meth:`fetch_records`, :meth:`wait`,
+  :meth:`add_iopub_handler` / :meth:`remove_iopub_handler`.
+
+Whatever says an engine is gone (the controller's event, a shutdown's reply, the lanes'
+own check of the engine's process, a lane that closed under a send) comes to one place,
+:meth:`fail_engine`; whatever says the controller is gone, to :meth:`_controller_lost`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from kernel_engine import clusters, processes, protocol, serialize, wire
+from kernel_engine.errors import (
+    REMOTE_ERROR_CLASSES,
+    ClusterError,
+    EngineError,
+    InvalidTarget,
+    NoEnginesRegistered,
+    RemoteError,
+)
+
+from ._bounded import BoundedDict, History
+from ._io import IOThread
+from ._metadata import ExecuteReply, Metadata
+from ._request import Request, Requests
+
+log = logging.getLogger("jupyter_ext")
+
+IopubHandler = Callable[[int, wire.Message], None]
+
+
+class Transport:
+    """A connection to a cluster: sockets, requests, and what came back.
+
+    Parameters
+    ----------
+    connection_file
+        The cluster's ``client.json`` (or a cluster id); by default the newest running
+        cluster's.
+    timeout
+        Seconds to wait for the controller to answer the first request.
+    max_results
+        How many finished tasks' results and metadata (and msg_ids in ``history``) are
+        kept; the oldest go first (AsyncResults keep their own), so memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        connection_file: str | os.PathLike[str] | None = None,
+        timeout: float | None = 10.0,
+        max_results: int = 100_000,
+    ):
+        path = clusters.find_connection_file(connection_file)
+        self.connection_file = str(path)
+        self.info: dict[str, Any] = json.loads(Path(path).read_text())
+        self.cluster_id: str = self.info.get("cluster_id", "")
+        self.wire = wire.Wire(self.info["key"].encode(), username="client")
+        self.requests = Requests(self._path_of)
+        self.results: BoundedDict[str, Any] = BoundedDict(max_results)
+        self.metadata: BoundedDict[str, Metadata] = BoundedDict(max_results)
+        self.history: History[str] = History(max_results)
+        self.engines: dict[int, dict[str, Any]] = {}
+        self.dead: dict[int, str] = {}
+        self._iopub_handlers: list[IopubHandler] = []
+        self.closed = False
+        self._welcomed = threading.Event()
+        self.io = IOThread(
+            self.info, self.wire, self._on_reply, self._on_iopub, self._controller_lost, self._back
+        )
+        self.io.on_tick = self._tick
+        try:
+            reply = self.ask(protocol.CONNECT_REQUEST, protocol.Empty(), timeout=timeout)
+        except (TimeoutError, EngineError) as exc:
+            self.close()
+            raise TimeoutError(
+                f"the controller at {self.io.address} did not answer within {timeout} s "
+                f"(connection file {self.connection_file}): {exc}"
+            ) from None
+        self._take_engines(reply)
+        self._await_iopub(timeout)
+
+    def _await_iopub(self, timeout: float | None) -> None:
+        """Return once this client's iopub subscription receives (so no output is missed).
+
+        A zmq subscription takes effect a little after connecting; until then the engines'
+        output and status messages would be dropped. Each connect request makes the
+        controller publish a welcome; we repeat it until one arrives.
+        """
+        deadline = time.monotonic() + (timeout or 10.0)
+        while not self._welcomed.wait(0.05):
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError("no message from the controller's iopub socket")
+            self.tell(protocol.CONNECT_REQUEST, protocol.Empty())
+
+    def _take_engines(self, reply: dict[str, Any]) -> None:
+        """The engines a connect reply lists (any thread; lanes set up on the IO thread)."""
+        infos = [
+            protocol.EngineInfo.from_content(i).to_content() for i in reply["engines"].values()
+        ]
+        for info in infos:
+            self.engines[info["id"]] = info
+        lanes = self.io.lanes
+        if lanes is not None:
+            self.io.call_soon(lambda: lanes.add_engines(infos))
+
+    # ----- engines
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the engines that are ready, sorted."""
+        return sorted(self.engines)
+
+    def engine_info(self, engine_id: int) -> dict[str, Any]:
+        """``pid``, ``hostname``, ``uuid`` and ``connection_info`` (with the key) of one
+        engine."""
+        try:
+            info = dict(self.engines[engine_id])
+        except KeyError:
+            raise InvalidTarget(f"no engine with id {engine_id}; ids are {self.ids}") from None
+        conn = dict(info["connection_info"])
+        conn["key"] = self.wire.key.decode()
+        info["connection_info"] = conn
+        return info
+
+    def targets(self, targets: Any) -> list[int]:
+        """Engine ids for a view's ``targets``: None/'all', an id, a slice, or ids."""
+        ids = self.ids
+        if targets is None or (isinstance(targets, str) and targets == "all"):
+            if not ids:
+                raise NoEnginesRegistered("the cluster has no engines")
+            return ids
+        if isinstance(targets, slice):
+            return ids[targets]
+        if isinstance(targets, int) and not isinstance(targets, bool):
+            targets = [targets]
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+            raise TypeError(f"targets must be an engine id, ids, a slice or 'all', not {targets!r}")
+        out = []
+        for t in targets:
+            if isinstance(t, int) and t in self.dead and t not in self.engines:
+                raise EngineError("EngineError", self.dead[t], None, {"engine_id": t})
+            if isinstance(t, bool) or not isinstance(t, int) or t not in self.engines:
+                raise InvalidTarget(f"no engine with id {t!r}; ids are {ids}")
+            out.append(t)
+        return out
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> None:
+        """Wait until at least ``n`` engines are ready."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.engines) < n:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.engines)} of {n} engines ready after {timeout} s")
+            time.sleep(0.02)
+
+    def wait_for_engines_ready(self, ids: Sequence[int], timeout: float | None = 60.0) -> None:
+        """Wait until engines ``ids`` are ready; raise ClusterError if one dies starting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            dead = [i for i in ids if i in self.dead]
+            if dead:
+                raise ClusterError(f"engine {dead[0]} failed to start: {self.dead[dead[0]]}")
+            if all(i in self.engines for i in ids):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"engines {list(ids)} not ready after {timeout} s")
+            time.sleep(0.02)
+
+    # ----- sending
+
+    def submit(
+        self,
+        route: bytes,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        buffers: Sequence[Any] = (),
+        metadata: dict[str, Any] | bytes | None = None,
+        engine_id: int | None = None,
+        track: bool = False,
+        kind: str = "apply",
+        md_extra: dict[str, Any] | None = None,
+    ) -> Request:
+        """Send a request (any thread) and return it, a future the IO thread resolves.
+
+        ``route`` is where it goes (:func:`kernel_engine.protocol.route_frame`, or the
+        controller's ``hub``/``lb`` routes); ``engine_id`` the engine a routed request is
+        for (None for load-balanced and controller requests).
+        """
+        if self.closed:
+            raise RuntimeError("this Client is closed")
+        if self.io.lost:
+            raise EngineError("EngineError", self.io.lost)
+        header, frames = self.wire.pack(msg_type, content, None, metadata, buffers)
+        msg_id = header["msg_id"]
+        md = Metadata(msg_id=msg_id, submitted=datetime.now(timezone.utc), engine_id=engine_id)
+        if md_extra:
+            md.update(md_extra)
+        channel = "controller" if engine_id is None else route.split(b":", 1)[0].decode()
+        req = Request(msg_id, md, kind, channel, frames, route, track, header)
+        if kind != "hub":
+            self.metadata[msg_id] = md
+            self.history.append(msg_id)
+        path = self.requests.add(req)
+        if path is not None:
+            self._send(req, path)
+        return req
+
+    def _send(self, req: Request, path: str) -> bool:
+        """Send a request admitted on ``path`` (any thread); False if its lane closed."""
+        frames = req.frames
+        req.frames = None
+        assert frames is not None
+        if path != "direct":
+            req.tracker = self.io.send([req.route, *frames], track=req.track)
+            return True
+        eid = req.engine_id
+        lanes = self.io.lanes
+        lane = None
+        if lanes is not None and eid is not None:
+            lane = lanes.start(eid, req.header, req.metadata.get("label"))
+        try:
+            if lane is None:
+                raise zmq.ZMQError(msg="no lane")
+            req.tracker = self.io.send(frames, track=req.track, lane=lane)
+            return True
+        except zmq.ZMQError:  # the lane closed under us: its engine just died
+            if eid is not None:
+                reason = self.dead.get(eid) or f"engine {eid} is gone"
+                self.io.call_soon(lambda: self.fail_engine(eid, reason))
+            return False
+
+    def _path_of(self, eid: int, channel: str) -> str:
+        if channel == "shell":
+            return "shell"
+        lanes = self.io.lanes
+        return "direct" if lanes is not None and lanes.usable(eid) else "routed"
+
+    def tell(self, msg_type: str, request: Any) -> Request:
+        """Send a request to the controller itself; returns its future (the reply's
+        content, or an exception)."""
+        return self.submit(protocol.HUB_ROUTE, msg_type, request.to_content(), kind="hub")
+
+    def ask(self, msg_type: str, request: Any, timeout: float | None = 30.0) -> dict[str, Any]:
+        """Send a request to the controller itself and return the reply's content."""
+        future = self.tell(msg_type, request)
+        try:
+            reply: dict[str, Any] = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the controller did not answer {msg_type} in {timeout} s") from None
+        if reply.get("status") == "error":
+            raise _hub_error(reply)
+        return reply
+
+    # ----- receiving (on the IO thread)
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        route = frames[0].bytes
+        if route == wire.DELIM:  # straight from an engine's lane
+            self._on_lane_reply(frames)
+            return
+        msg = self.wire.unpack(frames[2:])
+        engine_id = None if route == protocol.HUB_ROUTE else _engine_of(route)
+        self._take_reply(msg, msg.metadata, engine_id)
+
+    def _on_lane_reply(self, frames: list[Any]) -> None:
+        msg = self.wire.unpack(frames[1:])
+        lanes = self.io.lanes
+        if msg.msg_type == protocol.LANE_PING_REPLY:
+            if lanes is not None:
+                lanes.on_ping_reply(msg.parent_id)
+            return
+        req = self.requests.get(msg.parent_id)
+        if lanes is not None and req is not None and req.path == "direct":
+            lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, frames[1:])
+        self._take_reply(msg, msg.metadata, None)
+
+    def _take_reply(
+        self, msg: wire.Message, reply_md: dict[str, Any], engine_id: int | None
+    ) -> None:
+        """A reply to one of our requests (or to a request of ours it never saw)."""
+        msg_id = msg.parent_id
+        content = msg.content
+        if content.get("px_error") == protocol.DUPLICATE:
+            log.warning("jupyter-px client: the controller refused a copy of %s", msg_id)
+            return
+        req = self.requests.get(msg_id)
+        if req is None:
+            self.requests.replied(msg_id, (False, None), time.monotonic(), self._send)
+            return
+        if req.kind == "hub":
+            content["_buffers"] = msg.buffers
+            outcome: tuple[bool, Any] = (True, content)
+        else:
+            md = req.metadata
+            if engine_id is not None and md.get("engine_id") is None:
+                md["engine_id"] = engine_id
+            md["received"] = datetime.now(timezone.utc)
+            md.update_from_reply(reply_md)
+            outcome = self.outcome(msg, md, msg_id)
+            md["status"] = "ok" if outcome[0] else "error"
+        done = self.requests.replied(msg_id, outcome, time.monotonic(), self._send, engine_id)
+        self._settle(done)
+
+    def outcome(self, msg: wire.Message, md: Metadata, msg_id: str) -> tuple[bool, Any]:
+        """(succeeded, result or error) of a reply."""
+        content = msg.content
+        if content.get("status") != "ok":
+            return False, self._error(content, md, msg_id)
+        if msg.msg_type != protocol.APPLY_REPLY:
+            return True, ExecuteReply(msg_id, content, md)
+        try:
+            return True, serialize.loads(msg.buffers)
+        except Exception as exc:
+            info = {"engine_id": md["engine_id"], "msg_id": msg_id}
+            return False, RemoteError(
+                "SerializationError", f"could not load the result: {exc}", None, info
+            )
+
+    @staticmethod
+    def _error(content: dict[str, Any], md: Metadata, msg_id: str) -> RemoteError:
+        info = {
+            "engine_id": md.get("engine_id"),
+            "engine_uuid": md.get("engine_uuid"),
+            "msg_id": msg_id,
+        }
+        cls = REMOTE_ERROR_CLASSES.get(str(content.get("px_error", "")), RemoteError)
+        traceback = content.get("traceback", [])
+        err = cls(
+            str(content.get("ename", "Error")),
+            str(content.get("evalue", "")),
+            traceback if isinstance(traceback, (list, str)) else [],
+            info,
+        )
+        md["error"] = err
+        return err
+
+    def _settle(self, done: list[Request]) -> None:
+        """Requests the table finished: keep their results, resolve their futures."""
+        for req in done:
+            if req.kind != "hub" and req.outcome is not None:
+                self.results[req.msg_id] = req.outcome[1]
+            req.settle()
+
+    def _on_iopub(self, frames: list[Any]) -> None:
+        topic = frames[0].bytes
+        if len(frames) < 7:
+            return  # not a Jupyter message (ipykernel's XPUB welcome, say)
+        msg = self.wire.unpack(frames[2:])
+        if topic == protocol.EVENT_TOPIC:
+            self._on_event(msg)
+            return
+        try:
+            engine_id = int(topic.rsplit(b".", 1)[1])
+        except (IndexError, ValueError):
+            return
+        msg_id = msg.parent_id
+        for handler in list(self._iopub_handlers):
+            handler(engine_id, msg)
+        req = self.requests.get(msg_id)
+        if req is None:
+            return
+        md = req.metadata
+        msg_type, content = msg.msg_type, msg.content
+        if msg_type == "stream" and (req.kind == "execute" or req.outcome is None):
+            name = "stderr" if content.get("name") == "stderr" else "stdout"
+            md[name] = md.get(name, "") + str(content.get("text", ""))
+        elif msg_type in ("display_data", "update_display_data"):
+            md["outputs"] = [*md["outputs"], content]
+        elif msg_type == "execute_result":
+            md["execute_result"] = content
+        elif msg_type == "execute_input":
+            md["execute_input"] = content.get("code")
+        elif msg_type == "error":
+            md["error"] = content
+        elif msg_type == "status" and content.get("execution_state") == "idle":
+            self._settle(self.requests.output_done(msg_id))
+
+    def _on_event(self, msg: wire.Message) -> None:
+        content = msg.content
+        if msg.msg_type == protocol.ENGINE_REGISTERED:
+            info = protocol.EngineInfo.from_content(content.get("engine")).to_content()
+            self.engines[info["id"]] = info
+            if self.io.lanes is not None:
+                self.io.lanes.add_engine(info)
+        elif msg.msg_type == protocol.ENGINE_UNREGISTERED:
+            eid = protocol.check_int("engine_id", content.get("engine_id"))
+            reason = content.get("reason")
+            self.fail_engine(eid, reason if isinstance(reason, str) else f"engine {eid} died")
+        elif msg.msg_type == protocol.IOPUB_WELCOME:
+            self._welcomed.set()
+        elif msg.msg_type == protocol.CONTROLLER_STOPPING:
+            self._controller_lost("the controller stopped")
+
+    # ----- the end of engines and of the controller
+
+    def fail_engine(self, eid: int, reason: str) -> None:
+        """Engine ``eid`` is gone (IO thread; a second call changes nothing): it leaves
+        ``ids``, its lane closes, and every request addressed to it fails with an
+        EngineError saying ``reason``."""
+        self.engines.pop(eid, None)
+        self.dead[eid] = reason
+        first = reason.splitlines()[0]
+        lanes = self.io.lanes
+        if lanes is not None:
+            lanes.remove_engine(eid)
+        done = self.requests.fail_engine(eid, lambda r: _engine_error(first, r))
+        if lanes is not None:
+            for req in done:
+                if req.path == "direct":
+                    lanes.direct_done(req.msg_id, eid, {"status": "error"})
+        self._settle(done)
+
+    def engines_gone(self, reasons: dict[int, str], timeout: float = 10.0) -> None:
+        """Apply what the controller said of engines it stopped now, not when its event
+        arrives (any thread; returns once the IO thread has done it)."""
+        done = threading.Event()
+
+        def apply() -> None:
+            for eid, reason in reasons.items():
+                self.fail_engine(eid, reason)
+            done.set()
+
+        self.io.call_soon(apply)
+        done.wait(timeout)
+
+    def _controller_lost(self, reason: str) -> None:
+        """Everything waiting fails: the controller is gone or out of reach (IO thread)."""
+        self._settle(self.requests.fail_all(lambda r: _engine_error(reason, r)))
+
+    def _back(self) -> None:
+        """The controller answers again: refresh the engines (IO thread)."""
+        future = self.tell(protocol.CONNECT_REQUEST, protocol.Empty())
+
+        def refresh(f: concurrent.futures.Future[Any]) -> None:
+            if f.exception() is None:
+                self._take_engines(f.result())
+
+        future.add_done_callback(refresh)
+
+    def _tick(self) -> None:
+        """Every 0.5 s on the IO thread: executes whose output never ended, engines whose
+        process is gone while a lane holds their requests."""
+        self._settle(self.requests.tick(time.monotonic()))
+        lanes = self.io.lanes
+        if lanes is not None:
+            for eid, reason in lanes.tick(time.monotonic(), self.requests.busy, processes.running):
+                self.fail_engine(eid, reason)
+
+    # ----- for views and AsyncResults
+
+    @property
+    def outstanding(self) -> set[str]:
+        """msg_ids of tasks submitted and not finished."""
+        return self.requests.outstanding()
+
+    def add_iopub_handler(self, handler: IopubHandler) -> None:
+        """Call ``handler(engine_id, msg)`` on the IO thread for every engine output."""
+        self._iopub_handlers.append(handler)
+
+    def remove_iopub_handler(self, handler: IopubHandler) -> None:
+        if handler in self._iopub_handlers:
+            self._iopub_handlers.remove(handler)
+
+    def interrupt(self, msg_ids: list[str]) -> list[int]:
+        """SIGINT the engines running these requests (wherever the scheduler put them);
+        returns the engines interrupted."""
+        request = protocol.SignalRequest(
+            int(signal.SIGINT), tuple(self.requests.direct_engines(msg_ids)), tuple(msg_ids)
+        )
+        targets: list[int] = self.ask(protocol.SIGNAL_REQUEST, request, timeout=10)["targets"]
+        return targets
+
+    def abort(
+        self, msg_ids: list[str], targets: list[int] | None = None, block: bool = True
+    ) -> None:
+        """Do not run these requests (those already running finish)."""
+        request = protocol.AbortRequest(tuple(msg_ids), None if targets is None else tuple(targets))
+        if block:
+            self.ask(protocol.ABORT_REQUEST, request)
+        else:
+            self.tell(protocol.ABORT_REQUEST, request)
+
+    def fetch_records(self, msg_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
+        """The controller's records of these tasks, with their outcome when stored."""
+        reply = self.ask(protocol.RESULT_REQUEST, protocol.ResultRequest(tuple(msg_ids)))
+        frames = list(reply["_buffers"])
+        out: dict[str, tuple[dict[str, Any], Any]] = {}
+        for msg_id, record in reply["records"].items():
+            if record is None:
+                continue
+            outcome = None
+            n = reply["frame_counts"].get(msg_id)
+            if n:
+                part, frames = frames[:n], frames[n:]
+                msg = self.wire.unpack(part)
+                md = Metadata(msg_id=msg_id, engine_id=record.get("engine_id"))
+                md.update_from_reply(msg.metadata)
+                outcome = (self.outcome(msg, md, msg_id), md)
+            out[msg_id] = (record, outcome)
+        return out
+
+    def futures_for(self, jobs: Any) -> list[concurrent.futures.Future[Any]]:
+        """Futures for msg_ids or AsyncResults (default: everything outstanding)."""
+        if jobs is None:
+            jobs = list(self.outstanding)
+        if isinstance(jobs, (str, concurrent.futures.Future)):
+            jobs = [jobs]
+        out: list[concurrent.futures.Future[Any]] = []
+        for job in jobs:
+            if isinstance(job, concurrent.futures.Future):
+                out.append(job)
+            elif isinstance(job, str):
+                req = self.requests.get(job)
+                if req is not None:
+                    out.append(req)
+            else:
+                raise TypeError(f"cannot wait for {type(job).__name__}")
+        return out
+
+    @staticmethod
+    def wait(
+        futures: Iterable[concurrent.futures.Future[Any]],
+        timeout: float | None,
+        first: bool = False,
+    ) -> bool:
+        """Wait for all (or with ``first``, any) of ``futures``; whether they are done."""
+        futures = list(futures)
+        how = concurrent.futures.FIRST_COMPLETED if first else concurrent.futures.ALL_COMPLETED
+        done, not_done = concurrent.futures.wait(futures, timeout, how)
+        return bool(done) if first else not not_done
+
+    # ----- lifetime
+
+    def close(self) -> None:
+        """Stop the IO thread and close the sockets (the cluster keeps running)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.io.stop()
+
+
+def _engine_of(route: bytes) -> int | None:
+    return int(route) if route.isdigit() and len(route) < 10 else None
+
+
+def _engine_error(reason: str, req: Request) -> EngineError:
+    info = {"engine_id": req.engine_id, "msg_id": req.msg_id}
+    return EngineError("EngineError", reason, None, info)
+
+
+def _hub_error(reply: dict[str, Any]) -> Exception:
+    """The exception for an error reply of the controller itself."""
+    ename, evalue = str(reply.get("ename", "Error")), str(reply.get("evalue", ""))
+    builtin = {"TypeError": TypeError, "ValueError": ValueError, "KeyError": KeyError}
+    if ename in builtin:
+        return builtin[ename](evalue)
+    if ename == "InvalidTarget":
+        return InvalidTarget(evalue)
+    return RemoteError(ename, evalue)

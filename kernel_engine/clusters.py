@@ -1,0 +1,420 @@
+"""Cluster folders: where clusters live, starting and stopping their controllers, cleanup.
+
+A cluster is a folder, ``<jupyter runtime dir>/px/<cluster id>/``, and the controller
+process serving it. The folder holds the client connection file (``client.json``, with the
+cluster's HMAC key), each engine kernel's connection file (``engine-N.json``, also with the
+key), ``cluster.json`` (engine info, kept up to date by the controller), ``launch.json``
+(the launcher's record of the controller process, no secrets) and logs.
+
+A controller that exits normally removes its key files; one that is SIGKILLed leaves them.
+So whoever reads the folders next (a cluster start, ``jupyter px stop`` or ``list``) removes
+the key files of clusters whose controller is dead, and ``jupyter px clean`` removes dead
+clusters' folders. A controller counts as running only if its PID runs, is not a zombie,
+and is that cluster's controller: the same process start time as recorded (boot id and
+start tick, so a reused PID never matches), or, for records without one, a command line
+naming ``--folder`` this folder. Both :mod:`kernel_engine.cli` and ``jupyter_ext.Cluster``
+use this module; it knows nothing of clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+from kernel_engine import processes
+from kernel_engine.errors import ClusterError
+
+CLIENT_FILE = "client.json"
+CLUSTER_FILE = "cluster.json"
+LAUNCH_FILE = "launch.json"
+KEY_FILE_PATTERNS = (CLIENT_FILE, CLUSTER_FILE, "engine-*.json", "*.tmp", ".*.tmp")
+STARTING_GRACE = 10.0
+"""Seconds a folder with no controller record yet counts as starting, not dead."""
+
+
+def clusters_dir() -> Path:
+    """The folder holding one folder per cluster."""
+    return Path(jupyter_runtime_dir()) / "px"
+
+
+def cluster_folder(cluster_id: str) -> Path:
+    """The folder of the cluster named ``cluster_id``."""
+    return clusters_dir() / cluster_id
+
+
+def new_cluster_id() -> str:
+    """A fresh cluster id: ``px-<date>-<time>-<6 hex digits>``."""
+    return f"px-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def find_connection_file(spec: str | os.PathLike[str] | None = None) -> Path:
+    """The client connection file for ``spec``: a path, a cluster id, or None (newest running).
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no such file, or (``spec=None``) no running cluster.
+    """
+    if spec is not None:
+        path = Path(spec)
+        if path.is_file():
+            return path
+        if path.is_dir() and (path / CLIENT_FILE).is_file():
+            return path / CLIENT_FILE
+        by_id = cluster_folder(str(spec)) / CLIENT_FILE
+        if by_id.is_file():
+            return by_id
+        raise FileNotFoundError(f"no cluster connection file at {spec!r} (nor cluster id)")
+    running = [c for c in list_clusters() if c.connection_file.is_file()]
+    if not running:
+        raise FileNotFoundError(
+            f"no running cluster found in {clusters_dir()}; start one with "
+            "jupyter_ext.Cluster(n=...) or `jupyter px start -n N`"
+        )
+    return running[-1].connection_file
+
+
+def controller_record(pid: int | None = None) -> dict[str, Any]:
+    """What identifies a controller process: to merge into the files naming it.
+
+    Parameters
+    ----------
+    pid
+        The controller's PID (default: this process).
+    """
+    pid = os.getpid() if pid is None else pid
+    return {
+        "controller_pid": pid,
+        "controller_started": processes.start_time(pid),
+        "hostname": socket.gethostname(),
+    }
+
+
+def write_private_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600: readers see the old or the new file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_controller(pid: int, folder: Path, started: str | None = None) -> bool:
+    """Whether ``pid`` runs and is the controller of ``folder`` (not a reuse of its PID)."""
+    if not processes.running(pid):
+        return False
+    if started is not None:
+        now = processes.start_time(pid)
+        return now == started if now is not None else not os.path.exists("/proc/self/stat")
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return not os.path.exists("/proc/self/cmdline")  # no /proc: trust the PID
+    named = [b for a, b in itertools.pairwise(argv) if a == "--folder"]
+    named += [a.split("=", 1)[1] for a in argv if a.startswith("--folder=")]
+    target = os.path.realpath(folder)
+    return any(os.path.realpath(os.path.join(cwd, f)) == target for f in named)
+
+
+@dataclass
+class ClusterState:
+    """What a cluster folder says about its cluster, and whether its controller runs."""
+
+    folder: Path
+    state: str
+    """``running``, ``dead``, ``starting`` (no record yet) or ``elsewhere`` (another host)."""
+    controller_pid: int | None = None
+    controller_started: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    """``cluster.json``: engines (id, pid, hostname, state...), ready ids."""
+
+    @property
+    def cluster_id(self) -> str:
+        return str(self.info.get("cluster_id") or self.folder.name)
+
+    @property
+    def connection_file(self) -> Path:
+        return self.folder / CLIENT_FILE
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``cluster.json`` plus folder, state and connection file."""
+        return {
+            **self.info,
+            "cluster_id": self.cluster_id,
+            "controller_pid": self.controller_pid,
+            "state": self.state,
+            "folder": str(self.folder),
+            "connection_file": str(self.connection_file),
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_cluster(folder: Path) -> ClusterState:
+    """The state of the cluster in ``folder``, from its records and its controller process."""
+    folder = Path(folder)
+    info = _read_json(folder / CLUSTER_FILE) or {}
+    # The controller's own files first: a controller run by hand has no launch.json, and a
+    # folder reused by a new launch has a new launch.json.
+    records = [r for r in (info, _read_json(folder / CLIENT_FILE)) if r]
+    records.append(_read_json(folder / LAUNCH_FILE) or {})
+    named = []
+    for record in records:
+        try:
+            pid = int(record["controller_pid"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        started = record.get("controller_started")
+        named.append((pid, started if isinstance(started, str) else None, record))
+    if not named:
+        return ClusterState(folder, "starting" if _recent(folder) else "dead", info=info)
+    host = socket.gethostname()
+    for pid, started, record in named:
+        if record.get("hostname", host) != host:
+            return ClusterState(folder, "elsewhere", pid, started, info)
+        if is_controller(pid, folder, started):
+            return ClusterState(folder, "running", pid, started, info)
+    pid, started, _ = named[0]
+    return ClusterState(folder, "dead", pid, started, info)
+
+
+def _recent(folder: Path) -> bool:
+    """Whether anything in ``folder`` changed within :data:`STARTING_GRACE` seconds."""
+    try:
+        paths = [folder, *folder.iterdir()]
+        newest = max(p.stat().st_mtime for p in paths)
+    except OSError:
+        return False
+    return time.time() - newest < STARTING_GRACE
+
+
+def list_clusters(states: tuple[str, ...] = ("running",)) -> list[ClusterState]:
+    """Clusters in :func:`clusters_dir` in these states, oldest start first."""
+    found = []
+    root = clusters_dir()
+    for folder in root.iterdir() if root.is_dir() else []:
+        if folder.is_dir():
+            cluster = read_cluster(folder)
+            if cluster.state in states:
+                found.append(cluster)
+    return sorted(found, key=_started_at)
+
+
+def _started_at(cluster: ClusterState) -> float:
+    for name in (CLIENT_FILE, LAUNCH_FILE):
+        try:
+            return (cluster.folder / name).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def key_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that hold (or may hold) the cluster's key."""
+    return sorted({p for pattern in KEY_FILE_PATTERNS for p in Path(folder).glob(pattern)})
+
+
+def remove_key_files(folder: Path) -> list[Path]:
+    """Remove the files of ``folder`` that hold the cluster's key; returns those removed."""
+    removed = []
+    for path in key_files(folder):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def clean_dead_clusters(remove_folders: bool = False) -> list[ClusterState]:
+    """Remove the key files (or whole folders) of dead clusters; returns the clusters cleaned.
+
+    Parameters
+    ----------
+    remove_folders
+        Remove dead clusters' folders with their logs, not just their key files.
+    """
+    cleaned = []
+    for cluster in list_clusters(states=("dead",)):
+        if remove_folders:
+            # checked again just before: a new start may have taken the folder over
+            if read_cluster(cluster.folder).state == "dead":
+                shutil.rmtree(cluster.folder, ignore_errors=True)
+                cleaned.append(cluster)
+        elif remove_key_files(cluster.folder):
+            cleaned.append(cluster)
+    return cleaned
+
+
+def launch_controller(
+    folder: Path,
+    n: int,
+    cluster_id: str,
+    ip: str = "127.0.0.1",
+    cwd: str | None = None,
+    log_level: str = "INFO",
+    parent_pid: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
+
+    Cleans up after dead clusters first. ``parent_pid``: the controller stops when that
+    process exits. Raises :class:`ClusterError` if the folder's controller already runs.
+    """
+    clean_dead_clusters()
+    current = read_cluster(folder)
+    if current.running:
+        raise ClusterError(
+            f"cluster {current.cluster_id} is already running "
+            f"(controller pid {current.controller_pid})"
+        )
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cmd = [sys.executable, "-m", "kernel_engine.controller", "--folder", str(folder)]
+    cmd += ["-n", str(n), "--ip", ip, "--cluster-id", cluster_id, "--log-level", log_level]
+    if cwd is not None:
+        cmd += ["--cwd", cwd]
+    if parent_pid:
+        cmd += ["--parent-pid", str(parent_pid)]
+    with open(folder / "controller.log", "ab") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            # its own session: a Ctrl-C (SIGINT to our process group, as a notebook
+            # interrupt sends) must interrupt the work, not stop the cluster
+            start_new_session=True,
+        )
+    try:
+        write_private_json(
+            folder / LAUNCH_FILE, {"cluster_id": cluster_id, **controller_record(process.pid)}
+        )
+    except BaseException:
+        process.kill()  # a controller nobody could find again would hold its key forever
+        process.wait(10)
+        raise
+    return process
+
+
+def wait_ready(process: subprocess.Popen[bytes], folder: Path, timeout: float) -> dict[str, Any]:
+    """The controller's one status line, once every engine is ready.
+
+    Raises :class:`ClusterError` with the controller's log (having stopped it) if it fails,
+    exits or is not ready within ``timeout`` seconds (plus a margin for its own start).
+    """
+    assert process.stdout is not None
+    log_path = folder / "controller.log"
+    deadline = time.monotonic() + timeout + 10
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClusterError(
+                    f"engines not ready within {timeout:.0f} s; "
+                    f"controller log:\n{log_tail(log_path)}"
+                )
+            ready, _, _ = select.select([process.stdout], [], [], min(remaining, 0.5))
+            if ready:
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    try:
+                        code: int | None = process.wait(5)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                    raise ClusterError(
+                        f"the controller exited with code {code} before it was ready; "
+                        f"its log:\n{log_tail(log_path)}"
+                    )
+                line += chunk
+        try:
+            status: dict[str, Any] = json.loads(line.decode())
+        except ValueError:
+            status = {"status": "error", "message": f"unexpected controller output: {line!r}"}
+        if status.get("status") != "ready":
+            raise ClusterError(status.get("message", "the controller failed to start"))
+        return status
+    except BaseException:
+        # a failed or interrupted start leaves nothing running and no key on disk
+        stop_controller(process.pid, folder, timeout=5, process=process)
+        raise
+    finally:
+        process.stdout.close()
+
+
+def stop_controller(
+    pid: int,
+    folder: Path,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    started: str | None = None,
+) -> bool:
+    """Stop ``folder``'s controller: SIGTERM, ``timeout`` s to exit, then SIGKILL.
+
+    Returns whether it was running. A PID now used by another process is left alone.
+    Removes the key files a killed controller leaves behind.
+
+    Parameters
+    ----------
+    process
+        The controller, if this process launched it (then it is also reaped).
+    started
+        Its recorded :func:`kernel_engine.processes.start_time`, to tell it from a reuse of its PID.
+    """
+    if process is None and read_cluster(folder).state == "elsewhere":
+        raise ClusterError(f"the controller of {folder} runs on another host; stop it there")
+    if process is not None:
+        running = process.poll() is None
+        if running:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+    else:
+        try:
+            running = processes.terminate(pid, timeout, lambda: is_controller(pid, folder, started))
+        except TimeoutError as exc:
+            raise ClusterError(f"the controller of {folder}: {exc}") from None
+    if read_cluster(folder).state == "dead":
+        remove_key_files(folder)
+    return running
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])

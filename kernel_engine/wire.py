@@ -1,0 +1,456 @@
+"""How messages travel: framing, signing, checking and parsing (what they mean is in
+:mod:`kernel_engine.protocol`).
+
+Messages are Jupyter messages (``idents..., <IDS|MSG>, hmac, header, parent, metadata,
+content, buffers...``) signed with HMAC-SHA256 and the cluster's key, so ipykernel's own
+``Session`` accepts what we send it and we accept what it sends. This module packs and
+parses them with less work than ``jupyter_client.Session``: the header is parsed eagerly
+(routing needs it), the other JSON parts only on first use, and dates stay ISO strings
+until somebody asks for a ``datetime``.
+
+Every message that arrives is hostile until checked, in this order: framing (a delimiter,
+at least five frames after it), the signature (over the raw frames, before any parsing),
+then the header (a JSON object whose ``msg_id`` and ``msg_type`` are short strings).
+Anything that fails raises :class:`MessageError`; the other parts are checked by type when
+they are first read. :class:`SeenWindow` refuses a msg_id seen lately (a replay), and
+:class:`DropLog` turns a flood of bad input into one log line per interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import zmq
+
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+SIGNATURE_SCHEME = "hmac-sha256"
+
+MAX_IDENTS = 32
+"""Identity frames before the delimiter that a receiver looks through."""
+
+MAX_ID_LENGTH = 256
+"""Longest ``msg_id`` (and ``msg_type``) accepted."""
+
+MAX_BATCH = 4096
+"""Most messages in one batch lane message."""
+
+
+class MessageError(ValueError):
+    """Raised when a received message is malformed (framing, JSON or header)."""
+
+
+class SignatureError(MessageError):
+    """Raised when a message's HMAC signature does not match the cluster key."""
+
+
+def utcnow_iso() -> str:
+    """The current time as the ISO 8601 string Jupyter headers carry."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def parse_date(value: str | datetime | None) -> datetime | None:
+    """An ISO 8601 string from a header or metadata as an aware ``datetime`` (or None)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def new_key() -> bytes:
+    """A fresh HMAC key for a cluster."""
+    return uuid.uuid4().hex.encode("ascii") + os.urandom(8).hex().encode("ascii")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("utf8", "replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Compact JSON, the encoding of every JSON frame."""
+    return json.dumps(obj, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf8"
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def loads_json(data: bytes | memoryview, what: str = "frame") -> Any:
+    """Parse a JSON frame; anything malformed (NaN included, or nesting too deep for the
+    parser) raises :class:`MessageError`."""
+    try:
+        return _DECODER.decode(bytes(data).decode("utf-8") or "{}")
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise MessageError(f"the {what} is not valid JSON: {str(exc)[:100]}") from None
+
+
+def loads_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
+    """Parse a JSON frame that must hold an object."""
+    obj = loads_json(data, what)
+    if not isinstance(obj, dict):
+        raise MessageError(f"the {what} is not a JSON object but {type(obj).__name__}")
+    return obj
+
+
+_EMPTY = b"{}"
+
+
+def _encode(part: dict[str, Any] | bytes | None) -> bytes:
+    if not part:
+        return _EMPTY
+    if isinstance(part, bytes):
+        return part
+    return dumps_json(part)
+
+
+def as_bytes(frame: Any) -> bytes:
+    """A frame's bytes (a ``zmq.Frame`` or anything bytes-like)."""
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
+def delimiter_at(frames: Sequence[Any]) -> int:
+    """The index of the delimiter among the first :data:`MAX_IDENTS` frames, or -1."""
+    for i, frame in enumerate(frames[:MAX_IDENTS]):
+        if len(frame) == len(DELIM) and as_bytes(frame) == DELIM:
+            return i
+    return -1
+
+
+def split_idents(frames: Sequence[Any]) -> tuple[list[bytes], list[Any]]:
+    """Split received frames at the delimiter into (identity frames, message frames)."""
+    i = delimiter_at(frames)
+    if i < 0:
+        raise MessageError("no <IDS|MSG> delimiter in message")
+    return [as_bytes(f) for f in frames[:i]], list(frames[i + 1 :])
+
+
+def check_header(header: Any) -> dict[str, Any]:
+    """The header, if it is an object with a usable ``msg_id`` and ``msg_type``."""
+    if not isinstance(header, dict):
+        raise MessageError(f"the header is not a JSON object but {type(header).__name__}")
+    for key in ("msg_id", "msg_type"):
+        value = header.get(key)
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+            raise MessageError(f"the header's {key} is not a string of 1 to {MAX_ID_LENGTH} chars")
+    return header
+
+
+def header_date(header: dict[str, Any]) -> str | None:
+    """The header's ``date`` if it is a plausible ISO string, else None."""
+    date = header.get("date")
+    return date if isinstance(date, str) and len(date) <= 64 else None
+
+
+@dataclass
+class Message:
+    """A parsed, verified message: header now, the other parts when first asked for.
+
+    Reading ``parent_header``, ``metadata`` or ``content`` raises :class:`MessageError`
+    when that part is not a JSON object.
+    """
+
+    header: dict[str, Any]
+    frames: list[Any]
+    idents: list[bytes] = field(default_factory=list)
+    _parent: dict[str, Any] | None = None
+    _metadata: dict[str, Any] | None = None
+    _content: dict[str, Any] | None = None
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.header["msg_id"])
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header["msg_type"])
+
+    @property
+    def parent_header(self) -> dict[str, Any]:
+        if self._parent is None:
+            self._parent = loads_object(as_bytes(self.frames[2]), "parent header")
+        return self._parent
+
+    @property
+    def parent_id(self) -> str:
+        """The msg_id this message answers ('' if none)."""
+        value = self.parent_header.get("msg_id", "")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            self._metadata = loads_object(as_bytes(self.frames[3]), "metadata")
+        return self._metadata
+
+    @property
+    def content(self) -> dict[str, Any]:
+        if self._content is None:
+            self._content = loads_object(as_bytes(self.frames[4]), "content")
+        return self._content
+
+    @property
+    def buffers(self) -> list[Any]:
+        return self.frames[5:]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message in ``jupyter_client.Session`` dict form (for ipykernel's set_parent)."""
+        return {
+            "header": self.header,
+            "parent_header": self.parent_header,
+            "metadata": self.metadata,
+            "content": self.content,
+            "msg_id": self.msg_id,
+            "msg_type": self.msg_type,
+            "buffers": self.buffers,
+        }
+
+
+class Wire:
+    """Packs, signs, verifies and parses messages with one cluster key.
+
+    Parameters
+    ----------
+    key
+        The cluster's HMAC key; empty disables signing (never used by jupyter-px itself).
+    session
+        This peer's session id, written into every header it makes.
+    username
+        The header's ``username``.
+    """
+
+    def __init__(self, key: bytes, session: str | None = None, username: str = "jupyter-px"):
+        self.key = key
+        self.session = session or uuid.uuid4().hex
+        self.username = username
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256) if key else None
+        self._plain = all(c.isalnum() or c in "-_.:" for c in f"{self.session}{self.username}")
+
+    def sign(self, parts: Sequence[Any]) -> bytes:
+        """The hex HMAC of the four signed parts."""
+        if self._hmac is None:
+            return b""
+        h = self._hmac.copy()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest().encode("ascii")
+
+    def header(self, msg_type: str, msg_id: str | None = None) -> dict[str, Any]:
+        """A fresh Jupyter header."""
+        return {
+            "msg_id": msg_id or uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": self.username,
+            "session": self.session,
+            "date": utcnow_iso(),
+            "version": PROTOCOL_VERSION,
+        }
+
+    def pack(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | bytes | None = None,
+        parent: dict[str, Any] | bytes | None = None,
+        metadata: dict[str, Any] | bytes | None = None,
+        buffers: Sequence[Any] = (),
+        idents: Sequence[bytes] = (),
+        header: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """Build a signed message; returns (header, frames ready for ``send_multipart``).
+
+        ``content``, ``parent`` and ``metadata`` may be given already encoded (bytes from
+        :func:`dumps_json`), so a map encodes its tasks' shared metadata once.
+        """
+        if header is None:
+            header = self.header(msg_type)
+            encoded_header = self._encode_header(header)
+        else:
+            encoded_header = dumps_json(header)
+        parts = [encoded_header, _encode(parent), _encode(metadata), _encode(content)]
+        return header, [*idents, DELIM, self.sign(parts), *parts, *buffers]
+
+    def _encode_header(self, header: dict[str, Any]) -> bytes:
+        """The JSON of a header this Wire made (plain ASCII fields: no escaping needed)."""
+        if not (header["msg_type"].isidentifier() and self._plain):
+            return dumps_json(header)
+        return (
+            f'{{"msg_id":"{header["msg_id"]}","msg_type":"{header["msg_type"]}",'
+            f'"username":"{self.username}","session":"{self.session}",'
+            f'"date":"{header["date"]}","version":"{PROTOCOL_VERSION}"}}'
+        ).encode()
+
+    def send(
+        self,
+        socket: zmq.Socket[Any],
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[Any] = (),
+        idents: Sequence[bytes] = (),
+        flags: int = 0,
+    ) -> dict[str, Any]:
+        """Pack and send a message; returns its header."""
+        header, frames = self.pack(msg_type, content, parent, metadata, buffers, idents)
+        socket.send_multipart(frames, flags, copy=False)
+        return header
+
+    def verify(self, msg_frames: Sequence[Any]) -> None:
+        """Check the framing and signature of message frames (those after the delimiter)."""
+        if len(msg_frames) < 5:
+            raise MessageError(f"malformed message: {len(msg_frames)} frames after delimiter")
+        if self._hmac is None:
+            return
+        signature = msg_frames[0]
+        if len(signature) != 64:  # a hex SHA-256: no hashing for what cannot match
+            raise SignatureError("invalid HMAC signature")
+        expected = self.sign([as_bytes(f) for f in msg_frames[1:5]])
+        if not hmac.compare_digest(as_bytes(signature), expected):
+            raise SignatureError("invalid HMAC signature")
+
+    def unpack(self, msg_frames: list[Any]) -> Message:
+        """Verify message frames (after the delimiter) and parse them into a Message."""
+        self.verify(msg_frames)
+        header = check_header(loads_json(as_bytes(msg_frames[1]), "header"))
+        return Message(header=header, frames=msg_frames)
+
+    def recv(self, frames: list[Any]) -> Message:
+        """Split identities off received frames, verify and parse the rest."""
+        idents, msg_frames = split_idents(frames)
+        msg = self.unpack(msg_frames)
+        msg.idents = idents
+        return msg
+
+
+BATCH = b"<PX|BATCH>"
+"""First frame of a lane message that carries several messages (tasks or replies)."""
+
+
+def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """Frames of one lane message carrying several complete messages (each with idents)."""
+    counts = dumps_json([len(m) for m in messages])
+    frames: list[Any] = [BATCH, counts]
+    for m in messages:
+        frames.extend(m)
+    return frames
+
+
+def unpack_batch(frames: Sequence[Any]) -> list[list[Any]]:
+    """The messages of a :func:`pack_batch` lane message (``frames`` starts at ``BATCH``).
+
+    The frame counts must be positive integers that add up to the frames present, at most
+    :data:`MAX_BATCH` of them; else :class:`MessageError` (nothing is unpacked).
+    """
+    if len(frames) < 2 or len(frames[1]) > 16 * MAX_BATCH:
+        raise MessageError("malformed batch")
+    counts = loads_json(as_bytes(frames[1]), "batch header")
+    if (
+        not isinstance(counts, list)
+        or not 0 < len(counts) <= MAX_BATCH
+        or not all(type(n) is int and n > 0 for n in counts)
+        or sum(counts) != len(frames) - 2
+    ):
+        raise MessageError("malformed batch: its counts do not match its frames")
+    out: list[list[Any]] = []
+    pos = 2
+    for n in counts:
+        out.append(list(frames[pos : pos + n]))
+        pos += n
+    return out
+
+
+def is_batch(frames: Sequence[Any], at: int = 0) -> bool:
+    """Whether ``frames[at]`` is the batch marker."""
+    return len(frames) > at and len(frames[at]) == len(BATCH) and as_bytes(frames[at]) == BATCH
+
+
+class SeenWindow:
+    """The msg_ids of the last ``size`` messages accepted: a replay of one is refused.
+
+    Jupyter's ``Session`` keeps a bounded history of signatures for the same purpose. A
+    FIFO window (a deque and a set) evicts in O(1); a message replayed after ``size``
+    others is no longer recognised here, which is why the controller also refuses msg_ids
+    its task records know (see ``kernel_engine.controller.tasks``).
+    """
+
+    def __init__(self, size: int = 65536):
+        self.size = size
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def add(self, msg_id: str) -> bool:
+        """Remember ``msg_id``; False if it was seen already (a replay or a duplicate)."""
+        if msg_id in self._ids:
+            return False
+        self._ids.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+        return True
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class DropLog:
+    """Counts input that was dropped, by reason, and logs it at most once per interval.
+
+    The first drop is logged at once (one bad message is worth a line); after that a flood
+    costs one summary line per ``interval`` seconds, however many messages it has.
+    """
+
+    def __init__(self, log: logging.Logger, what: str, interval: float = 10.0):
+        self.log = log
+        self.what = what
+        self.interval = interval
+        self.counts: Counter[str] = Counter()
+        self.total = 0
+        self._next = 0.0
+
+    def drop(self, reason: str) -> None:
+        """Count one dropped message (``reason``: a short phrase, not the message)."""
+        self.counts[reason[:120]] += 1
+        self.total += 1
+        now = time.monotonic()
+        if now >= self._next:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Log what was counted since the last line (call it now and then)."""
+        if not self.counts:
+            return
+        now = time.monotonic() if now is None else now
+        n = sum(self.counts.values())
+        reasons = "; ".join(f"{count} {why}" for why, count in self.counts.most_common(5))
+        more = "" if len(self.counts) <= 5 else f"; {len(self.counts) - 5} other reasons"
+        self.log.warning("%s: dropped %i message(s): %s%s", self.what, n, reasons, more)
+        self.counts.clear()
+        self._next = now + self.interval
