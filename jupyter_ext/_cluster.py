@@ -41,6 +41,21 @@ class Cluster:
         Seconds to wait for every engine to be ready.
     shutdown_atexit
         Stop the cluster when this process exits (it also stops if this process dies).
+    log_level
+        The controller's log level (its log is ``controller.log`` in the cluster folder).
+    curve
+        Encrypt all traffic with CurveZMQ, so that a process without the connection file
+        can neither connect nor read anything. None (the default): on whenever ``ip`` is
+        not loopback.
+    client_timeout
+        Seconds of silence after which the controller counts a client as gone and drops
+        its queued tasks (a client that closes says so at once).
+    on_client_lost
+        A lost client's tasks already on engines: ``"finish"`` them, or ``"abort"`` those
+        that have not started.
+
+    Every argument is checked here: a wrong type or value raises TypeError/ValueError
+    naming it, before anything starts.
     """
 
     def __init__(
@@ -53,14 +68,36 @@ class Cluster:
         start_timeout: float = 60.0,
         shutdown_atexit: bool = True,
         log_level: str = "INFO",
+        curve: bool | None = None,
+        client_timeout: float = 30.0,
+        on_client_lost: str = "finish",
     ):
         if engines != "local":
             raise ValueError(
                 f"engines={engines!r} is not available yet in this version; use 'local'"
             )
-        self.n = n if n is not None else (os.cpu_count() or 1)
+        self.n = (os.cpu_count() or 1) if n is None else protocol.check_int("n", n, 0, 4096)
         self.engines = engines
-        self.cluster_id = cluster_id or clusters.new_cluster_id()
+        self.cluster_id = (
+            clusters.new_cluster_id()
+            if cluster_id is None
+            else clusters.check_cluster_id(cluster_id)
+        )
+        if not isinstance(ip, str) or not ip:
+            raise TypeError(f"ip must be an address (a string), not {ip!r}")
+        if curve is not None:
+            protocol.check_bool("curve", curve)
+        if on_client_lost not in ("finish", "abort"):
+            raise ValueError(f"on_client_lost must be 'finish' or 'abort', not {on_client_lost!r}")
+        if str(log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be a logging level name, not {log_level!r}")
+        if cwd is not None and not os.path.isdir(cwd):
+            raise ValueError(f"cwd {cwd!r} is not a folder")
+        protocol.check_bool("shutdown_atexit", shutdown_atexit)
+        self.curve = protocol.curve_wanted(ip, curve)
+        self.client_timeout = protocol.check_seconds("client_timeout", client_timeout, True) or 30.0
+        self.on_client_lost = on_client_lost
+        start_timeout = protocol.check_seconds("start_timeout", start_timeout, True) or 60.0
         self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.start_timeout = start_timeout
@@ -112,6 +149,13 @@ class Cluster:
             cwd=self.cwd,
             log_level=self.log_level,
             parent_pid=os.getpid() if self.shutdown_atexit else None,
+            controller_args=[
+                "--curve" if self.curve else "--no-curve",
+                "--client-timeout",
+                str(self.client_timeout),
+                "--on-client-lost",
+                self.on_client_lost,
+            ],
         )
         self.controller_pid = self.controller.pid
         if self.shutdown_atexit and not self._atexit_registered:

@@ -41,7 +41,7 @@ import zmq
 
 from kernel_engine import processes, protocol, wire
 
-from ._lanes import LOCAL_IPS, DirectLanes, direct_enabled
+from ._lanes import DirectLanes, direct_enabled
 
 log = logging.getLogger("jupyter_ext")
 
@@ -84,22 +84,25 @@ class IOThread:
         self.address = f"{ip}:{info['client_port']}"
         identity = os.urandom(8).hex().encode()
         url = f"{transport}://{ip}:{info['client_port']}"
-        self.dealer = self.context.socket(zmq.DEALER)
+        # an encrypted cluster (CurveZMQ): this client's keypair, the controller's key
+        server = info.get("curve_serverkey")
+        self.keypair = zmq.curve_keypair() if server else None
+        self.dealer = self._socket(zmq.DEALER, server)
         self.dealer.linger = 0
         self.dealer.identity = identity + b":r"
         self.dealer.connect(url)
-        self._sender = self.context.socket(zmq.DEALER)
+        self._sender = self._socket(zmq.DEALER, server)
         self._sender.linger = 1000
         self._sender.identity = identity + b":s"
         self._sender.connect(url)
-        self.sub = self.context.socket(zmq.SUB)
+        self.sub = self._socket(zmq.SUB, server)
         self.sub.linger = 0
         self.sub.rcvhwm = IOPUB_HWM
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"{transport}://{ip}:{info['iopub_port']}")
         self.hb: zmq.Socket[Any] | None = None
         if info.get("hb_port"):
-            self.hb = self.context.socket(zmq.DEALER)
+            self.hb = self._socket(zmq.DEALER, server)
             self.hb.linger = 0
             self.hb.maxmsgsize = 64
             self.hb.connect(f"{transport}://{ip}:{info['hb_port']}")
@@ -114,14 +117,29 @@ class IOThread:
         self._wake_out.connect(self._wake_url)
         self.lanes: DirectLanes | None = None
         if direct_enabled(ip):
-            self.lanes = DirectLanes(self.context, wire_, identity, self.dealer, self._send_lock)
+            self.lanes = DirectLanes(
+                self.context,
+                wire_,
+                identity,
+                self.dealer,
+                self._send_lock,
+                self.keypair,
+                server.encode() if server else None,
+            )
         self._controller_pid = int(info.get("controller_pid") or 0)
-        self._local = ip in LOCAL_IPS
+        self._local = ip in protocol.LOCAL_IPS
         self._running = True
         self.lost: str | None = None
         self._lost_by_heartbeat = False
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self.thread.start()
+
+    def _socket(self, kind: int, server: str | None) -> zmq.Socket[Any]:
+        """A socket to the controller (a CurveZMQ client of ``server`` if it is given)."""
+        sock = self.context.socket(kind)
+        if server:
+            wire.curve_client(sock, server.encode(), self.keypair)
+        return sock
 
     def send(
         self, frames: list[Any], track: bool = False, lane: zmq.Socket[Any] | None = None

@@ -65,15 +65,12 @@ DEATH_GRACE = 2.0
 """Seconds between seeing an engine's process gone and failing its direct requests,
 when the controller's event has not done it first."""
 
-LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
-"""Addresses that mean "this machine"."""
-
 
 def direct_enabled(controller_ip: str) -> bool:
     """Whether a client may use lanes: it runs beside the controller, and nobody said no."""
     if os.environ.get("JUPYTER_PX_DIRECT", "1").lower() in ("0", "no", "off", "false"):
         return False
-    return controller_ip in LOCAL_IPS
+    return controller_ip in protocol.LOCAL_IPS
 
 
 class _Lane:
@@ -101,12 +98,16 @@ class DirectLanes:
         identity: bytes,
         receiver: zmq.Socket[Any],
         send_lock: threading.Lock,
+        keypair: tuple[bytes, bytes] | None = None,
+        controller_key: bytes | None = None,
     ):
         self.context = context
         self.wire = wire_
         self.identity = identity
         self.receiver = receiver
         self.send_lock = send_lock
+        self.keypair = keypair
+        self.controller_key = controller_key
         self.lock = threading.Lock()
         self.lanes: dict[int, _Lane] = {}
         self.unready: set[int] = set()  # lanes being pinged
@@ -128,17 +129,28 @@ class DirectLanes:
         eid = int(info["id"])
         conn = info.get("connection_info") or {}
         port = conn.get("lane_port")
-        if eid in self.lanes or not port or conn.get("ip") not in LOCAL_IPS:
+        if eid in self.lanes or not port or conn.get("ip") not in protocol.LOCAL_IPS:
             return
         if info.get("hostname") and info["hostname"] != self._hostname:
             return
         url = protocol.endpoint(conn, port)
+        server = conn.get("curve_publickey")
         with self.send_lock:
             sock = self.context.socket(zmq.DEALER)
             sock.linger = 1000
             sock.identity = self.identity + b":s"
+            if server:  # an encrypted cluster: the lane is a CurveZMQ server
+                wire.curve_client(sock, server.encode(), self.keypair)
             sock.connect(url)
-        self.receiver.connect(url)
+        if server:
+            # a connection keeps the options it was made with: the receiver's link to
+            # the controller is not changed by this
+            self.receiver.curve_serverkey = server.encode()
+            self.receiver.connect(url)
+            if self.controller_key is not None:
+                self.receiver.curve_serverkey = self.controller_key
+        else:
+            self.receiver.connect(url)
         self.lanes[eid] = _Lane(eid, url, info.get("pid"), sock)
         self.unready.add(eid)
         self._ping(self.lanes[eid])

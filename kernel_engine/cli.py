@@ -32,8 +32,9 @@ def _start(args: argparse.Namespace) -> int:
     _report_cleaned(clusters.clean_dead_clusters())
     cluster_id = args.cluster_id or clusters.new_cluster_id()
     folder = clusters.cluster_folder(cluster_id)
+    curve = ["--curve"] if args.curve else ["--no-curve"] if args.curve is False else []
     process = clusters.launch_controller(
-        folder, args.n, cluster_id=cluster_id, ip=args.ip, cwd=os.getcwd()
+        folder, args.n, cluster_id=cluster_id, ip=args.ip, cwd=os.getcwd(), controller_args=curve
     )
     status = clusters.wait_ready(process, folder, args.timeout)
     print(f"cluster {cluster_id}: {len(status.get('ids', []))} engines ready")
@@ -166,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--cluster-id", default=None)
     start.add_argument("--ip", default="127.0.0.1")
     start.add_argument("--timeout", type=float, default=60.0)
+    start.add_argument(
+        "--curve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encrypt with CurveZMQ (default: when --ip is not loopback)",
+    )
     start.set_defaults(func=_start)
     stop = sub.add_parser("stop", help="stop a cluster (default: the newest)")
     stop.add_argument("--cluster-id", default=None)

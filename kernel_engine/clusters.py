@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -52,9 +53,25 @@ def clusters_dir() -> Path:
     return Path(jupyter_runtime_dir()) / "px"
 
 
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+def check_cluster_id(cluster_id: Any) -> str:
+    """``cluster_id`` if it is a usable name (letters, digits, ``._-``; no path), else
+    TypeError/ValueError."""
+    if not isinstance(cluster_id, str):
+        raise TypeError(f"cluster_id must be a string, not {type(cluster_id).__name__}")
+    if not _CLUSTER_ID.match(cluster_id):
+        raise ValueError(
+            f"cluster_id {cluster_id!r} is not a name: use up to 128 letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit"
+        )
+    return cluster_id
+
+
 def cluster_folder(cluster_id: str) -> Path:
-    """The folder of the cluster named ``cluster_id``."""
-    return clusters_dir() / cluster_id
+    """The folder of the cluster named ``cluster_id`` (a name, never a path elsewhere)."""
+    return clusters_dir() / check_cluster_id(cluster_id)
 
 
 def new_cluster_id() -> str:
@@ -76,9 +93,10 @@ def find_connection_file(spec: str | os.PathLike[str] | None = None) -> Path:
             return path
         if path.is_dir() and (path / CLIENT_FILE).is_file():
             return path / CLIENT_FILE
-        by_id = cluster_folder(str(spec)) / CLIENT_FILE
-        if by_id.is_file():
-            return by_id
+        if _CLUSTER_ID.match(str(spec)):
+            by_id = cluster_folder(str(spec)) / CLIENT_FILE
+            if by_id.is_file():
+                return by_id
         raise FileNotFoundError(f"no cluster connection file at {spec!r} (nor cluster id)")
     running = [c for c in list_clusters() if c.connection_file.is_file()]
     if not running:
@@ -283,11 +301,14 @@ def launch_controller(
     cwd: str | None = None,
     log_level: str = "INFO",
     parent_pid: int | None = None,
+    controller_args: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
 
     Cleans up after dead clusters first. ``parent_pid``: the controller stops when that
-    process exits. Raises :class:`ClusterError` if the folder's controller already runs.
+    process exits; ``controller_args``: more options of ``python -m
+    kernel_engine.controller``. Raises :class:`ClusterError` if the folder's controller
+    already runs.
     """
     clean_dead_clusters()
     current = read_cluster(folder)
@@ -303,6 +324,7 @@ def launch_controller(
         cmd += ["--cwd", cwd]
     if parent_pid:
         cmd += ["--parent-pid", str(parent_pid)]
+    cmd += controller_args or []
     with open(folder / "controller.log", "ab") as log:
         process = subprocess.Popen(
             cmd,

@@ -101,6 +101,17 @@ DUPLICATE = "DuplicateRequest"
 """``px_error`` of the reply to a request whose msg_id was seen before: the reply answers
 the copy, never the original, so a client never resolves a request from it."""
 
+LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
+"""Addresses that mean "this machine"."""
+
+
+def curve_wanted(ip: str, curve: bool | None = None) -> bool:
+    """Whether a cluster bound to ``ip`` encrypts (CurveZMQ): as asked, else whenever it
+    binds anywhere but loopback (every local user could otherwise read its traffic, and
+    every host on the network)."""
+    return ip not in LOCAL_IPS if curve is None else bool(curve)
+
+
 HUB_ROUTE = b"hub"
 LB_ROUTE = b"lb"
 CHANNELS = ("lane", "shell", "control")

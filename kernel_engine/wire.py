@@ -389,6 +389,28 @@ def is_batch(frames: Sequence[Any], at: int = 0) -> bool:
     return len(frames) > at and len(frames[at]) == len(BATCH) and as_bytes(frames[at]) == BATCH
 
 
+def curve_server(sock: zmq.Socket[Any], public: bytes, secret: bytes) -> None:
+    """Make ``sock`` (before it binds) a CurveZMQ server: only a peer that knows ``public``
+    completes a handshake, and all traffic is encrypted."""
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def curve_client(
+    sock: zmq.Socket[Any], server_public: bytes, keypair: tuple[bytes, bytes] | None = None
+) -> None:
+    """Make ``sock`` (before it connects) a CurveZMQ client of the server ``server_public``.
+
+    ``keypair`` (public, secret) is the client's own: a fresh one by default. Jupyter
+    clients of a kernel reuse the kernel's keypair from its connection file instead.
+    """
+    public, secret = keypair or zmq.curve_keypair()
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_public
+
+
 class SeenWindow:
     """The msg_ids of the last ``size`` messages accepted: a replay of one is refused.
 

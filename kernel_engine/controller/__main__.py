@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of silence after which a client counts as gone (its queued tasks dropped)",
     )
     parser.add_argument(
+        "--curve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encrypt with CurveZMQ (default: when --ip is not loopback)",
+    )
+    parser.add_argument(
         "--on-client-lost",
         choices=("finish", "abort"),
         default="finish",
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         cwd=args.cwd,
         client_timeout=args.client_timeout,
         on_client_lost=args.on_client_lost,
+        curve=args.curve,
     )
     controller.write_files()
     if args.n:

@@ -77,6 +77,9 @@ class Controller:
         What happens to a lost client's tasks already on engines: ``"finish"`` (they run;
         its queued tasks are dropped either way) or ``"abort"`` (those not started yet are
         aborted on the engines too).
+    curve
+        Encrypt everything with CurveZMQ (clients and engines; a peer that does not hold
+        the connection file cannot even connect). None: whenever ``ip`` is not loopback.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Controller:
         cwd: str | None = None,
         client_timeout: float = 30.0,
         on_client_lost: str = "finish",
+        curve: bool | None = None,
     ):
         if on_client_lost not in CLIENT_POLICIES:
             raise ValueError(f"on_client_lost must be one of {CLIENT_POLICIES}")
@@ -97,6 +101,8 @@ class Controller:
         self.parent_pid = parent_pid
         self.cwd = cwd
         self.on_client_lost = on_client_lost
+        self.curve = protocol.curve_wanted(ip, curve)
+        self.keypair = zmq.curve_keypair() if self.curve else None
         self.record = clusters.controller_record()
         self.context: zmq.Context[Any] = zmq.Context()
         # No high-water marks on the sockets that carry requests and replies: a busy engine
@@ -113,16 +119,18 @@ class Controller:
         self.inflight = Inflight()
         self.clients = Clients(timeout=max(1, round(client_timeout)))
         self.dead: dict[int, str] = {}
-        self.clients_socket = self.context.socket(zmq.ROUTER)
+        self.clients_socket = self._server_socket(zmq.ROUTER)
         self.clients_socket.linger = 0
         self.client_port = self.clients_socket.bind_to_random_port(f"tcp://{ip}")
-        self.iopub = self.context.socket(zmq.PUB)
+        self.iopub = self._server_socket(zmq.PUB)
         self.iopub.linger = 0
         self.iopub.sndhwm = IOPUB_HWM
         self.iopub_port = self.iopub.bind_to_random_port(f"tcp://{ip}")
-        self.echo = Echo(self.context, ip)
+        self.echo = Echo(self._server_socket(zmq.ROUTER), ip)
         self.echo.start()
-        self.engines = EngineSet(self.loop, self.context, self.wire, folder, ip, self.cluster_id)
+        self.engines = EngineSet(
+            self.loop, self.context, self.wire, folder, ip, self.cluster_id, self.curve
+        )
         self.balancer = Balancer(self.wire, self.engines, self.inflight, self.hub, self.send_client)
         self.router = Router(
             self.wire,
@@ -151,6 +159,12 @@ class Controller:
         if parent_pid:
             self.loop.call_every(0.5, self._check_parent)
 
+    def _server_socket(self, kind: int) -> zmq.Socket[Any]:
+        sock = self.context.socket(kind)
+        if self.keypair is not None:
+            wire.curve_server(sock, *self.keypair)
+        return sock
+
     # ----- files
 
     @property
@@ -167,6 +181,7 @@ class Controller:
             "hb_port": self.echo.port,
             "key": self.wire.key.decode(),
             "signature_scheme": wire.SIGNATURE_SCHEME,
+            **({"curve_serverkey": self.keypair[0].decode()} if self.keypair else {}),
             "folder": str(self.folder),
             **self.record,
         }

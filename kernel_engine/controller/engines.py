@@ -39,9 +39,11 @@ from .loop import PollLoop
 
 log = logging.getLogger("kernel_engine.controller")
 
-SECRET_KEYS = frozenset({"key", "curve_secretkey"})
-"""Connection info fields that never leave the controller in events (``engine_info``
-adds the key back for the client that asks, which has it anyway)."""
+SECRET_KEYS = frozenset({"key"})
+"""Connection info fields left out of what clients learn of an engine (``engine_info``
+adds the key back: a client has it anyway). An encrypted engine's CurveZMQ keypair stays
+in: Jupyter clients attach to a kernel with its keypair, and it only travels to clients
+over encrypted channels."""
 
 IOPUB_HWM = 10_000
 """Messages of an engine's output the controller buffers before the engine's side drops."""
@@ -125,6 +127,7 @@ class EngineSet:
         folder: Path,
         ip: str = "127.0.0.1",
         cluster_id: str = "",
+        curve: bool = False,
     ):
         self.loop = loop
         self.context = context
@@ -132,6 +135,7 @@ class EngineSet:
         self.folder = folder
         self.ip = ip
         self.cluster_id = cluster_id
+        self.curve = curve
         self.engines: dict[int, Engine] = {}
         self._next_id = 0
         self.on_ready: Callable[[Engine], None] = lambda e: None
@@ -155,6 +159,7 @@ class EngineSet:
                 kernel_name=KERNEL_NAME,
                 connection_file=str(self.folder / f"engine-{eid}.json"),
                 ip=self.ip,
+                transport_encryption="required" if self.curve else "disabled",
             )
             km.session.key = self.wire.key
             with open(log_path, "ab") as logf:
@@ -170,25 +175,35 @@ class EngineSet:
     def _connect(self, engine: Engine) -> None:
         info = engine.connection_info
         for channel in ("shell", "control"):
-            sock = self.context.socket(zmq.DEALER)
+            sock = self._socket(engine, zmq.DEALER)
             sock.linger = 0
             sock.connect(engine.url(info[f"{channel}_port"]))
             engine.sockets[channel] = sock
             self.loop.add_socket(sock, self._handler(engine, channel))
-        iopub = self.context.socket(zmq.SUB)
+        iopub = self._socket(engine, zmq.SUB)
         iopub.linger = 0
         iopub.rcvhwm = IOPUB_HWM
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.connect(engine.url(info["iopub_port"]))
         engine.sockets["iopub"] = iopub
         self.loop.add_socket(iopub, lambda frames: self._iopub(engine, frames))
-        hb = self.context.socket(zmq.DEALER)
+        hb = self._socket(engine, zmq.DEALER)
         hb.linger = 0
         hb.maxmsgsize = 64
         hb.connect(engine.url(info["hb_port"]))
         engine.sockets["hb"] = hb
         self.loop.add_socket(hb, lambda frames: self._beat_received(engine, frames))
         self._send_kernel_info(engine)
+
+    def _socket(self, engine: Engine, kind: int) -> zmq.Socket[Any]:
+        """A socket to an engine: a CurveZMQ client when the engine's channels encrypt
+        (with the engine's own keypair, as Jupyter clients of a kernel do)."""
+        sock = self.context.socket(kind)
+        info = engine.connection_info
+        if info.get("curve_publickey"):
+            public = info["curve_publickey"].encode()
+            wire.curve_client(sock, public, (public, info["curve_secretkey"].encode()))
+        return sock
 
     def _handler(self, engine: Engine, channel: str) -> Callable[[list[Any]], None]:
         def handle(frames: list[Any]) -> None:
@@ -231,7 +246,7 @@ class EngineSet:
             engine.pid = pid if isinstance(pid, int) else None
             engine.hostname = str(px.get("hostname", ""))
             engine.connection_info["lane_port"] = px["lane_port"]
-            lane = self.context.socket(zmq.DEALER)
+            lane = self._socket(engine, zmq.DEALER)
             lane.linger = 0
             lane.connect(engine.url(px["lane_port"]))
             engine.sockets["lane"] = lane

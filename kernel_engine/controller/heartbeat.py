@@ -16,10 +16,11 @@ import zmq
 
 
 class Echo:
-    """A ROUTER bound to a random port that sends every message back to its sender."""
+    """A ROUTER (``socket``, not bound yet) bound to a random port of ``ip``, that sends
+    every message back to its sender."""
 
-    def __init__(self, context: zmq.Context[Any], ip: str):
-        self.socket = context.socket(zmq.ROUTER)
+    def __init__(self, socket: zmq.Socket[Any], ip: str):
+        self.socket = socket
         self.socket.linger = 0
         self.socket.maxmsgsize = 64  # pings are a few bytes; anything else is dropped
         self.socket.rcvhwm = self.socket.sndhwm = 1000

@@ -31,6 +31,8 @@ class EngineApp(IPKernelApp):
         # queued tasks wait here however many there are; replies are never dropped
         self.lane_socket.sndhwm = 0
         self.lane_socket.rcvhwm = 0
+        if self.curve_secretkey is not None:  # the kernel's channels encrypt: so does the lane
+            self._apply_curve_server_options(self.lane_socket)
         # no router_handover: a peer connecting with an identity already in use is refused,
         # so nobody can take over the controller's (or a client's) place on the lane
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
