@@ -53,7 +53,7 @@ HEARTBEAT_EVERY = 1.0
 MAX_MISSED = 4
 """Pings in a row without an echo after which the controller counts as lost."""
 
-IOPUB_HWM = 100_000
+IOPUB_HWM = 10_000
 """Output messages buffered for this client before the controller's side drops some."""
 
 

@@ -105,8 +105,8 @@ class LoadBalancedView(View):
         return _TaskFlags(
             protocol.TaskFlags(
                 targets=targets,
-                after=protocol.DependencySpec.from_content("after", as_dependency(self.after)),
-                follow=protocol.DependencySpec.from_content("follow", as_dependency(self.follow)),
+                after=_dependency("after", self.after),
+                follow=_dependency("follow", self.follow),
                 timeout=protocol.check_seconds("timeout", self.timeout),
                 retries=protocol.check_int("retries", self.retries, 0, protocol.MAX_RETRIES),
                 time_limit=protocol.check_seconds("time_limit", self.time_limit, positive=True),

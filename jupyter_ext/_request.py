@@ -251,6 +251,8 @@ class Requests:
     def _finish(self, req: Request) -> Request:
         req.state = DONE
         req.frames = None
+        if req.unsent is not None:
+            req.unsent.set()  # (nobody waits on the sending of a request that never will be)
         self.live.pop(req.msg_id, None)
         eid = req.engine_id
         held = self._by_engine.get(eid) if eid is not None else None

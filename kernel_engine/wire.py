@@ -88,10 +88,11 @@ def _json_default(obj: Any) -> Any:
 
 
 def dumps_json(obj: Any) -> bytes:
-    """Compact JSON, the encoding of every JSON frame."""
-    return json.dumps(obj, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf8"
-    )
+    """Compact JSON, the encoding of every JSON frame (NaN and infinities, which JSON does
+    not have, raise ValueError: no peer would accept them)."""
+    return json.dumps(
+        obj, default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf8")
 
 
 def _reject_constant(name: str) -> Any:

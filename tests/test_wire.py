@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from kernel_engine import protocol, serialize
+from kernel_engine.errors import SerializationError
 from kernel_engine.wire import (
     DELIM,
     MessageError,
@@ -19,7 +20,6 @@ from kernel_engine.wire import (
     pack_batch,
     unpack_batch,
 )
-from kernel_engine.errors import SerializationError
 
 
 def frames_of(frames):

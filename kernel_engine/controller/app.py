@@ -49,9 +49,10 @@ from .router import Router
 
 log = logging.getLogger("kernel_engine.controller")
 
-IOPUB_HWM = 100_000
+IOPUB_HWM = 2000
 """Messages the iopub socket holds for one slow subscriber before dropping its share (a
-stalled subscriber must not grow the controller without bound)."""
+stalled subscriber must not grow the controller without bound). A client's IO thread
+reads as messages come, far from this."""
 
 CLIENT_POLICIES = ("finish", "abort")
 

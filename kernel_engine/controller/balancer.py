@@ -88,7 +88,8 @@ class Balancer:
         try:
             flags = protocol.TaskFlags.from_content(msg.metadata)
         except (TypeError, ValueError) as exc:
-            self._refuse(client, msg.header, type(exc).__name__, f"invalid flag: {exc}")
+            ename = "TypeError" if isinstance(exc, TypeError) else "ValueError"
+            self._refuse(client, msg.header, ename, f"invalid flag: {exc}")
             return
         self._declare(flags)
         task = Task(

@@ -1,0 +1,176 @@
+"""The controller's components as pure logic (no processes): what is in flight, the task
+records, which clients are still there, the scheduler's new events, and the event loop
+that nothing can stop."""
+
+from __future__ import annotations
+
+import zmq
+
+from kernel_engine.controller.clients import Clients
+from kernel_engine.controller.hub import Hub
+from kernel_engine.controller.inflight import Inflight, Pending
+from kernel_engine.controller.loop import PollLoop
+from kernel_engine.controller.scheduler import Fail, Scheduler, Task
+
+
+def pending(eid: int, kind: str = "routed", client: bytes = b"c") -> Pending:
+    return Pending(client, {"msg_id": "?"}, eid, "lane", kind)  # type: ignore[arg-type]
+
+
+def test_inflight_knows_what_each_engine_holds():
+    inflight = Inflight()
+    inflight.add("a", pending(0))
+    inflight.add("b", pending(0, "lb"))
+    inflight.add("c", pending(1, client=b"other"))
+    assert inflight.count(0) == 2 and inflight.engines_of(["a", "c", "zz"]) == {0, 1}
+    assert inflight.pop("a") is not None and inflight.completed[0] == 1
+    assert inflight.pop("a") is None
+    assert [m for m, _ in inflight.of_client(b"other")] == ["c"]
+    held = inflight.pop_engine(0)
+    assert [m for m, _ in held] == ["b"] and inflight.count(0) == 0 and len(inflight) == 1
+
+
+def submit(hub: Hub, msg_id: str, client: bytes = b"0123456789abcdef:r") -> None:
+    hub.submitted(msg_id, "apply_request", client, None)
+
+
+def test_the_hub_evicts_the_oldest_finished_records_and_never_live_ones():
+    hub = Hub(max_records=10)
+    for i in range(10):
+        submit(hub, f"live{i}")
+    for i in range(10):  # all records are live: none may go, the bound waits for them
+        submit(hub, f"more{i}")
+    assert len(hub.records) == 20
+    for i in range(10):
+        hub.completed(f"live{i}", "ok")
+    submit(hub, "next")  # the finished ones make room; 11 live ones stay, over the bound
+    assert len(hub.records) == 11
+    assert all(hub.known(f"more{i}") for i in range(10)) and hub.known("next")
+    assert not any(hub.known(f"live{i}") for i in range(10))
+    for i in range(10):
+        hub.completed(f"more{i}", "ok")
+    submit(hub, "last")
+    assert len(hub.records) == 10 and hub.known("more9") and not hub.known("more0")
+
+
+def test_the_hub_bounds_stored_results_by_bytes():
+    hub = Hub(max_result_bytes=100, max_one_result=60)
+    for i in range(5):
+        submit(hub, f"t{i}")
+        hub.completed(f"t{i}", "ok", frames=[b"x" * 40])
+    stored = [m for m, r in hub.records.items() if r.reply is not None]
+    assert stored == ["t3", "t4"] and hub.result_bytes == 80
+    submit(hub, "big")
+    hub.completed("big", "ok", frames=[b"x" * 61])  # above the one-result limit: not kept
+    assert hub.records["big"].reply is None and hub.records["big"].status == "ok"
+
+
+def test_purging_everything_empties_the_eviction_queues():
+    hub = Hub()
+    for i in range(1000):
+        submit(hub, f"t{i}")
+        hub.completed(f"t{i}", "error", frames=[b"r"])
+    submit(hub, "live")
+    assert hub.purge(None, None) == 1000
+    assert list(hub.records) == ["live"] and hub.result_bytes == 0
+    assert not hub._finished and not hub._stored
+
+
+def test_the_hub_answers_what_dependencies_need():
+    hub = Hub()
+    submit(hub, "a")
+    assert hub.outcome("a") == "pending" and hub.outcome("nope") is None
+    hub.assigned("a", 3)
+    hub.completed("a", "ok")
+    assert hub.outcome("a") == (3, True)
+
+
+def test_a_client_is_lost_after_its_timeout_in_ticks_not_in_wall_time():
+    clients = Clients(timeout=3)
+    clients.seen(b"a")
+    clients.seen(b"b")
+    assert clients.tick() == []  # both heard during this interval
+    clients.seen(b"a")
+    assert clients.tick() == [] and clients.tick() == []
+    # b has been silent for 3 ticks; a controller that was paused meanwhile never ticked,
+    # so a pause never costs a client anything
+    assert clients.tick() == [b"b"]
+    assert b"b" not in clients and b"a" in clients
+    clients.seen(b"b")  # it came back: a client again
+    assert b"b" in clients
+
+
+def test_a_client_that_says_goodbye_is_gone_at_once():
+    clients = Clients(timeout=30)
+    clients.seen(b"a")
+    assert clients.goodbye(b"a")  # even before its first tick
+    assert not clients.goodbye(b"a") and clients.tick() == []
+
+
+def test_a_lost_clients_queued_tasks_fail_and_stop_taking_engines():
+    s = Scheduler(hwm=1, max_batch=1)
+    s.add_engine(0)
+    for i in range(3):
+        s.submit(Task(f"gone{i}", b"gone"), 0.0)
+    s.submit(Task("mine", b"mine"), 0.0)
+    dispatched = s.schedule(0.0)
+    assert [d.msg_ids for d in dispatched] == [("gone0",)]
+    fails = s.drop_client(b"gone", 1.0)
+    assert {f.msg_id for f in fails if isinstance(f, Fail)} == {"gone1", "gone2"}
+    assert all(f.kind == "TaskAborted" for f in fails if isinstance(f, Fail))
+    assert s.running_of(b"gone") == [(0, "gone0")]
+    s.finished("gone0", 0, "ok", 2.0)
+    assert [d.msg_ids for d in s.schedule(2.0)] == [("mine",)]
+
+
+def test_an_engine_death_is_reported_with_its_cause():
+    s = Scheduler()
+    s.add_engine(1)
+    s.submit(Task("t", b"c"), 0.0)
+    s.schedule(0.0)
+    (fail,) = s.remove_engine(1, 1.0, "engine 1 (pid 42) was killed by signal SIGKILL")
+    assert isinstance(fail, Fail) and fail.kind == "EngineError"
+    assert fail.reason == "engine 1 (pid 42) was killed by signal SIGKILL"
+
+
+def test_outcomes_are_a_bounded_memory():
+    s = Scheduler(max_outcomes=100)
+    s.add_engine(0)
+    for i in range(1000):
+        s.record_outcome(f"d{i}", 0, True)
+    assert len(s._outcomes) <= 100 and not s.knows("d0") and s.knows("d999")
+    s.forget(None)
+    assert not s.knows("d999") and not s._order
+
+
+def test_the_loop_survives_handlers_and_callbacks_that_raise():
+    """Nothing that arrives can end the controller's loop: only stop() does."""
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://loop-test")
+    b.connect("inproc://loop-test")
+    loop = PollLoop()
+    seen: list[bytes] = []
+
+    def handler(frames: list[zmq.Frame]) -> None:
+        seen.append(frames[0].bytes)
+        if frames[0].bytes == b"boom":
+            raise TypeError("a handler bug")
+        if frames[0].bytes == b"stop":
+            loop.stop()
+
+    def after() -> None:
+        raise ValueError("an after_events bug")
+
+    loop.add_socket(a, handler)
+    loop.after_events.append(after)
+    loop.call_later(0.01, lambda: 1 / 0)
+    for msg in (b"boom", b"boom", b"fine"):
+        b.send(msg)
+    loop.call_later(0.05, lambda: b.send(b"stop"))
+    loop.run()
+    assert seen == [b"boom", b"boom", b"fine", b"stop"]
+    assert loop.errors.total >= 1  # the second handler error was counted, not logged again
+    for sock in (a, b):
+        sock.close(linger=0)
+    ctx.term()

@@ -1,0 +1,461 @@
+"""The ten ways a user, a peer or a fault could kill, stall or fool a cluster, each tried
+as it would be met, against real controllers and engines.
+
+(Hostile input at scale is in test_fuzz.py, engines killed under load in test_chaos.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import psutil
+import pytest
+import zmq
+
+import jupyter_ext as jx
+from kernel_engine import protocol, wire
+from kernel_engine.serialize import pack_apply
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Raw:
+    """A keyed peer speaking the wire by hand (what a careless or hostile client sends)."""
+
+    def __init__(self, info: dict[str, Any], port: int, identity: bytes | None = None):
+        self.wire = wire.Wire(info["key"].encode())
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        if identity is not None:
+            self.socket.identity = identity
+        self.socket.connect(f"tcp://127.0.0.1:{port}")
+
+    def send(self, frames: list[Any]) -> None:
+        self.socket.send_multipart(frames)
+
+    def pack(self, msg_type: str, route: bytes | None, content: Any = None, **kw: Any) -> Any:
+        idents = [] if route is None else [route]
+        return self.wire.pack(msg_type, content or {}, idents=idents, **kw)
+
+    def replies(self, n: int, timeout: float = 5.0) -> dict[str, wire.Message]:
+        """The next ``n`` replies, by the msg_id they answer."""
+        out = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.socket.poll(left * 1000), f"{len(out)} of {n} replies"
+            msg = self.wire.recv(self.socket.recv_multipart(copy=False))
+            out[msg.parent_id] = msg
+        return out
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def _info(rc: jx.Client) -> dict[str, Any]:
+    return json.loads(Path(rc.connection_file).read_text())
+
+
+def _alive(pids: list[int]) -> bool:
+    return all(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def _pids(cluster: jx.Cluster, rc: jx.Client) -> list[int]:
+    return [cluster.controller_pid, *(rc.engine_info(i)["pid"] for i in rc.ids)]
+
+
+def _bump(name):
+    """Add one to a counter in the engine's namespace; return it."""
+    from IPython import get_ipython
+
+    ns = get_ipython().user_ns
+    ns[name] = ns.get(name, 0) + 1
+    return ns[name]
+
+
+# ----- 1. flags of the wrong type or range
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        ("time_limit", "5", TypeError),
+        ("time_limit", math.nan, ValueError),
+        ("timeout", "5", TypeError),
+        ("retries", "two", TypeError),
+        ("retries", -1, ValueError),
+        ("after", 5, TypeError),
+        ("block", "yes", TypeError),
+    ],
+)
+def test_a_bad_flag_is_refused_in_the_client_naming_it(rc, flag, value, error):
+    view = rc.load_balanced_view()
+    with pytest.raises(error, match=flag):
+        view.set_flags(**{flag: value})
+    setattr(view, flag, value)  # behind set_flags' back: refused when used
+    if flag != "block":
+        with pytest.raises(error, match=flag):
+            view.apply_async(abs, 1)
+
+
+def test_bad_flags_that_reach_the_controller_get_errors_and_hurt_nobody(cluster_factory):
+    """What the controller did before: exit on a str time_limit (every engine with it),
+    hang on timeout="5" with after or on retries="two", switch every time limit off after
+    one NaN."""
+    cluster, rc = cluster_factory.start(2)
+    pids = _pids(cluster, rc)
+    first = rc[0].apply_async(abs, -1)
+    first.get(5)
+    raw = Raw(_info(rc), _info(rc)["client_port"])
+    bad = {
+        "time_limit": {"time_limit": "5"},
+        "timeout": {"timeout": "5", "after": {"msg_ids": first.msg_ids}},
+        "retries": {"retries": "two"},
+        "NaN": {"time_limit": math.nan},  # (not JSON at all: refused as such)
+    }
+    sent = {}
+    try:
+        for field, md in bad.items():
+            metadata = json.dumps(md).encode()  # (NaN written the way Python's json does)
+            header, frames = raw.pack(
+                "apply_request", protocol.LB_ROUTE, buffers=pack_apply(abs, (-1,), {}),
+                metadata=metadata,
+            )  # fmt: skip
+            raw.send(frames)
+            sent[header["msg_id"]] = field.strip()
+        replies = raw.replies(len(sent))
+    finally:
+        raw.close()
+    for msg_id, field in sent.items():
+        content = replies[msg_id].content
+        assert content["status"] == "error" and field in content["evalue"], content
+    assert _alive(pids)
+    lview = rc.load_balanced_view()
+    lview.time_limit = 0.5  # time limits still work after the NaN
+    with pytest.raises(jx.TaskTimeout):
+        lview.apply_sync(time.sleep, 10)
+    assert rc[:].apply_sync(abs, -2) == [2, 2]
+
+
+# ----- 2. duplicates and replays
+
+
+def test_a_duplicated_submission_is_refused_and_the_original_runs(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    info = _info(rc)
+    busy = rc[0].apply_async(time.sleep, 1.0)  # so the LB request waits in the queue
+    raw = Raw(info, info["client_port"])
+    try:
+        header, frames = raw.pack(
+            "apply_request", protocol.LB_ROUTE, buffers=pack_apply(_bump, ("dup_lb",), {})
+        )
+        raw.send(frames)
+        raw.send(frames)  # the same signed message, again, while the first is queued
+        replies = raw.replies(1)
+        assert replies[header["msg_id"]].content.get("px_error") == protocol.DUPLICATE
+        replies = raw.replies(1, timeout=10)
+        assert replies[header["msg_id"]].content["status"] == "ok"
+        assert not raw.socket.poll(300)
+    finally:
+        raw.close()
+    busy.get(5)
+    assert rc[0].pull("dup_lb", block=True) == 1
+    assert _alive(_pids(cluster, rc))
+
+
+def test_a_replayed_direct_request_runs_once(rc):
+    lane = rc.engine_info(0)["connection_info"]["lane_port"]
+    raw = Raw(_info(rc), lane)
+    try:
+        header, frames = raw.pack(
+            "apply_request", None, buffers=pack_apply(_bump, ("dup_direct",), {})
+        )
+        raw.send(frames)
+        assert raw.replies(1)[header["msg_id"]].content["status"] == "ok"
+        raw.send(frames)  # a replay
+        again = raw.replies(1)[header["msg_id"]].content
+        assert again.get("px_error") == protocol.DUPLICATE
+    finally:
+        raw.close()
+    assert rc[0].pull("dup_direct", block=True) == 1
+
+
+# ----- 3. nobody takes over an identity on a lane
+
+
+def test_an_imposter_on_a_lane_breaks_nothing(rc):
+    """A process without the key connecting with identities it should not have."""
+    lane = rc.engine_info(0)["connection_info"]["lane_port"]
+    stem = protocol.client_identity(os.urandom(8))
+    imposters = [Raw({"key": "wrong"}, lane, i) for i in (b"px-controller", stem + b":r")]
+    try:
+        for raw in imposters:
+            _, frames = raw.pack("apply_request", None, buffers=pack_apply(abs, (1,), {}))
+            raw.send(frames)
+            raw.send([protocol.LB_ROUTE, b"garbage"])
+        lview = rc.load_balanced_view(targets=[0])
+        assert lview.map_sync(abs, range(-20, 0)) == list(range(20, 0, -1))
+        assert rc[0].apply_sync(abs, -3) == 3
+        assert not any(raw.socket.poll(100) for raw in imposters)  # nothing for them
+    finally:
+        for raw in imposters:
+            raw.close()
+
+
+# ----- 4. a paused controller
+
+
+def test_a_paused_controller_kills_no_healthy_engine(cluster_factory):
+    """Paused longer than the engines' heartbeat timeout (10 missed pings), it resumes
+    with every engine, and with the work that finished meanwhile recorded as done."""
+    cluster, rc = cluster_factory.start(2)
+    pids = _pids(cluster, rc)
+    ar = rc.load_balanced_view().apply_async(time.sleep, 1)
+    time.sleep(0.2)
+    os.kill(cluster.controller_pid, signal.SIGSTOP)
+    try:
+        time.sleep(11)
+    finally:
+        os.kill(cluster.controller_pid, signal.SIGCONT)
+    with pytest.raises(jx.EngineError, match="no heartbeat"):
+        ar.get(1)  # this client lost its controller for a while: it was told
+    _wait_back(rc)
+    assert _alive(pids)
+    assert rc.ids == [0, 1]
+    assert rc[:].apply_sync(abs, -1) == [1, 1]
+    record = rc.db_query({"msg_id": ar.msg_ids[0]})
+    assert record and record[0]["status"] == "ok"  # the task was not failed
+
+
+def _wait_back(*clients: jx.Client, timeout: float = 10.0) -> None:
+    """Wait until clients that lost their controller have it again."""
+    deadline = time.monotonic() + timeout
+    while any(c.transport.io.lost for c in clients):
+        assert time.monotonic() < deadline, "the clients did not get their controller back"
+        time.sleep(0.05)
+
+
+# ----- 5. a client elsewhere loses its controller
+
+
+def test_a_remote_client_learns_its_controller_is_gone_and_recovers(cluster_factory, tmp_path):
+    """A client on another host cannot look at the controller's process: only the
+    heartbeat tells. (Its connection file here has no controller pid, as if remote.)"""
+    cluster, rc = cluster_factory.start(1)
+    info = _info(rc)
+    info.pop("controller_pid")
+    remote_file = tmp_path / "remote.json"
+    remote_file.write_text(json.dumps(info))
+    with jx.Client(str(remote_file)) as remote:
+        ar = remote[0].apply_async(time.sleep, 30)
+        time.sleep(0.3)
+        os.kill(cluster.controller_pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(jx.EngineError, match="lost contact with the controller"):
+                ar.get(10)
+            assert time.monotonic() - t0 < 8
+            with pytest.raises(jx.EngineError, match="lost contact"):
+                remote[0].apply_async(abs, 1)
+        finally:
+            os.kill(cluster.controller_pid, signal.SIGCONT)
+        _wait_back(remote, rc)
+        rc.send_signal(signal.SIGINT, [0])  # (stop the 30 s sleep, which ran on)
+        assert remote[0].apply_sync(abs, -7) == 7
+
+
+def test_a_killed_controller_fails_a_remote_clients_wait(cluster_factory, tmp_path):
+    cluster, rc = cluster_factory.start(1)
+    info = _info(rc)
+    info.pop("controller_pid")
+    remote_file = tmp_path / "remote.json"
+    remote_file.write_text(json.dumps(info))
+    with jx.Client(str(remote_file)) as remote:
+        ar = remote.load_balanced_view().apply_async(time.sleep, 60)
+        time.sleep(0.3)
+        os.kill(cluster.controller_pid, signal.SIGKILL)
+        with pytest.raises(jx.EngineError, match="controller"):
+            ar.get(10)
+
+
+# ----- 7. memory that must shrink, and history that must not grow
+
+
+def test_client_history_and_results_are_bounded(rc):
+    with jx.Client(rc.connection_file, max_results=50) as small:
+        view = small.load_balanced_view()
+        assert view.map_sync(abs, range(-200, 0)) == list(range(200, 0, -1))
+        assert len(small.history) == 50 and small.history[-1] == view.history[-1]
+        assert len(small.results) <= 50 and len(small.metadata) <= 50
+        assert small.history[-3:] == list(small.history)[-3:]
+
+
+def _flood(n, size):
+    """Publish ``n`` stream messages of ``size`` bytes on the engine's iopub (no parent:
+    no client keeps them)."""
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    text = "x" * size
+    for _ in range(n):
+        kernel.session.send(
+            kernel.iopub_socket, "stream", {"name": "stdout", "text": text}, ident=b"stream"
+        )
+
+
+def test_a_stalled_iopub_subscriber_does_not_grow_the_controller(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    info = _info(rc)
+    controller = psutil.Process(cluster.controller_pid)
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.rcvhwm = 1  # and it never reads
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
+    try:
+        time.sleep(0.3)
+        before = controller.memory_info().rss
+        for _ in range(10):  # 200 MB of output through the controller
+            rc[0].apply_sync(_flood, 1000, 20_000)
+            time.sleep(0.1)
+        rc[:].execute("pass", block=True)
+        grown = controller.memory_info().rss - before
+        assert grown < 80e6, f"the controller grew by {grown / 1e6:.0f} MB"
+    finally:
+        stalled.close(linger=0)
+        ctx.term()
+
+
+# ----- 8. bad input at a lane costs next to nothing
+
+
+def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    lane = rc.engine_info(0)["connection_info"]["lane_port"]
+    log_path = Path(cluster.folder) / "engine-0.log"
+    size = log_path.stat().st_size
+    raw = Raw({"key": "no key"}, lane)
+    try:
+        counts = json.dumps([7] * 150_000).encode()  # 1.2 MB, counts that add up to nothing
+        for _ in range(5):
+            raw.send([wire.BATCH, counts, *[b"x" * 10] * 50])
+        for _ in range(2000):
+            raw.send([wire.DELIM, b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
+        t0 = time.monotonic()
+        assert rc[0].apply_sync(abs, -1) == 1
+        assert time.monotonic() - t0 < 2
+    finally:
+        raw.close()
+    time.sleep(0.5)
+    assert log_path.stat().st_size - size < 5_000
+
+
+def test_with_curve_a_keyless_subscriber_reads_nothing(cluster_factory):
+    _, rc = cluster_factory.start(1, curve=True)
+    info = _info(rc)
+    ctx = zmq.Context()
+    spies = []
+    for port in (info["iopub_port"], rc.engine_info(0)["connection_info"]["iopub_port"]):
+        spy = ctx.socket(zmq.SUB)
+        spy.setsockopt(zmq.SUBSCRIBE, b"")
+        spy.connect(f"tcp://127.0.0.1:{port}")
+        spies.append(spy)
+    try:
+        time.sleep(0.3)
+        out = rc[0].execute("print('a secret')", block=True)
+        assert out.stdout == "a secret\n"
+        assert not any(spy.poll(500) for spy in spies)
+    finally:
+        for spy in spies:
+            spy.close(linger=0)
+        ctx.term()
+
+
+# ----- 9. a client that is gone, and deaths that say how
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    import jupyter_ext as jx
+    rc = jx.Client(sys.argv[1])
+    view = rc.load_balanced_view()
+    ars = [view.apply_async(time.sleep, 0.05) for _ in range(300)]
+    print("submitted", flush=True)
+    if sys.argv[2] == "close":
+        rc.close()
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("how", "policy"), [("killed", "finish"), ("closed", "finish"), ("closed", "abort")]
+)
+def test_a_gone_clients_queued_tasks_stop_taking_engines(cluster_factory, how, policy):
+    """Its 300 queued tasks (15 s of work) are dropped once the controller knows it is gone
+    (2 s of silence here, or at once for a client that closes): the engine is free again
+    after the ones it already held (with the "abort" policy, not even those), and another
+    client's work is not stuck behind them."""
+    _, rc = cluster_factory.start(1, client_timeout=2, on_client_lost=policy)
+    mode = "close" if how == "closed" else "stay"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, rc.connection_file, mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+        if how == "killed":
+            proc.kill()
+        t0 = time.monotonic()
+        assert rc.load_balanced_view().apply_sync(abs, -5) == 5
+        while rc.queue_status()[0]["queue"] or rc.queue_status()["unassigned"]:
+            assert time.monotonic() < t0 + 9, "the engine still runs a gone client's tasks"
+            time.sleep(0.1)
+        dropped = [r for r in rc.db_query({"status": "error"}) if r["msg_type"] == "apply_request"]
+        least = {"killed": 150, "closed": 250}[how] if policy == "finish" else 290
+        assert len(dropped) >= least, f"only {len(dropped)} of the gone client's tasks dropped"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_load_balanced_tasks_engine_death_says_which_and_how(cluster_factory):
+    _, rc = cluster_factory.start(1)
+    pid = rc.engine_info(0)["pid"]
+    ar = rc.load_balanced_view().apply_async(time.sleep, 60)
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(
+        jx.EngineError, match=rf"engine 0 \(pid {pid}\) was killed by signal SIGKILL"
+    ):
+        ar.get(5)
+
+
+# ----- 10. no key left behind
+
+
+def test_a_killed_controllers_key_files_go_with_the_next_start(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    folder = Path(cluster.folder)
+    engine_pid = rc.engine_info(0)["pid"]
+    rc.close()
+    os.kill(cluster.controller_pid, signal.SIGKILL)
+    psutil.Process(engine_pid).wait(15)  # engines leave with their controller
+    assert (folder / "client.json").exists()
+    cluster_factory.start(1)  # the next start
+    assert not (folder / "client.json").exists()
+    assert not list(folder.glob("engine-*.json"))

@@ -1,0 +1,303 @@
+"""The protocol's contents and the wire's checks, without processes.
+
+Property-based (hypothesis): whatever arrives, parsing either gives a structure whose
+every field is in range, or raises TypeError/ValueError (MessageError on the wire) naming
+what is wrong; it never raises anything else, and never lets a bad value through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernel_engine import protocol, wire
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+JSON = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+FLAG_VALUES = (
+    JSON
+    | st.sampled_from([float("nan"), float("inf"), -1, -0.5, 0, 1e12, "5", True, [1, "a"]])
+    | st.lists(st.integers(-3, 3), max_size=4)
+)
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _flag_metadata() -> st.SearchStrategy[dict[str, Any]]:
+    keys = ["targets", "after", "follow", "timeout", "retries", "time_limit", "label"]
+    return st.dictionaries(st.sampled_from(keys), FLAG_VALUES, max_size=7)
+
+
+def _assert_in_range(flags: protocol.TaskFlags) -> None:
+    for value in (flags.timeout, flags.time_limit):
+        assert value is None or (isinstance(value, float) and math.isfinite(value) and value >= 0)
+    assert flags.time_limit is None or flags.time_limit > 0
+    assert isinstance(flags.retries, int) and not isinstance(flags.retries, bool)
+    assert 0 <= flags.retries <= protocol.MAX_RETRIES
+    assert flags.targets is None or all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in flags.targets
+    )
+    for dep in (flags.after, flags.follow):
+        assert dep is None or (dep.msg_ids and all(isinstance(m, str) for m in dep.msg_ids))
+    assert flags.label is None or isinstance(flags.label, str)
+
+
+@SETTINGS
+@given(_flag_metadata())
+def test_task_flags_are_in_range_or_refused(md):
+    try:
+        flags = protocol.TaskFlags.from_content(md)
+    except (TypeError, ValueError) as exc:
+        named = [k for k in md if k in str(exc)]
+        assert named, f"the error does not name the bad flag: {exc}"
+        return
+    _assert_in_range(flags)
+
+
+@pytest.mark.parametrize(
+    ("md", "error", "field"),
+    [
+        ({"time_limit": "5"}, TypeError, "time_limit"),
+        ({"time_limit": float("nan")}, ValueError, "time_limit"),
+        ({"time_limit": 0}, ValueError, "time_limit"),
+        ({"timeout": "5"}, TypeError, "timeout"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"retries": "two"}, TypeError, "retries"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"retries": True}, TypeError, "retries"),
+        ({"targets": ["a"]}, TypeError, "targets"),
+        ({"targets": 3}, TypeError, "targets"),
+        ({"after": 5}, TypeError, "after"),
+        ({"after": {"msg_ids": [1]}}, TypeError, "after.msg_ids"),
+        ({"follow": {"msg_ids": ["a"], "all": "yes"}}, TypeError, "follow.all"),
+        ({"label": 3}, TypeError, "label"),
+    ],
+)
+def test_each_bad_flag_is_named(md, error, field):
+    with pytest.raises(error, match=field.replace(".", r"\.")):
+        protocol.TaskFlags.from_content(md)
+
+
+def test_a_missing_dependency_list_means_no_dependency():
+    flags = protocol.TaskFlags.from_content({"after": {"msg_ids": []}, "retries": None})
+    assert flags.after is None and flags.retries == 0
+
+
+@st.composite
+def task_flags(draw: Any) -> protocol.TaskFlags:
+    ids = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3)
+    dep = st.none() | st.builds(
+        protocol.DependencySpec,
+        ids.map(tuple),
+        st.booleans(),
+        st.just(True),
+        st.booleans(),
+    )
+    seconds = st.none() | st.floats(0.001, 1e6)
+    return protocol.TaskFlags(
+        targets=draw(st.none() | st.lists(st.integers(0, 99), max_size=4).map(tuple)),
+        after=draw(dep),
+        follow=draw(dep),
+        timeout=draw(seconds),
+        retries=draw(st.integers(0, 10)),
+        time_limit=draw(seconds),
+        label=draw(st.none() | st.text(max_size=20)),
+    )
+
+
+@SETTINGS
+@given(task_flags())
+def test_task_flags_round_trip_through_json(flags):
+    encoded = wire.dumps_json(flags.to_content())
+    assert protocol.TaskFlags.from_content(wire.loads_json(encoded)) == flags
+
+
+@SETTINGS
+@given(
+    st.sampled_from(sorted(protocol.HUB_REQUESTS)),
+    st.dictionaries(
+        st.sampled_from(
+            ["targets", "msg_ids", "engine_ids", "signum", "hub", "query", "keys", "n"]
+        ),
+        JSON,
+        max_size=4,
+    ),
+)
+def test_hub_requests_parse_or_refuse(msg_type, content):
+    structure = protocol.HUB_REQUESTS[msg_type]
+    try:
+        request = structure.from_content(content)
+    except (TypeError, ValueError):
+        return
+    again = structure.from_content(wire.loads_json(wire.dumps_json(request.to_content())))
+    assert again == request
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["submitted", "completed", "x"]), JSON))
+def test_direct_notices_parse_or_refuse(content):
+    try:
+        notice = protocol.DirectNotice.from_content(content)
+    except (TypeError, ValueError):
+        return
+    for sub in notice.submitted:
+        assert isinstance(sub.msg_id, str) and isinstance(sub.engine_id, int)
+    for done in notice.completed:
+        assert done.status in ("ok", "error", "aborted")
+        assert done.sizes is None or all(isinstance(n, int) and n >= 0 for n in done.sizes)
+
+
+@pytest.mark.parametrize(
+    ("structure", "content", "field"),
+    [
+        (protocol.SignalRequest, {"signum": "INT"}, "signum"),
+        (protocol.SignalRequest, {"signum": 999}, "signum"),
+        (protocol.ShutdownRequest, {"hub": "yes"}, "hub"),
+        (protocol.QueueRequest, {"targets": "all"}, "targets"),
+        (protocol.PurgeRequest, {"msg_ids": [3]}, "msg_ids"),
+        (protocol.StartRequest, {"n": 0}, "n"),
+        (protocol.StartRequest, {"n": 10**9}, "n"),
+        (protocol.DbRequest, {"query": []}, "query"),
+        (protocol.EngineSetup, {"engine_id": "0"}, "engine_id"),
+    ],
+)
+def test_bad_request_fields_are_named(structure, content, field):
+    with pytest.raises((TypeError, ValueError), match=field):
+        structure.from_content(content)
+
+
+def test_routes_and_identities():
+    assert protocol.parse_route(protocol.route_frame("shell", 12)) == ("shell", 12)
+    assert protocol.parse_route(b"lb") == ("lb", None)
+    stem = protocol.client_identity(b"\x01" * 8)
+    assert protocol.reply_identity(stem + b":s") == stem + b":r"
+    assert protocol.reply_identity(stem + b":r") == stem + b":r"
+
+
+def test_curve_is_on_off_loopback():
+    assert not protocol.curve_wanted("127.0.0.1")
+    assert protocol.curve_wanted("10.77.0.1")
+    assert protocol.curve_wanted("127.0.0.1", True)
+    assert not protocol.curve_wanted("10.77.0.1", False)
+
+
+# ----- the wire
+
+
+def frames_of(frames: list[Any]) -> list[zmq.Frame]:
+    return [zmq.Frame(bytes(f)) for f in frames]
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=80), max_size=12))
+def test_random_frames_are_refused_cleanly(frames):
+    w = wire.Wire(b"key")
+    with pytest.raises(wire.MessageError):
+        w.recv(frames_of(frames))
+
+
+FINITE_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+
+
+def test_nan_is_never_sent():
+    with pytest.raises(ValueError):
+        wire.dumps_json({"time_limit": float("nan")})
+
+
+@SETTINGS
+@given(
+    st.dictionaries(st.text(max_size=8), FINITE_JSON),
+    st.lists(st.binary(max_size=30), max_size=3),
+    st.integers(0, 200),
+    st.integers(0, 255),
+)
+def test_signed_messages_round_trip_and_any_change_breaks_them(content, buffers, at, byte):
+    w = wire.Wire(b"key")
+    header, frames = w.pack("x_request", content, buffers=buffers)
+    msg = w.recv(frames_of(frames))
+    assert msg.msg_id == header["msg_id"]
+    assert msg.content == json.loads(wire.dumps_json(content))
+    assert [bytes(b) for b in msg.buffers] == buffers
+    signed = b"".join(frames[2:6])
+    at %= len(signed)
+    if signed[at] == byte:
+        return
+    tampered = bytearray(signed)
+    tampered[at] = byte
+    parts, pos = [], 0
+    for f in frames[2:6]:
+        parts.append(bytes(tampered[pos : pos + len(f)]))
+        pos += len(f)
+    with pytest.raises(wire.MessageError):
+        w.recv(frames_of([*frames[:2], *parts, *frames[6:]]))
+
+
+def test_headers_must_name_a_message():
+    w = wire.Wire(b"key")
+    for header in ([1], {"msg_id": 3, "msg_type": "x"}, {"msg_id": "a", "msg_type": ""}):
+        frames = [wire.DELIM, b"", wire.dumps_json(header), b"{}", b"{}", b"{}"]
+        frames[1] = w.sign(frames[2:6])
+        with pytest.raises(wire.MessageError, match="header"):
+            w.recv(frames_of(frames))
+
+
+def test_json_that_python_would_accept_but_json_does_not():
+    for bad in (b"NaN", b'{"a": Infinity}', b"[" * 100_000 + b"]" * 100_000, b"\xff"):
+        with pytest.raises(wire.MessageError):
+            wire.loads_json(bad)
+    w = wire.Wire(b"key")
+    _, frames = w.pack("x", b'{"time_limit": NaN}')
+    msg = w.recv(frames_of(frames))
+    with pytest.raises(wire.MessageError):
+        msg.content  # noqa: B018
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=20), max_size=8), st.binary(max_size=40))
+def test_batches_unpack_only_when_their_counts_add_up(frames, counts):
+    try:
+        messages = wire.unpack_batch([wire.BATCH, counts, *frames])
+    except wire.MessageError:
+        return
+    assert sum(len(m) for m in messages) == len(frames)
+    assert all(m for m in messages)
+
+
+def test_a_lying_batch_header_is_refused_without_unpacking():
+    for counts in (b"[1, 2]", b"[-1, 3]", b"[0, 2]", b"[2.0]", b"[" + b"1," * 5000 + b"1]"):
+        with pytest.raises(wire.MessageError):
+            wire.unpack_batch([wire.BATCH, counts, b"a", b"b"])
+
+
+def test_seen_window_refuses_replays_and_stays_bounded():
+    window = wire.SeenWindow(3)
+    assert all(window.add(m) for m in "abc")
+    assert not window.add("a")
+    assert window.add("d") and "a" not in window and len(window) == 3
+    assert not window.add("d")
+
+
+def test_drop_log_writes_a_line_per_interval(caplog):
+    drops = wire.DropLog(logging.getLogger("test-drops"), "lane", interval=3600)
+    with caplog.at_level(logging.WARNING, "test-drops"):
+        for _ in range(10_000):
+            drops.drop("invalid HMAC signature")
+        drops.flush()
+    lines = [r for r in caplog.records if r.name == "test-drops"]
+    assert len(lines) == 2  # the first drop at once, the other 9,999 in one summary
+    assert "9999" in lines[1].getMessage() and drops.total == 10_000
