@@ -2,16 +2,19 @@
 """Run the same workloads on jupyter_ext, IPython Parallel and dask.distributed; print a
 Markdown table of medians and ratios.
 
-    python benchmarks/run.py [--rounds 5] [--only direct|lb|all] [--tools jx,ipp,dask]
-                             [--json out.json] [--quick]
+    python benchmarks/run.py [--rounds 5] [--only direct|lb|longrun|all] [--tools jx,ipp,dask]
+                             [--json out.json] [--quick] [--longrun-rounds 1]
 
 Every (round, tool) pair runs in a fresh child process (this same script with ``--child``)
 that starts a 2-engine cluster, times it, runs the workloads on it and stops it in a
 ``finally``.  Tools alternate order from round to round; the table shows the median over
-rounds (and the min-max range).  A tool that can't be imported, can't start, or a workload
-that raises is reported in its cell as ``not available: ...`` / ``error: ...``; the run goes
-on.  Each child has a hard time limit; processes a child leaves behind are found (this
-process is their subreaper) and stopped by PID, and reported.
+rounds (and the min-max range).  The long run (200,000 load-balanced tasks: do the cost
+per task and the memory stay flat?) runs in a child of its own, in the first
+``--longrun-rounds`` rounds only, and for jupyter_ext only.  A tool that can't be
+imported, can't start, or a workload that raises is reported in its cell as
+``not available: ...`` / ``error: ...``; the run goes on.  Each child has a hard time
+limit; processes a child leaves behind are found (this process is their subreaper) and
+stopped by PID, and reported.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Metric:
     better: str  # "lower" | "higher"
     groups: tuple[str, ...]
     dask: bool  # does dask have a comparable measurement?
+    tools: tuple[str, ...] | None = None  # measured only for these tools (others: n/a)
 
 
 METRICS = [
@@ -102,6 +106,69 @@ METRICS = [
     Metric("lb_apply_p50_ms", "LB `apply_sync(noop)` p50", "ms", "lower", ("lb",), True),
 ]
 
+#: Measured for these tools only: 200,000 tasks would take IPython Parallel (~430 tasks/s
+#: here) 8 minutes and dask (~630/s) 5 minutes per round; see README.md.
+LONGRUN_TOOLS = ("jx",)
+_LR = ("longrun",)
+METRICS += [
+    Metric(
+        "lr_first_tps",
+        "Long run, {longrun_n:,} LB `noop1` tasks (chunksize=1): first 10%",
+        "tasks/s",
+        "higher",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric("lr_last_tps", "Long run: last 10%", "tasks/s", "higher", _LR, False, LONGRUN_TOOLS),
+    Metric(
+        "lr_ratio",
+        "Long run: last 10% / first 10% tasks/s (goal: at least 0.7)",
+        "ratio",
+        "higher",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_ctrl_rss_before_mib",
+        "Long run: controller RSS before (after warm-up)",
+        "MiB",
+        "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_ctrl_rss_after_mib",
+        "Long run: controller RSS after",
+        "MiB",
+        "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_client_rss_before_mib",
+        "Long run: client RSS before (after warm-up)",
+        "MiB",
+        "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_client_rss_after_mib",
+        "Long run: client RSS after",
+        "MiB",
+        "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+]
+LONGRUN_KEYS = tuple(m.key for m in METRICS if m.groups == _LR)
+
 SIZES = {
     "full": dict(
         apply_calls=1000,
@@ -112,6 +179,9 @@ SIZES = {
         pushpull_reps=5,
         lb_apply_calls=300,
         lb_map_n=2000,
+        longrun_n=200_000,
+        longrun_segments=10,
+        longrun_warmup=2000,
     ),
     "quick": dict(
         apply_calls=200,
@@ -122,6 +192,9 @@ SIZES = {
         pushpull_reps=1,
         lb_apply_calls=100,
         lb_map_n=300,
+        longrun_n=6000,
+        longrun_segments=10,
+        longrun_warmup=200,
     ),
 }
 
@@ -213,9 +286,13 @@ class RcTool:
         self.setup_s = time.perf_counter() - t0
         return True
 
-    def workloads(self, only: str, s: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    def workloads(
+        self, only: str, s: dict[str, Any], ctx: ChildContext
+    ) -> list[tuple[tuple[str, ...], Any]]:
         rc = self.rc
         out: list[tuple[tuple[str, ...], Any]] = []
+        if only == "longrun" and self.tool in LONGRUN_TOOLS:
+            out.append((LONGRUN_KEYS, lambda: self.longrun(s, ctx)))
         if only in ("direct", "all"):
             out += [
                 (
@@ -242,6 +319,41 @@ class RcTool:
                 ),
                 (("lb_map_tps",), lambda: W.lb_map_rate_rc(rc, n=s["lb_map_n"])),
             ]
+        return out
+
+    def longrun(self, s: dict[str, Any], ctx: ChildContext) -> dict[str, Any]:
+        """The long run; its details (every segment) go to the result file as they come.
+        A run stopped partway still gives the first 10% and the RSS before; its "after"
+        rows show the RSS after its last whole segment, flagged with why it stopped."""
+        pid = getattr(self.cluster, "controller_pid", None)
+        detail = W.longrun_rc(
+            self.rc,
+            n=s["longrun_n"],
+            segments=s["longrun_segments"],
+            warmup=s["longrun_warmup"],
+            controller_pid=pid,
+            deadline=ctx.deadline,
+            progress=lambda partial: ctx.report("longrun", partial),
+        )
+        ctx.report("longrun", detail)
+        before, after = detail["before"], detail["after"]
+        out: dict[str, Any] = {
+            "lr_first_tps": detail.get("first_tps"),
+            "lr_last_tps": detail.get("last_tps"),
+            "lr_ratio": detail.get("ratio"),
+            "lr_ctrl_rss_before_mib": before["controller_rss_mib"],
+            "lr_ctrl_rss_after_mib": after.get("controller_rss_mib"),
+            "lr_client_rss_before_mib": before["client_rss_mib"],
+            "lr_client_rss_after_mib": after.get("client_rss_mib"),
+        }
+        if "error" in detail:
+            print(f"long run: {detail['error']}", flush=True)
+            why = detail["error"]
+            done = f"RSS after {detail['stopped_after']:,} of {detail['n']:,} tasks, then stopped"
+            errors = {k: why for k in ("lr_first_tps", "lr_last_tps", "lr_ratio") if out[k] is None}
+            for k in ("lr_ctrl_rss_after_mib", "lr_client_rss_after_mib"):
+                errors.setdefault(k, done)
+            out["_errors"] = errors
         return out
 
     def stop(self) -> None:
@@ -297,7 +409,9 @@ class DaskTool:
             return False
         return True
 
-    def workloads(self, only: str, s: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    def workloads(
+        self, only: str, s: dict[str, Any], ctx: ChildContext
+    ) -> list[tuple[tuple[str, ...], Any]]:
         c = self.client
         out: list[tuple[tuple[str, ...], Any]] = []
         if only in ("direct", "all"):
@@ -328,11 +442,26 @@ class DaskTool:
                 cluster.close(timeout=30)
 
 
+class ChildContext:
+    """What a workload may use besides its sizes: the child's own deadline (its hard
+    limit minus time to stop the cluster) and ``report(name, data)``, which stores
+    ``data`` under ``name`` in the result file right away (kept even if the child is
+    killed later)."""
+
+    def __init__(self, deadline: float, report: Any):
+        self.deadline = deadline
+        self.report = report
+
+
+STOP_MARGIN = 60.0  # seconds of a child's limit kept for stopping its cluster
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def child_main(tool: str, only: str, size: str, result_file: str) -> int:
+def child_main(tool: str, only: str, size: str, result_file: str, limit: float) -> int:
+    t_child = time.monotonic()
     signal.signal(signal.SIGTERM, _on_sigterm)
     res: dict[str, Any] = {"tool": tool, "metrics": {}, "errors": {}, "notes": []}
 
@@ -341,6 +470,12 @@ def child_main(tool: str, only: str, size: str, result_file: str) -> int:
         with open(tmp, "w") as f:
             json.dump(res, f)
         os.replace(tmp, result_file)
+
+    def report(name: str, data: Any) -> None:
+        res[name] = data
+        save()
+
+    ctx = ChildContext(t_child + max(limit - STOP_MARGIN, limit / 2), report)
 
     s = SIZES[size]
     impl: Any = DaskTool() if tool == "dask" else RcTool(tool)
@@ -365,7 +500,7 @@ def child_main(tool: str, only: str, size: str, result_file: str) -> int:
         if impl.setup(res["notes"]):
             res["metrics"]["first_result_s"] = res["metrics"]["start_s"] + impl.setup_s
         save()
-        for keys, fn in impl.workloads(only, s):
+        for keys, fn in impl.workloads(only, s, ctx):
             t0 = time.monotonic()
             try:
                 value = fn()
@@ -374,9 +509,14 @@ def child_main(tool: str, only: str, size: str, result_file: str) -> int:
                 for k in keys:
                     res["errors"][k] = _errmsg(exc)
             else:
-                if isinstance(value, dict):  # latency: p50/p90
+                if isinstance(value, dict):  # latency: p50/p90, or one value per key
+                    errors = value.get("_errors", {})  # a value may come with an error
                     for k in keys:
-                        res["metrics"][k] = value[k.rsplit("_", 2)[-2]]
+                        v = value[k] if k in value else value[k.rsplit("_", 2)[-2]]
+                        if v is not None:
+                            res["metrics"][k] = v
+                        if k in errors or v is None:
+                            res["errors"][k] = errors.get(k, "not measured")
                 else:
                     res["metrics"][keys[0]] = value
             print(f"{tool}: {keys[0]} took {time.monotonic() - t0:.1f}s", flush=True)
@@ -503,9 +643,18 @@ def _orphans(exclude: set[int]) -> dict[int, int]:
     return out
 
 
-def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dict[str, Any]:
-    result_file = os.path.join(tmpdir, f"{tool}-r{rnd}.json")
-    log_path = os.path.join(tmpdir, f"{tool}-r{rnd}.log")
+def run_child(
+    tool: str,
+    rnd: int,
+    args: argparse.Namespace,
+    tmpdir: str,
+    only: str,
+    limit: float,
+) -> dict[str, Any]:
+    """One child: ``tool``, round ``rnd``, workloads of ``only``, at most ``limit`` s."""
+    tag = "-longrun" if only == "longrun" else ""
+    result_file = os.path.join(tmpdir, f"{tool}-r{rnd}{tag}.json")
+    log_path = os.path.join(tmpdir, f"{tool}-r{rnd}{tag}.log")
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -515,11 +664,13 @@ def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dic
         "--child",
         tool,
         "--only",
-        args.only,
+        only,
         "--size",
         args.size,
         "--result-file",
         result_file,
+        "--child-timeout",
+        str(limit),
     ]
     notes: list[str] = []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -531,13 +682,13 @@ def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dic
         _OWN_CHILDREN.add(proc.pid)
         timed_out = False
         while proc.poll() is None:
-            if time.monotonic() - t0 > args.child_timeout:
+            if time.monotonic() - t0 > limit:
                 timed_out = True
                 break
             _reap_zombies()
             time.sleep(0.2)
         if timed_out:
-            notes.append(f"timed out after {args.child_timeout:.0f}s")
+            notes.append(f"timed out after {limit:.0f}s")
             tree = _descendants(proc.pid)
             proc.send_signal(signal.SIGTERM)  # child stops its cluster in a finally
             try:
@@ -570,11 +721,77 @@ def run_child(tool: str, rnd: int, args: argparse.Namespace, tmpdir: str) -> dic
     if timed_out and "start_s" not in res["metrics"] and "start_error" not in res:
         res["start_error"] = notes[0]
     res.setdefault("notes", []).extend(notes)
+    res["groups"] = ["direct", "lb"] if only == "all" else [only]
     res["round"] = rnd
     res["load_before"] = load
     res["wall_s"] = time.monotonic() - t0
     res["log"] = log_path
     return res
+
+
+def merge_longrun(res: dict[str, Any] | None, lr: dict[str, Any]) -> dict[str, Any]:
+    """Fold a long-run child's result into the same round's regular one (``res``; None
+    with ``--only longrun``).  Only the long-run keys are taken: its start-up numbers
+    belong to another cluster and don't go into the start-up rows."""
+    if res is None:
+        return lr
+    for k in LONGRUN_KEYS:
+        if k in lr["metrics"]:
+            res["metrics"][k] = lr["metrics"][k]
+        elif k in lr["errors"]:
+            res["errors"][k] = lr["errors"][k]
+        elif "start_error" in lr:
+            res["errors"][k] = f"start: {lr['start_error']}"
+        elif "unavailable" in lr:
+            res["errors"][k] = f"not available: {lr['unavailable']}"
+        elif lr.get("notes"):
+            res["errors"][k] = lr["notes"][0]
+    res["notes"] += [f"longrun: {n}" for n in lr.get("notes", [])]
+    res["groups"] = [*res.get("groups", []), "longrun"]
+    for k in ("longrun", "code"):
+        if k in lr:
+            res["longrun_code" if k == "code" else k] = lr[k]
+    res["longrun_wall_s"] = lr.get("wall_s")
+    res["longrun_log"] = lr.get("log")
+    return res
+
+
+def longrun_lines(tools: list[str], results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown: every long run's segments (tasks/s, RSS), so growth shows."""
+
+    def num(x: Any) -> str:
+        return "-" if x is None else _fmt(x)
+
+    out: list[str] = []
+    for tool in tools:
+        for r in results.get(tool, []):
+            lr = r.get("longrun")
+            if not lr or not lr.get("segments"):
+                continue
+            b = lr["before"]
+            out += [
+                "",
+                f"Long run, {TOOL_NAMES[tool]}, round {r['round'] + 1}: {lr['n']:,} tasks in "
+                f"{lr['segments_planned']} maps of {lr['n'] // lr['segments_planned']:,} "
+                f"(after a {lr['warmup']:,}-task warm-up). RSS in MiB; `results`/`history` "
+                "are the lengths of the client's `rc.results` and `rc.history`.",
+                "",
+                "| Tasks done | tasks/s | controller RSS | client RSS | engines RSS (sum) "
+                "| results | history |",
+                "|---|---|---|---|---|---|---|",
+                f"| 0 (before) | - | {num(b['controller_rss_mib'])} | "
+                f"{num(b['client_rss_mib'])} | {num(b['engines_rss_mib'])} | "
+                f"{num(b.get('client_results'))} | {num(b.get('client_history'))} |",
+            ]
+            for g in lr["segments"]:
+                out.append(
+                    f"| {g['done']:,} | {num(g['tps'])} | {num(g['controller_rss_mib'])} | "
+                    f"{num(g['client_rss_mib'])} | {num(g['engines_rss_mib'])} | "
+                    f"{num(g.get('client_results'))} | {num(g.get('client_history'))} |"
+                )
+            if len(lr["segments"]) < lr["segments_planned"]:
+                out.append(f"| (stopped after {len(lr['segments'])} segments) |")
+    return out
 
 
 SUBREAPER = False
@@ -610,8 +827,12 @@ def summarize(
     for m in metrics:
         row = out.setdefault(m.key, {})
         for tool in tools:
-            runs = results.get(tool, [])
-            if tool == "dask" and not m.dask:
+            runs = [
+                r
+                for r in results.get(tool, [])
+                if set(m.groups) & set(r.get("groups", m.groups)) or "unavailable" in r
+            ]
+            if (tool == "dask" and not m.dask) or (m.tools is not None and tool not in m.tools):
                 row[tool] = {"cell": "n/a"}
                 continue
             unavailable = [r["unavailable"] for r in runs if "unavailable" in r]
@@ -620,7 +841,11 @@ def summarize(
                 continue
             vals = [r["metrics"][m.key] for r in runs if m.key in r.get("metrics", {})]
             errs = [r["errors"][m.key] for r in runs if m.key in r.get("errors", {})]
-            errs += [r["start_error"] for r in runs if "start_error" in r]
+            errs += [
+                r["start_error"]
+                for r in runs
+                if "start_error" in r and m.key not in r.get("metrics", {})
+            ]
             errs += [
                 n
                 for r in runs
@@ -681,6 +906,27 @@ def _version(tool: str) -> str:
         return "not installed"
 
 
+def _progress(rnd: int, rounds: int, tool: str, res: dict[str, Any], what: str = "") -> None:
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
+    lr = res.get("longrun")
+    if lr and lr.get("segments"):
+        segs = lr["segments"]
+        shown += "; segments tasks/s " + " ".join(_fmt(g["tps"]) for g in segs)
+        for label, key in (("controller", "controller_rss_mib"), ("client", "client_rss_mib")):
+            a, b = lr["before"][key], segs[-1][key]
+            if a is not None and b is not None:
+                shown += f"; {label} RSS {a:.1f} -> {b:.1f} MiB"
+    problems = [f"unavailable: {res['unavailable']}"] if "unavailable" in res else []
+    problems += [f"start: {res['start_error']}"] if "start_error" in res else []
+    problems += [f"{k}: {v}" for k, v in res["errors"].items()] + res["notes"]
+    print(
+        f"[round {rnd + 1}/{rounds}] {tool}{' ' + what if what else ''} "
+        f"({res['wall_s']:.0f}s): {shown}" + (f"  !! {' | '.join(problems)}" if problems else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def parent_main(args: argparse.Namespace) -> int:
     global SUBREAPER
     SUBREAPER = _enable_subreaper()
@@ -689,7 +935,15 @@ def parent_main(args: argparse.Namespace) -> int:
     if bad or not tools:
         print(f"unknown tools {bad}; choose from {','.join(TOOL_NAMES)}", file=sys.stderr)
         return 2
-    metrics = [m for m in METRICS if args.only == "all" or args.only in m.groups]
+    longrun_rounds = {"longrun": args.rounds, "all": min(args.longrun_rounds, args.rounds)}.get(
+        args.only, 0
+    )
+    regular = None if args.only == "longrun" else args.only  # the regular child's --only
+    metrics = [
+        m
+        for m in METRICS
+        if (args.only == "all" and (m.groups != _LR or longrun_rounds)) or args.only in m.groups
+    ]
     sizes = SIZES[args.size]
     tmpdir = tempfile.mkdtemp(prefix="px-bench-")
     print(f"# logs in {tmpdir}; subreaper={'on' if SUBREAPER else 'off'}", file=sys.stderr)
@@ -702,20 +956,20 @@ def parent_main(args: argparse.Namespace) -> int:
             if tool in skip:  # not importable: no point in trying again
                 results[tool].append(skip[tool])
                 continue
-            res = run_child(tool, rnd, args, tmpdir)
-            results[tool].append(res)
-            if "unavailable" in res:
-                skip[tool] = res
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
-            problems = [f"unavailable: {res['unavailable']}"] if "unavailable" in res else []
-            problems += [f"start: {res['start_error']}"] if "start_error" in res else []
-            problems += [f"{k}: {v}" for k, v in res["errors"].items()] + res["notes"]
-            print(
-                f"[round {rnd + 1}/{args.rounds}] {tool} ({res['wall_s']:.0f}s): {shown}"
-                + (f"  !! {' | '.join(problems)}" if problems else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            res = None
+            if regular is not None:
+                res = run_child(tool, rnd, args, tmpdir, regular, args.child_timeout)
+                _progress(rnd, args.rounds, tool, res)
+                if "unavailable" in res:
+                    skip[tool] = res
+            if rnd < longrun_rounds and tool in LONGRUN_TOOLS and tool not in skip:
+                lr = run_child(tool, rnd, args, tmpdir, "longrun", args.longrun_timeout)
+                _progress(rnd, args.rounds, tool, lr, "long run")
+                if "unavailable" in lr:
+                    skip[tool] = lr
+                res = merge_longrun(res, lr)
+            if res is not None:
+                results[tool].append(res)
     summary = summarize(tools, results, metrics)
     table = render_table(tools, summary, metrics, sizes)
     subject = "jx" if "jx" in tools else tools[0]
@@ -728,7 +982,15 @@ def parent_main(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {versions})",
         "",
         f"Median of {args.rounds} rounds [min-max]; each round starts a fresh cluster per "
-        f"tool, tools alternate order. Size preset: `{args.size}`.",
+        f"tool, tools alternate order. Size preset: `{args.size}`."
+        + (
+            f" Long-run rows: {longrun_rounds} round{'s' if longrun_rounds != 1 else ''}, "
+            f"{TOOL_NAMES['jx']} only (n/a: not run, see benchmarks/README.md); first/last "
+            "10% = the first/last of 10 equal maps, each map's results dropped before the "
+            "next; RSS = VmRSS of the process, in MiB."
+            if longrun_rounds
+            else ""
+        ),
         "",
         table,
         "",
@@ -737,6 +999,7 @@ def parent_main(args: argparse.Namespace) -> int:
         f"{subject}/X for *higher is better* rows. **>1 means {TOOL_NAMES[subject]} is "
         f"better, <1 means it is worse.**",
     ]
+    out += longrun_lines(tools, results)
     loads = [r["load_before"] for t in tools for r in results[t] if r.get("load_before")]
     if loads:
         out += [
@@ -747,7 +1010,7 @@ def parent_main(args: argparse.Namespace) -> int:
             "CPU count means something else was competing).",
         ]
     for t in tools:
-        codes = {r["code"] for r in results[t] if "code" in r}
+        codes = {r[k] for r in results[t] for k in ("code", "longrun_code") if k in r}
         if len(codes) > 1:
             out += [
                 "",
@@ -772,6 +1035,7 @@ def parent_main(args: argparse.Namespace) -> int:
         payload = {
             "meta": {
                 "rounds": args.rounds,
+                "longrun_rounds": longrun_rounds,
                 "only": args.only,
                 "tools": tools,
                 "size": args.size,
@@ -804,10 +1068,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds per tool (default 5)")
     p.add_argument(
         "--only",
-        choices=("direct", "lb", "all"),
+        choices=("direct", "lb", "longrun", "all"),
         default="all",
         help="direct: start, apply latency, DirectView rates, push/pull; "
-        "lb: start, load-balanced apply and map",
+        "lb: start, load-balanced apply and map; longrun: 200,000 load-balanced tasks, "
+        "throughput and RSS over time (jupyter_ext only), --rounds times; "
+        "all: direct + lb every round, plus longrun in the first --longrun-rounds rounds",
+    )
+    p.add_argument(
+        "--longrun-rounds",
+        type=int,
+        default=1,
+        help="with --only all: how many rounds also run the long run (default 1; 0: none)",
+    )
+    p.add_argument(
+        "--longrun-timeout",
+        type=float,
+        default=600.0,
+        help="hard limit (s) for one long-run child (default 600)",
     )
     p.add_argument("--tools", default="jx,ipp,dask", help="comma list of jx,ipp,dask")
     p.add_argument("--json", metavar="OUT", help="also write every sample and the summary")
@@ -830,9 +1108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return child_main(args.child, args.only, args.size, args.result_file)
+        return child_main(args.child, args.only, args.size, args.result_file, args.child_timeout)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.longrun_rounds < 0:
+        p.error("--longrun-rounds must be >= 0")
     return parent_main(args)
 
 

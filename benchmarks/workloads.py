@@ -18,6 +18,7 @@ unbounded wait.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -77,6 +78,19 @@ def make_array(mb: int) -> np.ndarray:
     """``mb`` MiB of float64 (random, so nothing can compress or deduplicate it)."""
     n = mb * 2**20 // 8
     return np.random.default_rng(12345).random(n)
+
+
+def rss_mib(pid: int | None = None) -> float | None:
+    """Resident set size of process ``pid`` (default: this one) in MiB, from the ``VmRSS``
+    line of ``/proc/<pid>/status``; None when the process (or /proc) isn't there."""
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024  # the line is in kB (KiB)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_same(sent: np.ndarray, got: Any) -> None:
@@ -188,6 +202,124 @@ def lb_map_rate_rc(rc: Any, n: int = 2000, timeout: float = 300.0) -> float:
     if len(res) != n or res[-1] != n - 1:
         raise AssertionError(f"map returned {len(res)} results, last={res[-1:]}")
     return n / dt
+
+
+def _engine_pids(rc: Any) -> list[int]:
+    """The engines' PIDs where the client says them (jupyter_ext's ``engine_info``)."""
+    pids = []
+    for eid in rc.ids:
+        try:
+            pid = rc.engine_info(eid).get("pid")
+        except Exception:
+            return []
+        if pid:
+            pids.append(int(pid))
+    return pids
+
+
+def _memory_sample(rc: Any, controller_pid: int | None, engine_pids: list[int]) -> dict[str, Any]:
+    """RSS of the controller, this client and the engines (MiB), plus the sizes of the
+    client's per-task bookkeeping (what would grow if the client kept every task)."""
+    gc.collect()  # count what is alive, not garbage the cycle collector hasn't reached
+    engines = [rss_mib(p) for p in engine_pids]
+    sample: dict[str, Any] = {
+        "controller_rss_mib": rss_mib(controller_pid) if controller_pid else None,
+        "client_rss_mib": rss_mib(),
+        "engines_rss_mib": sum(engines) if engines and None not in engines else None,
+    }
+    for attr in ("history", "results", "metadata", "outstanding"):
+        try:
+            sample[f"client_{attr}"] = len(getattr(rc, attr))
+        except (AttributeError, TypeError):
+            sample[f"client_{attr}"] = None
+    return sample
+
+
+def longrun_rc(
+    rc: Any,
+    n: int = 200_000,
+    segments: int = 10,
+    warmup: int = 2000,
+    controller_pid: int | None = None,
+    deadline: float | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """``n`` tiny load-balanced tasks (``noop1``, chunksize=1) in ``segments`` equal maps,
+    one after the other; each map's results are checked and dropped before the next one
+    is submitted, so the client never holds more than ``n / segments`` of them.
+
+    Returns ``{"first_tps", "last_tps", "ratio", "before", "after", "segments"}``:
+    tasks/s of the first and last 10% of the tasks (the segments that make them up),
+    last/first, memory samples (:func:`_memory_sample`) after the warm-up and after the
+    last segment, and one record per segment (tasks/s and a memory sample).
+    ``progress(partial)`` is called after each segment with the result so far.
+    ``deadline`` (``time.monotonic()``) bounds the whole run.
+
+    A segment that fails (a timeout: tasks got too slow) ends the run without raising:
+    the result then has ``"error"`` (what happened, and how far that segment got), no
+    ``last_tps``/``ratio``, ``after`` from the last whole segment and ``at_stop`` sampled
+    at that moment.  A failing warm-up raises.
+    """
+    if segments < 10 or segments % 10:
+        raise ValueError("segments must be a multiple of 10 (first/last 10% = whole segments)")
+    if n % segments:
+        raise ValueError(f"n={n} is not a multiple of segments={segments}")
+    deadline = time.monotonic() + 3600.0 if deadline is None else deadline
+    view = rc.load_balanced_view()
+    engine_pids = _engine_pids(rc)
+    # Warm-up of the same shape, so first-use costs don't land in the first 10%.
+    view.map(noop1, range(warmup), block=False, chunksize=1).get(timeout=_remaining(deadline))
+    out: dict[str, Any] = {
+        "n": n,
+        "segments_planned": segments,
+        "warmup": warmup,
+        "engine_pids": engine_pids,
+        "before": _memory_sample(rc, controller_pid, engine_pids),
+        "segments": [],
+    }
+    seg = n // segments
+    perf = time.perf_counter
+    tenth = segments // 10
+
+    def rate(recs: list[dict[str, Any]]) -> float:
+        return sum(r["tasks"] for r in recs) / sum(r["s"] for r in recs)
+
+    for i in range(segments):
+        lo = i * seg
+        t0 = perf()
+        amr = view.map(noop1, range(lo, lo + seg), block=False, chunksize=1)
+        try:
+            res = amr.get(timeout=_remaining(deadline))
+            dt = perf() - t0
+            if len(res) != seg or res[0] != lo or res[-1] != lo + seg - 1:
+                raise AssertionError(f"{len(res)} results, ends {res[:1]}..{res[-1:]}")
+        except Exception as exc:
+            got = getattr(amr, "progress", None)
+            where = f"{got:,} of {seg:,} done" if isinstance(got, int) else "unfinished"
+            out["error"] = (
+                f"stopped in tasks {lo + 1:,}-{lo + seg:,} ({where} after {perf() - t0:.0f} s): "
+                f"{type(exc).__name__}: {exc}"
+            )[:300]
+            out["stopped_after"] = lo
+            break
+        del res, amr  # drop this segment's results before the next one
+        rec = {"segment": i, "tasks": seg, "done": lo + seg, "s": dt, "tps": seg / dt}
+        rec.update(_memory_sample(rc, controller_pid, engine_pids))
+        out["segments"].append(rec)
+        if i + 1 == tenth:
+            out["first_tps"] = rate(out["segments"][:tenth])
+        if progress is not None:
+            progress(out)
+    if "error" not in out:
+        out["last_tps"] = rate(out["segments"][-tenth:])
+        out["ratio"] = out["last_tps"] / out["first_tps"]
+        out["total_tps"] = n / sum(r["s"] for r in out["segments"])
+        out["after"] = _memory_sample(rc, controller_pid, engine_pids)
+    else:  # "after" = after the last whole segment, comparable with a full run's
+        out["at_stop"] = _memory_sample(rc, controller_pid, engine_pids)
+        last_done = out["segments"][-1] if out["segments"] else out["at_stop"]
+        out["after"] = {k: v for k, v in last_done.items() if k in out["at_stop"]}
+    return out
 
 
 # --------------------------------------------------------------------------- dask.distributed

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from kernel_engine import protocol
 from kernel_engine.errors import CompositeError, RemoteError
 
 from ._metadata import METADATA_KEYS, Metadata
@@ -116,6 +117,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         RemoteError, CompositeError
             When the task (or several) raised.
         """
+        protocol.check_seconds("timeout", timeout)
         try:
             ready = self.wait(timeout)
         except KeyboardInterrupt:
@@ -150,8 +152,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         return self.get()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until done or ``timeout`` s pass; returns whether done. Never raises."""
-        return _wait_one(self, timeout)
+        """Wait until done or ``timeout`` s pass; returns whether done. Never raises
+        (but for a ``timeout`` that is not a number of seconds)."""
+        return _wait_one(self, protocol.check_seconds("timeout", timeout))
 
     def ready(self) -> bool:
         """Whether the result has arrived (successful or not)."""

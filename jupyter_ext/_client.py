@@ -59,7 +59,7 @@ class Client:
         self,
         connection_file: str | os.PathLike[str] | None = None,
         timeout: float | None = 10.0,
-        max_results: int = 100_000,
+        max_results: int = 10_000,
     ):
         global _current
         self.transport = Transport(connection_file, timeout, max_results)
@@ -149,6 +149,7 @@ class Client:
 
         Returns whether they are all done; never raises on timeout.
         """
+        timeout = protocol.check_seconds("timeout", timeout)
         return self.transport.wait(self.transport.futures_for(jobs), timeout)
 
     def wait_interactive(

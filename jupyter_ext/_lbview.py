@@ -164,8 +164,7 @@ class LoadBalancedView(View):
         """
         if not sequences:
             raise TypeError("map needs at least one sequence")
-        if chunksize < 1:
-            raise ValueError(f"chunksize must be at least 1, not {chunksize}")
+        protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         seqs = [_sliceable(s) for s in sequences]
         length = min(len(s) for s in seqs)
         md = self._task_metadata()
@@ -202,9 +201,11 @@ class LoadBalancedView(View):
         At most ``max_outstanding`` chunks are submitted and unfinished at a time
         (``'auto'``: 64 per engine).
         """
-        limit = (
-            64 * max(1, len(self.client.ids)) if max_outstanding == "auto" else int(max_outstanding)
-        )
+        protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
+        if max_outstanding == "auto":
+            limit = 64 * max(1, len(self.client.ids))
+        else:
+            limit = protocol.check_int("max_outstanding", max_outstanding, 1, protocol.MAX_IDS)
         iterators = [iter(s) for s in sequences]
         md = self._task_metadata()
         once = PickledFunction(f)

@@ -72,7 +72,7 @@ class Transport:
         self,
         connection_file: str | os.PathLike[str] | None = None,
         timeout: float | None = 10.0,
-        max_results: int = 100_000,
+        max_results: int = 10_000,
     ):
         path = clusters.find_connection_file(connection_file)
         self.connection_file = str(path)

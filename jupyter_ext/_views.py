@@ -11,6 +11,7 @@ from kernel_engine.engine import ops
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult
+from ._bounded import History
 from ._request import Request
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class View:
         self.block = False
         self.track = False
         self.label: str | None = None
-        self.history: list[str] = []
+        self.history: History[str] = History(client.transport.history.maxlen or 100_000)
 
     def set_flags(self, **flags: Any) -> None:
         """Set view flags (``block``, ``track``, ``targets``, ...).
@@ -138,7 +139,8 @@ class View:
     def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
         """Do not run these jobs (default: all this view's outstanding ones)."""
         if jobs is None:
-            jobs = [m for m in self.history if m in self.client.outstanding]
+            outstanding = self.client.outstanding
+            jobs = [m for m in self.history if m in outstanding]
         self.client.abort(jobs, targets=targets, block=bool(block))
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
@@ -308,7 +310,7 @@ class DirectView(View):
         track: bool | None = None,
     ) -> Any:
         """Assign the names of ``ns`` on the engines (arrays are sent without copies)."""
-        if not isinstance(ns, dict):
+        if not isinstance(ns, dict) or not all(isinstance(k, str) for k in ns):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
         return self._really_apply(ops.push, (ns,), {}, targets, block, track)
 
@@ -320,6 +322,8 @@ class DirectView(View):
         """Values of names on the engines (one name: a value per engine; a list: lists)."""
         if not isinstance(names, str):
             names = list(names)
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError(f"pull takes a name or a list of names, not {names!r}")
         return self._really_apply(ops.pull, (names,), {}, targets, block)
 
     def get(self, names: str | Sequence[str]) -> Any:

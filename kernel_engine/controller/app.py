@@ -54,6 +54,9 @@ IOPUB_HWM = 2000
 stalled subscriber must not grow the controller without bound). A client's IO thread
 reads as messages come, far from this."""
 
+PEER_HWM = 10_000
+"""Messages from one peer the controller buffers unread before that peer must wait."""
+
 CLIENT_POLICIES = ("finish", "abort")
 
 
@@ -122,6 +125,9 @@ class Controller:
         self.dead: dict[int, str] = {}
         self.clients_socket = self._server_socket(zmq.ROUTER)
         self.clients_socket.linger = 0
+        # what one peer has sent and we have not read waits in its own process, not here
+        # (a flood pushes back on the flooder; a client queues in its own memory)
+        self.clients_socket.rcvhwm = PEER_HWM
         self.client_port = self.clients_socket.bind_to_random_port(f"tcp://{ip}")
         self.iopub = self._server_socket(zmq.PUB)
         self.iopub.linger = 0

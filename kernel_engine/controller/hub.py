@@ -17,17 +17,31 @@ outnumber live ones.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
+from datetime import datetime, timezone
 from typing import Any
 
 from kernel_engine import protocol
-from kernel_engine.wire import utcnow_iso
+from kernel_engine.wire import parse_date
 
 PENDING = "pending"
 
 
+def _stamp(date: Any) -> float | None:
+    """An ISO date from a message as a timestamp (a float costs a third of the string)."""
+    parsed = parse_date(date) if isinstance(date, str) else None
+    return parsed.timestamp() if parsed is not None else None
+
+
+def _iso(stamp: float | None) -> str | None:
+    return None if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).isoformat()
+
+
 class TaskRecord:
-    """What the hub knows of one request."""
+    """What the hub knows of one request (times as timestamps; ``reply`` the reply's
+    frames joined, cut up again by ``reply_sizes``)."""
 
     __slots__ = (
         "client",
@@ -37,7 +51,7 @@ class TaskRecord:
         "msg_id",
         "msg_type",
         "reply",
-        "reply_bytes",
+        "reply_sizes",
         "started",
         "status",
         "submitted",
@@ -49,7 +63,7 @@ class TaskRecord:
         msg_type: str,
         client: bytes,
         engine_id: int | None,
-        submitted: str,
+        submitted: float,
         label: str | None,
     ):
         self.msg_id = msg_id
@@ -58,11 +72,21 @@ class TaskRecord:
         self.engine_id = engine_id
         self.submitted = submitted
         self.label = label
-        self.started: str | None = None
-        self.completed: str | None = None
+        self.started: float | None = None
+        self.completed: float | None = None
         self.status = PENDING
-        self.reply: list[bytes] | None = None
-        self.reply_bytes = 0
+        self.reply: bytes | None = None
+        self.reply_sizes: tuple[int, ...] = ()
+
+    def reply_frames(self) -> list[memoryview]:
+        """The stored reply's frames (after the delimiter); empty if none is stored."""
+        if self.reply is None:
+            return []
+        view, frames, at = memoryview(self.reply), [], 0
+        for size in self.reply_sizes:
+            frames.append(view[at : at + size])
+            at += size
+        return frames
 
     @property
     def finished(self) -> bool:
@@ -75,9 +99,9 @@ class TaskRecord:
             "msg_type": self.msg_type,
             "client_uuid": self.client[:16].decode("ascii", "replace"),
             "engine_id": self.engine_id,
-            "submitted": self.submitted,
-            "started": self.started,
-            "completed": self.completed,
+            "submitted": _iso(self.submitted),
+            "started": _iso(self.started),
+            "completed": _iso(self.completed),
             "status": self.status,
             "label": self.label,
             "result_stored": self.reply is not None,
@@ -89,7 +113,7 @@ class Hub:
 
     def __init__(
         self,
-        max_records: int = 100_000,
+        max_records: int = 50_000,
         max_result_bytes: int = 64 * 1024 * 1024,
         max_one_result: int = protocol.MAX_STORED_RESULT,
     ):
@@ -122,7 +146,8 @@ class Hub:
         if len(self._clients) > 10_000:
             self._clients.clear()
         client = self._clients.setdefault(client, client)
-        record = TaskRecord(msg_id, msg_type, client, engine_id, date or utcnow_iso(), label)
+        submitted = _stamp(date) or time.time()
+        record = TaskRecord(msg_id, sys.intern(msg_type), client, engine_id, submitted, label)
         self.records[msg_id] = record
         while len(self.records) > self.max_records and self._evict_finished():
             pass
@@ -146,16 +171,17 @@ class Hub:
         if record is None or record.finished:
             return
         record.status = status if status in ("ok", "error", "aborted") else "error"
-        record.started = started if isinstance(started, str) else record.started
-        record.completed = completed if isinstance(completed, str) else utcnow_iso()
-        self._finished.append(msg_id)
+        record.started = _stamp(started) or record.started
+        record.completed = _stamp(completed) or time.time()
+        self._finished.append(record.msg_id)
         if frames is not None:
-            size = sum(len(f) for f in frames)
+            sizes = tuple(len(f) for f in frames)
+            size = sum(sizes)
             if size <= self.max_one_result:
-                record.reply = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames]
-                record.reply_bytes = size
+                record.reply = b"".join(getattr(f, "buffer", f) for f in frames)
+                record.reply_sizes = sizes
                 self.result_bytes += size
-                self._stored.append(msg_id)
+                self._stored.append(record.msg_id)
                 while self.result_bytes > self.max_result_bytes and self._drop_oldest_result():
                     pass
         self._compact()
@@ -183,9 +209,9 @@ class Hub:
         while self._stored:
             record = self.records.get(self._stored.popleft())
             if record is not None and record.reply is not None:
-                self.result_bytes -= record.reply_bytes
+                self.result_bytes -= len(record.reply)
                 record.reply = None
-                record.reply_bytes = 0
+                record.reply_sizes = ()
                 return True
         return False
 
@@ -204,7 +230,7 @@ class Hub:
     def _forget(self, msg_id: str) -> None:
         record = self.records.pop(msg_id, None)
         if record is not None and record.reply is not None:
-            self.result_bytes -= record.reply_bytes
+            self.result_bytes -= len(record.reply)
 
     def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
         """Forget finished records: the given ones, those of the engines, or all (None)."""

@@ -133,8 +133,9 @@ class HubRequests:
                 continue
             records[msg_id] = record.summary()
             if record.reply is not None:
-                counts[msg_id] = len(record.reply)
-                buffers.extend(record.reply)
+                frames = record.reply_frames()
+                counts[msg_id] = len(frames)
+                buffers.extend(frames)
         return {"records": records, "frame_counts": counts}, buffers
 
     def _purge(self, request: protocol.PurgeRequest, msg: Message) -> Reply:

@@ -137,7 +137,7 @@ class Scheduler:
         Most outcomes (and known msg_ids) remembered.
     """
 
-    def __init__(self, hwm: int = 4, max_batch: int = 32, max_outcomes: int = 100_000) -> None:
+    def __init__(self, hwm: int = 4, max_batch: int = 32, max_outcomes: int = 10_000) -> None:
         self.hwm, self.max_batch = max(hwm, 0), max(max_batch, 1)
         self.max_outcomes = max(max_outcomes, 1)
         self._order: deque[str] = deque()  # outcomes and known ids, oldest first (evicted first)

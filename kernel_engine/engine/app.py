@@ -11,6 +11,7 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
 
+from . import logs
 from .kernel import EngineKernel
 
 
@@ -28,9 +29,10 @@ class EngineApp(IPKernelApp):
         assert self.context is not None
         self.lane_socket = self.context.socket(zmq.ROUTER)
         self.lane_socket.linger = 1000
-        # queued tasks wait here however many there are; replies are never dropped
+        # replies are never dropped (a ROUTER drops at its send mark)
         self.lane_socket.sndhwm = 0
-        self.lane_socket.rcvhwm = 0
+        # tasks not yet read wait in their sender's memory past this, not in the engine's
+        self.lane_socket.rcvhwm = 10_000
         if self.curve_secretkey is not None:  # the kernel's channels encrypt: so does the lane
             self._apply_curve_server_options(self.lane_socket)
         # no router_handover: a peer connecting with an identity already in use is refused,
@@ -63,6 +65,12 @@ class EngineApp(IPKernelApp):
         if self.lane_socket is not None and not self.lane_socket.closed:
             self.lane_socket.close(linger=0)
         super().close()
+
+    def initialize(self, argv: Any = None) -> None:
+        super().initialize(argv)
+        # ipykernel logs every unusable message that anyone sends its channels, at length
+        log = self.log
+        logs.guard(getattr(log, "logger", log))
 
     def init_kernel(self) -> None:
         super().init_kernel()

@@ -205,6 +205,11 @@ class TaskLane:
                 idents=idents,
             )[1]
         if msg.msg_type == protocol.ENGINE_SETUP_REQUEST and router_ident is not None:
+            if self.controller is not None:  # the first controller keeps its engine
+                refused = protocol.error_content("ValueError", "this engine is set up already")
+                return self.wire.pack(
+                    protocol.ENGINE_SETUP_REPLY, refused, msg.header, idents=idents
+                )[1]
             try:
                 setup = protocol.EngineSetup.from_content(msg.content)
             except (TypeError, ValueError, wire.MessageError) as exc:
