@@ -42,17 +42,10 @@ def current_client() -> Client | None:
 class Client:
     """A connection to a cluster: engines, views, results.
 
-    Parameters
-    ----------
-    connection_file
-        The cluster's ``client.json`` (or a cluster id); by default the newest running
-        cluster's.
-    timeout
-        Seconds to wait for the controller to answer the first request.
-    max_results
-        How many finished tasks' results and metadata (and msg_ids in ``history``) the
-        client keeps; the oldest go first (AsyncResults keep their own), so memory stays
-        bounded however long it runs.
+    ``Client(connection_file=None, timeout=10.0, max_results=10_000)``: the parameters are
+    :class:`~jupyter_ext._transport.Transport`'s (a cluster's connection file or id, by
+    default the newest running cluster; seconds to wait for the controller; how many
+    finished tasks' results, metadata and msg_ids in ``history`` to keep).
     """
 
     def __init__(

@@ -73,6 +73,7 @@ def cluster_ports(rc: Any) -> tuple[bytes, list[Port]]:
     ports = [
         Port("controller", "client", int(info["client_port"])),
         Port("controller", "iopub", int(info["iopub_port"])),
+        Port("controller", "hb", int(info["hb_port"])),
     ]
     for eid in rc.ids:
         conn = rc.engine_info(eid)["connection_info"]

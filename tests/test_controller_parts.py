@@ -7,6 +7,7 @@ from __future__ import annotations
 import zmq
 
 from kernel_engine.controller.clients import Clients
+from kernel_engine.controller.engines import describe_exit, oom_kills
 from kernel_engine.controller.hub import Hub
 from kernel_engine.controller.inflight import Inflight, Pending
 from kernel_engine.controller.loop import PollLoop
@@ -131,6 +132,14 @@ def test_an_engine_death_is_reported_with_its_cause():
     (fail,) = s.remove_engine(1, 1.0, "engine 1 (pid 42) was killed by signal SIGKILL")
     assert isinstance(fail, Fail) and fail.kind == "EngineError"
     assert fail.reason == "engine 1 (pid 42) was killed by signal SIGKILL"
+
+
+def test_deaths_are_described_with_their_cause():
+    assert describe_exit(-9) == "was killed by signal SIGKILL"
+    assert "out of memory" in describe_exit(-9, oom=True)
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(None) == "stopped responding"
+    assert oom_kills() >= 0
 
 
 def test_outcomes_are_a_bounded_memory():

@@ -250,15 +250,21 @@ def _wait_back(*clients: jx.Client, timeout: float = 10.0) -> None:
 # ----- 5. a client elsewhere loses its controller
 
 
-def test_a_remote_client_learns_its_controller_is_gone_and_recovers(cluster_factory, tmp_path):
-    """A client on another host cannot look at the controller's process: only the
-    heartbeat tells. (Its connection file here has no controller pid, as if remote.)"""
-    cluster, rc = cluster_factory.start(1)
+def _remote(rc: jx.Client, folder: Path) -> jx.Client:
+    """Another client of ``rc``'s cluster that, like one on another host, cannot look at
+    the controller's process (its connection file has no controller pid)."""
     info = _info(rc)
     info.pop("controller_pid")
-    remote_file = tmp_path / "remote.json"
-    remote_file.write_text(json.dumps(info))
-    with jx.Client(str(remote_file)) as remote:
+    path = folder / "remote.json"
+    path.write_text(json.dumps(info))
+    return jx.Client(str(path))
+
+
+def test_a_remote_client_learns_its_controller_is_gone_and_recovers(cluster_factory, tmp_path):
+    """A client on another host cannot look at the controller's process: only the
+    heartbeat tells."""
+    cluster, rc = cluster_factory.start(1)
+    with _remote(rc, tmp_path) as remote:
         ar = remote[0].apply_async(time.sleep, 30)
         time.sleep(0.3)
         os.kill(cluster.controller_pid, signal.SIGSTOP)
@@ -278,11 +284,7 @@ def test_a_remote_client_learns_its_controller_is_gone_and_recovers(cluster_fact
 
 def test_a_killed_controller_fails_a_remote_clients_wait(cluster_factory, tmp_path):
     cluster, rc = cluster_factory.start(1)
-    info = _info(rc)
-    info.pop("controller_pid")
-    remote_file = tmp_path / "remote.json"
-    remote_file.write_text(json.dumps(info))
-    with jx.Client(str(remote_file)) as remote:
+    with _remote(rc, tmp_path) as remote:
         ar = remote.load_balanced_view().apply_async(time.sleep, 60)
         time.sleep(0.3)
         os.kill(cluster.controller_pid, signal.SIGKILL)

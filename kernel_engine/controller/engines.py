@@ -98,8 +98,9 @@ class Engine:
         return "\n".join(kept[-lines:])
 
 
-def describe_exit(code: int | None) -> str:
-    """How a process ended, in words: ``killed by signal SIGKILL`` or ``exited with code 1``."""
+def describe_exit(code: int | None, oom: bool = False) -> str:
+    """How a process ended, in words: ``was killed by signal SIGKILL`` or ``exited with
+    code 1``; ``oom``: the kernel's OOM killer struck meanwhile."""
     if code is None:
         return "stopped responding"
     if code < 0:
@@ -107,8 +108,21 @@ def describe_exit(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = str(-code)
-        return f"was killed by signal {name}"
+        why = " (most likely out of memory: the kernel's OOM killer ran)" if oom else ""
+        return f"was killed by signal {name}{why}"
     return f"exited with code {code}"
+
+
+def oom_kills() -> int:
+    """How many processes the kernel's OOM killer has killed since boot (0 if unknown)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class EngineSet:
@@ -136,6 +150,7 @@ class EngineSet:
         self.ip = ip
         self.cluster_id = cluster_id
         self.curve = curve
+        self._oom_kills = oom_kills()
         self.engines: dict[int, Engine] = {}
         self._next_id = 0
         self.on_ready: Callable[[Engine], None] = lambda e: None
@@ -278,7 +293,9 @@ class EngineSet:
         for engine in list(self.engines.values()):
             code = self.exit_code(engine)
             if code is not None:
-                self._fail(engine, describe_exit(code))
+                kills = oom_kills() if code == -signal.SIGKILL else self._oom_kills
+                self._fail(engine, describe_exit(code, kills > self._oom_kills))
+                self._oom_kills = kills
             elif engine.state != "ready":
                 if now - engine.started_at > self.start_timeout:
                     self._fail(engine, f"did not become ready within {self.start_timeout:.0f} s")
