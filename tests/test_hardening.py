@@ -435,6 +435,50 @@ def test_a_gone_clients_queued_tasks_stop_taking_engines(cluster_factory, how, p
             proc.stdout.close()
 
 
+DIRECT_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    import jupyter_ext as jx
+    rc = jx.Client(sys.argv[1])
+    lanes = rc.transport.io.lanes
+    deadline = time.monotonic() + 10
+    while not lanes.usable(0) and time.monotonic() < deadline:  # (its lane answers pings)
+        time.sleep(0.01)
+    ar = rc[0].apply_async(time.sleep, 5)
+    assert rc.transport.requests.get(ar.msg_ids[0]).path == "direct"
+    time.sleep(0.3)  # (its notice reaches the controller within 20 ms)
+    print(ar.msg_ids[0], flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_what_a_lost_client_sent_to_lanes_ends_unknown_and_its_dependents_fail(cluster_factory):
+    """Its direct request's end would have been reported by it alone: the record says
+    ``unknown`` and a task waiting for it fails instead of waiting for ever."""
+    _, rc = cluster_factory.start(2, client_timeout=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DIRECT_CLIENT, rc.connection_file], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        msg_id = proc.stdout.readline().strip()
+        assert msg_id, "the other client printed no msg_id"
+        view = rc.load_balanced_view(targets=[1])
+        with view.temp_flags(after=[msg_id]):
+            dependent = view.apply_async(abs, -1)
+        proc.kill()
+        with pytest.raises(jx.ImpossibleDependency):
+            dependent.get(15)
+        (record,) = rc.db_query({"msg_id": msg_id})
+        assert record["status"] == "unknown"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_a_load_balanced_tasks_engine_death_says_which_and_how(cluster_factory):
     _, rc = cluster_factory.start(1)
     pid = rc.engine_info(0)["pid"]

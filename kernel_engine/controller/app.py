@@ -331,15 +331,24 @@ class Controller:
 
     def _client_lost(self, client: bytes, why: str) -> None:
         """A client is gone: its queued tasks fail; with the "abort" policy its tasks on
-        engines that have not started are aborted there too."""
+        engines that have not started are aborted there too.
+
+        The requests it sent to lanes itself will never be reported finished (their
+        replies went to it): their records end as ``unknown``, and tasks that depend on
+        them fail instead of waiting for ever.
+        """
         abort = self.on_client_lost == "abort"
         running = self.balancer.client_lost(client, abort)
+        by_engine: dict[int, list[str]] = {}
+        for eid, msg_id in running:
+            by_engine.setdefault(eid, []).append(msg_id)
+        for msg_id, pending in self.inflight.of_client(client):
+            by_engine.setdefault(pending.engine_id, []).append(msg_id)
+            if pending.kind == "direct":
+                self.inflight.pop(msg_id, answered=False)
+                self.hub.completed(msg_id, "unknown")
+                self.balancer.outcome(msg_id, pending.engine_id, False)
         if abort:
-            by_engine: dict[int, list[str]] = {}
-            for eid, msg_id in running:
-                by_engine.setdefault(eid, []).append(msg_id)
-            for msg_id, pending in self.inflight.of_client(client):
-                by_engine.setdefault(pending.engine_id, []).append(msg_id)
             for eid, msg_ids in by_engine.items():
                 self.tell_engines([eid], protocol.ENGINE_ABORT_REQUEST, {"msg_ids": msg_ids})
         log.info("client %s %s", client[:16].decode("ascii", "replace"), why)

@@ -27,6 +27,9 @@ from kernel_engine import protocol
 from kernel_engine.wire import parse_date
 
 PENDING = "pending"
+STATUSES = frozenset({"ok", "error", "aborted", "unknown"})
+"""How a task ended; ``unknown``: its client sent it to a lane itself and was lost before
+saying how it ended."""
 
 
 def _stamp(date: Any) -> float | None:
@@ -170,7 +173,7 @@ class Hub:
         record = self.records.get(msg_id)
         if record is None or record.finished:
             return
-        record.status = status if status in ("ok", "error", "aborted") else "error"
+        record.status = status if status in STATUSES else "error"
         record.started = _stamp(started) or record.started
         record.completed = _stamp(completed) or time.time()
         self._finished.append(record.msg_id)
