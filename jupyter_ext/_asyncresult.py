@@ -153,8 +153,12 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until done or ``timeout`` s pass; returns whether done. Never raises
-        (but for a ``timeout`` that is not a number of seconds)."""
-        return _wait_one(self, protocol.check_seconds("timeout", timeout))
+        (but for a ``timeout`` that is not a number of seconds, or a wait on the client's
+        IO thread, which could never end)."""
+        timeout = protocol.check_seconds("timeout", timeout)
+        if timeout != 0 and not self.done():
+            self._transport.check_blocking("AsyncResult.wait")
+        return _wait_one(self, timeout)
 
     def ready(self) -> bool:
         """Whether the result has arrived (successful or not)."""
@@ -218,6 +222,8 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[Any]:
         """Results in order, each as soon as it (and those before it) arrived."""
         for f in self._children:
+            if not f.done():
+                self._transport.check_blocking("iterating an AsyncResult")
             _wait_one(f, None)
             if f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
@@ -445,8 +451,12 @@ class AsyncHubResult(AsyncResult):
                     f.set_result(value)
                 else:
                     f.set_exception(value)
+            elif record["status"] == "ok":
+                why = "results over 1 MiB are not kept, and the oldest go to bound memory"
+                f.set_exception(KeyError(f"the result of {f.msg_id} is not stored: {why}"))
             elif record["status"] != "pending":
-                f.set_exception(KeyError(f"the result of {f.msg_id} was not stored (too large)"))
+                status = record["status"]
+                f.set_exception(KeyError(f"{f.msg_id} ended {status!r}; no reply is stored"))
 
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

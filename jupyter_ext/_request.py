@@ -119,6 +119,11 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
 Send = Callable[[Request, str], bool]
 
 
+class Refused(Exception):
+    """Raised by :meth:`Requests.add` while the table takes no requests (the controller is
+    lost, or the client closed); the message says why."""
+
+
 class Requests:
     """The live requests of one client.
 
@@ -135,6 +140,7 @@ class Requests:
         self.live: dict[str, Request] = {}
         self._by_engine: dict[int, dict[str, None]] = {}
         self._awaiting_output: dict[str, Request] = {}  # replied executes, oldest first
+        self.refusing: str | None = None  # why no request is taken now (None: they are)
 
     # ----- events
 
@@ -142,6 +148,8 @@ class Requests:
         """Take a new request: the path to send it on now, or None (it waits; ``unsent``
         is set once :meth:`replied` releases it)."""
         with self.lock:
+            if self.refusing is not None:
+                raise Refused(self.refusing)
             self.live[req.msg_id] = req
             eid = req.engine_id
             if eid is not None:
@@ -224,9 +232,15 @@ class Requests:
                 done.append(self._finish(req))
             return done
 
-    def fail_all(self, error_of: Callable[[Request], BaseException]) -> list[Request]:
-        """The controller is gone: every live request ends, failed with ``error_of``."""
+    def fail_all(
+        self, error_of: Callable[[Request], BaseException], refuse: str | None = None
+    ) -> list[Request]:
+        """The controller is gone (or the client closes): every live request ends, failed
+        with ``error_of``; with ``refuse``, new ones are refused from now on (in the same
+        step, so none slips in between), until :meth:`accept`."""
         with self.lock:
+            if refuse is not None:
+                self.refusing = refuse
             self.order.reset()
             done = []
             for req in list(self.live.values()):
@@ -235,6 +249,11 @@ class Requests:
                 done.append(self._finish(req))
             self._awaiting_output.clear()
             return done
+
+    def accept(self) -> None:
+        """Take requests again (the controller answers again)."""
+        with self.lock:
+            self.refusing = None
 
     def tick(self, now: float) -> list[Request]:
         """Executes whose output did not end within :data:`OUTPUT_GRACE` of their reply

@@ -46,7 +46,7 @@ from kernel_engine.errors import (
 from ._bounded import BoundedDict, History
 from ._io import IOThread
 from ._metadata import ExecuteReply, Metadata
-from ._request import Request, Requests
+from ._request import Refused, Request, Requests
 
 log = logging.getLogger("jupyter_ext")
 
@@ -86,6 +86,8 @@ class Transport:
         self.engines: dict[int, dict[str, Any]] = {}
         self.dead: dict[int, str] = {}
         self._iopub_handlers: list[IopubHandler] = []
+        # direct requests failed when the controller was lost, whose end it never heard of
+        self._unreported: BoundedDict[str, int] = BoundedDict(max_results)
         self.closed = False
         self._welcomed = threading.Event()
         self.io = IOThread(
@@ -221,10 +223,15 @@ class Transport:
             md.update(md_extra)
         channel = "controller" if engine_id is None else route.split(b":", 1)[0].decode()
         req = Request(msg_id, md, kind, channel, frames, route, track, header)
+        try:
+            path = self.requests.add(req)
+        except Refused as exc:
+            if self.closed:
+                raise RuntimeError(str(exc)) from None
+            raise EngineError("EngineError", str(exc)) from None
         if kind != "hub":
             self.metadata[msg_id] = md
             self.history.append(msg_id)
-        path = self.requests.add(req)
         if path is not None:
             self._send(req, path)
         return req
@@ -266,6 +273,7 @@ class Transport:
 
     def ask(self, msg_type: str, request: Any, timeout: float | None = 30.0) -> dict[str, Any]:
         """Send a request to the controller itself and return the reply's content."""
+        self.check_blocking(msg_type)
         future = self.tell(msg_type, request)
         try:
             reply: dict[str, Any] = future.result(timeout)
@@ -296,6 +304,11 @@ class Transport:
         req = self.requests.get(msg.parent_id)
         if lanes is not None and req is not None and req.path == "direct":
             lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, frames[1:])
+        elif lanes is not None and req is None and msg.parent_id in self._unreported:
+            # failed here when the controller was lost; the controller still waits to hear
+            lanes.direct_done(
+                msg.parent_id, self._unreported.pop(msg.parent_id), msg.metadata, frames[1:]
+            )
         self._take_reply(msg, msg.metadata, None)
 
     def _take_reply(
@@ -448,11 +461,20 @@ class Transport:
         done.wait(timeout)
 
     def _controller_lost(self, reason: str) -> None:
-        """Everything waiting fails: the controller is gone or out of reach (IO thread)."""
-        self._settle(self.requests.fail_all(lambda r: _engine_error(reason, r)))
+        """Everything waiting fails: the controller is gone or out of reach (IO thread).
+
+        Requests that went to a lane directly may still finish there; should their replies
+        come, the controller (if it is back) is told, since nobody else can tell it.
+        """
+        done = self.requests.fail_all(lambda r: _engine_error(reason, r), refuse=reason)
+        for req in done:
+            if req.path == "direct" and req.engine_id is not None:
+                self._unreported[req.msg_id] = req.engine_id
+        self._settle(done)
 
     def _back(self) -> None:
-        """The controller answers again: refresh the engines (IO thread)."""
+        """The controller answers again: take requests, refresh the engines (IO thread)."""
+        self.requests.accept()
         future = self.tell(protocol.CONNECT_REQUEST, protocol.Empty())
 
         def refresh(f: concurrent.futures.Future[Any]) -> None:
@@ -541,8 +563,8 @@ class Transport:
                 raise TypeError(f"cannot wait for {type(job).__name__}")
         return out
 
-    @staticmethod
     def wait(
+        self,
         futures: Iterable[concurrent.futures.Future[Any]],
         timeout: float | None,
         first: bool = False,
@@ -550,17 +572,31 @@ class Transport:
         """Wait for all (or with ``first``, any) of ``futures``; whether they are done."""
         futures = list(futures)
         how = concurrent.futures.FIRST_COMPLETED if first else concurrent.futures.ALL_COMPLETED
+        if timeout != 0 and not all(f.done() for f in futures):
+            self.check_blocking("waiting")
         done, not_done = concurrent.futures.wait(futures, timeout, how)
         return bool(done) if first else not not_done
 
     # ----- lifetime
 
     def close(self) -> None:
-        """Stop the IO thread and close the sockets (the cluster keeps running)."""
+        """Stop the IO thread and close the sockets (the cluster keeps running); whatever
+        still waits for a reply fails at once, since none can come now."""
         if self.closed:
             return
         self.closed = True
         self.io.stop()
+        why = "this Client is closed: no reply can reach it (the work may still run)"
+        self._settle(self.requests.fail_all(lambda r: _closed_error(why, r), refuse=why))
+
+    def check_blocking(self, what: str) -> None:
+        """Refuse to block the IO thread: a wait there (in a done-callback, say) would wait
+        for a reply that only this thread could deliver, for ever."""
+        if threading.current_thread() is self.io.thread:
+            raise RuntimeError(
+                f"{what} would wait for ever: it was called on the client's IO thread "
+                "(from a done-callback?); wait from another thread, or chain futures"
+            )
 
 
 def _engine_of(route: bytes) -> int | None:
@@ -570,6 +606,12 @@ def _engine_of(route: bytes) -> int | None:
 def _engine_error(reason: str, req: Request) -> EngineError:
     info = {"engine_id": req.engine_id, "msg_id": req.msg_id}
     return EngineError("EngineError", reason, None, info)
+
+
+def _closed_error(reason: str, req: Request) -> RemoteError:
+    return RemoteError(
+        "ClientClosed", reason, None, {"engine_id": req.engine_id, "msg_id": req.msg_id}
+    )
 
 
 def _hub_error(reply: dict[str, Any]) -> Exception:

@@ -116,6 +116,41 @@ HUB_ROUTE = b"hub"
 LB_ROUTE = b"lb"
 CHANNELS = ("lane", "shell", "control")
 
+SERVED: dict[str, frozenset[str]] = {
+    "lb": frozenset({APPLY_REQUEST}),
+    "lane": frozenset({APPLY_REQUEST}),
+    "shell": frozenset(
+        {
+            "execute_request",
+            "complete_request",
+            "inspect_request",
+            "history_request",
+            "is_complete_request",
+            "comm_info_request",
+            "kernel_info_request",
+        }
+    ),
+    "control": frozenset(
+        {
+            "shutdown_request",
+            "interrupt_request",
+            "kernel_info_request",
+            "usage_request",
+            "debug_request",
+            ENGINE_ABORT_REQUEST,
+        }
+    ),
+}
+"""The requests each route takes: those its engine (or scheduler) answers. Anything else
+is refused at the controller's edge: a request nobody answers would hold its place (an
+engine's slot, a client's wait) for ever."""
+
+
+def reply_type(msg_type: str) -> str:
+    """The reply's message type for a request's (``x_request`` -> ``x_reply``)."""
+    return msg_type[: -len("_request")] + "_reply" if msg_type.endswith("_request") else "error"
+
+
 MAX_IDS = 1_000_000
 """Most msg_ids (or engine ids) one request may name."""
 
@@ -200,7 +235,7 @@ def fail_reply(
     ``client`` is the identity the reply goes to; the reply's parent is the request's
     header, so the client matches it to its request.
     """
-    msg_type = str(request_header.get("msg_type", APPLY_REQUEST)).replace("_request", "_reply")
+    msg_type = reply_type(str(request_header.get("msg_type", APPLY_REQUEST)))
     metadata = {"engine_id": engine_id, "status": "error", "completed": utcnow_iso()}
     route = HUB_ROUTE if engine_id is None else str(engine_id).encode()
     content = error_content(ename, evalue)

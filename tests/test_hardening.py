@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,35 @@ def test_bad_flags_that_reach_the_controller_get_errors_and_hurt_nobody(cluster_
     assert rc[:].apply_sync(abs, -2) == [2, 2]
 
 
+@pytest.mark.parametrize(
+    ("route", "msg_type"),
+    [
+        (protocol.LB_ROUTE, "px_bogus_request"),
+        (b"lane:0", "execute_request"),
+        (b"shell:0", "apply_request"),
+        (b"control:0", "comm_msg"),
+    ],
+)
+def test_a_request_nobody_would_answer_is_refused_and_holds_no_place(rc, route, msg_type):
+    """Forty of them, before: each held a scheduler slot on an engine for ever, until load
+    balancing stopped for every client."""
+    raw = Raw(_info(rc), _info(rc)["client_port"])
+    try:
+        sent = []
+        for _ in range(40):
+            header, frames = raw.pack(msg_type, route, buffers=pack_apply(abs, (1,), {}))
+            raw.send(frames)
+            sent.append(header)
+        replies = raw.replies(len(sent))
+    finally:
+        raw.close()
+    for header in sent:
+        content = replies[header["msg_id"]].content
+        assert content["status"] == "error" and msg_type in content["evalue"]
+    assert rc.queue_status()["unassigned"] == 0
+    assert rc.load_balanced_view().map_sync(abs, range(-40, 0)) == list(range(40, 0, -1))
+
+
 # ----- 2. duplicates and replays
 
 
@@ -223,6 +253,13 @@ def test_a_paused_controller_kills_no_healthy_engine(cluster_factory):
     cluster, rc = cluster_factory.start(2)
     pids = _pids(cluster, rc)
     ar = rc.load_balanced_view().apply_async(time.sleep, 1)
+    lanes = rc.transport.io.lanes
+    deadline = time.monotonic() + 5
+    while not lanes.usable(1):  # (once its lane has answered a ping)
+        assert time.monotonic() < deadline, "engine 1's lane never answered"
+        time.sleep(0.01)
+    direct = rc[1].apply_async(time.sleep, 6)  # still running when the client gives up
+    assert rc.transport.requests.get(direct.msg_ids[0]).path == "direct"
     time.sleep(0.2)
     os.kill(cluster.controller_pid, signal.SIGSTOP)
     try:
@@ -237,6 +274,14 @@ def test_a_paused_controller_kills_no_healthy_engine(cluster_factory):
     assert rc[:].apply_sync(abs, -1) == [1, 1]
     record = rc.db_query({"msg_id": ar.msg_ids[0]})
     assert record and record[0]["status"] == "ok"  # the task was not failed
+    with pytest.raises(jx.EngineError, match="no heartbeat"):
+        direct.get(1)
+    # the direct task finished on its lane after all: the client tells the controller
+    deadline = time.monotonic() + 10
+    while rc.db_query({"msg_id": direct.msg_ids[0]})[0]["status"] != "ok":
+        assert time.monotonic() < deadline, "the controller never heard how it ended"
+        time.sleep(0.1)
+    assert rc.queue_status(1)["queue"] == 0
 
 
 def _wait_back(*clients: jx.Client, timeout: float = 10.0) -> None:
@@ -290,6 +335,46 @@ def test_a_killed_controller_fails_a_remote_clients_wait(cluster_factory, tmp_pa
         os.kill(cluster.controller_pid, signal.SIGKILL)
         with pytest.raises(jx.EngineError, match="controller"):
             ar.get(10)
+
+
+def test_closing_a_client_fails_what_waits_instead_of_leaving_it_pending(rc):
+    other = jx.Client(rc.connection_file)
+    direct = other[0].apply_async(time.sleep, 2)
+    balanced = other.load_balanced_view().apply_async(time.sleep, 2)
+    other.close()
+    for ar in (direct, balanced):
+        with pytest.raises(jx.RemoteError, match="Client is closed"):
+            ar.get(1)
+    with pytest.raises(RuntimeError, match="closed"):
+        other[0].apply_async(abs, 1)
+    rc[:].apply_sync(time.sleep, 0)  # (the engines finish the sleeps)
+
+
+def test_a_blocking_call_in_a_done_callback_raises_instead_of_hanging(rc):
+    seen: list[BaseException | int] = []
+    done = threading.Event()
+
+    def callback(_):
+        try:
+            seen.append(rc[0].apply_sync(abs, -1))
+        except BaseException as exc:
+            seen.append(exc)
+        done.set()
+
+    rc[0].apply_async(abs, 1).add_done_callback(callback)
+    assert done.wait(5)
+    assert isinstance(seen[0], RuntimeError) and "IO thread" in str(seen[0])
+    assert rc[0].apply_sync(abs, -2) == 2  # the client is fine
+
+
+def test_another_client_sees_a_failed_tasks_real_error(rc):
+    view = rc.load_balanced_view()
+    view.time_limit = 0.3
+    ar = view.apply_async(time.sleep, 5)
+    with pytest.raises(jx.TaskTimeout):
+        ar.get(10)
+    with jx.Client(rc.connection_file) as other, pytest.raises(jx.TaskTimeout):
+        other.get_result(ar.msg_ids[0]).get(5)
 
 
 # ----- 7. memory that must shrink, and history that must not grow
@@ -487,8 +572,9 @@ def test_a_load_balanced_tasks_engine_death_says_which_and_how(cluster_factory):
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(
         jx.EngineError, match=rf"engine 0 \(pid {pid}\) was killed by signal SIGKILL"
-    ):
+    ) as info:
         ar.get(5)
+    assert info.value.engine_id == 0
 
 
 # ----- 10. no key left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from jupyter_ext._request import (
     REPLIED,
     SENT,
     WAITING,
+    Refused,
     Request,
     Requests,
 )
@@ -169,6 +171,17 @@ def test_a_send_that_fails_leaves_the_request_for_fail_engine():
     assert waiting.state == SENT and waiting.unsent.is_set()
     done = t.requests.fail_engine(0, lambda r: EngineError("EngineError", "lane closed"))
     assert waiting in done
+
+
+def test_after_fail_all_with_refuse_nothing_slips_in_until_accepted():
+    t = Table()
+    t.new(0)
+    t.requests.fail_all(lambda r: EngineError("EngineError", "gone"), refuse="lost contact")
+    with pytest.raises(Refused, match="lost contact"):
+        t.new(1)
+    assert len(t.requests) == 0
+    t.requests.accept()
+    assert t.new(1).state == SENT
 
 
 EVENTS = st.lists(

@@ -268,7 +268,12 @@ class Controller:
             else:
                 self._hub_request(client, msg)
             return
-        if self.hub.known(msg.msg_id) or msg.msg_id in self.inflight:
+        if msg.msg_type not in protocol.SERVED[channel]:
+            why = f"{channel} does not serve {msg.msg_type[:60]!r} (nobody would answer it)"
+            self.send_client(
+                protocol.fail_reply(self.wire, client, msg.header, eid, "ValueError", why)
+            )
+        elif self.hub.known(msg.msg_id) or msg.msg_id in self.inflight:
             self._duplicate(client, msg)
         elif eid is None:
             self.balancer.submit(client, msg, frames[3:])
@@ -301,10 +306,9 @@ class Controller:
         except Exception as exc:
             self.loop._failed(f"controller request {msg.msg_type}", exc)
             content = protocol.error_content(type(exc).__name__, str(exc))
-        reply_type = msg.msg_type.replace("_request", "_reply")
         self.wire.send(
             self.clients_socket,
-            reply_type,
+            protocol.reply_type(msg.msg_type),
             content,
             msg.header,
             buffers=buffers,

@@ -191,7 +191,7 @@ class Balancer:
                 queued = self.tasks.pop(action.msg_id, None)
                 self.inflight.pop(action.msg_id, answered=False)
                 if queued is not None:
-                    self._reply_error(queued, action.kind, action.reason)
+                    self._reply_error(queued, action.kind, action.reason, action.eid)
             elif isinstance(action, Interrupt):
                 self._interrupt(action)
             elif isinstance(action, Resubmit):
@@ -216,13 +216,23 @@ class Balancer:
             except (KeyError, ValueError) as exc:
                 log.error("could not interrupt engine %i: %s", action.eid, exc)
 
-    def _refuse(self, client: bytes, header: dict[str, Any], ename: str, evalue: str) -> None:
-        """A request refused before it became a task (no record)."""
-        self.send_client(protocol.fail_reply(self.wire, client, header, None, ename, evalue))
+    def _refuse(
+        self,
+        client: bytes,
+        header: dict[str, Any],
+        ename: str,
+        evalue: str,
+        eid: int | None = None,
+    ) -> None:
+        """A request refused before it became a task (no record), or a task that failed
+        (on engine ``eid``, if it got that far)."""
+        self.send_client(protocol.fail_reply(self.wire, client, header, eid, ename, evalue))
 
-    def _reply_error(self, queued: _Queued, kind: str, reason: str) -> None:
-        self.hub.completed(str(queued.header.get("msg_id", "")), "error")
-        self._refuse(queued.client, queued.header, kind, reason)
+    def _reply_error(self, queued: _Queued, kind: str, reason: str, eid: int | None = None) -> None:
+        frames = protocol.fail_reply(self.wire, queued.client, queued.header, eid, kind, reason)
+        self.send_client(frames)
+        msg_id = str(queued.header.get("msg_id", ""))
+        self.hub.completed(msg_id, "error", frames=frames[3:])  # (from the signature on)
 
     def queue_status(self) -> dict[str, Any]:
         return self.scheduler.queue_status()

@@ -269,6 +269,10 @@ class EngineSet:
             setup = protocol.EngineSetup(engine.id, self.cluster_id)
             self.wire.send(lane, protocol.ENGINE_SETUP_REQUEST, setup.to_content())
         elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
+            if msg.content.get("status") != "ok":
+                why = str(msg.content.get("evalue", "no reason given"))[:200]
+                self._fail(engine, f"refused to be set up by this controller: {why}")
+                return
             # Ready only once its iopub reaches us too: a subscription takes effect a little
             # after connecting, and output published before that would be lost.
             if engine.iopub_seen:

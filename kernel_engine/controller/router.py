@@ -170,11 +170,10 @@ class Router:
         for msg_id, pending in self.inflight.pop_engine(engine_id):
             if pending.kind == "lb":
                 continue
-            self.hub.completed(msg_id, "error")
+            frames = protocol.fail_reply(
+                self.wire, pending.client, pending.header, engine_id, "EngineError", reason
+            )
+            self.hub.completed(msg_id, "error", frames=frames[3:])  # (from the signature on)
             self.balancer.outcome(msg_id, engine_id, False)
             if pending.kind == "routed":
-                self.send_client(
-                    protocol.fail_reply(
-                        self.wire, pending.client, pending.header, engine_id, "EngineError", reason
-                    )
-                )
+                self.send_client(frames)

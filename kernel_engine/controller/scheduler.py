@@ -49,11 +49,13 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Fail:
-    """Final outcome: reply to the client with an error of class ``kind``."""
+    """Final outcome: reply to the client with an error of class ``kind`` (``eid``: the
+    engine it was on, if it had been dispatched)."""
 
     msg_id: str
     kind: FailKind
     reason: str
+    eid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,8 +480,9 @@ class Scheduler:
         return ", ".join(sorted(bad or s.msg_ids))
 
     def _fail(self, job: _Job, kind: FailKind, reason: str, out: list[Action]) -> None:
-        out.append(Fail(job.mid, kind, reason))  # a dispatched job failed on its engine:
-        self._finish(job.mid, job.eid if job.state == RUNNING else None, False, out)
+        eid = job.eid if job.state == RUNNING else None  # a dispatched job failed on its engine
+        out.append(Fail(job.mid, kind, reason, eid))
+        self._finish(job.mid, eid, False, out)
 
     def _finish(self, msg_id: str, eid: int | None, success: bool, out: list[Action]) -> None:
         """Record a final outcome and re-evaluate dependents (iteratively: chains may be long)."""

@@ -221,8 +221,16 @@ class TaskLane:
             return self.wire.pack(
                 protocol.ENGINE_SETUP_REPLY, {"status": "ok"}, msg.header, idents=idents
             )[1]
+        # a signed request nobody would answer: answered with an error, so that whoever
+        # waits for it (the controller's books, a client) does not wait for ever
         self.drops.drop(f"unknown message type {msg.msg_type[:40]!r}")
-        return None
+        refused = protocol.error_content(
+            "ValueError", f"a task lane does not serve {msg.msg_type[:60]!r}"
+        )
+        metadata = {"status": "error", "engine_id": self.kernel.engine_id}
+        return self.wire.pack(
+            protocol.reply_type(msg.msg_type), refused, msg.header, metadata, idents=idents
+        )[1]
 
     def _apply(self, msg: wire.Message, idents: list[bytes]) -> list[Any]:
         kernel = self.kernel
