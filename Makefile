@@ -12,7 +12,7 @@ QUIET_PIP := { grep -v -e "is ignored" -e "^$$" || true; }
 APT_PACKAGES := chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest bench install system-deps clean
+.PHONY: demo test lint typecheck pytest pythons bench install system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,11 @@ system-deps:
 pytest: install system-deps
 	$(PY) -m pytest -q -p no:randomly $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# the fast tests and the quickstart under Python 3.10, 3.12 and 3.13 too
+pythons:
+	.ci/other-pythons
+
+test: lint typecheck pytest pythons
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
@@ -54,4 +58,4 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-3.* build *.egg-info

@@ -11,7 +11,10 @@ import concurrent.futures
 import os
 import signal
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self  # (3.11; only type checkers read it)
 
 from kernel_engine import protocol
 from kernel_engine.errors import InvalidTarget, NoEnginesRegistered

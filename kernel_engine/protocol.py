@@ -29,7 +29,10 @@ import math
 import re
 import signal
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self  # (3.11; only type checkers read it)
 
 from .wire import Wire, utcnow_iso
 
