@@ -5,6 +5,7 @@
 """
 
 from kernel_engine.errors import (
+    AlreadyDisplayedError,
     ClusterError,
     CompositeError,
     DependencyTimeout,
@@ -12,62 +13,126 @@ from kernel_engine.errors import (
     ImpossibleDependency,
     InvalidDependency,
     InvalidTarget,
+    IPythonError,
+    KernelError,
     NoEnginesRegistered,
     RemoteError,
     SerializationError,
     TaskAborted,
+    TaskRejectError,
     TaskTimeout,
     UnmetDependency,
+    collect_exceptions,
+    unwrap_exception,
+    wrap_exception,
 )
 from kernel_engine.serialize import Reference, interactive
 
 from ._asyncresult import AsyncHubResult, AsyncMapResult, AsyncResult
+from ._canning import (
+    PrePickled,
+    can,
+    can_map,
+    deserialize_object,
+    pack_apply_message,
+    serialize_object,
+    uncan,
+    uncan_map,
+    unpack_apply_message,
+    use_cloudpickle,
+    use_dill,
+    use_pickle,
+)
 from ._client import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Client
 from ._cluster import Cluster
-from ._dependency import Dependency, depend, require
-from ._lbview import LoadBalancedView
+from ._dependency import Dependency, depend, dependent, require
+from ._executor import ViewExecutor
+from ._lbview import LazyMapIterator, LoadBalancedView
 from ._magics import load_ipython_extension
+from ._manager import ClusterManager
 from ._metadata import ExecuteReply, Metadata
 from ._remotefunction import ParallelFunction, RemoteFunction, parallel, remote
-from ._views import DirectView, View
+from ._views import BroadcastView, DirectView, View
+from .integrations.joblib import register_joblib_backend
 
 __version__ = "0.1.0"
+version_info = (0, 1, 0)
+
+TimeoutError = TimeoutError  # (the builtin, as IPython Parallel re-exports it)
+
+
+def bind_kernel(**kwargs: object) -> None:
+    """IPython Parallel's way to make an engine a kernel a console can attach to.
+
+    jupyter-px's engines are Jupyter kernels already (``rc.engine_info(i)
+    ["connection_info"]``, or ``jupyter console --existing`` on its connection file):
+    there is nothing to do.
+    """
+
 
 __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "AlreadyDisplayedError",
     "AsyncHubResult",
     "AsyncMapResult",
     "AsyncResult",
+    "BroadcastView",
     "Client",
     "Cluster",
     "ClusterError",
+    "ClusterManager",
     "CompositeError",
     "Dependency",
     "DependencyTimeout",
     "DirectView",
     "EngineError",
     "ExecuteReply",
+    "IPythonError",
     "ImpossibleDependency",
     "InvalidDependency",
     "InvalidTarget",
+    "KernelError",
+    "LazyMapIterator",
     "LoadBalancedView",
     "Metadata",
     "NoEnginesRegistered",
     "ParallelFunction",
+    "PrePickled",
     "Reference",
     "RemoteError",
     "RemoteFunction",
     "SerializationError",
     "TaskAborted",
+    "TaskRejectError",
     "TaskTimeout",
+    "TimeoutError",
     "UnmetDependency",
     "View",
+    "ViewExecutor",
+    "bind_kernel",
+    "can",
+    "can_map",
+    "collect_exceptions",
     "depend",
+    "dependent",
+    "deserialize_object",
     "interactive",
     "load_ipython_extension",
+    "pack_apply_message",
     "parallel",
+    "register_joblib_backend",
     "remote",
     "require",
+    "serialize_object",
+    "uncan",
+    "uncan_map",
+    "unpack_apply_message",
+    "unwrap_exception",
+    "use_cloudpickle",
+    "use_dill",
+    "use_pickle",
+    "version_info",
+    "wrap_exception",
 ]

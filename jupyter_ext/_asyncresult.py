@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import sys
 import threading
 import time
@@ -17,12 +18,32 @@ from kernel_engine import protocol
 from kernel_engine.errors import CompositeError, RemoteError
 
 from ._metadata import METADATA_KEYS, Metadata
+from ._outputs import display_outputs
 from ._progress import wait_with_progress
 from ._reprs import result_html
 from ._request import Request
 
 if TYPE_CHECKING:
     from ._client import Client
+
+
+ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
+FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
+FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
+RETURN_WHEN = (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION)
+
+
+def as_timeout(timeout: Any) -> float | None:
+    """A timeout in seconds; None, or a negative number (IPython Parallel's -1), waits
+    for ever. Anything else raises TypeError/ValueError naming ``timeout``."""
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout < 0:
+        return None
+    return protocol.check_seconds("timeout", timeout)
+
+
+def _check_return_when(return_when: Any) -> None:
+    if return_when is not None and return_when not in RETURN_WHEN:
+        raise ValueError(f"return_when must be one of {RETURN_WHEN}, not {return_when!r}")
 
 
 def _wait_one(future: concurrent.futures.Future, timeout: float | None) -> bool:  # type: ignore[type-arg]
@@ -107,8 +128,17 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     def _reconstruct(self, results: list[Any]) -> Any:
         return results[0] if self._single else results
 
-    def get(self, timeout: float | None = None) -> Any:
-        """The result, waiting up to ``timeout`` s (None: forever).
+    def get(
+        self,
+        timeout: float | None = None,
+        return_exceptions: bool | None = None,
+        return_when: str | None = None,
+    ) -> Any:
+        """The result, waiting up to ``timeout`` s (None or negative: forever).
+
+        ``return_exceptions``: a task that raised gives its error as its result instead
+        of raising. ``return_when=FIRST_EXCEPTION``: raise as soon as one task fails,
+        without waiting for the others.
 
         Raises
         ------
@@ -117,17 +147,35 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         RemoteError, CompositeError
             When the task (or several) raised.
         """
-        protocol.check_seconds("timeout", timeout)
+        timeout = as_timeout(timeout)
+        _check_return_when(return_when)
         try:
+            if return_when == FIRST_EXCEPTION and not return_exceptions:
+                self._raise_first_error(timeout)
             ready = self.wait(timeout)
         except KeyboardInterrupt:
             self._interrupt_running()
             raise
         if not ready:
             raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
+        if return_exceptions:
+            return self._reconstruct(self._outcomes())
         return super().result()
 
-    def _interrupt_running(self, grace: float = 5.0) -> list[int]:
+    def _raise_first_error(self, timeout: float | None) -> None:
+        """Wait until a task fails (raise its error) or all are done."""
+        if not self.done():
+            self._transport.check_blocking("AsyncResult.get")
+        concurrent.futures.wait(self._children, timeout, FIRST_EXCEPTION)
+        for f in self._children:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    def _outcomes(self) -> list[Any]:
+        """Each task's result, or its error in its place."""
+        return [f.exception() or f.result() for f in self._children]
+
+    def _interrupt_running(self, grace: float = 5.0, signum: int = 2) -> list[int]:
         """Ctrl-C here: interrupt the engines running this work, wait ``grace`` s for them.
 
         Returns the engines interrupted.
@@ -136,7 +184,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         if not pending:
             return []
         try:
-            engines = self._transport.interrupt(pending)
+            engines = self._transport.interrupt(pending, signum)
         except Exception:
             return []
         _wait_one(self, grace)
@@ -151,14 +199,56 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         """Shorthand for ``get()``."""
         return self.get()
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, return_when: str | None = None) -> Any:
         """Wait until done or ``timeout`` s pass; returns whether done. Never raises
         (but for a ``timeout`` that is not a number of seconds, or a wait on the client's
-        IO thread, which could never end)."""
-        timeout = protocol.check_seconds("timeout", timeout)
+        IO thread, which could never end).
+
+        With ``return_when`` (``ALL_COMPLETED``, ``FIRST_COMPLETED``, ``FIRST_EXCEPTION``),
+        waits as ``concurrent.futures.wait`` does and returns ``(done, pending)``: sets of
+        this result's parts (:meth:`split`).
+        """
+        timeout = as_timeout(timeout)
+        _check_return_when(return_when)
         if timeout != 0 and not self.done():
             self._transport.check_blocking("AsyncResult.wait")
-        return _wait_one(self, timeout)
+        if return_when is None:
+            return _wait_one(self, timeout)
+        done, _ = concurrent.futures.wait(self._children, timeout, return_when)
+        parts = self.split()
+        finished = {p for p, f in zip(parts, self._children) if f in done}
+        return finished, set(parts) - finished
+
+    def wait_for_output(self, timeout: float | None = None) -> bool:
+        """Wait until the tasks' output is complete (an ``execute`` ends only once its
+        engine is idle again, so this is :meth:`wait`); returns whether it is."""
+        return bool(self.wait(timeout))
+
+    def split(self) -> tuple[AsyncResult, ...]:
+        """One AsyncResult per message (per engine of an apply, per chunk of a map)."""
+        return tuple(self._part(i) for i in range(len(self._children)))
+
+    def _part(self, i: int) -> AsyncResult:
+        return AsyncResult(self._client, [self._children[i]], self._fname, single=True)
+
+    @classmethod
+    def join(cls, *results: AsyncResult) -> AsyncResult:
+        """One AsyncResult over the messages of several (of one client)."""
+        if not results:
+            raise ValueError("join needs at least one AsyncResult")
+        children = [f for ar in results for f in ar._children]
+        if all(isinstance(ar, AsyncMapResult) for ar in results):
+            sizes = [n for ar in results for n in ar._chunk_sizes]  # type: ignore[attr-defined]
+            return AsyncMapResult(results[0]._client, children, sizes, results[0]._fname)
+        return AsyncResult(results[0]._client, children, results[0]._fname)
+
+    @property
+    def result_dict(self) -> dict[int, Any]:
+        """:meth:`get_dict`."""
+        return self.get_dict()
+
+    owner = True
+    """Kept for IPython Parallel: results are cached by the client either way."""
 
     def ready(self) -> bool:
         """Whether the result has arrived (successful or not)."""
@@ -208,6 +298,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             return values[0] if self._single and len(values) == 1 else values
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(METADATA_KEYS))
+
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return getattr(self, key) if key in METADATA_KEYS else self.__getattr__(key)
@@ -251,19 +344,42 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         received = [md["received"] for md in self._metadata_list() if md["received"]]
         return max(received) if received else None
 
+    def _require_done(self, what: str) -> None:
+        if not self.done():
+            raise TimeoutError(f"{what} is only known once every task is done")
+
     @property
     def serial_time(self) -> float:
-        """Sum of the tasks' run times on their engines, in seconds."""
+        """Sum of the tasks' run times on their engines, in seconds (TimeoutError while
+        some are pending)."""
+        self._require_done("serial_time")
         return sum(md.duration() for md in self._metadata_list())
 
     @property
     def wall_time(self) -> float:
-        """Seconds from the first submission to the last result received."""
+        """Seconds from the first submission to the last result received (TimeoutError
+        while some are pending)."""
+        self._require_done("wall_time")
         submitted = [md["submitted"] for md in self._metadata_list() if md["submitted"]]
         last = self._received_last()
         if not submitted or last is None:
             return 0.0
         return (last - min(submitted)).total_seconds()
+
+    def timedelta(self, start: Any, end: Any, start_key: Any = min, end_key: Any = max) -> float:
+        """Seconds between metadata times (``"submitted"``, ``"started"``, ``"completed"``,
+        ``"received"``, or datetimes), reduced over tasks by ``start_key``/``end_key``."""
+
+        def when(point: Any, reduce: Any) -> datetime:
+            if isinstance(point, datetime):
+                return point
+            times = [md[point] for md in self._metadata_list() if md.get(point)]
+            if not times:
+                raise ValueError(f"no task has a {point!r} time yet")
+            chosen: datetime = reduce(times)
+            return chosen
+
+        return (when(end, end_key) - when(start, start_key)).total_seconds()
 
     @property
     def sent(self) -> bool:
@@ -272,6 +388,10 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             (f.unsent is None or f.unsent.is_set()) and (f.tracker is None or f.tracker.done)
             for f in self._children
         )
+
+    def wait_for_send(self, timeout: float | None = None) -> None:
+        """IPython Parallel's name of :meth:`wait_on_send`."""
+        self.wait_on_send(timeout)
 
     def wait_on_send(self, timeout: float | None = None) -> None:
         """Block until zmq is done with the buffers sent (``track=True``)."""
@@ -288,33 +408,62 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
                 except zmq.NotDone:
                     raise TimeoutError(f"buffers still being sent after {timeout} s") from None
 
-    def display_outputs(self, groupby: str = "type") -> None:
-        """Print each engine's stdout and stderr, labelled ``[stdout:0]``."""
-        for md in self._metadata_list():
-            eid = md["engine_id"]
-            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-                text = md[name]
-                if text:
-                    print(
-                        f"[{name}:{eid}] {text}",
-                        end="" if text.endswith("\n") else "\n",
-                        file=stream,
-                    )
+    @contextlib.contextmanager
+    def stream_output(self) -> Iterator[None]:
+        """``with ar.stream_output():`` prints the tasks' output as it arrives, labelled
+        ``[stdout:0]`` (output that came before is not repeated)."""
+        msg_ids = set(self.msg_ids)
+
+        def show(eid: int, msg: Any) -> None:
+            if msg.parent_id not in msg_ids:
+                return
+            content = msg.content
+            if msg.msg_type == "stream":
+                name = "stderr" if content.get("name") == "stderr" else "stdout"
+                out = sys.stderr if name == "stderr" else sys.stdout
+                print(f"[{name}:{eid}] {content.get('text', '')}", end="", file=out, flush=True)
+            elif msg.msg_type == "error":
+                print(f"[{eid}] {content.get('ename')}: {content.get('evalue')}", file=sys.stderr)
+
+        self._transport.add_iopub_handler(show)
+        try:
+            yield
+        finally:
+            self._transport.remove_iopub_handler(show)
+
+    def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
+        """Show what the tasks printed and displayed, labelled ``[stdout:0]``, grouped by
+        ``type``, ``engine`` or ``order`` (see :mod:`._outputs`)."""
+        display_outputs(self._metadata_list(), groupby, result_only)
 
     def wait_interactive(
         self,
         interval: float = 0.1,
         timeout: float | None = None,
         widget: bool | None = None,
+        return_when: str = ALL_COMPLETED,
         show: bool = True,
     ) -> None:
         """Wait, showing progress (a widget in a notebook, text elsewhere).
 
-        ``widget=False`` forces the text bar; ``show=False`` (or the environment variable
+        ``return_when`` stops waiting early, as in :meth:`wait`. ``widget=False`` forces
+        the text bar; ``show=False`` (or the environment variable
         ``JUPYTER_PX_PROGRESS=off``) shows nothing. Returns nothing (so a notebook shows no
         ``Out``), like IPython Parallel's; ``ready()`` says whether it finished in time.
         """
-        wait_with_progress(self, interval=interval, timeout=timeout, widget=widget, show=show)
+        _check_return_when(return_when)
+        timeout = as_timeout(timeout)
+
+        def finished(wait: float) -> bool:
+            if return_when == ALL_COMPLETED:
+                return bool(self.wait(wait))
+            done, _ = concurrent.futures.wait(self._children, wait, return_when)
+            failed = any(not f.cancelled() and f.exception() for f in done)
+            return self.done() or (bool(done) if return_when == FIRST_COMPLETED else failed)
+
+        wait_with_progress(
+            self, interval=interval, timeout=timeout, widget=widget, show=show, finished=finished
+        )
 
     def _total(self) -> int:
         return len(self._children)
@@ -368,8 +517,20 @@ class AsyncMapResult(AsyncResult):
         exc = f.exception()
         if exc is None:
             return f.result()
-        size = self._chunk_sizes[self._children.index(f)]
+        size = self._chunk_sizes[self._index[id(f)]]
         return [exc] * size
+
+    def _outcomes(self) -> list[Any]:
+        return [self._chunk_result(f) for f in self._children]
+
+    def _part(self, i: int) -> AsyncResult:
+        return AsyncMapResult(
+            self._client,
+            [self._children[i]],
+            [self._chunk_sizes[i]],
+            self._fname,
+            return_exceptions=self._return_exceptions,
+        )
 
     def _reconstruct(self, results: list[Any]) -> list[Any]:
         ordered = results
@@ -458,13 +619,16 @@ class AsyncHubResult(AsyncResult):
                 status = record["status"]
                 f.set_exception(KeyError(f"{f.msg_id} ended {status!r}; no reply is stored"))
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, return_when: str | None = None) -> Any:
+        """Ask the controller until done (or ``timeout`` s); then as
+        :meth:`AsyncResult.wait`."""
+        timeout = as_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done():
             self._poll()
             if self.done():
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                return False
+                break
             time.sleep(self.interval)
-        return True
+        return super().wait(0, return_when)

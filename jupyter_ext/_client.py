@@ -10,7 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 from kernel_engine import protocol
 from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
 
-from ._asyncresult import AsyncHubResult, AsyncResult
+from ._asyncresult import AsyncHubResult, AsyncResult, as_timeout
 from ._dependency import msg_ids_of
 from ._lbview import LoadBalancedView
 from ._metadata import Metadata
@@ -27,7 +28,7 @@ from ._progress import wait_futures_with_progress
 from ._reprs import client_html
 from ._request import Request
 from ._transport import Transport
-from ._views import DirectView
+from ._views import BroadcastView, DirectView
 from .integrations import dask as _dask
 
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
@@ -60,6 +61,10 @@ class Client:
         global _current
         self.transport = Transport(connection_file, timeout, max_results)
         self._dask: tuple[str, list[int]] | None = None
+        self.cluster: Any = None  # the Cluster that made this client, if one did
+        self.block = False
+        self.debug = False
+        self.profile = "default"
         _current = self
 
     # ----- state kept by the transport
@@ -79,6 +84,10 @@ class Client:
 
     def __len__(self) -> int:
         return len(self.transport.engines)
+
+    def __iter__(self) -> Iterator[DirectView]:
+        """One DirectView per engine ready now."""
+        return iter([DirectView(self, eid) for eid in self.ids])
 
     @property
     def outstanding(self) -> set[str]:
@@ -126,13 +135,26 @@ class Client:
             return DirectView(self, self.transport.targets(list(key)))
         raise TypeError(f"engines are indexed by int, slice or ids, not {type(key).__name__}")
 
-    def direct_view(self, targets: Any = "all") -> DirectView:
-        """A DirectView; ``targets='all'`` follows engines as they come and go."""
-        return DirectView(self, targets)
+    def direct_view(self, targets: Any = "all", **flags: Any) -> DirectView:
+        """A DirectView (with ``flags`` set); ``targets='all'`` follows engines as they
+        come and go."""
+        view = DirectView(self, targets)
+        view.set_flags(**flags)
+        return view
 
-    def load_balanced_view(self, targets: Any = None) -> LoadBalancedView:
-        """A LoadBalancedView over ``targets`` (None: all engines)."""
-        return LoadBalancedView(self, targets)
+    def load_balanced_view(self, targets: Any = None, **flags: Any) -> LoadBalancedView:
+        """A LoadBalancedView over ``targets`` (None: all engines), with ``flags`` set."""
+        view = LoadBalancedView(self, targets)
+        view.set_flags(**flags)
+        return view
+
+    def broadcast_view(
+        self, targets: Any = "all", is_coalescing: bool = False, **flags: Any
+    ) -> BroadcastView:
+        """A BroadcastView (the same work on every target), with ``flags`` set."""
+        view = BroadcastView(self, targets, is_coalescing)
+        view.set_flags(**flags)
+        return view
 
     def executor(self, targets: Any = None) -> Any:
         """A ``concurrent.futures.Executor`` over a load-balanced view."""
@@ -141,12 +163,21 @@ class Client:
     # ----- waiting
 
     def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
-        """Wait for msg_ids or AsyncResults (default: everything outstanding).
+        """Wait for msg_ids, history indices or AsyncResults (default: everything
+        outstanding); ``timeout`` None or negative waits for ever.
 
         Returns whether they are all done; never raises on timeout.
         """
-        timeout = protocol.check_seconds("timeout", timeout)
-        return self.transport.wait(self.transport.futures_for(jobs), timeout)
+        timeout = as_timeout(timeout)
+        return self.transport.wait(self.transport.futures_for(self._jobs(jobs)), timeout)
+
+    def _jobs(self, jobs: Any) -> Any:
+        """History indices (ints) as msg_ids; the rest as given."""
+        if isinstance(jobs, int) and not isinstance(jobs, bool):
+            return self.history[jobs]
+        if isinstance(jobs, (list, tuple)):
+            return [self.history[j] if isinstance(j, int) else j for j in jobs]
+        return jobs
 
     def wait_interactive(
         self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
@@ -157,13 +188,60 @@ class Client:
     def spin(self) -> None:
         """Kept for IPython Parallel compatibility: results arrive on the IO thread."""
 
-    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> None:
-        """Wait until at least ``n`` engines are ready."""
-        self.transport.wait_for_engines(n, timeout)
+    def spin_thread(self, interval: float = 1) -> None:
+        """Kept for IPython Parallel compatibility: the IO thread always runs."""
+
+    def stop_spin_thread(self) -> None:
+        """Kept for IPython Parallel compatibility."""
+
+    def wait_for_engines(
+        self,
+        n: int | None = None,
+        *,
+        timeout: float | None = -1,
+        block: bool = True,
+        interactive: bool | None = None,
+        widget: bool | None = None,
+    ) -> Any:
+        """Wait until at least ``n`` engines are ready (default: as many as the Cluster
+        that made this client started); ``timeout`` None or negative waits for ever.
+
+        With ``block=False``, returns a ``concurrent.futures.Future`` at once. Raises
+        TimeoutError when they are not ready in time.
+        """
+        if n is None:
+            n = self.cluster.n if self.cluster is not None else len(self.ids)
+        n = protocol.check_int("n", n, 0, protocol.MAX_IDS)
+        wait = as_timeout(timeout)
+        if block:
+            self.transport.wait_for_engines(n, wait)
+            return None
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def waiter() -> None:
+            try:
+                self.transport.wait_for_engines(n, wait)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        threading.Thread(target=waiter, name="jupyter-px-wait-engines", daemon=True).start()
+        return future
+
+    def activate(self, targets: Any = "all", suffix: str = "") -> DirectView:
+        """A blocking DirectView on ``targets`` whose magics are ``%px<suffix>``,
+        ``%%px<suffix>``, ``%autopx<suffix>``... (registered in IPython)."""
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
 
     # ----- results of earlier work
 
-    def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
+    def get_result(
+        self, indices_or_msg_ids: Any = None, block: bool | None = None, owner: bool = True
+    ) -> Any:
         """An AsyncResult for earlier work: history indices, msg_ids or AsyncResults.
 
         Work this client submitted resolves as usual; work another client submitted
@@ -224,13 +302,20 @@ class Client:
             return dict(out[targets])
         return out
 
-    def send_signal(self, sig: int, targets: Any = None, block: bool = True) -> None:
-        """Send a signal to engines' processes (``SIGINT`` interrupts running work)."""
+    def send_signal(self, sig: int | str, targets: Any = None, block: bool = True) -> Any:
+        """Send a signal (a number, or a name such as ``"SIGINT"``) to engines' processes
+        (``SIGINT`` interrupts running work). Returns the engines signalled (an
+        AsyncResult-like future of them without ``block``)."""
+        if isinstance(sig, str):
+            name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+            try:
+                sig = int(signal.Signals[name])
+            except KeyError:
+                raise ValueError(f"no signal named {sig!r}") from None
         request = protocol.SignalRequest(int(sig), tuple(self.transport.targets(targets)))
         if block:
-            self.transport.ask(protocol.SIGNAL_REQUEST, request)
-        else:
-            self.transport.tell(protocol.SIGNAL_REQUEST, request)
+            return list(self.transport.ask(protocol.SIGNAL_REQUEST, request)["targets"])
+        return self.transport.tell(protocol.SIGNAL_REQUEST, request)
 
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the engines are running (SIGINT through their kernel managers)."""
@@ -240,8 +325,15 @@ class Client:
         """Remove every name from the engines' namespaces."""
         return self.direct_view(self.transport.targets(targets)).clear(block=block)
 
-    def shutdown(self, targets: Any = "all", hub: bool = False, block: bool = True) -> None:
-        """Stop engines (and with ``hub=True`` the controller and every engine)."""
+    def shutdown(
+        self, targets: Any = "all", restart: bool = False, hub: bool = False, block: bool = True
+    ) -> None:
+        """Stop engines (and with ``hub=True`` the controller and every engine).
+
+        ``restart`` is not available (nor is it in IPython Parallel): NotImplementedError.
+        """
+        if restart:
+            raise NotImplementedError("engines cannot be restarted in place: use Cluster")
         ids = self.transport.targets(targets) if self.transport.engines else []
         request = protocol.ShutdownRequest(tuple(ids), hub)
         if not block:
@@ -265,7 +357,7 @@ class Client:
         request = protocol.DbRequest(query, None if keys is None else tuple(keys))
         return list(self.transport.ask(protocol.DB_REQUEST, request)["records"])
 
-    def result_status(self, msg_ids: Sequence[str]) -> dict[str, Any]:
+    def result_status(self, msg_ids: Sequence[str], status_only: bool = True) -> dict[str, Any]:
         """The controller's records of these tasks (``pending``, ``completed``)."""
         request = protocol.ResultRequest(tuple(msg_ids_of(msg_ids)))
         records = self.transport.ask(protocol.RESULT_REQUEST, request)["records"]
@@ -275,15 +367,17 @@ class Client:
             status["completed" if done else "pending"].append(msg_id)
         return status
 
-    def purge_local_results(self, jobs: Any = "all") -> None:
-        """Forget finished results held by this client."""
+    def purge_local_results(self, jobs: Any = "all", targets: Any = None) -> None:
+        """Forget results held by this client: ``jobs`` (msg_ids, AsyncResults) or
+        ``"all"``. Work still outstanding cannot be purged: RuntimeError."""
         results, metadata = self.transport.results, self.transport.metadata
         outstanding = self.outstanding
-        if isinstance(jobs, str) and jobs == "all":
-            done = [m for m in results if m not in outstanding]
-        else:
-            done = [j for j in msg_ids_of(jobs) if j not in outstanding]
-        for msg_id in done:
+        everything = isinstance(jobs, str) and jobs == "all"
+        chosen = list(results) if everything else msg_ids_of(jobs)
+        busy = sorted(outstanding if everything else outstanding.intersection(chosen))
+        if busy:
+            raise RuntimeError(f"cannot purge outstanding work: {busy[:5]}")
+        for msg_id in chosen:
             results.pop(msg_id, None)
             metadata.pop(msg_id, None)
 
@@ -317,13 +411,25 @@ class Client:
         """
         return _dask.become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
 
+    def purge_everything(self) -> None:
+        """Forget every finished result, here and on the controller."""
+        self.purge_results("all")
+
+    def become_distributed(self, *args: Any, **kwargs: Any) -> Any:
+        """IPython Parallel's other name of :meth:`become_dask`."""
+        return self.become_dask(*args, **kwargs)
+
+    def stop_distributed(self, targets: Any = None) -> None:
+        """IPython Parallel's other name of :meth:`stop_dask`."""
+        self.stop_dask(targets)
+
     def stop_dask(self, targets: Any = None) -> None:
         """Stop the dask scheduler and workers that ``become_dask`` started."""
         _dask.stop_dask(self, targets)
 
     # ----- lifetime
 
-    def close(self) -> None:
+    def close(self, linger: int | None = None) -> None:
         """Stop the IO thread and close the sockets (the cluster keeps running)."""
         global _current
         if _current is self:

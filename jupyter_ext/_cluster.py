@@ -167,30 +167,52 @@ class Cluster:
         """Start the controller and ``n`` engines; return when every engine is ready."""
         await asyncio.to_thread(self.start_cluster_sync, n)
 
+    def start_controller_sync(self) -> None:
+        """Start the controller alone (engines later: :meth:`start_engines`)."""
+        self.start_cluster_sync(0)
+
+    async def start_controller(self) -> None:
+        """Start the controller alone (engines later: :meth:`start_engines`)."""
+        await asyncio.to_thread(self.start_controller_sync)
+
+    def stop_controller_sync(self) -> None:
+        """Stop the controller (and so its engines)."""
+        self.stop_cluster_sync()
+
+    async def stop_controller(self) -> None:
+        """Stop the controller (and so its engines)."""
+        await asyncio.to_thread(self.stop_controller_sync)
+
     def connect_client_sync(self, **kwargs: Any) -> Client:
         """A Client of this cluster."""
         self._client = Client(self.connection_file, **kwargs)
+        self._client.cluster = self
         return self._client
 
     async def connect_client(self, **kwargs: Any) -> Client:
         """A Client of this cluster."""
         return await asyncio.to_thread(self.connect_client_sync, **kwargs)
 
-    def start_and_connect_sync(self, n: int | None = None) -> Client:
-        """Start the cluster and return a Client once every engine is ready."""
+    def start_and_connect_sync(self, n: int | None = None, activate: bool = False) -> Client:
+        """Start the cluster and return a Client once every engine is ready (with
+        ``activate``, its ``%px`` magics registered too)."""
         self.start_cluster_sync(n)
-        return self.connect_client_sync()
+        client = self.connect_client_sync()
+        if activate:
+            client.activate()
+        return client
 
-    async def start_and_connect(self, n: int | None = None) -> Client:
-        """Start the cluster and return a Client once every engine is ready."""
-        await self.start_cluster(n)
-        return await self.connect_client()
+    async def start_and_connect(self, n: int | None = None, activate: bool = False) -> Client:
+        """Start the cluster and return a Client once every engine is ready (with
+        ``activate``, its ``%px`` magics registered too)."""
+        return await asyncio.to_thread(self.start_and_connect_sync, n, activate)
 
     # ----- engines
 
     def _client_or_connect(self) -> Client:
         if self._client is None or self._client.transport.closed:
             self._client = Client(self.connection_file)
+            self._client.cluster = self
         return self._client
 
     def start_engines_sync(self, n: int, timeout: float | None = None) -> list[int]:
@@ -232,6 +254,46 @@ class Cluster:
     async def signal_engines(self, signum: int, engine_ids: Any = None) -> None:
         """Send a signal to engines (default: all)."""
         await asyncio.to_thread(self.signal_engines_sync, signum, engine_ids)
+
+    def stop_engine_sync(self, engine_id: int) -> None:
+        """Stop one engine."""
+        self.stop_engines_sync([engine_id])
+
+    async def stop_engine(self, engine_id: int) -> None:
+        """Stop one engine."""
+        await asyncio.to_thread(self.stop_engine_sync, engine_id)
+
+    def restart_engine_sync(self, engine_id: int) -> list[int]:
+        """Stop one engine and start another; returns the new one's id, in a list."""
+        return self.restart_engines_sync([engine_id])
+
+    async def restart_engine(self, engine_id: int) -> list[int]:
+        """Stop one engine and start another; returns the new one's id, in a list."""
+        return await asyncio.to_thread(self.restart_engine_sync, engine_id)
+
+    def signal_engine_sync(self, signum: int, engine_id: int) -> None:
+        """Send a signal to one engine."""
+        self.signal_engines_sync(signum, [engine_id])
+
+    async def signal_engine(self, signum: int, engine_id: int) -> None:
+        """Send a signal to one engine."""
+        await asyncio.to_thread(self.signal_engine_sync, signum, engine_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What :meth:`from_dict` needs to attach to this cluster again (no key)."""
+        return {
+            "cluster_id": self.cluster_id,
+            "n": self.n,
+            "ip": self.ip,
+            "curve": self.curve,
+            "controller_pid": self.controller_pid,
+            "connection_file": str(self.connection_file),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cluster:
+        """Attach to the running cluster that :meth:`to_dict` described."""
+        return cls.from_file(d.get("connection_file") or d["cluster_id"])
 
     # ----- stopping
 

@@ -38,6 +38,24 @@ class Dependency(set[str]):
         if not (success or failure):
             raise ValueError("a dependency must count success, failure, or both as met")
 
+    def check(self, completed: Iterable[str], failed: Iterable[str] | None = None) -> bool:
+        """Whether the dependency is met, given the msg_ids that completed (and failed)."""
+        if not self:
+            return True
+        met = (set(completed) if self.success else set()) | (
+            set(failed or ()) if self.failure else set()
+        )
+        return self.issubset(met) if self.all else not self.isdisjoint(met)
+
+    def unreachable(self, completed: Iterable[str], failed: Iterable[str] | None = None) -> bool:
+        """Whether the dependency can no longer be met, given what completed and failed."""
+        if not self:
+            return False
+        spoilt = (set(completed) if not self.success else set()) | (
+            set(failed or ()) if not self.failure else set()
+        )
+        return not self.isdisjoint(spoilt) if self.all else self.issubset(spoilt)
+
     def as_dict(self) -> dict[str, Any]:
         """What travels in a task's metadata."""
         return {
@@ -129,24 +147,70 @@ def _importable(*names: str) -> bool:
 
 
 class _Requirements:
-    """The check of ``@require``: every module imports on the engine."""
+    """The check of ``@require``: every module imports on the engine, and is then
+    imported into the engine's namespace, with the functions and objects given."""
 
-    def __init__(self, names: tuple[str, ...]):
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        functions: tuple[Callable[..., Any], ...] = (),
+        objects: dict[str, Any] | None = None,
+    ):
         self.names = names
+        self.functions = functions
+        self.objects = dict(objects or {})
         self.__name__ = f"require({', '.join(names)})"
 
     def __call__(self) -> bool:
         if not _importable(*self.names):
             missing = [n for n in self.names if not _importable(n)]
             raise UnmetDependency("UnmetDependency", f"cannot import {', '.join(missing)}")
+        namespace = _engine_namespace()
+        if namespace is not None:
+            for name in self.names:
+                top = name.split(".")[0]
+                namespace[top] = importlib.import_module(top)
+            for f in self.functions:
+                namespace[f.__name__] = bind_interactive(f, namespace)
+            namespace.update(self.objects)
         return True
 
 
-def require(*modules: str | ModuleType) -> Callable[..., Any]:
-    """Decorator: run the function only on engines where these modules import."""
-    names = tuple(m.__name__ if isinstance(m, ModuleType) else str(m) for m in modules)
+def _engine_namespace() -> dict[str, Any] | None:
+    """The user namespace of the engine (the IPython shell) this runs in, if any."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover (IPython is a dependency)
+        return None
+    shell = get_ipython()
+    return None if shell is None else shell.user_ns
+
+
+def require(*modules: str | ModuleType | Callable[..., Any], **objects: Any) -> Callable[..., Any]:
+    """Decorator: run the function only on engines where these modules import.
+
+    As in IPython Parallel, the modules are then imported into the engine's namespace,
+    functions given among them are put there too (by their names), and so are the
+    keyword ``objects``.
+    """
+    names: list[str] = []
+    functions: list[Callable[..., Any]] = []
+    for item in modules:
+        if isinstance(item, ModuleType):
+            names.append(item.__name__)
+        elif isinstance(item, str):
+            names.append(item)
+        elif callable(item):
+            functions.append(item)
+        else:
+            raise TypeError(f"require takes modules, module names or functions, not {item!r}")
 
     def decorate(f: Callable[..., Any]) -> DependentFunction:
-        return DependentFunction(f, _Requirements(names))
+        return DependentFunction(f, _Requirements(tuple(names), tuple(functions), objects))
 
     return decorate
+
+
+def dependent(f: Callable[..., Any], df: Callable[..., Any], *dargs: Any, **dkwargs: Any) -> Any:
+    """``f``, run only where ``df(*dargs, **dkwargs)`` is true (what ``@depend`` makes)."""
+    return DependentFunction(f, df, *dargs, **dkwargs)

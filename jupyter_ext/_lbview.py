@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,25 @@ def check_flag(name: str, value: Any) -> Any:
     elif name == "label":
         protocol.check_label(name, value)
     return value
+
+
+class LazyMapIterator:
+    """The results of :meth:`LoadBalancedView.imap`, as they come; :meth:`cancel` stops
+    taking more of the input."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.results: Iterator[Any] = iter(())
+
+    def __iter__(self) -> LazyMapIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.results)
+
+    def cancel(self) -> None:
+        """Submit no more of the input (what is submitted already is still yielded)."""
+        self.cancelled = True
 
 
 class LoadBalancedView(View):
@@ -195,25 +215,45 @@ class LoadBalancedView(View):
         chunksize: int = 1,
         ordered: bool = True,
         max_outstanding: int | str = "auto",
-    ) -> Iterator[Any]:
+        return_exceptions: bool = False,
+    ) -> LazyMapIterator:
         """A lazy map: consumes the sequences (even infinite generators) as it goes.
 
         At most ``max_outstanding`` chunks are submitted and unfinished at a time
-        (``'auto'``: 64 per engine).
+        (``'auto'``: 64 per engine). The iterator's ``cancel()`` stops consuming the
+        input (what was submitted is still yielded). With ``return_exceptions``, an
+        element that raised gives its error as its result instead of ending the map.
         """
         protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         if max_outstanding == "auto":
             limit = 64 * max(1, len(self.client.ids))
         else:
             limit = protocol.check_int("max_outstanding", max_outstanding, 1, protocol.MAX_IDS)
+        iterator = LazyMapIterator()
+        iterator.results = self._imap(
+            iterator, f, sequences, chunksize, ordered, limit, return_exceptions
+        )
+        return iterator
+
+    def _imap(
+        self,
+        state: LazyMapIterator,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        chunksize: int,
+        ordered: bool,
+        limit: int,
+        return_exceptions: bool,
+    ) -> Iterator[Any]:
         iterators = [iter(s) for s in sequences]
         md = self._task_metadata()
         once = PickledFunction(f)
-        head = dumps_function(ops.map_chunk)
-        pending: list[tuple[AsyncResult, int]] = []
+        mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
+        head = dumps_function(mapper)
+        pending: deque[AsyncResult] = deque()
         exhausted = False
         while True:
-            while not exhausted and len(pending) < limit:
+            while not (exhausted or state.cancelled) and len(pending) < limit:
                 chunk: list[tuple[Any, ...]] = []
                 for _ in range(chunksize):
                     try:
@@ -225,20 +265,16 @@ class LoadBalancedView(View):
                     exhausted = True
                     break
                 parts = [list(p) for p in zip(*chunk)]
-                future = self._submit(
-                    pack_apply(ops.map_chunk, (once, *parts), {}, head), False, md
-                )
+                future = self._submit(pack_apply(mapper, (once, *parts), {}, head), False, md)
                 ar = AsyncResult(self.client, [future], _fname(f), single=True)
                 self.history.extend(ar.msg_ids)
-                pending.append((ar, len(chunk)))
+                pending.append(ar)
             if not pending:
                 return
             if ordered:
-                ar, _ = pending.pop(0)
+                ar = pending.popleft()
             else:
-                concurrent.futures.wait(
-                    [a for a, _ in pending], None, concurrent.futures.FIRST_COMPLETED
-                )
-                index = next(i for i, (a, _) in enumerate(pending) if a.done())
-                ar, _ = pending.pop(index)
+                concurrent.futures.wait(pending, None, concurrent.futures.FIRST_COMPLETED)
+                ar = next(a for a in pending if a.done())
+                pending.remove(ar)
             yield from ar.get()

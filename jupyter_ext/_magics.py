@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import queue
 import shlex
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -42,18 +43,32 @@ def parse_targets(text: str) -> Any:
     return int(text)
 
 
+def _signum(text: str) -> int:
+    """A signal by number or name (``SIGINT``, ``INT``, ``2``); 0 sends nothing."""
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    name = text.strip().upper()
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+    except KeyError:
+        raise ValueError(f"no signal {text!r}") from None
+
+
 def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"%{name}", add_help=False, exit_on_error=False)
-    p.add_argument("--targets", type=str, default=None)
-    p.add_argument("--block", dest="block", action="store_true", default=None)
-    p.add_argument("--noblock", dest="block", action="store_false")
+    p.add_argument("-t", "--targets", type=str, default=None)
+    p.add_argument("-b", "--block", dest="block", action="store_true", default=None)
+    p.add_argument("-a", "--noblock", dest="block", action="store_false")
     p.add_argument("--local", action="store_true", default=False)
     p.add_argument("--group-outputs", choices=GROUPINGS, default=None)
+    p.add_argument("-r", dest="group_outputs", action="store_const", const="order")
+    p.add_argument("-e", dest="group_outputs", action="store_const", const="engine")
+    p.add_argument("--signal-on-interrupt", type=_signum, default=None)
     p.add_argument("--stream", dest="stream", action="store_true", default=None)
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.add_argument("--verbose", dest="verbose", action="store_true", default=None)
     p.add_argument("--no-verbose", dest="verbose", action="store_false")
-    p.add_argument("--save-name", type=str, default=None)
+    p.add_argument("-o", "--out", "--save-name", dest="save_name", type=str, default=None)
     p.add_argument("--progress-after", type=float, default=None)
     p.add_argument("--timeout", type=float, default=None)
     return p
@@ -144,6 +159,7 @@ class PXMagics:
         self.verbose = False
         self.group = "type"
         self.progress_after: float | None = None
+        self.signal_on_interrupt = int(signal.SIGINT)
         self.targets: Any = None
         self.last_result: AsyncResult | None = None
         self.autopx = False
@@ -168,6 +184,7 @@ class PXMagics:
         reg(self.px_cell, "cell", f"px{sx}")
         reg(self.autopx_line, "line", f"autopx{sx}")
         reg(self.pxresult_line, "line", f"pxresult{sx}")
+        reg(self.pxresult_line, "line", f"result{sx}")  # (IPython Parallel's older name)
         reg(self.pxconfig_line, "line", f"pxconfig{sx}")
 
     # ----- the magics
@@ -184,6 +201,8 @@ class PXMagics:
             self.group = args.group_outputs
         if args.progress_after is not None:
             self.progress_after = args.progress_after
+        if args.signal_on_interrupt is not None:
+            self.signal_on_interrupt = args.signal_on_interrupt
 
     def px_line(self, line: str) -> Any:
         """Run one line of code on the engines."""
@@ -200,6 +219,8 @@ class PXMagics:
         if self.last_result is None:
             raise UsageError("no %px result yet")
         ar = self.last_result
+        if args.save_name:
+            self.shell.user_ns[args.save_name] = ar
         ar.wait()
         Renderer(args.group_outputs or self.group).final(ar)
         self._raise_errors(ar)
@@ -243,6 +264,8 @@ class PXMagics:
         progress_after = (
             args.progress_after if args.progress_after is not None else self.progress_after
         )
+        signum = getattr(args, "signal_on_interrupt", None)
+        signum = self.signal_on_interrupt if signum is None else signum
         ids = view.transport.targets(targets)
         if verbose:
             print(f"[px] running on engines {ids}{' (no block)' if not block else ''}")
@@ -257,11 +280,13 @@ class PXMagics:
                 self.shell.run_cell(code, store_history=False)
             if not block:
                 return ar
-            self._wait(ar, inbox, set(ar.msg_ids), stream, group, progress_after, args.timeout)
+            self._wait(
+                ar, inbox, set(ar.msg_ids), stream, group, progress_after, args.timeout, signum
+            )
         except KeyboardInterrupt:
             # also when Ctrl-C lands between submitting and waiting
             if ar is not None and not ar.done():
-                self._interrupt(ar)
+                self._interrupt(ar, signum)
             raise
         finally:
             view.transport.remove_iopub_handler(handler)
@@ -287,6 +312,7 @@ class PXMagics:
         group: str,
         progress_after: float | None,
         timeout: float | None,
+        signum: int = int(signal.SIGINT),
     ) -> None:
         __tracebackhide__ = True
         renderer = Renderer(group)
@@ -313,13 +339,13 @@ class PXMagics:
                 if progress is not None:
                     progress.update(ar.progress, elapsed)
                 if timeout is not None and elapsed >= timeout:
-                    engines = self._interrupt(ar)
+                    engines = self._interrupt(ar, signum)
                     drain()
                     raise TimeoutError(
                         f"%px: no result within {timeout} s; interrupted engines {engines}"
                     )
         except KeyboardInterrupt:
-            self._interrupt(ar)
+            self._interrupt(ar, signum)
             drain()
             raise
         drain()
@@ -329,9 +355,11 @@ class PXMagics:
             renderer.final(ar)
 
     @staticmethod
-    def _interrupt(ar: AsyncResult) -> list[int]:
-        """Interrupt the engines still running ``ar``; returns them."""
-        return ar._interrupt_running()
+    def _interrupt(ar: AsyncResult, signum: int = int(signal.SIGINT)) -> list[int]:
+        """Send ``signum`` (0: nothing) to the engines still running ``ar``; returns them."""
+        if not signum:
+            return []
+        return ar._interrupt_running(signum=signum)
 
     @staticmethod
     def _raise_errors(ar: AsyncResult) -> None:

@@ -25,6 +25,7 @@ METADATA_KEYS = (
     "after",
     "follow",
     "label",
+    "data",
 )
 
 
@@ -55,6 +56,7 @@ class Metadata(dict[str, Any]):
             after=[],
             follow=[],
             label=None,
+            data={},
         )
         self.update(*args, **kwargs)
 

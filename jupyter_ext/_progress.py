@@ -137,11 +137,13 @@ def wait_with_progress(
     timeout: float | None = None,
     widget: bool | None = None,
     show: bool = True,
+    finished: Callable[[float], bool] | None = None,
 ) -> bool:
-    """Wait for an AsyncResult, showing its progress (items, not messages)."""
+    """Wait for an AsyncResult (until ``finished(seconds)`` says so: by default until it
+    is done), showing its progress (items, not messages)."""
     return _wait_loop(
         lambda: ar.progress,
-        ar.wait,
+        finished or ar.wait,
         lambda: ar.elapsed,
         ar._total(),
         ar._fname,

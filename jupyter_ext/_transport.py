@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from kernel_engine import clusters, processes, protocol, serialize, wire
+from kernel_engine.engine.datapub import DATA_MESSAGE
 from kernel_engine.errors import (
     REMOTE_ERROR_CLASSES,
     ClusterError,
@@ -395,6 +396,11 @@ class Transport:
             handler(engine_id, msg)
         req = self.requests.get(msg_id)
         if req is None:
+            # data a task published just before it returned may come after its reply
+            # (another path): it still belongs in the task's metadata
+            late = self.metadata.get(msg_id) if msg.msg_type == DATA_MESSAGE else None
+            if late is not None:
+                late["data"] = {**late["data"], **serialize.loads(msg.buffers)}
             return
         md = req.metadata
         msg_type, content = msg.msg_type, msg.content
@@ -409,6 +415,8 @@ class Transport:
             md["execute_input"] = content.get("code")
         elif msg_type == "error":
             md["error"] = content
+        elif msg_type == DATA_MESSAGE:
+            md["data"] = {**md["data"], **serialize.loads(msg.buffers)}
         elif msg_type == "status" and content.get("execution_state") == "idle":
             self._settle(self.requests.output_done(msg_id))
 
@@ -507,11 +515,11 @@ class Transport:
         if handler in self._iopub_handlers:
             self._iopub_handlers.remove(handler)
 
-    def interrupt(self, msg_ids: list[str]) -> list[int]:
-        """SIGINT the engines running these requests (wherever the scheduler put them);
-        returns the engines interrupted."""
+    def interrupt(self, msg_ids: list[str], signum: int = int(signal.SIGINT)) -> list[int]:
+        """Signal (SIGINT by default) the engines running these requests, wherever the
+        scheduler put them; returns the engines signalled."""
         request = protocol.SignalRequest(
-            int(signal.SIGINT), tuple(self.requests.direct_engines(msg_ids)), tuple(msg_ids)
+            signum, tuple(self.requests.direct_engines(msg_ids)), tuple(msg_ids)
         )
         targets: list[int] = self.ask(protocol.SIGNAL_REQUEST, request, timeout=10)["targets"]
         return targets

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kernel_engine import protocol
+from kernel_engine import protocol, serialize
 from kernel_engine.engine import ops
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
@@ -143,6 +143,25 @@ class View:
             jobs = [m for m in self.history if m in outstanding]
         self.client.abort(jobs, targets=targets, block=bool(block))
 
+    @property
+    def outstanding(self) -> set[str]:
+        """msg_ids this view submitted that have not finished."""
+        return self.client.outstanding.intersection(self.history)
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """The results the client keeps of this view's tasks."""
+        kept = self.client.results
+        return {m: kept[m] for m in self.history if m in kept}
+
+    def spin(self) -> None:
+        """Kept for IPython Parallel compatibility: results arrive on their own."""
+
+    def shutdown(self, targets: Any = None, restart: bool = False, hub: bool = False) -> None:
+        """Stop this view's engines (``targets``: some of them)."""
+        chosen = self._target_ids(targets)
+        self.client.shutdown(chosen, restart=restart, hub=hub)
+
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         return self.client.queue_status(targets if targets is not None else self.targets)
 
@@ -167,6 +186,14 @@ class View:
         """The result of earlier work (msg_ids or AsyncResults), as an AsyncResult."""
         ar = self.client.get_result(msg_ids)
         return ar.get() if (self.block if block is None else block) else ar
+
+    def register_joblib_backend(
+        self, name: str = "ipyparallel", make_default: bool = False
+    ) -> None:
+        """Make this view a joblib backend: ``Parallel(backend=name)`` runs on it."""
+        from .integrations.joblib import register_joblib_backend
+
+        register_joblib_backend(name, make_default, view=self)
 
     @property
     def executor(self) -> Any:
@@ -262,13 +289,24 @@ class DirectView(View):
         return self._finish(ar, block)
 
     def execute(
-        self, code: str, silent: bool = False, targets: Any = None, block: bool | None = None
+        self,
+        code: str,
+        silent: bool = True,
+        targets: Any = None,
+        block: bool | None = None,
+        label: str | None = None,
     ) -> AsyncResult:
-        """Run code (a string) on the engines, as a notebook cell; returns the AsyncResult.
+        """Run code (a string) on the engines; returns the AsyncResult.
 
-        With ``block``, waits first (raising the engines' errors). ``get()`` gives
-        ExecuteReply objects (execution count, result, outputs).
+        ``silent`` (the default, as in IPython Parallel) runs it quietly: no execution
+        count, no history, no ``Out``; what it prints still comes back. ``silent=False``
+        runs it as a notebook cell (``%px`` does that). With ``block``, waits first
+        (raising the engines' errors). ``get()`` gives ExecuteReply objects (execution
+        count, result, outputs).
         """
+        if not isinstance(code, str):
+            raise TypeError(f"execute takes code as a string, not {type(code).__name__}")
+        protocol.check_label("label", label)
         chosen = self.targets if targets is None else targets
         ids = self._target_ids(chosen)
         content = {
@@ -286,7 +324,7 @@ class DirectView(View):
                 content,
                 engine_id=t,
                 kind="execute",
-                md_extra={"execute_input": code},
+                md_extra={"execute_input": code, "label": label or self.label},
             )
             for t in ids
         ]
@@ -296,11 +334,22 @@ class DirectView(View):
             self._block_on(ar)
         return ar
 
-    def run(self, filename: str, targets: Any = None, block: bool | None = None) -> AsyncResult:
-        """Execute the code of a local file on the engines."""
+    def run(
+        self,
+        filename: str,
+        targets: Any = None,
+        block: bool | None = None,
+        label: str | None = None,
+    ) -> AsyncResult:
+        """Execute the code of a local file on the engines (quietly, as :meth:`execute`)."""
         with open(filename) as f:
             code = f.read()
-        return self.execute(code, targets=targets, block=block)
+        return self.execute(code, targets=targets, block=block, label=label)
+
+    @property
+    def importer(self) -> SyncImports:
+        """``with view.importer:`` imports on the engines too (:meth:`sync_imports`)."""
+        return self.sync_imports()
 
     def push(
         self,
@@ -383,11 +432,43 @@ class DirectView(View):
 
         activate(self, suffix)
 
+    def use_cloudpickle(self) -> None:
+        """Pickle functions with cloudpickle (the default), here and on the engines."""
+        self._use("cloudpickle")
+
+    def use_pickle(self) -> None:
+        """Pickle functions by reference only, here and on the engines."""
+        self._use("pickle")
+
+    def use_dill(self) -> None:
+        """Pickle with dill (if installed here and on the engines)."""
+        self._use("dill")
+
+    def _use(self, name: str) -> None:
+        serialize.use(name)
+        self._really_apply(serialize.use, (name,), {}, block=True)
+
     def sync_imports(self, local: bool = True, quiet: bool = False) -> SyncImports:
         """A ``with`` block whose imports happen on the engines too (``as`` names kept)."""
         from ._syncimports import SyncImports
 
         return SyncImports(self, local=local, quiet=quiet)
+
+
+class BroadcastView(DirectView):
+    """IPython Parallel's broadcast view: the same work on every target.
+
+    Its calls are the DirectView's; here the fan-out is one message per engine (sent
+    from the client, or straight to the engines' lanes), and results come back in the
+    order of the targets. ``is_coalescing`` is accepted for compatibility.
+    """
+
+    def __init__(self, client: Client, targets: Any = "all", is_coalescing: bool = False):
+        super().__init__(client, targets)
+        self.is_coalescing = protocol.check_bool("is_coalescing", is_coalescing)
+
+    def __repr__(self) -> str:
+        return f"<BroadcastView {self.targets}>"
 
 
 class _GatherResult(AsyncResult):

@@ -54,6 +54,10 @@ class RemoteError(PXError):
     def _render_traceback_(self) -> list[str]:
         return self.render_traceback()
 
+    def print_traceback(self, excid: int | None = None) -> None:
+        """Print the remote traceback."""
+        print("\n".join(self.render_traceback()))
+
 
 class CompositeError(RemoteError):
     """Raised when several tasks of one AsyncResult failed; ``elist`` holds each error."""
@@ -97,6 +101,28 @@ class CompositeError(RemoteError):
         """Raise error number ``excid`` of ``elist`` on its own."""
         raise self.elist[excid]
 
+    def print_traceback(self, excid: int | None = None) -> None:
+        """Print the tracebacks (or only error ``excid``'s)."""
+        print("\n".join(self.render_traceback(excid)))
+
+
+class AlreadyDisplayedError(CompositeError):
+    """Raised by ``%%px`` when the engines' errors were already shown as they happened;
+    ``original_error`` is the error itself."""
+
+    def __init__(self, original_error: RemoteError):
+        self.original_error = original_error
+        elist = (
+            original_error.elist if isinstance(original_error, CompositeError) else [original_error]
+        )
+        super().__init__(f"{len(elist)} errors (shown above)", elist)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def _render_traceback_(self) -> list[str]:
+        return [self.message]
+
 
 class EngineError(RemoteError):
     """Raised when the engine running (or holding) a task died or was stopped."""
@@ -108,6 +134,11 @@ class TaskAborted(RemoteError):
 
 class TaskTimeout(RemoteError, TimeoutError):
     """Raised when a task ran longer than its ``time_limit`` and was interrupted."""
+
+
+class TaskRejectError(PXError):
+    """Raised when an engine refused a task (IPython Parallel's name; jupyter-px's
+    engines refuse through ``UnmetDependency``)."""
 
 
 class NoEnginesRegistered(PXError):
@@ -140,6 +171,45 @@ class SerializationError(PXError, TypeError):
 
 class ClusterError(PXError, RuntimeError):
     """Raised when a cluster or its engines fail to start or stop; carries their stderr."""
+
+
+# IPython Parallel's names for the base class, so its ``except`` clauses still catch.
+IPythonError = PXError
+KernelError = PXError
+
+
+def collect_exceptions(results: list[Any], method: str) -> list[Any]:
+    """``results``, or raise CompositeError if any of them is a RemoteError."""
+    errors = [r for r in results if isinstance(r, RemoteError)]
+    if errors:
+        raise CompositeError(f"one or more exceptions from call to method: {method}", errors)
+    return results
+
+
+def wrap_exception(engine_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The exception being handled, as an error reply's content."""
+    import sys
+    import traceback
+
+    etype, evalue, tb = sys.exc_info()
+    name = etype.__name__ if etype is not None else "Error"
+    return {
+        "status": "error",
+        "ename": name,
+        "evalue": str(evalue),
+        "traceback": traceback.format_exception(etype, evalue, tb),
+        "engine_info": dict(engine_info or {}),
+    }
+
+
+def unwrap_exception(content: dict[str, Any]) -> RemoteError:
+    """The RemoteError of an error reply's content."""
+    return RemoteError(
+        str(content.get("ename", "Error")),
+        str(content.get("evalue", "")),
+        content.get("traceback") or "",
+        content.get("engine_info") or {},
+    )
 
 
 REMOTE_ERROR_CLASSES: dict[str, type[RemoteError]] = {

@@ -29,30 +29,34 @@ MAX_OOB_BUFFERS = 256
 
 
 class Reference:
-    """An argument that the engine replaces with a name from its own namespace.
+    """An argument that the engine replaces with a value from its own namespace.
 
-    ``Reference("a")`` (or ``Reference("a.b")`` for an attribute) passed to ``apply`` is
-    looked up in each engine's namespace when the task runs.
+    ``Reference("a")``, ``Reference("a.b")`` or any expression (``Reference("g[0]")``),
+    passed to ``apply`` (at the top, or inside lists, tuples and dicts among the
+    arguments), is evaluated in each engine's namespace when the task runs.
     """
 
     def __init__(self, name: str):
-        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
-            raise TypeError(f"Reference needs a (dotted) Python name, not {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"Reference needs an expression (a string), not {name!r}")
+        try:
+            compile(name, "<Reference>", "eval")
+        except SyntaxError as exc:
+            why = exc.msg
+            raise ValueError(f"Reference needs a Python expression, not {name!r}: {why}") from None
         self.name = name
 
     def __repr__(self) -> str:
         return f"<Reference {self.name}>"
 
     def resolve(self, namespace: dict[str, Any]) -> Any:
-        """The referenced object in ``namespace``."""
-        head, *rest = self.name.split(".")
-        try:
-            obj = namespace[head]
-        except KeyError:
-            raise NameError(f"name {head!r} is not defined on this engine") from None
-        for attr in rest:
-            obj = getattr(obj, attr)
-        return obj
+        """The referenced value in ``namespace``."""
+        if self.name.isidentifier():
+            try:
+                return namespace[self.name]
+            except KeyError:
+                raise NameError(f"name {self.name!r} is not defined on this engine") from None
+        return eval(compile(self.name, "<Reference>", "eval"), namespace)
 
 
 class _BytesBuffer:
@@ -87,6 +91,34 @@ def _out_of_band(buffers: list[Any]) -> Any:
     return take
 
 
+_PICKLERS = ("cloudpickle", "pickle", "dill")
+_pickler: Any = cloudpickle
+"""The module that pickles functions and what plain pickle cannot take (see
+:func:`use`); data that plain pickle takes always goes through the C pickler."""
+
+
+def use(name: str) -> None:
+    """Pickle functions (and results) with ``"cloudpickle"`` (the default: interactive
+    functions, lambdas and closures travel by value), ``"pickle"`` (by reference only) or
+    ``"dill"`` (if installed), in this process: IPython Parallel's ``use_*``."""
+    global _pickler
+    if name not in _PICKLERS:
+        raise ValueError(f"no pickler {name!r}; there are {_PICKLERS}")
+    if name == "dill":
+        try:
+            import dill
+        except ImportError:
+            raise ImportError("use_dill() needs dill: pip install dill") from None
+        _pickler = dill
+    else:
+        _pickler = cloudpickle if name == "cloudpickle" else pickle
+
+
+def pickler() -> str:
+    """The pickler :func:`use` chose."""
+    return str(_pickler.__name__).split(".")[0]
+
+
 def dumps(obj: Any) -> list[Any]:
     """Serialize ``obj`` to frames: the pickle first, then out-of-band buffers.
 
@@ -99,7 +131,7 @@ def dumps(obj: Any) -> list[Any]:
     take = _out_of_band(buffers)
 
     try:
-        data = cloudpickle.dumps(_wrap_large_bytes(obj), protocol=5, buffer_callback=take)
+        data = _pickler.dumps(_wrap_large_bytes(obj), protocol=5, buffer_callback=take)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize {type(obj).__name__} object: {type(exc).__name__}: {exc}"
@@ -137,7 +169,7 @@ class PickledFunction:
     def __init__(self, f: Any):
         self.__name__ = getattr(f, "__name__", type(f).__name__)
         try:
-            self.data = cloudpickle.dumps(f, protocol=5)
+            self.data = _pickler.dumps(f, protocol=5)
         except Exception as exc:
             raise SerializationError(
                 f"cannot serialize function {self.__name__!r}: {type(exc).__name__}: {exc}"
@@ -154,7 +186,7 @@ def dumps_function(f: Any) -> bytes:
     each distinct function once (:func:`_load_function`).
     """
     try:
-        return bytes(cloudpickle.dumps(f, protocol=5))
+        return bytes(_pickler.dumps(f, protocol=5))
     except Exception as exc:
         name = getattr(f, "__name__", type(f).__name__)
         raise SerializationError(
@@ -237,8 +269,14 @@ def bind_interactive(obj: Any, namespace: dict[str, Any]) -> Any:
     references) is added to ``namespace``: interactively defined functions replace older
     copies, modules and classes are added only where missing. Data is not, so a variable
     that only the client defines raises ``NameError`` on the engine.
+
+    An object whose class has a ``_px_bind(namespace)`` method (a function wrapped by
+    ``@depend``/``@require``) binds what it wraps through it.
     """
-    if not isinstance(obj, FunctionType) or obj.__module__ != "__main__":
+    if not isinstance(obj, FunctionType):
+        bind = getattr(type(obj), "_px_bind", None)
+        return obj if bind is None else bind(obj, namespace)
+    if obj.__module__ != "__main__":
         return obj
     if obj.__globals__ is namespace:
         return obj
@@ -286,9 +324,27 @@ def unpack_apply(
     return f, args, kwargs
 
 
-def _resolve(value: Any, namespace: dict[str, Any]) -> Any:
+RESOLVE_ITEMS = 64
+"""Arguments are searched for References (and interactive functions to bind) inside
+lists, tuples and dicts of at most this many items (as IPython Parallel does: a long
+sequence is data, and searching it would cost every task)."""
+
+RESOLVE_DEPTH = 4
+
+
+def _resolve(value: Any, namespace: dict[str, Any], depth: int = 0) -> Any:
+    """``value`` with References replaced and interactive functions bound, at any depth
+    up to :data:`RESOLVE_DEPTH` (a container is copied only if something in it changed)."""
     if isinstance(value, Reference):
         return value.resolve(namespace)
+    kind = type(value)
+    if depth < RESOLVE_DEPTH and kind in (list, tuple) and len(value) <= RESOLVE_ITEMS:
+        items = [_resolve(v, namespace, depth + 1) for v in value]
+        return kind(items) if any(a is not b for a, b in zip(items, value)) else value
+    if depth < RESOLVE_DEPTH and kind is dict and len(value) <= RESOLVE_ITEMS:
+        resolved = {k: _resolve(v, namespace, depth + 1) for k, v in value.items()}
+        changed = any(resolved[k] is not v for k, v in value.items())
+        return resolved if changed else value
     return bind_interactive(value, namespace)
 
 

@@ -139,11 +139,14 @@ def test_static_map(dv):
 
 
 def test_execute_and_run(dv, tmp_path):
-    ar = dv.execute("b = 5\nprint('hi')\nb * 2")
+    ar = dv.execute("b = 5\nprint('hi')\nb * 2", silent=False)  # as a notebook cell
     replies = ar.get()
     assert [r.success for r in replies] == [True, True]
     assert ar.stdout == ["hi\n", "hi\n"]
     assert [md["execute_result"]["data"]["text/plain"] for md in ar.metadata] == ["10", "10"]
+    quiet = dv.execute("print('quiet')\nb * 3")  # silent by default, as in IPython Parallel
+    assert quiet.get() and quiet.stdout == ["quiet\n", "quiet\n"]
+    assert quiet.execute_result == [None, None]
     assert dv["b"] == [5, 5]
     script = tmp_path / "script.py"
     script.write_text("from_file = 'yes'\n")

@@ -141,10 +141,27 @@ def test_reference_resolves_in_namespace():
     ns = {"a": 5, "obj": type("O", (), {"x": 7})()}
     assert serialize.Reference("a").resolve(ns) == 5
     assert serialize.Reference("obj.x").resolve(ns) == 7
+    assert serialize.Reference("[a, obj.x][1] + 1").resolve(ns) == 8  # any expression
     with pytest.raises(NameError, match="'missing'"):
         serialize.Reference("missing").resolve(ns)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="expression"):
         serialize.Reference("not a name")
+    with pytest.raises(TypeError):
+        serialize.Reference(3)
+
+
+def test_references_and_interactive_functions_are_found_inside_arguments():
+    ns = {"g": [10, 20], "a": 1}
+
+    def f():
+        return a  # noqa: F821 (the engine's a)
+
+    f.__module__ = "__main__"
+    args = ([serialize.Reference("g[0]"), (serialize.Reference("a"),)], {"k": f})
+    resolved = serialize._resolve(args, ns)
+    assert resolved[0] == [10, (1,)] and resolved[1]["k"]() == 1
+    big = [serialize.Reference("a")] * (serialize.RESOLVE_ITEMS + 1)
+    assert serialize._resolve(big, ns) is big  # long sequences are data: not searched
 
 
 def test_interactive_functions_use_the_engine_namespace():

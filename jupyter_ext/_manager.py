@@ -1,0 +1,48 @@
+"""ClusterManager: the clusters of this machine, as IPython Parallel's registry of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernel_engine import clusters
+
+from ._cluster import Cluster
+
+
+class ClusterManager:
+    """Running clusters by id, and new ones.
+
+    ``load_clusters()`` finds the running clusters (their folders under the Jupyter
+    runtime dir); ``new_cluster(**kwargs)`` makes a Cluster (not started);
+    ``remove_cluster(id)`` stops one and forgets it.
+    """
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, Cluster] = {}
+
+    def load_clusters(self) -> dict[str, Cluster]:
+        """Add the running clusters not known yet; returns every known cluster."""
+        for state in clusters.list_clusters():
+            if state.cluster_id not in self.clusters:
+                self.clusters[state.cluster_id] = Cluster.from_file(state.cluster_id)
+        return self.clusters
+
+    def new_cluster(self, **kwargs: Any) -> Cluster:
+        """A new Cluster (start it with ``start_cluster``)."""
+        cluster = Cluster(**kwargs)
+        self.clusters[cluster.cluster_id] = cluster
+        return cluster
+
+    def get_cluster(self, cluster_id: str) -> Cluster:
+        """A known cluster; KeyError names the ones there are."""
+        try:
+            return self.clusters[cluster_id]
+        except KeyError:
+            raise KeyError(f"no cluster {cluster_id!r}; known: {sorted(self.clusters)}") from None
+
+    def remove_cluster(self, cluster_id: str) -> Cluster:
+        """Stop a cluster (if it runs) and forget it; returns it."""
+        cluster = self.get_cluster(cluster_id)
+        if cluster.running:
+            cluster.stop_cluster_sync()
+        return self.clusters.pop(cluster_id)

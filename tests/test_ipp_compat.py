@@ -1,0 +1,330 @@
+"""IPython Parallel's public behaviour (``../shared/IPP_API.md``), with only the import
+changed: each test is written from the predecessor's documentation, against a real
+cluster."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import jupyter_ext as jx
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _fail_if(x):
+    if x == 3:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def _publish(n):
+    from jupyter_ext.datapub import publish_data
+
+    for i in range(n):
+        publish_data({"step": i})
+    return n
+
+
+# ----- Client
+
+
+def test_client_iterates_views_and_activates_magics(rc):
+    views = list(rc)
+    assert [v.targets for v in views] == rc.ids and len(rc) == 2
+    assert rc[-1].targets == rc.ids[-1] and rc[::2].targets == rc.ids[::2]
+    with pytest.raises(RuntimeError, match="IPython"):  # (magics need IPython: test_magics)
+        rc.activate(targets=[0], suffix="_compat")
+
+
+def test_wait_for_engines_blocks_or_returns_a_future(rc):
+    assert rc.wait_for_engines(2, timeout=5) is None
+    future = rc.wait_for_engines(2, block=False)
+    assert isinstance(future, concurrent.futures.Future) and future.result(5) is None
+    with pytest.raises(TimeoutError):
+        rc.wait_for_engines(3, timeout=0.2)
+
+
+def test_wait_takes_history_indices_and_negative_timeouts(rc):
+    rc[0].apply_async(abs, -1)
+    assert rc.wait(-1, timeout=-1) is True  # IPython Parallel's "forever"
+
+
+def test_purge_local_results_refuses_outstanding_work(rc):
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(RuntimeError, match="outstanding"):
+        rc.purge_local_results(ar)
+    ar.get(5)
+    rc.purge_local_results(ar)
+    assert ar.msg_ids[0] not in rc.results
+
+
+def test_send_signal_takes_names_and_says_who(rc):
+    ar = rc[1].apply_async(time.sleep, 30)
+    time.sleep(0.3)
+    assert rc.send_signal("SIGINT", targets=[1]) == [1]
+    with pytest.raises(jx.RemoteError, match="KeyboardInterrupt"):
+        ar.get(5)
+    with pytest.raises(ValueError, match="NOPE"):
+        rc.send_signal("NOPE")
+    with pytest.raises(NotImplementedError):
+        rc.shutdown(restart=True)
+
+
+# ----- AsyncResult
+
+
+def test_get_with_return_exceptions_and_first_exception(rc):
+    view = rc.load_balanced_view()
+    ar = view.map_async(_fail_if, range(6))
+    results = ar.get(10, return_exceptions=True)
+    assert results[:3] == [0, 1, 2] and isinstance(results[3], jx.RemoteError)
+    slow = rc[:].apply_async(lambda x: (__import__("time").sleep(x), 1 / x), 0)
+    with pytest.raises(jx.RemoteError, match="ZeroDivisionError"):
+        slow.get(5, return_when=jx.FIRST_EXCEPTION)
+
+
+def test_wait_with_return_when_gives_done_and_pending_parts(rc):
+    ar = rc[:].apply_async(lambda t: __import__("time").sleep(t) or t, 0)
+    ar.get(5)
+    lb = rc.load_balanced_view()
+    quick_and_slow = jx.AsyncResult.join(lb.apply_async(abs, -1), lb.apply_async(time.sleep, 2))
+    done, pending = quick_and_slow.wait(5, return_when=jx.FIRST_COMPLETED)
+    assert len(done) == 1 and len(pending) == 1
+    assert next(iter(done)).get() == 1
+    assert quick_and_slow.wait_for_output(5)
+    parts = ar.split()
+    assert len(parts) == 2 and [p.get() for p in parts] == [0, 0]
+    joined = jx.AsyncResult.join(*parts)
+    assert joined.get() == [0, 0]
+    amr = lb.map_async(abs, range(-4, 0), chunksize=2)
+    assert [p.get() for p in amr.split()] == [[4, 3], [2, 1]]
+    assert jx.AsyncResult.join(*amr.split()).get() == [4, 3, 2, 1]
+
+
+def test_metadata_as_attributes_items_and_in_dir(rc):
+    ar = rc[0].apply_async(print, "hello")
+    ar.get(5)
+    assert ar.stdout == "hello\n" and ar["stdout"] == "hello\n" and ar["engine_id"] == 0
+    assert {"stdout", "engine_id", "data", "started"} <= set(dir(ar))
+
+
+def test_timing_is_only_known_when_done(rc):
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    for name in ("wall_time", "serial_time"):
+        with pytest.raises(TimeoutError):
+            getattr(ar, name)
+    ar.get(5)
+    assert ar.wall_time >= ar.serial_time >= 0.4
+    assert ar.timedelta("submitted", "received") == pytest.approx(ar.wall_time)
+
+
+def test_published_data_reaches_ar_data(rc):
+    ar = rc[0].apply_async(_publish, 3)
+    assert ar.get(5) == 3
+    deadline = time.monotonic() + 5
+    while ar.data.get("step") != 2:
+        assert time.monotonic() < deadline, ar.data
+        time.sleep(0.02)
+
+
+def test_display_outputs_labels_one_engine_too_and_failed_tasks(rc, capsys):
+    ar = rc[0].execute("print('out'); import sys; print('err', file=sys.stderr); 1/0")
+    with pytest.raises(jx.RemoteError):
+        ar.get(5)
+    ar.display_outputs()
+    captured = capsys.readouterr()
+    assert "[stdout:0] out" in captured.out and "[stderr:0] err" in captured.err
+
+
+# ----- views
+
+
+def test_references_anywhere_in_arguments_with_expressions(dv):
+    dv.push({"g": [3, 4], "h": 5})
+    out = dv.apply_sync(lambda a, b: (a, b), [jx.Reference("g[0]")], b={"k": jx.Reference("h")})
+    assert out == [([3], {"k": 5})] * 2
+
+
+def test_functions_sent_by_value_see_the_engine_namespace(dv):
+    dv["secret"] = 42
+
+    def reveal():
+        return secret  # noqa: F821 (the engine's)
+
+    reveal.__module__ = "__main__"
+    dv.push({"reveal": reveal})
+    assert dv.execute("found = reveal()", block=True)
+    assert dv["found"] == [42, 42]
+
+
+def test_execute_is_silent_by_default_and_takes_a_label(dv):
+    ar = dv.execute("x_silent = 1\nx_silent + 1", label="quiet")
+    ar.get(5)
+    assert ar.execute_result == [None, None] and ar.label == ["quiet", "quiet"]
+
+
+def test_importer_imports_on_the_engines(dv):
+    with dv.importer:
+        import math
+
+    assert dv.apply_sync(jx.interactive(lambda: math.floor(2.5))) == [2, 2]
+
+
+def test_broadcast_view_runs_on_every_target(rc):
+    view = rc.broadcast_view(is_coalescing=True)
+    assert view.apply_sync(lambda: 7) == [7] * len(rc)
+    assert isinstance(view, jx.DirectView) and view.is_coalescing
+
+
+def test_views_take_flags_at_creation(rc):
+    assert rc.direct_view(0, block=True).apply(abs, -2) == 2
+    assert rc.direct_view([0], block=True).apply(abs, -2) == [2]
+    assert rc.load_balanced_view(retries=2).retries == 2
+    with pytest.raises(TypeError, match="retries"):
+        rc.load_balanced_view(retries="two")
+
+
+def test_pickler_switch_here_and_on_engines(dv):
+    try:
+        dv.use_pickle()
+        assert jx.use_pickle() is None
+        with pytest.raises(jx.SerializationError):
+            dv.apply_sync(lambda: 1)  # lambdas need cloudpickle
+        assert dv.apply_sync(abs, -3) == [3, 3]
+    finally:
+        dv.use_cloudpickle()
+    assert dv.apply_sync(lambda: 1) == [1, 1]
+
+
+# ----- load balancing
+
+
+def test_imap_is_a_lazy_iterator_with_cancel_and_return_exceptions(rc):
+    view = rc.load_balanced_view()
+    it = view.imap(_fail_if, range(6), return_exceptions=True, max_outstanding=2)
+    results = list(it)
+    assert results[:3] == [0, 1, 2] and isinstance(results[3], jx.RemoteError)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    lazy = view.imap(abs, endless(), max_outstanding=3)
+    first = [next(lazy) for _ in range(5)]
+    lazy.cancel()
+    rest = list(lazy)  # what was submitted still comes
+    assert first == [0, 1, 2, 3, 4] and len(rest) <= 3
+
+
+def test_retries_end_with_the_error(rc):
+    view = rc.load_balanced_view(retries=2)
+    with pytest.raises(jx.RemoteError, match="ValueError"):
+        view.apply_sync(_fail_if, 3)
+
+
+# ----- dependencies
+
+
+def test_dependency_check_and_unreachable():
+    dep = jx.Dependency(["a", "b"], all=True, success=True, failure=False)
+    assert not dep.check({"a"}) and dep.check({"a", "b"})
+    assert dep.unreachable(set(), {"a"}) and not dep.unreachable({"a"}, set())
+    anyof = jx.Dependency(["a", "b"], all=False, success=False, failure=True)
+    assert anyof.check(set(), {"b"}) and anyof.unreachable({"a", "b"}, set())
+    assert jx.Dependency([]).check(set()) and not jx.Dependency([]).unreachable(set())
+
+
+def test_require_imports_and_pushes_objects_and_functions(rc):
+    def helper():
+        return "helped"
+
+    helper.__module__ = "__main__"
+
+    def task():
+        return json.dumps([helper(), answer])  # noqa: F821 (pushed by require)
+
+    task.__module__ = "__main__"  # (as if defined in a notebook)
+    task = jx.require("json", helper, answer=42)(task)
+    view = rc.load_balanced_view()
+    assert view.apply_sync(task) == '["helped", 42]'
+    checked = jx.dependent(lambda: 1, lambda: True)
+    assert view.apply_sync(checked) == 1
+
+
+def test_canning_helpers_round_trip():
+    obj = {"a": [1, 2]}
+    assert jx.can(obj) is obj and jx.uncan(obj) is obj
+    assert jx.deserialize_object(jx.serialize_object(obj))[0] == obj
+    f, args, kwargs = jx.unpack_apply_message(jx.pack_apply_message(abs, (-1,), {}))
+    assert f(*args, **kwargs) == 1
+    assert jx.uncan([jx.Reference("z")], {"z": 9}) == [9]
+
+
+# ----- errors, joblib, the manager
+
+
+def test_error_helpers():
+    err = jx.RemoteError("ValueError", "bad", ["line"], {"engine_id": 1})
+    with pytest.raises(jx.CompositeError):
+        jx.collect_exceptions([1, err], "map")
+    assert jx.collect_exceptions([1, 2], "map") == [1, 2]
+    try:
+        raise KeyError("k")
+    except KeyError:
+        content = jx.wrap_exception({"engine_id": 3})
+    assert jx.unwrap_exception(content).ename == "KeyError"
+    shown = jx.AlreadyDisplayedError(jx.CompositeError("two", [err, err]))
+    assert shown.original_error.elist == [err, err]
+    assert issubclass(jx.RemoteError, jx.KernelError) and jx.TimeoutError is TimeoutError
+
+
+def test_joblib_runs_on_the_cluster(rc):
+    import joblib
+
+    rc.load_balanced_view().register_joblib_backend()
+    with joblib.parallel_backend("ipyparallel"):
+        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-i) for i in range(10))
+    assert out == list(range(10))
+
+
+def test_cluster_manager_knows_running_clusters(rc):
+    manager = jx.ClusterManager()
+    known = manager.load_clusters()
+    assert rc.cluster_id in known
+    with pytest.raises(KeyError, match="no-such"):
+        manager.get_cluster("no-such")
+
+
+def test_px_flags_of_ipython_parallel():
+    from jupyter_ext._magics import _parser, _signum
+
+    args = _parser("px").parse_args(
+        ["-t", "::2", "-a", "-r", "-o", "res", "--signal-on-interrupt", "SIGTERM"]
+    )
+    assert (args.targets, args.block, args.group_outputs, args.save_name) == (
+        "::2",
+        False,
+        "order",
+        "res",
+    )
+    assert args.signal_on_interrupt == int(signal.SIGTERM)
+    assert _parser("px").parse_args(["-e", "-b"]).group_outputs == "engine"
+    assert _signum("INT") == _signum("2") == int(signal.SIGINT) and _signum("0") == 0
+    with pytest.raises(ValueError):
+        _signum("NOPE")
+
+
+def test_stream_output_prints_as_it_comes(rc, capsys):
+    ar = rc[0].apply_async(print, "streamed")
+    with ar.stream_output():
+        ar.get(5)
+        time.sleep(0.3)  # (iopub may trail the reply)
+    assert "[stdout:0] streamed" in capsys.readouterr().out
