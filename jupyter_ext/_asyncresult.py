@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import sys
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -18,7 +17,7 @@ from kernel_engine import protocol
 from kernel_engine.errors import CompositeError, RemoteError
 
 from ._metadata import METADATA_KEYS, Metadata
-from ._outputs import display_outputs
+from ._outputs import LiveOutput, display_outputs
 from ._progress import wait_with_progress
 from ._reprs import result_html
 from ._request import Request
@@ -414,22 +413,18 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         ``[stdout:0]`` (output that came before is not repeated)."""
         msg_ids = set(self.msg_ids)
 
+        output = LiveOutput()
+
         def show(eid: int, msg: Any) -> None:
-            if msg.parent_id not in msg_ids:
-                return
-            content = msg.content
-            if msg.msg_type == "stream":
-                name = "stderr" if content.get("name") == "stderr" else "stdout"
-                out = sys.stderr if name == "stderr" else sys.stdout
-                print(f"[{name}:{eid}] {content.get('text', '')}", end="", file=out, flush=True)
-            elif msg.msg_type == "error":
-                print(f"[{eid}] {content.get('ename')}: {content.get('evalue')}", file=sys.stderr)
+            if msg.parent_id in msg_ids:
+                output.show(eid, msg.msg_type, msg.content)
 
         self._transport.add_iopub_handler(show)
         try:
             yield
         finally:
             self._transport.remove_iopub_handler(show)
+            output.flush()
 
     def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
         """Show what the tasks printed and displayed, labelled ``[stdout:0]``, grouped by

@@ -7,21 +7,35 @@ registers ``%px<suffix>`` and friends beside the others.
 Engine output is rendered by the notebook kernel's main thread, while it waits, from
 messages the client's IO thread queues for it: so output appears live in the cell that
 ran the code (labelled ``[stdout:0]``, ``Out[0:3]``), never under another cell, and
-everything already printed is shown before an error is raised.
+everything already printed is shown before an error is raised. Errors streamed that way
+end the cell with :class:`AlreadyDisplayedError` (a one-line summary, not the tracebacks
+again).
+
+As IPython Parallel's, ``%px`` takes no flags and its code is not expanded here: ``$x``
+and ``{x}`` reach the engines as written, where IPython expands them in shell commands
+and magics (``%px !echo $x`` echoes each engine's ``x``). Ctrl-C while a blocking ``%px``
+waits sends ``--signal-on-interrupt`` (SIGINT by default) to the engines and ends the
+cell quietly; with ``--signal-on-interrupt 0`` it raises KeyboardInterrupt as usual.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import queue
 import shlex
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic import no_var_expand
+
+from kernel_engine.errors import AlreadyDisplayedError, CompositeError, RemoteError
 
 from ._client import current_client
+from ._outputs import LiveOutput, display_outputs
 
 if TYPE_CHECKING:
     from ._asyncresult import AsyncResult
@@ -30,17 +44,26 @@ if TYPE_CHECKING:
 GROUPINGS = ("type", "engine", "order")
 
 
-def parse_targets(text: str) -> Any:
-    """``all``, ``3``, ``0,2``, ``::2`` or ``1:3`` as view targets."""
+def parse_targets(text: str, namespace: dict[str, Any] | None = None) -> Any:
+    """``all``, ``3``, ``0,2``, ``::2``, ``1:3`` or a Python expression evaluated in
+    ``namespace`` (the user's), as view targets."""
     text = text.strip()
     if text in ("", "all"):
         return "all"
-    if ":" in text:
-        parts = [int(p) if p else None for p in text.split(":")]
-        return slice(*parts)
-    if "," in text:
-        return [int(t) for t in text.split(",") if t.strip()]
-    return int(text)
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            return slice(*parts)
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = eval(text, dict(namespace or {}))  # the user's own expression, as IPP does
+    except Exception as exc:
+        raise UsageError(f"--targets {text!r}: {type(exc).__name__}: {exc}") from None
+    return list(value) if isinstance(value, (tuple, range)) else value
 
 
 def _signum(text: str) -> int:
@@ -63,7 +86,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--group-outputs", choices=GROUPINGS, default=None)
     p.add_argument("-r", dest="group_outputs", action="store_const", const="order")
     p.add_argument("-e", dest="group_outputs", action="store_const", const="engine")
-    p.add_argument("--signal-on-interrupt", type=_signum, default=None)
+    p.add_argument("--signal-on-interrupt", type=str, default=None)
     p.add_argument("--stream", dest="stream", action="store_true", default=None)
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.add_argument("--verbose", dest="verbose", action="store_true", default=None)
@@ -74,77 +97,51 @@ def _parser(name: str) -> argparse.ArgumentParser:
     return p
 
 
-class Renderer:
-    """Shows engine output in the running cell, labelled by engine."""
+class _Live:
+    """Engine output of one ``%px`` run, queued by the client's IO thread and shown by
+    the kernel's main thread (so it lands in the running cell)."""
 
-    def __init__(self, group: str = "type"):
-        self.group = group
+    def __init__(self, view: DirectView, stream: bool):
+        self.view = view
+        self.stream = stream
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.msg_ids: set[str] = set()
+        self.errors_shown: set[str] = set()
+        self.output = LiveOutput()
+        view.transport.add_iopub_handler(self._handler)
 
-    def stream(self, eid: int, name: str, text: str) -> None:
-        import sys
+    def _handler(self, eid: int, msg: Any) -> None:
+        self.inbox.put((eid, msg.parent_header.get("msg_id"), msg.msg_type, msg.content))
 
-        out = sys.stderr if name == "stderr" else sys.stdout
-        label = f"[{name}:{eid}] "
-        body = text if text.endswith("\n") else text + "\n"
-        out.write(label + body)
-        out.flush()
+    def close(self) -> None:
+        self.view.transport.remove_iopub_handler(self._handler)
 
-    def display(self, eid: int, content: dict[str, Any]) -> None:
-        from IPython.display import publish_display_data
+    def finish(self) -> None:
+        """Show what came, unfinished lines too."""
+        self.drain()
+        self.output.flush()
 
-        print(f"[output:{eid}]")
-        publish_display_data(content.get("data", {}), content.get("metadata", {}))
+    def drain(self) -> None:
+        while True:
+            try:
+                eid, parent, msg_type, content = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if self.stream and parent in self.msg_ids:
+                self.output.show(eid, msg_type, content)
+                if msg_type == "error":
+                    self.errors_shown.add(parent)
 
-    def result(self, eid: int, content: dict[str, Any]) -> None:
-        from IPython.display import publish_display_data
 
-        data = dict(content.get("data", {}))
-        label = f"Out[{eid}:{content.get('execution_count')}]: "
-        plain = data.get("text/plain", "")
-        if set(data) <= {"text/plain"}:
-            print(label + plain)
-            return
-        print(label)
-        publish_display_data(data, content.get("metadata", {}))
+def _no_var_expand(method: Any) -> Any:
+    """``method`` as a magic whose line IPython passes on unexpanded."""
 
-    def live(self, eid: int, msg_type: str, content: dict[str, Any]) -> None:
-        """One iopub message as it arrives (streaming)."""
-        if msg_type == "stream":
-            self.stream(eid, content.get("name", "stdout"), content.get("text", ""))
-        elif msg_type == "display_data":
-            self.display(eid, content)
-        elif msg_type == "execute_result":
-            self.result(eid, content)
-        elif msg_type == "clear_output":
-            from IPython.display import clear_output
+    @functools.wraps(method)
+    def magic(*args: Any) -> Any:
+        __tracebackhide__ = True
+        return method(*args)
 
-            clear_output(wait=bool(content.get("wait")))
-
-    def final(self, ar: AsyncResult) -> None:
-        """Every engine's output after the fact, grouped as configured."""
-        mds = ar._metadata_list()
-        items: list[tuple[int, int, str, Any]] = []  # (engine, index, kind, payload)
-        for md in mds:
-            eid = md["engine_id"]
-            seq = [("stdout", md["stdout"]), ("stderr", md["stderr"])]
-            seq += [("display", c) for c in md["outputs"]]
-            if md["execute_result"]:
-                seq.append(("result", md["execute_result"]))
-            items += [(eid, i, kind, payload) for i, (kind, payload) in enumerate(seq) if payload]
-        order = {"stdout": 0, "stderr": 1, "display": 2, "result": 3}
-        if self.group == "engine":
-            items.sort(key=lambda t: (t[0], t[1]))
-        elif self.group == "order":
-            items.sort(key=lambda t: (t[1], t[0]))
-        else:
-            items.sort(key=lambda t: (order[t[2]], t[0], t[1]))
-        for eid, _, kind, payload in items:
-            if kind in ("stdout", "stderr"):
-                self.stream(eid, kind, payload)
-            elif kind == "display":
-                self.display(eid, payload)
-            else:
-                self.result(eid, payload)
+    return no_var_expand(magic)
 
 
 class PXMagics:
@@ -159,7 +156,7 @@ class PXMagics:
         self.verbose = False
         self.group = "type"
         self.progress_after: float | None = None
-        self.signal_on_interrupt = int(signal.SIGINT)
+        self.signal_on_interrupt = "SIGINT"  # as given: a name or a number, 0 for none
         self.targets: Any = None
         self.last_result: AsyncResult | None = None
         self.autopx = False
@@ -180,8 +177,8 @@ class PXMagics:
     def register(self) -> None:
         sx = self.suffix
         reg = self.shell.register_magic_function
-        reg(self.px_line, "line", f"px{sx}")
-        reg(self.px_cell, "cell", f"px{sx}")
+        reg(_no_var_expand(self.px_line), "line", f"px{sx}")
+        reg(_no_var_expand(self.px_cell), "cell", f"px{sx}")
         reg(self.autopx_line, "line", f"autopx{sx}")
         reg(self.pxresult_line, "line", f"pxresult{sx}")
         reg(self.pxresult_line, "line", f"result{sx}")  # (IPython Parallel's older name)
@@ -192,8 +189,11 @@ class PXMagics:
     def pxconfig_line(self, line: str) -> None:
         """Set the defaults of %px: --targets, --[no]block, --[no-]stream, --verbose, ..."""
         args = self._parse(f"pxconfig{self.suffix}", line)
+        if args.signal_on_interrupt is not None:
+            self._signal(args.signal_on_interrupt)  # a bad name fails here, not at Ctrl-C
+            self.signal_on_interrupt = args.signal_on_interrupt
         if args.targets is not None:
-            self.targets = parse_targets(args.targets)
+            self.targets = parse_targets(args.targets, self.shell.user_ns)
         for name in ("block", "stream", "verbose"):
             if getattr(args, name) is not None:
                 setattr(self, name, getattr(args, name))
@@ -201,11 +201,9 @@ class PXMagics:
             self.group = args.group_outputs
         if args.progress_after is not None:
             self.progress_after = args.progress_after
-        if args.signal_on_interrupt is not None:
-            self.signal_on_interrupt = args.signal_on_interrupt
 
     def px_line(self, line: str) -> Any:
-        """Run one line of code on the engines."""
+        """Run one line of code on the engines (no flags: ``%pxconfig`` sets them)."""
         return self._run(line, argparse.Namespace(**vars(self._parse("px", ""))))
 
     def px_cell(self, line: str, cell: str) -> Any:
@@ -222,8 +220,8 @@ class PXMagics:
         if args.save_name:
             self.shell.user_ns[args.save_name] = ar
         ar.wait()
-        Renderer(args.group_outputs or self.group).final(ar)
-        self._raise_errors(ar)
+        display_outputs(ar._metadata_list(), args.group_outputs or self.group)
+        self._raise_errors(ar, set())
 
     def autopx_line(self, line: str = "") -> None:
         """Toggle running every cell on the engines (as if each began with %%px)."""
@@ -251,12 +249,20 @@ class PXMagics:
         except (argparse.ArgumentError, SystemExit, ValueError) as exc:
             raise UsageError(f"%{name}: {exc}") from None
 
+    @staticmethod
+    def _signal(text: str) -> int:
+        try:
+            return _signum(text)
+        except ValueError as exc:
+            raise UsageError(f"--signal-on-interrupt: {exc}") from None
+
     def _run(self, code: str, args: argparse.Namespace) -> Any:
         __tracebackhide__ = True  # IPython hides this frame in tracebacks
         view = self.view
-        targets = parse_targets(args.targets) if args.targets is not None else self.targets
-        if targets is None:
-            targets = view.targets
+        if args.targets is not None:
+            targets = parse_targets(args.targets, self.shell.user_ns)
+        else:
+            targets = view.targets if self.targets is None else self.targets
         block = self.block if args.block is None else args.block
         stream = self.stream if args.stream is None else args.stream
         verbose = self.verbose if args.verbose is None else args.verbose
@@ -264,15 +270,16 @@ class PXMagics:
         progress_after = (
             args.progress_after if args.progress_after is not None else self.progress_after
         )
-        signum = getattr(args, "signal_on_interrupt", None)
-        signum = self.signal_on_interrupt if signum is None else signum
+        sig_text = getattr(args, "signal_on_interrupt", None) or self.signal_on_interrupt
+        signum = self._signal(sig_text)
         ids = view.transport.targets(targets)
         if verbose:
-            print(f"[px] running on engines {ids}{' (no block)' if not block else ''}")
-        handler, inbox = self._listen(view)
+            print(f"{'Parallel' if block else 'Async parallel'} execution on engine(s): {ids}")
+        live = _Live(view, stream)
         ar: AsyncResult | None = None
         try:
             ar = view.execute(code, silent=False, targets=ids, block=False)
+            live.msg_ids.update(ar.msg_ids)
             self.last_result = ar
             if args.save_name:
                 self.shell.user_ns[args.save_name] = ar
@@ -280,79 +287,55 @@ class PXMagics:
                 self.shell.run_cell(code, store_history=False)
             if not block:
                 return ar
-            self._wait(
-                ar, inbox, set(ar.msg_ids), stream, group, progress_after, args.timeout, signum
-            )
+            self._wait(ar, live, progress_after, args.timeout, signum)
         except KeyboardInterrupt:
             # also when Ctrl-C lands between submitting and waiting
-            if ar is not None and not ar.done():
-                self._interrupt(ar, signum)
-            raise
+            if ar is None or not signum:
+                raise
+            print(
+                f"Received Keyboard Interrupt. Sending signal {sig_text} to engines...",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._interrupt(ar, signum)
+            live.finish()
+            return None
         finally:
-            view.transport.remove_iopub_handler(handler)
-        self._raise_errors(ar)
+            live.close()
+        if not stream:
+            display_outputs(ar._metadata_list(), group)
+        self._raise_errors(ar, live.errors_shown)
         return None
-
-    @staticmethod
-    def _listen(view: DirectView) -> tuple[Any, queue.Queue[Any]]:
-        inbox: queue.Queue[Any] = queue.Queue()
-
-        def handler(eid: int, msg: Any) -> None:
-            inbox.put((eid, msg.parent_header.get("msg_id"), msg.msg_type, msg.content))
-
-        view.transport.add_iopub_handler(handler)
-        return handler, inbox
 
     def _wait(
         self,
         ar: AsyncResult,
-        inbox: queue.Queue[Any],
-        msg_ids: set[str],
-        stream: bool,
-        group: str,
+        live: _Live,
         progress_after: float | None,
         timeout: float | None,
-        signum: int = int(signal.SIGINT),
+        signum: int,
     ) -> None:
         __tracebackhide__ = True
-        renderer = Renderer(group)
         start = time.monotonic()
         progress = None
+        while not ar.wait(0.05):
+            live.drain()
+            elapsed = time.monotonic() - start
+            if progress_after is not None and progress is None and elapsed >= progress_after:
+                from ._progress import ProgressDisplay
 
-        def drain() -> None:
-            while True:
-                try:
-                    eid, parent, msg_type, content = inbox.get_nowait()
-                except queue.Empty:
-                    return
-                if stream and parent in msg_ids:
-                    renderer.live(eid, msg_type, content)
-
-        try:
-            while not ar.wait(0.05):
-                drain()
-                elapsed = time.monotonic() - start
-                if progress_after is not None and progress is None and elapsed >= progress_after:
-                    from ._progress import ProgressDisplay
-
-                    progress = ProgressDisplay(len(ar), "px")
-                if progress is not None:
-                    progress.update(ar.progress, elapsed)
-                if timeout is not None and elapsed >= timeout:
-                    engines = self._interrupt(ar, signum)
-                    drain()
-                    raise TimeoutError(
-                        f"%px: no result within {timeout} s; interrupted engines {engines}"
-                    )
-        except KeyboardInterrupt:
-            self._interrupt(ar, signum)
-            drain()
-            raise
-        drain()
+                progress = ProgressDisplay(len(ar), "px")
+            if progress is not None:
+                progress.update(ar.progress, elapsed)
+            if timeout is not None and elapsed >= timeout:
+                engines = self._interrupt(ar, signum)
+                live.finish()
+                raise TimeoutError(
+                    f"%px: no result within {timeout} s; interrupted engines {engines}"
+                )
+        live.finish()
         if progress is not None:
             progress.close(ar.progress, time.monotonic() - start, ar.exception() is None)
-        if not stream:
-            renderer.final(ar)
 
     @staticmethod
     def _interrupt(ar: AsyncResult, signum: int = int(signal.SIGINT)) -> list[int]:
@@ -362,11 +345,23 @@ class PXMagics:
         return ar._interrupt_running(signum=signum)
 
     @staticmethod
-    def _raise_errors(ar: AsyncResult) -> None:
+    def _raise_errors(ar: AsyncResult, shown: set[str]) -> None:
+        """Raise what failed: as :class:`AlreadyDisplayedError` when every error's
+        traceback was streamed already (``shown``: their msg_ids)."""
         __tracebackhide__ = True
         exc = ar.exception() if ar.done() and not ar.cancelled() else None
-        if exc is not None:
-            raise exc
+        if exc is None:
+            return
+        errors = exc.elist if isinstance(exc, CompositeError) else [exc]
+        if (
+            isinstance(exc, RemoteError)
+            and shown
+            and all(
+                isinstance(e, RemoteError) and e.engine_info.get("msg_id") in shown for e in errors
+            )
+        ):
+            raise AlreadyDisplayedError(exc) from None
+        raise exc
 
 
 def activate(view: DirectView, suffix: str = "") -> PXMagics:

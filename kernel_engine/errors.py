@@ -115,10 +115,15 @@ class AlreadyDisplayedError(CompositeError):
         elist = (
             original_error.elist if isinstance(original_error, CompositeError) else [original_error]
         )
-        super().__init__(f"{len(elist)} errors (shown above)", elist)
+        n = len(elist)
+        super().__init__(f"{n} error{'s' if n != 1 else ''} (shown above)", elist)
 
     def __str__(self) -> str:
         return self.message
+
+    def render_traceback(self, excid: int | None = None) -> list[str]:
+        """The one-line summary (``excid``: that error's traceback after all)."""
+        return [self.message] if excid is None else super().render_traceback(excid)
 
     def _render_traceback_(self) -> list[str]:
         return [self.message]

@@ -315,7 +315,7 @@ def test_px_flags_of_ipython_parallel():
         "order",
         "res",
     )
-    assert args.signal_on_interrupt == int(signal.SIGTERM)
+    assert _signum(args.signal_on_interrupt) == int(signal.SIGTERM)
     assert _parser("px").parse_args(["-e", "-b"]).group_outputs == "engine"
     assert _signum("INT") == _signum("2") == int(signal.SIGINT) and _signum("0") == 0
     with pytest.raises(ValueError):

@@ -18,6 +18,15 @@ cluster = jx.Cluster(n=2)
 rc = cluster.start_and_connect_sync()
 %load_ext jupyter_ext"""
 
+SEVERAL = """\
+import sys
+from IPython.display import display
+print('o1')
+print('e1', file=sys.stderr)
+display('d1')
+print('o2')
+display('d2')"""
+
 CELLS = {
     "setup": SETUP,
     "line": "%px a = 5",
@@ -33,20 +42,45 @@ CELLS = {
     "display(HTML('<b>rich output</b>'))",
     "error": "%%px\nprint('before the error')\n1/0",
     "after_error": "%px print('still alive')",
+    "error_nostream": "%%px --no-stream\nprint('shown first')\n1/0",
     "timeout": "%%px --timeout 1\nimport time\ntime.sleep(30)",
     "after_timeout": "%px print('alive after timeout')",
     "config": "%pxconfig --no-stream --verbose --targets 1\n%px print('configured')",
     "config_reset": "%pxconfig --stream --no-verbose --targets all",
     "autopx_on": "%autopx",
     "autopx_cell": "x_auto = 3",
+    "autopx_error": "1/0",
+    "autopx_after_error": "y_auto = x_auto + 1",
     "autopx_off": "%autopx",
-    "autopx_check": "print(rc[:]['x_auto'])",
+    "autopx_check": "print(rc[:]['x_auto'], rc[:]['y_auto'])",
+    "expand_setup": "x_eng = 'LOCAL'\n%px x_eng = 'ENGINE'",
+    "expand_shell": "%px !echo $x_eng",
+    "expand_literal": "%px print('$x_eng', '{x_eng}')",
+    "targets_expr": "%%px --targets rc.ids[-1:]\nprint('expression targets')",
+    "group_type": "%%px --no-stream --group-outputs type\n" + SEVERAL,
+    "group_engine": "%%px --no-stream -e\n" + SEVERAL,
+    "group_order": "%%px --no-stream -r\n" + SEVERAL,
+    "group_streamed": "%%px\n" + SEVERAL,
+    "noblock_line": "%pxconfig --noblock\nr = %px 6 * 7\n%pxconfig --block\n"
+    "print(type(r).__name__, r.wait(10))\n%pxresult",
+    "bad_signal": "%%px --signal-on-interrupt SIGNOPE\n1",
     "activate": "rc[0].activate('_a')\n%px_a print('only engine zero')",
     "progress": "%%px --progress-after 0\nimport time\ntime.sleep(0.5)",
     "wait_interactive": "ar = rc.load_balanced_view().map(lambda x: (time.sleep(0.02), x)[1], "
     "range(40), chunksize=5)\nar.wait_interactive()",
     "stop": "cluster.stop_cluster_sync()\nprint('stopped')",
 }
+
+
+def tokens(cell) -> list[str]:
+    """The cell's outputs in order: stream lines, and display data as ``D:<text>``."""
+    out: list[str] = []
+    for o in cell.outputs:
+        if o.output_type == "stream":
+            out += [f"{o.name}|{line}" for line in o.text.splitlines()]
+        elif o.output_type == "display_data":
+            out.append("D:" + o.data.get("text/plain", ""))
+    return out
 
 
 def text_of(cell) -> str:
@@ -141,10 +175,24 @@ def test_errors_keep_earlier_output_and_show_one_traceback_per_engine(executed):
     cell = cells["error"]
     text = text_of(cell)
     assert "[stdout:0] before the error" in text and "[stdout:1] before the error" in text
+    # the tracebacks were streamed as they happened; the cell ends with a one-line summary
+    for eid in (0, 1):
+        assert f"[Engine {eid}] ZeroDivisionError: division by zero" in text
+    assert text.index("before the error") < text.index("ZeroDivisionError")
+    (error,) = errors_of(cell)
+    assert error.ename == "AlreadyDisplayedError"
+    assert error.traceback == ["2 errors (shown above)"]
+    assert "still alive" in text_of(cells["after_error"])
+
+
+def test_errors_not_streamed_are_raised_with_their_tracebacks(executed):
+    cells, _ = executed
+    cell = cells["error_nostream"]
+    assert "[stdout:0] shown first" in text_of(cell)
     (error,) = errors_of(cell)
     tb = "\n".join(error.traceback)
     assert "[Engine 0] ZeroDivisionError" in tb and "[Engine 1] ZeroDivisionError" in tb
-    assert "still alive" in text_of(cells["after_error"])
+    assert "ZeroDivisionError" not in "".join(o.text for o in cell.outputs if "text" in o)
 
 
 def test_timeout_interrupts_engines(executed):
@@ -157,14 +205,78 @@ def test_timeout_interrupts_engines(executed):
 def test_pxconfig_sets_defaults(executed):
     cells, _ = executed
     text = text_of(cells["config"])
-    assert "[px] running on engines [1]" in text and "[stdout:1] configured" in text
+    assert "Parallel execution on engine(s): [1]" in text and "[stdout:1] configured" in text
     assert "[stdout:0]" not in text
 
 
 def test_autopx_runs_cells_on_the_engines(executed):
     cells, _ = executed
     assert "enabled" in text_of(cells["autopx_on"]) and "disabled" in text_of(cells["autopx_off"])
-    assert "[3, 3]" in text_of(cells["autopx_check"])
+    assert "[3, 3] [4, 4]" in text_of(cells["autopx_check"])
+    # an error in %autopx mode is shown, and the mode goes on
+    text = text_of(cells["autopx_error"])
+    assert "[Engine 0] ZeroDivisionError" in text and "[Engine 1] ZeroDivisionError" in text
+    assert [e.ename for e in errors_of(cells["autopx_error"])] == ["AlreadyDisplayedError"]
+    assert not errors_of(cells["autopx_after_error"])
+
+
+def test_px_code_is_expanded_on_the_engines_not_here(executed):
+    cells, _ = executed
+    shell = text_of(cells["expand_shell"])
+    assert "[stdout:0] ENGINE" in shell and "[stdout:1] ENGINE" in shell
+    assert "LOCAL" not in shell
+    assert "[stdout:0] $x_eng {x_eng}" in text_of(cells["expand_literal"])
+
+
+def test_targets_may_be_a_python_expression(executed):
+    cells, _ = executed
+    text = text_of(cells["targets_expr"])
+    assert "[stdout:1] expression targets" in text and "[stdout:0]" not in text
+
+
+def test_several_prints_are_grouped_as_asked(executed):
+    cells, _ = executed
+    both = ["stdout|o1", "stdout|o2"]
+    streams = [f"stdout|[stdout:{e}]" for e in (0, 1)]
+    assert tokens(cells["group_type"]) == [
+        streams[0], *both, streams[1], *both,
+        "stderr|[stderr:0] e1", "stderr|[stderr:1] e1",
+        "stdout|[output:0]", "D:'d1'", "stdout|[output:0]", "D:'d2'",
+        "stdout|[output:1]", "D:'d1'", "stdout|[output:1]", "D:'d2'",
+    ]  # fmt: skip
+    assert tokens(cells["group_engine"]) == [
+        streams[0], *both, "stderr|[stderr:0] e1",
+        "stdout|[output:0]", "D:'d1'", "stdout|[output:0]", "D:'d2'",
+        streams[1], *both, "stderr|[stderr:1] e1",
+        "stdout|[output:1]", "D:'d1'", "stdout|[output:1]", "D:'d2'",
+    ]  # fmt: skip
+    assert tokens(cells["group_order"]) == [
+        streams[0], *both, streams[1], *both,
+        "stderr|[stderr:0] e1", "stderr|[stderr:1] e1",
+        "stdout|[output:0]", "D:'d1'", "stdout|[output:1]", "D:'d1'",
+        "stdout|[output:0]", "D:'d2'", "stdout|[output:1]", "D:'d2'",
+    ]  # fmt: skip
+    # streamed: each engine's prints in the order it made them, each labelled
+    streamed = tokens(cells["group_streamed"])
+    for eid in (0, 1):
+        mine = [t for t in streamed if f":{eid}]" in t]
+        assert mine == [
+            f"stdout|[stdout:{eid}] o1", f"stderr|[stderr:{eid}] e1",
+            f"stdout|[output:{eid}]", f"stdout|[stdout:{eid}] o2", f"stdout|[output:{eid}]",
+        ], streamed  # fmt: skip
+
+
+def test_non_blocking_line_px_returns_its_result(executed):
+    cells, _ = executed
+    text = text_of(cells["noblock_line"])
+    assert "AsyncResult True" in text
+    assert "Out[0:" in text and "Out[1:" in text and "]: 42" in text
+
+
+def test_a_bad_signal_name_is_a_usage_error(executed):
+    cells, _ = executed
+    text = text_of(cells["bad_signal"])  # (IPython prints usage errors, no traceback)
+    assert "UsageError: --signal-on-interrupt: no signal 'SIGNOPE'" in text, text
 
 
 def test_activate_registers_a_suffixed_set(executed):
@@ -185,8 +297,9 @@ def test_progress_bars_reach_100_percent_in_saved_widget_state(executed):
     assert any(b["max"] == 2 and b["value"] == 2 for b in bars), bars
 
 
-def interrupt_after(kc, km, code: str, delay: float) -> tuple[dict, float]:
-    """Run ``code``, interrupt the kernel after ``delay`` s; (its reply, seconds to reply)."""
+def interrupt_after(kc, km, code: str, delay: float) -> tuple[dict, float, dict[str, str]]:
+    """Run ``code``, interrupt the kernel after ``delay`` s; (its reply, seconds to reply,
+    what it printed by stream name)."""
     msg_id = kc.execute(code)
     time.sleep(delay)
     t0 = time.monotonic()
@@ -194,7 +307,18 @@ def interrupt_after(kc, km, code: str, delay: float) -> tuple[dict, float]:
     reply = kc.get_shell_msg(timeout=10)
     while reply["parent_header"].get("msg_id") != msg_id:
         reply = kc.get_shell_msg(timeout=10)
-    return reply, time.monotonic() - t0
+    took = time.monotonic() - t0
+    printed = {"stdout": "", "stderr": ""}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=10)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            printed[msg["content"]["name"]] += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    return reply, took, printed
 
 
 def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
@@ -209,10 +333,29 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
         reply = kc.execute_interactive(SETUP, timeout=60, output_hook=outputs.append)
         assert reply["content"]["status"] == "ok", [o["content"] for o in outputs]
         pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
-        reply, took = interrupt_after(kc, km, "%%px\nimport time\ntime.sleep(60)", 1.5)
+        # as IPython Parallel: the signal goes to the engines, the cell ends quietly
+        cell = "%%px\nimport time\nprint('entering')\ntime.sleep(60)\nprint('exiting')"
+        reply, took, printed = interrupt_after(kc, km, cell, 1.5)
         assert took < 5
-        assert reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert (
+            "Received Keyboard Interrupt. Sending signal SIGINT to engines..."
+            in (printed["stderr"])
+        )
+        assert "[stdout:0] entering" in printed["stdout"] and "exiting" not in printed["stdout"]
+        # the signal named as the user named it; 0 sends nothing and interrupts here only
+        reply, took, printed = interrupt_after(
+            kc, km, "%%px --signal-on-interrupt 2\nimport time\ntime.sleep(60)", 1.5
+        )
+        assert reply["content"]["status"] == "ok" and took < 5
+        assert "Sending signal 2 to engines..." in printed["stderr"]
+        reply, took, printed = interrupt_after(
+            kc, km, "%%px --signal-on-interrupt 0\nimport time\ntime.sleep(3)", 1.0
+        )
+        assert reply["content"]["ename"] == "KeyboardInterrupt" and took < 5
+        assert "Sending signal" not in printed["stderr"]
+        reply = kc.execute_interactive("rc[:].wait(timeout=10)", timeout=20)
+        assert reply["content"]["status"] == "ok"
         outputs = []
         reply = kc.execute_interactive(
             "%px print('engines usable')", timeout=20, output_hook=outputs.append
@@ -227,7 +370,7 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
             "rc.load_balanced_view().apply_async(time.sleep, 60).get()",
             "rc[:].apply_async(time.sleep, 60).wait_interactive()",
         ):
-            reply, took = interrupt_after(kc, km, code, 1.0)
+            reply, took, _ = interrupt_after(kc, km, code, 1.0)
             assert took < 5, code
             assert reply["content"]["ename"] == "KeyboardInterrupt", code
             again = kc.execute_interactive("print(rc[:].apply_sync(lambda: 'free'))", timeout=10)
