@@ -18,6 +18,30 @@ from ._client import Client
 from ._reprs import cluster_html
 
 
+def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None) -> str | None:
+    """The IPython profile folder ``profile``/``profile_dir`` name; ValueError if none."""
+    if profile is not None and not isinstance(profile, str):
+        raise TypeError(f"profile must be a profile's name, not {profile!r}")
+    if profile_dir is not None:
+        if not isinstance(profile_dir, (str, os.PathLike)):
+            raise TypeError(f"profile_dir must be a folder, not {profile_dir!r}")
+        if not os.path.isdir(profile_dir):
+            raise ValueError(f"profile_dir {os.fspath(profile_dir)!r} is not a folder")
+        return os.path.abspath(profile_dir)
+    if profile is None:
+        return None
+    from IPython.core.profiledir import ProfileDir, ProfileDirError
+    from IPython.paths import get_ipython_dir
+
+    try:
+        return str(ProfileDir.find_profile_dir_by_name(get_ipython_dir(), profile).location)
+    except ProfileDirError:
+        raise ValueError(
+            f"no IPython profile {profile!r} in {get_ipython_dir()} "
+            f"(create it with: ipython profile create {profile})"
+        ) from None
+
+
 class Cluster:
     """A controller process and its engines.
 
@@ -53,6 +77,11 @@ class Cluster:
     on_client_lost
         A lost client's tasks already on engines: ``"finish"`` them, or ``"abort"`` those
         that have not started.
+    profile, profile_dir
+        The IPython profile the engines load their configuration from (its
+        ``ipython_config.py`` and ``ipython_kernel_config.py``), by name (``profile_<name>``
+        in the IPython folder) or by folder. Default: IPython's default profile, as any
+        kernel.
 
     Every argument is checked here: a wrong type or value raises TypeError/ValueError
     naming it, before anything starts.
@@ -71,6 +100,8 @@ class Cluster:
         curve: bool | None = None,
         client_timeout: float = 30.0,
         on_client_lost: str = "finish",
+        profile: str | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
     ):
         if engines != "local":
             raise ValueError(
@@ -94,6 +125,7 @@ class Cluster:
         if cwd is not None and not os.path.isdir(cwd):
             raise ValueError(f"cwd {cwd!r} is not a folder")
         protocol.check_bool("shutdown_atexit", shutdown_atexit)
+        self.profile_dir = _profile_dir(profile, profile_dir)
         self.curve = protocol.curve_wanted(ip, curve)
         self.client_timeout = protocol.check_seconds("client_timeout", client_timeout, True) or 30.0
         self.on_client_lost = on_client_lost
@@ -149,6 +181,7 @@ class Cluster:
             cwd=self.cwd,
             log_level=self.log_level,
             parent_pid=os.getpid() if self.shutdown_atexit else None,
+            env={clusters.PROFILE_DIR_ENV: self.profile_dir} if self.profile_dir else None,
             controller_args=[
                 "--curve" if self.curve else "--no-curve",
                 "--client-timeout",
@@ -288,6 +321,7 @@ class Cluster:
             "curve": self.curve,
             "controller_pid": self.controller_pid,
             "connection_file": str(self.connection_file),
+            "profile_dir": self.profile_dir,
         }
 
     @classmethod

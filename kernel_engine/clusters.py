@@ -293,6 +293,11 @@ def clean_dead_clusters(remove_folders: bool = False) -> list[ClusterState]:
     return cleaned
 
 
+PROFILE_DIR_ENV = "JUPYTER_PX_PROFILE_DIR"
+"""The IPython profile folder engines load their configuration from (else IPython's
+default profile, as any kernel's)."""
+
+
 def launch_controller(
     folder: Path,
     n: int,
@@ -302,13 +307,14 @@ def launch_controller(
     log_level: str = "INFO",
     parent_pid: int | None = None,
     controller_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
 
     Cleans up after dead clusters first. ``parent_pid``: the controller stops when that
     process exits; ``controller_args``: more options of ``python -m
-    kernel_engine.controller``. Raises :class:`ClusterError` if the folder's controller
-    already runs.
+    kernel_engine.controller``; ``env``: more environment for it and its engines. Raises
+    :class:`ClusterError` if the folder's controller already runs.
     """
     clean_dead_clusters()
     current = read_cluster(folder)
@@ -332,6 +338,7 @@ def launch_controller(
             stderr=log,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
+            env={**os.environ, **env} if env else None,
             # its own session: a Ctrl-C (SIGINT to our process group, as a notebook
             # interrupt sends) must interrupt the work, not stop the cluster
             start_new_session=True,

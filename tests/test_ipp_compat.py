@@ -328,3 +328,26 @@ def test_stream_output_prints_as_it_comes(rc, capsys):
         ar.get(5)
         time.sleep(0.3)  # (iopub may trail the reply)
     assert "[stdout:0] streamed" in capsys.readouterr().out
+
+
+def test_engines_load_the_users_ipython_profile(cluster_factory, tmp_path, monkeypatch):
+    """As any IPython kernel: the default profile's config, or the one the cluster names."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    for name, value in (("default", "from default"), ("lab", "from lab")):
+        folder = tmp_path / f"profile_{name}"
+        folder.mkdir()
+        (folder / "ipython_config.py").write_text(
+            f'c.InteractiveShellApp.exec_lines = ["configured = {value!r}"]\n'
+        )
+    _, rc = cluster_factory.start(n=1)
+    assert rc[:]["configured"] == ["from default"]
+    _, rc = cluster_factory.start(n=1, profile="lab")
+    assert rc[:]["configured"] == ["from lab"]
+    _, rc = cluster_factory.start(n=1, profile_dir=tmp_path / "profile_lab")
+    assert rc[:]["configured"] == ["from lab"]
+    with pytest.raises(ValueError, match="no IPython profile 'nope'.*ipython profile create"):
+        jx.Cluster(n=1, profile="nope")
+    with pytest.raises(TypeError, match="profile"):
+        jx.Cluster(n=1, profile=3)
+    with pytest.raises(ValueError, match="profile_dir"):
+        jx.Cluster(n=1, profile_dir=tmp_path / "absent")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
+
+from kernel_engine.clusters import PROFILE_DIR_ENV
 
 from . import logs
 from .kernel import EngineKernel
@@ -83,5 +87,10 @@ def main() -> None:
     """Run one engine kernel (``python -m kernel_engine.engine -f FILE``)."""
     logging.getLogger("tornado").setLevel(logging.ERROR)
     app = EngineApp.instance()
-    app.initialize()
+    argv = sys.argv[1:]
+    # the IPython profile the cluster names (Cluster(profile=...)): its config applies
+    profile_dir = os.environ.get(PROFILE_DIR_ENV)
+    if profile_dir:
+        argv = [f"--profile-dir={profile_dir}", *argv]
+    app.initialize(argv)
     app.start()
