@@ -165,6 +165,8 @@ def wait_futures_with_progress(
     """Wait for futures (a client's outstanding work), showing how many are done."""
     import concurrent.futures
 
+    if not futures:
+        return True  # nothing to wait for: no bar stuck at 0 of 1
     start = time.monotonic()
 
     def finished(wait: float) -> bool:

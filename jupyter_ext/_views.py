@@ -409,7 +409,7 @@ class DirectView(View):
                 part = part[0]
             futures += self._send_apply([t], pack_apply(ops.push, ({key: part},), {}), track)
         ar = AsyncResult(self.client, futures, "scatter", ids)
-        return self._finish(ar, block)
+        return self._finish(ar, block)  # (blocking: a None per engine, as the seeds show)
 
     def gather(
         self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None
@@ -423,8 +423,9 @@ class DirectView(View):
         return self._finish(ar, block)
 
     def clear(self, targets: Any = None, block: bool | None = None) -> Any:
-        """Remove every name from the engines' namespaces."""
-        return self._really_apply(ops.clear, (), {}, targets, block)
+        """Remove every name from the engines' namespaces (blocking: returns nothing)."""
+        done = self._really_apply(ops.clear, (), {}, targets, block)
+        return done if isinstance(done, AsyncResult) else None
 
     def activate(self, suffix: str = "") -> None:
         """Register ``%px<suffix>``, ``%%px<suffix>``, ``%autopx<suffix>``... for this view."""

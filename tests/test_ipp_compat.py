@@ -5,7 +5,9 @@ cluster."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -345,9 +347,67 @@ def test_engines_load_the_users_ipython_profile(cluster_factory, tmp_path, monke
     assert rc[:]["configured"] == ["from lab"]
     _, rc = cluster_factory.start(n=1, profile_dir=tmp_path / "profile_lab")
     assert rc[:]["configured"] == ["from lab"]
-    with pytest.raises(ValueError, match="no IPython profile 'nope'.*ipython profile create"):
+    with pytest.raises(ValueError, match=r"no IPython profile 'nope'.*ipython profile create"):
         jx.Cluster(n=1, profile="nope")
     with pytest.raises(TypeError, match="profile"):
         jx.Cluster(n=1, profile=3)
     with pytest.raises(ValueError, match="profile_dir"):
         jx.Cluster(n=1, profile_dir=tmp_path / "absent")
+
+
+def test_become_dask_takes_engines_added_later(cluster_factory):
+    pytest.importorskip("distributed")
+    cluster, rc = cluster_factory.start(n=1)
+    added = cluster.start_engines_sync(1)
+    cluster_factory.record(cluster, rc)
+    assert rc.ids == [0, *added]
+    dask_client = rc.become_dask()
+    try:
+        pids = sorted(dask_client.run(os.getpid).values())
+        assert pids == sorted(rc.engine_info(i)["pid"] for i in rc.ids)
+        assert dask_client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
+    finally:
+        dask_client.close()
+        rc.stop_dask()
+    assert rc[:].apply_sync(lambda: "engines still serve") == ["engines still serve"] * 2
+
+
+def test_blocking_clear_returns_nothing(rc):
+    dv = rc[:]
+    # (scatter returns a None per engine, as the seeds' example shows)
+    assert dv.scatter("part", list(range(4)), block=True) == [None] * len(dv)
+    assert dv.gather("part", block=True) == [0, 1, 2, 3]
+    assert isinstance(dv.scatter("part", [1, 2], block=False), jx.AsyncResult)
+    assert dv.clear(block=True) is None
+    assert isinstance(dv.clear(block=False), jx.AsyncResult)
+
+
+def test_wait_interactive_with_nothing_outstanding_returns_at_once(rc, capsys):
+    rc.wait(timeout=10)
+    started = time.monotonic()
+    rc.wait_interactive()
+    assert time.monotonic() - started < 1
+    assert capsys.readouterr().out == ""
+
+
+def test_the_first_client_in_ipython_registers_the_magics(rc, tmp_path):
+    """As IPython Parallel's: %px works after connecting, without %load_ext."""
+    script = tmp_path / "shell.py"
+    script.write_text(
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "import jupyter_ext as ipp\n"
+        "rc = ipp.Client(sys.argv[1])\n"
+        "shell.run_line_magic('px', 'registered = 7')\n"
+        "print('pulled', rc[:]['registered'])\n"
+        "rc.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), rc.connection_file],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pulled {[7] * len(rc.ids)}" in done.stdout

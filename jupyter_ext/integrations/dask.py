@@ -110,12 +110,15 @@ def become_dask(
 
 
 def stop_dask(client: Client, targets: Any = None) -> None:
-    """Close the dask workers and scheduler that :func:`become_dask` started."""
+    """Close the dask workers and scheduler that :func:`become_dask` started (only those
+    on ``targets``, if given: the scheduler's engine stops it for all)."""
     started = getattr(client, "_dask", None)
     if started is None:
         return
-    _, ids = started
-    live = [i for i in ids if i in client.ids]
+    address, ids = started
+    chosen = ids if targets is None else client.transport.targets(targets)
+    live = [i for i in chosen if i in ids and i in client.ids]
     if live:
         client.direct_view(live).apply_sync(stop)
-    client._dask = None
+    rest = [i for i in ids if i not in chosen]
+    client._dask = (address, rest) if rest and ids[0] not in chosen else None
