@@ -1,4 +1,5 @@
-"""``jupyter px ...``: install the engine kernel spec; start, stop, list and clean clusters.
+"""``jupyter px ...``: install the engine kernel spec and server extension; start, stop, list
+and clean clusters.
 
 Cluster folders and controllers are :mod:`kernel_engine.clusters`' business; this module
 only parses arguments and prints. Commands that read the folders (start, stop, list) also
@@ -17,11 +18,14 @@ from kernel_engine import clusters
 
 
 def _install(args: argparse.Namespace) -> int:
-    from kernel_engine.kernelspec import install
+    from kernel_engine.kernelspec import enable_server_extension, install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = install(user=args.user, prefix=prefix)
     print(f"Installed the jupyter-px engine kernel spec in {path}")
+    if args.server_extension:
+        config = enable_server_extension(user=args.user, prefix=prefix)
+        print(f"Enabled the jupyter-px server extension (cluster REST API) in {config}")
     return 0
 
 
@@ -161,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--user", action="store_true", help="for the current user")
     where.add_argument("--sys-prefix", action="store_true", help="in this environment")
     where.add_argument("--prefix", default=None, help="under this prefix")
+    inst.add_argument(
+        "--server-extension",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also enable the Jupyter server extension (the cluster REST API) there",
+    )
     inst.set_defaults(func=_install)
     start = sub.add_parser("start", help="start a cluster; returns once engines are ready")
     start.add_argument("-n", type=int, default=2, help="number of engines")

@@ -1,4 +1,5 @@
-"""Install and find the engine kernel spec (``jupyter-px-engine``)."""
+"""Install and find the engine kernel spec (``jupyter-px-engine``); enable the server
+extension (:mod:`jupyter_ext.serverextension`) where it is installed."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_core.paths import SYSTEM_CONFIG_PATH, jupyter_config_dir
 
 KERNEL_NAME = "jupyter-px-engine"
 SPEC_VERSION = 2
 """Bumped when the spec changes, so an installed older one is replaced (2: CurveZMQ)."""
+SERVER_EXTENSION = "jupyter_ext.serverextension"
+SERVER_CONFIG_FILE = "jupyter_px.json"
 
 
 def spec_dict(python: str | None = None) -> dict[str, Any]:
@@ -54,6 +58,53 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
                 str(spec_dir), KERNEL_NAME, user=user, prefix=None if user else prefix
             )
         )
+
+
+def server_config_dir(user: bool = False, prefix: str | None = None) -> Path:
+    """The ``jupyter_server_config.d`` folder that ``install`` with these arguments uses."""
+    if user:
+        root = Path(jupyter_config_dir())
+    elif prefix is not None:
+        root = Path(prefix) / "etc" / "jupyter"
+    else:
+        root = Path(SYSTEM_CONFIG_PATH[0])
+    return root / "jupyter_server_config.d"
+
+
+def enable_server_extension(user: bool = False, prefix: str | None = None) -> str:
+    """Enable the cluster REST API in Jupyter servers; returns the config file written.
+
+    Writes ``jupyter_px.json`` in :func:`server_config_dir` (keeping whatever else a file
+    already there holds); leaves the file untouched when it already enables the extension.
+    """
+    path = server_config_dir(user, prefix) / SERVER_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        config = {}
+    app = config.setdefault("ServerApp", {})
+    if not isinstance(app, dict):
+        app = config["ServerApp"] = {}
+    extensions = app.setdefault("jpserver_extensions", {})
+    if not isinstance(extensions, dict):
+        extensions = app["jpserver_extensions"] = {}
+    if extensions.get(SERVER_EXTENSION) is True and path.is_file():
+        return str(path)
+    extensions[SERVER_EXTENSION] = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(path)
 
 
 def find() -> dict[str, Any] | None:
