@@ -474,7 +474,8 @@ def test_magics():
     assert errs["timeout"] == [
         "TimeoutError: %px: no result within 0.5 s; interrupted engines [0, 1]"
     ]
-    assert len(errs["error"]) == 1 and "one or more exceptions" in errs["error"][0]
+    # the traceback was streamed as it happened; the cell ends with a one-line summary
+    assert errs["error"] == ["AlreadyDisplayedError: 1 error (shown above)"]
     assert_common(nb, empty={"load", "px-import", "local"})
     cells = by_id(nb)
 
@@ -530,14 +531,19 @@ def test_magics():
     ]  # fmt: skip
     steps = [f"engine {e} step {s}" for e in (0, 1) for s in range(3)]
     for cell_id in ("stream", "no-stream"):
-        shown = sorted(re.sub(r"^\[stdout:\d\] ", "", line) for line in lines(cells[cell_id]))
+        # (text of several lines starts on the line after its label)
+        shown = sorted(
+            re.sub(r"^\[stdout:\d\] ", "", line)
+            for line in lines(cells[cell_id])
+            if not re.fullmatch(r"\[stdout:\d\]", line)
+        )
         assert shown == steps, cell_id
     # without streaming, each engine's output comes in one labelled block
     assert text(cells["no-stream"]) == "".join(
-        f"[stdout:{e}] " + "".join(f"engine {e} step {s}\n" for s in range(3)) for e in (0, 1)
+        f"[stdout:{e}]\n" + "".join(f"engine {e} step {s}\n" for s in range(3)) for e in (0, 1)
     )
     assert re.fullmatch(
-        r"\[px\] running on engines \[0\]\nOut\[0:\d+\]: 1\n", text(cells["verbose"])
+        r"Parallel execution on engine\(s\): \[0\]\nOut\[0:\d+\]: 1\n", text(cells["verbose"])
     )
     assert labelled("progress") == ["[stdout:0] slept on engine 0", "[stdout:1] slept on engine 1"]
     assert_full_bar(nb, "progress", 2)
@@ -551,9 +557,11 @@ def test_magics():
     assert "[stdout:0] before the error on engine 0" in before_error
     assert "[stdout:1] before the error on engine 1" in before_error
     assert re.search(r"Out\[1:\d+\]: 1\.0", before_error)
+    streamed = text(cells["error"], ("stderr",))
+    assert "[Engine 0] ZeroDivisionError: division by zero" in streamed
 
     assert lines(cells["pxconfig"]) == [
-        "[px] running on engines [1]",
+        "Parallel execution on engine(s): [1]",
         "[stdout:1] configured run on engine 1",
     ]
     assert labelled("pxconfig-reset") == [
@@ -574,3 +582,115 @@ def test_magics():
     assert re.fullmatch(r"Out\[0:\d+\]: -1\n", text(cells["activate-result"]))
     only_in(nb, "only on engine 1", "targets-one")
     only_in(nb, "[stdout:0] done sleeping on engine", "pxresult")  # not under --noblock
+
+
+# ----- from IPython Parallel
+
+
+def test_from_ipyparallel():
+    """An IPython Parallel 9 session with only the import changed: every call answers."""
+    nb = execute("from_ipyparallel.ipynb")
+    assert errors(nb) == {}
+    assert stderr_of(nb) == {}
+    assert nb.metadata["kernelspec"] == KERNELSPEC
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    assert code[-1].id == "stop" and text(code[-1]) == "cluster stopped\n"
+    assert "import jupyter_ext as ipp" in code[0].source
+    assert not any(re.search(r"^(import|from) ipyparallel", c.source, re.M) for c in code)
+    cells = by_id(nb)
+
+    def engine_lines(cell_id: str) -> list[str]:
+        """``[stdout:N] text`` lines, sorted (a label may stand on a line of its own)."""
+        joined = re.sub(r"(\[stdout:\d+\])\n", r"\1 ", text(cells[cell_id]))
+        return sorted(joined.splitlines())
+
+    assert text(cells["start"]) == "engine ids: [0, 1]\n"
+    assert lines(cells["dview"]) == [
+        "blocking by default? False",
+        "apply_sync: [42, 42]",
+        "apply_async(...).get(): [1024, 1024]",
+    ]
+    assert lines(cells["push-pull"]) == [
+        "pull a: [5, 5]",
+        "pull ['a', 'b']: [[5, 'five'], [5, 'five']]",
+        "dview['c']: [[1, 2, 3], [1, 2, 3]]",
+    ]
+    assert lines(cells["scatter-gather"]) == [
+        "x on each engine: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]",
+        f"gathered y: {[i * i for i in range(10)]}",
+    ]
+    assert lines(cells["decorators"]) == [
+        "@remote: one pid per engine: True",
+        "@parallel: ['HELLO!', 'PARALLEL!', 'WORLD!', 'AGAIN!']",
+    ]
+
+    # magics after rc.activate()
+    assert re.fullmatch(r"<DirectView .*>", result(cells["activate"]))
+    assert engine_lines("px-line") == [
+        "[stdout:0] engine 0 has a = 5",
+        "[stdout:1] engine 1 has a = 5",
+    ]
+    assert engine_lines("px-cell") == ["[stdout:1] only on engine 1 - 5! = 120"]
+    assert re.fullmatch(r"<AsyncResult\(.*\): (pending|finished)>", result(cells["px-noblock"]))
+    shown = [re.sub(r":\d+\]", "]", line) for line in lines(cells["pxresult"])]
+    assert shown == ["Out[0]: 0", "Out[1]: 100"]
+    only_in(nb, "only on engine 1", "px-cell")
+    assert text(cells["reference"]) == "Reference: [0, 10]\n"
+
+    # load balancing: imap(ordered=False) yields the short tasks before the long one ends
+    assert lines(cells["lb-map"]) == [f"map_sync: {[x * x for x in range(10)]}"]
+    order, first = lines(cells["imap"])
+    finished = ast.literal_eval(order.removeprefix("in completion order: "))
+    assert sorted(finished) == [0.05, 0.1, 0.15, 1.0] and finished[0] != 1.0
+    first_after = float(re.fullmatch(r"first result after ([\d.]+) s", first).group(1))
+    assert first_after < 1.0
+
+    # AsyncResult: wait's bool, the progress bar, metadata, get_dict
+    md = lines(cells["metadata"])
+    assert md[0] == "done within 0.05 s? False"
+    assert re.fullmatch(r"result: 0\.3 - from engine [01]", md[1])
+    assert md[2:] == [
+        "elapsed >= 0.3 s: True - wall_time >= 0.3 s: True",
+        "get_dict: [0, 1] -> True",
+    ]
+    assert_full_bar(nb, "metadata", 1)
+    assert cells_with_widgets(nb) == {"metadata"}
+
+    # dependencies
+    assert lines(cells["require-depend"]) == [
+        "require('math'): 5.0",
+        "depend: ran on engines [1, 1, 1, 1]",
+    ]
+    assert lines(cells["after-follow"]) == [
+        "after: started once the first was done: True",
+        "follow: all on the anchor's engine: True",
+    ]
+
+    # errors: a CompositeError, its tracebacks in plain text without our frames
+    err = text(cells["errors"])
+    err_lines = err.splitlines()
+    assert err_lines[0] == "CompositeError with 2 errors"
+    assert err_lines[-1] == "raise_exception(): ZeroDivisionError division by zero - engine 0"
+    assert err.count("Traceback (most recent call last):") == 2
+    assert err.count("ZeroDivisionError: division by zero") >= 2
+    assert "\x1b[" not in err
+    assert "kernel_engine" not in err and "jupyter_ext" not in err
+
+    # joblib, concurrent.futures, the with-block
+    assert lines(cells["joblib"]) == [
+        f"joblib squares: {[i * i for i in range(8)]}",
+        "ran on the engines: True",
+    ]
+    assert lines(cells["executor"]) == [
+        f"submit, as_completed: {[2**i for i in range(8)]}",
+        "map: [3, 2, 1]",
+    ]
+    assert text(cells["with-cluster"]) == "script-style run: [45, 45]\n"
+
+    # an engine that dies: a named EngineError, soon
+    death, also_remote = lines(cells["engine-death"])
+    m = re.fullmatch(r"EngineError after ([\d.]+) s: (.*)", death)
+    assert m and float(m.group(1)) < 10, death
+    assert re.search(r"engine 1 \(pid \d+\) exited with code 1", m.group(2)), death
+    assert also_remote == "a RemoteError too: True"
