@@ -42,6 +42,10 @@ def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None
         ) from None
 
 
+CLUSTER_FILE = "cluster.json"
+"""A cluster's :meth:`Cluster.to_dict` in its folder, as IPython Parallel's cluster file."""
+
+
 class Cluster:
     """A controller process and its engines.
 
@@ -147,6 +151,26 @@ class Cluster:
     def connection_file(self) -> Path:
         return self.folder / "client.json"
 
+    @property
+    def cluster_file(self) -> Path:
+        """This cluster's description (:meth:`to_dict`) for :meth:`from_file`; written
+        while it runs."""
+        return self.folder / CLUSTER_FILE
+
+    def write_cluster_file(self) -> None:
+        """Write :attr:`cluster_file` (mode 0600, atomically)."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clusters.write_private_json(self.cluster_file, self.to_dict())
+
+    def update_cluster_file(self) -> None:
+        """Rewrite :attr:`cluster_file` if it exists (after a change of the cluster)."""
+        if self.cluster_file.exists():
+            self.write_cluster_file()
+
+    def remove_cluster_file(self) -> None:
+        """Remove :attr:`cluster_file`, if it is there."""
+        self.cluster_file.unlink(missing_ok=True)
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Cluster {self.cluster_id} n={self.n} {state}>"
@@ -195,6 +219,7 @@ class Cluster:
             atexit.register(self._stop_at_exit)
             self._atexit_registered = True
         clusters.wait_ready(self.controller, self.folder, self.start_timeout)
+        self.write_cluster_file()
 
     async def start_cluster(self, n: int | None = None) -> None:
         """Start the controller and ``n`` engines; return when every engine is ready."""
@@ -346,6 +371,7 @@ class Cluster:
             started=self._controller_started,
         )
         self.controller_pid = None
+        self.remove_cluster_file()
 
     async def stop_cluster(self, timeout: float = 30.0) -> None:
         """Stop every engine and the controller; return when they are gone."""
@@ -370,8 +396,21 @@ class Cluster:
         await self.stop_cluster()
 
     @classmethod
-    def from_file(cls, cluster: str | os.PathLike[str] | None = None) -> Cluster:
-        """Attach to a running cluster: by id, folder or connection file (default: newest)."""
+    def from_file(
+        cls,
+        cluster: str | os.PathLike[str] | None = None,
+        *,
+        cluster_id: str = "",
+        profile: str | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
+    ) -> Cluster:
+        """Attach to a running cluster: by id, folder, cluster file or connection file
+        (default: the newest). ``cluster_id=`` as IPython Parallel's; ``profile`` and
+        ``profile_dir`` are accepted for it and not needed: clusters are found by id."""
+        if cluster is None and cluster_id:
+            cluster = cluster_id
+        if cluster is not None and Path(cluster).name == CLUSTER_FILE:
+            cluster = Path(cluster).parent
         path = clusters.find_connection_file(cluster)
         state = clusters.read_cluster(path.parent)
         info = json.loads(path.read_text())

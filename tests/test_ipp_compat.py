@@ -5,6 +5,7 @@ cluster."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -411,3 +412,23 @@ def test_the_first_client_in_ipython_registers_the_magics(rc, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert f"pulled {[7] * len(rc.ids)}" in done.stdout
+
+
+def test_cluster_file_is_written_while_running_and_reattaches(cluster_factory):
+    cluster, _ = cluster_factory.start(n=1)
+    path = cluster.cluster_file
+    assert json.loads(path.read_text()) == cluster.to_dict()
+    assert path.stat().st_mode & 0o077 == 0
+    again = jx.Cluster.from_file(path)
+    assert again.cluster_id == cluster.cluster_id and again.controller_pid == cluster.controller_pid
+    assert jx.Cluster.from_file(cluster_id=cluster.cluster_id).controller_pid == (
+        cluster.controller_pid
+    )
+    cluster.remove_cluster_file()
+    assert not path.exists()
+    cluster.update_cluster_file()  # only rewrites a file that is there
+    assert not path.exists()
+    cluster.write_cluster_file()
+    assert path.exists()
+    cluster.stop_cluster_sync()
+    assert not path.exists()
