@@ -150,7 +150,8 @@ def wait_with_progress(
         interval,
         timeout,
         widget,
-        lambda: not ar.cancelled() and ar.exception() is None,
+        # (not done yet, after an early return_when: no failure to show either)
+        lambda: not ar.done() or (not ar.cancelled() and ar.exception() is None),
         ar._interrupt_running,
         show,
     )

@@ -29,6 +29,10 @@ class RemoteFunction:
             flags["block"] = self.block
         return flags
 
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__name__", repr(self.func))
+        return f"<{type(self).__name__} {name} on {self.view!r}>"
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.view.temp_flags(**self._flags()):
             return self.view.apply(self.func, *args, **kwargs)

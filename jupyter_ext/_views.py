@@ -38,6 +38,17 @@ def _sliceable(seq: Any) -> Any:
     return seq if hasattr(seq, "__getitem__") and hasattr(seq, "__len__") else list(seq)
 
 
+def _function_of(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``apply``'s function: its first argument, else its keyword ``f``."""
+    if args:
+        return args[0], args[1:]
+    if "f" in kwargs:
+        return kwargs.pop("f"), ()
+    raise TypeError("apply() needs the function to call: apply(f, *args, **kwargs)")
+
+
 class View:
     """What every view shares: flags, apply, map, waiting.
 
@@ -84,17 +95,23 @@ class View:
         finally:
             self.set_flags(**saved)
 
-    def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``f(*args, **kwargs)`` remotely; result or AsyncResult per ``block``."""
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` remotely; result or AsyncResult per ``block``.
+
+        ``f`` is the first argument, or the keyword ``f=`` when no argument is given
+        (so a function of a parameter named ``f`` still gets it: ``apply(g, f=1)``)."""
+        f, args = _function_of(args, kwargs)
         return self._really_apply(f, args, kwargs)
 
-    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+    def apply_async(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Call ``f(*args, **kwargs)`` remotely; returns an AsyncResult at once."""
+        f, args = _function_of(args, kwargs)
         result: AsyncResult = self._really_apply(f, args, kwargs, block=False)
         return result
 
-    def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def apply_sync(self, *args: Any, **kwargs: Any) -> Any:
         """Call ``f(*args, **kwargs)`` remotely and wait for the result."""
+        f, args = _function_of(args, kwargs)
         return self._really_apply(f, args, kwargs, block=True)
 
     def _really_apply(

@@ -14,6 +14,7 @@ import time
 
 import cloudpickle
 import pytest
+from conftest import wait_gone
 
 import jupyter_ext as jx
 
@@ -432,3 +433,97 @@ def test_cluster_file_is_written_while_running_and_reattaches(cluster_factory):
     assert path.exists()
     cluster.stop_cluster_sync()
     assert not path.exists()
+
+
+def test_views_keep_their_engines_while_engines_come_and_go(cluster_factory):
+    cluster, rc = cluster_factory.start(n=3)
+    last, evens = rc[-1], rc[::2]
+    assert (last.targets, evens.targets) == (2, [0, 2])
+    rc.shutdown(targets=[2], block=True)
+    deadline = time.monotonic() + 10
+    while 2 in rc.ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (rc.ids, len(rc), [v.targets for v in rc]) == ([0, 1], 2, [0, 1])
+    assert rc[-1].targets == 1  # a new view sees the engines of now...
+    assert (last.targets, evens.targets) == (2, [0, 2])  # ...the old ones keep theirs
+    with pytest.raises(jx.EngineError):
+        last.apply_sync(os.getpid)
+    added = cluster.start_engines_sync(1)
+    cluster_factory.record(cluster, rc)
+    assert rc.ids == [0, 1, *added] and rc[-1].targets == added[0]
+    # shutdown(hub=True) stops the engines and the controller too
+    controller = cluster.controller_pid
+    rc.shutdown(hub=True, block=True)
+    assert wait_gone([controller], timeout=15) == []
+
+
+def test_apply_takes_f_by_keyword_and_passes_a_parameter_named_f(rc):
+    assert rc[0].apply_sync(f=lambda: "by keyword") == "by keyword"
+    assert rc[0].apply_sync(lambda f: f * 2, f=21) == 42
+    assert rc[0].apply_async(lambda f: f, f=1).get(10) == 1
+    with pytest.raises(TypeError, match="function to call"):
+        rc[0].apply_sync()
+
+
+def test_block_is_taken_by_every_call(rc):
+    dv, lv = rc[:], rc.load_balanced_view()
+    n = len(rc)
+    assert dv.push({"pb": 1}, block=True) == [None] * n
+    assert isinstance(dv.push({"pb": 1}, block=False), jx.AsyncResult)
+    assert dv.pull("pb", block=True) == [1] * n
+    assert dv.pull("pb", block=False).get(10) == [1] * n
+    assert isinstance(dv.execute("pc = 2", block=True), jx.AsyncResult)
+    assert dv.map(abs, [-1, -2], block=True) == [1, 2]
+    assert lv.map(abs, [-1, -2], block=False).get(10) == [1, 2]
+    assert lv.map(abs, [-3], block=True) == [3]
+
+
+def test_non_blocking_numpy_scatter_and_gather(rc):
+    np = pytest.importorskip("numpy")
+    dv = rc[:]
+    data = np.arange(101, dtype=np.float64)
+    dv.scatter("part", data, block=False).get(10)
+    gathered = dv.gather("part", block=False)
+    assert isinstance(gathered, jx.AsyncResult)
+    result = gathered.get(10)
+    assert isinstance(result, np.ndarray) and (result == data).all()
+
+
+def test_rich_execute_results_keep_every_representation(rc):
+    code = (
+        "class Shown:\n"
+        "    def _repr_png_(self): return b'\\x89PNG fake'\n"
+        "    def _repr_html_(self): return '<b>shown</b>'\n"
+        "Shown()"
+    )
+    ar = rc[0].execute(code, silent=False)
+    ar.get(10)
+    data = ar.execute_result["data"]
+    assert {"image/png", "text/html", "text/plain"} <= set(data)
+    assert data["text/html"] == "<b>shown</b>"
+
+
+def test_remote_and_parallel_function_classes(rc):
+    dv = rc[:]
+
+    def double(x):
+        return [2 * v for v in x] if isinstance(x, list) else 2 * x
+
+    rf = jx.RemoteFunction(dv, lambda: "here", block=True)
+    assert isinstance(dv.remote(block=True)(double), jx.RemoteFunction)
+    assert rf() == ["here"] * len(rc)
+    assert repr(rf).startswith("<RemoteFunction <lambda> on <DirectView")
+    pf = jx.ParallelFunction(dv, double, block=True)
+    assert repr(pf).startswith("<ParallelFunction double on ")
+    assert pf(list(range(6))) == [0, 2, 4, 6, 8, 10]
+    assert list(pf.map(range(4))) == [0, 2, 4, 6]
+    lpf = rc.load_balanced_view().parallel(block=True)(double)
+    assert isinstance(lpf, jx.ParallelFunction) and list(lpf.map(range(3))) == [0, 2, 4]
+
+
+def test_wait_interactive_returns_when_asked(rc):
+    ar = rc.load_balanced_view().map(time.sleep, [0.05, 3])
+    started = time.monotonic()
+    ar.wait_interactive(return_when=jx.FIRST_COMPLETED, widget=False)
+    assert time.monotonic() - started < 2.5 and not ar.done()
+    ar.get(10)
