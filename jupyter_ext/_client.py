@@ -29,6 +29,7 @@ from ._reprs import client_html
 from ._request import Request
 from ._transport import Transport
 from ._views import BroadcastView, DirectView
+from ._widgets import WidgetRelay, attach
 from .integrations import dask as _dask
 
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
@@ -36,6 +37,21 @@ FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
 FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 
 _current: Client | None = None
+
+
+def _register_magics() -> None:
+    """In IPython, the first client registers ``%px`` and friends (as IPython Parallel's
+    does); ``%load_ext jupyter_ext`` or ``view.activate()`` also do."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return
+    shell = get_ipython()
+    if shell is None or "px" in shell.magics_manager.magics["line"]:
+        return
+    from ._magics import load_ipython_extension
+
+    load_ipython_extension(shell)
 
 
 def current_client() -> Client | None:
@@ -60,12 +76,15 @@ class Client:
     ):
         global _current
         self.transport = Transport(connection_file, timeout, max_results)
+        # in a notebook kernel: engines' widgets (comms) show and work in the notebook
+        self._widgets: WidgetRelay | None = attach(self.transport)
         self._dask: tuple[str, list[int]] | None = None
         self.cluster: Any = None  # the Cluster that made this client, if one did
         self.block = False
         self.debug = False
         self.profile = "default"
         _current = self
+        _register_magics()
 
     # ----- state kept by the transport
 
@@ -434,6 +453,8 @@ class Client:
         global _current
         if _current is self:
             _current = None
+        if self._widgets is not None:
+            self._widgets.close()
         self.transport.close()
 
     def __enter__(self) -> Self:

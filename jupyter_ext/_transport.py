@@ -9,8 +9,11 @@ interface views and AsyncResults use (and nothing else of the client's):
 - :meth:`submit` sends a request on its path and returns its :class:`~._request.Request`;
 - :meth:`ask` / :meth:`tell` send a request to the controller itself (and wait / not);
 - :meth:`targets` turns a view's ``targets`` into engine ids;
+- :meth:`post` sends a message no kernel answers (a frontend's comm message for a widget
+  on an engine), recording nothing;
 - :meth:`interrupt`, :meth:`abort`, :meth:`fetch_records`, :meth:`wait`,
-  :meth:`add_iopub_handler` / :meth:`remove_iopub_handler`.
+  :meth:`add_iopub_handler` / :meth:`remove_iopub_handler` (and the hooks
+  :mod:`._widgets` uses: :meth:`add_submit_hook`, :meth:`add_engine_gone_handler`).
 
 Whatever says an engine is gone (the controller's event, a shutdown's reply, the lanes'
 own check of the engine's process, a lane that closed under a send) comes to one place,
@@ -52,6 +55,8 @@ from ._request import Refused, Request, Requests
 log = logging.getLogger("jupyter_ext")
 
 IopubHandler = Callable[[int, wire.Message], None]
+SubmitHook = Callable[[str], None]
+EngineGoneHandler = Callable[[int], None]
 
 
 class Transport:
@@ -87,6 +92,8 @@ class Transport:
         self.engines: dict[int, dict[str, Any]] = {}
         self.dead: dict[int, str] = {}
         self._iopub_handlers: list[IopubHandler] = []
+        self._submit_hooks: list[SubmitHook] = []
+        self._engine_gone_handlers: list[EngineGoneHandler] = []
         # direct requests failed when the controller was lost, whose end it never heard of
         self._unreported: BoundedDict[str, int] = BoundedDict(max_results)
         self.closed = False
@@ -224,6 +231,9 @@ class Transport:
             md.update(md_extra)
         channel = "controller" if engine_id is None else route.split(b":", 1)[0].decode()
         req = Request(msg_id, md, kind, channel, frames, route, track, header)
+        if kind != "hub":
+            for hook in self._submit_hooks:  # (before it is sent: before any of its output)
+                hook(msg_id)
         try:
             path = self.requests.add(req)
         except Refused as exc:
@@ -266,6 +276,37 @@ class Transport:
             return "shell"
         lanes = self.io.lanes
         return "direct" if lanes is not None and lanes.usable(eid) else "routed"
+
+    def post(
+        self,
+        engine_id: int,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[Any] = (),
+        msg_id: str | None = None,
+    ) -> bool:
+        """Send a message no kernel answers (a frontend's ``comm_msg`` or ``comm_close``
+        for a comm on engine ``engine_id``) to the engine's shell, through the controller
+        (any thread). Nothing waits for it, so no request is recorded here or in the
+        controller.
+
+        Returns whether it was sent (not when the client is closed, the controller lost,
+        or the engine gone). Raises ValueError for what the controller would drop.
+        """
+        if msg_type not in protocol.COMM_MESSAGES:
+            raise ValueError(f"{msg_type!r} is not one of {sorted(protocol.COMM_MESSAGES)}")
+        protocol.CommMessage.from_content(content)
+        if self.closed or self.io.lost or engine_id not in self.engines:
+            return False
+        header = self.wire.header(msg_type, msg_id)
+        _, frames = self.wire.pack(msg_type, content, None, metadata, buffers, header=header)
+        protocol.check_comm_size(len(buffers), sum(memoryview(f).nbytes for f in frames[1:]))
+        try:
+            self.io.send([protocol.route_frame("shell", engine_id), *frames])
+        except zmq.ZMQError:  # closed meanwhile
+            return False
+        return True
 
     def tell(self, msg_type: str, request: Any) -> Request:
         """Send a request to the controller itself; returns its future (the reply's
@@ -444,6 +485,8 @@ class Transport:
         EngineError saying ``reason``."""
         self.engines.pop(eid, None)
         self.dead[eid] = reason
+        for handler in list(self._engine_gone_handlers):
+            handler(eid)
         first = reason.splitlines()[0]
         lanes = self.io.lanes
         if lanes is not None:
@@ -514,6 +557,26 @@ class Transport:
     def remove_iopub_handler(self, handler: IopubHandler) -> None:
         if handler in self._iopub_handlers:
             self._iopub_handlers.remove(handler)
+
+    def add_submit_hook(self, hook: SubmitHook) -> None:
+        """Call ``hook(msg_id)`` on the submitting thread for every task, before it is sent
+        (so before any of its output can arrive)."""
+        self._submit_hooks.append(hook)
+
+    def add_engine_gone_handler(self, handler: EngineGoneHandler) -> None:
+        """Call ``handler(engine_id)`` on the IO thread when an engine is gone."""
+        self._engine_gone_handlers.append(handler)
+
+    def remove_handlers(self, *handlers: Callable[..., None]) -> None:
+        """Stop calling these iopub handlers, submit hooks and engine-gone handlers."""
+        for handler in handlers:
+            for registry in (
+                self._iopub_handlers,
+                self._submit_hooks,
+                self._engine_gone_handlers,
+            ):
+                if handler in registry:
+                    registry.remove(handler)  # type: ignore[arg-type]
 
     def interrupt(self, msg_ids: list[str], signum: int = int(signal.SIGINT)) -> list[int]:
         """Signal (SIGINT by default) the engines running these requests, wherever the

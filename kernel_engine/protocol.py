@@ -7,6 +7,8 @@ delimiter, never the signed parts, so the controller forwards frames without re-
 - client -> controller: one route frame (:func:`route_frame`) says where a request goes,
   ``b"lane:3"`` (engine 3's task lane), ``b"shell:3"``, ``b"control:3"``, ``b"hub"``
   (the controller itself) or ``b"lb"`` (the load-balancing scheduler);
+  a frontend's messages to a comm on an engine (:data:`COMM_MESSAGES`) go to
+  ``b"shell:3"`` too, and no reply comes back;
 - controller -> client: one frame names the engine that answered (``b"3"``) or ``b"hub"``.
 
 A client on the engines' host may also send ``apply_request`` straight to an engine's task
@@ -147,6 +149,19 @@ SERVED: dict[str, frozenset[str]] = {
 """The requests each route takes: those its engine (or scheduler) answers. Anything else
 is refused at the controller's edge: a request nobody answers would hold its place (an
 engine's slot, a client's wait) for ever."""
+
+
+COMM_MESSAGES = frozenset({"comm_msg", "comm_close"})
+"""What a frontend sends a comm (a widget) that lives on an engine, passed on by a client
+to the engine's shell (route ``shell:N``). No kernel answers these, so the controller
+forwards them without recording anything (no reply will come to wait for) and drops, with
+no reply, what is invalid or for an engine that is not ready."""
+
+MAX_COMM_BYTES = 32 * 1024 * 1024
+"""Largest comm message (all its frames) a client may pass on to an engine."""
+
+MAX_COMM_BUFFERS = 1024
+"""Most buffers one comm message may carry."""
 
 
 def reply_type(msg_type: str) -> str:
@@ -692,6 +707,33 @@ class DirectNotice:
             tuple(DirectSubmitted.from_content(s) for s in submitted),
             tuple(DirectCompleted.from_content(c) for c in completed),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CommMessage:
+    """The content of a ``comm_msg`` or ``comm_close`` for a comm on an engine."""
+
+    comm_id: str
+    data: dict[str, Any]
+
+    def to_content(self) -> dict[str, Any]:
+        return {"comm_id": self.comm_id, "data": self.data}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        return cls(
+            check_msg_id("comm_id", content.get("comm_id")),
+            _mapping("data", content.get("data", {})),
+        )
+
+
+def check_comm_size(n_buffers: int, n_bytes: int) -> None:
+    """A comm message of ``n_buffers`` buffers and ``n_bytes`` in all its frames: within
+    :data:`MAX_COMM_BUFFERS` and :data:`MAX_COMM_BYTES`, else ValueError."""
+    if n_buffers > MAX_COMM_BUFFERS:
+        raise ValueError(f"a comm message has {n_buffers} buffers, more than {MAX_COMM_BUFFERS}")
+    if n_bytes > MAX_COMM_BYTES:
+        raise ValueError(f"a comm message of {n_bytes} bytes is over {MAX_COMM_BYTES}")
 
 
 @dataclass(frozen=True, slots=True)

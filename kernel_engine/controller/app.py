@@ -6,8 +6,11 @@ echo for clients' heartbeats on a thread of its own (``hb_port``, see :mod:`.hea
 
 Every message from a client passes the edge (:meth:`Controller.from_client`) before any
 component sees it: framing, signature, header, a msg_id not seen before (a replay or a
-duplicate gets an error reply and never disturbs the original), a known route. Then the
-components take it, each owning one piece of state and given only what it uses:
+duplicate gets an error reply and never disturbs the original), a known route, a request
+its route serves. A frontend's comm message for an engine (``comm_msg``, ``comm_close`` on
+a ``shell`` route) is checked there whole, by size and type, and forwarded without a
+record, since no reply will come. Then the components take it, each owning one piece of
+state and given only what it uses:
 
 - :class:`~.router.Router`: requests to one engine, every engine reply, direct notices;
 - :class:`~.balancer.Balancer`: load-balanced tasks, around the pure scheduler;
@@ -268,6 +271,9 @@ class Controller:
             else:
                 self._hub_request(client, msg)
             return
+        if channel == "shell" and eid is not None and msg.msg_type in protocol.COMM_MESSAGES:
+            self._comm_message(client, eid, msg, frames[3:])
+            return
         if msg.msg_type not in protocol.SERVED[channel]:
             why = f"{channel} does not serve {msg.msg_type[:60]!r} (nobody would answer it)"
             self.send_client(
@@ -279,6 +285,22 @@ class Controller:
             self.balancer.submit(client, msg, frames[3:])
         else:
             self.router.forward(client, channel, eid, msg, frames[3:])
+
+    def _comm_message(self, client: bytes, eid: int, msg: Message, frames: list[Any]) -> None:
+        """A frontend's message to a comm on engine ``eid`` (``frames``: signature onwards).
+
+        No kernel answers it, so nothing waits for it and nothing is recorded: it is
+        checked (size before parsing, then every part a kernel reads) and forwarded, or
+        dropped without a reply.
+        """
+        try:
+            protocol.check_comm_size(len(frames) - 5, sum(len(f) for f in frames))
+            protocol.CommMessage.from_content(msg.content)
+            _ = msg.parent_header, msg.metadata  # JSON objects, or MessageError
+        except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
+            self.drops.drop(f"invalid {msg.msg_type}: {str(exc)[:200]}")
+            return
+        self.router.post(client, eid, frames)
 
     def _duplicate(self, client: bytes, msg: Message) -> None:
         self.drops.drop("a msg_id seen before (a replay or a duplicate)")

@@ -6,6 +6,8 @@ answers; the answer goes back to the client that asked, tagged with the engine's
 Replies to load-balanced tasks are the balancer's to judge (a retried attempt is dropped).
 Requests a client sent to a lane itself reach the controller as notices
 (:meth:`Router.direct_notice`), so their records and dependencies stay complete.
+A frontend's comm message for a widget on an engine is forwarded to that engine's shell
+and forgotten (:meth:`Router.post`): kernels do not answer them.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class Router:
         self.inflight.add(msg.msg_id, Pending(client, msg.header, eid, channel, "routed"))
         self.hub.submitted(msg.msg_id, msg.msg_type, client, eid, wire.header_date(msg.header))
         self.engines.send(eid, channel, [client, wire.DELIM, *frames])
+
+    def post(self, client: bytes, eid: int, frames: list[Any]) -> None:
+        """A message no kernel answers (a frontend's comm message, checked at the edge) to
+        engine ``eid``'s shell: forwarded and forgotten (nothing waits for a reply, so
+        nothing is recorded); dropped if the engine is not ready."""
+        if self.engines.ready(eid) is None:
+            self.drops.drop(f"a comm message for engine {eid}, which is not ready")
+            return
+        self.engines.send(eid, "shell", [client, wire.DELIM, *frames])
 
     def from_engine(self, engine: Engine, channel: str, frames: list[Any]) -> None:
         """An engine's reply: ``[client, DELIM, signature, header, parent, metadata, ...]``
