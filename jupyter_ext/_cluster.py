@@ -42,8 +42,9 @@ def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None
         ) from None
 
 
-CLUSTER_FILE = "cluster.json"
-"""A cluster's :meth:`Cluster.to_dict` in its folder, as IPython Parallel's cluster file."""
+CLUSTER_FILE = "cluster-file.json"
+"""A cluster's :meth:`Cluster.to_dict` in its folder, as IPython Parallel's cluster file
+(beside the controller's own ``cluster.json``, which says how the cluster is doing)."""
 
 
 class Cluster:
@@ -81,6 +82,14 @@ class Cluster:
     on_client_lost
         A lost client's tasks already on engines: ``"finish"`` them, or ``"abort"`` those
         that have not started.
+    db
+        Where the controller keeps task records: ``"sqlite"`` (the default: the file
+        ``tasks.db`` in the cluster's folder, which outlives the controller),
+        ``"memory"`` (bounded memory only) or the path of an SQLite file.
+    db_max_bytes, db_max_age
+        Retention of the task database file: its largest size in bytes (default 1 GiB)
+        and how many seconds a finished task's record is kept (default 7 days; 0: for
+        ever). The oldest finished records go first; a running task's never.
     profile, profile_dir
         The IPython profile the engines load their configuration from (its
         ``ipython_config.py`` and ``ipython_kernel_config.py``), by name (``profile_<name>``
@@ -106,6 +115,9 @@ class Cluster:
         on_client_lost: str = "finish",
         profile: str | None = None,
         profile_dir: str | os.PathLike[str] | None = None,
+        db: str | os.PathLike[str] = "sqlite",
+        db_max_bytes: int | None = None,
+        db_max_age: float | None = None,
     ):
         if engines != "local":
             raise ValueError(
@@ -130,6 +142,17 @@ class Cluster:
             raise ValueError(f"cwd {cwd!r} is not a folder")
         protocol.check_bool("shutdown_atexit", shutdown_atexit)
         self.profile_dir = _profile_dir(profile, profile_dir)
+        if not isinstance(db, (str, os.PathLike)) or not os.fspath(db):
+            raise TypeError(f"db must be 'sqlite', 'memory' or a file's path, not {db!r}")
+        self.db = db if db in ("sqlite", "memory") else os.path.abspath(db)
+        self.db_max_bytes = (
+            None
+            if db_max_bytes is None
+            else protocol.check_int("db_max_bytes", db_max_bytes, 1 << 20, 1 << 50)
+        )
+        self.db_max_age = (
+            None if db_max_age is None else protocol.check_seconds("db_max_age", db_max_age)
+        )
         self.curve = protocol.curve_wanted(ip, curve)
         self.client_timeout = protocol.check_seconds("client_timeout", client_timeout, True) or 30.0
         self.on_client_lost = on_client_lost
@@ -212,6 +235,10 @@ class Cluster:
                 str(self.client_timeout),
                 "--on-client-lost",
                 self.on_client_lost,
+                "--db",
+                os.fspath(self.db),
+                *(["--db-max-bytes", str(self.db_max_bytes)] if self.db_max_bytes else []),
+                *(["--db-max-age", str(self.db_max_age)] if self.db_max_age is not None else []),
             ],
         )
         self.controller_pid = self.controller.pid
