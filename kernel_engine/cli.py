@@ -18,7 +18,7 @@ from kernel_engine import clusters
 
 
 def _install(args: argparse.Namespace) -> int:
-    from kernel_engine.kernelspec import enable_server_extension, install
+    from kernel_engine.kernelspec import enable_server_extension, install, install_labextension
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = install(user=args.user, prefix=prefix)
@@ -26,6 +26,10 @@ def _install(args: argparse.Namespace) -> int:
     if args.server_extension:
         config = enable_server_extension(user=args.user, prefix=prefix)
         print(f"Enabled the jupyter-px server extension (cluster REST API) in {config}")
+    if args.labextension:
+        folder = install_labextension(user=args.user, prefix=prefix)
+        if folder is not None:
+            print(f"Installed the jupyter-px JupyterLab extension (Clusters panel) in {folder}")
     return 0
 
 
@@ -170,6 +174,13 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also enable the Jupyter server extension (the cluster REST API) there",
+    )
+    inst.add_argument(
+        "--labextension",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also install the JupyterLab extension (the Clusters panel) there, "
+        "when running from a source tree (a wheel installs it by itself)",
     )
     inst.set_defaults(func=_install)
     start = sub.add_parser("start", help="start a cluster; returns once engines are ready")

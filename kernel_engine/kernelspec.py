@@ -1,23 +1,33 @@
 """Install and find the engine kernel spec (``jupyter-px-engine``); enable the server
-extension (:mod:`jupyter_ext.serverextension`) where it is installed."""
+extension (:mod:`jupyter_ext.serverextension`) and install the JupyterLab extension
+(``jupyter-px``) where it is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-from jupyter_core.paths import SYSTEM_CONFIG_PATH, jupyter_config_dir
+from jupyter_core.paths import (
+    SYSTEM_CONFIG_PATH,
+    SYSTEM_JUPYTER_PATH,
+    jupyter_config_dir,
+    jupyter_data_dir,
+)
 
 KERNEL_NAME = "jupyter-px-engine"
 SPEC_VERSION = 2
 """Bumped when the spec changes, so an installed older one is replaced (2: CurveZMQ)."""
 SERVER_EXTENSION = "jupyter_ext.serverextension"
 SERVER_CONFIG_FILE = "jupyter_px.json"
+LABEXTENSION = "jupyter-px"
+"""The JupyterLab extension's name: its folder under ``share/jupyter/labextensions``."""
 
 
 def spec_dict(python: str | None = None) -> dict[str, Any]:
@@ -105,6 +115,58 @@ def enable_server_extension(user: bool = False, prefix: str | None = None) -> st
         Path(tmp).unlink(missing_ok=True)
         raise
     return str(path)
+
+
+def labextension_source() -> Path | None:
+    """The built JupyterLab extension in a source tree (``jupyter_ext/labextension``), or
+    None when ``jupyter_ext`` was installed from a wheel: the wheel installed it already.
+
+    Found without importing ``jupyter_ext``.
+    """
+    spec = importlib.util.find_spec("jupyter_ext")
+    for location in (spec and spec.submodule_search_locations) or []:
+        source = Path(location) / "labextension"
+        if (source / "package.json").is_file():
+            return source
+    return None
+
+
+def labextensions_dir(user: bool = False, prefix: str | None = None) -> Path:
+    """The ``labextensions`` folder that :func:`install_labextension` with these arguments
+    uses."""
+    if user:
+        root = Path(jupyter_data_dir())
+    elif prefix is not None:
+        root = Path(prefix) / "share" / "jupyter"
+    else:
+        root = Path(SYSTEM_JUPYTER_PATH[0])
+    return root / "labextensions"
+
+
+def install_labextension(user: bool = False, prefix: str | None = None) -> str | None:
+    """Make JupyterLab load the ``jupyter-px`` extension; returns its folder, or None when
+    there is nothing to install (a wheel install put it in the environment already).
+
+    In a source tree (an editable install, which installs no data files) the folder is a
+    symbolic link to the built extension, so a rebuild is seen at once; a copy where links
+    cannot be made. Whatever was at the destination is replaced.
+    """
+    source = labextension_source()
+    if source is None:
+        return None
+    dest = labextensions_dir(user, prefix) / LABEXTENSION
+    if dest.is_symlink() and dest.resolve() == source.resolve():
+        return str(dest)
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.is_dir():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.symlink_to(source.resolve(), target_is_directory=True)
+    except OSError:
+        shutil.copytree(source, dest)
+    return str(dest)
 
 
 def find() -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ stopping the server can check each of them is gone; nothing is ever killed by na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +228,41 @@ class JupyterLab:
             except psutil.Error:
                 pass
         return survivors
+
+
+@contextlib.contextmanager
+def running_lab(root: Path) -> Iterator[JupyterLab]:
+    """A JupyterLab in ``root``; on exit stops it and fails if anything it started is left
+    running (those are killed by PID)."""
+    lab = JupyterLab(root)
+    try:
+        yield lab
+    finally:
+        left = lab.stop()  # a no-op if the test stopped it already
+        if left:
+            pytest.fail(f"processes left running after JupyterLab stopped (killed): {left}")
+
+
+def disable_lab_extensions(lab: JupyterLab, *names: str) -> None:
+    """Turn off these JupyterLab front-end extensions (or plugins) for pages loaded from
+    now on: Lab reads ``page_config.json`` on every page load."""
+    path = lab.config_dir / "labconfig" / "page_config.json"
+    config = json.loads(path.read_text())
+    config.setdefault("disabledExtensions", {}).update(dict.fromkeys(names, True))
+    path.write_text(json.dumps(config))
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1280, height: int = 720, timeout: float = 30.0) -> Iterator[Any]:
+    """A playwright page in headless Chromium (/usr/bin/chromium), closed on exit; every
+    wait on it is bounded by ``timeout`` seconds unless told otherwise."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout * 1000)
+            yield page
+        finally:
+            browser.close()
