@@ -11,7 +11,9 @@ import concurrent.futures
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 from kernel_engine import protocol
 from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
+from kernel_engine.wire import parse_date
 
 from ._asyncresult import AsyncHubResult, AsyncResult, as_timeout
 from ._dependency import msg_ids_of
@@ -37,6 +40,21 @@ FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
 FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 
 _current: Client | None = None
+
+
+def _jsonable_query(query: dict[str, Any]) -> dict[str, Any]:
+    """A db_query's datetimes as timestamps (naive ones in local time, as Python's)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (list, tuple, set)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in query.items()}
 
 
 def _register_magics() -> None:
@@ -370,20 +388,79 @@ class Client:
         return list(self.transport.ask(protocol.HISTORY_REQUEST, protocol.Empty())["history"])
 
     def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None) -> list[Any]:
-        """The controller's task records whose fields equal ``query``'s values."""
+        """The controller's task records matching ``query``, as IPython Parallel's:
+        ``{"engine_id": 1}``, or operators ``{"completed": {"$gt": a_datetime}}``
+        (``$in $nin $lt $gt $lte $gte $ne $eq``). ``keys``: the fields wanted (default:
+        all but ``buffers`` and ``result_buffers``). Dates come back as datetimes, buffers
+        as bytes."""
         if not isinstance(query, dict):
             raise TypeError(f"query must be a dict of record keys to values, not {query!r}")
-        request = protocol.DbRequest(query, None if keys is None else tuple(keys))
-        return list(self.transport.ask(protocol.DB_REQUEST, request)["records"])
+        if keys is not None and (
+            isinstance(keys, str) or not all(isinstance(k, str) for k in keys)
+        ):
+            raise TypeError(f"keys must be a list of record keys, not {keys!r}")
+        request = protocol.DbRequest(_jsonable_query(query), None if keys is None else tuple(keys))
+        reply = self.transport.ask(protocol.DB_REQUEST, request, timeout=120)
+        frames = [bytes(f) for f in reply["_buffers"]]
+        records = []
+        for record in reply["records"]:
+            for key in ("submitted", "started", "completed", "received"):
+                if isinstance(record.get(key), str):
+                    record[key] = parse_date(record[key])
+            for key in ("buffers", "result_buffers"):
+                if isinstance(record.get(key), dict):
+                    record[key] = [frames[i] for i in record[key]["frames"]]
+            records.append(record)
+        if reply.get("truncated"):
+            warnings.warn(
+                f"db_query: more records matched than the {len(records)} returned; "
+                "narrow the query",
+                stacklevel=2,
+            )
+        return records
 
-    def result_status(self, msg_ids: Sequence[str], status_only: bool = True) -> dict[str, Any]:
-        """The controller's records of these tasks (``pending``, ``completed``)."""
-        request = protocol.ResultRequest(tuple(msg_ids_of(msg_ids)))
-        records = self.transport.ask(protocol.RESULT_REQUEST, request)["records"]
+    def resubmit(
+        self, indices_or_msg_ids: Any = None, metadata: Any = None, block: bool | None = None
+    ) -> Any:
+        """Run finished tasks again (their function and arguments, load-balanced), from
+        history indices, msg_ids or AsyncResults; returns an :class:`AsyncHubResult` over
+        the new tasks (their results, or ``get()``'s value with ``block=True``).
+
+        Raises ValueError naming each task that cannot run again (unknown, still in flight,
+        or its request not kept), and then none runs."""
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        items = (
+            indices_or_msg_ids
+            if isinstance(indices_or_msg_ids, (list, tuple))
+            else [indices_or_msg_ids]
+        )
+        old: list[str] = []
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool):
+                old.append(self.history[item])
+            else:
+                old.extend(msg_ids_of([item]))
+        pairs = tuple((m, self.transport.wire.header("apply_request")["msg_id"]) for m in old)
+        request = protocol.ResubmitRequest(pairs)
+        self.transport.ask(protocol.RESUBMIT_REQUEST, request)
+        ar = AsyncHubResult(self, [new for _, new in pairs], single=len(pairs) == 1)
+        block = self.block if block is None else block
+        return ar.get() if block else ar
+
+    def result_status(self, msg_ids: Any, status_only: bool = True) -> dict[str, Any]:
+        """Which of these tasks are ``pending`` and which ``completed``, by the
+        controller's records; with ``status_only=False`` also each completed one's
+        result (or error) under its msg_id."""
+        wanted = msg_ids_of(msg_ids)
+        records = self.transport.fetch_records(wanted)
         status: dict[str, Any] = {"pending": [], "completed": []}
-        for msg_id, record in records.items():
+        for msg_id in wanted:
+            record, outcome = records.get(msg_id, (None, None))
             done = record is not None and record["status"] != "pending"
             status["completed" if done else "pending"].append(msg_id)
+            if done and not status_only and outcome is not None:
+                status[msg_id] = outcome[0][1]
         return status
 
     def purge_local_results(self, jobs: Any = "all", targets: Any = None) -> None:

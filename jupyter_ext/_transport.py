@@ -612,6 +612,9 @@ class Transport:
                 msg = self.wire.unpack(part)
                 md = Metadata(msg_id=msg_id, engine_id=record.get("engine_id"))
                 md.update_from_reply(msg.metadata)
+                for key in ("submitted", "completed"):  # (the controller's account)
+                    if md.get(key) is None and isinstance(record.get(key), str):
+                        md[key] = wire.parse_date(record[key])
                 outcome = (self.outcome(msg, md, msg_id), md)
             out[msg_id] = (record, outcome)
         return out

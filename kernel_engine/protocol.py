@@ -63,6 +63,7 @@ SHUTDOWN_REQUEST = "px_shutdown_request"
 HISTORY_REQUEST = "px_history_request"
 DB_REQUEST = "px_db_request"
 START_REQUEST = "px_start_request"
+RESUBMIT_REQUEST = "px_resubmit_request"
 # A client's account of the tasks it sent to lanes directly (route ``b"hub"``, no reply),
 # the completed tasks' reply frames joined into the buffers (see ``jupyter_ext._lanes``).
 DIRECT_NOTICE = "px_direct_notice"
@@ -583,6 +584,29 @@ class DbRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ResubmitRequest:
+    """Run finished tasks again: each ``(old, new)`` pair submits ``old``'s request anew,
+    load-balanced, as ``new`` (a msg_id the client made, so that it can wait for it)."""
+
+    pairs: tuple[tuple[str, str], ...]
+
+    def to_content(self) -> dict[str, Any]:
+        return {"msg_ids": dict(self.pairs)}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        raw = _mapping("msg_ids", content.get("msg_ids"))
+        if len(raw) > MAX_IDS:
+            raise ValueError(f"msg_ids names {len(raw)} tasks, more than {MAX_IDS}")
+        pairs = tuple(
+            (check_msg_id("msg_ids", k), check_msg_id("new msg_id", v)) for k, v in raw.items()
+        )
+        if len({new for _, new in pairs}) != len(pairs):
+            raise ValueError("the new msg_ids must differ from each other")
+        return cls(pairs)
+
+
+@dataclass(frozen=True, slots=True)
 class StartRequest:
     """Start ``n`` more engines."""
 
@@ -607,6 +631,7 @@ HUB_REQUESTS: dict[str, Any] = {
     SHUTDOWN_REQUEST: ShutdownRequest,
     DB_REQUEST: DbRequest,
     START_REQUEST: StartRequest,
+    RESUBMIT_REQUEST: ResubmitRequest,
 }
 """Each request the controller answers itself, and the structure of its content."""
 

@@ -34,9 +34,9 @@ CLIENT = {
     "hub_history", "purge_results", "purge_local_results", "purge_hub_results",
     "purge_everything", "become_dask", "become_distributed", "stop_dask", "stop_distributed",
     "spin", "spin_thread", "stop_spin_thread", "block", "outstanding", "results", "metadata",
-    "history", "debug", "profile", "cluster", "engine_info",
+    "history", "debug", "profile", "cluster", "engine_info", "resubmit",
 }  # fmt: skip
-CLIENT_ELSEWHERE = {"resubmit", "send_apply_request", "send_execute_request"}
+CLIENT_ELSEWHERE = {"send_apply_request", "send_execute_request"}
 VIEW = {
     "block", "track", "targets", "label", "set_flags", "temp_flags", "apply", "apply_async",
     "apply_sync", "map", "map_async", "map_sync", "imap", "remote", "parallel", "wait",

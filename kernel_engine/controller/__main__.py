@@ -39,6 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         default="finish",
         help="a lost client's tasks already on engines: run them, or abort those not started",
     )
+    parser.add_argument(
+        "--db",
+        default="sqlite",
+        help="the task records: 'sqlite' (tasks.db in the cluster folder, the default), "
+        "'memory' (none kept after the controller), or a database file's path",
+    )
+    parser.add_argument(
+        "--db-max-bytes",
+        type=int,
+        default=None,
+        help="largest size of the task database file (oldest finished records go first)",
+    )
+    parser.add_argument(
+        "--db-max-age",
+        type=float,
+        default=None,
+        help="seconds a finished task's record is kept (0: for ever)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -55,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         client_timeout=args.client_timeout,
         on_client_lost=args.on_client_lost,
         curve=args.curve,
+        db=args.db,
+        db_max_bytes=args.db_max_bytes,
+        db_max_age=args.db_max_age,
     )
     controller.write_files()
     if args.n:

@@ -45,7 +45,7 @@ from .balancer import Balancer
 from .clients import Clients
 from .engines import Engine, EngineSet
 from .heartbeat import Echo
-from .hub import Hub
+from .hub import Hub, open_log
 from .inflight import Inflight
 from .loop import PollLoop
 from .requests import HubRequests
@@ -124,6 +124,9 @@ class Controller:
         client_timeout: float = 30.0,
         on_client_lost: str = "finish",
         curve: bool | None = None,
+        db: str = "sqlite",
+        db_max_bytes: int | None = None,
+        db_max_age: float | None = None,
     ):
         if on_client_lost not in CLIENT_POLICIES:
             raise ValueError(f"on_client_lost must be one of {CLIENT_POLICIES}")
@@ -147,7 +150,11 @@ class Controller:
         self.drops = DropLog(log, "controller")
         self.seen = wire.SeenWindow()
         self.loop = PollLoop()
-        self.hub = Hub()
+        self.hub = Hub(
+            log=open_log(folder, db, db_max_bytes, db_max_age),
+            engine_uuid=self._engine_uuid,
+            sign=self.wire.sign,
+        )
         self.inflight = Inflight()
         self.clients = Clients(timeout=max(1, round(client_timeout)))
         self.dead: dict[int, str] = {}
@@ -322,7 +329,7 @@ class Controller:
     def _hub_request(self, client: bytes, msg: Message) -> None:
         buffers: list[Any] = []
         try:
-            content, buffers = self.requests.handle(msg)
+            content, buffers = self.requests.handle(msg, client)
         except (TypeError, ValueError, KeyError) as exc:
             content = protocol.error_content(type(exc).__name__, str(exc))
         except Exception as exc:
@@ -338,8 +345,48 @@ class Controller:
         )
 
     def _relay_iopub(self, engine: Engine, frames: list[Any]) -> None:
-        """Re-publish an engine's iopub message, topic ``engine.<id>``."""
+        """Re-publish an engine's iopub message, topic ``engine.<id>``; what tasks print
+        goes to their records too (when they are kept in a file)."""
         self.iopub.send_multipart([b"engine.%d" % engine.id, *frames[1:]], copy=False)
+        if self.hub.log is not None:
+            self._record_output(frames)
+
+    def _record_output(self, frames: list[Any]) -> None:
+        """A ``stream`` message's text, into its task's record (others are skipped cheaply:
+        only a header naming ``stream`` is parsed)."""
+        try:
+            at = wire.delimiter_at(frames)
+            if at < 0 or b'"stream"' not in wire.as_bytes(frames[at + 2]):
+                return
+            msg = self.wire.unpack(frames[at + 1 :])
+            if msg.msg_type != "stream":
+                return
+            name = msg.content.get("name")
+            text = msg.content.get("text")
+            if name in ("stdout", "stderr") and isinstance(text, str):
+                self.hub.output(msg.parent_id, name, text)
+        except (ValueError, IndexError):  # (wire.MessageError is a ValueError)
+            return
+
+    def resubmit(self, client: bytes, request: dict[str, Any], msg_id: str) -> None:
+        """Submit a stored request again, load-balanced, as ``msg_id`` from ``client``."""
+        header = dict(request["header"])
+        header["msg_id"] = msg_id
+        header["date"] = wire.utcnow_iso()
+        _, frames = self.wire.pack(
+            protocol.APPLY_REQUEST,
+            request.get("content") or {},
+            None,
+            request.get("metadata") or {},
+            request.get("buffers") or [],
+            header=header,
+        )
+        msg = self.wire.unpack(frames[1:])
+        self.balancer.submit(client, msg, frames[1:])
+
+    def _engine_uuid(self, eid: int) -> str | None:
+        engine = self.engines.engines.get(eid)
+        return engine.uuid if engine is not None else None
 
     def publish_event(self, msg_type: str, content: dict[str, Any]) -> None:
         self.wire.send(self.iopub, msg_type, content, idents=[protocol.EVENT_TOPIC])
@@ -466,6 +513,10 @@ class Controller:
             self.publish_event(protocol.CONTROLLER_STOPPING, {})
             self.drops.flush()
         finally:
+            try:
+                self.hub.close()
+            except Exception:
+                log.exception("closing the task database")
             clusters.remove_key_files(self.folder)
             self.clients_socket.close(linger=0)
             self.iopub.close(linger=100)

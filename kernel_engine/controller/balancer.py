@@ -104,7 +104,15 @@ class Balancer:
         )
         self.tasks[msg.msg_id] = _Queued(client, msg.header, frames)
         self.hub.submitted(
-            msg.msg_id, msg.msg_type, client, None, wire.header_date(msg.header), flags.label
+            msg.msg_id,
+            msg.msg_type,
+            client,
+            None,
+            wire.header_date(msg.header),
+            flags.label,
+            request=frames[1:],  # (from the header on)
+            after=() if flags.after is None else flags.after.msg_ids,
+            follow=() if flags.follow is None else flags.follow.msg_ids,
         )
         try:
             actions = self.scheduler.submit(task, time.monotonic())

@@ -1,8 +1,20 @@
-"""The hub: the one owner of task records, in bounded memory.
+"""The hub: the one owner of task records.
 
 Records hold what the controller saw (who submitted, which engine, when, the outcome)
-and, for small results, the reply frames themselves, so another client can fetch them
-(``Client.get_result``). Memory stays bounded however many tasks run:
+and, for small ones, the request's and the reply's frames themselves, so another client
+can fetch a result (``Client.get_result``) or run a task again (``Client.resubmit``).
+
+Two stores, one interface (this class):
+
+- in memory only (``db="memory"``): the records below, bounded;
+- SQLite (the default, ``db="sqlite"``): the same bounded records in memory, for the
+  controller's own decisions on the hot path, and every record, its request, its
+  reply and its output written to a file by the :class:`~.sqlite_store.SqliteLog`'s own
+  thread, in batches. Reads that memory cannot answer (an old task's result, a query,
+  the whole history) go to the file; it survives the controller, and a restarted one
+  reads it again.
+
+Memory stays bounded however many tasks run:
 
 - at most :attr:`Hub.max_records` records: past that, the records finished longest ago
   go first; records of live (pending) tasks are never evicted;
@@ -17,14 +29,21 @@ outnumber live ones.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from kernel_engine import protocol
 from kernel_engine.wire import parse_date
+
+from .query import DEFAULT_KEYS, check_keys, check_query, matches
+
+log = logging.getLogger(__name__)
 
 PENDING = "pending"
 STATUSES = frozenset({"ok", "error", "aborted", "unknown"})
@@ -42,6 +61,21 @@ def _iso(stamp: float | None) -> str | None:
     return None if stamp is None else datetime.fromtimestamp(stamp, timezone.utc).isoformat()
 
 
+def _split(blob: bytes | None, sizes: tuple[int, ...]) -> list[memoryview]:
+    if blob is None:
+        return []
+    view, frames, at = memoryview(blob), [], 0
+    for size in sizes:
+        frames.append(view[at : at + size])
+        at += size
+    return frames
+
+
+def _join(frames: list[Any]) -> tuple[bytes, tuple[int, ...]]:
+    views = [memoryview(getattr(f, "buffer", f)) for f in frames]
+    return b"".join(views), tuple(v.nbytes for v in views)
+
+
 class TaskRecord:
     """What the hub knows of one request (times as timestamps; ``reply`` the reply's
     frames joined, cut up again by ``reply_sizes``)."""
@@ -55,6 +89,8 @@ class TaskRecord:
         "msg_type",
         "reply",
         "reply_sizes",
+        "request",
+        "request_sizes",
         "started",
         "status",
         "submitted",
@@ -80,16 +116,20 @@ class TaskRecord:
         self.status = PENDING
         self.reply: bytes | None = None
         self.reply_sizes: tuple[int, ...] = ()
+        self.request: bytes | None = None
+        self.request_sizes: tuple[int, ...] = ()
 
     def reply_frames(self) -> list[memoryview]:
         """The stored reply's frames (after the delimiter); empty if none is stored."""
-        if self.reply is None:
-            return []
-        view, frames, at = memoryview(self.reply), [], 0
-        for size in self.reply_sizes:
-            frames.append(view[at : at + size])
-            at += size
-        return frames
+        return _split(self.reply, self.reply_sizes)
+
+    def request_frames(self) -> list[memoryview]:
+        """The stored request's frames (header, parent, metadata, content, buffers)."""
+        return _split(self.request, self.request_sizes)
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.reply or b"") + len(self.request or b"")
 
     @property
     def finished(self) -> bool:
@@ -112,29 +152,47 @@ class TaskRecord:
 
 
 class Hub:
-    """Task records keyed by msg_id, with O(1) amortised eviction."""
+    """Task records keyed by msg_id, with O(1) amortised eviction; written through to a
+    :class:`~.sqlite_store.SqliteLog` when there is one (``log``)."""
 
     def __init__(
         self,
         max_records: int = 50_000,
         max_result_bytes: int = 64 * 1024 * 1024,
         max_one_result: int = protocol.MAX_STORED_RESULT,
+        log: Any = None,
+        engine_uuid: Callable[[int], str | None] = lambda eid: None,
+        sign: Callable[[list[Any]], bytes] | None = None,
     ):
         self.max_records = max_records
         self.max_result_bytes = max_result_bytes
         self.max_one_result = max_one_result
+        self.log = log
+        self.engine_uuid = engine_uuid
+        self.sign = sign  # (signs replies read back from the file, which keeps no signatures)
         self.records: dict[str, TaskRecord] = {}
         self.result_bytes = 0
         self._finished: deque[str] = deque()  # completion order; may hold forgotten ids
-        self._stored: deque[str] = deque()  # records with result frames, oldest first
+        self._stored: deque[str] = deque()  # records with frames, oldest first
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
 
+    def close(self) -> None:
+        """Write what is left to the file and close it (if there is one)."""
+        if self.log is not None:
+            self.log.close()
+
     def known(self, msg_id: str) -> bool:
-        """Whether a record of ``msg_id`` exists (live or finished)."""
+        """Whether a record of ``msg_id`` is in memory (live, or finished lately)."""
         return msg_id in self.records
 
     def get(self, msg_id: str) -> TaskRecord | None:
-        return self.records.get(msg_id)
+        """The record of ``msg_id``, from memory or else from the file."""
+        record = self.records.get(msg_id)
+        if record is None and self.log is not None:
+            row = self.log.get(msg_id, keys=_ROW_KEYS)
+            if row is not None:
+                record = _from_row(row, self.log.frames(msg_id, "result"), self.sign)
+        return record
 
     def submitted(
         self,
@@ -144,14 +202,37 @@ class Hub:
         engine_id: int | None,
         date: str | None = None,
         label: str | None = None,
+        request: list[Any] | None = None,
+        after: tuple[str, ...] = (),
+        follow: tuple[str, ...] = (),
     ) -> TaskRecord:
-        """Record a new request (its msg_id must not be :meth:`known`)."""
+        """Record a new request (its msg_id must not be :meth:`known`); ``request``: its
+        frames (header, parent, metadata, content, buffers), kept when small enough."""
         if len(self._clients) > 10_000:
             self._clients.clear()
         client = self._clients.setdefault(client, client)
         submitted = _stamp(date) or time.time()
         record = TaskRecord(msg_id, sys.intern(msg_type), client, engine_id, submitted, label)
         self.records[msg_id] = record
+        if request is not None:
+            blob, sizes = _join(request)
+            if len(blob) <= self.max_one_result:
+                record.request, record.request_sizes = blob, sizes
+                self._count_stored(record)
+        if self.log is not None:
+            self.log.put(
+                msg_id,
+                msg_type=msg_type,
+                client_uuid=_client_uuid(client),
+                engine_id=engine_id,
+                engine_uuid=None if engine_id is None else self.engine_uuid(engine_id),
+                label=label,
+                status=PENDING,
+                submitted=submitted,
+                after=list(after),
+                follow=list(follow),
+                **({} if request is None else {"request": request}),
+            )
         while len(self.records) > self.max_records and self._evict_finished():
             pass
         return record
@@ -160,6 +241,8 @@ class Hub:
         record = self.records.get(msg_id)
         if record is not None:
             record.engine_id = engine_id
+        if self.log is not None:
+            self.log.put(msg_id, engine_id=engine_id, engine_uuid=self.engine_uuid(engine_id))
 
     def completed(
         self,
@@ -178,21 +261,44 @@ class Hub:
         record.completed = _stamp(completed) or time.time()
         self._finished.append(record.msg_id)
         if frames is not None:
-            sizes = tuple(len(f) for f in frames)
-            size = sum(sizes)
-            if size <= self.max_one_result:
-                record.reply = b"".join(getattr(f, "buffer", f) for f in frames)
-                record.reply_sizes = sizes
-                self.result_bytes += size
-                self._stored.append(record.msg_id)
-                while self.result_bytes > self.max_result_bytes and self._drop_oldest_result():
-                    pass
+            blob, sizes = _join(frames)
+            if len(blob) <= self.max_one_result:
+                record.reply, record.reply_sizes = blob, sizes
+                self._count_stored(record)
+        if self.log is not None:
+            self.log.put(
+                msg_id,
+                status=record.status,
+                started=record.started,
+                completed=record.completed,
+                received=time.time(),
+                **({} if frames is None else {"result": frames[1:]}),  # (not the signature)
+            )
         self._compact()
+
+    def resubmitted(self, old: str, new: str) -> None:
+        """``old`` ran again as ``new``."""
+        if self.log is not None:
+            self.log.put(old, resubmitted=new)
+
+    def output(self, msg_id: str, name: str, text: str) -> None:
+        """What a task printed (``stdout``/``stderr``): kept in the file, if there is one."""
+        if self.log is not None:
+            self.log.append_output(msg_id, name, text)
+
+    def _count_stored(self, record: TaskRecord) -> None:
+        self.result_bytes += record.stored_bytes
+        self._stored.append(record.msg_id)
+        while self.result_bytes > self.max_result_bytes and self._drop_oldest_frames():
+            pass
 
     def outcome(self, msg_id: str) -> tuple[int | None, bool] | str | None:
         """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown."""
         record = self.records.get(msg_id)
         if record is None:
+            if self.log is not None:
+                found: tuple[int | None, bool] | str | None = self.log.outcome(msg_id)
+                return found
             return None
         if not record.finished:
             return PENDING
@@ -208,13 +314,13 @@ class Hub:
                 return True
         return False
 
-    def _drop_oldest_result(self) -> bool:
+    def _drop_oldest_frames(self) -> bool:
         while self._stored:
             record = self.records.get(self._stored.popleft())
-            if record is not None and record.reply is not None:
-                self.result_bytes -= len(record.reply)
-                record.reply = None
-                record.reply_sizes = ()
+            if record is not None and record.stored_bytes:
+                self.result_bytes -= record.stored_bytes
+                record.reply = record.request = None
+                record.reply_sizes = record.request_sizes = ()
                 return True
         return False
 
@@ -227,16 +333,17 @@ class Hub:
             )
         if len(self._stored) > 2 * slack:
             self._stored = deque(
-                m for m in self._stored if (r := self.records.get(m)) is not None and r.reply
+                m for m in self._stored if (r := self.records.get(m)) is not None and r.stored_bytes
             )
 
     def _forget(self, msg_id: str) -> None:
         record = self.records.pop(msg_id, None)
-        if record is not None and record.reply is not None:
-            self.result_bytes -= len(record.reply)
+        if record is not None:
+            self.result_bytes -= record.stored_bytes
 
     def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
-        """Forget finished records: the given ones, those of the engines, or all (None)."""
+        """Forget finished records: the given ones, those of the engines, or all (None),
+        in memory and in the file; returns how many."""
         if msg_ids is None and engine_ids is None:
             chosen = [m for m, r in self.records.items() if r.finished]
         else:
@@ -251,19 +358,152 @@ class Hub:
             self._finished.clear()
             self._stored = deque(m for m in self._stored if m in self.records)
         self._compact()
+        if self.log is not None:
+            return int(self.log.purge(msg_ids, engine_ids))
         return len(chosen)
 
     def history(self) -> list[str]:
         """Every msg_id with a record, in submission order."""
+        if self.log is not None:
+            return list(self.log.history())
         return list(self.records)
 
     def query(
         self, query: dict[str, Any], keys: tuple[str, ...] | None = None
     ) -> list[dict[str, Any]]:
-        """Records whose fields equal the given values (``{"engine_id": 0}``), as JSON."""
+        """Records matching ``query`` (the predecessor's operators, see :mod:`.query`),
+        with ``keys`` (default: all but buffers). Dates are timestamps here."""
+        checked = check_query(query)
+        wanted = list(DEFAULT_KEYS if keys is None else check_keys(list(keys)))
+        if self.log is not None:
+            return list(self.log.query(checked, wanted))
         out = []
         for record in self.records.values():
-            summary = record.summary()
-            if all(summary.get(k) == v for k, v in query.items()):
-                out.append(summary if keys is None else {k: summary.get(k) for k in keys})
+            row = _row_of(record)
+            if matches(row, checked):
+                out.append({k: row.get(k) for k in wanted})
         return out
+
+    def request_of(self, msg_id: str) -> dict[str, Any] | None:
+        """A finished or pending task's request (``header``, ``metadata``, ``content``,
+        ``buffers``), if it was kept; None if not."""
+        record = self.records.get(msg_id)
+        if record is not None and record.request is not None:
+            return _decode_request(record.request_frames())
+        if self.log is not None:
+            row = self.log.get(msg_id, keys=["header", "metadata", "content", "buffers"])
+            if row is not None and row.get("header"):
+                return dict(row)
+        return None
+
+
+def open_log(
+    folder: Path, db: str, max_bytes: int | None = None, max_age: float | None = None
+) -> Any:
+    """The file the records go to: ``db`` is ``"memory"`` (none), ``"sqlite"`` (the
+    cluster folder's ``tasks.db``) or a path. A file SQLite cannot read is moved aside
+    (``.corrupt-<time>``), never lost, and a new one started."""
+    if db == "memory":
+        return None
+    from .sqlite_store import SqliteLog
+
+    path = folder / DB_FILE if db == "sqlite" else Path(db)
+    limits: dict[str, Any] = {}
+    if max_bytes is not None:
+        limits["max_bytes"] = max_bytes
+    if max_age is not None:
+        limits["max_age"] = max_age or None
+    try:
+        return SqliteLog(path, **limits)
+    except Exception as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.error("task database %s unreadable (%s); moved to %s", path, exc, aside)
+        path.rename(aside)
+        return SqliteLog(path, **limits)
+
+
+DB_FILE = "tasks.db"
+"""The task database's file in a cluster's folder."""
+
+_ROW_KEYS = [
+    "msg_id",
+    "msg_type",
+    "client_uuid",
+    "engine_id",
+    "label",
+    "status",
+    "submitted",
+    "started",
+    "completed",
+]
+
+
+def _client_uuid(client: bytes) -> str:
+    return client[:16].decode("ascii", "replace")
+
+
+def _row_of(record: TaskRecord) -> dict[str, Any]:
+    """A memory record as the file's rows look (what queries see)."""
+    row: dict[str, Any] = {
+        "msg_id": record.msg_id,
+        "msg_type": record.msg_type,
+        "client_uuid": _client_uuid(record.client),
+        "engine_id": record.engine_id,
+        "engine_uuid": None,
+        "label": record.label,
+        "status": record.status,
+        "submitted": record.submitted,
+        "started": record.started,
+        "completed": record.completed,
+        "received": record.completed,
+        "resubmitted": None,
+        "stdout": None,
+        "stderr": None,
+        "after": None,
+        "follow": None,
+    }
+    request = _decode_request(record.request_frames()) if record.request else {}
+    row.update({k: request.get(k) for k in ("header", "metadata", "content", "buffers")})
+    reply = _decode_request(record.reply_frames()[1:]) if record.reply else {}
+    for key in ("header", "metadata", "content", "buffers"):
+        row[f"result_{key}"] = reply.get(key)
+    return row
+
+
+def _decode_request(frames: list[Any]) -> dict[str, Any]:
+    """header, parent, metadata, content, buffers... frames as dicts and bytes."""
+    import json
+
+    def obj(i: int) -> Any:
+        try:
+            return json.loads(bytes(frames[i]))
+        except (IndexError, ValueError):
+            return None
+
+    return {
+        "header": obj(0),
+        "metadata": obj(2),
+        "content": obj(3),
+        "buffers": [bytes(f) for f in frames[4:]],
+    }
+
+
+def _from_row(
+    row: dict[str, Any], parts: list[bytes] | None, sign: Callable[[list[Any]], bytes] | None
+) -> TaskRecord:
+    """A record read back from the file (for results of tasks memory forgot)."""
+    client = str(row.get("client_uuid") or "").encode()
+    record = TaskRecord(
+        row["msg_id"],
+        row.get("msg_type") or "",
+        client,
+        row.get("engine_id"),
+        row.get("submitted") or 0.0,
+        row.get("label"),
+    )
+    record.status = row.get("status") or PENDING
+    record.started = row.get("started")
+    record.completed = row.get("completed")
+    if parts and sign is not None:
+        record.reply, record.reply_sizes = _join([sign(list(parts[:4])), *parts])
+    return record

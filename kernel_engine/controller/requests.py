@@ -8,17 +8,51 @@ Each request's content is parsed into its typed structure first
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from kernel_engine import protocol
-from kernel_engine.wire import Message
+from kernel_engine.wire import Message, parse_date
 
 from .balancer import Balancer
 from .engines import EngineSet
-from .hub import Hub
+from .hub import PENDING, Hub
 from .inflight import Inflight
 
 Reply = tuple[dict[str, Any], list[Any]]
+
+MAX_DB_RECORDS = 100_000
+"""Most records one ``db_query`` reply carries (``truncated`` says when more matched)."""
+
+DATE_KEYS = ("submitted", "started", "completed", "received")
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat()
+
+
+def _stamped(query: dict[str, Any]) -> dict[str, Any]:
+    """A client's query with its dates (ISO strings) as timestamps, as records hold them."""
+
+    def stamp(key: str, value: Any) -> Any:
+        if isinstance(value, str):
+            parsed = parse_date(value)
+            if parsed is None:
+                raise ValueError(f"{key}: {value!r} is not an ISO date")
+            return parsed.timestamp()
+        if isinstance(value, list):
+            return [stamp(key, v) for v in value]
+        return value
+
+    out: dict[str, Any] = {}
+    for key, value in query.items():
+        if key not in DATE_KEYS:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = {op: stamp(key, v) for op, v in value.items()}
+        else:
+            out[key] = stamp(key, value)
+    return out
 
 
 class Operations(Protocol):
@@ -33,6 +67,8 @@ class Operations(Protocol):
     def stop(self) -> None: ...
 
     def tell_engines(self, eids: list[int], msg_type: str, content: dict[str, Any]) -> None: ...
+
+    def resubmit(self, client: bytes, request: dict[str, Any], msg_id: str) -> None: ...
 
 
 class HubRequests:
@@ -67,7 +103,7 @@ class HubRequests:
         self.balancer = balancer
         self.dead = dead
         self.ops = ops
-        self.handlers: dict[str, Callable[[Any, Message], Reply]] = {
+        self.handlers: dict[str, Callable[[Any, Message, bytes], Reply]] = {
             protocol.CONNECT_REQUEST: self._connect,
             protocol.QUEUE_REQUEST: self._queue_status,
             protocol.RESULT_REQUEST: self._result,
@@ -78,15 +114,17 @@ class HubRequests:
             protocol.HISTORY_REQUEST: self._history,
             protocol.DB_REQUEST: self._db,
             protocol.START_REQUEST: self._start,
+            protocol.RESUBMIT_REQUEST: self._resubmit,
         }
 
-    def handle(self, msg: Message) -> Reply:
-        """The reply's content and buffers; raises for a request that cannot be served."""
+    def handle(self, msg: Message, client: bytes = b"") -> Reply:
+        """The reply's content and buffers (``client``: who asked); raises for a request
+        that cannot be served."""
         structure = protocol.HUB_REQUESTS.get(msg.msg_type)
         if structure is None:
             raise ValueError(f"unknown controller request {msg.msg_type!r}")
         request = structure.from_content(msg.content)
-        content, buffers = self.handlers[msg.msg_type](request, msg)
+        content, buffers = self.handlers[msg.msg_type](request, msg, client)
         content.setdefault("status", "ok")
         return content, buffers
 
@@ -99,7 +137,7 @@ class HubRequests:
             raise ValueError(f"no engines with ids {missing}")
         return list(dict.fromkeys(targets))
 
-    def _connect(self, request: protocol.Empty, msg: Message) -> Reply:
+    def _connect(self, request: protocol.Empty, msg: Message, client: bytes) -> Reply:
         self.ops.publish_event(protocol.IOPUB_WELCOME, {"token": msg.msg_id})
         engines = self.engines.engines.values()
         return {
@@ -109,7 +147,7 @@ class HubRequests:
             "dead": {str(k): v for k, v in self.dead.items()},
         }, []
 
-    def _queue_status(self, request: protocol.QueueRequest, msg: Message) -> Reply:
+    def _queue_status(self, request: protocol.QueueRequest, msg: Message, client: bytes) -> Reply:
         status: dict[str, Any] = {}
         balanced = self.balancer.queue_status()
         for eid in self._targets(request.targets):
@@ -122,7 +160,7 @@ class HubRequests:
         status["unassigned"] = balanced.get("unassigned", 0)
         return {"queue_status": status}, []
 
-    def _result(self, request: protocol.ResultRequest, msg: Message) -> Reply:
+    def _result(self, request: protocol.ResultRequest, msg: Message, client: bytes) -> Reply:
         records: dict[str, Any] = {}
         counts: dict[str, int] = {}
         buffers: list[Any] = []
@@ -138,13 +176,13 @@ class HubRequests:
                 buffers.extend(frames)
         return {"records": records, "frame_counts": counts}, buffers
 
-    def _purge(self, request: protocol.PurgeRequest, msg: Message) -> Reply:
+    def _purge(self, request: protocol.PurgeRequest, msg: Message, client: bytes) -> Reply:
         n = self.hub.purge(request.msg_ids, request.engine_ids)
         if request.engine_ids is None:
             self.balancer.forget(request.msg_ids)
         return {"purged": n}, []
 
-    def _abort(self, request: protocol.AbortRequest, msg: Message) -> Reply:
+    def _abort(self, request: protocol.AbortRequest, msg: Message, client: bytes) -> Reply:
         self.balancer.abort(request.msg_ids)
         content = {"msg_ids": list(request.msg_ids)}
         self.ops.tell_engines(
@@ -152,7 +190,7 @@ class HubRequests:
         )
         return content, []
 
-    def _signal(self, request: protocol.SignalRequest, msg: Message) -> Reply:
+    def _signal(self, request: protocol.SignalRequest, msg: Message, client: bytes) -> Reply:
         if request.msg_ids is not None:  # the engines running (or holding) these requests
             held = self.inflight.engines_of(request.msg_ids)
             # a client names the engines of requests it sent to their lanes itself
@@ -164,7 +202,7 @@ class HubRequests:
             self.engines.signal(eid, request.signum)
         return {"targets": targets}, []
 
-    def _shutdown(self, request: protocol.ShutdownRequest, msg: Message) -> Reply:
+    def _shutdown(self, request: protocol.ShutdownRequest, msg: Message, client: bytes) -> Reply:
         targets = self._targets(request.targets)
         if request.hub:
             self.ops.stop()
@@ -172,11 +210,58 @@ class HubRequests:
         self.ops.stop_engines(targets, "was shut down by a client")
         return {"targets": targets, "reasons": {str(t): self.dead.get(t) for t in targets}}, []
 
-    def _history(self, request: protocol.Empty, msg: Message) -> Reply:
+    def _history(self, request: protocol.Empty, msg: Message, client: bytes) -> Reply:
         return {"history": self.hub.history()}, []
 
-    def _db(self, request: protocol.DbRequest, msg: Message) -> Reply:
-        return {"records": self.hub.query(request.query, request.keys)}, []
+    def _db(self, request: protocol.DbRequest, msg: Message, client: bytes) -> Reply:
+        """Records matching the query, dates as ISO strings, buffers as frames (each
+        ``buffers`` value the indices of its frames); at most :data:`MAX_DB_RECORDS`."""
+        rows = self.hub.query(_stamped(request.query), request.keys)
+        buffers: list[Any] = []
+        records = []
+        for row in rows[:MAX_DB_RECORDS]:
+            row = dict(row)
+            for key in DATE_KEYS:
+                if isinstance(row.get(key), (int, float)):
+                    row[key] = _iso(row[key])
+            for key in ("buffers", "result_buffers"):
+                frames = row.get(key)
+                if frames is not None:
+                    row[key] = {"frames": list(range(len(buffers), len(buffers) + len(frames)))}
+                    buffers.extend(frames)
+            records.append(row)
+        return {"records": records, "truncated": len(rows) > MAX_DB_RECORDS}, buffers
 
-    def _start(self, request: protocol.StartRequest, msg: Message) -> Reply:
+    def _start(self, request: protocol.StartRequest, msg: Message, client: bytes) -> Reply:
         return {"ids": self.ops.start_engines(request.n)}, []
+
+    def _resubmit(self, request: protocol.ResubmitRequest, msg: Message, client: bytes) -> Reply:
+        """Finished tasks' requests, load-balanced again under new msg_ids; all or none
+        (a ValueError names every task that cannot be)."""
+        problems: list[str] = []
+        plans: list[tuple[str, str, dict[str, Any]]] = []
+        for old, new in request.pairs:
+            outcome = self.hub.outcome(old)
+            if self.hub.known(new) or new in self.inflight:
+                problems.append(f"{new}: that new msg_id is taken")
+            elif outcome is None:
+                problems.append(f"{old}: no such task")
+            elif outcome == PENDING:
+                problems.append(f"{old}: still in flight (only finished tasks run again)")
+            else:
+                stored = self.hub.request_of(old)
+                if stored is None:
+                    problems.append(
+                        f"{old}: its request was not kept (sent to an engine's lane "
+                        "directly, over the size kept, or purged)"
+                    )
+                elif (stored.get("header") or {}).get("msg_type") != protocol.APPLY_REQUEST:
+                    problems.append(f"{old}: only function calls (apply) can run again")
+                else:
+                    plans.append((old, new, stored))
+        if problems:
+            raise ValueError("cannot resubmit " + "; ".join(problems))
+        for old, new, stored in plans:
+            self.ops.resubmit(client, stored, new)
+            self.hub.resubmitted(old, new)
+        return {"resubmitted": {old: new for old, new, _ in plans}}, []

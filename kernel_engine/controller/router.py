@@ -77,7 +77,14 @@ class Router:
             self.send_client(protocol.fail_reply(self.wire, client, msg.header, eid, *why))
             return
         self.inflight.add(msg.msg_id, Pending(client, msg.header, eid, channel, "routed"))
-        self.hub.submitted(msg.msg_id, msg.msg_type, client, eid, wire.header_date(msg.header))
+        self.hub.submitted(
+            msg.msg_id,
+            msg.msg_type,
+            client,
+            eid,
+            wire.header_date(msg.header),
+            request=frames[1:],  # (from the header on)
+        )
         self.engines.send(eid, channel, [client, wire.DELIM, *frames])
 
     def post(self, client: bytes, eid: int, frames: list[Any]) -> None:

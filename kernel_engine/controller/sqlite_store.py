@@ -1,0 +1,940 @@
+"""Task records in one SQLite file, written by one thread in batches off the hot path.
+
+Threads. The callers (the controller's event loop) only touch memory: :meth:`SqliteLog.put`
+checks the fields and appends them to a queue (a ``deque``: no lock). One writer thread,
+``px-store-writer``, owns the writing connection: at most every ``batch_interval`` seconds
+it takes what is queued, merges the puts of each msg_id and writes them in one
+transaction, one upsert per record. Reads run on the calling thread over a second,
+read-only connection, once a barrier they queued has been passed, so a read sees every
+put made before it, from any thread. Purges queue too and run in the writer, in order.
+
+Backpressure. When ``max_pending`` items or ``max_pending_bytes`` of frames and output
+wait in the queue, the writer is behind: ``put`` then blocks until the writer takes them.
+The callers slow down to the disk's pace, memory stays flat and no record is dropped;
+``blocked_seconds`` tells how long callers waited.
+
+Crash safety. WAL journal, ``synchronous=NORMAL``: a committed batch survives the process
+being killed (not a power loss: that needs an ``fsync`` per batch). A file that is not a
+task database, or is damaged, raises :class:`StoreError` naming it.
+
+Retention. Records finished more than ``max_age`` ago are deleted every few seconds.
+Once the live pages plus room for the next batch pass 95% of ``max_bytes`` (database and
+WAL files together), each batch first deletes the records finished longest ago, twice as
+many as it brings, until they fit in 85% of it; only a batch that would not fit under
+``max_bytes`` waits for more deletions. SQLite reuses the freed pages, so the file stops
+growing without being rewritten. Pages go back to the file system (``incremental_vacuum``,
+in steps that yield to writes) only when the file is over ``max_bytes`` (a lower limit
+than it was written with) or a quarter of it is free (after a purge). A pending record is
+never deleted.
+
+Schema. ``tasks``: one row per msg_id; ``seq`` (the rowid) numbers records in the order
+of their first put, for the history; the queryable keys as columns (:mod:`.query`);
+``done_at``, when the record was seen finished (NULL while pending; indexed, for retention
+and :meth:`SqliteLog.pending`); the request's and the reply's frames, each packed into one
+blob, inline up to ``blob_threshold`` bytes and in the ``blobs`` table above it (so that
+scans of ``tasks`` stay small). Triggers delete a record's blobs with it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import sqlite3
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kernel_engine.controller import query as q
+from kernel_engine.errors import PXError
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+STATUSES = frozenset({PENDING, "ok", "error", "aborted", "unknown"})
+APPLICATION_ID = 0x70784442  # "pxDB", in the file's header
+SCHEMA_VERSION = 1
+MAX_OUTPUT = 1 << 20
+TRUNCATED = "\n[output truncated]\n"
+MAINTENANCE_INTERVAL = 5.0
+READ_TIMEOUT = 60.0
+IDLE_AFTER = 1.0  # seconds without puts after which the writer sleeps until woken
+HIGH, LOW = 0.95, 0.85
+RECORD_BYTES = 256  # a record's size without its frames, to make room for a batch
+
+_SCHEMA = f"""
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    msg_id TEXT NOT NULL UNIQUE,
+    msg_type TEXT, client_uuid TEXT, engine_id INTEGER, engine_uuid TEXT, label TEXT,
+    status TEXT NOT NULL DEFAULT 'pending',
+    submitted REAL, started REAL, completed REAL, received REAL, resubmitted TEXT,
+    done_at REAL, request_big INTEGER NOT NULL DEFAULT 0, result_big INTEGER NOT NULL DEFAULT 0,
+    after TEXT, follow TEXT, stdout TEXT, stderr TEXT, request BLOB, result BLOB
+);
+CREATE INDEX tasks_done ON tasks(done_at);
+CREATE TABLE blobs (
+    msg_id TEXT NOT NULL, kind INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (msg_id, kind)
+);
+CREATE TRIGGER tasks_blobs AFTER DELETE ON tasks WHEN old.request_big OR old.result_big
+BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id; END;
+CREATE TRIGGER request_blob AFTER UPDATE OF request_big ON tasks
+WHEN old.request_big AND NOT new.request_big
+BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id AND kind = 0; END;
+CREATE TRIGGER result_blob AFTER UPDATE OF result_big ON tasks
+WHEN old.result_big AND NOT new.result_big
+BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id AND kind = 1; END;
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+_TYPES: dict[str, type] = {
+    **{k: str for k in ("msg_type", "client_uuid", "engine_uuid", "label", "resubmitted")},
+    **{k: float for k in q.DATES},
+    "status": str,
+    "engine_id": int,
+    **{k: list for k in ("after", "follow", "request", "result")},
+}
+"""The fields of a record and their type (dates may also be ints, lists tuples)."""
+_NULLABLE = frozenset({"engine_id", "engine_uuid", "label", "resubmitted", *q.DATES})
+_FRAMES = ("request", "result")
+_BYTES = frozenset({bytes, bytearray, memoryview})
+_MAX_INT = 2**53
+_APPEND = (
+    "UPDATE tasks SET {n} = CASE "
+    "WHEN length(coalesce({n}, '')) >= ?3 THEN {n} "
+    "WHEN length(coalesce({n}, '')) + length(?2) <= ?3 THEN coalesce({n}, '') || ?2 "
+    "ELSE substr(coalesce({n}, '') || ?2, 1, ?3) || ?4 END WHERE msg_id = ?1"
+)
+_FRAMES_SQL = (
+    "CASE WHEN t.{name}_big THEN (SELECT data FROM blobs b WHERE b.msg_id = t.msg_id "
+    "AND b.kind = {kind}) ELSE t.{name} END"
+)
+_HEADS: dict[int, struct.Struct] = {}
+_OUTPUT = object()  # queue tags other than a msg_id (a put)
+_BARRIER = object()
+_OP = object()
+
+
+class StoreError(PXError, RuntimeError):
+    """Raised when the task database cannot be opened or written; names the file."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"task database {path}: {message}")
+
+
+def pack(frames: Sequence[Any]) -> bytes:
+    """Frames as one blob: their count, their sizes, then their bytes."""
+    sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    head = _HEADS.get(len(sizes)) or struct.Struct(f"<I{len(sizes)}Q")
+    if len(sizes) < 64:
+        _HEADS[len(sizes)] = head
+    return b"".join((head.pack(len(sizes), *sizes), *frames))
+
+
+def unpack(blob: bytes) -> list[bytes]:
+    """The frames :func:`pack` packed."""
+    (n,) = struct.unpack_from("<I", blob)
+    at = 4 + 8 * n
+    out = []
+    for size in struct.unpack_from(f"<{n}Q", blob, 4):
+        out.append(blob[at : at + size])
+        at += size
+    return out
+
+
+def _clean_text(value: str) -> str:
+    """``value`` as valid Unicode (a lone surrogate from JSON would fail in SQLite)."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _json(frame: bytes | None) -> Any:
+    if frame is None:
+        return None
+    try:
+        return json.loads(frame)
+    except ValueError:
+        return None
+
+
+def _convert(key: str, value: Any) -> Any:
+    """``value`` of a field whose type is not exactly the usual one: checked, converted."""
+    kind = _TYPES.get(key)
+    if kind is None:
+        raise TypeError(f"unknown record field {key!r}")
+    if value is None:
+        if key in _NULLABLE:
+            return None
+        raise ValueError(f"{key!r} cannot be None")
+    if (kind is float and type(value) is int) or (kind is int and isinstance(value, int)):
+        if not isinstance(value, bool):
+            return kind(value)
+    elif kind is list and isinstance(value, tuple):
+        return list(value)
+    elif kind is str and isinstance(value, str):
+        return str(value)
+    raise TypeError(f"{key!r} must be {kind.__name__}, not {type(value).__name__}")
+
+
+class _Batch:
+    """What the writer takes from the queue in one go, merged."""
+
+    __slots__ = ("barriers", "nbytes", "op", "outputs", "records")
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[tuple[str, str], list[Any]] = {}  # [length, *texts]
+        self.barriers: list[concurrent.futures.Future[int]] = []
+        self.op: tuple[Callable[[sqlite3.Connection], int], concurrent.futures.Future[int]]
+        self.op = None  # type: ignore[assignment]
+        self.nbytes = 0
+
+
+class SqliteLog:
+    """Task records persisted in the SQLite file ``path`` (see the module docstring).
+
+    Parameters
+    ----------
+    path
+        The database file; created (mode 0600) if missing.
+    max_bytes
+        Bound on the database and WAL files together (None: unbounded).
+    max_age
+        Seconds a finished record is kept (None: forever).
+    blob_threshold
+        Request or reply frames larger than this (packed) go to the ``blobs`` table.
+    batch_interval
+        The writer commits at most this often (seconds).
+    max_pending, max_pending_bytes
+        When this many puts, or bytes of frames, wait for the writer, ``put`` blocks.
+    max_frames_bytes
+        Frames larger than this are not stored (the record is, without them).
+    maintenance_interval
+        How often (seconds) old records are deleted and free pages given back.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int | None = 1 << 30,
+        max_age: float | None = 7 * 86400.0,
+        blob_threshold: int = 64 * 1024,
+        batch_interval: float = 0.05,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 64 << 20,
+        max_frames_bytes: int = 256 << 20,
+        maintenance_interval: float = MAINTENANCE_INTERVAL,
+    ):
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.blob_threshold = blob_threshold
+        self.batch_interval = batch_interval
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.max_frames_bytes = max_frames_bytes
+        self.maintenance_interval = maintenance_interval
+        self.blocked_seconds = 0.0
+        self._queue: deque[tuple[Any, Any, int]] = deque()
+        self._bytes_in = self._bytes_out = 0  # frames queued, frames taken
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the writer waits on it
+        self._done = threading.Condition(self._lock)  # blocked callers wait on it
+        self._idle = self._urgent = self._stopped = self._closed = False
+        self._starting = True
+        self._trimming = False  # deleting old records to keep under max_bytes
+        self._row_bytes = 1.0  # bytes per record, measured when trimming starts
+        self._shrink_until: int | None = None  # free pages to leave, while giving back
+        self._error: BaseException | None = None
+        self._read_lock = threading.Lock()
+        self._plans: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
+        self._con = self._open()
+        try:
+            self._reader = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
+            self._reader.execute("PRAGMA query_only = 1")
+            self._reader.execute("PRAGMA cache_size = -4000")
+        except sqlite3.Error as exc:
+            self._con.close()
+            raise StoreError(self.path, str(exc)) from exc
+        self._seq = self._con.execute("SELECT coalesce(max(seq), 0) + 1 FROM tasks").fetchone()[0]
+        page = self._con.execute("PRAGMA page_size").fetchone()[0]
+        # a larger WAL means fewer checkpoints, each with two fsyncs; keep it a 64th of the limit
+        wal_pages = 4096 if max_bytes is None else max(16, min(4096, max_bytes // page // 64))
+        self._wal_limit = wal_pages * page
+        for pragma in (
+            "synchronous = NORMAL",
+            "temp_store = MEMORY",
+            "cache_size = -16000",
+            f"wal_autocheckpoint = {wal_pages}",
+            f"journal_size_limit = {self._wal_limit}",
+        ):
+            self._con.execute(f"PRAGMA {pragma}")
+        self._thread = threading.Thread(target=self._run, name="px-store-writer", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        con = None
+        try:
+            con = sqlite3.connect(
+                self.path,
+                timeout=10,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+            )
+            app_id = con.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+            if app_id == 0 and not tables:
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
+                con.execute("PRAGMA journal_mode = WAL")
+                con.executescript(_SCHEMA)
+            elif app_id != APPLICATION_ID:
+                raise StoreError(self.path, "not a jupyter-px task database")
+            else:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION or not {"tasks", "blobs"} <= tables:
+                    raise StoreError(self.path, f"unknown task database version {version}")
+            if con.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise StoreError(self.path, "cannot use the WAL journal here")
+            # a damaged file fails here rather than halfway through a batch
+            bad = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if bad != "ok":
+                raise StoreError(self.path, f"the database is damaged: {bad}")
+            return con
+        except BaseException as exc:
+            if con is not None:
+                con.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(self.path, f"{exc} (move it aside to start afresh)") from exc
+            raise
+
+    # -- callers' side -------------------------------------------------------------------
+
+    def put(self, msg_id: str, **fields: Any) -> None:
+        """Upsert these fields of ``msg_id``'s record; returns without touching the disk.
+
+        The store keeps references to the frames and lists given: don't change them after.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an unknown field or a value of the wrong type.
+        StoreError
+            When the store is closed or its writer failed.
+        """
+        if self._stopped:
+            self._raise_state()
+        if type(msg_id) is not str:
+            raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
+        nbytes = 0
+        for key, value in fields.items():
+            kind = type(value)
+            if kind is not _TYPES.get(key):
+                if value is None and key in _NULLABLE:
+                    continue
+                fields[key] = value = _convert(key, value)
+                kind = type(value)
+            if kind is str:
+                if key == "status":
+                    if value not in STATUSES:
+                        raise ValueError(f"status must be in {sorted(STATUSES)}, not {value!r}")
+                elif not value.isascii():
+                    fields[key] = _clean_text(value)
+            elif kind is float:
+                if not -1e15 < value < 1e15:
+                    raise ValueError(f"{key!r}: {value} is not a timestamp")
+            elif kind is int:
+                if not -_MAX_INT <= value <= _MAX_INT:
+                    raise ValueError(f"engine_id {value} is out of range")
+            elif key in _FRAMES:
+                if not _BYTES.issuperset(map(type, value)):
+                    for frame in value:
+                        memoryview(frame)  # raises TypeError for what is not bytes-like
+                nbytes += sum(map(len, value))
+            else:
+                for item in value:
+                    if type(item) is not str:
+                        raise TypeError(f"{key!r} must be a list of msg_ids")
+        self._queue.append((msg_id, fields, nbytes))
+        if nbytes:
+            self._bytes_in += nbytes
+        if self._idle:
+            self._wake()
+        if len(self._queue) >= self.max_pending or (
+            nbytes and self._bytes_in - self._bytes_out >= self.max_pending_bytes
+        ):
+            self._wait_for_writer()
+
+    def append_output(self, msg_id: str, name: str, text: str) -> None:
+        """Append ``text`` to the record's ``stdout`` or ``stderr`` (kept up to
+        :data:`MAX_OUTPUT` characters, then marked truncated); no-op for unknown records."""
+        if self._stopped:
+            self._raise_state()
+        if name not in ("stdout", "stderr"):
+            raise ValueError(f"name must be 'stdout' or 'stderr', not {name!r}")
+        if type(msg_id) is not str or not isinstance(text, str):
+            raise TypeError("msg_id and text must be strings")
+        text = text[: MAX_OUTPUT + 1]
+        if not text.isascii():
+            text = _clean_text(text)
+        self._queue.append((_OUTPUT, (msg_id, name, text), len(text)))
+        self._bytes_in += len(text)
+        if self._idle:
+            self._wake()
+        if self._bytes_in - self._bytes_out >= self.max_pending_bytes:
+            self._wait_for_writer()
+
+    def _wake(self, urgent: bool = False) -> None:
+        with self._lock:
+            self._urgent = self._urgent or urgent
+            self._work.notify()
+
+    def _wait_for_writer(self) -> None:
+        """Block until the writer has taken enough of the queue."""
+        start = time.monotonic()
+        with self._lock:
+            self._urgent = True
+            self._work.notify()
+            while (
+                len(self._queue) >= self.max_pending
+                or self._bytes_in - self._bytes_out >= self.max_pending_bytes
+            ) and not self._stopped:
+                self._done.wait(1.0)
+        self.blocked_seconds += time.monotonic() - start
+        if self._error is not None:
+            self._raise_state()
+
+    def _raise_state(self) -> None:
+        if self._error is not None:
+            raise StoreError(self.path, f"the writer failed: {self._error!r}") from self._error
+        if self._stopped:
+            raise StoreError(self.path, "the store is closed")
+
+    def _enqueue(self, tag: object, item: Any) -> concurrent.futures.Future[int]:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if self._stopped:
+            self._raise_state()
+        self._queue.append((tag, (item, future), 0))
+        self._wake(urgent=True)
+        if self._stopped and not future.done():  # the writer may have stopped meanwhile
+            self._raise_state()
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every put made before this call is committed; return whether that
+        happened within ``timeout`` seconds (None: as long as it takes)."""
+        try:
+            self._enqueue(_BARRIER, None).result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
+
+    def _submit(self, op: Callable[[sqlite3.Connection], int], timeout: float | None) -> int:
+        """Run ``op`` on the writer's connection after the puts queued before; its result."""
+        return self._enqueue(_OP, op).result(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, stop the writer and close the file (idempotent).
+
+        Raises
+        ------
+        StoreError
+            (on the first close only) when the writer had failed.
+        TimeoutError
+            When writing took over ``timeout``: the statement is then interrupted and the
+            thread joined before this is raised.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = self._stopped = self._urgent = True
+            self._work.notify()
+            self._done.notify_all()
+        self._thread.join(timeout)
+        late = self._thread.is_alive()
+        if late:
+            self._con.interrupt()
+            self._thread.join()
+        with self._read_lock:
+            self._reader.close()
+        self._con.close()
+        if self._error is not None:
+            raise StoreError(self.path, f"the writer failed: {self._error!r}") from self._error
+        if late:
+            raise TimeoutError(f"task database {self.path}: writing took over {timeout} s")
+
+    def __enter__(self) -> SqliteLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if not self.flush(READ_TIMEOUT):
+            raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
+        with self._read_lock:
+            try:
+                return self._reader.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(self.path, str(exc)) from exc
+
+    def get(self, msg_id: str, keys: Any = None) -> dict[str, Any] | None:
+        """``msg_id``'s record with ``keys`` (default: :data:`.query.DEFAULT_KEYS`)."""
+        if type(msg_id) is not str:
+            raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
+        found = self.query({"msg_id": msg_id}, keys)
+        return found[0] if found else None
+
+    def query(self, query: Any, keys: Any = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The records matching ``query`` (see :mod:`.query`), in submission order, each
+        with ``keys`` (and ``msg_id``); at most ``limit`` of them."""
+        where, params = q.to_sql(query, prefix="t.")
+        keys = q.check_keys(keys)
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValueError(f"limit must be a non-negative int, not {limit!r}")
+        columns, decode = _select(keys)
+        sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE {where} ORDER BY t.seq"
+        if limit is not None:
+            sql += f" LIMIT {limit}"
+        return [decode(row) for row in self._read(sql, params)]
+
+    def frames(self, msg_id: str, which: str = "result") -> list[bytes] | None:
+        """The stored frames of the request or of the reply, as given to :meth:`put`."""
+        if which not in _FRAMES:
+            raise ValueError(f"which must be 'request' or 'result', not {which!r}")
+        sql = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
+        rows = self._read(f"SELECT {sql} FROM tasks t WHERE t.msg_id = ?", (msg_id,))
+        return unpack(rows[0][0]) if rows and rows[0][0] else None
+
+    def history(self) -> list[str]:
+        """Every msg_id with a record, in submission order."""
+        return [r[0] for r in self._read("SELECT msg_id FROM tasks ORDER BY seq")]
+
+    def pending(self, keys: Any = None) -> list[dict[str, Any]]:
+        """The records still pending: what a restarted controller must account for."""
+        columns, decode = _select(q.check_keys(keys))
+        sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE t.done_at IS NULL ORDER BY t.seq"
+        return [decode(row) for row in self._read(sql)]
+
+    def outcome(self, msg_id: str) -> tuple[int | None, bool] | str | None:
+        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown."""
+        rows = self._read("SELECT status, engine_id FROM tasks WHERE msg_id = ?", (msg_id,))
+        if not rows:
+            return None
+        status, engine_id = rows[0]
+        return PENDING if status == PENDING else (engine_id, status == "ok")
+
+    def count(self) -> int:
+        """How many records there are."""
+        return int(self._read("SELECT count(*) FROM tasks")[0][0])
+
+    def size_bytes(self) -> int:
+        """The database's size on disk: its file and its WAL."""
+        total = 0
+        for name in (self.path, self.path + "-wal"):
+            try:
+                total += os.stat(name).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    # -- changes made by the writer on request -------------------------------------------
+
+    def purge(
+        self,
+        msg_ids: Sequence[str] | None = None,
+        engine_ids: Sequence[int] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Forget finished records: these msg_ids and those of these engines, or all when
+        both are None; pending records stay. Returns how many were forgotten."""
+        ids = _checked("msg_ids", msg_ids, str)
+        engines = _checked("engine_ids", engine_ids, int)
+
+        def op(con: sqlite3.Connection) -> int:
+            done = "done_at IS NOT NULL"
+            if ids is None and engines is None:
+                return con.execute(f"DELETE FROM tasks WHERE {done}").rowcount
+            n = 0
+            if ids:
+                sql = f"DELETE FROM tasks WHERE msg_id = ? AND {done}"
+                n += con.executemany(sql, ((m,) for m in ids)).rowcount
+            if engines:
+                sql = f"DELETE FROM tasks WHERE engine_id = ? AND {done}"
+                n += con.executemany(sql, ((e,) for e in engines)).rowcount
+            return n
+
+        return self._submit(op, timeout)
+
+    def drop_results(
+        self, msg_ids: Sequence[str] | None = None, timeout: float | None = None
+    ) -> int:
+        """Keep the records but forget their reply frames (of all records when None);
+        returns how many records had some."""
+        ids = _checked("msg_ids", msg_ids, str)
+        sql = "UPDATE tasks SET result = NULL, result_big = 0 WHERE (result_big OR result NOT NULL)"
+
+        def op(con: sqlite3.Connection) -> int:
+            if ids is None:
+                return con.execute(sql).rowcount
+            return con.executemany(sql + " AND msg_id = ?", ((m,) for m in ids)).rowcount
+
+        return self._submit(op, timeout)
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: _Batch | None = None
+        try:
+            self._maintain()  # a reopened file may hold old records, or pass a lower limit
+            self._make_room(0, 0)
+            self._starting = False
+            batch_start = busy = time.monotonic()
+            next_maintenance = batch_start + self.maintenance_interval
+            while True:
+                with self._lock:
+                    while True:
+                        now = time.monotonic()
+                        if self._queue:
+                            due = batch_start + self.batch_interval
+                            if self._urgent or self._closed or now >= due:
+                                break
+                            self._work.wait(due - now)
+                        elif self._closed:
+                            return
+                        elif now >= next_maintenance or self._shrink_until is not None:
+                            break
+                        elif now < busy + IDLE_AFTER:
+                            # poll while busy lately: a put then needs no system call
+                            self._work.wait(self.batch_interval)
+                        else:
+                            self._idle = True  # before looking at the queue: see put
+                            if not self._queue:
+                                self._work.wait(next_maintenance - now)
+                            self._idle = False
+                            batch_start = time.monotonic()
+                    self._urgent = False
+                batch = self._take()
+                with self._lock:
+                    self._done.notify_all()
+                batch_start = time.monotonic()
+                result = 0
+                if batch.records or batch.outputs or batch.op:
+                    busy = batch_start
+                    result = self._write(batch)
+                for future in batch.barriers:
+                    future.set_result(0)
+                if batch.op is not None:
+                    batch.op[1].set_result(result)
+                batch = None
+                if self._shrink_until is not None:
+                    self._vacuum(self._shrink_until)
+                if time.monotonic() >= next_maintenance:
+                    self._maintain()
+                    next_maintenance = time.monotonic() + self.maintenance_interval
+        except BaseException as exc:
+            self._fail(exc, batch)
+
+    def _fail(self, exc: BaseException, batch: _Batch | None) -> None:
+        """Stop on a writer failure: log it, and make every waiting and later call raise."""
+        log.error("task database %s: the writer failed", self.path, exc_info=exc)
+        if self._con.in_transaction:
+            try:
+                self._con.rollback()
+            except sqlite3.Error:
+                pass
+        with self._lock:
+            self._error = exc
+            self._stopped = True
+            self._done.notify_all()
+        error = StoreError(self.path, f"the writer failed: {exc!r}")
+        futures = [*batch.barriers, *([batch.op[1]] if batch.op else [])] if batch else []
+        while True:
+            try:
+                tag, item, _ = self._queue.popleft()
+            except IndexError:
+                break
+            if tag is _BARRIER or tag is _OP:
+                futures.append(item[1])
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+    def _take(self) -> _Batch:
+        """Take the queue, up to an operation (which runs after the puts before it)."""
+        batch = _Batch()
+        records, outputs = batch.records, batch.outputs
+        popleft = self._queue.popleft
+        nbytes = 0
+        for _ in range(self.max_pending):
+            try:
+                tag, item, size = popleft()
+            except IndexError:
+                break
+            nbytes += size
+            if type(tag) is str:
+                record = records.get(tag)
+                if record is None:
+                    records[tag] = item
+                else:
+                    record.update(item)
+            elif tag is _OUTPUT:
+                msg_id, name, text = item
+                parts = outputs.get((msg_id, name))
+                if parts is None:
+                    outputs[msg_id, name] = parts = [0]
+                if parts[0] <= MAX_OUTPUT:  # the rest would be cut off
+                    parts[0] += len(text)
+                    parts.append(text)
+            elif tag is _BARRIER:
+                batch.barriers.append(item[1])
+            else:
+                batch.op = item
+                break
+        else:
+            self._urgent = True  # more is queued: take it without waiting
+        self._bytes_out += nbytes
+        batch.nbytes = nbytes + RECORD_BYTES * len(records)
+        return batch
+
+    def _write(self, batch: _Batch) -> int:
+        """Write a batch in one transaction; the result of its operation, if any."""
+        self._make_room(batch.nbytes, len(batch.records))
+        con = self._con
+        groups: dict[str, list[list[Any]]] = {}
+        blobs: list[tuple[str, int, bytes]] = []
+        plans = self._plans
+        now = time.time()
+        seq = self._seq
+        for msg_id, fields in batch.records.items():
+            values = list(fields.values())
+            if None in values:
+                shape: Any = (tuple(fields), tuple(v is None for v in values))
+                values = [v for v in values if v is not None]
+            else:
+                shape = tuple(fields)
+            plan = plans.get(shape) or self._plan(shape)
+            extras = []
+            for i, kind in plan[1]:
+                value = values[i]
+                if kind == "status":  # done_at: NULL (in the SQL) if pending
+                    extras.append(fields.get("completed") or now)
+                elif kind == "list":
+                    values[i] = json.dumps(value) if value else "[]"
+                else:
+                    values[i], big = self._frames(msg_id, kind, value, blobs)
+                    extras.append(big)
+            groups.setdefault(plan[0], []).append([seq, msg_id, *values, *extras])
+            seq += 1
+        con.execute("BEGIN")
+        for sql, rows in groups.items():
+            con.executemany(sql, rows)
+        self._seq = seq
+        if blobs:
+            con.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", blobs)
+        for (msg_id, name), parts in batch.outputs.items():
+            text = "".join(parts[1:])
+            con.execute(_APPEND.format(n=name), (msg_id, text, MAX_OUTPUT, TRUNCATED))
+        result = batch.op[0](con) if batch.op is not None else 0
+        con.execute("COMMIT")
+        return result
+
+    def _frames(
+        self, msg_id: str, kind: str, frames: list[Any], blobs: list[tuple[str, int, bytes]]
+    ) -> tuple[bytes, int]:
+        """(inline blob, whether in ``blobs``) for a record's frames; ``b""``: none."""
+        try:
+            blob = pack(frames)
+        except (TypeError, ValueError, BufferError) as exc:  # e.g. not contiguous
+            log.error("%s of %s not stored: %s", kind, msg_id, exc)
+            return b"", 0
+        if len(blob) <= self.blob_threshold:
+            return blob, 0
+        if len(blob) > self.max_frames_bytes:
+            log.warning("%s of %s not stored: %d bytes", kind, msg_id, len(blob))
+            return b"", 0
+        blobs.append((msg_id, _FRAMES.index(kind), blob))
+        return b"", 1
+
+    def _plan(self, shape: Any) -> tuple[str, list[tuple[int, str]]]:
+        """How to write a record of this shape (its fields, in order, and which are None):
+        the upsert, and which values to transform (``status`` adds ``done_at``, frames
+        their ``*_big`` flag). None is written as a literal NULL: binding it costs Python's
+        sqlite3 ten times as much as binding a value."""
+        nullable = bool(shape) and isinstance(shape[-1], tuple)
+        keys, nulls = shape if nullable else (shape, (False,) * len(shape))
+        columns, special, extra = [], [], []
+        bound = [k for k, null in zip(keys, nulls) if not null]
+        at = {k: 3 + i for i, k in enumerate(bound)}
+        for key, null in zip(keys, nulls):
+            if null:
+                columns.append((key, "NULL"))
+                continue
+            columns.append((key, f"?{at[key]}"))
+            index = at[key] - 3
+            if key == "status":
+                special.append((index, "status"))
+                extra.append(("done_at", f"iif(?{at[key]} = 'pending', NULL, ?{{}})"))
+            elif key in _FRAMES:
+                special.append((index, key))
+                extra.append((f"{key}_big", "?{}"))
+            elif key in ("after", "follow"):
+                special.append((index, "list"))
+        for n, (column, value) in enumerate(extra):
+            columns.append((column, value.format(3 + len(bound) + n)))
+        names = ", ".join(c for c, _ in columns)
+        update = ", ".join(f"{c} = excluded.{c}" for c, _ in columns)
+        sql = (
+            f"INSERT INTO tasks (seq, msg_id{', ' if columns else ''}{names}) "
+            f"VALUES (?1, ?2{''.join(', ' + v for _, v in columns)}) ON CONFLICT (msg_id) DO "
+            + (f"UPDATE SET {update}" if columns else "NOTHING")
+        )
+        if len(self._plans) > 1000:  # the shapes used are few; but bound them
+            self._plans.clear()
+        self._plans[shape] = plan = (sql, special)
+        return plan
+
+    def _pages(self) -> tuple[int, int, int]:
+        """(page size, pages, free pages) of the database as the writer sees it."""
+        con = self._con
+        return (
+            con.execute("PRAGMA page_size").fetchone()[0],
+            con.execute("PRAGMA page_count").fetchone()[0],
+            con.execute("PRAGMA freelist_count").fetchone()[0],
+        )
+
+    def _make_room(self, incoming: int, records: int) -> None:
+        """Before writing ``records`` records of ``incoming`` bytes, keep the files under
+        ``max_bytes``. The batch needs three times its size (its pages, their copy in the
+        WAL, slack). Once the live pages and that room pass ``HIGH * max_bytes``, every
+        batch first deletes the records finished longest ago, twice as many as it brings,
+        until they fit in ``LOW * max_bytes``: deleting is spread over batches, and only a
+        batch that would not fit under ``max_bytes`` waits for more room. Freed pages are
+        reused; they go back to the file system only when the file is over the limit."""
+        limit = self.max_bytes
+        if limit is None:
+            return
+        reserve = self._wal_limit + 3 * incoming
+        page, pages, free = self._pages()
+        used = (pages - free) * page
+        if not self._trimming and used + reserve <= HIGH * limit and self.size_bytes() <= limit:
+            return
+        if not self._trimming:
+            self._trimming = True
+            rows = self._con.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            self._row_bytes = max(used / max(rows, 1), 1)
+        while used + reserve > LOW * limit:
+            fits = used + reserve <= limit
+            needed = math.ceil((used + reserve - LOW * limit) / self._row_bytes) + 1
+            # one step a batch while it fits; at once when it does not
+            step = min(needed, max(1000, 2 * records)) if fits else needed
+            if not self._delete_finished(min(step, 20_000)):
+                log.warning(
+                    "task database %s: its %d bytes of pending records alone fill it",
+                    self.path,
+                    used,
+                )
+                break
+            page, pages, free = self._pages()
+            used = (pages - free) * page
+            if fits:
+                break
+        else:
+            self._trimming = False
+        if self.size_bytes() > limit:
+            self._vacuum(until=reserve // page)
+
+    def _delete_finished(self, n: int, before: float | None = None) -> int:
+        """Delete the ``n`` records finished longest ago (and before ``before``)."""
+        sql = (
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE done_at "
+            f"{'IS NOT NULL' if before is None else '< ?'} ORDER BY done_at LIMIT ?)"
+        )
+        params = (n,) if before is None else (before, n)
+        return int(self._con.execute(sql, params).rowcount)
+
+    def _maintain(self) -> None:
+        """Delete the records past ``max_age``; give pages back when a quarter is free."""
+        if self.max_age is not None:
+            cutoff = time.time() - self.max_age
+            while self._delete_finished(20_000, before=cutoff) == 20_000:
+                pass
+        page, pages, free = self._pages()
+        if free * page > max(1 << 20, pages * page // 4):
+            self._vacuum(until=pages // 20)
+
+    def _vacuum(self, until: int) -> None:
+        """Give free pages back to the file system until ``until`` are left, in steps;
+        when callers wait for the writer, stop and go on after the next batch."""
+        self._shrink_until = None
+        while True:
+            free = self._con.execute("PRAGMA freelist_count").fetchone()[0]
+            if free <= until:
+                break
+            self._con.execute(f"PRAGMA incremental_vacuum({min(free - until, 4096)})").fetchall()
+            if not self._starting and (self._urgent or len(self._queue) > 1000):
+                self._shrink_until = until
+                return
+        self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _checked(name: str, values: Any, kind: type) -> tuple[Any, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, set, frozenset)):
+        raise TypeError(f"{name} must be a list or None")
+    for v in values:
+        if type(v) is not kind:
+            raise TypeError(f"{name} must hold {kind.__name__}s, not {type(v).__name__}")
+    return tuple(values)
+
+
+def _select(keys: tuple[str, ...]) -> tuple[list[str], Callable[[Sequence[Any]], dict[str, Any]]]:
+    """The columns to select for ``keys`` and the function making a record of a row."""
+    plain = [k for k in keys if k in q.SQL_TYPES or k in ("stdout", "stderr", "after", "follow")]
+    columns = [f"t.{k}" for k in plain]
+    want_request = any(k in keys for k in ("header", "metadata", "content", "buffers"))
+    want_result = any(k.startswith("result_") for k in keys)
+    if want_request:
+        columns.append(_FRAMES_SQL.format(name="request", kind=0))
+    if want_result:
+        columns.append(_FRAMES_SQL.format(name="result", kind=1))
+    n = len(plain)
+
+    def decode(row: Sequence[Any]) -> dict[str, Any]:
+        record = dict(zip(plain, row[:n]))
+        for key in ("after", "follow"):
+            if key in record:
+                record[key] = json.loads(record[key]) if record[key] is not None else []
+        for key in ("stdout", "stderr"):
+            if key in record and record[key] is None:
+                record[key] = ""
+        at = n
+        for wanted, prefix in ((want_request, ""), (want_result, "result_")):
+            if not wanted:
+                continue
+            blob = row[at]
+            at += 1
+            frames = unpack(blob) if blob else None
+            for i, part in ((0, "header"), (2, "metadata"), (3, "content")):
+                if prefix + part in keys:
+                    record[prefix + part] = (
+                        _json(frames[i]) if frames is not None and len(frames) > i else None
+                    )
+            if prefix + "buffers" in keys:
+                record[prefix + "buffers"] = None if frames is None else frames[4:]
+        return {k: record[k] for k in keys}
+
+    return columns, decode

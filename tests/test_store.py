@@ -1,0 +1,647 @@
+"""The task database: the query language (pure) and the SQLite store (a file in tmp_path,
+no controller; one child process for the crash test)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernel_engine.controller import query as q
+from kernel_engine.controller.sqlite_store import MAX_OUTPUT, TRUNCATED, SqliteLog, StoreError
+
+NOW = time.time()
+
+
+def frames(msg_id: str, content: dict[str, Any], *buffers: bytes) -> list[bytes]:
+    """A message's frames as the controller sees them: header, parent, metadata, content,
+    buffers."""
+    header = {"msg_id": msg_id, "msg_type": "apply_request", "date": "2026-01-01T00:00:00Z"}
+    parts = [header, {}, {"engine": 1}, content]
+    return [json.dumps(p).encode() for p in parts] + list(buffers)
+
+
+@pytest.fixture
+def open_store(tmp_path) -> Iterator[Callable[..., SqliteLog]]:
+    """Opens stores in tmp_path; closes them all afterwards."""
+    opened: list[SqliteLog] = []
+
+    def open_(name: str = "tasks.db", **kwargs: Any) -> SqliteLog:
+        store = SqliteLog(tmp_path / name, **kwargs)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        try:
+            store.close()
+        except StoreError:
+            pass
+
+
+@pytest.fixture
+def store(open_store) -> SqliteLog:
+    return open_store()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``predicate`` came true within ``timeout`` (the store's own timers run it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def submit(store: SqliteLog, msg_id: str, at: float = NOW, **fields: Any) -> None:
+    store.put(
+        msg_id,
+        msg_type="apply_request",
+        client_uuid="client-1",
+        status="pending",
+        submitted=at,
+        request=frames(msg_id, {}, b"f", b"args"),
+        **fields,
+    )
+
+
+def complete(store: SqliteLog, msg_id: str, status: str = "ok", at: float = NOW, **fields):
+    store.put(
+        msg_id,
+        status=status,
+        started=at,
+        completed=at,
+        result=frames(msg_id, {"status": status}, b"result"),
+        **fields,
+    )
+
+
+# -- the query language ------------------------------------------------------------------
+
+
+def test_check_query_normalises():
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    got = q.check_query(
+        {
+            "status": "ok",
+            "engine_id": {"$in": [1, 2, 2]},
+            "completed": {"$gte": when, "$lt": "2026-01-02T00:00:00Z"},
+            "label": None,
+        }
+    )
+    assert got == {
+        "status": {"$eq": "ok"},
+        "engine_id": {"$in": (1, 2)},
+        "completed": {"$gte": when.timestamp(), "$lt": when.timestamp() + 86400},
+        "label": {"$eq": None},
+    }
+    assert q.check_query(got) == got
+
+
+@pytest.mark.parametrize(
+    ("query", "error", "named"),
+    [
+        ([("status", "ok")], TypeError, "dict"),
+        ({"bogus": 1}, ValueError, "bogus"),
+        ({"header": {}}, ValueError, "header"),
+        ({"status": {"$regex": "o"}}, ValueError, "status"),
+        ({"status": {}}, ValueError, "status"),
+        ({"engine_id": "1"}, TypeError, "engine_id"),
+        ({"engine_id": True}, TypeError, "engine_id"),
+        ({"engine_id": 2**60}, ValueError, "engine_id"),
+        ({"submitted": math.nan}, ValueError, "submitted"),
+        ({"submitted": "yesterday"}, ValueError, "submitted"),
+        ({"status": 3}, TypeError, "status"),
+        ({"status": ["ok"]}, TypeError, "status"),
+        ({"msg_id": None}, ValueError, "msg_id"),
+        ({"started": {"$lt": None}}, TypeError, "started"),
+        ({"status": {"$in": "ok"}}, TypeError, "status"),
+        ({"status": {"$in": ["ok", None]}}, TypeError, "status"),
+        ({"status": {"$nin": ["x"] * 10_001}}, ValueError, "status"),
+        ({"label": "\udc80"}, ValueError, "label"),
+        (
+            {"msg_id": {"$in": ["x"] * 10_000}, "label": {"$in": ["y"] * 10_001}},
+            ValueError,
+            "label",
+        ),
+        (
+            {k: {"$nin": ["x" * 100] * 10_000} for k in ("msg_id", "label", "status")},
+            ValueError,
+            "too large",
+        ),
+    ],
+)
+def test_check_query_rejects(query, error, named):
+    with pytest.raises(error, match=named):
+        q.check_query(query)
+
+
+def test_check_keys():
+    assert "buffers" not in q.DEFAULT_KEYS and "result_buffers" not in q.DEFAULT_KEYS
+    assert set(q.KEYS) - set(q.DEFAULT_KEYS) == {"buffers", "result_buffers"}
+    assert q.check_keys(None) == q.DEFAULT_KEYS
+    assert q.check_keys(["status", "buffers", "status"]) == ("msg_id", "status", "buffers")
+    with pytest.raises(ValueError, match="bogus"):
+        q.check_keys(["bogus"])
+    with pytest.raises(TypeError):
+        q.check_keys("status")
+
+
+ROWS = [
+    {"msg_id": "a", "engine_id": 0, "status": "ok", "completed": 10.0, "label": "x"},
+    {"msg_id": "b", "engine_id": 1, "status": "error", "completed": 20.0, "label": None},
+    {"msg_id": "c", "engine_id": None, "status": "pending", "completed": None, "label": "y"},
+]
+
+OPERATOR_CASES = [
+    ({"status": "ok"}, "a"),
+    ({"engine_id": {"$eq": 1}}, "b"),
+    ({"label": {"$eq": None}}, "b"),
+    ({"engine_id": {"$ne": 1}}, "ac"),  # an unset field is not equal to 1
+    ({"label": {"$ne": None}}, "ac"),
+    ({"engine_id": {"$in": [0, 1]}}, "ab"),
+    ({"engine_id": {"$in": []}}, ""),
+    ({"engine_id": {"$nin": [0]}}, "bc"),
+    ({"engine_id": {"$nin": []}}, "abc"),
+    ({"completed": {"$lt": 20}}, "a"),  # never an unset field
+    ({"completed": {"$lte": 20}}, "ab"),
+    ({"completed": {"$gt": 10}}, "b"),
+    ({"completed": {"$gte": 10, "$lt": 15}}, "a"),
+    ({"status": {"$gte": "ok"}, "engine_id": {"$ne": None}}, "a"),
+    ({}, "abc"),
+]
+
+
+@pytest.mark.parametrize(("query", "expected"), OPERATOR_CASES)
+def test_each_operator(query, expected, store):
+    assert "".join(r["msg_id"] for r in ROWS if q.matches(r, query)) == expected
+    for row in ROWS:
+        store.put(row["msg_id"], **{k: v for k, v in row.items() if k != "msg_id"})
+    found = store.query(query, keys=["msg_id"])
+    assert "".join(r["msg_id"] for r in found) == expected
+
+
+TEXTS = st.sampled_from(["", "a", "ab", "b", "ok", "é", "\x00", "Z", "ü"]) | st.text(max_size=3)
+INTS = st.integers(-3, 3) | st.integers(-(2**53), 2**53)
+FLOATS = st.sampled_from([0.0, -0.0, 1.5, 2.0, 1e9]) | st.floats(-1e12, 1e12)
+NUMBERS = INTS | FLOATS
+
+
+def _values(key: str, for_row: bool) -> st.SearchStrategy[Any]:
+    if key == "engine_id":
+        return INTS if for_row else NUMBERS
+    if key in q.DATES:
+        return FLOATS if for_row else NUMBERS | st.sampled_from([math.inf, -math.inf])
+    return TEXTS
+
+
+ROW_KEYS = [k for k in q.QUERYABLE if k != "msg_id"]
+rows_strategy = st.lists(
+    st.fixed_dictionaries({}, optional={k: st.none() | _values(k, True) for k in ROW_KEYS}),
+    max_size=8,
+)
+
+
+@st.composite
+def queries(draw: st.DrawFn) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    for key in draw(st.lists(st.sampled_from(ROW_KEYS), min_size=1, max_size=3, unique=True)):
+        value = _values(key, False)
+        if draw(st.booleans()):
+            query[key] = draw(st.none() | value)
+            continue
+        ops = {}
+        for op in draw(st.lists(st.sampled_from(q.OPERATORS), min_size=1, max_size=3, unique=True)):
+            if op in ("$in", "$nin"):
+                ops[op] = draw(st.lists(value, max_size=4))
+            elif op in ("$eq", "$ne"):
+                ops[op] = draw(st.none() | value)
+            else:
+                ops[op] = draw(value)
+        query[key] = ops
+    return query
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy, query_list=st.lists(queries(), min_size=1, max_size=4))
+def test_matches_equals_sql(rows, query_list):
+    """Python's evaluation and SQLite's agree on every row, NULLs included."""
+    con = sqlite3.connect(":memory:")
+    columns = ", ".join(f"{k} {t}" for k, t in q.SQL_TYPES.items())
+    con.execute(f"CREATE TABLE r ({columns})")
+    table = [{"msg_id": f"m{i}", **row} for i, row in enumerate(rows)]
+    for row in table:
+        keys = list(row)
+        con.execute(
+            f"INSERT INTO r ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})",
+            [row[k] for k in keys],
+        )
+    for query in query_list:
+        where, params = q.to_sql(query)
+        in_sql = {m for (m,) in con.execute(f"SELECT msg_id FROM r WHERE {where}", params)}
+        test = q.compile_query(query)
+        assert {row["msg_id"] for row in table if test(row)} == in_sql, (query, where, params)
+    con.close()
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def test_record_round_trip(store):
+    submit(store, "t1", label="first", after=["t0"], follow=[])
+    store.put("t1", engine_id=2, engine_uuid="e-2")
+    complete(store, "t1", received=NOW + 1)
+    store.append_output("t1", "stdout", "hello ")
+    store.append_output("t1", "stdout", "world")
+    store.append_output("t1", "stderr", "oops")
+    record = store.get("t1")
+    assert record is not None
+    assert list(record) == list(q.DEFAULT_KEYS)
+    assert record["msg_type"] == "apply_request" and record["client_uuid"] == "client-1"
+    assert (record["engine_id"], record["engine_uuid"], record["label"]) == (2, "e-2", "first")
+    assert record["status"] == "ok" and record["completed"] == NOW and record["received"] == NOW + 1
+    assert record["header"]["msg_id"] == "t1" and record["metadata"] == {"engine": 1}
+    assert record["content"] == {} and record["result_content"] == {"status": "ok"}
+    assert (record["after"], record["follow"]) == (["t0"], [])
+    assert (record["stdout"], record["stderr"]) == ("hello world", "oops")
+    buffers = store.get("t1", ["buffers", "result_buffers"])
+    assert buffers == {"msg_id": "t1", "buffers": [b"f", b"args"], "result_buffers": [b"result"]}
+    assert store.frames("t1", "result") == frames("t1", {"status": "ok"}, b"result")
+    assert store.get("nope") is None and store.outcome("nope") is None
+    assert store.outcome("t1") == (2, True)
+
+
+def test_puts_merge_into_one_row_write(open_store):
+    store = open_store(batch_interval=60.0)
+    store.flush()
+    before = store._con.total_changes
+    submit(store, "m")
+    store.put("m", engine_id=1)
+    complete(store, "m", status="error")
+    store.flush()
+    assert store._con.total_changes - before == 1
+    assert store.outcome("m") == (1, False)
+
+
+def test_put_checks_fields(store):
+    with pytest.raises(TypeError, match="bogus"):
+        store.put("m", bogus=1)
+    with pytest.raises(TypeError, match="engine_id"):
+        store.put("m", engine_id="1")
+    with pytest.raises(ValueError, match="status"):
+        store.put("m", status="done")
+    with pytest.raises(ValueError, match="status"):
+        store.put("m", status=None)
+    with pytest.raises(ValueError, match="submitted"):
+        store.put("m", submitted=math.nan)
+    with pytest.raises(TypeError, match="after"):
+        store.put("m", after=[1])
+    with pytest.raises(TypeError):
+        store.put("m", request=[object()])
+    with pytest.raises(TypeError):
+        store.put(b"m", status="ok")  # type: ignore[arg-type]
+    store.put("m", submitted=5, after=("a",), request=(b"h", bytearray(b"p"), memoryview(b"x")))
+    store.put("m", label="bad \udc80 surrogate", engine_id=None)
+    record = store.get("m", ["submitted", "after", "label", "header"])
+    assert record == {
+        "msg_id": "m",
+        "submitted": 5.0,
+        "after": ["a"],
+        "label": "bad ? surrogate",
+        "header": None,  # b"h" is not JSON
+    }
+    assert store.frames("m", "request") == [b"h", b"p", b"x"]
+
+
+def test_a_record_without_fields_is_pending(store):
+    store.put("bare")
+    assert store.outcome("bare") == "pending"
+    assert store.get("bare", ["status", "header", "after", "stdout"]) == {
+        "msg_id": "bare",
+        "status": "pending",
+        "header": None,
+        "after": [],
+        "stdout": "",
+    }
+    assert store.frames("bare") is None and store.frames("unknown", "request") is None
+
+
+def test_query_arguments_are_checked(store):
+    with pytest.raises(ValueError, match="limit"):
+        store.query({}, limit=-1)
+    with pytest.raises(ValueError, match="bogus"):
+        store.query({"bogus": 1})
+    with pytest.raises(ValueError, match="bogus"):
+        store.query({}, keys=["bogus"])
+    submit(store, "m", at=NOW)
+    when = datetime.fromtimestamp(NOW - 1, timezone.utc)
+    assert [r["msg_id"] for r in store.query({"submitted": {"$gt": when}}, ["msg_id"])] == ["m"]
+
+
+def test_many_small_outputs_keep_their_order(store):
+    submit(store, "m")
+    for i in range(20_000):
+        store.append_output("m", "stdout", f"{i}\n")
+    assert store.get("m", ["stdout"])["stdout"] == "".join(f"{i}\n" for i in range(20_000))
+
+
+def test_reads_see_earlier_puts_from_any_thread(open_store):
+    store = open_store(batch_interval=60.0)  # the writer would wait a minute on its own
+    submit(store, "main")
+    assert store.history() == ["main"]
+    done = threading.Event()
+
+    def other() -> None:
+        complete(store, "main")
+        submit(store, "other")
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert done.wait(10)
+    thread.join()
+    assert store.outcome("main") == (None, True)
+    assert store.history() == ["main", "other"]
+
+
+def test_big_frames_go_to_the_blob_table(open_store, tmp_path):
+    store = open_store(blob_threshold=1024)
+    submit(store, "small")
+    complete(store, "small")
+    big = os.urandom(200_000)
+    store.put("big", status="pending", request=frames("big", {}, big))
+    store.put("big", status="ok", result=frames("big", {"status": "ok"}, big, b"tail"))
+    store.flush()
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        blobs = con.execute("SELECT msg_id, kind FROM blobs ORDER BY kind").fetchall()
+        inline = con.execute("SELECT request_big, result_big FROM tasks").fetchall()
+    assert blobs == [("big", 0), ("big", 1)]
+    assert inline == [(0, 0), (1, 1)]
+    assert store.get("big", ["result_buffers"])["result_buffers"] == [big, b"tail"]
+    assert store.get("big", ["buffers"])["buffers"] == [big]
+
+    assert store.drop_results(["big", "unknown"]) == 1
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("SELECT kind FROM blobs").fetchall() == [(0,)]
+    record = store.get("big", ["status", "result_content", "result_buffers", "buffers"])
+    assert record == {
+        "msg_id": "big",
+        "status": "ok",
+        "result_content": None,
+        "result_buffers": None,
+        "buffers": [big],
+    }
+    assert store.drop_results() == 1  # "small"'s inline result
+    assert store.get("small", ["result_header"])["result_header"] is None
+    assert store.purge(["big"]) == 1
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("SELECT count(*) FROM blobs").fetchone() == (0,)
+
+
+def test_history_in_submission_order(open_store):
+    store = open_store(batch_interval=0.001)
+    order = []
+    for i in range(300):
+        msg_id = f"task-{299 - i:03d}"  # not sorted by name
+        if i % 3:
+            submit(store, msg_id)
+        else:  # another set of fields first: another statement in the batch
+            store.put(msg_id, status="pending", engine_id=i % 4, submitted=NOW)
+        order.append(msg_id)
+        if i % 7 == 0 and i > 10:
+            complete(store, order[i - 10])
+        if i == 150:
+            store.flush()
+    assert store.history() == order
+    assert [r["msg_id"] for r in store.query({}, ["msg_id"], limit=5)] == order[:5]
+    assert store.count() == 300
+
+
+def test_purge_never_touches_pending(store):
+    for i in range(6):
+        submit(store, f"m{i}", engine_id=i % 2)
+    for i in (0, 1, 2, 3):
+        complete(store, f"m{i}", status="error" if i == 3 else "ok")
+    assert store.purge(["m0", "m4", "unknown"]) == 1  # m4 is pending
+    assert store.purge(engine_ids=[1]) == 2  # m1, m3; m5 is pending
+    assert store.history() == ["m2", "m4", "m5"]
+    assert store.purge() == 1
+    assert store.history() == ["m4", "m5"]
+    assert [r["msg_id"] for r in store.pending(["status"])] == ["m4", "m5"]
+    with pytest.raises(TypeError):
+        store.purge(engine_ids=["1"])  # type: ignore[list-item]
+
+
+def test_output_is_bounded(store):
+    submit(store, "m")
+    store.append_output("m", "stdout", "x" * (MAX_OUTPUT - 10))
+    store.append_output("m", "stdout", "y" * 100)
+    store.flush()
+    store.append_output("m", "stdout", "z" * 100)
+    store.append_output("nobody", "stdout", "lost")
+    out = store.get("m", ["stdout"])["stdout"]
+    assert out == "x" * (MAX_OUTPUT - 10) + "y" * 10 + TRUNCATED
+    assert store.get("nobody") is None
+    with pytest.raises(ValueError):
+        store.append_output("m", "stdin", "x")
+
+
+def test_retention_by_age_while_running(open_store):
+    store = open_store(max_age=60.0, maintenance_interval=0.05)
+    submit(store, "old-pending", at=NOW - 3600)
+    submit(store, "old")
+    complete(store, "old", at=NOW - 3600)
+    submit(store, "new")
+    complete(store, "new")
+    assert wait_until(lambda: store.count() == 2)
+    assert store.history() == ["old-pending", "new"]
+
+
+def test_retention_by_age_on_reopen(open_store):
+    store = open_store(max_age=None)
+    submit(store, "old")
+    complete(store, "old", at=NOW - 8 * 86400)
+    submit(store, "new")
+    complete(store, "new")
+    store.close()
+    assert open_store(max_age=7 * 86400).history() == ["new"]
+
+
+def test_retention_keeps_the_file_under_max_bytes(open_store):
+    limit = 4 << 20
+    store = open_store(max_bytes=limit, batch_interval=0.01)
+    payload = os.urandom(200)
+    largest = 0
+    for chunk in range(50):
+        for i in range(chunk * 1000, (chunk + 1) * 1000):
+            msg_id = f"{i:08d}-0000-4000-8000-000000000000"
+            store.put(
+                msg_id,
+                msg_type="apply_request",
+                client_uuid="c",
+                status="pending",
+                submitted=NOW + i,
+                request=frames(msg_id, {}, payload),
+            )
+            if i % 100:  # one in a hundred stays pending
+                complete(store, msg_id, at=NOW + i)
+        store.flush()
+        largest = max(largest, store.size_bytes())
+        assert store.size_bytes() <= limit, chunk
+    history = store.history()
+    assert 2_000 < len(history) < 50_000
+    assert history[-1].startswith("00049999")  # the newest stay
+    assert len(store.pending()) == 500  # every pending record stays
+    assert largest > 0.8 * limit
+
+
+def test_lower_limit_on_reopen_gives_space_back(open_store):
+    store = open_store(max_bytes=None)
+    for i in range(3000):
+        submit(store, f"m{i}")
+        store.put(f"m{i}", status="ok", completed=NOW + i, result=[os.urandom(2000)])
+    store.close()
+    assert store.size_bytes() > 6 << 20
+    store = open_store(max_bytes=2 << 20)
+    assert 0 < store.count() < 3000
+    assert store.size_bytes() <= 2 << 20
+    assert store.history()[-1] == "m2999"
+
+
+def test_purge_gives_space_back(open_store):
+    store = open_store(maintenance_interval=0.05)
+    for i in range(2000):
+        store.put(f"m{i}", status="ok", completed=NOW, result=[os.urandom(2000)])
+    store.flush()
+    full = store.size_bytes()
+    assert store.purge() == 2000
+    assert wait_until(lambda: store.size_bytes() < full / 4)
+
+
+def test_backpressure_blocks_the_caller_and_loses_nothing(open_store):
+    store = open_store(batch_interval=60.0, max_pending=100, max_pending_bytes=10_000)
+    for i in range(1000):
+        store.put(f"m{i}", status="ok", completed=NOW, result=[b"x" * 50])
+    assert store.count() == 1000
+    assert store.blocked_seconds > 0
+
+
+CHILD = """
+import os, sys, time
+from kernel_engine.controller.sqlite_store import SqliteLog
+store = SqliteLog(sys.argv[1], batch_interval=0.01)
+now = time.time()
+for batch in range(5):
+    for i in range(200):
+        msg_id = f"b{batch}-{i}"
+        store.put(msg_id, msg_type="apply_request", client_uuid="c", submitted=now,
+                  request=[b"{}", b"{}", b"{}", b"{}", os.urandom(100)])
+        store.put(msg_id, status="ok", completed=now, result=[b"{}", b"{}", b"{}", b"{}"])
+    assert store.flush(10)
+for i in range(5000):  # these may or may not be committed
+    store.put(f"late-{i}", status="pending", request=[os.urandom(1000)])
+print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigkill_keeps_every_committed_batch(tmp_path, open_store):
+    path = tmp_path / "tasks.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "committed"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+    store = open_store()
+    history = store.history()
+    assert history[:1000] == [f"b{b}-{i}" for b in range(5) for i in range(200)]
+    assert all(m.startswith("late-") for m in history[1000:])
+    assert store.query({"status": "ok"}, ["msg_id"], limit=None).__len__() == 1000
+    record = store.get("b4-199", ["buffers", "result_content", "submitted", "completed"])
+    assert record is not None and len(record["buffers"][0]) == 100
+    assert record["result_content"] == {} and record["completed"] == record["submitted"]
+
+
+def test_close_joins_the_writer(tmp_path):
+    store = SqliteLog(tmp_path / "tasks.db")
+    submit(store, "m")
+    store.close()
+    store.close()
+    assert not [t for t in threading.enumerate() if t.name == "px-store-writer"]
+    with pytest.raises(StoreError, match="closed"):
+        submit(store, "n")
+    with pytest.raises(StoreError, match="closed"):
+        store.history()
+    with SqliteLog(tmp_path / "tasks.db") as again:
+        assert again.history() == ["m"]
+
+
+def test_writer_failure_is_surfaced(tmp_path, open_store, caplog):
+    path = tmp_path / "tasks.db"
+    store = open_store()
+    submit(store, "m")
+    store.flush()
+    with sqlite3.connect(path) as con:
+        con.execute("DROP TABLE tasks")
+    submit(store, "n")
+    with pytest.raises(StoreError, match=str(path)):
+        store.flush(10)
+    with pytest.raises(StoreError, match="writer failed"):
+        submit(store, "o")
+    assert "the writer failed" in caplog.text
+    with pytest.raises(StoreError):
+        store.close()
+    store.close()
+    assert not [t for t in threading.enumerate() if t.name == "px-store-writer"]
+
+
+def test_bad_files_are_named(tmp_path, open_store):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(os.urandom(8192))
+    with pytest.raises(StoreError, match=str(garbage)):
+        SqliteLog(garbage)
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE tasks (x)")
+    with pytest.raises(StoreError, match="not a jupyter-px task database"):
+        SqliteLog(foreign)
+
+    torn = tmp_path / "torn.db"
+    store = open_store("torn.db", max_bytes=None)
+    for i in range(2000):
+        submit(store, f"m{i}", label="x" * 200)
+    store.close()
+    data = bytearray(torn.read_bytes())
+    data[len(data) // 2 :] = os.urandom(len(data) - len(data) // 2)
+    torn.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{torn}.*(damaged|malformed)"):
+        SqliteLog(torn)
+    assert not [t for t in threading.enumerate() if t.name == "px-store-writer"]
+
+
+def test_new_file_is_private(tmp_path, open_store):
+    open_store()
+    assert (tmp_path / "tasks.db").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,175 @@
+"""The task database from clients: queries, history, other clients' results, resubmit,
+purges (issue: the task database), with the SQLite store and the in-memory one."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import jupyter_ext as jx
+
+
+@pytest.fixture(scope="module", params=["sqlite", "memory"])
+def db_rc(request):
+    from conftest import ClusterFactory
+
+    factory = ClusterFactory()
+    _, client = factory.start(2, db=request.param)
+    client.db_kind = request.param
+    yield client
+    factory.stop_all()
+
+
+def _finished_work(rc):
+    lv = rc.load_balanced_view()
+    lv.set_flags(label="squares")
+    ar = lv.map(lambda x: x * x, range(6), chunksize=1)
+    assert ar.get(30) == [x * x for x in range(6)]
+    lv.set_flags(label=None)
+    printed = rc[0].apply_async(lambda: print("to the record") or 7)
+    assert printed.get(10) == 7
+    return ar, printed
+
+
+def test_queries_with_every_operator(db_rc):
+    rc = db_rc
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    ar, _ = _finished_work(rc)
+    ids = set(ar.msg_ids)
+    labelled = rc.db_query({"label": "squares"}, keys=["msg_id", "engine_id", "completed"])
+    assert ids <= {r["msg_id"] for r in labelled}
+    assert all(isinstance(r["completed"], datetime) for r in labelled)
+    assert set(labelled[0]) == {"msg_id", "engine_id", "completed"}
+    some = sorted(ids)[:2]
+    assert {r["msg_id"] for r in rc.db_query({"msg_id": {"$in": some}}, ["msg_id"])} == set(some)
+    rest = rc.db_query({"msg_id": {"$nin": some}, "label": "squares"}, ["msg_id"])
+    assert ids - set(some) <= {r["msg_id"] for r in rest} and not set(some) & {
+        r["msg_id"] for r in rest
+    }
+    recent = rc.db_query({"completed": {"$gt": before}}, ["msg_id"])
+    assert ids <= {r["msg_id"] for r in recent}
+    assert rc.db_query({"completed": {"$lt": before}, "label": "squares"}, ["msg_id"]) == []
+    assert ids <= {
+        r["msg_id"]
+        for r in rc.db_query(
+            {"submitted": {"$gte": before, "$lte": datetime.now(timezone.utc)}}, ["msg_id"]
+        )
+    }
+    on_zero = rc.db_query({"engine_id": {"$eq": 0}, "label": "squares"}, ["engine_id"])
+    on_other = rc.db_query({"engine_id": {"$ne": 0}, "label": "squares"}, ["engine_id"])
+    assert {r["engine_id"] for r in on_zero} <= {0} and 0 not in {r["engine_id"] for r in on_other}
+    assert len(on_zero) + len(on_other) >= 6
+    with pytest.raises(Exception, match=r"\$regex"):
+        rc.db_query({"label": {"$regex": "sq"}})
+    with pytest.raises(Exception, match="nokey"):
+        rc.db_query({"nokey": 1})
+    with pytest.raises(TypeError):
+        rc.db_query("label == 'squares'")
+
+
+def test_default_keys_leave_out_buffers_and_buffers_come_as_bytes(db_rc):
+    rc = db_rc
+    ar = rc.load_balanced_view().apply_async(lambda b: b[::-1], b"abc")
+    assert ar.get(10) == b"cba"
+    (record,) = rc.db_query({"msg_id": ar.msg_ids[0]})
+    assert "buffers" not in record and "result_buffers" not in record
+    assert record["status"] == "ok" and record["header"]["msg_id"] == ar.msg_ids[0]
+    assert record["content"] is not None and record["result_header"]["msg_type"] == "apply_reply"
+    (raw,) = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["buffers", "result_buffers"])
+    assert raw["buffers"] and all(isinstance(b, bytes) for b in raw["buffers"])
+    assert raw["result_buffers"] and all(isinstance(b, bytes) for b in raw["result_buffers"])
+
+
+def test_output_is_kept_with_the_record(db_rc):
+    rc = db_rc
+    if rc.db_kind == "memory":
+        pytest.skip("only the file keeps what tasks printed")
+    _, printed = _finished_work(rc)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        (record,) = rc.db_query({"msg_id": printed.msg_ids[0]}, ["stdout"])
+        if record["stdout"]:
+            break
+        time.sleep(0.1)
+    assert record["stdout"] == "to the record\n"
+
+
+def test_history_is_in_submission_order(db_rc):
+    rc = db_rc
+    lv = rc.load_balanced_view()
+    first = lv.apply_async(time.sleep, 0.2)
+    second = lv.apply_async(lambda: 1)
+    third = rc[1].apply_async(lambda: 2)
+    for ar in (first, second, third):
+        ar.get(10)
+    history = rc.hub_history()
+    at = [history.index(ar.msg_ids[0]) for ar in (first, second, third)]
+    assert at == sorted(at)
+
+
+def test_another_client_gets_results_with_their_metadata(db_rc):
+    rc = db_rc
+    ar = rc.load_balanced_view().apply_async(lambda: (time.sleep(0.1), os.getpid())[1])
+    pid = ar.get(10)
+    other = jx.Client(rc.connection_file)
+    try:
+        hub_ar = other.get_result(ar.msg_ids[0])
+        assert isinstance(hub_ar, jx.AsyncHubResult)
+        assert hub_ar.get(10) == pid
+        assert hub_ar.engine_id == ar.engine_id
+        assert hub_ar.completed >= hub_ar.started >= hub_ar.submitted
+        assert hub_ar.elapsed >= 0.1
+        status = other.result_status(ar.msg_ids, status_only=False)
+        assert status["completed"] == ar.msg_ids and status[ar.msg_ids[0]] == pid
+        running = rc.load_balanced_view().apply_async(time.sleep, 1)
+        live = other.get_result(running.msg_ids[0])
+        assert other.result_status(running.msg_ids)["pending"] == running.msg_ids
+        assert live.get(10) is None  # a live task of another client, waited for
+    finally:
+        other.close()
+
+
+def test_resubmit_runs_finished_tasks_again(db_rc):
+    rc = db_rc
+    lv = rc.load_balanced_view()
+    ar = lv.map(lambda x: x + 100, range(3), chunksize=1)
+    assert ar.get(10) == [100, 101, 102]
+    again = rc.resubmit(ar.msg_ids)
+    assert isinstance(again, jx.AsyncHubResult)
+    assert again.get(10) == [[100], [101], [102]] or again.get(10) == [100, 101, 102]
+    assert not set(again.msg_ids) & set(ar.msg_ids)
+    # a resubmission's resubmission (a chain)
+    third = rc.resubmit(again.msg_ids[0])
+    assert third.get(10) in ([100], 100)
+    if rc.db_kind == "sqlite":
+        (record,) = rc.db_query({"msg_id": ar.msg_ids[0]}, ["resubmitted"])
+        assert record["resubmitted"] == again.msg_ids[0]
+    # in flight, unknown: refused, naming them, and nothing runs
+    running = lv.apply_async(time.sleep, 1)
+    with pytest.raises(Exception, match="still in flight") as info:
+        rc.resubmit([ar.msg_ids[0], running.msg_ids[0]])
+    assert running.msg_ids[0] in str(info.value)
+    with pytest.raises(Exception, match="no such task"):
+        rc.resubmit("no-such-msg-id")
+    running.get(10)
+
+
+def test_purges(db_rc):
+    rc = db_rc
+    ar = rc.load_balanced_view().map(abs, [-1, -2], chunksize=1)
+    ar.get(10)
+    assert rc.purge_hub_results(ar.msg_ids) >= 2
+    assert rc.db_query({"msg_id": {"$in": ar.msg_ids}}, ["msg_id"]) == []
+    assert rc.get_result(ar.msg_ids[0]).get(10) == [1]  # (a chunk) still here, locally
+    rc.purge_results(ar.msg_ids)
+    with pytest.raises((KeyError, jx.RemoteError), match="no record"):
+        rc.get_result(ar.msg_ids[0]).get(10)
+    running = rc.load_balanced_view().apply_async(time.sleep, 0.5)
+    rc.purge_hub_results("all")  # running tasks keep their records
+    assert [r["msg_id"] for r in rc.db_query({"status": "pending"}, ["msg_id"])] == running.msg_ids
+    running.get(10)
+    rc.purge_everything()
+    assert rc.db_query({}, ["msg_id"]) == []
