@@ -49,8 +49,18 @@ import workloads as W  # noqa: E402  (needs BENCH_DIR on sys.path)
 N_ENGINES = 2
 START_TIMEOUT = 120  # seconds for a cluster to become ready
 
-TOOL_NAMES = {"jx": "jupyter_ext", "ipp": "IPython Parallel", "dask": "dask.distributed"}
-TOOL_DISTS = {"jx": "jupyter-px", "ipp": "ipyparallel", "dask": "distributed"}
+TOOL_NAMES = {
+    "jx": "jupyter_ext",
+    "jxmem": "jupyter_ext, db=memory",
+    "ipp": "IPython Parallel",
+    "dask": "dask.distributed",
+}
+TOOL_DISTS = {
+    "jx": "jupyter-px",
+    "jxmem": "jupyter-px",
+    "ipp": "ipyparallel",
+    "dask": "distributed",
+}
 
 
 @dataclass(frozen=True)
@@ -239,7 +249,7 @@ class RcTool:
         self.setup_s = 0.0
 
     def load(self) -> None:
-        if self.tool == "jx":
+        if self.tool in ("jx", "jxmem"):
             import jupyter_ext
 
             self.mod = jupyter_ext
@@ -254,8 +264,12 @@ class RcTool:
     def start(self, n: int, workdir: str) -> float:
         """Seconds from ``Cluster(...)`` creation until the client sees ``n`` engines."""
         t0 = time.perf_counter()
-        if self.tool == "jx":
-            self.cluster = self.mod.Cluster(n=n, log_level="WARNING", start_timeout=START_TIMEOUT)
+        if self.tool in ("jx", "jxmem"):
+            # jx: the task records in SQLite (the default); jxmem: in memory only
+            db = "memory" if self.tool == "jxmem" else "sqlite"
+            self.cluster = self.mod.Cluster(
+                n=n, log_level="WARNING", start_timeout=START_TIMEOUT, db=db
+            )
         else:
             # A private profile dir: no cluster files left in ~/.ipython by crashed runs.
             self.cluster = self.mod.Cluster(

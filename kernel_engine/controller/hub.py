@@ -214,7 +214,7 @@ class Hub:
         submitted = _stamp(date) or time.time()
         record = TaskRecord(msg_id, sys.intern(msg_type), client, engine_id, submitted, label)
         self.records[msg_id] = record
-        if request is not None:
+        if request is not None and self.log is None:  # (the file keeps it otherwise)
             blob, sizes = _join(request)
             if len(blob) <= self.max_one_result:
                 record.request, record.request_sizes = blob, sizes
@@ -240,9 +240,7 @@ class Hub:
     def assigned(self, msg_id: str, engine_id: int) -> None:
         record = self.records.get(msg_id)
         if record is not None:
-            record.engine_id = engine_id
-        if self.log is not None:
-            self.log.put(msg_id, engine_id=engine_id, engine_uuid=self.engine_uuid(engine_id))
+            record.engine_id = engine_id  # (the file hears of it with the outcome)
 
     def completed(
         self,
@@ -268,6 +266,10 @@ class Hub:
         if self.log is not None:
             self.log.put(
                 msg_id,
+                engine_id=record.engine_id,
+                engine_uuid=None
+                if record.engine_id is None
+                else self.engine_uuid(record.engine_id),
                 status=record.status,
                 started=record.started,
                 completed=record.completed,
