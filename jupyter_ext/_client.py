@@ -284,6 +284,17 @@ class Client:
         Work this client submitted resolves as usual; work another client submitted
         comes from the controller's records (an :class:`AsyncHubResult`).
         """
+        msg_ids = self._msg_ids_from(indices_or_msg_ids)
+        single = len(msg_ids) == 1
+        local = [self._local_future(m) for m in msg_ids]
+        if all(f is not None for f in local):
+            ar = AsyncResult(self, [f for f in local if f is not None], "get_result", single=single)
+        else:
+            ar = AsyncHubResult(self, msg_ids, single=single)
+        return ar.get() if block else ar
+
+    def _msg_ids_from(self, indices_or_msg_ids: Any) -> list[str]:
+        """msg_ids from history indices (default: the last), msg_ids or AsyncResults."""
         if indices_or_msg_ids is None:
             indices_or_msg_ids = -1
         items = (
@@ -293,19 +304,13 @@ class Client:
         )
         msg_ids: list[str] = []
         for item in items:
-            if isinstance(item, int):
+            if isinstance(item, int) and not isinstance(item, bool):
                 msg_ids.append(self.history[item])
             elif isinstance(item, AsyncResult):
                 msg_ids.extend(item.msg_ids)
             else:
                 msg_ids.append(str(item))
-        single = len(msg_ids) == 1
-        local = [self._local_future(m) for m in msg_ids]
-        if all(f is not None for f in local):
-            ar = AsyncResult(self, [f for f in local if f is not None], "get_result", single=single)
-        else:
-            ar = AsyncHubResult(self, msg_ids, single=single)
-        return ar.get() if block else ar
+        return msg_ids
 
     def _local_future(self, msg_id: str) -> Request | None:
         transport = self.transport
@@ -428,19 +433,7 @@ class Client:
 
         Raises ValueError naming each task that cannot run again (unknown, still in flight,
         or its request not kept), and then none runs."""
-        if indices_or_msg_ids is None:
-            indices_or_msg_ids = -1
-        items = (
-            indices_or_msg_ids
-            if isinstance(indices_or_msg_ids, (list, tuple))
-            else [indices_or_msg_ids]
-        )
-        old: list[str] = []
-        for item in items:
-            if isinstance(item, int) and not isinstance(item, bool):
-                old.append(self.history[item])
-            else:
-                old.extend(msg_ids_of([item]))
+        old = self._msg_ids_from(indices_or_msg_ids)
         pairs = tuple((m, self.transport.wire.header("apply_request")["msg_id"]) for m in old)
         request = protocol.ResubmitRequest(pairs)
         self.transport.ask(protocol.RESUBMIT_REQUEST, request)
