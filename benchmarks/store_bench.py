@@ -125,13 +125,13 @@ def row(name: str, samples: array) -> list[str]:
 
 
 def tasks(n: int) -> list[tuple[str, list[bytes], list[bytes]]]:
-    """``n`` tasks' ids and frames, made before timing (distinct ids, few distinct bytes)."""
-    one_request = request("x" * 36, 1)
-    one_reply = reply("x" * 36, one_request[0], 1)
+    """``n`` tasks' ids and frames, made before timing (random ids, few distinct bytes)."""
+    one_request = request("x" * 32, 1)
+    one_reply = reply("x" * 32, one_request[0], 1)
     out = []
-    for i in range(n):
-        msg_id = f"{i:08x}-{SESSION[9:]}"
-        req = [one_request[0].replace(b"x" * 36, msg_id.encode()), *one_request[1:]]
+    for _ in range(n):
+        msg_id = uuid.uuid4().hex  # as kernel_engine.wire makes them: random
+        req = [one_request[0].replace(b"x" * 32, msg_id.encode()), *one_request[1:]]
         out.append((msg_id, req, [one_reply[0], req[0], *one_reply[2:]]))
     return out
 

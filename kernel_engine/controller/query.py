@@ -27,6 +27,19 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+__all__ = [
+    "DEFAULT_KEYS",
+    "KEYS",
+    "OPERATORS",
+    "QUERYABLE",
+    "SQL_TYPES",
+    "check_keys",
+    "check_query",
+    "compile_query",
+    "matches",
+    "to_sql",
+]
+
 QUERYABLE: tuple[str, ...] = (
     "msg_id",
     "msg_type",

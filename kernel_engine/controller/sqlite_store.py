@@ -19,8 +19,8 @@ task database, or is damaged, raises :class:`StoreError` naming it.
 
 Retention. Records finished more than ``max_age`` ago are deleted every few seconds.
 Once the live pages plus room for the next batch pass 95% of ``max_bytes`` (database and
-WAL files together), each batch first deletes the records finished longest ago, twice as
-many as it brings, until they fit in 85% of it; only a batch that would not fit under
+WAL files together), each batch first deletes the records finished longest ago, a quarter
+more than it brings, until they fit in 85% of it; only a batch that would not fit under
 ``max_bytes`` waits for more deletions. SQLite reuses the freed pages, so the file stops
 growing without being rewritten. Pages go back to the file system (``incremental_vacuum``,
 in steps that yield to writes) only when the file is over ``max_bytes`` (a lower limit
@@ -52,6 +52,8 @@ from typing import Any
 
 from kernel_engine.controller import query as q
 from kernel_engine.errors import PXError
+
+__all__ = ["MAX_OUTPUT", "STATUSES", "SqliteLog", "StoreError", "pack", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +228,8 @@ class SqliteLog:
         max_age: float | None = 7 * 86400.0,
         blob_threshold: int = 64 * 1024,
         batch_interval: float = 0.05,
-        max_pending: int = 10_000,
-        max_pending_bytes: int = 64 << 20,
+        max_pending: int = 5_000,
+        max_pending_bytes: int = 32 << 20,
         max_frames_bytes: int = 256 << 20,
         maintenance_interval: float = MAINTENANCE_INTERVAL,
     ):
@@ -819,7 +821,7 @@ class SqliteLog:
         """Before writing ``records`` records of ``incoming`` bytes, keep the files under
         ``max_bytes``. The batch needs three times its size (its pages, their copy in the
         WAL, slack). Once the live pages and that room pass ``HIGH * max_bytes``, every
-        batch first deletes the records finished longest ago, twice as many as it brings,
+        batch first deletes the records finished longest ago, a quarter more than it brings,
         until they fit in ``LOW * max_bytes``: deleting is spread over batches, and only a
         batch that would not fit under ``max_bytes`` waits for more room. Freed pages are
         reused; they go back to the file system only when the file is over the limit."""
@@ -839,7 +841,7 @@ class SqliteLog:
             fits = used + reserve <= limit
             needed = math.ceil((used + reserve - LOW * limit) / self._row_bytes) + 1
             # one step a batch while it fits; at once when it does not
-            step = min(needed, max(1000, 2 * records)) if fits else needed
+            step = min(needed, max(500, records + records // 4)) if fits else needed
             if not self._delete_finished(min(step, 20_000)):
                 log.warning(
                     "task database %s: its %d bytes of pending records alone fill it",
