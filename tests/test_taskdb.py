@@ -173,3 +173,19 @@ def test_purges(db_rc):
     running.get(10)
     rc.purge_everything()
     assert rc.db_query({}, ["msg_id"]) == []
+
+
+def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
+    from kernel_engine import clusters
+
+    cluster = cluster_factory(1)
+    folder = clusters.cluster_folder(cluster.cluster_id)
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "tasks.db").write_bytes(b"not a database, but somebody's data" * 100)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    assert rc[0].apply_sync(lambda: "works") == "works"
+    aside = sorted(p.name for p in folder.glob("tasks.db.corrupt-*"))
+    assert len(aside) == 1, sorted(p.name for p in folder.iterdir())
+    assert (folder / aside[0]).read_bytes().startswith(b"not a database")
+    assert "unreadable" in (folder / "controller.log").read_text()
