@@ -1,4 +1,5 @@
-"""Cluster: start, stop and re-attach to a controller and its engines."""
+"""Cluster: start, stop and re-attach to a controller and its engines; restart a
+controller that died (:meth:`Cluster.restart_controller_sync`)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ class Cluster:
         ``ipython_config.py`` and ``ipython_kernel_config.py``), by name (``profile_<name>``
         in the IPython folder) or by folder. Default: IPython's default profile, as any
         kernel.
+    engine_grace
+        Seconds the engines outlive a controller that dies (SIGKILL included), for
+        :meth:`restart_controller_sync` to adopt them with their state; then they exit.
+        Default: ``$JUPYTER_PX_ENGINE_GRACE``, else 60.
 
     Every argument is checked here: a wrong type or value raises TypeError/ValueError
     naming it, before anything starts.
@@ -118,6 +123,7 @@ class Cluster:
         db: str | os.PathLike[str] = "sqlite",
         db_max_bytes: int | None = None,
         db_max_age: float | None = None,
+        engine_grace: float | None = None,
     ):
         if engines != "local":
             raise ValueError(
@@ -153,6 +159,7 @@ class Cluster:
         self.db_max_age = (
             None if db_max_age is None else protocol.check_seconds("db_max_age", db_max_age)
         )
+        self.engine_grace = protocol.check_seconds("engine_grace", engine_grace)
         self.curve = protocol.curve_wanted(ip, curve)
         self.client_timeout = protocol.check_seconds("client_timeout", client_timeout, True) or 30.0
         self.on_client_lost = on_client_lost
@@ -239,6 +246,11 @@ class Cluster:
                 os.fspath(self.db),
                 *(["--db-max-bytes", str(self.db_max_bytes)] if self.db_max_bytes else []),
                 *(["--db-max-age", str(self.db_max_age)] if self.db_max_age is not None else []),
+                *(
+                    ["--engine-grace", str(self.engine_grace)]
+                    if self.engine_grace is not None
+                    else []
+                ),
             ],
         )
         self.controller_pid = self.controller.pid
@@ -259,6 +271,67 @@ class Cluster:
     async def start_controller(self) -> None:
         """Start the controller alone (engines later: :meth:`start_engines`)."""
         await asyncio.to_thread(self.start_controller_sync)
+
+    def restart_controller_sync(self, timeout: float | None = None) -> None:
+        """Start this cluster's controller again after it died (SIGKILL included).
+
+        The new controller serves the same cluster: the same key, ports and cluster id
+        (clients connected before reconnect by themselves), the same task records
+        (finished results stay retrievable; tasks in flight when it died end with their
+        reply, if their engine kept one, or an ``EngineError`` saying so), and the engines
+        still running, adopted with their ids and state (they wait for it for
+        ``engine_grace`` seconds). It runs with the options the dead one ran with. Returns
+        once the adopted engines are ready, and this cluster's client has reconnected.
+
+        Raises
+        ------
+        ClusterError
+            When the controller still runs, or cannot take its ports back.
+        """
+        state = clusters.read_cluster(self.folder)
+        if state.running:
+            raise ClusterError(
+                f"cannot restart the controller of cluster {self.cluster_id}: it still runs "
+                f"(pid {state.controller_pid})"
+            )
+        if self.controller is not None:
+            # reap the dead one (a killed process's last threads may still be exiting)
+            try:
+                self.controller.wait(10)
+            except subprocess.TimeoutExpired:
+                raise ClusterError(
+                    f"the controller of cluster {self.cluster_id} (pid {self.controller.pid}) "
+                    "does not exit"
+                ) from None
+        ensure_installed()
+        self.controller = clusters.launch_controller(
+            self.folder,
+            0,
+            cluster_id=self.cluster_id,
+            ip=self.ip,
+            log_level=self.log_level,
+            parent_pid=os.getpid() if self.shutdown_atexit else None,
+            env={clusters.PROFILE_DIR_ENV: self.profile_dir} if self.profile_dir else None,
+            controller_args=(
+                ["--engine-grace", str(self.engine_grace)] if self.engine_grace is not None else []
+            ),
+            restore=True,
+        )
+        self.controller_pid = self.controller.pid
+        self._controller_started = None
+        if self.shutdown_atexit and not self._atexit_registered:
+            atexit.register(self._stop_at_exit)
+            self._atexit_registered = True
+        clusters.wait_ready(self.controller, self.folder, timeout or self.start_timeout)
+        self.write_cluster_file()
+        client = self._client
+        if client is not None and not client.transport.closed:
+            client.transport.io.wait_back(10.0)
+
+    async def restart_controller(self, timeout: float | None = None) -> None:
+        """Start this cluster's controller again after it died (see
+        :meth:`restart_controller_sync`)."""
+        await asyncio.to_thread(self.restart_controller_sync, timeout)
 
     def stop_controller_sync(self) -> None:
         """Stop the controller (and so its engines)."""
@@ -384,7 +457,8 @@ class Cluster:
     # ----- stopping
 
     def stop_cluster_sync(self, timeout: float = 30.0) -> None:
-        """Stop every engine and the controller; return when they are gone."""
+        """Stop every engine and the controller; return when they are gone (engines that
+        outlived a dead controller too)."""
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -397,6 +471,13 @@ class Cluster:
             process=self.controller,
             started=self._controller_started,
         )
+        # a controller restarted on the folder meanwhile (``jupyter px start --restore``)
+        # serves this cluster now: it goes too
+        state = clusters.read_cluster(self.folder)
+        if state.running and state.controller_pid not in (None, self.controller_pid):
+            clusters.stop_controller(
+                state.controller_pid, self.folder, timeout, started=state.controller_started
+            )
         self.controller_pid = None
         self.remove_cluster_file()
 

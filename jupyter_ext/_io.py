@@ -17,9 +17,13 @@ Liveness, both ways:
 - this thread pings the controller's heartbeat echo every :data:`HEARTBEAT_EVERY` s; after
   :data:`MAX_MISSED` pings in a row without an echo (counted from pings actually sent, so
   a pause of this process is not the controller's silence), the controller is lost and
-  everything waiting fails with a clear error, wherever the controller runs; when echoes
-  come back, the client works again;
+  everything waiting fails with a clear error, wherever the controller runs;
 - a controller on this machine whose process is gone is lost at once;
+- when echoes come back (after a pause, or from a controller restarted on the cluster
+  folder, which takes over its key and ports, so every socket here reconnects by itself;
+  the connection file then names it), ``on_answer`` lets the transport rejoin: its
+  replies and iopub must reach this client again before it takes requests (see
+  ``Transport._answering``), and then :meth:`IOThread.back`;
 - it sends the controller a keepalive notice every few seconds, and a goodbye when the
   client closes, so the controller drops a vanished client's queued work.
 
@@ -29,6 +33,7 @@ On the engines' host, requests to engines' task lanes skip the controller: see
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -67,7 +72,8 @@ class IOThread:
         on_reply: Callable[[list[Any]], None],
         on_iopub: Callable[[list[Any]], None],
         on_lost: Callable[[str], None],
-        on_back: Callable[[], None],
+        on_answer: Callable[[], None],
+        connection_file: str | None = None,
     ):
         self.context: zmq.Context[Any] = zmq.Context()
         # no high-water marks: pipelining many requests must not block the sending thread
@@ -77,7 +83,7 @@ class IOThread:
         self.on_reply = on_reply
         self.on_iopub = on_iopub
         self.on_lost = on_lost
-        self.on_back = on_back
+        self.on_answer = on_answer
         self.on_tick: Callable[[], None] = lambda: None
         self.drops = wire.DropLog(log, "jupyter-px client")
         ip, transport = info["ip"], info.get("transport", "tcp")
@@ -104,7 +110,7 @@ class IOThread:
         if info.get("hb_port"):
             self.hb = self._socket(zmq.DEALER, server)
             self.hb.linger = 0
-            self.hb.maxmsgsize = 64
+            self.hb.maxmsgsize = protocol.HEARTBEAT_MAX_BYTES
             self.hb.connect(f"{transport}://{ip}:{info['hb_port']}")
         self._ping = self._pong = self._missed = 0
         self._send_lock = threading.Lock()
@@ -128,9 +134,13 @@ class IOThread:
             )
         self._controller_pid = int(info.get("controller_pid") or 0)
         self._local = ip in protocol.LOCAL_IPS
+        self._connection_file = connection_file
         self._running = True
         self.lost: str | None = None
         self._lost_by_heartbeat = False
+        self._back = threading.Condition()
+        self._backs = 0  # times the client got in step with a controller that came back
+        self._answering_pid = 0  # the controller that answers while we are lost
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self.thread.start()
 
@@ -289,16 +299,90 @@ class IOThread:
         except zmq.ZMQError:
             pass
 
+    def _ping_now(self) -> None:
+        """Ping at once (IO thread), between the regular pings."""
+        if self.hb is None:
+            return
+        self._ping += 1
+        try:
+            self.hb.send(b"%d" % self._ping, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
     def _on_echo(self, frames: list[Any]) -> None:
         if len(frames) != 1 or frames[0].bytes != b"%d" % self._ping:
             return
         self._pong = self._ping
         self._missed = 0
-        if self.lost and self._lost_by_heartbeat:
-            self.lost = None
-            self._lost_by_heartbeat = False
-            log.warning("jupyter-px client: the controller at %s answers again", self.address)
-            self.on_back()
+        if not self.lost:
+            return
+        if self._local and self._controller_pid:
+            # an echo on the old port: a controller restarted there, or the old one
+            # after a pause; the connection file says which, and that it runs
+            pid = self.successor()
+            if pid is None:
+                return
+            self._answering_pid = pid
+        # answers again: the transport rejoins (and then calls back())
+        self._safely(self.on_answer)
+
+    def back(self) -> None:
+        """The client is in step with the controller that answers again (IO thread; the
+        transport calls it once it has rejoined): nothing is lost any more, and whoever
+        waits in :meth:`wait_back` wakes up."""
+        pid = self._answering_pid
+        if pid and pid != self._controller_pid:
+            log.warning("jupyter-px client: a new controller (pid %i) took over", pid)
+            self._controller_pid = pid
+        self.lost = None
+        self._lost_by_heartbeat = False
+        log.warning("jupyter-px client: the controller at %s answers again", self.address)
+        with self._back:
+            self._backs += 1
+            self._back.notify_all()
+
+    def successor(self) -> int | None:
+        """The PID of the controller the connection file names, if it runs and serves
+        this client's cluster (the same key); None if not, or not known (any thread)."""
+        if not self._connection_file:
+            return None
+        try:
+            with open(self._connection_file) as f:
+                info = json.load(f)
+            pid = int(info.get("controller_pid") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        if info.get("key") != self.wire.key.decode() or not processes.running(pid):
+            return None
+        return pid
+
+    def wait_back(self, timeout: float, only_if_restarted: bool = False) -> bool:
+        """Wait up to ``timeout`` s for a lost controller to answer again and the client
+        to rejoin it; whether that happened (any thread but this one, which would wait
+        for itself). ``only_if_restarted``: return at once unless the connection file
+        names a running controller other than the lost one (a dead controller costs no
+        wait)."""
+        with self._back:
+            backs = self._backs
+        if not self.lost:
+            return True
+        if threading.current_thread() is self.thread or timeout <= 0:
+            return False
+        if only_if_restarted:
+            pid = self.successor() if self._local and self._controller_pid else None
+            if pid is None or pid == self._controller_pid:
+                return False
+        self.call_soon(self._ping_now)
+        deadline = time.monotonic() + timeout
+        with self._back:
+            while self._backs == backs and self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._back.wait(min(left, 0.1))
+                if self._backs == backs:
+                    self.call_soon(self._ping_now)
+        return not self.lost
 
     def _check_controller(self) -> None:
         """A controller on this machine that has exited fails everything still waiting."""
@@ -310,6 +394,7 @@ class IOThread:
 
     def _set_lost(self, reason: str) -> None:
         self.lost = reason
+        self._answering_pid = 0
         self._safely(self.on_lost, reason)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -18,6 +18,8 @@ interface views and AsyncResults use (and nothing else of the client's):
 Whatever says an engine is gone (the controller's event, a shutdown's reply, the lanes'
 own check of the engine's process, a lane that closed under a send) comes to one place,
 :meth:`fail_engine`; whatever says the controller is gone, to :meth:`_controller_lost`.
+When it answers again (after a pause, or restarted on the cluster folder with the same key
+and ports), :meth:`_back` takes requests again and learns the engines anew.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ from ._metadata import ExecuteReply, Metadata
 from ._request import Refused, Request, Requests
 
 log = logging.getLogger("jupyter_ext")
+
+BACK_WAIT = 3.0
+"""Seconds a request waits, when the controller was lost and a new one runs in its place,
+for this client to reconnect to it (instead of failing at once)."""
 
 IopubHandler = Callable[[int, wire.Message], None]
 SubmitHook = Callable[[str], None]
@@ -96,10 +102,22 @@ class Transport:
         self._engine_gone_handlers: list[EngineGoneHandler] = []
         # direct requests failed when the controller was lost, whose end it never heard of
         self._unreported: BoundedDict[str, int] = BoundedDict(max_results)
+        # engines registered since the controller came back (IO thread)
+        self._registered: set[int] = set()
+        # rejoining a controller that answers again: probes sent, their replies, welcomes
+        self._probes: dict[str, dict[str, Any] | None] = {}
+        self._welcomes: set[str] = set()
+        self._probe_sent = 0.0
         self.closed = False
         self._welcomed = threading.Event()
         self.io = IOThread(
-            self.info, self.wire, self._on_reply, self._on_iopub, self._controller_lost, self._back
+            self.info,
+            self.wire,
+            self._on_reply,
+            self._on_iopub,
+            self._controller_lost,
+            self._answering,
+            self.connection_file,
         )
         self.io.on_tick = self._tick
         try:
@@ -222,8 +240,9 @@ class Transport:
         """
         if self.closed:
             raise RuntimeError("this Client is closed")
-        if self.io.lost:
-            raise EngineError("EngineError", self.io.lost)
+        lost = self.io.lost
+        if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
+            raise EngineError("EngineError", lost)
         header, frames = self.wire.pack(msg_type, content, None, metadata, buffers)
         msg_id = header["msg_id"]
         md = Metadata(msg_id=msg_id, submitted=datetime.now(timezone.utc), engine_id=engine_id)
@@ -359,6 +378,9 @@ class Transport:
         """A reply to one of our requests (or to a request of ours it never saw)."""
         msg_id = msg.parent_id
         content = msg.content
+        if msg_id in self._probes:
+            self._probe_answered(msg_id, content, False)
+            return
         if content.get("px_error") == protocol.DUPLICATE:
             log.warning("jupyter-px client: the controller refused a copy of %s", msg_id)
             return
@@ -466,6 +488,7 @@ class Transport:
         if msg.msg_type == protocol.ENGINE_REGISTERED:
             info = protocol.EngineInfo.from_content(content.get("engine")).to_content()
             self.engines[info["id"]] = info
+            self._registered.add(info["id"])
             if self.io.lanes is not None:
                 self.io.lanes.add_engine(info)
         elif msg.msg_type == protocol.ENGINE_UNREGISTERED:
@@ -474,6 +497,9 @@ class Transport:
             self.fail_engine(eid, reason if isinstance(reason, str) else f"engine {eid} died")
         elif msg.msg_type == protocol.IOPUB_WELCOME:
             self._welcomed.set()
+            token = content.get("token")
+            if isinstance(token, str) and token in self._probes:
+                self._probe_answered(token, None, True)
         elif msg.msg_type == protocol.CONTROLLER_STOPPING:
             self._controller_lost("the controller stopped")
 
@@ -484,6 +510,7 @@ class Transport:
         ``ids``, its lane closes, and every request addressed to it fails with an
         EngineError saying ``reason``."""
         self.engines.pop(eid, None)
+        self._registered.discard(eid)
         self.dead[eid] = reason
         for handler in list(self._engine_gone_handlers):
             handler(eid)
@@ -515,24 +542,81 @@ class Transport:
         """Everything waiting fails: the controller is gone or out of reach (IO thread).
 
         Requests that went to a lane directly may still finish there; should their replies
-        come, the controller (if it is back) is told, since nobody else can tell it.
+        come, the controller (if it is back) is told, since nobody else can tell it. Their
+        errors are not kept in ``results``: ``get_result`` then asks the controller's
+        records, which know how they really ended.
         """
         done = self.requests.fail_all(lambda r: _engine_error(reason, r), refuse=reason)
         for req in done:
             if req.path == "direct" and req.engine_id is not None:
                 self._unreported[req.msg_id] = req.engine_id
         self._settle(done)
+        for req in done:
+            # not their outcome, only ours: the controller's records (get_result, once it
+            # is back or restarted) tell how they ended
+            self.results.pop(req.msg_id, None)
 
-    def _back(self) -> None:
-        """The controller answers again: take requests, refresh the engines (IO thread)."""
+    def _answering(self) -> None:
+        """The lost controller, or one restarted in its place, answers pings (IO thread):
+        rejoin it before taking requests again.
+
+        Each socket reconnects on its own: a request sent the moment pings are echoed
+        could have its reply dropped (the receiving socket not connected yet) and wait for
+        ever, and engine events published meanwhile be missed. So a probe (a connect
+        request outside the request table) goes out at each echo; once one's reply came
+        back and its iopub welcome too, replies and events reach this client, its engines
+        are learnt anew from that reply, and requests are taken again.
+        """
+        now = time.monotonic()
+        if not self._probes:
+            self._registered.clear()  # (engines registering from now on are back)
+        elif now - self._probe_sent < 0.2:
+            return
+        header, frames = self.wire.pack(protocol.CONNECT_REQUEST, {})
+        self._probes[header["msg_id"]] = None
+        while len(self._probes) > 16:
+            self._probes.pop(next(iter(self._probes)))
+        self._welcomes &= self._probes.keys()
+        self._probe_sent = now
+        try:
+            self.io.send([protocol.HUB_ROUTE, *frames])
+        except zmq.ZMQError:
+            pass
+
+    def _probe_answered(self, msg_id: str, reply: dict[str, Any] | None, welcome: bool) -> None:
+        """A probe's reply or its welcome arrived (IO thread); with both, rejoined."""
+        if reply is not None:
+            self._probes[msg_id] = reply
+        if welcome:
+            self._welcomes.add(msg_id)
+        got = self._probes.get(msg_id)
+        if got is None or msg_id not in self._welcomes or not self.io.lost:
+            return
+        self._probes.clear()
+        self._welcomes.clear()
         self.requests.accept()
-        future = self.tell(protocol.CONNECT_REQUEST, protocol.Empty())
+        if got.get("status") != "error":
+            self._reconcile(got)
+        self.io.back()
 
-        def refresh(f: concurrent.futures.Future[Any]) -> None:
-            if f.exception() is None:
-                self._take_engines(f.result())
-
-        future.add_done_callback(refresh)
+    def _reconcile(self, reply: dict[str, Any]) -> None:
+        """The engines a controller that came back has (IO thread): those it has ready,
+        those it is still adopting (out of ``ids`` until they register), and the others,
+        gone."""
+        self._take_engines(reply)
+        ready = {int(i) for i in reply.get("engines", {})}
+        starting = {int(i) for i in reply.get("starting", [])}
+        dead = reply.get("dead", {})
+        for eid in list(self.engines):
+            if eid in ready or eid in self._registered:
+                continue
+            if eid in starting:  # (being adopted: back in ids once it registers)
+                self.engines.pop(eid, None)
+                continue
+            why = dead.get(str(eid)) if isinstance(dead, dict) else None
+            if not isinstance(why, str):
+                why = f"engine {eid} did not come back with the controller"
+            self.fail_engine(eid, why)
 
     def _tick(self) -> None:
         """Every 0.5 s on the IO thread: executes whose output never ended, engines whose

@@ -37,15 +37,35 @@ def _start(args: argparse.Namespace) -> int:
     from kernel_engine.kernelspec import ensure_installed
 
     ensure_installed()
-    _report_cleaned(clusters.clean_dead_clusters())
+    if args.restore and not args.cluster_id:
+        print("jupyter px start --restore: which cluster? give --cluster-id", file=sys.stderr)
+        return 2
+    folder = clusters.cluster_folder(args.cluster_id) if args.cluster_id else None
+    _report_cleaned(clusters.clean_dead_clusters(keep=folder if args.restore else None))
     cluster_id = args.cluster_id or clusters.new_cluster_id()
     folder = clusters.cluster_folder(cluster_id)
-    curve = ["--curve"] if args.curve else ["--no-curve"] if args.curve is False else []
+    n = args.n if args.n is not None else 0 if args.restore else 2
+    extra = ["--curve"] if args.curve else ["--no-curve"] if args.curve is False else []
+    if args.engine_grace is not None:
+        extra += ["--engine-grace", str(args.engine_grace)]
     process = clusters.launch_controller(
-        folder, args.n, cluster_id=cluster_id, ip=args.ip, cwd=os.getcwd(), controller_args=curve
+        folder,
+        n,
+        cluster_id=cluster_id,
+        ip=args.ip,
+        # a restored cluster's engines keep the working directory they were started in
+        cwd=None if args.restore else os.getcwd(),
+        controller_args=extra,
+        restore=args.restore,
     )
     status = clusters.wait_ready(process, folder, args.timeout)
-    print(f"cluster {cluster_id}: {len(status.get('ids', []))} engines ready")
+    ready = status.get("ids", [])
+    if args.restore:
+        print(f"cluster {cluster_id} restored: {len(ready)} engines ready {ready}")
+        if status.get("adopting"):
+            print(f"engines still busy, adopted when their task ends: {status['adopting']}")
+    else:
+        print(f"cluster {cluster_id}: {len(ready)} engines ready")
     print(f"connection file: {status.get('connection_file', folder / clusters.CLIENT_FILE)}")
     return 0
 
@@ -85,6 +105,7 @@ def _stop_one(cluster: clusters.ClusterState, timeout: float) -> int:
     keys = clusters.key_files(cluster.folder)
     pid = cluster.controller_pid
     if pid is None:
+        clusters.stop_engines(cluster.folder)
         clusters.remove_key_files(cluster.folder)
     elif clusters.stop_controller(pid, cluster.folder, timeout, started=cluster.controller_started):
         print(f"stopped cluster {cluster.cluster_id}")
@@ -184,8 +205,22 @@ def parser() -> argparse.ArgumentParser:
     )
     inst.set_defaults(func=_install)
     start = sub.add_parser("start", help="start a cluster; returns once engines are ready")
-    start.add_argument("-n", type=int, default=2, help="number of engines")
+    start.add_argument(
+        "-n", type=int, default=None, help="number of engines (default 2; with --restore, 0)"
+    )
     start.add_argument("--cluster-id", default=None)
+    start.add_argument(
+        "--restore",
+        action="store_true",
+        help="start the dead controller of --cluster-id again: same key, ports and task "
+        "records; its engines still running are adopted (-n starts more)",
+    )
+    start.add_argument(
+        "--engine-grace",
+        type=float,
+        default=None,
+        help="seconds engines outlive a dead controller, for a restarted one to adopt them",
+    )
     start.add_argument("--ip", default="127.0.0.1")
     start.add_argument("--timeout", type=float, default=60.0)
     start.add_argument(

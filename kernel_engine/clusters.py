@@ -6,14 +6,18 @@ cluster's HMAC key), each engine kernel's connection file (``engine-N.json``, al
 key), ``cluster.json`` (engine info, kept up to date by the controller), ``launch.json``
 (the launcher's record of the controller process, no secrets) and logs.
 
-A controller that exits normally removes its key files; one that is SIGKILLed leaves them.
-So whoever reads the folders next (a cluster start, ``jupyter px stop`` or ``list``) removes
-the key files of clusters whose controller is dead, and ``jupyter px clean`` removes dead
-clusters' folders. A controller counts as running only if its PID runs, is not a zombie,
-and is that cluster's controller: the same process start time as recorded (boot id and
-start tick, so a reused PID never matches), or, for records without one, a command line
-naming ``--folder`` this folder. Both :mod:`kernel_engine.cli` and ``jupyter_ext.Cluster``
-use this module; it knows nothing of clients.
+A controller that exits normally stops its engines and removes its key files; one that is
+SIGKILLed leaves them, and its engines outlive it for a grace period
+(:data:`ENGINE_GRACE_ENV`), so that a controller restarted on the folder (``--restore``)
+can adopt them with the same key and ports. So whoever reads the folders next (a cluster
+start, ``jupyter px stop`` or ``list``) removes the key files of clusters whose controller
+is dead and whose engines are gone too; stopping a dead cluster stops its orphaned engines
+(:func:`stop_engines`); ``jupyter px clean`` removes dead clusters' folders. A controller
+counts as running only if its PID runs, is not a zombie, and is that cluster's controller:
+the same process start time as recorded (boot id and start tick, so a reused PID never
+matches), or, for records without one, a command line naming ``--folder`` this folder.
+Engines are recognised the same way (:func:`is_engine`). Both :mod:`kernel_engine.cli` and
+``jupyter_ext.Cluster`` use this module; it knows nothing of clients.
 """
 
 from __future__ import annotations
@@ -43,7 +47,17 @@ from kernel_engine.errors import ClusterError
 CLIENT_FILE = "client.json"
 CLUSTER_FILE = "cluster.json"
 LAUNCH_FILE = "launch.json"
-KEY_FILE_PATTERNS = (CLIENT_FILE, CLUSTER_FILE, "engine-*.json", "*.tmp", ".*.tmp")
+CONTROLLER_SECRET_FILE = "controller-secret.json"
+"""The controller's CurveZMQ secret key (encrypted clusters only), for a restarted
+controller to serve clients that know its public key."""
+KEY_FILE_PATTERNS = (
+    CLIENT_FILE,
+    CLUSTER_FILE,
+    CONTROLLER_SECRET_FILE,
+    "engine-*.json",
+    "*.tmp",
+    ".*.tmp",
+)
 STARTING_GRACE = 10.0
 """Seconds a folder with no controller record yet counts as starting, not dead."""
 
@@ -137,6 +151,18 @@ def write_private_json(path: Path, data: dict[str, Any]) -> None:
 
 def is_controller(pid: int, folder: Path, started: str | None = None) -> bool:
     """Whether ``pid`` runs and is the controller of ``folder`` (not a reuse of its PID)."""
+    return _is_process(pid, started, ("--folder",), folder)
+
+
+def is_engine(pid: int, folder: Path, engine_id: int, started: str | None = None) -> bool:
+    """Whether ``pid`` runs and is engine ``engine_id`` of ``folder`` (not a reuse of its
+    PID): the same start time as recorded, or a command line naming its connection file."""
+    return _is_process(pid, started, ("-f", "--f"), Path(folder) / f"engine-{engine_id}.json")
+
+
+def _is_process(pid: int, started: str | None, options: tuple[str, ...], path: Path) -> bool:
+    """Whether ``pid`` runs and is the process meant: started at ``started`` if that is
+    known, else one whose command line gives ``path`` to one of ``options``."""
     if not processes.running(pid):
         return False
     if started is not None:
@@ -147,10 +173,62 @@ def is_controller(pid: int, folder: Path, started: str | None = None) -> bool:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return not os.path.exists("/proc/self/cmdline")  # no /proc: trust the PID
-    named = [b for a, b in itertools.pairwise(argv) if a == "--folder"]
-    named += [a.split("=", 1)[1] for a in argv if a.startswith("--folder=")]
-    target = os.path.realpath(folder)
+    named = [b for a, b in itertools.pairwise(argv) if a in options]
+    named += [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in options and "=" in a]
+    target = os.path.realpath(path)
     return any(os.path.realpath(os.path.join(cwd, f)) == target for f in named)
+
+
+def engine_records(folder: Path) -> dict[int, dict[str, Any]]:
+    """The engines ``folder``'s ``cluster.json`` lists on this host, by id (each with its
+    ``pid`` and, when known, ``pid_started``)."""
+    info = read_json(Path(folder) / CLUSTER_FILE) or {}
+    engines = info.get("engines")
+    host = socket.gethostname()
+    out: dict[int, dict[str, Any]] = {}
+    for key, record in engines.items() if isinstance(engines, dict) else ():
+        if not isinstance(record, dict) or record.get("hostname", host) != host:
+            continue
+        try:
+            eid, pid = int(key), int(record["pid"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if eid >= 0 and pid > 0:
+            out[eid] = record
+    return out
+
+
+def live_engines(folder: Path) -> dict[int, int]:
+    """The engines of ``folder`` that still run, checked by :func:`is_engine`: id -> pid."""
+    out = {}
+    for eid, record in engine_records(folder).items():
+        pid = int(record["pid"])
+        if is_engine(pid, folder, eid, _text(record.get("pid_started"))):
+            out[eid] = pid
+    return out
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def stop_engines(folder: Path, timeout: float = 3.0) -> list[int]:
+    """Stop the engines of ``folder`` that outlived their controller: SIGTERM, ``timeout``
+    s, SIGKILL; each PID is checked to be that engine first. Returns the PIDs signalled."""
+    stopped = []
+    for eid, record in engine_records(folder).items():
+        started = record.get("pid_started")
+        pid = int(record["pid"])
+
+        def target(pid: int = pid, eid: int = eid, started: str | None = _text(started)) -> bool:
+            return is_engine(pid, folder, eid, started)
+
+        try:
+            if processes.terminate(pid, timeout, target):
+                stopped.append(pid)
+        except TimeoutError as exc:
+            raise ClusterError(f"engine {eid} of {folder}: {exc}") from None
+    return stopped
 
 
 @dataclass
@@ -189,7 +267,8 @@ class ClusterState:
         }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None if it cannot be read or is not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -200,11 +279,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def read_cluster(folder: Path) -> ClusterState:
     """The state of the cluster in ``folder``, from its records and its controller process."""
     folder = Path(folder)
-    info = _read_json(folder / CLUSTER_FILE) or {}
+    info = read_json(folder / CLUSTER_FILE) or {}
     # The controller's own files first: a controller run by hand has no launch.json, and a
     # folder reused by a new launch has a new launch.json.
-    records = [r for r in (info, _read_json(folder / CLIENT_FILE)) if r]
-    records.append(_read_json(folder / LAUNCH_FILE) or {})
+    records = [r for r in (info, read_json(folder / CLIENT_FILE)) if r]
+    records.append(read_json(folder / LAUNCH_FILE) or {})
     named = []
     for record in records:
         try:
@@ -273,22 +352,34 @@ def remove_key_files(folder: Path) -> list[Path]:
     return removed
 
 
-def clean_dead_clusters(remove_folders: bool = False) -> list[ClusterState]:
+def clean_dead_clusters(
+    remove_folders: bool = False, keep: Path | None = None
+) -> list[ClusterState]:
     """Remove the key files (or whole folders) of dead clusters; returns the clusters cleaned.
+
+    A dead cluster whose engines still run (within their grace period) keeps its key
+    files, so that its controller can be restarted; its engines leave by themselves.
 
     Parameters
     ----------
     remove_folders
-        Remove dead clusters' folders with their logs, not just their key files.
+        Remove dead clusters' folders with their logs, not just their key files (their
+        orphaned engines are stopped first).
+    keep
+        A folder to leave alone (the one a controller is being restored in).
     """
     cleaned = []
+    kept = None if keep is None else os.path.realpath(keep)
     for cluster in list_clusters(states=("dead",)):
+        if kept is not None and os.path.realpath(cluster.folder) == kept:
+            continue
         if remove_folders:
             # checked again just before: a new start may have taken the folder over
             if read_cluster(cluster.folder).state == "dead":
+                stop_engines(cluster.folder)
                 shutil.rmtree(cluster.folder, ignore_errors=True)
                 cleaned.append(cluster)
-        elif remove_key_files(cluster.folder):
+        elif not live_engines(cluster.folder) and remove_key_files(cluster.folder):
             cleaned.append(cluster)
     return cleaned
 
@@ -296,6 +387,27 @@ def clean_dead_clusters(remove_folders: bool = False) -> list[ClusterState]:
 PROFILE_DIR_ENV = "JUPYTER_PX_PROFILE_DIR"
 """The IPython profile folder engines load their configuration from (else IPython's
 default profile, as any kernel's)."""
+
+CONTROLLER_PID_ENV = "JUPYTER_PX_CONTROLLER_PID"
+"""Set by a controller for the engines it starts: its PID, which they watch."""
+
+ENGINE_GRACE_ENV = "JUPYTER_PX_ENGINE_GRACE"
+"""Seconds an engine outlives its controller, waiting for a restarted one to adopt it.
+A controller sets it for its engines (``Cluster(engine_grace=...)``, ``--engine-grace``);
+in a controller's own environment it is that controller's default."""
+
+DEFAULT_ENGINE_GRACE = 60.0
+"""The grace period when nobody chose one."""
+
+
+def engine_grace() -> float:
+    """The grace period this process's environment asks for (:data:`ENGINE_GRACE_ENV`),
+    else :data:`DEFAULT_ENGINE_GRACE`."""
+    try:
+        grace = float(os.environ.get(ENGINE_GRACE_ENV, DEFAULT_ENGINE_GRACE))
+    except ValueError:
+        return DEFAULT_ENGINE_GRACE
+    return grace if 0 <= grace < 1e9 else DEFAULT_ENGINE_GRACE
 
 
 def launch_controller(
@@ -308,24 +420,40 @@ def launch_controller(
     parent_pid: int | None = None,
     controller_args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    restore: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
 
     Cleans up after dead clusters first. ``parent_pid``: the controller stops when that
     process exits; ``controller_args``: more options of ``python -m
-    kernel_engine.controller``; ``env``: more environment for it and its engines. Raises
-    :class:`ClusterError` if the folder's controller already runs.
+    kernel_engine.controller``; ``env``: more environment for it and its engines;
+    ``restore``: start the controller again on the folder of one that died (same key,
+    ports and task records; it adopts the engines still running, and starts ``n`` more).
+    Raises :class:`ClusterError` if the folder's controller already runs.
     """
-    clean_dead_clusters()
+    clean_dead_clusters(keep=folder)
     current = read_cluster(folder)
     if current.running:
         raise ClusterError(
-            f"cluster {current.cluster_id} is already running "
+            f"cannot restore cluster {current.cluster_id}: its controller still runs "
+            f"(pid {current.controller_pid})"
+            if restore
+            else f"cluster {current.cluster_id} is already running "
             f"(controller pid {current.controller_pid})"
         )
+    if current.state == "elsewhere":
+        raise ClusterError(f"the controller of {folder} runs on another host")
+    if restore and not folder.is_dir():
+        raise ClusterError(f"there is no cluster {cluster_id} to restore (no folder {folder})")
+    if not restore and current.state == "dead":
+        # a new cluster in the folder of a dead one: the old one's engines must not linger
+        stop_engines(folder)
+        remove_key_files(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     cmd = [sys.executable, "-m", "kernel_engine.controller", "--folder", str(folder)]
     cmd += ["-n", str(n), "--ip", ip, "--cluster-id", cluster_id, "--log-level", log_level]
+    if restore:
+        cmd.append("--restore")
     if cwd is not None:
         cmd += ["--cwd", cwd]
     if parent_pid:
@@ -436,6 +564,8 @@ def stop_controller(
         except TimeoutError as exc:
             raise ClusterError(f"the controller of {folder}: {exc}") from None
     if read_cluster(folder).state == "dead":
+        # a controller that was killed (or died before) left its engines running
+        stop_engines(folder, timeout=min(timeout, 3.0))
         remove_key_files(folder)
     return running
 

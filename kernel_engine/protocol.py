@@ -41,9 +41,16 @@ from .wire import Wire, utcnow_iso
 # Requests a client sends to an engine's task lane, and their replies.
 APPLY_REQUEST = "apply_request"
 APPLY_REPLY = "apply_reply"
-# The controller tells a newly started engine who it is (engine id, cluster id).
+# The controller tells a newly started engine who it is (engine id, cluster id, its own
+# pid), on the engine's task lane. An engine takes a second setup only from a controller
+# started after its first one died (see ``kernel_engine.engine.watch``).
 ENGINE_SETUP_REQUEST = "engine_setup_request"
 ENGINE_SETUP_REPLY = "engine_setup_reply"
+# Sent on an engine's control channel (answered even while a task runs) by a controller
+# restarted on the cluster folder, before it sets the engine up: the engine, whose
+# controller died, stops counting down its grace period and waits for that setup.
+ENGINE_ADOPT_REQUEST = "px_adopt_request"
+ENGINE_ADOPT_REPLY = "px_adopt_reply"
 # Sent on an engine's control channel: do not run these msg_ids when they arrive.
 ENGINE_ABORT_REQUEST = "px_abort_request"
 ENGINE_ABORT_REPLY = "px_abort_reply"
@@ -106,6 +113,11 @@ CONTROLLER_ERRORS = frozenset(
 DUPLICATE = "DuplicateRequest"
 """``px_error`` of the reply to a request whose msg_id was seen before: the reply answers
 the copy, never the original, so a client never resolves a request from it."""
+
+HEARTBEAT_MAX_BYTES = 1024
+"""The largest message a heartbeat socket takes (``maxmsgsize``; a larger one drops its
+peer). Pings are a few bytes, but the limit also applies to a CurveZMQ handshake's
+commands, a few hundred bytes each: below that, encrypted heartbeats never start."""
 
 LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
 """Addresses that mean "this machine"."""
@@ -763,19 +775,28 @@ def check_comm_size(n_buffers: int, n_bytes: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class EngineSetup:
-    """What the controller tells an engine when it adopts it."""
+    """What the controller tells an engine when it sets it up or adopts it
+    (:data:`ENGINE_SETUP_REQUEST`, :data:`ENGINE_ADOPT_REQUEST`): its id, the cluster's,
+    and the controller's pid, which the engine watches (None: a controller on another
+    host, or one that does not say)."""
 
     engine_id: int
     cluster_id: str = ""
+    controller_pid: int | None = None
 
     def to_content(self) -> dict[str, Any]:
-        return {"engine_id": self.engine_id, "cluster_id": self.cluster_id}
+        content: dict[str, Any] = {"engine_id": self.engine_id, "cluster_id": self.cluster_id}
+        if self.controller_pid is not None:
+            content["controller_pid"] = self.controller_pid
+        return content
 
     @classmethod
     def from_content(cls, content: dict[str, Any]) -> Self:
+        pid = content.get("controller_pid")
         return cls(
             check_int("engine_id", content.get("engine_id")),
             check_label("cluster_id", content.get("cluster_id", "")) or "",
+            None if pid is None else check_int("controller_pid", pid, 1, 2**31),
         )
 
 

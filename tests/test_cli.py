@@ -129,7 +129,9 @@ def _kill_controller(state: clusters.ClusterState) -> None:
 @pytest.mark.parametrize(
     "remover", ["px start", "Cluster.start_cluster_sync", "px stop", "px list"]
 )
-def test_a_killed_controllers_key_files_are_removed(cli, cluster_factory, remover):
+def test_a_killed_controllers_key_files_are_removed(cli, cluster_factory, remover, monkeypatch):
+    # engines wait this long for a restarted controller before they leave
+    monkeypatch.setenv("JUPYTER_PX_ENGINE_GRACE", "2")
     state = cli.start(1)
     _kill_controller(state)
     cid = state.cluster_id

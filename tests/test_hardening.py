@@ -581,12 +581,12 @@ def test_a_load_balanced_tasks_engine_death_says_which_and_how(cluster_factory):
 
 
 def test_a_killed_controllers_key_files_go_with_the_next_start(cluster_factory):
-    cluster, rc = cluster_factory.start(1)
+    cluster, rc = cluster_factory.start(1, engine_grace=2)
     folder = Path(cluster.folder)
     engine_pid = rc.engine_info(0)["pid"]
     rc.close()
     os.kill(cluster.controller_pid, signal.SIGKILL)
-    psutil.Process(engine_pid).wait(15)  # engines leave with their controller
+    psutil.Process(engine_pid).wait(15)  # engines leave after their grace, if not adopted
     assert (folder / "client.json").exists()
     cluster_factory.start(1)  # the next start
     assert not (folder / "client.json").exists()

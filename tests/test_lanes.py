@@ -57,7 +57,7 @@ def test_lanes_are_used_and_the_controller_keeps_records(rc):
     last = rc.history[-1]
     records = {r["msg_id"]: r for r in rc.db_query({"engine_id": 0})}
     assert records[ar.msg_ids[0]]["status"] == "ok"
-    assert records[last]["status"] == "ok" and records[last]["result_stored"]
+    assert records[last]["status"] == "ok" and records[last]["result_content"] is not None
     assert rc.queue_status(0)["queue"] == 0
     with jx.Client(rc.connection_file) as other:
         assert other.get_result(last).get(5) == 1024

@@ -1,18 +1,37 @@
-"""``python -m kernel_engine.controller``: run a controller (what ``Cluster`` launches)."""
+"""``python -m kernel_engine.controller``: run a controller (what ``Cluster`` launches).
+
+With ``--restore``, the controller serves the cluster of one that died in ``--folder``
+(see :mod:`.app`): the folder's key, ports and cluster id, and, unless given here, the
+options the dead controller ran with.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 
 from .app import Controller
+from .restore import saved_options
+
+DEFAULTS = {
+    "client_timeout": 30.0,
+    "on_client_lost": "finish",
+    "db": "sqlite",
+    "db_max_bytes": None,
+    "db_max_age": None,
+    "cwd": None,
+    "engine_grace": None,
+}
+"""Options a restored controller takes from the dead one's, unless given (None here)."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jupyter px controller", description=__doc__)
     parser.add_argument("--folder", required=True, help="the cluster folder")
     parser.add_argument("-n", "--n", type=int, default=0, help="engines to start")
@@ -24,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--client-timeout",
         type=float,
-        default=30.0,
-        help="seconds of silence after which a client counts as gone (its queued tasks dropped)",
+        default=None,
+        help="seconds of silence after which a client counts as gone (its queued tasks "
+        "dropped; default 30)",
     )
     parser.add_argument(
         "--curve",
@@ -36,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--on-client-lost",
         choices=("finish", "abort"),
-        default="finish",
-        help="a lost client's tasks already on engines: run them, or abort those not started",
+        default=None,
+        help="a lost client's tasks already on engines: run them (the default), or abort "
+        "those not started",
     )
     parser.add_argument(
         "--db",
-        default="sqlite",
+        default=None,
         help="the task records: 'sqlite' (tasks.db in the cluster folder, the default), "
         "'memory' (none kept after the controller), or a database file's path",
     )
@@ -57,31 +78,53 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds a finished task's record is kept (0: for ever)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--engine-grace",
+        type=float,
+        default=None,
+        help="seconds the engines outlive this controller should it die, waiting for a "
+        "restarted one to adopt them (default: $JUPYTER_PX_ENGINE_GRACE, else 60)",
+    )
+    parser.add_argument(
+        "--restore",
+        action="store_true",
+        help="serve the cluster of a controller that died in --folder: same key, ports "
+        "and task records; adopt its engines still running",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s controller: %(message)s",
         stream=sys.stderr,
     )
     ensure_installed()
-    controller = Controller(
-        Path(args.folder),
-        ip=args.ip,
-        cluster_id=args.cluster_id,
-        parent_pid=args.parent_pid or None,
-        cwd=args.cwd,
-        client_timeout=args.client_timeout,
-        on_client_lost=args.on_client_lost,
-        curve=args.curve,
-        db=args.db,
-        db_max_bytes=args.db_max_bytes,
-        db_max_age=args.db_max_age,
-    )
+    folder = Path(args.folder)
+    options = {**DEFAULTS, **(saved_options(folder) if args.restore else {})}
+    for name in DEFAULTS:
+        given = getattr(args, name)
+        if given is not None:
+            options[name] = given
+    try:
+        controller = Controller(
+            folder,
+            ip=args.ip,
+            cluster_id=args.cluster_id,
+            parent_pid=args.parent_pid or None,
+            curve=args.curve,
+            restore=args.restore,
+            **options,
+        )
+    except ClusterError as exc:
+        # (what launched us reads this line; see kernel_engine.clusters.wait_ready)
+        print(json.dumps({"status": "error", "message": str(exc)}), flush=True)
+        logging.getLogger("kernel_engine.controller").error("%s", exc)
+        return 1
     controller.write_files()
-    if args.n:
-        controller.start_engines(args.n)
-    else:
-        controller._report({"status": "ready", "ids": []})
+    controller.start(args.n)
     return controller.run()
 
 

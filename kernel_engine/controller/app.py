@@ -22,6 +22,10 @@ state and given only what it uses:
 
 The controller parses headers (and reply parent headers) only, never unpickles user data,
 and never re-signs what it relays.
+
+Restart (``restore=True``, ``--restore``): a controller started again on the folder of one
+that died serves the same cluster, with its key, ports and task records, and adopts its
+engines (see :mod:`.restore`, whose :class:`~.restore.Restorer` is one more component).
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ from kernel_engine.wire import DropLog, Message
 from .balancer import Balancer
 from .clients import Clients
 from .engines import Engine, EngineSet
-from .heartbeat import Echo
+from .heartbeat import Echo, bind
 from .hub import Hub, open_log
 from .inflight import Inflight
 from .loop import PollLoop
 from .requests import HubRequests
+from .restore import Restorer, keypair, port, previous_connection, save_keypair
 from .router import Router
 
 log = logging.getLogger("kernel_engine.controller")
@@ -65,6 +70,10 @@ CLIENT_POLICIES = ("finish", "abort")
 
 TRIM_EVERY = 10
 """Seconds between giving freed heap memory back to the system (see :func:`_trim_heap`)."""
+
+ADOPT_WAIT = 5.0
+"""Seconds a restarted controller waits for the engines it adopts before it reports ready
+(an engine busy with a task is set up when the task ends, and registers then)."""
 
 
 def _libc_trim() -> Any:
@@ -112,6 +121,19 @@ class Controller:
     curve
         Encrypt everything with CurveZMQ (clients and engines; a peer that does not hold
         the connection file cannot even connect). None: whenever ``ip`` is not loopback.
+    db, db_max_bytes, db_max_age
+        The task store and its retention (see :func:`.hub.open_log`).
+    engine_grace
+        Seconds the engines this controller starts outlive it, should it die (None: this
+        process's :data:`~kernel_engine.clusters.ENGINE_GRACE_ENV`, else the default).
+    restore
+        Serve the cluster of a controller that died in ``folder`` (see the module
+        docstring); ``ip``, ``curve`` and ``cluster_id`` are then the folder's.
+
+    Raises
+    ------
+    ClusterError
+        When restoring while the folder's controller still runs, or a port is taken.
     """
 
     def __init__(
@@ -127,9 +149,16 @@ class Controller:
         db: str = "sqlite",
         db_max_bytes: int | None = None,
         db_max_age: float | None = None,
+        engine_grace: float | None = None,
+        restore: bool = False,
     ):
         if on_client_lost not in CLIENT_POLICIES:
             raise ValueError(f"on_client_lost must be one of {CLIENT_POLICIES}")
+        previous = previous_connection(folder) if restore else {}
+        if previous:
+            ip = str(previous.get("ip") or ip)
+            cluster_id = str(previous.get("cluster_id") or cluster_id)
+            curve = bool(previous.get("curve_serverkey"))
         self.folder = folder
         self.ip = ip
         self.cluster_id = cluster_id or folder.name
@@ -137,7 +166,18 @@ class Controller:
         self.cwd = cwd
         self.on_client_lost = on_client_lost
         self.curve = protocol.curve_wanted(ip, curve)
-        self.keypair = zmq.curve_keypair() if self.curve else None
+        self.keypair = keypair(folder, previous) if self.curve else None
+        grace = clusters.engine_grace() if engine_grace is None else engine_grace
+        self.options: dict[str, Any] = {
+            "db": db,
+            "db_max_bytes": db_max_bytes,
+            "db_max_age": db_max_age,
+            "client_timeout": client_timeout,
+            "on_client_lost": on_client_lost,
+            "cwd": cwd,
+            "engine_grace": grace,
+        }
+        """What a restarted controller serves the cluster with (in ``cluster.json``)."""
         self.record = clusters.controller_record()
         self.context: zmq.Context[Any] = zmq.Context()
         # No high-water marks on the sockets that carry requests and replies: a busy engine
@@ -146,7 +186,8 @@ class Controller:
         # work it asked for; a lost client's queued work is dropped (see _client_lost).
         self.context.sndhwm = 0
         self.context.rcvhwm = 0
-        self.wire = wire.Wire(wire.new_key(), username="controller")
+        key = str(previous["key"]).encode() if previous.get("key") else wire.new_key()
+        self.wire = wire.Wire(key, username="controller")
         self.drops = DropLog(log, "controller")
         self.seen = wire.SeenWindow()
         self.loop = PollLoop()
@@ -163,15 +204,30 @@ class Controller:
         # what one peer has sent and we have not read waits in its own process, not here
         # (a flood pushes back on the flooder; a client queues in its own memory)
         self.clients_socket.rcvhwm = PEER_HWM
-        self.client_port = self.clients_socket.bind_to_random_port(f"tcp://{ip}")
         self.iopub = self._server_socket(zmq.PUB)
         self.iopub.linger = 0
         self.iopub.sndhwm = IOPUB_HWM
-        self.iopub_port = self.iopub.bind_to_random_port(f"tcp://{ip}")
-        self.echo = Echo(self._server_socket(zmq.ROUTER), ip)
+        echo = self._server_socket(zmq.ROUTER)
+        try:
+            self.client_port = bind(self.clients_socket, ip, port(previous, "client"), "client")
+            self.iopub_port = bind(self.iopub, ip, port(previous, "iopub"), "iopub")
+            self.echo = Echo(echo, ip, port(previous, "hb"))
+        except BaseException:
+            for sock in (self.clients_socket, self.iopub, echo):
+                sock.close(linger=0)
+            self.hub.close()
+            self.context.term()
+            raise
         self.echo.start()
         self.engines = EngineSet(
-            self.loop, self.context, self.wire, folder, ip, self.cluster_id, self.curve
+            self.loop,
+            self.context,
+            self.wire,
+            folder,
+            ip,
+            self.cluster_id,
+            self.curve,
+            grace,
         )
         self.balancer = Balancer(self.wire, self.engines, self.inflight, self.hub, self.send_client)
         self.router = Router(
@@ -188,6 +244,7 @@ class Controller:
             self.cluster_id, self.engines, self.inflight, self.hub, self.balancer, self.dead, self
         )
         self._awaiting: set[int] = set()
+        self.restorer = Restorer(folder, self.wire, self.engines, self.hub, self.balancer.outcome)
         self._ticks = 0
         self._startup_reported = False
         self.exit_code = 0
@@ -201,6 +258,10 @@ class Controller:
         self.loop.call_every(1.0, self._tick)
         if parent_pid:
             self.loop.call_every(0.5, self._check_parent)
+        if restore:
+            self.restorer.start()
+            if self.restorer.adopting:
+                self.loop.call_later(ADOPT_WAIT, lambda: self._report_if_ready(waited=True))
 
     def _server_socket(self, kind: int) -> zmq.Socket[Any]:
         sock = self.context.socket(kind)
@@ -230,8 +291,11 @@ class Controller:
         }
 
     def write_files(self) -> None:
-        """Write the client connection file (mode 0600) and the cluster description."""
+        """Write the client connection file (mode 0600) and the cluster description (and,
+        for an encrypted cluster, the controller's secret key, for a restarted one)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.keypair is not None:
+            save_keypair(self.folder, self.keypair)
         clusters.write_private_json(self.connection_file, self.connection_info())
         self._write_cluster_json()
 
@@ -239,9 +303,10 @@ class Controller:
         info = {
             "cluster_id": self.cluster_id,
             "connection_file": str(self.connection_file),
-            "engines": {str(e.id): e.info().to_content() for e in self.engines.engines.values()},
+            "engines": {str(e.id): e.record() for e in self.engines.engines.values()},
             "ready": self.engines.ready_ids(),
             "updated": time.time(),
+            "options": self.options,
             **self.record,
         }
         clusters.write_private_json(self.folder / clusters.CLUSTER_FILE, info)
@@ -447,9 +512,20 @@ class Controller:
         self.balancer.engine_added(engine.id)
         self.publish_event(protocol.ENGINE_REGISTERED, {"engine": engine.info().to_content()})
         self._awaiting.discard(engine.id)
+        self.restorer.engine_back(engine.id)
         self._write_cluster_json()
-        if not self._awaiting and not self._startup_reported:
-            self._report({"status": "ready", "ids": self.engines.ready_ids()})
+        self._report_if_ready()
+
+    def _report_if_ready(self, waited: bool = False) -> None:
+        """Report startup once every engine started is ready and every adopted one too
+        (or, with ``waited``, once :data:`ADOPT_WAIT` has passed)."""
+        adopting = self.restorer.adopting
+        if self._startup_reported or self._awaiting or (adopting and not waited):
+            return
+        status: dict[str, Any] = {"status": "ready", "ids": self.engines.ready_ids()}
+        if adopting:
+            status["adopting"] = sorted(adopting)
+        self._report(status)
 
     def _engine_dead(self, engine: Engine, reason: str) -> None:
         self._engine_gone(engine.id, reason)
@@ -458,6 +534,9 @@ class Controller:
             self.loop.stop()
             self.exit_code = 1
         self._awaiting.discard(engine.id)
+        if engine.id in self.restorer.adopting:
+            self.restorer.engine_lost(engine.id, reason.splitlines()[0])
+            self._report_if_ready()
 
     def _engine_gone(self, eid: int, reason: str) -> None:
         """An engine left: fail what it held, tell the scheduler and every client."""
@@ -473,6 +552,13 @@ class Controller:
             self._engine_gone(engine.id, f"engine {engine.id} {reason}")
 
     # ----- lifetime
+
+    def start(self, n: int) -> None:
+        """Start ``n`` engines, and report on stdout once they (and the adopted ones) are
+        ready."""
+        if n:
+            self.start_engines(n)
+        self._report_if_ready()
 
     def _report(self, status: dict[str, Any]) -> None:
         """Tell whoever launched us (on stdout) that startup finished, then leave stdout."""

@@ -16,12 +16,20 @@ its pause never counts against healthy engines.
 The controller's sockets to an engine have identities that zmq makes up (they start
 with a zero byte, which no peer may choose), so nobody can take over the controller's
 place on an engine's lane.
+
+A controller restarted on the cluster folder *adopts* the engines that outlived the last
+one (:meth:`EngineSet.adopt`): it connects to them with their connection files, tells
+them on their control channel to wait for it (``px_adopt_request``, answered even while a
+task runs), then sets them up as new ones. Engines started here are managed through their
+kernel manager; adopted ones, which are not our children, by PID (a pidfd where there is
+one): exit detection, signals and stopping.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -32,7 +40,7 @@ from typing import Any
 import zmq
 from jupyter_client import KernelManager
 
-from kernel_engine import protocol, wire
+from kernel_engine import clusters, processes, protocol, wire
 from kernel_engine.kernelspec import KERNEL_NAME
 
 from .loop import PollLoop
@@ -61,6 +69,10 @@ class Engine:
     uuid: str = ""
     pid: int | None = None
     hostname: str = ""
+    # adopted from a controller that died: not our child, managed by PID
+    adopted: bool = False
+    pid_started: str | None = None  # (processes.start_time: tells it from a reuse of its PID)
+    pidfd: int | None = None
     sockets: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     info_sent_at: float = 0.0
@@ -82,6 +94,11 @@ class Engine:
         """What clients learn about this engine (``Client.engine_info``), key left out."""
         conn = {k: v for k, v in self.connection_info.items() if k not in SECRET_KEYS}
         return protocol.EngineInfo(self.id, self.uuid, self.pid, self.hostname, self.state, conn)
+
+    def record(self) -> dict[str, Any]:
+        """What the cluster folder's ``cluster.json`` says of this engine (what a restarted
+        controller adopts it by, and ``jupyter px stop`` stops it by)."""
+        return {**self.info().to_content(), "pid_started": self.pid_started}
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the engine's stdout/stderr log, without ipykernel's TCP warning."""
@@ -142,6 +159,7 @@ class EngineSet:
         ip: str = "127.0.0.1",
         cluster_id: str = "",
         curve: bool = False,
+        grace: float = clusters.DEFAULT_ENGINE_GRACE,
     ):
         self.loop = loop
         self.context = context
@@ -150,6 +168,7 @@ class EngineSet:
         self.ip = ip
         self.cluster_id = cluster_id
         self.curve = curve
+        self.grace = grace
         self._oom_kills = oom_kills()
         self.engines: dict[int, Engine] = {}
         self._next_id = 0
@@ -177,8 +196,13 @@ class EngineSet:
                 transport_encryption="required" if self.curve else "disabled",
             )
             km.session.key = self.wire.key
+            env = {
+                **os.environ,
+                clusters.CONTROLLER_PID_ENV: str(os.getpid()),
+                clusters.ENGINE_GRACE_ENV: str(self.grace),
+            }
             with open(log_path, "ab") as logf:
-                km.start_kernel(stdout=logf, stderr=logf, cwd=cwd)
+                km.start_kernel(stdout=logf, stderr=logf, cwd=cwd, env=env)
             info = km.get_connection_info(session=False)
             info["key"] = self.wire.key.decode()
             engine = Engine(eid, dict(info), km=km, log_path=str(log_path))
@@ -186,6 +210,35 @@ class EngineSet:
             self._connect(engine)
             started.append(engine)
         return started
+
+    def adopt(
+        self, eid: int, connection_info: dict[str, Any], pid: int, pid_started: str | None
+    ) -> Engine:
+        """Take over engine ``eid`` (process ``pid``, checked to be it) that outlived the
+        controller this one replaces; it becomes ready (or fails) asynchronously, like a
+        new one. New engines get ids above the highest adopted."""
+        engine = Engine(
+            eid,
+            dict(connection_info),
+            log_path=str(self.folder / f"engine-{eid}.log"),
+            pid=pid,
+            adopted=True,
+            pid_started=pid_started,
+        )
+        try:
+            engine.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            engine.pidfd = None
+        self.engines[eid] = engine
+        self._next_id = max(self._next_id, eid + 1)
+        self._connect(engine)
+        setup = protocol.EngineSetup(eid, self.cluster_id, os.getpid())
+        self.wire.send(engine.sockets["control"], protocol.ENGINE_ADOPT_REQUEST, setup.to_content())
+        return engine
+
+    def skip_ids(self, ids: list[int]) -> None:
+        """Ids used before (by a controller this one replaces): new engines get others."""
+        self._next_id = max([self._next_id, *(i + 1 for i in ids)])
 
     def _connect(self, engine: Engine) -> None:
         info = engine.connection_info
@@ -204,7 +257,7 @@ class EngineSet:
         self.loop.add_socket(iopub, lambda frames: self._iopub(engine, frames))
         hb = self._socket(engine, zmq.DEALER)
         hb.linger = 0
-        hb.maxmsgsize = 64
+        hb.maxmsgsize = protocol.HEARTBEAT_MAX_BYTES
         hb.connect(engine.url(info["hb_port"]))
         engine.sockets["hb"] = hb
         self.loop.add_socket(hb, lambda frames: self._beat_received(engine, frames))
@@ -250,7 +303,12 @@ class EngineSet:
     def _own_reply(self, engine: Engine, frames: list[Any]) -> None:
         """Replies to the controller's own requests: the steps of becoming ready."""
         msg = self.wire.recv(frames)
-        if msg.msg_type == "kernel_info_reply" and engine.state == "starting":
+        if msg.msg_type == protocol.ENGINE_ADOPT_REPLY and engine.adopted:
+            if msg.content.get("status") != "ok" and engine.state != "dead":
+                why = str(msg.content.get("evalue", "no reason given"))[:200]
+                # not ours to stop: another controller has it, or it is leaving anyway
+                self._fail(engine, f"refused to be adopted: {why}", release=True)
+        elif msg.msg_type == "kernel_info_reply" and engine.state == "starting":
             px = msg.content.get("engine")
             if not isinstance(px, dict) or not isinstance(px.get("lane_port"), int):
                 self._fail(engine, "is not a jupyter-px engine kernel (no task lane)")
@@ -258,7 +316,11 @@ class EngineSet:
             engine.state = "connecting"
             engine.uuid = str(msg.header.get("session", ""))
             pid = px.get("pid")
-            engine.pid = pid if isinstance(pid, int) else None
+            if not engine.adopted:
+                engine.pid = pid if isinstance(pid, int) else None
+                local = engine.connection_info.get("ip") in protocol.LOCAL_IPS
+                if engine.pid is not None and local:
+                    engine.pid_started = processes.start_time(engine.pid)
             engine.hostname = str(px.get("hostname", ""))
             engine.connection_info["lane_port"] = px["lane_port"]
             lane = self._socket(engine, zmq.DEALER)
@@ -266,12 +328,16 @@ class EngineSet:
             lane.connect(engine.url(px["lane_port"]))
             engine.sockets["lane"] = lane
             self.loop.add_socket(lane, self._handler(engine, "lane"))
-            setup = protocol.EngineSetup(engine.id, self.cluster_id)
+            setup = protocol.EngineSetup(engine.id, self.cluster_id, os.getpid())
             self.wire.send(lane, protocol.ENGINE_SETUP_REQUEST, setup.to_content())
         elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
             if msg.content.get("status") != "ok":
                 why = str(msg.content.get("evalue", "no reason given"))[:200]
-                self._fail(engine, f"refused to be set up by this controller: {why}")
+                self._fail(
+                    engine,
+                    f"refused to be set up by this controller: {why}",
+                    release=engine.adopted,
+                )
                 return
             # Ready only once its iopub reaches us too: a subscription takes effect a little
             # after connecting, and output published before that would be lost.
@@ -282,7 +348,8 @@ class EngineSet:
                 self._send_kernel_info(engine)
 
     def exit_code(self, engine: Engine) -> int | None:
-        """The engine's exit code if its process ended, else None."""
+        """The engine's exit code if its process ended, else None (an adopted engine's
+        exit code is not ours to know: see :meth:`running`)."""
         km = engine.km
         if km is None:
             return None
@@ -292,6 +359,17 @@ class EngineSet:
             return code
         return None if km.is_alive() else -1
 
+    def running(self, engine: Engine) -> bool:
+        """Whether the engine's process runs (for engines whose process we can see)."""
+        if not engine.adopted:
+            return engine.km is not None and self.exit_code(engine) is None
+        if engine.pidfd is not None:  # readable once the process has exited
+            return not select.select([engine.pidfd], [], [], 0)[0]
+        pid = engine.pid
+        if pid is None or not processes.running(pid):
+            return False
+        return engine.pid_started is None or processes.start_time(pid) == engine.pid_started
+
     def _watch(self) -> None:
         now = time.monotonic()
         for engine in list(self.engines.values()):
@@ -300,8 +378,11 @@ class EngineSet:
                 kills = oom_kills() if code == -signal.SIGKILL else self._oom_kills
                 self._fail(engine, describe_exit(code, kills > self._oom_kills))
                 self._oom_kills = kills
+            elif engine.adopted and not self.running(engine):
+                self._fail(engine, "exited (an adopted engine: its log may say how)")
             elif engine.state != "ready":
-                if now - engine.started_at > self.start_timeout:
+                # (an adopted engine is set up once the task it runs ends: no time limit)
+                if not engine.adopted and now - engine.started_at > self.start_timeout:
                     self._fail(engine, f"did not become ready within {self.start_timeout:.0f} s")
                 elif engine.state == "starting" and now - engine.info_sent_at > 2.0:
                     self._send_kernel_info(engine)
@@ -344,8 +425,9 @@ class EngineSet:
         engine = self.engines.get(eid) if eid is not None else None
         return engine if engine is not None and engine.state == "ready" else None
 
-    def _fail(self, engine: Engine, why: str) -> None:
-        """Forget a dead (or hopeless) engine and tell the controller how it died."""
+    def _fail(self, engine: Engine, why: str, release: bool = False) -> None:
+        """Forget a dead (or hopeless) engine and tell the controller how it died;
+        ``release``: an adopted engine that is not ours after all, left alone."""
         if engine.state == "dead":
             return
         was_ready = engine.state == "ready"
@@ -358,7 +440,10 @@ class EngineSet:
                 reason += f"\n--- engine {engine.id} output ---\n{tail}"
         log.warning("%s", reason.splitlines()[0])
         self._close(engine)
-        self._cleanup(engine, kill=True)
+        if release:
+            self._close_pidfd(engine)
+        else:
+            self._cleanup(engine, kill=True)
         self.engines.pop(engine.id, None)
         self.on_dead(engine, reason)
 
@@ -368,8 +453,14 @@ class EngineSet:
             sock.close(linger=0)
         engine.sockets.clear()
 
-    @staticmethod
-    def _cleanup(engine: Engine, kill: bool) -> None:
+    def _cleanup(self, engine: Engine, kill: bool) -> None:
+        if engine.adopted:
+            if kill:
+                self._signal_adopted(engine, signal.SIGKILL)
+            self._close_pidfd(engine)
+            # (a kernel manager removes its kernel's connection file; this one is ours)
+            (self.folder / f"engine-{engine.id}.json").unlink(missing_ok=True)
+            return
         km = engine.km
         if km is None:
             return
@@ -381,9 +472,34 @@ class EngineSet:
         except Exception:
             log.exception("cleaning up engine %i", engine.id)
 
+    @staticmethod
+    def _close_pidfd(engine: Engine) -> None:
+        if engine.pidfd is not None:
+            os.close(engine.pidfd)
+            engine.pidfd = None
+
+    def _signal_adopted(self, engine: Engine, signum: int) -> None:
+        """Signal an adopted engine's process group (as a kernel manager does: the engine
+        leads its own session), else its process; nothing if it is gone."""
+        pid = engine.pid
+        if pid is None or not self.running(engine):
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signum)
+            elif engine.pidfd is not None:
+                signal.pidfd_send_signal(engine.pidfd, signum)
+            else:
+                os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
     def signal(self, eid: int, signum: int) -> None:
         """Send a signal to an engine's process (SIGINT through its kernel manager)."""
         engine = self.engines[eid]
+        if engine.adopted:
+            self._signal_adopted(engine, signum)
+            return
         if engine.km is None:
             raise ValueError(f"engine {eid} was not started by this controller")
         if signum == signal.SIGINT:
@@ -400,9 +516,9 @@ class EngineSet:
             if sock is not None:
                 self.wire.send(sock, "shutdown_request", {"restart": False})
         deadline = time.monotonic() + grace
-        waiting = [e for e in chosen if e.km is not None]
+        waiting = [e for e in chosen if e.km is not None or e.adopted]
         while waiting and time.monotonic() < deadline:
-            waiting = [e for e in waiting if self.exit_code(e) is None]
+            waiting = [e for e in waiting if self.running(e)]
             if waiting:
                 time.sleep(0.02)
         for engine in chosen:

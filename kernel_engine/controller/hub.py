@@ -25,6 +25,11 @@ Both evictions take the oldest entry of a queue in completion order, so each cos
 amortised, never a scan of the records. Entries of records forgotten meanwhile (purged)
 are skipped when they reach the front, and the queues are compacted when such entries
 outnumber live ones.
+
+A controller restarted on the cluster folder takes the file's pending records back into
+memory (:meth:`Hub.restore`): the tasks a dead controller had in flight. It then ends
+each of them (:meth:`Hub.completed`), with the reply an adopted engine kept for it or
+with an error.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_engine import protocol
-from kernel_engine.wire import parse_date
+from kernel_engine.wire import PROTOCOL_VERSION, parse_date
 
 from .query import DEFAULT_KEYS, check_keys, check_query, matches
 
@@ -175,6 +180,7 @@ class Hub:
         self._finished: deque[str] = deque()  # completion order; may hold forgotten ids
         self._stored: deque[str] = deque()  # records with frames, oldest first
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
+        self._restored: set[str] = set()  # pending records a dead controller left
 
     def close(self) -> None:
         """Write what is left to the file and close it (if there is one)."""
@@ -237,6 +243,46 @@ class Hub:
             pass
         return record
 
+    def restore(self) -> list[tuple[TaskRecord, dict[str, Any]]]:
+        """Take the file's pending records (a dead controller's tasks in flight) back into
+        memory, still pending; returns them with their request headers (a header made up
+        from the record when the request was not kept)."""
+        if self.log is None:
+            return []
+        keys = ["msg_id", "msg_type", "client_uuid", "engine_id", "label", "submitted", "header"]
+        out = []
+        for row in self.log.pending(keys=keys):
+            msg_id = row["msg_id"]
+            if msg_id in self.records:
+                continue
+            msg_type = row.get("msg_type") or protocol.APPLY_REQUEST
+            record = TaskRecord(
+                msg_id,
+                sys.intern(msg_type),
+                str(row.get("client_uuid") or "").encode(),
+                row.get("engine_id"),
+                row.get("submitted") or time.time(),
+                row.get("label"),
+            )
+            self.records[msg_id] = record
+            self._restored.add(msg_id)
+            header = row.get("header")
+            if not isinstance(header, dict) or header.get("msg_id") != msg_id:
+                header = {
+                    "msg_id": msg_id,
+                    "msg_type": msg_type,
+                    "username": "",
+                    "session": "",
+                    "date": _iso(record.submitted),
+                    "version": PROTOCOL_VERSION,
+                }
+            out.append((record, header))
+        return out
+
+    def is_restored(self, msg_id: str) -> bool:
+        """Whether ``msg_id`` is a dead controller's task, not ended yet."""
+        return msg_id in self._restored
+
     def assigned(self, msg_id: str, engine_id: int) -> None:
         record = self.records.get(msg_id)
         if record is not None:
@@ -254,6 +300,8 @@ class Hub:
         record = self.records.get(msg_id)
         if record is None or record.finished:
             return
+        if self._restored:
+            self._restored.discard(msg_id)
         record.status = status if status in STATUSES else "error"
         record.started = _stamp(started) or record.started
         record.completed = _stamp(completed) or time.time()
@@ -421,6 +469,10 @@ def open_log(
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error("task database %s unreadable (%s); moved to %s", path, exc, aside)
         path.rename(aside)
+        for suffix in ("-wal", "-shm"):  # (else SQLite could replay the old log into a new file)
+            extra = path.with_name(path.name + suffix)
+            if extra.exists():
+                extra.rename(aside.with_name(aside.name + suffix))
         return SqliteLog(path, **limits)
 
 

@@ -4,7 +4,9 @@ A request to ``lane:N``, ``shell:N`` or ``control:N`` is forwarded as frames (ne
 re-signed, never unpickled) and recorded in :class:`~.inflight.Inflight` until engine N
 answers; the answer goes back to the client that asked, tagged with the engine's id.
 Replies to load-balanced tasks are the balancer's to judge (a retried attempt is dropped).
-Requests a client sent to a lane itself reach the controller as notices
+Replies an adopted engine kept for a controller that died end that controller's records
+(:meth:`~.hub.Hub.is_restored`). Requests a client sent to a lane itself reach the
+controller as notices
 (:meth:`Router.direct_notice`), so their records and dependencies stay complete.
 A frontend's comm message for a widget on an engine is forwarded to that engine's shell
 and forgotten (:meth:`Router.post`): kernels do not answer them.
@@ -70,8 +72,17 @@ class Router:
         """A request to one engine's ``channel`` (``frames``: signature onwards)."""
         engine = self.engines.ready(eid)
         if engine is None:
+            starting = self.engines.engines.get(eid)
             if eid in self.dead:
                 why = ("EngineError", self.dead[eid])
+            elif starting is not None and starting.adopted:
+                why = (
+                    "EngineError",
+                    f"engine {eid} is not back yet: a restarted controller adopts it once "
+                    "the task it was running ends",
+                )
+            elif starting is not None:
+                why = ("EngineError", f"engine {eid} is not ready yet")
             else:
                 why = ("InvalidTarget", f"no engine with id {eid}")
             self.send_client(protocol.fail_reply(self.wire, client, msg.header, eid, *why))
@@ -126,6 +137,19 @@ class Router:
             self.drops.drop(f"reply from engine {engine.id} without a parent msg_id")
             return
         pending = self.inflight.pop(msg_id)
+        if pending is None and self.hub.is_restored(msg_id):
+            # a task a dead controller sent: the engine kept its reply for us. Its client
+            # was told its controller was lost; the record gets the real outcome.
+            self.balancer.outcome(msg_id, engine.id, status == "ok")
+            self.hub.assigned(msg_id, engine.id)
+            self.hub.completed(
+                msg_id,
+                "ok" if status == "ok" else "error",
+                metadata.get("started"),
+                metadata.get("completed"),
+                frames[2:] if channel == "lane" else None,
+            )
+            return
         if pending is None or pending.kind == "lb":
             if not self.balancer.owns(msg_id):
                 self.drops.drop(f"reply from engine {engine.id} to nothing it was sent")
@@ -157,9 +181,16 @@ class Router:
                 continue
             header = {"msg_id": sub.msg_id, "msg_type": sub.msg_type, "date": sub.date}
             self.hub.submitted(sub.msg_id, sub.msg_type, client, sub.engine_id, sub.date, sub.label)
-            if self.engines.ready(sub.engine_id) is not None:
+            if sub.engine_id in self.engines.engines:  # (ready, or still being adopted)
                 pending = Pending(client, header, sub.engine_id, "lane", "direct")
                 self.inflight.add(sub.msg_id, pending)
+            else:  # gone before we heard of it (a notice a restarted controller gets late)
+                why = self.dead.get(sub.engine_id) or f"engine {sub.engine_id} is gone"
+                failed = protocol.fail_reply(
+                    self.wire, client, header, sub.engine_id, "EngineError", why
+                )
+                self.hub.completed(sub.msg_id, "error", frames=failed[3:])
+                self.balancer.outcome(sub.msg_id, sub.engine_id, False)
         blobs = iter(msg.buffers)
         for done in notice.completed:
             frames = None
@@ -176,7 +207,9 @@ class Router:
             if held is not None and held.kind == "direct" and held.client == client:
                 self.inflight.pop(done.msg_id)
             record = self.hub.get(done.msg_id)
-            if record is None or record.client != client:
+            # (a record read back from the file, or restored, names its client by uuid,
+            # the identity's first 16 characters)
+            if record is None or record.client[:16] != client[:16]:
                 continue  # not this client's request: nothing to say about it
             if done.engine_id is not None:
                 self.balancer.outcome(done.msg_id, done.engine_id, done.status == "ok")

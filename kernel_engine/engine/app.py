@@ -13,10 +13,11 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
 
-from kernel_engine.clusters import PROFILE_DIR_ENV
+from kernel_engine.clusters import CONTROLLER_PID_ENV, PROFILE_DIR_ENV, engine_grace
 
 from . import logs
 from .kernel import EngineKernel
+from .watch import ControllerWatch
 
 
 class EngineApp(IPKernelApp):
@@ -27,6 +28,17 @@ class EngineApp(IPKernelApp):
 
     lane_socket: Any = None
     lane_port = 0
+
+    def init_poller(self) -> None:
+        """Watch the controller instead of ipykernel's parent poller, which would end the
+        engine the moment its launcher is gone: an engine outlives a dead controller for a
+        grace period, for a restarted one to adopt it (see :mod:`.watch`)."""
+        try:
+            pid = int(os.environ.get(CONTROLLER_PID_ENV) or 0)
+        except ValueError:
+            pid = 0
+        pid = pid or int(self.parent_handle or 0)  # (JPY_PARENT_PID, as ipykernel's)
+        self.poller = ControllerWatch(pid if pid > 1 else None, engine_grace(), self.log)
 
     def init_sockets(self) -> None:
         super().init_sockets()
@@ -41,6 +53,9 @@ class EngineApp(IPKernelApp):
             self._apply_curve_server_options(self.lane_socket)
         # no router_handover: a peer connecting with an identity already in use is refused,
         # so nobody can take over the controller's (or a client's) place on the lane
+        # mandatory: a reply to a peer that is gone raises, so the lane can keep a lost
+        # controller's replies for the next one (see lane.py)
+        self.lane_socket.router_mandatory = 1
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
         self.log.debug("task lane ROUTER on port %i", self.lane_port)
 
@@ -81,6 +96,7 @@ class EngineApp(IPKernelApp):
         kernel = self.kernel
         kernel.lane_socket = self.lane_socket
         kernel.lane_port = self.lane_port
+        kernel.controller_watch = self.poller
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 Everything a Jupyter client expects (execute, complete, inspect, interrupt, widgets) is
 ipykernel's own; the subclass adds the task lane socket, an ``engine`` section in
 ``kernel_info_reply`` (how the controller learns the lane's port, the pid and the host)
-and one control message, ``px_abort_request``, that marks msg_ids not to run.
+and two control messages: ``px_abort_request``, that marks msg_ids not to run, and
+``px_adopt_request``, by which a controller restarted on the cluster folder tells an
+engine whose controller died to wait for it (see :mod:`.watch`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ class EngineKernel(IPythonKernel):
     lane_port = Integer(0, help="The task lane's port.")
     engine_id = Integer(None, allow_none=True, help="This engine's id, set by the controller.")
     cluster_id = Unicode("", help="The cluster this engine belongs to.")
+    controller_watch = AnyTrait(None, allow_none=True, help="The watch on the controller.")
 
-    control_msg_types = [*IPythonKernel.control_msg_types, protocol.ENGINE_ABORT_REQUEST]
+    control_msg_types = [
+        *IPythonKernel.control_msg_types,
+        protocol.ENGINE_ABORT_REQUEST,
+        protocol.ENGINE_ADOPT_REQUEST,
+    ]
 
     def start(self) -> None:
         """Start ipykernel's channels, then the task lane on the same (main) event loop."""
@@ -65,4 +72,28 @@ class EngineKernel(IPythonKernel):
             reply = {"status": "ok", "msg_ids": msg_ids}
         self.session.send(  # type: ignore[union-attr]
             stream, protocol.ENGINE_ABORT_REPLY, reply, parent, ident
+        )
+
+    async def px_adopt_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """Control channel: a restarted controller will set this engine up; answered at
+        once, even while a task runs, so the engine does not leave meanwhile."""
+        reply: dict[str, Any]
+        try:
+            setup = protocol.EngineSetup.from_content(parent["content"])
+            if setup.controller_pid is None:
+                raise ValueError("controller_pid is required")
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            reply = protocol.error_content(type(exc).__name__, str(exc))
+        else:
+            watch = self.controller_watch
+            lane = getattr(self, "lane", None)
+            first = lane is None or lane.controller is None
+            why = (
+                "this engine has no watch"
+                if watch is None
+                else watch.follow(setup.controller_pid, first)
+            )
+            reply = {"status": "ok"} if why is None else protocol.error_content("ValueError", why)
+        self.session.send(  # type: ignore[union-attr]
+            stream, protocol.ENGINE_ADOPT_REPLY, reply, parent, ident
         )

@@ -14,6 +14,14 @@ from the controller (the peer that sent the signed ``engine_setup_request``; its
 is one zmq made up, which no other peer can claim), and only once their frame counts add
 up; a message from anyone else whose msg_id was seen lately is a replay and gets an error
 reply instead of running twice. Dropped input is counted and logged once per interval.
+
+A controller that dies leaves its engines running for a grace period (see
+:mod:`.watch`). A controller restarted on the cluster folder then sets the lane up again:
+a second ``engine_setup_request`` is taken only once the first controller's process is
+gone (a live controller keeps its engines). The socket is a mandatory router, so a reply
+for a controller that is gone is not dropped silently: it is kept (bounded) and sent to
+the controller that adopts the engine, right before its setup reply, so tasks that were
+running when the controller died still complete in its records.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -40,6 +49,12 @@ FLUSH_AFTER = 0.005
 
 DRAIN_LIMIT = 1000
 """Messages read per wake-up before the kernel's other channels get their turn."""
+
+MAX_KEPT = 10_000
+"""Replies kept for a controller that is gone, at most (the oldest are dropped)."""
+
+MAX_KEPT_BYTES = 256 * 1024 * 1024
+"""Bytes of replies kept for a controller that is gone, at most."""
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +103,11 @@ class TaskLane:
         self.aborted = wire.SeenWindow(16384)
         self.seen = wire.SeenWindow(16384)
         self.controller: bytes | None = None
+        # earlier controllers' identities: replies still addressed to them go to the current
+        self._former: deque[bytes] = deque(maxlen=16)
+        self._kept: deque[list[Any]] = deque()
+        self._kept_bytes = 0
+        self.watch = getattr(kernel, "controller_watch", None)
         self.drops = wire.DropLog(kernel.log, "task lane")
         self.stream: ZMQStream | None = None
         self._asyncio_loop: Any = None
@@ -146,7 +166,41 @@ class TaskLane:
             return
         reply = self._handle(frames[1:], peer)
         if reply is not None:
-            self.socket.send_multipart(reply, copy=False)
+            self._send(reply)
+
+    def _send(self, frames: list[Any]) -> None:
+        """Send ``frames`` (the first names the peer). Replies for an earlier controller go
+        to the current one; those for a controller that is gone are kept for the next."""
+        peer = frames[0]
+        if self._former and peer in self._former and self.controller is not None:
+            frames = [self.controller, *frames[1:]]
+        try:
+            self.socket.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            if peer == self.controller or peer in self._former:
+                self._keep(frames[1:])
+            else:
+                self.drops.drop("a reply to a peer that has left")
+
+    def _keep(self, frames: list[Any]) -> None:
+        """Keep a reply whose controller is gone, within :data:`MAX_KEPT` and
+        :data:`MAX_KEPT_BYTES` (dropping the oldest)."""
+        self._kept.append(frames)
+        self._kept_bytes += sum(memoryview(f).nbytes for f in frames)
+        while len(self._kept) > MAX_KEPT or self._kept_bytes > MAX_KEPT_BYTES:
+            dropped = self._kept.popleft()
+            self._kept_bytes -= sum(memoryview(f).nbytes for f in dropped)
+            self.drops.drop("a reply kept for a lost controller (too many kept)")
+
+    def _resend_kept(self) -> None:
+        """Send the replies kept for a lost controller to the current one."""
+        kept, self._kept, self._kept_bytes = list(self._kept), deque(), 0
+        if kept:
+            self.kernel.log.warning("sending %i replies to the new controller", len(kept))
+        for frames in kept:
+            self._send([self.controller, *frames])
 
     def _run_batch(self, router_ident: bytes, messages: list[list[Any]]) -> None:
         """Run a batch; replies go back together, but never held more than FLUSH_AFTER s.
@@ -169,9 +223,9 @@ class TaskLane:
 
     def _send_replies(self, router_ident: bytes, replies: list[list[Any]]) -> None:
         if len(replies) == 1:
-            self.socket.send_multipart([router_ident, *replies[0]], copy=False)
+            self._send([router_ident, *replies[0]])
         else:
-            self.socket.send_multipart([router_ident, *wire.pack_batch(replies)], copy=False)
+            self._send([router_ident, *wire.pack_batch(replies)])
 
     def _handle(self, frames: list[Any], router_ident: bytes | None = None) -> list[Any] | None:
         """Run one message; return the reply's frames (with the idents to route it back).
@@ -205,22 +259,7 @@ class TaskLane:
                 idents=idents,
             )[1]
         if msg.msg_type == protocol.ENGINE_SETUP_REQUEST and router_ident is not None:
-            if self.controller is not None:  # the first controller keeps its engine
-                refused = protocol.error_content("ValueError", "this engine is set up already")
-                return self.wire.pack(
-                    protocol.ENGINE_SETUP_REPLY, refused, msg.header, idents=idents
-                )[1]
-            try:
-                setup = protocol.EngineSetup.from_content(msg.content)
-            except (TypeError, ValueError, wire.MessageError) as exc:
-                self.drops.drop(f"invalid engine setup: {exc}")
-                return None
-            self.controller = router_ident
-            self.kernel.engine_id = setup.engine_id
-            self.kernel.cluster_id = setup.cluster_id
-            return self.wire.pack(
-                protocol.ENGINE_SETUP_REPLY, {"status": "ok"}, msg.header, idents=idents
-            )[1]
+            return self._setup(msg, router_ident, idents)
         # a signed request nobody would answer: answered with an error, so that whoever
         # waits for it (the controller's books, a client) does not wait for ever
         self.drops.drop(f"unknown message type {msg.msg_type[:40]!r}")
@@ -231,6 +270,42 @@ class TaskLane:
         return self.wire.pack(
             protocol.reply_type(msg.msg_type), refused, msg.header, metadata, idents=idents
         )[1]
+
+    def _setup(
+        self, msg: wire.Message, router_ident: bytes, idents: list[bytes]
+    ) -> list[Any] | None:
+        """A controller sets this engine up: the first one always may, a later one only
+        once the owner's process is gone (see :mod:`.watch`)."""
+        first = self.controller is None
+        watch = self.watch
+        if not first and (watch is None or not watch.owner_gone()):
+            return self._refuse_setup(msg, idents, "this engine is set up already")
+        try:
+            setup = protocol.EngineSetup.from_content(msg.content)
+        except (TypeError, ValueError, wire.MessageError) as exc:
+            self.drops.drop(f"invalid engine setup: {exc}")
+            return None
+        why = None if watch is None else watch.claim(setup.controller_pid, first)
+        if why is not None:
+            return self._refuse_setup(msg, idents, why)
+        if self.controller is not None:
+            self._former.append(self.controller)
+            self.kernel.log.warning(
+                "adopted by a new controller (pid %s) as engine %i",
+                setup.controller_pid,
+                setup.engine_id,
+            )
+        self.controller = router_ident
+        self.kernel.engine_id = setup.engine_id
+        self.kernel.cluster_id = setup.cluster_id
+        self._resend_kept()  # (before the setup reply: the controller counts on that order)
+        return self.wire.pack(
+            protocol.ENGINE_SETUP_REPLY, {"status": "ok"}, msg.header, idents=idents
+        )[1]
+
+    def _refuse_setup(self, msg: wire.Message, idents: list[bytes], why: str) -> list[Any]:
+        refused = protocol.error_content("ValueError", why)
+        return self.wire.pack(protocol.ENGINE_SETUP_REPLY, refused, msg.header, idents=idents)[1]
 
     def _apply(self, msg: wire.Message, idents: list[bytes]) -> list[Any]:
         kernel = self.kernel

@@ -1,0 +1,309 @@
+"""A controller that dies (SIGKILL) is started again on its cluster folder, and everything
+carries on: the same clients reconnect, finished results stay, tasks in flight end (with
+their real reply when their engine kept it, else a clear error), the engines that outlived
+it are adopted with their ids, pids and state, and an engine nobody adopts leaves after
+its grace period. Real processes, stopped and checked by PID; every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from conftest import wait_gone
+
+import jupyter_ext as jx
+from kernel_engine import clusters, processes, protocol, wire
+from kernel_engine.engine.watch import ControllerWatch
+
+# (a lambda: pickled by value, where a function of this module would be by reference)
+_sleep_then = lambda seconds, value: (__import__("time").sleep(seconds), value)[1]  # noqa: E731
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone([pid], timeout=10) == [], f"controller {pid} still runs after SIGKILL"
+
+
+def _engine_pids(rc: jx.Client) -> dict[int, int]:
+    return {i: rc.engine_info(i)["pid"] for i in rc.ids}
+
+
+def _wait(what: str, check: Any, timeout: float = 15.0, rc: jx.Client | None = None) -> Any:
+    """Poll ``check()`` until it returns something true, at most ``timeout`` s (the
+    failure says how ``rc`` sees its cluster)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            seen = "" if rc is None else f"; ids {rc.ids}, lost {rc.transport.io.lost!r}"
+            raise AssertionError(f"{what}: not within {timeout} s{seen}")
+        time.sleep(0.05)
+
+
+def _status(rc: jx.Client, msg_id: str) -> dict[str, Any]:
+    [record] = rc.db_query({"msg_id": msg_id}, keys=["status", "engine_id", "result_content"])
+    return dict(record)
+
+
+def _ended(rc: jx.Client, msg_id: str) -> dict[str, Any] | None:
+    """The record of ``msg_id`` once it is no longer pending."""
+    record = _status(rc, msg_id)
+    return None if record["status"] == "pending" else record
+
+
+def _connection(folder: Path) -> dict[str, Any]:
+    """What a client connects with, from the folder's connection file (not the pid)."""
+    info = json.loads((folder / clusters.CLIENT_FILE).read_text())
+    keys = ("cluster_id", "key", "ip", "client_port", "iopub_port", "hb_port", "curve_serverkey")
+    return {k: info.get(k) for k in keys}
+
+
+def _controller_pid(folder: Path) -> int:
+    return int(json.loads((folder / clusters.CLIENT_FILE).read_text())["controller_pid"])
+
+
+def px(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``jupyter px ARGS`` (the runtime dir is the session's, from conftest)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_killed_controller_restarts_and_the_same_client_carries_on(cluster_factory):
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    pids = _engine_pids(rc)
+    connection = _connection(cluster.folder)
+    lb = rc.load_balanced_view()
+
+    # finished work, direct and load-balanced
+    direct_done = rc[:].apply_async(lambda x: x * 2, 21)
+    lb_done = lb.map_async(lambda x: x + 1, range(6))
+    assert direct_done.get(10) == [42, 42] and lb_done.get(10) == list(range(1, 7))
+    rc[:].execute("state = 'kept'", block=True)
+    # work in flight when the controller dies
+    lb_running = lb.map_async(_sleep_then, [1.5, 1.5], ["a", "b"])
+    direct_running = rc[0].apply_async(_sleep_then, 1.0, "direct")
+    time.sleep(0.4)
+
+    t0 = time.monotonic()
+    _kill(cluster.controller_pid)
+    # the client was told: a clear error for what was in flight, never a hang
+    for ar in (lb_running, direct_running):
+        with pytest.raises((jx.EngineError, jx.CompositeError), match="controller"):
+            ar.get(8)
+    assert time.monotonic() - t0 < 5
+    assert direct_done.get(0) == [42, 42]  # finished results stay with the client
+    with pytest.raises(jx.EngineError, match="controller"):
+        rc[:].apply_async(abs, -1)
+    assert all(processes.running(p) for p in pids.values()), "engines must outlive it"
+
+    t1 = time.monotonic()
+    cluster.restart_controller_sync()
+    restart_seconds = time.monotonic() - t1
+    cluster_factory.pids.append(cluster.controller_pid)
+    assert not rc.transport.io.lost
+    assert _connection(cluster.folder) == connection  # the same key, ports and cluster id
+    _wait("both engines back", lambda: rc.ids == [0, 1], rc=rc)
+    assert _engine_pids(rc) == pids  # no engine lost: the same processes, the same ids
+    # the same client works again, on the same engines, with their state
+    assert rc[:].apply_sync(os.getpid) == [pids[0], pids[1]]
+    assert rc[:].pull("state", block=True) == ["kept", "kept"]
+    assert lb.map_sync(abs, [-1, -2, -3]) == [1, 2, 3]
+
+    # old results: from this client and from the store
+    assert rc.get_result(direct_done.msg_ids).get(10) == [42, 42]
+    records = rc.db_query({"msg_id": {"$in": lb_done.msg_ids}}, keys=["status"])
+    assert [r["status"] for r in records] == ["ok"] * 6
+    # the load-balanced tasks that were running completed on their engines, which kept
+    # their replies for the new controller
+    for msg_id, value in zip(lb_running.msg_ids, ["a", "b"], strict=True):
+        record = _wait("the kept reply", lambda m=msg_id: _ended(rc, m))
+        assert record["status"] == "ok", record
+        assert rc.get_result(msg_id).get(10) == [value]  # (a chunk of the map)
+    # the direct task's reply went to the client, which the controller had lost: its
+    # record ends, with the client's account or with the restart's error
+    record = _wait("the direct task's record", lambda: _ended(rc, direct_running.msg_ids[0]))
+    if record["status"] != "ok":
+        assert "controller restarted" in record["result_content"]["evalue"], record
+    assert not rc.db_query({"status": "pending"}, keys=["msg_id"])
+
+    # a second client, by cluster id, sees it all
+    other = jx.Client(cluster.cluster_id)
+    try:
+        assert other.ids == [0, 1]
+        assert other.get_result(lb_done.msg_ids).get(10) == [[i] for i in range(1, 7)]
+        assert set(lb_running.msg_ids) <= set(other.hub_history())
+        assert other[1].apply_sync(os.getpid) == pids[1]
+    finally:
+        other.close()
+    # new engines get ids above the adopted ones
+    assert cluster.start_engines_sync(1) == [2]
+    cluster_factory.pids.append(rc.engine_info(2)["pid"])
+    print(f"restart took {restart_seconds:.2f} s")
+
+
+def test_restore_by_cli_then_stop_after_another_death(cluster_factory):
+    cluster = cluster_factory(1, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    [pid] = _engine_pids(rc).values()
+    done = rc[0].apply_async(abs, -5)
+    assert done.get(10) == 5
+
+    # a live controller keeps its cluster and its engines
+    refused = px("start", "--restore", "--cluster-id", cluster.cluster_id)
+    assert refused.returncode != 0 and "still runs" in refused.stderr, refused.stderr
+    with pytest.raises(jx.ClusterError, match="still runs"):
+        cluster.restart_controller_sync()
+
+    _kill(cluster.controller_pid)
+    out = px("start", "--restore", "--cluster-id", cluster.cluster_id)
+    assert out.returncode == 0, out.stderr
+    assert f"cluster {cluster.cluster_id} restored: 1 engines ready [0]" in out.stdout
+    restored = _controller_pid(cluster.folder)
+    cluster_factory.pids.append(restored)
+    # the client that was connected reconnects at its next request
+    assert rc[0].apply_sync(os.getpid) == pid
+    assert rc.get_result(done.msg_ids[0]).get(10) == 5
+
+    # the restored controller dies too: stopping the cluster leaves no process behind
+    _kill(restored)
+    assert processes.running(pid)
+    cluster.stop_cluster_sync()
+    assert wait_gone([pid], timeout=10) == []
+    assert not clusters.key_files(cluster.folder)
+
+
+def test_an_engine_nobody_adopts_leaves_after_its_grace(cluster_factory):
+    cluster = cluster_factory(1, engine_grace=1.0)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    [pid] = _engine_pids(rc).values()
+    done = rc[0].apply_async(abs, -3)
+    assert done.get(10) == 3
+    busy = rc[0].apply_async(time.sleep, 30)  # (it leaves even while it works)
+    _wait("the task's record", lambda: rc.db_query({"msg_id": busy.msg_ids[0]}, ["status"]))
+    _kill(cluster.controller_pid)
+    t0 = time.monotonic()
+    time.sleep(0.5)
+    assert processes.running(pid), "the engine left before its grace period"
+    assert wait_gone([pid], timeout=8) == [], "the engine outlived its grace period"
+    gone_after = time.monotonic() - t0
+    assert 1.0 <= gone_after < 4, gone_after
+    with pytest.raises(jx.EngineError):
+        busy.get(1)
+
+    # restarted without engines, by a Cluster attached from the folder: the old results
+    # are there, the task in flight failed
+    attached = jx.Cluster.from_file(cluster_id=cluster.cluster_id)
+    cluster_factory.clusters.append(attached)  # (stopped by the fixture too)
+    assert not attached.running
+    attached.restart_controller_sync()
+    cluster_factory.pids.append(attached.controller_pid)
+    assert attached.running
+    _wait("the engine gone from ids", lambda: rc.ids == [], rc=rc)
+    assert rc.get_result(done.msg_ids[0]).get(10) == 3
+    record = _status(rc, busy.msg_ids[0])
+    assert record["status"] == "error"
+    assert "controller restarted" in record["result_content"]["evalue"]
+    assert "engine 0 did not outlive it" in record["result_content"]["evalue"]
+    assert cluster.start_engines_sync(1) == [1]
+    assert rc[1].apply_sync(abs, -4) == 4
+    cluster_factory.pids.append(rc.engine_info(1)["pid"])
+
+
+def test_a_live_controllers_engine_cannot_be_adopted(cluster_factory):
+    """An imposter with the key asks a live controller's engine to wait for it (control
+    channel), then to take its setup (lane): both are refused, and the engine still
+    answers its controller."""
+    _, rc = cluster_factory.start(1)
+    info = rc.engine_info(0)
+    conn = info["connection_info"]
+    signer = wire.Wire(conn["key"].encode(), username="imposter")
+    ctx: zmq.Context[Any] = zmq.Context()
+    replies = {}
+    try:
+        for channel, msg_type in (
+            ("control_port", protocol.ENGINE_ADOPT_REQUEST),
+            ("lane_port", protocol.ENGINE_SETUP_REQUEST),
+        ):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(f"tcp://{conn['ip']}:{conn[channel]}")
+            setup = protocol.EngineSetup(0, "evil", os.getpid())
+            signer.send(sock, msg_type, setup.to_content())
+            assert sock.poll(5000), f"no reply to {msg_type}"
+            replies[msg_type] = signer.recv(sock.recv_multipart(copy=False)).content
+            sock.close()
+    finally:
+        ctx.term()
+    for msg_type, content in replies.items():
+        assert content["status"] == "error", (msg_type, content)
+    assert "runs" in replies[protocol.ENGINE_ADOPT_REQUEST]["evalue"]
+    assert rc[0].apply_sync(os.getpid) == info["pid"]
+
+
+def test_the_watch_follows_owner_and_adopter_without_processes_of_its_own():
+    """The grace watch, by itself: a live owner keeps the engine; once it is gone an
+    adopter is followed; with no live controller at all, the engine leaves."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    adopter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    left = []
+    try:
+        watch = ControllerWatch(owner.pid, grace=0.5, exit=left.append)
+        assert watch.claim(None, first=True) is None  # the first setup always may
+        assert "runs" in (watch.claim(adopter.pid, first=False) or "")
+        assert "still runs" in (watch.follow(adopter.pid, first=False) or "")
+        now = time.monotonic()
+        assert not watch._check(now)
+        owner.kill()
+        owner.wait(10)
+        assert not watch._check(now)  # gone: the grace period starts
+        assert not watch._check(now + 0.4)
+        assert watch.follow(adopter.pid, first=False) is None
+        assert not watch._check(now + 10)  # the adopter runs: no leaving
+        adopter.kill()
+        adopter.wait(10)
+        assert not watch._check(now + 11)
+        assert watch._check(now + 11.6)  # nobody for longer than the grace: leave
+        assert watch.exiting and watch.claim(os.getpid(), first=False) is not None
+    finally:
+        for proc in (owner, adopter):
+            proc.kill()
+            proc.wait(10)
+    assert left == []  # (only the thread's loop calls exit)
+
+
+def test_an_encrypted_cluster_restarts_with_its_keys(cluster_factory):
+    """CurveZMQ: the restarted controller serves with the dead one's keypair, so clients
+    holding its public key reconnect; heartbeats (whose sockets also carry the handshake)
+    keep working on both sides."""
+    cluster = cluster_factory(1, curve=True, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    [pid] = _engine_pids(rc).values()
+    connection = _connection(cluster.folder)
+    assert connection["curve_serverkey"]
+    _kill(cluster.controller_pid)
+    cluster.restart_controller_sync()
+    cluster_factory.pids.append(cluster.controller_pid)
+    assert _connection(cluster.folder) == connection
+    assert rc[0].apply_sync(os.getpid) == pid
+    time.sleep(5)  # longer than a client takes to lose a controller that does not echo
+    assert not rc.transport.io.lost
+    assert rc.ids == [0] and rc[0].apply_sync(abs, -2) == 2
