@@ -67,7 +67,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-def submit(store: SqliteLog, msg_id: str, at: float = NOW, **fields: Any) -> None:
+def submit(store: SqliteLog, msg_id: str, at: float | None = None, **fields: Any) -> None:
+    at = time.time() if at is None else at  # (now, not when the module was imported)
     store.put(
         msg_id,
         msg_type="apply_request",
@@ -79,7 +80,10 @@ def submit(store: SqliteLog, msg_id: str, at: float = NOW, **fields: Any) -> Non
     )
 
 
-def complete(store: SqliteLog, msg_id: str, status: str = "ok", at: float = NOW, **fields):
+def complete(
+    store: SqliteLog, msg_id: str, status: str = "ok", at: float | None = None, **fields: Any
+):
+    at = time.time() if at is None else at
     store.put(
         msg_id,
         status=status,
@@ -262,9 +266,9 @@ def test_matches_equals_sql(rows, query_list):
 
 
 def test_record_round_trip(store):
-    submit(store, "t1", label="first", after=["t0"], follow=[])
+    submit(store, "t1", at=NOW, label="first", after=["t0"], follow=[])
     store.put("t1", engine_id=2, engine_uuid="e-2")
-    complete(store, "t1", received=NOW + 1)
+    complete(store, "t1", at=NOW, received=NOW + 1)
     store.append_output("t1", "stdout", "hello ")
     store.append_output("t1", "stdout", "world")
     store.append_output("t1", "stderr", "oops")
