@@ -142,13 +142,7 @@ class Router:
             # was told its controller was lost; the record gets the real outcome.
             self.balancer.outcome(msg_id, engine.id, status == "ok")
             self.hub.assigned(msg_id, engine.id)
-            self.hub.completed(
-                msg_id,
-                "ok" if status == "ok" else "error",
-                metadata.get("started"),
-                metadata.get("completed"),
-                frames[2:] if channel == "lane" else None,
-            )
+            self._record_outcome(msg_id, status, metadata, channel, frames)
             return
         if pending is None or pending.kind == "lb":
             if not self.balancer.owns(msg_id):
@@ -159,6 +153,12 @@ class Router:
         elif channel != "control":
             self.balancer.outcome(msg_id, engine.id, status == "ok")
         self.send_client([frames[0], engine.route, *frames[1:]])
+        self._record_outcome(msg_id, status, metadata, channel, frames)
+
+    def _record_outcome(
+        self, msg_id: str, status: str, metadata: dict[str, Any], channel: str, frames: list[Any]
+    ) -> None:
+        """An engine's reply into its record (its frames kept when it came by the lane)."""
         self.hub.completed(
             msg_id,
             "ok" if status == "ok" else "error",
