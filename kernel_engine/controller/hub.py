@@ -180,6 +180,7 @@ class Hub:
         self._finished: deque[str] = deque()  # completion order; may hold forgotten ids
         self._stored: deque[str] = deque()  # records with frames, oldest first
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
+        self._output_chars: dict[tuple[str, str], int] = {}  # output kept per record
         self._restored: set[str] = set()  # pending records a dead controller left
 
     def close(self) -> None:
@@ -332,9 +333,19 @@ class Hub:
             self.log.put(old, resubmitted=new)
 
     def output(self, msg_id: str, name: str, text: str) -> None:
-        """What a task printed (``stdout``/``stderr``): kept in the file, if there is one."""
-        if self.log is not None:
-            self.log.append_output(msg_id, name, text)
+        """What a task printed (``stdout``/``stderr``): kept in the file, if there is one,
+        up to the file's limit per record; what is past it is not even queued, so a task
+        that floods its output costs no memory here."""
+        if self.log is None:
+            return
+        key = (msg_id, name)
+        seen = self._output_chars.get(key, 0)
+        if seen > self.log.MAX_OUTPUT:
+            return
+        if len(self._output_chars) > 10_000:
+            self._output_chars.clear()
+        self._output_chars[key] = seen + len(text)
+        self.log.append_output(msg_id, name, text)
 
     def _count_stored(self, record: TaskRecord) -> None:
         self.result_bytes += record.stored_bytes

@@ -221,6 +221,9 @@ class SqliteLog:
         How often (seconds) old records are deleted and free pages given back.
     """
 
+    MAX_OUTPUT = MAX_OUTPUT
+    """Characters of stdout (and of stderr) one record keeps."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
