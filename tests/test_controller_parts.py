@@ -183,3 +183,42 @@ def test_the_loop_survives_handlers_and_callbacks_that_raise():
     for sock in (a, b):
         sock.close(linger=0)
     ctx.term()
+
+
+def test_database_reads_run_off_the_loop_and_are_bounded():
+    import threading
+    import time
+
+    from kernel_engine.controller.reads import FileReads
+
+    loop, context = PollLoop(), zmq.Context()
+    reads = FileReads(loop, context, limit=2)
+    release = threading.Event()
+    ticks: list[float] = []
+    answers: list[tuple[object, object]] = []
+
+    def slow() -> str:
+        assert release.wait(10)
+        return "read"
+
+    def boom() -> None:
+        raise OSError("disk gone")
+
+    def then(result: object, error: object) -> None:
+        answers.append((result, error))
+        if len(answers) == 2:
+            loop.stop()
+
+    assert reads.submit(slow, then) and reads.submit(boom, then)
+    assert not reads.submit(slow, then)  # past the limit: refused at once, nothing queued
+    loop.call_every(0.01, lambda: ticks.append(time.monotonic()))
+    loop.call_later(0.3, release.set)  # the loop keeps serving while the read waits
+    loop.call_later(10, loop.stop)
+    loop.run()
+    assert len(ticks) >= 10, "the loop waited for the read"
+    assert sorted(map(repr, answers)) == sorted(
+        [repr(("read", None)), repr((None, OSError("disk gone")))]
+    )
+    assert reads.pending == 0 and reads.submit(lambda: 1, then)
+    reads.close()
+    context.term()

@@ -125,6 +125,7 @@ def test_another_client_gets_results_with_their_metadata(db_rc):
         status = other.result_status(ar.msg_ids, status_only=False)
         assert status["completed"] == ar.msg_ids and status[ar.msg_ids[0]] == pid
         running = rc.load_balanced_view().apply_async(time.sleep, 1)
+        rc.queue_status()  # (a round trip on rc's socket: the controller has the task now)
         live = other.get_result(running.msg_ids[0])
         assert other.result_status(running.msg_ids)["pending"] == running.msg_ids
         assert live.get(10) is None  # a live task of another client, waited for
@@ -155,6 +156,21 @@ def test_resubmit_runs_finished_tasks_again(db_rc):
     with pytest.raises(Exception, match="no such task"):
         rc.resubmit("no-such-msg-id")
     running.get(10)
+
+
+def test_resubmit_runs_an_aborted_task(db_rc):
+    rc = db_rc
+    lv = rc.load_balanced_view()
+    busy = [lv.apply_async(time.sleep, 0.8) for _ in rc.ids]
+    queued = lv.apply_async(lambda: "ran")
+    rc.queue_status()  # (the controller has them all)
+    rc.abort(queued.msg_ids)
+    with pytest.raises(jx.TaskAborted):
+        queued.get(10)
+    again = rc.resubmit(queued.msg_ids)
+    assert again.get(10) == "ran"
+    for ar in busy:
+        ar.get(10)
 
 
 def test_purges(db_rc):

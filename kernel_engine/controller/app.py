@@ -52,6 +52,7 @@ from .heartbeat import Echo, bind
 from .hub import Hub, open_log
 from .inflight import Inflight
 from .loop import PollLoop
+from .reads import Deferred, FileReads, Reply
 from .requests import HubRequests
 from .restore import Restorer, keypair, port, previous_connection, save_keypair
 from .router import Router
@@ -243,6 +244,7 @@ class Controller:
         self.requests = HubRequests(
             self.cluster_id, self.engines, self.inflight, self.hub, self.balancer, self.dead, self
         )
+        self.reads = FileReads(self.loop, self.context)
         self._awaiting: set[int] = set()
         self.restorer = Restorer(folder, self.wire, self.engines, self.hub, self.balancer.outcome)
         self._ticks = 0
@@ -392,14 +394,46 @@ class Controller:
                 self.drops.drop(f"invalid direct notice: {exc}")
 
     def _hub_request(self, client: bytes, msg: Message) -> None:
-        buffers: list[Any] = []
+        """Answer a request the controller serves itself; one that reads the task file is
+        finished off the loop (see :mod:`.reads`)."""
+        answer: Any = None
         try:
-            content, buffers = self.requests.handle(msg, client)
-        except (TypeError, ValueError, KeyError) as exc:
-            content = protocol.error_content(type(exc).__name__, str(exc))
+            answer = self.requests.handle(msg, client)
         except Exception as exc:
-            self.loop._failed(f"controller request {msg.msg_type}", exc)
-            content = protocol.error_content(type(exc).__name__, str(exc))
+            self._hub_reply(client, msg, None, exc)
+            return
+        if not isinstance(answer, Deferred):
+            self._hub_reply(client, msg, answer, None)
+            return
+
+        def then(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self._hub_reply(client, msg, None, error)
+                return
+            try:
+                reply = answer.finish(result)
+            except Exception as exc:
+                self._hub_reply(client, msg, None, exc)
+                return
+            self._hub_reply(client, msg, reply, None)
+
+        if not self.reads.submit(answer.work, then):
+            why = f"{self.reads.limit} task database reads are waiting already; try again"
+            self._hub_reply(client, msg, None, RuntimeError(why))
+
+    def _hub_reply(
+        self, client: bytes, msg: Message, reply: Reply | None, error: BaseException | None
+    ) -> None:
+        content: dict[str, Any]
+        buffers: list[Any] = []
+        if reply is not None:
+            content, buffers = reply
+            content.setdefault("status", "ok")
+        else:
+            assert error is not None
+            if not isinstance(error, (TypeError, ValueError, KeyError)):
+                self.loop._failed(f"controller request {msg.msg_type}", error)
+            content = protocol.error_content(type(error).__name__, str(error))
         self.wire.send(
             self.clients_socket,
             protocol.reply_type(msg.msg_type),
@@ -599,6 +633,7 @@ class Controller:
             self.publish_event(protocol.CONTROLLER_STOPPING, {})
             self.drops.flush()
         finally:
+            self.reads.close()
             try:
                 self.hub.close()
             except Exception:

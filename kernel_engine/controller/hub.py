@@ -193,13 +193,19 @@ class Hub:
         return msg_id in self.records
 
     def get(self, msg_id: str) -> TaskRecord | None:
-        """The record of ``msg_id``, from memory or else from the file."""
-        record = self.records.get(msg_id)
-        if record is None and self.log is not None:
-            row = self.log.get(msg_id, keys=_ROW_KEYS)
-            if row is not None:
-                record = _from_row(row, self.log.frames(msg_id, "result"), self.sign)
-        return record
+        """The record of ``msg_id`` in memory (every live task's is; a finished one until it
+        is evicted), or None."""
+        return self.records.get(msg_id)
+
+    def read(self, msg_id: str) -> TaskRecord | None:
+        """The record of ``msg_id`` read back from the file (None without one): for the
+        reader thread (see :mod:`.reads`), never the loop."""
+        if self.log is None:
+            return None
+        row = self.log.get(msg_id, keys=_ROW_KEYS)
+        if row is None:
+            return None
+        return _from_row(row, self.log.frames(msg_id, "result"), self.sign)
 
     def submitted(
         self,
@@ -353,12 +359,18 @@ class Hub:
         while self.result_bytes > self.max_result_bytes and self._drop_oldest_frames():
             pass
 
-    def outcome(self, msg_id: str) -> tuple[int | None, bool] | str | None:
-        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown."""
+    def outcome(
+        self, msg_id: str, wait: float | None = 1.0
+    ) -> tuple[int | None, bool] | str | None:
+        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown.
+
+        Memory first, then one indexed row of the file, waiting at most ``wait`` seconds
+        for the writer (on the loop: a dependency named by a task memory has forgotten;
+        past the wait it answers from what the file holds then)."""
         record = self.records.get(msg_id)
         if record is None:
             if self.log is not None:
-                found: tuple[int | None, bool] | str | None = self.log.outcome(msg_id)
+                found: tuple[int | None, bool] | str | None = self.log.outcome(msg_id, wait)
                 return found
             return None
         if not record.finished:
@@ -404,7 +416,21 @@ class Hub:
 
     def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
         """Forget finished records: the given ones, those of the engines, or all (None),
-        in memory and in the file; returns how many."""
+        in memory and in the file; returns how many. (The loop calls
+        :meth:`forget_finished`, and the reader thread :meth:`purge_file`.)"""
+        n = self.forget_finished(msg_ids, engine_ids)
+        return n if self.log is None else self.purge_file(msg_ids, engine_ids)
+
+    def purge_file(
+        self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None
+    ) -> int:
+        """Forget finished records in the file; how many."""
+        return 0 if self.log is None else int(self.log.purge(msg_ids, engine_ids))
+
+    def forget_finished(
+        self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None
+    ) -> int:
+        """Forget finished records in memory; how many."""
         if msg_ids is None and engine_ids is None:
             chosen = [m for m, r in self.records.items() if r.finished]
         else:
@@ -419,38 +445,45 @@ class Hub:
             self._finished.clear()
             self._stored = deque(m for m in self._stored if m in self.records)
         self._compact()
-        if self.log is not None:
-            return int(self.log.purge(msg_ids, engine_ids))
         return len(chosen)
 
     def history(self) -> list[str]:
-        """Every msg_id with a record, in submission order."""
+        """Every msg_id with a record, in submission order (from the file when there is
+        one: the reader thread's call)."""
         if self.log is not None:
             return list(self.log.history())
         return list(self.records)
 
     def query(
-        self, query: dict[str, Any], keys: tuple[str, ...] | None = None
+        self, query: dict[str, Any], keys: tuple[str, ...] | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
-        """Records matching ``query`` (the predecessor's operators, see :mod:`.query`),
-        with ``keys`` (default: all but buffers). Dates are timestamps here."""
+        """At most ``limit`` records matching ``query`` (the predecessor's operators, see
+        :mod:`.query`), with ``keys`` (default: all but buffers), in submission order.
+        Dates are timestamps here. From the file when there is one: the reader thread's
+        call; :func:`check_query` and :func:`check_keys` first, on the loop."""
         checked = check_query(query)
         wanted = list(DEFAULT_KEYS if keys is None else check_keys(list(keys)))
         if self.log is not None:
-            return list(self.log.query(checked, wanted))
-        out = []
+            return list(self.log.query(checked, wanted, limit))
+        out: list[dict[str, Any]] = []
         for record in self.records.values():
+            if limit is not None and len(out) >= limit:
+                break
             row = _row_of(record)
             if matches(row, checked):
                 out.append({k: row.get(k) for k in wanted})
         return out
 
-    def request_of(self, msg_id: str) -> dict[str, Any] | None:
-        """A finished or pending task's request (``header``, ``metadata``, ``content``,
-        ``buffers``), if it was kept; None if not."""
+    def kept_request(self, msg_id: str) -> dict[str, Any] | None:
+        """A task's request (``header``, ``metadata``, ``content``, ``buffers``) if memory
+        keeps it (it does when there is no file, and the request was small enough)."""
         record = self.records.get(msg_id)
         if record is not None and record.request is not None:
             return _decode_request(record.request_frames())
+        return None
+
+    def read_request(self, msg_id: str) -> dict[str, Any] | None:
+        """A task's request as the file keeps it, or None: the reader thread's call."""
         if self.log is not None:
             row = self.log.get(msg_id, keys=["header", "metadata", "content", "buffers"])
             if row is not None and row.get("header"):

@@ -16,15 +16,21 @@ from kernel_engine.wire import Message, parse_date
 
 from .balancer import Balancer
 from .engines import EngineSet
-from .hub import PENDING, Hub
+from .hub import PENDING, Hub, TaskRecord
 from .inflight import Inflight
+from .query import check_keys, check_query
+from .reads import Deferred, Reply
 
-Reply = tuple[dict[str, Any], list[Any]]
+Answer = Reply | Deferred
+"""A reply, or how to compute it off the loop (requests that read the task database)."""
 
 MAX_DB_RECORDS = 100_000
 """Most records one ``db_query`` reply carries (``truncated`` says when more matched)."""
 
 DATE_KEYS = ("submitted", "started", "completed", "received")
+
+READ_WAIT = 60.0
+"""Seconds a read off the loop waits for the file's writer to catch up."""
 
 
 def _iso(stamp: float) -> str:
@@ -103,7 +109,7 @@ class HubRequests:
         self.balancer = balancer
         self.dead = dead
         self.ops = ops
-        self.handlers: dict[str, Callable[[Any, Message, bytes], Reply]] = {
+        self.handlers: dict[str, Callable[[Any, Message, bytes], Answer]] = {
             protocol.CONNECT_REQUEST: self._connect,
             protocol.QUEUE_REQUEST: self._queue_status,
             protocol.RESULT_REQUEST: self._result,
@@ -117,16 +123,14 @@ class HubRequests:
             protocol.RESUBMIT_REQUEST: self._resubmit,
         }
 
-    def handle(self, msg: Message, client: bytes = b"") -> Reply:
-        """The reply's content and buffers (``client``: who asked); raises for a request
-        that cannot be served."""
+    def handle(self, msg: Message, client: bytes = b"") -> Answer:
+        """The reply's content and buffers (``client``: who asked), or a :class:`Deferred`
+        that computes them; raises for a request that cannot be served."""
         structure = protocol.HUB_REQUESTS.get(msg.msg_type)
         if structure is None:
             raise ValueError(f"unknown controller request {msg.msg_type!r}")
         request = structure.from_content(msg.content)
-        content, buffers = self.handlers[msg.msg_type](request, msg, client)
-        content.setdefault("status", "ok")
-        return content, buffers
+        return self.handlers[msg.msg_type](request, msg, client)
 
     def _targets(self, targets: tuple[int, ...] | None) -> list[int]:
         ready = self.engines.ready_ids()
@@ -137,7 +141,7 @@ class HubRequests:
             raise ValueError(f"no engines with ids {missing}")
         return list(dict.fromkeys(targets))
 
-    def _connect(self, request: protocol.Empty, msg: Message, client: bytes) -> Reply:
+    def _connect(self, request: protocol.Empty, msg: Message, client: bytes) -> Answer:
         self.ops.publish_event(protocol.IOPUB_WELCOME, {"token": msg.msg_id})
         engines = self.engines.engines.values()
         return {
@@ -147,7 +151,7 @@ class HubRequests:
             "dead": {str(k): v for k, v in self.dead.items()},
         }, []
 
-    def _queue_status(self, request: protocol.QueueRequest, msg: Message, client: bytes) -> Reply:
+    def _queue_status(self, request: protocol.QueueRequest, msg: Message, client: bytes) -> Answer:
         status: dict[str, Any] = {}
         balanced = self.balancer.queue_status()
         for eid in self._targets(request.targets):
@@ -160,29 +164,47 @@ class HubRequests:
         status["unassigned"] = balanced.get("unassigned", 0)
         return {"queue_status": status}, []
 
-    def _result(self, request: protocol.ResultRequest, msg: Message, client: bytes) -> Reply:
-        records: dict[str, Any] = {}
+    def _result(self, request: protocol.ResultRequest, msg: Message, client: bytes) -> Answer:
+        held = {m: self.hub.get(m) for m in request.msg_ids}
+        missing = [m for m, record in held.items() if record is None]
+        if not missing or self.hub.log is None:
+            return self._results(held)
+        hub = self.hub
+
+        def read() -> dict[str, TaskRecord | None]:
+            return {m: hub.read(m) for m in missing}
+
+        return Deferred(read, lambda found: self._results({**held, **found}))
+
+    @staticmethod
+    def _results(records: Mapping[str, TaskRecord | None]) -> Reply:
+        summaries: dict[str, Any] = {}
         counts: dict[str, int] = {}
         buffers: list[Any] = []
-        for msg_id in request.msg_ids:
-            record = self.hub.get(msg_id)
+        for msg_id, record in records.items():
             if record is None:
-                records[msg_id] = None
+                summaries[msg_id] = None
                 continue
-            records[msg_id] = record.summary()
+            summaries[msg_id] = record.summary()
             if record.reply is not None:
                 frames = record.reply_frames()
                 counts[msg_id] = len(frames)
                 buffers.extend(frames)
-        return {"records": records, "frame_counts": counts}, buffers
+        return {"records": summaries, "frame_counts": counts}, buffers
 
-    def _purge(self, request: protocol.PurgeRequest, msg: Message, client: bytes) -> Reply:
-        n = self.hub.purge(request.msg_ids, request.engine_ids)
+    def _purge(self, request: protocol.PurgeRequest, msg: Message, client: bytes) -> Answer:
+        n = self.hub.forget_finished(request.msg_ids, request.engine_ids)
         if request.engine_ids is None:
             self.balancer.forget(request.msg_ids)
-        return {"purged": n}, []
+        if self.hub.log is None:
+            return {"purged": n}, []
+        hub = self.hub
+        return Deferred(
+            lambda: hub.purge_file(request.msg_ids, request.engine_ids),
+            lambda purged: ({"purged": purged}, []),
+        )
 
-    def _abort(self, request: protocol.AbortRequest, msg: Message, client: bytes) -> Reply:
+    def _abort(self, request: protocol.AbortRequest, msg: Message, client: bytes) -> Answer:
         self.balancer.abort(request.msg_ids)
         content = {"msg_ids": list(request.msg_ids)}
         self.ops.tell_engines(
@@ -190,7 +212,7 @@ class HubRequests:
         )
         return content, []
 
-    def _signal(self, request: protocol.SignalRequest, msg: Message, client: bytes) -> Reply:
+    def _signal(self, request: protocol.SignalRequest, msg: Message, client: bytes) -> Answer:
         if request.msg_ids is not None:  # the engines running (or holding) these requests
             held = self.inflight.engines_of(request.msg_ids)
             # a client names the engines of requests it sent to their lanes itself
@@ -202,7 +224,7 @@ class HubRequests:
             self.engines.signal(eid, request.signum)
         return {"targets": targets}, []
 
-    def _shutdown(self, request: protocol.ShutdownRequest, msg: Message, client: bytes) -> Reply:
+    def _shutdown(self, request: protocol.ShutdownRequest, msg: Message, client: bytes) -> Answer:
         targets = self._targets(request.targets)
         if request.hub:
             self.ops.stop()
@@ -210,58 +232,87 @@ class HubRequests:
         self.ops.stop_engines(targets, "was shut down by a client")
         return {"targets": targets, "reasons": {str(t): self.dead.get(t) for t in targets}}, []
 
-    def _history(self, request: protocol.Empty, msg: Message, client: bytes) -> Reply:
-        return {"history": self.hub.history()}, []
+    def _history(self, request: protocol.Empty, msg: Message, client: bytes) -> Answer:
+        if self.hub.log is None:
+            return {"history": self.hub.history()}, []
+        return Deferred(self.hub.history, lambda history: ({"history": history}, []))
 
-    def _db(self, request: protocol.DbRequest, msg: Message, client: bytes) -> Reply:
+    def _db(self, request: protocol.DbRequest, msg: Message, client: bytes) -> Answer:
         """Records matching the query, dates as ISO strings, buffers as frames (each
         ``buffers`` value the indices of its frames); at most :data:`MAX_DB_RECORDS`."""
-        rows = self.hub.query(_stamped(request.query), request.keys)
-        buffers: list[Any] = []
-        records = []
-        for row in rows[:MAX_DB_RECORDS]:
-            row = dict(row)
-            for key in DATE_KEYS:
-                if isinstance(row.get(key), (int, float)):
-                    row[key] = _iso(row[key])
-            for key in ("buffers", "result_buffers"):
-                frames = row.get(key)
-                if frames is not None:
-                    row[key] = {"frames": list(range(len(buffers), len(buffers) + len(frames)))}
-                    buffers.extend(frames)
-            records.append(row)
-        return {"records": records, "truncated": len(rows) > MAX_DB_RECORDS}, buffers
+        query = check_query(_stamped(request.query))
+        keys = None if request.keys is None else tuple(check_keys(list(request.keys)))
+        if self.hub.log is None:
+            return _db_reply(self.hub.query(query, keys, MAX_DB_RECORDS + 1))
+        hub = self.hub
+        return Deferred(lambda: hub.query(query, keys, MAX_DB_RECORDS + 1), _db_reply)
 
-    def _start(self, request: protocol.StartRequest, msg: Message, client: bytes) -> Reply:
+    def _start(self, request: protocol.StartRequest, msg: Message, client: bytes) -> Answer:
         return {"ids": self.ops.start_engines(request.n)}, []
 
-    def _resubmit(self, request: protocol.ResubmitRequest, msg: Message, client: bytes) -> Reply:
+    def _resubmit(self, request: protocol.ResubmitRequest, msg: Message, client: bytes) -> Answer:
         """Finished tasks' requests, load-balanced again under new msg_ids; all or none
-        (a ValueError names every task that cannot be)."""
+        (a ValueError names every task that cannot be). What memory does not hold is read
+        from the file first, off the loop."""
+        if self.hub.log is None:
+            return self._resubmit_known(request, client, {})
+        hub, olds = self.hub, [old for old, _ in request.pairs]
+
+        def read() -> dict[str, tuple[Any, dict[str, Any] | None]]:
+            return {m: (hub.outcome(m, wait=READ_WAIT), hub.read_request(m)) for m in olds}
+
+        return Deferred(read, lambda found: self._resubmit_known(request, client, found))
+
+    def _resubmit_known(
+        self,
+        request: protocol.ResubmitRequest,
+        client: bytes,
+        read: Mapping[str, tuple[Any, dict[str, Any] | None]],
+    ) -> Reply:
+        """(``read``: each task's outcome and request as the file had them; memory's
+        outcome, fresher, wins.)"""
         problems: list[str] = []
         plans: list[tuple[str, str, dict[str, Any]]] = []
         for old, new in request.pairs:
-            outcome = self.hub.outcome(old)
+            outcome, stored = read.get(old, (None, None))
+            if self.hub.get(old) is not None:
+                outcome = self.hub.outcome(old)
+                stored = self.hub.kept_request(old) or stored
             if self.hub.known(new) or new in self.inflight:
                 problems.append(f"{new}: that new msg_id is taken")
             elif outcome is None:
                 problems.append(f"{old}: no such task")
             elif outcome == PENDING:
                 problems.append(f"{old}: still in flight (only finished tasks run again)")
+            elif stored is None:
+                problems.append(
+                    f"{old}: its request was not kept (sent to an engine's lane "
+                    "directly, over the size kept, or purged)"
+                )
+            elif (stored.get("header") or {}).get("msg_type") != protocol.APPLY_REQUEST:
+                problems.append(f"{old}: only function calls (apply) can run again")
             else:
-                stored = self.hub.request_of(old)
-                if stored is None:
-                    problems.append(
-                        f"{old}: its request was not kept (sent to an engine's lane "
-                        "directly, over the size kept, or purged)"
-                    )
-                elif (stored.get("header") or {}).get("msg_type") != protocol.APPLY_REQUEST:
-                    problems.append(f"{old}: only function calls (apply) can run again")
-                else:
-                    plans.append((old, new, stored))
+                plans.append((old, new, stored))
         if problems:
             raise ValueError("cannot resubmit " + "; ".join(problems))
         for old, new, stored in plans:
             self.ops.resubmit(client, stored, new)
             self.hub.resubmitted(old, new)
         return {"resubmitted": {old: new for old, new, _ in plans}}, []
+
+
+def _db_reply(rows: list[dict[str, Any]]) -> Reply:
+    buffers: list[Any] = []
+    records = []
+    for row in rows[:MAX_DB_RECORDS]:
+        row = dict(row)
+        for key in DATE_KEYS:
+            if isinstance(row.get(key), (int, float)):
+                row[key] = _iso(row[key])
+        for key in ("buffers", "result_buffers"):
+            frames = row.get(key)
+            if frames is not None:
+                row[key] = {"frames": list(range(len(buffers), len(buffers) + len(frames)))}
+                buffers.extend(frames)
+        records.append(row)
+    return {"records": records, "truncated": len(rows) > MAX_DB_RECORDS}, buffers

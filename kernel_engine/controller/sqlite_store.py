@@ -258,14 +258,19 @@ class SqliteLog:
         self._shrink_until: int | None = None  # free pages to leave, while giving back
         self._error: BaseException | None = None
         self._read_lock = threading.Lock()
+        self._lookup_lock = threading.Lock()
         self._plans: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
         self._con = self._open()
         try:
             self._reader = sqlite3.connect(
                 self.path, timeout=10, isolation_level=None, check_same_thread=False
             )
-            self._reader.execute("PRAGMA query_only = 1")
-            self._reader.execute("PRAGMA cache_size = -4000")
+            self._lookup = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
+            for reader in (self._reader, self._lookup):
+                reader.execute("PRAGMA query_only = 1")
+                reader.execute("PRAGMA cache_size = -4000")
         except sqlite3.Error as exc:
             self._con.close()
             raise StoreError(self.path, str(exc)) from exc
@@ -472,6 +477,8 @@ class SqliteLog:
             self._thread.join()
         with self._read_lock:
             self._reader.close()
+        with self._lookup_lock:
+            self._lookup.close()
         self._con.close()
         if self._error is not None:
             raise StoreError(self.path, f"the writer failed: {self._error!r}") from self._error
@@ -492,6 +499,17 @@ class SqliteLog:
         with self._read_lock:
             try:
                 return self._reader.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(self.path, str(exc)) from exc
+
+    def _read_one(self, sql: str, params: Sequence[Any], wait: float | None) -> list[Any]:
+        """A lookup by key on a connection of its own (a long query on the other one never
+        holds it up), after waiting at most ``wait`` seconds for the writer."""
+        if wait is None or wait > 0:
+            self.flush(wait)
+        with self._lookup_lock:
+            try:
+                return self._lookup.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise StoreError(self.path, str(exc)) from exc
 
@@ -533,9 +551,13 @@ class SqliteLog:
         sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE t.done_at IS NULL ORDER BY t.seq"
         return [decode(row) for row in self._read(sql)]
 
-    def outcome(self, msg_id: str) -> tuple[int | None, bool] | str | None:
-        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown."""
-        rows = self._read("SELECT status, engine_id FROM tasks WHERE msg_id = ?", (msg_id,))
+    def outcome(
+        self, msg_id: str, wait: float | None = READ_TIMEOUT
+    ) -> tuple[int | None, bool] | str | None:
+        """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown;
+        what was written within ``wait`` seconds (see :meth:`_read_one`)."""
+        sql = "SELECT status, engine_id FROM tasks WHERE msg_id = ?"
+        rows = self._read_one(sql, (msg_id,), wait)
         if not rows:
             return None
         status, engine_id = rows[0]
