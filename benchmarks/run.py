@@ -74,6 +74,8 @@ class Metric:
     tools: tuple[str, ...] | None = None  # measured only for these tools (others: n/a)
 
 
+CPU_TOOLS = ("jx", "jxmem")  # the controller's CPU is read from /proc by its PID
+
 METRICS = [
     Metric("start_s", "Start to ready, 2 engines", "s", "lower", ("direct", "lb"), True),
     Metric(
@@ -103,6 +105,15 @@ METRICS = [
         False,
     ),
     Metric(
+        "dv_ctrl_cpu_us",
+        "Controller CPU per engine call of the row above",
+        "us",
+        "lower",
+        ("direct",),
+        False,
+        CPU_TOOLS,
+    ),
+    Metric(
         "pushpull_gbps", "{mb} MiB numpy push+pull, one engine", "GB/s", "higher", ("direct",), True
     ),
     Metric(
@@ -112,6 +123,15 @@ METRICS = [
         "higher",
         ("lb",),
         True,
+    ),
+    Metric(
+        "lb_map_ctrl_cpu_us",
+        "Controller CPU per task of the LB map (robust to a noisy machine)",
+        "us",
+        "lower",
+        ("lb",),
+        False,
+        CPU_TOOLS,
     ),
     Metric("lb_apply_p50_ms", "LB `apply_sync(noop)` p50", "ms", "lower", ("lb",), True),
 ]
@@ -172,6 +192,24 @@ METRICS += [
         "Long run: client RSS after",
         "MiB",
         "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_db_mib",
+        "Long run: task database on disk after (default limits: 1 GiB, 7 days)",
+        "MiB",
+        "lower",
+        _LR,
+        False,
+        LONGRUN_TOOLS,
+    ),
+    Metric(
+        "lr_db_records",
+        "Long run: records the database holds after",
+        "records",
+        "higher",
         _LR,
         False,
         LONGRUN_TOOLS,
@@ -317,8 +355,13 @@ class RcTool:
                 ),
                 (("dv_apply_cps",), lambda: W.dv_apply_rate_rc(rc, seconds=s["dv_seconds"])),
                 (
-                    ("dv_pipelined_cps",),
-                    lambda: W.dv_pipelined_rate_rc(rc, calls=s["pipelined_calls"]),
+                    ("dv_pipelined_cps", "dv_ctrl_cpu_us"),
+                    lambda: W.with_cpu(
+                        self.controller_pid,
+                        lambda: W.dv_pipelined_rate_rc(rc, calls=s["pipelined_calls"]),
+                        ("dv_pipelined_cps", "dv_ctrl_cpu_us"),
+                        s["pipelined_calls"] * N_ENGINES,
+                    ),
                 ),
                 (
                     ("pushpull_gbps",),
@@ -331,9 +374,21 @@ class RcTool:
                     ("lb_apply_p50_ms",),
                     lambda: W.lb_apply_latency_rc(rc, calls=s["lb_apply_calls"]),
                 ),
-                (("lb_map_tps",), lambda: W.lb_map_rate_rc(rc, n=s["lb_map_n"])),
+                (
+                    ("lb_map_tps", "lb_map_ctrl_cpu_us"),
+                    lambda: W.with_cpu(
+                        self.controller_pid,
+                        lambda: W.lb_map_rate_rc(rc, n=s["lb_map_n"]),
+                        ("lb_map_tps", "lb_map_ctrl_cpu_us"),
+                        s["lb_map_n"],
+                    ),
+                ),
             ]
         return out
+
+    @property
+    def controller_pid(self) -> int | None:
+        return getattr(self.cluster, "controller_pid", None)
 
     def longrun(self, s: dict[str, Any], ctx: ChildContext) -> dict[str, Any]:
         """The long run; its details (every segment) go to the result file as they come.
@@ -359,6 +414,7 @@ class RcTool:
             "lr_ctrl_rss_after_mib": after.get("controller_rss_mib"),
             "lr_client_rss_before_mib": before["client_rss_mib"],
             "lr_client_rss_after_mib": after.get("client_rss_mib"),
+            **W.task_database_size(self.rc.cluster_id),
         }
         if "error" in detail:
             print(f"long run: {detail['error']}", flush=True)
@@ -474,7 +530,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def child_main(tool: str, only: str, size: str, result_file: str, limit: float) -> int:
+def child_main(
+    tool: str, only: str, size: str, result_file: str, limit: float, longrun_tasks: int | None
+) -> int:
     t_child = time.monotonic()
     signal.signal(signal.SIGTERM, _on_sigterm)
     res: dict[str, Any] = {"tool": tool, "metrics": {}, "errors": {}, "notes": []}
@@ -491,7 +549,9 @@ def child_main(tool: str, only: str, size: str, result_file: str, limit: float) 
 
     ctx = ChildContext(t_child + max(limit - STOP_MARGIN, limit / 2), report)
 
-    s = SIZES[size]
+    s = dict(SIZES[size])
+    if longrun_tasks:
+        s["longrun_n"] = longrun_tasks
     impl: Any = DaskTool() if tool == "dask" else RcTool(tool)
     try:
         impl.load()
@@ -685,6 +745,7 @@ def run_child(
         result_file,
         "--child-timeout",
         str(limit),
+        *(["--longrun-tasks", str(args.longrun_tasks)] if args.longrun_tasks else []),
     ]
     notes: list[str] = []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -958,7 +1019,9 @@ def parent_main(args: argparse.Namespace) -> int:
         for m in METRICS
         if (args.only == "all" and (m.groups != _LR or longrun_rounds)) or args.only in m.groups
     ]
-    sizes = SIZES[args.size]
+    sizes = dict(SIZES[args.size])
+    if args.longrun_tasks:
+        sizes["longrun_n"] = args.longrun_tasks
     tmpdir = tempfile.mkdtemp(prefix="px-bench-")
     print(f"# logs in {tmpdir}; subreaper={'on' if SUBREAPER else 'off'}", file=sys.stderr)
     results: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
@@ -1101,7 +1164,14 @@ def main(argv: list[str] | None = None) -> int:
         default=600.0,
         help="hard limit (s) for one long-run child (default 600)",
     )
-    p.add_argument("--tools", default="jx,ipp,dask", help="comma list of jx,ipp,dask")
+    p.add_argument(
+        "--longrun-tasks",
+        type=int,
+        default=None,
+        help="tasks in the long run (default 200,000; a multiple of 10): 1000000 shows "
+        "what the task database holds and weighs after a million tasks",
+    )
+    p.add_argument("--tools", default="jx,ipp,dask", help="comma list of jx,ipp,dask,jxmem")
     p.add_argument("--json", metavar="OUT", help="also write every sample and the summary")
     p.add_argument(
         "--quick",
@@ -1122,11 +1192,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return child_main(args.child, args.only, args.size, args.result_file, args.child_timeout)
+        return child_main(
+            args.child,
+            args.only,
+            args.size,
+            args.result_file,
+            args.child_timeout,
+            args.longrun_tasks,
+        )
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.longrun_rounds < 0:
         p.error("--longrun-rounds must be >= 0")
+    if args.longrun_tasks is not None and (args.longrun_tasks < 10 or args.longrun_tasks % 10):
+        p.error("--longrun-tasks must be a positive multiple of 10")
     return parent_main(args)
 
 

@@ -19,6 +19,7 @@ unbounded wait.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -204,6 +205,25 @@ def lb_map_rate_rc(rc: Any, n: int = 2000, timeout: float = 300.0) -> float:
     return n / dt
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(
+    pid: int | None, run: Callable[[], float], keys: tuple[str, str], units: int
+) -> dict[str, Any]:
+    """``run()``'s value under ``keys[0]``, and process ``pid``'s CPU time per unit of
+    work during it (microseconds) under ``keys[1]`` (None without a PID). CPU time, unlike
+    wall time, hardly moves when other processes compete for the cores."""
+    before = cpu_seconds(pid) if pid else None
+    value = run()
+    used = None if before is None else (cpu_seconds(pid) - before) * 1e6 / units
+    return {keys[0]: value, keys[1]: used}
+
+
 def _engine_pids(rc: Any) -> list[int]:
     """The engines' PIDs where the client says them (jupyter_ext's ``engine_info``)."""
     pids = []
@@ -233,6 +253,27 @@ def _memory_sample(rc: Any, controller_pid: int | None, engine_pids: list[int]) 
         except (AttributeError, TypeError):
             sample[f"client_{attr}"] = None
     return sample
+
+
+def task_database_size(cluster_id: str) -> dict[str, Any]:
+    """The cluster's task database: its size on disk (file and WAL, MiB) and how many
+    records it holds (read-only, beside the running controller); None without one."""
+    import sqlite3
+
+    from kernel_engine import clusters
+
+    path = clusters.cluster_folder(cluster_id) / "tasks.db"
+    out: dict[str, Any] = {"lr_db_mib": None, "lr_db_records": None}
+    if not path.exists():
+        return out
+    size = sum(p.stat().st_size for p in (path, path.with_name("tasks.db-wal")) if p.exists())
+    out["lr_db_mib"] = size / 2**20
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        out["lr_db_records"] = con.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    finally:
+        con.close()
+    return out
 
 
 def longrun_rc(
