@@ -45,6 +45,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import workloads as W  # noqa: E402  (needs BENCH_DIR on sys.path)
+from references import PoolTool, ZmqTool  # noqa: E402
 
 N_ENGINES = 2
 START_TIMEOUT = 120  # seconds for a cluster to become ready
@@ -54,13 +55,20 @@ TOOL_NAMES = {
     "jxmem": "jupyter_ext, db=memory",
     "ipp": "IPython Parallel",
     "dask": "dask.distributed",
+    "ppe": "ProcessPoolExecutor",
+    "zmq": "raw pyzmq",
 }
 TOOL_DISTS = {
     "jx": "jupyter-px",
     "jxmem": "jupyter-px",
     "ipp": "ipyparallel",
     "dask": "distributed",
+    "ppe": "",  # (the standard library)
+    "zmq": "pyzmq",
 }
+REFERENCES = ("ppe", "zmq")
+"""Reference tools: each measures only the rows that name it in ``Metric.refs``."""
+SCALE_ENGINES = 8
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,15 @@ class Metric:
     groups: tuple[str, ...]
     dask: bool  # does dask have a comparable measurement?
     tools: tuple[str, ...] | None = None  # measured only for these tools (others: n/a)
+    refs: tuple[str, ...] = ()  # reference tools (REFERENCES) that measure it too
 
 
 CPU_TOOLS = ("jx", "jxmem")  # the controller's CPU is read from /proc by its PID
 
 METRICS = [
-    Metric("start_s", "Start to ready, 2 engines", "s", "lower", ("direct", "lb"), True),
+    Metric(
+        "start_s", "Start to ready, 2 engines", "s", "lower", ("direct", "lb"), True, refs=("ppe",)
+    ),
     Metric(
         "first_result_s",
         "Start to first `rc[:].apply_sync(noop)` result",
@@ -85,9 +96,20 @@ METRICS = [
         "lower",
         ("direct", "lb"),
         True,
+        refs=("ppe",),
     ),
-    Metric("apply_p50_ms", "`rc[0].apply_sync(noop)` p50", "ms", "lower", ("direct",), False),
-    Metric("apply_p90_ms", "`rc[0].apply_sync(noop)` p90", "ms", "lower", ("direct",), False),
+    *(
+        Metric(
+            f"apply_{p}_ms",
+            f"`rc[0].apply_sync(noop)` {p} (pool: `submit(noop).result()`; zmq: ping-pong)",
+            "ms",
+            "lower",
+            ("direct",),
+            False,
+            refs=REFERENCES,
+        )
+        for p in ("p50", "p90", "p99")
+    ),
     Metric(
         "dv_apply_cps",
         "`rc[:].apply_sync(noop)`, back to back",
@@ -118,11 +140,12 @@ METRICS = [
     ),
     Metric(
         "lb_map_tps",
-        "LB `map_sync(noop1, range({lb_map_n}))`, chunksize=1",
+        "LB `map_sync(noop1, range({lb_map_n}))`, chunksize=1 (zmq: messages pipelined)",
         "tasks/s",
         "higher",
         ("lb",),
         True,
+        refs=REFERENCES,
     ),
     Metric(
         "lb_map_ctrl_cpu_us",
@@ -133,7 +156,48 @@ METRICS = [
         False,
         CPU_TOOLS,
     ),
-    Metric("lb_apply_p50_ms", "LB `apply_sync(noop)` p50", "ms", "lower", ("lb",), True),
+    Metric(
+        "lb_apply_p50_ms", "LB `apply_sync(noop)` p50", "ms", "lower", ("lb",), True, refs=("ppe",)
+    ),
+    *(
+        Metric(
+            f"{d}_{mb}_{t}_gbps",
+            f"{d} {mb} MiB numpy array, one engine, {t}",
+            "GB/s",
+            "higher",
+            ("direct",),
+            False,
+            refs=REFERENCES,
+        )
+        for mb in W.TRANSFER_SIZES
+        for d in ("push", "pull")
+        for t in ("cold", "warm")
+    ),
+    Metric(
+        "start8_s",
+        f"Start to ready, {SCALE_ENGINES} engines",
+        "s",
+        "lower",
+        ("scale",),
+        True,
+        refs=("ppe",),
+    ),
+    Metric(
+        "push8_s",
+        f"`rc[:].push` of one {{push8_mb}} MiB array to {SCALE_ENGINES} engines",
+        "s",
+        "lower",
+        ("scale",),
+        False,
+    ),
+    Metric(
+        "push8_rss_x",
+        "... the engines' total RSS growth, in copies of the array (goal: 1.2 at most)",
+        "copies",
+        "lower",
+        ("scale",),
+        False,
+    ),
 ]
 
 #: Measured for these tools only: 200,000 tasks would take IPython Parallel (~430 tasks/s
@@ -216,6 +280,7 @@ METRICS += [
     ),
 ]
 LONGRUN_KEYS = tuple(m.key for m in METRICS if m.groups == _LR)
+SCALE_KEYS = tuple(m.key for m in METRICS if m.groups == ("scale",))
 
 SIZES = {
     "full": dict(
@@ -230,6 +295,9 @@ SIZES = {
         longrun_n=200_000,
         longrun_segments=10,
         longrun_warmup=2000,
+        transfer_sizes=W.TRANSFER_SIZES,
+        transfer_reps=3,
+        push8_mb=512,
     ),
     "quick": dict(
         apply_calls=200,
@@ -243,6 +311,9 @@ SIZES = {
         longrun_n=6000,
         longrun_segments=10,
         longrun_warmup=200,
+        transfer_sizes=(1, 16),
+        transfer_reps=1,
+        push8_mb=16,
     ),
 }
 
@@ -345,10 +416,17 @@ class RcTool:
         out: list[tuple[tuple[str, ...], Any]] = []
         if only == "longrun" and self.tool in LONGRUN_TOOLS:
             out.append((LONGRUN_KEYS, lambda: self.longrun(s, ctx)))
+        if only == "scale":
+            out.append(
+                (
+                    ("push8_s", "push8_rss_x"),
+                    lambda: W.push_to_all_rc(rc, W._engine_pids(rc), mb=s["push8_mb"]),
+                )
+            )
         if only in ("direct", "all"):
             out += [
                 (
-                    ("apply_p50_ms", "apply_p90_ms"),
+                    ("apply_p50_ms", "apply_p90_ms", "apply_p99_ms"),
                     lambda: W.apply_latency_rc(
                         rc, calls=s["apply_calls"], warmup=s["apply_warmup"]
                     ),
@@ -366,6 +444,10 @@ class RcTool:
                 (
                     ("pushpull_gbps",),
                     lambda: W.push_pull_gbps_rc(rc, mb=s["mb"], reps=s["pushpull_reps"]),
+                ),
+                (
+                    W.transfer_keys(s["transfer_sizes"]),
+                    lambda: W.transfers_rc(rc, s["transfer_sizes"], s["transfer_reps"]),
                 ),
             ]
         if only in ("lb", "all"):
@@ -552,7 +634,15 @@ def child_main(
     s = dict(SIZES[size])
     if longrun_tasks:
         s["longrun_n"] = longrun_tasks
-    impl: Any = DaskTool() if tool == "dask" else RcTool(tool)
+    impl: Any
+    if tool == "dask":
+        impl = DaskTool()
+    elif tool == "ppe":
+        impl = PoolTool()
+    elif tool == "zmq":
+        impl = ZmqTool()
+    else:
+        impl = RcTool(tool)
     try:
         impl.load()
     except Exception as exc:
@@ -563,15 +653,18 @@ def child_main(
         res["code"] = _source_fingerprint(impl.module())
     workdir = tempfile.mkdtemp(prefix=f"{tool}-work-", dir=os.getcwd())
     try:
+        scale = only == "scale"
         try:
-            res["metrics"]["start_s"] = impl.start(N_ENGINES, workdir)
+            res["metrics"]["start8_s" if scale else "start_s"] = impl.start(
+                SCALE_ENGINES if scale else N_ENGINES, workdir
+            )
         except Exception as exc:
             res["start_error"] = _errmsg(exc)
             traceback.print_exc()
             return 0
         save()
         # Start to first result: also pays for whatever "ready" left undone (imports...).
-        if impl.setup(res["notes"]):
+        if impl.setup(res["notes"]) and not scale:
             res["metrics"]["first_result_s"] = res["metrics"]["start_s"] + impl.setup_s
         save()
         for keys, fn in impl.workloads(only, s, ctx):
@@ -804,13 +897,27 @@ def run_child(
     return res
 
 
-def merge_longrun(res: dict[str, Any] | None, lr: dict[str, Any]) -> dict[str, Any]:
-    """Fold a long-run child's result into the same round's regular one (``res``; None
-    with ``--only longrun``).  Only the long-run keys are taken: its start-up numbers
-    belong to another cluster and don't go into the start-up rows."""
+def merge_longrun(
+    res: dict[str, Any] | None,
+    lr: dict[str, Any],
+    keys: tuple[str, ...] = LONGRUN_KEYS,
+    group: str = "longrun",
+) -> dict[str, Any]:
+    """Fold a long-run (or scale) child's result into the same round's regular one
+    (``res``; None with ``--only longrun``).  Only ``keys`` are taken: its start-up
+    numbers belong to another cluster and don't go into the start-up rows."""
     if res is None:
         return lr
-    for k in LONGRUN_KEYS:
+    if group != "longrun":
+        for k in keys:
+            if k in lr["metrics"]:
+                res["metrics"][k] = lr["metrics"][k]
+            elif k in lr["errors"] or "start_error" in lr:
+                res["errors"][k] = lr["errors"].get(k) or f"start: {lr['start_error']}"
+        res["notes"] += [f"{group}: {n}" for n in lr.get("notes", [])]
+        res["groups"] = [*res.get("groups", []), group]
+        return res
+    for k in keys:
         if k in lr["metrics"]:
             res["metrics"][k] = lr["metrics"][k]
         elif k in lr["errors"]:
@@ -907,7 +1014,11 @@ def summarize(
                 for r in results.get(tool, [])
                 if set(m.groups) & set(r.get("groups", m.groups)) or "unavailable" in r
             ]
-            if (tool == "dask" and not m.dask) or (m.tools is not None and tool not in m.tools):
+            if (
+                (tool == "dask" and not m.dask)
+                or (m.tools is not None and tool not in m.tools)
+                or (tool in REFERENCES and tool not in m.refs)
+            ):
                 row[tool] = {"cell": "n/a"}
                 continue
             unavailable = [r["unavailable"] for r in runs if "unavailable" in r]
@@ -975,6 +1086,8 @@ def render_table(
 
 
 def _version(tool: str) -> str:
+    if not TOOL_DISTS[tool]:
+        return f"(Python {platform.python_version()})"
     try:
         return metadata.version(TOOL_DISTS[tool])
     except metadata.PackageNotFoundError:
@@ -1013,7 +1126,8 @@ def parent_main(args: argparse.Namespace) -> int:
     longrun_rounds = {"longrun": args.rounds, "all": min(args.longrun_rounds, args.rounds)}.get(
         args.only, 0
     )
-    regular = None if args.only == "longrun" else args.only  # the regular child's --only
+    # the regular child's --only
+    regular = None if args.only in ("longrun", "scale") else args.only
     metrics = [
         m
         for m in METRICS
@@ -1045,6 +1159,10 @@ def parent_main(args: argparse.Namespace) -> int:
                 if "unavailable" in lr:
                     skip[tool] = lr
                 res = merge_longrun(res, lr)
+            if args.only in ("all", "scale") and tool not in skip and tool != "zmq":
+                sc = run_child(tool, rnd, args, tmpdir, "scale", args.child_timeout)
+                _progress(rnd, args.rounds, tool, sc, f"{SCALE_ENGINES} engines")
+                res = merge_longrun(res, sc, SCALE_KEYS, "scale")
             if res is not None:
                 results[tool].append(res)
     summary = summarize(tools, results, metrics)
@@ -1145,12 +1263,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds per tool (default 5)")
     p.add_argument(
         "--only",
-        choices=("direct", "lb", "longrun", "all"),
+        choices=("direct", "lb", "longrun", "scale", "all"),
         default="all",
         help="direct: start, apply latency, DirectView rates, push/pull; "
         "lb: start, load-balanced apply and map; longrun: 200,000 load-balanced tasks, "
         "throughput and RSS over time (jupyter_ext only), --rounds times; "
-        "all: direct + lb every round, plus longrun in the first --longrun-rounds rounds",
+        f"scale: start with {SCALE_ENGINES} engines, and one array pushed to all of them; "
+        "all: direct + lb + scale every round, plus longrun in the first --longrun-rounds "
+        "rounds",
     )
     p.add_argument(
         "--longrun-rounds",
@@ -1171,7 +1291,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tasks in the long run (default 200,000; a multiple of 10): 1000000 shows "
         "what the task database holds and weighs after a million tasks",
     )
-    p.add_argument("--tools", default="jx,ipp,dask", help="comma list of jx,ipp,dask,jxmem")
+    p.add_argument(
+        "--tools",
+        default="jx,ipp,dask,ppe,zmq",
+        help="comma list of jx, ipp, dask, ppe (ProcessPoolExecutor), zmq (raw pyzmq), "
+        "jxmem (jupyter_ext with db=memory)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write every sample and the summary")
     p.add_argument(
         "--quick",

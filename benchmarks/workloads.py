@@ -64,6 +64,7 @@ def _latencies_ms(call: Callable[[], Any], calls: int, warmup: int) -> dict[str,
     return {
         "p50": percentile(samples, 50),
         "p90": percentile(samples, 90),
+        "p99": percentile(samples, 99),
         "mean": statistics.fmean(samples),
     }
 
@@ -100,6 +101,53 @@ def _check_same(sent: np.ndarray, got: Any) -> None:
     step = max(1, sent.size // 1024)
     if not np.array_equal(sent[::step], got[::step]) or sent[-1] != got[-1]:
         raise AssertionError("pulled-back array differs from the pushed one")
+
+
+# --------------------------------------------------------------------------- transfers
+
+TRANSFER_SIZES = (1, 64, 512)  # MiB, the push/pull rows
+
+
+def transfers(
+    push: Callable[[np.ndarray], Any],
+    pull: Callable[[], np.ndarray],
+    keep: Callable[[np.ndarray], None],
+    sizes: tuple[int, ...],
+    reps: int,
+) -> dict[str, float]:
+    """GB/s of ``push(arr)`` and ``pull()`` for each size: ``cold`` the first transfer of
+    that size, ``warm`` the median of ``reps`` more. ``keep(arr)`` puts the array where
+    ``pull`` fetches it from (not timed)."""
+    out: dict[str, float] = {}
+    perf = time.perf_counter
+    for mb in sizes:
+        arr = make_array(mb)
+        for direction in ("push", "pull"):
+            if direction == "pull":
+                keep(arr)
+            rates = []
+            for _ in range(1 + reps):
+                t0 = perf()
+                if direction == "push":
+                    push(arr)
+                else:
+                    got = pull()
+                    dt = perf() - t0
+                    _check_same(arr, got)
+                    del got
+                    rates.append(arr.nbytes / dt / 1e9)
+                    continue
+                rates.append(arr.nbytes / (perf() - t0) / 1e9)
+            out[f"{direction}_{mb}_cold_gbps"] = rates[0]
+            out[f"{direction}_{mb}_warm_gbps"] = statistics.median(rates[1:])
+        del arr
+    return out
+
+
+def transfer_keys(sizes: tuple[int, ...] = TRANSFER_SIZES) -> tuple[str, ...]:
+    return tuple(
+        f"{d}_{mb}_{t}_gbps" for mb in sizes for d in ("push", "pull") for t in ("cold", "warm")
+    )
 
 
 # --------------------------------------------------------------------------- IPython-Parallel API
@@ -161,6 +209,44 @@ def dv_pipelined_rate_rc(rc: Any, calls: int = 1000, timeout: float = 120.0) -> 
     for ar in ars:
         ar.get(timeout=_remaining(deadline))
     return calls / (perf() - t0)
+
+
+def transfers_rc(
+    rc: Any, sizes: tuple[int, ...], reps: int, timeout: float = 120.0
+) -> dict[str, float]:
+    """:func:`transfers` of ``rc[0].push({"a": arr})`` and ``rc[0].pull("a")``."""
+    view = rc[0]
+
+    def push(arr: np.ndarray) -> None:
+        view.push({"a": arr}, block=False).get(timeout=timeout)
+
+    def pull() -> Any:
+        return view.pull("a", block=False).get(timeout=timeout)
+
+    try:
+        return transfers(push, pull, push, sizes, reps)
+    finally:
+        view.execute("a = None", block=False).get(timeout=timeout)
+
+
+def push_to_all_rc(
+    rc: Any, engine_pids: list[int], mb: int = 512, timeout: float = 300.0
+) -> dict[str, Any]:
+    """``rc[:].push({"b": arr})`` of an ``mb`` MiB array to every engine: seconds, and the
+    engines' total RSS growth over the array's size (1.0: one copy in all; N today)."""
+    arr = make_array(mb)
+    view = rc[:]
+    view.execute("b = None", block=False).get(timeout=timeout)
+    before = [rss_mib(p) for p in engine_pids]
+    t0 = time.perf_counter()
+    view.push({"b": arr}, block=False).get(timeout=timeout)
+    dt = time.perf_counter() - t0
+    after = [rss_mib(p) for p in engine_pids]
+    growth = None
+    if engine_pids and None not in before and None not in after:
+        growth = (sum(after) - sum(before)) / mb  # type: ignore[arg-type]
+    view.execute("b = None", block=False).get(timeout=timeout)
+    return {"push8_s": dt, "push8_rss_x": growth}
 
 
 def push_pull_gbps_rc(rc: Any, mb: int = 64, reps: int = 3, timeout: float = 120.0) -> float:
