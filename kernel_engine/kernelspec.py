@@ -70,15 +70,19 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
         )
 
 
+def _jupyter_root(kind: str, user: bool, prefix: str | None) -> Path:
+    """Jupyter's ``config`` or ``data`` folder: the user's, an environment's (``prefix``)
+    or the system's, as ``jupyter ... --user/--sys-prefix`` choose them."""
+    if user:
+        return Path(jupyter_config_dir() if kind == "config" else jupyter_data_dir())
+    if prefix is not None:
+        return Path(prefix) / ("etc" if kind == "config" else "share") / "jupyter"
+    return Path((SYSTEM_CONFIG_PATH if kind == "config" else SYSTEM_JUPYTER_PATH)[0])
+
+
 def server_config_dir(user: bool = False, prefix: str | None = None) -> Path:
     """The ``jupyter_server_config.d`` folder that ``install`` with these arguments uses."""
-    if user:
-        root = Path(jupyter_config_dir())
-    elif prefix is not None:
-        root = Path(prefix) / "etc" / "jupyter"
-    else:
-        root = Path(SYSTEM_CONFIG_PATH[0])
-    return root / "jupyter_server_config.d"
+    return _jupyter_root("config", user, prefix) / "jupyter_server_config.d"
 
 
 def enable_server_extension(user: bool = False, prefix: str | None = None) -> str:
@@ -134,13 +138,7 @@ def labextension_source() -> Path | None:
 def labextensions_dir(user: bool = False, prefix: str | None = None) -> Path:
     """The ``labextensions`` folder that :func:`install_labextension` with these arguments
     uses."""
-    if user:
-        root = Path(jupyter_data_dir())
-    elif prefix is not None:
-        root = Path(prefix) / "share" / "jupyter"
-    else:
-        root = Path(SYSTEM_JUPYTER_PATH[0])
-    return root / "labextensions"
+    return _jupyter_root("data", user, prefix) / "labextensions"
 
 
 def install_labextension(user: bool = False, prefix: str | None = None) -> str | None:
