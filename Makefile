@@ -8,8 +8,10 @@ PIP := $(PY) -m pip
 # pip prints harmless "Location ... is ignored" lines on these machines
 QUIET_PIP := { grep -v -e "is ignored" -e "^$$" || true; }
 
-# Debian packages the tests need (the browser test drives Debian's Chromium)
-APT_PACKAGES := chromium
+# Debian packages the tests need (the browser test drives Debian's Chromium; the
+# scale-out tests run Open MPI's mpiexec and a one-node Slurm with munge)
+APT_PACKAGES := chromium openmpi-bin libopenmpi-dev slurm-wlm munge
+APT_COMMANDS := chromium mpiexec slurmctld slurmd sbatch munged
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint typecheck pytest pythons bench install system-deps clean
@@ -36,7 +38,8 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@missing=; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	[ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    $(APT_PACKAGES) >/dev/null; }

@@ -438,13 +438,16 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         widget: bool | None = None,
         return_when: str = ALL_COMPLETED,
         show: bool = True,
+        per_engine: bool = False,
     ) -> None:
         """Wait, showing progress (a widget in a notebook, text elsewhere).
 
         ``return_when`` stops waiting early, as in :meth:`wait`. ``widget=False`` forces
         the text bar; ``show=False`` (or the environment variable
-        ``JUPYTER_PX_PROGRESS=off``) shows nothing. Returns nothing (so a notebook shows no
-        ``Out``), like IPython Parallel's; ``ready()`` says whether it finished in time.
+        ``JUPYTER_PX_PROGRESS=off``) shows nothing; ``per_engine=True`` adds a bar per
+        engine (items, rate, time; red with the error's name when a task there fails).
+        Returns nothing (so a notebook shows no ``Out``), like IPython Parallel's;
+        ``ready()`` says whether it finished in time.
         """
         _check_return_when(return_when)
         timeout = as_timeout(timeout)
@@ -457,7 +460,13 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             return self.done() or (bool(done) if return_when == FIRST_COMPLETED else failed)
 
         wait_with_progress(
-            self, interval=interval, timeout=timeout, widget=widget, show=show, finished=finished
+            self,
+            interval=interval,
+            timeout=timeout,
+            widget=widget,
+            show=show,
+            finished=finished,
+            per_engine=per_engine,
         )
 
     def _total(self) -> int:

@@ -24,6 +24,7 @@ from kernel_engine.errors import InvalidTarget, NoEnginesRegistered
 from kernel_engine.wire import parse_date
 
 from ._asyncresult import AsyncHubResult, AsyncResult, as_timeout
+from ._dashboard import Dashboard, Dashboards, _in_kernel
 from ._dependency import msg_ids_of
 from ._lbview import LoadBalancedView
 from ._metadata import Metadata
@@ -96,6 +97,7 @@ class Client:
         self.transport = Transport(connection_file, timeout, max_results)
         # in a notebook kernel: engines' widgets (comms) show and work in the notebook
         self._widgets: WidgetRelay | None = attach(self.transport)
+        self._dashboards = Dashboards(self.transport)
         self._dask: tuple[str, list[int]] | None = None
         self.cluster: Any = None  # the Cluster that made this client, if one did
         self.block = False
@@ -516,6 +518,21 @@ class Client:
         """Stop the dask scheduler and workers that ``become_dask`` started."""
         _dask.stop_dask(self, targets)
 
+    # ----- seeing it work
+
+    def dashboard(self, title: str = "") -> Dashboard:
+        """A live view of the cluster: engines (state, current task, queue, done, failed,
+        CPU, memory), throughput over the last minute, the latest errors with their
+        tracebacks. Shown as a cell's value (or with ``display``): plain ipywidgets in a
+        notebook, a static snapshot elsewhere. It updates only while shown, and stops
+        when this client closes (or with its ``close()``)."""
+        return self._dashboards.new(title)
+
+    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The cluster's status now, as the dashboard shows it (a JSON-ready dict:
+        ``cluster`` counts and throughput, ``engines``, ``errors``)."""
+        return self.transport.status(timeout)
+
     # ----- lifetime
 
     def close(self, linger: int | None = None) -> None:
@@ -523,6 +540,8 @@ class Client:
         global _current
         if _current is self:
             _current = None
+        if not self.transport.closed:
+            self._dashboards.close()  # (their final state, while the controller answers)
         if self._widgets is not None:
             self._widgets.close()
         self.transport.close()
@@ -538,3 +557,16 @@ class Client:
 
     def _repr_html_(self) -> str:
         return client_html(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        """In a notebook kernel, the live dashboard (the HTML summary beside it, for front
+        ends without widgets); elsewhere None (the HTML summary and repr)."""
+        if not _in_kernel() or self.transport.closed:
+            return None
+        try:
+            bundle = self._dashboards.own().mimebundle()
+        except Exception:
+            return None
+        bundle["text/html"] = client_html(self) + str(bundle.get("text/html", ""))
+        bundle["text/plain"] = repr(self)
+        return bundle

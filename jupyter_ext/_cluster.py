@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kernel_engine import clusters, protocol
+from kernel_engine import clusters, launchers, protocol
 from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 
@@ -60,7 +60,19 @@ class Cluster:
     n
         How many engines to start.
     engines
-        The launcher: ``"local"`` (engines on this machine, through jupyter_client).
+        The launcher: ``"local"`` (engines on this machine, through jupyter_client),
+        ``"mpi"`` (``mpiexec -n N``, engine ids equal to MPI ranks), ``"slurm"`` (one
+        batch job, ``srun`` inside it) or a subclass of
+        :class:`kernel_engine.launchers.Launcher` defined in an importable module. The
+        engines of all but ``"local"`` register themselves with the controller.
+    mpi_args
+        More arguments for ``mpiexec`` (``["--oversubscribe"]``, ``["--hostfile", f]``).
+    slurm_args
+        More arguments for ``sbatch`` (``["--time=10", "--partition=debug"]``: ``--time``
+        is the walltime, after which Slurm ends the engines).
+    min_engines
+        Return from the start once this many engines are ready (the others join when
+        they start: a Slurm job waiting in a busy queue). Default: all ``n``.
     cluster_id
         The cluster's name (its folder under the Jupyter runtime dir); made up if omitted.
     ip
@@ -124,11 +136,22 @@ class Cluster:
         db_max_bytes: int | None = None,
         db_max_age: float | None = None,
         engine_grace: float | None = None,
+        mpi_args: list[str] | None = None,
+        slurm_args: list[str] | None = None,
+        min_engines: int | None = None,
     ):
-        if engines != "local":
-            raise ValueError(
-                f"engines={engines!r} is not available yet in this version; use 'local'"
-            )
+        self._launcher = launchers.launcher_name(engines)
+        self._launcher_options: dict[str, Any] = {}
+        for name, value in (("mpi_args", mpi_args), ("slurm_args", slurm_args)):
+            if value is not None:
+                self._launcher_options[name] = launchers.mpi.check_args(name, value)
+        launcher_cls = launchers.find(self._launcher)
+        unknown = set(self._launcher_options) - set(launcher_cls.options)
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))} do not apply to engines={engines!r}")
+        self.min_engines = (
+            None if min_engines is None else protocol.check_int("min_engines", min_engines, 1)
+        )
         self.n = (os.cpu_count() or 1) if n is None else protocol.check_int("n", n, 0, 4096)
         self.engines = engines
         self.cluster_id = (
@@ -208,6 +231,18 @@ class Cluster:
     def _repr_html_(self) -> str:
         return cluster_html(self)
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        """In a notebook kernel, with a client: its live dashboard (see
+        ``Client._repr_mimebundle_``) under this cluster's summary; else None."""
+        client = self._client
+        if client is None or client.transport.closed:
+            return None
+        bundle = client._repr_mimebundle_(include, exclude)
+        if bundle is not None:
+            bundle["text/html"] = cluster_html(self) + str(bundle["text/html"])
+            bundle["text/plain"] = repr(self)
+        return bundle
+
     @property
     def running(self) -> bool:
         if self.controller_pid is None:
@@ -251,6 +286,7 @@ class Cluster:
                     if self.engine_grace is not None
                     else []
                 ),
+                *self._launcher_args(),
             ],
         )
         self.controller_pid = self.controller.pid
@@ -259,6 +295,37 @@ class Cluster:
             self._atexit_registered = True
         clusters.wait_ready(self.controller, self.folder, self.start_timeout)
         self.write_cluster_file()
+
+    def _launcher_args(self) -> list[str]:
+        """The controller's options for this cluster's launcher."""
+        if self._launcher == "local" and self.min_engines is None:
+            return []
+        args = ["--engines", self._launcher]
+        if self._launcher_options:
+            args += ["--engine-options", json.dumps(self._launcher_options)]
+        if self.min_engines is not None:
+            args += ["--min-engines", str(self.min_engines)]
+        if self._launcher != "local":
+            args += ["--start-timeout", str(self.start_timeout)]
+        return args
+
+    def engine_logs(self, lines: int | None = None) -> dict[int | str, str]:
+        """Each engine's output (stdout and stderr, by engine id), and its launcher's own
+        (``mpiexec-0``, ``slurm-<job id>``), as far as they reach the cluster folder;
+        ``lines``: only the last so many lines of each."""
+        out: dict[int | str, str] = {}
+        patterns = ("engine-*.log", "mpiexec-*.log", "slurm-*.out")
+        for path in sorted(p for pattern in patterns for p in self.folder.glob(pattern)):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if lines is not None:
+                text = "\n".join(text.splitlines()[-lines:])
+            name = path.name.rsplit(".", 1)[0]
+            key: int | str = name.split("-", 1)[1] if name.startswith("engine-") else name
+            out[int(key) if isinstance(key, str) and key.isdigit() else key] = text
+        return out
 
     async def start_cluster(self, n: int | None = None) -> None:
         """Start the controller and ``n`` engines; return when every engine is ready."""

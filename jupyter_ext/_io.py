@@ -104,7 +104,10 @@ class IOThread:
         self.sub = self._socket(zmq.SUB, server)
         self.sub.linger = 0
         self.sub.rcvhwm = IOPUB_HWM
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # engine output and cluster events; the status stream only while someone watches
+        # (see subscribe: a subscription is what makes the controller publish it)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"engine.")
+        self.sub.setsockopt(zmq.SUBSCRIBE, protocol.EVENT_TOPIC)
         self.sub.connect(f"{transport}://{ip}:{info['iopub_port']}")
         self.hb: zmq.Socket[Any] | None = None
         if info.get("hb_port"):
@@ -183,6 +186,11 @@ class IOThread:
                     self._sender.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 except zmq.ZMQError:
                     pass
+
+    def subscribe(self, topic: bytes, on: bool) -> None:
+        """Subscribe to (or unsubscribe from) ``topic`` of the controller's iopub (IO
+        thread: it owns the socket)."""
+        self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, topic)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on this thread (which owns the sockets) soon."""

@@ -322,9 +322,9 @@ class PXMagics:
             live.drain()
             elapsed = time.monotonic() - start
             if progress_after is not None and progress is None and elapsed >= progress_after:
-                from ._progress import ProgressDisplay
+                from ._engine_progress import EngineProgress
 
-                progress = ProgressDisplay(len(ar), "px")
+                progress = EngineProgress(ar, "px")  # (the whole, and a bar per engine)
             if progress is not None:
                 progress.update(ar.progress, elapsed)
             if timeout is not None and elapsed >= timeout:

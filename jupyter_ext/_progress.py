@@ -1,4 +1,5 @@
-"""Progress while waiting: an ipywidgets bar in a notebook, a text bar elsewhere.
+"""Progress while waiting: an ipywidgets bar in a notebook, a text bar elsewhere (and,
+with ``per_engine=True``, a bar per engine: :mod:`._engine_progress`).
 
 Switched off for one call with ``wait_interactive(show=False)``, or for the whole process
 with the environment variable ``JUPYTER_PX_PROGRESS=off``; waiting is the same either way.
@@ -108,8 +109,10 @@ def _wait_loop(
     success: Callable[[], bool],
     interrupt: Callable[[], Any] = lambda: None,
     show: bool = True,
+    display: Any = None,
 ) -> bool:
-    display = ProgressDisplay(total, label, widget, show)
+    if display is None:
+        display = ProgressDisplay(total, label, widget, show)
     deadline = None if timeout is None else time.monotonic() + timeout
     ok = False
     try:
@@ -138,9 +141,16 @@ def wait_with_progress(
     widget: bool | None = None,
     show: bool = True,
     finished: Callable[[float], bool] | None = None,
+    per_engine: bool = False,
 ) -> bool:
     """Wait for an AsyncResult (until ``finished(seconds)`` says so: by default until it
-    is done), showing its progress (items, not messages)."""
+    is done), showing its progress (items, not messages); ``per_engine``: a bar per
+    engine too."""
+    display = None
+    if per_engine:
+        from ._engine_progress import EngineProgress
+
+        display = EngineProgress(ar, ar._fname, widget, show)
     return _wait_loop(
         lambda: ar.progress,
         finished or ar.wait,
@@ -154,6 +164,7 @@ def wait_with_progress(
         lambda: not ar.done() or (not ar.cancelled() and ar.exception() is None),
         ar._interrupt_running,
         show,
+        display,
     )
 
 

@@ -13,7 +13,9 @@ interface views and AsyncResults use (and nothing else of the client's):
   on an engine), recording nothing;
 - :meth:`interrupt`, :meth:`abort`, :meth:`fetch_records`, :meth:`wait`,
   :meth:`add_iopub_handler` / :meth:`remove_iopub_handler` (and the hooks
-  :mod:`._widgets` uses: :meth:`add_submit_hook`, :meth:`add_engine_gone_handler`).
+  :mod:`._widgets` uses: :meth:`add_submit_hook`, :meth:`add_engine_gone_handler`);
+- :meth:`status`, :meth:`add_status_handler` / :meth:`remove_status_handler`: the
+  controller's status stream, subscribed to only while a handler wants it.
 
 Whatever says an engine is gone (the controller's event, a shutdown's reply, the lanes'
 own check of the engine's process, a lane that closed under a send) comes to one place,
@@ -61,6 +63,7 @@ BACK_WAIT = 3.0
 for this client to reconnect to it (instead of failing at once)."""
 
 IopubHandler = Callable[[int, wire.Message], None]
+StatusHandler = Callable[[dict[str, Any]], None]
 SubmitHook = Callable[[str], None]
 EngineGoneHandler = Callable[[int], None]
 
@@ -100,6 +103,8 @@ class Transport:
         self._iopub_handlers: list[IopubHandler] = []
         self._submit_hooks: list[SubmitHook] = []
         self._engine_gone_handlers: list[EngineGoneHandler] = []
+        self._status_handlers: list[StatusHandler] = []
+        self._status_subscribed = False  # (IO thread)
         # direct requests failed when the controller was lost, whose end it never heard of
         self._unreported: BoundedDict[str, int] = BoundedDict(max_results)
         # engines registered since the controller came back (IO thread)
@@ -450,6 +455,11 @@ class Transport:
         if topic == protocol.EVENT_TOPIC:
             self._on_event(msg)
             return
+        if topic == protocol.STATUS_TOPIC:
+            if msg.msg_type == protocol.CLUSTER_STATUS:
+                for status_handler in list(self._status_handlers):
+                    status_handler(msg.content)
+            return
         try:
             engine_id = int(topic.rsplit(b".", 1)[1])
         except (IndexError, ValueError):
@@ -489,6 +499,7 @@ class Transport:
             info = protocol.EngineInfo.from_content(content.get("engine")).to_content()
             self.engines[info["id"]] = info
             self._registered.add(info["id"])
+            self.dead.pop(info["id"], None)  # (an engine that came back with its id)
             if self.io.lanes is not None:
                 self.io.lanes.add_engine(info)
         elif msg.msg_type == protocol.ENGINE_UNREGISTERED:
@@ -641,6 +652,34 @@ class Transport:
     def remove_iopub_handler(self, handler: IopubHandler) -> None:
         if handler in self._iopub_handlers:
             self._iopub_handlers.remove(handler)
+
+    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The cluster's status now, as the controller's status stream has it (engines,
+        their tasks, counts, throughput, latest errors; see
+        :mod:`kernel_engine.controller.status`). It counts every request this client
+        sent before the call."""
+        return self.ask(protocol.STATUS_REQUEST, protocol.Empty(), timeout=timeout)
+
+    def add_status_handler(self, handler: StatusHandler) -> None:
+        """Call ``handler(status)`` on the IO thread for each status the controller
+        publishes (a few a second at most). The controller publishes only while some
+        client subscribes: this client does while it has handlers."""
+        self._status_handlers.append(handler)
+        self.io.call_soon(self._subscribe_status)
+
+    def remove_status_handler(self, handler: StatusHandler) -> None:
+        """Stop calling ``handler``; with the last one gone, unsubscribe."""
+        if handler in self._status_handlers:
+            self._status_handlers.remove(handler)
+        if not self.closed:
+            self.io.call_soon(self._subscribe_status)
+
+    def _subscribe_status(self) -> None:
+        """Subscribed to the status stream exactly while there are handlers (IO thread)."""
+        wanted = bool(self._status_handlers)
+        if wanted != self._status_subscribed:
+            self.io.subscribe(protocol.STATUS_TOPIC, wanted)
+            self._status_subscribed = wanted
 
     def add_submit_hook(self, hook: SubmitHook) -> None:
         """Call ``hook(msg_id)`` on the submitting thread for every task, before it is sent

@@ -55,6 +55,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from kernel_engine import clusters, protocol
+from kernel_engine.launchers import BUILTIN as BUILTIN_LAUNCHERS
 
 from ._cluster import Cluster
 from ._manager import ClusterManager
@@ -261,6 +262,11 @@ class ClusterListHandler(_BaseHandler):
             wanted = body.get("cluster_id")
             if wanted is not None and wanted in registry.manager.clusters:
                 raise _http_error(409, f"cluster {wanted} exists already")
+            engines = body.get("engines", "local")
+            if engines not in BUILTIN_LAUNCHERS:
+                # a plug-in would be imported, and run, in this server: not from a request
+                known = ", ".join(repr(n) for n in BUILTIN_LAUNCHERS)
+                raise _http_error(400, f"engines: {engines!r} is not one of {known}")
             try:
                 cluster = registry.manager.new_cluster(**body)
             except (TypeError, ValueError) as exc:

@@ -168,6 +168,12 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from kernel_engine.top import top
+
+    return top(args.cluster_id, once=args.once, interval=args.interval)
+
+
 def _controller(argv: list[str]) -> int:
     from kernel_engine.controller.__main__ import main
 
@@ -175,11 +181,18 @@ def _controller(argv: list[str]) -> int:
 
 
 def _engine(argv: list[str]) -> int:
-    from kernel_engine.engine.app import main
+    """``-f KERNEL_CONNECTION_FILE``: a kernel as a kernel manager starts it; otherwise an
+    engine that joins a running cluster by itself (``--file``, ``--cluster-id`` or
+    ``$JUPYTER_PX_CONNECTION_INFO``; see :mod:`kernel_engine.engine.register`)."""
+    if any(a in ("-f", "--f") or a.startswith(("-f=", "--f=")) for a in argv):
+        from kernel_engine.engine.app import main
 
-    sys.argv = [sys.argv[0], *argv]
-    main()
-    return 0
+        sys.argv = [sys.argv[0], *argv]
+        main()
+        return 0
+    from kernel_engine.engine.register import main as register
+
+    return register(argv)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,10 +255,20 @@ def parser() -> argparse.ArgumentParser:
     eng.add_argument("--cluster-id", default=None, help="default: the newest running")
     eng.add_argument("--json", action="store_true")
     eng.set_defaults(func=_engines)
+    top = sub.add_parser("top", help="a live table of a cluster's engines (Ctrl-C ends it)")
+    top.add_argument("--cluster-id", default=None, help="default: the newest running")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    top.set_defaults(func=_top)
     clean = sub.add_parser("clean", help="remove dead clusters' folders, logs included")
     clean.set_defaults(func=_clean)
     sub.add_parser("controller", help="run a controller in the foreground", add_help=False)
-    sub.add_parser("engine", help="run one engine kernel", add_help=False)
+    sub.add_parser(
+        "engine",
+        help="run one engine that joins a running cluster (--file CLIENT_FILE, --cluster-id "
+        "ID or $JUPYTER_PX_CONNECTION_INFO; --help for more)",
+        add_help=False,
+    )
     return p
 
 

@@ -388,6 +388,30 @@ PROFILE_DIR_ENV = "JUPYTER_PX_PROFILE_DIR"
 """The IPython profile folder engines load their configuration from (else IPython's
 default profile, as any kernel's)."""
 
+CONNECTION_ENV = "JUPYTER_PX_CONNECTION_INFO"
+"""The cluster's connection info (JSON), for engines that register themselves
+(``jupyter px engine``): what launchers put in their engines' environment, so that no
+shared filesystem is needed. It holds the cluster's key."""
+
+ENGINE_CONNECTION_KEYS = (
+    "cluster_id",
+    "ip",
+    "transport",
+    "client_port",
+    "key",
+    "signature_scheme",
+    "curve_serverkey",
+    "controller_pid",
+    "hostname",
+)
+"""What of the client connection info an engine needs to register."""
+
+
+def engine_connection(info: dict[str, Any]) -> dict[str, Any]:
+    """The part of a client connection info that a registering engine needs."""
+    return {k: info[k] for k in ENGINE_CONNECTION_KEYS if k in info}
+
+
 CONTROLLER_PID_ENV = "JUPYTER_PX_CONTROLLER_PID"
 """Set by a controller for the engines it starts: its PID, which they watch."""
 
@@ -564,8 +588,12 @@ def stop_controller(
         except TimeoutError as exc:
             raise ClusterError(f"the controller of {folder}: {exc}") from None
     if read_cluster(folder).state == "dead":
-        # a controller that was killed (or died before) left its engines running
+        # a controller that was killed (or died before) left its engines running, and
+        # what its launchers started (mpiexec, a Slurm job)
+        from kernel_engine.launchers import stop_recorded
+
         stop_engines(folder, timeout=min(timeout, 3.0))
+        stop_recorded(folder, timeout=min(timeout, 5.0))
         remove_key_files(folder)
     return running
 

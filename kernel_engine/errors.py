@@ -178,6 +178,24 @@ class ClusterError(PXError, RuntimeError):
     """Raised when a cluster or its engines fail to start or stop; carries their stderr."""
 
 
+class LaunchError(ClusterError):
+    """Raised when a launcher (mpiexec, sbatch, ...) fails; its message quotes the
+    launcher's own output."""
+
+
+class RegistrationError(ClusterError):
+    """Raised when an engine could not join its cluster (refused, or no controller
+    answered); says why."""
+
+
+class StoreError(PXError, RuntimeError):
+    """Raised when the task database cannot be opened or written; names the file."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"task database {path}: {message}")
+
+
 # IPython Parallel's names for the base class, so its ``except`` clauses still catch.
 IPythonError = PXError
 KernelError = PXError

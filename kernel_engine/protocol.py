@@ -51,6 +51,12 @@ ENGINE_SETUP_REPLY = "engine_setup_reply"
 # controller died, stops counting down its grace period and waits for that setup.
 ENGINE_ADOPT_REQUEST = "px_adopt_request"
 ENGINE_ADOPT_REPLY = "px_adopt_reply"
+# An engine started anywhere (``jupyter px engine --file``, mpiexec, srun) asks the
+# controller to take it in (route ``b"hub"`` of the client socket, signed like any client
+# message): :class:`RegisterRequest`, answered ``{"status": "ok", "engine_id": N}`` or an
+# error; the controller then connects to the engine and sets it up as one it started.
+REGISTER_REQUEST = "px_register_request"
+REGISTER_REPLY = "px_register_reply"
 # Sent on an engine's control channel: do not run these msg_ids when they arrive.
 ENGINE_ABORT_REQUEST = "px_abort_request"
 ENGINE_ABORT_REPLY = "px_abort_reply"
@@ -94,6 +100,21 @@ ENGINE_UNREGISTERED = "px_engine_unregistered"
 CONTROLLER_STOPPING = "px_controller_stopping"
 # Published for every connect request, so a new client knows its iopub subscription works.
 IOPUB_WELCOME = "px_iopub_welcome"
+
+# The status stream (see ``kernel_engine.controller.status``): the controller publishes
+# CLUSTER_STATUS on its iopub socket under STATUS_TOPIC only while someone subscribes to
+# that topic (the socket is an XPUB: subscriptions reach the controller), at most every
+# STATUS_EVERY seconds. STATUS_REQUEST (route ``b"hub"``) answers one snapshot at once.
+STATUS_TOPIC = b"px.status"
+CLUSTER_STATUS = "px_cluster_status"
+STATUS_REQUEST = "px_status_request"
+STATUS_EVERY = 0.25
+"""Seconds between two status messages, at least (whatever the task rate)."""
+# While someone watches, the controller asks each engine for its own figures (CPU,
+# memory, the task it runs) on its control channel, every ENGINE_REPORT_EVERY seconds.
+ENGINE_STATUS_REQUEST = "px_engine_status_request"
+ENGINE_STATUS_REPLY = "px_engine_status_reply"
+ENGINE_REPORT_EVERY = 0.5
 
 # Error classes the controller or the lane report by name in an error reply's content
 # (``"px_error"``), so the client raises the matching class of ``kernel_engine.errors``.
@@ -644,6 +665,7 @@ HUB_REQUESTS: dict[str, Any] = {
     DB_REQUEST: DbRequest,
     START_REQUEST: StartRequest,
     RESUBMIT_REQUEST: ResubmitRequest,
+    STATUS_REQUEST: Empty,
 }
 """Each request the controller answers itself, and the structure of its content."""
 
@@ -832,4 +854,127 @@ class EngineInfo:
             check_label("hostname", info.get("hostname", "")) or "",
             check_label("state", info.get("state", "")) or "",
             _mapping("connection_info", info.get("connection_info", {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReport:
+    """What an engine says of itself (:data:`ENGINE_STATUS_REPLY`): CPU use since its last
+    report (percent of one core), resident memory (bytes), and the task it runs (msg_id,
+    function name, since when as a Unix time), each None when unknown."""
+
+    cpu: float | None = None
+    rss: int | None = None
+    task: str | None = None
+    task_name: str | None = None
+    task_since: float | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "rss": self.rss,
+            "task": self.task,
+            "task_name": self.task_name,
+            "task_since": self.task_since,
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        cpu = content.get("cpu")
+        rss = content.get("rss")
+        since = content.get("task_since")
+        task = content.get("task")
+        return cls(
+            None if cpu is None else _finite("cpu", cpu, 1e6),
+            None if rss is None else check_int("rss", rss, 0, 2**62),
+            None if task is None else check_msg_id("task", task),
+            check_label("task_name", content.get("task_name")),
+            None if since is None else _finite("task_since", since, 1e11),
+        )
+
+
+def _finite(name: str, value: Any, high: float) -> float:
+    """A number in ``[0, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {_kind(value)}")
+    if not (math.isfinite(value) and 0 <= value <= high):
+        raise ValueError(f"{name} must be a finite number from 0 to {high:g}, not {value!r}")
+    return float(value)
+
+
+MAX_ENGINE_ID = 999_999
+"""The highest engine id a registrant may ask for."""
+
+_HOST = re.compile(r"[A-Za-z0-9_.:%-]{1,253}\Z")
+_CURVE_KEY = re.compile(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}\Z")
+_KERNEL_PORTS = ("shell_port", "control_port", "iopub_port", "hb_port", "stdin_port", "lane_port")
+
+
+def check_host(name: str, value: Any) -> str:
+    """A host name or IP address (letters, digits, ``_.:%-``; no URL, no spaces)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a host name or address, not {_kind(value)}")
+    if not _HOST.match(value):
+        raise ValueError(f"{name} {value[:60]!r} is not a host name or address")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    """An engine that asks to join the cluster (:data:`REGISTER_REQUEST`).
+
+    ``connection_info`` is its kernel's (address, transport ``tcp``, the five Jupyter
+    ports, ``lane_port`` and, when it encrypts, its CurveZMQ keypair), which the controller
+    connects to; ``engine_id`` the id it asks for (None: any; an MPI rank asks for its
+    rank); ``pid``, ``hostname`` and ``uuid`` (its kernel's session id) say which process
+    it is, so a repeated registration of the same process gets the same answer.
+    """
+
+    connection_info: dict[str, Any]
+    pid: int
+    hostname: str
+    uuid: str
+    engine_id: int | None = None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "connection_info": self.connection_info,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "uuid": self.uuid,
+            "engine_id": self.engine_id,
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        raw = _mapping("connection_info", content.get("connection_info"))
+        info: dict[str, Any] = {"ip": check_host("connection_info.ip", raw.get("ip"))}
+        transport = raw.get("transport", "tcp")
+        if transport != "tcp":
+            raise ValueError(f"connection_info.transport must be 'tcp', not {_kind(transport)}")
+        info["transport"] = "tcp"
+        ports = [check_int(f"connection_info.{p}", raw.get(p), 1, 65535) for p in _KERNEL_PORTS]
+        if len(set(ports)) != len(ports):
+            raise ValueError("connection_info has the same port twice")
+        info.update(zip(_KERNEL_PORTS, ports))
+        scheme = raw.get("signature_scheme", "hmac-sha256")
+        if scheme != "hmac-sha256":
+            raise ValueError(f"signature_scheme must be 'hmac-sha256', not {_kind(scheme)}")
+        info["signature_scheme"] = scheme
+        public, secret = raw.get("curve_publickey"), raw.get("curve_secretkey")
+        if public is not None or secret is not None:
+            for name, key in (("curve_publickey", public), ("curve_secretkey", secret)):
+                if not isinstance(key, str) or not _CURVE_KEY.match(key):
+                    raise ValueError(f"connection_info.{name} must be a Z85 CurveZMQ key")
+            info["curve_publickey"], info["curve_secretkey"] = public, secret
+        uuid = check_label("uuid", content.get("uuid"))
+        if not uuid:
+            raise ValueError("uuid (the engine kernel's session id) is required")
+        eid = content.get("engine_id")
+        return cls(
+            info,
+            check_int("pid", content.get("pid"), 1, 2**31),
+            check_host("hostname", content.get("hostname")),
+            uuid,
+            None if eid is None else check_int("engine_id", eid, 0, MAX_ENGINE_ID),
         )

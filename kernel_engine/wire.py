@@ -309,14 +309,14 @@ class Wire:
         self,
         socket: zmq.Socket[Any],
         msg_type: str,
-        content: dict[str, Any] | None = None,
+        content: dict[str, Any] | bytes | None = None,
         parent: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         buffers: Sequence[Any] = (),
         idents: Sequence[bytes] = (),
         flags: int = 0,
     ) -> dict[str, Any]:
-        """Pack and send a message; returns its header."""
+        """Pack and send a message (``content`` may be JSON already); returns its header."""
         header, frames = self.pack(msg_type, content, parent, metadata, buffers, idents)
         socket.send_multipart(frames, flags, copy=False)
         return header

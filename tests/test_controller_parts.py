@@ -185,40 +185,90 @@ def test_the_loop_survives_handlers_and_callbacks_that_raise():
     ctx.term()
 
 
-def test_database_reads_run_off_the_loop_and_are_bounded():
+def test_database_reads_run_off_the_loop_are_bounded_and_served_in_turn():
     import threading
     import time
 
     from kernel_engine.controller.reads import FileReads
 
     loop, context = PollLoop(), zmq.Context()
-    reads = FileReads(loop, context, limit=2)
+    reads = FileReads(loop, context, limit=5, per_owner=3)
     release = threading.Event()
     ticks: list[float] = []
+    order: list[str] = []
     answers: list[tuple[object, object]] = []
 
     def slow() -> str:
         assert release.wait(10)
+        order.append("slow")
         return "read"
 
     def boom() -> None:
+        order.append("boom")
         raise OSError("disk gone")
+
+    def mine(i: int):  # type: ignore[no-untyped-def]
+        return lambda: order.append(f"a{i}")
 
     def then(result: object, error: object) -> None:
         answers.append((result, error))
-        if len(answers) == 2:
+        if len(answers) == 5:
             loop.stop()
 
-    assert reads.submit(slow, then) and reads.submit(boom, then)
-    assert not reads.submit(slow, then)  # past the limit: refused at once, nothing queued
+    assert reads.submit(slow, then, owner=b"a") is None
+    assert reads.submit(mine(1), then, owner=b"a") is None
+    assert reads.submit(mine(2), then, owner=b"a") is None
+    refused = reads.submit(mine(3), then, owner=b"a")  # past this client's share
+    assert refused is not None and "this client" in refused
+    assert reads.submit(boom, then, owner=b"b") is None
+    assert reads.submit(mine(9), then, owner=b"c") is None
+    refused = reads.submit(mine(4), then, owner=b"d")  # past the limit: nothing queued
+    assert refused is not None and "5 task database reads" in refused
     loop.call_every(0.01, lambda: ticks.append(time.monotonic()))
     loop.call_later(0.3, release.set)  # the loop keeps serving while the read waits
     loop.call_later(10, loop.stop)
     loop.run()
     assert len(ticks) >= 10, "the loop waited for the read"
-    assert sorted(map(repr, answers)) == sorted(
-        [repr(("read", None)), repr((None, OSError("disk gone")))]
-    )
-    assert reads.pending == 0 and reads.submit(lambda: 1, then)
+    # each client in turn: b's and c's jobs do not wait behind all of a's
+    assert order == ["slow", "boom", "a9", "a1", "a2"] or order[:3] == ["slow", "boom", "a9"]
+    assert ("read", None) in answers
+    assert any(isinstance(e, OSError) and str(e) == "disk gone" for _, e in answers)
+    assert reads.pending == 0 and reads.submit(lambda: 1, then, owner=b"a") is None
+    reads.close()
+    # a client that is gone: its jobs not started are forgotten, and its share freed
+    reads = FileReads(loop, context, limit=5, per_owner=3)
+    hold = threading.Event()
+    assert reads.submit(lambda: hold.wait(5), then, owner=b"x") is None
+    time.sleep(0.1)  # (the reader took it)
+    assert reads.submit(mine(5), then, owner=b"gone") is None
+    assert reads.submit(mine(6), then, owner=b"gone") is None
+    assert reads.drop(b"gone") == 2 and reads.pending == 1
+    assert reads.submit(mine(7), then, owner=b"gone") is None
+    hold.set()
     reads.close()
     context.term()
+
+
+def test_comm_messages_waiting_for_an_engine_are_bounded_until_it_is_idle():
+    from kernel_engine import wire
+    from kernel_engine.controller.comms import CommPosts, idle_parent
+
+    posts = CommPosts(max_messages=3, max_bytes=1000)
+    assert posts.admit(0, "a", 400) is None and posts.admit(0, "b", 400) is None
+    refused = posts.admit(0, "c", 400)  # past the bytes
+    assert refused is not None and "engine 0" in refused
+    assert posts.admit(1, "z", 400) is None  # each engine has its own share
+    w = wire.Wire(b"k")
+
+    def iopub(msg_type: str, content: dict, parent: str) -> list:
+        frames = w.pack(msg_type, content, {"msg_id": parent}, idents=[b"engine.0"])[1]
+        return frames
+
+    assert idle_parent(iopub("status", {"execution_state": "idle"}, "a")) == "a"
+    assert idle_parent(iopub("status", {"execution_state": "busy"}, "a")) is None
+    assert idle_parent(iopub("stream", {"name": "stdout", "text": "idle"}, "a")) is None
+    assert idle_parent([b"garbage"]) is None
+    posts.seen(0, iopub("status", {"execution_state": "idle"}, "a"))
+    assert posts.admit(0, "c", 400) is None and posts.waiting(0)
+    posts.forget(0)
+    assert not posts.waiting(0) and posts.waiting(1)

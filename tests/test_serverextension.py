@@ -252,7 +252,7 @@ def test_create_started_and_conflicts(server: JupyterServer) -> None:
         ({"curve": 1}, "curve must be true or false"),
         ({"start_timeout": "30"}, "start_timeout must be"),
         ({"on_client_lost": "explode"}, "on_client_lost"),
-        ({"engines": "mpi"}, "engines"),
+        ({"engines": "warp-drive"}, "engines"),
         ({"nn": 1}, "unknown field 'nn'"),
         ([1, 2], "JSON object"),
         ("n", "JSON object"),

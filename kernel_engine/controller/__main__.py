@@ -86,6 +86,28 @@ def parser() -> argparse.ArgumentParser:
         "restarted one to adopt them (default: $JUPYTER_PX_ENGINE_GRACE, else 60)",
     )
     parser.add_argument(
+        "--engines",
+        default="local",
+        help="the launcher that starts engines: local, mpi, slurm or package.module:Class",
+    )
+    parser.add_argument(
+        "--engine-options",
+        default="{}",
+        help="the launcher's options, as a JSON object (mpi_args, slurm_args, ...)",
+    )
+    parser.add_argument(
+        "--min-engines",
+        type=int,
+        default=None,
+        help="report the start once this many engines are ready (default: all)",
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=None,
+        help="seconds within which the engines must be ready, else the start fails",
+    )
+    parser.add_argument(
         "--restore",
         action="store_true",
         help="serve the cluster of a controller that died in --folder: same key, ports "
@@ -109,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None:
             options[name] = given
     try:
+        engine_options = json.loads(args.engine_options)
+        if not isinstance(engine_options, dict):
+            raise ValueError("--engine-options must be a JSON object")
         controller = Controller(
             folder,
             ip=args.ip,
@@ -116,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             parent_pid=args.parent_pid or None,
             curve=args.curve,
             restore=args.restore,
+            engines=args.engines,
+            engine_options=engine_options,
+            min_engines=args.min_engines,
+            start_timeout=args.start_timeout,
             **options,
         )
-    except ClusterError as exc:
+    except (ClusterError, TypeError, ValueError) as exc:
         # (what launched us reads this line; see kernel_engine.clusters.wait_ready)
         print(json.dumps({"status": "error", "message": str(exc)}), flush=True)
         logging.getLogger("kernel_engine.controller").error("%s", exc)

@@ -3,6 +3,8 @@
 Sockets: a ROUTER for clients' requests (``client_port``), a PUB relaying every engine's
 iopub, tagged ``engine.<id>``, plus the controller's own events (``iopub_port``), and an
 echo for clients' heartbeats on a thread of its own (``hb_port``, see :mod:`.heartbeat`).
+The iopub socket is an XPUB: subscriptions to the status topic reach the
+:class:`~.monitor.Monitor`, which publishes the cluster's status only while there are some.
 
 Every message from a client passes the edge (:meth:`Controller.from_client`) before any
 component sees it: framing, signature, header, a msg_id not seen before (a replay or a
@@ -43,15 +45,20 @@ from typing import Any
 import zmq
 
 from kernel_engine import clusters, protocol, wire
+from kernel_engine.errors import LaunchError
+from kernel_engine.launchers.state import Report
 from kernel_engine.wire import DropLog, Message
 
 from .balancer import Balancer
 from .clients import Clients
+from .comms import CommPosts
 from .engines import Engine, EngineSet
 from .heartbeat import Echo, bind
 from .hub import Hub, open_log
 from .inflight import Inflight
+from .launching import Launches
 from .loop import PollLoop
+from .monitor import Monitor
 from .reads import Deferred, FileReads, Reply
 from .requests import HubRequests
 from .restore import Restorer, keypair, port, previous_connection, save_keypair
@@ -130,6 +137,14 @@ class Controller:
     restore
         Serve the cluster of a controller that died in ``folder`` (see the module
         docstring); ``ip``, ``curve`` and ``cluster_id`` are then the folder's.
+    engines, engine_options
+        The launcher that starts engines (``"local"``, ``"mpi"``, ``"slurm"`` or
+        ``"module:Class"``, see :mod:`.launching`) and its options.
+    min_engines
+        Report the start once this many engines are ready (None: all of them).
+    start_timeout
+        Seconds within which the start must be ready, else it fails quoting the
+        launchers' output (None: no deadline here).
 
     Raises
     ------
@@ -152,6 +167,10 @@ class Controller:
         db_max_age: float | None = None,
         engine_grace: float | None = None,
         restore: bool = False,
+        engines: str = "local",
+        engine_options: dict[str, Any] | None = None,
+        min_engines: int | None = None,
+        start_timeout: float | None = None,
     ):
         if on_client_lost not in CLIENT_POLICIES:
             raise ValueError(f"on_client_lost must be one of {CLIENT_POLICIES}")
@@ -205,7 +224,8 @@ class Controller:
         # what one peer has sent and we have not read waits in its own process, not here
         # (a flood pushes back on the flooder; a client queues in its own memory)
         self.clients_socket.rcvhwm = PEER_HWM
-        self.iopub = self._server_socket(zmq.PUB)
+        self.iopub = self._server_socket(zmq.XPUB)
+        self.iopub.setsockopt(zmq.XPUB_VERBOSE, 1)  # (each subscriber to status gets one now)
         self.iopub.linger = 0
         self.iopub.sndhwm = IOPUB_HWM
         echo = self._server_socket(zmq.ROUTER)
@@ -245,7 +265,19 @@ class Controller:
             self.cluster_id, self.engines, self.inflight, self.hub, self.balancer, self.dead, self
         )
         self.reads = FileReads(self.loop, self.context)
-        self._awaiting: set[int] = set()
+        self.comms = CommPosts()
+        self.launches = Launches(
+            self.loop,
+            self.engines,
+            folder,
+            cwd,
+            engines,
+            engine_options,
+            self._engine_env,
+            min_engines,
+            start_timeout,
+            self._startup_done,
+        )
         self.restorer = Restorer(folder, self.wire, self.engines, self.hub, self.balancer.outcome)
         self._ticks = 0
         self._startup_reported = False
@@ -254,6 +286,20 @@ class Controller:
         self.engines.on_dead = self._engine_dead
         self.engines.on_message = self.router.from_engine
         self.engines.on_iopub = self._relay_iopub
+        self.monitor = Monitor(
+            self.loop,
+            self.wire,
+            self._publish_status,
+            self.engines,
+            self.inflight,
+            self.hub,
+            lambda: int(self.balancer.queue_status().get("unassigned", 0)),
+            self.dead,
+            self.cluster_id,
+        )
+        self.hub.on_task = self.monitor.on_task
+        self.engines.on_report = self.monitor.on_report
+        self.loop.add_socket(self.iopub, self.monitor.subscription)
         self.loop.add_socket(self.clients_socket, self.from_client)
         self.loop.after_events.append(self.balancer.schedule)
         self.loop.call_every(0.05, self.balancer.tick)
@@ -340,7 +386,9 @@ class Controller:
             self.send_client(reply)
             return
         if channel == "hub":
-            if msg.msg_type in protocol.NOTICES:
+            if msg.msg_type == protocol.REGISTER_REQUEST:
+                self._register(client, msg)
+            elif msg.msg_type in protocol.NOTICES:
                 self._notice(client, msg)
             else:
                 self._hub_request(client, msg)
@@ -365,15 +413,22 @@ class Controller:
 
         No kernel answers it, so nothing waits for it and nothing is recorded: it is
         checked (size before parsing, then every part a kernel reads) and forwarded, or
-        dropped without a reply.
+        dropped without a reply; at most :data:`.comms.MAX_BYTES` of them wait for a busy
+        engine (see :mod:`.comms`).
         """
+        size = sum(len(f) for f in frames)
         try:
-            protocol.check_comm_size(len(frames) - 5, sum(len(f) for f in frames))
+            protocol.check_comm_size(len(frames) - 5, size)
             protocol.CommMessage.from_content(msg.content)
             _ = msg.parent_header, msg.metadata  # JSON objects, or MessageError
         except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
             self.drops.drop(f"invalid {msg.msg_type}: {str(exc)[:200]}")
             return
+        if self.engines.ready(eid) is not None:
+            refused = self.comms.admit(eid, msg.msg_id, size)
+            if refused is not None:
+                self.drops.drop(refused)
+                return
         self.router.post(client, eid, frames)
 
     def _duplicate(self, client: bytes, msg: Message) -> None:
@@ -406,29 +461,47 @@ class Controller:
             self._hub_reply(client, msg, answer, None)
             return
 
+        finish, work, read = answer.finish, answer.work, answer.work
+        if finish is None:  # the reply is work's: framed off the loop as well
+
+            def packed() -> list[Any]:
+                content, buffers = read()
+                return self.wire.pack(
+                    protocol.reply_type(msg.msg_type),
+                    content,
+                    msg.header,
+                    buffers=buffers,
+                    idents=[client, protocol.HUB_ROUTE],
+                )[1]
+
+            work = packed
+
         def then(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self._hub_reply(client, msg, None, error)
-                return
-            try:
-                reply = answer.finish(result)
-            except Exception as exc:
-                self._hub_reply(client, msg, None, exc)
-                return
-            self._hub_reply(client, msg, reply, None)
+            elif finish is None:
+                self.send_client(result)
+            else:
+                try:
+                    reply = finish(result)
+                except Exception as exc:
+                    self._hub_reply(client, msg, None, exc)
+                    return
+                self._hub_reply(client, msg, reply, None)
 
-        if not self.reads.submit(answer.work, then):
-            why = f"{self.reads.limit} task database reads are waiting already; try again"
-            self._hub_reply(client, msg, None, RuntimeError(why))
+        refused = self.reads.submit(work, then, owner=client)
+        if refused is not None:
+            self._hub_reply(client, msg, None, RuntimeError(refused))
 
     def _hub_reply(
         self, client: bytes, msg: Message, reply: Reply | None, error: BaseException | None
     ) -> None:
-        content: dict[str, Any]
+        content: dict[str, Any] | bytes
         buffers: list[Any] = []
         if reply is not None:
             content, buffers = reply
-            content.setdefault("status", "ok")
+            if isinstance(content, dict):  # (bytes: JSON built off the loop, status in it)
+                content.setdefault("status", "ok")
         else:
             assert error is not None
             if not isinstance(error, (TypeError, ValueError, KeyError)):
@@ -447,6 +520,8 @@ class Controller:
         """Re-publish an engine's iopub message, topic ``engine.<id>``; what tasks print
         goes to their records too (when they are kept in a file)."""
         self.iopub.send_multipart([b"engine.%d" % engine.id, *frames[1:]], copy=False)
+        if self.comms.waiting(engine.id):
+            self.comms.seen(engine.id, frames)
         if self.hub.log is not None:
             self._record_output(frames)
 
@@ -490,6 +565,13 @@ class Controller:
     def publish_event(self, msg_type: str, content: dict[str, Any]) -> None:
         self.wire.send(self.iopub, msg_type, content, idents=[protocol.EVENT_TOPIC])
 
+    def _publish_status(self, content: dict[str, Any]) -> None:
+        self.wire.send(self.iopub, protocol.CLUSTER_STATUS, content, idents=[protocol.STATUS_TOPIC])
+
+    def status(self) -> dict[str, Any]:
+        """The cluster's status now (what ``px_status_request`` answers)."""
+        return self.monitor.snapshot()
+
     # ----- clients
 
     def _tick(self) -> None:
@@ -509,6 +591,7 @@ class Controller:
         replies went to it): their records end as ``unknown``, and tasks that depend on
         them fail instead of waiting for ever.
         """
+        self.reads.drop(client)
         abort = self.on_client_lost == "abort"
         running = self.balancer.client_lost(client, abort)
         by_engine: dict[int, list[str]] = {}
@@ -529,10 +612,38 @@ class Controller:
 
     def start_engines(self, n: int) -> list[int]:
         """Start ``n`` engines; returns their ids (they become ready asynchronously)."""
-        started = self.engines.start(n, cwd=self.cwd)
-        ids = [e.id for e in started]
-        self._awaiting.update(ids)
-        return ids
+        return self.launches.start(n)
+
+    def _engine_env(self) -> dict[str, str]:
+        """What engines that register themselves need in their environment."""
+        info = clusters.engine_connection(self.connection_info())
+        return {
+            clusters.CONNECTION_ENV: json.dumps(info),
+            clusters.ENGINE_GRACE_ENV: str(self.options["engine_grace"]),
+        }
+
+    def _register(self, client: bytes, msg: Message) -> None:
+        """An engine asks to join (see :mod:`.registration`): checked, then answered with
+        its id (it is connected to and set up next) or why not."""
+        self.clients.goodbye(client)  # (a registrant is no client: nothing to time out)
+        try:
+            request = protocol.RegisterRequest.from_content(msg.content)
+            if self.curve and "curve_publickey" not in request.connection_info:
+                raise ValueError("this cluster encrypts: an engine must give its CurveZMQ keys")
+        except (TypeError, ValueError) as exc:
+            self.drops.drop(f"invalid registration: {str(exc)[:200]}")
+            content: dict[str, Any] = protocol.error_content(type(exc).__name__, str(exc))
+        else:
+            content = self.engines.register(request)
+            if content.get("status") == "ok":
+                self._write_cluster_json()
+        self.wire.send(
+            self.clients_socket,
+            protocol.REGISTER_REPLY,
+            content,
+            msg.header,
+            idents=[client, protocol.HUB_ROUTE],
+        )
 
     def tell_engines(self, eids: list[int], msg_type: str, content: dict[str, Any]) -> None:
         """Send a message of the controller's own on the engines' control channels."""
@@ -545,29 +656,36 @@ class Controller:
     def _engine_ready(self, engine: Engine) -> None:
         self.balancer.engine_added(engine.id)
         self.publish_event(protocol.ENGINE_REGISTERED, {"engine": engine.info().to_content()})
-        self._awaiting.discard(engine.id)
+        self.dead.pop(engine.id, None)  # (an engine that came back with its id)
         self.restorer.engine_back(engine.id)
         self._write_cluster_json()
+        self.launches.engine_ready(engine.id, held=bool(self.restorer.adopting))
         self._report_if_ready()
 
     def _report_if_ready(self, waited: bool = False) -> None:
         """Report startup once every engine started is ready and every adopted one too
         (or, with ``waited``, once :data:`ADOPT_WAIT` has passed)."""
-        adopting = self.restorer.adopting
-        if self._startup_reported or self._awaiting or (adopting and not waited):
+        self.launches.check(held=bool(self.restorer.adopting) and not waited)
+
+    def _startup_done(self, report: Report) -> None:
+        """The start is over (see :mod:`.launching`): say so on stdout; a failed start
+        ends this controller."""
+        if self._startup_reported:
+            return
+        if not report.ready:
+            self._report({"status": "error", "message": report.message})
+            self.loop.stop()
+            self.exit_code = 1
             return
         status: dict[str, Any] = {"status": "ready", "ids": self.engines.ready_ids()}
+        adopting = self.restorer.adopting
         if adopting:
             status["adopting"] = sorted(adopting)
         self._report(status)
 
     def _engine_dead(self, engine: Engine, reason: str) -> None:
         self._engine_gone(engine.id, reason)
-        if engine.id in self._awaiting and not self._startup_reported:
-            self._report({"status": "error", "message": f"engine failed to start: {reason}"})
-            self.loop.stop()
-            self.exit_code = 1
-        self._awaiting.discard(engine.id)
+        self.launches.engine_dead(engine.id, reason)
         if engine.id in self.restorer.adopting:
             self.restorer.engine_lost(engine.id, reason.splitlines()[0])
             self._report_if_ready()
@@ -575,6 +693,7 @@ class Controller:
     def _engine_gone(self, eid: int, reason: str) -> None:
         """An engine left: fail what it held, tell the scheduler and every client."""
         self.dead[eid] = first = reason.splitlines()[0]
+        self.comms.forget(eid)
         self.router.fail_engine(eid, first)
         self.balancer.engine_removed(eid, first)
         self.publish_event(protocol.ENGINE_UNREGISTERED, {"engine_id": eid, "reason": reason})
@@ -591,7 +710,13 @@ class Controller:
         """Start ``n`` engines, and report on stdout once they (and the adopted ones) are
         ready."""
         if n:
-            self.start_engines(n)
+            try:
+                self.start_engines(n)
+            except LaunchError as exc:
+                # (reported from the loop: a stop before it runs would not hold)
+                failed = Report(False, message=str(exc))
+                self.loop.call_later(0, lambda: self._startup_done(failed))
+                return
         self._report_if_ready()
 
     def _report(self, status: dict[str, Any]) -> None:
@@ -633,6 +758,7 @@ class Controller:
             self.publish_event(protocol.CONTROLLER_STOPPING, {})
             self.drops.flush()
         finally:
+            self.launches.stop_all()
             self.reads.close()
             try:
                 self.hub.close()

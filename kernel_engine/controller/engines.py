@@ -23,6 +23,12 @@ them on their control channel to wait for it (``px_adopt_request``, answered eve
 task runs), then sets them up as new ones. Engines started here are managed through their
 kernel manager; adopted ones, which are not our children, by PID (a pidfd where there is
 one): exit detection, signals and stopping.
+
+An engine started elsewhere (mpiexec, srun, by hand) *registers* (:meth:`EngineSet.register`,
+the id decided by :mod:`.registration`): the controller connects to the ports it gave and
+sets it up like one it started. It is managed by PID too when it runs on this host (its
+pid checked to run here when it registers, and to be the one its kernel reports), else by
+heartbeats alone; it is never signalled unless it runs here.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,9 +48,11 @@ import zmq
 from jupyter_client import KernelManager
 
 from kernel_engine import clusters, processes, protocol, wire
-from kernel_engine.kernelspec import KERNEL_NAME
+from kernel_engine.launchers.base import LaunchContext
+from kernel_engine.launchers.local import LocalLauncher
 
 from .loop import PollLoop
+from .registration import Occupant, decide
 
 log = logging.getLogger("kernel_engine.controller")
 
@@ -73,6 +82,11 @@ class Engine:
     adopted: bool = False
     pid_started: str | None = None  # (processes.start_time: tells it from a reuse of its PID)
     pidfd: int | None = None
+    # registered by itself (not our child); ``local``: its PID names a process on this host
+    registered: bool = False
+    local: bool = True
+    # a registered engine's kernel confirmed its pid (only then may it be signalled)
+    verified: bool = False
     sockets: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     info_sent_at: float = 0.0
@@ -81,6 +95,11 @@ class Engine:
     ping: int = 0
     pong: int = 0
     missed: int = 0
+
+    @property
+    def by_pid(self) -> bool:
+        """Managed by PID (not a kernel manager's child): adopted or registered."""
+        return self.adopted or self.registered
 
     @property
     def route(self) -> bytes:
@@ -176,6 +195,8 @@ class EngineSet:
         self.on_dead: Callable[[Engine, str], None] = lambda e, why: None
         self.on_message: Callable[[Engine, str, list[Any]], None] = lambda e, ch, f: None
         self.on_iopub: Callable[[Engine, list[Any]], None] = lambda e, f: None
+        # an engine's report of itself (CPU, memory, its task), asked for by the monitor
+        self.on_report: Callable[[Engine, dict[str, Any]], None] = lambda e, c: None
         loop.call_every(self.poll_interval, self._watch)
         loop.call_every(self.heartbeat_interval, self._beat)
 
@@ -184,32 +205,76 @@ class EngineSet:
 
     def start(self, n: int, cwd: str | None = None) -> list[Engine]:
         """Start ``n`` engine kernels; they become ready (or die) asynchronously."""
+        options = {"ip": self.ip, "key": self.wire.key, "curve": self.curve, "grace": self.grace}
+        context = LaunchContext(self.folder, n, self.reserve(n), cwd=cwd, options=options)
+        launcher = LocalLauncher(context)
         started = []
-        for _ in range(n):
-            eid = self._next_id
-            self._next_id += 1
-            log_path = self.folder / f"engine-{eid}.log"
-            km = KernelManager(
-                kernel_name=KERNEL_NAME,
-                connection_file=str(self.folder / f"engine-{eid}.json"),
-                ip=self.ip,
-                transport_encryption="required" if self.curve else "disabled",
-            )
-            km.session.key = self.wire.key
-            env = {
-                **os.environ,
-                clusters.CONTROLLER_PID_ENV: str(os.getpid()),
-                clusters.ENGINE_GRACE_ENV: str(self.grace),
-            }
-            with open(log_path, "ab") as logf:
-                km.start_kernel(stdout=logf, stderr=logf, cwd=cwd, env=env)
-            info = km.get_connection_info(session=False)
-            info["key"] = self.wire.key.decode()
-            engine = Engine(eid, dict(info), km=km, log_path=str(log_path))
+        for eid in launcher.ids:  # (one at a time: each is watched as soon as it starts)
+            kernel = launcher.start_kernel(eid)
+            engine = Engine(eid, kernel.connection_info, km=kernel.km, log_path=kernel.log_path)
             self.engines[eid] = engine
             self._connect(engine)
             started.append(engine)
         return started
+
+    def reserve(self, n: int) -> int:
+        """Take ``n`` consecutive new ids (for engines being launched); the first."""
+        first = self._next_id
+        self._next_id += n
+        return first
+
+    def register(self, request: protocol.RegisterRequest) -> dict[str, Any]:
+        """An engine that registers itself: the reply's content (its id, or why not).
+
+        Accepted, it is connected to and set up asynchronously like one started here; its
+        connection file goes to the cluster folder (for a restarted controller, and for
+        Jupyter clients attaching to it).
+        """
+        held = {
+            eid: Occupant(e.uuid, e.pid, e.hostname, e.state) for eid, e in self.engines.items()
+        }
+        decision = decide(request, held, self._next_id)
+        if decision.engine_id is None:
+            content = protocol.error_content("RegistrationError", decision.refusal)
+            content["retry"] = decision.retry
+            return content
+        eid = decision.engine_id
+        reply = {"status": "ok", "engine_id": eid, "cluster_id": self.cluster_id}
+        if decision.again:
+            return reply
+        here = request.hostname == socket.gethostname()
+        if here and not processes.running(request.pid):
+            why = f"pid {request.pid} does not run on {request.hostname}, this host"
+            return {**protocol.error_content("RegistrationError", why), "retry": False}
+        info = {**request.connection_info, "key": self.wire.key.decode()}
+        engine = Engine(
+            eid,
+            info,
+            log_path=str(self.folder / f"engine-{eid}.log"),
+            uuid=request.uuid,
+            pid=request.pid,
+            hostname=request.hostname,
+            registered=True,
+            local=here,
+            pid_started=processes.start_time(request.pid) if here else None,
+        )
+        if here:
+            try:
+                engine.pidfd = os.pidfd_open(request.pid)
+            except (AttributeError, OSError):
+                engine.pidfd = None
+        self.engines[eid] = engine
+        self._next_id = max(self._next_id, eid + 1)
+        clusters.write_private_json(self.folder / f"engine-{eid}.json", info)
+        log.info(
+            "engine %i registered (pid %i on %s, %s)",
+            eid,
+            request.pid,
+            request.hostname,
+            engine.url(info["shell_port"]).rsplit(":", 1)[0],
+        )
+        self._connect(engine)
+        return reply
 
     def adopt(
         self, eid: int, connection_info: dict[str, Any], pid: int, pid_started: str | None
@@ -303,7 +368,10 @@ class EngineSet:
     def _own_reply(self, engine: Engine, frames: list[Any]) -> None:
         """Replies to the controller's own requests: the steps of becoming ready."""
         msg = self.wire.recv(frames)
-        if msg.msg_type == protocol.ENGINE_ADOPT_REPLY and engine.adopted:
+        if msg.msg_type == protocol.ENGINE_STATUS_REPLY:
+            if engine.state == "ready":
+                self.on_report(engine, msg.content)
+        elif msg.msg_type == protocol.ENGINE_ADOPT_REPLY and engine.adopted:
             if msg.content.get("status") != "ok" and engine.state != "dead":
                 why = str(msg.content.get("evalue", "no reason given"))[:200]
                 # not ours to stop: another controller has it, or it is leaving anyway
@@ -313,10 +381,19 @@ class EngineSet:
             if not isinstance(px, dict) or not isinstance(px.get("lane_port"), int):
                 self._fail(engine, "is not a jupyter-px engine kernel (no task lane)")
                 return
-            engine.state = "connecting"
-            engine.uuid = str(msg.header.get("session", ""))
             pid = px.get("pid")
-            if not engine.adopted:
+            session = str(msg.header.get("session", ""))
+            if engine.registered and (pid != engine.pid or session != engine.uuid):
+                why = (
+                    f"is not the process that registered: its kernel says pid {pid}, "
+                    f"session {session[:40]}"
+                )
+                self._fail(engine, why, release=True)
+                return
+            engine.verified = True
+            engine.state = "connecting"
+            engine.uuid = session
+            if not engine.by_pid:
                 engine.pid = pid if isinstance(pid, int) else None
                 local = engine.connection_info.get("ip") in protocol.LOCAL_IPS
                 if engine.pid is not None and local:
@@ -328,7 +405,9 @@ class EngineSet:
             lane.connect(engine.url(px["lane_port"]))
             engine.sockets["lane"] = lane
             self.loop.add_socket(lane, self._handler(engine, "lane"))
-            setup = protocol.EngineSetup(engine.id, self.cluster_id, os.getpid())
+            # (a pid means nothing to an engine on another host: it watches none)
+            pid_here = os.getpid() if engine.local else None
+            setup = protocol.EngineSetup(engine.id, self.cluster_id, pid_here)
             self.wire.send(lane, protocol.ENGINE_SETUP_REQUEST, setup.to_content())
         elif msg.msg_type == protocol.ENGINE_SETUP_REPLY and engine.state == "connecting":
             if msg.content.get("status") != "ok":
@@ -336,7 +415,7 @@ class EngineSet:
                 self._fail(
                     engine,
                     f"refused to be set up by this controller: {why}",
-                    release=engine.adopted,
+                    release=engine.by_pid,
                 )
                 return
             # Ready only once its iopub reaches us too: a subscription takes effect a little
@@ -361,8 +440,10 @@ class EngineSet:
 
     def running(self, engine: Engine) -> bool:
         """Whether the engine's process runs (for engines whose process we can see)."""
-        if not engine.adopted:
+        if not engine.by_pid:
             return engine.km is not None and self.exit_code(engine) is None
+        if not engine.local:  # (registered from another host: its heartbeats tell)
+            return True
         if engine.pidfd is not None:  # readable once the process has exited
             return not select.select([engine.pidfd], [], [], 0)[0]
         pid = engine.pid
@@ -378,8 +459,9 @@ class EngineSet:
                 kills = oom_kills() if code == -signal.SIGKILL else self._oom_kills
                 self._fail(engine, describe_exit(code, kills > self._oom_kills))
                 self._oom_kills = kills
-            elif engine.adopted and not self.running(engine):
-                self._fail(engine, "exited (an adopted engine: its log may say how)")
+            elif engine.by_pid and not self.running(engine):
+                kind = "an adopted" if engine.adopted else "a registered"
+                self._fail(engine, f"exited ({kind} engine: its log may say how)")
             elif engine.state != "ready":
                 # (an adopted engine is set up once the task it runs ends: no time limit)
                 if not engine.adopted and now - engine.started_at > self.start_timeout:
@@ -454,7 +536,7 @@ class EngineSet:
         engine.sockets.clear()
 
     def _cleanup(self, engine: Engine, kill: bool) -> None:
-        if engine.adopted:
+        if engine.by_pid:
             if kill:
                 self._signal_adopted(engine, signal.SIGKILL)
             self._close_pidfd(engine)
@@ -482,7 +564,9 @@ class EngineSet:
         """Signal an adopted engine's process group (as a kernel manager does: the engine
         leads its own session), else its process; nothing if it is gone."""
         pid = engine.pid
-        if pid is None or not self.running(engine):
+        if engine.registered and not engine.verified:
+            return  # (a pid only claimed: perhaps not the engine's)
+        if pid is None or not engine.local or not self.running(engine):
             return
         try:
             if os.getpgid(pid) == pid:
@@ -497,7 +581,9 @@ class EngineSet:
     def signal(self, eid: int, signum: int) -> None:
         """Send a signal to an engine's process (SIGINT through its kernel manager)."""
         engine = self.engines[eid]
-        if engine.adopted:
+        if engine.by_pid:
+            if not engine.local:
+                raise ValueError(f"engine {eid} runs on {engine.hostname}: it cannot be signalled")
             self._signal_adopted(engine, signum)
             return
         if engine.km is None:
@@ -516,7 +602,7 @@ class EngineSet:
             if sock is not None:
                 self.wire.send(sock, "shutdown_request", {"restart": False})
         deadline = time.monotonic() + grace
-        waiting = [e for e in chosen if e.km is not None or e.adopted]
+        waiting = [e for e in chosen if e.km is not None or (e.by_pid and e.local)]
         while waiting and time.monotonic() < deadline:
             waiting = [e for e in waiting if self.running(e)]
             if waiting:

@@ -182,6 +182,9 @@ class Hub:
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
         self._output_chars: dict[tuple[str, str], int] = {}  # output kept per record
         self._restored: set[str] = set()  # pending records a dead controller left
+        # told of each record started ("submitted"), placed on an engine ("assigned") and
+        # ended ("completed", with the reply's frames if any): the status board's feed
+        self.on_task: Callable[[str, TaskRecord, list[Any] | None], None] | None = None
 
     def close(self) -> None:
         """Write what is left to the file and close it (if there is one)."""
@@ -197,15 +200,30 @@ class Hub:
         is evicted), or None."""
         return self.records.get(msg_id)
 
-    def read(self, msg_id: str) -> TaskRecord | None:
-        """The record of ``msg_id`` read back from the file (None without one): for the
-        reader thread (see :mod:`.reads`), never the loop."""
-        if self.log is None:
-            return None
-        row = self.log.get(msg_id, keys=_ROW_KEYS)
-        if row is None:
-            return None
-        return _from_row(row, self.log.frames(msg_id, "result"), self.sign)
+    def read_many(self, msg_ids: list[str]) -> dict[str, TaskRecord]:
+        """The records of those of ``msg_ids`` the file has (with their reply frames):
+        for the reader thread, never the loop."""
+        if self.log is None or not msg_ids:
+            return {}
+        rows = self.log.get_many(msg_ids, keys=_ROW_KEYS)
+        frames = self.log.frames_many(list(rows), "result")
+        return {m: _from_row(row, frames.get(m), self.sign) for m, row in rows.items()}
+
+    def read_requests(
+        self, msg_ids: list[str]
+    ) -> dict[str, tuple[tuple[int | None, bool] | str, dict[str, Any] | None]]:
+        """(outcome, request or None) of those of ``msg_ids`` the file has: for the reader
+        thread (see :meth:`outcome`)."""
+        if self.log is None or not msg_ids:
+            return {}
+        keys = ["status", "engine_id", "header", "metadata", "content", "buffers"]
+        out: dict[str, tuple[tuple[int | None, bool] | str, dict[str, Any] | None]] = {}
+        for msg_id, row in self.log.get_many(msg_ids, keys=keys).items():
+            status = row["status"]
+            outcome = PENDING if status == PENDING else (row["engine_id"], status == "ok")
+            request = {k: row[k] for k in keys[2:]} if row.get("header") else None
+            out[msg_id] = (outcome, request)
+        return out
 
     def submitted(
         self,
@@ -227,6 +245,8 @@ class Hub:
         submitted = _stamp(date) or time.time()
         record = TaskRecord(msg_id, sys.intern(msg_type), client, engine_id, submitted, label)
         self.records[msg_id] = record
+        if self.on_task is not None:
+            self.on_task("submitted", record, None)
         if request is not None and self.log is None:  # (the file keeps it otherwise)
             blob, sizes = _join(request)
             if len(blob) <= self.max_one_result:
@@ -294,6 +314,8 @@ class Hub:
         record = self.records.get(msg_id)
         if record is not None:
             record.engine_id = engine_id  # (the file hears of it with the outcome)
+            if self.on_task is not None:
+                self.on_task("assigned", record, None)
 
     def completed(
         self,
@@ -313,6 +335,8 @@ class Hub:
         record.started = _stamp(started) or record.started
         record.completed = _stamp(completed) or time.time()
         self._finished.append(record.msg_id)
+        if self.on_task is not None:
+            self.on_task("completed", record, frames)
         if frames is not None:
             blob, sizes = _join(frames)
             if len(blob) <= self.max_one_result:
@@ -474,20 +498,26 @@ class Hub:
                 out.append({k: row.get(k) for k in wanted})
         return out
 
+    def query_capped(
+        self,
+        query: dict[str, Any],
+        keys: tuple[str, ...] | None,
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """:meth:`query` of the file, reading at most ``max_bytes``; whether it stopped
+        there. The reader thread's call."""
+        assert self.log is not None
+        wanted = list(DEFAULT_KEYS if keys is None else check_keys(list(keys)))
+        rows, cut = self.log.query_capped(check_query(query), wanted, limit, max_bytes)
+        return list(rows), cut
+
     def kept_request(self, msg_id: str) -> dict[str, Any] | None:
         """A task's request (``header``, ``metadata``, ``content``, ``buffers``) if memory
         keeps it (it does when there is no file, and the request was small enough)."""
         record = self.records.get(msg_id)
         if record is not None and record.request is not None:
             return _decode_request(record.request_frames())
-        return None
-
-    def read_request(self, msg_id: str) -> dict[str, Any] | None:
-        """A task's request as the file keeps it, or None: the reader thread's call."""
-        if self.log is not None:
-            row = self.log.get(msg_id, keys=["header", "metadata", "content", "buffers"])
-            if row is not None and row.get("header"):
-                return dict(row)
         return None
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from kernel_engine import protocol
-from kernel_engine.wire import Message, parse_date
+from kernel_engine.wire import Message, dumps_json, parse_date
 
 from .balancer import Balancer
 from .engines import EngineSet
@@ -27,10 +27,13 @@ Answer = Reply | Deferred
 MAX_DB_RECORDS = 100_000
 """Most records one ``db_query`` reply carries (``truncated`` says when more matched)."""
 
-DATE_KEYS = ("submitted", "started", "completed", "received")
+MAX_DB_BYTES = 64 * 2**20
+"""Most bytes of buffers and texts one ``db_query`` reply carries (``truncated`` too)."""
 
-READ_WAIT = 60.0
-"""Seconds a read off the loop waits for the file's writer to catch up."""
+MAX_FILE_IDS = 10_000
+"""Most tasks one request may need read from the task database (results, resubmit)."""
+
+DATE_KEYS = ("submitted", "started", "completed", "received")
 
 
 def _iso(stamp: float) -> str:
@@ -75,6 +78,8 @@ class Operations(Protocol):
     def tell_engines(self, eids: list[int], msg_type: str, content: dict[str, Any]) -> None: ...
 
     def resubmit(self, client: bytes, request: dict[str, Any], msg_id: str) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class HubRequests:
@@ -121,6 +126,7 @@ class HubRequests:
             protocol.DB_REQUEST: self._db,
             protocol.START_REQUEST: self._start,
             protocol.RESUBMIT_REQUEST: self._resubmit,
+            protocol.STATUS_REQUEST: self._status,
         }
 
     def handle(self, msg: Message, client: bytes = b"") -> Answer:
@@ -151,6 +157,10 @@ class HubRequests:
             "dead": {str(k): v for k, v in self.dead.items()},
         }, []
 
+    def _status(self, request: protocol.Empty, msg: Message, client: bytes) -> Answer:
+        """The cluster's status now (the status stream's snapshot, without its events)."""
+        return self.ops.status(), []
+
     def _queue_status(self, request: protocol.QueueRequest, msg: Message, client: bytes) -> Answer:
         status: dict[str, Any] = {}
         balanced = self.balancer.queue_status()
@@ -165,32 +175,26 @@ class HubRequests:
         return {"queue_status": status}, []
 
     def _result(self, request: protocol.ResultRequest, msg: Message, client: bytes) -> Answer:
-        held = {m: self.hub.get(m) for m in request.msg_ids}
-        missing = [m for m, record in held.items() if record is None]
+        parts: dict[str, tuple[dict[str, Any], list[Any]] | None] = {}
+        missing: list[str] = []
+        for msg_id in request.msg_ids:
+            record = self.hub.get(msg_id)
+            if record is None:
+                missing.append(msg_id)
+            parts[msg_id] = None if record is None else _result_part(record)
         if not missing or self.hub.log is None:
-            return self._results(held)
+            return _results(parts, {})
+        if len(missing) > MAX_FILE_IDS:
+            raise ValueError(
+                f"{len(missing)} of these tasks are read from the task database: ask for at "
+                f"most {MAX_FILE_IDS} such at once"
+            )
         hub = self.hub
 
-        def read() -> dict[str, TaskRecord | None]:
-            return {m: hub.read(m) for m in missing}
+        def read() -> Reply:
+            return _encoded(_results(parts, hub.read_many(missing)))
 
-        return Deferred(read, lambda found: self._results({**held, **found}))
-
-    @staticmethod
-    def _results(records: Mapping[str, TaskRecord | None]) -> Reply:
-        summaries: dict[str, Any] = {}
-        counts: dict[str, int] = {}
-        buffers: list[Any] = []
-        for msg_id, record in records.items():
-            if record is None:
-                summaries[msg_id] = None
-                continue
-            summaries[msg_id] = record.summary()
-            if record.reply is not None:
-                frames = record.reply_frames()
-                counts[msg_id] = len(frames)
-                buffers.extend(frames)
-        return {"records": summaries, "frame_counts": counts}, buffers
+        return Deferred(read)
 
     def _purge(self, request: protocol.PurgeRequest, msg: Message, client: bytes) -> Answer:
         n = self.hub.forget_finished(request.msg_ids, request.engine_ids)
@@ -235,7 +239,8 @@ class HubRequests:
     def _history(self, request: protocol.Empty, msg: Message, client: bytes) -> Answer:
         if self.hub.log is None:
             return {"history": self.hub.history()}, []
-        return Deferred(self.hub.history, lambda history: ({"history": history}, []))
+        hub = self.hub
+        return Deferred(lambda: _encoded(({"history": hub.history()}, [])))
 
     def _db(self, request: protocol.DbRequest, msg: Message, client: bytes) -> Answer:
         """Records matching the query, dates as ISO strings, buffers as frames (each
@@ -243,9 +248,14 @@ class HubRequests:
         query = check_query(_stamped(request.query))
         keys = None if request.keys is None else tuple(check_keys(list(request.keys)))
         if self.hub.log is None:
-            return _db_reply(self.hub.query(query, keys, MAX_DB_RECORDS + 1))
+            return _db_reply(self.hub.query(query, keys, MAX_DB_RECORDS + 1), False)
         hub = self.hub
-        return Deferred(lambda: hub.query(query, keys, MAX_DB_RECORDS + 1), _db_reply)
+
+        def read() -> Reply:
+            rows, cut = hub.query_capped(query, keys, MAX_DB_RECORDS + 1, MAX_DB_BYTES)
+            return _encoded(_db_reply(rows, cut))
+
+        return Deferred(read)
 
     def _start(self, request: protocol.StartRequest, msg: Message, client: bytes) -> Answer:
         return {"ids": self.ops.start_engines(request.n)}, []
@@ -256,12 +266,14 @@ class HubRequests:
         from the file first, off the loop."""
         if self.hub.log is None:
             return self._resubmit_known(request, client, {})
-        hub, olds = self.hub, [old for old, _ in request.pairs]
-
-        def read() -> dict[str, tuple[Any, dict[str, Any] | None]]:
-            return {m: (hub.outcome(m, wait=READ_WAIT), hub.read_request(m)) for m in olds}
-
-        return Deferred(read, lambda found: self._resubmit_known(request, client, found))
+        if 2 * len(request.pairs) > MAX_FILE_IDS:
+            raise ValueError(f"resubmit at most {MAX_FILE_IDS // 2} tasks at once")
+        hub = self.hub
+        ids = [m for pair in request.pairs for m in pair]  # (new ids too: taken in the file?)
+        return Deferred(
+            lambda: hub.read_requests(ids),
+            lambda found: self._resubmit_known(request, client, found),
+        )
 
     def _resubmit_known(
         self,
@@ -278,7 +290,7 @@ class HubRequests:
             if self.hub.get(old) is not None:
                 outcome = self.hub.outcome(old)
                 stored = self.hub.kept_request(old) or stored
-            if self.hub.known(new) or new in self.inflight:
+            if self.hub.known(new) or new in self.inflight or new in read:
                 problems.append(f"{new}: that new msg_id is taken")
             elif outcome is None:
                 problems.append(f"{old}: no such task")
@@ -301,11 +313,67 @@ class HubRequests:
         return {"resubmitted": {old: new for old, new, _ in plans}}, []
 
 
-def _db_reply(rows: list[dict[str, Any]]) -> Reply:
+def _encoded(reply: Reply) -> Reply:
+    """A reply with its content already JSON (built off the loop, sent as is). A long list
+    is encoded an item at a time: the reader thread then lets the loop take the GIL in
+    between, where one call encoding megabytes would hold it throughout."""
+    content, buffers = reply
+    if not isinstance(content, dict):
+        return content, buffers
+    content.setdefault("status", "ok")
+    parts = []
+    for key, value in content.items():
+        if isinstance(value, list) and len(value) > 100:
+            encoded = b"[" + b",".join(dumps_json(item) for item in value) + b"]"
+        elif isinstance(value, dict) and len(value) > 100:
+            encoded = (
+                b"{"
+                + b",".join(dumps_json(k) + b":" + dumps_json(v) for k, v in value.items())
+                + b"}"
+            )
+        else:
+            encoded = dumps_json(value)
+        parts.append(dumps_json(key) + b":" + encoded)
+    return b"{" + b",".join(parts) + b"}", buffers
+
+
+def _result_part(record: TaskRecord) -> tuple[dict[str, Any], list[Any]]:
+    return record.summary(), record.reply_frames() if record.reply is not None else []
+
+
+def _results(
+    parts: dict[str, tuple[dict[str, Any], list[Any]] | None], found: Mapping[str, TaskRecord]
+) -> Reply:
+    """The reply to a result request: each task's summary and reply frames, from memory
+    (``parts``, None where memory has none) or else from the file (``found``)."""
+    summaries: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     buffers: list[Any] = []
-    records = []
+    for msg_id, part in parts.items():
+        if part is None:
+            record = found.get(msg_id)
+            part = None if record is None else _result_part(record)
+        if part is None:
+            summaries[msg_id] = None
+            continue
+        summaries[msg_id], frames = part
+        if frames:
+            counts[msg_id] = len(frames)
+            buffers.extend(frames)
+    return {"records": summaries, "frame_counts": counts}, buffers
+
+
+def _db_reply(rows: list[dict[str, Any]], cut: bool) -> Reply:
+    """(``cut``: the file left rows out, past :data:`MAX_DB_BYTES`.)"""
+    buffers: list[Any] = []
+    records: list[dict[str, Any]] = []
+    weight = 0
     for row in rows[:MAX_DB_RECORDS]:
         row = dict(row)
+        weight += sum(len(f) for k in ("buffers", "result_buffers") for f in row.get(k) or ())
+        if weight > MAX_DB_BYTES and records:
+            cut = True
+            break
         for key in DATE_KEYS:
             if isinstance(row.get(key), (int, float)):
                 row[key] = _iso(row[key])
@@ -315,4 +383,4 @@ def _db_reply(rows: list[dict[str, Any]]) -> Reply:
                 row[key] = {"frames": list(range(len(buffers), len(buffers) + len(frames)))}
                 buffers.extend(frames)
         records.append(row)
-    return {"records": records, "truncated": len(rows) > MAX_DB_RECORDS}, buffers
+    return {"records": records, "truncated": cut or len(rows) > MAX_DB_RECORDS}, buffers

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kernel_engine.controller import query as q
-from kernel_engine.errors import PXError
+from kernel_engine.errors import StoreError
 
 __all__ = ["MAX_OUTPUT", "STATUSES", "SqliteLog", "StoreError", "pack", "unpack"]
 
@@ -121,14 +121,6 @@ _HEADS: dict[int, struct.Struct] = {}
 _OUTPUT = object()  # queue tags other than a msg_id (a put)
 _BARRIER = object()
 _OP = object()
-
-
-class StoreError(PXError, RuntimeError):
-    """Raised when the task database cannot be opened or written; names the file."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"task database {path}: {message}")
 
 
 def pack(frames: Sequence[Any]) -> bytes:
@@ -260,6 +252,7 @@ class SqliteLog:
         self._read_lock = threading.Lock()
         self._lookup_lock = threading.Lock()
         self._plans: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
+        self._taken: set[str] = set()  # msg_ids a new record could not have (see _write)
         self._con = self._open()
         try:
             self._reader = sqlite3.connect(
@@ -523,6 +516,13 @@ class SqliteLog:
     def query(self, query: Any, keys: Any = None, limit: int | None = None) -> list[dict[str, Any]]:
         """The records matching ``query`` (see :mod:`.query`), in submission order, each
         with ``keys`` (and ``msg_id``); at most ``limit`` of them."""
+        return self.query_capped(query, keys, limit)[0]
+
+    def query_capped(
+        self, query: Any, keys: Any = None, limit: int | None = None, max_bytes: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """As :meth:`query`, reading rows only while they weigh less than ``max_bytes`` in
+        all (texts and blobs); returns the records and whether some were left out."""
         where, params = q.to_sql(query, prefix="t.")
         keys = q.check_keys(keys)
         if limit is not None and (type(limit) is not int or limit < 0):
@@ -531,7 +531,68 @@ class SqliteLog:
         sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE {where} ORDER BY t.seq"
         if limit is not None:
             sql += f" LIMIT {limit}"
-        return [decode(row) for row in self._read(sql, params)]
+        if not self.flush(READ_TIMEOUT):
+            raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
+        out: list[dict[str, Any]] = []
+        weight = 0
+        with self._read_lock:
+            try:
+                cursor = self._reader.execute(sql, params)
+                while rows := cursor.fetchmany(256):
+                    for row in rows:
+                        weight += sum(len(v) for v in row if isinstance(v, (bytes, str)))
+                        if max_bytes is not None and weight > max_bytes and out:
+                            cursor.close()
+                            return out, True
+                        out.append(decode(row))
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(self.path, str(exc)) from exc
+        return out, False
+
+    def get_many(self, msg_ids: Sequence[str], keys: Any = None) -> dict[str, dict[str, Any]]:
+        """The records of those of ``msg_ids`` the file has, by msg_id (one wait for the
+        writer, then a query per 500 ids)."""
+        ids = _checked("msg_ids", msg_ids, str) or ()
+        keys = q.check_keys(keys)
+        wanted = keys if "msg_id" in keys else ("msg_id", *keys)
+        columns, decode = _select(tuple(wanted))
+        out: dict[str, dict[str, Any]] = {}
+        if not self.flush(READ_TIMEOUT):
+            raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE t.msg_id IN ({marks})"
+            with self._read_lock:
+                try:
+                    rows = self._reader.execute(sql, chunk).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise StoreError(self.path, str(exc)) from exc
+            for row in rows:
+                record = decode(row)
+                out[record["msg_id"]] = {k: record[k] for k in keys}
+        return out
+
+    def frames_many(self, msg_ids: Sequence[str], which: str = "result") -> dict[str, list[bytes]]:
+        """:meth:`frames` of many records at once (those that have some), by msg_id."""
+        if which not in _FRAMES:
+            raise ValueError(f"which must be 'request' or 'result', not {which!r}")
+        ids = _checked("msg_ids", msg_ids, str) or ()
+        blob = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
+        out: dict[str, list[bytes]] = {}
+        if not self.flush(READ_TIMEOUT):
+            raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT t.msg_id, {blob} FROM tasks t WHERE t.msg_id IN ({marks})"
+            with self._read_lock:
+                try:
+                    rows = self._reader.execute(sql, chunk).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise StoreError(self.path, str(exc)) from exc
+            out.update((m, unpack(b)) for m, b in rows if b)
+        return out
 
     def frames(self, msg_id: str, which: str = "result") -> list[bytes] | None:
         """The stored frames of the request or of the reply, as given to :meth:`put`."""
@@ -737,8 +798,13 @@ class SqliteLog:
         return batch
 
     def _write(self, batch: _Batch) -> int:
-        """Write a batch in one transaction; the result of its operation, if any."""
+        """Write a batch in one transaction; the result of its operation, if any.
+
+        A new record (its first put names its ``msg_type``) whose msg_id the file has
+        already (an earlier controller's, or one memory forgot) is not written, nor is
+        anything put for that msg_id later on: a duplicate never replaces the original."""
         self._make_room(batch.nbytes, len(batch.records))
+        self._drop_taken(batch)
         con = self._con
         groups: dict[str, list[list[Any]]] = {}
         blobs: list[tuple[str, int, bytes]] = []
@@ -777,6 +843,26 @@ class SqliteLog:
         result = batch.op[0](con) if batch.op is not None else 0
         con.execute("COMMIT")
         return result
+
+    def _drop_taken(self, batch: _Batch) -> None:
+        records = batch.records
+        new = [m for m, fields in records.items() if "msg_type" in fields]
+        for at in range(0, len(new), 500):
+            chunk = new[at : at + 500]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT msg_id FROM tasks WHERE msg_id IN ({marks})"
+            for (msg_id,) in self._con.execute(sql, chunk).fetchall():
+                log.warning(
+                    "task database %s: a new task reused msg_id %s; kept the original",
+                    self.path,
+                    msg_id,
+                )
+                if len(self._taken) >= 100_000:
+                    self._taken.clear()
+                self._taken.add(msg_id)
+        if self._taken:
+            for msg_id in self._taken.intersection(records):
+                del records[msg_id]
 
     def _frames(
         self, msg_id: str, kind: str, frames: list[Any], blobs: list[tuple[str, int, bytes]]
@@ -853,6 +939,8 @@ class SqliteLog:
         limit = self.max_bytes
         if limit is None:
             return
+        if self._trimming:  # what a record takes on disk, measured, beats the estimate
+            incoming = max(incoming, math.ceil(records * self._row_bytes))
         reserve = self._wal_limit + 3 * incoming
         page, pages, free = self._pages()
         used = (pages - free) * page

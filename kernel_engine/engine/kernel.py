@@ -3,9 +3,11 @@
 Everything a Jupyter client expects (execute, complete, inspect, interrupt, widgets) is
 ipykernel's own; the subclass adds the task lane socket, an ``engine`` section in
 ``kernel_info_reply`` (how the controller learns the lane's port, the pid and the host)
-and two control messages: ``px_abort_request``, that marks msg_ids not to run, and
+and three control messages: ``px_abort_request``, that marks msg_ids not to run,
 ``px_adopt_request``, by which a controller restarted on the cluster folder tells an
-engine whose controller died to wait for it (see :mod:`.watch`).
+engine whose controller died to wait for it (see :mod:`.watch`), and
+``px_engine_status_request``, its report of itself for the status stream (see
+:mod:`.usage`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -22,6 +25,7 @@ from traitlets import Integer, Unicode
 from kernel_engine import protocol
 
 from .lane import TaskLane
+from .usage import Usage
 
 
 class EngineKernel(IPythonKernel):
@@ -38,11 +42,18 @@ class EngineKernel(IPythonKernel):
         *IPythonKernel.control_msg_types,
         protocol.ENGINE_ABORT_REQUEST,
         protocol.ENGINE_ADOPT_REQUEST,
+        protocol.ENGINE_STATUS_REQUEST,
     ]
+
+    current_task: tuple[str, str, float] | None = None
+    """(msg_id, function name, Unix time started) of what the main thread runs, if any: a
+    plain attribute, set per task by the lane (and per cell), read by the control thread."""
+    _usage: Usage | None = None
 
     def start(self) -> None:
         """Start ipykernel's channels, then the task lane on the same (main) event loop."""
         super().start()
+        self._usage = Usage()  # (a first report tells the CPU used since the start)
         if self.lane_socket is not None:
             self.lane = TaskLane(self, self.lane_socket)
             self.lane.start()
@@ -58,6 +69,27 @@ class EngineKernel(IPythonKernel):
             "python": sys.executable,
         }
         return info
+
+    async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """ipykernel's, noting the cell as the engine's current task meanwhile."""
+        msg_id = str(parent.get("header", {}).get("msg_id", ""))
+        self.current_task = (msg_id, "execute", time.time())
+        try:
+            await super().execute_request(stream, ident, parent)
+        finally:
+            self.current_task = None
+
+    async def px_engine_status_request(
+        self, stream: Any, ident: Any, parent: dict[str, Any]
+    ) -> None:
+        """Control channel: CPU, memory and current task, for the controller's status
+        stream (answered even while a task runs)."""
+        if self._usage is None:
+            self._usage = Usage()
+        report = self._usage.report(self.current_task)
+        self.session.send(  # type: ignore[union-attr]
+            stream, protocol.ENGINE_STATUS_REPLY, report.to_content(), parent, ident
+        )
 
     async def px_abort_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """Control channel: do not run the given msg_ids if they reach the lane."""

@@ -41,6 +41,8 @@ from kernel_engine import protocol, wire
 from kernel_engine.errors import SerializationError
 from kernel_engine.serialize import dumps, unpack_apply
 
+from .usage import task_name
+
 if TYPE_CHECKING:
     from .kernel import EngineKernel
 
@@ -332,6 +334,7 @@ class TaskLane:
         content: dict[str, Any]
         try:
             f, args, kwargs = unpack_apply(msg.buffers, kernel.shell.user_ns)  # type: ignore[union-attr]
+            kernel.current_task = (msg.msg_id, task_name(f, args), time.time())
             result = f(*args, **kwargs)
             buffers = dumps(result)
             content = {"status": "ok"}
@@ -344,6 +347,7 @@ class TaskLane:
             if type(exc).__name__ == "UnmetDependency":
                 content["px_error"] = "UnmetDependency"
         finally:
+            kernel.current_task = None
             signal.signal(signal.SIGINT, saved_sigint)
             sys.stdout, sys.stderr = saved_out, saved_err
             if out.parts:

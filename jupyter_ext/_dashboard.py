@@ -1,0 +1,394 @@
+"""``rc.dashboard()``: the cluster at work, live in a notebook, plain ipywidgets.
+
+What it shows comes from the controller's status stream
+(:mod:`kernel_engine.controller.monitor`): the engines (state, current task, queue, tasks
+done and failed, CPU, memory), the tasks' counts and a sparkline of the last minute's
+throughput, and the latest errors, each with its traceback a click away. The same view is
+the rich display of a :class:`~jupyter_ext.Client` and a :class:`~jupyter_ext.Cluster`.
+
+It is three ``ipywidgets.HTML`` in a ``VBox`` (no front-end code beyond ipywidgets', so
+it works wherever a notebook shows widgets), filled by the HTML renderers below; the
+same renderers give the static snapshot shown where widgets cannot be (``text/html``;
+``text/plain`` is ``jupyter px top``'s table).
+
+Who runs what: no thread of its own. The client's IO thread receives the status and
+updates the widgets (ipykernel's iopub takes sends from any thread); the client
+subscribes to the stream only while a dashboard is live, and the controller publishes it
+only while someone subscribes. A dashboard stops (unsubscribes) when :meth:`Dashboard.close`
+is called, when its client closes, and while no view of it is shown (its output cleared:
+the front end counts views); it starts again when a view is shown again. One that
+stopped for good replaces its displays with the static snapshot of its final state, so a
+saved notebook shows that, with or without its widgets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+import weakref
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from kernel_engine.top import (
+    format_bytes,
+    format_cpu,
+    format_since,
+    render_text,
+    summary_lines,
+    task_text,
+)
+
+if TYPE_CHECKING:
+    from ._transport import Transport
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+STATE_COLORS = {
+    "idle": "#9e9e9e",
+    "busy": "#2e7d32",
+    "starting": "#ef6c00",
+    "restarting": "#ef6c00",
+    "stopping": "#757575",
+    "dead": "#c62828",
+}
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_BOX = "font-family:var(--jp-ui-font-family,sans-serif);font-size:12px;line-height:1.4"
+_CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #e0e0e0;white-space:nowrap"
+
+
+def sparkline_svg(history: Any, width: int = 240, height: int = 36) -> str:
+    """Counts per second as an inline SVG area chart (newest on the right)."""
+    values = [v if isinstance(v, (int, float)) else 0 for v in (history or [])]
+    if not values:
+        values = [0]
+    top = max(values) or 1
+    step = width / max(1, len(values) - 1)
+    points = [
+        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values)
+    ]
+    area = f"0,{height} " + " ".join(points) + f" {width},{height}"
+    return (
+        f"<svg class='px-sparkline' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' role='img' aria-label='tasks per second, last minute'>"
+        f"<polygon points='{area}' fill='#c8e6c9'/>"
+        f"<polyline points='{' '.join(points)}' fill='none' stroke='#2e7d32' stroke-width='1.5'/>"
+        "</svg>"
+    )
+
+
+def _bar(fraction: float, color: str, label: str) -> str:
+    width = max(0.0, min(1.0, fraction)) * 100
+    return (
+        "<div style='display:flex;align-items:center;gap:6px'>"
+        "<div style='width:60px;height:8px;background:#eee;border-radius:2px'>"
+        f"<div style='width:{width:.0f}%;height:8px;background:{color};border-radius:2px'>"
+        f"</div></div><span>{escape(label)}</span></div>"
+    )
+
+
+def summary_html(status: dict[str, Any], title: str = "") -> str:
+    """The cluster's counts, and the last minute's throughput as a sparkline."""
+    cluster = status.get("cluster") or {}
+    first, second = summary_lines(status)
+    heading = f"<b>{escape(title)}</b> " if title else ""
+    return (
+        f"<div class='px-summary' style='{_BOX};display:flex;gap:16px;align-items:center'>"
+        f"<div>{heading}<span class='px-cluster-line' style='font-weight:600'>{escape(first)}"
+        "</span><br>"
+        f"<span class='px-tasks-line'>{escape(second)}</span></div>"
+        f"{sparkline_svg(cluster.get('history'))}</div>"
+    )
+
+
+def engines_html(status: dict[str, Any], now: float | None = None) -> str:
+    """One row per engine: state, current task (and for how long), queue, done, failed,
+    CPU and memory."""
+    now = time.time() if now is None else now
+    rows = status.get("engines") or []
+    top_queue = max([r.get("queue", 0) for r in rows if isinstance(r.get("queue"), int)] or [0])
+    head = ["engine", "state", "task", "for", "queue", "done", "failed", "cpu", "memory", "host"]
+    parts = [
+        f"<table class='px-engines' style='{_BOX};border-collapse:collapse;margin:4px 0'><tr>",
+        *(f"<th style='{_CELL}'>{h}</th>" for h in head),
+        "</tr>",
+    ]
+    for row in rows:
+        state = str(row.get("state", "?"))
+        color = STATE_COLORS.get(state, "#9e9e9e")
+        task = row.get("task")
+        since = task.get("since") if isinstance(task, dict) else None
+        queue = row.get("queue", 0) if isinstance(row.get("queue"), int) else 0
+        cpu = row.get("cpu")
+        cpu_part = cpu / 100 if isinstance(cpu, (int, float)) else 0.0
+        title = escape(str(row.get("reason") or ""), quote=True)
+        badge = (
+            f"<span class='px-state' title='{title}' style='color:#fff;background:{color};"
+            f"border-radius:3px;padding:0 6px'>{escape(state)}</span>"
+        )
+        cells = [
+            escape(str(row.get("id", "?"))),
+            badge,
+            f"<span class='px-task'>{escape(task_text(row)[:60])}</span>",
+            escape(format_since(since, now)),
+            _bar(queue / top_queue if top_queue else 0.0, "#1565c0", str(queue)),
+            f"<span class='px-done'>{escape(str(row.get('done', 0)))}</span>",
+            f"<span class='px-failed'>{escape(str(row.get('failed', 0)))}</span>",
+            _bar(cpu_part, "#6a1b9a", format_cpu(cpu)),
+            escape(format_bytes(row.get("rss"))),
+            escape(str(row.get("host") or "")),
+        ]
+        parts.append(
+            f"<tr class='px-engine' data-engine='{escape(str(row.get('id')), quote=True)}' "
+            f"data-state='{escape(state, quote=True)}'>"
+        )
+        parts += [f"<td style='{_CELL}'>{c}</td>" for c in cells]
+        parts.append("</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def errors_html(status: dict[str, Any]) -> str:
+    """The latest errors, newest first, each a ``<details>`` whose body is the traceback."""
+    errors = status.get("errors") or []
+    if not errors:
+        return f"<div class='px-errors' style='{_BOX};color:#757575'>no errors</div>"
+    parts = [f"<div class='px-errors' style='{_BOX}'><b>latest errors</b>"]
+    for err in errors:
+        eid = err.get("engine_id")
+        where = f"engine {eid}" if eid is not None else "controller"
+        evalue = str(err.get("evalue", "")).splitlines()[:1]
+        summary = f"{where} · {err.get('ename', 'error')}: {''.join(evalue)[:200]}"
+        traceback = "\n".join(_ANSI.sub("", str(line)) for line in err.get("traceback") or [])
+        parts.append(
+            f"<details class='px-error' data-engine='{escape(str(eid), quote=True)}'>"
+            f"<summary style='cursor:pointer;color:#c62828'>{escape(summary)}</summary>"
+            f"<pre style='font-size:11px;background:#fafafa;padding:4px;max-height:20em;"
+            f"overflow:auto'>{escape(traceback or '(no traceback)')}</pre></details>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def status_html(status: dict[str, Any], title: str = "", now: float | None = None) -> str:
+    """The whole dashboard as static HTML (what the live one shows, at this moment)."""
+    return (
+        f"<div class='px-dashboard'>{summary_html(status, title)}"
+        f"{engines_html(status, now)}{errors_html(status)}</div>"
+    )
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a notebook kernel (where widgets can show)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class Dashboard:
+    """A live view of a cluster: see the module docstring.
+
+    ``Dashboard(transport, title="")``; ``rc.dashboard()`` makes one. Shown like any
+    widget (as a cell's value, or with ``display``); ``status`` is the latest snapshot;
+    :meth:`refresh` asks the controller for one now; :meth:`close` stops it for good.
+    """
+
+    def __init__(self, transport: Transport, title: str = ""):
+        self.transport = transport
+        self.title = title
+        self.status: dict[str, Any] | None = None
+        self.updates = 0
+        self.active = False
+        self.closed = False
+        self._display_id = uuid.uuid4().hex
+        self._displayed = False
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._box: Any = None
+        self._parts: tuple[Any, Any, Any] | None = None
+        self._views_seen = False
+
+    # ----- the widget
+
+    def widget(self) -> Any:
+        """The ``ipywidgets.VBox`` (made on first use); it updates while the dashboard is
+        active."""
+        if self._box is None:
+            import ipywidgets
+
+            status = self.status or self._fetch()
+            header = ipywidgets.HTML(summary_html(status, self.title))
+            engines = ipywidgets.HTML(engines_html(status))
+            errors = ipywidgets.HTML(errors_html(status))
+            box = ipywidgets.VBox([header, engines, errors])
+            box.add_class("jupyter-px-dashboard")
+            box._view_count = 0  # (the front end counts the views shown: see _views)
+            box.observe(self._views, "_view_count")
+            self._parts = (header, engines, errors)
+            self._box = box
+        return self._box
+
+    def _views(self, change: dict[str, Any]) -> None:
+        """The front end shows ``change['new']`` views: none (cleared) stops the updates,
+        one again starts them."""
+        count = change.get("new") or 0
+        if count > 0:
+            self._views_seen = True
+            if not self.closed:
+                self.start()
+        elif self._views_seen:
+            self.stop()
+
+    def _fetch(self, timeout: float = 10.0) -> dict[str, Any]:
+        """A snapshot from the controller now (an empty one if it cannot answer)."""
+        try:
+            status = self.transport.status(timeout=timeout)
+        except Exception as exc:
+            return {"cluster_id": self.transport.cluster_id, "engines": [], "error": str(exc)}
+        self._take(status)
+        return status
+
+    def _take(self, status: dict[str, Any]) -> None:
+        with self._lock:
+            self.status = status
+            self.updates += 1
+            self._changed.notify_all()
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        """A status from the stream (IO thread): keep it, update the widgets."""
+        if not self.active:
+            return
+        self._take(status)
+        self._render(status)
+
+    def _render(self, status: dict[str, Any]) -> None:
+        if self._parts is None:
+            return
+        header, engines, errors = self._parts
+        header.value = summary_html(status, self.title)
+        engines.value = engines_html(status)
+        errors.value = errors_html(status)
+
+    # ----- life
+
+    def start(self) -> None:
+        """Follow the status stream (the client subscribes; idempotent)."""
+        if self.active or self.closed or self.transport.closed:
+            return
+        self.active = True
+        self.transport.add_status_handler(self._on_status)
+
+    def stop(self) -> None:
+        """Stop following the stream (the display keeps its last state)."""
+        if not self.active:
+            return
+        self.active = False
+        self.transport.remove_status_handler(self._on_status)
+
+    def close(self) -> None:
+        """Stop for good; displays of it become the static snapshot of its final state."""
+        if self.closed:
+            return
+        self.stop()
+        self.closed = True
+        shown = self._parts is not None or self._displayed
+        if shown and not self.transport.closed:
+            self._fetch(timeout=2.0)  # (its final state)
+        if self._parts is not None and self.status is not None:
+            self._render(self.status)
+        if self._displayed:
+            try:
+                from IPython.display import update_display
+
+                update_display(self._static_bundle(), raw=True, display_id=self._display_id)
+            except Exception:
+                pass
+
+    def refresh(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Ask the controller for the status now (it counts everything this client sent
+        before), show it and return it."""
+        status = self.transport.status(timeout=timeout)
+        self._take(status)
+        self._render(status)
+        return status
+
+    def wait_update(self, after: int, timeout: float | None = None) -> bool:
+        """Wait until more than ``after`` updates arrived (see :attr:`updates`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self.updates <= after:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    # ----- display
+
+    def _static_bundle(self) -> dict[str, Any]:
+        if self.status is None and not self.transport.closed:
+            self._fetch()
+        status = self.status or {}
+        return {
+            "text/plain": render_text(status) if status else repr(self),
+            "text/html": status_html(status, self.title) if status else escape(repr(self)),
+        }
+
+    def mimebundle(self) -> dict[str, Any]:
+        """What a display of it holds: the widget's view (in a notebook kernel, while not
+        closed) beside the static snapshot (HTML and text) for front ends without
+        widgets."""
+        if self.closed or not _in_kernel():
+            return self._static_bundle()
+        box = self.widget()
+        self.start()
+        bundle = self._static_bundle()
+        bundle[WIDGET_VIEW] = {"version_major": 2, "version_minor": 0, "model_id": box.model_id}
+        return bundle
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        bundle = self.mimebundle()
+        if WIDGET_VIEW in bundle:
+            display(bundle, raw=True, display_id=self._display_id)
+            self._displayed = True
+        else:
+            display(bundle, raw=True)
+
+    def _repr_html_(self) -> str:
+        return str(self._static_bundle()["text/html"])
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("live" if self.active else "paused")
+        return f"<Dashboard of cluster {self.transport.cluster_id} ({state})>"
+
+
+class Dashboards:
+    """The dashboards of one client, closed with it (weakly held: a dashboard nobody
+    keeps or shows is simply collected)."""
+
+    def __init__(self, transport: Transport):
+        self.transport = transport
+        self._all: weakref.WeakSet[Dashboard] = weakref.WeakSet()
+        self._own: Dashboard | None = None
+
+    def new(self, title: str = "") -> Dashboard:
+        dashboard = Dashboard(self.transport, title)
+        self._all.add(dashboard)
+        return dashboard
+
+    def own(self) -> Dashboard:
+        """The one dashboard of the client's (and its cluster's) rich display."""
+        if self._own is None or self._own.closed:
+            self._own = self.new()
+        return self._own
+
+    def close(self) -> None:
+        for dashboard in list(self._all):
+            dashboard.close()

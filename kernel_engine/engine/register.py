@@ -1,0 +1,333 @@
+"""An engine that joins a running cluster by itself: ``jupyter px engine``.
+
+Whatever starts it (a person, ``mpiexec``, ``srun``, ``ssh``), the engine needs only the
+cluster's connection info, from one of:
+
+- ``--file CLIENT_FILE``: the cluster's client connection file (``client.json``);
+- ``--cluster-id ID``: the cluster's folder, on this machine or a shared filesystem;
+- the environment variable :data:`~kernel_engine.clusters.CONNECTION_ENV` (JSON), which
+  launchers set, so no shared filesystem is needed.
+
+It starts its kernel (ipykernel's sockets and the task lane, bound to ``--ip``: by default
+loopback for a controller on loopback, else the address this host reaches the controller
+from), then sends a signed :data:`~kernel_engine.protocol.REGISTER_REQUEST` with its
+connection info to the controller's client port and waits for the id it is given. The
+controller then connects to it and sets it up as it does the engines it starts. The id
+asked for is ``--id``, or with ``--id-from-rank`` the process's MPI or Slurm rank plus
+``--id-offset``; an engine that comes back asks for the id it had.
+
+Failures say why and exit with code 1 (to the launcher's output too, when the engine's own
+output goes to ``--log-file``): no controller answering within ``--timeout`` seconds, a
+refusal (an id held by a live engine is retried until then), or a controller that never
+sets the engine up after accepting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from kernel_engine import clusters, protocol, wire
+from kernel_engine.errors import RegistrationError
+
+RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+"""Where MPI implementations and Slurm say a process's rank, in the order looked at."""
+
+RETRY_INTERVAL = 0.5
+"""Seconds between registration attempts (no answer, or an id still held)."""
+
+SETUP_TIMEOUT = 60.0
+"""Seconds an accepted engine waits for the controller to set it up before it leaves."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jupyter px engine",
+        description="Start an engine that joins a running cluster by itself.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--file", help="the cluster's client connection file (client.json)")
+    where.add_argument("--cluster-id", help="the cluster's id (its folder on this host)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--id", type=int, default=None, help="the engine id to ask for")
+    which.add_argument(
+        "--id-from-rank",
+        action="store_true",
+        help="ask for the id --id-offset + this process's MPI or Slurm rank",
+    )
+    p.add_argument("--id-offset", type=int, default=0, help="added to the rank")
+    p.add_argument("--ip", default=None, help="the interface the engine binds")
+    p.add_argument("--log-file", default=None, help="the engine's output ({id}: its id)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the controller")
+    return p
+
+
+def connection_info(file: str | None, cluster_id: str | None) -> dict[str, Any]:
+    """The cluster's connection info from ``file``, ``cluster_id`` or the environment.
+
+    Raises
+    ------
+    RegistrationError
+        When none is given or it is unusable (no key, no address, no port).
+    """
+    if file or cluster_id:
+        try:
+            path = clusters.find_connection_file(file or cluster_id)
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistrationError(f"cannot read the cluster's connection info: {exc}") from None
+        source = str(path)
+    elif os.environ.get(clusters.CONNECTION_ENV):
+        source = f"${clusters.CONNECTION_ENV}"
+        try:
+            info = json.loads(os.environ[clusters.CONNECTION_ENV])
+        except ValueError as exc:
+            raise RegistrationError(f"{source} is not JSON: {exc}") from None
+    else:
+        raise RegistrationError(
+            f"which cluster? give --file CLIENT_FILE, --cluster-id ID or ${clusters.CONNECTION_ENV}"
+        )
+    if not isinstance(info, dict):
+        raise RegistrationError(f"{source} does not hold a connection info object")
+    try:
+        protocol.check_host("ip", info.get("ip"))
+        protocol.check_int("client_port", info.get("client_port"), 1, 65535)
+        if not isinstance(info.get("key"), str) or not info["key"]:
+            raise ValueError("it has no key")
+    except (TypeError, ValueError) as exc:
+        raise RegistrationError(f"unusable connection info in {source}: {exc}") from None
+    return info
+
+
+def requested_id(args: argparse.Namespace) -> int | None:
+    """The id to ask for: ``--id``, the rank plus the offset, or None (any)."""
+    if args.id is not None:
+        return protocol.check_int("--id", args.id, 0, protocol.MAX_ENGINE_ID)
+    if not args.id_from_rank:
+        return None
+    for name in RANK_ENV:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return protocol.check_int("rank + offset", args.id_offset + int(value), 0)
+    raise RegistrationError(f"--id-from-rank: no rank in the environment (looked at {RANK_ENV})")
+
+
+def bind_address(controller_ip: str) -> str:
+    """The address to bind so the controller reaches us: loopback for a controller on
+    loopback, else the address of the interface that routes to it (no packet is sent)."""
+    if controller_ip in protocol.LOCAL_IPS or controller_ip.startswith("127."):
+        return "127.0.0.1"
+    probe = socket.socket(socket.AF_INET6 if ":" in controller_ip else socket.AF_INET)
+    try:
+        probe.connect((controller_ip, 9))  # a datagram socket's connect only picks a route
+        return str(probe.getsockname()[0])
+    except OSError:
+        return controller_ip
+    finally:
+        probe.close()
+
+
+def kernel_connection_file(folder: Path, ip: str, info: dict[str, Any]) -> Path:
+    """A connection file for our kernel: the cluster's key, ports chosen by the kernel,
+    and a keypair of its own when the cluster encrypts."""
+    conn: dict[str, Any] = {
+        "ip": ip,
+        "transport": "tcp",
+        "key": info["key"],
+        "signature_scheme": "hmac-sha256",
+    }
+    if info.get("curve_serverkey"):
+        public, secret = zmq.curve_keypair()
+        conn["curve_publickey"], conn["curve_secretkey"] = public.decode(), secret.decode()
+    path = folder / "engine.json"
+    clusters.write_private_json(path, conn)
+    return path
+
+
+def kernel_info(app: Any) -> dict[str, Any]:
+    """The bound kernel's connection info, as the registration carries it."""
+    info: dict[str, Any] = {
+        "ip": app.ip,
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "shell_port": app.shell_port,
+        "control_port": app.control_port,
+        "iopub_port": app.iopub_port,
+        "hb_port": app.hb_port,
+        "stdin_port": app.stdin_port,
+        "lane_port": app.lane_port,
+    }
+    if app.curve_secretkey is not None:
+        info["curve_publickey"] = app.curve_publickey.decode()
+        info["curve_secretkey"] = app.curve_secretkey.decode()
+    return info
+
+
+def register(
+    cluster: dict[str, Any],
+    request: protocol.RegisterRequest,
+    timeout: float,
+    say: Any = None,
+) -> dict[str, Any]:
+    """Send ``request`` to the controller until it answers (``timeout`` s in all); the
+    reply's content (with the ``engine_id`` given).
+
+    Raises
+    ------
+    RegistrationError
+        When refused (an id held by a live engine only once ``timeout`` has passed) or
+        when no controller answered.
+    """
+    key = str(cluster["key"]).encode()
+    w = wire.Wire(key, username="engine")
+    url = protocol.endpoint({"ip": cluster["ip"], "transport": "tcp"}, cluster["client_port"])
+    context: zmq.Context[Any] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    server = cluster.get("curve_serverkey")
+    if server:
+        wire.curve_client(sock, str(server).encode())
+    sock.connect(url)
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    try:
+        while time.monotonic() < deadline:
+            header = w.send(
+                sock, protocol.REGISTER_REQUEST, request.to_content(), idents=[protocol.HUB_ROUTE]
+            )
+            content = _await_reply(sock, w, header["msg_id"], min(5.0, deadline - time.monotonic()))
+            if content is None:
+                continue  # (no controller yet, or a lost message: a new msg_id each time)
+            if content.get("status") == "ok":
+                return content
+            last = str(content.get("evalue", "refused"))[:2000]
+            if not content.get("retry"):
+                raise RegistrationError(f"the controller at {url} refused this engine: {last}")
+            if say is not None:
+                say(f"not yet registered ({last}); trying again")
+            time.sleep(min(RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
+    finally:
+        sock.close(linger=0)
+        context.term()
+    raise RegistrationError(
+        f"not registered with the controller at {url} in {timeout:.0f} s: {last}"
+    )
+
+
+def _await_reply(
+    sock: zmq.Socket[Any], w: wire.Wire, msg_id: str, timeout: float
+) -> dict[str, Any] | None:
+    """The content of the reply to ``msg_id`` within ``timeout`` s (None: none came)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            return None
+        frames = sock.recv_multipart()
+        try:
+            msg = w.recv(frames)
+        except wire.MessageError:
+            continue
+        if msg.msg_type == protocol.REGISTER_REPLY and msg.parent_id == msg_id:
+            return msg.content
+    return None
+
+
+class _Output:
+    """Where the engine's fatal messages go: its log, and the launcher's output."""
+
+    def __init__(self) -> None:
+        self.launcher_fd: int | None = None
+
+    def redirect(self, path: str) -> None:
+        """Send this process's stdout and stderr (fds 1 and 2) to ``path``, keeping the
+        launcher's stderr for fatal messages."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.launcher_fd = os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def fatal(self, text: str) -> None:
+        line = f"jupyter px engine: {text}\n".encode(errors="replace")
+        for fd in {2, *([self.launcher_fd] if self.launcher_fd is not None else [])}:
+            try:
+                os.write(fd, line)
+            except OSError:
+                pass
+
+
+def _watch_setup(app: Any, output: _Output, timeout: float) -> None:
+    """Leave if the controller that accepted us never sets us up."""
+
+    def check() -> None:
+        if getattr(app.kernel, "engine_id", None) is None:
+            output.fatal(f"the controller did not set this engine up within {timeout:.0f} s")
+            os._exit(1)
+
+    timer = threading.Timer(timeout, check)
+    timer.daemon = True
+    timer.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one registering engine until it is shut down (see the module docstring)."""
+    args, rest = parser().parse_known_args(argv)
+    output = _Output()
+    try:
+        cluster = connection_info(args.file, args.cluster_id)
+        wanted = requested_id(args)
+    except (RegistrationError, TypeError, ValueError) as exc:
+        output.fatal(str(exc))
+        return 1
+    if args.log_file:
+        output.redirect(args.log_file.replace("{id}", str(wanted if wanted is not None else "")))
+    logging.getLogger("tornado").setLevel(logging.ERROR)
+    from .app import EngineApp  # (ipykernel: imported once the cheap checks passed)
+
+    folder = Path(tempfile.mkdtemp(prefix="px-engine-"))
+    atexit.register(shutil.rmtree, folder, True)
+    conn = kernel_connection_file(folder, args.ip or bind_address(cluster["ip"]), cluster)
+    app = EngineApp.instance()
+    kernel_argv = ["-f", str(conn), *rest]
+    profile_dir = os.environ.get(clusters.PROFILE_DIR_ENV)
+    if profile_dir:
+        kernel_argv.insert(0, f"--profile-dir={profile_dir}")
+    app.initialize(kernel_argv)
+    request = protocol.RegisterRequest(
+        kernel_info(app),
+        os.getpid(),
+        socket.gethostname(),
+        str(app.session.session),
+        wanted,
+    )
+    try:
+        reply = register(cluster, request, args.timeout, say=app.log.info)
+    except RegistrationError as exc:
+        output.fatal(str(exc))
+        return 1
+    print(
+        f"registered with cluster {cluster.get('cluster_id')} as engine {reply['engine_id']}",
+        file=sys.__stderr__,
+        flush=True,
+    )
+    _watch_setup(app, output, SETUP_TIMEOUT)
+    app.start()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
