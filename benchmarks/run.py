@@ -183,6 +183,24 @@ METRICS = [
         refs=("ppe",),
     ),
     Metric(
+        "eng_uss_mib",
+        f"Memory per engine, USS ({SCALE_ENGINES} engines, after a first task; median)",
+        "MiB",
+        "lower",
+        ("scale",),
+        False,
+        ("jx", "jxmem"),
+    ),
+    Metric(
+        "eng_rss_mib",
+        f"Memory per engine, RSS ({SCALE_ENGINES} engines, after a first task; median)",
+        "MiB",
+        "lower",
+        ("scale",),
+        False,
+        ("jx", "jxmem"),
+    ),
+    Metric(
         "push8_s",
         f"`rc[:].push` of one {{push8_mb}} MiB array to {SCALE_ENGINES} engines",
         "s",
@@ -417,6 +435,10 @@ class RcTool:
         if only == "longrun" and self.tool in LONGRUN_TOOLS:
             out.append((LONGRUN_KEYS, lambda: self.longrun(s, ctx)))
         if only == "scale":
+            if self.tool in ("jx", "jxmem"):
+                out.append(
+                    (("eng_uss_mib", "eng_rss_mib"), lambda: W.engine_memory(W._engine_pids(rc)))
+                )
             out.append(
                 (
                     ("push8_s", "push8_rss_x"),

@@ -95,6 +95,36 @@ def rss_mib(pid: int | None = None) -> float | None:
     return None
 
 
+def memory_mib(pid: int) -> dict[str, float] | None:
+    """RSS, PSS and USS (private clean + private dirty) of process ``pid`` in MiB, from
+    ``/proc/<pid>/smaps_rollup``; None when it (or the file) isn't there."""
+    kib: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                    kib[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(kib) != 4:
+        return None
+    uss = kib["Private_Clean"] + kib["Private_Dirty"]
+    return {"rss": kib["Rss"] / 1024, "pss": kib["Pss"] / 1024, "uss": uss / 1024}
+
+
+def engine_memory(engine_pids: list[int]) -> dict[str, Any]:
+    """Memory per engine (the median over the engines, MiB): USS (what the engine alone
+    holds: what stopping it would free) and RSS (counting pages shared with others)."""
+    samples = [memory_mib(p) for p in engine_pids]
+    if not engine_pids or None in samples:
+        raise RuntimeError(f"no /proc/<pid>/smaps_rollup for engines {engine_pids}")
+    return {
+        "eng_uss_mib": statistics.median(m["uss"] for m in samples if m),
+        "eng_rss_mib": statistics.median(m["rss"] for m in samples if m),
+    }
+
+
 def _check_same(sent: np.ndarray, got: Any) -> None:
     if not isinstance(got, np.ndarray) or got.shape != sent.shape or got.dtype != sent.dtype:
         raise AssertionError(f"pulled back {type(got).__name__} {getattr(got, 'shape', '')}")

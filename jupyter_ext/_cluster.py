@@ -62,7 +62,8 @@ class Cluster:
     engines
         The launcher: ``"local"`` (engines on this machine, through jupyter_client),
         ``"mpi"`` (``mpiexec -n N``, engine ids equal to MPI ranks), ``"slurm"`` (one
-        batch job, ``srun`` inside it) or a subclass of
+        batch job, ``srun`` inside it), ``"ssh"`` (one ssh session per engine on
+        ``hosts``) or a subclass of
         :class:`kernel_engine.launchers.Launcher` defined in an importable module. The
         engines of all but ``"local"`` register themselves with the controller.
     mpi_args
@@ -70,6 +71,15 @@ class Cluster:
     slurm_args
         More arguments for ``sbatch`` (``["--time=10", "--partition=debug"]``: ``--time``
         is the walltime, after which Slurm ends the engines).
+    hosts
+        For ``engines="ssh"``: ``{"host": n, ...}``, how many engines go to each host
+        (``n`` defaults to their sum). The hosts must share this machine's filesystem
+        layout (the engines run this Python, in this working directory, by path); with a
+        host other than this one, ``ip`` must be this machine's address on the network
+        the hosts reach (not loopback, not a wildcard: the error says which to use), and
+        everything is encrypted with CurveZMQ.
+    ssh_args
+        More arguments for ``ssh`` (``["-F", "ssh_config"]``, ``["-i", key]``).
     min_engines
         Return from the start once this many engines are ready (the others join when
         they start: a Slurm job waiting in a busy queue). Default: all ``n``.
@@ -139,12 +149,20 @@ class Cluster:
         mpi_args: list[str] | None = None,
         slurm_args: list[str] | None = None,
         min_engines: int | None = None,
+        hosts: dict[str, int] | None = None,
+        ssh_args: list[str] | None = None,
     ):
         self._launcher = launchers.launcher_name(engines)
         self._launcher_options: dict[str, Any] = {}
-        for name, value in (("mpi_args", mpi_args), ("slurm_args", slurm_args)):
+        for name, value in (
+            ("mpi_args", mpi_args),
+            ("slurm_args", slurm_args),
+            ("ssh_args", ssh_args),
+        ):
             if value is not None:
                 self._launcher_options[name] = launchers.mpi.check_args(name, value)
+        if hosts is not None:
+            self._launcher_options["hosts"] = launchers.ssh.check_hosts(hosts)
         launcher_cls = launchers.find(self._launcher)
         unknown = set(self._launcher_options) - set(launcher_cls.options)
         if unknown:
@@ -152,6 +170,8 @@ class Cluster:
         self.min_engines = (
             None if min_engines is None else protocol.check_int("min_engines", min_engines, 1)
         )
+        if n is None and hosts is not None:
+            n = sum(self._launcher_options["hosts"].values())  # (an ssh cluster: one per slot)
         self.n = (os.cpu_count() or 1) if n is None else protocol.check_int("n", n, 0, 4096)
         self.engines = engines
         self.cluster_id = (
@@ -183,6 +203,10 @@ class Cluster:
             None if db_max_age is None else protocol.check_seconds("db_max_age", db_max_age)
         )
         self.engine_grace = protocol.check_seconds("engine_grace", engine_grace)
+        if launcher_cls is launchers.ssh.SSHLauncher:
+            if hosts is None:
+                raise ValueError('engines="ssh" needs hosts={"host": n, ...}')
+            launchers.ssh.check_address(ip, self._launcher_options["hosts"], curve)
         self.curve = protocol.curve_wanted(ip, curve)
         self.client_timeout = protocol.check_seconds("client_timeout", client_timeout, True) or 30.0
         self.on_client_lost = on_client_lost

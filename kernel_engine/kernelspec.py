@@ -22,8 +22,9 @@ from jupyter_core.paths import (
 )
 
 KERNEL_NAME = "jupyter-px-engine"
-SPEC_VERSION = 2
-"""Bumped when the spec changes, so an installed older one is replaced (2: CurveZMQ)."""
+SPEC_VERSION = 3
+"""Bumped when the spec changes, so an installed older one is replaced (2: CurveZMQ;
+3: engines forked from a template, :mod:`kernel_engine.provisioner`)."""
 SERVER_EXTENSION = "jupyter_ext.serverextension"
 SERVER_CONFIG_FILE = "jupyter_px.json"
 LABEXTENSION = "jupyter-px"
@@ -42,6 +43,9 @@ def spec_dict(python: str | None = None) -> dict[str, Any]:
             "debugger": False,
             # engines encrypt their channels when the controller asks (CurveZMQ)
             "supported_encryption": ["curve"],
+            # engines forked from a template that has imported ipykernel (quick to start,
+            # pages shared); the plain local launch when that cannot be
+            "kernel_provisioner": {"provisioner_name": "jupyter-px-fork"},
             "jupyter_px": {"engine": True, "spec_version": SPEC_VERSION},
         },
     }

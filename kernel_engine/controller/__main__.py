@@ -13,6 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
+from kernel_engine.templates import prestart
+
+if __name__ == "__main__":
+    prestart(sys.argv[1:])  # first: the engines' fork template imports while we do
+
 from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 

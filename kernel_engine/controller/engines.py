@@ -332,6 +332,10 @@ class EngineSet:
         """A socket to an engine: a CurveZMQ client when the engine's channels encrypt
         (with the engine's own keypair, as Jupyter clients of a kernel do)."""
         sock = self.context.socket(kind)
+        # a starting engine binds a little after we connect: retry within 10 ms rather
+        # than zmq's 100, backing off to 1 s for an engine that is gone
+        sock.reconnect_ivl = 10
+        sock.reconnect_ivl_max = 1000
         info = engine.connection_info
         if info.get("curve_publickey"):
             public = info["curve_publickey"].encode()
@@ -425,6 +429,7 @@ class EngineSet:
             else:
                 engine.state = "awaiting iopub"
                 self._send_kernel_info(engine)
+                self._nudge(engine, 0.02)
 
     def exit_code(self, engine: Engine) -> int | None:
         """The engine's exit code if its process ended, else None (an adopted engine's
@@ -450,6 +455,19 @@ class EngineSet:
         if pid is None or not processes.running(pid):
             return False
         return engine.pid_started is None or processes.start_time(pid) == engine.pid_started
+
+    def _nudge(self, engine: Engine, delay: float) -> None:
+        """Ask an engine awaiting its iopub for its info again after ``delay`` s, twice as
+        long each time up to the watch's interval (its status messages then reach us as
+        soon as the subscription holds, rather than at the next watch)."""
+
+        def again() -> None:
+            if engine.state == "awaiting iopub" and self.engines.get(engine.id) is engine:
+                self._send_kernel_info(engine)
+                if delay < self.poll_interval:
+                    self._nudge(engine, delay * 2)
+
+        self.loop.call_later(delay, again)
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -583,7 +601,13 @@ class EngineSet:
         engine = self.engines[eid]
         if engine.by_pid:
             if not engine.local:
-                raise ValueError(f"engine {eid} runs on {engine.hostname}: it cannot be signalled")
+                control = engine.sockets.get("control")
+                if signum == signal.SIGINT and control is not None:
+                    # Jupyter's own interrupt: the kernel signals itself, on its host
+                    self.wire.send(control, "interrupt_request", {})
+                    return
+                why = "only SIGINT reaches it (as Jupyter's interrupt_request)"
+                raise ValueError(f"engine {eid} runs on {engine.hostname}: {why}")
             self._signal_adopted(engine, signum)
             return
         if engine.km is None:

@@ -125,6 +125,8 @@ class Launches:
     def poll(self) -> None:
         """Look at the launchers and the start's deadline."""
         for launcher in self.running:
+            for eid, (pid, how) in launcher.ended().items():
+                self._engine_ended(eid, pid, how)
             if id(launcher) in self._failed:
                 continue
             why = launcher.poll()
@@ -138,6 +140,14 @@ class Launches:
                 said = "\n".join(_outputs(self.running))
                 report = Report(report.ready, report.ids, f"{report.message}\n{said}".rstrip())
             self._emit(report)
+
+    def _engine_ended(self, eid: int, pid: int | None, how: str) -> None:
+        """A launcher saw engine ``eid``'s process end: fail it now, if it is still the
+        engine registered with that id (by its PID)."""
+        engine = self.engines.engines.get(eid)
+        if engine is None or engine.state == "dead" or (pid is not None and engine.pid != pid):
+            return
+        self.engines._fail(engine, how)  # (as when the engine set sees a process exit)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """Stop every launcher (after the engines were asked to stop)."""

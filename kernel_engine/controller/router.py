@@ -158,13 +158,14 @@ class Router:
     def _record_outcome(
         self, msg_id: str, status: str, metadata: dict[str, Any], channel: str, frames: list[Any]
     ) -> None:
-        """An engine's reply into its record (its frames kept when it came by the lane)."""
+        """An engine's reply into its record (its frames kept, but for the control
+        channel's: a task's reply, or a cell's, with its error when it failed)."""
         self.hub.completed(
             msg_id,
             "ok" if status == "ok" else "error",
             metadata.get("started"),
             metadata.get("completed"),
-            frames[2:] if channel == "lane" else None,
+            frames[2:] if channel != "control" else None,
         )
 
     def direct_notice(self, client: bytes, msg: Message) -> None:

@@ -130,7 +130,8 @@ def bind_address(controller_ip: str) -> str:
     loopback, else the address of the interface that routes to it (no packet is sent)."""
     if controller_ip in protocol.LOCAL_IPS or controller_ip.startswith("127."):
         return "127.0.0.1"
-    probe = socket.socket(socket.AF_INET6 if ":" in controller_ip else socket.AF_INET)
+    family = socket.AF_INET6 if ":" in controller_ip else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
     try:
         probe.connect((controller_ip, 9))  # a datagram socket's connect only picks a route
         return str(probe.getsockname()[0])

@@ -1,6 +1,7 @@
 """Launchers: what starts engines (see :mod:`.base` for the interface).
 
-``"local"`` (:mod:`.local`), ``"mpi"`` (:mod:`.mpi`), ``"slurm"`` (:mod:`.slurm`), or a
+``"local"`` (:mod:`.local`), ``"mpi"`` (:mod:`.mpi`), ``"slurm"`` (:mod:`.slurm`),
+``"ssh"`` (:mod:`.ssh`), or a
 plug-in named ``"package.module:Class"``. A controller keeps the records of the
 launchers it runs in ``launchers.json`` in the cluster folder, so that whoever stops a
 cluster whose controller died stops what they started too (:func:`stop_recorded`).
@@ -21,6 +22,8 @@ from .base import LaunchContext, Launcher, children, kill_recorded
 from .local import LocalLauncher
 from .mpi import MPILauncher
 from .slurm import SlurmLauncher, cancel
+from .ssh import SSHLauncher
+from .ssh import stop_record as _stop_ssh_record
 
 __all__ = ["LaunchContext", "Launcher", "find", "launcher_name", "stop_recorded"]
 
@@ -31,6 +34,7 @@ BUILTIN: dict[str, type[Launcher]] = {
     "mpi": MPILauncher,
     "mpiexec": MPILauncher,
     "slurm": SlurmLauncher,
+    "ssh": SSHLauncher,
 }
 
 RECORD_FILE = "launchers.json"
@@ -90,7 +94,7 @@ def launcher_name(engines: Any) -> str:
             )
         return f"{engines.__module__}:{engines.__qualname__}"
     raise TypeError(
-        f"engines must be 'local', 'mpi', 'slurm' or a Launcher subclass, not {engines!r}"
+        f"engines must be 'local', 'mpi', 'slurm', 'ssh' or a Launcher subclass, not {engines!r}"
     )
 
 
@@ -117,6 +121,9 @@ def stop_recorded(folder: Path, timeout: float = 5.0) -> list[dict[str, Any]]:
 
 
 def _stop_record(record: dict[str, Any], timeout: float) -> None:
+    if record.get("launcher") == "ssh":
+        _stop_ssh_record(record, timeout)
+        return
     job = record.get("job_id")
     if isinstance(job, str) and job.isdigit():
         cancel(job, timeout)

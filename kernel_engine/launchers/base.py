@@ -118,6 +118,13 @@ class Launcher(ABC):
         """Files with the launcher's own output (not the engines')."""
         return []
 
+    def ended(self) -> dict[int, tuple[int | None, str]]:
+        """Engines whose process this launcher saw end since the last call, by id: the
+        engine's PID (None: unknown) and how it ended. The controller fails an engine
+        still registered with that PID at once, with that cause, rather than when its
+        heartbeats stop (an ssh session ending)."""
+        return {}
+
     def engine_command(self, extra: Sequence[str] = ()) -> list[str]:
         """The command that runs one registering engine, its log in the cluster folder
         (``{id}`` is filled in by the engine, once it knows its rank)."""
