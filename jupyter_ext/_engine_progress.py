@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from ._progress import _in_notebook, progress_enabled
+from ._progress import _in_notebook, progress_bar, progress_enabled
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -164,14 +164,7 @@ class EngineProgress:
         import ipywidgets
         from IPython.display import display
 
-        self.bar = ipywidgets.IntProgress(
-            value=0,
-            min=0,
-            max=max(self.total, 1),
-            description=self.label or "progress",
-            bar_style="info",
-            layout=ipywidgets.Layout(width="60%"),
-        )
+        self.bar = progress_bar(self.total, self.label or "progress")
         self.text = ipywidgets.HTML(value=f"0/{self.total} tasks, 0.0 s")
         self.engine_box = ipywidgets.VBox([])
         self.widget = ipywidgets.VBox([ipywidgets.HBox([self.bar, self.text]), self.engine_box])
@@ -191,14 +184,7 @@ class EngineProgress:
         if row is None:
             import ipywidgets
 
-            bar = ipywidgets.IntProgress(
-                value=0,
-                min=0,
-                max=1,
-                description=f"engine {eid}",
-                bar_style="info",
-                layout=ipywidgets.Layout(width="60%"),
-            )
+            bar = progress_bar(1, f"engine {eid}")
             text = ipywidgets.HTML(value="")
             box = ipywidgets.HBox([bar, text])
             box.add_class("jupyter-px-engine-bar")

@@ -34,6 +34,20 @@ def _in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def progress_bar(total: int, description: str) -> Any:
+    """An empty ipywidgets bar counting to ``total`` (the look every progress bar here has)."""
+    import ipywidgets
+
+    return ipywidgets.IntProgress(
+        value=0,
+        min=0,
+        max=max(total, 1),
+        description=description,
+        bar_style="info",
+        layout=ipywidgets.Layout(width="60%"),
+    )
+
+
 class ProgressDisplay:
     """Shows ``done / total`` and elapsed time; a widget or a text line."""
 
@@ -54,14 +68,7 @@ class ProgressDisplay:
         import ipywidgets
         from IPython.display import display
 
-        self.bar = ipywidgets.IntProgress(
-            value=0,
-            min=0,
-            max=max(self.total, 1),
-            description=self.label or "progress",
-            bar_style="info",
-            layout=ipywidgets.Layout(width="60%"),
-        )
+        self.bar = progress_bar(self.total, self.label or "progress")
         self.text = ipywidgets.HTML(value=self._status(0, 0.0))
         self.widget = ipywidgets.HBox([self.bar, self.text])
         display(self.widget)

@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kernel_engine.controller import query as q
@@ -272,6 +272,11 @@ class SqliteLog:
         # a larger WAL means fewer checkpoints, each with two fsyncs; keep it a 64th of the limit
         wal_pages = 4096 if max_bytes is None else max(16, min(4096, max_bytes // page // 64))
         self._wal_limit = wal_pages * page
+        # a batch also stays near a 64th of the limit (at 512 bytes a record), or a loaded
+        # machine's long batches would overshoot a small limit before it is trimmed
+        self._batch_records = (
+            max_pending if max_bytes is None else min(max_pending, max(64, max_bytes // 32768))
+        )
         for pragma in (
             "synchronous = NORMAL",
             "temp_store = MEMORY",
@@ -552,47 +557,38 @@ class SqliteLog:
     def get_many(self, msg_ids: Sequence[str], keys: Any = None) -> dict[str, dict[str, Any]]:
         """The records of those of ``msg_ids`` the file has, by msg_id (one wait for the
         writer, then a query per 500 ids)."""
-        ids = _checked("msg_ids", msg_ids, str) or ()
         keys = q.check_keys(keys)
         wanted = keys if "msg_id" in keys else ("msg_id", *keys)
         columns, decode = _select(tuple(wanted))
         out: dict[str, dict[str, Any]] = {}
-        if not self.flush(READ_TIMEOUT):
-            raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
-        for at in range(0, len(ids), 500):
-            chunk = ids[at : at + 500]
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE t.msg_id IN ({marks})"
-            with self._read_lock:
-                try:
-                    rows = self._reader.execute(sql, chunk).fetchall()
-                except sqlite3.DatabaseError as exc:
-                    raise StoreError(self.path, str(exc)) from exc
-            for row in rows:
-                record = decode(row)
-                out[record["msg_id"]] = {k: record[k] for k in keys}
+        for row in self._read_ids(f"SELECT {', '.join(columns)} FROM tasks t", msg_ids):
+            record = decode(row)
+            out[record["msg_id"]] = {k: record[k] for k in keys}
         return out
 
     def frames_many(self, msg_ids: Sequence[str], which: str = "result") -> dict[str, list[bytes]]:
         """:meth:`frames` of many records at once (those that have some), by msg_id."""
         if which not in _FRAMES:
             raise ValueError(f"which must be 'request' or 'result', not {which!r}")
-        ids = _checked("msg_ids", msg_ids, str) or ()
         blob = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
-        out: dict[str, list[bytes]] = {}
+        rows = self._read_ids(f"SELECT t.msg_id, {blob} FROM tasks t", msg_ids)
+        return {m: unpack(b) for m, b in rows if b}
+
+    def _read_ids(self, select: str, msg_ids: Sequence[str]) -> Iterator[Sequence[Any]]:
+        """The rows of ``select`` (its ``FROM tasks t``) for these msg_ids: one wait for
+        the writer, then a query per 500 ids."""
+        ids = _checked("msg_ids", msg_ids, str) or ()
         if not self.flush(READ_TIMEOUT):
             raise TimeoutError(f"task database {self.path}: the writer is {READ_TIMEOUT} s late")
         for at in range(0, len(ids), 500):
             chunk = ids[at : at + 500]
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT t.msg_id, {blob} FROM tasks t WHERE t.msg_id IN ({marks})"
+            sql = f"{select} WHERE t.msg_id IN ({', '.join('?' * len(chunk))})"
             with self._read_lock:
                 try:
                     rows = self._reader.execute(sql, chunk).fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise StoreError(self.path, str(exc)) from exc
-            out.update((m, unpack(b)) for m, b in rows if b)
-        return out
+            yield from rows
 
     def frames(self, msg_id: str, which: str = "result") -> list[bytes] | None:
         """The stored frames of the request or of the reply, as given to :meth:`put`."""
@@ -766,7 +762,7 @@ class SqliteLog:
         records, outputs = batch.records, batch.outputs
         popleft = self._queue.popleft
         nbytes = 0
-        for _ in range(self.max_pending):
+        for _ in range(self._batch_records):
             try:
                 tag, item, size = popleft()
             except IndexError:
