@@ -31,10 +31,12 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, List, Unicode
 
-from kernel_engine import templates
+from kernel_engine import ports, templates
 from kernel_engine.templates import DEFAULT_PRELOAD, ForkedProcess, TemplateError, TemplatePool
 
 log = logging.getLogger("kernel_engine.provisioner")
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 
 PROVISIONER_NAME = "jupyter-px-fork"
 """The provisioner's entry point name, as kernel specs name it."""
@@ -74,6 +76,32 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     forked = False
     """Whether this kernel was forked from a template (else started the plain way)."""
+
+    _ports: tuple[int, ...] = ()
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """As the local provisioner's, with the kernel's ports taken outside the
+        ephemeral range (see :mod:`kernel_engine.ports`): an outgoing connection made
+        while engines start cannot take one before the kernel binds it."""
+        km = self.parent
+        if km is not None and km.transport == "tcp" and not self._ports:
+            taken = []
+            for name in PORT_NAMES:
+                if not getattr(km, name, 0):
+                    port = ports.PICKER.take(km.ip)
+                    setattr(km, name, port)
+                    taken.append(port)
+            self._ports = tuple(taken)
+            self.ports_cached = True  # (jupyter_client keeps them, and picks none itself)
+        result: dict[str, Any] = await super().pre_launch(**kwargs)
+        return result
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if not restart:
+            for port in self._ports:
+                ports.PICKER.give_back(port)
+            self._ports = ()
+        await super().cleanup(restart)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Fork the kernel from a template; the plain local launch when that fails."""

@@ -272,3 +272,21 @@ def test_comm_messages_waiting_for_an_engine_are_bounded_until_it_is_idle():
     assert posts.admit(0, "c", 400) is None and posts.waiting(0)
     posts.forget(0)
     assert not posts.waiting(0) and posts.waiting(1)
+
+
+def test_engine_ports_come_from_outside_the_ephemeral_range(tmp_path):
+    from kernel_engine import ports
+
+    assert ports.quiet_range((32768, 60999)) == (10_000, 32767)
+    assert ports.quiet_range((12000, 60999)) == (61000, 65535)
+    assert ports.quiet_range((12000, 65000)) is None
+    bad = tmp_path / "range"
+    bad.write_text("garbage")
+    assert ports.ephemeral_range(str(bad)) == (32768, 60999)
+    picker = ports.PortPicker((20000, 20009))
+    taken = {picker.take("127.0.0.1") for _ in range(10)}
+    assert len(taken) == 10 and taken <= set(range(20000, 20010))
+    # the span is used up: the system's choice, still never one handed out already
+    assert picker.take("127.0.0.1") not in taken
+    picker.give_back(20003)
+    assert 20003 not in picker._taken

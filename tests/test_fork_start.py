@@ -190,6 +190,14 @@ def test_a_cluster_forks_its_engines_and_reports_their_deaths(cluster_factory):
     template = _parent(pids[0])
     assert _is_template(template) and _parent(pids[1]) == template
     assert _parent(template) == controller
+    # their ports are outside the range outgoing connections take theirs from
+    from kernel_engine import ports
+
+    low, high = ports.ephemeral_range()
+    for eid in rc.ids:
+        info = rc.engine_info(eid)["connection_info"]
+        for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+            assert not low <= info[name] <= high, (name, info[name])
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(jx.EngineError, match="SIGKILL"):
         rc[1].apply_sync(time.sleep, 30)
