@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -561,12 +561,29 @@ class Client:
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
         """In a notebook kernel, the live dashboard (the HTML summary beside it, for front
         ends without widgets); elsewhere None (the HTML summary and repr)."""
+        own = self._own_dashboard(lambda: (client_html(self), repr(self)))
+        return None if own is None else own.mimebundle()
+
+    def _ipython_display_(self) -> None:
+        """As :meth:`_repr_mimebundle_`, shown so that closing the client leaves the
+        static snapshot of the final state in its place."""
+        self._show(lambda: (client_html(self), repr(self)))
+
+    def _own_dashboard(self, heading: Callable[[], tuple[str, str]]) -> Any:
+        """The dashboard of this client's rich display, under ``heading``; None outside
+        a notebook kernel or once closed."""
         if not _in_kernel() or self.transport.closed:
             return None
-        try:
-            bundle = self._dashboards.own().mimebundle()
-        except Exception:
-            return None
-        bundle["text/html"] = client_html(self) + str(bundle.get("text/html", ""))
-        bundle["text/plain"] = repr(self)
-        return bundle
+        own = self._dashboards.own()
+        own.heading = heading
+        return own
+
+    def _show(self, heading: Callable[[], tuple[str, str]]) -> None:
+        from IPython.display import display
+
+        own = self._own_dashboard(heading)
+        if own is None:
+            html, plain = heading()
+            display({"text/plain": plain, "text/html": html}, raw=True)
+            return
+        own._ipython_display_()

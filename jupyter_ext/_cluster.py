@@ -16,7 +16,7 @@ from kernel_engine.errors import ClusterError
 from kernel_engine.kernelspec import ensure_installed
 
 from ._client import Client
-from ._reprs import cluster_html
+from ._reprs import client_html, cluster_html
 
 
 def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None) -> str | None:
@@ -255,17 +255,30 @@ class Cluster:
     def _repr_html_(self) -> str:
         return cluster_html(self)
 
+    def _heading(self) -> tuple[str, str]:
+        client = self._client
+        below = "" if client is None else client_html(client)
+        return cluster_html(self) + below, repr(self)
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
         """In a notebook kernel, with a client: its live dashboard (see
         ``Client._repr_mimebundle_``) under this cluster's summary; else None."""
         client = self._client
         if client is None or client.transport.closed:
             return None
-        bundle = client._repr_mimebundle_(include, exclude)
-        if bundle is not None:
-            bundle["text/html"] = cluster_html(self) + str(bundle["text/html"])
-            bundle["text/plain"] = repr(self)
-        return bundle
+        own = client._own_dashboard(self._heading)
+        return None if own is None else own.mimebundle()
+
+    def _ipython_display_(self) -> None:
+        """As :meth:`_repr_mimebundle_`, shown so that stopping the cluster leaves the
+        static snapshot of the final state in its place."""
+        from IPython.display import display
+
+        client = self._client
+        if client is None or client.transport.closed:
+            display({"text/plain": repr(self), "text/html": self._repr_html_()}, raw=True)
+            return
+        client._show(self._heading)
 
     @property
     def running(self) -> bool:

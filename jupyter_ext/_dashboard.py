@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -207,6 +208,9 @@ class Dashboard:
         self.closed = False
         self._display_id = uuid.uuid4().hex
         self._displayed = False
+        self.heading: Callable[[], tuple[str, str]] | None = None
+        """(HTML above the view, ``text/plain``) of a display that shows it under its
+        owner's summary (the Client's or Cluster's rich display)."""
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._box: Any = None
@@ -334,10 +338,14 @@ class Dashboard:
         if self.status is None and not self.transport.closed:
             self._fetch()
         status = self.status or {}
-        return {
+        bundle = {
             "text/plain": render_text(status) if status else repr(self),
             "text/html": status_html(status, self.title) if status else escape(repr(self)),
         }
+        if self.heading is not None:
+            html, plain = self.heading()
+            bundle = {"text/plain": plain, "text/html": html + bundle["text/html"]}
+        return bundle
 
     def mimebundle(self) -> dict[str, Any]:
         """What a display of it holds: the widget's view (in a notebook kernel, while not

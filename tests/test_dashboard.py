@@ -174,12 +174,14 @@ def test_dashboard_notebook() -> None:
     assert "ZeroDivisionError" in shown.data["text/html"]
     assert "engine  state" in shown.data["text/plain"]
 
-    # the client's rich display: the live view under its summary (and both as HTML)
+    # the client's rich display: the live view under its summary while the client is
+    # open; once it closed, the static snapshot of the final state under that summary
     [client] = cells["client"].outputs
-    assert WIDGET_VIEW in client.data and "jupyter_ext.Client" in client.data["text/html"]
+    assert WIDGET_VIEW not in client.data and "jupyter_ext.Client" in client.data["text/html"]
     assert "px-dashboard" in client.data["text/html"] and client.data["text/plain"].startswith(
         "<Client cluster="
     )
+    assert _done_counts(client.data["text/html"]) == printed
 
     # per-engine bars: one per engine, full; red with the error's name where one failed
     bars = {
