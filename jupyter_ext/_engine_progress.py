@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from ._progress import _in_notebook, progress_bar, progress_enabled
+from ._progress import _in_notebook, progress_bar, progress_enabled, write_text_bar
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -218,11 +218,7 @@ class EngineProgress:
     def _text_update(self, done: int, elapsed: float) -> None:
         text = f"{done}/{self.total} tasks, {elapsed:.1f} s"
         if text != self._last_text:
-            width = 30
-            filled = int(width * done / max(self.total, 1))
-            label = f"{self.label}: " if self.label else ""
-            sys.stdout.write(f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {text}")
-            sys.stdout.flush()
+            write_text_bar(self.label, done, self.total, text)
             self._last_text = text
 
     def close(self, done: int, elapsed: float, success: bool) -> None:

@@ -34,6 +34,15 @@ def _in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def write_text_bar(label: str, done: int, total: int, text: str) -> None:
+    """Redraw a progress line in place on stdout (where no widget can be shown)."""
+    width = 30
+    filled = int(width * done / max(total, 1))
+    prefix = f"{label}: " if label else ""
+    sys.stdout.write(f"\r{prefix}[{'#' * filled}{'.' * (width - filled)}] {text}")
+    sys.stdout.flush()
+
+
 def progress_bar(total: int, description: str) -> Any:
     """An empty ipywidgets bar counting to ``total`` (the look every progress bar here has)."""
     import ipywidgets
@@ -85,12 +94,7 @@ class ProgressDisplay:
             return
         text = self._status(done, elapsed)
         if text != self._last_text:
-            width = 30
-            filled = int(width * done / max(self.total, 1))
-            label = f"{self.label}: " if self.label else ""
-            line = f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {text}"
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            write_text_bar(self.label, done, self.total, text)
             self._last_text = text
 
     def close(self, done: int, elapsed: float, success: bool) -> None:
