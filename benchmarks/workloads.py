@@ -95,6 +95,32 @@ def rss_mib(pid: int | None = None) -> float | None:
     return None
 
 
+def _private_rss_mib(pid: int) -> float | None:
+    """``VmRSS`` less ``RssShmem`` of process ``pid`` in MiB (None when unknown)."""
+    kib: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("VmRSS", "RssShmem"):
+                    kib[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (kib["VmRSS"] - kib.get("RssShmem", 0)) / 1024 if "VmRSS" in kib else None
+
+
+def _host_shmem_mib() -> float | None:
+    """The host's shared memory in use (``Shmem`` of ``/proc/meminfo``) in MiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Shmem:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def memory_mib(pid: int) -> dict[str, float] | None:
     """RSS, PSS and USS (private clean + private dirty) of process ``pid`` in MiB, from
     ``/proc/<pid>/smaps_rollup``; None when it (or the file) isn't there."""
@@ -263,18 +289,24 @@ def push_to_all_rc(
     rc: Any, engine_pids: list[int], mb: int = 512, timeout: float = 300.0
 ) -> dict[str, Any]:
     """``rc[:].push({"b": arr})`` of an ``mb`` MiB array to every engine: seconds, and the
-    engines' total RSS growth over the array's size (1.0: one copy in all; N today)."""
+    memory it took over the array's size (1.0: one copy in all; N over zmq): the engines'
+    RSS growth apart from shared memory, plus the host's shared memory growth (a segment
+    the engines map counts once, whether or not they touched its pages)."""
     arr = make_array(mb)
     view = rc[:]
     view.execute("b = None", block=False).get(timeout=timeout)
-    before = [rss_mib(p) for p in engine_pids]
+    before = [_private_rss_mib(p) for p in engine_pids]
+    shared_before = _host_shmem_mib()
     t0 = time.perf_counter()
     view.push({"b": arr}, block=False).get(timeout=timeout)
     dt = time.perf_counter() - t0
-    after = [rss_mib(p) for p in engine_pids]
+    after = [_private_rss_mib(p) for p in engine_pids]
+    shared_after = _host_shmem_mib()
     growth = None
     if engine_pids and None not in before and None not in after:
         growth = (sum(after) - sum(before)) / mb  # type: ignore[arg-type]
+        if shared_before is not None and shared_after is not None:
+            growth += (shared_after - shared_before) / mb
     view.execute("b = None", block=False).get(timeout=timeout)
     return {"push8_s": dt, "push8_rss_x": growth}
 

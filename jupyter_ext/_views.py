@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kernel_engine import protocol, serialize
+from kernel_engine import protocol, serialize, shm
 from kernel_engine.engine import ops
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
@@ -245,20 +245,39 @@ class DirectView(View):
         return isinstance(targets, int)
 
     def _send_apply(self, targets: list[int], buffers: list[Any], track: bool) -> list[Request]:
+        """Send one ``apply_request`` per target; engines of this host share its large
+        buffers through one shared-memory segment when there are two or more of them."""
         metadata = {"label": self.label} if self.label else None
-        return [
-            self.transport.submit(
-                protocol.route_frame("lane", t),
-                protocol.APPLY_REQUEST,
-                {},
-                buffers,
-                metadata=metadata,
-                engine_id=t,
-                track=track,
-                md_extra={"label": self.label},
-            )
-            for t in targets
-        ]
+        segment, local = None, set()
+        if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
+            engines = self.transport.engines
+            local = {t for t in targets if shm.is_local(engines.get(t))}
+            segment = shm.share(buffers) if len(local) > 1 else None
+        requests: list[Request] = []
+        shared: list[Request] = []
+        try:
+            for t in targets:
+                content, frames = {}, buffers
+                if segment is not None and t in local:
+                    content = {shm.CONTENT_KEY: segment.reference}
+                    frames = segment.placeholders(buffers)
+                request = self.transport.submit(
+                    protocol.route_frame("lane", t),
+                    protocol.APPLY_REQUEST,
+                    content,
+                    frames,
+                    metadata=metadata,
+                    engine_id=t,
+                    track=track,
+                    md_extra={"label": self.label},
+                )
+                requests.append(request)
+                if content:
+                    shared.append(request)
+        finally:
+            if segment is not None:  # (its name goes once every engine has answered)
+                segment.release_after(shared)
+        return requests
 
     def _really_apply(
         self,
@@ -375,7 +394,14 @@ class DirectView(View):
         block: bool | None = None,
         track: bool | None = None,
     ) -> Any:
-        """Assign the names of ``ns`` on the engines (arrays are sent without copies)."""
+        """Assign the names of ``ns`` on the engines (arrays are sent without copies).
+
+        Engines receive arrays read-only. When two or more target engines run on this
+        host, buffers of 1 MiB or more (numpy arrays, large bytes) are written once into a
+        shared-memory segment that those engines map read-only, so pushing an array to N
+        engines costs one copy of it in all, not N (see :mod:`kernel_engine.shm`; set
+        ``JUPYTER_PX_SHM=0`` to turn it off).
+        """
         if not isinstance(ns, dict) or not all(isinstance(k, str) for k in ns):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
         return self._really_apply(ops.push, (ns,), {}, targets, block, track)

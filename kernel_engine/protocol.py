@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 from .wire import Wire, utcnow_iso
 
-# Requests a client sends to an engine's task lane, and their replies.
+# Requests a client sends to an engine's task lane, and their replies. An apply_request's
+# content is empty, or holds a shared-memory reference under ``px_shm`` that stands for
+# some of its buffers (``kernel_engine.shm``: checked and mapped by the engine).
 APPLY_REQUEST = "apply_request"
 APPLY_REPLY = "apply_reply"
 # The controller tells a newly started engine who it is (engine id, cluster id, its own

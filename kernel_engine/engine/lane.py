@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.eventloop.zmqstream import ZMQStream
 
-from kernel_engine import protocol, wire
+from kernel_engine import protocol, shm, wire
 from kernel_engine.errors import SerializationError
 from kernel_engine.serialize import dumps, unpack_apply
 
@@ -333,7 +333,11 @@ class TaskLane:
         buffers: list[Any] = []
         content: dict[str, Any]
         try:
-            f, args, kwargs = unpack_apply(msg.buffers, kernel.shell.user_ns)  # type: ignore[union-attr]
+            frames = msg.buffers
+            shared = parent["content"].get(shm.CONTENT_KEY)
+            if shared is not None:  # buffers in a shared-memory segment (see ..shm)
+                frames = shm.attach(shared, frames)
+            f, args, kwargs = unpack_apply(frames, kernel.shell.user_ns)  # type: ignore[union-attr]
             kernel.current_task = (msg.msg_id, task_name(f, args), time.time())
             result = f(*args, **kwargs)
             buffers = dumps(result)

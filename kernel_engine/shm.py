@@ -1,0 +1,333 @@
+"""Shared memory for arrays sent to many engines on the client's host.
+
+Sent over zmq, an array pushed to N engines costs N copies: one per message, and one
+more in each engine's memory. When a DirectView request goes to two or more engines on
+this host, the client instead writes each large buffer (:data:`THRESHOLD` bytes or more)
+of the request once into a POSIX shared-memory segment under ``/dev/shm`` and sends each
+engine a small reference in the request's content (:data:`CONTENT_KEY`, read by
+:func:`attach`). Each engine maps the segment read-only and rebuilds the arguments on that
+mapping, so a received array is a read-only view on pages that all engines share (received
+arrays are read-only anyway: on zmq frames, or here on the mapping). One copy in total.
+
+Lifetime. The mapping keeps the pages alive as long as anything on the engine uses them;
+the segment's name goes as soon as it is no longer needed to reach them: the client unlinks
+it once every request that names it has its outcome (a reply, which comes only after the
+engine mapped it, or a failure: engine gone, client closed), and at exit. Segments are
+named ``jxpx-<client pid>-<random>``; one left by a client that was killed is removed by
+the next client on the host that shares a segment (:func:`sweep_stale`).
+
+Trust. Whoever can sign a request can run code on the engine, but a reference is still
+checked as any other input: only a name of this module's form, opened without following
+links, a regular file of this user's that nobody else may read or write, whose size is
+the one the reference says; the frames it stands for must be empty placeholders within the
+message, their extents inside the segment. Anything else is a ``ValueError`` naming the
+segment and what is wrong, sent back as the task's error.
+
+The whole path is skipped (today's zmq path used) for one target, for engines on other
+hosts or of another user, for buffers under the threshold, when ``/dev/shm`` is missing
+or full, and when ``JUPYTER_PX_SHM=0``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import mmap
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("kernel_engine")
+
+SHM_DIR = "/dev/shm"
+
+PREFIX = "jxpx-"
+"""Every segment's name starts with this, then the creating client's pid."""
+
+THRESHOLD = 1024 * 1024
+"""Buffers of at least this many bytes go through shared memory."""
+
+ALIGN = 64
+"""Each buffer starts at a multiple of this many bytes in its segment (so arrays of any
+dtype are aligned)."""
+
+CONTENT_KEY = "px_shm"
+"""The key of an ``apply_request``'s content that holds a segment's reference:
+``{"name": str, "size": int, "frames": [[frame index, offset, nbytes], ...]}``."""
+
+MAX_FRAMES = 4096
+"""Most buffers one reference may stand for."""
+
+_NAME = re.compile(r"jxpx-([0-9]{1,10})-[0-9a-f]{32}\Z")
+
+_live: set[str] = set()
+_live_lock = threading.Lock()
+_swept = False
+
+
+def enabled() -> bool:
+    """Whether this process may share buffers: ``/dev/shm`` is there, and nobody said no."""
+    if os.environ.get("JUPYTER_PX_SHM", "1").lower() in ("0", "no", "off", "false"):
+        return False
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK | os.X_OK)
+
+
+def worth_sharing(frames: Sequence[Any]) -> bool:
+    """Whether any out-of-band buffer of an ``apply_request`` is large enough to share."""
+    return any(memoryview(f).nbytes >= THRESHOLD for f in frames[2:])
+
+
+def is_local(info: dict[str, Any] | None) -> bool:
+    """Whether an engine (its ``engine_info``) runs on this host as this user, so it can
+    map this process's segments."""
+    if not info or info.get("hostname") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+class Segment:
+    """One segment this process wrote, and its reference; unlinked once, by :meth:`unlink`."""
+
+    def __init__(self, name: str, size: int, frames: list[list[int]]):
+        self.name = name
+        self.size = size
+        self.frames = frames
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._unlinked = False
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """What a request's content holds under :data:`CONTENT_KEY`."""
+        return {"name": self.name, "size": self.size, "frames": self.frames}
+
+    def placeholders(self, frames: Sequence[Any]) -> list[Any]:
+        """``frames`` with every buffer the segment holds replaced by an empty frame."""
+        out = list(frames)
+        for index, _, _ in self.frames:
+            out[index] = b""
+        return out
+
+    def unlink(self) -> None:
+        """Remove the segment's name (engines' mappings stay valid); only the first call acts."""
+        with self._lock:
+            if self._unlinked:
+                return
+            self._unlinked = True
+        with _live_lock:
+            _live.discard(self.name)
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove shared-memory segment %s: %s", self.name, exc)
+
+    def release_after(self, futures: Sequence[concurrent.futures.Future[Any]]) -> None:
+        """Unlink once every one of ``futures`` is done (at once when there are none)."""
+        with self._lock:
+            self._pending += len(futures)
+        if not futures:
+            self.unlink()
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    def _one_done(self, _: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self.unlink()
+
+
+def share(frames: Sequence[Any]) -> Segment | None:
+    """Write the large buffers of ``frames`` (an ``apply_request``'s) into a new segment.
+
+    None when nothing is large enough or the segment cannot be made (``/dev/shm`` full,
+    say): the caller then sends the frames as they are.
+    """
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_stale()
+    layout: list[list[int]] = []
+    size = 0
+    for index in range(2, len(frames)):
+        nbytes = memoryview(frames[index]).nbytes
+        if nbytes >= THRESHOLD and len(layout) < MAX_FRAMES:
+            size = -(-size // ALIGN) * ALIGN
+            layout.append([index, size, nbytes])
+            size += nbytes
+    if not layout:
+        return None
+    name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
+    path = os.path.join(SHM_DIR, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        log.debug("no shared-memory segment (%s): sending buffers as messages", exc)
+        return None
+    segment = Segment(name, size, layout)
+    with _live_lock:
+        _live.add(name)
+    try:
+        try:
+            os.ftruncate(fd, size)
+            for index, offset, _ in layout:
+                _write_all(fd, memoryview(frames[index]).cast("B"), offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # (write(2) on a full tmpfs says ENOSPC; no SIGBUS as with mmap)
+        segment.unlink()
+        log.debug("shared-memory segment failed (%s): sending buffers as messages", exc)
+        return None
+    return segment
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def sweep_stale() -> list[str]:
+    """Remove segments of this user's clients whose process is gone; returns their names."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    uid = os.geteuid()
+    for name in names:
+        match = _NAME.match(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: alive, another user's)
+        return True
+    return True
+
+
+@atexit.register
+def _unlink_live() -> None:
+    """At exit, remove the segments this process made that are still named (not those
+    inherited over a fork: their creator still uses them)."""
+    mine = f"{PREFIX}{os.getpid()}-"
+    with _live_lock:
+        names = [n for n in _live if n.startswith(mine)]
+        _live.clear()
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
+
+
+def live_segments() -> list[str]:
+    """Names of the segments this process made and has not yet unlinked."""
+    with _live_lock:
+        return sorted(_live)
+
+
+def _refuse(name: Any, why: str) -> ValueError:
+    shown = repr(name)[:80]
+    return ValueError(f"shared-memory reference {shown} refused: {why}")
+
+
+def _int(name: Any, field: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _refuse(name, f"{field} must be an integer from {low} to {high}, not {value!r:.40}")
+    return value
+
+
+def attach(reference: Any, frames: Sequence[Any]) -> list[Any]:
+    """``frames`` (an ``apply_request``'s buffers) with the placeholders that ``reference``
+    names replaced by read-only views on the mapped segment.
+
+    Raises
+    ------
+    ValueError
+        When the reference is malformed, names something that is not one of this user's
+        segments, or does not match the segment or the message; the message names it.
+    """
+    if not isinstance(reference, dict) or set(reference) != {"name", "size", "frames"}:
+        raise _refuse(reference, "it must be a dict of exactly 'name', 'size' and 'frames'")
+    name = reference["name"]
+    if not isinstance(name, str) or _NAME.match(name) is None:
+        raise _refuse(name, f"the name is not a jupyter-px segment's ({PREFIX}<pid>-<hex>)")
+    size = _int(name, "size", reference["size"], 1, 2**48)
+    layout = reference["frames"]
+    if not isinstance(layout, list) or not 0 < len(layout) <= MAX_FRAMES:
+        raise _refuse(name, f"'frames' must be a list of 1 to {MAX_FRAMES} entries")
+    out = list(frames)
+    extents: list[tuple[int, int, int]] = []
+    for entry in layout:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise _refuse(name, f"a frame entry must be [index, offset, nbytes], not {entry!r:.60}")
+        index = _int(name, "a frame index", entry[0], 2, len(frames) - 1)
+        offset = _int(name, "an offset", entry[1], 0, size - 1)
+        nbytes = _int(name, "a frame's nbytes", entry[2], 1, size - offset)
+        if memoryview(frames[index]).nbytes != 0 or any(i == index for i, _, _ in extents):
+            raise _refuse(name, f"frame {index} is not an empty placeholder, or named twice")
+        extents.append((index, offset, nbytes))
+    mapping = _map(name, size)
+    view = memoryview(mapping)
+    for index, offset, nbytes in extents:
+        out[index] = view[offset : offset + nbytes]
+    return out
+
+
+def _map(name: str, size: int) -> mmap.mmap:
+    """Map segment ``name`` read-only, once it is checked to be this user's, private, and
+    ``size`` bytes long."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), flags)
+    except FileNotFoundError:
+        raise _refuse(
+            name, "no such segment (its client closed, or its request was answered already)"
+        ) from None
+    except OSError as exc:
+        raise _refuse(name, f"cannot open it: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(name, "it is not a regular file")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise _refuse(name, "it is not private to this engine's user")
+        if st.st_size != size:
+            raise _refuse(name, f"the segment holds {st.st_size} bytes, the reference says {size}")
+        try:
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise _refuse(name, f"cannot map it: {exc}") from None
+    finally:
+        os.close(fd)

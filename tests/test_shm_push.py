@@ -1,0 +1,340 @@
+"""Pushing one array to many engines on this host: one shared-memory segment, one copy.
+
+The segment's checks and lifetime without processes first (:mod:`kernel_engine.shm`),
+then real clusters: every engine gets the same read-only array on the one segment, the
+engines' memory grows by about one copy in all, and no segment is left behind after
+success, an engine killed mid-push, or the client closing; a forged reference is an
+error reply naming the segment, never an engine crash. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+import jupyter_ext as jx
+from kernel_engine import protocol, shm, wire
+from kernel_engine.engine import ops
+from kernel_engine.errors import RemoteError
+from kernel_engine.serialize import pack_apply
+
+MIB = 2**20
+
+
+def _mine() -> list[str]:
+    """Segments in /dev/shm named after this process (the client's)."""
+    prefix = f"{shm.PREFIX}{os.getpid()}-"
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _frames(nbytes: int) -> list[Any]:
+    return pack_apply(ops.push, ({"a": np.arange(nbytes, dtype=np.uint8)},), {})
+
+
+def _name(tag: str = "0") -> str:
+    """A well-formed name no client made (this process's pid, so no sweep removes it)."""
+    return f"{shm.PREFIX}{os.getpid()}-{tag * 32}"
+
+
+# ----- without processes
+
+
+def test_share_and_attach_round_trip() -> None:
+    arr = np.arange(3 * MIB // 8 + 1, dtype=np.float64)
+    frames = pack_apply(ops.call_part, (arr, b"x" * (2 * MIB)), {})
+    segment = shm.share(frames)
+    assert segment is not None
+    try:
+        assert [e[0] for e in segment.frames] == [2, 3]
+        assert all(offset % shm.ALIGN == 0 for _, offset, _ in segment.frames)
+        sent = segment.placeholders(frames)
+        assert [len(sent[i]) for i in (2, 3)] == [0, 0] and sent[:2] == frames[:2]
+        got = shm.attach(segment.reference, sent)
+        assert all(bytes(got[i]) == bytes(frames[i]) for i in range(len(frames)))
+        assert all(memoryview(got[i]).readonly for i in (2, 3))
+    finally:
+        segment.unlink()
+    segment.unlink()  # (twice: nothing happens)
+    assert segment.name not in os.listdir(shm.SHM_DIR)
+    assert segment.name not in shm.live_segments()
+
+
+def test_small_buffers_are_not_shared() -> None:
+    frames = _frames(shm.THRESHOLD - 1)
+    assert not shm.worth_sharing(frames)
+    assert shm.share(frames) is None
+
+
+def test_segment_goes_when_the_last_request_is_done() -> None:
+    segment = shm.share(_frames(shm.THRESHOLD))
+    assert segment is not None
+    futures: list[concurrent.futures.Future[Any]] = [concurrent.futures.Future() for _ in range(3)]
+    futures[0].set_result(None)  # (done before: counted at once)
+    segment.release_after(futures)
+    futures[1].set_exception(RuntimeError("engine gone"))
+    assert segment.name in os.listdir(shm.SHM_DIR)
+    futures[2].set_result(None)
+    assert segment.name not in os.listdir(shm.SHM_DIR)
+
+
+def test_stale_segments_of_dead_clients_are_swept() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait(timeout=10)
+    stale = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{'a' * 32}")
+    alive = os.path.join(shm.SHM_DIR, _name("b"))
+    for path in (stale, alive):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        removed = shm.sweep_stale()
+        assert os.path.basename(stale) in removed and not os.path.exists(stale)
+        assert os.path.exists(alive)
+    finally:
+        for path in (stale, alive):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_locality_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    here = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    assert shm.is_local(here)
+    assert not shm.is_local({**here, "hostname": "elsewhere"})
+    assert not shm.is_local({**here, "pid": None}) and not shm.is_local(None)
+    monkeypatch.setenv("JUPYTER_PX_SHM", "0")
+    assert not shm.enabled()
+
+
+@pytest.fixture
+def planted() -> Any:
+    """Files under /dev/shm with well-formed names that are not fit to map."""
+    made: list[str] = []
+
+    def plant(tag: str, mode: int = 0o600, size: int = 4096, link: str | None = None) -> str:
+        name = _name(tag)
+        path = os.path.join(shm.SHM_DIR, name)
+        if link is not None:
+            os.symlink(link, path)
+        else:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, mode)
+            os.ftruncate(fd, size)
+            os.fchmod(fd, mode)
+            os.close(fd)
+        made.append(path)
+        return name
+
+    yield plant
+    for path in made:
+        if os.path.lexists(path):
+            os.unlink(path)
+
+
+def test_forged_references_are_refused(planted: Any) -> None:
+    frames = [b"f", b"p", b""]
+    ok = planted("c")
+    cases: list[tuple[Any, str]] = [
+        ("not a dict", "exactly 'name'"),
+        ({"name": ok, "size": 4096}, "exactly 'name'"),
+        ({"name": "../../etc/passwd", "size": 1, "frames": [[2, 0, 1]]}, "not a jupyter-px"),
+        ({"name": "psm_0123abcd", "size": 1, "frames": [[2, 0, 1]]}, "not a jupyter-px"),
+        ({"name": ok + "/x", "size": 1, "frames": [[2, 0, 1]]}, "not a jupyter-px"),
+        ({"name": _name("d"), "size": 10, "frames": [[2, 0, 10]]}, "no such segment"),
+        ({"name": ok, "size": 4097, "frames": [[2, 0, 10]]}, "holds 4096 bytes"),
+        ({"name": ok, "size": True, "frames": [[2, 0, 10]]}, "size must be an integer"),
+        ({"name": ok, "size": 4096, "frames": [[1, 0, 10]]}, "frame index"),
+        ({"name": ok, "size": 4096, "frames": [[3, 0, 10]]}, "frame index"),
+        ({"name": ok, "size": 4096, "frames": [[2, 4000, 100]]}, "nbytes"),
+        ({"name": ok, "size": 4096, "frames": [[2, -1, 10]]}, "offset"),
+        ({"name": ok, "size": 4096, "frames": [[2, 0, 10], [2, 10, 10]]}, "named twice"),
+        ({"name": ok, "size": 4096, "frames": []}, "'frames' must be"),
+        ({"name": ok, "size": 4096, "frames": [[2, 0]]}, "[index, offset, nbytes]"),
+        ({"name": planted("e", mode=0o644), "size": 4096, "frames": [[2, 0, 1]]}, "private"),
+        ({"name": planted("f", link="/etc/passwd"), "size": 1, "frames": [[2, 0, 1]]}, "open"),
+    ]
+    for reference, why in cases:
+        with pytest.raises(ValueError, match="shared-memory reference") as info:
+            shm.attach(reference, frames)
+        assert why in str(info.value), (reference, str(info.value))
+    with pytest.raises(ValueError, match="not an empty placeholder"):
+        shm.attach({"name": ok, "size": 4096, "frames": [[2, 0, 1]]}, [b"f", b"p", b"x"])
+    assert len(shm.attach({"name": ok, "size": 4096, "frames": [[2, 8, 16]]}, frames)[2]) == 16
+
+
+# ----- real clusters
+
+
+def _uss(pid: int) -> int:
+    """Bytes only process ``pid`` holds (private clean + dirty)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _host_shmem() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+@jx.interactive
+def _backing(name: str) -> str:
+    """On an engine: what the array ``name`` lives on (``mmap``: the shared segment)."""
+    import numpy
+
+    x = globals()[name]
+    while isinstance(x, numpy.ndarray) and x.base is not None:
+        x = x.base
+    return type(x.obj).__name__ if isinstance(x, memoryview) else type(x).__name__
+
+
+@jx.interactive
+def _checksum(a: Any) -> tuple[int, bool]:
+    import zlib
+
+    return zlib.crc32(a), bool(a.flags.writeable)
+
+
+@pytest.fixture(scope="module")
+def rc4() -> Any:
+    from conftest import ClusterFactory
+
+    factory = ClusterFactory()
+    _, client = factory.start(4)
+    client[:].apply_sync(lambda: __import__("numpy") and None)  # (imports out of the figures)
+    yield client
+    factory.stop_all()
+
+
+def test_push_to_four_engines_costs_one_copy(rc4: Any) -> None:
+    dv = rc4[:]
+    pids = [rc4.engine_info(i)["pid"] for i in rc4.ids]
+    arr = np.arange(64 * MIB // 8, dtype=np.float64)
+    expected = zlib.crc32(arr)
+    uss, shared = sum(_uss(p) for p in pids), _host_shmem()
+    dv.push({"a": arr}, block=True)
+    assert _mine() == [] and shm.live_segments() == []
+    # every engine reads every page: equal, read-only, on the one segment
+    assert dv.apply_sync(_checksum, jx.Reference("a")) == [(expected, False)] * 4
+    assert dv.apply_sync(_backing, "a") == ["mmap"] * 4
+    assert np.array_equal(rc4[3].pull("a", block=True), arr)  # (and back, over zmq)
+    grown = sum(_uss(p) for p in pids) - uss + _host_shmem() - shared
+    assert grown < 2 * arr.nbytes, f"{grown / arr.nbytes:.2f} copies"
+    # apply arguments take the same path; writing to a received array is refused
+    assert dv.apply_sync(_checksum, arr) == [(expected, False)] * 4
+    with pytest.raises(RemoteError, match="read-only"):
+        rc4[0].execute("a[0] = 1.0", block=True)
+    assert _mine() == []
+    dv.execute("a = None", block=True)
+
+
+def test_single_engine_and_small_arrays_keep_the_zmq_path(rc4: Any) -> None:
+    rc4[0].push({"a": np.ones(2 * MIB, dtype=np.uint8)}, block=True)
+    rc4[:2].push({"b": np.ones(shm.THRESHOLD // 2, dtype=np.uint8)}, block=True)
+    assert rc4[0].apply_sync(_backing, "a") == "Frame"
+    assert rc4[:2].apply_sync(_backing, "b") == ["Frame", "Frame"]
+    assert _mine() == []
+    rc4[:].execute("a = b = None", block=True)
+
+
+def test_segment_removed_when_its_client_closes(rc4: Any) -> None:
+    other = jx.Client(rc4.connection_file)
+    try:
+        busy = rc4[1].apply_async(time.sleep, 1.5)
+        other[[0, 1]].push({"a": np.ones(4 * MIB, dtype=np.uint8)}, block=False)
+        assert len(_mine()) == 1  # kept while engine 1 has yet to map it
+    finally:
+        other.close()
+    assert _wait_for(lambda: _mine() == [], 10), _mine()
+    busy.get(timeout=20)
+    # the push that engine 1 ran after the close found no segment: an error, not a crash
+    assert rc4[1].apply_sync(os.getpid) == rc4.engine_info(1)["pid"]
+    rc4[:].execute("a = None", block=True)
+
+
+class _Peer:
+    """A key holder speaking the wire by hand on the controller's client port."""
+
+    def __init__(self, connection_file: str):
+        with open(connection_file) as f:
+            info = json.load(f)
+        self.wire = wire.Wire(info["key"].encode())
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        self.socket.connect(f"tcp://127.0.0.1:{info['client_port']}")
+
+    def apply(self, engine: int, reference: Any, frames: list[Any], timeout: float) -> Any:
+        route = protocol.route_frame("lane", engine)
+        content = {shm.CONTENT_KEY: reference}
+        header, out = self.wire.pack(protocol.APPLY_REQUEST, content, None, None, frames, [route])
+        self.socket.send_multipart(out, copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.socket.poll(left * 1000), "no reply"
+            msg = self.wire.recv(self.socket.recv_multipart(copy=False))
+            if msg.parent_id == header["msg_id"]:
+                return msg.content
+
+    def close(self) -> None:
+        self.socket.close()
+        self.context.term()
+
+
+def test_forged_reference_over_the_wire_is_an_error_reply(rc4: Any) -> None:
+    frames = _frames(shm.THRESHOLD)
+    segment = shm.share(frames)
+    assert segment is not None
+    peer = _Peer(rc4.connection_file)
+    try:
+        sent = segment.placeholders(frames)
+        traversal = {**segment.reference, "name": "../../etc/passwd"}
+        wrong_size = {**segment.reference, "size": segment.size + 1}
+        for reference, why in ((traversal, "not a jupyter-px"), (wrong_size, "bytes")):
+            content = peer.apply(0, reference, sent, timeout=15)
+            assert content["status"] == "error" and content["ename"] == "ValueError"
+            assert "shared-memory reference" in content["evalue"] and why in content["evalue"]
+        assert peer.apply(0, segment.reference, sent, timeout=15)["status"] == "ok"
+    finally:
+        peer.close()
+        segment.unlink()
+    assert rc4[0].apply_sync(lambda: 1) == 1
+    rc4[0].execute("a = None", block=True)
+
+
+def test_segment_removed_when_an_engine_dies_mid_push(cluster_factory: Any) -> None:
+    _, rc = cluster_factory.start(2)
+    busy = rc[1].apply_async(time.sleep, 30)
+    ar = rc[:].push({"a": np.ones(4 * MIB, dtype=np.uint8)}, block=False)
+    assert len(_mine()) == 1
+    os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
+    with pytest.raises(RemoteError, match=r"engine 1|Engine"):
+        ar.get(timeout=20)
+    assert _wait_for(lambda: _mine() == [], 10), _mine()
+    with pytest.raises(RemoteError):
+        busy.get(timeout=20)
