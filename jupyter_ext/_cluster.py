@@ -63,7 +63,8 @@ class Cluster:
         The launcher: ``"local"`` (engines on this machine, through jupyter_client),
         ``"mpi"`` (``mpiexec -n N``, engine ids equal to MPI ranks), ``"slurm"`` (one
         batch job, ``srun`` inside it), ``"ssh"`` (one ssh session per engine on
-        ``hosts``) or a subclass of
+        ``hosts``), ``"provisioner"`` (kernels of the kernel spec ``kernel_name``, started
+        by the kernel provisioner it names) or a subclass of
         :class:`kernel_engine.launchers.Launcher` defined in an importable module. The
         engines of all but ``"local"`` register themselves with the controller.
     mpi_args
@@ -80,6 +81,18 @@ class Cluster:
         everything is encrypted with CurveZMQ.
     ssh_args
         More arguments for ``ssh`` (``["-F", "ssh_config"]``, ``["-i", key]``).
+    kernel_name
+        For ``engines="provisioner"`` (which ``kernel_name`` alone implies): the kernel
+        spec whose kernels are the engines, each started by a
+        ``jupyter_client.KernelManager`` through the provisioner the spec names in
+        ``metadata.kernel_provisioner`` (a container, a pod, a YARN application: local and
+        remote kernels take one path). Its ``argv`` must run a registering engine,
+        ``python -m kernel_engine.engine.register -f {connection_file}``
+        (:func:`kernel_engine.launchers.provisioner.engine_spec` writes such a spec); the
+        kernel gets the cluster's connection info and its engine id in its environment.
+        An unknown spec, a provisioner not installed or an ``argv`` running another module
+        raise ValueError here, naming the spec; a kernel that exits while the cluster
+        starts fails the start with its output.
     min_engines
         Return from the start once this many engines are ready (the others join when
         they start: a Slurm job waiting in a busy queue). Default: all ``n``.
@@ -151,9 +164,14 @@ class Cluster:
         min_engines: int | None = None,
         hosts: dict[str, int] | None = None,
         ssh_args: list[str] | None = None,
+        kernel_name: str | None = None,
     ):
+        if kernel_name is not None and engines == "local":
+            engines = "provisioner"  # (the local launcher runs only the engine spec)
         self._launcher = launchers.launcher_name(engines)
         self._launcher_options: dict[str, Any] = {}
+        if kernel_name is not None:
+            self._launcher_options["kernel_name"] = kernel_name
         for name, value in (
             ("mpi_args", mpi_args),
             ("slurm_args", slurm_args),
@@ -203,6 +221,10 @@ class Cluster:
             None if db_max_age is None else protocol.check_seconds("db_max_age", db_max_age)
         )
         self.engine_grace = protocol.check_seconds("engine_grace", engine_grace)
+        if launcher_cls is launchers.provisioner.ProvisionerLauncher:
+            if kernel_name is None:
+                raise ValueError('engines="provisioner" needs kernel_name="<kernel spec>"')
+            launchers.provisioner.check_spec(kernel_name)
         if launcher_cls is launchers.ssh.SSHLauncher:
             if hosts is None:
                 raise ValueError('engines="ssh" needs hosts={"host": n, ...}')
@@ -348,10 +370,10 @@ class Cluster:
 
     def engine_logs(self, lines: int | None = None) -> dict[int | str, str]:
         """Each engine's output (stdout and stderr, by engine id), and its launcher's own
-        (``mpiexec-0``, ``slurm-<job id>``), as far as they reach the cluster folder;
-        ``lines``: only the last so many lines of each."""
+        (``mpiexec-0``, ``slurm-<job id>``, ``provisioner-0``), as far as they reach the
+        cluster folder; ``lines``: only the last so many lines of each."""
         out: dict[int | str, str] = {}
-        patterns = ("engine-*.log", "mpiexec-*.log", "slurm-*.out")
+        patterns = ("engine-*.log", "mpiexec-*.log", "slurm-*.out", "provisioner-*.log")
         for path in sorted(p for pattern in patterns for p in self.folder.glob(pattern)):
             try:
                 text = path.read_text(errors="replace")

@@ -93,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engines",
         default="local",
-        help="the launcher that starts engines: local, mpi, slurm or package.module:Class",
+        help="the launcher that starts engines: local, mpi, slurm, ssh, provisioner or "
+        "package.module:Class",
     )
     parser.add_argument(
         "--engine-options",

@@ -1,8 +1,9 @@
 """The controller's launchers and its start: who starts engines, and when the start is over.
 
-One launcher class serves the cluster (``--engines``: ``local``, ``mpi``, ``slurm`` or a
-plug-in, see :mod:`kernel_engine.launchers`); each :meth:`Launches.start` makes one
-instance of it (one ``mpiexec``, one Slurm job). Local engines are started through the
+One launcher class serves the cluster (``--engines``: ``local``, ``mpi``, ``slurm``,
+``ssh``, ``provisioner`` or a plug-in, see :mod:`kernel_engine.launchers`); each
+:meth:`Launches.start` makes one instance of it (one ``mpiexec``, one Slurm job, one set
+of kernels of a kernel spec). Local engines are started through the
 engine set (it connects to them); the others register themselves, with the ids the
 launcher announced, and the engine set takes them in then.
 

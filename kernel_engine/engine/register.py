@@ -8,6 +8,11 @@ cluster's connection info, from one of:
 - the environment variable :data:`~kernel_engine.clusters.CONNECTION_ENV` (JSON), which
   launchers set, so no shared filesystem is needed.
 
+A kernel manager can run it as a kernel spec's command (the ``"provisioner"`` launcher,
+:mod:`kernel_engine.launchers.provisioner`): with ``-f {connection_file}`` the engine binds
+the address and ports that file names (those the spec's provisioner chose), signing with
+the cluster's key, and it asks for the id in :data:`ID_ENV` when given no ``--id``.
+
 It starts its kernel (ipykernel's sockets and the task lane, bound to ``--ip``: by default
 loopback for a controller on loopback, else the address this host reaches the controller
 from), then sends a signed :data:`~kernel_engine.protocol.REGISTER_REQUEST` with its
@@ -49,6 +54,10 @@ RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 RETRY_INTERVAL = 0.5
 """Seconds between registration attempts (no answer, or an id still held)."""
 
+ID_ENV = "JUPYTER_PX_ENGINE_ID"
+"""The engine id to ask for when the command line names none (launchers that start
+engines through a kernel spec's command set it in the environment)."""
+
 SETUP_TIMEOUT = 60.0
 """Seconds an accepted engine waits for the controller to set it up before it leaves."""
 
@@ -69,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
         help="ask for the id --id-offset + this process's MPI or Slurm rank",
     )
     p.add_argument("--id-offset", type=int, default=0, help="added to the rank")
+    p.add_argument(
+        "-f",
+        "--connection-file",
+        default=None,
+        help="a kernel connection file whose address and ports the engine binds "
+        "(a kernel spec's {connection_file}); its key is replaced by the cluster's",
+    )
     p.add_argument("--ip", default=None, help="the interface the engine binds")
     p.add_argument("--log-file", default=None, help="the engine's output ({id}: its id)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the controller")
@@ -113,11 +129,17 @@ def connection_info(file: str | None, cluster_id: str | None) -> dict[str, Any]:
 
 
 def requested_id(args: argparse.Namespace) -> int | None:
-    """The id to ask for: ``--id``, the rank plus the offset, or None (any)."""
+    """The id to ask for: ``--id``, the rank plus the offset, :data:`ID_ENV`, or None
+    (any)."""
     if args.id is not None:
         return protocol.check_int("--id", args.id, 0, protocol.MAX_ENGINE_ID)
     if not args.id_from_rank:
-        return None
+        given = os.environ.get(ID_ENV, "")
+        if not given:
+            return None
+        if not given.isdigit():
+            raise RegistrationError(f"${ID_ENV} must be an engine id, not {given!r}")
+        return protocol.check_int(f"${ID_ENV}", int(given), 0, protocol.MAX_ENGINE_ID)
     for name in RANK_ENV:
         value = os.environ.get(name, "")
         if value.isdigit():
@@ -141,14 +163,45 @@ def bind_address(controller_ip: str) -> str:
         probe.close()
 
 
-def kernel_connection_file(folder: Path, ip: str, info: dict[str, Any]) -> Path:
-    """A connection file for our kernel: the cluster's key, ports chosen by the kernel,
-    and a keypair of its own when the cluster encrypts."""
+KERNEL_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+
+def given_ports(path: str) -> tuple[str | None, dict[str, int]]:
+    """The address and ports a kernel connection file (``-f``) names.
+
+    Raises
+    ------
+    RegistrationError
+        When it cannot be read, or is not a TCP kernel's.
+    """
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistrationError(f"cannot read the kernel connection file {path}: {exc}") from None
+    if not isinstance(given, dict) or given.get("transport", "tcp") != "tcp":
+        raise RegistrationError(f"{path} is not the connection file of a TCP kernel")
+    ports = {}
+    for name in KERNEL_PORTS:
+        value = given.get(name, 0)
+        try:
+            ports[name] = protocol.check_int(name, value, 0, 65535)
+        except (TypeError, ValueError) as exc:
+            raise RegistrationError(f"{path}: {exc}") from None
+    ip = given.get("ip")
+    return (ip if isinstance(ip, str) and ip else None), ports
+
+
+def kernel_connection_file(
+    folder: Path, ip: str, info: dict[str, Any], ports: dict[str, int] | None = None
+) -> Path:
+    """A connection file for our kernel: the cluster's key, ``ports`` (else ports chosen
+    by the kernel), and a keypair of its own when the cluster encrypts."""
     conn: dict[str, Any] = {
         "ip": ip,
         "transport": "tcp",
         "key": info["key"],
         "signature_scheme": "hmac-sha256",
+        **(ports or {}),
     }
     if info.get("curve_serverkey"):
         public, secret = zmq.curve_keypair()
@@ -291,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = connection_info(args.file, args.cluster_id)
         wanted = requested_id(args)
+        given_ip, ports = given_ports(args.connection_file) if args.connection_file else (None, {})
     except (RegistrationError, TypeError, ValueError) as exc:
         output.fatal(str(exc))
         return 1
@@ -301,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="px-engine-"))
     atexit.register(shutil.rmtree, folder, True)
-    conn = kernel_connection_file(folder, args.ip or bind_address(cluster["ip"]), cluster)
+    ip = args.ip or given_ip or bind_address(cluster["ip"])
+    conn = kernel_connection_file(folder, ip, cluster, ports)
     app = EngineApp.instance()
     kernel_argv = ["-f", str(conn), *rest]
     profile_dir = os.environ.get(clusters.PROFILE_DIR_ENV)

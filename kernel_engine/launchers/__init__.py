@@ -1,10 +1,11 @@
 """Launchers: what starts engines (see :mod:`.base` for the interface).
 
 ``"local"`` (:mod:`.local`), ``"mpi"`` (:mod:`.mpi`), ``"slurm"`` (:mod:`.slurm`),
-``"ssh"`` (:mod:`.ssh`), or a
-plug-in named ``"package.module:Class"``. A controller keeps the records of the
-launchers it runs in ``launchers.json`` in the cluster folder, so that whoever stops a
-cluster whose controller died stops what they started too (:func:`stop_recorded`).
+``"ssh"`` (:mod:`.ssh`), ``"provisioner"`` (:mod:`.provisioner`: any kernel spec's
+kernel provisioner), or a plug-in named ``"package.module:Class"``. A controller keeps
+the records of the launchers it runs in ``launchers.json`` in the cluster folder, so
+that whoever stops a cluster whose controller died stops what they started too
+(:func:`stop_recorded`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from kernel_engine import processes
 from .base import LaunchContext, Launcher, children, kill_recorded
 from .local import LocalLauncher
 from .mpi import MPILauncher
+from .provisioner import ProvisionerLauncher
+from .provisioner import stop_record as _stop_provisioner_record
 from .slurm import SlurmLauncher, cancel
 from .ssh import SSHLauncher
 from .ssh import stop_record as _stop_ssh_record
@@ -35,6 +38,7 @@ BUILTIN: dict[str, type[Launcher]] = {
     "mpiexec": MPILauncher,
     "slurm": SlurmLauncher,
     "ssh": SSHLauncher,
+    "provisioner": ProvisionerLauncher,
 }
 
 RECORD_FILE = "launchers.json"
@@ -94,7 +98,8 @@ def launcher_name(engines: Any) -> str:
             )
         return f"{engines.__module__}:{engines.__qualname__}"
     raise TypeError(
-        f"engines must be 'local', 'mpi', 'slurm', 'ssh' or a Launcher subclass, not {engines!r}"
+        "engines must be 'local', 'mpi', 'slurm', 'ssh', 'provisioner' or a Launcher "
+        f"subclass, not {engines!r}"
     )
 
 
@@ -123,6 +128,9 @@ def stop_recorded(folder: Path, timeout: float = 5.0) -> list[dict[str, Any]]:
 def _stop_record(record: dict[str, Any], timeout: float) -> None:
     if record.get("launcher") == "ssh":
         _stop_ssh_record(record, timeout)
+        return
+    if record.get("launcher") == "provisioner":
+        _stop_provisioner_record(record, timeout)
         return
     job = record.get("job_id")
     if isinstance(job, str) and job.isdigit():
