@@ -98,7 +98,7 @@ class Client:
         # in a notebook kernel: engines' widgets (comms) show and work in the notebook
         self._widgets: WidgetRelay | None = attach(self.transport)
         self._dashboards = Dashboards(self.transport)
-        self._dask: tuple[str, list[int]] | None = None
+        self._dask: _dask.DaskState | None = None
         self.cluster: Any = None  # the Cluster that made this client, if one did
         self.block = False
         self.debug = False
@@ -348,14 +348,21 @@ class Client:
 
     def send_signal(self, sig: int | str, targets: Any = None, block: bool = True) -> Any:
         """Send a signal (a number, or a name such as ``"SIGINT"``) to engines' processes
-        (``SIGINT`` interrupts running work). Returns the engines signalled (an
-        AsyncResult-like future of them without ``block``)."""
+        (``SIGINT`` interrupts running work), wherever they run: an engine on another
+        host signals itself when asked, and takes only SIGINT, SIGTERM, SIGKILL, SIGHUP,
+        SIGQUIT, SIGUSR1 and SIGUSR2 (anything else is refused, for all targets, with a
+        ValueError). Returns the engines signalled (an AsyncResult-like future of them
+        without ``block``)."""
         if isinstance(sig, str):
             name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
             try:
                 sig = int(signal.Signals[name])
             except KeyError:
                 raise ValueError(f"no signal named {sig!r}") from None
+        if isinstance(sig, bool) or not isinstance(sig, int):
+            raise TypeError(f"a signal is a number or a name, not {sig!r}")
+        if sig not in signal.valid_signals():
+            raise ValueError(f"{sig} is not a signal of this system")
         request = protocol.SignalRequest(int(sig), tuple(self.transport.targets(targets)))
         if block:
             return list(self.transport.ask(protocol.SIGNAL_REQUEST, request)["targets"])
@@ -498,7 +505,9 @@ class Client:
     ) -> Any:
         """Make the engines a dask.distributed cluster; returns a ``distributed.Client``.
 
-        The scheduler runs in the first target engine, a worker in every target engine.
+        The scheduler runs in the first target engine, a worker in every target engine,
+        each listening on its engine's own address (127.0.0.1 for engines on this
+        machine), whatever launched the engines.
         """
         return _dask.become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
 
@@ -515,7 +524,9 @@ class Client:
         self.stop_dask(targets)
 
     def stop_dask(self, targets: Any = None) -> None:
-        """Stop the dask scheduler and workers that ``become_dask`` started."""
+        """Stop the dask scheduler and workers that ``become_dask`` started (and close the
+        ``distributed.Client`` it returned, with the scheduler); returns once they have
+        closed."""
         _dask.stop_dask(self, targets)
 
     # ----- seeing it work

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from kernel_engine import clusters
@@ -33,24 +37,141 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """Raised when command-line arguments do not fit together (exit code 2, nothing
+    started)."""
+
+
+def _number(kind: Callable[[str], Any], low: float, high: float = math.inf) -> Any:
+    """An argparse type: ``kind`` (int or float) of the text, finite, in [low, high]."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            bounds = f"at least {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _arg_list(text: str) -> list[str]:
+    """``--mpi-args "--oversubscribe --bind-to none"``: split as a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r}: {exc}") from None
+
+
+def _hosts(text: str) -> dict[str, int]:
+    """``--hosts a=2,user@b,10.0.0.3=4``: engines per host (1 when no ``=n``)."""
+    from kernel_engine.launchers.ssh import check_hosts
+
+    hosts: dict[str, int] = {}
+    for item in text.split(","):
+        host, sep, count = item.strip().partition("=")
+        if not host:
+            raise argparse.ArgumentTypeError(f"expected host=n,host2=m, not {text!r}")
+        if sep and not count.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: the count after '=' must be a number")
+        if host in hosts:
+            raise argparse.ArgumentTypeError(f"{host!r} is named twice")
+        hosts[host] = int(count) if sep else 1
+    try:
+        return check_hosts(hosts)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_WALLTIME = re.compile(r"\d+(-\d+)?(:\d{1,2}){0,2}\Z")
+
+
+def _walltime(text: str) -> str:
+    """Slurm's time limit: minutes, ``HH:MM:SS``, ``D-HH:MM``, ..."""
+    if not _WALLTIME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"expected minutes or [D-]HH:MM[:SS] as Slurm writes it, not {text!r}"
+        )
+    return text
+
+
+LAUNCHER_FLAGS = {
+    "mpi_args": "--mpi-args",
+    "mpiexec": "--mpiexec",
+    "slurm_args": "--slurm-args",
+    "walltime": "--walltime",
+    "hosts": "--hosts",
+    "ssh_args": "--ssh-args",
+    "ssh": "--ssh",
+    "kernel_name": "--kernel-name",
+}
+"""The launcher options ``jupyter px start`` takes, by the launchers' names for them."""
+
+
+def _launcher_args(args: argparse.Namespace) -> list[str]:
+    """Check ``--engines`` and the launcher flags together; the controller's options for
+    them. Sets ``args.n`` when it was not given. Raises :class:`UsageError`."""
+    from kernel_engine import launchers
+
+    try:
+        cls = launchers.find(args.engines)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--engines: {exc}") from None
+    options = {k: getattr(args, k) for k in LAUNCHER_FLAGS if getattr(args, k) is not None}
+    wrong = [LAUNCHER_FLAGS[k] for k in options if k not in cls.options]
+    if wrong:
+        takes = [LAUNCHER_FLAGS[k] for k in LAUNCHER_FLAGS if k in cls.options]
+        raise UsageError(
+            f"{', '.join(wrong)}: not an option of --engines {args.engines} "
+            f"(it takes {', '.join(takes) or 'none of the launcher options'})"
+        )
+    if cls is launchers.ssh.SSHLauncher:
+        if "hosts" not in options:
+            raise UsageError("--engines ssh needs --hosts host=n,host2=m")
+        try:
+            launchers.ssh.check_address(args.ip, options["hosts"], args.curve)
+        except ValueError as exc:
+            raise UsageError(f"--ip: {exc}") from None
+    if cls.name == "provisioner" and "kernel_name" not in options:
+        raise UsageError("--engines provisioner needs --kernel-name KERNEL_SPEC")
+    if args.n is None:
+        args.n = sum(options["hosts"].values()) if "hosts" in options else 0 if args.restore else 2
+    if args.min_engines is not None and args.min_engines > args.n:
+        raise UsageError(f"--min-engines {args.min_engines} is more than the {args.n} engines")
+    if cls is launchers.LocalLauncher and args.min_engines is None:
+        return []
+    out = ["--engines", args.engines]
+    if options:
+        out += ["--engine-options", json.dumps(options)]
+    if args.min_engines is not None:
+        out += ["--min-engines", str(args.min_engines)]
+    if cls is not launchers.LocalLauncher:
+        out += ["--start-timeout", str(args.timeout)]
+    return out
+
+
 def _start(args: argparse.Namespace) -> int:
     from kernel_engine.kernelspec import ensure_installed
 
-    ensure_installed()
     if args.restore and not args.cluster_id:
-        print("jupyter px start --restore: which cluster? give --cluster-id", file=sys.stderr)
-        return 2
+        raise UsageError("--restore: which cluster? give --cluster-id")
+    launcher_args = _launcher_args(args)
+    ensure_installed()
     folder = clusters.cluster_folder(args.cluster_id) if args.cluster_id else None
     _report_cleaned(clusters.clean_dead_clusters(keep=folder if args.restore else None))
     cluster_id = args.cluster_id or clusters.new_cluster_id()
     folder = clusters.cluster_folder(cluster_id)
-    n = args.n if args.n is not None else 0 if args.restore else 2
     extra = ["--curve"] if args.curve else ["--no-curve"] if args.curve is False else []
     if args.engine_grace is not None:
         extra += ["--engine-grace", str(args.engine_grace)]
+    extra += launcher_args
     process = clusters.launch_controller(
         folder,
-        n,
+        args.n,
         cluster_id=cluster_id,
         ip=args.ip,
         # a restored cluster's engines keep the working directory they were started in
@@ -217,9 +338,50 @@ def parser() -> argparse.ArgumentParser:
         "when running from a source tree (a wheel installs it by itself)",
     )
     inst.set_defaults(func=_install)
-    start = sub.add_parser("start", help="start a cluster; returns once engines are ready")
+    start = sub.add_parser(
+        "start",
+        help="start a cluster; returns once engines are ready",
+        description="Start a controller and engines; returns once the engines are ready. "
+        "Launcher options take one value: write --mpi-args=--oversubscribe (with '=') "
+        'or --mpi-args "--oversubscribe --bind-to none".',
+    )
     start.add_argument(
-        "-n", type=int, default=None, help="number of engines (default 2; with --restore, 0)"
+        "-n",
+        "--n",
+        type=_number(int, 0, 4096),
+        default=None,
+        help="number of engines (default 2; with --hosts, their sum; with --restore, 0)",
+    )
+    start.add_argument(
+        "--engines",
+        default="local",
+        metavar="LAUNCHER",
+        help="what starts the engines: local (the default), mpi (mpiexec), slurm (one batch "
+        "job), ssh (--hosts), provisioner (--kernel-name), or package.module:Class",
+    )
+    start.add_argument("--mpi-args", type=_arg_list, default=None, help="more mpiexec arguments")
+    start.add_argument("--mpiexec", default=None, help="the mpiexec command (default mpiexec)")
+    start.add_argument("--slurm-args", type=_arg_list, default=None, help="more sbatch arguments")
+    start.add_argument(
+        "--walltime", type=_walltime, default=None, help="the Slurm job's time limit"
+    )
+    start.add_argument(
+        "--hosts",
+        type=_hosts,
+        default=None,
+        metavar="HOST=N,...",
+        help="for --engines ssh: engines per host (HOST alone: 1)",
+    )
+    start.add_argument("--ssh-args", type=_arg_list, default=None, help="more ssh arguments")
+    start.add_argument("--ssh", default=None, help="the ssh command (default ssh)")
+    start.add_argument(
+        "--kernel-name", default=None, help="for --engines provisioner: the kernel spec"
+    )
+    start.add_argument(
+        "--min-engines",
+        type=_number(int, 1, 4096),
+        default=None,
+        help="return once this many engines are ready; the others join when they start",
     )
     start.add_argument("--cluster-id", default=None)
     start.add_argument(
@@ -230,12 +392,17 @@ def parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--engine-grace",
-        type=float,
+        type=_number(float, 0),
         default=None,
         help="seconds engines outlive a dead controller, for a restarted one to adopt them",
     )
     start.add_argument("--ip", default="127.0.0.1")
-    start.add_argument("--timeout", type=float, default=60.0)
+    start.add_argument(
+        "--timeout",
+        type=_number(float, 0.001),
+        default=60.0,
+        help="seconds within which the engines must be ready (default 60)",
+    )
     start.add_argument(
         "--curve",
         action=argparse.BooleanOptionalAction,
@@ -281,6 +448,9 @@ def main(argv: list[str] | None = None) -> Any:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"jupyter px {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"jupyter px {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -62,6 +62,12 @@ REGISTER_REPLY = "px_register_reply"
 # Sent on an engine's control channel: do not run these msg_ids when they arrive.
 ENGINE_ABORT_REQUEST = "px_abort_request"
 ENGINE_ABORT_REPLY = "px_abort_reply"
+# Sent on an engine's control channel for an engine on another host, whose process the
+# controller cannot signal: ``{"signum": N}``, one of :data:`ENGINE_SIGNALS`; the engine
+# signals itself (its process group, when it leads one). SIGINT goes as Jupyter's own
+# ``interrupt_request`` instead.
+ENGINE_SIGNAL_REQUEST = "px_engine_signal_request"
+ENGINE_SIGNAL_REPLY = "px_engine_signal_reply"
 
 # A client checks that a lane's replies reach it before sending tasks to it directly.
 LANE_PING_REQUEST = "px_lane_ping_request"
@@ -548,6 +554,26 @@ class AbortRequest:
 
 
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+ENGINE_SIGNALS = frozenset(
+    int(getattr(signal, name))
+    for name in ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+"""The signals an engine sends itself on request (:data:`ENGINE_SIGNAL_REQUEST`): those
+that interrupt, end or notify it; not SIGSTOP and the like, which nothing could undo
+through the engine."""
+
+
+def check_engine_signal(name: str, value: Any) -> int:
+    """One of :data:`ENGINE_SIGNALS`, as an int (ValueError/TypeError naming ``name``)."""
+    signum = check_int(name, value, 1, 64)
+    if signum not in ENGINE_SIGNALS:
+        allowed = ", ".join(signal.Signals(s).name for s in sorted(ENGINE_SIGNALS))
+        raise ValueError(
+            f"{name} {signum} is not a signal an engine sends itself (one of {allowed})"
+        )
+    return signum
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,8 @@ def two_hosts(head: str, a: str, b: str, ssh_args: list[str]) -> dict[str, Any]:
         ]
         out["ssh_sessions"] = len(sessions)
         controller = cluster.controller_pid or 0
+        out.update(usr1(rc))
+        out.update(dask(rc))
         # Ctrl-C of a task on a remote engine: Jupyter's interrupt_request, on its host
         ar = rc[0].apply_async(time.sleep, 30)
         time.sleep(0.5)
@@ -109,6 +111,44 @@ def two_hosts(head: str, a: str, b: str, ssh_args: list[str]) -> dict[str, Any]:
     finally:
         if cluster.running:
             cluster.stop_cluster_sync(timeout=10)
+    return out
+
+
+def usr1(rc: Any) -> dict[str, Any]:
+    """A signal other than SIGINT to a remote engine: it sends it itself, when asked."""
+    rc[0].execute(
+        "import signal\nusr1_seen = []\n"
+        "signal.signal(signal.SIGUSR1, lambda signum, frame: usr1_seen.append(signum))",
+        block=True,
+    )
+    rc.send_signal("SIGUSR1", targets=[0])
+    deadline = time.monotonic() + 10
+    while not (seen := rc[0].pull("usr1_seen", block=True)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"usr1_seen": seen}
+
+
+def dask(rc: Any) -> dict[str, Any]:
+    """become_dask across the hosts: each server on its engine's address; stop_dask."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return {"dask": "not installed"}
+    t0 = time.monotonic()
+    dask_client = rc.become_dask()
+    try:
+        out = {
+            "dask_scheduler": dask_client.scheduler.address,
+            "dask_workers": sorted(dask_client.run(os.getpid)),
+            "dask_sum": dask_client.submit(sum, [1, 2, 3]).result(timeout=30),
+        }
+    finally:
+        rc.stop_dask()
+    out["dask_status"] = dask_client.status
+    out["dask_servers_left"] = rc[:].apply_sync(
+        lambda: len(__import__("jupyter_ext.integrations.dask").integrations.dask._state)
+    )
+    out["dask_s"] = time.monotonic() - t0
     return out
 
 

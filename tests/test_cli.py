@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -15,22 +16,28 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import kill_pids, wait_gone
 
 from kernel_engine import clusters, processes
+from kernel_engine.cli import main as px_main
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_FILES = {"client.json", "cluster.json", "engine-0.json"}
 
 
-def px(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """Run ``jupyter px ARGS`` (the runtime dir is the session's, from conftest)."""
+def px(
+    *args: str, timeout: float = 90, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``jupyter px ARGS`` (the runtime dir is the session's, from conftest; ``env``:
+    more environment)."""
     return subprocess.run(
         [sys.executable, "-m", "kernel_engine.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -47,10 +54,12 @@ class CliClusters:
         self.output: subprocess.CompletedProcess[str] | None = None
         """What the last ``jupyter px start`` printed."""
 
-    def start(self, n: int) -> clusters.ClusterState:
+    def start(
+        self, n: int, *extra: str, env: dict[str, str] | None = None
+    ) -> clusters.ClusterState:
         cluster_id = f"cli-{uuid.uuid4().hex[:8]}"
         self.ids.append(cluster_id)
-        out = self.output = px("start", "-n", str(n), "--cluster-id", cluster_id)
+        out = self.output = px("start", "-n", str(n), "--cluster-id", cluster_id, *extra, env=env)
         assert out.returncode == 0, out.stderr
         assert f"{n} engines ready" in out.stdout
         state = clusters.read_cluster(clusters.cluster_folder(cluster_id))
@@ -114,6 +123,79 @@ def test_start_list_engines_stop(cli):
     assert {"controller.log", "engine-0.log"} <= names(folder)  # logs stay
     assert cid not in px("list").stdout
     assert px("engines", "--cluster-id", cid).returncode == 1
+
+
+def test_start_engines_mpi_then_stop_leaves_no_process(cli):
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec (make system-deps installs Open MPI)")
+    # (ranks on loopback and shared memory only; see test_mpi)
+    env = {
+        "OMPI_MCA_btl": "self,vader",
+        "OMPI_MCA_oob_tcp_if_include": "lo",
+        "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    }
+    state = cli.start(2, "--engines", "mpi", "--mpi-args=--oversubscribe", env=env)
+    engines = sorted(state.info["engines"].items(), key=lambda item: int(item[0]))
+    assert [int(eid) for eid, _ in engines] == [0, 1]
+    [record] = json.loads((state.folder / "launchers.json").read_text())
+    assert record["launcher"] == "mpi" and record["ids"] == [0, 1]
+    tree = [record["pid"], *(p.pid for p in psutil.Process(record["pid"]).children(True))]
+    assert set(engine_pids(state)) <= set(tree)
+    cli.pids += tree
+    shown = px("engines", "--cluster-id", state.cluster_id)
+    assert shown.stdout.count("(ready)") == 2, shown.stdout
+
+    stopped = px("stop", "--cluster-id", state.cluster_id, timeout=30)
+    assert stopped.returncode == 0, stopped.stderr
+    left = wait_gone([state.controller_pid, *tree], timeout=10)
+    kill_pids(left)
+    assert not left, f"left running after jupyter px stop: {left}"
+    assert "-n 2 --oversubscribe" in (state.folder / "mpiexec-0.log").read_text()
+
+
+BAD_STARTS = [
+    (["-n", "two"], "argument -n/--n: expected a whole number, not 'two'"),
+    (["-n", "-1"], "argument -n/--n: expected a whole number from 0 to 4096, not '-1'"),
+    (["--n", "1.5"], "expected a whole number, not '1.5'"),
+    (["--timeout", "soon"], "argument --timeout: expected a number"),
+    (["--engine-grace", "-3"], "argument --engine-grace: expected a number at least 0"),
+    (["--engines", "nope"], "--engines: engines='nope' names no launcher"),
+    (["--engines", "no.such.module:Launcher"], "cannot load launcher"),
+    (["--mpi-args=--oversubscribe"], "--mpi-args: not an option of --engines local"),
+    (["--engines", "mpi", "--hosts", "a=2"], "--hosts: not an option of --engines mpi"),
+    (["--engines", "mpi", "--mpi-args", "'unclosed"], "argument --mpi-args: cannot split"),
+    (["--engines", "ssh"], "--engines ssh needs --hosts"),
+    (["--engines", "ssh", "--hosts", "a=two"], "'a=two': the count after '=' must be a number"),
+    (["--engines", "ssh", "--hosts", "a=0"], "hosts['a'] must be between 1 and 4096"),
+    (["--engines", "ssh", "--hosts", "a,a"], "'a' is named twice"),
+    (["--engines", "ssh", "--hosts", "10.77.9.9"], "--ip: engines on 10.77.9.9 cannot reach"),
+    (["--engines", "slurm", "--walltime", "soon"], "argument --walltime: expected minutes"),
+    (["--min-engines", "0"], "argument --min-engines: expected a whole number from 1"),
+    (["-n", "2", "--min-engines", "3"], "--min-engines 3 is more than the 2 engines"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_STARTS, ids=[" ".join(a) for a, _ in BAD_STARTS])
+def test_a_bad_start_flag_says_what_is_wrong_and_starts_nothing(args, message, capsys):
+    cluster_id = f"cli-bad-{uuid.uuid4().hex[:8]}"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        code = px_main(["start", "--cluster-id", cluster_id, *args])
+    except SystemExit as exc:  # (argparse's own errors)
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "jupyter px start: error: " in err and message in err, err
+    assert not clusters.cluster_folder(cluster_id).exists()
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_a_bad_start_flag_exits_with_code_2():
+    cluster_id = f"cli-bad-{uuid.uuid4().hex[:8]}"
+    out = px("start", "--cluster-id", cluster_id, "--engines", "mpi", "-n", "x")
+    assert out.returncode == 2
+    assert "argument -n/--n: expected a whole number, not 'x'" in out.stderr
+    assert not clusters.cluster_folder(cluster_id).exists()
 
 
 def _kill_controller(state: clusters.ClusterState) -> None:

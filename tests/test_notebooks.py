@@ -12,6 +12,7 @@ import ast
 import importlib.util
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Collection
@@ -703,3 +704,34 @@ def test_from_ipyparallel():
     assert m and float(m.group(1)) < 10, death
     assert re.search(r"engine 1 \(pid \d+\) exited with code 1", m.group(2)), death
     assert also_remote == "a RemoteError too: True"
+
+
+# ----- scale out (MPI)
+
+
+def test_scale_out():
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec (make system-deps installs Open MPI)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (the test extra has it)")
+    nb = execute("scale_out.ipynb")
+    assert errors(nb) == {}
+    assert stderr_of(nb) == {}
+    assert_common(nb, empty={"env", "load"})
+    cells = by_id(nb)
+
+    assert re.fullmatch(r"4 MPI engines ready in [\d.]+ s: \[0, 1, 2, 3\]\n", text(cells["start"]))
+    assert lines(cells["ranks"]) == [f"engine {r}: rank {r} of 4" for r in range(4)]
+    assert sorted(lines(cells["allreduce"])) == [
+        f"[stdout:{r}] rank {r}: allreduce of rank + 1 = 10" for r in range(4)
+    ]
+    assert lines(cells["pull-total"]) == ["total on every engine: [10, 10, 10, 10]"]
+    assert lines(cells["mpi-scatter"]) == [
+        f"[stdout:0] gathered on rank 0: {[x * x for x in range(16)]}"
+    ]
+    parts, gathered = lines(cells["view-scatter"])
+    assert parts == f"parts: {[list(range(r * 4, r * 4 + 4)) for r in range(4)]}"
+    assert gathered == f"gathered: {[v * 10 + v // 4 for v in range(16)]}"
+    logs, ran, says = lines(cells["logs"])
+    assert logs == "logs: [0, 1, 2, 3, 'mpiexec-0']"
+    assert ran.startswith("mpiexec ran: $ mpiexec ") and " -n 4 " in ran
+    assert re.fullmatch(r"engine 3 says: registered with cluster \S+ as engine 3", says)

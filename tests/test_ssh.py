@@ -205,6 +205,22 @@ def test_ctrl_c_reaches_a_task_on_a_remote_engine(results):
     assert got["interrupt_s"] < 10
 
 
+def test_other_signals_reach_a_remote_engine_which_sends_them_itself(results):
+    got = _scenario(results, "two_hosts")
+    assert got["usr1_seen"] == [int(signal.SIGUSR1)]
+
+
+def test_become_dask_across_hosts_binds_each_server_to_its_engines_address(results):
+    got = _scenario(results, "two_hosts")
+    if got.get("dask") == "not installed":
+        pytest.skip("dask.distributed is not installed (the test extra)")
+    assert got["dask_scheduler"].startswith(f"tcp://{A_IP}:")
+    assert [w.rsplit(":", 1)[0] for w in got["dask_workers"]] == [f"tcp://{A_IP}", f"tcp://{B_IP}"]
+    assert got["dask_sum"] == 6
+    assert got["dask_status"] == "closed" and got["dask_servers_left"] == [0, 0]
+    print(f"ssh: become_dask, a task and stop_dask across 2 hosts in {got['dask_s']:.1f} s")
+
+
 def test_stop_leaves_no_process_on_any_host(results):
     got = _scenario(results, "two_hosts")
     assert got["ssh_sessions"] == 2

@@ -375,6 +375,10 @@ class EngineSet:
         if msg.msg_type == protocol.ENGINE_STATUS_REPLY:
             if engine.state == "ready":
                 self.on_report(engine, msg.content)
+        elif msg.msg_type == protocol.ENGINE_SIGNAL_REPLY:
+            if msg.content.get("status") != "ok":
+                why = str(msg.content.get("evalue", "no reason given"))[:200]
+                log.warning("engine %i refused a signal: %s", engine.id, why)
         elif msg.msg_type == protocol.ENGINE_ADOPT_REPLY and engine.adopted:
             if msg.content.get("status") != "ok" and engine.state != "dead":
                 why = str(msg.content.get("evalue", "no reason given"))[:200]
@@ -596,22 +600,42 @@ class EngineSet:
         except ProcessLookupError:
             pass
 
+    def signal_problem(self, eid: int, signum: int) -> str | None:
+        """Why :meth:`signal` cannot send ``signum`` to engine ``eid`` (None: it can)."""
+        engine = self.engines[eid]
+        if engine.by_pid:
+            if engine.local or signum == signal.SIGINT:
+                return None
+            try:
+                protocol.check_engine_signal("signal", signum)
+            except ValueError as exc:
+                return f"engine {eid} runs on {engine.hostname or 'another host'}: {exc}"
+            return None
+        return None if engine.km is not None else f"engine {eid} was not started by this controller"
+
     def signal(self, eid: int, signum: int) -> None:
-        """Send a signal to an engine's process (SIGINT through its kernel manager)."""
+        """Send a signal to an engine's process (SIGINT through its kernel manager). An
+        engine on another host signals itself, asked on its control channel (SIGINT as
+        Jupyter's ``interrupt_request``, others as :data:`protocol.ENGINE_SIGNAL_REQUEST`,
+        only those of :data:`protocol.ENGINE_SIGNALS`)."""
+        why = self.signal_problem(eid, signum)
+        if why is not None:
+            raise ValueError(why)
         engine = self.engines[eid]
         if engine.by_pid:
             if not engine.local:
                 control = engine.sockets.get("control")
-                if signum == signal.SIGINT and control is not None:
-                    # Jupyter's own interrupt: the kernel signals itself, on its host
+                if control is None:
+                    return  # (not connected yet: nothing of it runs a task)
+                if signum == signal.SIGINT:
                     self.wire.send(control, "interrupt_request", {})
-                    return
-                why = "only SIGINT reaches it (as Jupyter's interrupt_request)"
-                raise ValueError(f"engine {eid} runs on {engine.hostname}: {why}")
+                else:
+                    content = {"signum": signum}
+                    self.wire.send(control, protocol.ENGINE_SIGNAL_REQUEST, content)
+                return
             self._signal_adopted(engine, signum)
             return
-        if engine.km is None:
-            raise ValueError(f"engine {eid} was not started by this controller")
+        assert engine.km is not None
         if signum == signal.SIGINT:
             engine.km.interrupt_kernel()
         else:

@@ -224,6 +224,10 @@ class HubRequests:
             targets = sorted(held)
         else:
             targets = self._targets(request.targets)
+        for eid in targets:  # (all or none)
+            why = self.engines.signal_problem(eid, request.signum)
+            if why is not None:
+                raise ValueError(why)
         for eid in targets:
             self.engines.signal(eid, request.signum)
         return {"targets": targets}, []

@@ -3,11 +3,12 @@
 Everything a Jupyter client expects (execute, complete, inspect, interrupt, widgets) is
 ipykernel's own; the subclass adds the task lane socket, an ``engine`` section in
 ``kernel_info_reply`` (how the controller learns the lane's port, the pid and the host)
-and three control messages: ``px_abort_request``, that marks msg_ids not to run,
+and four control messages: ``px_abort_request``, that marks msg_ids not to run,
 ``px_adopt_request``, by which a controller restarted on the cluster folder tells an
-engine whose controller died to wait for it (see :mod:`.watch`), and
+engine whose controller died to wait for it (see :mod:`.watch`),
 ``px_engine_status_request``, its report of itself for the status stream (see
-:mod:`.usage`).
+:mod:`.usage`), and ``px_engine_signal_request``, a signal the engine sends itself (for
+an engine on another host, whose process the controller cannot signal).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class EngineKernel(IPythonKernel):
         protocol.ENGINE_ABORT_REQUEST,
         protocol.ENGINE_ADOPT_REQUEST,
         protocol.ENGINE_STATUS_REQUEST,
+        protocol.ENGINE_SIGNAL_REQUEST,
     ]
 
     current_task: tuple[str, str, float] | None = None
@@ -105,6 +107,30 @@ class EngineKernel(IPythonKernel):
         self.session.send(  # type: ignore[union-attr]
             stream, protocol.ENGINE_ABORT_REPLY, reply, parent, ident
         )
+
+    async def px_engine_signal_request(
+        self, stream: Any, ident: Any, parent: dict[str, Any]
+    ) -> None:
+        """Control channel: send this engine a signal of :data:`protocol.ENGINE_SIGNALS`
+        (to its process group when it leads one, as a kernel manager signals a kernel);
+        answered first, since the signal may end the engine."""
+        try:
+            signum = protocol.check_engine_signal("signum", parent["content"].get("signum"))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            reply: dict[str, Any] = protocol.error_content(type(exc).__name__, str(exc))
+            signum = None
+        else:
+            reply = {"status": "ok", "signum": signum}
+        self.session.send(  # type: ignore[union-attr]
+            stream, protocol.ENGINE_SIGNAL_REPLY, reply, parent, ident
+        )
+        if signum is None:
+            return
+        pid = os.getpid()
+        if os.getpgid(0) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
 
     async def px_adopt_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """Control channel: a restarted controller will set this engine up; answered at
