@@ -301,6 +301,84 @@ def test_puts_merge_into_one_row_write(open_store):
     assert store.outcome("m") == (1, False)
 
 
+def queued(store: SqliteLog, msg_id: str) -> None:
+    """A load-balanced task's new record, as the hub puts it while the task is queued."""
+    store.put_queued(
+        msg_id,
+        msg_type="apply_request",
+        status="pending",
+        submitted=time.time(),
+        request=frames(msg_id, {}, b"f"),
+    )
+
+
+def _in_file(store: SqliteLog, msg_id: str) -> bool:
+    con = sqlite3.connect(store.path)
+    try:
+        return con.execute("SELECT 1 FROM tasks WHERE msg_id = ?", (msg_id,)).fetchone() is not None
+    finally:
+        con.close()
+
+
+def test_a_queued_tasks_record_waits_for_its_engine_then_is_written_once(open_store):
+    store = open_store(batch_interval=0.01)
+    store.flush()
+    before = store._con.total_changes
+    queued(store, "q1")
+    time.sleep(0.2)  # batches go by; the record waits for an engine to take the task
+    assert not _in_file(store, "q1")
+    store.taken("q1")
+    complete(store, "q1")
+    assert wait_until(lambda: _in_file(store, "q1"))
+    store.flush()
+    assert store._con.total_changes - before == 1  # one insert, whole: no update
+    assert store.outcome("q1") == (None, True)
+    assert store.get("q1", ["status"])["status"] == "ok"
+
+
+def test_a_queued_record_is_written_after_the_hold_or_for_a_read(open_store, monkeypatch):
+    from kernel_engine.controller import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "HOLD", 0.3)
+    store = open_store(batch_interval=0.01)
+    queued(store, "late")
+    t0 = time.monotonic()
+    assert wait_until(lambda: _in_file(store, "late"), timeout=5)  # nobody took it
+    assert 0.25 < time.monotonic() - t0 < 3
+    assert store.get("late", ["status"])["status"] == "pending"
+    queued(store, "read")
+    assert store.get("read", ["status"])["status"] == "pending"  # a read flushes it
+
+
+def test_held_records_keep_their_submission_order_and_survive_close(tmp_path):
+    store = SqliteLog(tmp_path / "t.db", batch_interval=0.01)
+    order = []
+    for i in range(40):
+        msg_id = f"t{i:02d}"
+        (queued if i % 2 else submit)(store, msg_id)  # LB tasks held, direct ones not
+        order.append(msg_id)
+    for msg_id in reversed(order[1::2]):  # engines take them last first
+        store.taken(msg_id)
+    queued(store, "closing")  # still held when the store closes
+    order.append("closing")
+    store.close()
+    with SqliteLog(tmp_path / "t.db") as again:
+        assert again.history() == order
+
+
+def test_output_that_comes_before_its_record_is_kept(store):
+    # a client reports the requests it sent to engines itself after they may have printed
+    store.append_output("d1", "stdout", "early ")
+    store.flush()
+    store.append_output("d1", "stdout", "and more ")
+    store.flush()
+    submit(store, "d1", engine_id=0)
+    store.append_output("d1", "stdout", "then late")
+    store.flush()
+    assert store.get("d1", ["stdout"])["stdout"] == "early and more then late"
+    assert not store._early
+
+
 def test_put_checks_fields(store):
     with pytest.raises(TypeError, match="bogus"):
         store.put("m", bogus=1)

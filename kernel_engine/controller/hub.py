@@ -253,7 +253,10 @@ class Hub:
                 record.request, record.request_sizes = blob, sizes
                 self._count_stored(record)
         if self.log is not None:
-            self.log.put(
+            # a task for no engine yet waits in the queue: its record is held back until
+            # an engine takes it (see SqliteLog.put_queued)
+            put = self.log.put if engine_id is not None else self.log.put_queued
+            put(
                 msg_id,
                 msg_type=msg_type,
                 client_uuid=_client_uuid(client),
@@ -314,6 +317,8 @@ class Hub:
         record = self.records.get(msg_id)
         if record is not None:
             record.engine_id = engine_id  # (the file hears of it with the outcome)
+            if self.log is not None:
+                self.log.taken(msg_id)
             if self.on_task is not None:
                 self.on_task("assigned", record, None)
 
