@@ -59,6 +59,23 @@ class EngineOrder:
             self._engine_of[msg_id] = eid
             return path
 
+    def admit_all(self, items: list[tuple[int, str]], path: str) -> bool:
+        """Admit several ``(engine id, msg_id)`` on ``path`` at once (the parts of one
+        broadcast), if every one of them could go now; else admit none and return False."""
+        with self.lock:
+            for eid, _ in items:
+                state = self._engines.get(eid)
+                if state is not None and (state.waiting or (state.inflight and state.path != path)):
+                    return False
+            for eid, msg_id in items:
+                state = self._engines.get(eid)
+                if state is None:
+                    state = self._engines[eid] = _Engine()
+                state.path = path
+                state.inflight += 1
+                self._engine_of[msg_id] = eid
+            return True
+
     def done(self, msg_id: str, send: Callable[[str, str], bool]) -> None:
         """``msg_id`` was answered: ``send(msg_id, path)`` the requests that may go now.
 

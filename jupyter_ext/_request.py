@@ -165,6 +165,21 @@ class Requests:
             req.state, req.path = SENT, path
             return path
 
+    def add_all(self, reqs: list[Request], path: str) -> bool:
+        """Take the parts of one broadcast, all sent on ``path`` in one message: True, or
+        False (none taken) when one of them would have to wait (see :mod:`._order`)."""
+        with self.lock:
+            if self.refusing is not None:
+                raise Refused(self.refusing)
+            items = [(eid, r.msg_id) for r in reqs if (eid := r.engine_id) is not None]
+            if len(items) != len(reqs) or not self.order.admit_all(items, path):
+                return False
+            for (eid, msg_id), req in zip(items, reqs):
+                self.live[msg_id] = req
+                self._by_engine.setdefault(eid, {})[msg_id] = None
+                req.state, req.path = SENT, path
+            return True
+
     def replied(
         self,
         msg_id: str,

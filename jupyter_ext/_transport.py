@@ -33,6 +33,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,6 +108,8 @@ class Transport:
         self._status_subscribed = False  # (IO thread)
         # direct requests failed when the controller was lost, whose end it never heard of
         self._unreported: BoundedDict[str, int] = BoundedDict(max_results)
+        # broadcasts sent lately -> their parts' msg_ids (should the controller refuse one)
+        self._broadcasts: BoundedDict[str, tuple[str, ...]] = BoundedDict(1024)
         # engines registered since the controller came back (IO thread)
         self._registered: set[int] = set()
         # rejoining a controller that answers again: probes sent, their replies, welcomes
@@ -271,6 +274,78 @@ class Transport:
             self._send(req, path)
         return req
 
+    @property
+    def direct(self) -> bool:
+        """Whether this client sends requests to the engines' task lanes itself."""
+        return self.io.lanes is not None
+
+    def submit_broadcast(
+        self,
+        targets: Sequence[int],
+        msg_type: str,
+        content: dict[str, Any],
+        buffers: Sequence[Any] = (),
+        metadata: dict[str, Any] | None = None,
+        track: bool = False,
+        kind: str = "apply",
+        md_extra: dict[str, Any] | None = None,
+    ) -> list[Request] | None:
+        """Send the same request to several engines in one message, which the controller
+        fans out (see :mod:`kernel_engine.controller.broadcast`); returns one request per
+        target, in order, each with a msg_id of its own (any thread).
+
+        Returns None, sending nothing, when a target still has requests of this client in
+        flight on another path (its lane, or its shell for an apply): the caller sends
+        per engine then, so that each engine's requests keep their order.
+        """
+        if self.closed:
+            raise RuntimeError("this Client is closed")
+        lost = self.io.lost
+        if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
+            raise EngineError("EngineError", lost)
+        request = protocol.BroadcastRequest(
+            msg_type, tuple(targets), tuple(uuid.uuid4().hex for _ in targets), content
+        )
+        channel = request.channel
+        header, frames = self.wire.pack(
+            protocol.BROADCAST_REQUEST, request.to_content(), None, metadata, buffers
+        )
+        now = datetime.now(timezone.utc)
+        reqs = []
+        for eid, msg_id in zip(request.targets, request.msg_ids):
+            md = Metadata(msg_id=msg_id, submitted=now, engine_id=eid)
+            if md_extra:
+                md.update(md_extra)
+            reqs.append(Request(msg_id, md, kind, channel, None, b"", track))
+        try:
+            if not self.requests.add_all(reqs, "routed" if channel == "lane" else "shell"):
+                return None
+        except Refused as exc:
+            if self.closed:
+                raise RuntimeError(str(exc)) from None
+            raise EngineError("EngineError", str(exc)) from None
+        for req in reqs:
+            for hook in self._submit_hooks:  # (before it is sent: before any of its output)
+                hook(req.msg_id)
+            self.metadata[req.msg_id] = req.metadata
+            self.history.append(req.msg_id)
+        self._broadcasts[header["msg_id"]] = request.msg_ids
+        tracker = self.io.send([protocol.BROADCAST_ROUTE, *frames], track=track)
+        for req in reqs:
+            req.tracker = tracker
+        return reqs
+
+    def _broadcast_refused(self, parts: tuple[str, ...], content: dict[str, Any]) -> None:
+        """The controller refused a broadcast whole: each of its parts fails (IO thread)."""
+        for msg_id in parts:
+            req = self.requests.get(msg_id)
+            if req is None:
+                continue
+            error = self._error(content, req.metadata, msg_id)
+            self._settle(
+                self.requests.replied(msg_id, (False, error), time.monotonic(), self._send)
+            )
+
     def _send(self, req: Request, path: str) -> bool:
         """Send a request admitted on ``path`` (any thread); False if its lane closed."""
         frames = req.frames
@@ -391,6 +466,10 @@ class Transport:
             return
         req = self.requests.get(msg_id)
         if req is None:
+            parts = self._broadcasts.pop(msg_id, None)
+            if parts is not None:
+                self._broadcast_refused(parts, content)
+                return
             self.requests.replied(msg_id, (False, None), time.monotonic(), self._send)
             return
         if req.kind == "hub":

@@ -241,12 +241,35 @@ class DirectView(View):
     def __repr__(self) -> str:
         return f"<DirectView {self.targets}>"
 
+    fan_out_from: int | None = 2
+    """Work for this many targets or more leaves the client as one broadcast message,
+    which the controller sends on to each engine (None: one message per engine).
+
+    A DirectView does so for ``execute`` (which goes to the engines' shells through the
+    controller anyway), and for the rest only when this client does not reach the
+    engines' task lanes itself (it runs on another host than the controller, or
+    ``JUPYTER_PX_DIRECT=0``). Beside the engines, N sends to the lanes cost the client
+    more CPU than one broadcast, but the round trip less, since the replies come back
+    without the controller's hop (see ``benchmarks/broadcast.py``). A BroadcastView
+    always fans out."""
+
+    _always_fan_out = False
+
     def _is_single(self, targets: Any) -> bool:
         return isinstance(targets, int)
 
+    def _fans_out(self, targets: list[int], routed: bool = False) -> bool:
+        """Whether to send to ``targets`` as one broadcast (``routed``: one message per
+        engine would go through the controller too)."""
+        if self.fan_out_from is None or len(targets) < max(2, self.fan_out_from):
+            return False
+        return routed or self._always_fan_out or not self.transport.direct
+
     def _send_apply(self, targets: list[int], buffers: list[Any], track: bool) -> list[Request]:
-        """Send one ``apply_request`` per target; engines of this host share its large
-        buffers through one shared-memory segment when there are two or more of them."""
+        """Send an ``apply_request`` to each target: one broadcast message for many
+        targets (:attr:`fan_out_from`), else one message per target. Engines of this host
+        share its large buffers through one shared-memory segment when there are two or
+        more of them."""
         metadata = {"label": self.label} if self.label else None
         segment, local = None, set()
         if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
@@ -256,6 +279,25 @@ class DirectView(View):
         requests: list[Request] = []
         shared: list[Request] = []
         try:
+            if self._fans_out(targets) and (segment is None or local.issuperset(targets)):
+                # (a segment goes in a broadcast only when every target maps it)
+                content, frames = {}, buffers
+                if segment is not None:
+                    content = {shm.CONTENT_KEY: segment.reference}
+                    frames = segment.placeholders(buffers)
+                sent = self.transport.submit_broadcast(
+                    targets,
+                    protocol.APPLY_REQUEST,
+                    content,
+                    frames,
+                    metadata,
+                    track,
+                    md_extra={"label": self.label},
+                )
+                if sent is not None:
+                    if segment is not None:
+                        shared = sent
+                    return sent
             for t in targets:
                 content, frames = {}, buffers
                 if segment is not None and t in local:
@@ -353,14 +395,20 @@ class DirectView(View):
             "allow_stdin": False,
             "stop_on_error": True,
         }
-        futures = [
+        md_extra = {"execute_input": code, "label": label or self.label}
+        futures: list[Request] | None = None
+        if self._fans_out(ids, routed=True):
+            futures = self.transport.submit_broadcast(
+                ids, "execute_request", content, kind="execute", md_extra=md_extra
+            )
+        futures = futures or [
             self.transport.submit(
                 protocol.route_frame("shell", t),
                 "execute_request",
                 content,
                 engine_id=t,
                 kind="execute",
-                md_extra={"execute_input": code, "label": label or self.label},
+                md_extra=md_extra,
             )
             for t in ids
         ]
@@ -502,10 +550,14 @@ class DirectView(View):
 class BroadcastView(DirectView):
     """IPython Parallel's broadcast view: the same work on every target.
 
-    Its calls are the DirectView's; here the fan-out is one message per engine (sent
-    from the client, or straight to the engines' lanes), and results come back in the
-    order of the targets. ``is_coalescing`` is accepted for compatibility.
+    Its calls are the DirectView's, but work for two or more targets leaves the client as
+    one message, whatever the number of engines: the controller sends it on to each (see
+    :mod:`kernel_engine.controller.broadcast`). Each engine's part keeps its own msg_id,
+    metadata and error, and results come back in the order of the targets.
+    ``is_coalescing`` is accepted for compatibility (replies come back one per engine).
     """
+
+    _always_fan_out = True
 
     def __init__(self, client: Client, targets: Any = "all", is_coalescing: bool = False):
         super().__init__(client, targets)

@@ -161,10 +161,14 @@ def curve_wanted(ip: str, curve: bool | None = None) -> bool:
 
 HUB_ROUTE = b"hub"
 LB_ROUTE = b"lb"
+# One request for several engines (:class:`BroadcastRequest`), fanned out by the controller.
+BROADCAST_ROUTE = b"broadcast"
+BROADCAST_REQUEST = "px_broadcast_request"
 CHANNELS = ("lane", "shell", "control")
 
 SERVED: dict[str, frozenset[str]] = {
     "lb": frozenset({APPLY_REQUEST}),
+    "broadcast": frozenset({BROADCAST_REQUEST}),
     "lane": frozenset({APPLY_REQUEST}),
     "shell": frozenset(
         {
@@ -262,6 +266,8 @@ def parse_route(frame: bytes) -> tuple[str, int | None]:
         return "hub", None
     if frame == LB_ROUTE:
         return "lb", None
+    if frame == BROADCAST_ROUTE:
+        return "broadcast", None
     channel, _, eid = frame.partition(b":")
     name = channel.decode("ascii", "replace")
     if name not in CHANNELS or not eid.isdigit() or len(eid) > 9:
@@ -794,6 +800,66 @@ class DirectNotice:
             tuple(DirectSubmitted.from_content(s) for s in submitted),
             tuple(DirectCompleted.from_content(c) for c in completed),
         )
+
+
+MAX_BROADCAST_TARGETS = 10_000
+"""Most engines one broadcast request may name."""
+
+BROADCAST_TYPES = {APPLY_REQUEST: "lane", "execute_request": "shell"}
+"""What a broadcast may carry, and the engine channel each goes to."""
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastRequest:
+    """One request for several engines (:data:`BROADCAST_REQUEST`, route
+    :data:`BROADCAST_ROUTE`): the controller sends ``msg_type`` with ``content`` and the
+    broadcast's own metadata and buffers to each of ``targets``, as a request whose msg_id
+    is the matching one of ``msg_ids`` (made by the client, so each engine's part is a
+    task of its own: its record, its reply, its error). A target may appear more than
+    once; the msg_ids must differ."""
+
+    msg_type: str
+    targets: tuple[int, ...]
+    msg_ids: tuple[str, ...]
+    content: dict[str, Any]
+
+    @property
+    def channel(self) -> str:
+        """The engine channel the parts go to."""
+        return BROADCAST_TYPES[self.msg_type]
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "msg_type": self.msg_type,
+            "targets": list(self.targets),
+            "msg_ids": list(self.msg_ids),
+            "content": self.content,
+        }
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        msg_type = content.get("msg_type")
+        if not isinstance(msg_type, str):
+            raise TypeError(f"msg_type must be a string, not {_kind(msg_type)}")
+        if msg_type not in BROADCAST_TYPES:
+            raise ValueError(f"msg_type {msg_type[:60]!r} is not one of {sorted(BROADCAST_TYPES)}")
+        targets = content.get("targets")
+        msg_ids = content.get("msg_ids")
+        for name, items in (("targets", targets), ("msg_ids", msg_ids)):
+            if not isinstance(items, list):
+                raise TypeError(f"{name} must be a list, not {_kind(items)}")
+            if not 0 < len(items) <= MAX_BROADCAST_TARGETS:
+                raise ValueError(
+                    f"{name} must name 1 to {MAX_BROADCAST_TARGETS} items, not {len(items)}"
+                )
+        assert isinstance(targets, list) and isinstance(msg_ids, list)
+        if len(targets) != len(msg_ids):
+            raise ValueError(f"{len(targets)} targets but {len(msg_ids)} msg_ids")
+        ids = tuple(check_int("targets", t, 0, MAX_ENGINE_ID) for t in targets)
+        mids = tuple(check_msg_id("msg_ids", m) for m in msg_ids)
+        if len(set(mids)) != len(mids):
+            raise ValueError("msg_ids must differ from each other")
+        return cls(msg_type, ids, mids, _mapping("content", content.get("content", {})))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ record, since no reply will come. Then the components take it, each owning one p
 state and given only what it uses:
 
 - :class:`~.router.Router`: requests to one engine, every engine reply, direct notices;
+- :class:`~.broadcast.Broadcasts`: one request for many engines, checked and fanned out
+  as routed requests;
 - :class:`~.balancer.Balancer`: load-balanced tasks, around the pure scheduler;
 - :class:`~.requests.HubRequests`: the requests the controller answers itself;
 - :class:`~.inflight.Inflight`: what is on which engine, unanswered;
@@ -50,6 +52,7 @@ from kernel_engine.launchers.state import Report
 from kernel_engine.wire import DropLog, Message
 
 from .balancer import Balancer
+from .broadcast import Broadcasts
 from .clients import Clients
 from .comms import CommPosts
 from .engines import Engine, EngineSet
@@ -261,6 +264,14 @@ class Controller:
             self.dead,
             self.drops,
         )
+        self.broadcasts = Broadcasts(
+            self.wire,
+            self.router.forward,
+            self.seen,
+            lambda m: self.hub.known(m) or m in self.inflight,
+            self.send_client,
+            self.drops,
+        )
         self.requests = HubRequests(
             self.cluster_id, self.engines, self.inflight, self.hub, self.balancer, self.dead, self
         )
@@ -403,6 +414,8 @@ class Controller:
             )
         elif self.hub.known(msg.msg_id) or msg.msg_id in self.inflight:
             self._duplicate(client, msg)
+        elif channel == "broadcast":
+            self.broadcasts.submit(client, msg, frames[3:])
         elif eid is None:
             self.balancer.submit(client, msg, frames[3:])
         else:

@@ -67,9 +67,16 @@ class Router:
         self.drops = drops
 
     def forward(
-        self, client: bytes, channel: str, eid: int, msg: Message, frames: list[Any]
+        self,
+        client: bytes,
+        channel: str,
+        eid: int,
+        msg: Message,
+        frames: list[Any],
+        keep_request: bool = True,
     ) -> None:
-        """A request to one engine's ``channel`` (``frames``: signature onwards)."""
+        """A request to one engine's ``channel`` (``frames``: signature onwards; kept in
+        its record unless not ``keep_request``), or one part of a broadcast."""
         engine = self.engines.ready(eid)
         if engine is None:
             starting = self.engines.engines.get(eid)
@@ -84,7 +91,7 @@ class Router:
             elif starting is not None:
                 why = ("EngineError", f"engine {eid} is not ready yet")
             else:
-                why = ("InvalidTarget", f"no engine with id {eid}")
+                why = ("EngineError", f"no engine with id {eid}")
             self.send_client(protocol.fail_reply(self.wire, client, msg.header, eid, *why))
             return
         self.inflight.add(msg.msg_id, Pending(client, msg.header, eid, channel, "routed"))
@@ -94,7 +101,7 @@ class Router:
             client,
             eid,
             wire.header_date(msg.header),
-            request=frames[1:],  # (from the header on)
+            request=frames[1:] if keep_request else None,  # (from the header on)
         )
         self.engines.send(eid, channel, [client, wire.DELIM, *frames])
 

@@ -1,0 +1,117 @@
+"""What one call to every engine costs the client: one broadcast message against N sends.
+
+For N = 2, 8 and 32 real engines (one cluster each), times ``bview.apply_sync(noop)`` and
+``bview.push({'a': small})`` on ``rc.broadcast_view()`` two ways:
+
+- **per engine**: one ``apply_request`` per engine, sent by the client itself (straight
+  to each engine's task lane, as every DirectView did before broadcasts, and as a
+  BroadcastView did too);
+- **broadcast**: one message to the controller, which sends it on to each engine
+  (``kernel_engine.controller.broadcast``).
+
+For each, the wall time per call, the client's CPU time per call (this process: the
+calling thread and the client's IO thread, which receives the N replies) and the
+controller's, as medians of ``--repeat`` runs of ``--calls`` calls each (the two ways
+taking turns), printed as a Markdown table: per engine → broadcast (ratio). Replies come back
+one per engine either way, so the client's cost still grows with N; what the broadcast
+removes is the N sends (and the N notices a client sends the controller about them)::
+
+    .venv/bin/python benchmarks/broadcast.py [--engines 2,8,32] [--calls 50] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import psutil
+
+import jupyter_ext as jx
+
+TIMEOUT = 60.0
+
+
+def noop() -> None:
+    return None
+
+
+MODES = {"per engine": None, "broadcast": 2}
+"""The two ways, as the view's ``fan_out_from``."""
+
+
+def _time(view: Any, call: Any, calls: int, controller: psutil.Process) -> tuple[float, ...]:
+    """(wall, client CPU, controller CPU) per call of one run of ``calls``, in ms."""
+    c0 = controller.cpu_times()
+    w0, p0 = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        call(view).get(TIMEOUT)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - p0
+    c1 = controller.cpu_times()
+    ctl = (c1.user + c1.system) - (c0.user + c0.system)
+    return wall / calls * 1e3, cpu / calls * 1e3, ctl / calls * 1e3
+
+
+WORKLOADS = {
+    "apply_sync(noop)": lambda v: v.apply_async(noop),
+    "push({'a': small})": lambda v: v.push({"a": list(range(10))}, block=False),
+}
+
+Row = tuple[str, int, str, float, float, float]
+
+
+def run(n: int, calls: int, repeat: int) -> list[Row]:
+    """The rows of one cluster of ``n`` engines; the two ways take turns, run by run, so
+    that a busy moment of the machine hits both."""
+    rows = []
+    t0 = time.perf_counter()
+    with jx.Cluster(n=n) as rc:
+        rc.wait_for_engines(n, timeout=120)
+        print(f"N={n}: started in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        controller = psutil.Process(rc.cluster.controller_pid)
+        view = rc.broadcast_view()
+        for name, call in WORKLOADS.items():
+            samples: dict[str, list[tuple[float, ...]]] = {mode: [] for mode in MODES}
+            for _ in range(repeat):
+                for mode, fan_out_from in MODES.items():
+                    view.fan_out_from = fan_out_from
+                    for _ in range(3):  # (warm up: lanes pinged, functions cached)
+                        call(view).get(TIMEOUT)
+                    samples[mode].append(_time(view, call, calls, controller))
+            for mode, got in samples.items():
+                wall, cpu, ctl = (statistics.median(x) for x in zip(*got))
+                rows.append((name, n, mode, wall, cpu, ctl))
+                print(f"  {name} {mode}: {wall:.2f} ms, cpu {cpu:.2f} / {ctl:.2f}", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """Per call, in ms: per engine → broadcast (ratio)."""
+    out = [
+        "| call | N | wall ms | client CPU ms | controller CPU ms |",
+        "|---|---|---|---|---|",
+    ]
+    by = {(name, n, mode): figures for name, n, mode, *figures in rows}
+    for name, n in dict.fromkeys((name, n) for name, n, *_ in rows):
+        before, after = by[name, n, "per engine"], by[name, n, "broadcast"]
+        cells = [f"{b:.2f} → {a:.2f} ({a / b:.2f}x)" for b, a in zip(before, after)]
+        out.append(f"| `bview.{name}` | {n} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", default="2,8,32", help="engine counts, comma-separated")
+    parser.add_argument("--calls", type=int, default=50, help="calls per timed run")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per figure")
+    args = parser.parse_args()
+    rows: list[Row] = []
+    for n in (int(x) for x in args.engines.split(",")):
+        rows += run(n, args.calls, args.repeat)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

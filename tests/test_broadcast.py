@@ -1,0 +1,357 @@
+"""Broadcasts: one client message, fanned out to N engines by the controller.
+
+First without processes: the request's checks (:class:`protocol.BroadcastRequest`), the
+controller's fan-out and refusals (:mod:`kernel_engine.controller.broadcast`) and the
+client's books (admitting a broadcast's parts all at once, or none). Then on one real
+4-engine cluster: results in target order, per-engine msg_ids and metadata, errors per
+engine, a client that sends one message for four engines, unknown and killed engines
+that fail only their part, and forged broadcasts refused while the controller serves on.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+import jupyter_ext as jx
+from jupyter_ext._order import EngineOrder
+from kernel_engine import protocol, wire
+from kernel_engine.controller.broadcast import Broadcasts, fan_out
+from kernel_engine.engine import ops
+from kernel_engine.serialize import pack_apply
+
+KEY = b"k" * 32
+
+
+def _content(**changes: Any) -> dict[str, Any]:
+    content = {
+        "msg_type": "apply_request",
+        "targets": [0, 1, 2],
+        "msg_ids": ["a", "b", "c"],
+        "content": {},
+    }
+    content.update(changes)
+    return content
+
+
+# ----- without processes
+
+
+def test_request_round_trip_and_channels() -> None:
+    request = protocol.BroadcastRequest.from_content(_content())
+    assert request.targets == (0, 1, 2) and request.msg_ids == ("a", "b", "c")
+    assert request.channel == "lane"
+    assert protocol.BroadcastRequest.from_content(request.to_content()) == request
+    execute = protocol.BroadcastRequest.from_content(_content(msg_type="execute_request"))
+    assert execute.channel == "shell"
+    # a target may come twice (its msg_ids differ)
+    assert protocol.BroadcastRequest.from_content(_content(targets=[0, 0, 1])).targets[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"msg_type": 3}, TypeError, "msg_type must be a string"),
+        ({"msg_type": "shutdown_request"}, ValueError, "is not one of"),
+        ({"targets": "0,1,2"}, TypeError, "targets must be a list"),
+        ({"targets": [0, "1", 2]}, TypeError, "targets must be an int"),
+        ({"targets": [0, True, 2]}, TypeError, "targets must be an int"),
+        ({"targets": [0, -1, 2]}, ValueError, "targets must be between"),
+        ({"msg_ids": ["a", 2, "c"]}, TypeError, "msg_ids must be a string"),
+        ({"msg_ids": ["a", "b", "a"]}, ValueError, "msg_ids must differ"),
+        ({"msg_ids": ["a", "b"]}, ValueError, "3 targets but 2 msg_ids"),
+        ({"targets": [], "msg_ids": []}, ValueError, "1 to"),
+        ({"content": []}, TypeError, "content must be a JSON object"),
+        (
+            {
+                "targets": [0] * (protocol.MAX_BROADCAST_TARGETS + 1),
+                "msg_ids": [str(i) for i in range(protocol.MAX_BROADCAST_TARGETS + 1)],
+            },
+            ValueError,
+            "targets must name 1 to",
+        ),
+    ],
+)
+def test_request_checks_every_field(changes: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        protocol.BroadcastRequest.from_content(_content(**changes))
+
+
+def _broadcast(signer: wire.Wire, content: dict[str, Any], buffers: list[Any]) -> wire.Message:
+    _, frames = signer.pack(protocol.BROADCAST_REQUEST, content, None, {"label": "x"}, buffers)
+    return signer.unpack(frames[1:])
+
+
+def test_fan_out_signs_each_part_and_shares_the_buffers() -> None:
+    signer = wire.Wire(KEY, username="client")
+    buffers = pack_apply(ops.push, ({"a": b"z" * 100},), {})
+    msg = _broadcast(signer, _content(), buffers)
+    request = protocol.BroadcastRequest.from_content(msg.content)
+    controller = wire.Wire(KEY, username="controller")
+    parts = list(fan_out(controller, request, msg.header, msg.frames))
+    assert [eid for eid, _, _ in parts] == [0, 1, 2]
+    for (_, part, frames), msg_id in zip(parts, "abc"):
+        got = wire.Wire(KEY).unpack(frames)  # (signed with the cluster key)
+        assert got.msg_id == part.msg_id == msg_id
+        assert got.msg_type == "apply_request"
+        assert got.header["session"] == msg.header["session"]
+        assert got.metadata == {"label": "x"} and got.content == {}
+        assert all(a is b for a, b in zip(frames[5:], msg.frames[5:]))  # (no copies)
+    with pytest.raises(wire.SignatureError):
+        wire.Wire(b"other").unpack(parts[0][2])
+
+
+class _Controller:
+    """What :class:`Broadcasts` uses of the controller, recorded."""
+
+    def __init__(self) -> None:
+        self.wire = wire.Wire(KEY, username="controller")
+        self.forwarded: list[tuple[bytes, str, int, str, bool]] = []
+        self.sent: list[list[Any]] = []
+        self.known: set[str] = set()
+        self.seen = wire.SeenWindow()
+        self.broadcasts = Broadcasts(
+            self.wire,
+            lambda client, channel, eid, msg, frames, keep: self.forwarded.append(
+                (client, channel, eid, msg.msg_id, keep)
+            ),
+            self.seen,
+            self.known.__contains__,
+            self.sent.append,
+            wire.DropLog(__import__("logging").getLogger("test"), "test"),
+            keep_bytes=1000,
+        )
+
+    def submit(self, content: Any, buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
+        msg = _broadcast(wire.Wire(KEY, username="client"), content, list(buffers))
+        self.broadcasts.submit(b"client", msg, msg.frames)
+
+    def refusal(self) -> dict[str, Any]:
+        assert len(self.sent) == 1
+        return wire.Wire(KEY).unpack(self.sent.pop()[3:]).content
+
+
+def test_broadcasts_forward_each_part_once() -> None:
+    ctl = _Controller()
+    ctl.submit(_content(msg_type="execute_request", content={"code": "1"}))
+    assert ctl.forwarded == [
+        (b"client", "shell", 0, "a", True),
+        (b"client", "shell", 1, "b", True),
+        (b"client", "shell", 2, "c", True),
+    ]
+    assert all(m in ctl.seen for m in "abc")
+    ctl.forwarded.clear()
+    ctl.submit(_content(msg_ids=["d", "e", "f"]), [b"x" * 2000])  # (too big to keep)
+    assert [f[4] for f in ctl.forwarded] == [False] * 3
+    assert not ctl.sent
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (_content(targets=[0, "1", 2]), "TypeError.*targets must be an int"),
+        (_content(msg_ids=["a", "a", "b"]), "msg_ids must differ"),
+        (_content(targets=list(range(10_001)), msg_ids=[str(i) for i in range(10_001)]), "1 to"),
+        ({"msg_type": "apply_request"}, "targets must be a list"),
+    ],
+)
+def test_broadcasts_refuse_bad_requests_whole(content: dict[str, Any], match: str) -> None:
+    ctl = _Controller()
+    ctl.submit(content)
+    assert not ctl.forwarded
+    reply = ctl.refusal()
+    assert reply["status"] == "error"
+    assert __import__("re").search(match, f"{reply['ename']}: {reply['evalue']}")
+
+
+def test_broadcasts_refuse_msg_ids_seen_before() -> None:
+    ctl = _Controller()
+    ctl.known.add("b")  # (a task record)
+    ctl.submit(_content())
+    assert "msg_id b was seen before" in ctl.refusal()["evalue"]
+    ctl.seen.add("x")
+    ctl.submit(_content(msg_ids=["a", "x", "c"]))
+    assert "msg_id x was seen before" in ctl.refusal()["evalue"]
+    assert not ctl.forwarded
+    ctl.submit(_content())
+    assert "msg_id b" in ctl.refusal()["evalue"]  # (still: nothing was taken in)
+
+
+def test_order_admits_a_broadcast_whole_or_not_at_all() -> None:
+    paths = {0: "direct", 1: "direct"}
+    order = EngineOrder(lambda eid, channel: paths.get(eid, "routed"))
+    assert order.admit(0, "m0", "lane") == "direct"  # (in flight on engine 0's lane)
+    assert not order.admit_all([(0, "b0"), (1, "b1")], "routed")
+    assert order.waiting(0) == 0 and order.waiting(1) == 0  # (nothing taken)
+    order.done("m0", lambda m, p: True)
+    assert order.admit_all([(0, "b0"), (1, "b1")], "routed")
+    assert order.admit(1, "m1", "lane") is None  # (waits for the broadcast's part)
+    sent: list[tuple[str, str]] = []
+    order.done("b1", lambda m, p: sent.append((m, p)) or True)
+    assert sent == [("m1", "direct")]
+
+
+# ----- a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster4():
+    from conftest import ClusterFactory
+
+    factory = ClusterFactory()
+    cluster, client = factory.start(4)
+    yield cluster, client
+    factory.stop_all()
+
+
+@pytest.fixture
+def rc4(cluster4):
+    return cluster4[1]
+
+
+def test_apply_execute_push_pull_in_target_order(rc4) -> None:
+    bv = rc4.broadcast_view()
+    ar = bv.apply_async(os.getpid)
+    pids = ar.get(10)
+    assert pids == [rc4.engine_info(i)["pid"] for i in rc4.ids]
+    assert len(ar.msg_ids) == 4 and len(set(ar.msg_ids)) == 4
+    assert [md["engine_id"] for md in ar.metadata] == rc4.ids
+    assert all(md["status"] == "ok" and md["msg_id"] == m for md, m in zip(ar.metadata, ar.msg_ids))
+    assert all(rc4.metadata[m]["engine_id"] == i for m, i in zip(ar.msg_ids, rc4.ids))
+
+    view = rc4.broadcast_view(targets=[3, 1, 2], block=True)
+    view.push({"a": 7})
+    assert view.pull("a") == [7, 7, 7]
+    assert view.apply(lambda x, y: x + y, 1, jx.Reference("a")) == [8, 8, 8]
+    ex = view.execute("import os; b = os.getpid(); print('hi', a)")
+    assert [md["stdout"] for md in ex.metadata] == ["hi 7\n"] * 3
+    assert [md["engine_id"] for md in ex.metadata] == [3, 1, 2]
+    assert view.pull("b") == [rc4.engine_info(i)["pid"] for i in (3, 1, 2)]
+
+
+def test_errors_are_per_engine(rc4) -> None:
+    bv = rc4.broadcast_view()
+    ar = bv.apply_async(lambda: 1 / 0)
+    with pytest.raises(jx.CompositeError) as info:
+        ar.get(10)
+    assert len(info.value.elist) == 4
+    assert sorted(e.engine_info["engine_id"] for e in info.value.elist) == rc4.ids
+    assert [md["status"] for md in ar.metadata] == ["error"] * 4
+
+
+def _count_sends(rc, monkeypatch) -> list[bytes]:
+    """Record the first frame (the route) of every message the client sends."""
+    io = rc.transport.io
+    routes: list[bytes] = []
+    real = io.send
+
+    def send(frames, track=False, lane=None):  # type: ignore[no-untyped-def]
+        routes.append(b"lane" if lane is not None else frames[0])
+        return real(frames, track=track, lane=lane)
+
+    monkeypatch.setattr(io, "send", send)
+    return routes
+
+
+def test_the_client_sends_one_message_for_four_engines(rc4, monkeypatch) -> None:
+    bv = rc4.broadcast_view(block=True)
+    bv.apply(abs, -1)  # (nothing of this client in flight after it)
+    routes = _count_sends(rc4, monkeypatch)
+    assert bv.apply(abs, -2) == [2] * 4
+    bv.push({"c": 1})
+    assert routes == [protocol.BROADCAST_ROUTE] * 2
+    routes.clear()
+    rc4[:].apply_sync(abs, -3)  # (a DirectView beside the engines: their lanes)
+    assert len(routes) == 4 and protocol.BROADCAST_ROUTE not in routes
+
+
+def test_an_unknown_target_fails_only_its_part(rc4) -> None:
+    # (past the client's own check of targets: the controller's)
+    parts = rc4.transport.submit_broadcast(
+        [0, 99, 1], protocol.APPLY_REQUEST, {}, pack_apply(abs, (-4,), {})
+    )
+    assert parts is not None
+    with pytest.raises(jx.EngineError, match="no engine with id 99"):
+        parts[1].result(10)
+    assert parts[0].result(10) == 4 and parts[2].result(10) == 4
+    with pytest.raises(jx.InvalidTarget, match="no engine with id 99"):
+        rc4.broadcast_view(targets=[0, 99]).apply_sync(abs, 1)
+
+
+def test_forged_broadcasts_are_refused_and_the_controller_serves_on(rc4) -> None:
+    info = json.loads(Path(rc4.connection_file).read_text())
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000
+    try:
+        sock.connect(f"tcp://127.0.0.1:{info['client_port']}")
+        signer = wire.Wire(info["key"].encode())
+        buffers = pack_apply(abs, (-1,), {})
+
+        def ask(content: dict[str, Any], answers: str | None = None) -> dict[str, Any]:
+            header, frames = signer.pack(protocol.BROADCAST_REQUEST, content, None, {}, buffers)
+            sock.send_multipart([protocol.BROADCAST_ROUTE, *frames])
+            reply = signer.recv(sock.recv_multipart())
+            assert reply.parent_id == (answers or header["msg_id"])
+            return reply.content
+
+        # a well-made broadcast from anyone with the key: its part's reply comes back
+        ok = ask(_content(targets=[0], msg_ids=["forged-ok"]), answers="forged-ok")
+        assert ok["status"] == "ok"
+        bad = ask(_content(targets=[0, "1"], msg_ids=["f1", "f2"]))
+        assert bad["ename"] == "TypeError" and "targets must be an int" in bad["evalue"]
+        dup = ask(_content(targets=[0, 1], msg_ids=["f3", "f3"]))
+        assert "msg_ids must differ" in dup["evalue"]
+        again = ask(_content(targets=[0], msg_ids=["forged-ok"]))
+        assert "seen before" in again["evalue"]
+        many = protocol.MAX_BROADCAST_TARGETS + 1
+        big = ask(_content(targets=[0] * many, msg_ids=[f"m{i}" for i in range(many)]))
+        assert "targets must name 1 to" in big["evalue"]
+        # unsigned, or signed with another key: dropped without a word
+        _, frames = wire.Wire(b"").pack(protocol.BROADCAST_REQUEST, _content(msg_ids=list("xyz")))
+        sock.send_multipart([protocol.BROADCAST_ROUTE, *frames])
+        _, frames = wire.Wire(b"x" * 32).pack(protocol.BROADCAST_REQUEST, _content())
+        sock.send_multipart([protocol.BROADCAST_ROUTE, *frames])
+        sock.rcvtimeo = 300
+        with pytest.raises(zmq.Again):
+            sock.recv_multipart()
+    finally:
+        sock.close()
+        ctx.term()
+    assert rc4.broadcast_view().apply_sync(abs, -5) == [5] * 4
+
+
+def test_a_killed_engine_fails_only_its_part(cluster4, rc4) -> None:
+    bv = rc4.broadcast_view()
+    victim = rc4.ids[-1]
+    pid = rc4.engine_info(victim)["pid"]
+    ar = bv.apply_async(time.sleep, 0.5)
+    time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(jx.CompositeError) as info:
+        ar.get(10)
+    errors = info.value.elist
+    assert len(errors) == 1 and isinstance(errors[0], jx.EngineError)
+    assert f"engine {victim}" in str(errors[0]) and "SIGKILL" in str(errors[0])
+    assert [md["status"] for md in ar.metadata[:-1]] == ["ok"] * 3
+    # sent before the client hears of the death: the controller fails the part
+    late = rc4.transport.submit_broadcast(
+        [0, victim], protocol.APPLY_REQUEST, {}, pack_apply(abs, (-6,), {})
+    )
+    assert late is not None and late[0].result(10) == 6
+    with pytest.raises(jx.EngineError, match=f"engine {victim}"):
+        late[1].result(10)
+    deadline = time.monotonic() + 10
+    while victim in rc4.ids and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert victim not in rc4.ids
+    assert rc4.broadcast_view().apply_sync(abs, -7) == [7] * 3
