@@ -8,10 +8,10 @@ stopping the server can check each of them is gone; nothing is ever killed by na
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from kernel_engine import ports
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -61,9 +63,9 @@ def require_browser() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port outside the ephemeral range, where an outgoing connection cannot take
+    it before the server binds it (see kernel_engine.ports)."""
+    return ports.PICKER.take("127.0.0.1")
 
 
 def write_notebook(path: Path, sources: list[str]) -> None:
@@ -130,7 +132,11 @@ class JupyterLab:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pids: dict[int, str] = {}  # every descendant of the server ever seen
-        self._start(start_timeout)
+        try:
+            self._start(start_timeout)
+        except BaseException:
+            self.stop()  # (whatever went wrong: nothing it started stays)
+            raise
 
     def _start(self, timeout: float) -> None:
         env = dict(os.environ)
@@ -160,8 +166,8 @@ class JupyterLab:
             try:
                 if "started" in self.api("status", timeout=2):
                     return
-            except (OSError, ValueError):
-                pass
+            except (OSError, ValueError, http.client.HTTPException):
+                pass  # (not answering yet; or not JupyterLab: the port's holder then)
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(

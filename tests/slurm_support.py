@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kernel_engine import ports
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scancel")
 
 
@@ -31,9 +33,8 @@ def missing() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port outside the ephemeral range (see kernel_engine.ports)."""
+    return ports.PICKER.take("127.0.0.1")
 
 
 class SlurmNode:

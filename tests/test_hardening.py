@@ -415,17 +415,18 @@ def test_a_stalled_iopub_subscriber_does_not_grow_the_controller(cluster_factory
         time.sleep(0.3)
         before = controller.memory_info().rss
         grown = []
-        for rounds in (10, 5):  # 200 MB then 100 MB of output through the controller
-            for _ in range(rounds):
+        for _ in range(2):  # 2 x 200 MB of output through the controller
+            for _ in range(10):
                 rc[0].apply_sync(_flood, 1000, 20_000)
                 time.sleep(0.1)
             rc[:].execute("pass", block=True)
             grown.append(controller.memory_info().rss - before)
         # What the stalled subscriber holds is bounded by the iopub high-water mark
-        # (2,000 messages, ~40 MB of these plus transients): the next 100 MB add
-        # nothing to the first 200's, and neither comes near what went through.
-        assert grown[0] < 120e6, f"the controller grew by {grown[0] / 1e6:.0f} MB"
-        assert grown[1] - grown[0] < 30e6, f"then by {(grown[1] - grown[0]) / 1e6:.0f} MB more"
+        # (2,000 messages, ~40 MB of these); on top of it, the controller's heap keeps
+        # what its busiest moment took (output waiting to be relayed: more on a loaded
+        # machine). Held for the stalled subscriber, each 200 MB would stay.
+        assert grown[0] < 150e6, f"the controller grew by {grown[0] / 1e6:.0f} MB"
+        assert grown[1] - grown[0] < 100e6, f"then by {(grown[1] - grown[0]) / 1e6:.0f} MB more"
     finally:
         stalled.close(linger=0)
         ctx.term()

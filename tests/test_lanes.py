@@ -146,19 +146,33 @@ def test_dead_engine_fails_direct_requests_without_the_event(cluster_factory):
     assert rc[0].apply_sync(abs, -1) == 1
 
 
-def test_thousands_queued_behind_a_busy_engine_never_block(rc):
+def test_thousands_queued_behind_a_busy_engine_never_block(rc, tmp_path):
     """No high-water mark stops a sender: 10,000 requests wait while the engine sleeps.
 
     (With zmq's default marks, sending blocks after a thousand or so until the engine
     wakes: the busy task would then be done before the last request is sent.)
     """
     _wait_ready(rc, [0])
-    busy = rc[0].apply_async(time.sleep, 10.0)
+    go = tmp_path / "go"
+    busy = rc[0].apply_async(_wait_for_file, str(go), 60.0)  # (busy until we say so)
     queued = [rc[0].apply_async(abs, -i) for i in range(10_000)]
     assert not busy.done(), "sending blocked until the busy engine woke up"
+    go.touch()
     assert _path(rc, queued[-1]) == "direct"
-    assert busy.get(15) is None
+    assert busy.get(15) is True
     assert [ar.get(60) for ar in queued] == list(range(10_000))
+
+
+def _wait_for_file(path: str, timeout: float) -> bool:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_threads_and_clients_share_the_lanes(rc):

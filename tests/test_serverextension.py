@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import psutil
 import pytest
 from conftest import kill_pids, wait_gone
 
-from kernel_engine import cli, kernelspec
+from kernel_engine import cli, kernelspec, ports
 
 PREFIXES = ("/ipyparallel/clusters", "/jupyter-px/clusters")
 # other extensions installed here, off: a faster start, and ipyparallel's own handlers
@@ -41,9 +40,9 @@ OTHER_EXTENSIONS = (
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port outside the ephemeral range, where an outgoing connection cannot take
+    it before the server binds it (see kernel_engine.ports)."""
+    return ports.PICKER.take("127.0.0.1")
 
 
 class JupyterServer:

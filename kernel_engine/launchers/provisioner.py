@@ -49,9 +49,10 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvisioner
 
-from kernel_engine import clusters, processes
+from kernel_engine import clusters, ports, processes
 from kernel_engine.engine.register import ID_ENV, bind_address
 from kernel_engine.errors import LaunchError
+from kernel_engine.provisioner import PORT_NAMES
 
 from .base import LaunchContext, Launcher, children, kill_recorded, tail
 
@@ -251,6 +252,12 @@ class ProvisionerLauncher(Launcher):
         )
         if cluster.get("key"):
             km.session.key = str(cluster["key"]).encode()  # (the file carries the cluster's)
+        if self.local and km.transport == "tcp":
+            # ports outside the ephemeral range (see kernel_engine.ports), which the local
+            # provisioner then keeps (it would pick its own in that range otherwise)
+            km.cache_ports = False
+            for name in PORT_NAMES:
+                setattr(km, name, ports.PICKER.take(km.ip))
         env = {**os.environ, **ctx.env, ID_ENV: str(eid)}
         if self.local:  # (a PID only means something on this host)
             env[clusters.CONTROLLER_PID_ENV] = str(os.getpid())
