@@ -71,6 +71,11 @@ MAX_OUTPUT = 1 << 20
 TRUNCATED = "\n[output truncated]\n"
 MAINTENANCE_INTERVAL = 5.0
 READ_TIMEOUT = 60.0
+BATCH_INTERVAL = 0.2
+"""Seconds between the writer's commits while puts come: each commit writes the pages the
+batch touched (the msg_id index's are scattered), so fewer, larger batches cost less per
+task (about 20% less writer time than at 0.05 s with load-balanced tiny tasks). Reads wait
+for what was put before them, so only a killed controller loses this much."""
 IDLE_AFTER = 1.0  # seconds without puts after which the writer sleeps until woken
 HOLD = 2.0
 """Seconds at most that the new record of a task waiting in the controller's queue is held
@@ -237,7 +242,7 @@ class SqliteLog:
         max_bytes: int | None = 1 << 30,
         max_age: float | None = 7 * 86400.0,
         blob_threshold: int = 64 * 1024,
-        batch_interval: float = 0.05,
+        batch_interval: float = BATCH_INTERVAL,
         max_pending: int = 5_000,
         max_pending_bytes: int = 32 << 20,
         max_frames_bytes: int = 256 << 20,
