@@ -12,8 +12,9 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def start_time(pid: int) -> str | None:
@@ -83,11 +84,25 @@ def terminate(pid: int, timeout: float, is_target: Callable[[], bool]) -> bool:
             os.close(pidfd)
 
 
+def readable(fds: Sequence[Any], timeout: float | None) -> bool:
+    """Whether one of ``fds`` (descriptors, or objects with a ``fileno()``) is readable
+    within ``timeout`` s (None: no limit).
+
+    ``poll``, not ``select``: ``select`` refuses descriptors past 1023 ("filedescriptor
+    out of range"), which a controller of many engines holds (one starting 64 local
+    engines failed so).
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
 def wait_exit(pid: int, timeout: float, pidfd: int | None = None) -> bool:
     """Wait up to ``timeout`` s for process ``pid`` to exit; returns whether it did."""
     if pidfd is not None:
         # readable once the process has exited (a zombie counts)
-        return bool(select.select([pidfd], [], [], timeout)[0])
+        return readable([pidfd], timeout)
     deadline = time.monotonic() + timeout
     while running(pid):
         if time.monotonic() > deadline:

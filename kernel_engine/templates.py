@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -38,6 +37,8 @@ import sys
 import threading
 import time
 from typing import Any, ClassVar
+
+from kernel_engine import processes
 
 log = logging.getLogger("kernel_engine.provisioner")
 
@@ -119,7 +120,7 @@ class ForkedProcess:
 
     def _orphan_runs(self) -> bool:
         """Whether the kernel still runs, by its pidfd (readable once it has ended)."""
-        return self._pidfd is not None and not select.select([self._pidfd], [], [], 0)[0]
+        return self._pidfd is not None and not processes.readable([self._pidfd], 0)
 
     def _read(self) -> None:
         assert self._channel is not None
@@ -154,7 +155,7 @@ class ForkedProcess:
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
             waitables = [f for f in (self._channel, self._pidfd) if f is not None]
-            select.select(waitables, [], [], 0.1 if left is None else min(left, 0.1))
+            processes.readable(waitables, 0.1 if left is None else min(left, 0.1))
 
     def send_signal(self, signum: int) -> None:
         """Signal the kernel, unless it has ended (its PID may name another process)."""
@@ -246,7 +247,7 @@ class TemplateProcess:
         """Its state now (``starting``, ``ready``, ``dead``), reading its answer if one
         came; never blocks."""
         with self._lock:
-            if self.state == "starting" and select.select([self.control], [], [], 0)[0]:
+            if self.state == "starting" and processes.readable([self.control], 0):
                 try:
                     answer = self.control.recv(4096)
                 except OSError:
@@ -297,7 +298,7 @@ class TemplateProcess:
                     raise TemplateError(self.why) from exc
         finally:
             theirs.close()
-        ready, _, _ = select.select([ours], [], [], timeout)
+        ready = processes.readable([ours], timeout)
         answer = ours.recv(64) if ready else b""
         if not answer.startswith(b"pid "):
             ours.close()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -454,7 +453,7 @@ class EngineSet:
         if not engine.local:  # (registered from another host: its heartbeats tell)
             return True
         if engine.pidfd is not None:  # readable once the process has exited
-            return not select.select([engine.pidfd], [], [], 0)[0]
+            return not processes.readable([engine.pidfd], 0)
         pid = engine.pid
         if pid is None or not processes.running(pid):
             return False

@@ -1,0 +1,64 @@
+"""Stand-in engines (``benchmarks/standins.py``) against a real controller.
+
+The 1,000-engine benchmark registers lightweight stand-ins that speak the engine's side
+of the protocol; this keeps them honest as the protocol changes: 50 of them, in a thread
+of this process, register with a controller that has no engines of its own, take a
+load-balanced map and an apply-to-all, stay alive on heartbeats, and leave when the
+cluster stops.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from standins import Fleet, tiny  # (benchmarks/ is not a package)
+
+N = 50
+
+
+def test_standins_register_serve_and_leave(cluster_factory):
+    cluster = cluster_factory(n=0)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.pids.append(cluster.controller_pid)  # (the stand-ins are this process)
+    fleet = Fleet(json.loads(cluster.connection_file.read_text()), N, "standin-test")
+    stop = threading.Event()
+    server = threading.Thread(target=fleet.serve, args=(stop,), name="standins", daemon=True)
+    server.start()
+    try:
+        ids = fleet.register(timeout=30)
+        assert len(set(ids)) == N
+        rc.wait_for_engines(N, timeout=30)
+        assert sorted(rc.ids) == sorted(ids)
+        info = rc.engine_info(ids[0])
+        assert info["hostname"] == "standin-test"
+
+        results = rc.load_balanced_view().map(tiny, range(500), chunksize=1, block=False)
+        done = results.get(timeout=30)  # (each stand-in answers [its id]; map flattens)
+        assert len(done) == 500
+        assert set(done) <= set(ids)
+        assert len(set(done)) > N // 2  # spread over the stand-ins, not one of them
+
+        everyone = rc[:].apply_async(tiny).get(timeout=30)
+        assert sorted(r[0] for r in everyone) == sorted(ids)
+        assert sum(s.applied for s in fleet.standins) == 500 + N
+
+        t0 = time.monotonic()
+        status = rc.queue_status()
+        assert time.monotonic() - t0 < 2.0, "the controller answers slowly"
+        assert {k for k in status if isinstance(k, int)} == set(ids)
+        assert len(rc.ids) == N  # (no stand-in lost its heartbeat meanwhile)
+    finally:
+        cluster.stop_cluster_sync(timeout=20)
+        server.join(10)
+        stop.set()
+        server.join(5)
+        left = fleet.live
+        fleet.close()
+    assert not server.is_alive()
+    assert left == 0, f"{left} stand-ins were not told to shut down"
