@@ -4,7 +4,8 @@ Thread ``jupyter-px-io`` (one per :class:`~jupyter_ext.Client`) polls the DEALER
 replies arrive, the SUB on the controller's iopub (engine output and cluster events), a
 DEALER that pings the controller's heartbeat echo, and the sockets of direct lanes.
 Everything it receives is handed to the transport's ``on_reply`` / ``on_iopub`` on this
-thread; those resolve futures, which wakes whoever waits on them.
+thread, a message at a time (replies the controller gathered into one batch message are
+taken apart here); those resolve futures, which wakes whoever waits on them.
 
 Requests do not pass through this thread: user threads send them on a second DEALER,
 one at a time under a lock (a zmq socket must not be used by two threads at once, and
@@ -174,7 +175,7 @@ class IOThread:
                     frames, copy=False, track=True
                 )
                 return tracker
-            sock.send_multipart(frames, copy=False)
+            wire.send_frames(sock, frames)
         return None
 
     def _notify(self, msg_type: str) -> None:
@@ -272,10 +273,24 @@ class IOThread:
     def _drain(self, sock: zmq.Socket[Any], handler: Callable[[list[Any]], None]) -> None:
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = wire.recv_frames(sock, wire.NOBLOCK)
             except zmq.Again:
                 return
-            self._safely(handler, frames)
+            if wire.is_batch(frames):
+                self._batch(handler, frames)
+            else:
+                self._safely(handler, frames)
+
+    def _batch(self, handler: Callable[[list[Any]], None], frames: list[Any]) -> None:
+        """Several messages the controller sent at once (its replies gathered in one loop
+        turn, see ``kernel_engine.controller.outbox``): each handled as if alone."""
+        try:
+            messages = wire.unpack_batch(frames)
+        except wire.MessageError as exc:
+            self.drops.drop(str(exc))
+            return
+        for message in messages:
+            self._safely(handler, message)
 
     def _safely(self, call: Callable[..., None], *args: Any) -> None:
         """Run ``call(*args)``; what it raises is counted (the first one logged in full)."""

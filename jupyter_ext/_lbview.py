@@ -13,6 +13,7 @@ from kernel_engine.errors import NoEnginesRegistered
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
 from ._asyncresult import AsyncMapResult, AsyncResult
+from ._batch import SubmitBatch
 from ._dependency import as_dependency
 from ._request import Request
 from ._views import View, _fname, _sliceable
@@ -147,6 +148,14 @@ class LoadBalancedView(View):
             md_extra=md.extra,
         )
 
+    def _batch(self, track: bool, md: _TaskFlags) -> SubmitBatch:
+        """Sends the tasks of one call many to a message (see :mod:`._batch`)."""
+        if not self.transport.engines:
+            raise NoEnginesRegistered("the cluster has no engines to balance work over")
+        return self.transport.submit_batch(
+            protocol.APPLY_REQUEST, md.encoded, track=track, md_extra=md.extra
+        )
+
     def _really_apply(
         self,
         f: Callable[..., Any],
@@ -192,12 +201,13 @@ class LoadBalancedView(View):
         mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
         once = PickledFunction(f)
         head = dumps_function(mapper)
-        futures, sizes = [], []
-        for start in range(0, length, chunksize):
-            parts = [s[start : start + chunksize] for s in seqs]
-            buffers = pack_apply(mapper, (once, *parts), {}, head)
-            futures.append(self._submit(buffers, track, md))
-            sizes.append(len(parts[0]))
+        futures: list[Request] = []
+        sizes: list[int] = []
+        with self._batch(track, md) as batch:
+            for start in range(0, length, chunksize):
+                parts = [s[start : start + chunksize] for s in seqs]
+                futures.append(batch.add(pack_apply(mapper, (once, *parts), {}, head)))
+                sizes.append(len(parts[0]))
         ar = AsyncMapResult(
             self.client,
             futures,
@@ -253,22 +263,24 @@ class LoadBalancedView(View):
         pending: deque[AsyncResult] = deque()
         exhausted = False
         while True:
-            while not (exhausted or state.cancelled) and len(pending) < limit:
-                chunk: list[tuple[Any, ...]] = []
-                for _ in range(chunksize):
-                    try:
-                        chunk.append(tuple(next(it) for it in iterators))
-                    except (StopIteration, RuntimeError):
-                        exhausted = True
-                        break
-                if not chunk:
-                    exhausted = True
-                    break
-                parts = [list(p) for p in zip(*chunk)]
-                future = self._submit(pack_apply(mapper, (once, *parts), {}, head), False, md)
-                ar = AsyncResult(self.client, [future], _fname(f), single=True)
-                self.history.extend(ar.msg_ids)
-                pending.append(ar)
+            if not (exhausted or state.cancelled) and len(pending) < limit:
+                with self._batch(False, md) as batch:  # (the refill leaves in batches)
+                    while not (exhausted or state.cancelled) and len(pending) < limit:
+                        chunk: list[tuple[Any, ...]] = []
+                        for _ in range(chunksize):
+                            try:
+                                chunk.append(tuple(next(it) for it in iterators))
+                            except (StopIteration, RuntimeError):
+                                exhausted = True
+                                break
+                        if not chunk:
+                            exhausted = True
+                            break
+                        parts = [list(p) for p in zip(*chunk)]
+                        future = batch.add(pack_apply(mapper, (once, *parts), {}, head))
+                        ar = AsyncResult(self.client, [future], _fname(f), single=True)
+                        self.history.extend(ar.msg_ids)
+                        pending.append(ar)
             if not pending:
                 return
             if ordered:

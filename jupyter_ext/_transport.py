@@ -52,6 +52,7 @@ from kernel_engine.errors import (
     RemoteError,
 )
 
+from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
 from ._io import IOThread
 from ._metadata import ExecuteReply, Metadata
@@ -273,6 +274,22 @@ class Transport:
         if path is not None:
             self._send(req, path)
         return req
+
+    def submit_batch(
+        self,
+        msg_type: str,
+        metadata: bytes,
+        track: bool = False,
+        md_extra: dict[str, Any] | None = None,
+    ) -> SubmitBatch:
+        """Load-balanced requests of one call, sent many to a message (see
+        :mod:`._batch`): ``add`` each, then ``close`` (or use it as a context manager)."""
+        if self.closed:
+            raise RuntimeError("this Client is closed")
+        lost = self.io.lost
+        if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
+            raise EngineError("EngineError", lost)
+        return SubmitBatch(self, self._submit_hooks, msg_type, metadata, track, md_extra)
 
     @property
     def direct(self) -> bool:

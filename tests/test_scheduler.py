@@ -81,6 +81,14 @@ class Sim:
         self.apply(acts)
         return acts
 
+    def submit_many(self, ts: Sequence[Task]) -> list[tuple[str, str]]:
+        """A client's batch; returns the tasks refused (which never become tasks)."""
+        acts, refused = self.s.submit_many(ts, self.now)
+        for t in ts:
+            self.tasks.setdefault(t.msg_id, t)
+        self.apply(acts)
+        return refused
+
     def schedule(self) -> list[Action]:
         acts = self.s.schedule(self.now)
         assert all(isinstance(a, Dispatch) for a in acts)
@@ -610,3 +618,53 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
             break
     assert sim.s.pending() == 0
     assert all(len(sim.finals[m]) == 1 for m in ids), [m for m in ids if len(sim.finals[m]) != 1]
+
+
+# ---- batches of tasks (a client's map in one message) ---------------------------------------
+def test_a_batch_is_taken_as_its_tasks_one_by_one() -> None:
+    """Dependencies inside the batch (on an earlier task: waits; on a later one: invalid,
+    as one by one), targets, retries: the same decisions as submitting in order."""
+    rng = random.Random(11)
+    batch = []
+    for i in range(60):
+        kw: dict[str, object] = {}
+        if i and rng.random() < 0.3:
+            kw["after"] = dep(f"t{rng.randrange(i)}")
+        if rng.random() < 0.1:
+            kw["targets"] = frozenset({rng.randrange(3)})
+        if rng.random() < 0.1:
+            kw["retries"] = 1
+        batch.append(task(f"t{i}", **kw))
+    batch.append(task("early", after=dep("late")))
+    batch.append(task("late"))
+    one_by_one, together = Sim(Scheduler(hwm=4), (0, 1, 2)), Sim(Scheduler(hwm=4), (0, 1, 2))
+    for t in batch:
+        one_by_one.submit(t)
+    assert together.submit_many(batch) == []
+    for sim in (one_by_one, together):
+        sim.run(random.Random(5), "error")
+        sim.run(random.Random(5))
+    assert together.log == one_by_one.log
+    assert together.finals["early"] == ["Fail:InvalidDependency"]
+    assert all(len(together.finals[t.msg_id]) == 1 for t in batch)
+
+
+def test_a_bad_task_in_a_batch_is_refused_alone() -> None:
+    sim = Sim(Scheduler(hwm=8))
+    sim.submit(task("old"))
+    refused = sim.submit_many(
+        [
+            task("a"),
+            task("old"),  # submitted before
+            task("b", retries=-1),
+            task("a"),  # twice in the batch
+            task("c", after=dep("a")),
+            task("d", time_limit=float("nan")),
+        ]
+    )
+    assert [m for m, _ in refused] == ["old", "b", "a", "d"]
+    assert "duplicate" in refused[0][1] and "retries" in refused[1][1]
+    assert "time_limit" in refused[3][1]
+    sim.run()
+    assert {m: sim.finals[m] for m in ("old", "a", "c")} == {m: ["ok"] for m in ("old", "a", "c")}
+    assert sim.s.pending() == 0 and not sim.finals["b"] and not sim.finals["d"]

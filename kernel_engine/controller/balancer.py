@@ -85,13 +85,37 @@ class Balancer:
 
     def submit(self, client: bytes, msg: Message, frames: list[Any]) -> None:
         """A load-balanced request (``frames``: signature onwards); its msg_id is new."""
+        self.submit_many(client, [(msg, frames)])
+
+    def submit_many(self, client: bytes, requests: list[tuple[Message, list[Any]]]) -> None:
+        """Load-balanced requests of one client, in order (a batch, or one request):
+        each is checked, recorded and submitted as it would be alone, and one that is
+        refused is refused alone; the scheduler takes them together."""
+        tasks: list[Task] = []
+        batch = {msg.msg_id for msg, _ in requests} if len(requests) > 1 else set()
+        for msg, frames in requests:
+            task = self._task(client, msg, frames, batch)
+            if task is not None:
+                tasks.append(task)
+        if not tasks:
+            return
+        actions, refused = self.scheduler.submit_many(tasks, time.monotonic())
+        for msg_id, why in refused:
+            queued = self.tasks.pop(msg_id, None)
+            if queued is not None:
+                self._reply_error(_Queued(client, queued.header, []), "ValueError", why)
+        self.apply(actions)
+
+    def _task(self, client: bytes, msg: Message, frames: list[Any], batch: set[str]) -> Task | None:
+        """A request's flags checked (else it is refused: None), its record made, the
+        dependencies it names declared (but those of its own ``batch``)."""
         try:
             flags = protocol.TaskFlags.from_content(msg.metadata)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
             ename = "TypeError" if isinstance(exc, TypeError) else "ValueError"
             self._refuse(client, msg.header, ename, f"invalid flag: {exc}")
-            return
-        self._declare(flags)
+            return None
+        self._declare(flags, batch)
         task = Task(
             msg_id=msg.msg_id,
             client=client,
@@ -114,20 +138,15 @@ class Balancer:
             after=() if flags.after is None else flags.after.msg_ids,
             follow=() if flags.follow is None else flags.follow.msg_ids,
         )
-        try:
-            actions = self.scheduler.submit(task, time.monotonic())
-        except ValueError as exc:
-            self.tasks.pop(msg.msg_id, None)
-            self._reply_error(_Queued(client, msg.header, []), "ValueError", str(exc))
-            return
-        self.apply(actions)
+        return task
 
-    def _declare(self, flags: protocol.TaskFlags) -> None:
+    def _declare(self, flags: protocol.TaskFlags, batch: set[str] | None = None) -> None:
         """Tell the scheduler what the records know of dependencies it has forgotten (or
-        never saw: requests routed to one engine, or sent to a lane directly)."""
+        never saw: requests routed to one engine, or sent to a lane directly). Tasks of
+        the same ``batch`` are not declared: the scheduler takes them in order."""
         for spec in (flags.after, flags.follow):
             for msg_id in spec.msg_ids if spec is not None else ():
-                if self.scheduler.knows(msg_id):
+                if self.scheduler.knows(msg_id) or (batch and msg_id in batch):
                     continue
                 outcome = self.hub.outcome(msg_id)
                 if outcome == PENDING:

@@ -520,7 +520,7 @@ class EngineSet:
         sock = engine.sockets.get(channel) if engine is not None else None
         if sock is None:
             return False
-        sock.send_multipart(frames, copy=False)
+        wire.send_frames(sock, frames)
         return True
 
     def ready(self, eid: int | None) -> Engine | None:

@@ -21,13 +21,17 @@ from typing import Any
 
 import zmq
 
-from kernel_engine.wire import DropLog
+from kernel_engine.wire import NOBLOCK, DropLog, recv_frames
 
 log = logging.getLogger("kernel_engine.controller")
 
 Handler = Callable[[list[Any]], None]
 
 DRAIN_LIMIT = 512
+
+DRAIN_SECONDS = 0.02
+"""Time after which a socket's draining stops, however few messages it read (one message
+may carry a batch of many tasks), so the other sockets and the timers get their turn."""
 
 
 class PollLoop:
@@ -42,6 +46,8 @@ class PollLoop:
         self._logged: set[str] = set()
         self.errors = DropLog(log, "controller: errors handling input")
         self.after_events: list[Callable[[], None]] = []
+        # called right before each poll, after the timers: what they gathered goes out
+        self.before_poll: list[Callable[[], None]] = []
 
     def add_socket(self, socket: zmq.Socket[Any], handler: Handler) -> None:
         """Call ``handler(frames)`` for every message ``socket`` receives."""
@@ -73,6 +79,8 @@ class PollLoop:
     def run(self) -> None:
         self._running = True
         while self._running:
+            for callback in self.before_poll:
+                self._safely(callback)
             timeout_ms = None
             if self._timers:
                 timeout_ms = max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
@@ -94,9 +102,10 @@ class PollLoop:
                 self._safely(callback)
 
     def _drain(self, socket: zmq.Socket[Any], handler: Handler) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(socket, NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -106,7 +115,7 @@ class PollLoop:
                 handler(frames)
             except Exception as exc:
                 self._failed(getattr(handler, "__qualname__", "handler"), exc)
-            if socket not in self._handlers:
+            if socket not in self._handlers or time.monotonic() > deadline:
                 return
 
     def _safely(self, callback: Callable[[], None]) -> None:

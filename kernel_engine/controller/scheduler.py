@@ -228,6 +228,25 @@ class Scheduler:
         self._check(job, out)
         return out
 
+    def submit_many(
+        self, tasks: Iterable[Task], now: float
+    ) -> tuple[list[Action], list[tuple[str, str]]]:
+        """Accept a client's batch of tasks, in order, as :meth:`submit` would one by one
+        (a task may depend on one before it in the batch).
+
+        Returns the actions, and ``(msg_id, why)`` for each task refused (a msg_id
+        submitted before, also earlier in the batch; a field out of range): a bad task is
+        refused alone, the others are taken.
+        """
+        out: list[Action] = []
+        refused: list[tuple[str, str]] = []
+        for task in tasks:
+            try:
+                out.extend(self.submit(task, now))
+            except ValueError as exc:
+                refused.append((task.msg_id, str(exc)))
+        return out, refused
+
     def finished(self, msg_id: str, eid: int, status: Status, now: float) -> list[Action]:
         """Take ``eid``'s reply to ``msg_id`` (stale ones are ignored). "unmet" (@require) reroutes,
         "error" with retries left resubmits (preferring another engine), a non-ok reply after an

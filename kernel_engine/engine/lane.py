@@ -137,7 +137,7 @@ class TaskLane:
             if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = wire.recv_frames(socket, wire.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -177,7 +177,7 @@ class TaskLane:
         if self._former and peer in self._former and self.controller is not None:
             frames = [self.controller, *frames[1:]]
         try:
-            self.socket.send_multipart(frames, copy=False)
+            wire.send_frames(self.socket, frames)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise

@@ -1,0 +1,167 @@
+"""Load-balanced maps sent in batches, with real engines: what a task keeps of its own
+(order, msg_id, metadata, retries, dependencies, failures, its engine's death), and what
+the controller does with forged batch messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+import zmq
+
+import jupyter_ext as jx
+from kernel_engine import protocol, serialize, wire
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_batched_map_keeps_each_tasks_order_id_and_metadata(rc):
+    view = rc.load_balanced_view()
+    amr = view.map(lambda x: x * 2, range(700), track=True)
+    assert amr.get(60) == [2 * x for x in range(700)]
+    ids = amr.msg_ids
+    assert len(set(ids)) == 700
+    trackers = {id(f.tracker) for f in amr._children}
+    assert len(trackers) < 700 / 8  # (tasks left together, a tracker per message)
+    for md in (amr.metadata[0], amr.metadata[350], amr.metadata[-1]):
+        assert md["engine_id"] in rc.ids and md["status"] == "ok"
+        assert md["submitted"] <= md["started"] <= md["completed"]
+    records = rc.db_query({"msg_id": {"$in": [ids[0], ids[500]]}}, keys=["msg_id", "engine_id"])
+    assert {r["msg_id"] for r in records} == {ids[0], ids[500]}
+    assert rc.get_result(ids[500]).get(10) == [1000]
+
+
+def test_one_failing_task_in_a_batch_fails_alone(rc):
+    view = rc.load_balanced_view()
+    out = view.map_sync(lambda x: 1 / (x - 137), range(300), return_exceptions=True)
+    errors = [i for i, r in enumerate(out) if isinstance(r, Exception)]
+    assert errors == [137]
+    assert isinstance(out[137], jx.RemoteError) and out[137].ename == "ZeroDivisionError"
+
+
+def test_retries_and_dependencies_across_batches(rc, tmp_path):
+    view = rc.load_balanced_view()
+    view.retries = 1
+    marks = str(tmp_path)
+
+    def once_in_a_while(x):  # every 40th item fails its first attempt
+        mark = os.path.join(marks, str(x))
+        if x % 40 == 0 and not os.path.exists(mark):
+            open(mark, "w").close()
+            raise RuntimeError("first attempt")
+        return x
+
+    first = view.map(once_in_a_while, range(400))
+    after = rc.load_balanced_view()
+    after.after = first
+    second = after.map(lambda x: x, range(300))
+    assert first.get(60) == list(range(400))
+    assert second.get(60) == list(range(300))
+    assert len(os.listdir(marks)) == 10
+    last_done = max(md["completed"] for md in first.metadata)
+    assert min(md["started"] for md in second.metadata) >= last_done
+
+
+def test_a_killed_engine_fails_only_its_own_tasks(cluster_factory):
+    _, rc = cluster_factory.start(2)
+    view = rc.load_balanced_view()
+    amr = view.map(lambda x: (time.sleep(0.01), x)[1], range(400), return_exceptions=True)
+    deadline = time.monotonic() + 30
+    while amr.progress < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
+    out = amr.get(60)
+    lost = [i for i, r in enumerate(out) if isinstance(r, Exception)]
+    assert 0 < len(lost) <= 64, lost  # (what was dispatched to engine 1: a pipeline's worth)
+    assert all(isinstance(out[i], jx.EngineError) for i in lost)
+    assert {amr.metadata[i]["engine_id"] for i in lost} == {1}
+    assert [out[i] for i in range(400) if i not in lost] == [i for i in range(400) if i not in lost]
+    assert view.map_sync(lambda x: x, range(100)) == list(range(100))
+
+
+class Forger:
+    """A peer that holds the cluster key and speaks to the controller's client socket raw."""
+
+    def __init__(self, rc: Any):
+        info = json.loads(Path(rc.transport.connection_file).read_text())
+        self.wire = wire.Wire(info["key"].encode())
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(f"tcp://127.0.0.1:{info['client_port']}")
+
+    def task(self, metadata: Any = None, key: wire.Wire | None = None) -> tuple[str, list[Any]]:
+        buffers = serialize.pack_apply(abs, (-3,), {})
+        header, frames = (key or self.wire).pack(
+            protocol.APPLY_REQUEST, {}, None, metadata or {}, buffers
+        )
+        return header["msg_id"], frames[1:]
+
+    def send_batch(self, parts: list[list[Any]], counts: bytes | None = None) -> None:
+        frames = wire.pack_batch(parts)
+        if counts is not None:
+            frames[1] = counts
+        self.sock.send_multipart([protocol.LB_ROUTE, *frames])
+
+    def replies(self, n: int, timeout: float = 20.0) -> list[tuple[str, dict[str, Any]]]:
+        """(parent msg_id, content) of the next ``n`` replies (batched or not)."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(int(left * 1000)), f"{len(out)} of {n} replies"
+            frames = self.sock.recv_multipart()
+            messages = wire.unpack_batch(frames) if wire.is_batch(frames) else [frames]
+            for m in messages:
+                msg = self.wire.unpack(m[2:])
+                out.append((msg.parent_id, msg.content))
+        return out
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def forger(rc):
+    f = Forger(rc)
+    yield f
+    f.close()
+
+
+def test_forged_batches_get_clear_refusals_and_the_controller_serves_on(rc, forger):
+    good = [forger.task() for _ in range(3)]
+    typed = forger.task({"retries": "many"})
+    ranged = forger.task({"time_limit": -1})
+    unsigned = forger.task(key=wire.Wire(b"a guess"))
+    forger.send_batch(
+        [good[0][1], typed[1], unsigned[1], good[1][1], good[1][1], ranged[1], good[2][1]]
+    )
+    got = forger.replies(6)
+    ok = sorted(m for m, c in got if c["status"] == "ok")
+    refused = {m: c for m, c in got if c["status"] != "ok"}
+    assert ok == sorted(m for m, _ in good) and len(refused) == 3
+    assert refused[typed[0]]["ename"] == "TypeError" and "retries" in refused[typed[0]]["evalue"]
+    assert refused[ranged[0]]["ename"] == "ValueError"
+    assert "time_limit" in refused[ranged[0]]["evalue"]
+    assert refused[good[1][0]]["px_error"] == protocol.DUPLICATE  # (its copy, alone)
+    # batches refused whole: too many tasks, counts that lie; then the controller serves on
+    one = forger.task()
+    forger.send_batch([one[1]] * (protocol.MAX_SUBMIT_BATCH + 1))
+    forger.send_batch([forger.task()[1], forger.task()[1]], counts=b"[6,7]")
+    forger.send_batch([forger.task()[1]], counts=b'["6"]')
+    late = [forger.task() for _ in range(2)]
+    forger.send_batch([p for _, p in late])
+    got = forger.replies(2)
+    assert sorted(m for m, _ in got) == sorted(m for m, _ in late)
+    assert not forger.sock.poll(200)  # (nothing answered the dropped batches)
+    assert rc.load_balanced_view().apply_sync(abs, -5) == 5
+    assert rc.db_query({"msg_id": one[0]}, ["msg_id"]) == []
+    assert unsigned[0] not in {r["msg_id"] for r in rc.db_query({}, ["msg_id"])}
