@@ -120,9 +120,20 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
                         CompositeError(f"one or more exceptions from call to {self._fname}", errors)
                     )
             else:
-                self.set_result(self._reconstruct(results))
+                self._set_reconstructed(results)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled meanwhile
+
+    def _set_reconstructed(self, results: list[Any]) -> None:
+        """Resolve with the results put together; with the error if that fails (a chunk
+        that is not a sequence, say), so that nobody waits for ever."""
+        try:
+            value = self._reconstruct(results)
+        except Exception as exc:
+            exc.add_note(f"(while putting the results of {self._fname} together)")
+            self.set_exception(exc)
+        else:
+            self.set_result(value)
 
     def _reconstruct(self, results: list[Any]) -> Any:
         return results[0] if self._single else results
@@ -513,7 +524,7 @@ class AsyncMapResult(AsyncResult):
             super()._finish()
             return
         try:
-            self.set_result(self._reconstruct([self._chunk_result(f) for f in self._children]))
+            self._set_reconstructed([self._chunk_result(f) for f in self._children])
         except concurrent.futures.InvalidStateError:
             pass
 

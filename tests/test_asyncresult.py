@@ -174,3 +174,14 @@ def test_rich_and_plain_reprs(rc):
     assert "LoadBalancedView" in rc.load_balanced_view()._repr_html_()
     cluster = jx.Cluster.from_file(rc.connection_file)
     assert "running" in cluster._repr_html_() and cluster.cluster_id in repr(cluster)
+
+
+def test_results_that_cannot_be_put_together_raise_instead_of_hanging(rc):
+    # a map's chunk must be a list; a peer that answers a chunk with anything else must
+    # not leave the map waiting for ever
+    done = rc[0].apply_async(abs, -1)
+    assert done.get(10) == 1
+    odd = jx.AsyncMapResult(rc, list(done._children), [1], fname="f")
+    with pytest.raises(TypeError) as info:
+        odd.get(5)
+    assert "while putting the results of f together" in str(info.value.__notes__)
