@@ -9,10 +9,10 @@ PIP := $(PY) -m pip
 QUIET_PIP := { grep -v -e "is ignored" -e "^$$" || true; }
 
 # Debian packages the tests need (the browser test drives Debian's Chromium; the
-# scale-out tests run Open MPI's mpiexec, a one-node Slurm with munge, and sshd in
-# network namespaces)
-APT_PACKAGES := chromium openmpi-bin libopenmpi-dev slurm-wlm munge openssh-server iproute2
-APT_COMMANDS := chromium mpiexec slurmctld slurmd sbatch munged sshd ip
+# scale-out tests run Open MPI's and MPICH's mpiexec (Open MPI stays the default), a
+# one-node Slurm with munge, and sshd in network namespaces)
+APT_PACKAGES := chromium openmpi-bin libopenmpi-dev mpich slurm-wlm munge openssh-server iproute2
+APT_COMMANDS := chromium mpiexec mpiexec.mpich slurmctld slurmd sbatch munged sshd ip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint typecheck pytest pythons bench install system-deps clean

@@ -67,6 +67,10 @@ class Cluster:
         by the kernel provisioner it names) or a subclass of
         :class:`kernel_engine.launchers.Launcher` defined in an importable module. The
         engines of all but ``"local"`` register themselves with the controller.
+    mpiexec
+        For ``engines="mpi"``: the command that starts the ranks (default ``mpiexec``;
+        ``"mpiexec.mpich"``, ``"mpiexec.openmpi"``, a path). Open MPI and MPICH's Hydra are
+        both known.
     mpi_args
         More arguments for ``mpiexec`` (``["--oversubscribe"]``, ``["--hostfile", f]``).
     slurm_args
@@ -165,6 +169,7 @@ class Cluster:
         hosts: dict[str, int] | None = None,
         ssh_args: list[str] | None = None,
         kernel_name: str | None = None,
+        mpiexec: str | None = None,
     ):
         if kernel_name is not None and engines == "local":
             engines = "provisioner"  # (the local launcher runs only the engine spec)
@@ -172,6 +177,10 @@ class Cluster:
         self._launcher_options: dict[str, Any] = {}
         if kernel_name is not None:
             self._launcher_options["kernel_name"] = kernel_name
+        if mpiexec is not None:
+            if not isinstance(mpiexec, str) or not mpiexec:
+                raise TypeError(f"mpiexec must be a command (a string), not {mpiexec!r}")
+            self._launcher_options["mpiexec"] = mpiexec
         for name, value in (
             ("mpi_args", mpi_args),
             ("slurm_args", slurm_args),

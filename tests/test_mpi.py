@@ -148,3 +148,22 @@ def test_stopping_a_cluster_whose_controller_was_killed_stops_mpiexec_too(cluste
     kill_pids(left)
     assert not left, f"left running: {left}"
     assert not (cluster.folder / "launchers.json").exists()
+
+
+@pytest.mark.skipif(
+    shutil.which("mpiexec.mpich") is None, reason="no MPICH (make system-deps installs it)"
+)
+def test_mpich_engines_have_their_ranks_as_ids_and_stop_completely(cluster_factory):
+    # MPICH's Hydra passes the whole environment and names ranks PMI_RANK (mpi4py here is
+    # built for Open MPI, so only the launch is MPICH's)
+    cluster, rc = cluster_factory.start(2, engines="mpi", mpiexec="mpiexec.mpich")
+    assert rc.ids == [0, 1]
+    assert rc[:].apply_sync(lambda: int(__import__("os").environ["PMI_RANK"])) == [0, 1]
+    pids = launched_pids(cluster)
+    started = time.monotonic()
+    cluster.stop_cluster_sync()
+    assert time.monotonic() - started < 10
+    left = wait_gone(pids, timeout=5)
+    kill_pids(left)
+    assert not left, f"left running after stop: {left}"
+    assert "mpiexec.mpich" in cluster.engine_logs()["mpiexec-0"]
