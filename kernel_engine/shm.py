@@ -161,7 +161,10 @@ def share(frames: Sequence[Any]) -> Segment | None:
     global _swept
     if not _swept:
         _swept = True
-        sweep_stale()
+        try:
+            sweep_stale()
+        except Exception as exc:  # (tidying up must never fail a push)
+            log.warning("sweeping stale shared-memory segments failed: %s", exc)
     layout: list[list[int]] = []
     size = 0
     for index in range(2, len(frames)):
@@ -213,11 +216,12 @@ def sweep_stale() -> list[str]:
     uid = os.geteuid()
     for name in names:
         match = _NAME.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None:
             continue
         path = os.path.join(SHM_DIR, name)
         try:
-            if os.lstat(path).st_uid != uid:
+            st = os.lstat(path)  # (anyone may make a file of this name: ours only)
+            if st.st_uid != uid or not stat.S_ISREG(st.st_mode) or _pid_alive(int(match.group(1))):
                 continue
             os.unlink(path)
             removed.append(name)
@@ -227,6 +231,8 @@ def sweep_stale() -> list[str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2**22:  # (Linux's pid_max at most: no process has it)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

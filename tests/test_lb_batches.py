@@ -69,6 +69,26 @@ def test_retries_and_dependencies_across_batches(rc, tmp_path):
     assert min(md["started"] for md in second.metadata) >= last_done
 
 
+def test_many_unknown_dependencies_are_looked_up_at_once(rc):
+    # each dependency the scheduler does not know is looked up in the task store: one
+    # wait for the writer per message, not per id (a map whose tasks named 3,000 unknown
+    # ids each held the controller's loop up for half a minute)
+    import uuid
+
+    lv = rc.load_balanced_view()
+    finished = lv.map_async(abs, range(5))
+    finished.get(10)
+    ids = [uuid.uuid4().hex for _ in range(3000)] + list(finished.msg_ids)
+    started = time.monotonic()
+    with lv.temp_flags(after=ids):
+        ar = lv.map_async(abs, range(-100, 0), chunksize=1)
+    with pytest.raises(jx.CompositeError, match="InvalidDependency"):
+        ar.get(60)
+    assert time.monotonic() - started < 15
+    with lv.temp_flags(after=finished.msg_ids):  # (known to the store: met)
+        assert lv.apply_sync(abs, -7) == 7
+
+
 def test_a_killed_engine_fails_only_its_own_tasks(cluster_factory):
     _, rc = cluster_factory.start(2)
     view = rc.load_balanced_view()

@@ -102,14 +102,16 @@ def test_stale_segments_of_dead_clients_are_swept() -> None:
     dead.wait(timeout=10)
     stale = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{'a' * 32}")
     alive = os.path.join(shm.SHM_DIR, _name("b"))
-    for path in (stale, alive):
+    huge = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}9999999999-{'c' * 32}")  # (no such pid)
+    for path in (stale, alive, huge):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     try:
         removed = shm.sweep_stale()
         assert os.path.basename(stale) in removed and not os.path.exists(stale)
+        assert os.path.basename(huge) in removed
         assert os.path.exists(alive)
     finally:
-        for path in (stale, alive):
+        for path in (stale, alive, huge):
             if os.path.exists(path):
                 os.unlink(path)
 

@@ -93,12 +93,14 @@ class Balancer:
         refused is refused alone; the scheduler takes them together."""
         tasks: list[Task] = []
         batch = {msg.msg_id for msg, _ in requests} if len(requests) > 1 else set()
+        unknown: dict[str, None] = {}  # dependencies to look up, in one go for the message
         for msg, frames in requests:
-            task = self._task(client, msg, frames, batch)
+            task = self._task(client, msg, frames, batch, unknown)
             if task is not None:
                 tasks.append(task)
         if not tasks:
             return
+        self._declare(list(unknown))
         actions, refused = self.scheduler.submit_many(tasks, time.monotonic())
         for msg_id, why in refused:
             queued = self.tasks.pop(msg_id, None)
@@ -106,16 +108,27 @@ class Balancer:
                 self._reply_error(_Queued(client, queued.header, []), "ValueError", why)
         self.apply(actions)
 
-    def _task(self, client: bytes, msg: Message, frames: list[Any], batch: set[str]) -> Task | None:
-        """A request's flags checked (else it is refused: None), its record made, the
-        dependencies it names declared (but those of its own ``batch``)."""
+    def _task(
+        self,
+        client: bytes,
+        msg: Message,
+        frames: list[Any],
+        batch: set[str],
+        unknown: dict[str, None],
+    ) -> Task | None:
+        """A request's flags checked (else it is refused: None), its record made; the
+        dependencies it names that the scheduler does not know (and are not of its own
+        ``batch``) added to ``unknown``."""
         try:
             flags = protocol.TaskFlags.from_content(msg.metadata)
         except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
             ename = "TypeError" if isinstance(exc, TypeError) else "ValueError"
             self._refuse(client, msg.header, ename, f"invalid flag: {exc}")
             return None
-        self._declare(flags, batch)
+        for spec in (flags.after, flags.follow):
+            for msg_id in spec.msg_ids if spec is not None else ():
+                if not (self.scheduler.knows(msg_id) or msg_id in batch or msg_id == msg.msg_id):
+                    unknown[msg_id] = None
         task = Task(
             msg_id=msg.msg_id,
             client=client,
@@ -140,19 +153,18 @@ class Balancer:
         )
         return task
 
-    def _declare(self, flags: protocol.TaskFlags, batch: set[str] | None = None) -> None:
+    def _declare(self, msg_ids: list[str]) -> None:
         """Tell the scheduler what the records know of dependencies it has forgotten (or
-        never saw: requests routed to one engine, or sent to a lane directly). Tasks of
-        the same ``batch`` are not declared: the scheduler takes them in order."""
-        for spec in (flags.after, flags.follow):
-            for msg_id in spec.msg_ids if spec is not None else ():
-                if self.scheduler.knows(msg_id) or (batch and msg_id in batch):
-                    continue
-                outcome = self.hub.outcome(msg_id)
-                if outcome == PENDING:
-                    self.scheduler.note_known(msg_id)
-                elif isinstance(outcome, tuple):
-                    self.apply(self.scheduler.record_outcome(msg_id, *outcome))
+        never saw: requests routed to one engine, or sent to a lane directly): one lookup
+        for a whole message's, however many it names (one each could hold the loop up
+        for seconds)."""
+        if not msg_ids:
+            return
+        for msg_id, outcome in self.hub.outcomes(msg_ids).items():
+            if outcome == PENDING:
+                self.scheduler.note_known(msg_id)
+            elif isinstance(outcome, tuple):
+                self.apply(self.scheduler.record_outcome(msg_id, *outcome))
 
     def owns(self, msg_id: str) -> bool:
         return msg_id in self.tasks

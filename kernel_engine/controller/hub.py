@@ -406,6 +406,25 @@ class Hub:
             return PENDING
         return record.engine_id, record.status == "ok"
 
+    def outcomes(
+        self, msg_ids: list[str], wait: float | None = 1.0
+    ) -> dict[str, tuple[int | None, bool] | str]:
+        """:meth:`outcome` of many msg_ids (the unknown ones left out): memory first, then
+        the file, with one wait for the writer for them all."""
+        out: dict[str, tuple[int | None, bool] | str] = {}
+        rest = []
+        for msg_id in msg_ids:
+            record = self.records.get(msg_id)
+            if record is None:
+                rest.append(msg_id)
+            elif not record.finished:
+                out[msg_id] = PENDING
+            else:
+                out[msg_id] = (record.engine_id, record.status == "ok")
+        if rest and self.log is not None:
+            out.update(self.log.outcomes(rest, wait))
+        return out
+
     def _evict_finished(self) -> bool:
         """Forget the record finished longest ago; False if no finished record is left."""
         while self._finished:

@@ -661,6 +661,30 @@ class SqliteLog:
         status, engine_id = rows[0]
         return PENDING if status == PENDING else (engine_id, status == "ok")
 
+    def outcomes(
+        self, msg_ids: Sequence[str], wait: float | None = READ_TIMEOUT
+    ) -> dict[str, tuple[int | None, bool] | str]:
+        """:meth:`outcome` of many msg_ids (those the file has): one wait for the writer,
+        then a lookup per 500 ids."""
+        ids = _checked("msg_ids", msg_ids, str) or ()
+        if ids and (wait is None or wait > 0):
+            self.flush(wait)
+        out: dict[str, tuple[int | None, bool] | str] = {}
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            sql = (
+                "SELECT msg_id, status, engine_id FROM tasks "
+                f"WHERE msg_id IN ({', '.join('?' * len(chunk))})"
+            )
+            with self._lookup_lock:
+                try:
+                    rows = self._lookup.execute(sql, chunk).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise StoreError(self.path, str(exc)) from exc
+            for msg_id, status, engine_id in rows:
+                out[msg_id] = PENDING if status == PENDING else (engine_id, status == "ok")
+        return out
+
     def count(self) -> int:
         """How many records there are."""
         return int(self._read("SELECT count(*) FROM tasks")[0][0])
