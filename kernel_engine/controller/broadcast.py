@@ -77,8 +77,9 @@ class Broadcasts:
     drops
         Counts refused broadcasts.
     keep_bytes
-        Parts whose buffers add up to more than this many bytes are recorded without
-        their request frames (N copies of a large array would go to the task store).
+        When the buffers times the parts add up to more than this many bytes, the parts
+        are recorded without their request frames (each record would keep a copy: one
+        broadcast of 10,000 parts could otherwise write gigabytes to the task store).
     """
 
     def __init__(
@@ -122,7 +123,8 @@ class Broadcasts:
             return
         for msg_id in request.msg_ids:
             self.seen.add(msg_id)
-        keep = sum(len(f) for f in frames[5:]) <= self.keep_bytes
+        # (for the whole broadcast: each part's record would keep its own copy)
+        keep = sum(len(f) for f in frames[5:]) * len(request.targets) <= self.keep_bytes
         channel = request.channel
         for eid, part, part_frames in fan_out(self.signer, request, msg.header, frames):
             self.forward(client, channel, eid, part, part_frames, keep)

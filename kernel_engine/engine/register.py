@@ -134,10 +134,11 @@ def requested_id(args: argparse.Namespace) -> int | None:
     if args.id is not None:
         return protocol.check_int("--id", args.id, 0, protocol.MAX_ENGINE_ID)
     if not args.id_from_rank:
-        given = os.environ.get(ID_ENV, "")
+        # (not left for what the engine starts: another engine would ask for this id)
+        given = os.environ.pop(ID_ENV, "")
         if not given:
             return None
-        if not given.isdigit():
+        if not (given.isascii() and given.isdigit()):
             raise RegistrationError(f"${ID_ENV} must be an engine id, not {given!r}")
         return protocol.check_int(f"${ID_ENV}", int(given), 0, protocol.MAX_ENGINE_ID)
     for name in RANK_ENV:
