@@ -84,17 +84,23 @@ def worth_sharing(frames: Sequence[Any]) -> bool:
 
 
 def is_local(info: dict[str, Any] | None) -> bool:
-    """Whether an engine (its ``engine_info``) runs on this host as this user, so it can
-    map this process's segments."""
+    """Whether an engine (its ``engine_info``) runs on this host as this user and sees
+    this process's ``/dev/shm``, so it can map this process's segments."""
     if not info or info.get("hostname") != socket.gethostname():
         return False
     pid = info.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
-        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return False
+        # the same /dev/shm as ours, as that process sees it (a container with the host's
+        # network and pids, but a private /dev/shm, has another)
+        theirs = os.stat(f"/proc/{pid}/root{SHM_DIR}")
+        ours = os.stat(SHM_DIR)
     except OSError:
         return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 class Segment:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -340,3 +342,34 @@ def test_segment_removed_when_an_engine_dies_mid_push(cluster_factory: Any) -> N
     assert _wait_for(lambda: _mine() == [], 10), _mine()
     with pytest.raises(RemoteError):
         busy.get(timeout=20)
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare, as root"
+)
+def test_an_engine_with_its_own_dev_shm_gets_the_buffers_by_message(rc4: Any) -> None:
+    # the same host, user and pids, but a private /dev/shm (a container sharing the
+    # host's network): that engine cannot map our segments, so it is not sent one
+    cmd = [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        f"mount -t tmpfs none {shm.SHM_DIR} && exec {sys.executable} -m "
+        f"kernel_engine.engine.register --file {rc4.connection_file} --id 20",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rc4.wait_for_engines(5, timeout=60)
+        assert not shm.is_local(rc4.engine_info(20)) and shm.is_local(rc4.engine_info(0))
+        arr = np.arange(2 * MIB // 8, dtype=np.float64)
+        view = rc4[[0, 1, 20]]
+        view.push({"b": arr}, block=True)
+        assert all(np.array_equal(got, arr) for got in view.pull("b", block=True))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
