@@ -52,6 +52,31 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     return left
 
 
+def stop_leaves_nothing(cluster, pids: list[int], kill_controller_of=None) -> None:
+    """Stop ``cluster`` (after SIGKILLing its controller, closing the client
+    ``kill_controller_of``, when one is given): within 10 s, and none of ``pids`` left."""
+    if kill_controller_of is not None:
+        kill_controller_of.close()
+        cluster.controller.kill()
+        cluster.controller.wait(10)
+    started = time.monotonic()
+    cluster.stop_cluster_sync(timeout=5)
+    took = time.monotonic() - started
+    assert took < 10, f"stopping took {took:.1f} s"
+    left = wait_gone(pids, timeout=5)
+    kill_pids(left)
+    assert not left, f"left running after stop: {left}"
+
+
+MPI_ENV = {
+    # ranks on loopback and shared memory only (see RIG.md)
+    "OMPI_MCA_btl": "self,vader",
+    "OMPI_MCA_oob_tcp_if_include": "lo",
+    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+}
+"""Open MPI's settings for ranks on this machine (tests that run mpiexec set them)."""
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

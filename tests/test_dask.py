@@ -10,20 +10,13 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from conftest import kill_pids, wait_gone
+from conftest import MPI_ENV, kill_pids, wait_gone
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed (the test extra)")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mpiexec") is None, reason="no mpiexec (make system-deps installs Open MPI)"
 )
-
-MPI_ENV = {
-    # ranks on loopback and shared memory only (see RIG.md)
-    "OMPI_MCA_btl": "self,vader",
-    "OMPI_MCA_oob_tcp_if_include": "lo",
-    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-}
 
 
 @pytest.fixture

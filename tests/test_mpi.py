@@ -12,20 +12,13 @@ from collections.abc import Iterator
 import nbformat
 import psutil
 import pytest
-from conftest import kill_pids, wait_gone
+from conftest import MPI_ENV, kill_pids, stop_leaves_nothing, wait_gone
 
 from kernel_engine.errors import ClusterError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mpiexec") is None, reason="no mpiexec (make system-deps installs Open MPI)"
 )
-
-MPI_ENV = {
-    # ranks on loopback and shared memory only (see RIG.md)
-    "OMPI_MCA_btl": "self,vader",
-    "OMPI_MCA_oob_tcp_if_include": "lo",
-    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,16 +130,7 @@ def test_mpi4py_allreduce_across_engines_through_px():
 
 def test_stopping_a_cluster_whose_controller_was_killed_stops_mpiexec_too(cluster_factory):
     cluster, rc = cluster_factory.start(2, engines="mpi", mpi_args=["--oversubscribe"])
-    pids = launched_pids(cluster)
-    rc.close()
-    cluster.controller.kill()
-    cluster.controller.wait(10)
-    started = time.monotonic()
-    cluster.stop_cluster_sync(timeout=5)
-    assert time.monotonic() - started < 10
-    left = wait_gone(pids, timeout=5)
-    kill_pids(left)
-    assert not left, f"left running: {left}"
+    stop_leaves_nothing(cluster, launched_pids(cluster), kill_controller_of=rc)
     assert not (cluster.folder / "launchers.json").exists()
 
 
@@ -159,11 +143,5 @@ def test_mpich_engines_have_their_ranks_as_ids_and_stop_completely(cluster_facto
     cluster, rc = cluster_factory.start(2, engines="mpi", mpiexec="mpiexec.mpich")
     assert rc.ids == [0, 1]
     assert rc[:].apply_sync(lambda: int(__import__("os").environ["PMI_RANK"])) == [0, 1]
-    pids = launched_pids(cluster)
-    started = time.monotonic()
-    cluster.stop_cluster_sync()
-    assert time.monotonic() - started < 10
-    left = wait_gone(pids, timeout=5)
-    kill_pids(left)
-    assert not left, f"left running after stop: {left}"
+    stop_leaves_nothing(cluster, launched_pids(cluster))
     assert "mpiexec.mpich" in cluster.engine_logs()["mpiexec-0"]

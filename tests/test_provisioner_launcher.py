@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ClusterFactory, kill_pids, wait_gone
+from conftest import ClusterFactory, kill_pids, stop_leaves_nothing, wait_gone
 
 from kernel_engine.errors import ClusterError
 from kernel_engine.launchers.provisioner import ProvisionerLauncher, check_spec, engine_spec
@@ -163,16 +163,7 @@ def test_stopping_a_cluster_whose_controller_was_killed_stops_its_kernels(
     specs: Path, cluster_factory: ClusterFactory
 ) -> None:
     cluster, rc = cluster_factory.start(2, kernel_name="px-test-local", start_timeout=30)
-    pids = kernel_pids(cluster)
-    rc.close()
-    cluster.controller.kill()
-    cluster.controller.wait(10)
-    started = time.monotonic()
-    cluster.stop_cluster_sync(timeout=5)
-    assert time.monotonic() - started < 10
-    left = wait_gone(pids, timeout=5)
-    kill_pids(left)
-    assert not left, f"left running: {left}"
+    stop_leaves_nothing(cluster, kernel_pids(cluster), kill_controller_of=rc)
 
 
 def test_a_registering_engine_takes_its_id_and_ports_from_what_a_kernel_manager_gives(
