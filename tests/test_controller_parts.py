@@ -283,10 +283,18 @@ def test_engine_ports_come_from_outside_the_ephemeral_range(tmp_path):
     bad = tmp_path / "range"
     bad.write_text("garbage")
     assert ports.ephemeral_range(str(bad)) == (32768, 60999)
-    picker = ports.PortPicker((20000, 20009))
+    picker = ports.PortPicker((20000, 20999))
     taken = {picker.take("127.0.0.1") for _ in range(10)}
-    assert len(taken) == 10 and taken <= set(range(20000, 20010))
-    # the span is used up: the system's choice, still never one handed out already
-    assert picker.take("127.0.0.1") not in taken
-    picker.give_back(20003)
-    assert 20003 not in picker._taken
+    assert len(taken) == 10 and taken <= set(range(20000, 21000))
+    some = next(iter(taken))
+    picker.give_back(some)
+    assert some not in picker._taken
+    # a span whose only port is in use: the system's choice, never one handed out already
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        full = ports.PortPicker((port, port))
+        first = full.take("127.0.0.1")
+        assert first != port and full.take("127.0.0.1") not in (port, first)

@@ -847,6 +847,9 @@ class Controller:
     def close(self) -> None:
         """Stop every engine, tell clients, close sockets, remove the cluster folder files."""
         try:
+            # what this loop turn answered (a shutdown request's reply) goes before the
+            # stopping event, or the client takes the event for the answer's failure
+            self.outbox.flush()
             self.stop_engines(reason="was stopped with its cluster")
             self._flush_cluster_json()
             self.publish_event(protocol.CONTROLLER_STOPPING, {})

@@ -71,11 +71,13 @@ MAX_OUTPUT = 1 << 20
 TRUNCATED = "\n[output truncated]\n"
 MAINTENANCE_INTERVAL = 5.0
 READ_TIMEOUT = 60.0
-BATCH_INTERVAL = 0.2
-"""Seconds between the writer's commits while puts come: each commit writes the pages the
-batch touched (the msg_id index's are scattered), so fewer, larger batches cost less per
-task (about 20% less writer time than at 0.05 s with load-balanced tiny tasks). Reads wait
-for what was put before them, so only a killed controller loses this much."""
+BATCH_INTERVAL = 0.05
+"""Seconds between the writer's commits while puts come. Longer batches cost the writer
+less per task (about 20% less at 0.2 s with load-balanced tiny tasks), but what a killed
+controller had not committed is lost, and a restarted one can end a task in flight only
+if its record reached the file: at 0.2 s, the records of tasks an engine took just before
+the controller was killed were missing after the restart (their kept replies then had no
+record to go to)."""
 IDLE_AFTER = 1.0  # seconds without puts after which the writer sleeps until woken
 HOLD = 2.0
 """Seconds at most that the new record of a task waiting in the controller's queue is held
