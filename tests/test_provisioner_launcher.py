@@ -131,15 +131,21 @@ def test_an_unknown_spec_or_provisioner_is_refused_before_anything_starts(specs:
     assert ProvisionerLauncher.options == {"kernel_name"}
 
 
-def test_a_spec_whose_kernel_fails_raises_quickly_with_its_stderr(
-    specs: Path, cluster_factory: ClusterFactory
-) -> None:
-    cluster = cluster_factory(2, kernel_name="px-test-failing", start_timeout=30)
+def _failed_start(cluster_factory: ClusterFactory, n: int, spec: str, timeout: float) -> str:
+    """The message of the ClusterError that starting ``n`` engines of ``spec`` raises
+    (within 10 s)."""
+    cluster = cluster_factory(n, kernel_name=spec, start_timeout=timeout)
     started = time.monotonic()
     with pytest.raises(ClusterError) as info:
         cluster.start_cluster_sync()
     assert time.monotonic() - started < 10
-    message = str(info.value)
+    return str(info.value)
+
+
+def test_a_spec_whose_kernel_fails_raises_quickly_with_its_stderr(
+    specs: Path, cluster_factory: ClusterFactory
+) -> None:
+    message = _failed_start(cluster_factory, 2, "px-test-failing", 30)
     assert "kernel spec 'px-test-failing'" in message
     assert "exited with code 3" in message
     assert "px-spec-boom: no such thing" in message  # (the kernel's own stderr)
@@ -148,12 +154,7 @@ def test_a_spec_whose_kernel_fails_raises_quickly_with_its_stderr(
 def test_a_spec_whose_kernel_never_registers_fails_at_the_timeout_with_its_output(
     specs: Path, cluster_factory: ClusterFactory
 ) -> None:
-    cluster = cluster_factory(1, kernel_name="px-test-silent", start_timeout=2)
-    started = time.monotonic()
-    with pytest.raises(ClusterError) as info:
-        cluster.start_cluster_sync()
-    assert time.monotonic() - started < 10
-    message = str(info.value)
+    message = _failed_start(cluster_factory, 1, "px-test-silent", 2)
     assert "0 of 1 engines ready within 2 s" in message
     assert "px-test-silent" in message  # (the launcher's account names the spec)
     assert "px-spec-silent: up" in message  # (and the kernel's own output)

@@ -396,15 +396,7 @@ class Hub:
         Memory first, then one indexed row of the file, waiting at most ``wait`` seconds
         for the writer (on the loop: a dependency named by a task memory has forgotten;
         past the wait it answers from what the file holds then)."""
-        record = self.records.get(msg_id)
-        if record is None:
-            if self.log is not None:
-                found: tuple[int | None, bool] | str | None = self.log.outcome(msg_id, wait)
-                return found
-            return None
-        if not record.finished:
-            return PENDING
-        return record.engine_id, record.status == "ok"
+        return self.outcomes([msg_id], wait).get(msg_id)
 
     def outcomes(
         self, msg_ids: list[str], wait: float | None = 1.0

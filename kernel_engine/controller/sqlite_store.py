@@ -543,17 +543,6 @@ class SqliteLog:
             except sqlite3.DatabaseError as exc:
                 raise StoreError(self.path, str(exc)) from exc
 
-    def _read_one(self, sql: str, params: Sequence[Any], wait: float | None) -> list[Any]:
-        """A lookup by key on a connection of its own (a long query on the other one never
-        holds it up), after waiting at most ``wait`` seconds for the writer."""
-        if wait is None or wait > 0:
-            self.flush(wait)
-        with self._lookup_lock:
-            try:
-                return self._lookup.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(self.path, str(exc)) from exc
-
     def get(self, msg_id: str, keys: Any = None) -> dict[str, Any] | None:
         """``msg_id``'s record with ``keys`` (default: :data:`.query.DEFAULT_KEYS`)."""
         if type(msg_id) is not str:
@@ -655,13 +644,8 @@ class SqliteLog:
         self, msg_id: str, wait: float | None = READ_TIMEOUT
     ) -> tuple[int | None, bool] | str | None:
         """(engine id, succeeded) of a finished task, ``"pending"``, or None if unknown;
-        what was written within ``wait`` seconds (see :meth:`_read_one`)."""
-        sql = "SELECT status, engine_id FROM tasks WHERE msg_id = ?"
-        rows = self._read_one(sql, (msg_id,), wait)
-        if not rows:
-            return None
-        status, engine_id = rows[0]
-        return PENDING if status == PENDING else (engine_id, status == "ok")
+        what was written within ``wait`` seconds (see :meth:`outcomes`)."""
+        return self.outcomes([msg_id], wait).get(msg_id)
 
     def outcomes(
         self, msg_ids: Sequence[str], wait: float | None = READ_TIMEOUT
