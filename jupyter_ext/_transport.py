@@ -33,7 +33,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -321,7 +320,7 @@ class Transport:
         if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
             raise EngineError("EngineError", lost)
         request = protocol.BroadcastRequest(
-            msg_type, tuple(targets), tuple(uuid.uuid4().hex for _ in targets), content
+            msg_type, tuple(targets), tuple(wire.new_msg_id() for _ in targets), content
         )
         channel = request.channel
         header, frames = self.wire.pack(

@@ -301,6 +301,34 @@ def test_puts_merge_into_one_row_write(open_store):
     assert store.outcome("m") == (1, False)
 
 
+def test_a_new_record_never_replaces_one_with_its_msg_id(open_store, caplog):
+    store = open_store(blob_threshold=1024)
+    big = os.urandom(4096)
+    store.put("dup", msg_type="apply_request", client_uuid="first", request=frames("dup", {}, big))
+    complete(store, "dup")
+    submit(store, "other")
+    store.flush()
+    # a second task with that msg_id, in a later batch, beside a new record that is written
+    store.put(
+        "dup", msg_type="apply_request", client_uuid="second", request=frames("dup", {}, big[::-1])
+    )
+    store.put("dup", engine_id=7)
+    submit(store, "new")
+    store.flush()
+    store.put("dup", status="error")  # and in the batch after
+    store.flush()
+    record = store.get("dup", ["client_uuid", "engine_id", "status", "buffers"])
+    assert record == {
+        "msg_id": "dup",
+        "client_uuid": "first",
+        "engine_id": None,
+        "status": "ok",
+        "buffers": [big],
+    }
+    assert store.history() == ["dup", "other", "new"]
+    assert "reused msg_id dup" in caplog.text
+
+
 def queued(store: SqliteLog, msg_id: str) -> None:
     """A load-balanced task's new record, as the hub puts it while the task is queued."""
     store.put_queued(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from kernel_engine import protocol, serialize
+from kernel_engine import protocol, serialize, wire
 from kernel_engine.errors import SerializationError
 from kernel_engine.wire import (
     DELIM,
@@ -39,6 +40,23 @@ def test_pack_unpack_roundtrip():
     assert msg.parent_header == {"msg_id": "p"}
     assert msg.metadata == {"m": 2}
     assert bytes(msg.buffers[0]) == b"buf"
+
+
+def test_msg_ids_sort_in_order_made_and_differ_in_a_forked_child():
+    ids = [wire.new_msg_id() for _ in range(300)]
+    assert ids == sorted(ids) and len(set(ids)) == 300
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # (the child only writes its ids and leaves)
+        os.write(write, "".join(wire.new_msg_id() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        child = f.read()
+    child_ids = {child[i : i + 32] for i in range(0, len(child), 32)}
+    assert len(child_ids) == 300 and not child_ids & {*ids, wire.new_msg_id()}
 
 
 def test_wrong_key_is_rejected():

@@ -256,13 +256,14 @@ class Hub:
             # a task for no engine yet waits in the queue: its record is held back until
             # an engine takes it (see SqliteLog.put_queued)
             put = self.log.put if engine_id is not None else self.log.put_queued
+            # (None is left out: a new record's fields are NULL by default, and the store
+            # writes records without a None faster)
             put(
                 msg_id,
                 msg_type=msg_type,
                 client_uuid=_client_uuid(client),
-                engine_id=engine_id,
-                engine_uuid=None if engine_id is None else self.engine_uuid(engine_id),
-                label=label,
+                **({} if engine_id is None else self._engine_fields(engine_id)),
+                **({} if label is None else {"label": label}),
                 status=PENDING,
                 submitted=submitted,
                 after=list(after),
@@ -272,6 +273,15 @@ class Hub:
         while len(self.records) > self.max_records and self._evict_finished():
             pass
         return record
+
+    def _engine_fields(self, engine_id: int) -> dict[str, Any]:
+        """``engine_id`` and, when known, ``engine_uuid``, for a put."""
+        uuid = self.engine_uuid(engine_id)
+        return (
+            {"engine_id": engine_id}
+            if uuid is None
+            else {"engine_id": engine_id, "engine_uuid": uuid}
+        )
 
     def restore(self) -> list[tuple[TaskRecord, dict[str, Any]]]:
         """Take the file's pending records (a dead controller's tasks in flight) back into
@@ -350,10 +360,7 @@ class Hub:
         if self.log is not None:
             self.log.put(
                 msg_id,
-                engine_id=record.engine_id,
-                engine_uuid=None
-                if record.engine_id is None
-                else self.engine_uuid(record.engine_id),
+                **({} if record.engine_id is None else self._engine_fields(record.engine_id)),
                 status=record.status,
                 started=record.started,
                 completed=record.completed,

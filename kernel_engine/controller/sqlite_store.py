@@ -274,7 +274,7 @@ class SqliteLog:
         self._read_lock = threading.Lock()
         self._lookup_lock = threading.Lock()
         self._plans: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
-        self._taken: set[str] = set()  # msg_ids a new record could not have (see _write)
+        self._reused: set[str] = set()  # msg_ids a new record could not have (see _write)
         # the writer's: new records held back (put_queued): msg_id -> (since, seq, size, fields)
         self._held: OrderedDict[str, tuple[float, int, int, dict[str, Any]]] = OrderedDict()
         self._held_bytes = 0
@@ -905,7 +905,9 @@ class SqliteLog:
         already (an earlier controller's, or one memory forgot) is not written, nor is
         anything put for that msg_id later on: a duplicate never replaces the original."""
         self._make_room(batch.nbytes, len(batch.records))
-        self._drop_taken(batch)
+        if self._reused:
+            for msg_id in self._reused.intersection(batch.records):
+                del batch.records[msg_id]
         con = self._con
         groups: dict[str, list[list[Any]]] = {}
         blobs: list[tuple[str, int, bytes]] = []
@@ -933,7 +935,9 @@ class SqliteLog:
             groups.setdefault(plan[0], []).append([seqs[msg_id], msg_id, *values, *extras])
         con.execute("BEGIN")
         for sql, rows in groups.items():
-            con.executemany(sql, rows)
+            done = con.executemany(sql, rows)
+            if done.rowcount < len(rows) and sql.endswith("NOTHING"):
+                blobs = self._duplicates(rows, blobs)
         if blobs:
             con.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", blobs)
         early = self._early
@@ -971,25 +975,27 @@ class SqliteLog:
             del early[key]
             self._early_chars -= len(old)
 
-    def _drop_taken(self, batch: _Batch) -> None:
-        records = batch.records
-        new = [m for m, fields in records.items() if "msg_type" in fields]
-        for at in range(0, len(new), 500):
-            chunk = new[at : at + 500]
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT msg_id FROM tasks WHERE msg_id IN ({marks})"
-            for (msg_id,) in self._con.execute(sql, chunk).fetchall():
+    def _duplicates(
+        self, rows: list[list[Any]], blobs: list[tuple[str, int, bytes]]
+    ) -> list[tuple[str, int, bytes]]:
+        """Some new records of ``rows`` (each ``[seq, msg_id, ...]``) were not written: the
+        file has their msg_id already. Note them, so that what is put for them later is not
+        written either; returns ``blobs`` without theirs."""
+        con = self._con
+        found = []
+        for seq, msg_id, *_ in rows:
+            row = con.execute("SELECT seq FROM tasks WHERE msg_id = ?", (msg_id,)).fetchone()
+            if row is not None and row[0] != seq:
                 log.warning(
                     "task database %s: a new task reused msg_id %s; kept the original",
                     self.path,
                     msg_id,
                 )
-                if len(self._taken) >= 100_000:
-                    self._taken.clear()
-                self._taken.add(msg_id)
-        if self._taken:
-            for msg_id in self._taken.intersection(records):
-                del records[msg_id]
+                found.append(msg_id)
+        if len(self._reused) + len(found) > 100_000:
+            self._reused.clear()
+        self._reused.update(found)
+        return [b for b in blobs if b[0] not in self._reused]
 
     def _frames(
         self, msg_id: str, kind: str, frames: list[Any], blobs: list[tuple[str, int, bytes]]
@@ -1036,10 +1042,12 @@ class SqliteLog:
             columns.append((column, value.format(3 + len(bound) + n)))
         names = ", ".join(c for c, _ in columns)
         update = ", ".join(f"{c} = excluded.{c}" for c, _ in columns)
+        # a new record (its first put names its msg_type) never replaces one in the file
+        new = "msg_type" in keys or not columns
         sql = (
             f"INSERT INTO tasks (seq, msg_id{', ' if columns else ''}{names}) "
             f"VALUES (?1, ?2{''.join(', ' + v for _, v in columns)}) ON CONFLICT (msg_id) DO "
-            + (f"UPDATE SET {update}" if columns else "NOTHING")
+            + ("NOTHING" if new else f"UPDATE SET {update}")
         )
         if len(self._plans) > 1000:  # the shapes used are few; but bound them
             self._plans.clear()
