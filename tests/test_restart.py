@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from conftest import wait_gone
 
 import jupyter_ext as jx
 from kernel_engine import clusters, processes, protocol, wire
+from kernel_engine.controller.hub import DB_FILE
 from kernel_engine.engine.watch import ControllerWatch
 
 # (a lambda: pickled by value, where a function of this module would be by reference)
@@ -111,6 +113,12 @@ def test_a_killed_controller_restarts_and_the_same_client_carries_on(cluster_fac
     with pytest.raises(jx.EngineError, match="controller"):
         rc[:].apply_async(abs, -1)
     assert all(processes.running(p) for p in pids.values()), "engines must outlive it"
+    # a record the controller had not written when it died (it commits every 50 ms): the
+    # kept reply makes it again
+    with sqlite3.connect(cluster.folder / DB_FILE) as db:
+        gone = db.execute("DELETE FROM tasks WHERE msg_id = ?", lb_running.msg_ids[1:])
+        assert gone.rowcount == 1
+    db.close()
 
     t1 = time.monotonic()
     cluster.restart_controller_sync()

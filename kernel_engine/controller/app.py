@@ -331,6 +331,7 @@ class Controller:
             self._startup_done,
         )
         self.restorer = Restorer(folder, self.wire, self.engines, self.hub, self.balancer.outcome)
+        self.router.adopting = self.restorer.adopting
         self._ticks = 0
         self._startup_reported = False
         self.exit_code = 0

@@ -5,8 +5,8 @@ re-signed, never unpickled) and recorded in :class:`~.inflight.Inflight` until e
 answers; the answer goes back to the client that asked, tagged with the engine's id.
 Replies to load-balanced tasks are the balancer's to judge (a retried attempt is dropped).
 Replies an adopted engine kept for a controller that died end that controller's records
-(:meth:`~.hub.Hub.is_restored`). Requests a client sent to a lane itself reach the
-controller as notices
+(:meth:`~.hub.Hub.is_restored`), or make them when that controller had not written them.
+Requests a client sent to a lane itself reach the controller as notices
 (:meth:`Router.direct_notice`), so their records and dependencies stay complete.
 A frontend's comm message for a widget on an engine is forwarded to that engine's shell
 and forgotten (:meth:`Router.post`): kernels do not answer them.
@@ -15,7 +15,7 @@ and forgotten (:meth:`Router.post`): kernels do not answer them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from kernel_engine import protocol, wire
@@ -65,6 +65,9 @@ class Router:
         self.send_client = send_client
         self.dead = dead
         self.drops = drops
+        self.adopting: Collection[int] = ()
+        """The engines a restarted controller is adopting (the :class:`~.restore.Restorer`'s
+        set): replies they send before their setup reply are ones they kept."""
 
     def forward(
         self,
@@ -151,6 +154,9 @@ class Router:
             self.hub.assigned(msg_id, engine.id)
             self._record_outcome(msg_id, status, metadata, channel, frames)
             return
+        if pending is None and engine.id in self.adopting:
+            self._kept_unrecorded(engine, msg_id, parent, status, metadata, channel, frames)
+            return
         if pending is None or pending.kind == "lb":
             if not self.balancer.owns(msg_id):
                 self.drops.drop(f"reply from engine {engine.id} to nothing it was sent")
@@ -160,6 +166,37 @@ class Router:
         elif channel != "control":
             self.balancer.outcome(msg_id, engine.id, status == "ok")
         self.send_client([frames[0], engine.route, *frames[1:]])
+        self._record_outcome(msg_id, status, metadata, channel, frames)
+
+    def _kept_unrecorded(
+        self,
+        engine: Engine,
+        msg_id: str,
+        parent: dict[str, Any],
+        status: str,
+        metadata: dict[str, Any],
+        channel: str,
+        frames: list[Any],
+    ) -> None:
+        """A reply an engine being adopted kept for a dead controller, to a task that
+        controller had sent but not yet written to its file (it commits every
+        ``BATCH_INTERVAL``): the record is made from the reply (its request is lost), so
+        the task's client finds its result. One the file has finished is a duplicate."""
+        if self.hub.outcomes([msg_id]):
+            self.drops.drop(f"a reply engine {engine.id} kept, to a task already ended")
+            return
+        msg_type = parent.get("msg_type")
+        if len(msg_id) > wire.MAX_ID_LENGTH:
+            self.drops.drop(f"a reply engine {engine.id} kept, with a msg_id too long")
+            return
+        if not isinstance(msg_type, str) or not msg_type.endswith("_request") or len(msg_type) > 64:
+            msg_type = protocol.APPLY_REQUEST
+        date = parent.get("date")
+        client = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+        self.hub.submitted(
+            msg_id, msg_type, client, engine.id, date if isinstance(date, str) else None
+        )
+        self.balancer.outcome(msg_id, engine.id, status == "ok")
         self._record_outcome(msg_id, status, metadata, channel, frames)
 
     def _record_outcome(
