@@ -8,6 +8,7 @@ options the dead controller ran with.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -160,7 +161,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     controller.write_files()
     controller.start(args.n)
+    tune_gc()
     return controller.run()
+
+
+GC_THRESHOLDS = (50_000, 20, 20)
+"""The controller's garbage collector thresholds (Python's default: 700, 10, 10). Its
+objects are few and long-lived (engines, records) and its garbage is messages, freed by
+reference counting: at 2,000 load-balanced tasks a second, the default thresholds ran a
+collection every few tasks, each walking every young object, and a full one every few
+hundred. Measured with 20,000 tiny tasks (controller CPU per task, medians of 3
+alternated runs): 307 -> 278 µs with the in-memory store, 455 -> 406 µs with SQLite (its
+writer thread allocates a row per task)."""
+
+
+def tune_gc() -> None:
+    """Collect what starting made, keep it out of later collections (``gc.freeze``), and
+    collect less often (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 if __name__ == "__main__":
