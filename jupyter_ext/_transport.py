@@ -47,6 +47,7 @@ from kernel_engine.errors import (
     ClusterError,
     EngineError,
     InvalidTarget,
+    LaunchError,
     NoEnginesRegistered,
     RemoteError,
 )
@@ -914,4 +915,6 @@ def _hub_error(reply: dict[str, Any]) -> Exception:
         return builtin[ename](evalue)
     if ename == "InvalidTarget":
         return InvalidTarget(evalue)
+    if ename == "LaunchError":  # (engines it could not start: as when a cluster starts)
+        return LaunchError(evalue)
     return RemoteError(ename, evalue)

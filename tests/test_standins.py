@@ -10,10 +10,17 @@ cluster stops.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
+
+from kernel_engine.controller.engines import FILES_KEPT_FREE, FILES_PER_ENGINE
+from kernel_engine.errors import LaunchError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -62,3 +69,38 @@ def test_standins_register_serve_and_leave(cluster_factory):
         fleet.close()
     assert not server.is_alive()
     assert left == 0, f"{left} stand-ins were not told to shut down"
+
+
+def test_a_controller_out_of_files_refuses_registrations_whole_and_serves_on(cluster_factory):
+    # (a limit on open files lower than its engines need: each registration beyond it is
+    # refused with the limit named, leaves nothing half open, and the others serve)
+    cluster = cluster_factory(n=0, db="memory")
+    rc = cluster.start_and_connect_sync()
+    pid = cluster.controller_pid
+    cluster_factory.pids.append(pid)
+    limit = len(os.listdir(f"/proc/{pid}/fd")) + FILES_KEPT_FREE + 4 * FILES_PER_ENGINE
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    fleet = Fleet(json.loads(cluster.connection_file.read_text()), 12, "standin-test")
+    stop = threading.Event()
+    server = threading.Thread(target=fleet.serve, args=(stop,), name="standins", daemon=True)
+    server.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"registration refused: .*ulimit -n"):
+            fleet.register(timeout=30)
+        ids, since, deadline = rc.ids, time.monotonic(), time.monotonic() + 20
+        while time.monotonic() < min(since + 1.0, deadline):  # (until none joins for 1 s)
+            time.sleep(0.1)
+            if rc.ids != ids:
+                ids, since = rc.ids, time.monotonic()
+        assert 2 <= len(ids) < 12, ids
+        assert sorted(r[0] for r in rc[:].apply_async(tiny).get(timeout=30)) == ids
+        assert {k for k in rc.queue_status() if isinstance(k, int)} == set(ids)
+        with pytest.raises(LaunchError, match=r"not started: .*ulimit -n"):
+            cluster.start_engines_sync(1)
+        assert rc.ids == ids
+    finally:
+        cluster.stop_cluster_sync(timeout=20)
+        stop.set()
+        server.join(10)
+        fleet.close()
+    assert not server.is_alive()

@@ -33,8 +33,10 @@ heartbeats alone; it is never signalled unless it runs here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -47,6 +49,7 @@ import zmq
 from jupyter_client import KernelManager
 
 from kernel_engine import clusters, processes, protocol, wire
+from kernel_engine.errors import LaunchError
 from kernel_engine.launchers.base import LaunchContext
 from kernel_engine.launchers.local import LocalLauncher
 
@@ -133,6 +136,45 @@ class Engine:
         return "\n".join(kept[-lines:])
 
 
+FILES_PER_ENGINE = 10
+"""Descriptors the controller holds per engine: five sockets, each a connection and a
+mailbox."""
+FILES_KEPT_FREE = 32
+"""Descriptors a new engine must leave free. Past the limit, libzmq aborts the process
+when it cannot make a poller (a kernel manager's new context does), and writes of the
+cluster's files fail: an engine too many is refused instead."""
+
+
+def files_left() -> int:
+    """How many more files this process may open (a large number if unknown)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 1 << 30
+    return (1 << 30) if soft == resource.RLIM_INFINITY else soft - used
+
+
+def _no_room() -> str | None:
+    """Why one more engine would bring the controller too near its limit on open files."""
+    left = files_left()
+    if left >= FILES_KEPT_FREE + FILES_PER_ENGINE:
+        return None
+    return _why(OSError(errno.EMFILE, f"only {max(left, 0)} more files may be opened"))
+
+
+def _why(exc: BaseException) -> str:
+    """What a failure to open a socket says, with the limit on open files when that is
+    what ran out."""
+    if getattr(exc, "errno", None) == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (
+            f"{exc} (the controller may open {soft} files; each engine takes about "
+            f"{FILES_PER_ENGINE}: raise the limit with `ulimit -n` before starting the cluster)"
+        )
+    return str(exc)
+
+
 def describe_exit(code: int | None, oom: bool = False) -> str:
     """How a process ended, in words: ``was killed by signal SIGKILL`` or ``exited with
     code 1``; ``oom``: the kernel's OOM killer struck meanwhile."""
@@ -209,10 +251,20 @@ class EngineSet:
         launcher = LocalLauncher(context)
         started = []
         for eid in launcher.ids:  # (one at a time: each is watched as soon as it starts)
-            kernel = launcher.start_kernel(eid)
+            full = _no_room()
+            if full is not None:
+                raise LaunchError(f"engine {eid} not started: {full}")
+            try:
+                kernel = launcher.start_kernel(eid)
+            except OSError as exc:
+                raise LaunchError(f"engine {eid} could not be started: {_why(exc)}") from exc
             engine = Engine(eid, kernel.connection_info, km=kernel.km, log_path=kernel.log_path)
+            why = self._connect(engine)
+            if why is not None:
+                self._cleanup(engine, kill=True)
+                raise LaunchError(f"engine {eid}: {why}")
             self.engines[eid] = engine
-            self._connect(engine)
+            self._send_kernel_info(engine)
             started.append(engine)
         return started
 
@@ -262,9 +314,18 @@ class EngineSet:
                 engine.pidfd = os.pidfd_open(request.pid)
             except (AttributeError, OSError):
                 engine.pidfd = None
+        unreachable = self._connect(engine)
+        if unreachable is None:
+            try:
+                clusters.write_private_json(self.folder / f"engine-{eid}.json", info)
+            except OSError as exc:
+                self._close(engine)
+                unreachable = f"the controller cannot write engine {eid}'s file: {_why(exc)}"
+        if unreachable is not None:
+            self._close_pidfd(engine)
+            return {**protocol.error_content("RegistrationError", unreachable), "retry": False}
         self.engines[eid] = engine
         self._next_id = max(self._next_id, eid + 1)
-        clusters.write_private_json(self.folder / f"engine-{eid}.json", info)
         log.info(
             "engine %i registered (pid %i on %s, %s)",
             eid,
@@ -272,15 +333,16 @@ class EngineSet:
             request.hostname,
             engine.url(info["shell_port"]).rsplit(":", 1)[0],
         )
-        self._connect(engine)
+        self._send_kernel_info(engine)
         return reply
 
     def adopt(
         self, eid: int, connection_info: dict[str, Any], pid: int, pid_started: str | None
-    ) -> Engine:
+    ) -> Engine | None:
         """Take over engine ``eid`` (process ``pid``, checked to be it) that outlived the
         controller this one replaces; it becomes ready (or fails) asynchronously, like a
-        new one. New engines get ids above the highest adopted."""
+        new one (None: no sockets to it could be opened). New engines get ids above the
+        highest adopted."""
         engine = Engine(
             eid,
             dict(connection_info),
@@ -293,9 +355,14 @@ class EngineSet:
             engine.pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             engine.pidfd = None
-        self.engines[eid] = engine
         self._next_id = max(self._next_id, eid + 1)
-        self._connect(engine)
+        why = self._connect(engine)
+        if why is not None:
+            self._close_pidfd(engine)
+            log.error("engine %i (pid %i) not adopted: %s", eid, pid, why)
+            return None
+        self.engines[eid] = engine
+        self._send_kernel_info(engine)
         setup = protocol.EngineSetup(eid, self.cluster_id, os.getpid())
         self.wire.send(engine.sockets["control"], protocol.ENGINE_ADOPT_REQUEST, setup.to_content())
         return engine
@@ -304,7 +371,20 @@ class EngineSet:
         """Ids used before (by a controller this one replaces): new engines get others."""
         self._next_id = max([self._next_id, *(i + 1 for i in ids)])
 
-    def _connect(self, engine: Engine) -> None:
+    def _connect(self, engine: Engine) -> str | None:
+        """Open the sockets to ``engine``'s channels (its lane's come with its kernel
+        info); None, or why they could not all be opened (then none is left open)."""
+        full = _no_room()
+        if full is not None:
+            return f"the controller cannot take engine {engine.id}: {full}"
+        try:
+            self._open_sockets(engine)
+        except (zmq.ZMQError, OSError) as exc:
+            self._close(engine)
+            return f"the controller cannot open sockets to engine {engine.id}: {_why(exc)}"
+        return None
+
+    def _open_sockets(self, engine: Engine) -> None:
         info = engine.connection_info
         for channel in ("shell", "control"):
             sock = self._socket(engine, zmq.DEALER)
@@ -325,7 +405,6 @@ class EngineSet:
         hb.connect(engine.url(info["hb_port"]))
         engine.sockets["hb"] = hb
         self.loop.add_socket(hb, lambda frames: self._beat_received(engine, frames))
-        self._send_kernel_info(engine)
 
     def _socket(self, engine: Engine, kind: int) -> zmq.Socket[Any]:
         """A socket to an engine: a CurveZMQ client when the engine's channels encrypt
@@ -407,11 +486,15 @@ class EngineSet:
                     engine.pid_started = processes.start_time(engine.pid)
             engine.hostname = str(px.get("hostname", ""))
             engine.connection_info["lane_port"] = px["lane_port"]
-            lane = self._socket(engine, zmq.DEALER)
-            lane.linger = 0
-            lane.connect(engine.url(px["lane_port"]))
-            engine.sockets["lane"] = lane
-            self.loop.add_socket(lane, self._handler(engine, "lane"))
+            try:
+                lane = self._socket(engine, zmq.DEALER)
+                lane.linger = 0
+                engine.sockets["lane"] = lane
+                lane.connect(engine.url(px["lane_port"]))
+                self.loop.add_socket(lane, self._handler(engine, "lane"))
+            except (zmq.ZMQError, OSError) as exc:
+                self._fail(engine, f"got no socket to its lane: {_why(exc)}")
+                return
             # (a pid means nothing to an engine on another host: it watches none)
             pid_here = os.getpid() if engine.local else None
             setup = protocol.EngineSetup(engine.id, self.cluster_id, pid_here)

@@ -72,6 +72,7 @@ class Restorer:
         (the others as their engine's adoption ends)."""
         listed = clusters.engine_records(self.folder)
         self.engines.skip_ids(list(listed))
+        unreached: dict[int, str] = {}
         for eid, entry in sorted(listed.items()):
             started = entry.get("pid_started")
             started = started if isinstance(started, str) else None
@@ -81,15 +82,16 @@ class Restorer:
                 log.info("engine %i (pid %i) did not outlive the last controller", eid, pid)
             elif info is None or info.get("key") != self.wire.key.decode():
                 log.warning("engine %i (pid %i): no usable connection file; left alone", eid, pid)
+            elif self.engines.adopt(eid, info, pid, started) is None:
+                unreached[eid] = f"engine {eid} could not be reached (see the log)"
             else:
-                self.engines.adopt(eid, info, pid, started)
                 self.adopting.add(eid)
         for record, header in self.hub.restore():
             on = record.engine_id
             if on is None or on in self.adopting:
                 self._pending.setdefault(on, []).append((record, header))
             else:
-                self._fail(record, header, f"engine {on} did not outlive it")
+                self._fail(record, header, unreached.get(on, f"engine {on} did not outlive it"))
         self._end(None)
         log.info("restored the cluster; adopting engines %s", sorted(self.adopting))
 
