@@ -4,6 +4,7 @@ that nothing can stop."""
 
 from __future__ import annotations
 
+import pytest
 import zmq
 
 from kernel_engine.controller.clients import Clients
@@ -183,6 +184,61 @@ def test_the_loop_survives_handlers_and_callbacks_that_raise():
     for sock in (a, b):
         sock.close(linger=0)
     ctx.term()
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+def test_the_loop_sees_a_message_that_a_send_took_the_news_of(tracked):
+    """A reply reaches the loop's DEALER while a callback sleeps, then the callback sends
+    on that DEALER (which takes in the socket's "a message came", so its descriptor does
+    not fire): the loop still handles the reply on its next pass, not at the sweep."""
+    import threading
+    import time
+
+    loop = PollLoop()
+    ctx = loop.context() if tracked else zmq.Context()
+    peer_ctx = zmq.Context()
+    dealer, router = ctx.socket(zmq.DEALER), peer_ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    seen: list[tuple[bytes, float]] = []
+
+    def echo() -> None:  # the peer: answers each message at once
+        while router.poll(2000):
+            frames = router.recv_multipart()
+            router.send_multipart(frames)
+            if frames[-1] == b"stop":
+                return
+
+    peer = threading.Thread(target=echo, daemon=True)
+    peer.start()
+
+    def handler(frames: list[zmq.Frame]) -> None:
+        seen.append((frames[0].bytes, time.monotonic()))
+        if frames[0].bytes == b"stop":
+            loop.stop()
+
+    sent_b: list[float] = []
+
+    def send_then_sleep_then_send() -> None:
+        dealer.send(b"a")
+        time.sleep(0.2)  # (the echo of "a" arrives meanwhile)
+        dealer.send(b"b")
+        sent_b.append(time.monotonic())
+        loop.call_later(0.3, lambda: dealer.send(b"stop"))
+
+    loop.add_socket(dealer, handler)
+    loop.call_later(0.05, send_then_sleep_then_send)
+    loop.call_later(10, loop.stop)
+    loop.run()
+    peer.join(5)
+    assert [m for m, _ in seen] == [b"a", b"b", b"stop"]
+    assert seen[0][1] - sent_b[0] < 0.1, "the echo waited for the sweep"
+    assert loop.swept == 0
+    loop.close()
+    for sock in (dealer, router):
+        sock.close(linger=0)
+    ctx.term()
+    peer_ctx.term()
 
 
 def test_database_reads_run_off_the_loop_are_bounded_and_served_in_turn():

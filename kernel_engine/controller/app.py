@@ -234,7 +234,8 @@ class Controller:
         # cluster.json: when the next write may be, and whether one waits for then
         self._cluster_json_next = 0.0
         self._cluster_json_due = False
-        self.context: zmq.Context[Any] = zmq.Context()
+        self.loop = PollLoop()
+        self.context: zmq.Context[Any] = self.loop.context()
         self.context.set(zmq.MAX_SOCKETS, max_sockets())
         # No high-water marks on the sockets that carry requests and replies: a busy engine
         # or a slow client must never block this loop (a DEALER blocks at its mark) nor
@@ -246,7 +247,6 @@ class Controller:
         self.wire = wire.Wire(key, username="controller")
         self.drops = DropLog(log, "controller")
         self.seen = wire.SeenWindow()
-        self.loop = PollLoop()
         self.hub = Hub(
             log=open_log(folder, db, db_max_bytes, db_max_age),
             engine_uuid=self._engine_uuid,
@@ -276,6 +276,7 @@ class Controller:
             self.context.term()
             raise
         self.echo.start()
+            self.loop.close()
         self.outbox = Outbox(self.clients_socket, self.drops)
         self.engines = EngineSet(
             self.loop,
@@ -867,3 +868,4 @@ class Controller:
             self.clients_socket.close(linger=0)
             self.iopub.close(linger=100)
             self.context.term()
+            self.loop.close()
