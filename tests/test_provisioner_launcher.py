@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,22 @@ import psutil
 import pytest
 from conftest import ClusterFactory, kill_pids, stop_leaves_nothing, wait_gone
 
+import jupyter_ext as jx
 from kernel_engine.errors import ClusterError
 from kernel_engine.launchers.provisioner import ProvisionerLauncher, check_spec, engine_spec
 
 FAILING = "import sys; sys.stderr.write('px-spec-boom: no such thing\\n'); sys.exit(3)"
 SILENT = "import time; print('px-spec-silent: up', flush=True); time.sleep(60)"
+SLOW_NAME = "px-test-slow-provisioner"
+SLOW = """
+import asyncio
+from jupyter_client.provisioning import LocalProvisioner
+
+class SlowProvisioner(LocalProvisioner):
+    async def pre_launch(self, **kwargs):
+        await asyncio.sleep(1.5)  # (a container or a pod being made)
+        return await super().pre_launch(**kwargs)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +54,7 @@ def specs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         },
         "px-test-nowhere": engine_spec("px-test-no-such-provisioner"),
+        "px-test-slow": engine_spec(SLOW_NAME),
     }
     for name, spec in kernels.items():
         folder = root / "kernels" / name
@@ -196,3 +209,45 @@ def test_a_registering_engine_takes_its_id_and_ports_from_what_a_kernel_manager_
     (tmp_path / "kernel.json").write_text(json.dumps({"transport": "ipc"}))
     with pytest.raises(RegistrationError, match="not the connection file of a TCP kernel"):
         register.given_ports(args.connection_file)
+
+
+def test_a_slow_provisioner_does_not_hold_up_the_controller(
+    specs: Path, cluster_factory: ClusterFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a provisioner installed for this test only: its module and entry point on the path
+    # of this process and of the controller)
+    (tmp_path / "px_slow_provisioner.py").write_text(SLOW)
+    info = tmp_path / "px_slow_provisioner-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: px-slow-provisioner\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        f"[jupyter_client.kernel_provisioners]\n{SLOW_NAME} = px_slow_provisioner:SlowProvisioner\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+
+    cluster = cluster_factory(3, kernel_name="px-test-slow", start_timeout=60)
+    started = threading.Thread(target=cluster.start_cluster_sync, daemon=True)
+    t0 = time.monotonic()
+    started.start()
+    deadline = t0 + 20
+    while not cluster.connection_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rc = jx.Client(cluster.connection_file)
+    try:
+        asked = time.monotonic()
+        status = rc.queue_status()
+        answered = time.monotonic() - asked
+        # the controller answers at once while its kernels are still being made (4.5 s)
+        assert answered < 1.0 and time.monotonic() - t0 < 4.0, (answered, status)
+        assert len(rc.ids) < 3
+        started.join(30)
+        assert not started.is_alive()
+        rc.wait_for_engines(3, timeout=30)
+        assert sorted(rc[:].apply_sync(lambda: 1)) == [1, 1, 1]
+        cluster_factory.record(cluster, rc)
+    finally:
+        rc.close()

@@ -81,6 +81,7 @@ class Launches:
         self.startup = Startup(minimum, timeout)
         self.on_report = on_report
         self.running: list[Launcher] = []
+        self._starting: list[Launcher] = []  # (starting in the background: recorded when done)
         self._failed: set[int] = set()
         if self.cls.registers:
             # (refuse bad options now, before anything starts)
@@ -105,12 +106,16 @@ class Launches:
             launcher = self.cls(context)
             ids = launcher.start()
             self.running.append(launcher)
+            if not launcher.start_done():
+                self._starting.append(launcher)
             self._write_records()
             log.info("%s launcher started engines %s", self.cls.name or self.cls.__name__, ids)
         self.startup.expect(ids, time.monotonic())
         return ids
 
     def engine_ready(self, eid: int, held: bool = False) -> None:
+        if self._starting:  # (its record names the processes started so far)
+            self._write_records()
         self._emit(self.startup.engine_ready(eid, held))
 
     def engine_dead(self, eid: int, reason: str) -> None:
@@ -125,6 +130,11 @@ class Launches:
 
     def poll(self) -> None:
         """Look at the launchers and the start's deadline."""
+        if self._starting:
+            done = [launcher for launcher in self._starting if launcher.start_done()]
+            if done:
+                self._starting = [la for la in self._starting if la not in done]
+                self._write_records()  # (with the processes they started)
         for launcher in self.running:
             for eid, (pid, how) in launcher.ended().items():
                 self._engine_ended(eid, pid, how)
@@ -158,6 +168,7 @@ class Launches:
             except Exception:
                 log.exception("stopping the %s launcher", launcher.name)
         self.running.clear()
+        self._starting.clear()
         (self.folder / launchers.RECORD_FILE).unlink(missing_ok=True)
 
     def _write_records(self) -> None:

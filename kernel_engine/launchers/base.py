@@ -118,6 +118,13 @@ class Launcher(ABC):
         """Files with the launcher's own output (not the engines')."""
         return []
 
+    def start_done(self) -> bool:
+        """Whether :meth:`start` has started everything. One that starts in the
+        background (its launches can take seconds each, and the controller's loop must
+        not wait for them) says False until it is done; its failure comes by
+        :meth:`poll`."""
+        return True
+
     def ended(self) -> dict[int, tuple[int | None, str]]:
         """Engines whose process this launcher saw end since the last call, by id: the
         engine's PID (None: unknown) and how it ended. The controller fails an engine

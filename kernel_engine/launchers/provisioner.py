@@ -41,6 +41,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,6 @@ from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvision
 
 from kernel_engine import clusters, ports, processes
 from kernel_engine.engine.register import ID_ENV, bind_address
-from kernel_engine.errors import LaunchError
 from kernel_engine.provisioner import PORT_NAMES
 
 from .base import LaunchContext, Launcher, children, kill_recorded, tail
@@ -210,6 +210,9 @@ class ProvisionerLauncher(Launcher):
         self._stopping = False
         self._failed = False  # (poll reported a kernel's end: once is enough)
         self._reported: set[int] = set()  # (ids whose end ended() told)
+        self._thread: threading.Thread | None = None  # (starts the kernels)
+        self._lock = threading.Lock()  # (a kernel is started, or they are stopped)
+        self._start_error: str | None = None
 
     def _say(self, text: str) -> None:
         with open(self.log_path, "a") as f:
@@ -223,23 +226,41 @@ class ProvisionerLauncher(Launcher):
         return info if isinstance(info, dict) else {}
 
     def start(self) -> list[int]:
+        """Start the kernels in a thread of their own: a provisioner may take seconds for
+        each (a container, a pod), and the controller's loop must go on meanwhile. A
+        kernel that cannot be started stops the others and fails the start (by
+        :meth:`poll`)."""
         self._say(
             f"kernel spec {self.kernel_name!r} ({self.spec.resource_dir}), provisioner "
             f"{provisioner_name(self.spec)!r}: argv {self.spec.argv}"
         )
+        self._thread = threading.Thread(
+            target=self._start_all, name="px-provisioner-start", daemon=True
+        )
+        self._thread.start()
+        return self.ids
+
+    def _start_all(self) -> None:
+        eid = self.ids[0] if self.ids else None
         try:
             for eid in self.ids:
-                self.kernels.append(self._start_kernel(eid))
+                with self._lock:
+                    if self._stopping:
+                        return
+                    kernel = self._start_kernel(eid)
+                    self.kernels.append(kernel)
         except Exception as exc:
             self._say(f"failed: {exc!r}")
-            self.stop(2.0)
+            self.stop(2.0)  # (the kernels started so far)
             said = tail(self.context.folder / f"engine-{eid}.log", 20)
-            raise LaunchError(
+            self._start_error = (
                 f"kernel spec {self.kernel_name!r} (provisioner "
                 f"{provisioner_name(self.spec)!r}) could not start engine {eid}: {exc}"
                 + (f"\n--- its output ---\n{said}" if said else "")
-            ) from None
-        return self.ids
+            )
+
+    def start_done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
 
     def _start_kernel(self, eid: int) -> _Kernel:
         ctx = self.context
@@ -281,6 +302,9 @@ class ProvisionerLauncher(Launcher):
 
     def poll(self) -> str | None:
         self._look()
+        if self._start_error is not None and not self._failed:
+            self._failed = True  # (it stopped what it had started)
+            return self._start_error
         if self._stopping or self._failed:
             return None
         for kernel in self.kernels:
@@ -304,8 +328,13 @@ class ProvisionerLauncher(Launcher):
         return out
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
         deadline = time.monotonic() + timeout
+        self._stopping = True  # (no more kernel is started)
+        # (the kernel being started, if any, is let finish its start, then stopped too)
+        if not self._lock.acquire(timeout=max(0.1, timeout / 2)):
+            log.warning("a kernel's start did not end in %.1f s: stopping the others", timeout / 2)
+        else:
+            self._lock.release()
         trees: dict[int, str | None] = {}
         for kernel in self.kernels:
             if kernel.pid is not None and kernel.started is not None:
