@@ -12,9 +12,11 @@ For N = 2, 8 and 32 real engines (one cluster each), times ``bview.apply_sync(no
 For each, the wall time per call, the client's CPU time per call (this process: the
 calling thread and the client's IO thread, which receives the N replies) and the
 controller's, as medians of ``--repeat`` runs of ``--calls`` calls each (the two ways
-taking turns), printed as a Markdown table: per engine → broadcast (ratio). Replies come back
-one per engine either way, so the client's cost still grows with N; what the broadcast
-removes is the N sends (and the N notices a client sends the controller about them)::
+taking turns), and the messages the client receives per call (a batch counts as one;
+counted in ``--calls`` more calls, untimed), printed as a Markdown table: per engine →
+broadcast (ratio). Per engine, each engine's reply comes back as a message of its own;
+a broadcast's replies come back together (``kernel_engine.controller.fanin``). Either way
+the client checks, reads and resolves each of the N replies::
 
     .venv/bin/python benchmarks/broadcast.py [--engines 2,8,32] [--calls 50] [--repeat 5]
 """
@@ -54,12 +56,41 @@ def _time(view: Any, call: Any, calls: int, controller: psutil.Process) -> tuple
     return wall / calls * 1e3, cpu / calls * 1e3, ctl / calls * 1e3
 
 
+def _messages(view: Any, call: Any, calls: int) -> float:
+    """Messages the client's IO thread received per call, over ``calls`` calls: each batch
+    message once, each reply that came alone once (counted by wrapping the IO thread's
+    handlers, which costs a little: these calls are not timed)."""
+    io = view.client.transport.io
+    count = {"alone": 0, "batches": 0, "in_batch": False}
+    on_reply, batch = io.on_reply, io._batch
+
+    def counting_reply(frames: Any) -> None:
+        count["alone"] += not count["in_batch"]
+        on_reply(frames)
+
+    def counting_batch(handler: Any, frames: Any) -> None:
+        count["batches"] += 1
+        count["in_batch"] = True
+        try:
+            batch(handler, frames)
+        finally:
+            count["in_batch"] = False
+
+    io.on_reply, io._batch = counting_reply, counting_batch
+    try:
+        for _ in range(calls):
+            call(view).get(TIMEOUT)
+    finally:
+        io.on_reply, io._batch = on_reply, batch
+    return (count["alone"] + count["batches"]) / calls
+
+
 WORKLOADS = {
     "apply_sync(noop)": lambda v: v.apply_async(noop),
     "push({'a': small})": lambda v: v.push({"a": list(range(10))}, block=False),
 }
 
-Row = tuple[str, int, str, float, float, float]
+Row = tuple[str, int, str, float, float, float, float]
 
 
 def run(n: int, calls: int, repeat: int) -> list[Row]:
@@ -81,22 +112,31 @@ def run(n: int, calls: int, repeat: int) -> list[Row]:
                         call(view).get(TIMEOUT)
                     samples[mode].append(_time(view, call, calls, controller))
             for mode, got in samples.items():
+                view.fan_out_from = MODES[mode]
+                messages = _messages(view, call, calls)
                 wall, cpu, ctl = (statistics.median(x) for x in zip(*got))
-                rows.append((name, n, mode, wall, cpu, ctl))
-                print(f"  {name} {mode}: {wall:.2f} ms, cpu {cpu:.2f} / {ctl:.2f}", file=sys.stderr)
+                rows.append((name, n, mode, wall, cpu, ctl, messages))
+                print(
+                    f"  {name} {mode}: {wall:.2f} ms, cpu {cpu:.2f} / {ctl:.2f}, "
+                    f"{messages:.2f} messages",
+                    file=sys.stderr,
+                )
     return rows
 
 
 def table(rows: list[Row]) -> str:
     """Per call, in ms: per engine → broadcast (ratio)."""
     out = [
-        "| call | N | wall ms | client CPU ms | controller CPU ms |",
-        "|---|---|---|---|---|",
+        "| call | N | wall ms | client CPU ms | controller CPU ms | client messages |",
+        "|---|---|---|---|---|---|",
     ]
     by = {(name, n, mode): figures for name, n, mode, *figures in rows}
     for name, n in dict.fromkeys((name, n) for name, n, *_ in rows):
         before, after = by[name, n, "per engine"], by[name, n, "broadcast"]
-        cells = [f"{b:.2f} → {a:.2f} ({a / b:.2f}x)" for b, a in zip(before, after)]
+        cells = [
+            f"{b:.2f} → {a:.2f} ({a / b:.2f}x)" if b else f"{b:.2f} → {a:.2f}"
+            for b, a in zip(before, after)
+        ]
         out.append(f"| `bview.{name}` | {n} | {' | '.join(cells)} |")
     return "\n".join(out)
 

@@ -5,8 +5,9 @@ controller's fan-out and refusals (:mod:`kernel_engine.controller.broadcast`) an
 client's books (admitting a broadcast's parts all at once, or none). Then on one real
 4-engine cluster: results in target order, per-engine msg_ids and metadata, errors per
 engine, a client that sends one message for four engines, unknown and killed engines
-that fail only their part, and forged broadcasts refused while the controller serves on.
-Every wait is bounded.
+that fail only their part, forged broadcasts refused while the controller serves on, and
+the replies coming back together in one batch message (but not waiting for a slow part
+past the hold, :mod:`kernel_engine.controller.fanin`). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -152,6 +153,26 @@ def test_broadcasts_forward_each_part_once() -> None:
     ctl.submit(_content(msg_ids=["d", "e", "f"]), [b"x" * 2000])  # (too big to keep)
     assert [f[4] for f in ctl.forwarded] == [False] * 3
     assert not ctl.sent
+
+
+def test_broadcasts_tell_the_fan_in_before_any_part_goes() -> None:
+    events: list[tuple[Any, ...]] = []
+    broadcasts = Broadcasts(
+        wire.Wire(KEY, username="controller"),
+        lambda client, channel, eid, msg, frames, keep: events.append(("part", msg.msg_id)),
+        wire.SeenWindow(),
+        lambda msg_id: False,
+        lambda frames: events.append(("refused",)),
+        wire.DropLog(__import__("logging").getLogger("test"), "test"),
+        expect=lambda client, msg_ids: events.append(("expect", client, tuple(msg_ids))),
+    )
+    msg = _broadcast(wire.Wire(KEY, username="client"), _content(), [])
+    broadcasts.submit(b"client", msg, msg.frames)
+    assert events == [("expect", b"client", ("a", "b", "c"))] + [("part", m) for m in "abc"]
+    events.clear()
+    msg = _broadcast(wire.Wire(KEY, username="client"), _content(msg_ids=list("xxy")), [])
+    broadcasts.submit(b"client", msg, msg.frames)
+    assert events == [("refused",)]  # (nothing to gather)
 
 
 @pytest.mark.parametrize(
@@ -355,3 +376,76 @@ def test_a_killed_engine_fails_only_its_part(cluster4, rc4) -> None:
         time.sleep(0.02)
     assert victim not in rc4.ids
     assert rc4.broadcast_view().apply_sync(abs, -7) == [7] * 3
+
+
+class _Receiver:
+    """A client of its own: sends from ``<16 hex>:s``, and the controller answers its
+    ``:r`` twin, as a jupyter-px client's (so replies may come in batches)."""
+
+    def __init__(self, rc: Any) -> None:
+        info = json.loads(Path(rc.connection_file).read_text())
+        self.signer = wire.Wire(info["key"].encode())
+        self.ctx = zmq.Context()
+        uuid = os.urandom(8).hex().encode()
+        self.sender, self.receiver = self.ctx.socket(zmq.DEALER), self.ctx.socket(zmq.DEALER)
+        for sock, end in ((self.sender, b":s"), (self.receiver, b":r")):
+            sock.linger = 0
+            sock.identity = uuid + end
+            sock.connect(f"tcp://127.0.0.1:{info['client_port']}")
+        # replies for a peer the controller's socket does not know yet are lost: ask it
+        # something from the receiving socket, and wait for the answer
+        _, frames = self.signer.pack(protocol.CONNECT_REQUEST, {})
+        self.receiver.send_multipart([protocol.HUB_ROUTE, *frames])
+        assert self.receiver.poll(10_000), "no answer from the controller"
+        self.receiver.recv_multipart()
+
+    def broadcast(self, targets: list[int], func: Any, *args: Any) -> list[str]:
+        msg_ids = [wire.new_msg_id() for _ in targets]
+        content = _content(targets=targets, msg_ids=msg_ids)
+        buffers = pack_apply(func, args, {})
+        _, frames = self.signer.pack(protocol.BROADCAST_REQUEST, content, None, {}, buffers)
+        self.sender.send_multipart([protocol.BROADCAST_ROUTE, *frames])
+        return msg_ids
+
+    def messages(self, n: int, timeout: float = 10.0) -> list[tuple[float, list[str]]]:
+        """The next messages that carry ``n`` replies: (when, the msg_ids each answers)."""
+        got: list[tuple[float, list[str]]] = []
+        deadline = time.monotonic() + timeout
+        while sum(len(ids) for _, ids in got) < n:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.receiver.poll(left * 1000), f"{n} replies: got {got}"
+            frames = self.receiver.recv_multipart()
+            batch = wire.unpack_batch(frames) if wire.is_batch(frames) else [frames]
+            # (each reply whole and signed: route, delimiter, signature, ...)
+            ids = [self.signer.unpack(m[2:]).parent_id for m in batch]
+            got.append((time.monotonic(), ids))
+        return got
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
+        self.ctx.term()
+
+
+def test_a_broadcasts_replies_come_back_together(rc4) -> None:
+    receiver = _Receiver(rc4)
+    try:
+        # nothing much between the replies of a noop: one message for them all, nearly
+        # always (a loaded machine may spread them over more than the hold)
+        whole = 0
+        for _ in range(5):
+            msg_ids = receiver.broadcast(rc4.ids, abs, -1)
+            got = receiver.messages(len(msg_ids))
+            assert sorted(m for _, ids in got for m in ids) == sorted(msg_ids)
+            whole += len(got) == 1
+        assert whole >= 3
+        # a slow part: the others' replies do not wait for it past the hold
+        rc4[rc4.ids[0]].push({"d": 1.0}, block=True)
+        rc4[rc4.ids[1]].push({"d": 0.0}, block=True)
+        sent = time.monotonic()
+        fast, slow = receiver.broadcast(rc4.ids[:2], time.sleep, jx.Reference("d"))
+        (first, ids), (last, later) = receiver.messages(2)
+        assert ids == [slow] and later == [fast]
+        assert first - sent < 0.7 and last - first > 0.3
+    finally:
+        receiver.close()

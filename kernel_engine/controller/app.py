@@ -17,6 +17,7 @@ state and given only what it uses:
 - :class:`~.router.Router`: requests to one engine, every engine reply, direct notices;
 - :class:`~.broadcast.Broadcasts`: one request for many engines, checked and fanned out
   as routed requests;
+- :class:`~.fanin.FanIn`: the replies to a broadcast's parts, sent back together;
 - :class:`~.balancer.Balancer`: load-balanced tasks, around the pure scheduler;
 - :class:`~.requests.HubRequests`: the requests the controller answers itself;
 - :class:`~.inflight.Inflight`: what is on which engine, unanswered;
@@ -57,6 +58,7 @@ from .broadcast import Broadcasts
 from .clients import Clients
 from .comms import CommPosts
 from .engines import Engine, EngineSet
+from .fanin import FanIn
 from .heartbeat import Echo, bind
 from .hub import Hub, open_log
 from .inflight import Inflight
@@ -274,10 +276,11 @@ class Controller:
                 sock.close(linger=0)
             self.hub.close()
             self.context.term()
+            self.loop.close()
             raise
         self.echo.start()
-            self.loop.close()
         self.outbox = Outbox(self.clients_socket, self.drops)
+        self.fanin = FanIn(self.outbox.send, self.loop.call_later)
         self.engines = EngineSet(
             self.loop,
             self.context,
@@ -298,6 +301,7 @@ class Controller:
             self.send_client,
             self.dead,
             self.drops,
+            send_reply=self.fanin.reply,
         )
         self.broadcasts = Broadcasts(
             self.wire,
@@ -306,6 +310,7 @@ class Controller:
             lambda m: self.hub.known(m) or m in self.inflight,
             self.send_client,
             self.drops,
+            expect=self.fanin.expect,
         )
         self.intake = BatchIntake(
             self.wire,
@@ -851,12 +856,14 @@ class Controller:
         try:
             # what this loop turn answered (a shutdown request's reply) goes before the
             # stopping event, or the client takes the event for the answer's failure
+            self.fanin.release_all()
             self.outbox.flush()
             self.stop_engines(reason="was stopped with its cluster")
             self._flush_cluster_json()
             self.publish_event(protocol.CONTROLLER_STOPPING, {})
             self.drops.flush()
         finally:
+            self.fanin.release_all()
             self.outbox.flush()
             self.launches.stop_all()
             self.reads.close()

@@ -17,6 +17,10 @@ client had sent each to ``lane:N`` (an apply) or ``shell:N`` (an execute) itself
   the client tagged with its engine. So an unknown or dead target fails its own part with
   an error naming it, an engine that dies fails only its parts, and the other parts run.
 
+The replies to the parts go back to the client together, as one batch message, rather
+than one by one (:mod:`.fanin`): the controller is told the parts' msg_ids (``expect``)
+before the first part is sent.
+
 A broadcast is checked whole before any part is sent: its content field by field, its
 metadata and parent as JSON objects, and its msg_ids against every msg_id seen lately or
 recorded (the parts' ids join the window of seen ids, so a part cannot be replayed as a
@@ -29,7 +33,7 @@ around it, given only what it uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kernel_engine import protocol, wire
@@ -80,6 +84,9 @@ class Broadcasts:
         When the buffers times the parts add up to more than this many bytes, the parts
         are recorded without their request frames (each record would keep a copy: one
         broadcast of 10,000 parts could otherwise write gigabytes to the task store).
+    expect
+        ``expect(client, msg_ids)``: told the parts' msg_ids before any is sent (their
+        replies are gathered, see :class:`~.fanin.FanIn`).
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class Broadcasts:
         send_client: Callable[[list[Any]], None],
         drops: DropLog,
         keep_bytes: int = protocol.MAX_STORED_RESULT,
+        expect: Callable[[bytes, Sequence[str]], None] | None = None,
     ):
         self.signer = signer
         self.forward = forward
@@ -99,6 +107,7 @@ class Broadcasts:
         self.send_client = send_client
         self.drops = drops
         self.keep_bytes = keep_bytes
+        self.expect = expect
 
     def check(self, msg: Message) -> protocol.BroadcastRequest:
         """The broadcast's request, if every check passes (else TypeError/ValueError,
@@ -126,5 +135,7 @@ class Broadcasts:
         # (for the whole broadcast: each part's record would keep its own copy)
         keep = sum(len(f) for f in frames[5:]) * len(request.targets) <= self.keep_bytes
         channel = request.channel
+        if self.expect is not None:
+            self.expect(client, request.msg_ids)
         for eid, part, part_frames in fan_out(self.signer, request, msg.header, frames):
             self.forward(client, channel, eid, part, part_frames, keep)

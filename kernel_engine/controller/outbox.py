@@ -13,7 +13,9 @@ in the same loop turn its engine's answer arrived in, so a round trip waits for 
 Only a jupyter-px client's receiving socket (identity ``<16 hex>:r``, see
 :func:`kernel_engine.protocol.reply_identity`) is sent batches; any other peer (a tool of
 its own speaking the protocol) gets the same messages one by one. Every message to a
-client goes through here, so a client gets them in the order the controller sent them.
+client goes through here, so a client gets them in the order the controller sent them
+(the replies to a broadcast's parts reach here together, once :mod:`.fanin` lets them
+go).
 """
 
 from __future__ import annotations

@@ -44,6 +44,11 @@ class Router:
         Why each engine that left the cluster left (engine id -> reason).
     drops
         Counts dropped input.
+    send_reply
+        ``send_reply(msg_id, frames)``: sends the answer to a routed request (its engine's
+        reply, or the controller's error in its place); by default ``send_client(frames)``
+        (the controller holds a broadcast's replies there to send them together, see
+        :mod:`.fanin`).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class Router:
         send_client: Callable[[list[Any]], None],
         dead: Mapping[int, str],
         drops: DropLog,
+        send_reply: Callable[[str, list[Any]], None] | None = None,
     ):
         self.wire = wire
         self.engines = engines
@@ -65,6 +71,7 @@ class Router:
         self.send_client = send_client
         self.dead = dead
         self.drops = drops
+        self.send_reply = send_reply or (lambda _, frames: send_client(frames))
         self.adopting: Collection[int] = ()
         """The engines a restarted controller is adopting (the :class:`~.restore.Restorer`'s
         set): replies they send before their setup reply are ones they kept."""
@@ -95,7 +102,9 @@ class Router:
                 why = ("EngineError", f"engine {eid} is not ready yet")
             else:
                 why = ("EngineError", f"no engine with id {eid}")
-            self.send_client(protocol.fail_reply(self.wire, client, msg.header, eid, *why))
+            self.send_reply(
+                msg.msg_id, protocol.fail_reply(self.wire, client, msg.header, eid, *why)
+            )
             return
         self.inflight.add(msg.msg_id, Pending(client, msg.header, eid, channel, "routed"))
         self.hub.submitted(
@@ -165,7 +174,7 @@ class Router:
                 return  # a retried attempt: the scheduler sent the task elsewhere
         elif channel != "control":
             self.balancer.outcome(msg_id, engine.id, status == "ok")
-        self.send_client([frames[0], engine.route, *frames[1:]])
+        self.send_reply(msg_id, [frames[0], engine.route, *frames[1:]])
         self._record_outcome(msg_id, status, metadata, channel, frames)
 
     def _kept_unrecorded(
@@ -272,4 +281,4 @@ class Router:
             self.hub.completed(msg_id, "error", frames=frames[3:])  # (from the signature on)
             self.balancer.outcome(msg_id, engine_id, False)
             if pending.kind == "routed":
-                self.send_client(frames)
+                self.send_reply(msg_id, frames)
