@@ -241,6 +241,52 @@ def test_the_loop_sees_a_message_that_a_send_took_the_news_of(tracked):
     peer_ctx.term()
 
 
+def test_an_idle_loop_sleeps_and_a_reused_descriptor_keeps_its_socket():
+    import os
+    import time
+
+    loop, plain = PollLoop(), zmq.Context()
+    ctx = loop.context()
+    idle = plain.socket(zmq.PULL)  # (another context's socket: looked at before each poll)
+    idle.bind("inproc://idle")
+    loop.add_socket(idle, lambda frames: None)
+    # a socket closed without remove_socket, and a new one given its descriptor number
+    old = ctx.socket(zmq.PAIR)
+    loop.add_socket(old, lambda frames: None)
+    fd = old.getsockopt(zmq.FD)
+    old.close(linger=0)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # (zmq's reaper closes the descriptor a bit later)
+        try:
+            os.fstat(fd)
+        except OSError:
+            break
+        time.sleep(0.01)
+    got: list[bytes] = []
+    spare = []
+    new = ctx.socket(zmq.PAIR)
+    while new.getsockopt(zmq.FD) != fd and len(spare) < 20:  # (the lowest free number)
+        spare.append(new)
+        new = ctx.socket(zmq.PAIR)
+    assert new.getsockopt(zmq.FD) == fd
+    peer = ctx.socket(zmq.PAIR)
+    new.bind("inproc://reused")
+    peer.connect("inproc://reused")
+    loop.add_socket(new, lambda frames: (got.append(frames[0].bytes), loop.stop()))
+    loop.remove_socket(old)  # (late: must not unregister the new socket's descriptor)
+    loop.call_later(0.5, lambda: peer.send(b"hello"))
+    loop.call_later(5, loop.stop)
+    cpu, wall = time.process_time(), time.monotonic()
+    loop.run()
+    assert got == [b"hello"] and time.monotonic() - wall < 1.0
+    assert time.process_time() - cpu < 0.2, "the loop spun while idle"
+    loop.close()
+    for sock in (idle, new, peer, *spare):
+        sock.close(linger=0)
+    ctx.term()
+    plain.term()
+
+
 def test_database_reads_run_off_the_loop_are_bounded_and_served_in_turn():
     import threading
     import time

@@ -13,9 +13,9 @@ that news in silently: a send processes the socket's pending commands, among the
 message came". So a socket is looked at (its ``EVENTS`` read, and drained if readable)
 when its descriptor fires, after the loop sent on it (the sockets of the context from
 :meth:`PollLoop.context` tell the loop when they are sent on; a socket from another
-context is looked at on every pass, as a ``zmq.Poller`` would), when its draining stopped
-at the bound, when it is added, and every few seconds all of them (a safety net, which
-logs what it finds).
+context has its ``EVENTS`` read before each poll, which re-arms its descriptor), when its
+draining stopped at the bound, when it is added, and every few seconds all of them (a
+safety net, which logs what it finds).
 
 Nothing a handler or timer raises ends the loop: each call is guarded, the first failure
 of each kind is logged with its traceback and later ones are counted (a peer that found a
@@ -95,10 +95,16 @@ class PollLoop:
         if socket in self._handlers:
             self.remove_socket(socket)
         fd = int(socket.getsockopt(zmq.FD))
+        stale = self._by_fd.get(fd)
+        if stale is not None:  # (a socket closed without remove_socket had this number)
+            self.remove_socket(stale)
         self._handlers[socket] = handler
         self._by_fd[fd] = socket
         self._fds[socket] = fd
-        self._epoll.register(fd, select.EPOLLIN)
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._epoll.modify(fd, select.EPOLLIN)
         if type(socket).__name__ != "LoopSocket":
             self._untracked.add(socket)
         self._again.add(socket)  # (messages may be waiting already)
@@ -108,12 +114,12 @@ class PollLoop:
         if self._handlers.pop(socket, None) is None:
             return
         fd = self._fds.pop(socket)
-        if self._by_fd.get(fd) is socket:
+        if self._by_fd.get(fd) is socket:  # (else another socket has the number now)
             del self._by_fd[fd]
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):  # (closed already)
-            pass
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # (closed already)
+                pass
         self._untracked.discard(socket)
         self._again.discard(socket)
         self._sent.discard(socket)
@@ -147,8 +153,11 @@ class PollLoop:
         while self._running:
             for callback in self.before_poll:
                 self._safely(callback)
+            for socket in self._untracked:  # (reading EVENTS re-arms the descriptor)
+                if self._readable(socket):
+                    self._again.add(socket)
             timeout = -1.0
-            if self._again or sent or self._untracked:
+            if self._again or sent:
                 timeout = 0.0
             elif self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
@@ -161,8 +170,6 @@ class PollLoop:
             if sent:
                 look |= sent
                 sent.clear()
-            if self._untracked:
-                look |= self._untracked
             for fd, _ in events:
                 socket = by_fd.get(fd)
                 if socket is not None:
