@@ -251,3 +251,40 @@ def test_a_slow_provisioner_does_not_hold_up_the_controller(
         cluster_factory.record(cluster, rc)
     finally:
         rc.close()
+
+
+def test_a_kernel_still_starting_when_the_launcher_stops_is_stopped_too(
+    specs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (no processes: a kernel start that takes 1 s, and a stop that waits 0.25 s for it)
+    from types import SimpleNamespace
+
+    from kernel_engine.launchers import provisioner
+    from kernel_engine.launchers.base import LaunchContext
+
+    stopped: list[int] = []
+
+    def slow_start(self: ProvisionerLauncher, eid: int) -> SimpleNamespace:
+        time.sleep(1.0)
+        km = SimpleNamespace(
+            request_shutdown=lambda: None, shutdown_kernel=lambda now: stopped.append(eid)
+        )
+        return SimpleNamespace(
+            eid=eid, km=km, pid=None, started=None, exit_code=lambda: (eid in stopped, 0)
+        )
+
+    monkeypatch.setattr(ProvisionerLauncher, "_start_kernel", slow_start)
+    monkeypatch.setattr(provisioner, "kill_recorded", lambda trees, wait: None)
+    context = LaunchContext(tmp_path, 3, 0, options={"kernel_name": "px-test-local"})
+    launcher = ProvisionerLauncher(context)
+    assert launcher.start() == [0, 1, 2] and not launcher.start_done()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    launcher.stop(0.5)
+    assert time.monotonic() - t0 < 1.0 and stopped == []  # (engine 0 still starting)
+    deadline = time.monotonic() + 5
+    while not launcher.start_done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert launcher.start_done()
+    assert stopped == [0]  # (the start thread stopped it, and started no other)
+    assert launcher.kernels == [] and launcher.poll() is None

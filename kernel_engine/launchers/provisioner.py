@@ -211,7 +211,7 @@ class ProvisionerLauncher(Launcher):
         self._failed = False  # (poll reported a kernel's end: once is enough)
         self._reported: set[int] = set()  # (ids whose end ended() told)
         self._thread: threading.Thread | None = None  # (starts the kernels)
-        self._lock = threading.Lock()  # (a kernel is started, or they are stopped)
+        self._lock = threading.Lock()  # (a kernel started is kept, or the stop began)
         self._start_error: str | None = None
 
     def _say(self, text: str) -> None:
@@ -227,9 +227,8 @@ class ProvisionerLauncher(Launcher):
 
     def start(self) -> list[int]:
         """Start the kernels in a thread of their own: a provisioner may take seconds for
-        each (a container, a pod), and the controller's loop must go on meanwhile. A
-        kernel that cannot be started stops the others and fails the start (by
-        :meth:`poll`)."""
+        each (a container, a pod), and the controller's loop must go on meanwhile (see
+        :meth:`_start_all`)."""
         self._say(
             f"kernel spec {self.kernel_name!r} ({self.spec.resource_dir}), provisioner "
             f"{provisioner_name(self.spec)!r}: argv {self.spec.argv}"
@@ -241,17 +240,25 @@ class ProvisionerLauncher(Launcher):
         return self.ids
 
     def _start_all(self) -> None:
+        """(The start thread.) A kernel whose start ends after :meth:`stop` gave up
+        waiting for it is stopped here; a kernel that cannot be started ends the start,
+        and those started before it go on serving (they may have registered and taken
+        tasks already): :meth:`poll` reports the failure."""
         eid = self.ids[0] if self.ids else None
         try:
             for eid in self.ids:
+                if self._stopping:
+                    return
+                kernel = self._start_kernel(eid)
                 with self._lock:
-                    if self._stopping:
-                        return
-                    kernel = self._start_kernel(eid)
-                    self.kernels.append(kernel)
+                    if not self._stopping:
+                        self.kernels.append(kernel)
+                        continue
+                self._say(f"engine {eid}: started after the stop began; stopping it")
+                kernel.km.shutdown_kernel(now=True)
+                return
         except Exception as exc:
             self._say(f"failed: {exc!r}")
-            self.stop(2.0)  # (the kernels started so far)
             said = tail(self.context.folder / f"engine-{eid}.log", 20)
             self._start_error = (
                 f"kernel spec {self.kernel_name!r} (provisioner "
@@ -329,12 +336,13 @@ class ProvisionerLauncher(Launcher):
 
     def stop(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        self._stopping = True  # (no more kernel is started)
-        # (the kernel being started, if any, is let finish its start, then stopped too)
-        if not self._lock.acquire(timeout=max(0.1, timeout / 2)):
-            log.warning("a kernel's start did not end in %.1f s: stopping the others", timeout / 2)
-        else:
-            self._lock.release()
+        with self._lock:  # (from now on, a kernel the start thread makes, it stops itself)
+            self._stopping = True
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.1, timeout / 2))  # (a kernel being started: let it finish)
+            if thread.is_alive():
+                log.warning("a kernel's start did not end in %.1f s: it stops itself", timeout / 2)
         trees: dict[int, str | None] = {}
         for kernel in self.kernels:
             if kernel.pid is not None and kernel.started is not None:
