@@ -113,7 +113,7 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
             pass  # cancelled meanwhile
 
     def __repr__(self) -> str:
-        return f"<Request {self.msg_id[:8]} {self.kind} {self.state}>"
+        return f"<Request {self.msg_id[-8:]} {self.kind} {self.state}>"
 
 
 Send = Callable[[Request, str], bool]

@@ -37,7 +37,7 @@ class RemoteError(PXError):
         super().__init__(ename, evalue, self.traceback, self.engine_info)
 
     def __repr__(self) -> str:
-        where = f"[{self.engine_id}:{self.engine_info.get('msg_id', '')[:8]}]"
+        where = f"[{self.engine_id}:{str(self.engine_info.get('msg_id', ''))[-8:]}]"
         return f"{where} {self.ename}: {self.evalue}"
 
     def __str__(self) -> str:

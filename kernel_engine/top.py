@@ -60,7 +60,7 @@ def task_text(row: dict[str, Any]) -> str:
     task = row.get("task")
     if isinstance(task, dict):
         name = str(task.get("name") or "task")
-        return f"{name} ({str(task.get('msg_id', ''))[:8]})"
+        return f"{name} ({str(task.get('msg_id', ''))[-8:]})"
     if row.get("state") == "dead":
         return str(row.get("reason") or "")
     return ""

@@ -155,8 +155,13 @@ def files_left() -> int:
     return (1 << 30) if soft == resource.RLIM_INFINITY else soft - used
 
 
-def _no_room() -> str | None:
-    """Why one more engine would bring the controller too near its limit on open files."""
+def _no_room(engines: int) -> str | None:
+    """Why one more engine would bring the controller too near its limit on open files
+    (it holds ``engines``; its descriptors are counted only when that may be so)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    guess = 256 + (engines + 1) * FILES_PER_ENGINE  # (a controller with no engine: ~60)
+    if soft == resource.RLIM_INFINITY or guess + 4 * FILES_KEPT_FREE < soft:
+        return None
     left = files_left()
     if left >= FILES_KEPT_FREE + FILES_PER_ENGINE:
         return None
@@ -251,7 +256,7 @@ class EngineSet:
         launcher = LocalLauncher(context)
         started = []
         for eid in launcher.ids:  # (one at a time: each is watched as soon as it starts)
-            full = _no_room()
+            full = _no_room(len(self.engines))
             if full is not None:
                 raise LaunchError(f"engine {eid} not started: {full}")
             try:
@@ -374,7 +379,7 @@ class EngineSet:
     def _connect(self, engine: Engine) -> str | None:
         """Open the sockets to ``engine``'s channels (its lane's come with its kernel
         info); None, or why they could not all be opened (then none is left open)."""
-        full = _no_room()
+        full = _no_room(len(self.engines))
         if full is not None:
             return f"the controller cannot take engine {engine.id}: {full}"
         try:

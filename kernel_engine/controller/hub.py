@@ -275,7 +275,7 @@ class Hub:
         return record
 
     def _engine_fields(self, engine_id: int) -> dict[str, Any]:
-        """``engine_id`` and, when known, ``engine_uuid``, for a put."""
+        """``engine_id`` and, when known, ``engine_uuid``, for a new record."""
         uuid = self.engine_uuid(engine_id)
         return (
             {"engine_id": engine_id}
@@ -360,7 +360,14 @@ class Hub:
         if self.log is not None:
             self.log.put(
                 msg_id,
-                **({} if record.engine_id is None else self._engine_fields(record.engine_id)),
+                **(
+                    {}
+                    if record.engine_id is None
+                    else {
+                        "engine_id": record.engine_id,
+                        "engine_uuid": self.engine_uuid(record.engine_id),
+                    }
+                ),
                 status=record.status,
                 started=record.started,
                 completed=record.completed,

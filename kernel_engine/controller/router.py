@@ -191,15 +191,17 @@ class Router:
         controller had sent but not yet written to its file (it commits every
         ``BATCH_INTERVAL``): the record is made from the reply (its request is lost), so
         the task's client finds its result. One the file has finished is a duplicate."""
-        if self.hub.outcomes([msg_id]):
+        msg_type = parent.get("msg_type")
+        if (
+            channel == "control"
+            or not 0 < len(msg_id) <= wire.MAX_ID_LENGTH
+            or msg_type not in (protocol.APPLY_REQUEST, "execute_request")
+        ):
+            self.drops.drop(f"a reply engine {engine.id} kept, to no task")
+            return
+        if self.hub.outcomes([msg_id], wait=0):  # (the file: what the dead one wrote)
             self.drops.drop(f"a reply engine {engine.id} kept, to a task already ended")
             return
-        msg_type = parent.get("msg_type")
-        if len(msg_id) > wire.MAX_ID_LENGTH:
-            self.drops.drop(f"a reply engine {engine.id} kept, with a msg_id too long")
-            return
-        if not isinstance(msg_type, str) or not msg_type.endswith("_request") or len(msg_type) > 64:
-            msg_type = protocol.APPLY_REQUEST
         date = parent.get("date")
         client = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
         self.hub.submitted(
