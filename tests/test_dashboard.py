@@ -33,7 +33,7 @@ STATUS: dict[str, Any] = {
         {
             "id": 0,
             "state": "busy",
-            "task": {"msg_id": "abcdef0123", "name": "f<x>", "since": 100.0},
+            "task": {"msg_id": "0123abcdef01", "name": "f<x>", "since": 100.0},
             "queue": 3,
             "done": 4,
             "failed": 0,
