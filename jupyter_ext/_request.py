@@ -33,6 +33,8 @@ from typing import Any
 
 import zmq
 
+from kernel_engine.errors import short_id
+
 from ._metadata import Metadata
 from ._order import EngineOrder
 
@@ -113,7 +115,7 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
             pass  # cancelled meanwhile
 
     def __repr__(self) -> str:
-        return f"<Request {self.msg_id[-8:]} {self.kind} {self.state}>"
+        return f"<Request {short_id(self.msg_id)} {self.kind} {self.state}>"
 
 
 Send = Callable[[Request, str], bool]

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def short_id(msg_id: Any) -> str:
+    """A msg_id as shown to people: its last 8 characters (one process's msg_ids share
+    their first 20, see :func:`kernel_engine.wire.new_msg_id`)."""
+    return str(msg_id)[-8:]
+
+
 class PXError(Exception):
     """Raised as the base of every jupyter-px error."""
 
@@ -37,7 +43,7 @@ class RemoteError(PXError):
         super().__init__(ename, evalue, self.traceback, self.engine_info)
 
     def __repr__(self) -> str:
-        where = f"[{self.engine_id}:{str(self.engine_info.get('msg_id', ''))[-8:]}]"
+        where = f"[{self.engine_id}:{short_id(self.engine_info.get('msg_id', ''))}]"
         return f"{where} {self.ename}: {self.evalue}"
 
     def __str__(self) -> str:

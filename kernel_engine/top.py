@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import zmq
 
 from kernel_engine import clusters, processes, protocol, wire
+from kernel_engine.errors import short_id
 
 SPARKS = " ▁▂▃▄▅▆▇█"
 
@@ -60,7 +61,7 @@ def task_text(row: dict[str, Any]) -> str:
     task = row.get("task")
     if isinstance(task, dict):
         name = str(task.get("name") or "task")
-        return f"{name} ({str(task.get('msg_id', ''))[-8:]})"
+        return f"{name} ({short_id(task.get('msg_id', ''))})"
     if row.get("state") == "dead":
         return str(row.get("reason") or "")
     return ""

@@ -29,6 +29,7 @@ import jupyter_ext as jx
 from kernel_engine import protocol, shm, wire
 from kernel_engine.engine import ops
 from kernel_engine.errors import RemoteError
+from kernel_engine.launchers.base import stop_tree
 from kernel_engine.serialize import pack_apply
 
 MIB = 2**20
@@ -367,9 +368,4 @@ def test_an_engine_with_its_own_dev_shm_gets_the_buffers_by_message(rc4: Any) ->
         view.push({"b": arr}, block=True)
         assert all(np.array_equal(got, arr) for got in view.pull("b", block=True))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_tree(proc, 10)

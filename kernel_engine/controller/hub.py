@@ -274,14 +274,13 @@ class Hub:
             pass
         return record
 
-    def _engine_fields(self, engine_id: int) -> dict[str, Any]:
-        """``engine_id`` and, when known, ``engine_uuid``, for a new record."""
+    def _engine_fields(self, engine_id: int, new: bool = True) -> dict[str, Any]:
+        """``engine_id`` and ``engine_uuid`` for a put; a new record's leaves an unknown
+        uuid out (NULL either way), an update's sets it (not left from another engine)."""
         uuid = self.engine_uuid(engine_id)
-        return (
-            {"engine_id": engine_id}
-            if uuid is None
-            else {"engine_id": engine_id, "engine_uuid": uuid}
-        )
+        if uuid is None and new:
+            return {"engine_id": engine_id}
+        return {"engine_id": engine_id, "engine_uuid": uuid}
 
     def restore(self) -> list[tuple[TaskRecord, dict[str, Any]]]:
         """Take the file's pending records (a dead controller's tasks in flight) back into
@@ -363,10 +362,7 @@ class Hub:
                 **(
                     {}
                     if record.engine_id is None
-                    else {
-                        "engine_id": record.engine_id,
-                        "engine_uuid": self.engine_uuid(record.engine_id),
-                    }
+                    else self._engine_fields(record.engine_id, new=False)
                 ),
                 status=record.status,
                 started=record.started,
