@@ -40,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import clusters, processes, protocol, serialize, wire
+from kernel_engine import clusters, processes, protocol, replies, serialize, wire
 from kernel_engine.engine.datapub import DATA_MESSAGE
 from kernel_engine.errors import (
     REMOTE_ERROR_CLASSES,
@@ -68,6 +68,10 @@ IopubHandler = Callable[[int, wire.Message], None]
 StatusHandler = Callable[[dict[str, Any]], None]
 SubmitHook = Callable[[str], None]
 EngineGoneHandler = Callable[[int], None]
+
+
+CONNECT = protocol.ConnectRequest(reads=(protocol.MERGED_REPLIES,))
+"""What a client says when it connects: it reads replies merged (:mod:`kernel_engine.replies`)."""
 
 
 class Transport:
@@ -130,7 +134,7 @@ class Transport:
         )
         self.io.on_tick = self._tick
         try:
-            reply = self.ask(protocol.CONNECT_REQUEST, protocol.Empty(), timeout=timeout)
+            reply = self.ask(protocol.CONNECT_REQUEST, CONNECT, timeout=timeout)
         except (TimeoutError, EngineError) as exc:
             self.close()
             raise TimeoutError(
@@ -152,7 +156,7 @@ class Transport:
             if time.monotonic() > deadline:
                 self.close()
                 raise TimeoutError("no message from the controller's iopub socket")
-            self.tell(protocol.CONNECT_REQUEST, protocol.Empty())
+            self.tell(protocol.CONNECT_REQUEST, CONNECT)
 
     def _take_engines(self, reply: dict[str, Any]) -> None:
         """The engines a connect reply lists (any thread; lanes set up on the IO thread)."""
@@ -449,6 +453,10 @@ class Transport:
             self._on_lane_reply(frames)
             return
         msg = self.wire.unpack(frames[2:])
+        if route == protocol.HUB_ROUTE and msg.msg_type == replies.REPLIES:
+            for eid, reply in replies.unpack(msg):  # (each as if it came alone)
+                self.io._safely(self._take_reply, reply, reply.metadata, eid)
+            return
         engine_id = None if route == protocol.HUB_ROUTE else _engine_of(route)
         self._take_reply(msg, msg.metadata, engine_id)
 
@@ -470,7 +478,7 @@ class Transport:
         self._take_reply(msg, msg.metadata, None)
 
     def _take_reply(
-        self, msg: wire.Message, reply_md: dict[str, Any], engine_id: int | None
+        self, msg: wire.Message | replies.Reply, reply_md: dict[str, Any], engine_id: int | None
     ) -> None:
         """A reply to one of our requests (or to a request of ours it never saw)."""
         msg_id = msg.parent_id
@@ -503,7 +511,9 @@ class Transport:
         done = self.requests.replied(msg_id, outcome, time.monotonic(), self._send, engine_id)
         self._settle(done)
 
-    def outcome(self, msg: wire.Message, md: Metadata, msg_id: str) -> tuple[bool, Any]:
+    def outcome(
+        self, msg: wire.Message | replies.Reply, md: Metadata, msg_id: str
+    ) -> tuple[bool, Any]:
         """(succeeded, result or error) of a reply."""
         content = msg.content
         if content.get("status") != "ok":
@@ -679,7 +689,7 @@ class Transport:
             self._registered.clear()  # (engines registering from now on are back)
         elif now - self._probe_sent < 0.2:
             return
-        header, frames = self.wire.pack(protocol.CONNECT_REQUEST, {})
+        header, frames = self.wire.pack(protocol.CONNECT_REQUEST, CONNECT.to_content())
         self._probes[header["msg_id"]] = None
         while len(self._probes) > 16:
             self._probes.pop(next(iter(self._probes)))

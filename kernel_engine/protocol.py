@@ -694,8 +694,36 @@ class StartRequest:
         return cls(check_int("n", content.get("n", 1), 1, 4096))
 
 
+MERGED_REPLIES = "px_replies"
+"""A format of the controller's replies a client may say it reads (:class:`ConnectRequest`):
+several engines' task replies in one message, see :mod:`kernel_engine.replies`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """A client arrives (or asks again). ``reads``: the formats of the controller's
+    replies, beyond single messages, that it understands (:data:`MERGED_REPLIES`); a
+    client that names none gets every reply as the engine made it. Names not known here
+    are ignored (a newer client's)."""
+
+    reads: tuple[str, ...] = ()
+
+    def to_content(self) -> dict[str, Any]:
+        return {"reads": list(self.reads)}
+
+    @classmethod
+    def from_content(cls, content: dict[str, Any]) -> Self:
+        reads = content.get("reads", [])
+        if not isinstance(reads, list) or len(reads) > 16:
+            raise ValueError(f"reads must be a list of at most 16 names, not {_kind(reads)}")
+        for name in reads:
+            if not isinstance(name, str) or len(name) > 64:
+                raise ValueError(f"reads must name formats as strings, not {_kind(name)}")
+        return cls(tuple(reads))
+
+
 HUB_REQUESTS: dict[str, Any] = {
-    CONNECT_REQUEST: Empty,
+    CONNECT_REQUEST: ConnectRequest,
     HISTORY_REQUEST: Empty,
     QUEUE_REQUEST: QueueRequest,
     RESULT_REQUEST: ResultRequest,

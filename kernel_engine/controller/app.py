@@ -25,8 +25,10 @@ state and given only what it uses:
 - :class:`~.engines.EngineSet`: the engines, their sockets and liveness;
 - :class:`~.clients.Clients`: which clients are still there.
 
-The controller parses headers (and reply parent headers) only, never unpickles user data,
-and never re-signs what it relays.
+The controller parses headers (and reply parent headers) only and never unpickles user
+data. It relays messages as their senders signed them, except the task replies it gathers
+for one client, which it merges into messages of its own and signs
+(:mod:`kernel_engine.replies`).
 
 Restart (``restore=True``, ``--restore``): a controller started again on the folder of one
 that died serves the same cluster, with its key, ports and task records, and adopts its
@@ -279,7 +281,7 @@ class Controller:
             self.loop.close()
             raise
         self.echo.start()
-        self.outbox = Outbox(self.clients_socket, self.drops)
+        self.outbox = Outbox(self.clients_socket, self.drops, self.wire)
         self.fanin = FanIn(self.outbox.send, self.loop.call_later)
         self.engines = EngineSet(
             self.loop,
@@ -661,6 +663,10 @@ class Controller:
         engine = self.engines.engines.get(eid)
         return engine.uuid if engine is not None else None
 
+    def client_reads(self, client: bytes, formats: tuple[str, ...]) -> None:
+        """A client said which formats of replies it reads (at each connect)."""
+        self.outbox.merge_for(protocol.reply_identity(client), protocol.MERGED_REPLIES in formats)
+
     def publish_event(self, msg_type: str, content: dict[str, Any]) -> None:
         self.wire.send(self.iopub, msg_type, content, idents=[protocol.EVENT_TOPIC])
 
@@ -691,6 +697,7 @@ class Controller:
         them fail instead of waiting for ever.
         """
         self.reads.drop(client)
+        self.outbox.merge_for(protocol.reply_identity(client), False)
         abort = self.on_client_lost == "abort"
         running = self.balancer.client_lost(client, abort)
         by_engine: dict[int, list[str]] = {}

@@ -5,8 +5,7 @@ back in several: engines finish at different moments, and the outbox gathers onl
 one loop turn sends (at N = 32 on this 2-core machine, 2 to 4 messages a call; on a busy
 one, up to one per engine), each a receive and a wake-up of the client's IO thread. So
 the replies to a broadcast's parts wait here, and leave for the outbox together (which
-sends them as one batch message, see :mod:`.outbox`; each reply stays whole, signed as
-its engine made it):
+sends them as one message, see :mod:`.outbox` and :mod:`kernel_engine.replies`):
 
 - when every part has been answered (a part that failed here, its engine unknown or dead,
   is answered by the controller's error reply, which waits here like the others);

@@ -7,8 +7,11 @@ about to poll again (:attr:`~.loop.PollLoop.before_poll`), or until that client'
 fills (:data:`MAX_MESSAGES`, :data:`MAX_BYTES`), and then leave as one message: the only
 one as it is, several as a batch ``[client, BATCH, counts, message frames...]``
 (:func:`kernel_engine.wire.pack_batch`), each message whole (its route frame, delimiter
-and signature as the engine or the controller made it). A lone request's reply is sent
-in the same loop turn its engine's answer arrived in, so a round trip waits for nothing.
+and signature as the engine or the controller made it), but for the runs of task replies
+to a client that reads them merged: each run one message the controller signs
+(:mod:`kernel_engine.replies`; it costs the client a seventh of what the replies whole
+do). A lone request's reply is sent in the same loop turn its engine's answer arrived
+in, so a round trip waits for nothing.
 
 Only a jupyter-px client's receiving socket (identity ``<16 hex>:r``, see
 :func:`kernel_engine.protocol.reply_identity`) is sent batches; any other peer (a tool of
@@ -24,8 +27,8 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import wire
-from kernel_engine.wire import DropLog
+from kernel_engine import replies, wire
+from kernel_engine.wire import DropLog, Wire
 
 MAX_MESSAGES = 256
 """Messages to one client gathered before they are sent at once."""
@@ -33,6 +36,10 @@ MAX_MESSAGES = 256
 MAX_BYTES = 1 << 20
 """Bytes to one client gathered before they are sent at once (a large result goes at
 once)."""
+
+MAX_MERGED = 100_000
+"""Clients remembered as reading merged replies, at most (each connected client says so at
+each connect, so forgetting them all past this costs only speed until they ask again)."""
 
 
 class Outbox:
@@ -44,27 +51,41 @@ class Outbox:
         The controller's client socket (a ROUTER; frame 0 of a message names its client).
     drops
         Counts messages that could not be sent.
+    signer
+        Signs the messages that carry several task replies (:mod:`kernel_engine.replies`),
+        which the clients that said they read them (:meth:`merge_for`) get instead: in a
+        batch, each run of two or more replies to tasks as one message.
     """
 
-    def __init__(self, socket: zmq.Socket[Any], drops: DropLog):
+    def __init__(self, socket: zmq.Socket[Any], drops: DropLog, signer: Wire | None = None):
         self.socket = socket
         self.drops = drops
+        self.signer = signer
+        self._merged: set[bytes] = set()  # clients that read merged replies
         self._queued: dict[bytes, list[list[Any]]] = {}
         self._bytes: dict[bytes, int] = {}
 
     def send(self, frames: list[Any]) -> None:
         """Queue ``[client, route, DELIM, signature, ...]`` for its client."""
         client = wire.as_bytes(frames[0])
-        message = frames[1:]
         queued = self._queued.get(client)
         if queued is None:
             queued = self._queued[client] = []
             self._bytes[client] = 0
-        queued.append(message)
-        size = self._bytes[client] = self._bytes[client] + sum(map(len, message))
+        queued.append(frames)
+        size = self._bytes[client] = self._bytes[client] + sum(map(len, frames))
         if len(queued) >= MAX_MESSAGES or size >= MAX_BYTES:
             self._send(client, self._queued.pop(client))
             del self._bytes[client]
+
+    def merge_for(self, client: bytes, merged: bool) -> None:
+        """Whether ``client`` (a receiving identity) is sent its task replies merged."""
+        if not merged:
+            self._merged.discard(client)
+        elif self.signer is not None and client.endswith(b":r"):
+            if len(self._merged) >= MAX_MERGED:
+                self._merged.clear()  # (clients that left unnoticed: they ask again)
+            self._merged.add(client)
 
     def flush(self) -> None:
         """Send what is queued (one message per client)."""
@@ -76,15 +97,14 @@ class Outbox:
             self._send(client, messages)
 
     def _send(self, client: bytes, messages: list[list[Any]]) -> None:
-        if len(messages) == 1:
-            sends = [messages[0]]
-        elif client.endswith(b":r"):
-            sends = [wire.pack_batch(messages)]
-        else:
-            sends = messages
+        if len(messages) > 1 and client.endswith(b":r"):
+            if self.signer is not None and client in self._merged:
+                messages = replies.pack(self.signer, messages)
+            if len(messages) > 1:
+                messages = [[client, *wire.pack_batch([m[1:] for m in messages])]]
         try:
-            for frames in sends:
-                wire.send_frames(self.socket, [client, *frames])
+            for frames in messages:
+                wire.send_frames(self.socket, frames)
         except zmq.ZMQError as exc:
             self.drops.drop(f"{len(messages)} message(s) for a client: {exc}")
 

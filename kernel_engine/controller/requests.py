@@ -81,6 +81,8 @@ class Operations(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def client_reads(self, client: bytes, formats: tuple[str, ...]) -> None: ...
+
 
 class HubRequests:
     """Answers hub requests from the controller's state.
@@ -147,7 +149,8 @@ class HubRequests:
             raise ValueError(f"no engines with ids {missing}")
         return list(dict.fromkeys(targets))
 
-    def _connect(self, request: protocol.Empty, msg: Message, client: bytes) -> Answer:
+    def _connect(self, request: protocol.ConnectRequest, msg: Message, client: bytes) -> Answer:
+        self.ops.client_reads(client, request.reads)
         self.ops.publish_event(protocol.IOPUB_WELCOME, {"token": msg.msg_id})
         engines = self.engines.engines.values()
         return {

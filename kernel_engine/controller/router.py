@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from kernel_engine import protocol, wire
+from kernel_engine import protocol, replies, wire
 from kernel_engine.wire import DropLog, Message
 
 from .balancer import Balancer
@@ -146,7 +146,8 @@ class Router:
             return
         try:
             parent = wire.loads_object(frames[4].bytes, "parent header")
-            metadata = wire.loads_object(frames[5].bytes, "metadata")
+            md_bytes = frames[5].bytes
+            metadata = wire.loads_object(md_bytes, "metadata")
         except wire.MessageError as exc:
             self.drops.drop(f"reply from engine {engine.id}: {exc}")
             return
@@ -174,7 +175,10 @@ class Router:
                 return  # a retried attempt: the scheduler sent the task elsewhere
         elif channel != "control":
             self.balancer.outcome(msg_id, engine.id, status == "ok")
-        self.send_reply(msg_id, [frames[0], engine.route, *frames[1:]])
+        out = [frames[0], engine.route, *frames[1:]]
+        if channel != "control" and parent.get("msg_type") == protocol.APPLY_REQUEST:
+            out = replies.tag(out, msg_id, engine.id, md_bytes)  # (may go with others)
+        self.send_reply(msg_id, out)
         self._record_outcome(msg_id, status, metadata, channel, frames)
 
     def _kept_unrecorded(

@@ -1,0 +1,193 @@
+"""Several engines' task replies as one message (:mod:`kernel_engine.replies`), without
+processes but for an inproc socket pair: what the controller merges, what it sends whole
+and in which order, and what a client refuses. The real path (a broadcast's or a map's
+replies reaching a client as one message) is in ``test_broadcast.py`` and
+``test_lb_batches.py``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from kernel_engine import protocol, replies, serialize, wire
+from kernel_engine.controller.outbox import Outbox
+
+KEY = b"k" * 32
+CLIENT = b"0123456789abcdef:r"
+
+
+def _reply(
+    signer: wire.Wire, eid: int, result: Any, status: str = "ok", tagged: bool = True
+) -> list[Any]:
+    """An engine's reply to a fresh apply request, as the router forwards it (tagged with
+    what it read, unless ``tagged`` is false)."""
+    request = signer.header(protocol.APPLY_REQUEST)
+    content: dict[str, Any] = {"status": status}
+    if status != "ok":
+        content.update(ename="ValueError", evalue="no", traceback=["tb"])
+    metadata = {"engine_id": eid, "status": status, "started": wire.utcnow_iso()}
+    _, frames = signer.pack(
+        protocol.APPLY_REPLY, content, request, metadata, serialize.dumps(result)
+    )
+    out = [CLIENT, str(eid).encode(), *frames]
+    return replies.tag(out, request["msg_id"], eid, frames[4]) if tagged else out
+
+
+def _read(signer: wire.Wire, frames: list[Any]) -> list[tuple[int, replies.Reply]]:
+    """The replies a merged message carries (``frames`` from its client identity on)."""
+    assert wire.as_bytes(frames[0]) == CLIENT and wire.as_bytes(frames[1]) == protocol.HUB_ROUTE
+    msg = signer.unpack(frames[3:])
+    assert msg.msg_type == replies.REPLIES
+    return replies.unpack(msg)
+
+
+def _parent(signer: wire.Wire, frames: list[Any]) -> str:
+    return signer.unpack(frames[3:]).parent_id
+
+
+def test_replies_merge_in_order_with_their_results_and_metadata() -> None:
+    signer = wire.Wire(KEY)
+    held = [_reply(signer, 3, {"x": 1}), _reply(signer, 0, None), _reply(signer, 7, 1, "error")]
+    (merged,) = replies.pack(signer, held)
+    got = _read(signer, merged)
+    assert [eid for eid, _ in got] == [3, 0, 7]
+    assert [r.parent_id for _, r in got] == [_parent(signer, f) for f in held]
+    assert {r.msg_type for _, r in got} == {protocol.APPLY_REPLY}
+    assert serialize.loads(got[0][1].buffers) == {"x": 1}
+    assert serialize.loads(got[1][1].buffers) is None
+    assert got[2][1].content["ename"] == "ValueError" and got[2][1].metadata["engine_id"] == 7
+    assert got[0][1].buffers[0] is held[0][8]  # (buffers pass on without a copy)
+
+
+def test_a_msg_id_is_written_as_json_whatever_it_holds() -> None:
+    signer = wire.Wire(KEY)
+    held = [_reply(signer, eid, eid) for eid in range(2)]
+    odd = 'a"b\\c\u00e9\n'
+    held[0].head = (odd, 0, held[0].head[2])
+    assert _read(signer, replies.pack(signer, held)[0])[0][1].parent_id == odd
+
+
+def test_what_is_not_a_tagged_reply_goes_whole_in_its_place() -> None:
+    signer = wire.Wire(KEY)
+    untagged = _reply(signer, 1, 1, tagged=False)  # (the controller's own, say)
+    not_json = _reply(signer, 2, 2)
+    not_json[7] = b"{not json"
+    nan = _reply(signer, 3, 3)
+    nan[7] = b'{"status": NaN}'  # (no client would parse it)
+    short = replies.tag(_reply(signer, 4, 4)[:7], "x", 4, b"{}")
+    good = [_reply(signer, eid, eid) for eid in (5, 6, 7, 8)]
+    out = replies.pack(signer, [*good[:2], untagged, not_json, nan, short, *good[2:]])
+    assert out[1:5] == [untagged, not_json, nan, short]
+    assert [eid for eid, _ in _read(signer, out[0])] == [5, 6]
+    assert [eid for eid, _ in _read(signer, out[5])] == [7, 8]
+    # one alone, or one between others sent whole, is sent as it is
+    assert replies.pack(signer, good[:1]) == good[:1]
+    assert replies.pack(signer, [good[0], untagged, good[1]]) == [good[0], untagged, good[1]]
+
+
+def test_a_long_run_is_cut_at_the_most_one_message_carries(monkeypatch) -> None:
+    monkeypatch.setattr(replies, "MAX_REPLIES", 3)
+    signer = wire.Wire(KEY)
+    out = replies.pack(signer, [_reply(signer, eid, eid) for eid in range(7)])
+    assert [[eid for eid, _ in _read(signer, m)] for m in out[:2]] == [[0, 1, 2], [3, 4, 5]]
+    assert signer.unpack(out[2][3:]).msg_type == protocol.APPLY_REPLY  # (the seventh alone)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[Any], zmq.Socket[Any]]]:
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    router.bind("inproc://replies")
+    dealer.identity = CLIENT
+    dealer.connect("inproc://replies")
+    yield router, dealer
+    router.close(0)
+    dealer.close(0)
+    ctx.term()
+
+
+def test_the_outbox_merges_a_turns_replies_and_keeps_the_order(pair: Any) -> None:
+    router, dealer = pair
+    signer = wire.Wire(KEY)
+    box = Outbox(router, wire.DropLog(logging.getLogger("test"), "test"), signer)
+    box.merge_for(CLIENT, True)
+    sent = [_reply(signer, 0, 0), _reply(signer, 1, 1), _reply(signer, 2, 2, tagged=False)]
+    sent.append(_reply(signer, 3, 3))
+    for frames in sent:
+        box.send(frames)
+    box.flush()
+    assert dealer.poll(1000)
+    got = dealer.recv_multipart(copy=False)
+    first, whole, last = wire.unpack_batch(got)
+    merged = _read(signer, [CLIENT, *first])
+    assert [r.parent_id for _, r in merged] == [_parent(signer, f) for f in sent[:2]]
+    assert bytes(whole[3]) == bytes(sent[2][4])  # (the untagged one, whole, in its place)
+    assert _parent(signer, [CLIENT, *last]) == _parent(signer, sent[3])
+    # a turn of replies only: one message, not a batch
+    for eid in range(4):
+        box.send(_reply(signer, eid, eid * 10))
+    box.flush()
+    assert dealer.poll(1000)
+    got = dealer.recv_multipart(copy=False)
+    results = [serialize.loads(r.buffers) for _, r in _read(signer, [CLIENT, *got])]
+    assert results == [0, 10, 20, 30]
+
+
+def _merged(entries: Any, buffers: list[bytes]) -> wire.Message:
+    signer = wire.Wire(KEY)
+    _, frames = signer.pack(replies.REPLIES, {"replies": entries}, buffers=buffers)
+    return signer.unpack(frames[1:])
+
+
+@pytest.mark.parametrize(
+    "entries, buffers",
+    [
+        (None, []),
+        ([], []),
+        ([["a", 0, "apply_reply", {}, {}]], []),  # (five fields)
+        ([["a", "0", "apply_reply", {}, {}, 0]], []),  # (engine id a string)
+        ([["a", 0, "apply_reply", [], {}, 0]], []),  # (metadata not an object)
+        ([["a", 0, "apply_reply", {}, {}, 2]], [b"x"]),  # (more buffers than there are)
+        ([["a", 0, "apply_reply", {}, {}, -1]], [b"x"]),
+        ([["a", 0, "apply_reply", {}, {}, 0]], [b"x"]),  # (a buffer left over)
+        ([["a", True, "apply_reply", {}, {}, 0]], []),  # (a bool is not an engine id)
+        ([["a", 0, "apply_reply", {}, {}, 0]] * (replies.MAX_REPLIES + 1), []),
+    ],
+)
+def test_a_malformed_message_is_refused_whole(entries: Any, buffers: list[bytes]) -> None:
+    with pytest.raises(wire.MessageError, match="malformed replies"):
+        replies.unpack(_merged(entries, buffers))
+
+
+def test_a_client_that_did_not_say_it_reads_them_gets_the_replies_whole(pair: Any) -> None:
+    router, dealer = pair
+    signer = wire.Wire(KEY)
+    box = Outbox(router, wire.DropLog(logging.getLogger("test"), "test"), signer)
+    for merged in (False, True, False):  # (never told; told; told no more, as when lost)
+        box.merge_for(CLIENT, merged)
+        sent = [_reply(signer, eid, eid) for eid in range(3)]
+        for frames in sent:
+            box.send(frames)
+        box.flush()
+        assert dealer.poll(1000)
+        got = dealer.recv_multipart(copy=False)
+        got = wire.unpack_batch(got) if wire.is_batch(got) else [got]
+        if merged:
+            assert len(got) == 1 and len(_read(signer, [CLIENT, *got[0]])) == 3
+        else:
+            assert [_parent(signer, [CLIENT, *m]) for m in got] == [
+                _parent(signer, f) for f in sent
+            ]
+
+
+def test_the_connect_request_checks_what_a_client_reads() -> None:
+    ask = protocol.ConnectRequest(reads=(protocol.MERGED_REPLIES, "a newer format"))
+    assert protocol.ConnectRequest.from_content(ask.to_content()) == ask
+    assert protocol.ConnectRequest.from_content({}) == protocol.ConnectRequest()
+    for reads in ("px_replies", [1], ["x" * 65], ["x"] * 17):
+        with pytest.raises(ValueError, match="reads must"):
+            protocol.ConnectRequest.from_content({"reads": reads})
