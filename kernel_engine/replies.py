@@ -58,7 +58,7 @@ def tag(frames: list[Any], msg_id: str, engine_id: int, metadata: bytes) -> Engi
     whose metadata frame, already parsed as a JSON object, is ``metadata``) as a reply
     that may be sent with others."""
     out = EngineReply(frames)
-    out.head = (msg_id, engine_id, metadata)
+    out.head = (msg_id, engine_id, metadata or b"{}")  # (an empty part reads as {})
     return out
 
 
@@ -78,7 +78,7 @@ def _entry(frames: Any) -> bytes | None:
     if type(frames) is not EngineReply or len(frames) < 8:
         return None
     msg_id, engine_id, metadata = frames.head
-    content = wire.as_bytes(frames[7])
+    content = wire.as_bytes(frames[7]) or b"{}"  # (an empty part reads as {})
     try:
         wire.loads_object(content, "content")
     except MessageError:

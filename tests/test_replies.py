@@ -71,6 +71,15 @@ def test_a_msg_id_is_written_as_json_whatever_it_holds() -> None:
     assert _read(signer, replies.pack(signer, held)[0])[0][1].parent_id == odd
 
 
+def test_empty_parts_read_as_empty_objects() -> None:
+    signer = wire.Wire(KEY)
+    held = [_reply(signer, eid, eid) for eid in range(2)]
+    held[0][7] = b""
+    held[1] = replies.tag(held[1], held[1].head[0], 1, b"")
+    got = _read(signer, replies.pack(signer, held)[0])
+    assert got[0][1].content == {} and got[1][1].metadata == {}
+
+
 def test_what_is_not_a_tagged_reply_goes_whole_in_its_place() -> None:
     signer = wire.Wire(KEY)
     untagged = _reply(signer, 1, 1, tagged=False)  # (the controller's own, say)
