@@ -22,6 +22,7 @@ Engines are recognised the same way (:func:`is_engine`). Both :mod:`kernel_engin
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import os
@@ -58,6 +59,7 @@ KEY_FILE_PATTERNS = (
     "*.tmp",
     ".*.tmp",
 )
+_KEY_FILE = re.compile("|".join(fnmatch.translate(p) for p in KEY_FILE_PATTERNS))
 STARTING_GRACE = 10.0
 """Seconds a folder with no controller record yet counts as starting, not dead."""
 
@@ -336,8 +338,13 @@ def _started_at(cluster: ClusterState) -> float:
 
 
 def key_files(folder: Path) -> list[Path]:
-    """The files of ``folder`` that hold (or may hold) the cluster's key."""
-    return sorted({p for pattern in KEY_FILE_PATTERNS for p in Path(folder).glob(pattern)})
+    """The files of ``folder`` that hold (or may hold) the cluster's key (one listing of
+    the folder: a start looks at every old cluster's)."""
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return []
+    return sorted(Path(folder, name) for name in names if _KEY_FILE.match(name))
 
 
 def remove_key_files(folder: Path) -> list[Path]:
@@ -370,16 +377,23 @@ def clean_dead_clusters(
     """
     cleaned = []
     kept = None if keep is None else os.path.realpath(keep)
+    if not remove_folders:
+        # (every start does this: a folder with no key file left is passed over unread)
+        root = clusters_dir()
+        for folder in root.iterdir() if root.is_dir() else []:
+            if not key_files(folder) or (kept and os.path.realpath(folder) == kept):
+                continue
+            cluster = read_cluster(folder)
+            if cluster.state == "dead" and not live_engines(folder) and remove_key_files(folder):
+                cleaned.append(cluster)
+        return sorted(cleaned, key=_started_at)
     for cluster in list_clusters(states=("dead",)):
         if kept is not None and os.path.realpath(cluster.folder) == kept:
             continue
-        if remove_folders:
-            # checked again just before: a new start may have taken the folder over
-            if read_cluster(cluster.folder).state == "dead":
-                stop_engines(cluster.folder)
-                shutil.rmtree(cluster.folder, ignore_errors=True)
-                cleaned.append(cluster)
-        elif not live_engines(cluster.folder) and remove_key_files(cluster.folder):
+        # checked again just before: a new start may have taken the folder over
+        if read_cluster(cluster.folder).state == "dead":
+            stop_engines(cluster.folder)
+            shutil.rmtree(cluster.folder, ignore_errors=True)
             cleaned.append(cluster)
     return cleaned
 
