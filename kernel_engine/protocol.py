@@ -9,7 +9,10 @@ delimiter, never the signed parts, so the controller forwards frames without re-
   (the controller itself) or ``b"lb"`` (the load-balancing scheduler);
   a frontend's messages to a comm on an engine (:data:`COMM_MESSAGES`) go to
   ``b"shell:3"`` too, and no reply comes back;
-- controller -> client: one frame names the engine that answered (``b"3"``) or ``b"hub"``.
+- controller -> client: one frame names the engine that answered (``b"3"``) or ``b"hub"``
+  (the controller's own messages, among them :data:`MERGED_REPLIES`: several engines'
+  task replies, checked and signed again by the controller, for a client that said it
+  reads them; see :mod:`kernel_engine.replies`).
 
 A client on the engines' host may also send ``apply_request`` straight to an engine's task
 lane (see ``jupyter_ext._lanes``). It sends from a socket whose identity is

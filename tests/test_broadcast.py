@@ -448,8 +448,8 @@ def test_a_broadcasts_replies_come_back_together(rc4) -> None:
             got = receiver.messages(len(msg_ids))
             assert sorted(m for _, ids in got for m in ids) == sorted(msg_ids)
             whole += len(got) == 1
-            # ... one message carrying each engine's result (checked and signed by the
-            # controller), not a batch of the engines' replies
+            # ... one message carrying each engine's result (each reply's signature checked
+            # by the controller, which signs the whole), not a batch of the engines' replies
             for eid, msg_id in zip(rc4.ids, msg_ids):
                 assert receiver.results.get(msg_id, (eid, 1)) == (eid, 1)
         assert whole >= 3 and len(receiver.results) >= 3 * len(rc4.ids)

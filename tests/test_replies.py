@@ -6,6 +6,7 @@ replies reaching a client as one message) is in ``test_broadcast.py`` and
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 import zmq
 
 from kernel_engine import protocol, replies, serialize, wire
+from kernel_engine.controller import outbox
+from kernel_engine.controller.fanin import FanIn
 from kernel_engine.controller.outbox import Outbox
 
 KEY = b"k" * 32
@@ -71,10 +74,17 @@ def test_a_msg_id_is_written_as_json_whatever_it_holds() -> None:
     assert _read(signer, replies.pack(signer, held)[0])[0][1].parent_id == odd
 
 
+def _change(signer: wire.Wire, frames: list[Any], at: int, part: bytes) -> list[Any]:
+    """``frames`` with ``part`` at ``at``, signed again (by ``signer``)."""
+    frames[at] = part
+    frames[3] = signer.sign([bytes(f) for f in frames[4:8]])
+    return frames
+
+
 def test_empty_parts_read_as_empty_objects() -> None:
     signer = wire.Wire(KEY)
     held = [_reply(signer, eid, eid) for eid in range(2)]
-    held[0][7] = b""
+    _change(signer, held[0], 7, b"")
     held[1] = replies.tag(held[1], held[1].head[0], 1, b"")
     got = _read(signer, replies.pack(signer, held)[0])
     assert got[0][1].content == {} and got[1][1].metadata == {}
@@ -83,19 +93,41 @@ def test_empty_parts_read_as_empty_objects() -> None:
 def test_what_is_not_a_tagged_reply_goes_whole_in_its_place() -> None:
     signer = wire.Wire(KEY)
     untagged = _reply(signer, 1, 1, tagged=False)  # (the controller's own, say)
-    not_json = _reply(signer, 2, 2)
-    not_json[7] = b"{not json"
-    nan = _reply(signer, 3, 3)
-    nan[7] = b'{"status": NaN}'  # (no client would parse it)
+    not_json = _change(signer, _reply(signer, 2, 2), 7, b"{not json")  # (signed, still bad)
+    nan = _change(signer, _reply(signer, 3, 3), 7, b'{"status": NaN}')  # (no client reads it)
     short = replies.tag(_reply(signer, 4, 4)[:7], "x", 4, b"{}")
+    # (an engine's port taken over by another process: its reply is not signed with the key)
+    forged = _reply(signer, 9, 9)
+    forged[3] = wire.Wire(b"another key").sign([bytes(f) for f in forged[4:8]])
+    header = json.loads(bytes(forged[4]))
+    execute = _change(
+        signer, _reply(signer, 10, 10), 4, wire.dumps_json({**header, "msg_type": "execute_reply"})
+    )
+    bad_header = _change(signer, _reply(signer, 11, 11), 4, b'{"msg_type": "apply_reply"')
+    deep = _change(signer, _reply(signer, 12, 12), 7, b'{"a":' + b"[" * 250 + b"]" * 250 + b"}")
+    nested = b'{"b":' + b"[" * 110 + b"]" * 110 + b"}"  # (deep enough with the content's)
+    deeper = replies.tag(_reply(signer, 13, 13), "x", 13, nested)
+    _change(signer, deeper, 7, b'{"c":[' + b"{}," * 99 + b"{}]}")  # (counted, not nested)
+    odd = [untagged, not_json, nan, short, forged, execute, bad_header, deep, deeper]
     good = [_reply(signer, eid, eid) for eid in (5, 6, 7, 8)]
-    out = replies.pack(signer, [*good[:2], untagged, not_json, nan, short, *good[2:]])
-    assert out[1:5] == [untagged, not_json, nan, short]
+    out = replies.pack(signer, [*good[:2], *odd, *good[2:]])
+    assert out[1:-1] == odd
     assert [eid for eid, _ in _read(signer, out[0])] == [5, 6]
-    assert [eid for eid, _ in _read(signer, out[5])] == [7, 8]
+    assert [eid for eid, _ in _read(signer, out[-1])] == [7, 8]
+    with pytest.raises(wire.SignatureError):  # (the client refuses it, as before)
+        signer.unpack(forged[3:])
+    # as deep as may be merged: the client reads it, its own stack deep too
+    fine = _change(signer, _reply(signer, 14, 14), 7, b'{"a":' + b"[" * 190 + b"]" * 190 + b"}")
+    (merged,) = replies.pack(signer, [fine, good[0]])
+    assert _deep(lambda: _read(signer, merged), 600)[0][1].content["a"]
     # one alone, or one between others sent whole, is sent as it is
     assert replies.pack(signer, good[:1]) == good[:1]
     assert replies.pack(signer, [good[0], untagged, good[1]]) == [good[0], untagged, good[1]]
+
+
+def _deep(call: Any, frames: int) -> Any:
+    """``call()`` from ``frames`` Python frames deeper than here."""
+    return call() if frames <= 0 else _deep(call, frames - 1)
 
 
 def test_a_long_run_is_cut_at_the_most_one_message_carries(monkeypatch) -> None:
@@ -200,3 +232,35 @@ def test_the_connect_request_checks_what_a_client_reads() -> None:
     for reads in ("px_replies", [1], ["x" * 65], ["x"] * 17):
         with pytest.raises(ValueError, match="reads must"):
             protocol.ConnectRequest.from_content({"reads": reads})
+
+
+def test_past_its_bound_the_outbox_forgets_the_client_that_said_so_longest_ago(
+    pair: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(outbox, "MAX_MERGED", 2)
+    router, _ = pair
+    box = Outbox(router, wire.DropLog(logging.getLogger("test"), "test"), wire.Wire(KEY))
+    a, b, c = (b"%016x:r" % n for n in range(3))
+    box.merge_for(a, True)
+    box.merge_for(b, True)
+    box.merge_for(a, True)  # (said again: now the newest)
+    box.merge_for(c, True)
+    assert list(box._merged) == [a, c]
+    box.merge_for(b"%016x:s" % 4, True)  # (not a receiving socket: never merged)
+    assert list(box._merged) == [a, c]
+
+
+def test_only_a_broadcasts_held_replies_are_tagged_to_go_merged() -> None:
+    signer = wire.Wire(KEY)
+    sent: list[list[Any]] = []
+    fanin = FanIn(sent.append, lambda delay, callback: None)
+    parts = [_reply(signer, eid, eid, tagged=False) for eid in range(3)]
+    ids = [_parent(signer, f) for f in parts]
+    fanin.expect(CLIENT, ids)
+    lone = _reply(signer, 7, 7, tagged=False)  # (a load-balanced task's, say: not held)
+    fanin.reply(_parent(signer, lone), lone, (7, lone[6]))
+    for msg_id, frames in zip(ids, parts):
+        fanin.reply(msg_id, frames, (int(frames[1]), frames[6]))
+    assert type(sent[0]) is list  # (sent as it came, untagged)
+    (merged,) = replies.pack(signer, sent[1:])
+    assert [r.parent_id for _, r in _read(signer, merged)] == ids

@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kernel_engine import replies
+
 HOLD_SECONDS = 0.05
 """The longest a reply waits for the rest of its broadcast. A noop on 32 engines of this
 2-core machine takes 35 to 55 ms a call, and its replies came back in one message in
@@ -111,13 +113,17 @@ class FanIn:
         for msg_id in msg_ids:
             self._parts[msg_id] = parts
 
-    def reply(self, msg_id: str, frames: list[Any]) -> None:
+    def reply(self, msg_id: str, frames: list[Any], head: tuple[int, bytes] | None = None) -> None:
         """``frames`` (``[client, route, DELIM, signature, ...]``) answers ``msg_id``: sent
-        now (with the replies held beside it) or held."""
+        now (with the replies held beside it) or held. ``head``: for an engine's apply
+        reply, (engine id, metadata frame) as the router read them; a reply held with it
+        may then go merged with the others (:func:`kernel_engine.replies.tag`)."""
         parts = self._parts.pop(msg_id, None)
         if parts is None:
             self.send(frames)
             return
+        if head is not None:
+            frames = replies.tag(frames, msg_id, *head)
         parts.waiting.discard(msg_id)
         size = sum(map(len, frames))
         parts.held.append(frames)

@@ -7,8 +7,8 @@ about to poll again (:attr:`~.loop.PollLoop.before_poll`), or until that client'
 fills (:data:`MAX_MESSAGES`, :data:`MAX_BYTES`), and then leave as one message: the only
 one as it is, several as a batch ``[client, BATCH, counts, message frames...]``
 (:func:`kernel_engine.wire.pack_batch`), each message whole (its route frame, delimiter
-and signature as the engine or the controller made it), but for the runs of task replies
-to a client that reads them merged: each run one message the controller signs
+and signature as the engine or the controller made it), but for the runs of a broadcast's
+replies to a client that reads them merged: each run one message the controller signs
 (:mod:`kernel_engine.replies`; it costs the client a seventh of what the replies whole
 do). A lone request's reply is sent in the same loop turn its engine's answer arrived
 in, so a round trip waits for nothing.
@@ -38,8 +38,9 @@ MAX_BYTES = 1 << 20
 once)."""
 
 MAX_MERGED = 100_000
-"""Clients remembered as reading merged replies, at most (each connected client says so at
-each connect, so forgetting them all past this costs only speed until they ask again)."""
+"""Clients remembered as reading merged replies, at most: past it, the one that said so
+longest ago is forgotten (and gets its replies whole, which it reads too, until it
+connects again). Clients that leave are forgotten as they go."""
 
 
 class Outbox:
@@ -61,7 +62,7 @@ class Outbox:
         self.socket = socket
         self.drops = drops
         self.signer = signer
-        self._merged: set[bytes] = set()  # clients that read merged replies
+        self._merged: dict[bytes, None] = {}  # clients that read merged replies, oldest first
         self._queued: dict[bytes, list[list[Any]]] = {}
         self._bytes: dict[bytes, int] = {}
 
@@ -80,12 +81,11 @@ class Outbox:
 
     def merge_for(self, client: bytes, merged: bool) -> None:
         """Whether ``client`` (a receiving identity) is sent its task replies merged."""
-        if not merged:
-            self._merged.discard(client)
-        elif self.signer is not None and client.endswith(b":r"):
+        self._merged.pop(client, None)
+        if merged and self.signer is not None and client.endswith(b":r"):
             if len(self._merged) >= MAX_MERGED:
-                self._merged.clear()  # (clients that left unnoticed: they ask again)
-            self._merged.add(client)
+                del self._merged[next(iter(self._merged))]
+            self._merged[client] = None
 
     def flush(self) -> None:
         """Send what is queued (one message per client)."""

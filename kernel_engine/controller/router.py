@@ -18,13 +18,17 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from kernel_engine import protocol, replies, wire
+from kernel_engine import protocol, wire
 from kernel_engine.wire import DropLog, Message
 
 from .balancer import Balancer
 from .engines import Engine, EngineSet
 from .hub import Hub
 from .inflight import Inflight, Pending
+
+Head = tuple[int, bytes]
+"""What the router read of an engine's reply to an apply request: (engine id, metadata
+frame)."""
 
 log = logging.getLogger("kernel_engine.controller")
 
@@ -45,10 +49,11 @@ class Router:
     drops
         Counts dropped input.
     send_reply
-        ``send_reply(msg_id, frames)``: sends the answer to a routed request (its engine's
-        reply, or the controller's error in its place); by default ``send_client(frames)``
-        (the controller holds a broadcast's replies there to send them together, see
-        :mod:`.fanin`).
+        ``send_reply(msg_id, frames, head)``: sends the answer to a routed request (its
+        engine's reply, or the controller's error in its place; ``head``, for an engine's
+        reply to an apply request, what was read of it: (engine id, metadata frame), else
+        None); by default ``send_client(frames)`` (the controller holds a broadcast's
+        replies there to send them together, see :mod:`.fanin`).
     """
 
     def __init__(
@@ -61,7 +66,7 @@ class Router:
         send_client: Callable[[list[Any]], None],
         dead: Mapping[int, str],
         drops: DropLog,
-        send_reply: Callable[[str, list[Any]], None] | None = None,
+        send_reply: Callable[[str, list[Any], Head | None], None] | None = None,
     ):
         self.wire = wire
         self.engines = engines
@@ -71,7 +76,7 @@ class Router:
         self.send_client = send_client
         self.dead = dead
         self.drops = drops
-        self.send_reply = send_reply or (lambda _, frames: send_client(frames))
+        self.send_reply = send_reply or (lambda _, frames, head: send_client(frames))
         self.adopting: Collection[int] = ()
         """The engines a restarted controller is adopting (the :class:`~.restore.Restorer`'s
         set): replies they send before their setup reply are ones they kept."""
@@ -103,7 +108,7 @@ class Router:
             else:
                 why = ("EngineError", f"no engine with id {eid}")
             self.send_reply(
-                msg.msg_id, protocol.fail_reply(self.wire, client, msg.header, eid, *why)
+                msg.msg_id, protocol.fail_reply(self.wire, client, msg.header, eid, *why), None
             )
             return
         self.inflight.add(msg.msg_id, Pending(client, msg.header, eid, channel, "routed"))
@@ -175,10 +180,9 @@ class Router:
                 return  # a retried attempt: the scheduler sent the task elsewhere
         elif channel != "control":
             self.balancer.outcome(msg_id, engine.id, status == "ok")
-        out = [frames[0], engine.route, *frames[1:]]
-        if channel != "control" and parent.get("msg_type") == protocol.APPLY_REQUEST:
-            out = replies.tag(out, msg_id, engine.id, md_bytes)  # (may go with others)
-        self.send_reply(msg_id, out)
+        apply = channel != "control" and parent.get("msg_type") == protocol.APPLY_REQUEST
+        head = (engine.id, md_bytes) if apply else None
+        self.send_reply(msg_id, [frames[0], engine.route, *frames[1:]], head)
         self._record_outcome(msg_id, status, metadata, channel, frames)
 
     def _kept_unrecorded(
@@ -287,4 +291,4 @@ class Router:
             self.hub.completed(msg_id, "error", frames=frames[3:])  # (from the signature on)
             self.balancer.outcome(msg_id, engine_id, False)
             if pending.kind == "routed":
-                self.send_reply(msg_id, frames)
+                self.send_reply(msg_id, frames, None)
