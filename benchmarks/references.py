@@ -144,13 +144,15 @@ class PoolTool:
 # ------------------------------------------------------------------------------ raw pyzmq
 
 
-def _echo_server(address: str) -> None:
-    """A ROUTER: ``e`` echoes what follows; ``k`` keeps its frame (replies ``ok``);
-    ``g`` sends the kept frame; ``q`` quits."""
+def _echo_server(port_to: Any) -> None:
+    """A ROUTER on a port of its own choosing, sent through the pipe ``port_to``: ``e``
+    echoes what follows; ``k`` keeps its frame (replies ``ok``); ``g`` sends the kept
+    frame; ``q`` quits."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.sndhwm = sock.rcvhwm = 0
-    sock.bind(address)
+    port_to.send(sock.bind_to_random_port("tcp://127.0.0.1"))
+    port_to.close()
     kept: Any = b""
     while True:
         ident, cmd, *rest = sock.recv_multipart(copy=False)
@@ -191,14 +193,17 @@ class ZmqTool:
         sock = self.ctx.socket(zmq.DEALER)
         sock.sndhwm = sock.rcvhwm = 0
         sock.linger = 0
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        sock.unbind(f"tcp://127.0.0.1:{port}")
-        address = f"tcp://127.0.0.1:{port}"
-        self.proc = multiprocessing.get_context("fork").Process(
-            target=_echo_server, args=(address,), daemon=True
-        )
+        # (the server binds a port itself and says which: a port found free here and
+        # let go could be taken before it binds, and zmq lets go of a port a little later)
+        fork = multiprocessing.get_context("fork")
+        port_from, port_to = fork.Pipe(duplex=False)
+        self.proc = fork.Process(target=_echo_server, args=(port_to,), daemon=True)
         self.proc.start()
-        sock.connect(address)
+        port_to.close()
+        if not port_from.poll(W.CALL_TIMEOUT):
+            raise RuntimeError("the echo server did not start")
+        sock.connect(f"tcp://127.0.0.1:{port_from.recv()}")
+        port_from.close()
         sock.rcvtimeo = int(W.CALL_TIMEOUT * 1000)
         self.sock = sock
         self.call(b"e", b"hello")
