@@ -15,7 +15,8 @@ message of :data:`REPLIES`::
 which costs the client about 8 us a reply (3 to send and receive, 5 to parse) and the
 controller about 13 to check each reply before it vouches for it with its own signature:
 the engine's signature (an engine's port, once the engine is dead, may be taken by any
-local process, and the controller's socket reconnects to it), the engine's header (an
+local process, and the controller's socket reconnects to it; the router has checked it
+too, but what this module signs it checks itself), the engine's header (an
 ``apply_reply``), the content as a JSON object (the router has parsed the parent header and
 metadata already: :class:`EngineReply` keeps what it read), and a nesting depth that the
 client can read at any stack depth (:data:`MAX_DEPTH`). What was not tagged (a reply the

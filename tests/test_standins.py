@@ -16,9 +16,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kernel_engine import wire
 from kernel_engine.controller.engines import FILES_KEPT_FREE, FILES_PER_ENGINE
 from kernel_engine.errors import LaunchError
 
@@ -104,3 +106,48 @@ def test_a_controller_out_of_files_refuses_registrations_whole_and_serves_on(clu
         server.join(10)
         fleet.close()
     assert not server.is_alive()
+
+
+class _Forger(wire.Wire):
+    """Reads messages with the cluster's key; signs what it sends with another."""
+
+    def pack(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], list[Any]]:
+        header, frames = super().pack(*args, **kwargs)
+        at = frames.index(wire.DELIM)
+        frames[at + 1] = wire.Wire(b"not the cluster's key").sign(frames[at + 2 : at + 6])
+        return header, frames
+
+
+def test_replies_not_signed_with_the_key_are_dropped_by_the_controller(cluster_factory):
+    # (an engine's port taken over once the engine died: the controller's socket
+    # reconnects to whatever holds it. Here a stand-in's replies go out signed with
+    # another key: none reaches a record or a client, merged or whole; the others serve on)
+    cluster = cluster_factory(n=0)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.pids.append(cluster.controller_pid)
+    fleet = Fleet(json.loads(cluster.connection_file.read_text()), 3, "standin-test")
+    stop = threading.Event()
+    server = threading.Thread(target=fleet.serve, args=(stop,), name="standins", daemon=True)
+    server.start()
+    try:
+        ids = fleet.register(timeout=30)
+        rc.wait_for_engines(3, timeout=30)
+        impostor = fleet.standins[0]
+        impostor.wire = _Forger(fleet.key, session=impostor.uuid)
+        forged = rc[impostor.engine_id].apply_async(tiny)
+        both = rc.broadcast_view(targets=[impostor.engine_id, ids[1]]).apply_async(tiny)
+        with pytest.raises(TimeoutError):
+            forged.get(timeout=1.0)
+        assert not both.ready()  # (the real part alone, never merged with the forged one)
+        assert rc[ids[1]].apply_sync(tiny) == [ids[1]]  # (the others serve on)
+        pending = {r["msg_id"] for r in rc.db_query({"completed": None}, keys=["msg_id"])}
+        assert forged.msg_ids[0] in pending and both.msg_ids[0] in pending
+        assert both.msg_ids[1] not in pending
+    finally:
+        cluster.stop_cluster_sync(timeout=20)
+        server.join(10)
+        stop.set()
+        server.join(5)
+        fleet.close()
+    log = (cluster.folder / "controller.log").read_text()  # (drops are logged by the stop)
+    assert f"reply from engine {impostor.engine_id}: invalid HMAC signature" in log

@@ -150,6 +150,10 @@ class Router:
             self.drops.drop(f"malformed reply from engine {engine.id}")
             return
         try:
+            # (checked though it comes on a socket this controller connected to the engine:
+            # once the engine is dead, any local process may take its port over, and the
+            # socket reconnects to it)
+            self.wire.verify(frames[2:])
             parent = wire.loads_object(frames[4].bytes, "parent header")
             md_bytes = frames[5].bytes
             metadata = wire.loads_object(md_bytes, "metadata")
