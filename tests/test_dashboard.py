@@ -214,7 +214,9 @@ CELLS = [
     "amr = lview.map(lambda x: (time.sleep(0.3), x)[1], range(16), chunksize=1)\n"
     "amr.wait_interactive(per_engine=True)",
     "print('dashboard active:', dash.active)",
-    "cluster.stop_cluster_sync()\nprint('cluster stopped')",
+    # (the words apart in the source: the editor shows it too, and the wait below must
+    # find the output alone)
+    "cluster.stop_cluster_sync()\nprint('cluster', 'stopped')",
 ]
 BARS_JS = """() => [...document.querySelectorAll('.jupyter-px-engine-bar')].map(box => ({
     label: box.querySelector('.widget-label')?.textContent,
@@ -295,4 +297,4 @@ def _drive(page: Any, lab: Any) -> None:
     page.keyboard.press("Shift+Enter")
     page.get_by_text("dashboard active: False").wait_for(timeout=20_000)
     page.keyboard.press("Shift+Enter")
-    page.get_by_text("cluster stopped").wait_for(timeout=30_000)
+    page.get_by_text("cluster stopped", exact=True).wait_for(timeout=30_000)
