@@ -94,14 +94,16 @@ def _entry(wire_: Wire, frames: Any) -> bytes | None:
     if type(frames) is not EngineReply or len(frames) < 8:
         return None
     msg_id, engine_id, metadata = frames.head
-    content = wire.as_bytes(frames[7]) or b"{}"  # (an empty part reads as {})
-    if metadata.count(b"{") + metadata.count(b"[") + content.count(b"{") + content.count(
-        b"["
-    ) > MAX_DEPTH or _APPLY_REPLY not in wire.as_bytes(frames[4]):
+    try:
+        header_bytes, _, _, content = wire_.verify(frames[3:])
+    except MessageError:
+        return None
+    content = content or b"{}"  # (an empty part reads as {})
+    depth = sum(part.count(b"{") + part.count(b"[") for part in (metadata, content))
+    if depth > MAX_DEPTH or _APPLY_REPLY not in header_bytes:
         return None
     try:
-        wire_.verify(frames[3:])
-        header = wire.check_header(wire.loads_json(wire.as_bytes(frames[4]), "header"))
+        header = wire.check_header(wire.loads_json(header_bytes, "header"))
         wire.loads_object(content, "content")
     except MessageError:
         return None

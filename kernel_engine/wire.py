@@ -344,18 +344,21 @@ class Wire:
         socket.send_multipart(frames, flags, copy=False)
         return header
 
-    def verify(self, msg_frames: Sequence[Any]) -> None:
-        """Check the framing and signature of message frames (those after the delimiter)."""
+    def verify(self, msg_frames: Sequence[Any]) -> list[bytes]:
+        """Check the framing and signature of message frames (those after the delimiter);
+        returns the four signed parts (header, parent, metadata, content) as bytes, so
+        that a caller reading them does not copy them out of their frames again."""
         if len(msg_frames) < 5:
             raise MessageError(f"malformed message: {len(msg_frames)} frames after delimiter")
+        parts = [as_bytes(f) for f in msg_frames[1:5]]
         if self._hmac is None:
-            return
+            return parts
         signature = msg_frames[0]
         if len(signature) != 64:  # a hex SHA-256: no hashing for what cannot match
             raise SignatureError("invalid HMAC signature")
-        expected = self.sign([as_bytes(f) for f in msg_frames[1:5]])
-        if not hmac.compare_digest(as_bytes(signature), expected):
+        if not hmac.compare_digest(as_bytes(signature), self.sign(parts)):
             raise SignatureError("invalid HMAC signature")
+        return parts
 
     def unpack(self, msg_frames: list[Any]) -> Message:
         """Verify message frames (after the delimiter) and parse them into a Message."""

@@ -153,9 +153,8 @@ class Router:
             # (checked though it comes on a socket this controller connected to the engine:
             # once the engine is dead, any local process may take its port over, and the
             # socket reconnects to it)
-            self.wire.verify(frames[2:])
-            parent = wire.loads_object(frames[4].bytes, "parent header")
-            md_bytes = frames[5].bytes
+            _, parent_bytes, md_bytes, _ = self.wire.verify(frames[2:])
+            parent = wire.loads_object(parent_bytes, "parent header")
             metadata = wire.loads_object(md_bytes, "metadata")
         except wire.MessageError as exc:
             self.drops.drop(f"reply from engine {engine.id}: {exc}")
