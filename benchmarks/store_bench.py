@@ -17,7 +17,10 @@ frames). Measured, on the calling thread unless said otherwise:
   1,000 tasks after its submission), with the default limits (1 GiB, 7 days): put cost,
   the time callers spent blocked by backpressure, records written a second (until
   ``flush`` returns), the database's size and the process's RSS before, at peak and after;
-- ``reopen`` (``quick_check`` included) and a few reads on the final database.
+- ``reopen`` (``quick_check`` included) and a few reads on the final database;
+- ``big``: ``--big`` tasks whose request (then, as many again, whose reply) carries one
+  ``--big-mib`` MiB buffer, one every ``--big-pace`` seconds as pushes to an engine come:
+  the process's CPU per task (the writer's, mostly) and how long the caller was blocked.
 
 A baseline row times a function that takes the same keyword arguments and does nothing:
 what the call alone costs on this machine.
@@ -219,6 +222,39 @@ def put_alone(path: str, task: tuple[str, list[bytes], list[bytes]]) -> list[str
     return out
 
 
+def big_frames(path: str, n: int, mib: int, pace: float) -> tuple[float, float, float]:
+    """(process CPU per task in ms, seconds the caller was blocked, seconds until all was
+    committed after the last put) of ``n`` tasks with a ``mib`` MiB buffer each."""
+    payload = memoryview(bytearray(os.urandom(1 << 20)) * mib)
+    store = SqliteLog(path)
+    cpu0 = time.process_time()
+    for i in range(n):
+        msg_id = str(uuid.uuid4())
+        push = i < n // 2
+        store.put(
+            msg_id,
+            msg_type="apply_request",
+            client_uuid=CLIENT,
+            status="pending",
+            submitted=time.time(),
+            request=[b"{}", b"{}", b"{}", b"{}", payload if push else b"x"],
+        )
+        store.put(
+            msg_id,
+            status="ok",
+            completed=time.time(),
+            result=[b"{}", b"{}", b"{}", b"{}", b"r" if push else payload],
+        )
+        time.sleep(pace)
+    t0 = time.perf_counter()
+    store.flush()
+    tail = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    blocked = store.blocked_seconds
+    store.close()
+    return cpu / n * 1e3, blocked, tail
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -233,6 +269,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10_000, help="tasks/s of the paced run")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the paced run")
     parser.add_argument("--dir", default=None, help="where the database files go")
+    parser.add_argument("--big", type=int, default=16, help="tasks with a big buffer")
+    parser.add_argument("--big-mib", type=int, default=64, help="MiB of each big buffer")
+    parser.add_argument("--big-pace", type=float, default=0.06, help="seconds between them")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="px-store-bench-", dir=args.dir)
     MiB = 1 << 20
@@ -291,6 +330,9 @@ def main() -> None:
         query_ms = (time.perf_counter() - t0) * 1000
         store.close()
 
+        big_path = os.path.join(folder, "big.db")
+        big_cpu, big_blocked, big_tail = big_frames(big_path, args.big, args.big_mib, args.big_pace)
+
         head = ["put() on the caller's thread, ns", "p50", "p99", "p99.9", "max", "samples"]
         print(
             table(
@@ -328,6 +370,15 @@ def main() -> None:
                     ["get(msg_id), ms", f"{get_ms:.2f}"],
                     [f"history() of {n_hist:,}, s", f"{hist_s:.2f}"],
                     [f"query completed in last hour, limit 1000 ({n_q}), ms", f"{query_ms:.1f}"],
+                    [f"{args.big} tasks of {args.big_mib} MiB: CPU per task, ms", f"{big_cpu:.0f}"],
+                    [
+                        f"{args.big} tasks of {args.big_mib} MiB: caller blocked, s",
+                        f"{big_blocked:.2f}",
+                    ],
+                    [
+                        f"{args.big} tasks of {args.big_mib} MiB: committed after, s",
+                        f"{big_tail:.2f}",
+                    ],
                 ],
             )
         )

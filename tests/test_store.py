@@ -69,13 +69,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def submit(store: SqliteLog, msg_id: str, at: float | None = None, **fields: Any) -> None:
     at = time.time() if at is None else at  # (now, not when the module was imported)
+    fields = {"request": frames(msg_id, {}, b"f", b"args"), **fields}
     store.put(
         msg_id,
         msg_type="apply_request",
         client_uuid="client-1",
         status="pending",
         submitted=at,
-        request=frames(msg_id, {}, b"f", b"args"),
         **fields,
     )
 
@@ -84,14 +84,8 @@ def complete(
     store: SqliteLog, msg_id: str, status: str = "ok", at: float | None = None, **fields: Any
 ):
     at = time.time() if at is None else at
-    store.put(
-        msg_id,
-        status=status,
-        started=at,
-        completed=at,
-        result=frames(msg_id, {"status": status}, b"result"),
-        **fields,
-    )
+    fields = {"result": frames(msg_id, {"status": status}, b"result"), **fields}
+    store.put(msg_id, status=status, started=at, completed=at, **fields)
 
 
 # -- the query language ------------------------------------------------------------------
@@ -488,25 +482,39 @@ def test_reads_see_earlier_puts_from_any_thread(open_store):
     assert store.history() == ["main", "other"]
 
 
-def test_big_frames_go_to_the_blob_table(open_store, tmp_path):
+def _blob_files(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tasks.db-blobs").iterdir())
+
+
+def test_big_frames_go_to_blob_files(open_store, tmp_path):
     store = open_store(blob_threshold=1024)
     submit(store, "small")
     complete(store, "small")
     big = os.urandom(200_000)
     store.put("big", status="pending", request=frames("big", {}, big))
-    store.put("big", status="ok", result=frames("big", {"status": "ok"}, big, b"tail"))
+    store.flush()  # (the reply in a later batch: an update names the file by the row's seq)
+    store.put("big", status="ok", result=frames("big", {"status": "ok"}, memoryview(big), b"t"))
     store.flush()
     with sqlite3.connect(tmp_path / "tasks.db") as con:
-        blobs = con.execute("SELECT msg_id, kind FROM blobs ORDER BY kind").fetchall()
-        inline = con.execute("SELECT request_big, result_big FROM tasks").fetchall()
-    assert blobs == [("big", 0), ("big", 1)]
-    assert inline == [(0, 0), (1, 1)]
-    assert store.get("big", ["result_buffers"])["result_buffers"] == [big, b"tail"]
+        inline = con.execute("SELECT seq, request_big, result_big FROM tasks").fetchall()
+        assert len(con.execute("SELECT request FROM tasks WHERE seq = 2").fetchone()[0]) == 0
+    assert inline == [(1, 0, 0), (2, 1, 1)]
+    assert _blob_files(tmp_path) == ["2.0", "2.1"]
+    assert (tmp_path / "tasks.db-blobs").stat().st_mode & 0o777 == 0o700
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "tasks.db-blobs").iterdir())
+    assert on_disk > 400_000 and store._blob_bytes == on_disk
+    assert store.get("big", ["result_buffers"])["result_buffers"] == [big, b"t"]
     assert store.get("big", ["buffers"])["buffers"] == [big]
+    assert store.frames("big", "result") == frames("big", {"status": "ok"}, big, b"t")
+    assert store.frames_many(["big", "small"], "request")["big"][4] == big
+    # a query weighs the files it would read
+    assert store.query_capped({}, ["buffers"], max_bytes=100_000) == (
+        [{"msg_id": "small", "buffers": [b"f", b"args"]}],
+        True,
+    )
 
     assert store.drop_results(["big", "unknown"]) == 1
-    with sqlite3.connect(tmp_path / "tasks.db") as con:
-        assert con.execute("SELECT kind FROM blobs").fetchall() == [(0,)]
+    assert _blob_files(tmp_path) == ["2.0"]
     record = store.get("big", ["status", "result_content", "result_buffers", "buffers"])
     assert record == {
         "msg_id": "big",
@@ -518,8 +526,99 @@ def test_big_frames_go_to_the_blob_table(open_store, tmp_path):
     assert store.drop_results() == 1  # "small"'s inline result
     assert store.get("small", ["result_header"])["result_header"] is None
     assert store.purge(["big"]) == 1
+    assert _blob_files(tmp_path) == [] and store._blob_bytes == 0
     with sqlite3.connect(tmp_path / "tasks.db") as con:
-        assert con.execute("SELECT count(*) FROM blobs").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM gone").fetchone() == (0,)
+
+
+def test_frames_over_the_limit_are_neither_stored_nor_held(open_store, caplog):
+    store = open_store(max_frames_bytes=10_000, max_pending_bytes=5_000, batch_interval=60.0)
+    huge = bytearray(50_000)
+    submit(store, "huge", request=frames("huge", {}, huge))
+    complete(store, "huge", result=frames("huge", {"status": "ok"}, huge))
+    assert store.blocked_seconds == 0  # (not counted against the bound either)
+    record = store.get("huge", ["status", "buffers", "result_buffers"])
+    assert record == {"msg_id": "huge", "status": "ok", "buffers": None, "result_buffers": None}
+    assert "request of huge not stored: 50" in caplog.text
+    assert "result of huge not stored: 50" in caplog.text
+
+
+def test_blob_files_no_record_names_are_removed_on_open(open_store, tmp_path):
+    store = open_store(blob_threshold=1024)
+    big = os.urandom(5000)
+    for i in range(3):
+        submit(store, f"m{i}", request=frames(f"m{i}", {}, big))
+    store.close()
+    folder = tmp_path / "tasks.db-blobs"
+    (folder / "99.0").write_bytes(b"a batch that never committed")
+    (folder / "2.1.part").write_bytes(b"cut short")
+    store = open_store(blob_threshold=1024)
+    assert _blob_files(tmp_path) == ["1.0", "2.0", "3.0"]
+    assert store._blob_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    assert store.get("m2", ["buffers"])["buffers"] == [big]
+    (folder / "1.0").unlink()  # (removed by hand: the record's frames are then missing)
+    assert store.get("m0", ["buffers"])["buffers"] is None
+
+
+V1_SCHEMA = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL UNIQUE,
+    msg_type TEXT, client_uuid TEXT, engine_id INTEGER, engine_uuid TEXT, label TEXT,
+    status TEXT NOT NULL DEFAULT 'pending',
+    submitted REAL, started REAL, completed REAL, received REAL, resubmitted TEXT,
+    done_at REAL, request_big INTEGER NOT NULL DEFAULT 0, result_big INTEGER NOT NULL DEFAULT 0,
+    after TEXT, follow TEXT, stdout TEXT, stderr TEXT, request BLOB, result BLOB
+);
+CREATE INDEX tasks_done ON tasks(done_at);
+CREATE TABLE blobs (
+    msg_id TEXT NOT NULL, kind INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (msg_id, kind)
+);
+CREATE TRIGGER tasks_blobs AFTER DELETE ON tasks WHEN old.request_big OR old.result_big
+BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id; END;
+PRAGMA application_id = 1886929986;
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_file_is_upgraded(tmp_path, open_store):
+    from kernel_engine.controller.sqlite_store import pack
+
+    big = frames("old", {}, os.urandom(100_000))
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        con.executescript(V1_SCHEMA)
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute(
+            "INSERT INTO tasks (msg_id, status, done_at, request_big, request) "
+            "VALUES ('old', 'ok', ?1, 1, x''), ('small', 'ok', ?1, 0, ?2)",
+            (NOW, pack([b"{}", b"x"])),
+        )
+        con.execute("INSERT INTO blobs VALUES ('old', 0, ?)", (pack(big),))
+    store = open_store()
+    assert store.frames("old", "request") == big
+    assert store.frames("small", "request") == [b"{}", b"x"]
+    assert _blob_files(tmp_path) == ["1.0"]
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("PRAGMA user_version").fetchone() == (2,)
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert "blobs" not in tables and "gone" in tables
+    assert store.purge() == 2 and _blob_files(tmp_path) == []
+
+
+def test_retention_counts_the_blob_files(open_store, tmp_path):
+    limit = 4 << 20
+    store = open_store(max_bytes=limit, batch_interval=0.01, blob_threshold=1024)
+    payload = os.urandom(100_000)
+    for i in range(300):
+        msg_id = f"m{i:04d}"
+        submit(store, msg_id, at=NOW + i)
+        complete(store, msg_id, at=NOW + i, result=frames(msg_id, {"status": "ok"}, payload))
+        if i % 20 == 19:
+            store.flush()
+            assert store.size_bytes() <= limit, i
+    files = _blob_files(tmp_path)
+    assert 10 < len(files) < 40
+    assert store.count() == len(files)  # (each remaining record has its file, and no more)
+    assert store.history()[-1] == "m0299"
 
 
 def test_history_in_submission_order(open_store):
@@ -755,3 +854,24 @@ def test_bad_files_are_named(tmp_path, open_store):
 def test_new_file_is_private(tmp_path, open_store):
     open_store()
     assert (tmp_path / "tasks.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_blob_folder_that_is_a_link_is_refused_and_left_alone(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "1.0").write_bytes(b"somebody's file")
+    (tmp_path / "tasks.db-blobs").symlink_to(elsewhere)
+    with pytest.raises(StoreError, match="tasks.db-blobs is not a directory of this user"):
+        SqliteLog(tmp_path / "tasks.db")
+    assert (elsewhere / "1.0").read_bytes() == b"somebody's file"
+    (tmp_path / "tasks.db-blobs").unlink()
+    (tmp_path / "tasks.db-blobs").mkdir(mode=0o777)
+    os.chmod(tmp_path / "tasks.db-blobs", 0o777)  # (not the umask's)
+    with pytest.raises(StoreError, match="only it can write to"):
+        SqliteLog(tmp_path / "tasks.db")
+    assert not [t for t in threading.enumerate() if t.name == "px-store-writer"]
+    os.chmod(tmp_path / "tasks.db-blobs", 0o700)
+    (tmp_path / "tasks.db-blobs" / "notes.txt").write_bytes(b"not a blob file")
+    store = SqliteLog(tmp_path / "tasks.db")
+    store.close()
+    assert (tmp_path / "tasks.db-blobs" / "notes.txt").exists()

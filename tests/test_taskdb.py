@@ -198,10 +198,14 @@ def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
     folder = clusters.cluster_folder(cluster.cluster_id)
     folder.mkdir(parents=True, mode=0o700)
     (folder / "tasks.db").write_bytes(b"not a database, but somebody's data" * 100)
+    (folder / "tasks.db-blobs").mkdir(mode=0o700)
+    (folder / "tasks.db-blobs" / "1.1").write_bytes(b"a big result")
     rc = cluster.start_and_connect_sync()
     cluster_factory.record(cluster, rc)
     assert rc[0].apply_sync(lambda: "works") == "works"
-    aside = sorted(p.name for p in folder.glob("tasks.db.corrupt-*"))
+    aside = sorted(p.name for p in folder.glob("tasks.db.corrupt-*") if p.is_file())
     assert len(aside) == 1, sorted(p.name for p in folder.iterdir())
     assert (folder / aside[0]).read_bytes().startswith(b"not a database")
+    # its blob files go with it (a new database would remove them: no record names them)
+    assert (folder / f"{aside[0]}-blobs" / "1.1").read_bytes() == b"a big result"
     assert "unreadable" in (folder / "controller.log").read_text()

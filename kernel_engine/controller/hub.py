@@ -555,7 +555,7 @@ def open_log(
     (``.corrupt-<time>``), never lost, and a new one started."""
     if db == "memory":
         return None
-    from .sqlite_store import SqliteLog
+    from .sqlite_store import BLOB_SUFFIX, SqliteLog
 
     path = folder / DB_FILE if db == "sqlite" else Path(db)
     limits: dict[str, Any] = {}
@@ -569,7 +569,9 @@ def open_log(
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error("task database %s unreadable (%s); moved to %s", path, exc, aside)
         path.rename(aside)
-        for suffix in ("-wal", "-shm"):  # (else SQLite could replay the old log into a new file)
+        # (else SQLite could replay the old log into a new file, which would also remove
+        # the old blob files as named by no record)
+        for suffix in ("-wal", "-shm", BLOB_SUFFIX):
             extra = path.with_name(path.name + suffix)
             if extra.exists():
                 extra.rename(aside.with_name(aside.name + suffix))

@@ -24,21 +24,29 @@ that were still queued, no engine having taken them, for less than :data:`HOLD` 
 task database, or is damaged, raises :class:`StoreError` naming it.
 
 Retention. Records finished more than ``max_age`` ago are deleted every few seconds.
-Once the live pages plus room for the next batch pass 95% of ``max_bytes`` (database and
-WAL files together), each batch first deletes the records finished longest ago, a quarter
-more than it brings, until they fit in 85% of it; only a batch that would not fit under
-``max_bytes`` waits for more deletions. SQLite reuses the freed pages, so the file stops
-growing without being rewritten. Pages go back to the file system (``incremental_vacuum``,
-in steps that yield to writes) only when the file is over ``max_bytes`` (a lower limit
-than it was written with) or a quarter of it is free (after a purge). A pending record is
-never deleted.
+Once the live pages and blob files plus room for the next batch pass 95% of ``max_bytes``
+(database, WAL and blob files together), each batch first deletes the records finished
+longest ago, a quarter more than it brings, until they fit in 85% of it; only a batch
+that would not fit under ``max_bytes`` waits for more deletions. SQLite reuses the freed
+pages, so the file stops growing without being rewritten. Pages go back to the file
+system (``incremental_vacuum``, in steps that yield to writes) only when the file is over
+``max_bytes`` (a lower limit than it was written with) or a quarter of it is free (after
+a purge). A pending record is never deleted.
 
 Schema. ``tasks``: one row per msg_id; ``seq`` (the rowid) numbers records in the order
 of their first put, for the history; the queryable keys as columns (:mod:`.query`);
 ``done_at``, when the record was seen finished (NULL while pending; indexed, for retention
 and :meth:`SqliteLog.pending`); the request's and the reply's frames, each packed into one
-blob, inline up to ``blob_threshold`` bytes and in the ``blobs`` table above it (so that
-scans of ``tasks`` stay small). Triggers delete a record's blobs with it.
+blob, inline up to ``blob_threshold`` bytes. Larger ones go to a file of their own,
+``<seq>.0`` (request) or ``<seq>.1`` (reply) in the folder ``<database>-blobs``, written
+with one ``writev`` of the frames before the batch naming it commits. SQLite would copy
+a big blob into its pages, into the WAL, and at the checkpoint into the database file (and
+``fsync`` it): about 480 ms of CPU per 64 MiB here, where the file costs 120 to 180 ms
+(``benchmarks/store_bench.py``, its ``big`` rows). Scans of ``tasks`` stay small too.
+Triggers name the files of deleted records (and of dropped replies) in the ``gone``
+table; the writer removes them once that has committed. A file no record names (a batch
+that never committed) is removed when the store opens. Frames larger than
+``max_frames_bytes`` are not stored at all (the record is), nor held in the queue.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -66,7 +76,7 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 STATUSES = frozenset({PENDING, "ok", "error", "aborted", "unknown"})
 APPLICATION_ID = 0x70784442  # "pxDB", in the file's header
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_OUTPUT = 1 << 20
 TRUNCATED = "\n[output truncated]\n"
 MAINTENANCE_INTERVAL = 5.0
@@ -87,6 +97,23 @@ of an insert and an update, about a third of the writer's time per task."""
 HIGH, LOW = 0.95, 0.85
 RECORD_BYTES = 256  # a record's size without its frames, to make room for a batch
 
+_GONE = """
+CREATE TABLE gone (name TEXT NOT NULL);
+CREATE TRIGGER tasks_gone AFTER DELETE ON tasks WHEN old.request_big OR old.result_big
+BEGIN
+    INSERT INTO gone SELECT old.seq || '.0' WHERE old.request_big;
+    INSERT INTO gone SELECT old.seq || '.1' WHERE old.result_big;
+END;
+CREATE TRIGGER request_gone AFTER UPDATE OF request_big ON tasks
+WHEN old.request_big AND NOT new.request_big
+BEGIN INSERT INTO gone VALUES (old.seq || '.0'); END;
+CREATE TRIGGER result_gone AFTER UPDATE OF result_big ON tasks
+WHEN old.result_big AND NOT new.result_big
+BEGIN INSERT INTO gone VALUES (old.seq || '.1'); END;
+"""
+"""The blob files of records deleted, or whose frames were dropped: named in ``gone`` in
+the transaction that does it, removed once it has committed (:meth:`SqliteLog._unlink_gone`)."""
+
 _SCHEMA = f"""
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
@@ -98,17 +125,7 @@ CREATE TABLE tasks (
     after TEXT, follow TEXT, stdout TEXT, stderr TEXT, request BLOB, result BLOB
 );
 CREATE INDEX tasks_done ON tasks(done_at);
-CREATE TABLE blobs (
-    msg_id TEXT NOT NULL, kind INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (msg_id, kind)
-);
-CREATE TRIGGER tasks_blobs AFTER DELETE ON tasks WHEN old.request_big OR old.result_big
-BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id; END;
-CREATE TRIGGER request_blob AFTER UPDATE OF request_big ON tasks
-WHEN old.request_big AND NOT new.request_big
-BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id AND kind = 0; END;
-CREATE TRIGGER result_blob AFTER UPDATE OF result_big ON tasks
-WHEN old.result_big AND NOT new.result_big
-BEGIN DELETE FROM blobs WHERE msg_id = old.msg_id AND kind = 1; END;
+{_GONE}
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -131,11 +148,12 @@ _APPEND = (
     "WHEN length(coalesce({n}, '')) + length(?2) <= ?3 THEN coalesce({n}, '') || ?2 "
     "ELSE substr(coalesce({n}, '') || ?2, 1, ?3) || ?4 END WHERE msg_id = ?1"
 )
-_FRAMES_SQL = (
-    "CASE WHEN t.{name}_big THEN (SELECT data FROM blobs b WHERE b.msg_id = t.msg_id "
-    "AND b.kind = {kind}) ELSE t.{name} END"
-)
+_FRAMES_SQL = "CASE WHEN t.{name}_big THEN t.seq || '.{kind}' ELSE t.{name} END"
+"""A record's request or reply frames: the packed blob, or the name of its blob file."""
 _HEADS: dict[int, struct.Struct] = {}
+BLOB_SUFFIX = "-blobs"
+"""The folder of a database's blob files is its path with this added."""
+_BLOB_NAME = re.compile(r"[0-9]+\.[01](\.part)?")
 EARLY_OUTPUT_SECONDS = 30.0
 EARLY_OUTPUT_CHARS = 4 << 20
 _OUTPUT = object()  # queue tags other than a msg_id (a put) or a 1-tuple of one (held)
@@ -224,7 +242,7 @@ class SqliteLog:
     max_age
         Seconds a finished record is kept (None: forever).
     blob_threshold
-        Request or reply frames larger than this (packed) go to the ``blobs`` table.
+        Request or reply frames larger than this (packed) go to a file of their own.
     batch_interval
         The writer commits at most this often (seconds).
     max_pending, max_pending_bytes
@@ -251,6 +269,7 @@ class SqliteLog:
         maintenance_interval: float = MAINTENANCE_INTERVAL,
     ):
         self.path = os.fspath(path)
+        self.blob_dir = self.path + BLOB_SUFFIX
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.blob_threshold = blob_threshold
@@ -281,6 +300,7 @@ class SqliteLog:
         # the writer's: output whose record was not written yet, (msg_id, name) -> (since, text)
         self._early: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self._early_chars = 0
+        self._blob_bytes = 0  # the blob files' sizes, kept by the writer
         self._con = self._open()
         try:
             self._reader = sqlite3.connect(
@@ -338,7 +358,9 @@ class SqliteLog:
                 raise StoreError(self.path, "not a jupyter-px task database")
             else:
                 version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION or not {"tasks", "blobs"} <= tables:
+                if version == 1 and {"tasks", "blobs"} <= tables:
+                    self._upgrade(con)
+                elif version != SCHEMA_VERSION or not {"tasks", "gone"} <= tables:
                     raise StoreError(self.path, f"unknown task database version {version}")
             if con.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(self.path, "cannot use the WAL journal here")
@@ -346,6 +368,8 @@ class SqliteLog:
             bad = con.execute("PRAGMA quick_check(1)").fetchone()[0]
             if bad != "ok":
                 raise StoreError(self.path, f"the database is damaged: {bad}")
+            self._con = con
+            self._open_blobs()
             return con
         except BaseException as exc:
             if con is not None:
@@ -353,6 +377,123 @@ class SqliteLog:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(self.path, f"{exc} (move it aside to start afresh)") from exc
             raise
+
+    def _upgrade(self, con: sqlite3.Connection) -> None:
+        """A file of version 1, which kept big frames in a ``blobs`` table: move them to
+        files and make it version 2, in one transaction (the files first: should this be
+        killed, the next open starts again and removes what it wrote)."""
+        self._check_blob_dir()
+        rows = con.execute(
+            "SELECT t.seq, b.kind, b.data FROM blobs b JOIN tasks t ON t.msg_id = b.msg_id"
+        )
+        for seq, kind, data in rows:
+            self._write_blob(f"{seq}.{kind}", [data], packed=True)
+        con.executescript(
+            "BEGIN; DROP TRIGGER IF EXISTS tasks_blobs; DROP TRIGGER IF EXISTS request_blob;"
+            " DROP TRIGGER IF EXISTS result_blob; DROP TABLE blobs;"
+            f" {_GONE}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+        log.info("task database %s: upgraded to version %d", self.path, SCHEMA_VERSION)
+
+    def _open_blobs(self) -> None:
+        """Check the blob folder; remove the blob files no record names (and those
+        ``gone`` names); count the others' bytes."""
+        self._check_blob_dir()
+        self._unlink_gone()
+        con = self._con
+        live = {
+            f"{seq}.{kind}"
+            for kind, name in enumerate(_FRAMES)
+            for (seq,) in con.execute(f"SELECT seq FROM tasks WHERE {name}_big")
+        }
+        total = 0
+        with os.scandir(self.blob_dir) as entries:
+            for entry in entries:
+                if entry.name in live:
+                    total += entry.stat().st_size
+                elif _BLOB_NAME.fullmatch(entry.name):  # (nothing else is ours to remove)
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass
+        self._blob_bytes = total
+
+    def _check_blob_dir(self) -> None:
+        """Make the blob folder (private), or check the one there: a directory of this
+        user's that no one else may write to, not a link (whose files would be removed)."""
+        try:
+            os.mkdir(self.blob_dir, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(self.path, f"cannot make {self.blob_dir}: {exc}") from exc
+        found = os.lstat(self.blob_dir)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
+            raise StoreError(
+                self.path,
+                f"{self.blob_dir} is not a directory of this user's that only it can write to",
+            )
+
+    def _write_blob(self, name: str, frames: Sequence[Any], packed: bool = False) -> None:
+        """Write frames as blob file ``name`` (packed as :func:`pack` packs them, without
+        joining them first; ``packed``: ``frames`` is one blob :func:`pack` made), replacing
+        any file of that name at once."""
+        views = [memoryview(f).cast("B") for f in frames]  # (TypeError: not contiguous)
+        if not packed:
+            head = struct.pack(f"<I{len(views)}Q", len(views), *(v.nbytes for v in views))
+            views.insert(0, memoryview(head))
+        path = os.path.join(self.blob_dir, name)
+        partial = path + ".part"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            _write_all(fd, [v for v in views if v.nbytes])
+        except BaseException:
+            os.unlink(partial)
+            raise
+        finally:
+            os.close(fd)
+        try:
+            self._blob_bytes -= os.stat(path).st_size
+        except FileNotFoundError:
+            pass
+        os.replace(partial, path)
+        self._blob_bytes += sum(v.nbytes for v in views)
+
+    def _unlink_gone(self) -> None:
+        """Remove the blob files that committed changes named in ``gone`` (the writer's;
+        outside a transaction)."""
+        con = self._con
+        names = con.execute("SELECT name FROM gone").fetchall()
+        if not names:
+            return
+        for (name,) in names:
+            path = os.path.join(self.blob_dir, name)
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+                self._blob_bytes -= size
+            except FileNotFoundError:
+                pass
+        con.execute("DELETE FROM gone")
+
+    def _load(self, value: bytes | str | None) -> list[bytes] | None:
+        """Frames from what :data:`_FRAMES_SQL` selected: a packed blob, or a blob file's
+        name (None when it is gone: deleted since the row was read)."""
+        if not value:
+            return None
+        if not isinstance(value, str):
+            return unpack(value)
+        try:
+            with open(os.path.join(self.blob_dir, value), "rb") as f:
+                return unpack(f.read())
+        except FileNotFoundError:
+            return None
+
+    def _blob_size(self, name: str) -> int:
+        try:
+            return os.stat(os.path.join(self.blob_dir, name)).st_size
+        except FileNotFoundError:
+            return 0
 
     # -- callers' side -------------------------------------------------------------------
 
@@ -411,7 +552,12 @@ class SqliteLog:
                 if not _BYTES.issuperset(map(type, value)):
                     for frame in value:
                         memoryview(frame)  # raises TypeError for what is not bytes-like
-                nbytes += sum(map(len, value))
+                size = sum(map(len, value))
+                if size > self.max_frames_bytes:  # (not kept waiting for the writer either)
+                    log.warning("%s of %s not stored: %d bytes", key, msg_id, size)
+                    fields[key] = []
+                else:
+                    nbytes += size
             else:
                 for item in value:
                     if type(item) is not str:
@@ -564,7 +710,8 @@ class SqliteLog:
         keys = q.check_keys(keys)
         if limit is not None and (type(limit) is not int or limit < 0):
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
-        columns, decode = _select(keys)
+        columns, decode = _select(keys, self._load)
+        files = range(len(columns) - sum(c.startswith("CASE") for c in columns), len(columns))
         sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE {where} ORDER BY t.seq"
         if limit is not None:
             sql += f" LIMIT {limit}"
@@ -578,6 +725,7 @@ class SqliteLog:
                 while rows := cursor.fetchmany(256):
                     for row in rows:
                         weight += sum(len(v) for v in row if isinstance(v, (bytes, str)))
+                        weight += sum(self._blob_size(row[i]) for i in files if type(row[i]) is str)
                         if max_bytes is not None and weight > max_bytes and out:
                             cursor.close()
                             return out, True
@@ -591,7 +739,7 @@ class SqliteLog:
         writer, then a query per 500 ids)."""
         keys = q.check_keys(keys)
         wanted = keys if "msg_id" in keys else ("msg_id", *keys)
-        columns, decode = _select(tuple(wanted))
+        columns, decode = _select(tuple(wanted), self._load)
         out: dict[str, dict[str, Any]] = {}
         for row in self._read_ids(f"SELECT {', '.join(columns)} FROM tasks t", msg_ids):
             record = decode(row)
@@ -604,7 +752,8 @@ class SqliteLog:
             raise ValueError(f"which must be 'request' or 'result', not {which!r}")
         blob = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
         rows = self._read_ids(f"SELECT t.msg_id, {blob} FROM tasks t", msg_ids)
-        return {m: unpack(b) for m, b in rows if b}
+        loaded = ((m, self._load(b)) for m, b in rows)
+        return {m: frames for m, frames in loaded if frames is not None}
 
     def _read_ids(self, select: str, msg_ids: Sequence[str]) -> Iterator[Sequence[Any]]:
         """The rows of ``select`` (its ``FROM tasks t``) for these msg_ids: one wait for
@@ -628,7 +777,7 @@ class SqliteLog:
             raise ValueError(f"which must be 'request' or 'result', not {which!r}")
         sql = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
         rows = self._read(f"SELECT {sql} FROM tasks t WHERE t.msg_id = ?", (msg_id,))
-        return unpack(rows[0][0]) if rows and rows[0][0] else None
+        return self._load(rows[0][0]) if rows else None
 
     def history(self) -> list[str]:
         """Every msg_id with a record, in submission order."""
@@ -636,7 +785,7 @@ class SqliteLog:
 
     def pending(self, keys: Any = None) -> list[dict[str, Any]]:
         """The records still pending: what a restarted controller must account for."""
-        columns, decode = _select(q.check_keys(keys))
+        columns, decode = _select(q.check_keys(keys), self._load)
         sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE t.done_at IS NULL ORDER BY t.seq"
         return [decode(row) for row in self._read(sql)]
 
@@ -676,8 +825,8 @@ class SqliteLog:
         return int(self._read("SELECT count(*) FROM tasks")[0][0])
 
     def size_bytes(self) -> int:
-        """The database's size on disk: its file and its WAL."""
-        total = 0
+        """The database's size on disk: its file, its WAL and its blob files."""
+        total = self._blob_bytes
         for name in (self.path, self.path + "-wal"):
             try:
                 total += os.stat(name).st_size
@@ -910,7 +1059,7 @@ class SqliteLog:
                 del batch.records[msg_id]
         con = self._con
         groups: dict[str, list[list[Any]]] = {}
-        blobs: list[tuple[str, int, bytes]] = []
+        files: list[tuple[str, int, list[Any]]] = []  # (msg_id, kind, frames) for blob files
         plans = self._plans
         now = time.time()
         seqs = batch.seqs
@@ -930,16 +1079,16 @@ class SqliteLog:
                 elif kind == "list":
                     values[i] = json.dumps(value) if value else "[]"
                 else:
-                    values[i], big = self._frames(msg_id, kind, value, blobs)
+                    values[i], big = self._frames(msg_id, kind, value, files)
                     extras.append(big)
             groups.setdefault(plan[0], []).append([seqs[msg_id], msg_id, *values, *extras])
         con.execute("BEGIN")
         for sql, rows in groups.items():
             done = con.executemany(sql, rows)
             if done.rowcount < len(rows) and sql.endswith("NOTHING"):
-                blobs = self._duplicates(rows, blobs)
-        if blobs:
-            con.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", blobs)
+                self._duplicates(rows)
+        for msg_id, which, frames in files:
+            self._frames_file(msg_id, which, frames)
         early = self._early
         if early:  # output that came before its record (see _keep_early)
             names = ("stdout", "stderr")
@@ -955,6 +1104,7 @@ class SqliteLog:
                 self._keep_early(msg_id, name, text)
         result = batch.op[0](con) if batch.op is not None else 0
         con.execute("COMMIT")
+        self._unlink_gone()
         return result
 
     def _keep_early(self, msg_id: str, name: str, text: str) -> None:
@@ -975,12 +1125,10 @@ class SqliteLog:
             del early[key]
             self._early_chars -= len(old)
 
-    def _duplicates(
-        self, rows: list[list[Any]], blobs: list[tuple[str, int, bytes]]
-    ) -> list[tuple[str, int, bytes]]:
+    def _duplicates(self, rows: list[list[Any]]) -> None:
         """Some new records of ``rows`` (each ``[seq, msg_id, ...]``) were not written: the
-        file has their msg_id already. Note them, so that what is put for them later is not
-        written either; returns ``blobs`` without theirs."""
+        file has their msg_id already. Note them, so that what is put for them later (their
+        blob files included) is not written either."""
         con = self._con
         found = []
         for seq, msg_id, *_ in rows:
@@ -995,24 +1143,41 @@ class SqliteLog:
         if len(self._reused) + len(found) > 100_000:
             self._reused.clear()
         self._reused.update(found)
-        return [b for b in blobs if b[0] not in self._reused]
 
     def _frames(
-        self, msg_id: str, kind: str, frames: list[Any], blobs: list[tuple[str, int, bytes]]
+        self, msg_id: str, kind: str, frames: list[Any], files: list[tuple[str, int, list[Any]]]
     ) -> tuple[bytes, int]:
-        """(inline blob, whether in ``blobs``) for a record's frames; ``b""``: none."""
+        """(inline blob, whether in a blob file) for a record's frames; ``b""``: none (or
+        too big to store: see :meth:`put`). Frames for a file are added to ``files``."""
+        if not frames:
+            return b"", 0
         try:
-            blob = pack(frames)
-        except (TypeError, ValueError, BufferError) as exc:  # e.g. not contiguous
+            size = sum(len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames)
+            if size + 4 + 8 * len(frames) > self.blob_threshold:
+                files.append((msg_id, _FRAMES.index(kind), frames))
+                return b"", 1
+            return pack(frames), 0
+        except (TypeError, ValueError, BufferError) as exc:
             log.error("%s of %s not stored: %s", kind, msg_id, exc)
             return b"", 0
-        if len(blob) <= self.blob_threshold:
-            return blob, 0
-        if len(blob) > self.max_frames_bytes:
-            log.warning("%s of %s not stored: %d bytes", kind, msg_id, len(blob))
-            return b"", 0
-        blobs.append((msg_id, _FRAMES.index(kind), blob))
-        return b"", 1
+
+    def _frames_file(self, msg_id: str, kind: int, frames: list[Any]) -> None:
+        """Write the blob file of ``msg_id``'s frames (its row is written, in the open
+        transaction: the file is named by its seq)."""
+        if msg_id in self._reused:
+            return
+        name = _FRAMES[kind]
+        row = self._con.execute(
+            f"SELECT seq, {name}_big FROM tasks WHERE msg_id = ?", (msg_id,)
+        ).fetchone()
+        if row is None or not row[1]:
+            return
+        try:
+            self._write_blob(f"{row[0]}.{kind}", frames)
+        except (TypeError, ValueError, BufferError, OSError) as exc:
+            log.error("%s of %s not stored: %s", name, msg_id, exc)
+            # (the row says big: the file is missing, so reads find no frames; and a
+            # later change of the row names it in gone, which is harmless)
 
     def _plan(self, shape: Any) -> tuple[str, list[tuple[int, str]]]:
         """How to write a record of this shape (its fields, in order, and which are None):
@@ -1078,7 +1243,7 @@ class SqliteLog:
             incoming = max(incoming, math.ceil(records * self._row_bytes))
         reserve = self._wal_limit + 3 * incoming
         page, pages, free = self._pages()
-        used = (pages - free) * page
+        used = (pages - free) * page + self._blob_bytes
         if not self._trimming and used + reserve <= HIGH * limit and self.size_bytes() <= limit:
             return
         if not self._trimming:
@@ -1098,7 +1263,7 @@ class SqliteLog:
                 )
                 break
             page, pages, free = self._pages()
-            used = (pages - free) * page
+            used = (pages - free) * page + self._blob_bytes
             if fits:
                 break
         else:
@@ -1113,7 +1278,9 @@ class SqliteLog:
             f"{'IS NOT NULL' if before is None else '< ?'} ORDER BY done_at LIMIT ?)"
         )
         params = (n,) if before is None else (before, n)
-        return int(self._con.execute(sql, params).rowcount)
+        deleted = int(self._con.execute(sql, params).rowcount)
+        self._unlink_gone()
+        return deleted
 
     def _maintain(self) -> None:
         """Delete the records past ``max_age``; give pages back when a quarter is free."""
@@ -1140,6 +1307,20 @@ class SqliteLog:
         self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` to ``fd`` whole: ``writev`` of up to 512 at a time, resumed after a
+    short write."""
+    while views:
+        n = os.writev(fd, views[:512])
+        done = 0
+        while done < len(views) and n >= views[done].nbytes:
+            n -= views[done].nbytes
+            done += 1
+        views = views[done:]
+        if n:
+            views[0] = views[0][n:]
+
+
 def _checked(name: str, values: Any, kind: type) -> tuple[Any, ...] | None:
     if values is None:
         return None
@@ -1151,8 +1332,12 @@ def _checked(name: str, values: Any, kind: type) -> tuple[Any, ...] | None:
     return tuple(values)
 
 
-def _select(keys: tuple[str, ...]) -> tuple[list[str], Callable[[Sequence[Any]], dict[str, Any]]]:
-    """The columns to select for ``keys`` and the function making a record of a row."""
+def _select(
+    keys: tuple[str, ...], load: Callable[[Any], list[bytes] | None]
+) -> tuple[list[str], Callable[[Sequence[Any]], dict[str, Any]]]:
+    """The columns to select for ``keys`` and the function making a record of a row
+    (``load``: the frames of a frames column, see :meth:`SqliteLog._load`); the frames
+    columns come last."""
     plain = [k for k in keys if k in q.SQL_TYPES or k in ("stdout", "stderr", "after", "follow")]
     columns = [f"t.{k}" for k in plain]
     want_request = any(k in keys for k in ("header", "metadata", "content", "buffers"))
@@ -1175,9 +1360,8 @@ def _select(keys: tuple[str, ...]) -> tuple[list[str], Callable[[Sequence[Any]],
         for wanted, prefix in ((want_request, ""), (want_result, "result_")):
             if not wanted:
                 continue
-            blob = row[at]
+            frames = load(row[at])
             at += 1
-            frames = unpack(blob) if blob else None
             for i, part in ((0, "header"), (2, "metadata"), (3, "content")):
                 if prefix + part in keys:
                     record[prefix + part] = (
