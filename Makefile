@@ -26,7 +26,11 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m kernel_engine.cli install --sys-prefix
 	touch $@
 
+# (an editable install leaves our own modules uncompiled; where PYTHONDONTWRITEBYTECODE
+# is set, as on these machines, every controller would then compile them as it starts,
+# a third of its start; compileall is quick when they are current)
 install: $(VENV)/.installed
+	$(PY) -m compileall -q jupyter_ext kernel_engine
 
 demo: install
 	$(PY) notebooks/run.py notebooks/quickstart.ipynb
@@ -58,7 +62,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
 	touch $@
 
-bench: $(VENV)/.bench-installed
+bench: install $(VENV)/.bench-installed
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
