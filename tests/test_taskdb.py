@@ -191,6 +191,29 @@ def test_purges(db_rc):
     assert rc.db_query({}, ["msg_id"]) == []
 
 
+def test_big_requests_and_replies_from_another_client_and_again(db_rc):
+    from kernel_engine import clusters
+
+    rc = db_rc
+    data = os.urandom(300_000)  # (over the store's 64 KiB: files of their own)
+    ar = rc.load_balanced_view().apply_async(lambda b: b[::-1], data)
+    assert ar.get(10) == data[::-1]
+    other = jx.Client(rc.connection_file)
+    try:
+        assert other.get_result(ar.msg_ids[0]).get(10) == data[::-1]
+        again = other.resubmit(ar.msg_ids)  # (its request read back from the store)
+        assert again.get(10) == data[::-1]
+    finally:
+        other.close()
+    (record,) = rc.db_query({"msg_id": ar.msg_ids[0]}, ["buffers", "result_buffers"])
+    assert data in record["buffers"] and data[::-1] in b"".join(record["result_buffers"])
+    if rc.db_kind == "sqlite":
+        blobs = clusters.cluster_folder(rc.cluster_id) / "tasks.db-blobs"
+        assert len(list(blobs.iterdir())) >= 4  # two tasks, each a request and a reply
+        rc.purge_hub_results([ar.msg_ids[0], *again.msg_ids])
+        assert list(blobs.iterdir()) == []
+
+
 def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
     from kernel_engine import clusters
 
