@@ -861,7 +861,7 @@ def test_a_blob_folder_that_is_a_link_is_refused_and_left_alone(tmp_path):
     elsewhere.mkdir()
     (elsewhere / "1.0").write_bytes(b"somebody's file")
     (tmp_path / "tasks.db-blobs").symlink_to(elsewhere)
-    with pytest.raises(StoreError, match="tasks.db-blobs is not a directory of this user"):
+    with pytest.raises(StoreError, match=r"tasks\.db-blobs is not a directory of this user"):
         SqliteLog(tmp_path / "tasks.db")
     assert (elsewhere / "1.0").read_bytes() == b"somebody's file"
     (tmp_path / "tasks.db-blobs").unlink()
