@@ -9,16 +9,25 @@ the rich display of a :class:`~jupyter_ext.Client` and a :class:`~jupyter_ext.Cl
 It is three ``ipywidgets.HTML`` in a ``VBox`` (no front-end code beyond ipywidgets', so
 it works wherever a notebook shows widgets), filled by the HTML renderers below; the
 same renderers give the static snapshot shown where widgets cannot be (``text/html``;
-``text/plain`` is ``jupyter px top``'s table).
+``text/plain`` is ``jupyter px top``'s table). Every display of it carries that snapshot
+beside the widget's view, so a front end without the widget's state (nbconvert, a saved
+notebook reopened) shows the state, never an empty box.
 
 Who runs what: no thread of its own. The client's IO thread receives the status and
 updates the widgets (ipykernel's iopub takes sends from any thread); the client
-subscribes to the stream only while a dashboard is live, and the controller publishes it
-only while someone subscribes. A dashboard stops (unsubscribes) when :meth:`Dashboard.close`
-is called, when its client closes, and while no view of it is shown (its output cleared:
-the front end counts views); it starts again when a view is shown again. One that
-stopped for good replaces its displays with the static snapshot of its final state, so a
-saved notebook shows that, with or without its widgets.
+subscribes to the stream only while a dashboard follows it, and the controller publishes
+it only while someone subscribes. A dashboard follows the stream only while a front end
+shows it (:class:`Attention`): from the first view the front end counts (never in
+nbclient, a terminal, or a tab that never opened), until its output is cleared (no view
+left), its widget is closed, :meth:`Dashboard.close` is called or its client closes, or
+no front end gave a sign (a view shown, a cell run) for :data:`LEASE` seconds while no
+cell ran (a browser tab closed says nothing). The count of a view waits behind the cells
+queued after the one that displayed it; so where a widget front end is connected, the
+dashboard follows from its display, and stops if no view was counted after
+:data:`FIRST_VIEW` seconds with no cell running. A dashboard displayed but never viewed
+refreshes its snapshot after each cell instead (one status request per cell, on the
+shell thread), so a notebook executed headless saves the latest state. One that stopped
+for good replaces its displays with the static snapshot of its final state.
 """
 
 from __future__ import annotations
@@ -55,6 +64,14 @@ STATE_COLORS = {
     "dead": "#c62828",
 }
 
+LEASE = 600.0
+"""Seconds a dashboard follows the stream with no sign of a front end (see
+:class:`Attention`)."""
+
+FIRST_VIEW = 5.0
+"""Seconds without a cell running that a dashboard displayed to a widget front end
+follows the stream before the front end counts a view of it (see :class:`Attention`)."""
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BOX = "font-family:var(--jp-ui-font-family,sans-serif);font-size:12px;line-height:1.4"
 _CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #e0e0e0;white-space:nowrap"
@@ -90,16 +107,18 @@ def _bar(fraction: float, color: str, label: str) -> str:
     )
 
 
-def summary_html(status: dict[str, Any], title: str = "") -> str:
-    """The cluster's counts, and the last minute's throughput as a sparkline."""
+def summary_html(status: dict[str, Any], title: str = "", note: str = "") -> str:
+    """The cluster's counts, and the last minute's throughput as a sparkline (``note``:
+    a line on the dashboard's own state, such as its updates paused)."""
     cluster = status.get("cluster") or {}
     first, second = summary_lines(status)
     heading = f"<b>{escape(title)}</b> " if title else ""
+    noted = f"<br><span class='px-note' style='color:#757575'>{escape(note)}</span>" if note else ""
     return (
         f"<div class='px-summary' style='{_BOX};display:flex;gap:16px;align-items:center'>"
         f"<div>{heading}<span class='px-cluster-line' style='font-weight:600'>{escape(first)}"
         "</span><br>"
-        f"<span class='px-tasks-line'>{escape(second)}</span></div>"
+        f"<span class='px-tasks-line'>{escape(second)}</span>{noted}</div>"
         f"{sparkline_svg(cluster.get('history'))}</div>"
     )
 
@@ -191,23 +210,122 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+class Attention:
+    """Whether a front end looks at a display: pure bookkeeping, times given.
+
+    Front ends running ipywidgets (JupyterLab, Notebook 7, VS Code, Colab) count the views
+    of a widget whose ``_view_count`` is an integer: one shown is a sign that someone
+    looks, and so is a cell run in the kernel (a front end sent it). A browser tab closed
+    takes its views with it without saying so: after :attr:`lease` seconds with no sign,
+    and no cell running, the display counts as unseen (:meth:`lapsed`).
+
+    The count of a view comes on the kernel's shell channel, behind the cells queued
+    before it (a notebook run at once): a display followed before any view is counted
+    (``expect_view``, where a widget front end is known to be connected) lapses after
+    :attr:`first_view` seconds with no cell running and still no view.
+    """
+
+    def __init__(self, lease: float, first_view: float = FIRST_VIEW):
+        self.lease = lease
+        self.first_view = first_view
+        self.views = 0
+        self.seen = False  # (a view was ever counted)
+        self.expect_view = False
+        self.running = False  # (a cell runs: a front end waits for it)
+        self.acked = float("-inf")
+
+    def shown(self, views: int, now: float) -> None:
+        """The front end counts ``views`` views now."""
+        self.views = max(0, views)
+        self.seen = self.seen or views > 0
+        self.acked = now
+
+    def cell(self, running: bool, now: float) -> None:
+        """A cell starts (``running``) or ends."""
+        self.running = running
+        self.acked = now
+
+    def touch(self, now: float) -> None:
+        """A sign of a front end other than the above (asked to follow by hand)."""
+        self.acked = now
+
+    def lapsed(self, now: float) -> bool:
+        """No sign of a front end for :attr:`lease` seconds (for :attr:`first_view`
+        seconds, while a view is expected and none was counted yet), and no cell
+        running."""
+        limit = self.first_view if self.expect_view and not self.seen else self.lease
+        return not self.running and now - self.acked >= limit
+
+
+def _widget_front_end() -> bool:
+    """Whether a front end that shows widgets has connected to this kernel (JupyterLab
+    and Notebook 7 open ipywidgets' control comm when they connect; nbclient does not)."""
+    import ipywidgets
+
+    return getattr(ipywidgets.Widget, "_control_comm", None) is not None
+
+
+class _Cells:
+    """The notebook kernel's cell runs, told to the displayed dashboards (IPython's
+    ``pre_run_cell``/``post_run_cell`` events, on the shell thread; registered once per
+    shell, the dashboards weakly held)."""
+
+    def __init__(self, shell: Any):
+        self.dashboards: weakref.WeakSet[Dashboard] = weakref.WeakSet()
+        shell.events.register("pre_run_cell", self.pre)
+        shell.events.register("post_run_cell", self.post)
+
+    def pre(self, info: Any = None) -> None:
+        for dashboard in list(self.dashboards):
+            dashboard._cell(True)
+
+    def post(self, result: Any = None) -> None:
+        for dashboard in list(self.dashboards):
+            dashboard._cell(False)
+            if dashboard.closed:
+                self.dashboards.discard(dashboard)
+
+
+_cells: dict[int, _Cells] = {}
+
+
+def _watch_cells(dashboard: Dashboard) -> None:
+    """Tell ``dashboard`` of the cells the notebook kernel runs from now on."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    cells = _cells.get(id(shell))
+    if cells is None:
+        cells = _cells[id(shell)] = _Cells(shell)
+    cells.dashboards.add(dashboard)
+
+
 class Dashboard:
     """A live view of a cluster: see the module docstring.
 
-    ``Dashboard(transport, title="")``; ``rc.dashboard()`` makes one. Shown like any
-    widget (as a cell's value, or with ``display``); ``status`` is the latest snapshot;
-    :meth:`refresh` asks the controller for one now; :meth:`close` stops it for good.
+    ``Dashboard(transport, title="", lease=LEASE)``; ``rc.dashboard()`` makes one. Shown
+    like any widget (as a cell's value, or with ``display``); ``status`` is the latest
+    snapshot; :meth:`refresh` asks the controller for one now; :meth:`start` follows the
+    stream whether or not a view is counted (until :meth:`stop`, or the lease lapses);
+    :meth:`close` stops it for good.
     """
 
-    def __init__(self, transport: Transport, title: str = ""):
+    def __init__(self, transport: Transport, title: str = "", lease: float = LEASE):
         self.transport = transport
         self.title = title
         self.status: dict[str, Any] | None = None
         self.updates = 0
         self.active = False
         self.closed = False
+        self.paused = False
+        """Whether it stopped because no front end showed a sign for ``lease`` seconds
+        (a cell run or a view shown starts it again)."""
+        self.attention = Attention(lease)
         self._display_id = uuid.uuid4().hex
         self._displayed = False
+        self._fresh = False  # (displayed by the cell now running)
         self.heading: Callable[[], tuple[str, str]] | None = None
         """(HTML above the view, ``text/plain``) of a display that shows it under its
         owner's summary (the Client's or Cluster's rich display)."""
@@ -215,13 +333,22 @@ class Dashboard:
         self._changed = threading.Condition(self._lock)
         self._box: Any = None
         self._parts: tuple[Any, Any, Any] | None = None
-        self._views_seen = False
+
+    @property
+    def lease(self) -> float:
+        """Seconds it follows the stream with no sign of a front end (see
+        :class:`Attention`)."""
+        return self.attention.lease
+
+    @lease.setter
+    def lease(self, seconds: float) -> None:
+        self.attention.lease = seconds
 
     # ----- the widget
 
     def widget(self) -> Any:
-        """The ``ipywidgets.VBox`` (made on first use); it updates while the dashboard is
-        active."""
+        """The ``ipywidgets.VBox`` (made on first use); it updates while a front end
+        shows it."""
         if self._box is None:
             import ipywidgets
 
@@ -231,22 +358,59 @@ class Dashboard:
             errors = ipywidgets.HTML(errors_html(status))
             box = ipywidgets.VBox([header, engines, errors])
             box.add_class("jupyter-px-dashboard")
-            box._view_count = 0  # (the front end counts the views shown: see _views)
+            box._view_count = 0  # (so that the front end counts the views it shows)
             box.observe(self._views, "_view_count")
+            box.observe(self._comm_changed, "comm")
+            if box.comm is not None:
+                box.comm.on_close(self._comm_closed)
             self._parts = (header, engines, errors)
             self._box = box
         return self._box
 
     def _views(self, change: dict[str, Any]) -> None:
-        """The front end shows ``change['new']`` views: none (cleared) stops the updates,
-        one again starts them."""
+        """The front end shows ``change['new']`` views (shell thread): the first starts
+        the updates, none (its output cleared) stops them."""
         count = change.get("new") or 0
+        self.attention.shown(count, time.monotonic())
         if count > 0:
-            self._views_seen = True
-            if not self.closed:
-                self.start()
-        elif self._views_seen:
+            self.start()
+        else:
             self.stop()
+
+    def _comm_changed(self, change: dict[str, Any]) -> None:
+        if change.get("new") is None:  # (the widget was closed here)
+            self.close()
+
+    def _comm_closed(self, msg: Any = None) -> None:
+        self.close()  # (the front end closed the widget)
+
+    def _cell(self, running: bool) -> None:
+        """A cell of the notebook kernel starts or ends (shell thread)."""
+        now = time.monotonic()
+        self.attention.cell(running, now)
+        if self.closed:
+            return
+        if self.paused and self.attention.views > 0:
+            self.start()
+        if not running and self._displayed:
+            if self._fresh:
+                self._fresh = False  # (the cell that showed it: no view counted yet)
+            elif not self.attention.seen and not self.active:
+                self._snapshot_display()
+
+    def _snapshot_display(self) -> None:
+        """A display no front end has counted a view of (nbclient, nbconvert, a tab not
+        open): its widgets and its static snapshot brought up to date after each cell,
+        so that a saved notebook shows the latest state."""
+        if self.transport.closed:
+            return
+        self._render(self._fetch(timeout=2.0))
+        try:
+            from IPython.display import update_display
+
+            update_display(self.mimebundle(), raw=True, display_id=self._display_id)
+        except Exception:
+            pass
 
     def _fetch(self, timeout: float = 10.0) -> dict[str, Any]:
         """A snapshot from the controller now (an empty one if it cannot answer)."""
@@ -264,17 +428,36 @@ class Dashboard:
             self._changed.notify_all()
 
     def _on_status(self, status: dict[str, Any]) -> None:
-        """A status from the stream (IO thread): keep it, update the widgets."""
+        """A status from the stream (IO thread): keep it, update the widgets; stop once
+        no front end showed a sign for the lease."""
         if not self.active:
+            return
+        if self.attention.lapsed(time.monotonic()):
+            self.stop()
+            self.paused = True
+            self._take(status)
+            self._render(status)
             return
         self._take(status)
         self._render(status)
+
+    def _note(self) -> str:
+        if self.closed:
+            return "final state (closed)"
+        if self.paused and not self.attention.seen:
+            return "updates paused: no front end counted a view of it"
+        if self.paused:
+            return (
+                f"updates paused: no sign of a front end for {self.lease:g} s "
+                "(they resume when a cell runs or the view is shown again)"
+            )
+        return ""
 
     def _render(self, status: dict[str, Any]) -> None:
         if self._parts is None:
             return
         header, engines, errors = self._parts
-        header.value = summary_html(status, self.title)
+        header.value = summary_html(status, self.title, self._note())
         engines.value = engines_html(status)
         errors.value = errors_html(status)
 
@@ -282,6 +465,8 @@ class Dashboard:
 
     def start(self) -> None:
         """Follow the status stream (the client subscribes; idempotent)."""
+        self.attention.touch(time.monotonic())
+        self.paused = False
         if self.active or self.closed or self.transport.closed:
             return
         self.active = True
@@ -344,17 +529,19 @@ class Dashboard:
         }
         if self.heading is not None:
             html, plain = self.heading()
-            bundle = {"text/plain": plain, "text/html": html + bundle["text/html"]}
+            bundle = {
+                "text/plain": f"{plain}\n{bundle['text/plain']}",
+                "text/html": html + bundle["text/html"],
+            }
         return bundle
 
     def mimebundle(self) -> dict[str, Any]:
         """What a display of it holds: the widget's view (in a notebook kernel, while not
         closed) beside the static snapshot (HTML and text) for front ends without
-        widgets."""
+        widgets. The updates start only once a front end counts a view of it."""
         if self.closed or not _in_kernel():
             return self._static_bundle()
         box = self.widget()
-        self.start()
         bundle = self._static_bundle()
         bundle[WIDGET_VIEW] = {"version_major": 2, "version_minor": 0, "model_id": box.model_id}
         return bundle
@@ -365,7 +552,14 @@ class Dashboard:
         bundle = self.mimebundle()
         if WIDGET_VIEW in bundle:
             display(bundle, raw=True, display_id=self._display_id)
+            if not self._displayed:
+                _watch_cells(self)
             self._displayed = True
+            self._fresh = True
+            if not self.attention.seen and _widget_front_end():
+                # (its view is counted only once the cells queued behind this one ran)
+                self.attention.expect_view = True
+                self.start()
         else:
             display(bundle, raw=True)
 
@@ -373,7 +567,8 @@ class Dashboard:
         return str(self._static_bundle()["text/html"])
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("live" if self.active else "paused")
+        state = "live" if self.active else "paused" if self.paused else "not followed"
+        state = "closed" if self.closed else state
         return f"<Dashboard of cluster {self.transport.cluster_id} ({state})>"
 
 

@@ -9,24 +9,38 @@ is left, so every bar ends full.
 
 :func:`tally` is the pure part (tasks in, counts per engine out), tested without
 processes. :class:`EngineProgress` shows it: ipywidgets in a notebook kernel (updated by
-the waiting thread, which owns it), replaced when it ends by the same bars as static HTML
-so that a saved notebook shows the final state with or without its widgets; text lines
-elsewhere.
+the waiting thread, which owns it), whose display carries the same bars as static HTML
+and text and is replaced by them when the wait ends (done, failed, interrupted, or not
+finished in time), so that a saved notebook shows the final state with or without its
+widgets. Elsewhere (a terminal IPython, a script) text: on a terminal, the whole and one
+line per engine (its state and counts) redrawn in place; on a pipe, the whole on one
+line, and the engines' lines when the wait ends.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from html import escape
-from typing import Any
+from typing import Any, TextIO
 
-from ._progress import _in_notebook, progress_bar, progress_enabled, write_text_bar
+from ._progress import (
+    _in_notebook,
+    bar_html,
+    outcome,
+    progress_bar,
+    progress_enabled,
+    show,
+    widget_bundle,
+    write_text_bar,
+)
 
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+REDRAW_EVERY = 0.5
+"""Seconds between two redraws of the engines' lines on a terminal."""
 
 
 @dataclass(slots=True)
@@ -79,6 +93,26 @@ def describe(count: EngineCount, elapsed: float) -> str:
     return f"{count.error} · {text}" if count.error else text
 
 
+def engine_state(count: EngineCount, each: int, interrupted: bool = False) -> str:
+    """One engine's state: ``failed`` (a task of it failed), ``done`` (nothing of it
+    left), else ``running`` (``interrupted``, once the wait was)."""
+    if count.error:
+        return "failed"
+    if count.done >= count.assigned and each == 0:
+        return "done"
+    return "interrupted" if interrupted else "running"
+
+
+def engine_lines(
+    counts: dict[int, EngineCount], each: int, elapsed: float, interrupted: bool = False
+) -> list[str]:
+    """One line per engine: ``engine 0: 12 items · 4.1/s · 2.9 s · done``."""
+    return [
+        f"engine {eid}: {describe(count, elapsed)} · {engine_state(count, each, interrupted)}"
+        for eid, count in sorted(counts.items())
+    ]
+
+
 def _task_rows(ar: Any) -> list[tuple[int | None, int, bool, str | None]]:
     """(engine, items, done, error name) of each of an AsyncResult's tasks."""
     sizes = getattr(ar, "_chunk_sizes", None) or [1] * len(ar._children)
@@ -95,20 +129,25 @@ def _task_rows(ar: Any) -> list[tuple[int | None, int, bool, str | None]]:
     return rows
 
 
-def bars_html(counts: dict[int, EngineCount], each: int, elapsed: float, ended: bool) -> str:
-    """The per-engine bars as static HTML (what the widgets showed, at the end)."""
+def bars_html(
+    counts: dict[int, EngineCount],
+    each: int,
+    elapsed: float,
+    ended: bool,
+    interrupted: bool = False,
+) -> str:
+    """The per-engine bars as static HTML (what the widgets show, at this moment)."""
     parts = ["<div class='px-engine-progress' style='font-size:12px'>"]
     for eid, count in sorted(counts.items()):
         total = count.done if ended and not count.error else count.total(each)
-        width = 100 * count.done / max(total, 1)
+        state = engine_state(count, each, interrupted)
         color = "#c62828" if count.error else ("#2e7d32" if ended else "#1976d2")
         parts.append(
-            f"<div class='px-engine-bar' data-engine='{eid}' style='display:flex;gap:8px;"
-            "align-items:center;margin:2px 0'>"
-            f"<span style='width:70px'>engine {eid}</span>"
-            "<div style='width:300px;height:12px;background:#eee'>"
-            f"<div style='width:{width:.0f}%;height:12px;background:{color}'></div></div>"
-            f"<span>{escape(describe(count, elapsed))}</span></div>"
+            f"<div class='px-engine-bar' data-engine='{eid}' data-state='{state}'>"
+            + bar_html(
+                f"engine {eid}", count.done, total, f"{describe(count, elapsed)} · {state}", color
+            )
+            + "</div>"
         )
     parts.append("</div>")
     return "".join(parts)
@@ -117,7 +156,7 @@ def bars_html(counts: dict[int, EngineCount], each: int, elapsed: float, ended: 
 class EngineProgress:
     """Bars for an AsyncResult: the whole, and one per engine (see the module docstring).
 
-    ``update(done, elapsed)`` and ``close(done, elapsed, success)`` as
+    ``update(done, elapsed)`` and ``close(done, elapsed, success, interrupted, ended)`` as
     :class:`~jupyter_ext._progress.ProgressDisplay`.
     """
 
@@ -128,6 +167,7 @@ class EngineProgress:
         widget: bool | None = None,
         show: bool = True,
         engines: Iterable[int] | None = None,
+        out: TextIO | None = None,
     ):
         self.ar = ar
         self.total = ar._total()
@@ -136,9 +176,12 @@ class EngineProgress:
         ids = list(engines) if engines is not None else ar._transport.ids
         self.engines = ids
         self.widget: Any = None
+        self.out = out
         self._rows: dict[int, tuple[Any, Any]] = {}
         self._display_id = uuid.uuid4().hex
         self._last_text = ""
+        self._drawn = 0  # (lines drawn on a terminal, to draw over)
+        self._redrawn = float("-inf")
         use_widget = _in_notebook() if widget is None else widget
         if use_widget and self.show:
             try:
@@ -160,24 +203,34 @@ class EngineProgress:
             return sorted(e for e in named if isinstance(e, int))
         return list(self.engines)
 
+    def _head(self, done: int, elapsed: float, state: str | None = None) -> str:
+        text = f"{self.label or 'progress'}: {done}/{self.total} tasks, {elapsed:.1f} s"
+        return f"{text} ({state})" if state else text
+
+    def snapshot(
+        self, done: int, elapsed: float, state: str, ended: bool = False, interrupted: bool = False
+    ) -> tuple[str, str]:
+        """The whole and the engines' bars as (HTML, text), in ``state``."""
+        counts, each = self.counts()
+        head = self._head(done, elapsed, state)
+        plain = "\n".join(
+            [head, *(f"  {line}" for line in engine_lines(counts, each, elapsed, interrupted))]
+        )
+        html = f"<div><b>{escape(head)}</b></div>" + bars_html(
+            counts, each, elapsed, ended, interrupted
+        )
+        return html, plain
+
     def _make_widget(self) -> None:
         import ipywidgets
-        from IPython.display import display
 
         self.bar = progress_bar(self.total, self.label or "progress")
         self.text = ipywidgets.HTML(value=f"0/{self.total} tasks, 0.0 s")
         self.engine_box = ipywidgets.VBox([])
         self.widget = ipywidgets.VBox([ipywidgets.HBox([self.bar, self.text]), self.engine_box])
         self.widget.add_class("jupyter-px-engine-progress")
-        bundle = {
-            "text/plain": f"{self.label or 'progress'}: 0/{self.total}",
-            WIDGET_VIEW: {
-                "version_major": 2,
-                "version_minor": 0,
-                "model_id": self.widget.model_id,
-            },
-        }
-        display(bundle, raw=True, display_id=self._display_id)
+        html, plain = self.snapshot(0, 0.0, "running")
+        show(widget_bundle(self.widget, html, plain), self._display_id)
 
     def _row(self, eid: int) -> tuple[Any, Any]:
         row = self._rows.get(eid)
@@ -215,50 +268,67 @@ class EngineProgress:
                 bar.bar_style = "danger"
             text.value = escape(describe(count, elapsed))
 
+    def _stream(self) -> TextIO:
+        return sys.stdout if self.out is None else self.out
+
+    def _tty(self) -> bool:
+        try:
+            return self._stream().isatty()
+        except (AttributeError, ValueError):
+            return False
+
     def _text_update(self, done: int, elapsed: float) -> None:
+        if self._tty():
+            now = time.monotonic()
+            if now - self._redrawn >= REDRAW_EVERY:
+                self._redrawn = now
+                counts, each = self.counts()
+                self._draw([self._head(done, elapsed), *engine_lines(counts, each, elapsed)])
+            return
         text = f"{done}/{self.total} tasks, {elapsed:.1f} s"
         if text != self._last_text:
             write_text_bar(self.label, done, self.total, text)
             self._last_text = text
 
-    def close(self, done: int, elapsed: float, success: bool) -> None:
+    def _draw(self, lines: list[str]) -> None:
+        """Lines on a terminal, over those drawn before."""
+        out = self._stream()
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        out.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+        out.flush()
+        self._drawn = len(lines)
+
+    def close(
+        self,
+        done: int,
+        elapsed: float,
+        success: bool,
+        interrupted: bool = False,
+        ended: bool = True,
+    ) -> None:
+        """The end of the wait (see :meth:`ProgressDisplay.close`): the bars' final state,
+        as widgets and as the display's HTML and text (or as text lines)."""
         if not self.show:
             return
         self.update(done, elapsed)
+        state = outcome(success, interrupted, ended)
+        finished = self.ar.done()
         counts, each = self.counts()
         if self.widget is None:
-            sys.stdout.write("\n")
-            for eid, count in sorted(counts.items()):
-                sys.stdout.write(f"  engine {eid}: {describe(count, elapsed)}\n")
-            sys.stdout.flush()
+            lines = engine_lines(counts, each, elapsed, interrupted)
+            if self._tty():
+                self._draw([self._head(done, elapsed, state), *lines])
+            else:
+                out = self._stream()
+                out.write(f" ({state})\n" + "".join(f"  {line}\n" for line in lines))
+                out.flush()
             return
         self.bar.bar_style = "success" if success else "danger"
         for eid, count in counts.items():
             bar, _ = self._row(eid)
             if not count.error:
-                bar.max = max(count.done, 1)
+                bar.max = max(count.done, 1) if finished else bar.max
                 bar.value = count.done
-                bar.bar_style = "success" if self.ar.done() else "info"
-        self._finish_display(counts, each, elapsed, done, success)
-
-    def _finish_display(
-        self, counts: dict[int, EngineCount], each: int, elapsed: float, done: int, ok: bool
-    ) -> None:
-        """The display becomes the bars as HTML, so a saved notebook shows them."""
-        from IPython.display import update_display
-
-        status = "done" if ok else "failed"
-        head = f"{self.label or 'progress'}: {done}/{self.total} tasks, {elapsed:.1f} s ({status})"
-        lines = [
-            head,
-            *(f"  engine {e}: {describe(c, elapsed)}" for e, c in sorted(counts.items())),
-        ]
-        bundle = {
-            "text/plain": "\n".join(lines),
-            "text/html": f"<div><b>{escape(head)}</b></div>"
-            + bars_html(counts, each, elapsed, self.ar.done()),
-        }
-        try:
-            update_display(bundle, raw=True, display_id=self._display_id)
-        except Exception:
-            pass
+                bar.bar_style = "success" if finished else "info"
+        html, plain = self.snapshot(done, elapsed, state, finished, interrupted)
+        show({"text/plain": plain, "text/html": html}, self._display_id, update=True)

@@ -318,21 +318,28 @@ class PXMagics:
         __tracebackhide__ = True
         start = time.monotonic()
         progress = None
-        while not ar.wait(0.05):
-            live.drain()
-            elapsed = time.monotonic() - start
-            if progress_after is not None and progress is None and elapsed >= progress_after:
-                from ._engine_progress import EngineProgress
+        try:
+            while not ar.wait(0.05):
+                live.drain()
+                elapsed = time.monotonic() - start
+                if progress_after is not None and progress is None and elapsed >= progress_after:
+                    from ._engine_progress import EngineProgress
 
-                progress = EngineProgress(ar, "px")  # (the whole, and a bar per engine)
-            if progress is not None:
-                progress.update(ar.progress, elapsed)
-            if timeout is not None and elapsed >= timeout:
-                engines = self._interrupt(ar, signum)
-                live.finish()
-                raise TimeoutError(
-                    f"%px: no result within {timeout} s; interrupted engines {engines}"
-                )
+                    progress = EngineProgress(ar, "px")  # (the whole, and a bar per engine)
+                if progress is not None:
+                    progress.update(ar.progress, elapsed)
+                if timeout is not None and elapsed >= timeout:
+                    engines = self._interrupt(ar, signum)
+                    live.finish()
+                    raise TimeoutError(
+                        f"%px: no result within {timeout} s; interrupted engines {engines}"
+                    )
+        except BaseException as exc:
+            if progress is not None:  # (its display ends in that state, not as a live box)
+                took = time.monotonic() - start
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                progress.close(ar.progress, took, False, interrupted, ended=False)
+            raise
         live.finish()
         if progress is not None:
             progress.close(ar.progress, time.monotonic() - start, ar.exception() is None)

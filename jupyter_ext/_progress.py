@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from html import escape
 from typing import Any
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def progress_enabled() -> bool:
@@ -43,6 +47,50 @@ def write_text_bar(label: str, done: int, total: int, text: str) -> None:
     sys.stdout.flush()
 
 
+def outcome(success: bool, interrupted: bool = False, ended: bool = True) -> str:
+    """The word a display ends on (``ended``: the wait saw the end, not a timeout)."""
+    if interrupted:
+        return "interrupted"
+    if not ended:
+        return "not finished"
+    return "done" if success else "failed"
+
+
+def bar_html(label: str, done: int, total: int, text: str, color: str) -> str:
+    """A progress bar as static HTML (what a widget showed, for front ends without it)."""
+    width = 100 * done / max(total, 1)
+    return (
+        "<div class='px-progress' style='display:flex;gap:8px;align-items:center;"
+        f"font-size:12px;margin:2px 0'><span style='min-width:70px'>{escape(label)}</span>"
+        "<div style='width:300px;height:12px;background:#eee'>"
+        f"<div style='width:{min(width, 100):.0f}%;height:12px;background:{color}'></div></div>"
+        f"<span>{escape(text)}</span></div>"
+    )
+
+
+def widget_bundle(widget: Any, html: str, plain: str) -> dict[str, Any]:
+    """A display of ``widget`` that carries ``html`` and ``plain`` for front ends that
+    cannot show it (nbconvert, a saved notebook without its widget state)."""
+    return {
+        "text/plain": plain,
+        "text/html": html,
+        WIDGET_VIEW: {"version_major": 2, "version_minor": 0, "model_id": widget.model_id},
+    }
+
+
+def show(bundle: dict[str, Any], display_id: str, update: bool = False) -> None:
+    """Display ``bundle`` (raw) under ``display_id``, or replace what it shows."""
+    from IPython.display import display, update_display
+
+    try:
+        if update:
+            update_display(bundle, raw=True, display_id=display_id)
+        else:
+            display(bundle, raw=True, display_id=display_id)
+    except Exception:
+        pass
+
+
 def progress_bar(total: int, description: str) -> Any:
     """An empty ipywidgets bar counting to ``total`` (the look every progress bar here has)."""
     import ipywidgets
@@ -58,13 +106,19 @@ def progress_bar(total: int, description: str) -> Any:
 
 
 class ProgressDisplay:
-    """Shows ``done / total`` and elapsed time; a widget or a text line."""
+    """Shows ``done / total`` and elapsed time; a widget or a text line.
+
+    The widget's display carries the bar as HTML and text too, brought to its final state
+    (done, failed, interrupted or not finished) when the wait ends, so a saved notebook
+    shows it with or without its widget state.
+    """
 
     def __init__(self, total: int, label: str = "", widget: bool | None = None, show: bool = True):
         self.total = total
         self.label = label
         self.widget: Any = None
         self._last_text = ""
+        self._display_id = uuid.uuid4().hex
         self.show = show and progress_enabled()
         use_widget = _in_notebook() if widget is None else widget
         if use_widget and self.show:
@@ -75,15 +129,22 @@ class ProgressDisplay:
 
     def _make_widget(self) -> None:
         import ipywidgets
-        from IPython.display import display
 
         self.bar = progress_bar(self.total, self.label or "progress")
         self.text = ipywidgets.HTML(value=self._status(0, 0.0))
         self.widget = ipywidgets.HBox([self.bar, self.text])
-        display(self.widget)
+        html, plain = self.snapshot(0, 0.0, "running")
+        show(widget_bundle(self.widget, html, plain), self._display_id)
 
     def _status(self, done: int, elapsed: float) -> str:
         return f"{done}/{self.total} tasks, {elapsed:.1f} s"
+
+    def snapshot(self, done: int, elapsed: float, state: str) -> tuple[str, str]:
+        """The bar as (HTML, text), at ``done`` items, in ``state``."""
+        label = self.label or "progress"
+        text = f"{self._status(done, elapsed)} ({state})"
+        color = {"done": "#2e7d32", "running": "#1976d2"}.get(state, "#c62828")
+        return bar_html(label, done, self.total, text, color), f"{label}: {text}"
 
     def update(self, done: int, elapsed: float) -> None:
         if not self.show:
@@ -97,14 +158,26 @@ class ProgressDisplay:
             write_text_bar(self.label, done, self.total, text)
             self._last_text = text
 
-    def close(self, done: int, elapsed: float, success: bool) -> None:
+    def close(
+        self,
+        done: int,
+        elapsed: float,
+        success: bool,
+        interrupted: bool = False,
+        ended: bool = True,
+    ) -> None:
+        """The end of the wait: ``success`` of what was waited for, ``interrupted`` by
+        Ctrl-C, ``ended`` (False: the wait timed out first)."""
         if not self.show:
             return
         self.update(done, elapsed)
         if self.widget is not None:
             self.bar.bar_style = "success" if success else "danger"
+            html, plain = self.snapshot(done, elapsed, outcome(success, interrupted, ended))
+            show(widget_bundle(self.widget, html, plain), self._display_id, update=True)
         else:
-            sys.stdout.write("\n")
+            end = " (interrupted)" if interrupted else ""
+            sys.stdout.write(f"{end}\n")
             sys.stdout.flush()
 
 
@@ -126,6 +199,7 @@ def _wait_loop(
         display = ProgressDisplay(total, label, widget, show)
     deadline = None if timeout is None else time.monotonic() + timeout
     ok = False
+    interrupted = False
     try:
         while True:
             wait = interval
@@ -138,10 +212,11 @@ def _wait_loop(
             if deadline is not None and time.monotonic() >= deadline:
                 break
     except KeyboardInterrupt:
+        interrupted = True
         interrupt()
         raise
     finally:
-        display.close(done_count(), elapsed(), ok and success())
+        display.close(done_count(), elapsed(), ok and success(), interrupted, ok)
     return ok
 
 

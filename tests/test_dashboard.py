@@ -1,29 +1,58 @@
 """The dashboard, per-engine progress and ``jupyter px top``, where people look at them.
 
-Pure: the HTML renderers and the per-engine tally (no processes). Real: ``jupyter px top
---once`` (and live) against a running cluster; ``notebooks/dashboard.ipynb`` executed by
-nbclient with its widget state saved (the dashboard's final state, every engine and its
-done count, in the widget models; the static snapshot in the outputs); JupyterLab in
-headless Chromium: the dashboard and the per-engine bars during a map (screenshots in
-``tests/artifacts/``), and the dashboard stopping when its output is cleared.
+Pure: the HTML renderers, the per-engine tally and text, and when a dashboard counts as
+seen (no processes). Real: ``jupyter px top --once`` (through the ``jupyter px`` entry
+point) and live against a running cluster; the dashboard's error panel and every engine's
+CPU and memory; a notebook kernel whose front end the test plays (no subscription until
+a view is counted, none after its output is cleared, its widget closed, or the lease
+lapsed; ``%%px --progress-after`` interrupted ends as its HTML); a notebook executed by
+nbclient (never viewed: never subscribed, its outputs' HTML up to date); terminal
+IPython (text renderings); ``notebooks/dashboard.ipynb`` executed by nbclient with its
+widget state saved; JupyterLab in headless Chromium: the dashboard and the per-engine
+bars during a map (screenshots in ``tests/artifacts/``), and the dashboard stopping when
+its output is cleared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
+import psutil
+import pytest
+import zmq
 from browser_support import chromium_page, require_browser, running_lab, write_notebook
-from conftest import kill_pids
+from conftest import kill_pids, wait_gone
+from jupyter_client import KernelManager
+from nbclient import NotebookClient
 from test_notebooks import WIDGET_STATE, WIDGET_VIEW, by_id, errors, execute, text
 
-from jupyter_ext._dashboard import engines_html, errors_html, sparkline_svg, status_html
-from jupyter_ext._engine_progress import EngineCount, bars_html, describe, share, tally
+from jupyter_ext._dashboard import (
+    Attention,
+    Dashboard,
+    engines_html,
+    errors_html,
+    sparkline_svg,
+    status_html,
+)
+from jupyter_ext._engine_progress import (
+    EngineCount,
+    bars_html,
+    describe,
+    engine_lines,
+    engine_state,
+    share,
+    tally,
+)
+from kernel_engine import protocol
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 STATUS: dict[str, Any] = {
@@ -90,14 +119,50 @@ def test_per_engine_tally() -> None:
     assert describe(counts[1], 2.0) == "KeyError · 5 items · 2.5/s · 2.0 s"
     html = bars_html(counts, each, 2.0, ended=True)
     assert html.count("px-engine-bar") == 3 and "#c62828" in html  # (engine 1 in red)
+    assert "data-state='failed'" in html and "KeyError" in html
+    assert [engine_state(counts[e], 0) for e in (0, 1, 2)] == ["running", "failed", "done"]
+    assert engine_state(counts[0], 0, interrupted=True) == "interrupted"
+    assert engine_state(EngineCount(3, 3), 2) == "running"  # (its share of the unplaced)
+    assert (
+        engine_lines(counts, 0, 2.0)[1] == "engine 1: KeyError · 5 items · 2.5/s · 2.0 s · failed"
+    )
+
+
+def test_attention_follows_views_cells_and_the_lease() -> None:
+    seen = Attention(lease=10.0)
+    assert seen.lapsed(0.0) and not seen.seen, "never shown: nobody looks"
+    seen.shown(1, now=100.0)
+    assert seen.seen and not seen.lapsed(109.9) and seen.lapsed(110.0)
+    seen.cell(True, now=105.0)  # a cell runs: a front end waits for it, however long
+    assert not seen.lapsed(1000.0)
+    seen.cell(False, now=1000.0)
+    assert not seen.lapsed(1009.0) and seen.lapsed(1010.0)
+    seen.shown(0, now=1011.0)
+    assert seen.views == 0 and seen.seen
+    seen.touch(2000.0)
+    assert not seen.lapsed(2005.0)
+    # followed before any view is counted (a widget front end is connected): the count
+    # may wait behind queued cells, but not past a few seconds without one running
+    early = Attention(lease=600.0, first_view=5.0)
+    early.expect_view = True
+    early.touch(0.0)
+    early.cell(True, now=1.0)
+    assert not early.lapsed(100.0)
+    early.cell(False, now=100.0)
+    assert not early.lapsed(104.0) and early.lapsed(105.0)
+    early.shown(1, now=105.0)
+    assert not early.lapsed(110.0), "once seen, the lease counts"
 
 
 # ----- jupyter px top
 
 
+JUPYTER = Path(sys.executable).with_name("jupyter")
+
+
 def test_top_once_and_live(rc: Any) -> None:
     rc.load_balanced_view().map_sync(lambda x: x, range(10))
-    cmd = [sys.executable, "-m", "kernel_engine.cli", "top", "--cluster-id", rc.cluster_id]
+    cmd = [str(JUPYTER), "px", "top", "--cluster-id", rc.cluster_id]  # (the entry point)
     once = subprocess.run([*cmd, "--once"], capture_output=True, text=True, timeout=30)
     assert once.returncode == 0, once.stderr
     lines = once.stdout.splitlines()
@@ -110,7 +175,7 @@ def test_top_once_and_live(rc: Any) -> None:
     ) as live:
         try:
             assert live.stdout is not None
-            seen = []
+            seen: list[str] = []
             deadline = time.monotonic() + 20
             while len([s for s in seen if s.startswith("cluster ")]) < 2:
                 assert time.monotonic() < deadline, seen
@@ -122,6 +187,324 @@ def test_top_once_and_live(rc: Any) -> None:
                 live.wait(10)
             except subprocess.TimeoutExpired:
                 kill_pids([live.pid])
+
+
+# ----- the dashboard with a real cluster, in this process
+
+
+def _row_html(html: str, eid: int) -> str:
+    match = re.search(rf"<tr class='px-engine' data-engine='{eid}'.*?</tr>", html)
+    assert match, html
+    return match.group(0)
+
+
+def test_the_dashboard_shows_errors_and_every_engines_cpu_and_memory(rc: Any) -> None:
+    """Followed (a front end counts a view: the update it sends sets ``_view_count``),
+    the dashboard's error panel names a failed task's engine and error, its traceback
+    a click away, and every engine's CPU and memory cells are filled."""
+    dash = Dashboard(rc.transport)
+    box = dash.widget()
+    try:
+        assert not dash.active, "not shown yet: not following the stream"
+        box.set_state({"_view_count": 1})
+        assert dash.active
+        with pytest.raises(Exception, match="ZeroDivisionError"):
+            rc.load_balanced_view().apply_sync(lambda: 1 / 0)
+
+        def complete(status: dict[str, Any] | None) -> bool:
+            rows = (status or {}).get("engines") or []
+            return (
+                len(rows) == 2
+                and all(isinstance(r["cpu"], float) and isinstance(r["rss"], int) for r in rows)
+                and any(e["ename"] == "ZeroDivisionError" for e in status.get("errors", []))
+            )
+
+        deadline = time.monotonic() + 15
+        while not complete(dash.status) and time.monotonic() < deadline:
+            dash.wait_update(dash.updates, timeout=max(0.0, deadline - time.monotonic()))
+        assert complete(dash.status), dash.status
+        _, engines, errors = (child.value for child in box.children)
+        for eid in (0, 1):
+            cells = re.findall(r"<td[^>]*>(.*?)</td>", _row_html(engines, eid))
+            cpu, memory = re.sub(r"<[^>]+>", " ", cells[7]), cells[8]
+            assert re.search(r"\d+%", cpu) and re.fullmatch(r"\d+\.\d [KMG]iB", memory), cells
+        error = next(e for e in dash.status["errors"] if e["ename"] == "ZeroDivisionError")
+        eid = error["engine_id"]
+        assert eid in (0, 1)
+        panel = re.search(
+            rf"<details class='px-error' data-engine='{eid}'>.*?</details>", errors, re.S
+        )
+        assert panel, errors
+        assert f"engine {eid} · ZeroDivisionError: division by zero</summary>" in panel.group(0)
+        traceback = re.search(r"<pre[^>]*>(.*)</pre>", panel.group(0), re.S)
+        assert traceback and "ZeroDivisionError: division by zero" in traceback.group(1)
+        box.set_state({"_view_count": 0})  # (its output cleared)
+        assert not dash.active
+    finally:
+        dash.close()
+    assert not dash.active and dash.closed
+
+
+# ----- a notebook kernel, its front end played by the test
+
+
+class Spy:
+    """Counts the status messages the controller publishes (a SUB on every topic)."""
+
+    def __init__(self, info: dict[str, Any]):
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.sock = self.context.socket(zmq.SUB)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+
+    def count(self, seconds: float, stop_at: int | None = None) -> int:
+        """Statuses within ``seconds`` (or until ``stop_at`` of them)."""
+        n = 0
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and (stop_at is None or n < stop_at):
+            if self.sock.poll(int(left * 1000) + 1):
+                n += self.sock.recv_multipart()[0] == protocol.STATUS_TOPIC
+        return n
+
+    def quiet(self) -> bool:
+        """None published for a while after what was on its way (four periods)."""
+        self.count(0.3)
+        return self.count(4 * protocol.STATUS_EVERY) == 0
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
+
+
+KERNEL_SETUP = """\
+import jupyter_ext as jx
+cluster = jx.Cluster(n=2)
+rc = cluster.start_and_connect_sync()
+%load_ext jupyter_ext
+print(rc.connection_file)"""
+
+
+def _run(kc: Any, code: str, timeout: float = 30) -> tuple[str, list[dict[str, Any]]]:
+    outputs: list[dict[str, Any]] = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=outputs.append)
+    assert reply["content"]["status"] == "ok", (reply["content"], outputs)
+    printed = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    return printed, outputs
+
+
+def _iopub_until(kc: Any, done: Any, timeout: float) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while not done(got) and (left := deadline - time.monotonic()) > 0:
+        with contextlib.suppress(Exception):  # (queue.Empty)
+            got.append(kc.get_iopub_msg(timeout=min(left, 0.5)))
+    return got
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[tuple[Any, Any, dict[str, Any]]]:
+    """A notebook kernel with a 2-engine cluster and a client in it; (manager, client,
+    the cluster's connection info). Everything it started is stopped by PID."""
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    provisioner: Any = km.provisioner
+    pids = [provisioner.process.pid]
+    try:
+        kc.wait_for_ready(timeout=30)
+        printed, _ = _run(kc, KERNEL_SETUP, timeout=60)
+        pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+        info = json.loads(Path(printed.strip().splitlines()[-1]).read_text())
+        yield km, kc, info
+        _run(kc, "cluster.stop_cluster_sync()", timeout=30)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        kill_pids(wait_gone(pids, timeout=10))
+
+
+def _front_end(kc: Any, msg_type: str, comm_id: str, state: dict[str, Any] | None = None) -> None:
+    """What a front end sends a widget: an update of its state, or its close."""
+    data = {} if state is None else {"method": "update", "state": state, "buffer_paths": []}
+    kc.shell_channel.send(kc.session.msg(msg_type, {"comm_id": comm_id, "data": data}))
+
+
+def test_a_dashboard_follows_the_stream_only_while_a_front_end_shows_it(kernel: Any) -> None:
+    _, kc, info = kernel
+    spy = Spy(info)
+    try:
+        _, outputs = _run(kc, "dash = rc.dashboard()\ndash")
+        [shown] = [m for m in outputs if m["msg_type"] == "display_data"]
+        model_id = shown["content"]["data"][WIDGET_VIEW]["model_id"]
+        assert "px-dashboard" in shown["content"]["data"]["text/html"]
+        _run(kc, "rc.load_balanced_view().map_sync(lambda x: x, range(20))")
+        printed, _ = _run(kc, "print(dash.active, rc.transport._status_subscribed)")
+        assert printed == "False False\n", "displayed, no view counted: nothing followed"
+        assert spy.quiet(), "the controller publishes for nobody"
+
+        _front_end(kc, "comm_msg", model_id, {"_view_count": 1})  # a front end shows it
+        assert spy.count(5.0, stop_at=2) == 2
+        printed, _ = _run(kc, "print(dash.active, dash.paused)")
+        assert printed == "True False\n"
+
+        _front_end(kc, "comm_msg", model_id, {"_view_count": 0})  # its output cleared
+        printed, _ = _run(kc, "print(dash.active, rc.transport._status_subscribed)")
+        assert printed == "False False\n"
+        assert spy.quiet(), "publishing stops once the output is cleared"
+
+        # shown again, then no sign of a front end for the lease (a tab closed)
+        _run(kc, "dash.lease = 0.5")
+        _front_end(kc, "comm_msg", model_id, {"_view_count": 1})
+
+        def paused(got: list[dict[str, Any]]) -> bool:
+            return any(
+                m["msg_type"] == "comm_msg"
+                and "updates paused" in str(m["content"]["data"].get("state", {}).get("value"))
+                for m in got
+            )
+
+        assert paused(_iopub_until(kc, paused, timeout=15))
+        assert spy.quiet(), "publishing stops once the lease lapsed"
+        printed, _ = _run(kc, "print(dash.active, dash.paused)")
+        assert printed == "True False\n", "a cell run is a sign of a front end: it resumes"
+        _run(kc, "dash.lease = 600")
+
+        _front_end(kc, "comm_close", model_id)  # the front end closes the widget
+        printed, outputs = _run(
+            kc, "print(dash.closed, dash.active, rc.transport._status_subscribed)"
+        )
+        assert printed == "True False False\n"
+        assert spy.quiet()
+    finally:
+        spy.close()
+
+
+def test_an_interrupted_px_progress_ends_as_its_html(kernel: Any) -> None:
+    """``%%px --progress-after`` interrupted: its display is replaced by the bars' final
+    (interrupted) state as HTML and text, no widget left to miss its state."""
+    km, kc, _ = kernel
+    msg_id = kc.execute("%%px --progress-after 0\nimport time\ntime.sleep(30)")
+
+    def shown(got: list[dict[str, Any]]) -> bool:
+        return any(
+            m["msg_type"] == "display_data" and WIDGET_VIEW in m["content"]["data"] for m in got
+        )
+
+    got = _iopub_until(kc, shown, timeout=15)
+    [first] = [m for m in got if m["msg_type"] == "display_data"]
+    assert "px-engine-progress" in first["content"]["data"]["text/html"]  # (from the start)
+    display_id = first["content"]["transient"]["display_id"]
+    km.interrupt_kernel()
+
+    def idle(got: list[dict[str, Any]]) -> bool:
+        return any(
+            m["msg_type"] == "status"
+            and m["parent_header"].get("msg_id") == msg_id
+            and m["content"]["execution_state"] == "idle"
+            for m in got
+        )
+
+    got += _iopub_until(kc, idle, timeout=15)
+    assert idle(got)
+    updates = [
+        m
+        for m in got
+        if m["msg_type"] == "update_display_data"
+        and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert updates, [m["msg_type"] for m in got]
+    final = updates[-1]["content"]["data"]
+    assert WIDGET_VIEW not in final
+    assert "(interrupted)" in final["text/html"] and "data-engine='1'" in final["text/html"]
+    assert re.search(r"engine 0: .* · interrupted$", final["text/plain"], re.M), final
+
+    printed, _ = _run(kc, "print(rc[:].apply_sync(lambda: 'free'))", timeout=20)
+    assert printed == "['free', 'free']\n"
+
+
+# ----- a notebook executed headless (nbclient): never viewed
+
+
+NOTEBOOK_CELLS = [
+    "import jupyter_ext as jx\ncluster = jx.Cluster(n=2)\nrc = cluster.start_and_connect_sync()",
+    "dash = rc.dashboard()\ndash",
+    "ar = rc.load_balanced_view().map(lambda x: x, range(30), chunksize=1)\nar.wait_interactive()",
+    "print('following:', dash.active, rc.transport._status_subscribed)",
+    "cluster.stop_cluster_sync()",
+]
+
+
+def test_a_headless_notebook_saves_the_latest_state_and_follows_nothing() -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": ""}
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
+    client = NotebookClient(
+        nb, timeout=60, kernel_name="python3", allow_errors=True, store_widget_state=True
+    )
+    pids: list[int] = []
+    with client.setup_kernel():
+        manager: Any = client.km
+        pids.append(manager.provisioner.process.pid)
+        try:
+            for index, cell in enumerate(nb.cells[:4]):
+                client.execute_cell(cell, index)
+                pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+            assert errors(nb) == {}
+            assert text(nb.cells[3]) == "following: False False\n"
+            # the dashboard's output: its widget beside the latest state as HTML and text
+            [shown] = nb.cells[1].outputs
+            assert WIDGET_VIEW in shown.data
+            assert sum(_done_counts(shown.data["text/html"]).values()) == 30
+            assert "30 done, 0 failed" in shown.data["text/plain"]
+            # the progress bar's display carries its final state as HTML and text
+            [bar] = [o for o in nb.cells[2].outputs if o.output_type == "display_data"]
+            assert "30/30 tasks" in bar.data["text/html"] and "(done)" in bar.data["text/plain"]
+            client.execute_cell(nb.cells[4], 4)
+        finally:
+            with contextlib.suppress(psutil.Error):
+                pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+    kill_pids(wait_gone(pids, timeout=10))
+
+
+# ----- terminal IPython (no widget front end)
+
+
+def test_terminal_ipython_prints_engine_bars_and_the_dashboard(rc: Any) -> None:
+    code = (
+        "import jupyter_ext as jx\n"
+        f"rc = jx.Client({rc.connection_file!r})\n"
+        "ar = rc.load_balanced_view().map(lambda x: x, range(20), chunksize=1)\n"
+        "ar.wait_interactive(per_engine=True)\n"
+        "dash = rc.dashboard()\n"
+        "dash"
+    )
+    ipython = Path(sys.executable).with_name("ipython")
+    run = subprocess.run(
+        [
+            str(ipython),
+            "--no-banner",
+            "--colors=NoColor",
+            "--HistoryManager.enabled=False",
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    lines = re.findall(r"^  engine (\d): (\d+) items · .* · (\w+)$", out, re.M)
+    assert {e for e, _, _ in lines} == {"0", "1"}, out
+    assert all(state == "done" for *_, state in lines) and sum(int(n) for _, n, _ in lines) == 20
+    assert "20/20 tasks" in out and "(done)" in out
+    # the dashboard: its text rendering, a line per engine with its state and counts
+    assert "engine  state" in out, out
+    rows = re.findall(r"^(\d+)\s+(idle|busy)\s", out, re.M)
+    assert [r[0] for r in rows] == ["0", "1"], out
 
 
 # ----- the notebook, headless
@@ -257,11 +640,14 @@ def _drive(page: Any, lab: Any) -> None:
     lab.track()
     prompts = page.locator(PROMPTS)
     prompts.first.click()
-    for _ in range(3):
+    for _ in range(2):
         page.keyboard.press("Shift+Enter")
     dashboard = page.locator(".jupyter-px-dashboard")
     dashboard.wait_for(timeout=30_000)
     lab.track()  # the controller and the engines
+    # (the count of its view reaches the kernel once no cell queued before it runs)
+    page.locator(KERNEL_STATUS, has_text="| Idle").wait_for(timeout=30_000)
+    page.keyboard.press("Shift+Enter")
     # during the map: both engines busy on the dashboard, one bar per engine moving
     dashboard.locator(".px-engine[data-state='busy']").nth(1).wait_for(timeout=20_000)
     page.locator(".jupyter-px-engine-bar").nth(1).wait_for(timeout=20_000)

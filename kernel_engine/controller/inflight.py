@@ -67,6 +67,11 @@ class Inflight:
         """How many requests ``engine_id`` holds."""
         return len(self._by_engine.get(engine_id, ()))
 
+    def oldest(self, engine_id: int) -> str | None:
+        """The msg_id of the oldest request ``engine_id`` holds (None: it holds none)."""
+        held = self._by_engine.get(engine_id)
+        return next(iter(held), None) if held else None
+
     def on_engine(self, engine_id: int) -> list[str]:
         """The msg_ids ``engine_id`` holds, oldest first."""
         return list(self._by_engine.get(engine_id, ()))

@@ -35,11 +35,14 @@ from .engines import Engine, EngineSet
 from .hub import Hub, TaskRecord
 from .inflight import Inflight
 from .loop import PollLoop
-from .status import EngineView, StatusBoard
+from .status import EngineView, HeldTask, StatusBoard
 
 log = logging.getLogger("kernel_engine.controller")
 
 _monotonic = time.monotonic
+
+KINDS = {protocol.APPLY_REQUEST: "apply", "execute_request": "execute"}
+"""What a held request without a label is called, by its message type."""
 
 MAX_ERROR_CONTENT = 256 * 1024
 """Largest error reply content read for its error's name and traceback."""
@@ -193,4 +196,16 @@ class Monitor:
             self.cluster_id,
             events=events,
             unanswered=self.inflight.__contains__,
+            oldest=self._oldest,
         )
+
+    def _oldest(self, engine_id: int) -> HeldTask | None:
+        """The oldest request ``engine_id`` holds, named by its label or its kind."""
+        msg_id = self.inflight.oldest(engine_id)
+        if msg_id is None:
+            return None
+        record = self.hub.get(msg_id)
+        if record is None:
+            return HeldTask(msg_id)
+        name = record.label or KINDS.get(record.msg_type, record.msg_type)
+        return HeldTask(msg_id, name, record.submitted)

@@ -13,8 +13,16 @@ Two costs, kept apart:
   counts are right whenever someone starts watching, and cost nothing that grows;
 - *only while someone watches* (:attr:`StatusBoard.listening`): task events (bounded:
   the newest :data:`MAX_EVENTS` since the last snapshot, with a count of those dropped),
-  and snapshots, which the monitor takes on a timer, at most every
+  when each task was placed on its engine (at most :data:`MAX_PLACED`), and snapshots,
+  which the monitor takes on a timer, at most every
   :data:`~kernel_engine.protocol.STATUS_EVERY` seconds (:meth:`StatusBoard.due`).
+
+An engine's current task is what it last reported running, while that task is still
+unanswered. Reports come every :data:`~kernel_engine.protocol.ENGINE_REPORT_EVERY`
+seconds, so a task shorter than that is rarely caught running: a busy engine without one
+shows the oldest request the controller knows it holds instead (``"source": "queue"``),
+named by its label or its kind (the function is in the request's pickled buffers, which
+the controller never opens), since it was placed on the engine.
 
 Every collection is bounded: errors (:data:`MAX_ERRORS`), events, dead engines shown
 (:data:`MAX_DEAD`), one report per live engine.
@@ -41,6 +49,9 @@ MAX_EVENTS = 500
 
 MAX_DEAD = 64
 """Dead engines a snapshot lists (the most recent ones)."""
+
+MAX_PLACED = 100_000
+"""Tasks whose placing time is kept (while someone listens) for the current task shown."""
 
 MAX_TRACEBACK_LINES = 80
 MAX_TRACEBACK_CHARS = 8000
@@ -155,6 +166,16 @@ class EngineTally:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldTask:
+    """A request an engine holds, as the controller knows it: its msg_id, a name (its
+    label, or its kind) and when it was submitted (a Unix time), if known."""
+
+    msg_id: str
+    name: str | None = None
+    since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineView:
     """What the controller knows of one engine when a snapshot is taken."""
 
@@ -188,6 +209,7 @@ class StatusBoard:
         self.errors: deque[TaskError] = deque(maxlen=MAX_ERRORS)
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.events_seen = 0  # events since the last snapshot, kept or not
+        self.placed: dict[str, float] = {}  # msg_id -> when it went to its engine (wall)
         self.listening = False
         self.changed = True
         self.seq = 0
@@ -213,8 +235,10 @@ class StatusBoard:
         """A task was placed on an engine (it runs once that engine's queue reaches it)."""
         self.changed = True
         if self.listening:
-            event = {"kind": "started", "msg_id": msg_id, "engine_id": engine_id}
-            self._event({**event, "time": self.clock()})
+            wall = self.clock()
+            if len(self.placed) < MAX_PLACED:
+                self.placed[msg_id] = wall
+            self._event({"kind": "started", "msg_id": msg_id, "engine_id": engine_id, "time": wall})
 
     def task_finished(
         self,
@@ -228,6 +252,8 @@ class StatusBoard:
         traceback) when the caller knows it (see :meth:`unresolved`)."""
         self.changed = True
         self.throughput.add(now)
+        if self.placed:
+            self.placed.pop(msg_id, None)
         tally = self.tallies.get(engine_id) if engine_id is not None else None
         if tally is None and engine_id is not None:
             tally = self.tallies[engine_id] = EngineTally()
@@ -317,6 +343,7 @@ class StatusBoard:
         self.listening = False
         self.events.clear()
         self.events_seen = 0
+        self.placed.clear()
 
     def due(self, now: float) -> bool:
         """Whether a snapshot should go out now: never twice within :attr:`interval`;
@@ -343,6 +370,26 @@ class StatusBoard:
 
     # ----- snapshots
 
+    def _current(
+        self,
+        engine_id: int,
+        report: EngineReport | None,
+        oldest: Callable[[int], HeldTask | None],
+    ) -> dict[str, Any] | None:
+        """A busy engine's current task: the one it reported, else the oldest it holds."""
+        if report is not None:
+            return {
+                "msg_id": report.task,
+                "name": report.task_name,
+                "since": report.task_since,
+                "source": "engine",
+            }
+        held = oldest(engine_id)
+        if held is None:
+            return None
+        since = self.placed.get(held.msg_id, held.since)
+        return {"msg_id": held.msg_id, "name": held.name, "since": since, "source": "queue"}
+
     def snapshot(
         self,
         now: float,
@@ -354,13 +401,15 @@ class StatusBoard:
         cluster_id: str = "",
         events: bool = True,
         unanswered: Callable[[str], bool] = lambda msg_id: False,
+        oldest: Callable[[int], HeldTask | None] = lambda engine_id: None,
     ) -> dict[str, Any]:
         """The status as JSON. ``engines``: the live ones; ``dead``: why each one that
         left did (the :data:`MAX_DEAD` with the highest ids are listed); ``queued``:
         tasks waiting for the scheduler; ``running``: requests held by engines;
         ``unanswered``: whether a msg_id is still held by an engine (an engine's report
-        names its current task only while it is). With ``events``, the events since the
-        last snapshot go with it (and are taken)."""
+        names its current task only while it is); ``oldest``: the oldest request an engine
+        holds, shown as its task when it reported none. With ``events``, the events since
+        the last snapshot go with it (and are taken)."""
         rows = []
         live = sorted(engines, key=lambda e: e.id)
         for view in live:
@@ -369,8 +418,8 @@ class StatusBoard:
             task = tally.current(unanswered)
             state = engine_state(view.phase, view.adopted, view.held)
             current = None
-            if state == "busy" and task is not None:
-                current = {"msg_id": task.task, "name": task.task_name, "since": task.task_since}
+            if state == "busy":
+                current = self._current(view.id, task, oldest)
             rows.append(
                 {
                     "id": view.id,
