@@ -1,10 +1,12 @@
 """``jupyter px top``: a cluster's engines in the terminal, live or once.
 
 Reads the controller's status (see :mod:`kernel_engine.controller.monitor`) with the
-cluster's connection file: ``--once`` asks for one snapshot (``px_status_request``) and
-prints it; otherwise it subscribes to the status stream and redraws the table in place as
-snapshots come (at most every ``--interval`` seconds), until Ctrl-C or the controller's
-end. The text rendering here is also what notebooks show where widgets cannot be
+cluster's connection file. ``--once`` subscribes for a moment, until a snapshot has every
+engine's own report (CPU, memory: engines report only while someone subscribes), and
+prints it (or the answer to one ``px_status_request`` if none comes). Otherwise it
+subscribes to the status stream and redraws the table in place as snapshots come (at
+most every ``--interval`` seconds), until Ctrl-C or the controller's end. The text
+rendering here is also what notebooks show where widgets cannot be
 (``jupyter_ext._dashboard``), so the two never disagree.
 """
 
@@ -23,6 +25,8 @@ from kernel_engine import clusters, processes, protocol, wire
 from kernel_engine.errors import short_id
 
 SPARKS = " ▁▂▃▄▅▆▇█"
+REPORT_WAIT = 4 * protocol.ENGINE_REPORT_EVERY
+"""Seconds ``--once`` waits for every engine's report."""
 
 COLUMNS = ("engine", "state", "task", "for", "queue", "done", "failed", "cpu", "memory", "host")
 
@@ -205,6 +209,24 @@ def stream_status(info: dict[str, Any], poll: float = 0.5) -> Iterator[dict[str,
         context.destroy(linger=0)
 
 
+def reported_status(info: dict[str, Any], wait: float = REPORT_WAIT) -> dict[str, Any]:
+    """One snapshot with every engine's own report (CPU, memory) in it, if one comes within
+    ``wait`` s: engines report only while someone subscribes, so this subscribes; else the
+    controller's answer to one request (TimeoutError if it gives none)."""
+    deadline = time.monotonic() + wait
+    stream = stream_status(info, poll=0.1)
+    try:
+        for status in stream:
+            rows = status.get("engines", []) if status is not None else None
+            if rows is not None and all(r.get("cpu") is not None for r in rows):
+                return status
+            if time.monotonic() >= deadline:
+                break
+    finally:
+        stream.close()
+    return fetch_status(info)
+
+
 def read_info(cluster_id: str | None) -> dict[str, Any]:
     """The client connection info of cluster ``cluster_id`` (None: the newest running)."""
     path = clusters.find_connection_file(cluster_id)
@@ -228,7 +250,7 @@ def top(
 
         width = shutil.get_terminal_size((120, 40)).columns
     if once:
-        out.write(render_text(fetch_status(info), width) + "\n")
+        out.write(render_text(reported_status(info), width) + "\n")
         out.flush()
         return 0
     tty = out.isatty()

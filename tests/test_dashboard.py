@@ -169,6 +169,7 @@ def test_top_once_and_live(rc: Any) -> None:
     assert lines[0].startswith(f"cluster {rc.cluster_id} · 2 engines")
     rows = [line.split() for line in lines if re.match(r"\d+\s+(idle|busy)", line)]
     assert [r[0] for r in rows] == ["0", "1"], once.stdout
+    assert all(re.search(r"\d%", line) and "MiB" in line for line in lines[-2:]), once.stdout
     # live: a snapshot every --interval, until stopped (here by its PID)
     with subprocess.Popen(
         [*cmd, "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
