@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -184,7 +184,9 @@ def fetch_status(info: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         context.destroy(linger=0)
 
 
-def stream_status(info: dict[str, Any], poll: float = 0.5) -> Iterator[dict[str, Any] | None]:
+def stream_status(
+    info: dict[str, Any], poll: float = 0.5
+) -> Generator[dict[str, Any] | None, None, None]:
     """Snapshots as the controller publishes them; None every ``poll`` s without one (so
     the caller can check on the controller). Subscribing is what makes the controller
     publish; closing the iterator unsubscribes."""
@@ -217,8 +219,9 @@ def reported_status(info: dict[str, Any], wait: float = REPORT_WAIT) -> dict[str
     stream = stream_status(info, poll=0.1)
     try:
         for status in stream:
-            rows = status.get("engines", []) if status is not None else None
-            if rows is not None and all(r.get("cpu") is not None for r in rows):
+            if status is not None and all(
+                row.get("cpu") is not None for row in status.get("engines", [])
+            ):
                 return status
             if time.monotonic() >= deadline:
                 break
