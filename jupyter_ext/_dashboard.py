@@ -17,17 +17,18 @@ Who runs what: no thread of its own. The client's IO thread receives the status 
 updates the widgets (ipykernel's iopub takes sends from any thread); the client
 subscribes to the stream only while a dashboard follows it, and the controller publishes
 it only while someone subscribes. A dashboard follows the stream only while a front end
-shows it (:class:`Attention`): from the first view the front end counts (never in
-nbclient, a terminal, or a tab that never opened), until its output is cleared (no view
-left), its widget is closed, :meth:`Dashboard.close` is called or its client closes, or
-no front end gave a sign (a view shown, a cell run) for :data:`LEASE` seconds while no
-cell ran (a browser tab closed says nothing). The count of a view waits behind the cells
-queued after the one that displayed it; so where a widget front end is connected, the
-dashboard follows from its display, and stops if no view was counted after
-:data:`FIRST_VIEW` seconds with no cell running. A dashboard displayed but never viewed
-refreshes its snapshot after each cell instead (one status request per cell, on the
-shell thread), so a notebook executed headless saves the latest state. One that stopped
-for good replaces its displays with the static snapshot of its final state.
+may show it (:class:`Attention`). It starts when it is displayed in a notebook kernel (a
+front end counts its view only once the cells queued behind that one have run: a
+notebook run at once must see it live), and stops when no view was counted after
+:data:`FIRST_VIEW` seconds with no cell running (nbclient, nbconvert, a tab that never
+opened; never started in a terminal), when its output is cleared (no view left), its
+widget is closed, :meth:`Dashboard.close` is called or its client closes, or when no
+front end gave a sign (a view shown, a cell run) for :data:`LEASE` seconds while no cell
+ran (a browser tab closed says nothing). A view counted again starts it again. A
+dashboard displayed but never viewed also refreshes its snapshot after each cell (one
+status request per cell, on the shell thread), so a notebook executed headless saves the
+latest state. One that stopped for good replaces its displays with the static snapshot
+of its final state.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ LEASE = 600.0
 :class:`Attention`)."""
 
 FIRST_VIEW = 5.0
-"""Seconds without a cell running that a dashboard displayed to a widget front end
-follows the stream before the front end counts a view of it (see :class:`Attention`)."""
+"""Seconds without a cell running that a dashboard displayed in a notebook kernel follows
+the stream before a front end counts a view of it (see :class:`Attention`)."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BOX = "font-family:var(--jp-ui-font-family,sans-serif);font-size:12px;line-height:1.4"
@@ -220,9 +221,9 @@ class Attention:
     and no cell running, the display counts as unseen (:meth:`lapsed`).
 
     The count of a view comes on the kernel's shell channel, behind the cells queued
-    before it (a notebook run at once): a display followed before any view is counted
-    (``expect_view``, where a widget front end is known to be connected) lapses after
-    :attr:`first_view` seconds with no cell running and still no view.
+    before it (a notebook run at once): a display is followed from the moment it is shown
+    (``expect_view``), and lapses after :attr:`first_view` seconds with no cell running
+    and still no view counted (nbclient, nbconvert, a tab that never opened).
     """
 
     def __init__(self, lease: float, first_view: float = FIRST_VIEW):
@@ -255,14 +256,6 @@ class Attention:
         running."""
         limit = self.first_view if self.expect_view and not self.seen else self.lease
         return not self.running and now - self.acked >= limit
-
-
-def _widget_front_end() -> bool:
-    """Whether a front end that shows widgets has connected to this kernel (JupyterLab
-    and Notebook 7 open ipywidgets' control comm when they connect; nbclient does not)."""
-    import ipywidgets
-
-    return getattr(ipywidgets.Widget, "_control_comm", None) is not None
 
 
 class _Cells:
@@ -395,7 +388,7 @@ class Dashboard:
         if not running and self._displayed:
             if self._fresh:
                 self._fresh = False  # (the cell that showed it: no view counted yet)
-            elif not self.attention.seen and not self.active:
+            elif not self.attention.seen:
                 self._snapshot_display()
 
     def _snapshot_display(self) -> None:
@@ -556,8 +549,9 @@ class Dashboard:
                 _watch_cells(self)
             self._displayed = True
             self._fresh = True
-            if not self.attention.seen and _widget_front_end():
-                # (its view is counted only once the cells queued behind this one ran)
+            if not self.attention.seen:
+                # (a front end counts its view only once the cells queued behind this
+                # one ran: it follows from now, while cells run and for FIRST_VIEW s)
                 self.attention.expect_view = True
                 self.start()
         else:

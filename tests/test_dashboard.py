@@ -3,10 +3,11 @@
 Pure: the HTML renderers, the per-engine tally and text, and when a dashboard counts as
 seen (no processes). Real: ``jupyter px top --once`` (through the ``jupyter px`` entry
 point) and live against a running cluster; the dashboard's error panel and every engine's
-CPU and memory; a notebook kernel whose front end the test plays (no subscription until
-a view is counted, none after its output is cleared, its widget closed, or the lease
-lapsed; ``%%px --progress-after`` interrupted ends as its HTML); a notebook executed by
-nbclient (never viewed: never subscribed, its outputs' HTML up to date); terminal
+CPU and memory; a notebook kernel whose front end the test plays (subscribed from its
+display while cells run, not once no view was counted for a while, nor after its output
+is cleared, its widget closed, or the lease lapsed; ``%%px --progress-after``
+interrupted ends as its HTML); a notebook executed by nbclient (never viewed: it stops
+following, its outputs' HTML up to date); terminal
 IPython (text renderings); ``notebooks/dashboard.ipynb`` executed by nbclient with its
 widget state saved; JupyterLab in headless Chromium: the dashboard and the per-engine
 bars during a map (screenshots in ``tests/artifacts/``), and the dashboard stopping when
@@ -337,14 +338,21 @@ def test_a_dashboard_follows_the_stream_only_while_a_front_end_shows_it(kernel: 
     _, kc, info = kernel
     spy = Spy(info)
     try:
-        _, outputs = _run(kc, "dash = rc.dashboard()\ndash")
+        _, outputs = _run(kc, "dash = rc.dashboard()\ndash.attention.first_view = 2.0\ndash")
         [shown] = [m for m in outputs if m["msg_type"] == "display_data"]
         model_id = shown["content"]["data"][WIDGET_VIEW]["model_id"]
         assert "px-dashboard" in shown["content"]["data"]["text/html"]
+        # followed from its display (a front end counts its view only after the cells
+        # queued behind: a notebook run at once sees it live), while cells run
         _run(kc, "rc.load_balanced_view().map_sync(lambda x: x, range(20))")
         printed, _ = _run(kc, "print(dash.active, rc.transport._status_subscribed)")
-        assert printed == "False False\n", "displayed, no view counted: nothing followed"
+        assert printed == "True True\n"
+        # no view counted and no cell running for first_view seconds: nobody looks
+        time.sleep(3.0)
         assert spy.quiet(), "the controller publishes for nobody"
+        printed, _ = _run(kc, "print(dash.active, dash.paused, rc.transport._status_subscribed)")
+        assert printed == "False True False\n", "a cell run alone does not start it again"
+        assert spy.quiet()
 
         _front_end(kc, "comm_msg", model_id, {"_view_count": 1})  # a front end shows it
         assert spy.count(5.0, stop_at=2) == 2
@@ -431,14 +439,14 @@ def test_an_interrupted_px_progress_ends_as_its_html(kernel: Any) -> None:
 
 NOTEBOOK_CELLS = [
     "import jupyter_ext as jx\ncluster = jx.Cluster(n=2)\nrc = cluster.start_and_connect_sync()",
-    "dash = rc.dashboard()\ndash",
+    "dash = rc.dashboard()\ndash.attention.first_view = 0.5\ndash",
     "ar = rc.load_balanced_view().map(lambda x: x, range(30), chunksize=1)\nar.wait_interactive()",
     "print('following:', dash.active, rc.transport._status_subscribed)",
     "cluster.stop_cluster_sync()",
 ]
 
 
-def test_a_headless_notebook_saves_the_latest_state_and_follows_nothing() -> None:
+def test_a_headless_notebook_saves_the_latest_state_and_stops_following() -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": ""}
     nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
@@ -451,6 +459,8 @@ def test_a_headless_notebook_saves_the_latest_state_and_follows_nothing() -> Non
         pids.append(manager.provisioner.process.pid)
         try:
             for index, cell in enumerate(nb.cells[:4]):
+                if index == 3:  # (no cell running for a while: nothing views it)
+                    time.sleep(2.0)
                 client.execute_cell(cell, index)
                 pids += [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
             assert errors(nb) == {}
