@@ -21,7 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernel_engine.controller import query as q
-from kernel_engine.controller.sqlite_store import MAX_OUTPUT, TRUNCATED, SqliteLog, StoreError
+from kernel_engine.controller.sqlite_store import (
+    BLOB_MARKER,
+    MAX_OUTPUT,
+    TRUNCATED,
+    SqliteLog,
+    StoreError,
+    StoreUnusable,
+)
 
 NOW = time.time()
 
@@ -483,7 +490,8 @@ def test_reads_see_earlier_puts_from_any_thread(open_store):
 
 
 def _blob_files(tmp_path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "tasks.db-blobs").iterdir())
+    folder = tmp_path / "tasks.db-blobs"
+    return sorted(p.name for p in folder.iterdir() if p.name != BLOB_MARKER)
 
 
 def test_big_frames_go_to_blob_files(open_store, tmp_path):
@@ -501,7 +509,7 @@ def test_big_frames_go_to_blob_files(open_store, tmp_path):
     assert inline == [(1, 0, 0), (2, 1, 1)]
     assert _blob_files(tmp_path) == ["2.0", "2.1"]
     assert (tmp_path / "tasks.db-blobs").stat().st_mode & 0o777 == 0o700
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "tasks.db-blobs").iterdir())
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "tasks.db-blobs").iterdir())  # (+0)
     assert on_disk > 400_000 and store._blob_bytes == on_disk
     assert store.get("big", ["result_buffers"])["result_buffers"] == [big, b"t"]
     assert store.get("big", ["buffers"])["buffers"] == [big]
@@ -871,7 +879,100 @@ def test_a_blob_folder_that_is_a_link_is_refused_and_left_alone(tmp_path):
         SqliteLog(tmp_path / "tasks.db")
     assert not [t for t in threading.enumerate() if t.name == "px-store-writer"]
     os.chmod(tmp_path / "tasks.db-blobs", 0o700)
+    # a folder of that name with someone's files in it, not made by a store: refused
+    (tmp_path / "tasks.db-blobs" / "1.0").write_bytes(b"somebody's file")
+    with pytest.raises(StoreUnusable, match="not this database's blob folder"):
+        SqliteLog(tmp_path / "tasks.db")
+    assert (tmp_path / "tasks.db-blobs" / "1.0").read_bytes() == b"somebody's file"
+    # ours (its marker): what is not a blob file stays, whatever a record names
+    (tmp_path / "tasks.db-blobs" / BLOB_MARKER).touch()
     (tmp_path / "tasks.db-blobs" / "notes.txt").write_bytes(b"not a blob file")
+    (tmp_path / "tasks.db-blobs" / "7.1").mkdir()
     store = SqliteLog(tmp_path / "tasks.db")
     store.close()
     assert (tmp_path / "tasks.db-blobs" / "notes.txt").exists()
+    assert (tmp_path / "tasks.db-blobs" / "7.1").is_dir()
+    assert not (tmp_path / "tasks.db-blobs" / "1.0").exists()  # (an orphan of ours)
+
+
+def test_names_from_a_crafted_file_never_reach_outside_the_blob_folder(tmp_path, open_store):
+    from kernel_engine.controller.sqlite_store import _SCHEMA
+
+    victim = tmp_path / "victim.0"
+    victim.write_bytes(b"keep me")
+    with sqlite3.connect(tmp_path / "tasks.db") as con:  # (its seq a text: a path)
+        con.executescript(_SCHEMA.replace("seq INTEGER PRIMARY KEY", "seq TEXT PRIMARY KEY"))
+        con.execute(
+            "INSERT INTO tasks (seq, msg_id, request_big) VALUES (?, 'm', 1)",
+            (str(tmp_path / "victim"),),
+        )
+        con.executemany(
+            "INSERT INTO gone VALUES (?)", [(str(victim),), ("../victim.0",), ("1.0/../x",)]
+        )
+    store = open_store(blob_threshold=1024)
+    assert victim.read_bytes() == b"keep me"
+    assert store.frames("m", "request") is None
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("SELECT count(*) FROM gone").fetchone() == (0,)
+
+
+def test_a_crafted_version_1_file_writes_only_blob_files(tmp_path, open_store):
+    from kernel_engine.controller.sqlite_store import pack
+
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        con.executescript(V1_SCHEMA.replace("seq INTEGER PRIMARY KEY", "seq TEXT PRIMARY KEY"))
+        con.execute(
+            "INSERT INTO tasks (seq, msg_id, status, done_at, request_big) "
+            "VALUES (?, 'evil', 'ok', ?, 1)",
+            (str(tmp_path / "x"), NOW),
+        )
+        con.execute("INSERT INTO blobs VALUES ('evil', '/../y', ?)", (pack([b"z"]),))
+    open_store()
+    assert _blob_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("tasks.db")) == []
+
+
+def test_unreadable_blob_files_are_missing_frames_not_errors(open_store, tmp_path):
+    store = open_store(blob_threshold=1024)
+    for i in range(3):
+        submit(store, f"m{i}", request=frames(f"m{i}", {}, os.urandom(5000)))
+    store.flush()
+    folder = tmp_path / "tasks.db-blobs"
+    (folder / "1.0").write_bytes(b"")  # (a power loss: the row reached the disk, not it)
+    (folder / "2.0").write_bytes((folder / "2.0").read_bytes()[:-10])  # cut short
+    (folder / "3.0").unlink()
+    os.mkfifo(folder / "3.0")  # (would block a reader that waited on it)
+    assert store.frames_many(["m0", "m1", "m2"], "request") == {}
+    assert store.query({}, ["msg_id", "buffers"]) == [
+        {"msg_id": f"m{i}", "buffers": None} for i in range(3)
+    ]
+
+
+def test_a_blob_file_that_cannot_be_removed_leaves_the_writer_working(open_store, tmp_path):
+    store = open_store(blob_threshold=1024)
+    submit(store, "m", request=frames("m", {}, os.urandom(5000)))
+    complete(store, "m")
+    store.flush()
+    (tmp_path / "tasks.db-blobs" / "1.0").unlink()
+    (tmp_path / "tasks.db-blobs" / "1.0").mkdir()  # (unlink fails: a directory)
+    (tmp_path / "tasks.db-blobs" / "1.0" / "x").touch()
+    assert store.purge(["m"]) == 1
+    submit(store, "after")
+    assert store.history() == ["after"]
+
+
+def test_one_big_reply_does_not_take_every_other_record_with_it(open_store):
+    limit = 16 << 20
+    store = open_store(max_bytes=limit, blob_threshold=1024, batch_interval=0.01)
+    assert store.max_frames_bytes == limit // 8  # (one record: at most an eighth)
+    for i in range(2000):
+        submit(store, f"m{i:04d}", at=NOW + i)
+        complete(store, f"m{i:04d}", at=NOW + i, result=frames("r", {}, os.urandom(3000)))
+    store.flush()
+    before = store.count()
+    assert before > 1000
+    complete(store, "big", result=frames("big", {}, os.urandom(limit // 8 - 1000)))
+    store.flush()
+    assert store.get("big", ["result_buffers"])["result_buffers"] is not None
+    assert store.count() > before * 0.6, (before, store.count())
+    assert store.size_bytes() <= limit

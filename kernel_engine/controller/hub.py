@@ -555,7 +555,7 @@ def open_log(
     (``.corrupt-<time>``), never lost, and a new one started."""
     if db == "memory":
         return None
-    from .sqlite_store import BLOB_SUFFIX, SqliteLog
+    from .sqlite_store import BLOB_SUFFIX, SqliteLog, StoreUnusable
 
     path = folder / DB_FILE if db == "sqlite" else Path(db)
     limits: dict[str, Any] = {}
@@ -565,6 +565,8 @@ def open_log(
         limits["max_age"] = max_age or None
     try:
         return SqliteLog(path, **limits)
+    except StoreUnusable:
+        raise  # (not damaged: a folder in the way, which the message names)
     except Exception as exc:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error("task database %s unreadable (%s); moved to %s", path, exc, aside)

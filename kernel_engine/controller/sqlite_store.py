@@ -47,11 +47,22 @@ Triggers name the files of deleted records (and of dropped replies) in the ``gon
 table; the writer removes them once that has committed. A file no record names (a batch
 that never committed) is removed when the store opens. Frames larger than
 ``max_frames_bytes`` are not stored at all (the record is), nor held in the queue.
+
+Trust. The database file is the controller's (0600), and whoever can write it can forge
+results anyway; still, nothing read from it names a file outside the blob folder (names
+are checked: ``<integer>.<0|1>``), the folder must be a directory of this user's that
+nobody else can write to and that holds the marker :data:`BLOB_MARKER` (a folder of that
+name someone else made is refused, not cleaned), only regular files of our names are
+ever removed, and a blob file that cannot be read (cut short, not a regular file) is
+logged and read as no frames. Known limit: files are named by ``seq``, which a store
+opened on an older copy of its file may number again; a restore from a copy should take
+its ``-blobs`` folder with it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -69,9 +80,15 @@ from typing import Any
 from kernel_engine.controller import query as q
 from kernel_engine.errors import StoreError
 
-__all__ = ["MAX_OUTPUT", "STATUSES", "SqliteLog", "StoreError", "pack", "unpack"]
+__all__ = ["MAX_OUTPUT", "STATUSES", "SqliteLog", "StoreError", "StoreUnusable", "pack", "unpack"]
 
 log = logging.getLogger(__name__)
+
+
+class StoreUnusable(StoreError):
+    """The store cannot be used where it is (its blob folder): the database itself is not
+    damaged, so it is not to be moved aside."""
+
 
 PENDING = "pending"
 STATUSES = frozenset({PENDING, "ok", "error", "aborted", "unknown"})
@@ -96,6 +113,8 @@ about that long at most for an engine at 1,000 tasks/s: each then costs one inse
 of an insert and an update, about a third of the writer's time per task."""
 HIGH, LOW = 0.95, 0.85
 RECORD_BYTES = 256  # a record's size without its frames, to make room for a batch
+BIG_STEP = 16
+"""Records deleted at a time to make room while blob files hold most of the bytes."""
 
 _GONE = """
 CREATE TABLE gone (name TEXT NOT NULL);
@@ -154,6 +173,9 @@ _HEADS: dict[int, struct.Struct] = {}
 BLOB_SUFFIX = "-blobs"
 """The folder of a database's blob files is its path with this added."""
 _BLOB_NAME = re.compile(r"[0-9]+\.[01](\.part)?")
+_GONE_NAME = re.compile(r"[0-9]+\.[01]")
+BLOB_MARKER = ".jupyter-px-blobs"
+"""The file that makes a folder a task database's blob folder (see ``_check_blob_dir``)."""
 EARLY_OUTPUT_SECONDS = 30.0
 EARLY_OUTPUT_CHARS = 4 << 20
 _OUTPUT = object()  # queue tags other than a msg_id (a put) or a 1-tuple of one (held)
@@ -172,11 +194,15 @@ def pack(frames: Sequence[Any]) -> bytes:
 
 
 def unpack(blob: bytes) -> list[bytes]:
-    """The frames :func:`pack` packed."""
+    """The frames :func:`pack` packed (ValueError if ``blob`` is not what it made: a file
+    cut short, say)."""
     (n,) = struct.unpack_from("<I", blob)
     at = 4 + 8 * n
+    sizes = struct.unpack_from(f"<{n}Q", blob, 4)
+    if at + sum(sizes) != len(blob):
+        raise ValueError(f"{len(blob)} bytes, not the {at + sum(sizes)} its head says")
     out = []
-    for size in struct.unpack_from(f"<{n}Q", blob, 4):
+    for size in sizes:
         out.append(blob[at : at + size])
         at += size
     return out
@@ -238,7 +264,7 @@ class SqliteLog:
     path
         The database file; created (mode 0600) if missing.
     max_bytes
-        Bound on the database and WAL files together (None: unbounded).
+        Bound on the database, WAL and blob files together (None: unbounded).
     max_age
         Seconds a finished record is kept (None: forever).
     blob_threshold
@@ -248,7 +274,8 @@ class SqliteLog:
     max_pending, max_pending_bytes
         When this many puts, or bytes of frames, wait for the writer, ``put`` blocks.
     max_frames_bytes
-        Frames larger than this are not stored (the record is, without them).
+        Frames larger than this are not stored (the record is, without them); at most an
+        eighth of ``max_bytes``.
     maintenance_interval
         How often (seconds) old records are deleted and free pages given back.
     """
@@ -276,7 +303,11 @@ class SqliteLog:
         self.batch_interval = batch_interval
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
-        self.max_frames_bytes = max_frames_bytes
+        # (one record may take at most an eighth of the bound: else storing it would
+        # delete every other finished record, or not fit at all)
+        self.max_frames_bytes = (
+            max_frames_bytes if max_bytes is None else min(max_frames_bytes, max_bytes // 8)
+        )
         self.maintenance_interval = maintenance_interval
         self.blocked_seconds = 0.0
         self._queue: deque[tuple[Any, Any, int]] = deque()
@@ -384,10 +415,11 @@ class SqliteLog:
         killed, the next open starts again and removes what it wrote)."""
         self._check_blob_dir()
         rows = con.execute(
-            "SELECT t.seq, b.kind, b.data FROM blobs b JOIN tasks t ON t.msg_id = b.msg_id"
+            "SELECT t.seq, b.kind, b.data FROM blobs b JOIN tasks t ON t.msg_id = b.msg_id "
+            "WHERE typeof(t.seq) = 'integer' AND b.kind IN (0, 1) AND typeof(b.data) = 'blob'"
         )
         for seq, kind, data in rows:
-            self._write_blob(f"{seq}.{kind}", [data], packed=True)
+            self._write_blob(f"{int(seq)}.{int(kind)}", [data], packed=True)
         con.executescript(
             "BEGIN; DROP TRIGGER IF EXISTS tasks_blobs; DROP TRIGGER IF EXISTS request_blob;"
             " DROP TRIGGER IF EXISTS result_blob; DROP TABLE blobs;"
@@ -400,39 +432,68 @@ class SqliteLog:
         ``gone`` names); count the others' bytes."""
         self._check_blob_dir()
         self._unlink_gone()
-        con = self._con
-        live = {
-            f"{seq}.{kind}"
-            for kind, name in enumerate(_FRAMES)
-            for (seq,) in con.execute(f"SELECT seq FROM tasks WHERE {name}_big")
-        }
+        self._count_blobs(remove=True)
+
+    def _count_blobs(self, remove: bool = False) -> None:
+        """Count the blob files' bytes again (files removed by hand drift the count);
+        ``remove``: also remove those no record names (only regular files of our names)."""
+        live = None
+        if remove:
+            live = {
+                f"{seq}.{kind}"
+                for kind, name in enumerate(_FRAMES)
+                for (seq,) in self._con.execute(f"SELECT seq FROM tasks WHERE {name}_big")
+            }
         total = 0
-        with os.scandir(self.blob_dir) as entries:
+        try:
+            entries = os.scandir(self.blob_dir)
+        except OSError as exc:  # (removed by hand: its files are gone with it)
+            log.warning("task database %s: %s", self.path, exc)
+            self._blob_bytes = 0
+            return
+        with entries:
             for entry in entries:
-                if entry.name in live:
-                    total += entry.stat().st_size
-                elif _BLOB_NAME.fullmatch(entry.name):  # (nothing else is ours to remove)
-                    try:
+                if not _BLOB_NAME.fullmatch(entry.name):  # (nothing else is ours)
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if live is None or entry.name in live:
+                        total += entry.stat(follow_symlinks=False).st_size
+                    else:
                         os.unlink(entry.path)
-                    except FileNotFoundError:
-                        pass
+                except OSError as exc:
+                    log.warning("task database %s: blob file %s: %s", self.path, entry.name, exc)
         self._blob_bytes = total
 
     def _check_blob_dir(self) -> None:
-        """Make the blob folder (private), or check the one there: a directory of this
-        user's that no one else may write to, not a link (whose files would be removed)."""
+        """Make the blob folder (private, with its marker file), or check the one there:
+        a directory of this user's that no one else may write to, not a link, holding the
+        marker (a folder of that name made by someone else is not ours to clean)."""
+        marker = os.path.join(self.blob_dir, BLOB_MARKER)
         try:
             os.mkdir(self.blob_dir, 0o700)
+            made = True
         except FileExistsError:
-            pass
+            made = False
         except OSError as exc:
-            raise StoreError(self.path, f"cannot make {self.blob_dir}: {exc}") from exc
+            raise StoreUnusable(self.path, f"cannot make {self.blob_dir}: {exc}") from exc
         found = os.lstat(self.blob_dir)
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
-            raise StoreError(
+            raise StoreUnusable(
                 self.path,
                 f"{self.blob_dir} is not a directory of this user's that only it can write to",
             )
+        if not made and not os.path.lexists(marker):
+            with os.scandir(self.blob_dir) as entries:
+                if any(True for _ in entries):
+                    raise StoreUnusable(
+                        self.path,
+                        f"{self.blob_dir} is not this database's blob folder (it has no "
+                        f"{BLOB_MARKER}): move it away",
+                    )
+        if not os.path.lexists(marker):
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     def _write_blob(self, name: str, frames: Sequence[Any], packed: bool = False) -> None:
         """Write frames as blob file ``name`` (packed as :func:`pack` packs them, without
@@ -444,7 +505,9 @@ class SqliteLog:
             views.insert(0, memoryview(head))
         path = os.path.join(self.blob_dir, name)
         partial = path + ".part"
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             _write_all(fd, [v for v in views if v.nbytes])
         except BaseException:
@@ -453,11 +516,11 @@ class SqliteLog:
         finally:
             os.close(fd)
         try:
-            self._blob_bytes -= os.stat(path).st_size
+            old = os.lstat(path).st_size
         except FileNotFoundError:
-            pass
+            old = 0
         os.replace(partial, path)
-        self._blob_bytes += sum(v.nbytes for v in views)
+        self._blob_bytes += sum(v.nbytes for v in views) - old
 
     def _unlink_gone(self) -> None:
         """Remove the blob files that committed changes named in ``gone`` (the writer's;
@@ -467,13 +530,18 @@ class SqliteLog:
         if not names:
             return
         for (name,) in names:
+            if not isinstance(name, str) or not _GONE_NAME.fullmatch(name):
+                log.warning("task database %s: %r in gone is no blob file", self.path, name)
+                continue
             path = os.path.join(self.blob_dir, name)
             try:
-                size = os.stat(path).st_size
+                size = os.lstat(path).st_size
                 os.unlink(path)
                 self._blob_bytes -= size
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # (the record is gone: its file is left, and said)
+                log.warning("task database %s: blob file %s not removed: %s", self.path, name, exc)
         con.execute("DELETE FROM gone")
 
     def _load(self, value: bytes | str | None) -> list[bytes] | None:
@@ -481,12 +549,23 @@ class SqliteLog:
         name (None when it is gone: deleted since the row was read)."""
         if not value:
             return None
-        if not isinstance(value, str):
-            return unpack(value)
         try:
-            with open(os.path.join(self.blob_dir, value), "rb") as f:
+            if not isinstance(value, str):
+                return unpack(value)
+            if not _GONE_NAME.fullmatch(value):  # (a crafted file's seq)
+                raise ValueError(f"{value!r} is no blob file")
+            fd = os.open(
+                os.path.join(self.blob_dir, value), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            )
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError("not a regular file")
                 return unpack(f.read())
         except FileNotFoundError:
+            return None
+        except (OSError, ValueError, struct.error) as exc:
+            name = value[:64] if isinstance(value, str) else "inline"
+            log.warning("task database %s: frames %s unreadable: %s", self.path, name, exc)
             return None
 
     def _blob_size(self, name: str) -> int:
@@ -552,7 +631,7 @@ class SqliteLog:
                 if not _BYTES.issuperset(map(type, value)):
                     for frame in value:
                         memoryview(frame)  # raises TypeError for what is not bytes-like
-                size = sum(map(len, value))
+                size = sum(len(f) if type(f) is bytes else memoryview(f).nbytes for f in value)
                 if size > self.max_frames_bytes:  # (not kept waiting for the writer either)
                     log.warning("%s of %s not stored: %d bytes", key, msg_id, size)
                     fields[key] = []
@@ -826,7 +905,10 @@ class SqliteLog:
 
     def size_bytes(self) -> int:
         """The database's size on disk: its file, its WAL and its blob files."""
-        total = self._blob_bytes
+        return self._db_bytes() + self._blob_bytes
+
+    def _db_bytes(self) -> int:
+        total = 0
         for name in (self.path, self.path + "-wal"):
             try:
                 total += os.stat(name).st_size
@@ -1053,7 +1135,6 @@ class SqliteLog:
         A new record (its first put names its ``msg_type``) whose msg_id the file has
         already (an earlier controller's, or one memory forgot) is not written, nor is
         anything put for that msg_id later on: a duplicate never replaces the original."""
-        self._make_room(batch.nbytes, len(batch.records))
         if self._reused:
             for msg_id in self._reused.intersection(batch.records):
                 del batch.records[msg_id]
@@ -1082,6 +1163,8 @@ class SqliteLog:
                     values[i], big = self._frames(msg_id, kind, value, files)
                     extras.append(big)
             groups.setdefault(plan[0], []).append([seqs[msg_id], msg_id, *values, *extras])
+        to_files = sum(memoryview(f).nbytes for _, _, frames in files for f in frames)
+        self._make_room(max(0, batch.nbytes - to_files), len(batch.records), to_files)
         con.execute("BEGIN")
         for sql, rows in groups.items():
             done = con.executemany(sql, rows)
@@ -1228,20 +1311,24 @@ class SqliteLog:
             con.execute("PRAGMA freelist_count").fetchone()[0],
         )
 
-    def _make_room(self, incoming: int, records: int) -> None:
-        """Before writing ``records`` records of ``incoming`` bytes, keep the files under
-        ``max_bytes``. The batch needs three times its size (its pages, their copy in the
-        WAL, slack). Once the live pages and that room pass ``HIGH * max_bytes``, every
-        batch first deletes the records finished longest ago, a quarter more than it brings,
-        until they fit in ``LOW * max_bytes``: deleting is spread over batches, and only a
-        batch that would not fit under ``max_bytes`` waits for more room. Freed pages are
-        reused; they go back to the file system only when the file is over the limit."""
+    def _make_room(self, incoming: int, records: int, to_files: int = 0) -> None:
+        """Before writing ``records`` records of ``incoming`` bytes (and ``to_files`` bytes
+        of blob files), keep the files under ``max_bytes``. The records need three times
+        their size (their pages, their copy in the WAL, slack), blob files their size.
+        Once the live pages and blob files and that room pass ``HIGH * max_bytes``, every
+        batch first deletes the records finished longest ago, a quarter more than it
+        brings, until they fit in ``LOW * max_bytes``: deleting is spread over batches, and
+        only a batch that would not fit under ``max_bytes`` waits for more deletions (in
+        steps of at most :data:`BIG_STEP` records while blob files hold most of the bytes,
+        so that a big record does not take every other with it). Freed pages are reused;
+        they go back to the file system only when the database's own files are over the
+        limit."""
         limit = self.max_bytes
         if limit is None:
             return
         if self._trimming:  # what a record takes on disk, measured, beats the estimate
             incoming = max(incoming, math.ceil(records * self._row_bytes))
-        reserve = self._wal_limit + 3 * incoming
+        reserve = self._wal_limit + 3 * incoming + to_files
         page, pages, free = self._pages()
         used = (pages - free) * page + self._blob_bytes
         if not self._trimming and used + reserve <= HIGH * limit and self.size_bytes() <= limit:
@@ -1249,12 +1336,14 @@ class SqliteLog:
         if not self._trimming:
             self._trimming = True
             rows = self._con.execute("SELECT count(*) FROM tasks").fetchone()[0]
-            self._row_bytes = max(used / max(rows, 1), 1)
+            self._row_bytes = max((pages - free) * page / max(rows, 1), 1)  # (inline only)
         while used + reserve > LOW * limit:
             fits = used + reserve <= limit
             needed = math.ceil((used + reserve - LOW * limit) / self._row_bytes) + 1
             # one step a batch while it fits; at once when it does not
             step = min(needed, max(500, records + records // 4)) if fits else needed
+            if self._blob_bytes * 2 > used:
+                step = min(step, BIG_STEP)
             if not self._delete_finished(min(step, 20_000)):
                 log.warning(
                     "task database %s: its %d bytes of pending records alone fill it",
@@ -1268,7 +1357,7 @@ class SqliteLog:
                 break
         else:
             self._trimming = False
-        if self.size_bytes() > limit:
+        if self._db_bytes() > limit:
             self._vacuum(until=reserve // page)
 
     def _delete_finished(self, n: int, before: float | None = None) -> int:
@@ -1283,7 +1372,9 @@ class SqliteLog:
         return deleted
 
     def _maintain(self) -> None:
-        """Delete the records past ``max_age``; give pages back when a quarter is free."""
+        """Delete the records past ``max_age``; count the blob files again (those removed by
+        hand); give pages back when a quarter is free."""
+        self._count_blobs()
         if self.max_age is not None:
             cutoff = time.time() - self.max_age
             while self._delete_finished(20_000, before=cutoff) == 20_000:
