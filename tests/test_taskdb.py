@@ -233,3 +233,16 @@ def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
     # its blob files go with it (a new database would remove them: no record names them)
     assert (folder / f"{aside[0]}-blobs" / "1.1").read_bytes() == b"a big result"
     assert "unreadable" in (folder / "controller.log").read_text()
+
+
+def test_a_blob_folder_in_the_way_stops_the_start_and_moves_nothing(cluster_factory):
+    from kernel_engine import clusters
+
+    cluster = cluster_factory(1)
+    folder = clusters.cluster_folder(cluster.cluster_id)
+    (folder / "tasks.db-blobs").mkdir(parents=True, mode=0o700)
+    (folder / "tasks.db-blobs" / "1.0").write_bytes(b"somebody's file")
+    with pytest.raises(Exception, match="not this database's blob folder"):
+        cluster.start_and_connect_sync()
+    assert (folder / "tasks.db-blobs" / "1.0").read_bytes() == b"somebody's file"
+    assert not list(folder.glob("tasks.db.corrupt-*"))
