@@ -976,3 +976,15 @@ def test_one_big_reply_does_not_take_every_other_record_with_it(open_store):
     assert store.get("big", ["result_buffers"])["result_buffers"] is not None
     assert store.count() > before * 0.6, (before, store.count())
     assert store.size_bytes() <= limit
+
+
+def test_a_blob_file_is_read_only_for_its_own_record(open_store, tmp_path, caplog):
+    store = open_store(blob_threshold=1024)
+    submit(store, "alice", request=frames("alice", {}, os.urandom(5000)))
+    store.close()
+    # (as a database restored from an older copy would: its record numbered as alice's)
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        con.execute("UPDATE tasks SET msg_id = 'bob' WHERE msg_id = 'alice'")
+    store = open_store(blob_threshold=1024)
+    assert store.frames("bob", "request") is None
+    assert "another record's file" in caplog.text

@@ -54,9 +54,11 @@ are checked: ``<integer>.<0|1>``), the folder must be a directory of this user's
 nobody else can write to and that holds the marker :data:`BLOB_MARKER` (a folder of that
 name someone else made is refused, not cleaned), only regular files of our names are
 ever removed, and a blob file that cannot be read (cut short, not a regular file) is
-logged and read as no frames. Known limit: files are named by ``seq``, which a store
-opened on an older copy of its file may number again; a restore from a copy should take
-its ``-blobs`` folder with it.
+logged and read as no frames. Files are named by ``seq``, which a database restored
+from an older copy may number again: each file starts with its record's msg_id, checked
+when it is read, so a record is never given another's file. Known limit: a second put of
+a record's big frames replaces its file before the batch commits (the controller puts a
+record's request, and its reply, once).
 """
 
 from __future__ import annotations
@@ -167,8 +169,8 @@ _APPEND = (
     "WHEN length(coalesce({n}, '')) + length(?2) <= ?3 THEN coalesce({n}, '') || ?2 "
     "ELSE substr(coalesce({n}, '') || ?2, 1, ?3) || ?4 END WHERE msg_id = ?1"
 )
-_FRAMES_SQL = "CASE WHEN t.{name}_big THEN t.seq || '.{kind}' ELSE t.{name} END"
-"""A record's request or reply frames: the packed blob, or the name of its blob file."""
+_FRAMES_SQL = "CASE WHEN t.{name}_big THEN t.seq || '.{kind}:' || t.msg_id ELSE t.{name} END"
+"""A record's request or reply frames: the packed blob, or ``<blob file>:<msg_id>``."""
 _HEADS: dict[int, struct.Struct] = {}
 BLOB_SUFFIX = "-blobs"
 """The folder of a database's blob files is its path with this added."""
@@ -193,14 +195,15 @@ def pack(frames: Sequence[Any]) -> bytes:
     return b"".join((head.pack(len(sizes), *sizes), *frames))
 
 
-def unpack(blob: bytes) -> list[bytes]:
-    """The frames :func:`pack` packed (ValueError if ``blob`` is not what it made: a file
-    cut short, say)."""
-    (n,) = struct.unpack_from("<I", blob)
-    at = 4 + 8 * n
-    sizes = struct.unpack_from(f"<{n}Q", blob, 4)
+def unpack(blob: bytes, start: int = 0) -> list[bytes]:
+    """The frames :func:`pack` packed, from ``blob[start:]`` (ValueError if that is not
+    what it made: a file cut short, say)."""
+    (n,) = struct.unpack_from("<I", blob, start)
+    at = start + 4 + 8 * n
+    sizes = struct.unpack_from(f"<{n}Q", blob, start + 4)
     if at + sum(sizes) != len(blob):
-        raise ValueError(f"{len(blob)} bytes, not the {at + sum(sizes)} its head says")
+        expected = at - start + sum(sizes)
+        raise ValueError(f"{len(blob) - start} bytes, not the {expected} its head says")
     out = []
     for size in sizes:
         out.append(blob[at : at + size])
@@ -415,11 +418,12 @@ class SqliteLog:
         killed, the next open starts again and removes what it wrote)."""
         self._check_blob_dir()
         rows = con.execute(
-            "SELECT t.seq, b.kind, b.data FROM blobs b JOIN tasks t ON t.msg_id = b.msg_id "
-            "WHERE typeof(t.seq) = 'integer' AND b.kind IN (0, 1) AND typeof(b.data) = 'blob'"
+            "SELECT t.seq, b.kind, b.data, t.msg_id FROM blobs b JOIN tasks t "
+            "ON t.msg_id = b.msg_id WHERE typeof(t.seq) = 'integer' AND b.kind IN (0, 1) "
+            "AND typeof(b.data) = 'blob' AND typeof(t.msg_id) = 'text'"
         )
-        for seq, kind, data in rows:
-            self._write_blob(f"{int(seq)}.{int(kind)}", [data], packed=True)
+        for seq, kind, data, msg_id in rows:
+            self._write_blob(f"{int(seq)}.{int(kind)}", msg_id, [data], packed=True)
         con.executescript(
             "BEGIN; DROP TRIGGER IF EXISTS tasks_blobs; DROP TRIGGER IF EXISTS request_blob;"
             " DROP TRIGGER IF EXISTS result_blob; DROP TABLE blobs;"
@@ -495,14 +499,19 @@ class SqliteLog:
         if not os.path.lexists(marker):
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
-    def _write_blob(self, name: str, frames: Sequence[Any], packed: bool = False) -> None:
-        """Write frames as blob file ``name`` (packed as :func:`pack` packs them, without
-        joining them first; ``packed``: ``frames`` is one blob :func:`pack` made), replacing
-        any file of that name at once."""
+    def _write_blob(
+        self, name: str, msg_id: str, frames: Sequence[Any], packed: bool = False
+    ) -> None:
+        """Write ``msg_id``'s frames as blob file ``name``: its msg_id (checked when read:
+        a file is never served for another record), then the frames packed as
+        :func:`pack` packs them, without joining them first (``packed``: ``frames`` is one
+        blob :func:`pack` made); replaces any file of that name at once."""
+        owner = msg_id.encode("utf-8", "replace")[:0xFFFF]
         views = [memoryview(f).cast("B") for f in frames]  # (TypeError: not contiguous)
         if not packed:
             head = struct.pack(f"<I{len(views)}Q", len(views), *(v.nbytes for v in views))
             views.insert(0, memoryview(head))
+        views.insert(0, memoryview(struct.pack("<H", len(owner)) + owner))
         path = os.path.join(self.blob_dir, name)
         partial = path + ".part"
         with contextlib.suppress(FileNotFoundError):
@@ -546,21 +555,27 @@ class SqliteLog:
 
     def _load(self, value: bytes | str | None) -> list[bytes] | None:
         """Frames from what :data:`_FRAMES_SQL` selected: a packed blob, or a blob file's
-        name (None when it is gone: deleted since the row was read)."""
+        name and its record's msg_id (None when the file is gone, deleted since the row was
+        read, or is not that record's)."""
         if not value:
             return None
         try:
             if not isinstance(value, str):
                 return unpack(value)
-            if not _GONE_NAME.fullmatch(value):  # (a crafted file's seq)
-                raise ValueError(f"{value!r} is no blob file")
+            name, _, msg_id = value.partition(":")
+            if not _GONE_NAME.fullmatch(name):  # (a crafted file's seq)
+                raise ValueError(f"{name!r} is no blob file")
             fd = os.open(
-                os.path.join(self.blob_dir, value), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                os.path.join(self.blob_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
             )
             with open(fd, "rb") as f:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise ValueError("not a regular file")
-                return unpack(f.read())
+                data = f.read()
+            (size,) = struct.unpack_from("<H", data)
+            if data[2 : 2 + size] != msg_id.encode("utf-8", "replace")[:0xFFFF]:
+                raise ValueError("another record's file (its database was an older copy?)")
+            return unpack(data, 2 + size)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, struct.error) as exc:
@@ -568,7 +583,11 @@ class SqliteLog:
             log.warning("task database %s: frames %s unreadable: %s", self.path, name, exc)
             return None
 
-    def _blob_size(self, name: str) -> int:
+    def _blob_size(self, value: str) -> int:
+        """The size of the blob file :data:`_FRAMES_SQL` named (0 if none)."""
+        name = value.partition(":")[0]
+        if not _GONE_NAME.fullmatch(name):
+            return 0
         try:
             return os.stat(os.path.join(self.blob_dir, name)).st_size
         except FileNotFoundError:
@@ -1256,7 +1275,7 @@ class SqliteLog:
         if row is None or not row[1]:
             return
         try:
-            self._write_blob(f"{row[0]}.{kind}", frames)
+            self._write_blob(f"{row[0]}.{kind}", msg_id, frames)
         except (TypeError, ValueError, BufferError, OSError) as exc:
             log.error("%s of %s not stored: %s", name, msg_id, exc)
             # (the row says big: the file is missing, so reads find no frames; and a
