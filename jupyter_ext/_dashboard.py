@@ -33,6 +33,7 @@ of its final state.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -65,9 +66,17 @@ STATE_COLORS = {
     "dead": "#c62828",
 }
 
+log = logging.getLogger("jupyter_ext")
+
 LEASE = 600.0
 """Seconds a dashboard follows the stream with no sign of a front end (see
 :class:`Attention`)."""
+
+FETCH_TIMEOUT = 2.0
+"""Seconds a status request made on the shell thread waits (a cell waits for it)."""
+
+FETCH_BACKOFF = 30.0
+"""Seconds a dashboard does not ask again a controller that did not answer."""
 
 FIRST_VIEW = 5.0
 """Seconds without a cell running that a dashboard displayed in a notebook kernel follows
@@ -316,6 +325,7 @@ class Dashboard:
         """Whether it stopped because no front end showed a sign for ``lease`` seconds
         (a cell run or a view shown starts it again)."""
         self.attention = Attention(lease)
+        self._unanswered_until = 0.0  # (monotonic: see _fetch)
         self._display_id = uuid.uuid4().hex
         self._displayed = False
         self._fresh = False  # (displayed by the cell now running)
@@ -394,10 +404,11 @@ class Dashboard:
     def _snapshot_display(self) -> None:
         """A display no front end has counted a view of (nbclient, nbconvert, a tab not
         open): its widgets and its static snapshot brought up to date after each cell,
-        so that a saved notebook shows the latest state."""
+        so that a saved notebook shows the latest state (the stream's latest while it
+        follows it, else one short request)."""
         if self.transport.closed:
             return
-        self._render(self._fetch(timeout=2.0))
+        self._render(self.status if self.active and self.status else self._fetch())
         try:
             from IPython.display import update_display
 
@@ -405,14 +416,21 @@ class Dashboard:
         except Exception:
             pass
 
-    def _fetch(self, timeout: float = 10.0) -> dict[str, Any]:
-        """A snapshot from the controller now (an empty one if it cannot answer)."""
-        try:
-            status = self.transport.status(timeout=timeout)
-        except Exception as exc:
-            return {"cluster_id": self.transport.cluster_id, "engines": [], "error": str(exc)}
-        self._take(status)
-        return status
+    def _fetch(self, timeout: float = FETCH_TIMEOUT) -> dict[str, Any]:
+        """A snapshot from the controller now (shell thread: a short wait). One that does
+        not answer is not asked again for :data:`FETCH_BACKOFF` seconds; meanwhile, and
+        then, the last status it gave stands (an empty one if none)."""
+        if time.monotonic() >= self._unanswered_until:
+            try:
+                status = self.transport.status(timeout=timeout)
+            except Exception as exc:
+                self._unanswered_until = time.monotonic() + FETCH_BACKOFF
+                log.info("dashboard of cluster %s: %s", self.transport.cluster_id, exc)
+            else:
+                self._take(status)
+                return status
+        empty = {"cluster_id": self.transport.cluster_id, "engines": []}
+        return self.status or empty
 
     def _take(self, status: dict[str, Any]) -> None:
         with self._lock:
@@ -423,14 +441,14 @@ class Dashboard:
     def _on_status(self, status: dict[str, Any]) -> None:
         """A status from the stream (IO thread): keep it, update the widgets; stop once
         no front end showed a sign for the lease."""
-        if not self.active:
-            return
-        if self.attention.lapsed(time.monotonic()):
-            self.stop()
-            self.paused = True
-            self._take(status)
-            self._render(status)
-            return
+        with self._lock:
+            if not self.active:
+                return
+            lapsed = self.attention.lapsed(time.monotonic())
+            if lapsed:
+                self.active, self.paused = False, True
+        if lapsed:
+            self.transport.remove_status_handler(self._on_status)
         self._take(status)
         self._render(status)
 
@@ -458,29 +476,33 @@ class Dashboard:
 
     def start(self) -> None:
         """Follow the status stream (the client subscribes; idempotent)."""
-        self.attention.touch(time.monotonic())
-        self.paused = False
-        if self.active or self.closed or self.transport.closed:
-            return
-        self.active = True
+        with self._lock:
+            self.attention.touch(time.monotonic())
+            self.paused = False
+            if self.active or self.closed or self.transport.closed:
+                return
+            self.active = True
         self.transport.add_status_handler(self._on_status)
 
     def stop(self) -> None:
         """Stop following the stream (the display keeps its last state)."""
-        if not self.active:
-            return
-        self.active = False
+        with self._lock:
+            if not self.active:
+                return
+            self.active = False
         self.transport.remove_status_handler(self._on_status)
 
-    def close(self) -> None:
-        """Stop for good; displays of it become the static snapshot of its final state."""
+    def close(self, fetch: bool = True) -> None:
+        """Stop for good; displays of it become the static snapshot of its final state
+        (asked of the controller, unless ``fetch`` is False: the caller gave it)."""
         if self.closed:
             return
         self.stop()
         self.closed = True
         shown = self._parts is not None or self._displayed
-        if shown and not self.transport.closed:
-            self._fetch(timeout=2.0)  # (its final state)
+        if fetch and shown and not self.transport.closed:
+            self._fetch()  # (its final state)
+        self._unanswered_until = float("inf")  # (closed: never asks again)
         if self._parts is not None and self.status is not None:
             self._render(self.status)
         if self._displayed:
@@ -514,7 +536,7 @@ class Dashboard:
 
     def _static_bundle(self) -> dict[str, Any]:
         if self.status is None and not self.transport.closed:
-            self._fetch()
+            self._fetch()  # (once: a controller that did not answer is not asked again)
         status = self.status or {}
         bundle = {
             "text/plain": render_text(status) if status else repr(self),
@@ -587,5 +609,13 @@ class Dashboards:
         return self._own
 
     def close(self) -> None:
-        for dashboard in list(self._all):
-            dashboard.close()
+        """Close every dashboard, their final state asked of the controller once."""
+        dashboards = [d for d in list(self._all) if not d.closed]
+        shown = [d for d in dashboards if d._parts is not None or d._displayed]
+        if shown and not self.transport.closed:
+            shown[0]._fetch()
+            if shown[0].status is not None:
+                for dashboard in shown[1:]:
+                    dashboard._take(shown[0].status)
+        for dashboard in dashboards:
+            dashboard.close(fetch=False)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any, TextIO
 
+from kernel_engine.top import printable
+
 from ._progress import (
     _in_notebook,
     bar_html,
@@ -123,7 +125,7 @@ def _task_rows(ar: Any) -> list[tuple[int | None, int, bool, str | None]]:
         if done and not child.cancelled():
             exc = child.exception()
             if exc is not None:
-                error = str(getattr(exc, "ename", None) or type(exc).__name__)
+                error = printable(str(getattr(exc, "ename", None) or type(exc).__name__))
         eid = child.metadata.get("engine_id")
         rows.append((eid if isinstance(eid, int) else None, size, done, error))
     return rows

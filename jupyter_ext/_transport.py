@@ -27,6 +27,7 @@ and ports), :meth:`_back` takes requests again and learns the engines anew.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -564,7 +565,7 @@ class Transport:
         if topic == protocol.STATUS_TOPIC:
             if msg.msg_type == protocol.CLUSTER_STATUS:
                 for status_handler in list(self._status_handlers):
-                    status_handler(msg.content)
+                    self.io._safely(status_handler, msg.content)  # (each, whatever another does)
             return
         try:
             engine_id = int(topic.rsplit(b".", 1)[1])
@@ -775,7 +776,7 @@ class Transport:
 
     def remove_status_handler(self, handler: StatusHandler) -> None:
         """Stop calling ``handler``; with the last one gone, unsubscribe."""
-        if handler in self._status_handlers:
+        with contextlib.suppress(ValueError):  # (two threads may remove it at once)
             self._status_handlers.remove(handler)
         if not self.closed:
             self.io.call_soon(self._subscribe_status)

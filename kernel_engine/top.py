@@ -13,6 +13,7 @@ rendering here is also what notebooks show where widgets cannot be
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Generator
@@ -29,6 +30,15 @@ REPORT_WAIT = 4 * protocol.ENGINE_REPORT_EVERY
 """Seconds ``--once`` waits for every engine's report."""
 
 COLUMNS = ("engine", "state", "task", "for", "queue", "done", "failed", "cpu", "memory", "host")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (each one ``?``): what a task names itself or
+    its error (a label, an exception's name or message) must not drive the terminal."""
+    return _CONTROL.sub("?", text)
 
 
 def format_bytes(n: Any) -> str:
@@ -120,7 +130,9 @@ def render_text(status: dict[str, Any], width: int = 120, now: float | None = No
     history = (status.get("cluster") or {}).get("history")
     if history:
         lines.append(f"last minute: {sparkline(history)}")
-    rows = [list(COLUMNS)] + [engine_cells(r, now) for r in status.get("engines") or []]
+    rows = [list(COLUMNS)] + [
+        [printable(cell) for cell in engine_cells(r, now)] for r in status.get("engines") or []
+    ]
     task_col = COLUMNS.index("task")
     for row in rows:
         row[task_col] = row[task_col][:40]
@@ -140,7 +152,7 @@ def render_text(status: dict[str, Any], width: int = 120, now: float | None = No
             place = f"engine {where}" if where is not None else "controller"
             value = str(err.get("evalue", "")).splitlines()[:1]
             lines.append(f"  {place}: {err.get('ename', 'error')}: {''.join(value)}")
-    return "\n".join(line[:width] for line in lines)
+    return "\n".join(printable(line)[:width] for line in lines)
 
 
 # ----- reading the status
@@ -220,7 +232,9 @@ def reported_status(info: dict[str, Any], wait: float = REPORT_WAIT) -> dict[str
     try:
         for status in stream:
             if status is not None and all(
-                row.get("cpu") is not None for row in status.get("engines", [])
+                row.get("cpu") is not None
+                for row in status.get("engines", [])
+                if row.get("state") in ("idle", "busy")  # (the others report nothing)
             ):
                 return status
             if time.monotonic() >= deadline:

@@ -39,6 +39,7 @@ from test_notebooks import WIDGET_STATE, WIDGET_VIEW, by_id, errors, execute, te
 from jupyter_ext._dashboard import (
     Attention,
     Dashboard,
+    Dashboards,
     engines_html,
     errors_html,
     sparkline_svg,
@@ -54,6 +55,7 @@ from jupyter_ext._engine_progress import (
     tally,
 )
 from kernel_engine import protocol
+from kernel_engine.top import render_text
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 STATUS: dict[str, Any] = {
@@ -86,6 +88,62 @@ STATUS: dict[str, Any] = {
 
 
 # ----- pure
+
+
+def test_text_never_carries_control_characters() -> None:
+    """A task's name or error (chosen by whoever wrote it) must not drive the terminal
+    ``jupyter px top`` and terminal IPython print to: clipboard writes (OSC 52), the
+    window's title, clearing the screen."""
+    hostile = "\x1b]52;c;ZXZpbA==\x07\x1b]0;pwned\x07\x1b[2J\x9b1A"
+    status = json.loads(json.dumps(STATUS))
+    status["engines"][0]["task"]["name"] = hostile
+    status["engines"][0]["host"] = hostile
+    status["engines"][1]["reason"] = hostile
+    status["errors"][0].update(ename=hostile, evalue=hostile)
+    text = render_text(status, width=400, now=102.5)
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", text), repr(text)
+    assert "?]52;c;ZXZpbA==?" in text
+
+
+class _Unanswering:
+    """A client's transport whose controller never answers a status request (a stand-in:
+    what is tested is the dashboard's waiting, not the transport)."""
+
+    cluster_id = "c1"
+    closed = False
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        self.asked += 1
+        raise TimeoutError(f"no answer within {timeout} s")
+
+    def add_status_handler(self, handler: Any) -> None:
+        pass
+
+    def remove_status_handler(self, handler: Any) -> None:
+        pass
+
+
+def test_a_controller_that_does_not_answer_is_not_asked_after_every_cell() -> None:
+    transport = _Unanswering()
+    dash = Dashboard(transport)  # type: ignore[arg-type]
+    assert dash._fetch()["engines"] == [] and transport.asked == 1
+    dash._static_bundle()
+    dash._snapshot_display()
+    assert transport.asked == 1, "not asked again within FETCH_BACKOFF"
+    dash.status = {"cluster_id": "c1", "engines": [{"id": 0, "state": "idle"}]}
+    dash._unanswered_until = 0.0
+    assert dash._fetch() is dash.status, "the last status stands"
+    # closing a client's dashboards: one request for all of them
+    dashboards = Dashboards(transport)  # type: ignore[arg-type]
+    shown = [dashboards.new() for _ in range(3)]
+    for each in shown:
+        each._displayed = True
+    transport.asked = 0
+    dashboards.close()
+    assert transport.asked == 1 and all(each.closed for each in shown)
 
 
 def test_html_renders_every_engine_escaped() -> None:

@@ -236,8 +236,9 @@ class StatusBoard:
         self.changed = True
         if self.listening:
             wall = self.clock()
-            if len(self.placed) < MAX_PLACED:
-                self.placed[msg_id] = wall
+            if len(self.placed) >= MAX_PLACED:  # (tasks that never finished: start afresh)
+                self.placed.clear()
+            self.placed[msg_id] = wall
             self._event({"kind": "started", "msg_id": msg_id, "engine_id": engine_id, "time": wall})
 
     def task_finished(
