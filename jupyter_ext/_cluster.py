@@ -438,6 +438,12 @@ class Cluster:
                     f"the controller of cluster {self.cluster_id} (pid {self.controller.pid}) "
                     "does not exit"
                 ) from None
+        client = self._client
+        if client is not None and not client.transport.closed:
+            # (it must have seen the dead one go before the new one answers on the same
+            # ports: else it would send to it as if nothing happened, then fail what it
+            # sent when its next check finds the old pid gone)
+            client.transport.io.notice_lost()
         ensure_installed()
         self.controller = clusters.launch_controller(
             self.folder,
@@ -459,7 +465,6 @@ class Cluster:
             self._atexit_registered = True
         clusters.wait_ready(self.controller, self.folder, timeout or self.start_timeout)
         self.write_cluster_file()
-        client = self._client
         if client is not None and not client.transport.closed:
             client.transport.io.wait_back(10.0)
 

@@ -407,6 +407,27 @@ class IOThread:
                     self.call_soon(self._ping_now)
         return not self.lost
 
+    def notice_lost(self, timeout: float = 5.0) -> bool:
+        """Have the IO thread look at the controller now, rather than at its next check
+        (any other thread; a caller that knows it died, and restarts it, needs the client
+        to have noticed first, or the client would rejoin nothing); whether it noticed it
+        gone within ``timeout`` seconds."""
+        if self.lost:
+            return True
+        if threading.current_thread() is self.thread:
+            return False
+        looked = threading.Event()
+
+        def look() -> None:
+            try:
+                self._check_controller()
+            finally:
+                looked.set()
+
+        self.call_soon(look)
+        looked.wait(timeout)
+        return bool(self.lost)
+
     def _check_controller(self) -> None:
         """A controller on this machine that has exited fails everything still waiting."""
         if self.lost or not (self._local and self._controller_pid):
