@@ -200,6 +200,20 @@ class IOThread:
             if not self._wake_out.closed:  # else the thread has stopped (see stop)
                 self._wake_out.send(b"", zmq.NOBLOCK)
 
+    def call_and_wait(self, callback: Callable[[], None], timeout: float) -> bool:
+        """Run ``callback`` on this thread and wait for it, ``timeout`` seconds at most
+        (any other thread); whether it ran."""
+        ran = threading.Event()
+
+        def run() -> None:
+            try:
+                callback()
+            finally:
+                ran.set()
+
+        self.call_soon(run)
+        return ran.wait(timeout)
+
     def _run(self) -> None:
         poller = zmq.Poller()
         for sock in (self.dealer, self.sub, self._wake_in, self.hb):
@@ -416,16 +430,7 @@ class IOThread:
             return True
         if threading.current_thread() is self.thread:
             return False
-        looked = threading.Event()
-
-        def look() -> None:
-            try:
-                self._check_controller()
-            finally:
-                looked.set()
-
-        self.call_soon(look)
-        looked.wait(timeout)
+        self.call_and_wait(self._check_controller, timeout)
         return bool(self.lost)
 
     def _check_controller(self) -> None:

@@ -646,15 +646,12 @@ class Transport:
     def engines_gone(self, reasons: dict[int, str], timeout: float = 10.0) -> None:
         """Apply what the controller said of engines it stopped now, not when its event
         arrives (any thread; returns once the IO thread has done it)."""
-        done = threading.Event()
 
         def apply() -> None:
             for eid, reason in reasons.items():
                 self.fail_engine(eid, reason)
-            done.set()
 
-        self.io.call_soon(apply)
-        done.wait(timeout)
+        self.io.call_and_wait(apply, timeout)
 
     def _controller_lost(self, reason: str) -> None:
         """Everything waiting fails: the controller is gone or out of reach (IO thread).

@@ -573,12 +573,8 @@ class SqliteLog:
         try:
             if not isinstance(value, str):
                 return unpack(value)
-            name, _, msg_id = value.partition(":")
-            if not _GONE_NAME.fullmatch(name):  # (a crafted file's seq)
-                raise ValueError(f"{name!r} is no blob file")
-            fd = os.open(
-                os.path.join(self.blob_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-            )
+            path, msg_id = self._blob_path(value)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             with open(fd, "rb") as f:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise ValueError("not a regular file")
@@ -594,14 +590,19 @@ class SqliteLog:
             log.warning("task database %s: frames %s unreadable: %s", self.path, name, exc)
             return None
 
+    def _blob_path(self, value: str) -> tuple[str, str]:
+        """(path, msg_id) of the blob file :data:`_FRAMES_SQL` named (ValueError for a
+        name that is not a blob file's: a crafted file's seq)."""
+        name, _, msg_id = value.partition(":")
+        if not _GONE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is no blob file")
+        return os.path.join(self.blob_dir, name), msg_id
+
     def _blob_size(self, value: str) -> int:
         """The size of the blob file :data:`_FRAMES_SQL` named (0 if none)."""
-        name = value.partition(":")[0]
-        if not _GONE_NAME.fullmatch(name):
-            return 0
         try:
-            return os.stat(os.path.join(self.blob_dir, name)).st_size
-        except FileNotFoundError:
+            return os.stat(self._blob_path(value)[0]).st_size
+        except (ValueError, FileNotFoundError):
             return 0
 
     # -- callers' side -------------------------------------------------------------------
@@ -1401,7 +1402,8 @@ class SqliteLog:
     def _maintain(self) -> None:
         """Delete the records past ``max_age``; count the blob files again (those removed by
         hand); give pages back when a quarter is free."""
-        self._count_blobs()
+        if self._blob_bytes:  # (none counted: none to miss)
+            self._count_blobs()
         if self.max_age is not None:
             cutoff = time.time() - self.max_age
             while self._delete_finished(20_000, before=cutoff) == 20_000:
