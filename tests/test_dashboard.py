@@ -386,6 +386,15 @@ def kernel() -> Iterator[tuple[Any, Any, dict[str, Any]]]:
         kill_pids(wait_gone(pids, timeout=10))
 
 
+SETTLED = (
+    "import time as _t\n_end = _t.monotonic() + 5\n"
+    "while rc.transport._status_subscribed != bool(rc.transport._status_handlers)"
+    " and _t.monotonic() < _end:\n    _t.sleep(0.01)\n"
+)
+"""A cell's start that waits (5 s at most) for the client's subscription to follow its
+handlers: the IO thread (un)subscribes a moment after a dashboard starts or stops."""
+
+
 def _front_end(kc: Any, msg_type: str, comm_id: str, state: dict[str, Any] | None = None) -> None:
     """What a front end sends a widget: an update of its state, or its close."""
     data = {} if state is None else {"method": "update", "state": state, "buffer_paths": []}
@@ -408,7 +417,9 @@ def test_a_dashboard_follows_the_stream_only_while_a_front_end_shows_it(kernel: 
         # no view counted and no cell running for first_view seconds: nobody looks
         time.sleep(3.0)
         assert spy.quiet(), "the controller publishes for nobody"
-        printed, _ = _run(kc, "print(dash.active, dash.paused, rc.transport._status_subscribed)")
+        printed, _ = _run(
+            kc, SETTLED + "print(dash.active, dash.paused, rc.transport._status_subscribed)"
+        )
         assert printed == "False True False\n", "a cell run alone does not start it again"
         assert spy.quiet()
 
@@ -418,7 +429,7 @@ def test_a_dashboard_follows_the_stream_only_while_a_front_end_shows_it(kernel: 
         assert printed == "True False\n"
 
         _front_end(kc, "comm_msg", model_id, {"_view_count": 0})  # its output cleared
-        printed, _ = _run(kc, "print(dash.active, rc.transport._status_subscribed)")
+        printed, _ = _run(kc, SETTLED + "print(dash.active, rc.transport._status_subscribed)")
         assert printed == "False False\n"
         assert spy.quiet(), "publishing stops once the output is cleared"
 
@@ -441,7 +452,7 @@ def test_a_dashboard_follows_the_stream_only_while_a_front_end_shows_it(kernel: 
 
         _front_end(kc, "comm_close", model_id)  # the front end closes the widget
         printed, outputs = _run(
-            kc, "print(dash.closed, dash.active, rc.transport._status_subscribed)"
+            kc, SETTLED + "print(dash.closed, dash.active, rc.transport._status_subscribed)"
         )
         assert printed == "True False False\n"
         assert spy.quiet()
