@@ -149,8 +149,11 @@ _FUNCTION_CACHE: dict[bytes, Any] = {}
 _FUNCTION_CACHE_SIZE = 256
 
 
-def _load_function(data: bytes) -> Any:
-    """A function pickled once by :class:`PickledFunction`, unpickled once per engine."""
+def _load_function(data: Any) -> Any:
+    """A function pickled once by :class:`PickledFunction`, unpickled once per engine
+    (``data``: its bytes, or a view of them when they came out of band)."""
+    if type(data) is not bytes:
+        data = bytes(data)
     f = _FUNCTION_CACHE.get(data)
     if f is None:
         if len(_FUNCTION_CACHE) >= _FUNCTION_CACHE_SIZE:
@@ -163,7 +166,10 @@ class PickledFunction:
     """A function serialized once and sent with many tasks (a map's chunks).
 
     Pickling it costs a bytes copy, not a cloudpickle run; engines unpickle it once and
-    reuse it while the same bytes keep coming.
+    reuse it while the same bytes keep coming. Its bytes travel out of band, as a frame of
+    their own (with pickle's protocol 5 and a ``buffer_callback``, as :func:`pack_apply`
+    pickles): the task database then keeps them once for the whole map, where inside the
+    arguments' pickle they would be stored with every task.
     """
 
     def __init__(self, f: Any):
@@ -175,7 +181,9 @@ class PickledFunction:
                 f"cannot serialize function {self.__name__!r}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if protocol >= 5:
+            return (_load_function, (pickle.PickleBuffer(self.data),))
         return (_load_function, (self.data,))
 
 

@@ -606,10 +606,163 @@ def test_a_version_1_file_is_upgraded(tmp_path, open_store):
     assert store.frames("small", "request") == [b"{}", b"x"]
     assert _blob_files(tmp_path) == ["1.0"]
     with sqlite3.connect(tmp_path / "tasks.db") as con:
-        assert con.execute("PRAGMA user_version").fetchone() == (2,)
+        assert con.execute("PRAGMA user_version").fetchone() == (3,)  # (through 2)
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
-    assert "blobs" not in tables and "gone" in tables
+    assert "blobs" not in tables and {"gone", "shared"} <= tables
     assert store.purge() == 2 and _blob_files(tmp_path) == []
+
+
+V2_SCHEMA = (
+    V1_SCHEMA.split("CREATE TABLE blobs")[0]
+    + """
+CREATE TABLE gone (name TEXT NOT NULL);
+CREATE TRIGGER tasks_gone AFTER DELETE ON tasks WHEN old.request_big OR old.result_big
+BEGIN
+    INSERT INTO gone SELECT old.seq || '.0' WHERE old.request_big;
+    INSERT INTO gone SELECT old.seq || '.1' WHERE old.result_big;
+END;
+PRAGMA application_id = 1886929986;
+PRAGMA user_version = 2;
+"""
+)
+
+
+def test_a_version_2_file_is_upgraded(tmp_path, open_store):
+    from kernel_engine.controller.sqlite_store import pack
+
+    old = frames("old", {}, FUNCTION, b"args")
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        con.executescript(V2_SCHEMA)
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute(
+            "INSERT INTO tasks (msg_id, status, done_at, request) VALUES ('old', 'ok', ?, ?)",
+            (NOW, pack(old)),
+        )
+    store = open_store()
+    assert store.frames("old", "request") == old  # (kept whole, as it was)
+    for msg_id in ("new", "newer"):
+        submit(store, msg_id, request=frames(msg_id, {}, FUNCTION, b"args"))
+        assert store.frames(msg_id, "request") == frames(msg_id, {}, FUNCTION, b"args")
+    assert _shared_rows(store) == [1]
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("PRAGMA user_version").fetchone() == (3,)
+
+
+FUNCTION = b"a pickled function, the same in every task of a map " * 4
+
+
+def _shared_rows(store: SqliteLog) -> list[int]:
+    """The references of each shared frame in the store's file, once what was put is."""
+    store.flush()
+    with sqlite3.connect(store.path) as con:
+        return [r[0] for r in con.execute("SELECT refs FROM shared ORDER BY id")]
+
+
+def _map_task(msg_id: str, arg: bytes, function: bytes = FUNCTION) -> list[bytes]:
+    """A map's request: the chunk runner by reference, the arguments, the function."""
+    return frames(msg_id, {}, b"map_chunk", arg, function)
+
+
+def test_a_maps_function_is_stored_once(open_store, tmp_path):
+    store = open_store(blob_threshold=4096)
+    big_arg = os.urandom(10_000)  # (this task's request goes to a blob file)
+    sent = {}
+    for i in range(50):
+        msg_id = f"m{i:02d}"
+        sent[msg_id] = _map_task(msg_id, big_arg if i == 7 else b"arg %d" % i)
+        submit(store, msg_id, request=sent[msg_id])
+        complete(store, msg_id)
+    other = _map_task("other", b"arg", FUNCTION[::-1])  # (seen once: not shared)
+    submit(store, "other", request=other)
+    assert _shared_rows(store) == [49]  # (the first task's has it inline)
+    assert _blob_files(tmp_path) == ["8.0"]
+    for msg_id, request in sent.items():
+        assert store.frames(msg_id, "request") == request
+    assert store.frames_many(["m07", "other"], "request") == {"m07": sent["m07"], "other": other}
+    rows = store.query({"msg_id": {"$in": ["m03", "m07"]}}, ["buffers", "result_content"])
+    assert [r["buffers"] for r in rows] == [
+        [b"map_chunk", b"arg 3", FUNCTION],
+        [b"map_chunk", big_arg, FUNCTION],
+    ]
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        inline = dict(con.execute("SELECT msg_id, request FROM tasks WHERE request NOT NULL"))
+    assert FUNCTION in inline["m00"] and FUNCTION not in inline["m03"]
+    assert store.purge(msg_ids=[f"m{i:02d}" for i in range(49)]) == 49
+    assert _shared_rows(store) == [1]
+    store.close()
+    # another controller on the same file finds the function by its digest
+    store = open_store()
+    for msg_id in ("again", "again2"):
+        submit(store, msg_id, request=_map_task(msg_id, b"x"))
+        complete(store, msg_id)
+        assert store.frames(msg_id, "request") == _map_task(msg_id, b"x")
+    assert _shared_rows(store) == [2]
+    assert store.purge() == 3  # ("other" is pending)
+    assert _shared_rows(store) == []
+    for msg_id in ("after", "after2"):  # (stored anew)
+        submit(store, msg_id, request=_map_task(msg_id, b"y"))
+        assert store.frames(msg_id, "request") == _map_task(msg_id, b"y")
+    assert _shared_rows(store) == [1]
+
+
+def test_shared_frames_go_with_the_records_retention_deletes(open_store):
+    store = open_store(max_age=60.0, maintenance_interval=0.05)
+    for i in range(20):
+        submit(store, f"old{i}", request=_map_task(f"old{i}", b"arg"))
+        complete(store, f"old{i}", at=NOW - 3600)
+    for msg_id in ("new", "newer"):
+        submit(store, msg_id, request=_map_task(msg_id, b"arg", FUNCTION[::-1]))
+        complete(store, msg_id)
+    store.flush()
+    assert wait_until(lambda: store.count() == 2)
+    assert wait_until(lambda: _shared_rows(store) == [1])
+    assert store.frames("newer", "request") == _map_task("newer", b"arg", FUNCTION[::-1])
+
+
+def test_a_duplicate_record_adds_no_reference(open_store, caplog):
+    store = open_store()
+    submit(store, "first", request=_map_task("first", b"arg"))
+    submit(store, "dup", request=_map_task("dup", b"first"))
+    store.flush()
+    submit(store, "dup", request=_map_task("dup", b"second"))  # (not written)
+    submit(store, "new", request=_map_task("new", b"arg"))
+    store.flush()
+    assert "reused msg_id dup" in caplog.text
+    assert _shared_rows(store) == [2]
+    assert store.frames("dup", "request") == _map_task("dup", b"first")
+    complete(store, "new")  # ("dup" stays pending: what is put for a reused id is not written)
+    assert store.purge() == 1 and _shared_rows(store) == [1]
+
+
+def test_which_frames_are_shared(open_store, tmp_path):
+    store = open_store(blob_threshold=4096)
+    small = frames("small", {}, b"f" * 63, b"arg")  # (too small to be worth a row)
+    big = frames("big", {}, os.urandom(5000), b"arg")  # (a closure over data: its file)
+    late = frames("late", {}, b"1", b"2", b"3", b"4", FUNCTION)  # (past the first four)
+    execute = frames("execute", {"code": "1"})  # (no buffers)
+    for request in (small, big, late, execute):
+        for msg_id in ("a", "b"):  # (each seen twice)
+            submit(store, msg_id + request[0].decode(), request=request)
+            assert store.frames(msg_id + request[0].decode(), "request") == request
+    assert _shared_rows(store) == []
+    assert len(_blob_files(tmp_path)) == 2
+
+
+def test_a_missing_shared_frame_is_missing_frames_not_an_error(open_store, tmp_path, caplog):
+    store = open_store()
+    for msg_id in ("first", "m"):
+        submit(store, msg_id, request=_map_task(msg_id, b"arg"))
+        complete(store, msg_id)
+    store.close()
+    with sqlite3.connect(tmp_path / "tasks.db") as con:  # (a crafted or damaged file)
+        con.execute("DROP TRIGGER shared_gone")
+        con.execute("DELETE FROM shared")
+        con.execute("UPDATE tasks SET request_shared_at = 99 WHERE msg_id = 'first'")
+    store = open_store()
+    assert store.frames("m", "request") is None
+    assert store.get("m", ["buffers", "status"]) == {"msg_id": "m", "buffers": None, "status": "ok"}
+    assert "shared frame is missing" in caplog.text
+    assert store.frames("first", "request") == _map_task("first", b"arg")  # (none shared)
 
 
 def test_retention_counts_the_blob_files(open_store, tmp_path):

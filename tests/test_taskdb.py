@@ -215,6 +215,34 @@ def test_big_requests_and_replies_from_another_client_and_again(db_rc):
         assert [p for p in blobs.iterdir() if not p.name.startswith(".")] == []
 
 
+def test_a_maps_function_is_stored_once_and_resubmitted_whole(db_rc):
+    import sqlite3
+
+    from kernel_engine import clusters
+
+    rc = db_rc
+    offset = int.from_bytes(os.urandom(4), "little")  # (a function no other test sent)
+    ar = rc.load_balanced_view().map(lambda x: x + offset, range(20), chunksize=1)
+    assert ar.get(30) == [x + offset for x in range(20)]
+    records = rc.db_query({"msg_id": {"$in": ar.msg_ids}}, ["buffers"])
+    functions = {r["buffers"][-1] for r in records}  # (a frame of its own, after the chunk)
+    assert len(records) == 20 and len(functions) == 1
+    (function,) = functions
+    assert len(function) > 64 and b"offset" in function
+    again = rc.resubmit(ar.msg_ids[:3])  # (their requests read back from the store)
+    assert again.get(10) == [[x + offset] for x in range(3)]  # (a chunk each)
+    assert len(rc.db_query({"msg_id": {"$in": again.msg_ids}}, ["status"])) == 3  # (written)
+    if rc.db_kind == "sqlite":
+        path = clusters.cluster_folder(rc.cluster_id) / "tasks.db"
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            sql = "SELECT request_shared, count(*) FROM tasks WHERE msg_id IN (%s) GROUP BY 1"
+            counts = dict(con.execute(sql % ",".join("?" * 20), ar.msg_ids))
+            (shared,) = set(counts) - {0}
+            assert counts == {0: 1, shared: 19}  # (the first task's has it inline)
+            row = con.execute("SELECT refs, data FROM shared WHERE id = ?", (shared,)).fetchone()
+        assert row == (22, function)  # (and the 3 resubmitted tasks)
+
+
 def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
     from kernel_engine import clusters
 

@@ -368,7 +368,7 @@ class Hub:
                 started=record.started,
                 completed=record.completed,
                 received=time.time(),
-                **({} if frames is None else {"result": frames[1:]}),  # (not the signature)
+                **({} if frames is None else {"result": _to_store(frames)}),
             )
         self._compact()
 
@@ -598,6 +598,12 @@ _ROW_KEYS = [
 
 def _client_uuid(client: bytes) -> str:
     return client[:16].decode("ascii", "replace")
+
+
+def _to_store(reply: list[Any]) -> list[Any]:
+    """What the task database keeps of a reply's frames: not the signature, and not the
+    parent header (the request's header, which the record has; nothing reads it back)."""
+    return [reply[1], b"{}", *reply[3:]] if len(reply) > 4 else reply[1:]
 
 
 def _row_of(record: TaskRecord) -> dict[str, Any]:

@@ -47,6 +47,10 @@ Triggers name the files of deleted records (and of dropped replies) in the ``gon
 table; the writer removes them once that has committed. A file no record names (a batch
 that never committed) is removed when the store opens. Frames larger than
 ``max_frames_bytes`` are not stored at all (the record is), nor held in the queue.
+A request's buffer of 64 bytes to ``blob_threshold`` that the writer has seen lately (an
+apply's pickled function: the same in every task of a map, a third of a tiny task's
+record) is kept once per content in ``shared`` (found by its BLAKE2b digest, with a count
+of the records naming it), not in each record (see :data:`_SHARED`).
 
 Trust. The database file is the controller's (0600), and whoever can write it can forge
 results anyway; still, nothing read from it names a file outside the blob folder (names
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -97,7 +102,7 @@ class StoreUnusable(StoreError):
 PENDING = "pending"
 STATUSES = frozenset({PENDING, "ok", "error", "aborted", "unknown"})
 APPLICATION_ID = 0x70784442  # "pxDB", in the file's header
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_OUTPUT = 1 << 20
 TRUNCATED = "\n[output truncated]\n"
 MAINTENANCE_INTERVAL = 5.0
@@ -137,6 +142,25 @@ BEGIN INSERT INTO gone VALUES (old.seq || '.1'); END;
 """The blob files of records deleted, or whose frames were dropped: named in ``gone`` in
 the transaction that does it, removed once it has committed (:meth:`SqliteLog._unlink_gone`)."""
 
+_SHARED = """
+CREATE TABLE shared (
+    id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, refs INTEGER NOT NULL DEFAULT 0,
+    data BLOB NOT NULL
+);
+CREATE INDEX shared_unused ON shared(refs) WHERE refs <= 0;
+CREATE TRIGGER shared_gone AFTER DELETE ON tasks WHEN old.request_shared > 0
+BEGIN UPDATE shared SET refs = refs - 1 WHERE id = old.request_shared; END;
+CREATE TRIGGER shared_replaced AFTER UPDATE OF request_shared ON tasks
+WHEN old.request_shared > 0
+BEGIN UPDATE shared SET refs = refs - 1 WHERE id = old.request_shared; END;
+"""
+"""A buffer of a request that the writer has seen before (an apply's pickled function, the
+same in each task of a map) is kept once per content in ``shared``; a record names it by
+``request_shared`` (0: none) and its place among the request's frames by
+``request_shared_at``. The writer adds a reference for each record it writes naming one;
+the triggers take away the references of records deleted or rewritten, and rows left with
+none are deleted with them (:meth:`SqliteLog._drop_unshared`)."""
+
 _SCHEMA = f"""
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
@@ -145,10 +169,12 @@ CREATE TABLE tasks (
     status TEXT NOT NULL DEFAULT 'pending',
     submitted REAL, started REAL, completed REAL, received REAL, resubmitted TEXT,
     done_at REAL, request_big INTEGER NOT NULL DEFAULT 0, result_big INTEGER NOT NULL DEFAULT 0,
-    after TEXT, follow TEXT, stdout TEXT, stderr TEXT, request BLOB, result BLOB
+    after TEXT, follow TEXT, stdout TEXT, stderr TEXT, request BLOB, result BLOB,
+    request_shared INTEGER NOT NULL DEFAULT 0, request_shared_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX tasks_done ON tasks(done_at);
 {_GONE}
+{_SHARED}
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -174,6 +200,23 @@ _APPEND = (
 )
 _FRAMES_SQL = "CASE WHEN t.{name}_big THEN t.seq || '.{kind}:' || t.msg_id ELSE t.{name} END"
 """A record's request or reply frames: the packed blob, or ``<blob file>:<msg_id>``."""
+_SHARED_SQL = (
+    "CASE WHEN t.request_shared > 0 THEN "
+    "coalesce((SELECT s.data FROM shared s WHERE s.id = t.request_shared), x'') END",
+    "t.request_shared_at",
+)
+"""A request's shared frame (NULL if it has none, ``b""`` if it is missing: a crafted
+file) and its place."""
+SHARED_MIN = 64
+SHARED_SLOTS = range(4, 8)
+"""A request's buffers that may be shared: its first four (frames 4 to 7: an apply's
+function is its first, a map's the third), of at least :data:`SHARED_MIN` bytes and at
+most ``blob_threshold`` (a bigger one, a closure over big data, goes with its record)."""
+SHARED_CACHE = 256
+SHARED_CACHE_BYTES = 4 << 20
+"""The writer remembers the contents of this many buffers (of these bytes at most), with
+the id of their ``shared`` row if they have one: a buffer seen again is shared, and a
+map's function maps to its id without a lookup in the file."""
 _HEADS: dict[int, struct.Struct] = {}
 BLOB_SUFFIX = "-blobs"
 """The folder of a database's blob files is its path with this added."""
@@ -346,6 +389,9 @@ class SqliteLog:
         self._early: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self._early_chars = 0
         self._blob_bytes = 0  # the blob files' sizes, kept by the writer
+        # the writer's: buffers seen lately -> their shared id (0: none yet), latest last
+        self._shared_ids: OrderedDict[bytes, int] = OrderedDict()
+        self._shared_bytes = 0
         self._con = self._open()
         try:
             self._reader = sqlite3.connect(
@@ -405,7 +451,15 @@ class SqliteLog:
                 version = con.execute("PRAGMA user_version").fetchone()[0]
                 if version == 1 and {"tasks", "blobs"} <= tables:
                     self._upgrade(con)
-                elif version != SCHEMA_VERSION or not {"tasks", "gone"} <= tables:
+                    version, tables = 2, {"tasks", "gone"}
+                if version == 2 and {"tasks", "gone"} <= tables and "shared" not in tables:
+                    con.executescript(
+                        "BEGIN; ALTER TABLE tasks ADD COLUMN request_shared INTEGER NOT NULL"
+                        " DEFAULT 0; ALTER TABLE tasks ADD COLUMN request_shared_at INTEGER"
+                        f" NOT NULL DEFAULT 0; {_SHARED} PRAGMA user_version = 3; COMMIT;"
+                    )
+                    log.info("task database %s: upgraded to version 3", self.path)
+                elif version != SCHEMA_VERSION or not {"tasks", "gone", "shared"} <= tables:
                     raise StoreError(self.path, f"unknown task database version {version}")
             if con.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(self.path, "cannot use the WAL journal here")
@@ -425,7 +479,7 @@ class SqliteLog:
 
     def _upgrade(self, con: sqlite3.Connection) -> None:
         """A file of version 1, which kept big frames in a ``blobs`` table: move them to
-        files and make it version 2, in one transaction (the files first: should this be
+        files and make it version 2 (then 3), in one transaction (the files first: should this be
         killed, the next open starts again and removes what it wrote)."""
         self._check_blob_dir()
         rows = con.execute(
@@ -438,9 +492,9 @@ class SqliteLog:
         con.executescript(
             "BEGIN; DROP TRIGGER IF EXISTS tasks_blobs; DROP TRIGGER IF EXISTS request_blob;"
             " DROP TRIGGER IF EXISTS result_blob; DROP TABLE blobs;"
-            f" {_GONE}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            f" {_GONE}; PRAGMA user_version = 2; COMMIT;"
         )
-        log.info("task database %s: upgraded to version %d", self.path, SCHEMA_VERSION)
+        log.info("task database %s: upgraded to version 2", self.path)
 
     def _open_blobs(self) -> None:
         """Check the blob folder; remove the blob files no record names (and those
@@ -564,12 +618,24 @@ class SqliteLog:
                 log.warning("task database %s: blob file %s not removed: %s", self.path, name, exc)
         con.execute("DELETE FROM gone")
 
-    def _load(self, value: bytes | str | None) -> list[bytes] | None:
+    def _load(
+        self, value: bytes | str | None, shared: Any = None, at: Any = None
+    ) -> list[bytes] | None:
         """Frames from what :data:`_FRAMES_SQL` selected: a packed blob, or a blob file's
         name and its record's msg_id (None when the file is gone, deleted since the row was
-        read, or is not that record's)."""
+        read, or is not that record's); a request's shared frame (:data:`_SHARED_SQL`) goes
+        back in its place."""
         if not value:
             return None
+        if shared is not None:
+            frames = self._load(value)
+            if frames is None:
+                return None
+            if not shared or type(shared) is not bytes or at not in range(4, len(frames) + 1):
+                log.warning("task database %s: a request's shared frame is missing", self.path)
+                return None
+            frames.insert(at, shared)
+            return frames
         try:
             if not isinstance(value, str):
                 return unpack(value)
@@ -818,7 +884,8 @@ class SqliteLog:
         if limit is not None and (type(limit) is not int or limit < 0):
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
         columns, decode = _select(keys, self._load)
-        files = range(len(columns) - sum(c.startswith("CASE") for c in columns), len(columns))
+        frames = {_frames_sql(which)[0] for which in _FRAMES}
+        files = [i for i, column in enumerate(columns) if column in frames]  # (may name one)
         sql = f"SELECT {', '.join(columns)} FROM tasks t WHERE {where} ORDER BY t.seq"
         if limit is not None:
             sql += f" LIMIT {limit}"
@@ -855,11 +922,9 @@ class SqliteLog:
 
     def frames_many(self, msg_ids: Sequence[str], which: str = "result") -> dict[str, list[bytes]]:
         """:meth:`frames` of many records at once (those that have some), by msg_id."""
-        if which not in _FRAMES:
-            raise ValueError(f"which must be 'request' or 'result', not {which!r}")
-        blob = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
-        rows = self._read_ids(f"SELECT t.msg_id, {blob} FROM tasks t", msg_ids)
-        loaded = ((m, self._load(b)) for m, b in rows)
+        select = f"SELECT t.msg_id, {', '.join(_frames_sql(which))} FROM tasks t"
+        rows = self._read_ids(select, msg_ids)
+        loaded = ((m, self._load(*v)) for m, *v in rows)
         return {m: frames for m, frames in loaded if frames is not None}
 
     def _read_ids(self, select: str, msg_ids: Sequence[str]) -> Iterator[Sequence[Any]]:
@@ -880,11 +945,9 @@ class SqliteLog:
 
     def frames(self, msg_id: str, which: str = "result") -> list[bytes] | None:
         """The stored frames of the request or of the reply, as given to :meth:`put`."""
-        if which not in _FRAMES:
-            raise ValueError(f"which must be 'request' or 'result', not {which!r}")
-        sql = _FRAMES_SQL.format(name=which, kind=_FRAMES.index(which))
-        rows = self._read(f"SELECT {sql} FROM tasks t WHERE t.msg_id = ?", (msg_id,))
-        return self._load(rows[0][0]) if rows else None
+        sql = f"SELECT {', '.join(_frames_sql(which))} FROM tasks t WHERE t.msg_id = ?"
+        rows = self._read(sql, (msg_id,))
+        return self._load(*rows[0]) if rows else None
 
     def history(self) -> list[str]:
         """Every msg_id with a record, in submission order."""
@@ -959,15 +1022,17 @@ class SqliteLog:
 
         def op(con: sqlite3.Connection) -> int:
             done = "done_at IS NOT NULL"
-            if ids is None and engines is None:
-                return con.execute(f"DELETE FROM tasks WHERE {done}").rowcount
             n = 0
+            if ids is None and engines is None:
+                n = con.execute(f"DELETE FROM tasks WHERE {done}").rowcount
             if ids:
                 sql = f"DELETE FROM tasks WHERE msg_id = ? AND {done}"
                 n += con.executemany(sql, ((m,) for m in ids)).rowcount
             if engines:
                 sql = f"DELETE FROM tasks WHERE engine_id = ? AND {done}"
                 n += con.executemany(sql, ((e,) for e in engines)).rowcount
+            if n:
+                self._drop_unshared()
             return n
 
         return self._submit(op, timeout)
@@ -1169,6 +1234,7 @@ class SqliteLog:
         con = self._con
         groups: dict[str, list[list[Any]]] = {}
         files: list[tuple[str, int, list[Any]]] = []  # (msg_id, kind, frames) for blob files
+        shares: list[tuple[list[Any], int, bytes]] = []  # (row, where its shared id goes, buffer)
         plans = self._plans
         now = time.time()
         seqs = batch.seqs
@@ -1181,6 +1247,7 @@ class SqliteLog:
                 shape = tuple(fields)
             plan = plans.get(shape) or self._plan(shape)
             extras = []
+            share = shared_at = None
             for i, kind in plan[1]:
                 value = values[i]
                 if kind == "status":  # done_at: NULL (in the SQL) if pending
@@ -1188,16 +1255,35 @@ class SqliteLog:
                 elif kind == "list":
                     values[i] = json.dumps(value) if value else "[]"
                 else:
-                    values[i], big = self._frames(msg_id, kind, value, files)
+                    values[i], big, found = self._frames(msg_id, kind, value, files)
                     extras.append(big)
-            groups.setdefault(plan[0], []).append([seqs[msg_id], msg_id, *values, *extras])
+                    if kind == "request":  # request_shared (given below, or 0) and _at
+                        shared_at = len(extras)
+                        if found is not None:
+                            share = found[1]
+                            extras.extend((0, found[0]))
+                        else:
+                            extras.extend((0, 0))
+            row = [seqs[msg_id], msg_id, *values, *extras]
+            if share is not None and shared_at is not None:
+                shares.append((row, 2 + len(values) + shared_at, share))
+            groups.setdefault(plan[0], []).append(row)
         to_files = sum(memoryview(f).nbytes for _, _, frames in files for f in frames)
         self._make_room(max(0, batch.nbytes - to_files), len(batch.records), to_files)
         con.execute("BEGIN")
+        for row, at, share in shares:  # (after _make_room: it may delete shared frames)
+            row[at] = self._shared_id(share)
         for sql, rows in groups.items():
             done = con.executemany(sql, rows)
             if done.rowcount < len(rows) and sql.endswith("NOTHING"):
                 self._duplicates(rows)
+        if shares:  # a reference for each record written (not a duplicate's)
+            refs: dict[int, int] = {}
+            for row, at, _ in shares:
+                if row[1] not in self._reused:
+                    refs[row[at]] = refs.get(row[at], 0) + 1
+            sql = "UPDATE shared SET refs = refs + ?2 WHERE id = ?1"
+            con.executemany(sql, refs.items())
         for msg_id, which, frames in files:
             self._frames_file(msg_id, which, frames)
         early = self._early
@@ -1257,20 +1343,88 @@ class SqliteLog:
 
     def _frames(
         self, msg_id: str, kind: str, frames: list[Any], files: list[tuple[str, int, list[Any]]]
-    ) -> tuple[bytes, int]:
-        """(inline blob, whether in a blob file) for a record's frames; ``b""``: none (or
-        too big to store: see :meth:`put`). Frames for a file are added to ``files``."""
+    ) -> tuple[bytes, int, tuple[int, bytes] | None]:
+        """(inline blob, whether in a blob file, (place, buffer) to share or None) for a
+        record's frames; ``b""``: none (or too big to store: see :meth:`put`). Frames for a
+        file are added to ``files``. A request's buffer that the writer has seen before is
+        left out of both, to be shared (see :data:`_SHARED`)."""
         if not frames:
-            return b"", 0
+            return b"", 0, None
+        share = None
         try:
             sizes = _sizes(frames)
+            if kind == "request":
+                share = self._seen(frames, sizes)
+                if share is not None:
+                    at = share[0]
+                    frames = [*frames[:at], *frames[at + 1 :]]
+                    del sizes[at]
             if sum(sizes) + 4 + 8 * len(frames) > self.blob_threshold:
                 files.append((msg_id, _FRAMES.index(kind), frames))
-                return b"", 1
-            return pack(frames, sizes), 0
+                return b"", 1, share
+            return pack(frames, sizes), 0, share
         except (TypeError, ValueError, BufferError) as exc:
             log.error("%s of %s not stored: %s", kind, msg_id, exc)
-            return b"", 0
+            return b"", 0, None
+
+    def _seen(self, frames: list[Any], sizes: list[int]) -> tuple[int, bytes] | None:
+        """(place, bytes) of the largest of a request's buffers in :data:`SHARED_SLOTS` that
+        the writer has seen lately (to be shared: one a request, its function, which a
+        resubmitted map task has beside its arguments, also seen); the others are
+        remembered as seen."""
+        ids = self._shared_ids
+        best = None
+        for at in SHARED_SLOTS:
+            if at >= len(sizes):
+                break
+            if not SHARED_MIN <= sizes[at] <= self.blob_threshold:
+                continue
+            frame = frames[at]
+            key = frame if type(frame) is bytes else bytes(frame)
+            if key in ids:
+                ids.move_to_end(key)
+                if best is None or len(key) > len(best[1]):
+                    best = (at, key)
+            else:
+                self._remember(key, 0)
+        return best
+
+    def _remember(self, key: bytes, shared_id: int) -> None:
+        ids = self._shared_ids
+        if key not in ids:
+            self._shared_bytes += len(key)
+        ids[key] = shared_id
+        while len(ids) > SHARED_CACHE or self._shared_bytes > SHARED_CACHE_BYTES:
+            old, _ = ids.popitem(last=False)
+            self._shared_bytes -= len(old)
+
+    def _shared_id(self, key: bytes) -> int:
+        """The id of the ``shared`` row of these bytes: remembered, found by their digest,
+        or inserted (in the writer's open transaction)."""
+        found = self._shared_ids.get(key)
+        if found:
+            return found
+        digest = hashlib.blake2b(key, digest_size=32).digest()
+        con = self._con
+        row = con.execute("SELECT id FROM shared WHERE digest = ?", (digest,)).fetchone()
+        if row is not None:
+            found = int(row[0])
+        else:
+            sql = "INSERT INTO shared (digest, data) VALUES (?, ?)"
+            found = int(con.execute(sql, (digest, key)).lastrowid or 0)
+        self._remember(key, found)
+        return found
+
+    def _drop_unshared(self) -> None:
+        """Delete the shared frames that no record names any more (records were deleted)."""
+        con = self._con
+        dead = {i for (i,) in con.execute("SELECT id FROM shared WHERE refs <= 0")}
+        if not dead:
+            return
+        con.execute("DELETE FROM shared WHERE refs <= 0")
+        for key in [k for k, i in self._shared_ids.items() if i in dead]:
+            del self._shared_ids[key]
+            self._shared_bytes -= len(key)
 
     def _frames_file(self, msg_id: str, kind: int, frames: list[Any]) -> None:
         """Write the blob file of ``msg_id``'s frames (its row is written, in the open
@@ -1312,6 +1466,8 @@ class SqliteLog:
             elif key in _FRAMES:
                 special.append((index, key))
                 extra.append((f"{key}_big", "?{}"))
+                if key == "request":
+                    extra.extend((("request_shared", "?{}"), ("request_shared_at", "?{}")))
             elif key in ("after", "follow"):
                 special.append((index, "list"))
         for n, (column, value) in enumerate(extra):
@@ -1395,7 +1551,12 @@ class SqliteLog:
             f"{'IS NOT NULL' if before is None else '< ?'} ORDER BY done_at LIMIT ?)"
         )
         params = (n,) if before is None else (before, n)
-        deleted = int(self._con.execute(sql, params).rowcount)
+        con = self._con
+        con.execute("BEGIN")
+        deleted = int(con.execute(sql, params).rowcount)
+        if deleted:
+            self._drop_unshared()
+        con.execute("COMMIT")
         self._unlink_gone()
         return deleted
 
@@ -1404,6 +1565,7 @@ class SqliteLog:
         hand); give pages back when a quarter is free."""
         if self._blob_bytes:  # (none counted: none to miss)
             self._count_blobs()
+        self._drop_unshared()  # (none, unless the file was written by another hand)
         if self.max_age is not None:
             cutoff = time.time() - self.max_age
             while self._delete_finished(20_000, before=cutoff) == 20_000:
@@ -1452,8 +1614,18 @@ def _checked(name: str, values: Any, kind: type) -> tuple[Any, ...] | None:
     return tuple(values)
 
 
+def _frames_sql(which: str) -> list[str]:
+    """The columns to select for a record's ``"request"`` or ``"result"`` frames (what
+    :meth:`SqliteLog._load` takes)."""
+    if which == "result":
+        return [_FRAMES_SQL.format(name="result", kind=1)]
+    if which == "request":
+        return [_FRAMES_SQL.format(name="request", kind=0), *_SHARED_SQL]
+    raise ValueError(f"which must be 'request' or 'result', not {which!r}")
+
+
 def _select(
-    keys: tuple[str, ...], load: Callable[[Any], list[bytes] | None]
+    keys: tuple[str, ...], load: Callable[..., list[bytes] | None]
 ) -> tuple[list[str], Callable[[Sequence[Any]], dict[str, Any]]]:
     """The columns to select for ``keys`` and the function making a record of a row
     (``load``: the frames of a frames column, see :meth:`SqliteLog._load`); the frames
@@ -1463,9 +1635,9 @@ def _select(
     want_request = any(k in keys for k in ("header", "metadata", "content", "buffers"))
     want_result = any(k.startswith("result_") for k in keys)
     if want_request:
-        columns.append(_FRAMES_SQL.format(name="request", kind=0))
+        columns.extend(_frames_sql("request"))
     if want_result:
-        columns.append(_FRAMES_SQL.format(name="result", kind=1))
+        columns.extend(_frames_sql("result"))
     n = len(plain)
 
     def decode(row: Sequence[Any]) -> dict[str, Any]:
@@ -1480,8 +1652,12 @@ def _select(
         for wanted, prefix in ((want_request, ""), (want_result, "result_")):
             if not wanted:
                 continue
-            frames = load(row[at])
-            at += 1
+            if prefix:
+                frames = load(row[at])
+                at += 1
+            else:  # (the request's frames, its shared frame and its place)
+                frames = load(*row[at : at + 3])
+                at += 3
             for i, part in ((0, "header"), (2, "metadata"), (3, "content")):
                 if prefix + part in keys:
                     record[prefix + part] = (
