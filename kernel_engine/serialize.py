@@ -236,6 +236,12 @@ def _dumps_fast(obj: Any) -> list[Any]:
     return [stream.getvalue(), *buffers]
 
 
+def dumps_result(obj: Any) -> list[Any]:
+    """:func:`dumps` of a task's result, through the standard (C) pickler when that is
+    correct (cloudpickle's pickler costs more to set up than a tiny result to pickle)."""
+    return _dumps_fast(_wrap_large_bytes(obj))
+
+
 def pack_apply(
     f: Callable[..., Any],
     args: Sequence[Any],

@@ -110,12 +110,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+_ENCODER = json.JSONEncoder(
+    default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def dumps_json(obj: Any) -> bytes:
     """Compact JSON, the encoding of every JSON frame (NaN and infinities, which JSON does
-    not have, raise ValueError: no peer would accept them)."""
-    return json.dumps(
-        obj, default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf8")
+    not have, raise ValueError: no peer would accept them). One encoder for all: making
+    one per call, as ``json.dumps`` with options does, was a third of the cost."""
+    return _ENCODER.encode(obj).encode("utf8")
 
 
 def _reject_constant(name: str) -> Any:

@@ -228,3 +228,39 @@ def test_function_frames_are_shared_and_cached():
     f1 = serialize.unpack_apply(a, {})[0]
     f2 = serialize.unpack_apply(b, {})[0]
     assert f1 is f2 and f1(-3) == 3
+
+
+def test_results_use_the_fast_pickler_and_code_falls_back():
+    class Local:  # (defined in a function: only cloudpickle takes it, by value)
+        x = 3
+
+    for result in (None, [1, "a", {"b": 2.0}], Local, Local(), lambda: 4):
+        frames = serialize.dumps_result(result)
+        back = serialize.loads(frames)
+        if callable(result) and not isinstance(result, type):
+            assert back() == 4
+        elif isinstance(result, (Local, type)):
+            assert back.x == 3
+        else:
+            assert back == result
+    big = bytes(serialize.OOB_THRESHOLD)  # (a big bytes result travels out of band)
+    frames = serialize.dumps_result(big)
+    assert len(frames) == 2 and serialize.loads(frames) == big
+    with pytest.raises(SerializationError, match="lock"):
+        serialize.dumps_result(threading.Lock())
+
+
+def test_a_maps_function_travels_out_of_band_once_pickled():
+    @serialize.interactive
+    def f(x):
+        return x * 2
+
+    once = serialize.PickledFunction(f)
+    frames = serialize.pack_apply(len, (once, [1]), {})
+    assert bytes(frames[-1]) == once.data  # (a frame of its own: the store shares it)
+    _, args, _ = serialize.unpack_apply(frames, {})
+    assert args[0](5) == 10
+    view = memoryview(once.data).toreadonly()  # (what an out-of-band frame unpickles as)
+    assert serialize._load_function(view) is serialize._load_function(once.data)  # (cached)
+    assert pickle.loads(pickle.dumps(once, protocol=4))(2) == 4  # (in band before 5)
+    assert pickle.loads(pickle.dumps(once, protocol=5))(3) == 6

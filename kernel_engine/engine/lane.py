@@ -39,7 +39,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 
 from kernel_engine import protocol, shm, wire
 from kernel_engine.errors import SerializationError
-from kernel_engine.serialize import dumps, unpack_apply
+from kernel_engine.serialize import dumps_result, unpack_apply
 
 from .usage import task_name
 
@@ -340,7 +340,7 @@ class TaskLane:
             f, args, kwargs = unpack_apply(frames, kernel.shell.user_ns)  # type: ignore[union-attr]
             kernel.current_task = (msg.msg_id, task_name(f, args), time.time())
             result = f(*args, **kwargs)
-            buffers = dumps(result)
+            buffers = dumps_result(result)
             content = {"status": "ok"}
         except SerializationError as exc:
             content = protocol.error_content(
