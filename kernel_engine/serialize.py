@@ -182,7 +182,7 @@ class PickledFunction:
             ) from exc
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        if protocol >= 5:
+        if protocol >= 5 and len(self.data) >= 256:  # (a smaller one costs more as a frame)
             return (_load_function, (pickle.PickleBuffer(self.data),))
         return (_load_function, (self.data,))
 

@@ -648,7 +648,7 @@ def test_a_version_2_file_is_upgraded(tmp_path, open_store):
         assert con.execute("PRAGMA user_version").fetchone() == (3,)
 
 
-FUNCTION = b"a pickled function, the same in every task of a map " * 4
+FUNCTION = b"a pickled function, the same in every task of a map " * 6
 
 
 def _shared_rows(store: SqliteLog) -> list[int]:
@@ -736,7 +736,7 @@ def test_a_duplicate_record_adds_no_reference(open_store, caplog):
 
 def test_which_frames_are_shared(open_store, tmp_path):
     store = open_store(blob_threshold=4096)
-    small = frames("small", {}, b"f" * 63, b"arg")  # (too small to be worth a row)
+    small = frames("small", {}, b"f" * 255, b"arg")  # (too small to be worth a row)
     big = frames("big", {}, os.urandom(5000), b"arg")  # (a closure over data: its file)
     late = frames("late", {}, b"1", b"2", b"3", b"4", FUNCTION)  # (past the first four)
     execute = frames("execute", {"code": "1"})  # (no buffers)
@@ -746,6 +746,67 @@ def test_which_frames_are_shared(open_store, tmp_path):
             assert store.frames(msg_id + request[0].decode(), "request") == request
     assert _shared_rows(store) == []
     assert len(_blob_files(tmp_path)) == 2
+
+
+def test_a_shared_function_counts_once_against_the_limit(open_store):
+    store = open_store(max_bytes=16 << 20, batch_interval=0.01)
+    for i in range(200):  # (history that must stay)
+        submit(store, f"old{i}", at=NOW + i)
+        complete(store, f"old{i}", at=NOW + i)
+    function = os.urandom(40 << 10)  # (a closure over 40 KiB: 300 tasks would be 12 MiB)
+    for i in range(300):
+        submit(store, f"m{i}", request=_map_task(f"m{i}", b"arg", function))
+    assert store.count() == 500 and _shared_rows(store) == [299]
+    assert store.size_bytes() < 4 << 20
+
+
+def test_shared_ids_are_never_used_again(open_store, tmp_path):
+    store = open_store()
+    for msg_id in ("a", "b", "c"):
+        submit(store, msg_id, request=_map_task(msg_id, b"arg"))
+        complete(store, msg_id)
+    assert store.purge(msg_ids=["a", "b"]) == 2 and _shared_rows(store) == [1]
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        (first,) = con.execute("SELECT id FROM shared").fetchone()
+    assert store.purge() == 1 and _shared_rows(store) == []
+    for msg_id in ("d", "e"):  # (the same function: a row of its own, a new id)
+        submit(store, msg_id, request=_map_task(msg_id, b"arg"))
+    store.flush()
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        assert con.execute("SELECT id FROM shared").fetchall() == [(first + 1,)]
+
+
+def test_crafted_shared_names_read_as_missing_frames(open_store, tmp_path, caplog):
+    store = open_store()
+    for msg_id in ("a", "b", "c"):
+        submit(store, msg_id, request=_map_task(msg_id, b"arg"))
+        complete(store, msg_id)
+    store.close()
+    with sqlite3.connect(tmp_path / "tasks.db") as con:
+        con.execute("UPDATE tasks SET request_shared = -3 WHERE msg_id = 'b'")
+        con.execute("UPDATE tasks SET request_shared_at = 'x' WHERE msg_id = 'c'")
+    store = open_store()
+    assert store.frames("a", "request") == _map_task("a", b"arg")
+    assert store.frames_many(["b", "c"], "request") == {}
+    rows = store.query({}, ["buffers"])
+    assert [r["buffers"] is None for r in rows] == [False, True, True]
+    assert caplog.text.count("shared frame is missing") >= 4
+
+
+def test_a_planted_digest_is_not_trusted(open_store, tmp_path, caplog):
+    import hashlib
+
+    store = open_store()
+    submit(store, "first", request=_map_task("first", b"arg"))
+    store.close()
+    with sqlite3.connect(tmp_path / "tasks.db") as con:  # (the function's digest, other bytes)
+        digest = hashlib.blake2b(FUNCTION, digest_size=32).digest()
+        con.execute("INSERT INTO shared (digest, refs, data) VALUES (?, 1, ?)", (digest, b"evil"))
+    store = open_store()
+    for msg_id in ("a", "b"):
+        submit(store, msg_id, request=_map_task(msg_id, b"arg"))
+    assert store.frames("b", "request") == _map_task("b", b"arg")
+    assert "is not what its digest says" in caplog.text
 
 
 def test_a_missing_shared_frame_is_missing_frames_not_an_error(open_store, tmp_path, caplog):

@@ -144,7 +144,8 @@ the transaction that does it, removed once it has committed (:meth:`SqliteLog._u
 
 _SHARED = """
 CREATE TABLE shared (
-    id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, refs INTEGER NOT NULL DEFAULT 0,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL UNIQUE,
+    refs INTEGER NOT NULL DEFAULT 0,
     data BLOB NOT NULL
 );
 CREATE INDEX shared_unused ON shared(refs) WHERE refs <= 0;
@@ -159,7 +160,9 @@ same in each task of a map) is kept once per content in ``shared``; a record nam
 ``request_shared`` (0: none) and its place among the request's frames by
 ``request_shared_at``. The writer adds a reference for each record it writes naming one;
 the triggers take away the references of records deleted or rewritten, and rows left with
-none are deleted with them (:meth:`SqliteLog._drop_unshared`)."""
+none are deleted with them (:meth:`SqliteLog._drop_unshared`). Ids are never used again
+(AUTOINCREMENT): a record whose row is gone reads as missing frames, never as another
+function."""
 
 _SCHEMA = f"""
 CREATE TABLE tasks (
@@ -201,17 +204,19 @@ _APPEND = (
 _FRAMES_SQL = "CASE WHEN t.{name}_big THEN t.seq || '.{kind}:' || t.msg_id ELSE t.{name} END"
 """A record's request or reply frames: the packed blob, or ``<blob file>:<msg_id>``."""
 _SHARED_SQL = (
-    "CASE WHEN t.request_shared > 0 THEN "
+    "CASE WHEN t.request_shared != 0 THEN "
     "coalesce((SELECT s.data FROM shared s WHERE s.id = t.request_shared), x'') END",
     "t.request_shared_at",
 )
 """A request's shared frame (NULL if it has none, ``b""`` if it is missing: a crafted
 file) and its place."""
-SHARED_MIN = 64
+SHARED_MIN, SHARED_MAX = 256, 256 << 10
 SHARED_SLOTS = range(4, 8)
 """A request's buffers that may be shared: its first four (frames 4 to 7: an apply's
-function is its first, a map's the third), of at least :data:`SHARED_MIN` bytes and at
-most ``blob_threshold`` (a bigger one, a closure over big data, goes with its record)."""
+function is its first, a map's the third), of :data:`SHARED_MIN` bytes at least (a
+tiny task's arguments are smaller: not worth a copy and a lookup each) and at most
+:data:`SHARED_MAX` and ``blob_threshold`` (a bigger one, a closure over big data, goes
+with its record)."""
 SHARED_CACHE = 256
 SHARED_CACHE_BYTES = 4 << 20
 """The writer remembers the contents of this many buffers (of these bytes at most), with
@@ -392,6 +397,7 @@ class SqliteLog:
         # the writer's: buffers seen lately -> their shared id (0: none yet), latest last
         self._shared_ids: OrderedDict[bytes, int] = OrderedDict()
         self._shared_bytes = 0
+        self._shared_max = min(SHARED_MAX, blob_threshold)
         self._con = self._open()
         try:
             self._reader = sqlite3.connect(
@@ -631,7 +637,9 @@ class SqliteLog:
             frames = self._load(value)
             if frames is None:
                 return None
-            if not shared or type(shared) is not bytes or at not in range(4, len(frames) + 1):
+            if not shared or type(shared) is not bytes or type(at) is not int:
+                at = -1
+            if not 4 <= at <= len(frames):
                 log.warning("task database %s: a request's shared frame is missing", self.path)
                 return None
             frames.insert(at, shared)
@@ -1269,7 +1277,13 @@ class SqliteLog:
                 shares.append((row, 2 + len(values) + shared_at, share))
             groups.setdefault(plan[0], []).append(row)
         to_files = sum(memoryview(f).nbytes for _, _, frames in files for f in frames)
-        self._make_room(max(0, batch.nbytes - to_files), len(batch.records), to_files)
+        # (a shared buffer is written once at most, not with each record that has it)
+        shared = sum(len(key) for _, _, key in shares)
+        shared -= sum(
+            len(key) for key in {key for _, _, key in shares} if not self._shared_ids.get(key)
+        )
+        incoming = max(0, batch.nbytes - to_files - shared)
+        self._make_room(incoming, len(batch.records), to_files)
         con.execute("BEGIN")
         for row, at, share in shares:  # (after _make_room: it may delete shared frames)
             row[at] = self._shared_id(share)
@@ -1377,7 +1391,7 @@ class SqliteLog:
         for at in SHARED_SLOTS:
             if at >= len(sizes):
                 break
-            if not SHARED_MIN <= sizes[at] <= self.blob_threshold:
+            if not SHARED_MIN <= sizes[at] <= self._shared_max:
                 continue
             frame = frames[at]
             key = frame if type(frame) is bytes else bytes(frame)
@@ -1406,7 +1420,13 @@ class SqliteLog:
             return found
         digest = hashlib.blake2b(key, digest_size=32).digest()
         con = self._con
-        row = con.execute("SELECT id FROM shared WHERE digest = ?", (digest,)).fetchone()
+        row = con.execute("SELECT id, data FROM shared WHERE digest = ?", (digest,)).fetchone()
+        if row is not None and row[1] != key:  # (a row planted in the file: not ours)
+            log.warning(
+                "task database %s: shared row %s is not what its digest says", self.path, row[0]
+            )
+            con.execute("UPDATE shared SET digest = ? WHERE id = ?", (b"bad" + digest, row[0]))
+            row = None
         if row is not None:
             found = int(row[0])
         else:
