@@ -20,7 +20,7 @@ from ._metadata import METADATA_KEYS, Metadata
 from ._outputs import LiveOutput, display_outputs
 from ._progress import wait_with_progress
 from ._reprs import result_html
-from ._request import Request
+from ._request import Parts, Request
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -87,6 +87,16 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         self._ndone = 0
         if not futures:
             self.set_result(None if single else [])
+        else:
+            self._watch(futures)
+
+    def _watch(self, futures: list[Request]) -> None:
+        """Call :meth:`_finish` once every one of ``futures`` is done: once for all the
+        parts of one broadcast, else through a callback on each."""
+        parts = Parts.of(futures)
+        if parts is not None:
+            parts.add_done_callback(self._finish)
+            return
         for f in futures:
             f.add_done_callback(self._child_done)
 
@@ -513,6 +523,10 @@ class AsyncMapResult(AsyncResult):
         self._completion_order: list[int] = []
         self._index = {id(f): i for i, f in enumerate(futures)}
         super().__init__(client, futures, fname=fname)
+
+    def _watch(self, futures: list[Request]) -> None:
+        for f in futures:  # (each: the order they complete in counts)
+            f.add_done_callback(self._child_done)
 
     def _child_done(self, f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
         with self._lock:

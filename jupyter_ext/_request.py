@@ -22,13 +22,24 @@ waiting for their output. It is pure logic: no sockets and no threads of its own
 transport (:mod:`._transport`) feeds it what arrives and sends what it releases; every
 method returns the requests it finished, whose futures the caller then resolves outside
 the lock (so no callback runs while the table is locked).
+
+A broadcast to N engines makes N requests at once, and their replies come back in one
+message (``kernel_engine.replies``): what each costs the client is paid N times a call.
+So a request is a future that makes the lock and lists of its
+``concurrent.futures.Future`` only once something waits on it or adds a callback
+(:meth:`Request.settle` of a request nobody waits on just stores its outcome), and the
+parts of one broadcast share a :class:`Parts`, which tells its AsyncResult once when the
+last of them settles (instead of a callback per part). Fewer objects a part also means
+fewer garbage collections: at 32 engines, about one a call before.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import Any
 
 import zmq
@@ -38,6 +49,8 @@ from kernel_engine.errors import short_id
 from ._metadata import Metadata
 from ._order import EngineOrder
 
+log = logging.getLogger("jupyter_ext")
+
 NEW, WAITING, SENT, REPLIED, DONE = "new", "waiting", "sent", "replied", "done"
 
 OUTPUT_GRACE = 2.0
@@ -46,6 +59,67 @@ status must not keep it pending forever)."""
 
 ORDERED_CHANNELS = ("lane", "shell")
 """Channels whose requests keep this client's order per engine (see :mod:`._order`)."""
+
+
+_MAKING = threading.Lock()
+"""Held to make a request's condition and to settle a request that has none (one lock
+for all: both are rare or brief)."""
+
+
+class Parts:
+    """The parts of one broadcast: calls its callbacks once, when the last part settled.
+
+    Parameters
+    ----------
+    n
+        How many parts.
+    """
+
+    __slots__ = ("_callbacks", "_lock", "n", "remaining")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.remaining = n
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def of(futures: Sequence[concurrent.futures.Future[Any]]) -> Parts | None:
+        """The :class:`Parts` whose parts ``futures`` are, each once (None if they are
+        not)."""
+        parts = getattr(futures[0], "parts", None) if futures else None
+        if parts is None or len(futures) != parts.n:
+            return None
+        if any(getattr(f, "parts", None) is not parts for f in futures):
+            return None
+        return parts if len({id(f) for f in futures}) == parts.n else None
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once every part settled (now, if they have)."""
+        with self._lock:
+            if self.remaining:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def future(self) -> concurrent.futures.Future[None]:
+        """A future done once every part settled."""
+        whole: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.add_done_callback(lambda: whole.set_result(None))
+        return whole
+
+    def part_done(self, n: int = 1) -> None:
+        """``n`` more parts settled."""
+        with self._lock:
+            self.remaining -= n
+            if self.remaining:
+                return
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # (as a future's callbacks: logged, the others still run)
+                log.exception("jupyter-px client: error in a callback of a broadcast")
 
 
 class Request(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -65,7 +139,28 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         ``"controller"``.
     frames
         The signed frames to send (kept until sent).
+    parts
+        The :class:`Parts` of the broadcast this request is a part of.
+
+    The future's lock and lists (``concurrent.futures.Future``'s ``_condition``,
+    ``_waiters``, ``_done_callbacks``) are made when first used: every method of
+    ``Future`` works as ever, and a request that nobody waits on (a broadcast's part,
+    whose AsyncResult waits on :class:`Parts`) never makes them.
     """
+
+    # what most requests leave as it is (set on the instance when not)
+    path: str | None = None
+    outcome: tuple[bool, Any] | None = None
+    replied_at = 0.0
+    frames: list[Any] | None = None
+    route = b""
+    track = False
+    tracker: zmq.MessageTracker | None = None
+    unsent: threading.Event | None = None  # set once a request that had to wait is sent
+    parts: Parts | None = None
+    _cond: threading.Condition | None = None
+    _waiters: Any = ()  # (lists of its own come with the condition)
+    _done_callbacks: Any = ()
 
     def __init__(
         self,
@@ -77,34 +172,101 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         route: bytes = b"",
         track: bool = False,
         header: dict[str, Any] | None = None,
+        parts: Parts | None = None,
     ):
-        super().__init__()
+        # (not Future.__init__: see _condition)
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
         self.msg_id = msg_id
         self.metadata = metadata
         self.kind = kind
         self.channel = channel
         self.state = NEW
-        self.path: str | None = None
-        self.outcome: tuple[bool, Any] | None = None
         self.output_seen = kind != "execute"
-        self.replied_at = 0.0
-        self.frames = frames
-        self.route = route
-        self.track = track
-        self.header = header or {}
-        self.tracker: zmq.MessageTracker | None = None
-        # set once a request that had to wait has been sent (or failed)
-        self.unsent: threading.Event | None = None
+        if frames is not None:
+            self.frames = frames
+        if route:
+            self.route = route
+        if track:
+            self.track = track
+        self.header = header
+        if parts is not None:
+            self.parts = parts
+
+    @classmethod
+    def many(
+        cls,
+        msg_ids: Sequence[str],
+        metadata: Sequence[Metadata],
+        kind: str,
+        channel: str,
+        track: bool = False,
+    ) -> list[Request]:
+        """The parts of one broadcast: a request for each msg_id (with its metadata),
+        sharing one :class:`Parts`."""
+        parts = Parts(len(msg_ids))
+        new = cls.__new__
+        output_seen = kind != "execute"
+        out = []
+        for msg_id, md in zip(msg_ids, metadata):
+            req = new(cls)
+            req._state = PENDING
+            req._result = None
+            req._exception = None
+            req.msg_id = msg_id
+            req.metadata = md
+            req.kind = kind
+            req.channel = channel
+            req.state = NEW
+            req.output_seen = output_seen
+            req.header = None
+            req.parts = parts
+            if track:
+                req.track = track
+            out.append(req)
+        return out
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _MAKING:
+                cond = self._cond
+                if cond is None:
+                    self._waiters = []
+                    self._done_callbacks = []
+                    cond = self._cond = threading.Condition()
+        return cond
 
     @property
     def engine_id(self) -> int | None:
         eid: int | None = self.metadata.get("engine_id")
         return eid
 
+    def done(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
     def settle(self) -> None:
         """Resolve the future from the outcome (the table finished this request)."""
-        if self.done():
-            return
+        settle_all((self,))
+
+    def _notify(self) -> bool:
+        """Resolve the future the way of ``Future`` (waiters woken, callbacks called);
+        False if it was resolved (or cancelled) already."""
         ok, value = self.outcome or (False, RuntimeError("no outcome"))
         try:
             if ok:
@@ -112,10 +274,49 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
             else:
                 self.set_exception(value)
         except concurrent.futures.InvalidStateError:
-            pass  # cancelled meanwhile
+            return False
+        return True
+
+    def cancel(self) -> bool:
+        if self._state != PENDING:
+            return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+        cancelled = super().cancel()
+        if cancelled and self.parts is not None:
+            self.parts.part_done()
+        return cancelled
 
     def __repr__(self) -> str:
         return f"<Request {short_id(self.msg_id)} {self.kind} {self.state}>"
+
+
+def settle_all(reqs: Iterable[Request]) -> None:
+    """Resolve the futures of ``reqs`` (that the table finished) from their outcomes.
+
+    Those that nobody waits on and that have no callback (no condition made) just take
+    their outcome, all under one hold of the lock; the others are resolved the way of
+    ``Future``. Then each broadcast's :class:`Parts` is told once how many of its parts
+    settled.
+    """
+    loud: list[Request] = []
+    settled: dict[Parts, int] = {}
+    with _MAKING:
+        for req in reqs:
+            if req._cond is not None or req._state != PENDING:
+                loud.append(req)
+                continue
+            ok, value = req.outcome or (False, RuntimeError("no outcome"))
+            if ok:
+                req._result = value
+            else:
+                req._exception = value
+            req._state = FINISHED
+            if req.parts is not None:
+                settled[req.parts] = settled.get(req.parts, 0) + 1
+    for req in loud:
+        if req._notify() and req.parts is not None:
+            settled[req.parts] = settled.get(req.parts, 0) + 1
+    for parts, n in settled.items():
+        parts.part_done(n)
 
 
 Send = Callable[[Request, str], bool]
@@ -176,10 +377,16 @@ class Requests:
             items = [(eid, r.msg_id) for r in reqs if (eid := r.engine_id) is not None]
             if len(items) != len(reqs) or not self.order.admit_all(items, path):
                 return False
+            live, by_engine = self.live, self._by_engine
             for (eid, msg_id), req in zip(items, reqs):
-                self.live[msg_id] = req
-                self._by_engine.setdefault(eid, {})[msg_id] = None
-                req.state, req.path = SENT, path
+                live[msg_id] = req
+                held = by_engine.get(eid)
+                if held is None:
+                    by_engine[eid] = {msg_id: None}
+                else:
+                    held[msg_id] = None
+                req.state = SENT
+                req.path = path
             return True
 
     def replied(
@@ -193,19 +400,50 @@ class Requests:
         """The reply to ``msg_id`` came with ``outcome``; requests it held back are sent
         with ``send(request, path)`` (under the lock, so none sent later overtakes them).
         ``engine_id`` names the engine that answered a load-balanced task."""
+        done: list[Request] = []
         with self.lock:
-            self.order.done(msg_id, lambda m, path: self._release(m, path, send))
-            req = self.live.get(msg_id)
-            if req is None or req.outcome is not None or req.state != SENT:
-                return []
-            if engine_id is not None and req.engine_id is None:
-                req.metadata["engine_id"] = engine_id
-            req.outcome = outcome
-            if req.output_seen:
-                return [self._finish(req)]
-            req.state, req.replied_at = REPLIED, now
-            self._awaiting_output[msg_id] = req
-            return []
+            self._replied(msg_id, outcome, now, self._releaser(send), engine_id, done)
+        return done
+
+    def replied_all(
+        self,
+        replies: Iterable[tuple[str, tuple[bool, Any], int | None]],
+        now: float,
+        send: Send,
+    ) -> list[Request]:
+        """:meth:`replied` for each ``(msg_id, outcome, engine_id)`` of ``replies`` (the
+        replies one message carried), under one hold of the lock."""
+        done: list[Request] = []
+        with self.lock:
+            release = self._releaser(send)
+            for msg_id, outcome, engine_id in replies:
+                self._replied(msg_id, outcome, now, release, engine_id, done)
+        return done
+
+    def _releaser(self, send: Send) -> Callable[[str, str], bool]:
+        return lambda msg_id, path: self._release(msg_id, path, send)
+
+    def _replied(
+        self,
+        msg_id: str,
+        outcome: tuple[bool, Any],
+        now: float,
+        release: Callable[[str, str], bool],
+        engine_id: int | None,
+        done: list[Request],
+    ) -> None:
+        self.order.done(msg_id, release)
+        req = self.live.get(msg_id)
+        if req is None or req.outcome is not None or req.state != SENT:
+            return
+        if engine_id is not None and req.engine_id is None:
+            req.metadata["engine_id"] = engine_id
+        req.outcome = outcome
+        if req.output_seen:
+            done.append(self._finish(req))
+            return
+        req.state, req.replied_at = REPLIED, now
+        self._awaiting_output[msg_id] = req
 
     def _release(self, msg_id: str, path: str, send: Send) -> bool:
         req = self.live.get(msg_id)
@@ -286,14 +524,16 @@ class Requests:
 
     def _finish(self, req: Request) -> Request:
         req.state = DONE
-        req.frames = None
+        if req.frames is not None:
+            req.frames = None
         if req.unsent is not None:
             req.unsent.set()  # (nobody waits on the sending of a request that never will be)
-        self.live.pop(req.msg_id, None)
+        msg_id = req.msg_id
+        self.live.pop(msg_id, None)
         eid = req.engine_id
         held = self._by_engine.get(eid) if eid is not None else None
         if held is not None:
-            held.pop(req.msg_id, None)
+            held.pop(msg_id, None)
             if not held:
                 del self._by_engine[eid]  # type: ignore[arg-type]
         return req

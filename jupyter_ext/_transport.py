@@ -57,7 +57,7 @@ from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
 from ._io import IOThread
 from ._metadata import ExecuteReply, Metadata
-from ._request import Refused, Request, Requests
+from ._request import Refused, Request, Requests, settle_all
 
 log = logging.getLogger("jupyter_ext")
 
@@ -332,13 +332,9 @@ class Transport:
         header, frames = self.wire.pack(
             protocol.BROADCAST_REQUEST, request.to_content(), None, metadata, buffers
         )
-        now = datetime.now(timezone.utc)
-        reqs = []
-        for eid, msg_id in zip(request.targets, request.msg_ids):
-            md = Metadata(msg_id=msg_id, submitted=now, engine_id=eid)
-            if md_extra:
-                md.update(md_extra)
-            reqs.append(Request(msg_id, md, kind, channel, None, b"", track))
+        common = {"submitted": datetime.now(timezone.utc), **(md_extra or {})}
+        mds = Metadata.many(request.msg_ids, request.targets, **common)
+        reqs = Request.many(request.msg_ids, mds, kind, channel, track)
         try:
             if not self.requests.add_all(reqs, "routed" if channel == "lane" else "shell"):
                 return None
@@ -346,15 +342,18 @@ class Transport:
             if self.closed:
                 raise RuntimeError(str(exc)) from None
             raise EngineError("EngineError", str(exc)) from None
-        for req in reqs:
-            for hook in self._submit_hooks:  # (before it is sent: before any of its output)
-                hook(req.msg_id)
-            self.metadata[req.msg_id] = req.metadata
-            self.history.append(req.msg_id)
+        hooks = self._submit_hooks
+        if hooks:
+            for msg_id in request.msg_ids:
+                for hook in hooks:  # (before it is sent: before any of its output)
+                    hook(msg_id)
+        self.metadata.put_all(request.msg_ids, mds)
+        self.history.extend(request.msg_ids)
         self._broadcasts[header["msg_id"]] = request.msg_ids
         tracker = self.io.send([protocol.BROADCAST_ROUTE, *frames], track=track)
-        for req in reqs:
-            req.tracker = tracker
+        if tracker is not None:
+            for req in reqs:
+                req.tracker = tracker
         return reqs
 
     def _broadcast_refused(self, parts: tuple[str, ...], content: dict[str, Any]) -> None:
@@ -380,7 +379,7 @@ class Transport:
         lanes = self.io.lanes
         lane = None
         if lanes is not None and eid is not None:
-            lane = lanes.start(eid, req.header, req.metadata.get("label"))
+            lane = lanes.start(eid, req.header or {}, req.metadata.get("label"))
         try:
             if lane is None:
                 raise zmq.ZMQError(msg="no lane")
@@ -455,8 +454,7 @@ class Transport:
             return
         msg = self.wire.unpack(frames[2:])
         if route == protocol.HUB_ROUTE and msg.msg_type == replies.REPLIES:
-            for eid, reply in replies.unpack(msg):  # (each as if it came alone)
-                self.io._safely(self._take_reply, reply, reply.metadata, eid)
+            self._take_replies(replies.unpack(msg))
             return
         engine_id = None if route == protocol.HUB_ROUTE else _engine_of(route)
         self._take_reply(msg, msg.metadata, engine_id)
@@ -502,15 +500,50 @@ class Transport:
             content["_buffers"] = msg.buffers
             outcome: tuple[bool, Any] = (True, content)
         else:
-            md = req.metadata
-            if engine_id is not None and md.get("engine_id") is None:
-                md["engine_id"] = engine_id
-            md["received"] = datetime.now(timezone.utc)
-            md.update_from_reply(reply_md)
-            outcome = self.outcome(msg, md, msg_id)
-            md["status"] = "ok" if outcome[0] else "error"
+            outcome = self._read(req, msg, reply_md, engine_id, datetime.now(timezone.utc))
         done = self.requests.replied(msg_id, outcome, time.monotonic(), self._send, engine_id)
         self._settle(done)
+
+    def _take_replies(self, got: list[tuple[int, replies.Reply]]) -> None:
+        """The replies one merged message carried (engine replies to tasks; a
+        broadcast's, mostly): each read as :meth:`_take_reply` would, then taken into the
+        table and settled together."""
+        received = datetime.now(timezone.utc)
+        taken: list[tuple[str, tuple[bool, Any], int | None]] = []
+        for eid, reply in got:
+            msg_id = reply.parent_id
+            req = self.requests.get(msg_id)
+            if (
+                req is None
+                or req.kind == "hub"
+                or msg_id in self._probes
+                or reply.content.get("px_error") == protocol.DUPLICATE
+            ):
+                self.io._safely(self._take_reply, reply, reply.metadata, eid)  # (the rare way)
+                continue
+            try:
+                taken.append((msg_id, self._read(req, reply, reply.metadata, eid, received), eid))
+            except Exception as exc:  # (as each reply would have been alone: dropped, counted)
+                self.io._safely(_raise, exc)
+        self._settle(self.requests.replied_all(taken, time.monotonic(), self._send))
+
+    def _read(
+        self,
+        req: Request,
+        msg: wire.Message | replies.Reply,
+        reply_md: dict[str, Any],
+        engine_id: int | None,
+        received: datetime,
+    ) -> tuple[bool, Any]:
+        """A task's reply into its metadata; returns its outcome."""
+        md = req.metadata
+        if engine_id is not None and md.get("engine_id") is None:
+            md["engine_id"] = engine_id
+        md["received"] = received
+        md.update_from_reply(reply_md)
+        outcome = self.outcome(msg, md, req.msg_id)
+        md["status"] = "ok" if outcome[0] else "error"
+        return outcome
 
     def outcome(
         self, msg: wire.Message | replies.Reply, md: Metadata, msg_id: str
@@ -549,10 +582,13 @@ class Transport:
 
     def _settle(self, done: list[Request]) -> None:
         """Requests the table finished: keep their results, resolve their futures."""
+        msg_ids, values = [], []
         for req in done:
             if req.kind != "hub" and req.outcome is not None:
-                self.results[req.msg_id] = req.outcome[1]
-            req.settle()
+                msg_ids.append(req.msg_id)
+                values.append(req.outcome[1])
+        self.results.put_all(msg_ids, values)
+        settle_all(done)
 
     def _on_iopub(self, frames: list[Any]) -> None:
         topic = frames[0].bytes
@@ -898,6 +934,10 @@ class Transport:
                 f"{what} would wait for ever: it was called on the client's IO thread "
                 "(from a done-callback?); wait from another thread, or chain futures"
             )
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _engine_of(route: bytes) -> int | None:

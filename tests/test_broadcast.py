@@ -463,3 +463,56 @@ def test_a_broadcasts_replies_come_back_together(rc4) -> None:
         assert first - sent < 0.7 and last - first > 0.3
     finally:
         receiver.close()
+
+
+def test_thirty_two_engines_each_part_keeps_its_metadata_error_and_output(cluster_factory):
+    """A broadcast to 32 engines (its parts made and settled in bulk, waited on once) is
+    still 32 tasks to the user: each with its msg_id, metadata, output and error, in the
+    order of the targets, in ``rc.metadata``, ``rc.results`` and ``rc.history``, and
+    each one's own ``get_result``."""
+
+    def work(failing: set[int]) -> int:  # (a function of the test: pickled by value)
+        import os
+
+        pid = os.getpid()
+        print("pid", pid)
+        if pid in failing:
+            raise ValueError(f"no {pid}")
+        return pid
+
+    _, rc = cluster_factory.start(32)
+    ids = rc.ids
+    pids = [rc.engine_info(i)["pid"] for i in ids]
+    failing = set(pids[::5])
+    submitted: list[str] = []
+    rc.transport.add_submit_hook(submitted.append)
+    try:
+        ar = rc.broadcast_view().apply_async(work, failing)
+    finally:
+        rc.transport.remove_handlers(submitted.append)
+    assert submitted == ar.msg_ids and len(set(ar.msg_ids)) == 32
+    with pytest.raises(jx.CompositeError) as info:
+        ar.get(60)
+    assert ar.ready() and ar.progress == 32 and not ar.successful()
+    errors = info.value.elist
+    assert [e.engine_info["engine_id"] for e in errors] == ids[::5]
+    assert all(isinstance(e, jx.RemoteError) and e.ename == "ValueError" for e in errors)
+    outcomes = ar.get(0, return_exceptions=True)
+    for i, (eid, pid, msg_id) in enumerate(zip(ids, pids, ar.msg_ids)):
+        md = ar.metadata[i]
+        assert md is rc.metadata[msg_id] and md["msg_id"] == msg_id and md["engine_id"] == eid
+        assert md["stdout"] == f"pid {pid}\n"
+        assert md["submitted"] <= md["received"] and md["started"] <= md["completed"]
+        if pid in failing:
+            assert md["status"] == "error" and md["error"] is outcomes[i]
+            assert f"no {pid}" in str(outcomes[i]) and rc.results[msg_id] is outcomes[i]
+        else:
+            assert md["status"] == "ok" and outcomes[i] == pid == rc.results[msg_id]
+    assert list(rc.history)[-32:] == ar.msg_ids
+    one = rc.get_result(ar.msg_ids[1])
+    assert one.get(10) == pids[1] and one.metadata["engine_id"] == ids[1]
+    with pytest.raises(jx.RemoteError, match=f"no {pids[0]}"):
+        rc.get_result(ar.msg_ids[0]).get(10)
+    assert [p.get(10) for p in ar.split()[1:3]] == pids[1:3]
+    # ... and the next broadcast, to the same engines, after it
+    assert rc.broadcast_view().apply_sync(os.getpid) == pids

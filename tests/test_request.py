@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jupyter_ext._bounded import BoundedDict
 from jupyter_ext._metadata import Metadata
 from jupyter_ext._request import (
     DONE,
@@ -15,6 +20,7 @@ from jupyter_ext._request import (
     REPLIED,
     SENT,
     WAITING,
+    Parts,
     Refused,
     Request,
     Requests,
@@ -230,3 +236,157 @@ def test_random_histories_keep_the_table_consistent(events, direct):
             assert sent_here == sorted(sent_here, key=order.index), f"engine {eid} out of order"
     t.requests.fail_all(lambda r: EngineError("EngineError", "gone"))
     assert len(t.requests) == 0
+
+
+def test_future_keeps_the_attributes_a_request_makes_lazily():
+    """A request makes ``concurrent.futures.Future``'s condition and lists itself, when
+    first used: should a Python release rename them, this fails (not a hang)."""
+    assert set(vars(concurrent.futures.Future())) == {
+        "_condition",
+        "_state",
+        "_result",
+        "_exception",
+        "_waiters",
+        "_done_callbacks",
+    }
+
+
+def test_a_request_nobody_waits_on_settles_without_a_condition():
+    t = Table()
+    req = t.new(0)
+    settle(t.reply(req))
+    assert req._cond is None  # nothing made: no lock, no lists
+    assert req.done() and not req.cancelled() and req.result(0) == "result"
+    assert req.exception(0) is None
+    called = []
+    req.add_done_callback(called.append)  # (after the end: called at once)
+    assert called == [req]
+
+
+def test_a_request_settles_its_waiters_and_callbacks():
+    t = Table()
+    req, failing = t.new(0), t.new(1)
+    called = []
+    req.add_done_callback(called.append)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(failing.exception(10)))
+    waiter.start()
+    while failing._cond is None:  # (the waiter made it: it waits on it now, or will)
+        time.sleep(0.001)
+    settle(t.reply(req))
+    settle(t.reply(failing, (False, ValueError("no"))))
+    waiter.join(10)
+    assert called == [req] and isinstance(got[0], ValueError)
+    done, _ = concurrent.futures.wait([req, failing], 0)
+    assert done == {req, failing}
+    with pytest.raises(ValueError, match="no"):
+        failing.result(0)
+
+
+def test_a_request_waited_on_by_many_threads_while_settled():
+    """Threads that make the condition while the IO thread settles: each sees the end."""
+    for _ in range(50):
+        t = Table()
+        req = t.new(0)
+        got: list[Any] = []
+
+        def wait(req: Request = req, got: list[Any] = got) -> None:
+            got.append(req.result(10))
+
+        waiters = [threading.Thread(target=wait) for _ in range(4)]
+        for w in waiters:
+            w.start()
+        settle(t.reply(req))
+        for w in waiters:
+            w.join(10)
+        assert got == ["result"] * 4
+
+
+def new_parts(t: Table, engines: list[int], path: str = "routed") -> list[Request]:
+    parts = Parts(len(engines))
+    reqs = [
+        Request(f"b{t.n}.{i}", Metadata(engine_id=e), "apply", "lane", parts=parts)
+        for i, e in enumerate(engines)
+    ]
+    t.n += 1
+    assert t.requests.add_all(reqs, path)
+    return reqs
+
+
+def test_the_parts_of_a_broadcast_call_back_once_when_the_last_settles():
+    t = Table()
+    reqs = new_parts(t, [0, 1, 2])
+    parts = Parts.of(reqs)
+    assert parts is not None and parts is reqs[0].parts
+    assert Parts.of(reqs[:2]) is None and Parts.of([*reqs[:2], reqs[0]]) is None
+    assert Parts.of([t.new(0)]) is None and Parts.of([]) is None
+    called = []
+    parts.add_done_callback(lambda: called.append(1))
+    whole = parts.future()
+    settle(t.requests.replied_all([(reqs[0].msg_id, OK, None)], 0.0, t.send))
+    assert called == [] and not whole.done()
+    assert reqs[1].cancel() and reqs[1].cancel()  # (once counts once)
+    error = EngineError("EngineError", "engine 2 died")
+    settle(t.requests.fail_engine(2, lambda r: error))
+    assert called == [1] and whole.done()
+    assert [r.done() for r in reqs] == [True, True, True]
+    assert reqs[2].exception(0) is error and all(r._cond is None for r in (reqs[0], reqs[2]))
+    parts.add_done_callback(lambda: called.append(2))  # (after the end: at once)
+    assert called == [1, 2]
+
+
+def test_a_failing_callback_of_parts_does_not_stop_the_others(caplog):
+    t = Table()
+    reqs = new_parts(t, [0, 1])
+    parts = reqs[0].parts
+    assert parts is not None
+    called = []
+    parts.add_done_callback(lambda: 1 / 0)
+    parts.add_done_callback(lambda: called.append(1))
+    settle(t.requests.replied_all([(r.msg_id, OK, None) for r in reqs], 0.0, t.send))
+    assert called == [1] and "error in a callback" in caplog.text
+
+
+def test_replied_all_is_replied_for_each_and_releases_those_waiting():
+    """A broadcast's replies taken together free the engines' books as one by one would:
+    a direct apply that waited behind a broadcast part goes once that part is answered."""
+    t = Table(direct={0, 1})
+    reqs = new_parts(t, [0, 1])
+    behind = t.new(0, "lane")
+    assert behind.state == WAITING
+    done = t.requests.replied_all(
+        [(reqs[0].msg_id, OK, None), ("nobody", OK, None), (reqs[1].msg_id, (False, "x"), 1)],
+        0.0,
+        t.send,
+    )
+    assert done == reqs and behind.state == SENT and t.sent == [(behind.msg_id, "direct")]
+    assert len(t.requests) == 1
+
+
+def test_bounded_dict_put_all_is_setitem_for_each_pair():
+    one, many = BoundedDict[str, int](4), BoundedDict[str, int](4)
+    for d in (one, many):
+        d["a"] = 0
+        d["b"] = 1
+    for key, value in [("c", 2), ("a", 3), ("d", 4), ("e", 5)]:
+        one[key] = value
+    many.put_all(["c", "a", "d", "e"], [2, 3, 4, 5])
+    # (the oldest key goes, even when set again since)
+    assert list(one.items()) == list(many.items()) == [("b", 1), ("c", 2), ("d", 4), ("e", 5)]
+    del many["c"]
+    many.put_all(["f"], [6])
+    assert list(many) == ["b", "d", "e", "f"]
+
+
+def test_metadata_many_is_metadata_for_each_part():
+    now = datetime.now(timezone.utc)
+    mds = Metadata.many(["m1", "m2"], [3, 5], submitted=now, label="x")
+    assert mds == [
+        Metadata(msg_id=m, engine_id=e, submitted=now, label="x") for m, e in [("m1", 3), ("m2", 5)]
+    ]
+    assert all(type(md) is Metadata for md in mds) and mds[0].label == "x"
+    assert mds[0]["outputs"] is not mds[1]["outputs"]  # (containers of its own)
+    mds[0].update_from_reply({"started": "2026-01-02T03:04:05.000006Z", "engine_uuid": "u"})
+    assert mds[0].started == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
+    mds[0].update_from_reply({"completed": "not a date", "stdout": "hi"})
+    assert mds[0].completed is None and mds[0].stdout == "hi" and mds[0].engine_uuid == "u"
