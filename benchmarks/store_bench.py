@@ -17,8 +17,9 @@ unless said otherwise:
   writer works alongside;
 - ``stream``: ``--records`` tasks as fast as one thread can put them (each completion
   1,000 tasks after its submission), with the default limits (1 GiB, 7 days): put cost,
-  the time callers spent blocked by backpressure, records written a second (until
-  ``flush`` returns), the database's size and the process's RSS before, at peak and after;
+  the time callers spent blocked by backpressure, the process's CPU a task (the puts
+  and the writer together), records written a second (until ``flush`` returns), the
+  database's size and the process's RSS before, at peak and after;
 - ``reopen`` (``quick_check`` included) and a few reads on the final database;
 - ``big``: ``--big`` tasks whose request (then, as many again, whose reply) carries one
   ``--big-mib`` MiB buffer, one every ``--big-pace`` seconds as pushes to an engine come:
@@ -305,11 +306,12 @@ def main() -> None:
         peak = PeakRSS()
         peak.start()
         store = SqliteLog(path)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stream_s, stream_c = run_tasks(store.put, work, lag=1000, every=10)
         put_seconds = time.perf_counter() - start
         store.flush()
         elapsed = time.perf_counter() - start
+        stream_cpu = time.process_time() - cpu_start
         peak.stop.set()
         peak.join()
         rss_after = rss()
@@ -365,6 +367,10 @@ def main() -> None:
                     ["callers blocked by backpressure, s", f"{blocked:.1f}"],
                     ["until all committed, s", f"{elapsed:.1f}"],
                     ["tasks written/s (sustained)", f"{args.records / elapsed:,.0f}"],
+                    [
+                        "CPU a task (the puts and the writer), us",
+                        f"{stream_cpu / args.records * 1e6:.1f}",
+                    ],
                     ["records kept (default retention)", f"{count:,}"],
                     ["database + WAL size, MiB", f"{size / MiB:,.1f}"],
                     ["bytes per kept record", f"{size / max(count, 1):,.0f}"],
