@@ -33,23 +33,22 @@ class BoundedDict(dict[K, V]):
         if key in self:
             dict.__setitem__(self, key, value)
             return
-        order = self._order
-        order.append(key)
+        self._order.append(key)
         dict.__setitem__(self, key, value)
-        if len(self) > self.maxlen:
-            while len(self) > self.maxlen and order:
-                dict.pop(self, order.popleft(), None)
-        if len(order) > 2 * self.maxlen + 1024:  # many keys were deleted early
-            self._order = deque(k for k in order if k in self)
+        if len(self) > self.maxlen or len(self._order) > 2 * self.maxlen + 1024:
+            self._trim()
 
     def put_all(self, keys: Iterable[K], values: Iterable[V]) -> None:
         """``self[key] = value`` for each pair, in order (a broadcast's parts, say), at
         the cost of one ``dict.update``."""
         keys = list(keys)
-        fresh = [key for key in keys if key not in self]
+        self._order.extend([key for key in keys if key not in self])
         dict.update(self, zip(keys, values))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Forget the oldest keys beyond ``maxlen``."""
         order = self._order
-        order.extend(fresh)
         while len(self) > self.maxlen and order:
             dict.pop(self, order.popleft(), None)
         if len(order) > 2 * self.maxlen + 1024:  # many keys were deleted early
