@@ -26,6 +26,7 @@ running when the controller died still complete in its records.
 
 from __future__ import annotations
 
+import _signal
 import os
 import signal
 import sys
@@ -58,6 +59,7 @@ MAX_KEPT = 10_000
 MAX_KEPT_BYTES = 256 * 1024 * 1024
 """Bytes of replies kept for a controller that is gone, at most."""
 
+_SIGINT = int(signal.SIGINT)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -329,7 +331,9 @@ class TaskLane:
         out, err = _Tee(sys.stdout), _Tee(sys.stderr)
         saved_out, saved_err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
-        saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        # (the C function: signal.signal converts both handlers to and from enums, an
+        # exception caught on each call when the handler is a function)
+        saved_sigint = _signal.signal(_SIGINT, signal.default_int_handler)
         buffers: list[Any] = []
         content: dict[str, Any]
         try:
@@ -352,7 +356,7 @@ class TaskLane:
                 content["px_error"] = "UnmetDependency"
         finally:
             kernel.current_task = None
-            signal.signal(signal.SIGINT, saved_sigint)
+            _signal.signal(_SIGINT, saved_sigint)
             sys.stdout, sys.stderr = saved_out, saved_err
             if out.parts:
                 saved_out.flush()
