@@ -111,7 +111,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         errors: list[RemoteError] = []
         results: list[Any] = []
         for f in self._children:
-            exc = f.exception()
+            exc = f.exception(0)  # (all are done: never wait here, on the IO thread)
             if exc is None:
                 results.append(f.result())
             else:
@@ -140,7 +140,8 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         try:
             value = self._reconstruct(results)
         except Exception as exc:
-            exc.add_note(f"(while putting the results of {self._fname} together)")
+            if hasattr(exc, "add_note"):  # (Python 3.11 on; without it 3.10 never resolved)
+                exc.add_note(f"(while putting the results of {self._fname} together)")
             self.set_exception(exc)
         else:
             self.set_result(value)
@@ -543,7 +544,7 @@ class AsyncMapResult(AsyncResult):
             pass
 
     def _chunk_result(self, f: Request) -> Any:
-        exc = f.exception()
+        exc = f.exception(0)
         if exc is None:
             return f.result()
         size = self._chunk_sizes[self._index[id(f)]]

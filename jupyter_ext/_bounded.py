@@ -40,9 +40,13 @@ class BoundedDict(dict[K, V]):
 
     def put_all(self, keys: Iterable[K], values: Iterable[V]) -> None:
         """``self[key] = value`` for each pair, in order (a broadcast's parts, say), at
-        the cost of one ``dict.update``."""
-        keys = list(keys)
-        self._order.extend([key for key in keys if key not in self])
+        the cost of one ``dict.update`` when every key is new."""
+        keys, values = list(keys), list(values)
+        if any(key in self for key in keys):
+            for key, value in zip(keys, values):
+                self[key] = value
+            return
+        self._order.extend(keys)
         dict.update(self, zip(keys, values))
         self._trim()
 

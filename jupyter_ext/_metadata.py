@@ -69,6 +69,9 @@ class Metadata(dict[str, Any]):
     def many(cls, msg_ids: Sequence[str], engine_ids: Sequence[int], **common: Any) -> list[Self]:
         """The metadata of each ``(msg_id, engine_id)``, alike otherwise (``common``): a
         broadcast's parts, made at the cost of copying one dict each."""
+        mine = {"msg_id", "engine_id", "outputs", "after", "follow", "data"}.intersection(common)
+        if mine:
+            raise TypeError(f"each part has its own {sorted(mine)}")
         template = dict(_DEFAULTS)
         template.update(common)
         new, update = cls.__new__, dict.update

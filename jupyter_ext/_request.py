@@ -278,12 +278,12 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         return True
 
     def cancel(self) -> bool:
-        if self._state != PENDING:
-            return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
-        cancelled = super().cancel()
-        if cancelled and self.parts is not None:
-            self.parts.part_done()
-        return cancelled
+        """False: a request ends only through the table (its reply, its engine's or the
+        controller's loss), as a running future does. Users stop work with
+        ``AsyncResult.abort()`` or ``cancel()``. (A part cancelled from two threads at once
+        was counted twice by its :class:`Parts`, which could block the IO thread, and a
+        cancelled child left its AsyncResult pending for ever.)"""
+        return False
 
     def __repr__(self) -> str:
         return f"<Request {short_id(self.msg_id)} {self.kind} {self.state}>"
@@ -432,7 +432,10 @@ class Requests:
         engine_id: int | None,
         done: list[Request],
     ) -> None:
-        self.order.done(msg_id, release)
+        try:
+            self.order.done(msg_id, release)
+        except Exception:  # (a release whose send failed: this reply is still taken)
+            log.exception("jupyter-px client: sending the requests held behind %s", msg_id)
         req = self.live.get(msg_id)
         if req is None or req.outcome is not None or req.state != SENT:
             return

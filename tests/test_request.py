@@ -325,7 +325,8 @@ def test_the_parts_of_a_broadcast_call_back_once_when_the_last_settles():
     whole = parts.future()
     settle(t.requests.replied_all([(reqs[0].msg_id, OK, None)], 0.0, t.send))
     assert called == [] and not whole.done()
-    assert reqs[1].cancel() and reqs[1].cancel()  # (once counts once)
+    assert not reqs[1].cancel() and not reqs[1].done()  # (only the table ends a request)
+    settle(t.requests.fail_engine(1, lambda r: EngineError("EngineError", "engine 1 died")))
     error = EngineError("EngineError", "engine 2 died")
     settle(t.requests.fail_engine(2, lambda r: error))
     assert called == [1] and whole.done()
@@ -390,3 +391,30 @@ def test_metadata_many_is_metadata_for_each_part():
     assert mds[0].started == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
     mds[0].update_from_reply({"completed": "not a date", "stdout": "hi"})
     assert mds[0].completed is None and mds[0].stdout == "hi" and mds[0].engine_uuid == "u"
+
+
+def test_a_release_that_fails_loses_no_reply_of_the_batch(caplog):
+    t = Table(direct={0, 1})
+    reqs = new_parts(t, [0, 1])
+    behind = t.new(0, "lane")
+
+    def failing_send(req: Request, path: str) -> bool:
+        raise RuntimeError("the socket is gone")
+
+    done = t.requests.replied_all([(r.msg_id, OK, None) for r in reqs], 0.0, failing_send)
+    assert done == reqs and "held behind" in caplog.text
+    settle(done)
+    assert all(r.done() for r in reqs) and behind.unsent is not None and behind.unsent.is_set()
+
+
+def test_a_request_is_not_cancelled_but_ended_by_the_table():
+    t = Table()
+    req = t.new(0)
+    assert not req.cancel() and not req.cancelled() and not req.done()
+    settle(t.reply(req))
+    assert req.result(0) == OK[1] and not req.cancel()
+
+
+def test_metadata_many_refuses_what_each_part_has_of_its_own():
+    with pytest.raises(TypeError, match="outputs"):
+        Metadata.many(["m1"], [0], outputs=["shared"])

@@ -369,3 +369,29 @@ def test_an_engine_with_its_own_dev_shm_gets_the_buffers_by_message(rc4: Any) ->
         assert all(np.array_equal(got, arr) for got in view.pull("b", block=True))
     finally:
         stop_tree(proc, 10)
+
+
+def test_push_to_eight_engines_is_one_broadcast_and_its_segment_goes_after_the_last(
+    cluster_factory: Any,
+) -> None:
+    from jupyter_ext._views import SEGMENT_FAN_OUT
+
+    _, rc = cluster_factory.start(SEGMENT_FAN_OUT)
+    dv = rc[:]
+    arr = np.arange(2 * MIB // 8, dtype=np.float64)
+    expected = zlib.crc32(arr)
+    other = jx.Client(rc.connection_file)  # (keeps the last engine busy: another
+    try:  # client's request, which this client's push need not wait for)
+        busy = other[SEGMENT_FAN_OUT - 1].apply_async(time.sleep, 3.0)
+        time.sleep(0.5)
+        sent = len(rc.transport._broadcasts)
+        ar = dv.push({"a": arr}, block=False)
+        assert len(rc.transport._broadcasts) == sent + 1  # (one message for all eight)
+        assert _wait_for(lambda: sum(f.done() for f in ar._children) == SEGMENT_FAN_OUT - 1)
+        assert len(_mine()) == 1  # (kept while the busy engine has not answered)
+        ar.get(timeout=20)
+        busy.get(timeout=20)
+    finally:
+        other.close()
+    assert _wait_for(lambda: _mine() == [], 10), _mine()
+    assert dv.apply_sync(_checksum, jx.Reference("a")) == [(expected, False)] * SEGMENT_FAN_OUT
