@@ -162,7 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     controller.write_files()
     controller.start(args.n)
     tune_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     return controller.run()
+
+
+SWITCH_INTERVAL = 0.0005
+"""Seconds a thread may hold the GIL while another waits for it (Python's default: 5 ms).
+The task store's writer builds a batch's rows in Python for milliseconds at a time; with
+the default, the event loop could wait up to 5 ms for the GIL each batch while the
+engines ran out of tasks (likewise behind a reader thread answering a large query).
+Load-balanced tiny tasks with the SQLite store, five alternated pairs of 3x10,000-task
+maps: median 2,765 -> 2,893 tasks/s; within this machine's noise, no worse anywhere."""
 
 
 GC_THRESHOLDS = (50_000, 20, 20)
