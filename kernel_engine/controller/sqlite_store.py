@@ -47,9 +47,9 @@ Triggers name the files of deleted records (and of dropped replies) in the ``gon
 table; the writer removes them once that has committed. A file no record names (a batch
 that never committed) is removed when the store opens. Frames larger than
 ``max_frames_bytes`` are not stored at all (the record is), nor held in the queue.
-A request's buffer of 64 bytes to ``blob_threshold`` that the writer has seen lately (an
-apply's pickled function: the same in every task of a map, a third of a tiny task's
-record) is kept once per content in ``shared`` (found by its BLAKE2b digest, with a count
+A request's buffer of 256 bytes to 256 KiB that the writer has seen lately (an apply's
+pickled function: the same in every task of a map, a third of a tiny task's record) is
+kept once per content in ``shared`` (found by its BLAKE2b digest, with a count
 of the records naming it), not in each record (see :data:`_SHARED`).
 
 Trust. The database file is the controller's (0600), and whoever can write it can forge
