@@ -33,16 +33,6 @@ METADATA_KEYS = (
 )
 
 
-def _date(value: Any) -> datetime | None:
-    """:func:`~kernel_engine.wire.parse_date`, quicker for the usual ISO string."""
-    if type(value) is str:
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            pass
-    return parse_date(value)
-
-
 _DEFAULTS: dict[str, Any] = dict.fromkeys(METADATA_KEYS)
 _DEFAULTS.update(stdout="", stderr="")
 
@@ -103,7 +93,7 @@ class Metadata(dict[str, Any]):
         for key in ("started", "completed"):
             value = get(key)
             if value:
-                self[key] = _date(value)
+                self[key] = parse_date(value)
         for key in ("engine_uuid", "status", "stdout", "stderr", "engine_id"):
             value = get(key)
             if value is not None:

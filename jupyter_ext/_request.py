@@ -206,26 +206,10 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         """The parts of one broadcast: a request for each msg_id (with its metadata),
         sharing one :class:`Parts`."""
         parts = Parts(len(msg_ids))
-        new = cls.__new__
-        output_seen = kind != "execute"
-        out = []
-        for msg_id, md in zip(msg_ids, metadata):
-            req = new(cls)
-            req._state = PENDING
-            req._result = None
-            req._exception = None
-            req.msg_id = msg_id
-            req.metadata = md
-            req.kind = kind
-            req.channel = channel
-            req.state = NEW
-            req.output_seen = output_seen
-            req.header = None
-            req.parts = parts
-            if track:
-                req.track = track
-            out.append(req)
-        return out
+        return [
+            cls(msg_id, md, kind, channel, track=track, parts=parts)
+            for msg_id, md in zip(msg_ids, metadata)
+        ]
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]

@@ -510,6 +510,10 @@ class Transport:
         table and settled together."""
         received = datetime.now(timezone.utc)
         taken: list[tuple[str, tuple[bool, Any], int | None]] = []
+
+        def read(req: Request, reply: replies.Reply, eid: int) -> None:
+            taken.append((req.msg_id, self._read(req, reply, reply.metadata, eid, received), eid))
+
         for eid, reply in got:
             msg_id = reply.parent_id
             req = self.requests.get(msg_id)
@@ -521,10 +525,7 @@ class Transport:
             ):
                 self.io._safely(self._take_reply, reply, reply.metadata, eid)  # (the rare way)
                 continue
-            try:
-                taken.append((msg_id, self._read(req, reply, reply.metadata, eid, received), eid))
-            except Exception as exc:  # (as each reply would have been alone: dropped, counted)
-                self.io._safely(_raise, exc)
+            self.io._safely(read, req, reply, eid)  # (a bad one: dropped, counted, alone)
         self._settle(self.requests.replied_all(taken, time.monotonic(), self._send))
 
     def _read(
@@ -934,10 +935,6 @@ class Transport:
                 f"{what} would wait for ever: it was called on the client's IO thread "
                 "(from a done-callback?); wait from another thread, or chain futures"
             )
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 def _engine_of(route: bytes) -> int | None:
