@@ -4,6 +4,11 @@ A client keeps results, metadata and the msg_ids it submitted for IPython Parall
 ``rc.results``, ``rc.metadata`` and ``rc.history``; however many tasks run, these must not
 grow without bound, and evicting must not cost more as they fill (``next(iter(d))`` on a
 dict that is evicted from the front rescans the holes left behind: it is O(n) per call).
+
+A count alone does not bound memory: ten thousand pulled arrays of 512 MiB each are ten
+thousand results. So a :class:`BoundedDict` may also hold a byte budget, which the values
+that were given a size (``put_all(..., sizes=...)``) count against; the oldest go first,
+never the newest one.
 """
 
 from __future__ import annotations
@@ -17,19 +22,29 @@ K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
 
+_GONE: Any = object()
+
 
 class BoundedDict(dict[K, V]):
-    """A dict that forgets its oldest keys beyond ``maxlen`` (insertion order).
+    """A dict that forgets its oldest keys beyond ``maxlen`` (insertion order), and
+    beyond ``max_bytes`` of the sizes given to :meth:`put_all` (None: no byte bound).
 
     Deleting a key early is allowed; its place in the eviction queue is skipped later.
+    A value set by ``d[key] = value`` weighs nothing (its size is not known).
     """
 
-    def __init__(self, maxlen: int):
+    def __init__(self, maxlen: int, max_bytes: int | None = None):
         super().__init__()
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        """The sizes of the values held that were given one."""
         self._order: deque[K] = deque()
+        self._sizes: dict[K, int] = {}
 
     def __setitem__(self, key: K, value: V) -> None:
+        if self._sizes:
+            self._unweigh(key)
         if key in self:
             dict.__setitem__(self, key, value)
             return
@@ -38,29 +53,66 @@ class BoundedDict(dict[K, V]):
         if len(self) > self.maxlen or len(self._order) > 2 * self.maxlen + 1024:
             self._trim()
 
-    def put_all(self, keys: Iterable[K], values: Iterable[V]) -> None:
+    def put_all(
+        self, keys: Iterable[K], values: Iterable[V], sizes: Iterable[int] | None = None
+    ) -> None:
         """``self[key] = value`` for each pair, in order (a broadcast's parts, say), at
-        the cost of one ``dict.update`` when every key is new."""
+        the cost of one ``dict.update`` when every key is new; ``sizes`` (bytes, one for
+        each) count against ``max_bytes``."""
         keys, values = list(keys), list(values)
         if any(key in self for key in keys):
             for key, value in zip(keys, values):
                 self[key] = value
-            return
-        self._order.extend(keys)
-        dict.update(self, zip(keys, values))
+        else:
+            self._order.extend(keys)
+            dict.update(self, zip(keys, values))
+        if sizes is not None and self.max_bytes is not None:
+            weights = self._sizes
+            for key, size in zip(keys, sizes):
+                if size and key in self:  # (a key given twice weighs once)
+                    self.nbytes += size - weights.get(key, 0)
+                    weights[key] = size
         self._trim()
 
+    def _unweigh(self, key: K) -> None:
+        size = self._sizes.pop(key, 0)
+        self.nbytes -= size
+
     def _trim(self) -> None:
-        """Forget the oldest keys beyond ``maxlen``."""
+        """Forget the oldest keys beyond ``maxlen`` and ``max_bytes`` (never the newest)."""
         order = self._order
-        while len(self) > self.maxlen and order:
-            dict.pop(self, order.popleft(), None)
+        limit = self.max_bytes
+        while order and (len(self) > self.maxlen or (limit is not None and self.nbytes > limit)):
+            if len(self) <= 1 and len(self) <= self.maxlen:
+                break  # (the newest stays, however big)
+            key = order.popleft()
+            if dict.pop(self, key, _GONE) is not _GONE and self._sizes:
+                self._unweigh(key)
         if len(order) > 2 * self.maxlen + 1024:  # many keys were deleted early
             self._order = deque(k for k in order if k in self)
+
+    def __delitem__(self, key: K) -> None:
+        dict.__delitem__(self, key)
+        if self._sizes:
+            self._unweigh(key)
+
+    def pop(self, key: K, *default: Any) -> Any:
+        value = dict.pop(self, key, *default)
+        if self._sizes:
+            self._unweigh(key)
+        return value
+
+    def popitem(self) -> tuple[K, V]:
+        key, value = dict.popitem(self)
+        if self._sizes:
+            self._unweigh(key)
+        return key, value
 
     def clear(self) -> None:
         super().clear()
         self._order.clear()
+        self._sizes.clear()
+        self.nbytes = 0
 
 
 class History(deque[T]):

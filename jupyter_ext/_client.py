@@ -31,7 +31,7 @@ from ._metadata import Metadata
 from ._progress import wait_futures_with_progress
 from ._reprs import client_html
 from ._request import Request
-from ._transport import Transport
+from ._transport import MAX_RESULT_BYTES, Transport
 from ._views import BroadcastView, DirectView
 from ._widgets import WidgetRelay, attach
 from .integrations import dask as _dask
@@ -81,10 +81,12 @@ def current_client() -> Client | None:
 class Client:
     """A connection to a cluster: engines, views, results.
 
-    ``Client(connection_file=None, timeout=10.0, max_results=10_000)``: the parameters are
+    ``Client(connection_file=None, timeout=10.0, max_results=10_000,
+    max_result_bytes=256 MiB)``: the parameters are
     :class:`~jupyter_ext._transport.Transport`'s (a cluster's connection file or id, by
     default the newest running cluster; seconds to wait for the controller; how many
-    finished tasks' results, metadata and msg_ids in ``history`` to keep).
+    finished tasks' results, metadata and msg_ids in ``history`` to keep; how many bytes
+    of results to keep, the newest result always kept).
     """
 
     def __init__(
@@ -92,9 +94,10 @@ class Client:
         connection_file: str | os.PathLike[str] | None = None,
         timeout: float | None = 10.0,
         max_results: int = 10_000,
+        max_result_bytes: int | None = MAX_RESULT_BYTES,
     ):
         global _current
-        self.transport = Transport(connection_file, timeout, max_results)
+        self.transport = Transport(connection_file, timeout, max_results, max_result_bytes)
         # in a notebook kernel: engines' widgets (comms) show and work in the notebook
         self._widgets: WidgetRelay | None = attach(self.transport)
         self._dashboards = Dashboards(self.transport)
@@ -140,7 +143,8 @@ class Client:
 
     @property
     def results(self) -> dict[str, Any]:
-        """Results (or errors) of finished tasks by msg_id (the newest ``max_results``)."""
+        """Results (or errors) of finished tasks by msg_id (the newest ``max_results``,
+        within ``max_result_bytes``)."""
         return self.transport.results
 
     @property

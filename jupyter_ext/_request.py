@@ -158,6 +158,7 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
     tracker: zmq.MessageTracker | None = None
     unsent: threading.Event | None = None  # set once a request that had to wait is sent
     parts: Parts | None = None
+    nbytes = 0  # the result's size as received, when it is weighed (see Transport)
     _cond: threading.Condition | None = None
     _waiters: Any = ()  # (lists of its own come with the condition)
     _done_callbacks: Any = ()
@@ -259,6 +260,11 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
                 self.set_exception(value)
         except concurrent.futures.InvalidStateError:
             return False
+        # called, and never needed again (a callback added from now on runs at once):
+        # an AsyncResult's callback here and the AsyncResult holding this request made a
+        # cycle, which kept the result (a pulled 512 MiB array, say) alive until the
+        # garbage collector's next full pass
+        self._done_callbacks = []
         return True
 
     def cancel(self) -> bool:

@@ -65,6 +65,15 @@ BACK_WAIT = 3.0
 """Seconds a request waits, when the controller was lost and a new one runs in its place,
 for this client to reconnect to it (instead of failing at once)."""
 
+MAX_RESULT_BYTES = 256 * 2**20
+"""Bytes of results a client keeps in ``results`` by default (see :class:`Transport`):
+before, pulling a 512 MiB array ten times kept ten of them, and every pull after the first
+ran at a quarter of the speed, its pages fresh from a process that kept growing."""
+
+WEIGHED_FROM = 4096
+"""Results smaller than this (bytes received) are not weighed against ``max_result_bytes``:
+``max_results`` of them are small, and weighing each would cost a tiny task's reply."""
+
 IopubHandler = Callable[[int, wire.Message], None]
 StatusHandler = Callable[[dict[str, Any]], None]
 SubmitHook = Callable[[str], None]
@@ -88,6 +97,11 @@ class Transport:
     max_results
         How many finished tasks' results and metadata (and msg_ids in ``history``) are
         kept; the oldest go first (AsyncResults keep their own), so memory stays bounded.
+    max_result_bytes
+        Bytes of results kept (as received; results under :data:`WEIGHED_FROM` bytes
+        are not counted), the oldest going first but never the newest: a result dropped
+        here is still the AsyncResult's, and ``get_result`` asks the controller for it.
+        None: no byte bound (``max_results`` alone).
     """
 
     def __init__(
@@ -95,14 +109,18 @@ class Transport:
         connection_file: str | os.PathLike[str] | None = None,
         timeout: float | None = 10.0,
         max_results: int = 10_000,
+        max_result_bytes: int | None = MAX_RESULT_BYTES,
     ):
+        protocol.check_int("max_results", max_results, 1, 2**40)
+        if max_result_bytes is not None:
+            protocol.check_int("max_result_bytes", max_result_bytes, 0, 2**62)
         path = clusters.find_connection_file(connection_file)
         self.connection_file = str(path)
         self.info: dict[str, Any] = json.loads(Path(path).read_text())
         self.cluster_id: str = self.info.get("cluster_id", "")
         self.wire = wire.Wire(self.info["key"].encode(), username="client")
         self.requests = Requests(self._path_of)
-        self.results: BoundedDict[str, Any] = BoundedDict(max_results)
+        self.results: BoundedDict[str, Any] = BoundedDict(max_results, max_result_bytes)
         self.metadata: BoundedDict[str, Metadata] = BoundedDict(max_results)
         self.history: History[str] = History(max_results)
         self.engines: dict[int, dict[str, Any]] = {}
@@ -544,6 +562,11 @@ class Transport:
         md.update_from_reply(reply_md)
         outcome = self.outcome(msg, md, req.msg_id)
         md["status"] = "ok" if outcome[0] else "error"
+        buffers = msg.buffers
+        if buffers and outcome[0]:
+            size = sum(len(b) for b in buffers) if len(buffers) > 1 else len(buffers[0])
+            if size >= WEIGHED_FROM:
+                req.nbytes = size
         return outcome
 
     def outcome(
@@ -583,12 +606,13 @@ class Transport:
 
     def _settle(self, done: list[Request]) -> None:
         """Requests the table finished: keep their results, resolve their futures."""
-        msg_ids, values = [], []
+        msg_ids, values, sizes = [], [], []
         for req in done:
             if req.kind != "hub" and req.outcome is not None:
                 msg_ids.append(req.msg_id)
                 values.append(req.outcome[1])
-        self.results.put_all(msg_ids, values)
+                sizes.append(req.nbytes)
+        self.results.put_all(msg_ids, values, sizes)
         settle_all(done)
 
     def _on_iopub(self, frames: list[Any]) -> None:

@@ -389,6 +389,39 @@ def test_client_history_and_results_are_bounded(rc):
         assert small.history[-3:] == list(small.history)[-3:]
 
 
+def test_client_results_are_bounded_in_bytes_and_free_without_the_collector(rc):
+    import gc
+    import weakref
+
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="max_result_bytes"):
+        jx.Client(rc.connection_file, max_result_bytes="1 MiB")
+    with pytest.raises(ValueError, match="max_results"):
+        jx.Client(rc.connection_file, max_results=0)
+    with jx.Client(rc.connection_file, max_result_bytes=3 << 19) as small:
+        engine = small[small.ids[0]]
+        engine.push({"big": numpy.arange(1 << 16)}, block=True)  # (512 KiB)
+        gc.disable()  # (what the collector would free later does not count)
+        try:
+            pulled = []
+            for _ in range(3):
+                ar = engine.pull("big", block=False)
+                array = ar.get(30)
+                assert int(array[-1]) == (1 << 16) - 1
+                pulled.append(weakref.ref(array))
+                del ar, array
+            # the oldest went beyond 1.5 MiB: nothing else held it (an AsyncResult and
+            # its requests made no cycle)
+            assert [ref() is None for ref in pulled] == [True, False, False]
+            assert small.transport.results.nbytes <= 3 << 19
+            assert small.history[-3] not in small.results
+            assert small.get_result(-3).get(30)[-1] == (1 << 16) - 1  # (asked of the controller)
+            tiny = small.load_balanced_view().map_sync(abs, range(-50, 0))
+            assert tiny == list(range(50, 0, -1))  # (small results: under WEIGHED_FROM)
+        finally:
+            gc.enable()
+
+
 def _flood(n, size):
     """Publish ``n`` stream messages of ``size`` bytes on the engine's iopub (no parent:
     no client keeps them)."""
