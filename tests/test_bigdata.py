@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 SCRIPT = textwrap.dedent(
     """
@@ -44,3 +45,23 @@ def test_push_pull_512mb_without_copies():
     assert result["equal"] and result["readonly"]
     # the pulled array itself is 1.0x; any copy on the way would make it 2x or more
     assert result["growth"] < 1.2 * result["nbytes"], result
+
+
+def test_an_argument_does_not_outlive_its_task_on_the_engine(rc):
+    import os
+
+    import numpy
+    import psutil
+
+    engine = rc[rc.ids[0]]
+    proc = psutil.Process(engine.apply_sync(os.getpid))
+    arg = numpy.ones(256 << 17)  # 256 MiB
+    before = proc.memory_info().rss
+    assert engine.apply_sync(len, arg) == len(arg)
+    # (ipykernel keeps the parent message after the task: with the request's buffers in
+    # it, the argument stayed in the engine until the next task came; now it goes at
+    # once, or within moments of the reply)
+    deadline = time.monotonic() + 10
+    while proc.memory_info().rss - before > arg.nbytes / 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.memory_info().rss - before < arg.nbytes / 2

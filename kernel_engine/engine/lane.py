@@ -327,7 +327,9 @@ class TaskLane:
         except wire.MessageError as exc:
             bad = protocol.error_content("ValueError", f"malformed apply_request: {exc}")
             return self._reply(msg, idents, bad, metadata, [])
-        kernel.set_parent(idents, parent, channel="shell")
+        # (without the request's buffers: ipykernel keeps its parent after the task, and
+        # a pushed 512 MiB array held that way stayed until the next request)
+        kernel.set_parent(idents, {**parent, "buffers": []}, channel="shell")
         out, err = _Tee(sys.stdout), _Tee(sys.stderr)
         saved_out, saved_err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
