@@ -14,6 +14,7 @@ never the newest one.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, TypeVar, overload
@@ -41,6 +42,7 @@ class BoundedDict(dict[K, V]):
         """The sizes of the values held that were given one."""
         self._order: deque[K] = deque()
         self._sizes: dict[K, int] = {}
+        self._weighing = threading.Lock()  # (the IO thread adds results, a user pops some)
 
     def __setitem__(self, key: K, value: V) -> None:
         if self._sizes:
@@ -68,15 +70,16 @@ class BoundedDict(dict[K, V]):
             dict.update(self, zip(keys, values))
         if sizes is not None and self.max_bytes is not None:
             weights = self._sizes
-            for key, size in zip(keys, sizes):
-                if size and key in self:  # (a key given twice weighs once)
-                    self.nbytes += size - weights.get(key, 0)
-                    weights[key] = size
+            with self._weighing:
+                for key, size in zip(keys, sizes):
+                    if size and key in self:  # (a key given twice weighs once)
+                        self.nbytes += size - weights.get(key, 0)
+                        weights[key] = size
         self._trim()
 
     def _unweigh(self, key: K) -> None:
-        size = self._sizes.pop(key, 0)
-        self.nbytes -= size
+        with self._weighing:
+            self.nbytes -= self._sizes.pop(key, 0)
 
     def _trim(self) -> None:
         """Forget the oldest keys beyond ``maxlen`` and ``max_bytes`` (never the newest)."""
@@ -111,8 +114,9 @@ class BoundedDict(dict[K, V]):
     def clear(self) -> None:
         super().clear()
         self._order.clear()
-        self._sizes.clear()
-        self.nbytes = 0
+        with self._weighing:
+            self._sizes.clear()
+            self.nbytes = 0
 
 
 class History(deque[T]):
