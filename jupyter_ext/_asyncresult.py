@@ -58,6 +58,21 @@ def _wait_one(future: concurrent.futures.Future, timeout: float | None) -> bool:
     return True
 
 
+def _fresh(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise: the error is also kept (``rc.results``, the metadata's
+    ``error``, this AsyncResult), and raising it would give it a traceback holding the
+    caller's frames, whose arguments (a 64 MiB array, say) then lived as long as it."""
+    cls = type(exc)
+    try:
+        fresh = cls.__new__(cls, *exc.args)
+        fresh.args = exc.args
+        fresh.__dict__.update(exc.__dict__)
+    except Exception:  # (a class that cannot be made so: raised as it is)
+        return exc
+    fresh.__cause__ = exc.__cause__
+    return fresh
+
+
 class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
     """The result of work submitted through a view, available later.
 
@@ -181,6 +196,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
         if return_exceptions:
             return self._reconstruct(self._outcomes())
+        exc = self.exception(0)
+        if exc is not None:
+            raise _fresh(exc)
         return super().result()
 
     def _raise_first_error(self, timeout: float | None) -> None:
@@ -189,8 +207,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             self._transport.check_blocking("AsyncResult.get")
         concurrent.futures.wait(self._children, timeout, FIRST_EXCEPTION)
         for f in self._children:
-            if f.done() and not f.cancelled() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+            exc = f.exception() if f.done() and not f.cancelled() else None
+            if exc is not None:
+                raise _fresh(exc)
 
     def _outcomes(self) -> list[Any]:
         """Each task's result, or its error in its place."""

@@ -99,9 +99,11 @@ class Transport:
         kept; the oldest go first (AsyncResults keep their own), so memory stays bounded.
     max_result_bytes
         Bytes of results kept (as received; results under :data:`WEIGHED_FROM` bytes
-        are not counted), the oldest going first but never the newest: a result dropped
-        here is still the AsyncResult's, and ``get_result`` asks the controller for it.
-        None: no byte bound (``max_results`` alone).
+        weigh nothing), the oldest weighed ones going first but never the newest: a
+        result dropped here is still its AsyncResult's; ``get_result`` then asks the
+        controller, whose store keeps results within its own limits (big ones in the
+        SQLite store's files; none over 1 MiB in the in-memory store). None: no byte
+        bound (``max_results`` alone).
     """
 
     def __init__(
@@ -612,8 +614,10 @@ class Transport:
                 msg_ids.append(req.msg_id)
                 values.append(req.outcome[1])
                 sizes.append(req.nbytes)
-        self.results.put_all(msg_ids, values, sizes)
-        settle_all(done)
+        try:
+            self.results.put_all(msg_ids, values, sizes)
+        finally:  # (whatever happens there, nobody waits for ever)
+            settle_all(done)
 
     def _on_iopub(self, frames: list[Any]) -> None:
         topic = frames[0].bytes

@@ -379,23 +379,23 @@ def test_bounded_dict_put_all_is_setitem_for_each_pair():
     assert list(many) == ["b", "d", "e", "f"]
 
 
-def test_bounded_dict_forgets_the_oldest_beyond_its_byte_budget_never_the_newest():
+def test_bounded_dict_forgets_the_oldest_weighed_beyond_its_byte_budget_never_the_newest():
     d = BoundedDict[str, int](100, max_bytes=10)
     d.put_all(["a", "b", "c"], [1, 2, 3], [4, 0, 4])  # (b has no size: it weighs nothing)
     assert list(d) == ["a", "b", "c"] and d.nbytes == 8
-    d.put_all(["e"], [5], [4])  # 12 > 10: the oldest go until it fits
+    d.put_all(["e"], [5], [4])  # 12 > 10: the oldest weighed go until it fits
     assert list(d) == ["b", "c", "e"] and d.nbytes == 8
-    d.put_all(["big"], [6], [50])  # bigger than the budget alone: kept, the only one
-    assert list(d) == ["big"] and d.nbytes == 50
+    d.put_all(["big"], [6], [50])  # bigger than the budget alone: kept, the only weighed
+    assert list(d) == ["b", "big"] and d.nbytes == 50
     d.put_all(["f", "g"], [7, 8], [3, 3])
-    assert list(d) == ["f", "g"] and d.nbytes == 6
+    assert list(d) == ["b", "f", "g"] and d.nbytes == 6
     d["f"] = 9  # (set again without a size: weighs nothing now)
     assert d.nbytes == 3
     assert d.pop("g") == 8 and d.nbytes == 0
     d.put_all(["h", "h"], [1, 2], [4, 4])  # (a key given twice weighs once)
     assert d.nbytes == 4 and d["h"] == 2
     del d["h"]
-    assert d.nbytes == 0 and list(d) == ["f"]
+    assert d.nbytes == 0 and list(d) == ["b", "f"]
     d.put_all(["i"], [1], [9])
     assert d.popitem() == ("i", 1) and d.nbytes == 0
     d.put_all(["j"], [1], [9])
