@@ -719,6 +719,75 @@ def test_shared_frames_go_with_the_records_retention_deletes(open_store):
     assert store.frames("newer", "request") == _map_task("newer", b"arg", FUNCTION[::-1])
 
 
+def test_many_records_of_one_shape_in_one_batch(open_store, caplog):
+    # (the writer upserts them 1 to _CHUNK at a time: 1,000 puts of each shape take
+    # statements of every size, and a duplicate among them is still found)
+    from kernel_engine.controller.sqlite_store import _CHUNK
+
+    store = open_store(batch_interval=3600.0, max_pending=10_000)
+    submit(store, "dup")
+    store.flush()
+    n = 10 * _CHUNK + 11
+    ids = [f"m{i:04d}" for i in range(n)]
+    for i, msg_id in enumerate(ids):
+        store.put_queued(
+            msg_id,
+            msg_type="apply_request",
+            client_uuid="c",
+            status="pending",
+            submitted=NOW + i,
+            after=[],
+            follow=["dup"] if i % 7 == 0 else [],
+            request=_map_task(msg_id, b"arg %d" % i),
+        )
+        store.taken(msg_id)
+        if i % 2:
+            complete(store, msg_id, at=NOW + i)
+    submit(store, "dup", label="another")  # (a new record reusing a msg_id)
+    for msg_id in ids[::2]:
+        complete(store, msg_id, status="error", at=NOW)
+    records = store.get_many(ids, ["status", "submitted", "completed", "follow", "buffers"])
+    assert len(records) == n
+    for i, msg_id in enumerate(ids):
+        record = records[msg_id]
+        assert record["status"] == ("ok" if i % 2 else "error")
+        assert record["submitted"] == NOW + i
+        assert record["completed"] == (NOW + i if i % 2 else NOW)
+        assert record["follow"] == (["dup"] if i % 7 == 0 else [])
+        assert record["buffers"] == [b"map_chunk", b"arg %d" % i, FUNCTION]
+    assert "reused msg_id dup" in caplog.text
+    assert store.get("dup", ["label"]) == {"msg_id": "dup", "label": None}
+    assert _shared_rows(store) == [n - 1]  # (the first task's has it inline)
+
+
+def test_frames_of_other_buffers_are_stored_by_their_bytes(open_store, tmp_path):
+    import array
+
+    store = open_store(blob_threshold=1024)
+    numbers = array.array("d", [1.5, 2.5])  # (its len counts items, not bytes)
+    store.put("m", status="ok", result=frames("m", {}, memoryview(numbers), numbers))
+    wide = array.array("d", range(200))  # (1,600 bytes, but a len of 200: a blob file)
+    store.put("w", status="ok", result=frames("w", {}, wide))
+    strided = memoryview(b"abcdef")[::2]  # (not contiguous: not stored)
+    store.put("s", status="ok", result=frames("s", {}, strided))
+    assert store.frames("m") == frames("m", {}, numbers.tobytes(), numbers.tobytes())
+    assert store.frames("w") == frames("w", {}, wide.tobytes())
+    assert _blob_files(tmp_path) == ["2.1"]
+    assert store.frames("s") is None
+    assert store.get("s", ["status"]) == {"msg_id": "s", "status": "ok"}
+
+
+def test_a_request_too_big_only_with_its_shared_buffer_goes_inline(open_store, tmp_path):
+    function = os.urandom(3000)
+    store = open_store(blob_threshold=4096)
+    for msg_id in ("a", "b"):
+        submit(store, msg_id, request=_map_task(msg_id, os.urandom(2000), function))
+    store.flush()
+    assert _blob_files(tmp_path) == ["1.0"]  # (the first: its function was not seen yet)
+    assert _shared_rows(store) == [1]
+    assert store.frames("b", "request")[-1] == function
+
+
 def test_a_duplicate_record_adds_no_reference(open_store, caplog):
     store = open_store()
     submit(store, "first", request=_map_task("first", b"arg"))

@@ -4,12 +4,14 @@ Threads. The callers (the controller's event loop) only touch memory: :meth:`Sql
 checks the fields and appends them to a queue (a ``deque``: no lock). One writer thread,
 ``px-store-writer``, owns the writing connection: at most every ``batch_interval`` seconds
 it takes what is queued, merges the puts of each msg_id and writes them in one
-transaction, one upsert per record. The new record of a task that waits in the
-controller's queue (:meth:`SqliteLog.put_queued`) is held back until an engine takes it
-(:meth:`SqliteLog.taken`), or for :data:`HOLD` seconds at most: a task that runs soon is
-then written once, whole, not inserted and updated. Reads run on the calling thread over a second,
-read-only connection, once a barrier they queued has been passed, so a read sees every
-put made before it, from any thread. Purges queue too and run in the writer, in order.
+transaction, up to 64 records of one shape in one upsert (one statement for many records:
+Python's sqlite3 lets go of the GIL once for them, not twice for each). The new record of
+a task that waits in the controller's queue (:meth:`SqliteLog.put_queued`) is held back
+until an engine takes it (:meth:`SqliteLog.taken`), or for :data:`HOLD` seconds at most:
+a task that runs soon is then written once, whole, not inserted and updated. Reads run
+on the calling thread over a second, read-only connection, once a barrier they queued has
+been passed, so a read sees every put made before it, from any thread. Purges queue too
+and run in the writer, in order.
 
 Backpressure. When ``max_pending`` items or ``max_pending_bytes`` of frames and output
 wait in the queue, the writer is behind: ``put`` then blocks until the writer takes them.
@@ -73,6 +75,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import sqlite3
@@ -86,6 +89,7 @@ from typing import Any
 
 import zmq
 
+from kernel_engine import wire
 from kernel_engine.controller import query as q
 from kernel_engine.errors import StoreError
 
@@ -192,6 +196,17 @@ _TYPES: dict[str, type] = {
 """The fields of a record and their type (dates may also be ints, lists tuples)."""
 _NULLABLE = frozenset({"engine_id", "engine_uuid", "label", "resubmitted", *q.DATES})
 _FRAMES = ("request", "result")
+_SPECIAL = frozenset({"after", "follow", *_FRAMES})
+"""Fields whose value the writer turns into what it binds (JSON, or blobs and flags)."""
+_MADE = {
+    "request": ("request", "request_big", "request_shared", "request_shared_at"),
+    "result": ("result", "result_big"),
+}
+"""The columns a record's frames are written to."""
+_CHUNK = 64
+"""Records upserted by one statement at most (fewer if they would bind more than
+:data:`_MAX_PARAMS` values)."""
+_MAX_PARAMS = 999  # (the least SQLITE_MAX_VARIABLE_NUMBER of any SQLite build)
 _LEN_IS_BYTES = frozenset({bytes, bytearray, zmq.Frame})
 """Frame types whose ``len`` is their size in bytes (a memoryview's counts items)."""
 _MAX_INT = 2**53
@@ -223,6 +238,7 @@ SHARED_CACHE_BYTES = 4 << 20
 the id of their ``shared`` row if they have one: a buffer seen again is shared, and a
 map's function maps to its id without a lookup in the file."""
 _HEADS: dict[int, struct.Struct] = {}
+_EMPTY = bytearray()  # (never changed: only joins with it, and it is bound as an empty blob)
 BLOB_SUFFIX = "-blobs"
 """The folder of a database's blob files is its path with this added."""
 _BLOB_NAME = re.compile(r"[0-9]+\.[01](\.part)?")
@@ -244,14 +260,45 @@ def _sizes(frames: Sequence[Any]) -> list[int]:
     return [memoryview(f).nbytes for f in frames]  # (TypeError: not bytes-like)
 
 
+def _flat(frame: Any) -> Any:
+    """A frame whose ``len`` is its size in bytes: a flat view of a buffer of another kind
+    (TypeError if not bytes-like; one that is not contiguous stays as it is, and the
+    writer, which cannot join it, logs it as not stored)."""
+    if type(frame) in _LEN_IS_BYTES:
+        return frame
+    view = memoryview(frame)
+    return view.cast("B") if view.c_contiguous else view
+
+
+class _Oversize(list):  # type: ignore[type-arg]
+    """Frames that :meth:`SqliteLog.put` found larger than ``blob_threshold``, packed: for
+    a blob file (unless the writer shares a buffer of them); any other frames go inline."""
+
+    __slots__ = ()
+
+
 def pack(frames: Sequence[Any], sizes: list[int] | None = None) -> bytes:
     """Frames as one blob: their count, their sizes, then their bytes."""
     if sizes is None:
         sizes = _sizes(frames)
-    head = _HEADS.get(len(sizes)) or struct.Struct(f"<I{len(sizes)}Q")
-    if len(sizes) < 64:
-        _HEADS[len(sizes)] = head
-    return b"".join((head.pack(len(sizes), *sizes), *frames))
+    return b"".join((_head(sizes), *frames))
+
+
+def _pack(frames: Sequence[Any], sizes: list[int]) -> bytearray:
+    """:func:`pack` as a ``bytearray``, which Python's sqlite3 binds as a blob at once:
+    a ``bytes`` goes through its adapter lookup first (about a microsecond each)."""
+    return _EMPTY.join((_head(sizes), *frames))
+
+
+def _head(sizes: list[int]) -> bytes:
+    """The head of the blob of frames of these sizes: their count, then the sizes."""
+    n = len(sizes)
+    head = _HEADS.get(n)
+    if head is None:
+        head = struct.Struct(f"<I{n}Q")
+        if n < 64:
+            _HEADS[n] = head
+    return head.pack(n, *sizes)
 
 
 def unpack(blob: bytes, start: int = 0) -> list[bytes]:
@@ -316,6 +363,109 @@ class _Batch:
         self.op: tuple[Callable[[sqlite3.Connection], int], concurrent.futures.Future[int]]
         self.op = None  # type: ignore[assignment]
         self.nbytes = 0
+
+
+class _Plan:
+    """How the writer writes the records of one shape (their fields, in order, and which
+    are None): the values a record binds, and the upsert of 1 to :data:`_CHUNK` records
+    at a time (see :meth:`SqliteLog._plan`)."""
+
+    __slots__ = (
+        "columns",
+        "get",
+        "lists",
+        "new",
+        "request",
+        "result",
+        "shared_at",
+        "statements",
+        "status",
+        "update",
+        "width",
+    )
+
+    def __init__(self, keys: Sequence[str], nulls: Sequence[bool]) -> None:
+        plain = [k for k, null in zip(keys, nulls) if not null and k not in _SPECIAL]
+        self.get: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            operator.itemgetter(*plain) if len(plain) > 1 else _getter(plain)
+        )
+        self.status = "status" in plain
+        self.lists = tuple(k for k in keys if k in ("after", "follow"))
+        self.request = "request" in keys
+        self.result = "result" in keys
+        # a record's values, in order: seq, msg_id, the plain fields', then what the
+        # writer makes (done_at, the lists' JSON, each frames' blob and flags)
+        made = ["done_at"] * self.status + list(self.lists)
+        for key in _FRAMES:
+            if key in keys:
+                made += _MADE[key]
+        at = {k: 3 + i for i, k in enumerate([*plain, *made])}
+        self.width = 2 + len(plain) + len(made)
+        self.shared_at = at["request_shared"] - 1 if self.request else -1
+        # (column, SQL of its value, with {} for the number of each parameter it uses)
+        self.columns: list[tuple[str, str, tuple[int, ...]]] = []
+        for key, null in zip(keys, nulls):
+            if null:
+                self.columns.append((key, "NULL", ()))
+                continue
+            for name in _MADE.get(key, (key,)):
+                self.columns.append((name, "?{}", (at[name],)))
+            if key == "status":
+                term = "iif(?{} = 'pending', NULL, ?{})"
+                self.columns.append(("done_at", term, (at["status"], at["done_at"])))
+        # a new record (its first put names its msg_type) never replaces one in the file
+        self.new = "msg_type" in keys or not self.columns
+        self.update = ", ".join(f"{c} = excluded.{c}" for c, _, _ in self.columns)
+        self.statements: dict[int, str] = {}
+
+    def statement(self, rows: int) -> str:
+        """The upsert of ``rows`` records (their values one after the other)."""
+        sql = self.statements.get(rows)
+        if sql is None:
+            names = "".join(f", {c}" for c, _, _ in self.columns)
+            values = []
+            for row in range(rows):
+                first = row * self.width
+                terms = [f"?{first + 1}", f"?{first + 2}"]
+                terms += [term.format(*(first + i for i in at)) for _, term, at in self.columns]
+                values.append(f"({', '.join(terms)})")
+            sql = self.statements[rows] = (
+                f"INSERT INTO tasks (seq, msg_id{names}) VALUES {', '.join(values)} "
+                "ON CONFLICT (msg_id) DO "
+                + ("NOTHING" if self.new else f"UPDATE SET {self.update}")
+            )
+        return sql
+
+
+class _Rows:
+    """The values of the records of one :class:`_Plan` in a batch, one after the other,
+    and which of them name a shared buffer (its place among the values is set once the
+    buffer's id is known: see :meth:`SqliteLog._write`)."""
+
+    __slots__ = ("params", "shared_keys", "shared_rows")
+
+    def __init__(self) -> None:
+        self.params: list[Any] = []
+        self.shared_rows: list[int] = []
+        self.shared_keys: list[bytes] = []
+
+
+def _getter(keys: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """The values of these keys of a record, as a tuple (``itemgetter`` of one key gives
+    the value alone)."""
+    if not keys:
+        return lambda fields: ()
+    (key,) = keys
+    return lambda fields: (fields[key],)
+
+
+def _check_id(msg_id: Any) -> None:
+    """A msg_id the writer can bind (a lone surrogate, which JSON lets through, failed the
+    writer, and with it every later put and read)."""
+    if type(msg_id) is not str:
+        raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
+    if not msg_id.isascii() and not wire.is_unicode(msg_id):
+        raise ValueError(f"msg_id {msg_id!a} is not valid Unicode")
 
 
 class SqliteLog:
@@ -385,7 +535,7 @@ class SqliteLog:
         self._error: BaseException | None = None
         self._read_lock = threading.Lock()
         self._lookup_lock = threading.Lock()
-        self._plans: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
+        self._plans: dict[Any, _Plan] = {}
         self._reused: set[str] = set()  # msg_ids a new record could not have (see _write)
         # the writer's: new records held back (put_queued): msg_id -> (since, seq, size, fields)
         self._held: OrderedDict[str, tuple[float, int, int, dict[str, Any]]] = OrderedDict()
@@ -396,6 +546,7 @@ class SqliteLog:
         self._blob_bytes = 0  # the blob files' sizes, kept by the writer
         # the writer's: buffers seen lately -> their shared id (0: none yet), latest last
         self._shared_ids: OrderedDict[bytes, int] = OrderedDict()
+        self._shared_last = b""  # (the buffer last found there)
         self._shared_bytes = 0
         self._shared_max = min(SHARED_MAX, blob_threshold)
         self._con = self._open()
@@ -703,15 +854,13 @@ class SqliteLog:
 
     def taken(self, msg_id: str) -> None:
         """An engine took ``msg_id``'s task: its held record (:meth:`put_queued`) is due."""
-        if type(msg_id) is not str:
-            raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
+        _check_id(msg_id)
         self._queue.append((_TAKEN, msg_id, 0))
 
     def _put(self, msg_id: str, fields: dict[str, Any], tag: str | tuple[str]) -> None:
         if self._stopped:
             self._raise_state()
-        if type(msg_id) is not str:
-            raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
+        _check_id(msg_id)
         nbytes = 0
         for key, value in fields.items():
             kind = type(value)
@@ -733,12 +882,18 @@ class SqliteLog:
                 if not -_MAX_INT <= value <= _MAX_INT:
                     raise ValueError(f"engine_id {value} is out of range")
             elif key in _FRAMES:
-                size = sum(_sizes(value))  # (TypeError for what is not bytes-like)
+                if _LEN_IS_BYTES.issuperset(map(type, value)):
+                    size = sum(map(len, value))
+                else:  # (so that the writer can take len for the size of each)
+                    fields[key] = value = list(map(_flat, value))
+                    size = sum(memoryview(f).nbytes for f in value)
                 if size > self.max_frames_bytes:  # (not kept waiting for the writer either)
                     log.warning("%s of %s not stored: %d bytes", key, msg_id, size)
                     fields[key] = []
                 else:
                     nbytes += size
+                    if size + 4 + 8 * len(value) > self.blob_threshold:
+                        fields[key] = _Oversize(value)
             else:
                 for item in value:
                     if type(item) is not str:
@@ -760,8 +915,9 @@ class SqliteLog:
             self._raise_state()
         if name not in ("stdout", "stderr"):
             raise ValueError(f"name must be 'stdout' or 'stderr', not {name!r}")
-        if type(msg_id) is not str or not isinstance(text, str):
-            raise TypeError("msg_id and text must be strings")
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+        _check_id(msg_id)
         text = text[: MAX_OUTPUT + 1]
         if not text.isascii():
             text = _clean_text(text)
@@ -1156,6 +1312,8 @@ class SqliteLog:
         held = self._held
         popleft = self._queue.popleft
         nbytes = 0
+        seq = self._seq
+        held_bytes = released = 0  # (bytes of records put in held, and taken out of it)
         now = time.monotonic()
         for _ in range(self._batch_records):
             try:
@@ -1165,34 +1323,40 @@ class SqliteLog:
             nbytes += size
             if type(tag) is str:
                 record = records.get(tag)
-                if record is None:
-                    if held and tag in held:
-                        self._release(batch, tag)
-                        records[tag].update(item)
-                    else:
-                        records[tag] = item
-                        seqs[tag] = self._seq
-                        self._seq += 1
-                else:
+                if record is not None:
                     record.update(item)
+                elif held and tag in held:
+                    _, seqs[tag], size, record = held.pop(tag)
+                    released += size
+                    records[tag] = record
+                    record.update(item)
+                else:
+                    records[tag] = item
+                    seqs[tag] = seq
+                    seq += 1
             elif type(tag) is tuple:  # (put_queued)
                 msg_id = tag[0]
-                if msg_id in records or msg_id in held:  # (not new after all)
-                    if msg_id in held:
-                        self._release(batch, msg_id)
-                    records[msg_id].update(item)
+                record = records.get(msg_id)
+                if record is None and msg_id in held:  # (not new after all)
+                    _, seqs[msg_id], found, record = held.pop(msg_id)
+                    released += found
+                    records[msg_id] = record
+                if record is not None:
+                    record.update(item)
                 else:
-                    held[msg_id] = (now, self._seq, size, item)
-                    self._seq += 1
-                    self._held_bytes += size
-                    batch.nbytes -= size  # (written, so counted, when released)
+                    held[msg_id] = (now, seq, size, item)
+                    seq += 1
+                    held_bytes += size
             elif tag is _TAKEN:
-                if item in held:
-                    self._release(batch, item)
+                taken = held.pop(item, None)
+                if taken is not None:
+                    _, seqs[item], size, records[item] = taken
+                    released += size
             elif tag is _OUTPUT:
                 msg_id, name, text = item
                 if msg_id in held:
-                    self._release(batch, msg_id)
+                    _, seqs[msg_id], found, records[msg_id] = held.pop(msg_id)
+                    released += found
                 parts = outputs.get((msg_id, name))
                 if parts is None:
                     outputs[msg_id, name] = parts = [0]
@@ -1206,6 +1370,10 @@ class SqliteLog:
                 break
         else:
             self._urgent = True  # more is queued: take it without waiting
+        self._seq = seq
+        self._held_bytes += held_bytes - released
+        # (a held record's bytes are written, so counted, when it is released)
+        batch.nbytes += released - held_bytes
         if held:  # due: the oldest, or all; and what is over a tenth of the bounds
             everything = batch.barriers or batch.op is not None or self._closed
             while held:
@@ -1240,62 +1408,66 @@ class SqliteLog:
             for msg_id in self._reused.intersection(batch.records):
                 del batch.records[msg_id]
         con = self._con
-        groups: dict[str, list[list[Any]]] = {}
+        groups: dict[_Plan, _Rows] = {}
         files: list[tuple[str, int, list[Any]]] = []  # (msg_id, kind, frames) for blob files
-        shares: list[tuple[list[Any], int, bytes]] = []  # (row, where its shared id goes, buffer)
         plans = self._plans
+        known = self._shared_ids
+        shared = 0  # bytes of the buffers shared, not written with their records
+        fresh: dict[bytes, None] = {}  # those buffers that have no shared row yet
         now = time.time()
         seqs = batch.seqs
         for msg_id, fields in batch.records.items():
-            values = list(fields.values())
-            if None in values:
-                shape: Any = (tuple(fields), tuple(v is None for v in values))
-                values = [v for v in values if v is not None]
-            else:
-                shape = tuple(fields)
+            shape: Any = tuple(fields)
             plan = plans.get(shape) or self._plan(shape)
-            extras = []
-            share = shared_at = None
-            for i, kind in plan[1]:
-                value = values[i]
-                if kind == "status":  # done_at: NULL (in the SQL) if pending
-                    extras.append(fields.get("completed") or now)
-                elif kind == "list":
-                    values[i] = json.dumps(value) if value else "[]"
-                else:
-                    values[i], big, found = self._frames(msg_id, kind, value, files)
-                    extras.append(big)
-                    if kind == "request":  # request_shared (given below, or 0) and _at
-                        shared_at = len(extras)
-                        if found is not None:
-                            share = found[1]
-                            extras.extend((0, found[0]))
-                        else:
-                            extras.extend((0, 0))
-            row = [seqs[msg_id], msg_id, *values, *extras]
-            if share is not None and shared_at is not None:
-                shares.append((row, 2 + len(values) + shared_at, share))
-            groups.setdefault(plan[0], []).append(row)
-        to_files = sum(memoryview(f).nbytes for _, _, frames in files for f in frames)
+            values = plan.get(fields)
+            if None in values:  # (rare: callers leave None out)
+                shape = (shape, tuple(v is None for v in fields.values()))
+                plan = plans.get(shape) or self._plan(shape)
+                values = plan.get(fields)
+            rows = groups.get(plan)
+            if rows is None:
+                rows = groups[plan] = _Rows()
+            params = rows.params
+            row = len(params)
+            params.append(seqs[msg_id])
+            params.append(msg_id)
+            params += values
+            if plan.status:
+                params.append(fields.get("completed") or now)
+            for name in plan.lists:
+                value = fields[name]
+                params.append(json.dumps(value) if value else "[]")
+            if plan.request:
+                buffer = self._frames(params, msg_id, 0, fields["request"], files)
+                if buffer is not None:
+                    rows.shared_rows.append(row)
+                    rows.shared_keys.append(buffer)
+                    shared += len(buffer)
+                    if not known.get(buffer):
+                        fresh[buffer] = None
+            if plan.result:
+                self._frames(params, msg_id, 1, fields["result"], files)
+        to_files = 0
+        for _, _, frames in files:
+            to_files += sum(memoryview(f).nbytes for f in frames)
         # (a shared buffer is written once at most, not with each record that has it)
-        shared = sum(len(key) for _, _, key in shares)
-        shared -= sum(
-            len(key) for key in {key for _, _, key in shares} if not self._shared_ids.get(key)
-        )
-        incoming = max(0, batch.nbytes - to_files - shared)
+        incoming = max(0, batch.nbytes - to_files - shared + sum(map(len, fresh)))
         self._make_room(incoming, len(batch.records), to_files)
         con.execute("BEGIN")
-        for row, at, share in shares:  # (after _make_room: it may delete shared frames)
-            row[at] = self._shared_id(share)
-        for sql, rows in groups.items():
-            done = con.executemany(sql, rows)
-            if done.rowcount < len(rows) and sql.endswith("NOTHING"):
-                self._duplicates(rows)
-        if shares:  # a reference for each record written (not a duplicate's)
-            refs: dict[int, int] = {}
-            for row, at, _ in shares:
-                if row[1] not in self._reused:
-                    refs[row[at]] = refs.get(row[at], 0) + 1
+        for plan, rows in groups.items():  # (after _make_room: it may delete shared rows)
+            params, at = rows.params, plan.shared_at
+            for row, buffer in zip(rows.shared_rows, rows.shared_keys):
+                params[row + at] = self._shared_id(buffer)
+        for plan, rows in groups.items():
+            self._insert(plan, rows.params)
+        refs: dict[int, int] = {}  # a reference for each record written (not a duplicate's)
+        reused = self._reused
+        for plan, rows in groups.items():
+            params, at = rows.params, plan.shared_at
+            for row in rows.shared_rows:
+                if not reused or params[row + 1] not in reused:
+                    refs[params[row + at]] = refs.get(params[row + at], 0) + 1
+        if refs:
             sql = "UPDATE shared SET refs = refs + ?2 WHERE id = ?1"
             con.executemany(sql, refs.items())
         for msg_id, which, frames in files:
@@ -1336,13 +1508,33 @@ class SqliteLog:
             del early[key]
             self._early_chars -= len(old)
 
-    def _duplicates(self, rows: list[list[Any]]) -> None:
-        """Some new records of ``rows`` (each ``[seq, msg_id, ...]``) were not written: the
-        file has their msg_id already. Note them, so that what is put for them later (their
-        blob files included) is not written either."""
+    def _insert(self, plan: _Plan, params: list[Any]) -> None:
+        """Upsert the records whose values are ``params`` (one after the other), up to
+        :data:`_CHUNK` in one statement: SQLite then runs one statement for many records,
+        and Python's sqlite3 lets go of the GIL once for them, not twice for each."""
+        con = self._con
+        width = plan.width
+        rows = len(params) // width
+        written = done = 0
+        for size in (_CHUNK, 8, 1):
+            size = min(size, max(1, _MAX_PARAMS // width))
+            if rows - done < size:
+                continue
+            sql = plan.statement(size)
+            while rows - done >= size:
+                start = done * width
+                written += con.execute(sql, params[start : start + size * width]).rowcount
+                done += size
+        if plan.new and written < rows:
+            self._duplicates(params, width)
+
+    def _duplicates(self, params: list[Any], width: int) -> None:
+        """Some new records of ``params`` (each ``width`` values: seq, msg_id, ...) were
+        not written: the file has their msg_id already. Note them, so that what is put for
+        them later (their blob files included) is not written either."""
         con = self._con
         found = []
-        for seq, msg_id, *_ in rows:
+        for seq, msg_id in zip(params[::width], params[1::width]):
             row = con.execute("SELECT seq FROM tasks WHERE msg_id = ?", (msg_id,)).fetchone()
             if row is not None and row[0] != seq:
                 log.warning(
@@ -1356,30 +1548,43 @@ class SqliteLog:
         self._reused.update(found)
 
     def _frames(
-        self, msg_id: str, kind: str, frames: list[Any], files: list[tuple[str, int, list[Any]]]
-    ) -> tuple[bytes, int, tuple[int, bytes] | None]:
-        """(inline blob, whether in a blob file, (place, buffer) to share or None) for a
-        record's frames; ``b""``: none (or too big to store: see :meth:`put`). Frames for a
-        file are added to ``files``. A request's buffer that the writer has seen before is
-        left out of both, to be shared (see :data:`_SHARED`)."""
-        if not frames:
-            return b"", 0, None
-        share = None
-        try:
-            sizes = _sizes(frames)
-            if kind == "request":
-                share = self._seen(frames, sizes)
-                if share is not None:
-                    at = share[0]
-                    frames = [*frames[:at], *frames[at + 1 :]]
-                    del sizes[at]
-            if sum(sizes) + 4 + 8 * len(frames) > self.blob_threshold:
-                files.append((msg_id, _FRAMES.index(kind), frames))
-                return b"", 1, share
-            return pack(frames, sizes), 0, share
-        except (TypeError, ValueError, BufferError) as exc:
-            log.error("%s of %s not stored: %s", kind, msg_id, exc)
-            return b"", 0, None
+        self,
+        params: list[Any],
+        msg_id: str,
+        kind: int,
+        frames: list[Any],
+        files: list[tuple[str, int, list[Any]]],
+    ) -> bytes | None:
+        """Add to ``params`` what a record's request (``kind`` 0) or reply (1) frames
+        bind: the inline blob (empty: none, or too big to store: see :meth:`put`), whether
+        they are in a blob file (added to ``files``), and for a request its shared buffer's
+        id (0: set later) and place. A request's buffer that the writer has seen before is
+        left out of both, to be shared (see :data:`_SHARED`): it is returned."""
+        blob, big, share = _EMPTY, 0, None
+        if frames:
+            try:
+                oversize = type(frames) is _Oversize
+                sizes = list(map(len, frames))  # (put made each len its size in bytes)
+                if not kind and len(sizes) > SHARED_SLOTS.start:
+                    share = self._seen(frames, sizes)
+                    if share is not None:
+                        frames = frames[:]
+                        del frames[share[0]], sizes[share[0]]
+                if oversize and sum(sizes) + 4 + 8 * len(sizes) > self.blob_threshold:
+                    files.append((msg_id, kind, frames))
+                    big = 1
+                else:
+                    blob = _pack(frames, sizes)
+            except (TypeError, ValueError, BufferError) as exc:
+                log.error("%s of %s not stored: %s", _FRAMES[kind], msg_id, exc)
+                blob, big, share = _EMPTY, 0, None
+        params.append(blob)
+        params.append(big)
+        if kind:
+            return None
+        params.append(0)
+        params.append(0 if share is None else share[0])
+        return None if share is None else share[1]
 
     def _seen(self, frames: list[Any], sizes: list[int]) -> tuple[int, bytes] | None:
         """(place, bytes) of the largest of a request's buffers in :data:`SHARED_SLOTS` that
@@ -1387,6 +1592,7 @@ class SqliteLog:
         resubmitted map task has beside its arguments, also seen); the others are
         remembered as seen."""
         ids = self._shared_ids
+        last = self._shared_last
         best = None
         for at in SHARED_SLOTS:
             if at >= len(sizes):
@@ -1395,7 +1601,10 @@ class SqliteLog:
                 continue
             frame = frames[at]
             key = frame if type(frame) is bytes else bytes(frame)
+            if key == last:  # (the same as the last one: its hash is known, not this one's)
+                key = last
             if key in ids:
+                self._shared_last = key
                 ids.move_to_end(key)
                 if best is None or len(key) > len(best[1]):
                     best = (at, key)
@@ -1464,46 +1673,15 @@ class SqliteLog:
             # (the row says big: the file is missing, so reads find no frames; and a
             # later change of the row names it in gone, which is harmless)
 
-    def _plan(self, shape: Any) -> tuple[str, list[tuple[int, str]]]:
+    def _plan(self, shape: Any) -> _Plan:
         """How to write a record of this shape (its fields, in order, and which are None):
-        the upsert, and which values to transform (``status`` adds ``done_at``, frames
-        their ``*_big`` flag). None is written as a literal NULL: binding it costs Python's
+        see :class:`_Plan`. None is written as a literal NULL: binding it costs Python's
         sqlite3 ten times as much as binding a value."""
         nullable = bool(shape) and isinstance(shape[-1], tuple)
         keys, nulls = shape if nullable else (shape, (False,) * len(shape))
-        columns, special, extra = [], [], []
-        bound = [k for k, null in zip(keys, nulls) if not null]
-        at = {k: 3 + i for i, k in enumerate(bound)}
-        for key, null in zip(keys, nulls):
-            if null:
-                columns.append((key, "NULL"))
-                continue
-            columns.append((key, f"?{at[key]}"))
-            index = at[key] - 3
-            if key == "status":
-                special.append((index, "status"))
-                extra.append(("done_at", f"iif(?{at[key]} = 'pending', NULL, ?{{}})"))
-            elif key in _FRAMES:
-                special.append((index, key))
-                extra.append((f"{key}_big", "?{}"))
-                if key == "request":
-                    extra.extend((("request_shared", "?{}"), ("request_shared_at", "?{}")))
-            elif key in ("after", "follow"):
-                special.append((index, "list"))
-        for n, (column, value) in enumerate(extra):
-            columns.append((column, value.format(3 + len(bound) + n)))
-        names = ", ".join(c for c, _ in columns)
-        update = ", ".join(f"{c} = excluded.{c}" for c, _ in columns)
-        # a new record (its first put names its msg_type) never replaces one in the file
-        new = "msg_type" in keys or not columns
-        sql = (
-            f"INSERT INTO tasks (seq, msg_id{', ' if columns else ''}{names}) "
-            f"VALUES (?1, ?2{''.join(', ' + v for _, v in columns)}) ON CONFLICT (msg_id) DO "
-            + ("NOTHING" if new else f"UPDATE SET {update}")
-        )
         if len(self._plans) > 1000:  # the shapes used are few; but bound them
             self._plans.clear()
-        self._plans[shape] = plan = (sql, special)
+        self._plans[shape] = plan = _Plan(keys, nulls)
         return plan
 
     def _pages(self) -> tuple[int, int, int]:
@@ -1631,6 +1809,8 @@ def _checked(name: str, values: Any, kind: type) -> tuple[Any, ...] | None:
     for v in values:
         if type(v) is not kind:
             raise TypeError(f"{name} must hold {kind.__name__}s, not {type(v).__name__}")
+        if kind is str:
+            _check_id(v)
     return tuple(values)
 
 
