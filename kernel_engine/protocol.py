@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from typing import Self  # (3.11; only type checkers read it)
 
+from . import wire
 from .wire import Wire, utcnow_iso
 
 # Requests a client sends to an engine's task lane, and their replies. An apply_request's
@@ -386,6 +387,8 @@ def check_msg_id(name: str, value: Any) -> str:
         raise TypeError(f"{name} must be a string, not {_kind(value)}")
     if not 0 < len(value) <= 256:
         raise ValueError(f"{name} must have 1 to 256 characters, not {len(value)}")
+    if not wire.is_unicode(value):
+        raise ValueError(f"{name} must be valid Unicode (a lone surrogate is not)")
     return value
 
 
@@ -398,6 +401,8 @@ def check_msg_ids(name: str, value: Any) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str) or not 0 < len(item) <= 256:
             raise TypeError(f"{name} must hold msg_ids (strings), not {_kind(item)}")
+        if not wire.is_unicode(item):
+            raise ValueError(f"{name} must hold valid Unicode (a lone surrogate is not)")
     return tuple(value)
 
 

@@ -182,6 +182,18 @@ def split_idents(frames: Sequence[Any]) -> tuple[list[bytes], list[Any]]:
     return [as_bytes(f) for f in frames[:i]], list(frames[i + 1 :])
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be encoded: JSON lets a lone surrogate (``"\\udc80"``) through,
+    which then fails wherever the text is written (SQLite, a log, another message)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_header(header: Any) -> dict[str, Any]:
     """The header, if it is an object with a usable ``msg_id`` and ``msg_type``."""
     if not isinstance(header, dict):
@@ -190,6 +202,8 @@ def check_header(header: Any) -> dict[str, Any]:
         value = header.get(key)
         if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
             raise MessageError(f"the header's {key} is not a string of 1 to {MAX_ID_LENGTH} chars")
+        if not is_unicode(value):
+            raise MessageError(f"the header's {key} is not valid Unicode")
     return header
 
 
