@@ -566,7 +566,7 @@ class Transport:
         md["status"] = "ok" if outcome[0] else "error"
         buffers = msg.buffers
         if buffers and outcome[0]:
-            size = sum(len(b) for b in buffers) if len(buffers) > 1 else len(buffers[0])
+            size = sum(map(len, buffers))  # (received frames: len is bytes)
             if size >= WEIGHED_FROM:
                 req.nbytes = size
         return outcome

@@ -1,11 +1,13 @@
-"""Fixtures: real clusters (controller + engine kernels), stopped and checked by PID."""
+"""Fixtures: real clusters (controller + engine kernels), stopped and checked by PID;
+task stores opened in a test's folder, closed after it."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -141,6 +143,26 @@ def dv(rc):
     view = rc[:]
     view.block = True
     yield view
+
+
+@pytest.fixture
+def open_store(tmp_path) -> Iterator[Callable[..., Any]]:
+    """Opens stores in tmp_path; closes them all afterwards."""
+    from kernel_engine.controller.sqlite_store import SqliteLog, StoreError
+
+    opened: list[SqliteLog] = []
+
+    def open_(name: str = "tasks.db", **kwargs: Any) -> Any:
+        store = SqliteLog(tmp_path / name, **kwargs)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        try:
+            store.close()
+        except StoreError:
+            pass
 
 
 @pytest.fixture(autouse=True, scope="session")

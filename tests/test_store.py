@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,24 +39,6 @@ def frames(msg_id: str, content: dict[str, Any], *buffers: bytes) -> list[bytes]
     header = {"msg_id": msg_id, "msg_type": "apply_request", "date": "2026-01-01T00:00:00Z"}
     parts = [header, {}, {"engine": 1}, content]
     return [json.dumps(p).encode() for p in parts] + list(buffers)
-
-
-@pytest.fixture
-def open_store(tmp_path) -> Iterator[Callable[..., SqliteLog]]:
-    """Opens stores in tmp_path; closes them all afterwards."""
-    opened: list[SqliteLog] = []
-
-    def open_(name: str = "tasks.db", **kwargs: Any) -> SqliteLog:
-        store = SqliteLog(tmp_path / name, **kwargs)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        try:
-            store.close()
-        except StoreError:
-            pass
 
 
 @pytest.fixture

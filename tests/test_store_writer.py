@@ -9,26 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from kernel_engine.controller.sqlite_store import SqliteLog, StoreError
-
 FUNCTION = b"a pickled function, the same in every task of a map " * 6
-
-
-@pytest.fixture
-def open_store(tmp_path):
-    opened: list[SqliteLog] = []
-
-    def open_(**kwargs):
-        store = SqliteLog(tmp_path / "tasks.db", **kwargs)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        try:
-            store.close()
-        except StoreError:
-            pass
 
 
 def _refs_consistent(path) -> list[tuple[int, int, int]]:

@@ -464,7 +464,7 @@ def _check_id(msg_id: Any) -> None:
     writer, and with it every later put and read)."""
     if type(msg_id) is not str:
         raise TypeError(f"msg_id must be a string, not {type(msg_id).__name__}")
-    if not msg_id.isascii() and not wire.is_unicode(msg_id):
+    if not wire.is_unicode(msg_id):
         raise ValueError(f"msg_id {msg_id!a} is not valid Unicode")
 
 
