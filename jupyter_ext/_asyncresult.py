@@ -7,7 +7,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from ._metadata import METADATA_KEYS, Metadata
 from ._outputs import LiveOutput, display_outputs
 from ._progress import wait_with_progress
 from ._reprs import result_html
-from ._request import Parts, Request
+from ._request import Parts, Request, settle_all, watch
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -107,17 +107,22 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _watch(self, futures: list[Request]) -> None:
         """Call :meth:`_finish` once every one of ``futures`` is done: once for all the
-        parts of one broadcast, else through a callback on each."""
+        parts of one broadcast, else as the IO thread settles them, in bulk
+        (:func:`~._request.watch`; a callback on each of those it cannot watch)."""
         parts = Parts.of(futures)
         if parts is not None:
             parts.add_done_callback(self._finish)
             return
-        for f in futures:
+        for f in watch(futures, self):
             f.add_done_callback(self._child_done)
 
-    def _child_done(self, _: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+    def _child_done(self, f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+        self._children_done((f,))
+
+    def _children_done(self, futures: Sequence[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
+        """``futures`` (children of this result) are done."""
         with self._lock:
-            self._ndone += 1
+            self._ndone += len(futures)
             last = self._ndone == len(self._children)
         if last:
             self._finish()
@@ -541,17 +546,19 @@ class AsyncMapResult(AsyncResult):
         self._ordered = ordered
         self._return_exceptions = return_exceptions
         self._completion_order: list[int] = []
+        self._arrived = threading.Condition()  # (guards _completion_order)
         self._index = {id(f): i for i, f in enumerate(futures)}
         super().__init__(client, futures, fname=fname)
 
     def _watch(self, futures: list[Request]) -> None:
-        for f in futures:  # (each: the order they complete in counts)
+        for f in watch(futures, self):  # (not Parts: the order they complete in counts)
             f.add_done_callback(self._child_done)
 
-    def _child_done(self, f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
-        with self._lock:
-            self._completion_order.append(self._index[id(f)])
-        super()._child_done(f)
+    def _children_done(self, futures: Sequence[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
+        with self._arrived:
+            self._completion_order.extend(self._index[id(f)] for f in futures)
+            self._arrived.notify_all()
+        super()._children_done(futures)
 
     def _finish(self) -> None:
         if not self._return_exceptions:
@@ -620,12 +627,11 @@ class AsyncMapResult(AsyncResult):
     def _completion_iter(self) -> Iterator[int]:
         seen = 0
         while seen < len(self._children):
-            with self._lock:
+            with self._arrived:
+                while len(self._completion_order) <= seen:
+                    self._transport.check_blocking("waiting")
+                    self._arrived.wait()
                 available = self._completion_order[seen:]
-            if not available:
-                pending = [f for f in self._children if not f.done()]
-                self._transport.wait(pending, None, first=True)
-                continue
             for i in available:
                 seen += 1
                 yield i
@@ -650,23 +656,24 @@ class AsyncHubResult(AsyncResult):
         if not pending:
             return
         records = self._transport.fetch_records([f.msg_id for f in pending])
+        ended: list[Request] = []
         for f in pending:
             record, outcome = records.get(f.msg_id, (None, None))
             if record is None:
-                f.set_exception(KeyError(f"the controller has no record of {f.msg_id}"))
+                f.outcome = False, KeyError(f"the controller has no record of {f.msg_id}")
             elif outcome is not None:
-                (ok, value), md = outcome
+                f.outcome, md = outcome
                 f.metadata.update(md)
-                if ok:
-                    f.set_result(value)
-                else:
-                    f.set_exception(value)
             elif record["status"] == "ok":
                 why = "results over 1 MiB are not kept, and the oldest go to bound memory"
-                f.set_exception(KeyError(f"the result of {f.msg_id} is not stored: {why}"))
+                f.outcome = False, KeyError(f"the result of {f.msg_id} is not stored: {why}")
             elif record["status"] != "pending":
                 status = record["status"]
-                f.set_exception(KeyError(f"{f.msg_id} ended {status!r}; no reply is stored"))
+                f.outcome = False, KeyError(f"{f.msg_id} ended {status!r}; no reply is stored")
+            else:
+                continue
+            ended.append(f)
+        settle_all(ended)  # (as the IO thread settles requests: watchers are told)
 
     def wait(self, timeout: float | None = None, return_when: str | None = None) -> Any:
         """Ask the controller until done (or ``timeout`` s); then as

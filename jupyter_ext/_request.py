@@ -158,6 +158,7 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
     tracker: zmq.MessageTracker | None = None
     unsent: threading.Event | None = None  # set once a request that had to wait is sent
     parts: Parts | None = None
+    watcher: Any = None  # told in bulk when this settles (see watch)
     nbytes = 0  # the result's size as received, when it is weighed (see Transport)
     _cond: threading.Condition | None = None
     _waiters: Any = ()  # (lists of its own come with the condition)
@@ -279,16 +280,33 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         return f"<Request {short_id(self.msg_id)} {self.kind} {self.state}>"
 
 
+def watch(futures: Iterable[concurrent.futures.Future[Any]], watcher: Any) -> list[Any]:
+    """Have ``watcher._children_done(requests)`` told, in bulk, when each of ``futures``
+    settles: a map's thousands of tasks then need no callback (and no lock and lists of
+    their futures) each. Returns the futures it cannot watch so (not a pending
+    :class:`Request`, one watched already, or one given twice): the caller adds a
+    callback to those."""
+    rest: list[Any] = []
+    with _MAKING:  # (settle_all reads a watcher under it once a request is finished)
+        for f in futures:
+            if isinstance(f, Request) and f._state == PENDING and f.watcher is None:
+                f.watcher = watcher
+            else:
+                rest.append(f)
+    return rest
+
+
 def settle_all(reqs: Iterable[Request]) -> None:
     """Resolve the futures of ``reqs`` (that the table finished) from their outcomes.
 
     Those that nobody waits on and that have no callback (no condition made) just take
     their outcome, all under one hold of the lock; the others are resolved the way of
     ``Future``. Then each broadcast's :class:`Parts` is told once how many of its parts
-    settled.
+    settled, and each watcher (:func:`watch`) once which of its requests did.
     """
     loud: list[Request] = []
     settled: dict[Parts, int] = {}
+    watched: dict[Any, list[Request]] = {}
     with _MAKING:
         for req in reqs:
             if req._cond is not None or req._state != PENDING:
@@ -302,11 +320,28 @@ def settle_all(reqs: Iterable[Request]) -> None:
             req._state = FINISHED
             if req.parts is not None:
                 settled[req.parts] = settled.get(req.parts, 0) + 1
-    for req in loud:
-        if req._notify() and req.parts is not None:
+            watcher = req.watcher
+            if watcher is not None:
+                req.watcher = None  # (told once; and no cycle with what holds the request)
+                watched.setdefault(watcher, []).append(req)
+    notified = [req for req in loud if req._notify()]
+    if notified:
+        with _MAKING:  # (a watcher set while _notify ran is seen here: see watch)
+            for req in notified:
+                watcher = req.watcher
+                if watcher is not None:
+                    req.watcher = None
+                    watched.setdefault(watcher, []).append(req)
+    for req in notified:
+        if req.parts is not None:
             settled[req.parts] = settled.get(req.parts, 0) + 1
     for parts, n in settled.items():
         parts.part_done(n)
+    for watcher, done in watched.items():
+        try:
+            watcher._children_done(done)
+        except Exception:  # (as a future's callbacks: logged, the others still run)
+            log.exception("jupyter-px client: error in a watcher of requests")
 
 
 Send = Callable[[Request, str], bool]

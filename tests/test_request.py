@@ -24,6 +24,8 @@ from jupyter_ext._request import (
     Refused,
     Request,
     Requests,
+    settle_all,
+    watch,
 )
 from kernel_engine.errors import EngineError
 
@@ -334,6 +336,88 @@ def test_the_parts_of_a_broadcast_call_back_once_when_the_last_settles():
     assert reqs[2].exception(0) is error and all(r._cond is None for r in (reqs[0], reqs[2]))
     parts.add_done_callback(lambda: called.append(2))  # (after the end: at once)
     assert called == [1, 2]
+
+
+class Watcher:
+    """Records what :func:`settle_all` tells it, one list per call."""
+
+    def __init__(self, fail: bool = False):
+        self.told: list[list[str]] = []
+        self.fail = fail
+
+    def _children_done(self, reqs: list[Request]) -> None:
+        assert all(r.done() for r in reqs)  # (told once they are finished)
+        self.told.append([r.msg_id for r in reqs])
+        if self.fail:
+            raise RuntimeError("a watcher that fails")
+
+
+def test_a_watcher_is_told_in_bulk_and_nobody_makes_a_condition():
+    t = Table()
+    reqs = [t.new(None, "controller") for _ in range(5)]
+    w = Watcher()
+    assert watch(reqs, w) == []
+    settle_all([r for req in reqs[:3] for r in t.reply(req)])
+    settle_all([r for req in reqs[3:] for r in t.reply(req)])
+    assert w.told == [["m1", "m2", "m3"], ["m4", "m5"]]
+    assert all(r._cond is None and r.watcher is None for r in reqs)  # (no cycle left)
+    assert [r.result(0) for r in reqs] == ["result"] * 5
+
+
+def test_watch_gives_back_what_it_cannot_watch():
+    t = Table()
+    done, pending, other = t.new(None, "controller"), t.new(None, "controller"), t.new(0)
+    settle(t.reply(done))
+    plain: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    w, w2 = Watcher(), Watcher()
+    assert watch([other], w2) == []
+    # finished already, not a Request, given twice, watched by another: the caller's
+    assert watch([done, plain, pending, pending, other], w) == [done, plain, pending, other]
+    settle(t.reply(pending))
+    settle(t.reply(other))
+    assert w.told == [["m2"]] and w2.told == [["m3"]]
+
+
+def test_a_watched_request_someone_waits_on_still_tells_its_watcher():
+    t = Table()
+    req, quiet = t.new(None, "controller"), t.new(None, "controller")
+    w = Watcher()
+    watch([req, quiet], w)
+    called = []
+    req.add_done_callback(called.append)  # (makes its condition: settled the loud way)
+    settle_all([*t.reply(req), *t.reply(quiet, (False, ValueError("no")))])
+    assert called == [req] and sorted(w.told[0]) == ["m1", "m2"] and len(w.told) == 1
+    assert isinstance(quiet.exception(0), ValueError)
+
+
+def test_a_failing_watcher_does_not_stop_the_others(caplog):
+    t = Table()
+    a, b = t.new(None, "controller"), t.new(None, "controller")
+    bad, good = Watcher(fail=True), Watcher()
+    watch([a], bad)
+    watch([b], good)
+    settle_all([*t.reply(a), *t.reply(b)])
+    assert bad.told == [["m1"]] and good.told == [["m2"]]
+    assert "error in a watcher" in caplog.text
+
+
+def test_watching_while_the_io_thread_settles_loses_no_request():
+    """``watch`` on a user thread races ``settle_all`` on the IO thread: every request is
+    either watched and told, or given back to the caller, never neither."""
+    for _ in range(200):
+        t = Table()
+        reqs = [t.new(None, "controller") for _ in range(20)]
+        for req in reqs[::3]:
+            req.add_done_callback(lambda f: None)  # (some settle the loud way)
+        done = [r for req in reqs for r in t.reply(req)]
+        w = Watcher()
+        settler = threading.Thread(target=settle_all, args=(done,))
+        settler.start()
+        rest = watch(reqs, w)
+        settler.join(10)
+        told = [m for batch in w.told for m in batch]
+        assert sorted(told + [r.msg_id for r in rest]) == sorted(r.msg_id for r in reqs)
+        assert all(r.done() for r in rest)
 
 
 def test_a_failing_callback_of_parts_does_not_stop_the_others(caplog):
