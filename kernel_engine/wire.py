@@ -24,8 +24,10 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 import uuid
+from array import array
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,6 +165,8 @@ def _encode(part: dict[str, Any] | bytes | None) -> bytes:
 
 def as_bytes(frame: Any) -> bytes:
     """A frame's bytes (a ``zmq.Frame`` or anything bytes-like)."""
+    if isinstance(frame, bytes):  # (a batch's Part too)
+        return frame
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
@@ -396,40 +400,119 @@ class Wire:
         return msg
 
 
-BATCH = b"<PX|BATCH>"
-"""First frame of a lane message that carries several messages (tasks or replies)."""
+BATCH = b"<PX|BATCH2>"
+"""First frame of a lane message that carries several messages (tasks or replies), packed
+by :func:`pack_batch`."""
+
+INLINE_BELOW = 65536
+"""A batch's frames shorter than this travel joined in one zmq frame; longer ones (arrays,
+big arguments) as frames of their own, never copied."""
+
+MAX_MESSAGE_FRAMES = 1024
+"""Most frames one message of a batch may have (a task's buffers are fewer)."""
+
+_LITTLE = sys.byteorder == "little"
+
+
+class Part(bytes):
+    """A small frame of a batch message, cut out of the batch's joined frame: ``bytes``
+    that also answers ``.bytes`` and ``.buffer`` as a ``zmq.Frame`` does, so that code
+    reading frames takes either."""
+
+    __slots__ = ()
+
+    @property
+    def bytes(self) -> bytes:
+        return self
+
+    @property
+    def buffer(self) -> memoryview:
+        return memoryview(self)
 
 
 def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
-    """Frames of one lane message carrying several complete messages (each with idents)."""
-    counts = dumps_json([len(m) for m in messages])
-    frames: list[Any] = [BATCH, counts]
+    """Frames of one lane message carrying several complete messages (each with its
+    idents): ``[BATCH, index, joined, big frames...]``.
+
+    ``joined`` is every frame shorter than :data:`INLINE_BELOW` bytes, one after the
+    other; the others follow as frames of their own (zero-copy). ``index`` is int64s,
+    little-endian: the number of messages, each message's frame count, then each frame's
+    length in ``joined`` (-1: the next frame of its own). A task is eight frames or so,
+    and each zmq frame costs a send and a receive in Python: one frame for all of them
+    saves both ends about 9 us a task.
+    """
+    index = array("q", [len(messages)])
+    index.extend(len(m) for m in messages)
+    small: list[Any] = []
+    big: list[Any] = []
     for m in messages:
-        frames.extend(m)
-    return frames
+        for frame in m:
+            if isinstance(frame, (bytes, zmq.Frame)):
+                n = len(frame)
+            else:
+                view = memoryview(frame)
+                n = view.nbytes if view.c_contiguous else INLINE_BELOW  # (join needs it)
+            if n < INLINE_BELOW:
+                small.append(frame)
+                index.append(n)
+            else:
+                big.append(frame)
+                index.append(-1)
+    if not _LITTLE:
+        index.byteswap()
+    return [BATCH, index.tobytes(), b"".join(small), *big]
 
 
 def unpack_batch(frames: Sequence[Any], limit: int = MAX_BATCH, least: int = 1) -> list[list[Any]]:
     """The messages of a :func:`pack_batch` lane message (``frames`` starts at ``BATCH``).
 
-    The frame counts must be integers of at least ``least`` that add up to the frames
-    present, at most ``limit`` of them; else :class:`MessageError` (nothing is unpacked).
+    The index must name 1 to ``limit`` messages of ``least`` to
+    :data:`MAX_MESSAGE_FRAMES` frames each, whose lengths add up to the joined frame and
+    whose frames of their own are those present; else :class:`MessageError` (nothing is
+    unpacked). Small frames come as :class:`Part` (copies: a message kept keeps only its
+    own bytes), the others as received.
     """
-    if len(frames) < 2 or len(frames[1]) > 16 * limit:
+    if len(frames) < 3:
         raise MessageError("malformed batch")
-    counts = loads_json(as_bytes(frames[1]), "batch header")
+    raw = memoryview(frames[1])
+    size = raw.nbytes
+    if size % 8 or not 16 <= size <= 8 * (1 + limit * (1 + MAX_MESSAGE_FRAMES)):
+        raise MessageError("malformed batch: its index has a wrong size")
+    index = array("q")
+    index.frombytes(raw.cast("B"))
+    if not _LITTLE:
+        index.byteswap()
+    k = index[0]
+    if not 0 < k <= limit or len(index) < 1 + k:
+        raise MessageError("malformed batch: its count of messages is wrong")
+    counts = index[1 : 1 + k]
+    lengths = index[1 + k :]
+    joined = memoryview(frames[2]).cast("B")
+    own = len(frames) - 3
     if (
-        not isinstance(counts, list)
-        or not 0 < len(counts) <= limit
-        or not all(type(n) is int and n >= max(least, 1) for n in counts)
-        or sum(counts) != len(frames) - 2
+        min(counts) < max(least, 1)
+        or max(counts) > MAX_MESSAGE_FRAMES
+        or sum(counts) != len(lengths)
+        or (lengths and min(lengths) < -1)
+        or lengths.count(-1) != own
+        or sum(lengths) + own != joined.nbytes
     ):
-        raise MessageError("malformed batch: its counts do not match its frames")
+        raise MessageError("malformed batch: its index does not match its frames")
     out: list[list[Any]] = []
-    pos = 2
+    pos = 0
+    at = 3
+    li = 0
     for n in counts:
-        out.append(list(frames[pos : pos + n]))
-        pos += n
+        message: list[Any] = []
+        for length in lengths[li : li + n]:
+            if length < 0:
+                message.append(frames[at])
+                at += 1
+            else:
+                message.append(Part(joined[pos : pos + length]))
+                pos += length
+        li += n
+        out.append(message)
     return out
 
 
@@ -455,7 +538,7 @@ def send_frames(
     more = flags | _SNDMORE
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        copy = type(frame) is bytes and len(frame) < _COPY_BELOW
+        copy = isinstance(frame, bytes) and len(frame) < _COPY_BELOW
         send(frame, more if i < last else flags, copy=copy)
     return None
 

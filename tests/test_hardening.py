@@ -475,7 +475,8 @@ def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cl
     size = log_path.stat().st_size
     raw = Raw({"key": "no key"}, lane)
     try:
-        counts = json.dumps([7] * 150_000).encode()  # 1.2 MB, counts that add up to nothing
+        # a 1.2 MB index: 150,000 messages of 7 frames that are not there
+        counts = b"".join(n.to_bytes(8, "little") for n in [150_000] + [7] * 150_000)
         for _ in range(5):
             raw.send([wire.BATCH, counts, *[b"x" * 10] * 50])
         for _ in range(2000):

@@ -175,7 +175,8 @@ def test_forged_batches_get_clear_refusals_and_the_controller_serves_on(rc, forg
     # batches refused whole: too many tasks, counts that lie; then the controller serves on
     one = forger.task()
     forger.send_batch([one[1]] * (protocol.MAX_SUBMIT_BATCH + 1))
-    forger.send_batch([forger.task()[1], forger.task()[1]], counts=b"[6,7]")
+    lie = b"".join(n.to_bytes(8, "little") for n in (2, 6, 7))  # (frames for 13: none)
+    forger.send_batch([forger.task()[1], forger.task()[1]], counts=lie)
     forger.send_batch([forger.task()[1]], counts=b'["6"]')
     late = [forger.task() for _ in range(2)]
     forger.send_batch([p for _, p in late])

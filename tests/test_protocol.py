@@ -267,21 +267,90 @@ def test_json_that_python_would_accept_but_json_does_not():
         msg.content  # noqa: B018
 
 
+def small_inline(n: int) -> Any:
+    """Make frames of ``n`` bytes or more travel on their own in batches (restored on
+    exit), so that small test frames exercise both kinds."""
+
+    class Swap:
+        def __enter__(self) -> None:
+            self.old, wire.INLINE_BELOW = wire.INLINE_BELOW, n
+
+        def __exit__(self, *exc: Any) -> None:
+            wire.INLINE_BELOW = self.old
+
+    return Swap()
+
+
+FRAMES = st.lists(st.binary(max_size=24), min_size=1, max_size=6)
+MESSAGES = st.lists(FRAMES, min_size=1, max_size=8)
+
+
 @SETTINGS
-@given(st.lists(st.binary(max_size=20), max_size=8), st.binary(max_size=40))
-def test_batches_unpack_only_when_their_counts_add_up(frames, counts):
+@given(MESSAGES)
+def test_a_batch_gives_back_its_messages_frame_for_frame(messages):
+    big = [[zmq.Frame(f) if len(f) >= 16 else f for f in m] for m in messages]
+    with small_inline(16):
+        frames = wire.pack_batch(big)
+    own = sum(len(f) >= 16 for m in messages for f in m)
+    assert wire.is_batch(frames) and len(frames) == 3 + own
+    got = wire.unpack_batch(frames)
+    assert [[wire.as_bytes(f) for f in m] for m in got] == messages
+    for sent, back in zip(big, got):
+        for f, g in zip(sent, back):
+            if isinstance(f, zmq.Frame):
+                assert g is f  # (a big frame is passed on as it is: no copy)
+            else:  # (a Part reads as a zmq.Frame does)
+                assert isinstance(g, wire.Part) and g.bytes == f and bytes(g.buffer) == f
+
+
+def _index(*values: int) -> bytes:
+    return b"".join(v.to_bytes(8, "little", signed=True) for v in values)
+
+
+@SETTINGS
+@given(MESSAGES, st.lists(st.tuples(st.integers(0, 60), st.integers(-(2**63), 2**63 - 1))))
+def test_a_batch_whose_index_lies_is_refused_whole_or_read_consistently(messages, lies):
+    with small_inline(16):
+        frames = wire.pack_batch(messages)
+    index = bytearray(frames[1])
+    for at, value in lies:  # (int64s of the index replaced by anything)
+        if 8 * at < len(index):
+            index[8 * at : 8 * at + 8] = value.to_bytes(8, "little", signed=True)
+    frames[1] = bytes(index)
     try:
-        messages = wire.unpack_batch([wire.BATCH, counts, *frames])
+        got = wire.unpack_batch(frames, limit=8, least=1)
     except wire.MessageError:
         return
-    assert sum(len(m) for m in messages) == len(frames)
-    assert all(m for m in messages)
+    assert 0 < len(got) <= 8 and all(0 < len(m) <= wire.MAX_MESSAGE_FRAMES for m in got)
+    inline = sum(len(f) for m in got for f in m if isinstance(f, wire.Part))
+    assert inline == len(frames[2])  # (every byte read once, none beyond the frame)
+    assert [f for m in got for f in m if not isinstance(f, wire.Part)] == frames[3:]
 
 
-def test_a_lying_batch_header_is_refused_without_unpacking():
-    for counts in (b"[1, 2]", b"[-1, 3]", b"[0, 2]", b"[2.0]", b"[" + b"1," * 5000 + b"1]"):
+def test_a_lying_batch_index_is_refused_without_unpacking():
+    joined = b"abc"
+    lies = [
+        _index(1, 2, 1),  # lengths for fewer frames than counted
+        _index(0),  # no message
+        _index(2, 1, 1, 3, 0),  # more messages than limit=1 allows (below)
+        _index(1, -1, 3),  # a negative frame count
+        _index(1, 1, 4),  # lengths beyond the joined frame
+        _index(1, 1, 2),  # lengths short of it
+        _index(1, 2, 3, -1),  # a frame of its own that is not there
+        _index(1, 1, -2),  # a length below -1
+        _index(1, wire.MAX_MESSAGE_FRAMES + 1) + _index(0) * wire.MAX_MESSAGE_FRAMES,
+        _index(1, 1, 3)[:-1],  # not a whole number of int64s
+        b"",
+        json.dumps([1]).encode(),  # the old format's counts
+    ]
+    for i, index in enumerate(lies):
         with pytest.raises(wire.MessageError):
-            wire.unpack_batch([wire.BATCH, counts, b"a", b"b"])
+            wire.unpack_batch([wire.BATCH, index, joined], limit=1 if i == 2 else 8)
+    with pytest.raises(wire.MessageError):  # (too few frames for its kind: tasks need 5)
+        wire.unpack_batch([wire.BATCH, _index(1, 1, 3), joined], least=5)
+    with pytest.raises(wire.MessageError):  # an index bigger than its limit allows
+        wire.unpack_batch([wire.BATCH, _index(1, 1, 3) + b"\0" * 8 * 2000, joined], limit=1)
+    assert wire.unpack_batch([wire.BATCH, _index(1, 1, 3), joined]) == [[b"abc"]]
 
 
 def test_seen_window_refuses_replays_and_stays_bounded():
