@@ -380,6 +380,8 @@ class TaskLane:
         metadata["status"] = content["status"]
         if content["status"] == "error":
             content.setdefault("engine_info", {"engine_id": self.kernel.engine_id})
+        # (the parent: the request's header as it came, not encoded again)
+        parent = wire.as_bytes(msg.frames[1])
         return self.wire.pack(
-            protocol.APPLY_REPLY, content, msg.header, metadata, buffers, idents=idents
+            protocol.APPLY_REPLY, content, parent, metadata, buffers, idents=idents
         )[1]
