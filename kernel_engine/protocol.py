@@ -166,9 +166,9 @@ def curve_wanted(ip: str, curve: bool | None = None) -> bool:
 HUB_ROUTE = b"hub"
 LB_ROUTE = b"lb"
 # Load-balanced requests may also travel many to one message on the ``lb`` route,
-# ``[b"lb", wire.BATCH, counts, task frames...]``: each task a whole signed message of its
+# ``[b"lb", *wire.pack_batch(tasks)]``: each task a whole signed message of its
 # own (signature onwards), so everything after the controller's edge sees single tasks.
-# Replies to a client may come back batched the same way (``[wire.BATCH, counts, ...]``).
+# Replies to a client may come back batched the same way (``wire.pack_batch``).
 MAX_SUBMIT_BATCH = 1024
 """Most tasks one batch message to the controller may carry (a larger one is dropped
 whole)."""

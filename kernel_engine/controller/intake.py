@@ -1,7 +1,7 @@
 """Batches of load-balanced tasks: one client message carrying many tasks.
 
 A client sends the tasks of a map in batch messages on the ``lb`` route,
-``[client, b"lb", BATCH, counts, task frames...]`` (:func:`kernel_engine.wire.pack_batch`),
+``[client, b"lb", BATCH, index, joined, big frames...]`` (:func:`kernel_engine.wire.pack_batch`),
 at most :data:`~kernel_engine.protocol.MAX_SUBMIT_BATCH` tasks each. Every task is a whole
 signed message of its own (signature onwards), with its own msg_id, header, metadata and
 buffers: the batch saves the client and the controller a send, a receive and a wake-up
@@ -13,10 +13,10 @@ Each task is checked as a single request is at the edge (``Controller.from_clien
 signature before anything of it is parsed, its header, a msg_id seen neither lately nor in
 the records, a message type the route serves. A task that fails is refused alone: with
 an error reply to its msg_id once its signature holds; dropped and logged when it does
-not (nothing unauthenticated is answered). A batch whose framing is wrong (counts that do
-not add up or name too few frames, too many tasks, a route other than ``lb``) is dropped
-whole and logged: nothing in it can be trusted to name whom to answer. The size bound
-also bounds the work one message costs the loop.
+not (nothing unauthenticated is answered). A batch whose framing is wrong (an index that
+does not match its frames or names too few frames a task, too many tasks, a route other
+than ``lb``) is dropped whole and logged: nothing in it can be trusted to name whom to
+answer. The size bound also bounds the work one message costs the loop.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ controller a send (a quarter of its time, measured), and the client a receive an
 wake-up. So the controller's messages to a client wait in this outbox until the loop is
 about to poll again (:attr:`~.loop.PollLoop.before_poll`), or until that client's share
 fills (:data:`MAX_MESSAGES`, :data:`MAX_BYTES`), and then leave as one message: the only
-one as it is, several as a batch ``[client, BATCH, counts, message frames...]``
+one as it is, several as a batch ``[client, BATCH, index, joined, big frames...]``
 (:func:`kernel_engine.wire.pack_batch`), each message whole (its route frame, delimiter
 and signature as the engine or the controller made it), but for the runs of a broadcast's
 replies to a client that reads them merged: each run one message the controller signs
