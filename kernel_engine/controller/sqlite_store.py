@@ -207,7 +207,7 @@ _CHUNK = 64
 """Records upserted by one statement at most (fewer if they would bind more than
 :data:`_MAX_PARAMS` values)."""
 _MAX_PARAMS = 999  # (the least SQLITE_MAX_VARIABLE_NUMBER of any SQLite build)
-_LEN_IS_BYTES = frozenset({bytes, bytearray, zmq.Frame})
+_LEN_IS_BYTES = frozenset({bytes, bytearray, zmq.Frame, wire.Part})
 """Frame types whose ``len`` is their size in bytes (a memoryview's counts items)."""
 _MAX_INT = 2**53
 _APPEND = (
@@ -1600,7 +1600,7 @@ class SqliteLog:
             if not SHARED_MIN <= sizes[at] <= self._shared_max:
                 continue
             frame = frames[at]
-            key = frame if type(frame) is bytes else bytes(frame)
+            key = frame if isinstance(frame, bytes) else bytes(frame)  # (a Part is bytes)
             if key == last:  # (the same as the last one: its hash is known, not this one's)
                 key = last
             if key in ids:
