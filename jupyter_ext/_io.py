@@ -86,6 +86,8 @@ class IOThread:
         self.on_lost = on_lost
         self.on_answer = on_answer
         self.on_tick: Callable[[], None] = lambda: None
+        # the messages of a batch on the reply socket, all at once (None: one at a time)
+        self.on_replies: Callable[[list[list[Any]]], None] | None = None
         self.drops = wire.DropLog(log, "jupyter-px client")
         ip, transport = info["ip"], info.get("transport", "tcp")
         self.address = f"{ip}:{info['client_port']}"
@@ -291,17 +293,27 @@ class IOThread:
             except zmq.Again:
                 return
             if wire.is_batch(frames):
-                self._batch(handler, frames)
+                bulk = self.on_replies if sock is self.dealer else None
+                self._batch(handler, frames, bulk)
             else:
                 self._safely(handler, frames)
 
-    def _batch(self, handler: Callable[[list[Any]], None], frames: list[Any]) -> None:
+    def _batch(
+        self,
+        handler: Callable[[list[Any]], None],
+        frames: list[Any],
+        bulk: Callable[[list[list[Any]]], None] | None = None,
+    ) -> None:
         """Several messages the controller sent at once (its replies gathered in one loop
-        turn, see ``kernel_engine.controller.outbox``): each handled as if alone."""
+        turn, see ``kernel_engine.controller.outbox``): given to ``bulk`` together, else
+        each handled as if alone."""
         try:
             messages = wire.unpack_batch(frames)
         except wire.MessageError as exc:
             self.drops.drop(str(exc))
+            return
+        if bulk is not None:
+            self._safely(bulk, messages)
             return
         for message in messages:
             self._safely(handler, message)

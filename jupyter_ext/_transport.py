@@ -153,6 +153,7 @@ class Transport:
             self._answering,
             self.connection_file,
         )
+        self.io.on_replies = self._on_replies
         self.io.on_tick = self._tick
         try:
             reply = self.ask(protocol.CONNECT_REQUEST, CONNECT, timeout=timeout)
@@ -478,6 +479,43 @@ class Transport:
             return
         engine_id = None if route == protocol.HUB_ROUTE else _engine_of(route)
         self._take_reply(msg, msg.metadata, engine_id)
+
+    def _on_replies(self, messages: list[list[Any]]) -> None:
+        """The messages of one batch from the controller (its outbox gathers them): each
+        read as :meth:`_on_reply` would, and the replies to our tasks (the bulk of a map's)
+        then taken into the table and settled together, under one hold of each lock."""
+        received = datetime.now(timezone.utc)
+        taken: list[tuple[str, tuple[bool, Any], int | None]] = []
+        for frames in messages:
+            self.io._safely(self._one_of_batch, frames, taken, received)
+        if taken:
+            self._settle(self.requests.replied_all(taken, time.monotonic(), self._send))
+
+    def _one_of_batch(
+        self,
+        frames: list[Any],
+        taken: list[tuple[str, tuple[bool, Any], int | None]],
+        received: datetime,
+    ) -> None:
+        """A message of a batch: a reply to a task of ours is read and added to ``taken``;
+        anything else is handled at once, as :meth:`_on_reply` handles it."""
+        route = frames[0].bytes
+        if route == wire.DELIM or route == protocol.HUB_ROUTE:
+            self._on_reply(frames)
+            return
+        msg = self.wire.unpack(frames[2:])
+        engine_id = _engine_of(route)
+        msg_id = msg.parent_id
+        req = self.requests.get(msg_id)
+        if (
+            req is None
+            or req.kind == "hub"
+            or msg_id in self._probes
+            or msg.content.get("px_error") == protocol.DUPLICATE
+        ):
+            self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
+            return
+        taken.append((msg_id, self._read(req, msg, msg.metadata, engine_id, received), engine_id))
 
     def _on_lane_reply(self, frames: list[Any]) -> None:
         msg = self.wire.unpack(frames[1:])

@@ -186,3 +186,34 @@ def test_forged_batches_get_clear_refusals_and_the_controller_serves_on(rc, forg
     assert rc.load_balanced_view().apply_sync(abs, -5) == 5
     assert rc.db_query({"msg_id": one[0]}, ["msg_id"]) == []
     assert unsigned[0] not in {r["msg_id"] for r in rc.db_query({}, ["msg_id"])}
+
+
+def test_a_batch_of_replies_is_settled_together_and_a_bad_one_alone(rc):
+    """The client takes the replies of one batch from the controller into its table at once;
+    a message of it that is malformed is dropped and counted, and the others still settle."""
+    transport = rc.transport
+    busy = rc[:].apply_async(time.sleep, 2)  # (so that the tasks below wait, unanswered)
+    view = rc.load_balanced_view()
+    first, second = view.apply_async(abs, -1), view.apply_async(abs, -2)
+    time.sleep(0.2)
+    assert not first.done() and not second.done()
+
+    def reply(ar: Any, value: Any) -> list[Any]:
+        req = ar._children[0]
+        md = {"status": "ok", "engine_id": 1, "started": wire.utcnow_iso()}
+        md["completed"] = md["started"]
+        _, frames = transport.wire.pack(
+            protocol.APPLY_REPLY, {"status": "ok"}, req.header, md, serialize.dumps_result(value)
+        )
+        return [b"1", *frames]
+
+    drops = transport.io.drops.total
+    unsigned = [b"1", wire.DELIM, b"0" * 64, b"{}", b"{}", b"{}", b"{}"]
+    batch = wire.pack_batch([reply(first, 41), unsigned, reply(second, 42)])
+    done = transport.io.call_and_wait(
+        lambda: transport.io._batch(transport._on_reply, batch, transport._on_replies), 10
+    )
+    assert done and first.get(5) == 41 and second.get(5) == 42
+    assert transport.io.drops.total == drops + 1
+    assert first.metadata["engine_id"] == 1 and first.metadata["received"] is not None
+    busy.get(10)
