@@ -505,6 +505,17 @@ class Transport:
             return
         msg = self.wire.unpack(frames[2:])
         engine_id = _engine_of(route)
+        req = self._taken_with_others(msg)
+        if req is None:
+            self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
+            return
+        outcome = self._read(req, msg, msg.metadata, engine_id, received)
+        taken.append((req.msg_id, outcome, engine_id))
+
+    def _taken_with_others(self, msg: wire.Message | replies.Reply) -> Request | None:
+        """The live request of ours a reply answers, when the reply may be taken into the
+        table with others; None for those :meth:`_take_reply` handles alone (unknown,
+        to the controller, a probe's, a refused copy's)."""
         msg_id = msg.parent_id
         req = self.requests.get(msg_id)
         if (
@@ -513,9 +524,8 @@ class Transport:
             or msg_id in self._probes
             or msg.content.get("px_error") == protocol.DUPLICATE
         ):
-            self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
-            return
-        taken.append((msg_id, self._read(req, msg, msg.metadata, engine_id, received), engine_id))
+            return None
+        return req
 
     def _on_lane_reply(self, frames: list[Any]) -> None:
         msg = self.wire.unpack(frames[1:])
@@ -573,14 +583,8 @@ class Transport:
             taken.append((req.msg_id, self._read(req, reply, reply.metadata, eid, received), eid))
 
         for eid, reply in got:
-            msg_id = reply.parent_id
-            req = self.requests.get(msg_id)
-            if (
-                req is None
-                or req.kind == "hub"
-                or msg_id in self._probes
-                or reply.content.get("px_error") == protocol.DUPLICATE
-            ):
+            req = self._taken_with_others(reply)
+            if req is None:
                 self.io._safely(self._take_reply, reply, reply.metadata, eid)  # (the rare way)
                 continue
             self.io._safely(read, req, reply, eid)  # (a bad one: dropped, counted, alone)
