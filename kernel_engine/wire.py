@@ -463,6 +463,32 @@ def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     return [BATCH, index.tobytes(), b"".join(small), *big]
 
 
+def batches(
+    messages: Sequence[list[Any]], limit: int = MAX_BATCH, most: int = MAX_MESSAGE_FRAMES
+) -> list[list[Any]]:
+    """The lane messages that carry ``messages``, in order: runs of up to ``limit`` of
+    them packed together (:func:`pack_batch`), a run of one as it is, and so each message
+    of more than ``most`` frames (a batch holding one is refused whole by
+    :func:`unpack_batch`: a controller's reply with thousands of records would take the
+    others down with it)."""
+    out: list[list[Any]] = []
+    run: list[list[Any]] = []
+    for message in messages:
+        if len(message) > most:
+            if run:
+                out.append(run[0] if len(run) == 1 else pack_batch(run))
+                run = []
+            out.append(message)
+            continue
+        run.append(message)
+        if len(run) == limit:
+            out.append(pack_batch(run))
+            run = []
+    if run:
+        out.append(run[0] if len(run) == 1 else pack_batch(run))
+    return out
+
+
 def unpack_batch(frames: Sequence[Any], limit: int = MAX_BATCH, least: int = 1) -> list[list[Any]]:
     """The messages of a :func:`pack_batch` lane message (``frames`` starts at ``BATCH``).
 

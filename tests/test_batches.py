@@ -175,6 +175,26 @@ def test_the_outbox_sends_a_clients_replies_once_per_turn(pair: Any) -> None:
     assert len(wire.unpack_batch(got)) == MAX_MESSAGES
 
 
+def test_the_outbox_sends_a_message_of_many_frames_alone_and_the_client_reads_all(
+    pair: Any,
+) -> None:
+    """A message of more frames than a batch may hold (a reply with the records of
+    thousands of tasks) leaves alone, in its place: in a batch it took the replies beside it
+    down with it, whose requests then waited for ever (found by review)."""
+    router, dealer = pair
+    box = Outbox(router, wire.DropLog(logging.getLogger("test"), "test"))
+    records = [*_reply(1)[:-1], *[b"x"] * (wire.MAX_MESSAGE_FRAMES + 100)]
+    sent = [_reply(0), records, _reply(2), _reply(3)]
+    for frames in sent:
+        box.send(frames)
+    box.flush()
+    got: list[list[Any]] = []
+    while len(got) < 3 and dealer.poll(1000):
+        frames = dealer.recv_multipart()
+        got += wire.unpack_batch(frames) if wire.is_batch(frames) else [frames]
+    assert got == [m[1:] for m in sent]
+
+
 def test_the_outbox_sends_other_peers_their_messages_one_by_one(pair: Any) -> None:
     router, _ = pair
     peer = router.context.socket(zmq.DEALER)

@@ -217,3 +217,20 @@ def test_a_batch_of_replies_is_settled_together_and_a_bad_one_alone(rc):
     assert transport.io.drops.total == drops + 1
     assert first.metadata["engine_id"] == 1 and first.metadata["received"] is not None
     busy.get(10)
+
+
+def test_a_task_of_more_frames_than_a_batch_holds_runs_beside_the_others(rc, forger):
+    """A signed task with more buffers than a batch message may hold: the controller sends
+    it to its engine alone, so the tasks dispatched with it still run (in one batch, the
+    engine refused them all, and they stayed in flight; found by review)."""
+    busy = rc[:].apply_async(time.sleep, 1)  # (the tasks below queue up, then go together)
+    buffers = [*serialize.pack_apply(abs, (-3,), {}), *[b"z"] * (wire.MAX_MESSAGE_FRAMES + 10)]
+    header, frames = forger.wire.pack(protocol.APPLY_REQUEST, {}, None, {}, buffers)
+    tasks = [forger.task() for _ in range(400)]  # (more than the engines' pipelines take)
+    forger.send_batch([p for _, p in tasks[:300]])
+    forger.sock.send_multipart([protocol.LB_ROUTE, *frames])
+    forger.send_batch([p for _, p in tasks[300:]])
+    got = dict(forger.replies(401))
+    assert set(got) == {header["msg_id"], *(m for m, _ in tasks)}
+    assert all(content["status"] == "ok" for content in got.values())
+    busy.get(10)

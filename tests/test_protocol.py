@@ -303,6 +303,19 @@ def test_a_batch_gives_back_its_messages_frame_for_frame(messages):
                 assert isinstance(g, wire.Part) and g.bytes == f and bytes(g.buffer) == f
 
 
+def test_batches_carry_messages_in_order_and_never_one_too_long_for_a_batch():
+    small = [[b"%d" % i, b"x"] for i in range(7)]
+    long = [b"long", *[b"y"] * (wire.MAX_MESSAGE_FRAMES + 1)]
+    messages = [small[0], long, *small[1:3], long, small[3], *small[4:]]
+    sent = wire.batches(messages, limit=2)
+    got: list[list[Any]] = []
+    for frames in sent:
+        got += wire.unpack_batch(frames) if wire.is_batch(frames) else [frames]
+    assert got == messages
+    assert [wire.is_batch(f) for f in sent] == [False, False, True, False, True, True]
+    assert wire.batches([]) == [] and wire.batches([small[0]]) == [small[0]]
+
+
 def _index(*values: int) -> bytes:
     return b"".join(v.to_bytes(8, "little", signed=True) for v in values)
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import jupyter_ext as jx
+from kernel_engine import protocol
 
 
 @pytest.fixture(scope="module", params=["sqlite", "memory"])
@@ -274,3 +275,22 @@ def test_a_blob_folder_in_the_way_stops_the_start_and_moves_nothing(cluster_fact
         cluster.start_and_connect_sync()
     assert (folder / "tasks.db-blobs" / "1.0").read_bytes() == b"somebody's file"
     assert not list(folder.glob("tasks.db.corrupt-*"))
+
+
+def test_result_requests_of_many_records_at_once_are_all_answered(db_rc):
+    """Replies of more frames than a batch may hold (here 250 records, about 6 frames
+    each), several for one client in one turn of the controller's loop: each is answered
+    (in one batch, the client refused them all; found by review)."""
+    view = db_rc.load_balanced_view()
+    ars = [view.apply_async(abs, -i) for i in range(250)]
+    ids = [m for ar in ars for m in ar.msg_ids]
+    for ar in ars:
+        ar.get(60)
+    other = jx.Client(db_rc.connection_file)
+    try:
+        request = protocol.ResultRequest(tuple(ids))
+        futures = [other.transport.tell(protocol.RESULT_REQUEST, request) for _ in range(4)]
+        for future in futures:
+            assert future.result(15)["status"] == "ok"
+    finally:
+        other.close()

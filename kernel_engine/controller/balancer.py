@@ -244,9 +244,10 @@ class Balancer:
             self.inflight.add(msg_id, pending)
             self.hub.assigned(msg_id, action.eid)
             messages.append([queued.client, wire.DELIM, *queued.frames])
-        frames = messages[0] if len(messages) == 1 else wire.pack_batch(messages)
-        if not self.engines.send(action.eid, "lane", frames):
-            log.error("the scheduler chose engine %i, which is gone", action.eid)
+        for frames in wire.batches(messages):
+            if not self.engines.send(action.eid, "lane", frames):
+                log.error("the scheduler chose engine %i, which is gone", action.eid)
+                return
 
     def _interrupt(self, action: Interrupt) -> None:
         if action.msg_id in self.scheduler.in_flight(action.eid):

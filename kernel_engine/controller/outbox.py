@@ -101,7 +101,7 @@ class Outbox:
             if self.signer is not None and client in self._merged:
                 messages = replies.pack(self.signer, messages)
             if len(messages) > 1:
-                messages = [[client, *wire.pack_batch([m[1:] for m in messages])]]
+                messages = [[client, *m] for m in wire.batches([m[1:] for m in messages])]
         try:
             for frames in messages:
                 wire.send_frames(self.socket, frames)

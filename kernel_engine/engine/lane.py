@@ -226,10 +226,8 @@ class TaskLane:
             self._send_replies(router_ident, replies)
 
     def _send_replies(self, router_ident: bytes, replies: list[list[Any]]) -> None:
-        if len(replies) == 1:
-            self._send([router_ident, *replies[0]])
-        else:
-            self._send([router_ident, *wire.pack_batch(replies)])
+        for frames in wire.batches(replies):
+            self._send([router_ident, *frames])
 
     def _handle(self, frames: list[Any], router_ident: bytes | None = None) -> list[Any] | None:
         """Run one message; return the reply's frames (with the idents to route it back).
