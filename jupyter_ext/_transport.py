@@ -481,36 +481,46 @@ class Transport:
         self._take_reply(msg, msg.metadata, engine_id)
 
     def _on_replies(self, messages: list[list[Any]]) -> None:
-        """The messages of one batch from the controller (its outbox gathers them): each
-        read as :meth:`_on_reply` would, and the replies to our tasks (the bulk of a map's)
-        then taken into the table and settled together, under one hold of each lock."""
+        """The messages of one batch from the controller (its outbox gathers them), each
+        read as :meth:`_on_reply` would, in order: runs of replies to our tasks (the bulk
+        of a map's) are taken into the table and settled together, under one hold of
+        each lock, before anything else of the batch is handled."""
         received = datetime.now(timezone.utc)
-        taken: list[tuple[str, tuple[bool, Any], int | None]] = []
+        taken: dict[str, tuple[tuple[bool, Any], int | None]] = {}
         for frames in messages:
             self.io._safely(self._one_of_batch, frames, taken, received)
+        self._take_all(taken)
+
+    def _take_all(self, taken: dict[str, tuple[tuple[bool, Any], int | None]]) -> None:
+        """Take the replies read so far (msg_id -> outcome, engine id) into the table and
+        settle what they finished."""
         if taken:
-            self._settle(self.requests.replied_all(taken, time.monotonic(), self._send))
+            read = [(msg_id, outcome, eid) for msg_id, (outcome, eid) in taken.items()]
+            taken.clear()
+            self._settle(self.requests.replied_all(read, time.monotonic(), self._send))
 
     def _one_of_batch(
         self,
         frames: list[Any],
-        taken: list[tuple[str, tuple[bool, Any], int | None]],
+        taken: dict[str, tuple[tuple[bool, Any], int | None]],
         received: datetime,
     ) -> None:
-        """A message of a batch: a reply to a task of ours is read and added to ``taken``;
-        anything else is handled at once, as :meth:`_on_reply` handles it."""
+        """A message of a batch: a reply to a live task of ours is read into ``taken``;
+        anything else (a second reply to one of them included) is handled as
+        :meth:`_on_reply` handles it, once what came before it is settled."""
         route = frames[0].bytes
         if route == wire.DELIM or route == protocol.HUB_ROUTE:
+            self._take_all(taken)
             self._on_reply(frames)
             return
         msg = self.wire.unpack(frames[2:])
         engine_id = _engine_of(route)
         req = self._taken_with_others(msg)
-        if req is None:
+        if req is None or req.msg_id in taken:
+            self._take_all(taken)
             self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
             return
-        outcome = self._read(req, msg, msg.metadata, engine_id, received)
-        taken.append((req.msg_id, outcome, engine_id))
+        taken[req.msg_id] = self._read(req, msg, msg.metadata, engine_id, received), engine_id
 
     def _taken_with_others(self, msg: wire.Message | replies.Reply) -> Request | None:
         """The live request of ours a reply answers, when the reply may be taken into the

@@ -17,6 +17,8 @@ import pytest
 import zmq
 
 import jupyter_ext as jx
+from jupyter_ext._metadata import Metadata
+from jupyter_ext._request import Request
 from kernel_engine import protocol, serialize, wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -188,6 +190,13 @@ def test_forged_batches_get_clear_refusals_and_the_controller_serves_on(rc, forg
     assert unsigned[0] not in {r["msg_id"] for r in rc.db_query({}, ["msg_id"])}
 
 
+def _deliver_batch(rc: Any, messages: list[list[Any]]) -> None:
+    """Have the client's IO thread take ``messages`` as one batch from the controller."""
+    io = rc.transport.io
+    packed = wire.pack_batch(messages)
+    assert io.call_and_wait(lambda: io._batch(rc.transport._on_reply, packed, io.on_replies), 10)
+
+
 def test_a_batch_of_replies_is_settled_together_and_a_bad_one_alone(rc):
     """The client takes the replies of one batch from the controller into its table at once;
     a message of it that is malformed is dropped and counted, and the others still settle."""
@@ -209,11 +218,8 @@ def test_a_batch_of_replies_is_settled_together_and_a_bad_one_alone(rc):
 
     drops = transport.io.drops.total
     unsigned = [b"1", wire.DELIM, b"0" * 64, b"{}", b"{}", b"{}", b"{}"]
-    batch = wire.pack_batch([reply(first, 41), unsigned, reply(second, 42)])
-    done = transport.io.call_and_wait(
-        lambda: transport.io._batch(transport._on_reply, batch, transport._on_replies), 10
-    )
-    assert done and first.get(5) == 41 and second.get(5) == 42
+    _deliver_batch(rc, [reply(first, 41), unsigned, reply(second, 42)])
+    assert first.get(5) == 41 and second.get(5) == 42
     assert transport.io.drops.total == drops + 1
     assert first.metadata["engine_id"] == 1 and first.metadata["received"] is not None
     busy.get(10)
@@ -234,3 +240,53 @@ def test_a_task_of_more_frames_than_a_batch_holds_runs_beside_the_others(rc, for
     assert set(got) == {header["msg_id"], *(m for m, _ in tasks)}
     assert all(content["status"] == "ok" for content in got.values())
     busy.get(10)
+
+
+def _live(rc: Any, kind: str = "apply") -> Request:
+    """A request in the client's table for which nothing was sent (so no real reply races
+    a forged one)."""
+    wire_ = rc.transport.wire
+    header = wire_.header(protocol.APPLY_REQUEST if kind != "hub" else protocol.STATUS_REQUEST)
+    msg_id = header["msg_id"]
+    md = Metadata(msg_id=msg_id, engine_id=None)
+    req = Request(msg_id, md, kind, "controller", None, b"", False, header)
+    assert rc.transport.requests.add(req) == "controller"
+    rc.transport.metadata[msg_id] = md
+    return req
+
+
+def _signed_reply(rc: Any, route: bytes, req: Request, value: Any = None, ok: bool = True) -> Any:
+    wire_ = rc.transport.wire
+    if req.kind == "hub":
+        _, frames = wire_.pack("status_reply", {"status": "ok"}, req.header, {})
+    elif ok:
+        md = {"status": "ok", "engine_id": 0}
+        content = {"status": "ok"}
+        _, frames = wire_.pack(
+            protocol.APPLY_REPLY, content, req.header, md, serialize.dumps(value)
+        )
+    else:
+        content = {"status": "error", "ename": "Boom", "evalue": "dup", "traceback": []}
+        _, frames = wire_.pack(protocol.APPLY_REPLY, content, req.header, {"status": "error"})
+    return [route, *frames]
+
+
+def test_a_batchs_replies_settle_in_the_order_they_came(rc):
+    """A task's reply before a controller's reply in one batch is settled first: whoever
+    the controller's answer wakes sees the task done (found by review: the task's came
+    last, with the others of the batch)."""
+    task, hub = _live(rc), _live(rc, "hub")
+    seen: list[bool] = []
+    hub.add_done_callback(lambda _: seen.append(task.done()))
+    _deliver_batch(rc, [_signed_reply(rc, b"0", task, 42), _signed_reply(rc, b"hub", hub)])
+    assert task.result(5) == 42 and hub.done() and seen == [True]
+
+
+def test_a_second_reply_to_a_task_in_one_batch_changes_nothing(rc):
+    """As alone: the first reply is the task's; a second one to the same msg_id in the same
+    batch leaves its result and its metadata alone (found by review: its metadata said
+    error beside the result)."""
+    task = _live(rc)
+    _deliver_batch(rc, [_signed_reply(rc, b"0", task, 7), _signed_reply(rc, b"0", task, ok=False)])
+    md = rc.transport.metadata[task.msg_id]
+    assert task.result(5) == 7 and md["status"] == "ok" and md.get("error") is None
