@@ -1,9 +1,10 @@
 """Batches of load-balanced tasks: one client message carrying many tasks.
 
 A client sends the tasks of a map in batch messages on the ``lb`` route,
-``[client, b"lb", BATCH, index, joined, big frames...]`` (:func:`kernel_engine.wire.pack_batch`),
-at most :data:`~kernel_engine.protocol.MAX_SUBMIT_BATCH` tasks each. Every task is a whole
-signed message of its own (signature onwards), with its own msg_id, header, metadata and
+``[client, b"lb", BATCH, index, joined, big frames...]``
+(:func:`kernel_engine.wire.pack_batch`), at most
+:data:`~kernel_engine.protocol.MAX_SUBMIT_BATCH` tasks each. Every task is a whole signed
+message of its own (signature onwards), with its own msg_id, header, metadata and
 buffers: the batch saves the client and the controller a send, a receive and a wake-up
 per task, and nothing after this edge knows that tasks came together (records, retries,
 dependencies, resubmits and the engines see single tasks, signed by the client, which the

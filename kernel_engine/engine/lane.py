@@ -12,8 +12,9 @@ Anyone on the host can connect to the lane, so nothing is trusted before it is c
 every message's signature is verified before any of it is parsed; batches are taken only
 from the controller (the peer that sent the signed ``engine_setup_request``; its identity
 is one zmq made up, which no other peer can claim), and only once their index matches
-their frames; a message from anyone else whose msg_id was seen lately is a replay and gets an error
-reply instead of running twice. Dropped input is counted and logged once per interval.
+their frames; a message from anyone else whose msg_id was seen lately is a replay and
+gets an error reply instead of running twice. Dropped input is counted and logged once
+per interval.
 
 A controller that dies leaves its engines running for a grace period (see
 :mod:`.watch`). A controller restarted on the cluster folder then sets the lane up again:
