@@ -104,16 +104,13 @@ class SubmitBatch:
             raise EngineError("EngineError", str(exc)) from None
         transport.metadata[msg_id] = md
         transport.history.append(msg_id)
-        part = frames[1:]  # (signature onwards)
-        if len(part) > wire.MAX_MESSAGE_FRAMES:  # (a batch with it would be refused whole)
-            self.flush()
+        part = frames[1:]  # (signature onwards; fewer than wire.MAX_MESSAGE_FRAMES frames,
+        # as pickles take serialize.MAX_OOB_BUFFERS buffers at most: no batch is refused)
         self._parts.append(part)
         self._reqs.append(req)
         self._bytes += sum(memoryview(f).nbytes for f in part)
         if len(self._parts) >= self.limit or self._bytes >= MAX_BYTES:
             self.flush()
-        elif len(part) > wire.MAX_MESSAGE_FRAMES:
-            self.flush()  # (alone)
         return req
 
     def flush(self) -> None:

@@ -320,18 +320,12 @@ def settle_all(reqs: Iterable[Request]) -> None:
             req._state = FINISHED
             if req.parts is not None:
                 settled[req.parts] = settled.get(req.parts, 0) + 1
-            watcher = req.watcher
-            if watcher is not None:
-                req.watcher = None  # (told once; and no cycle with what holds the request)
-                watched.setdefault(watcher, []).append(req)
+            _to_watcher(req, watched)
     notified = [req for req in loud if req._notify()]
     if notified:
         with _MAKING:  # (a watcher set while _notify ran is seen here: see watch)
             for req in notified:
-                watcher = req.watcher
-                if watcher is not None:
-                    req.watcher = None
-                    watched.setdefault(watcher, []).append(req)
+                _to_watcher(req, watched)
     for req in notified:
         if req.parts is not None:
             settled[req.parts] = settled.get(req.parts, 0) + 1
@@ -342,6 +336,15 @@ def settle_all(reqs: Iterable[Request]) -> None:
             watcher._children_done(done)
         except Exception:  # (as a future's callbacks: logged, the others still run)
             log.exception("jupyter-px client: error in a watcher of requests")
+
+
+def _to_watcher(req: Request, watched: dict[Any, list[Request]]) -> None:
+    """Add settled ``req`` to its watcher's list, once (call with ``_MAKING`` held); the
+    request forgets its watcher, so no cycle is left with what holds the request."""
+    watcher = req.watcher
+    if watcher is not None:
+        req.watcher = None
+        watched.setdefault(watcher, []).append(req)
 
 
 Send = Callable[[Request, str], bool]

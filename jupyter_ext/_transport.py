@@ -505,37 +505,40 @@ class Transport:
         taken: dict[str, tuple[tuple[bool, Any], int | None]],
         received: datetime,
     ) -> None:
-        """A message of a batch: a reply to a live task of ours is read into ``taken``;
-        anything else (a second reply to one of them included) is handled as
-        :meth:`_on_reply` handles it, once what came before it is settled."""
+        """A message of a batch: a task's reply goes through :meth:`_take_one`; anything
+        else is handled as :meth:`_on_reply` handles it, once what came before it is
+        settled."""
         route = frames[0].bytes
         if route == wire.DELIM or route == protocol.HUB_ROUTE:
             self._take_all(taken)
             self._on_reply(frames)
             return
-        msg = self.wire.unpack(frames[2:])
-        engine_id = _engine_of(route)
-        req = self._taken_with_others(msg)
-        if req is None or req.msg_id in taken:
-            self._take_all(taken)
-            self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
-            return
-        taken[req.msg_id] = self._read(req, msg, msg.metadata, engine_id, received), engine_id
+        self._take_one(self.wire.unpack(frames[2:]), _engine_of(route), taken, received)
 
-    def _taken_with_others(self, msg: wire.Message | replies.Reply) -> Request | None:
-        """The live request of ours a reply answers, when the reply may be taken into the
-        table with others; None for those :meth:`_take_reply` handles alone (unknown,
-        to the controller, a probe's, a refused copy's)."""
+    def _take_one(
+        self,
+        msg: wire.Message | replies.Reply,
+        engine_id: int | None,
+        taken: dict[str, tuple[tuple[bool, Any], int | None]],
+        received: datetime,
+    ) -> None:
+        """A reply among others: read into ``taken`` when it answers a live task of ours;
+        else (unknown, to the controller, a probe's, a refused copy's, a second reply to a
+        task of ``taken``) taken alone, as :meth:`_take_reply` does, after what was read
+        before it."""
         msg_id = msg.parent_id
         req = self.requests.get(msg_id)
         if (
             req is None
             or req.kind == "hub"
             or msg_id in self._probes
+            or msg_id in taken
             or msg.content.get("px_error") == protocol.DUPLICATE
         ):
-            return None
-        return req
+            self._take_all(taken)
+            self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
+            return
+        taken[msg_id] = self._read(req, msg, msg.metadata, engine_id, received), engine_id
 
     def _on_lane_reply(self, frames: list[Any]) -> None:
         msg = self.wire.unpack(frames[1:])
@@ -585,20 +588,12 @@ class Transport:
     def _take_replies(self, got: list[tuple[int, replies.Reply]]) -> None:
         """The replies one merged message carried (engine replies to tasks; a
         broadcast's, mostly): each read as :meth:`_take_reply` would, then taken into the
-        table and settled together."""
+        table and settled together (a bad one: dropped, counted, alone)."""
         received = datetime.now(timezone.utc)
-        taken: list[tuple[str, tuple[bool, Any], int | None]] = []
-
-        def read(req: Request, reply: replies.Reply, eid: int) -> None:
-            taken.append((req.msg_id, self._read(req, reply, reply.metadata, eid, received), eid))
-
+        taken: dict[str, tuple[tuple[bool, Any], int | None]] = {}
         for eid, reply in got:
-            req = self._taken_with_others(reply)
-            if req is None:
-                self.io._safely(self._take_reply, reply, reply.metadata, eid)  # (the rare way)
-                continue
-            self.io._safely(read, req, reply, eid)  # (a bad one: dropped, counted, alone)
-        self._settle(self.requests.replied_all(taken, time.monotonic(), self._send))
+            self.io._safely(self._take_one, reply, eid, taken, received)
+        self._take_all(taken)
 
     def _read(
         self,

@@ -473,19 +473,12 @@ def batches(
     others down with it)."""
     out: list[list[Any]] = []
     run: list[list[Any]] = []
-    for message in messages:
-        if len(message) > most:
-            if run:
-                out.append(run[0] if len(run) == 1 else pack_batch(run))
-                run = []
-            out.append(message)
-            continue
-        run.append(message)
-        if len(run) == limit:
-            out.append(pack_batch(run))
+    for message in [*messages, None]:  # (None: the end, where the last run leaves)
+        if run and (message is None or len(message) > most or len(run) == limit):
+            out.append(run[0] if len(run) == 1 else pack_batch(run))
             run = []
-    if run:
-        out.append(run[0] if len(run) == 1 else pack_batch(run))
+        if message is not None:
+            (out if len(message) > most else run).append(message)
     return out
 
 

@@ -206,19 +206,10 @@ def test_a_batch_of_replies_is_settled_together_and_a_bad_one_alone(rc):
     first, second = view.apply_async(abs, -1), view.apply_async(abs, -2)
     time.sleep(0.2)
     assert not first.done() and not second.done()
-
-    def reply(ar: Any, value: Any) -> list[Any]:
-        req = ar._children[0]
-        md = {"status": "ok", "engine_id": 1, "started": wire.utcnow_iso()}
-        md["completed"] = md["started"]
-        _, frames = transport.wire.pack(
-            protocol.APPLY_REPLY, {"status": "ok"}, req.header, md, serialize.dumps_result(value)
-        )
-        return [b"1", *frames]
-
     drops = transport.io.drops.total
     unsigned = [b"1", wire.DELIM, b"0" * 64, b"{}", b"{}", b"{}", b"{}"]
-    _deliver_batch(rc, [reply(first, 41), unsigned, reply(second, 42)])
+    replies = [_signed_reply(rc, b"1", ar._children[0], v) for ar, v in ((first, 41), (second, 42))]
+    _deliver_batch(rc, [replies[0], unsigned, replies[1]])
     assert first.get(5) == 41 and second.get(5) == 42
     assert transport.io.drops.total == drops + 1
     assert first.metadata["engine_id"] == 1 and first.metadata["received"] is not None
@@ -259,8 +250,9 @@ def _signed_reply(rc: Any, route: bytes, req: Request, value: Any = None, ok: bo
     wire_ = rc.transport.wire
     if req.kind == "hub":
         _, frames = wire_.pack("status_reply", {"status": "ok"}, req.header, {})
-    elif ok:
-        md = {"status": "ok", "engine_id": 0}
+    elif ok:  # (from the engine the route names)
+        md = {"status": "ok", "engine_id": int(route), "started": wire.utcnow_iso()}
+        md["completed"] = md["started"]
         content = {"status": "ok"}
         _, frames = wire_.pack(
             protocol.APPLY_REPLY, content, req.header, md, serialize.dumps(value)

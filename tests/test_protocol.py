@@ -316,6 +316,19 @@ def test_batches_carry_messages_in_order_and_never_one_too_long_for_a_batch():
     assert wire.batches([]) == [] and wire.batches([small[0]]) == [small[0]]
 
 
+def test_a_task_is_never_too_long_for_a_batch():
+    """A client's batch holds its tasks whole (none is sent alone): pickles take
+    serialize.MAX_OOB_BUFFERS buffers at most, the rest in band."""
+    from kernel_engine import serialize
+
+    np = pytest.importorskip("numpy")
+    arrays = [np.zeros(4) for _ in range(3 * serialize.MAX_OOB_BUFFERS)]  # (out of band)
+    _, frames = wire.Wire(b"key").pack(
+        "apply_request", {}, None, {}, serialize.pack_apply(len, (arrays,), {})
+    )
+    assert serialize.MAX_OOB_BUFFERS < len(frames) <= wire.MAX_MESSAGE_FRAMES
+
+
 def _index(*values: int) -> bytes:
     return b"".join(v.to_bytes(8, "little", signed=True) for v in values)
 
