@@ -521,6 +521,11 @@ CLIENT = textwrap.dedent(
     rc = jx.Client(sys.argv[1])
     view = rc.load_balanced_view()
     ars = [view.apply_async(time.sleep, 0.05) for _ in range(300)]
+    ids = [ar.msg_ids[0] for ar in ars]
+    deadline = time.monotonic() + 20  # (killed before its IO thread sent them all, fewer count)
+    while len(rc.db_query({"msg_id": {"$in": ids}}, keys=["msg_id"])) < 300:
+        assert time.monotonic() < deadline, "the controller never had all 300 tasks"
+        time.sleep(0.01)
     print("submitted", flush=True)
     if sys.argv[2] == "close":
         rc.close()
@@ -554,6 +559,8 @@ def test_a_gone_clients_queued_tasks_stop_taking_engines(cluster_factory, how, p
         dropped = [r for r in rc.db_query({"status": "error"}) if r["msg_type"] == "apply_request"]
         least = {"killed": 150, "closed": 250}[how] if policy == "finish" else 290
         assert len(dropped) >= least, f"only {len(dropped)} of the gone client's tasks dropped"
+        ran = rc.db_query({"status": "ok", "msg_type": "apply_request"}, keys=["msg_id"])
+        assert len(dropped) + len(ran) == 301, "a task of the gone client neither ran nor failed"
     finally:
         proc.kill()
         proc.wait(10)
