@@ -83,6 +83,11 @@ EngineGoneHandler = Callable[[int], None]
 CONNECT = protocol.ConnectRequest(reads=(protocol.MERGED_REPLIES,))
 """What a client says when it connects: it reads replies merged (:mod:`kernel_engine.replies`)."""
 
+CONNECT_RETRY_S = 0.2
+"""Seconds after which a client's first request, unanswered, is sent again (then twice as
+long each time, up to :data:`CONNECT_RETRY_MAX_S`): see :meth:`Transport._connect`."""
+CONNECT_RETRY_MAX_S = 2.0
+
 
 class Transport:
     """A connection to a cluster: sockets, requests, and what came back.
@@ -156,7 +161,7 @@ class Transport:
         self.io.on_replies = self._on_replies
         self.io.on_tick = self._tick
         try:
-            reply = self.ask(protocol.CONNECT_REQUEST, CONNECT, timeout=timeout)
+            reply = self._connect(timeout)
         except (TimeoutError, EngineError) as exc:
             self.close()
             raise TimeoutError(
@@ -165,6 +170,36 @@ class Transport:
             ) from None
         self._take_engines(reply)
         self._await_iopub(timeout)
+
+    def _connect(self, timeout: float | None) -> dict[str, Any]:
+        """The content of the controller's first reply to this client.
+
+        Requests leave from our sending socket and replies come to our receiving one, each
+        connected by zmq on its own schedule: should the first request reach the
+        controller before the receiving socket's connection is complete, the reply finds
+        no peer and is lost (seen in CI: a client of a just-started cluster waited its 10 s
+        out). So the request goes again, at doubling intervals, until one is answered; a
+        connect request can be repeated (see :meth:`_await_iopub`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        answered = threading.Event()
+        sent: list[Request] = []
+        interval = CONNECT_RETRY_S
+        while True:
+            request = self.tell(protocol.CONNECT_REQUEST, CONNECT)
+            request.add_done_callback(lambda _: answered.set())
+            sent.append(request)
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            if answered.wait(max(wait, 0)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the controller did not answer {protocol.CONNECT_REQUEST} in {timeout} s"
+                )
+            interval = min(interval * 2, CONNECT_RETRY_MAX_S)
+        reply: dict[str, Any] = next(r for r in sent if r.done()).result()
+        if reply.get("status") == "error":
+            raise _hub_error(reply)
+        return reply
 
     def _await_iopub(self, timeout: float | None) -> None:
         """Return once this client's iopub subscription receives (so no output is missed).

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,3 +127,89 @@ def test_garbage_and_unsigned_messages_do_not_hurt_the_controller(rc):
     finally:
         sock.close()
         ctx.term()
+
+
+class HoldingRelay:
+    """A TCP relay to ``upstream`` that holds back, ``seconds`` long, what a connection
+    sends once it has shown ``marker`` in its first bytes (a zmq peer's identity is in
+    its handshake): that peer's connection then completes late."""
+
+    def __init__(self, upstream: tuple[str, int], marker: bytes, seconds: float):
+        self.upstream, self.marker, self.seconds = upstream, marker, seconds
+        self.held = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.upstream, timeout=5)
+            far.settimeout(None)
+            self.sockets += [near, far]
+            for args in ((near, far, True), (far, near, False)):
+                thread = threading.Thread(target=self._pump, args=args, daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, outward: bool) -> None:
+        seen = b""
+        try:
+            while chunk := src.recv(65536):
+                if outward and len(seen) < 512:
+                    seen += chunk
+                    if self.marker in seen:
+                        self.held += 1
+                        time.sleep(self.seconds)
+                        seen = b"x" * 512  # (held once)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for thread in self.threads:
+            thread.join(5)
+        assert not any(t.is_alive() for t in self.threads), "a relay thread did not end"
+
+
+def test_a_client_connects_when_its_receiving_socket_connects_after_its_first_request(
+    cluster_factory, tmp_path
+):
+    """Replies come to the client's receiving socket, requests leave from its sending one:
+    should the first request reach the controller before the receiving socket's connection
+    is complete, its reply is lost (seen in CI, a just-started cluster's client waited its
+    10 s out). A relay holds the receiving socket's handshake back 0.5 s here; the client
+    asks again and connects long before its timeout."""
+    _, rc = cluster_factory.start(1)
+    info = json.loads(Path(rc.connection_file).read_text())
+    relay = HoldingRelay(("127.0.0.1", info["client_port"]), marker=b":r", seconds=0.5)
+    try:
+        info["client_port"] = relay.port
+        path = tmp_path / "client.json"
+        path.write_text(json.dumps(info))
+        path.chmod(0o600)
+        t0 = time.monotonic()
+        late = jx.Client(path, timeout=5)
+        try:
+            took = time.monotonic() - t0
+            assert relay.held == 1, "the relay never held the receiving socket back"
+            assert took < 3, f"the client took {took:.1f} s to connect"
+            assert late.ids == rc.ids
+            assert late[0].apply_sync(abs, -2) == 2
+        finally:
+            late.close()
+    finally:
+        relay.close()
