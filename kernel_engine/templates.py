@@ -7,7 +7,7 @@ preload and start-up environment (the variables the interpreter reads when it st
 of its own, at most :data:`MAX_TEMPLATES`. Everything else in a kernel's environment is
 its own: the child's ``os.environ`` is replaced by it. A module that reads some other
 variable when it is imported sees the template's value: only modules that do not are
-preloaded (ipykernel, IPython, zmq, tornado, debugpy: they read theirs when called).
+preloaded (ipykernel, IPython, zmq, tornado: they read theirs when called).
 
 A template that failed (did not start, refused, died, did not answer) is not started
 again for the same key: the provisioner takes the plain local path for its kernels from
@@ -50,8 +50,8 @@ DEFAULT_PRELOAD = (
     "ipykernel.kernelapp",
     "ipykernel.ipkernel",
     "ipykernel.zmqshell",
-    # what a kernel's initialisation imports besides: debugpy alone is half of it
-    "ipykernel.debugger",
+    # what a kernel's initialisation imports besides (not debugpy: see
+    # kernel_engine.engine.kernel.without_debugger)
     "IPython.core.debugger",
     "IPython.core.completerlib",
     "IPython.extensions.storemagic",

@@ -239,3 +239,25 @@ def test_nothing_is_left_after_the_controller_is_killed(cluster_factory):
 
 if sys.platform != "linux":
     pytestmark = pytest.mark.skip("engines are forked on Linux only")
+
+
+@pytest.mark.parametrize("path", ["forked", "plain"])
+def test_engines_neither_import_debugpy_nor_offer_the_debugger_and_users_can_import_it(
+    cluster_factory, monkeypatch, path
+):
+    """The engine spec says ``"debugger": false``; importing debugpy for ipykernel's
+    debugger was a third of an engine's imports. User code can still import it."""
+    if path == "plain":
+        monkeypatch.setenv("JUPYTER_PX_NO_FORK", "1")
+    _, rc = cluster_factory.start(1)
+    assert rc[0].apply_sync(lambda: "debugpy" in __import__("sys").modules) is False
+    kc = BlockingKernelClient()
+    kc.load_connection_info(rc.engine_info(0)["connection_info"])
+    kc.start_channels()
+    try:
+        reply = kc.kernel_info(reply=True, timeout=10)
+    finally:
+        kc.stop_channels()
+    assert "debugger" not in reply["content"].get("supported_features", [])
+    assert reply["content"]["engine"]["lane_port"]
+    assert rc[0].apply_sync(lambda: __import__("debugpy").__name__) == "debugpy"
