@@ -553,6 +553,16 @@ class Requests:
                 done.append(self._finish(req))
             return done
 
+    def drop(self, msg_ids: Iterable[str]) -> None:
+        """Forget requests to the controller that nobody waits for any more (the copies of
+        a client's first request, see ``Transport._connect``): they end without an
+        outcome, and a reply to one that comes later is a reply to an unknown request."""
+        with self.lock:
+            for msg_id in msg_ids:
+                req = self.live.get(msg_id)
+                if req is not None and req.kind == "hub":
+                    self._finish(req)
+
     def _finish(self, req: Request) -> Request:
         req.state = DONE
         if req.frames is not None:

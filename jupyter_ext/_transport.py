@@ -87,6 +87,8 @@ CONNECT_RETRY_S = 0.2
 """Seconds after which a client's first request, unanswered, is sent again (then twice as
 long each time, up to :data:`CONNECT_RETRY_MAX_S`): see :meth:`Transport._connect`."""
 CONNECT_RETRY_MAX_S = 2.0
+CONNECT_COPIES = 4
+"""Copies of a client's first request it waits on at most (the oldest is forgotten)."""
 
 
 class Transport:
@@ -161,15 +163,19 @@ class Transport:
         self.io.on_replies = self._on_replies
         self.io.on_tick = self._tick
         try:
-            reply = self._connect(timeout)
-        except (TimeoutError, EngineError) as exc:
+            try:
+                reply = self._connect(timeout)
+            except (TimeoutError, EngineError) as exc:
+                raise TimeoutError(
+                    f"the controller at {self.io.address} did not answer within {timeout} s "
+                    f"(connection file {self.connection_file}): {exc}"
+                ) from None
+            self._take_engines(reply)
+            self._await_iopub(timeout)
+        except BaseException:
+            # (a refusal, a malformed reply, a Ctrl-C: no IO thread is left running)
             self.close()
-            raise TimeoutError(
-                f"the controller at {self.io.address} did not answer within {timeout} s "
-                f"(connection file {self.connection_file}): {exc}"
-            ) from None
-        self._take_engines(reply)
-        self._await_iopub(timeout)
+            raise
 
     def _connect(self, timeout: float | None) -> dict[str, Any]:
         """The content of the controller's first reply to this client.
@@ -182,21 +188,32 @@ class Transport:
         connect request can be repeated (see :meth:`_await_iopub`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         answered = threading.Event()
+        first: list[Any] = []  # (the copy answered first)
         sent: list[Request] = []
         interval = CONNECT_RETRY_S
-        while True:
-            request = self.tell(protocol.CONNECT_REQUEST, CONNECT)
-            request.add_done_callback(lambda _: answered.set())
-            sent.append(request)
-            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-            if answered.wait(max(wait, 0)):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"the controller did not answer {protocol.CONNECT_REQUEST} in {timeout} s"
-                )
-            interval = min(interval * 2, CONNECT_RETRY_MAX_S)
-        reply: dict[str, Any] = next(r for r in sent if r.done()).result()
+
+        def done(request: Any) -> None:
+            first.append(request)
+            answered.set()
+
+        try:
+            while True:
+                request = self.tell(protocol.CONNECT_REQUEST, CONNECT)
+                request.add_done_callback(done)
+                sent.append(request)
+                if len(sent) > CONNECT_COPIES:  # (waiting for ever: the oldest go)
+                    self.requests.drop([sent.pop(0).msg_id])
+                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+                if answered.wait(max(wait, 0)):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"the controller did not answer {protocol.CONNECT_REQUEST} in {timeout} s"
+                    )
+                interval = min(interval * 2, CONNECT_RETRY_MAX_S)
+            reply: dict[str, Any] = first[0].result()
+        finally:
+            self.requests.drop(r.msg_id for r in sent if not r.done())
         if reply.get("status") == "error":
             raise _hub_error(reply)
         return reply

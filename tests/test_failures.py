@@ -14,8 +14,10 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import zmq
 
 import jupyter_ext as jx
+from kernel_engine import protocol, wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -149,7 +151,11 @@ class HoldingRelay:
                 near, _ = self.listener.accept()
             except OSError:
                 return
-            far = socket.create_connection(self.upstream, timeout=5)
+            try:
+                far = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                near.close()
+                continue
             far.settimeout(None)
             self.sockets += [near, far]
             for args in ((near, far, True), (far, near, False)):
@@ -191,8 +197,10 @@ def test_a_client_connects_when_its_receiving_socket_connects_after_its_first_re
     """Replies come to the client's receiving socket, requests leave from its sending one:
     should the first request reach the controller before the receiving socket's connection
     is complete, its reply is lost (seen in CI, a just-started cluster's client waited its
-    10 s out). A relay holds the receiving socket's handshake back 0.5 s here; the client
-    asks again and connects long before its timeout."""
+    10 s out). A relay holds the receiving socket's handshake back 0.5 s here (it finds the
+    identity in the handshake, which CurveZMQ would encrypt: this cluster is on loopback,
+    unencrypted); the client asks again and connects long before its timeout, and leaves
+    no copy of its request waiting."""
     _, rc = cluster_factory.start(1)
     info = json.loads(Path(rc.connection_file).read_text())
     relay = HoldingRelay(("127.0.0.1", info["client_port"]), marker=b":r", seconds=0.5)
@@ -209,7 +217,64 @@ def test_a_client_connects_when_its_receiving_socket_connects_after_its_first_re
             assert took < 3, f"the client took {took:.1f} s to connect"
             assert late.ids == rc.ids
             assert late[0].apply_sync(abs, -2) == 2
+            table = late.transport.requests
+            deadline = time.monotonic() + 5  # (the welcome loop's copies are answered too)
+            while [r for r in list(table.live.values()) if r.kind == "hub"]:
+                assert time.monotonic() < deadline, "copies of the connect request left"
+                time.sleep(0.02)
         finally:
             late.close()
     finally:
         relay.close()
+
+
+def _io_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "jupyter-px-io"}
+
+
+def test_a_client_that_fails_to_connect_leaves_no_io_thread(tmp_path):
+    """A stand-in controller (a ROUTER speaking the wire) refuses the client's connect
+    request: the client raises the refusal and closes, its IO thread gone."""
+    key = os.urandom(16).hex()
+    signer = wire.Wire(key.encode())
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.linger = pub.linger = 0
+    info = {
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "key": key,
+        "client_port": router.bind_to_random_port("tcp://127.0.0.1"),
+        "iopub_port": pub.bind_to_random_port("tcp://127.0.0.1"),
+    }
+    path = tmp_path / "client.json"
+    path.write_text(json.dumps(info))
+    path.chmod(0o600)
+    stop = threading.Event()
+
+    def refuse() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            frames = router.recv_multipart()
+            msg = signer.unpack(frames[frames.index(wire.DELIM) + 1 :])
+            no = protocol.error_content("ValueError", "this stand-in refuses everyone")
+            reply = signer.pack(protocol.reply_type(msg.msg_type), no, msg.header)[1]
+            router.send_multipart([protocol.reply_identity(frames[0]), protocol.HUB_ROUTE, *reply])
+
+    before = _io_threads()
+    server = threading.Thread(target=refuse, daemon=True)
+    server.start()
+    try:
+        with pytest.raises(ValueError, match="refuses everyone"):
+            jx.Client(path, timeout=5)
+        deadline = time.monotonic() + 5
+        while _io_threads() - before:
+            assert time.monotonic() < deadline, "the failed client's IO thread still runs"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        server.join(5)
+        router.close()
+        pub.close()
+        ctx.term()

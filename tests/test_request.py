@@ -88,6 +88,19 @@ def test_load_balanced_and_controller_requests_need_no_order():
     assert len(t.requests) == 1
 
 
+def test_dropped_controller_requests_are_forgotten_and_tasks_are_not():
+    """The copies of a client's first request nobody waits for any more leave the table;
+    a late reply to one is a reply to an unknown request; a task cannot be dropped so."""
+    t = Table()
+    copies = [t.new(engine=None, channel="controller", kind="hub") for _ in range(3)]
+    task = t.new(engine=None, channel="controller")
+    t.requests.drop([copies[0].msg_id, copies[2].msg_id, task.msg_id, "no such id"])
+    assert set(t.requests.live) == {copies[1].msg_id, task.msg_id}
+    assert copies[0].state == DONE and not copies[0].done()  # (no outcome: nobody waits)
+    assert t.reply(copies[0]) == []
+    assert t.reply(copies[1]) == [copies[1]]
+
+
 def test_a_request_on_another_path_waits_for_those_in_flight():
     """``dview.execute(...)`` then ``dview.apply(...)``: the apply waits, unsent."""
     t = Table(direct={0})
