@@ -429,6 +429,11 @@ def engine_connection(info: dict[str, Any]) -> dict[str, Any]:
 CONTROLLER_PID_ENV = "JUPYTER_PX_CONTROLLER_PID"
 """Set by a controller for the engines it starts: its PID, which they watch."""
 
+ENGINE_DEBUGGER_ENV = "JUPYTER_PX_ENGINE_DEBUGGER"
+"""Set to ``1`` where a cluster starts (engines inherit it): its engines import debugpy and
+offer the Jupyter debugger to a frontend attached to one (see
+:func:`kernel_engine.engine.kernel.without_debugger`)."""
+
 ENGINE_GRACE_ENV = "JUPYTER_PX_ENGINE_GRACE"
 """Seconds an engine outlives its controller, waiting for a restarted one to adopt it.
 A controller sets it for its engines (``Cluster(engine_grace=...)``, ``--engine-grace``);

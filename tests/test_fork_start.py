@@ -241,23 +241,42 @@ if sys.platform != "linux":
     pytestmark = pytest.mark.skip("engines are forked on Linux only")
 
 
+def _features(rc: jx.Client, engine_id: int) -> list[str]:
+    """What an engine's ``kernel_info_reply`` says it supports (asked on its own channels)."""
+    kc = BlockingKernelClient()
+    kc.load_connection_info(rc.engine_info(engine_id)["connection_info"])
+    kc.start_channels()
+    try:
+        reply = kc.kernel_info(reply=True, timeout=10)
+    finally:
+        kc.stop_channels()
+    assert reply["content"]["engine"]["lane_port"]
+    return list(reply["content"].get("supported_features", []))
+
+
 @pytest.mark.parametrize("path", ["forked", "plain"])
 def test_engines_neither_import_debugpy_nor_offer_the_debugger_and_users_can_import_it(
     cluster_factory, monkeypatch, path
 ):
     """The engine spec says ``"debugger": false``; importing debugpy for ipykernel's
     debugger was a third of an engine's imports. User code can still import it."""
+    monkeypatch.delenv("JUPYTER_PX_ENGINE_DEBUGGER", raising=False)
     if path == "plain":
         monkeypatch.setenv("JUPYTER_PX_NO_FORK", "1")
     _, rc = cluster_factory.start(1)
     assert rc[0].apply_sync(lambda: "debugpy" in __import__("sys").modules) is False
-    kc = BlockingKernelClient()
-    kc.load_connection_info(rc.engine_info(0)["connection_info"])
-    kc.start_channels()
-    try:
-        reply = kc.kernel_info(reply=True, timeout=10)
-    finally:
-        kc.stop_channels()
-    assert "debugger" not in reply["content"].get("supported_features", [])
-    assert reply["content"]["engine"]["lane_port"]
+    assert "debugger" not in _features(rc, 0)
     assert rc[0].apply_sync(lambda: __import__("debugpy").__name__) == "debugpy"
+
+
+def test_engines_offer_the_debugger_when_the_cluster_starts_with_it_asked_for(
+    cluster_factory, monkeypatch
+):
+    """``JUPYTER_PX_ENGINE_DEBUGGER=1`` where the cluster starts: a frontend attached to an
+    engine can debug it again (the fork template that serves it imported debugpy)."""
+    monkeypatch.setenv("JUPYTER_PX_ENGINE_DEBUGGER", "1")
+    _, rc = cluster_factory.start(1)
+    assert "debugger" in _features(rc, 0)
+    assert rc[0].apply_sync(lambda: "debugpy" in __import__("sys").modules) is True
+    pid = rc.engine_info(0)["pid"]
+    assert _is_template(_parent(pid))

@@ -24,6 +24,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Integer, Unicode
 
 from kernel_engine import protocol
+from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
 
 from .lane import TaskLane
 from .usage import Usage
@@ -37,9 +38,12 @@ def without_debugger() -> None:
     Importing debugpy was a third of what an engine imports (about 100 ms of the fork
     template's 330 ms here, on every cluster's start path). debugpy itself stays importable
     in engines: only ipykernel's module is imported while it is out of reach (a ``None``
-    in ``sys.modules`` fails the import).
+    in ``sys.modules`` fails the import). Nothing is hidden where debugpy's server is
+    imported already (a process started under debugpy: its cost is paid), nor with
+    ``JUPYTER_PX_ENGINE_DEBUGGER=1`` (:data:`~kernel_engine.clusters.ENGINE_DEBUGGER_ENV`)
+    where the cluster starts, for a frontend attached to an engine that wants to debug it.
     """
-    if "ipykernel.debugger" in sys.modules:
+    if "ipykernel.debugger" in sys.modules or os.environ.get(ENGINE_DEBUGGER_ENV) == "1":
         return
     absent = object()
     saved = sys.modules.get("debugpy", absent)
