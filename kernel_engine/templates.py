@@ -69,8 +69,9 @@ UNKNOWN_EXIT = 255
 """The returncode of a forked kernel whose end its template, gone, could not report."""
 _STARTUP_ENV_PREFIXES = ("PYTHON", "LD_", "LC_")
 _STARTUP_ENV = frozenset({"LANG", "TZ", "JUPYTER_PX_ENGINE_DEBUGGER"})
-"""What the interpreter (or an engine module, as it is imported) reads of its environment
-when it starts (so a template's and its kernels' must agree)."""
+"""What the interpreter (or an engine module, as it is imported: ``ENGINE_DEBUGGER_ENV``
+of :mod:`kernel_engine.clusters`, which this module does not import) reads of its
+environment when it starts (so a template's and its kernels' must agree)."""
 DISABLE_ENV = "JUPYTER_PX_NO_FORK"
 """Set (to anything but empty or ``0``) in the controller's environment: no templates,
 every kernel takes the plain local path (to compare, or to rule the fork path out)."""

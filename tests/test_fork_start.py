@@ -280,3 +280,12 @@ def test_engines_offer_the_debugger_when_the_cluster_starts_with_it_asked_for(
     assert rc[0].apply_sync(lambda: "debugpy" in __import__("sys").modules) is True
     pid = rc.engine_info(0)["pid"]
     assert _is_template(_parent(pid))
+
+
+def test_the_template_key_names_the_debugger_variable():
+    """A template's engines read it as they are imported, so it keys the template."""
+    from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
+
+    with_it = TemplatePool.key("py", {ENGINE_DEBUGGER_ENV: "1"}, "/", [])
+    without = TemplatePool.key("py", {}, "/", [])
+    assert with_it != without
