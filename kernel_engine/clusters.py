@@ -467,14 +467,14 @@ def launch_controller(
 ) -> subprocess.Popen[bytes]:
     """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
 
-    Cleans up after dead clusters first. ``parent_pid``: the controller stops when that
-    process exits; ``controller_args``: more options of ``python -m
+    Cleans up after dead clusters too, once the controller runs (their folders are many
+    after a while: the controller need not wait for that). ``parent_pid``: the controller
+    stops when that process exits; ``controller_args``: more options of ``python -m
     kernel_engine.controller``; ``env``: more environment for it and its engines;
     ``restore``: start the controller again on the folder of one that died (same key,
     ports and task records; it adopts the engines still running, and starts ``n`` more).
     Raises :class:`ClusterError` if the folder's controller already runs.
     """
-    clean_dead_clusters(keep=folder)
     current = read_cluster(folder)
     if current.running:
         raise ClusterError(
@@ -518,6 +518,7 @@ def launch_controller(
         write_private_json(
             folder / LAUNCH_FILE, {"cluster_id": cluster_id, **controller_record(process.pid)}
         )
+        clean_dead_clusters(keep=folder)
     except BaseException:
         process.kill()  # a controller nobody could find again would hold its key forever
         process.wait(10)
