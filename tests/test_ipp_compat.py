@@ -357,6 +357,37 @@ def test_engines_load_the_users_ipython_profile(cluster_factory, tmp_path, monke
         jx.Cluster(n=1, profile_dir=tmp_path / "absent")
 
 
+def test_engines_keep_cells_history_in_memory_unless_the_profile_names_a_file(
+    cluster_factory, tmp_path, monkeypatch
+):
+    """As IPython Parallel's engines: no engine writes the profile's history.sqlite (nor
+    runs a thread for it); a profile that names a history file keeps it."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    (tmp_path / "profile_default").mkdir()
+    kept = tmp_path / "engines_history.sqlite"
+    (tmp_path / "profile_kept").mkdir()
+    (tmp_path / "profile_kept" / "ipython_config.py").write_text(
+        f"c.HistoryManager.hist_file = {str(kept)!r}\n"
+    )
+
+    def history() -> tuple[str, list[str]]:
+        import threading
+
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        return str(shell.history_manager.hist_file), [t.name for t in threading.enumerate()]
+
+    _, rc = cluster_factory.start(n=1)
+    rc[:].execute("x = 1", block=True)
+    hist_file, threads = rc[0].apply_sync(history)
+    assert hist_file == ":memory:"
+    assert "IPythonHistorySavingThread" not in threads
+    assert not (tmp_path / "profile_default" / "history.sqlite").exists()
+    _, rc = cluster_factory.start(n=1, profile="kept")
+    assert rc[0].apply_sync(history)[0] == str(kept)
+
+
 def test_become_dask_takes_engines_added_later(cluster_factory):
     pytest.importorskip("distributed")
     cluster, rc = cluster_factory.start(n=1)

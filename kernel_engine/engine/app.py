@@ -92,6 +92,13 @@ class EngineApp(IPKernelApp):
         logs.guard(getattr(log, "logger", log))
 
     def init_kernel(self) -> None:
+        # Cells' history in memory, as IPython Parallel's engines keep it: not in the
+        # profile's history.sqlite, which every engine would otherwise open (a writing
+        # thread each, lock contention among many) and fill with each cell N times over.
+        # A profile that names a file keeps it.
+        history = self.config.HistoryManager
+        if "hist_file" not in history:
+            history.hist_file = ":memory:"
         super().init_kernel()
         kernel = self.kernel
         kernel.lane_socket = self.lane_socket
