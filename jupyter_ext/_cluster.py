@@ -13,7 +13,6 @@ from typing import Any
 
 from kernel_engine import clusters, launchers, protocol
 from kernel_engine.errors import ClusterError
-from kernel_engine.kernelspec import ensure_installed
 
 from ._client import Client
 from ._reprs import client_html, cluster_html
@@ -329,7 +328,6 @@ class Cluster:
         if self.running:
             raise ClusterError(f"cluster {self.cluster_id} is already running")
         n = self.n if n is None else n
-        ensure_installed()
         self.controller = clusters.launch_controller(
             self.folder,
             n,
@@ -444,7 +442,6 @@ class Cluster:
             # ports: else it would send to it as if nothing happened, then fail what it
             # sent when its next check finds the old pid gone)
             client.transport.io.notice_lost()
-        ensure_installed()
         self.controller = clusters.launch_controller(
             self.folder,
             0,

@@ -210,3 +210,24 @@ def test_first_execute_after_connecting_gets_its_output_promptly(cluster_factory
     ar = rc[:].execute("print('first')", block=True)
     assert time.monotonic() - t0 < 1.5
     assert ar.stdout == ["first\n", "first\n"]
+
+
+def test_the_controller_brings_an_outdated_engine_spec_up_to_date(
+    cluster_factory, tmp_path, monkeypatch
+):
+    """The engine kernel spec is checked (and installed or replaced) by the controller as
+    it starts, while its fork template imports, not by the client before launching it."""
+    from kernel_engine import kernelspec
+
+    old = kernelspec.spec_dict()
+    old["metadata"]["jupyter_px"]["spec_version"] = 1
+    old["metadata"].pop("kernel_provisioner")
+    folder = tmp_path / "kernels" / kernelspec.KERNEL_NAME
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps(old))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    _, rc = cluster_factory.start(1)
+    spec = json.loads((folder / "kernel.json").read_text())
+    assert spec["metadata"]["jupyter_px"]["spec_version"] == kernelspec.SPEC_VERSION
+    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "jupyter-px-fork"
+    assert rc[0].apply_sync(abs, -3) == 3

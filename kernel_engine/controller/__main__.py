@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s controller: %(message)s",
         stream=sys.stderr,
     )
-    ensure_installed()
     folder = Path(args.folder)
     options = {**DEFAULTS, **(saved_options(folder) if args.restore else {})}
     for name in DEFAULTS:
@@ -138,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None:
             options[name] = given
     try:
+        # (here, not in the client that launches us: while the fork template imports)
+        try:
+            ensure_installed()
+        except OSError as exc:
+            raise ClusterError(f"the engine kernel spec could not be installed: {exc}") from exc
         engine_options = json.loads(args.engine_options)
         if not isinstance(engine_options, dict):
             raise ValueError("--engine-options must be a JSON object")
