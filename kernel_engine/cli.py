@@ -155,14 +155,9 @@ def _launcher_args(args: argparse.Namespace) -> list[str]:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from kernel_engine.kernelspec import ensure_installed
-
     if args.restore and not args.cluster_id:
         raise UsageError("--restore: which cluster? give --cluster-id")
     launcher_args = _launcher_args(args)
-    ensure_installed()
-    folder = clusters.cluster_folder(args.cluster_id) if args.cluster_id else None
-    _report_cleaned(clusters.clean_dead_clusters(keep=folder if args.restore else None))
     cluster_id = args.cluster_id or clusters.new_cluster_id()
     folder = clusters.cluster_folder(cluster_id)
     extra = ["--curve"] if args.curve else ["--no-curve"] if args.curve is False else []
@@ -178,6 +173,7 @@ def _start(args: argparse.Namespace) -> int:
         cwd=None if args.restore else os.getcwd(),
         controller_args=extra,
         restore=args.restore,
+        cleaned=_report_cleaned,
     )
     status = clusters.wait_ready(process, folder, args.timeout)
     ready = status.get("ids", [])

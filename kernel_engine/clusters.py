@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,13 +465,15 @@ def launch_controller(
     controller_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     restore: bool = False,
+    cleaned: Callable[[list[ClusterState]], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a controller for ``folder`` and ``n`` engines; wait with :func:`wait_ready`.
 
     Cleans up after dead clusters too, once the controller runs (their folders are many
-    after a while: the controller need not wait for that). ``parent_pid``: the controller
-    stops when that process exits; ``controller_args``: more options of ``python -m
-    kernel_engine.controller``; ``env``: more environment for it and its engines;
+    after a while: the controller need not wait for that), and tells ``cleaned`` which
+    it cleaned (the engine kernel spec is the controller's to check). ``parent_pid``:
+    the controller stops when that process exits; ``controller_args``: more options of
+    ``python -m kernel_engine.controller``; ``env``: more environment for it and its engines;
     ``restore``: start the controller again on the folder of one that died (same key,
     ports and task records; it adopts the engines still running, and starts ``n`` more).
     Raises :class:`ClusterError` if the folder's controller already runs.
@@ -518,7 +521,9 @@ def launch_controller(
         write_private_json(
             folder / LAUNCH_FILE, {"cluster_id": cluster_id, **controller_record(process.pid)}
         )
-        clean_dead_clusters(keep=folder)
+        gone = clean_dead_clusters(keep=folder)
+        if cleaned is not None:
+            cleaned(gone)
     except BaseException:
         process.kill()  # a controller nobody could find again would hold its key forever
         process.wait(10)
