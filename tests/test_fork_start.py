@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 from conftest import kill_pids, wait_gone
 from jupyter_client import BlockingKernelClient, KernelManager
 
@@ -66,7 +67,8 @@ def _start(name: str, tmp_path: Path, **kwargs: object) -> tuple[KernelManager, 
 def _execute(km: KernelManager, code: str) -> str:
     """Run ``code`` on the kernel through a Jupyter client of its connection file; its
     stdout."""
-    kc = BlockingKernelClient(connection_file=km.connection_file)
+    context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
+    kc = BlockingKernelClient(connection_file=km.connection_file, context=context)
     kc.load_connection_file()
     kc.start_channels()
     out: list[str] = []
@@ -81,6 +83,7 @@ def _execute(km: KernelManager, code: str) -> str:
         assert reply["content"]["status"] == "ok", reply["content"]
     finally:
         kc.stop_channels()
+        context.destroy(linger=0)
     return "".join(out)
 
 
@@ -243,13 +246,15 @@ if sys.platform != "linux":
 
 def _features(rc: jx.Client, engine_id: int) -> list[str]:
     """What an engine's ``kernel_info_reply`` says it supports (asked on its own channels)."""
-    kc = BlockingKernelClient()
+    context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
+    kc = BlockingKernelClient(context=context)
     kc.load_connection_info(rc.engine_info(engine_id)["connection_info"])
-    kc.start_channels()
+    kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
     try:
         reply = kc.kernel_info(reply=True, timeout=10)
     finally:
         kc.stop_channels()
+        context.destroy(linger=0)
     assert reply["content"]["engine"]["lane_port"]
     return list(reply["content"].get("supported_features", []))
 
