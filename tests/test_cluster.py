@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import zmq
 from conftest import wait_gone
 from jupyter_client import BlockingKernelClient
 
@@ -67,7 +68,8 @@ def test_engine_info_and_a_jupyter_client_on_an_engine(rc):
     info = rc.engine_info(0)
     assert info["pid"] > 0 and info["hostname"]
     rc[0]["pushed"] = {"from": "direct view"}
-    kc = BlockingKernelClient()
+    context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
+    kc = BlockingKernelClient(context=context)
     kc.load_connection_info(info["connection_info"])
     kc.start_channels()
     try:
@@ -77,6 +79,7 @@ def test_engine_info_and_a_jupyter_client_on_an_engine(rc):
         kc.execute_interactive("from_console = 41 + 1", timeout=10)
     finally:
         kc.stop_channels()
+        context.destroy(linger=0)
     assert rc[0]["from_console"] == 42
 
 

@@ -147,12 +147,16 @@ def test_signals_and_exit_codes_of_a_forked_kernel(spec_path: Path):
         km.shutdown_kernel(now=True)
     km, _ = _start(kernelspec.KERNEL_NAME, spec_path)
     try:
-        kc = BlockingKernelClient(connection_file=km.connection_file)
-        kc.load_connection_file()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=30)
-        kc.execute("import os; os._exit(7)")
-        kc.stop_channels()
+        context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
+        kc = BlockingKernelClient(connection_file=km.connection_file, context=context)
+        try:
+            kc.load_connection_file()
+            kc.start_channels()
+            kc.wait_for_ready(timeout=30)
+            kc.execute("import os; os._exit(7)")
+        finally:
+            kc.stop_channels()
+            context.destroy(linger=0)
         assert km.provisioner.process.wait(10) == 7
     finally:
         km.shutdown_kernel(now=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from conftest import kill_pids
 from jupyter_client import BlockingKernelClient
 
@@ -133,7 +134,8 @@ def test_the_engine_checks_what_it_is_asked_for(remote):
     """Whoever holds the key may talk to the engine's control channel directly: the
     engine itself refuses what is not an allowed signal number."""
     rc, engine, _ = remote
-    kc = BlockingKernelClient()
+    context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
+    kc = BlockingKernelClient(context=context)
     kc.load_connection_info(rc.engine_info(ENGINE_ID)["connection_info"])
     kc.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
     try:
@@ -146,6 +148,7 @@ def test_the_engine_checks_what_it_is_asked_for(remote):
             assert reply["content"]["ename"] in ("TypeError", "ValueError")
     finally:
         kc.stop_channels()
+        context.destroy(linger=0)
     assert engine.poll() is None
 
 
