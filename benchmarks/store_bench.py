@@ -279,6 +279,11 @@ def main() -> None:
     parser.add_argument("--big-mib", type=int, default=64, help="MiB of each big buffer")
     parser.add_argument("--big-pace", type=float, default=0.06, help="seconds between them")
     args = parser.parse_args()
+    for name, least in (("records", 1), ("rate", 1), ("seconds", 0.1), ("big", 0), ("big_mib", 1)):
+        if not getattr(args, name) >= least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if args.big_pace < 0:
+        parser.error("--big-pace must not be negative")
     folder = tempfile.mkdtemp(prefix="px-store-bench-", dir=args.dir)
     MiB = 1 << 20
     try:
@@ -337,8 +342,16 @@ def main() -> None:
         query_ms = (time.perf_counter() - t0) * 1000
         store.close()
 
-        big_path = os.path.join(folder, "big.db")
-        big_cpu, big_blocked, big_tail = big_frames(big_path, args.big, args.big_mib, args.big_pace)
+        big_rows = []
+        if args.big:
+            big_path = os.path.join(folder, "big.db")
+            big = big_frames(big_path, args.big, args.big_mib, args.big_pace)
+            what = f"{args.big} tasks of {args.big_mib} MiB"
+            big_rows = [
+                [f"{what}: CPU per task, ms", f"{big[0]:.0f}"],
+                [f"{what}: caller blocked, s", f"{big[1]:.2f}"],
+                [f"{what}: committed after, s", f"{big[2]:.2f}"],
+            ]
 
         head = ["put() on the caller's thread, ns", "p50", "p99", "p99.9", "max", "samples"]
         print(
@@ -381,15 +394,7 @@ def main() -> None:
                     ["get(msg_id), ms", f"{get_ms:.2f}"],
                     [f"history() of {n_hist:,}, s", f"{hist_s:.2f}"],
                     [f"query completed in last hour, limit 1000 ({n_q}), ms", f"{query_ms:.1f}"],
-                    [f"{args.big} tasks of {args.big_mib} MiB: CPU per task, ms", f"{big_cpu:.0f}"],
-                    [
-                        f"{args.big} tasks of {args.big_mib} MiB: caller blocked, s",
-                        f"{big_blocked:.2f}",
-                    ],
-                    [
-                        f"{args.big} tasks of {args.big_mib} MiB: committed after, s",
-                        f"{big_tail:.2f}",
-                    ],
+                    *big_rows,
                 ],
             )
         )
