@@ -16,10 +16,12 @@ import pickle
 from collections.abc import Callable, Sequence
 from types import CellType, FunctionType, ModuleType
 from typing import Any
+from weakref import ReferenceType, ref
 
 import cloudpickle
 
 from .errors import SerializationError
+from .fnkey import fingerprint, global_names
 
 OOB_THRESHOLD = 64 * 1024
 """``bytes`` at least this large are sent as their own frames."""
@@ -175,7 +177,7 @@ class PickledFunction:
     def __init__(self, f: Any):
         self.__name__ = getattr(f, "__name__", type(f).__name__)
         try:
-            self.data = _pickler.dumps(f, protocol=5)
+            self.data = _pickler.dumps(_for_engines(f), protocol=5)
         except Exception as exc:
             raise SerializationError(
                 f"cannot serialize function {self.__name__!r}: {type(exc).__name__}: {exc}"
@@ -187,19 +189,86 @@ class PickledFunction:
         return (_load_function, (self.data,))
 
 
+_DUMPED: dict[int, tuple[ReferenceType[Any], tuple[Any, ...], bytes]] = {}
+"""Functions pickled lately, by id: (a weak reference to the function, its
+:func:`~kernel_engine.fnkey.fingerprint`, its bytes)."""
+_DUMPED_SIZE = 1024
+
+
 def dumps_function(f: Any) -> bytes:
     """The first frame of an ``apply_request``: the callable alone, pickled by cloudpickle.
 
     A map computes it once and sends the same bytes with every task; engines unpickle
-    each distinct function once (:func:`_load_function`).
+    each distinct function once (:func:`_load_function`). A function sent again is not
+    pickled again while its :func:`~kernel_engine.fnkey.fingerprint` stays the same.
     """
+    key = fingerprint(f) if _pickler is cloudpickle else None
+    if key is not None:
+        hit = _DUMPED.get(id(f))
+        if hit is not None and hit[0]() is f and hit[1] == key:
+            return hit[2]
     try:
-        return bytes(_pickler.dumps(f, protocol=5))
+        data = bytes(_pickler.dumps(_for_engines(f), protocol=5))
     except Exception as exc:
         name = getattr(f, "__name__", type(f).__name__)
         raise SerializationError(
             f"cannot serialize function {name!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    if key is not None:
+        if len(_DUMPED) >= _DUMPED_SIZE:
+            _DUMPED.clear()
+        _DUMPED[id(f)] = (ref(f), key, data)
+    return data
+
+
+def _for_engines(f: Any) -> Any:
+    """What is pickled of the callable ``f``: an interactive function (``__main__``) as
+    :func:`_slim` makes it when cloudpickle pickles it; anything else as it is."""
+    if _pickler is cloudpickle and type(f) is FunctionType and f.__module__ == "__main__":
+        return _slim(f, {})
+    return f
+
+
+_MODULE_ATTRIBUTES = ("__package__", "__name__", "__path__", "__file__")
+
+
+def _slim(f: FunctionType, memo: dict[int, FunctionType]) -> FunctionType:
+    """A copy of the interactive function ``f`` whose globals hold only what
+    :func:`bind_interactive` keeps of them on an engine: the functions (the interactive
+    ones slimmed too), modules and classes its code names. Data it names is left out:
+    an engine runs the function in its own namespace and would drop it (as IPython
+    Parallel's engines, whose clients do not send it either). cloudpickle sent it along:
+    a notebook's function naming a 100 MB array carried the array at every call.
+
+    Its closure (values of its own, which do travel) keeps its values, but the
+    interactive functions in it are slimmed too."""
+    copy = memo.get(id(f))
+    if copy is not None:
+        return copy
+    source = f.__globals__
+    kept = {k: source[k] for k in _MODULE_ATTRIBUTES if k in source}
+    cells = None if f.__closure__ is None else tuple(CellType() for _ in f.__closure__)
+    copy = memo[id(f)] = FunctionType(f.__code__, kept, f.__name__, f.__defaults__, cells)
+    copy.__kwdefaults__ = f.__kwdefaults__
+    copy.__qualname__ = f.__qualname__
+    copy.__doc__ = f.__doc__
+    copy.__module__ = f.__module__
+    copy.__annotations__ = f.__annotations__
+    copy.__dict__.update(f.__dict__)
+    for cell, original in zip(cells or (), f.__closure__ or ()):
+        try:
+            value = original.cell_contents
+        except ValueError:  # (empty: stays empty)
+            continue
+        interactive = type(value) is FunctionType and value.__module__ == "__main__"
+        cell.cell_contents = _slim(value, memo) if interactive else value
+    for name in global_names(f.__code__):
+        value = source.get(name)
+        if type(value) is FunctionType and value.__module__ == "__main__":
+            kept[name] = _slim(value, memo)
+        elif isinstance(value, (FunctionType, ModuleType, type)):
+            kept[name] = value
+    return copy
 
 
 class _NeedsCloudpickle(Exception):
