@@ -333,6 +333,48 @@ def test_an_engine_joins_with_connection_info_in_its_environment(cluster_rc, han
     assert p.wait(10) == 0
 
 
+def test_a_shut_down_engine_closes_nothing_while_its_control_thread_runs(
+    cluster_rc, hand, tmp_path
+):
+    # The shutdown request stops the engine's main loop while the control thread still
+    # finishes that request (flushes, idle status). Tearing down the IOPub thread and the
+    # sockets meanwhile made libzmq abort now and then (SIGABRT, signaler.cpp), or hang
+    # the exit in a flush nobody would do: a slow flush makes that interleaving certain.
+    def slow_control_flushes(path: str, delay: float) -> None:
+        """(Run on an engine.) The control thread's stdout flushes, which ipykernel does after
+        each control message (the shutdown request's too), take ``delay`` s more; each then
+        notes in ``path`` whether the IOPub thread it flushes through still runs."""
+        import threading
+        import time
+
+        from ipykernel.iostream import OutStream
+
+        plain = OutStream.flush
+
+        def flush(self):
+            if threading.current_thread().name == "Control" and self.name == "stdout":
+                time.sleep(delay)
+                pub = self.pub_thread
+                alive = pub is not None and pub.thread is not None and pub.thread.is_alive()
+                with open(path, "a") as f:
+                    f.write(f"{alive}\n")
+            return plain(self)
+
+        OutStream.flush = flush
+
+    cluster, rc, _ = cluster_rc
+    p = hand.start("--file", str(cluster.connection_file), "--id", "9")
+    wait_for(lambda: 9 in rc.ids)
+    marks = tmp_path / "flushes.txt"
+    rc[9].apply_sync(slow_control_flushes, str(marks), 1.0)
+    rc.shutdown(targets=[9], block=True)  # (SIGKILL after the controller's 3 s grace)
+    assert p.wait(10) == 0
+    said = marks.read_text().split()
+    assert said and set(said) == {"True"}, said
+    assert "Assertion failed" not in (tmp_path / "hand-0.log").read_text()
+    wait_for(lambda: 9 not in rc.ids, timeout=10)
+
+
 def test_an_engine_that_finds_no_controller_says_so_and_exits(tmp_path, hand):
     with socketpair_port() as port:
         dead = {"ip": "127.0.0.1", "client_port": port, "key": "k", "cluster_id": "gone"}

@@ -19,6 +19,10 @@ from . import logs
 from .kernel import EngineKernel
 from .watch import ControllerWatch
 
+CHANNEL_THREADS_EXIT = 10.0
+"""Seconds the main thread waits for each of ipykernel's channel threads to finish when
+its event loop has stopped, before the process tears its sockets down anyway."""
+
 
 class EngineApp(IPKernelApp):
     """Starts an :class:`EngineKernel`; the lane port joins the kernel's connection file."""
@@ -78,6 +82,40 @@ class EngineApp(IPKernelApp):
             info["lane_port"] = self.lane_port
             path.write_text(json.dumps(info, indent=1))
             path.chmod(0o600)
+
+    def start(self) -> None:
+        """Run the kernel until its main event loop stops; then let the control and shell
+        channel threads finish before anything is torn down.
+
+        A ``shutdown_request`` stops every loop at once from the control thread, and the
+        control thread goes on after its handler (flushing the output streams, publishing
+        its idle status on IOPub). The main thread's loop returns meanwhile, and the exit's
+        teardown (``atexit``: the IOPub thread stopped and its event pipes closed, then
+        :meth:`close`) would race that thread on the same zmq sockets: a socket used by
+        one thread while another closes it makes libzmq abort
+        (``Assertion failed: pfd.revents & POLLIN (src/signaler.cpp)``), or the control
+        thread waits for a flush that the stopped IOPub thread never does (``flush_timeout``,
+        10 s) while :meth:`close` joins it. So nothing is closed until they have finished.
+        """
+        try:
+            super().start()
+        finally:
+            self.join_channel_threads(CHANNEL_THREADS_EXIT)
+
+    def join_channel_threads(self, timeout: float) -> None:
+        """Stop the control thread, then the shell channel thread (the control thread may
+        send to it), and wait up to ``timeout`` s for each to finish."""
+        for name in ("control_thread", "shell_channel_thread"):
+            thread = getattr(self, name, None)
+            if thread is None or not thread.is_alive():
+                continue
+            try:
+                thread.stop()  # (thread-safe; a no-op for a loop stopped already)
+            except RuntimeError:  # (its loop is closed: the thread is ending)
+                pass
+            thread.join(timeout)
+            if thread.is_alive():
+                self.log.warning("the %s thread did not finish within %.0f s", thread.name, timeout)
 
     def close(self) -> None:
         """Close the lane socket too, or the zmq context's term() would wait for it forever."""
