@@ -20,6 +20,7 @@ identity cannot be reused). Equal keys mean equal pickles.
 
 from __future__ import annotations
 
+import struct
 import sys
 from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
 from typing import Any
@@ -33,6 +34,7 @@ MAX_ITEMS = 64
 """Items of a tuple or frozenset at most; more: no key (it would cost what pickling costs)."""
 
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_DOUBLE = struct.Struct("<d").pack
 _MISSING = ("missing",)  # a name the code uses that the globals do not have (yet)
 
 
@@ -83,20 +85,24 @@ def fingerprint(f: Any) -> tuple[Any, ...] | None:
     if type(f) is not FunctionType:
         return None
     try:
-        return _function(f, 0, set())
+        # (the modules loaded: cloudpickle sends along those submodules of the modules a
+        # function names that its code names, as imported when it pickles; a count, which
+        # an import changes, stands for the list, which costs a scan of them all)
+        return (_function(f, 0, {}), len(sys.modules))
     except Exception:  # (_Unsafe; or anything odd, a tuple nested too deep say: pickled)
         return None
 
 
-def _function(f: FunctionType, depth: int, seen: set[int]) -> tuple[Any, ...]:
+def _function(f: FunctionType, depth: int, seen: dict[int, int]) -> tuple[Any, ...]:
     ref = _by_reference(f)
     if ref is not None:
         return ref
-    if id(f) in seen:  # (recursion, or a helper two functions use: its key is there)
-        return ("seen", Same(f))
+    visit = seen.get(id(f))
+    if visit is not None:  # (recursion, or a helper two functions use: its key is there)
+        return ("seen", visit)  # (by the order of the visits: holding f would keep it alive)
     if depth > MAX_DEPTH or f.__dict__ or getattr(f, "__type_params__", None):
         raise _Unsafe  # (attributes: anything, changed at will; type parameters: rare)
-    seen.add(id(f))
+    seen[id(f)] = len(seen)
     closure = f.__closure__
     kwdefaults = f.__kwdefaults__
     annotations = f.__annotations__
@@ -118,7 +124,7 @@ def _function(f: FunctionType, depth: int, seen: set[int]) -> tuple[Any, ...]:
     )
 
 
-def _globals(f: FunctionType, depth: int, seen: set[int]) -> tuple[Any, ...]:
+def _globals(f: FunctionType, depth: int, seen: dict[int, int]) -> tuple[Any, ...]:
     """The key of the globals ``f``'s code names: all of them (a missing one too); for an
     interactive function only its functions, modules and classes, which are all that is
     sent of its globals (see ``kernel_engine.serialize._slim``)."""
@@ -134,7 +140,7 @@ def _globals(f: FunctionType, depth: int, seen: set[int]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _cell(cell: Any, depth: int, seen: set[int]) -> Any:
+def _cell(cell: Any, depth: int, seen: dict[int, int]) -> Any:
     try:
         contents = cell.cell_contents
     except ValueError:  # (empty: a name assigned later)
@@ -142,9 +148,13 @@ def _cell(cell: Any, depth: int, seen: set[int]) -> Any:
     return _value(contents, depth, seen)
 
 
-def _value(value: Any, depth: int, seen: set[int]) -> Any:
+def _value(value: Any, depth: int, seen: dict[int, int]) -> Any:
     kind = type(value)
     if kind in _SCALARS:
+        if kind is float:  # (by its bits: 0.0 == -0.0, and nan != nan)
+            return (kind, _DOUBLE(value))
+        if kind is complex:
+            return (kind, _DOUBLE(value.real), _DOUBLE(value.imag))
         return (kind, value)  # (the type too: 1, 1.0 and True are equal)
     if value is _MISSING:
         return _MISSING

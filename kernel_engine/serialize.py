@@ -191,8 +191,13 @@ class PickledFunction:
 
 _DUMPED: dict[int, tuple[ReferenceType[Any], tuple[Any, ...], bytes]] = {}
 """Functions pickled lately, by id: (a weak reference to the function, its
-:func:`~kernel_engine.fnkey.fingerprint`, its bytes)."""
+:func:`~kernel_engine.fnkey.fingerprint`, its bytes); an entry goes with its function."""
 _DUMPED_SIZE = 1024
+_DUMPED_MAX_ONE = 256 * 1024
+"""Pickles larger than this are not kept (a function holding that much data costs the
+pickling less, in proportion, than sending it)."""
+_DUMPED_MAX_BYTES = 32 << 20
+_dumped_bytes = 0
 
 
 def dumps_function(f: Any) -> bytes:
@@ -214,11 +219,31 @@ def dumps_function(f: Any) -> bytes:
         raise SerializationError(
             f"cannot serialize function {name!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    if key is not None:
-        if len(_DUMPED) >= _DUMPED_SIZE:
-            _DUMPED.clear()
-        _DUMPED[id(f)] = (ref(f), key, data)
+    # (kept only if nothing changed it meanwhile: another thread may have, while it pickled)
+    if key is not None and len(data) <= _DUMPED_MAX_ONE and fingerprint(f) == key:
+        _keep(f, key, data)
     return data
+
+
+def _keep(f: FunctionType, key: tuple[Any, ...], data: bytes) -> None:
+    global _dumped_bytes
+    if len(_DUMPED) >= _DUMPED_SIZE or _dumped_bytes + len(data) > _DUMPED_MAX_BYTES:
+        _DUMPED.clear()
+        _dumped_bytes = 0
+    fid = id(f)
+
+    def gone(_: Any) -> None:  # (the function was collected: its entry, if still its own)
+        global _dumped_bytes
+        entry = _DUMPED.get(fid)
+        if entry is not None and entry[0] is weak and _DUMPED.pop(fid, None) is entry:
+            _dumped_bytes -= len(entry[2])
+
+    weak = ref(f, gone)
+    old = _DUMPED.get(fid)
+    if old is not None:
+        _dumped_bytes -= len(old[2])
+    _DUMPED[fid] = (weak, key, data)
+    _dumped_bytes += len(data)
 
 
 def _for_engines(f: Any) -> Any:

@@ -167,8 +167,8 @@ def test_recursive_and_mutually_recursive_functions():
 def test_importable_things_are_keyed_by_name():
     ns = notebook("import math\nfrom json import dumps\ndef f(x):\n    return dumps(x) + math.pi")
     key = fnkey.fingerprint(ns["f"])
-    assert key is not None and ("dumps", ("ref", "json", "dumps")) in key[-1]
-    assert ("math", ("module", "math")) in key[-1]
+    assert key is not None and ("dumps", ("ref", "json", "dumps")) in key[0][-1]
+    assert ("math", ("module", "math")) in key[0][-1]
     assert fnkey.fingerprint(math.floor) is None  # (not a Python function: pickled as before)
 
 
@@ -249,3 +249,54 @@ def test_engines_run_a_notebooks_function_as_it_is_at_each_call(rc):
     rc[:].push({"K": 20}, block=True)
     assert rc[:].apply_sync(ns["f"]) == [25] * len(rc.ids)
     assert lview.map_sync(lambda x: ns["helper"]() + x, [1, 2]) == [3, 4]
+
+
+def test_a_submodule_imported_after_the_first_send_is_sent_along(tmp_path, monkeypatch):
+    # (cloudpickle names the submodules of a package the function uses that are imported
+    # when it pickles, for the engine to import them too)
+    package = tmp_path / "px_pkg_sub"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "inner.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ns = notebook("import px_pkg_sub\ndef f():\n    return px_pkg_sub.inner.VALUE")
+    try:
+        before = serialize.dumps_function(ns["f"])
+        exec("import px_pkg_sub.inner", ns)
+        after = serialize.dumps_function(ns["f"])
+        assert after != before and b"px_pkg_sub.inner" in after
+        serialize._DUMPED.clear()
+        assert serialize.dumps_function(ns["f"]) == after
+    finally:
+        for name in ("px_pkg_sub.inner", "px_pkg_sub"):
+            sys.modules.pop(name, None)
+
+
+def test_zero_and_minus_zero_are_told_apart():
+    ns = notebook("def f(x=0.0, z=0j):\n    return math.copysign(1, x), z")
+    ns["math"] = math
+    assert sent(ns["f"]) == (1.0, 0j)
+    ns["f"].__defaults__ = (-0.0, complex(0.0, -0.0))
+    sign, z = sent(ns["f"])
+    assert sign == -1.0 and math.copysign(1, z.imag) == -1.0
+
+
+def test_what_is_kept_goes_with_its_function_and_stays_small():
+    import gc
+    import weakref
+
+    ns = notebook(
+        "def make(blob):\n    def f():\n        return len(blob) + (f() if False else 0)\n"
+        "    return f"
+    )
+    small, big = ns["make"](b"x" * 1000), ns["make"](b"x" * (1 << 20))
+    assert serialize.dumps_function(small) is serialize.dumps_function(small)  # (kept)
+    assert fnkey.fingerprint(big) is not None
+    assert serialize.dumps_function(big) is not serialize.dumps_function(big)  # (too big)
+    assert id(big) not in serialize._DUMPED
+    gone = weakref.ref(small)  # (it calls itself: its key must not hold it)
+    assert id(small) in serialize._DUMPED
+    del small
+    gc.collect()
+    assert gone() is None
+    assert all(weak() is not None for weak, _, _ in serialize._DUMPED.values())
