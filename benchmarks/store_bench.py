@@ -282,7 +282,7 @@ def main() -> None:
     for name, least in (("records", 1), ("rate", 1), ("seconds", 0.1), ("big", 0), ("big_mib", 1)):
         if not getattr(args, name) >= least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
-    if args.big_pace < 0:
+    if not args.big_pace >= 0:  # (nan too)
         parser.error("--big-pace must not be negative")
     folder = tempfile.mkdtemp(prefix="px-store-bench-", dir=args.dir)
     MiB = 1 << 20

@@ -70,9 +70,9 @@ def test_engine_info_and_a_jupyter_client_on_an_engine(rc):
     rc[0]["pushed"] = {"from": "direct view"}
     context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
     kc = BlockingKernelClient(context=context)
-    kc.load_connection_info(info["connection_info"])
-    kc.start_channels()
     try:
+        kc.load_connection_info(info["connection_info"])
+        kc.start_channels()
         kc.wait_for_ready(timeout=10)
         reply = kc.execute_interactive("print(pushed['from'])", timeout=10)
         assert reply["content"]["status"] == "ok"

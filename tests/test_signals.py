@@ -136,9 +136,9 @@ def test_the_engine_checks_what_it_is_asked_for(remote):
     rc, engine, _ = remote
     context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
     kc = BlockingKernelClient(context=context)
-    kc.load_connection_info(rc.engine_info(ENGINE_ID)["connection_info"])
-    kc.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
     try:
+        kc.load_connection_info(rc.engine_info(ENGINE_ID)["connection_info"])
+        kc.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
         for bad in ("15", 15.0, True, None, int(signal.SIGSTOP), 0, 1000):
             msg = kc.session.msg(protocol.ENGINE_SIGNAL_REQUEST, {"signum": bad})
             kc.control_channel.send(msg)
