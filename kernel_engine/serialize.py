@@ -197,7 +197,7 @@ _DUMPED_MAX_ONE = 256 * 1024
 """Pickles larger than this are not kept (a function holding that much data costs the
 pickling less, in proportion, than sending it)."""
 _DUMPED_MAX_BYTES = 32 << 20
-_dumped_bytes = 0
+_dumped_bytes = [0]  # (a list: the weak references' callbacks change it, at exit too)
 
 
 def dumps_function(f: Any) -> bytes:
@@ -226,24 +226,24 @@ def dumps_function(f: Any) -> bytes:
 
 
 def _keep(f: FunctionType, key: tuple[Any, ...], data: bytes) -> None:
-    global _dumped_bytes
-    if len(_DUMPED) >= _DUMPED_SIZE or _dumped_bytes + len(data) > _DUMPED_MAX_BYTES:
-        _DUMPED.clear()
-        _dumped_bytes = 0
+    # (the callback uses what it needs from its closure: at exit, module globals are gone)
+    dumped, total = _DUMPED, _dumped_bytes
+    if len(dumped) >= _DUMPED_SIZE or total[0] + len(data) > _DUMPED_MAX_BYTES:
+        dumped.clear()
+        total[0] = 0
     fid = id(f)
 
     def gone(_: Any) -> None:  # (the function was collected: its entry, if still its own)
-        global _dumped_bytes
-        entry = _DUMPED.get(fid)
-        if entry is not None and entry[0] is weak and _DUMPED.pop(fid, None) is entry:
-            _dumped_bytes -= len(entry[2])
+        entry = dumped.get(fid)
+        if entry is not None and entry[0] is weak and dumped.pop(fid, None) is entry:
+            total[0] -= len(entry[2])
 
     weak = ref(f, gone)
-    old = _DUMPED.get(fid)
+    old = dumped.get(fid)
     if old is not None:
-        _dumped_bytes -= len(old[2])
-    _DUMPED[fid] = (weak, key, data)
-    _dumped_bytes += len(data)
+        total[0] -= len(old[2])
+    dumped[fid] = (weak, key, data)
+    total[0] += len(data)
 
 
 def _for_engines(f: Any) -> Any:
