@@ -300,3 +300,12 @@ def test_what_is_kept_goes_with_its_function_and_stays_small():
     gc.collect()
     assert gone() is None
     assert all(weak() is not None for weak, _, _ in serialize._DUMPED.values())
+
+
+def test_a_maps_function_leaves_the_data_it_names_behind_too():
+    # (a map sends its function with every task: the data once per task, before)
+    ns = notebook("import numpy as np\nDATA = np.ones(1 << 20)\nf = lambda i: DATA[i]")
+    data = serialize.PickledFunction(ns["f"]).data
+    assert len(data) < 2000
+    with pytest.raises(NameError):
+        cloudpickle.loads(data)(0)
