@@ -120,6 +120,13 @@ class DependentFunction:
             **self.kwargs,
         )
 
+    def _px_for_engines(self, for_engines: Callable[[Any], Any]) -> DependentFunction:
+        """What is pickled of it: the functions it wraps as ``for_engines`` makes them
+        (a notebook's without the data they name, see ``kernel_engine.serialize``)."""
+        return DependentFunction(
+            for_engines(self.f), for_engines(self.check), *self.args, **self.kwargs
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.check(*self.args, **self.kwargs):
             raise UnmetDependency(
@@ -160,6 +167,11 @@ class _Requirements:
         self.functions = functions
         self.objects = dict(objects or {})
         self.__name__ = f"require({', '.join(names)})"
+
+    def _px_for_engines(self, for_engines: Callable[[Any], Any]) -> _Requirements:
+        """What is pickled of it: its functions as ``for_engines`` makes them (the engine
+        binds them to its namespace); its objects are sent as they are."""
+        return _Requirements(self.names, tuple(map(for_engines, self.functions)), self.objects)
 
     def __call__(self) -> bool:
         if not _importable(*self.names):

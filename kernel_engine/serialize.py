@@ -247,11 +247,17 @@ def _keep(f: FunctionType, key: tuple[Any, ...], data: bytes) -> None:
 
 
 def _for_engines(f: Any) -> Any:
-    """What is pickled of the callable ``f``: an interactive function (``__main__``) as
-    :func:`_slim` makes it when cloudpickle pickles it; anything else as it is."""
-    if _pickler is cloudpickle and type(f) is FunctionType and f.__module__ == "__main__":
-        return _slim(f, {})
-    return f
+    """What is pickled of the callable ``f`` when cloudpickle pickles it: an interactive
+    function (``__main__``) as :func:`_slim` makes it; an object whose class has a
+    ``_px_for_engines(obj, for_engines)`` method (a function wrapped by
+    ``@depend``/``@require``, which engines bind through ``_px_bind``) as that method
+    makes it, with this function for the functions it wraps; anything else as it is."""
+    if _pickler is not cloudpickle:
+        return f
+    if type(f) is FunctionType:
+        return _slim(f, {}) if f.__module__ == "__main__" else f
+    hook = getattr(type(f), "_px_for_engines", None)
+    return f if hook is None else hook(f, _for_engines)
 
 
 _MODULE_ATTRIBUTES = ("__package__", "__name__", "__path__", "__file__")

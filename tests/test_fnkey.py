@@ -309,3 +309,22 @@ def test_a_maps_function_leaves_the_data_it_names_behind_too():
     assert len(data) < 2000
     with pytest.raises(NameError):
         cloudpickle.loads(data)(0)
+
+
+def test_a_wrapped_notebook_function_leaves_its_data_behind_too():
+    ns = notebook(
+        "import numpy as np\nDATA = np.ones(1 << 20)\n"
+        "def f():\n    return DATA.sum()\ndef helper():\n    return DATA.sum()\n"
+        "def ok():\n    return DATA is not None"
+    )
+    big = {"DATA": ns["DATA"]}  # (objects given to require are sent: they are asked for)
+    for wrapped, most in (
+        (jx.require("math")(ns["f"]), 4000),
+        (jx.require("math", ns["helper"])(ns["f"]), 6000),
+        (jx.depend(ns["ok"])(ns["f"]), 6000),
+        (jx.require(**big)(ns["f"]), (1 << 23) + 6000),  # (once, not twice)
+    ):
+        assert len(serialize.dumps_function(wrapped)) < most
+    engine_ns = {"__builtins__": __builtins__, "DATA": np.ones(3)}  # (as a shell's)
+    loaded = cloudpickle.loads(serialize.dumps_function(jx.depend(ns["ok"])(ns["f"])))
+    assert serialize.bind_interactive(loaded, engine_ns)() == 3.0
