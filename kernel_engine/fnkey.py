@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 import sys
 from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
-from typing import Any
+from typing import Any, TypeGuard
 
 import cloudpickle
 
@@ -36,6 +36,18 @@ MAX_ITEMS = 64
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _DOUBLE = struct.Struct("<d").pack
 _MISSING = ("missing",)  # a name the code uses that the globals do not have (yet)
+
+
+KEPT = (FunctionType, ModuleType, type)
+"""What an engine keeps of an interactive function's globals when it binds the function
+to its namespace (``kernel_engine.serialize.bind_interactive``): so, all that is sent of
+them (``kernel_engine.serialize._slim``), and all that the key reads of them."""
+
+
+def is_interactive(f: Any) -> TypeGuard[FunctionType]:
+    """Whether ``f`` is a function defined interactively (``__main__``): it runs in an
+    engine's namespace, and travels with its code, not its data."""
+    return type(f) is FunctionType and f.__module__ == "__main__"
 
 
 class _Unsafe(Exception):
@@ -130,12 +142,12 @@ def _globals(f: FunctionType, depth: int, seen: dict[int, int]) -> tuple[Any, ..
     sent of its globals (see ``kernel_engine.serialize._slim``)."""
     source = f.__globals__
     names = global_names(f.__code__)
-    if f.__module__ != "__main__":
+    if not is_interactive(f):
         return tuple(_value(source.get(name, _MISSING), depth, seen) for name in names)
     out = []
     for name in names:
         value = source.get(name)
-        if isinstance(value, (FunctionType, ModuleType, type)):
+        if isinstance(value, KEPT):
             out.append((name, _value(value, depth, seen)))
     return tuple(out)
 

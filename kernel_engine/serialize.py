@@ -21,7 +21,7 @@ from weakref import ReferenceType, ref
 import cloudpickle
 
 from .errors import SerializationError
-from .fnkey import fingerprint, global_names
+from .fnkey import KEPT, fingerprint, global_names, is_interactive
 
 OOB_THRESHOLD = 64 * 1024
 """``bytes`` at least this large are sent as their own frames."""
@@ -255,7 +255,7 @@ def _for_engines(f: Any) -> Any:
     if _pickler is not cloudpickle:
         return f
     if type(f) is FunctionType:
-        return _slim(f, {}) if f.__module__ == "__main__" else f
+        return _slim(f, {}) if is_interactive(f) else f
     hook = getattr(type(f), "_px_for_engines", None)
     return f if hook is None else hook(f, _for_engines)
 
@@ -291,13 +291,12 @@ def _slim(f: FunctionType, memo: dict[int, FunctionType]) -> FunctionType:
             value = original.cell_contents
         except ValueError:  # (empty: stays empty)
             continue
-        interactive = type(value) is FunctionType and value.__module__ == "__main__"
-        cell.cell_contents = _slim(value, memo) if interactive else value
+        cell.cell_contents = _slim(value, memo) if is_interactive(value) else value
     for name in global_names(f.__code__):
         value = source.get(name)
-        if type(value) is FunctionType and value.__module__ == "__main__":
+        if is_interactive(value):
             kept[name] = _slim(value, memo)
-        elif isinstance(value, (FunctionType, ModuleType, type)):
+        elif isinstance(value, KEPT):
             kept[name] = value
     return copy
 
@@ -390,18 +389,18 @@ def bind_interactive(obj: Any, namespace: dict[str, Any]) -> Any:
     if not isinstance(obj, FunctionType):
         bind = getattr(type(obj), "_px_bind", None)
         return obj if bind is None else bind(obj, namespace)
-    if obj.__module__ != "__main__":
+    if not is_interactive(obj):
         return obj
     if obj.__globals__ is namespace:
         return obj
     for name, value in obj.__globals__.items():
         if name.startswith("__") or value is namespace.get(name):
             continue
-        if isinstance(value, FunctionType) and value.__module__ == "__main__":
+        if is_interactive(value):
             # The caller's current version of a helper wins over an older copy.
             namespace[name] = value
             namespace[name] = bind_interactive(value, namespace)
-        elif isinstance(value, (FunctionType, ModuleType, type)) and name not in namespace:
+        elif isinstance(value, KEPT) and name not in namespace:
             namespace[name] = value
     closure = obj.__closure__
     if closure:
@@ -421,7 +420,7 @@ def _bind_cell(cell: CellType, namespace: dict[str, Any]) -> CellType:
         contents = cell.cell_contents
     except ValueError:  # an empty cell
         return cell
-    if isinstance(contents, FunctionType) and contents.__module__ == "__main__":
+    if is_interactive(contents):
         return CellType(bind_interactive(contents, namespace))
     return cell
 

@@ -69,8 +69,6 @@ def _execute(km: KernelManager, code: str) -> str:
     stdout."""
     context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
     kc = BlockingKernelClient(connection_file=km.connection_file, context=context)
-    kc.load_connection_file()
-    kc.start_channels()
     out: list[str] = []
 
     def output(msg: dict) -> None:
@@ -78,6 +76,8 @@ def _execute(km: KernelManager, code: str) -> str:
             out.append(msg["content"]["text"])
 
     try:
+        kc.load_connection_file()
+        kc.start_channels()
         kc.wait_for_ready(timeout=30)
         reply = kc.execute_interactive(code, timeout=20, output_hook=output)
         assert reply["content"]["status"] == "ok", reply["content"]
@@ -252,9 +252,9 @@ def _features(rc: jx.Client, engine_id: int) -> list[str]:
     """What an engine's ``kernel_info_reply`` says it supports (asked on its own channels)."""
     context = zmq.Context()  # (its own, destroyed after: a client's default one is never)
     kc = BlockingKernelClient(context=context)
-    kc.load_connection_info(rc.engine_info(engine_id)["connection_info"])
-    kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
     try:
+        kc.load_connection_info(rc.engine_info(engine_id)["connection_info"])
+        kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
         reply = kc.kernel_info(reply=True, timeout=10)
     finally:
         kc.stop_channels()
