@@ -267,6 +267,59 @@ def test_json_that_python_would_accept_but_json_does_not():
         msg.content  # noqa: B018
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _strict(text: str) -> Any:
+    """The reference: Python's JSON parser, without its NaN and infinities, an empty
+    frame read as an empty object."""
+
+    def reject(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(text or "{}", parse_constant=reject)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=_JSON,
+    before=st.sampled_from(["", " ", "\n\t "]),
+    after=st.sampled_from(["", " ", "\r\n", "x", "}", "{}", " 1", ",", "\x00"]),
+    separators=st.sampled_from([(",", ":"), (", ", ": ")]),
+)
+def test_a_json_frame_reads_as_pythons_parser_reads_it(value, before, after, separators):
+    """The parse that skips the whitespace scan when there is none reads every frame as
+    Python's parser does: the same value, or an error for what that parser refuses
+    (data left over, a frame of whitespace)."""
+    text = before + json.dumps(value, separators=separators) + after
+    try:
+        expected = _strict(text)
+    except ValueError:
+        with pytest.raises(wire.MessageError, match="not valid JSON"):
+            wire.loads_json(text.encode())
+        return
+    assert wire.loads_json(text.encode()) == expected
+    assert wire.loads_json(memoryview(text.encode())) == expected
+
+
+@pytest.mark.parametrize(
+    "frame, expected",
+    [(b"", {}), (b"{}", {}), (b" {} ", {}), (b"[]", []), (b"1", 1), (b'"a"', "a")],
+)
+def test_json_frames_at_the_edges(frame, expected):
+    assert wire.loads_json(frame) == expected
+
+
+@pytest.mark.parametrize("frame", [b" ", b"{} x", b"{}{}", b"{", b"1 2", b"\xff", b"-"])
+def test_json_frames_left_unfinished_or_followed_by_more_are_refused(frame):
+    with pytest.raises(wire.MessageError, match="not valid JSON"):
+        wire.loads_json(frame)
+
+
 def small_inline(n: int) -> Any:
     """Make frames of ``n`` bytes or more travel on their own in batches (restored on
     exit), so that small test frames exercise both kinds."""
