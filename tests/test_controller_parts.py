@@ -4,9 +4,13 @@ that nothing can stop."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import zmq
 
+from kernel_engine import protocol, wire
+from kernel_engine.controller.balancer import FLAGS_KEPT, FLAGS_KEPT_BYTES, Balancer
 from kernel_engine.controller.clients import Clients
 from kernel_engine.controller.engines import describe_exit, oom_kills
 from kernel_engine.controller.hub import Hub
@@ -400,3 +404,39 @@ def test_engine_ports_come_from_outside_the_ephemeral_range(tmp_path):
         full = ports.PortPicker((port, port))
         first = full.take("127.0.0.1")
         assert first != port and full.take("127.0.0.1") not in (port, first)
+
+
+def _lb_request(w: Any, metadata: bytes) -> Any:
+    _, frames = w.pack(protocol.APPLY_REQUEST, {}, None, metadata)
+    return w.unpack(frames[1:])
+
+
+def test_a_maps_flags_are_checked_once_and_a_bad_frame_every_time(monkeypatch):
+    """Tasks whose metadata frame is the same (a map's) share one check of their flags;
+    a frame that fails the check fails it again, and what is kept stays bounded."""
+    w = wire.Wire(b"key")
+    balancer = Balancer(w, None, None, None, lambda frames: None)  # type: ignore[arg-type]
+    checked = []
+    real = protocol.TaskFlags.from_content
+
+    def counting(md: dict[str, Any]) -> protocol.TaskFlags:
+        checked.append(md)
+        return real(md)
+
+    monkeypatch.setattr(protocol.TaskFlags, "from_content", counting)
+    good = wire.dumps_json({"retries": 2, "label": "a map"})
+    first, again = (balancer._flags_of(_lb_request(w, good)) for _ in range(2))
+    assert first is again and first.retries == 2 and first.label == "a map"
+    assert len(checked) == 1
+    bad = wire.dumps_json({"retries": -1})
+    for _ in range(2):
+        with pytest.raises(ValueError, match="retries"):
+            balancer._flags_of(_lb_request(w, bad))
+    assert len(checked) == 3
+    for i in range(FLAGS_KEPT * 3):
+        balancer._flags_of(_lb_request(w, wire.dumps_json({"label": f"task {i}"})))
+    assert len(balancer._flags) <= FLAGS_KEPT
+    long = wire.dumps_json({"label": "x" * 255, "targets": list(range(1000))})
+    assert len(long) > FLAGS_KEPT_BYTES
+    balancer._flags_of(_lb_request(w, long))
+    assert long not in balancer._flags
