@@ -113,7 +113,20 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         if parts is not None:
             parts.add_done_callback(self._finish)
             return
-        for f in watch(futures, self):
+        self._watch_rest(watch(futures, self))
+
+    def _watch_rest(self, rest: list[Any]) -> None:
+        """Count those of ``rest`` (what :func:`~._request.watch` left) that are done
+        already, together, and have the others call back. A long map's tasks are mostly
+        done before its result exists: one callback each, called at once, cost the map a
+        fifth of its calling thread (10,000 tiny tasks)."""
+        done: list[Any] = []
+        pending: list[Any] = []
+        for f in rest:
+            (done if f.done() else pending).append(f)
+        if done:
+            self._children_done(done)
+        for f in pending:  # (one done meanwhile calls back at once)
             f.add_done_callback(self._child_done)
 
     def _child_done(self, f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
@@ -551,8 +564,7 @@ class AsyncMapResult(AsyncResult):
         super().__init__(client, futures, fname=fname)
 
     def _watch(self, futures: list[Request]) -> None:
-        for f in watch(futures, self):  # (not Parts: the order they complete in counts)
-            f.add_done_callback(self._child_done)
+        self._watch_rest(watch(futures, self))  # (not Parts: the order they complete in counts)
 
     def _children_done(self, futures: Sequence[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
         with self._arrived:

@@ -185,3 +185,45 @@ def test_results_that_cannot_be_put_together_raise_instead_of_hanging(rc):
     with pytest.raises(TypeError) as info:
         odd.get(5)
     assert "while putting the results of f together" in str(info.value.__notes__)
+
+
+def test_a_result_of_futures_done_already_counts_them_together():
+    """Children done before their result exists (most of a long map's) are counted in
+    one go; those still pending call back; a failed one still fails the whole, and a map
+    keeps the order its chunks completed in."""
+    from types import SimpleNamespace
+
+    from jupyter_ext._asyncresult import AsyncMapResult, AsyncResult
+    from jupyter_ext._metadata import Metadata
+    from jupyter_ext._request import Request
+
+    client = SimpleNamespace(transport=None)
+    made = iter(range(1000))
+
+    def pending() -> Request:
+        msg_id = f"task-{next(made)}"
+        return Request(msg_id, Metadata(msg_id=msg_id))
+
+    def end(req: Request, value: object, ok: bool = True) -> Request:
+        req.outcome = (ok, value)
+        req.settle()
+        return req
+
+    def finished(value: object) -> Request:
+        return end(pending(), value)
+
+    assert AsyncResult(client, [finished(1), finished(2)]).get(0) == [1, 2]
+    late, twice = pending(), finished(3)
+    ar = AsyncResult(client, [late, twice, twice])  # (one given twice counts twice)
+    assert not ar.done()
+    end(late, 0)
+    assert ar.get(1) == [0, 3, 3]
+    failed = end(pending(), jx.RemoteError("ValueError", "no"), ok=False)
+    with pytest.raises(jx.RemoteError, match="no"):
+        AsyncResult(client, [finished(1), failed]).get(0)
+    first = pending()
+    amr = AsyncMapResult(client, [first, finished([1]), finished([2])], [1, 1, 1], ordered=False)
+    assert not amr.done()
+    end(first, [0])
+    assert amr.get(1) == [1, 2, 0]
+    assert AsyncMapResult(client, [finished([5]), finished([6])], [1, 1]).get(0) == [5, 6]
