@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kernel_engine import protocol, wire
 from kernel_engine.errors import EngineError
 
+from ._interrupts import deferred_interrupts
 from ._metadata import Metadata
 from ._request import Refused, Request
 
@@ -96,35 +97,42 @@ class SubmitBatch:
         )
         for hook in self.hooks:  # (before it is sent: before any of its output)
             hook(msg_id)
-        try:
-            transport.requests.add(req)
-        except Refused as exc:
-            if transport.closed:
-                raise RuntimeError(str(exc)) from None
-            raise EngineError("EngineError", str(exc)) from None
-        transport.metadata[msg_id] = md
-        transport.history.append(msg_id)
         part = frames[1:]  # (signature onwards; fewer than wire.MAX_MESSAGE_FRAMES frames,
         # as pickles take serialize.MAX_OOB_BUFFERS buffers at most: no batch is refused)
-        self._parts.append(part)
-        self._reqs.append(req)
+        with deferred_interrupts():  # (in the table and in the batch, or in neither)
+            try:
+                transport.requests.add(req)
+            except Refused as exc:
+                if transport.closed:
+                    raise RuntimeError(str(exc)) from None
+                raise EngineError("EngineError", str(exc)) from None
+            self._parts.append(part)
+            self._reqs.append(req)
+            transport.metadata[msg_id] = md
+            transport.history.append(msg_id)
         self._bytes += sum(memoryview(f).nbytes for f in part)
         if len(self._parts) >= self.limit or self._bytes >= MAX_BYTES:
             self.flush()
         return req
 
     def flush(self) -> None:
-        """Send the tasks added since the last flush, as one message."""
-        parts, reqs = self._parts, self._reqs
-        if not parts:
-            return
-        self._parts, self._reqs, self._bytes = [], [], 0
-        self.limit = min(2 * self.limit, MAX_TASKS)
-        if len(parts) == 1:
-            frames = [protocol.LB_ROUTE, wire.DELIM, *parts[0]]
-        else:
-            frames = [protocol.LB_ROUTE, *wire.pack_batch(parts)]
-        tracker = self.transport.io.send(frames, track=self.track)
+        """Send the tasks added since the last flush, as one message (Ctrl-C waits until
+        it has left: a batch taken off but not sent would be waited for for ever)."""
+        with deferred_interrupts():
+            parts, reqs = self._parts, self._reqs
+            if not parts:
+                return
+            self._parts, self._reqs, self._bytes = [], [], 0
+            self.limit = min(2 * self.limit, MAX_TASKS)
+            if len(parts) == 1:
+                frames = [protocol.LB_ROUTE, wire.DELIM, *parts[0]]
+            else:
+                frames = [protocol.LB_ROUTE, *wire.pack_batch(parts)]
+            try:
+                tracker = self.transport.io.send(frames, track=self.track)
+            except BaseException as exc:  # (not sent: nobody is to wait for them)
+                self.transport._withdraw(reqs, exc)
+                raise
         for req in reqs:
             req.tracker = tracker
 

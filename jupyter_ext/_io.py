@@ -47,6 +47,7 @@ import zmq
 
 from kernel_engine import processes, protocol, wire
 
+from ._interrupts import deferred_interrupts
 from ._lanes import DirectLanes, direct_enabled
 
 log = logging.getLogger("jupyter_ext")
@@ -164,9 +165,10 @@ class IOThread:
         lane, from :meth:`DirectLanes.start`); returns a tracker when ``track``.
 
         Notices of direct requests go first, so the controller never hears of anything of
-        this client's before it knows of them.
+        this client's before it knows of them. Ctrl-C waits until the message has left
+        whole (:mod:`._interrupts`).
         """
-        with self._send_lock:
+        with deferred_interrupts(), self._send_lock:
             sock = self._sender
             if lane is not None:
                 sock = lane

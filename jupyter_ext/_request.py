@@ -487,6 +487,26 @@ class Requests:
             if req.unsent is not None:
                 req.unsent.set()
 
+    def withdraw(self, reqs: Iterable[Request], error: BaseException, send: Send) -> list[Request]:
+        """Requests taken (:meth:`add`, :meth:`add_all`) whose message never left (its
+        sending failed): they end with ``error``, count no more as in flight to their
+        engine, and what waited behind them is sent with ``send``, as after a reply."""
+        done: list[Request] = []
+        with self.lock:
+            release = self._releaser(send)
+            for req in reqs:
+                if self.live.get(req.msg_id) is not req:
+                    continue  # (ended meanwhile: its engine died, say)
+                try:
+                    self.order.done(req.msg_id, release)
+                except Exception:
+                    log.exception("jupyter-px client: sending the requests behind %s", req.msg_id)
+                if req.outcome is None:
+                    req.outcome = (False, error)
+                self._awaiting_output.pop(req.msg_id, None)
+                done.append(self._finish(req))
+        return done
+
     def output_done(self, msg_id: str) -> list[Request]:
         """The engine's idle status for ``msg_id``: its output is complete."""
         with self.lock:

@@ -55,6 +55,7 @@ from kernel_engine.errors import (
 
 from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
+from ._interrupts import deferred_interrupts
 from ._io import IOThread
 from ._metadata import ExecuteReply, Metadata
 from ._request import Refused, Request, Requests, settle_all
@@ -340,17 +341,22 @@ class Transport:
         if kind != "hub":
             for hook in self._submit_hooks:  # (before it is sent: before any of its output)
                 hook(msg_id)
-        try:
-            path = self.requests.add(req)
-        except Refused as exc:
-            if self.closed:
-                raise RuntimeError(str(exc)) from None
-            raise EngineError("EngineError", str(exc)) from None
-        if kind != "hub":
-            self.metadata[msg_id] = md
-            self.history.append(msg_id)
-        if path is not None:
-            self._send(req, path)
+        with deferred_interrupts():  # (taken into the table and sent, or neither)
+            try:
+                path = self.requests.add(req)
+            except Refused as exc:
+                if self.closed:
+                    raise RuntimeError(str(exc)) from None
+                raise EngineError("EngineError", str(exc)) from None
+            try:
+                if kind != "hub":
+                    self.metadata[msg_id] = md
+                    self.history.append(msg_id)
+                if path is not None:
+                    self._send(req, path)
+            except BaseException as exc:
+                self._withdraw([req], exc)
+                raise
         return req
 
     def submit_batch(
@@ -408,26 +414,38 @@ class Transport:
         common = {"submitted": datetime.now(timezone.utc), **(md_extra or {})}
         mds = Metadata.many(request.msg_ids, request.targets, **common)
         reqs = Request.many(request.msg_ids, mds, kind, channel, track)
-        try:
-            if not self.requests.add_all(reqs, "routed" if channel == "lane" else "shell"):
-                return None
-        except Refused as exc:
-            if self.closed:
-                raise RuntimeError(str(exc)) from None
-            raise EngineError("EngineError", str(exc)) from None
-        hooks = self._submit_hooks
-        if hooks:
-            for msg_id in request.msg_ids:
-                for hook in hooks:  # (before it is sent: before any of its output)
-                    hook(msg_id)
-        self.metadata.put_all(request.msg_ids, mds)
-        self.history.extend(request.msg_ids)
-        self._broadcasts[header["msg_id"]] = request.msg_ids
-        tracker = self.io.send([protocol.BROADCAST_ROUTE, *frames], track=track)
+        with deferred_interrupts():  # (taken into the table and sent, or neither)
+            try:
+                if not self.requests.add_all(reqs, "routed" if channel == "lane" else "shell"):
+                    return None
+            except Refused as exc:
+                if self.closed:
+                    raise RuntimeError(str(exc)) from None
+                raise EngineError("EngineError", str(exc)) from None
+            try:
+                hooks = self._submit_hooks
+                if hooks:
+                    for msg_id in request.msg_ids:
+                        for hook in hooks:  # (before it is sent: before any of its output)
+                            hook(msg_id)
+                self.metadata.put_all(request.msg_ids, mds)
+                self.history.extend(request.msg_ids)
+                self._broadcasts[header["msg_id"]] = request.msg_ids
+                tracker = self.io.send([protocol.BROADCAST_ROUTE, *frames], track=track)
+            except BaseException as exc:
+                self._withdraw(reqs, exc)
+                raise
         if tracker is not None:
             for req in reqs:
                 req.tracker = tracker
         return reqs
+
+    def _withdraw(self, reqs: list[Request], exc: BaseException) -> None:
+        """Requests the table took that were not sent after all (``exc`` stopped their
+        sending): they leave the table and the order books, failed with ``exc``, and
+        requests held back behind them go (any thread)."""
+        error = exc if isinstance(exc, Exception) else RuntimeError(f"not sent: {exc!r}")
+        self._settle(self.requests.withdraw(reqs, error, self._send))
 
     def _broadcast_refused(self, parts: tuple[str, ...], content: dict[str, Any]) -> None:
         """The controller refused a broadcast whole: each of its parts fails (IO thread)."""

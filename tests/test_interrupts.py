@@ -1,0 +1,156 @@
+"""Ctrl-C while the client sends: a request is taken and sent, or neither (no request is
+left counted as sent that never was, no message is left half sent), so the client's later
+work on those engines still runs (:mod:`jupyter_ext._interrupts`)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from jupyter_ext._interrupts import deferred_interrupts
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TIMEOUT = 30.0
+
+
+def noop() -> int:
+    return 0
+
+
+def test_an_interrupt_in_a_section_comes_at_its_end():
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (the handler has run: it only took note)
+        reached = True
+    assert reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_nested_sections_deliver_one_interrupt_at_the_outermost_end():
+    inner_done = False
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        inner_done = True
+    assert inner_done
+
+
+def test_the_handler_that_was_there_gets_the_interrupt():
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert got == []
+        assert got == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_outside_the_main_thread_nothing_changes():
+    seen: list[Any] = []
+
+    def run() -> None:
+        with deferred_interrupts():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert seen == [signal.default_int_handler]
+
+
+def _still_works(rc: Any) -> None:
+    """Nothing is left waiting, and every path to every engine still answers."""
+    transport = rc.transport
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        left = [r for r in transport.requests.live.values() if r.kind != "hub"]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert left == [], f"requests never finished: {left[:4]}"
+    assert rc.wait(timeout=TIMEOUT)
+    assert rc[:].apply_async(noop).get(TIMEOUT) == [0, 0]
+    assert rc[:].execute("x = 1", block=False).wait(TIMEOUT)
+    assert rc.broadcast_view().apply_async(noop).get(TIMEOUT) == [0, 0]
+    assert rc.load_balanced_view().map_sync(noop, []) == []
+
+
+@pytest.mark.parametrize("where", ["direct", "broadcast", "batch"])
+def test_an_interrupt_after_the_table_took_a_request_unsends_it(rc, monkeypatch, where):
+    """KeyboardInterrupt raised at the worst moment: the table has the request(s), the
+    message has not left. They end, failed, and the engines' order books let the next
+    requests go."""
+    transport = rc.transport
+    real_send = transport.io.send
+    fired: list[int] = []
+
+    def interrupted_send(frames: Any, track: bool = False, lane: Any = None) -> Any:
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return real_send(frames, track, lane)
+
+    monkeypatch.setattr(transport.io, "send", interrupted_send)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "direct":
+            rc[0].apply_async(noop)
+        elif where == "broadcast":
+            rc.broadcast_view().apply_async(noop)
+        else:
+            rc.load_balanced_view().map_async(lambda x: x, range(10))
+    assert fired
+    monkeypatch.undo()
+    assert not [r for r in transport.requests.live.values() if r.kind != "hub"]
+    _still_works(rc)
+
+
+@pytest.mark.parametrize("how", ["direct", "broadcast", "balanced"])
+def test_ctrl_c_at_any_moment_of_a_loop_of_calls_leaves_nothing_waiting(rc, how):
+    """Real SIGINTs at random moments while a loop submits (a user's Ctrl-C): after each,
+    every request that was sent ends, and none is left waiting for ever."""
+    view = {
+        "direct": rc[:],
+        "broadcast": rc.broadcast_view(),
+        "balanced": rc.load_balanced_view(),
+    }[how]
+    chance = random.Random(7)
+    for _ in range(25):
+        timer = threading.Timer(
+            chance.uniform(0.001, 0.006), lambda: os.kill(os.getpid(), signal.SIGINT)
+        )
+        try:
+            timer.start()  # (inside: on a busy machine it may fire before start returns)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if how == "balanced":
+                    view.map_async(noop_arg, range(20))
+                else:
+                    view.apply_async(noop)
+            pytest.fail("the interrupt never came")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            timer.cancel()
+    _still_works(rc)
+
+
+def noop_arg(x: int) -> int:
+    return x
