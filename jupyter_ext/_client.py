@@ -457,9 +457,21 @@ class Client:
     def result_status(self, msg_ids: Any, status_only: bool = True) -> dict[str, Any]:
         """Which of these tasks are ``pending`` and which ``completed``, by the
         controller's records; with ``status_only=False`` also each completed one's
-        result (or error) under its msg_id."""
+        result (or error) under its msg_id.
+
+        Raises KeyError naming the msg_ids that neither the controller has a record of
+        nor this client has outstanding (never sent, or forgotten: purged, or past the
+        database's limits), as IPython Parallel does; they were reported pending, for
+        ever. (This client's own requests still waiting to be sent are pending.)"""
         wanted = msg_ids_of(msg_ids)
         records = self.transport.fetch_records(wanted)
+        missing = [m for m in wanted if m not in records]
+        if missing:
+            outstanding = self.outstanding
+            unknown = [m for m in missing if m not in outstanding]
+            if unknown:
+                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+                raise KeyError(f"the controller has no record of {', '.join(unknown[:5])}{more}")
         status: dict[str, Any] = {"pending": [], "completed": []}
         for msg_id in wanted:
             record, outcome = records.get(msg_id, (None, None))

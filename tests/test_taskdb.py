@@ -134,6 +134,20 @@ def test_another_client_gets_results_with_their_metadata(db_rc):
         other.close()
 
 
+def test_result_status_names_tasks_nobody_knows(db_rc):
+    """A msg_id the controller has no record of, and this client is not waiting for, is
+    an error that names it (as in IPython Parallel), not a task pending for ever."""
+    rc = db_rc
+    done = rc.load_balanced_view().apply_async(lambda: 1)
+    done.get(10)
+    nobody = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(KeyError, match=nobody):
+        rc.result_status([*done.msg_ids, nobody])
+    with pytest.raises(KeyError, match="and 2 more"):
+        rc.result_status([f"{i:032x}" for i in range(7)])
+    assert rc.result_status(done.msg_ids)["completed"] == done.msg_ids
+
+
 def test_resubmit_runs_finished_tasks_again(db_rc):
     rc = db_rc
     lv = rc.load_balanced_view()
