@@ -460,7 +460,9 @@ class Cluster:
         if self.shutdown_atexit and not self._atexit_registered:
             atexit.register(self._stop_at_exit)
             self._atexit_registered = True
-        clusters.wait_ready(self.controller, self.folder, timeout or self.start_timeout)
+        clusters.wait_ready(
+            self.controller, self.folder, timeout or self.start_timeout, restore=True
+        )
         self.write_cluster_file()
         if client is not None and not client.transport.closed:
             client.transport.io.wait_back(10.0)

@@ -175,7 +175,7 @@ def _start(args: argparse.Namespace) -> int:
         restore=args.restore,
         cleaned=_report_cleaned,
     )
-    status = clusters.wait_ready(process, folder, args.timeout)
+    status = clusters.wait_ready(process, folder, args.timeout, restore=args.restore)
     ready = status.get("ids", [])
     if args.restore:
         print(f"cluster {cluster_id} restored: {len(ready)} engines ready {ready}")

@@ -184,13 +184,19 @@ def _is_process(pid: int, started: str | None, options: tuple[str, ...], path: P
 
 def engine_records(folder: Path) -> dict[int, dict[str, Any]]:
     """The engines ``folder``'s ``cluster.json`` lists on this host, by id (each with its
-    ``pid`` and, when known, ``pid_started``)."""
+    ``pid`` and, when known, ``pid_started``).
+
+    An engine whose host is not known yet (empty: one that has not answered its first
+    request, busy from its start or when adopted) is this host's: only engines that
+    registered themselves come from elsewhere, and they name their host. (Those were
+    left out: a restore after an interrupted one adopted none of its engines, and
+    stopping the cluster left them running.)"""
     info = read_json(Path(folder) / CLUSTER_FILE) or {}
     engines = info.get("engines")
     host = socket.gethostname()
     out: dict[int, dict[str, Any]] = {}
     for key, record in engines.items() if isinstance(engines, dict) else ():
-        if not isinstance(record, dict) or record.get("hostname", host) != host:
+        if not isinstance(record, dict) or (record.get("hostname") or host) != host:
             continue
         try:
             eid, pid = int(key), int(record["pid"])
@@ -531,11 +537,21 @@ def launch_controller(
     return process
 
 
-def wait_ready(process: subprocess.Popen[bytes], folder: Path, timeout: float) -> dict[str, Any]:
+def wait_ready(
+    process: subprocess.Popen[bytes], folder: Path, timeout: float, restore: bool = False
+) -> dict[str, Any]:
     """The controller's one status line, once every engine is ready.
 
     Raises :class:`ClusterError` with the controller's log (having stopped it) if it fails,
     exits or is not ready within ``timeout`` seconds (plus a margin for its own start).
+
+    A failed or interrupted start stops what it started and leaves no key on disk. A
+    failed or interrupted ``restore`` (a port another process took meanwhile, Ctrl-C
+    during the wait for busy engines) leaves the cluster as it found it: the new
+    controller is killed, and the engines that outlived the dead one, the key files and
+    the task database stay, so that another restore (once the cause is gone) adopts them.
+    Stopping it as a failed start did killed those engines and removed the key, and the
+    next restore made a new cluster that no client of the old one could reach.
     """
     assert process.stdout is not None
     log_path = folder / "controller.log"
@@ -570,8 +586,11 @@ def wait_ready(process: subprocess.Popen[bytes], folder: Path, timeout: float) -
             raise ClusterError(status.get("message", "the controller failed to start"))
         return status
     except BaseException:
-        # a failed or interrupted start leaves nothing running and no key on disk
-        stop_controller(process.pid, folder, timeout=5, process=process)
+        if restore:  # (its engines wait for another restore, for their grace period)
+            process.kill()
+            process.wait(10)
+        else:  # a failed or interrupted start leaves nothing running and no key on disk
+            stop_controller(process.pid, folder, timeout=5, process=process)
         raise
     finally:
         process.stdout.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq
 from conftest import wait_gone
@@ -24,6 +26,7 @@ import jupyter_ext as jx
 from kernel_engine import clusters, processes, protocol, wire
 from kernel_engine.controller.hub import DB_FILE
 from kernel_engine.engine.watch import ControllerWatch
+from kernel_engine.errors import ClusterError
 
 # (a lambda: pickled by value, where a function of this module would be by reference)
 _sleep_then = lambda seconds, value: (__import__("time").sleep(seconds), value)[1]  # noqa: E731
@@ -315,3 +318,90 @@ def test_an_encrypted_cluster_restarts_with_its_keys(cluster_factory):
     time.sleep(5)  # longer than a client takes to lose a controller that does not echo
     assert not rc.transport.io.lost
     assert rc.ids == [0] and rc[0].apply_sync(abs, -2) == 2
+
+
+def _alive(pids: dict[int, int]) -> dict[int, bool]:
+    out = {}
+    for eid, pid in pids.items():
+        try:
+            out[eid] = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            out[eid] = False
+    return out
+
+
+def _bind(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_failed_restore_leaves_the_cluster_for_the_next_one(cluster_factory):
+    """A restore that fails (a port of the dead controller taken meanwhile by another
+    process) kills only the controller it started: the engines, the key files and the
+    records stay, and once the port is free a restore adopts the engines with their
+    state, the same key and ports, and the client carries on."""
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    pids = _engine_pids(rc)
+    rc[:].execute("state = 'kept'", block=True)
+    connection = _connection(cluster.folder)
+    _kill(cluster.controller_pid)
+    squatter = socket.socket()
+    try:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # (the client's reconnecting sockets may hold the port a moment: a TCP connection
+        # to a local port nobody listens on can connect to itself)
+        _wait("the iopub port bound", lambda: _bind(squatter, connection["iopub_port"]))
+        squatter.listen()
+        with pytest.raises(ClusterError, match="iopub port"):
+            cluster.restart_controller_sync(timeout=30)
+        cluster_factory.pids.append(cluster.controller_pid)
+    finally:
+        squatter.close()
+    assert _alive(pids) == {0: True, 1: True}
+    assert _connection(cluster.folder) == connection
+    cluster.restart_controller_sync(timeout=30)
+    cluster_factory.pids.append(cluster.controller_pid)
+    assert _connection(cluster.folder) == connection
+    _wait("both engines adopted", lambda: rc.ids == [0, 1], rc=rc)
+    assert _engine_pids(rc) == pids
+    assert rc[:].pull("state", block=True) == ["kept", "kept"]
+
+
+def test_an_interrupted_restore_leaves_the_cluster_for_the_next_one(cluster_factory):
+    """Ctrl-C while a restore waits for engines still busy with a task of the dead
+    controller's: the engines it had begun to adopt stay (their host not known yet: they
+    had not answered), and the next restore adopts them with their state; stopping the
+    cluster then stops them too."""
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    pids = _engine_pids(rc)
+    rc[:].execute("state = 'kept'", block=True)
+    rc[:].apply_async(_sleep_then, 4, None)  # (busy: the restore waits for them)
+    time.sleep(0.3)
+    _kill(cluster.controller_pid)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        with pytest.raises(KeyboardInterrupt):
+            cluster.restart_controller_sync(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    cluster_factory.pids.append(cluster.controller_pid)
+    assert _alive(pids) == {0: True, 1: True}
+    assert clusters.engine_records(cluster.folder).keys() == {0, 1}
+    cluster.restart_controller_sync(timeout=30)
+    cluster_factory.pids.append(cluster.controller_pid)
+    _wait("both engines adopted", lambda: rc.ids == [0, 1], timeout=20, rc=rc)
+    assert _engine_pids(rc) == pids
+    assert rc[:].pull("state", block=True) == ["kept", "kept"]

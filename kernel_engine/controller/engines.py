@@ -353,6 +353,7 @@ class EngineSet:
             dict(connection_info),
             log_path=str(self.folder / f"engine-{eid}.log"),
             pid=pid,
+            hostname=socket.gethostname(),  # (checked to run here, by its pid)
             adopted=True,
             pid_started=pid_started,
         )
