@@ -12,8 +12,9 @@ resubmits, per-task metadata) sees single tasks.
 The first batch is small, so engines start while the client is still packing, and each
 next one is twice as big, up to :data:`MAX_TASKS` tasks or :data:`MAX_BYTES` bytes.
 Whatever has been added is sent by :meth:`SubmitBatch.close` (also when the caller fails
-halfway: the tasks it has futures for run). A single ``apply`` does not come here: it
-is sent at once, as before.
+halfway: the tasks it has futures for run). The request table takes a batch's tasks as
+the batch is sent, so that Ctrl-C cannot leave one in the table that never left. A
+single ``apply`` does not come here: it is sent at once, as before.
 """
 
 from __future__ import annotations
@@ -77,13 +78,12 @@ class SubmitBatch:
         self.track = track
         self.md_extra = md_extra
         self.limit = FIRST_TASKS
-        self._parts: list[list[Any]] = []
-        self._reqs: list[Request] = []
+        self._tasks: list[tuple[list[Any], Request]] = []  # (frames from the signature on)
         self._bytes = 0
 
     def add(self, buffers: Sequence[Any]) -> Request:
-        """Pack one task (its arguments' ``buffers``), take it into the request table and
-        return its future; it leaves with its batch."""
+        """Pack one task (its arguments' ``buffers``) and return its future; it leaves
+        with its batch, which is also when the request table takes it."""
         transport = self.transport
         if transport.closed:
             raise RuntimeError("this Client is closed")
@@ -99,46 +99,60 @@ class SubmitBatch:
             hook(msg_id)
         part = frames[1:]  # (signature onwards; fewer than wire.MAX_MESSAGE_FRAMES frames,
         # as pickles take serialize.MAX_OOB_BUFFERS buffers at most: no batch is refused)
-        with deferred_interrupts():  # (in the table and in the batch, or in neither)
-            try:
-                transport.requests.add(req)
-            except Refused as exc:
-                if transport.closed:
-                    raise RuntimeError(str(exc)) from None
-                raise EngineError("EngineError", str(exc)) from None
-            self._parts.append(part)
-            self._reqs.append(req)
-            transport.metadata[msg_id] = md
-            transport.history.append(msg_id)
+        self._tasks.append((part, req))
         self._bytes += sum(memoryview(f).nbytes for f in part)
-        if len(self._parts) >= self.limit or self._bytes >= MAX_BYTES:
+        if len(self._tasks) >= self.limit or self._bytes >= MAX_BYTES:
             self.flush()
         return req
 
     def flush(self) -> None:
-        """Send the tasks added since the last flush, as one message (Ctrl-C waits until
-        it has left: a batch taken off but not sent would be waited for for ever)."""
+        """Send the tasks added since the last flush, as one message; the request table
+        takes them as it is sent, in one section that Ctrl-C waits for (a task in the
+        table whose message never left would be waited for for ever; one that left
+        without being in the table only has its reply go unread)."""
         with deferred_interrupts():
-            parts, reqs = self._parts, self._reqs
-            if not parts:
+            tasks = self._tasks
+            if not tasks:
                 return
-            self._parts, self._reqs, self._bytes = [], [], 0
+            self._tasks, self._bytes = [], 0
             self.limit = min(2 * self.limit, MAX_TASKS)
-            if len(parts) == 1:
-                frames = [protocol.LB_ROUTE, wire.DELIM, *parts[0]]
-            else:
-                frames = [protocol.LB_ROUTE, *wire.pack_batch(parts)]
+            reqs = [req for _, req in tasks]
+            transport = self.transport
             try:
-                tracker = self.transport.io.send(frames, track=self.track)
+                transport.requests.add_balanced(reqs)
+            except Refused as exc:
+                error = (
+                    RuntimeError(str(exc))
+                    if transport.closed
+                    else EngineError("EngineError", str(exc))
+                )
+                transport._withdraw(reqs, error)
+                raise error from None
+            except BaseException as exc:  # (another signal's handler raising, say)
+                transport._withdraw(reqs, exc)
+                raise
+            try:
+                msg_ids = [req.msg_id for req in reqs]
+                transport.metadata.put_all(msg_ids, [req.metadata for req in reqs])
+                transport.history.extend(msg_ids)
+                if len(tasks) == 1:
+                    frames = [protocol.LB_ROUTE, wire.DELIM, *tasks[0][0]]
+                else:
+                    frames = [protocol.LB_ROUTE, *wire.pack_batch([part for part, _ in tasks])]
+                tracker = transport.io.send(frames, track=self.track)
             except BaseException as exc:  # (not sent: nobody is to wait for them)
-                self.transport._withdraw(reqs, exc)
+                transport._withdraw(reqs, exc)
                 raise
         for req in reqs:
             req.tracker = tracker
 
     def close(self) -> None:
-        """Send what is left."""
-        self.flush()
+        """Send what is left (what a flush cut short never reached the table: nothing
+        waits for it)."""
+        try:
+            self.flush()
+        finally:
+            self._tasks, self._bytes = [], 0
 
     def __enter__(self) -> SubmitBatch:
         return self

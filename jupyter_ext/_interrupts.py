@@ -10,10 +10,16 @@ two frames, it left half a message in the socket, to which the next message was 
 
 Python runs signal handlers in the main thread only, between bytecodes, so
 :func:`deferred_interrupts` holds Ctrl-C back for the few microseconds of such a section
-by swapping in a handler that only takes note, and delivers the interrupt to the handler
-that was there (Python's ``KeyboardInterrupt``, or the user's own) as the section ends.
-Nothing in these sections waits (the client's sockets never block a send: their
-high-water mark is 0), so an interrupt is held back for no longer than that.
+by installing a handler that only takes note (:func:`_note`), and delivers the interrupt
+to the handler that was there (Python's ``KeyboardInterrupt``, or the user's own) as the
+outermost section ends. Nothing in these sections waits (the client's sockets never block
+a send: their high-water mark is 0), so an interrupt is held back for no longer than that.
+
+Another signal's handler that raises (a ``SIGALRM`` timeout, say) can cut the swap itself
+short, where Python cannot be stopped from checking for signals. The state is kept so that
+this never swallows Ctrl-C for good: the note-taking handler passes an interrupt straight
+on when no section is running, or when the sections have lasted longer than any can
+(:data:`STALE`: one cut short before it could end), and puts the saved handler back.
 """
 
 from __future__ import annotations
@@ -23,24 +29,72 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Any
+
+STALE = 0.25
+"""Seconds after which sections still counted as running are taken as cut short (by an
+exception that skipped their end): a section sends one message and never waits. (A
+Ctrl-C within this time of a section cut short waits for the next section's end, or for
+a Ctrl-C after it.)"""
 
 _NOTHING = contextlib.nullcontext()
 
 
-class _Deferred:
-    """Ctrl-C taken note of while the section runs, delivered at its end."""
+class _State:
+    """The main thread's sections (only the main thread runs signal handlers)."""
 
-    __slots__ = ("_got", "_old")
+    depth = 0  # sections running
+    saved: Any = None  # the handler to give SIGINT back to
+    pending: tuple[int, FrameType | None] | None = None  # an interrupt held back
+    since = 0.0  # when the outermost section began
 
-    def __enter__(self) -> _Deferred:
-        self._got: tuple[int, FrameType | None] | None = None
-        self._old: Any = _signal.signal(signal.SIGINT, self._note)
+
+_state = _State()
+
+
+def _deliver(handler: Any, signum: int, frame: FrameType | None) -> None:
+    """What ``handler`` would have done with the signal (raise KeyboardInterrupt, for
+    Python's default)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:  # (the signal's own default: end the process)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    """SIGINT's handler while sections run: note the interrupt for their end, or, when
+    none is running (or they are stale), give SIGINT back and pass it on now."""
+    state = _state
+    if state.depth and time.monotonic() - state.since < STALE:
+        state.pending = (signum, frame)
+        return
+    saved = state.saved
+    state.depth, state.pending = 0, None
+    _signal.signal(signal.SIGINT, saved)
+    _deliver(saved, signum, frame)
+
+
+class _Section:
+    """One section: the first to begin installs :func:`_note`, the last to end puts the
+    saved handler back and delivers what was held back."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _Section:
+        state = _state
+        now = time.monotonic()
+        if state.depth and now - state.since >= STALE:
+            state.depth = 0  # (sections cut short before their end: see STALE)
+        if state.depth == 0:
+            state.since = now
+            if _signal.getsignal(signal.SIGINT) is not _note:
+                state.pending = None
+                state.saved = _signal.getsignal(signal.SIGINT)
+                _signal.signal(signal.SIGINT, _note)
+        state.depth += 1
         return self
-
-    def _note(self, signum: int, frame: FrameType | None) -> None:
-        self._got = (signum, frame)
 
     def __exit__(
         self,
@@ -48,15 +102,18 @@ class _Deferred:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        old = self._old
-        _signal.signal(signal.SIGINT, old)
-        got = self._got
-        if got is None:
+        state = _state
+        state.depth = max(0, state.depth - 1)
+        if state.depth:
             return
-        if callable(old):  # (Python's default raises KeyboardInterrupt)
-            old(*got)
-        elif old == signal.SIG_DFL:  # (what the signal would have done: end the process)
-            os.kill(os.getpid(), signal.SIGINT)
+        pending, state.pending = state.pending, None
+        saved = state.saved
+        _signal.signal(signal.SIGINT, saved)
+        if pending is not None:
+            _deliver(saved, *pending)
+
+
+_SECTION = _Section()
 
 
 def deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
@@ -67,4 +124,4 @@ def deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
         return _NOTHING
     if _signal.getsignal(signal.SIGINT) is None:
         return _NOTHING
-    return _Deferred()
+    return _SECTION

@@ -174,13 +174,7 @@ class IOThread:
                 sock = lane
             elif self.lanes is not None:
                 self.lanes.flush(sock)
-            if track:
-                tracker: zmq.MessageTracker | None = sock.send_multipart(
-                    frames, copy=False, track=True
-                )
-                return tracker
-            wire.send_frames(sock, frames)
-        return None
+            return wire.send_frames(sock, frames, track=track)
 
     def _notify(self, msg_type: str) -> None:
         """Send a notice (no reply) to the controller, never blocking (IO thread)."""

@@ -296,7 +296,7 @@ class DirectLanes:
             protocol.DIRECT_NOTICE, content, None, None, blobs, idents=[protocol.HUB_ROUTE]
         )[1]
         try:  # never block: a stuck controller loses these records, nobody's results
-            controller.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            wire.send_frames(controller, frames, zmq.NOBLOCK)
         except zmq.Again:
             log.warning(
                 "jupyter-px client: the controller is not reading; %i notices dropped",

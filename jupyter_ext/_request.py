@@ -417,6 +417,17 @@ class Requests:
                 req.path = path
             return True
 
+    def add_balanced(self, reqs: list[Request]) -> None:
+        """Take load-balanced requests (no engine: no order to keep), sent now in one
+        message (:mod:`._batch`), under one hold of the lock."""
+        with self.lock:
+            if self.refusing is not None:
+                raise Refused(self.refusing)
+            live = self.live
+            for req in reqs:
+                live[req.msg_id] = req
+                req.state, req.path = SENT, "controller"
+
     def replied(
         self,
         msg_id: str,
@@ -488,15 +499,20 @@ class Requests:
                 req.unsent.set()
 
     def withdraw(self, reqs: Iterable[Request], error: BaseException, send: Send) -> list[Request]:
-        """Requests taken (:meth:`add`, :meth:`add_all`) whose message never left (its
-        sending failed): they end with ``error``, count no more as in flight to their
-        engine, and what waited behind them is sent with ``send``, as after a reply."""
+        """Requests whose message never left (its sending failed): they end with
+        ``error``; those the table took (:meth:`add`, :meth:`add_all`,
+        :meth:`add_balanced`) count no more as in flight to their engine, and what waited
+        behind them is sent with ``send``, as after a reply."""
         done: list[Request] = []
         with self.lock:
             release = self._releaser(send)
             for req in reqs:
                 if self.live.get(req.msg_id) is not req:
-                    continue  # (ended meanwhile: its engine died, say)
+                    if req.state == NEW and req.outcome is None:  # (never taken: ends too)
+                        req.outcome = (False, error)
+                        req.state = DONE
+                        done.append(req)
+                    continue  # (else ended meanwhile: its engine died, say)
                 try:
                     self.order.done(req.msg_id, release)
                 except Exception:

@@ -348,6 +348,9 @@ class Transport:
                 if self.closed:
                     raise RuntimeError(str(exc)) from None
                 raise EngineError("EngineError", str(exc)) from None
+            except BaseException as exc:  # (another signal's handler raising, say)
+                self._withdraw([req], exc)
+                raise
             try:
                 if kind != "hub":
                     self.metadata[msg_id] = md
@@ -422,6 +425,9 @@ class Transport:
                 if self.closed:
                     raise RuntimeError(str(exc)) from None
                 raise EngineError("EngineError", str(exc)) from None
+            except BaseException as exc:
+                self._withdraw(reqs, exc)
+                raise
             try:
                 hooks = self._submit_hooks
                 if hooks:

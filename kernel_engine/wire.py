@@ -563,16 +563,30 @@ def send_frames(
     about 3 us more a frame (an enum operation and type checks per frame), which a batch
     of tasks of eight frames each paid for every task. Large buffers still go without a
     copy; a received ``zmq.Frame`` is passed on as it is. With ``track``, the tracker of
-    the message (pyzmq's own path)."""
-    if track:
-        return sock.send_multipart(frames, flags, copy=False, track=True)
-    send = sock.send
-    more = flags | _SNDMORE
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        copy = isinstance(frame, bytes) and len(frame) < _COPY_BELOW
-        send(frame, more if i < last else flags, copy=copy)
-    return None
+    the message (pyzmq's own path).
+
+    Frames go one call each, from Python: an exception between two (a signal handler's,
+    which Python runs between any two bytecodes) would leave part of a message in the
+    socket, and the next message would be glued to it, a garbled message its peer drops
+    (and a request lost with it). So an exception ends the message with an empty frame
+    first: the peer drops that fragment alone (as it drops the empty message this sends
+    when the exception came after the last frame)."""
+    try:
+        if track:
+            return sock.send_multipart(frames, flags, copy=False, track=True)
+        send = sock.send
+        more = flags | _SNDMORE
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            copy = isinstance(frame, bytes) and len(frame) < _COPY_BELOW
+            send(frame, more if i < last else flags, copy=copy)
+        return None
+    except BaseException:
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # (closed, or nothing could be sent: then no fragment either)
+        raise
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:

@@ -76,6 +76,69 @@ def test_outside_the_main_thread_nothing_changes():
     assert seen == [signal.default_int_handler]
 
 
+class _Alarm(Exception):
+    pass
+
+
+def test_another_signals_error_cutting_sections_short_never_swallows_ctrl_c(monkeypatch):
+    """A SIGALRM whose handler raises, firing every 0.3 ms while sections begin and end
+    (so that it cuts some swaps of the SIGINT handler short): Ctrl-C still raises
+    KeyboardInterrupt afterwards, and the next section puts Python's handler back."""
+    from jupyter_ext import _interrupts
+
+    monkeypatch.setattr(_interrupts, "STALE", 0.05)
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _Alarm
+
+    old_alarm = signal.signal(signal.SIGALRM, alarm)
+    cut = 0
+    try:
+        deadline = time.monotonic() + 2
+        signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+        while time.monotonic() < deadline:
+            try:
+                while time.monotonic() < deadline:
+                    with deferred_interrupts():
+                        sum(range(20))
+            except _Alarm:
+                cut += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+    assert cut > 100
+    time.sleep(0.1)  # (past STALE: a section cut short before its end is over)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    with deferred_interrupts():
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_section_cut_short_passes_ctrl_c_on(monkeypatch):
+    """The note-taking handler left installed with no section running, or by a section
+    that never ended, passes the next Ctrl-C on and gives SIGINT back."""
+    from jupyter_ext import _interrupts
+
+    monkeypatch.setattr(_interrupts, "STALE", 0.05)
+    _interrupts._SECTION.__enter__()  # (entered, never left: its end was cut short)
+    time.sleep(0.1)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _interrupts._state.saved = signal.default_int_handler
+    signal.signal(signal.SIGINT, _interrupts._note)  # (installed, the section not begun)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():  # (and sections work on)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+
 def _still_works(rc: Any) -> None:
     """Nothing is left waiting, and every path to every engine still answers."""
     transport = rc.transport
