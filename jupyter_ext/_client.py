@@ -445,8 +445,8 @@ class Client:
         the new tasks (their results, or ``get()``'s value with ``block=True``).
 
         Raises ValueError naming each task that cannot run again (unknown, still in flight,
-        or its request not kept), and then none runs."""
-        old = self._msg_ids_from(indices_or_msg_ids)
+        or its request not kept), and then none runs. A task named twice runs once."""
+        old = list(dict.fromkeys(self._msg_ids_from(indices_or_msg_ids)))  # (each once)
         pairs = tuple((m, self.transport.wire.header("apply_request")["msg_id"]) for m in old)
         request = protocol.ResubmitRequest(pairs)
         self.transport.ask(protocol.RESUBMIT_REQUEST, request)
@@ -464,10 +464,10 @@ class Client:
         database's limits), as IPython Parallel does; they were reported pending, for
         ever. (This client's own requests still waiting to be sent are pending.)"""
         wanted = msg_ids_of(msg_ids)
+        outstanding = self.outstanding  # (before asking: one may end while the answer comes)
         records = self.transport.fetch_records(wanted)
         missing = [m for m in wanted if m not in records]
         if missing:
-            outstanding = self.outstanding
             unknown = [m for m in missing if m not in outstanding]
             if unknown:
                 more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""

@@ -171,6 +171,11 @@ def test_resubmit_runs_finished_tasks_again(db_rc):
     with pytest.raises(Exception, match="no such task"):
         rc.resubmit("no-such-msg-id")
     running.get(10)
+    # a task named twice runs once (its second pair was dropped, and its future waited
+    # for a record nobody made)
+    twice = rc.resubmit([ar.msg_ids[1], ar.msg_ids[2], ar.msg_ids[1]])
+    assert len(twice.msg_ids) == 2
+    assert twice.get(10) in ([[101], [102]], [101, 102])
 
 
 def test_resubmit_runs_an_aborted_task(db_rc):

@@ -1739,9 +1739,14 @@ class SqliteLog:
                 step = min(step, BIG_STEP)
             if not self._delete_finished(min(step, 20_000)):
                 log.warning(
-                    "task database %s: its %d bytes of pending records alone fill it",
+                    "task database %s: no finished record is left to delete, and its %d "
+                    "bytes (records of tasks not finished yet) and the %d bytes written now "
+                    "pass %d%% of its %d-byte limit",
                     self.path,
                     used,
+                    reserve,
+                    round(LOW * 100),
+                    limit,
                 )
                 break
             page, pages, free = self._pages()
