@@ -389,6 +389,9 @@ class Wire:
         that a caller reading them does not copy them out of their frames again."""
         if len(msg_frames) < 5:
             raise MessageError(f"malformed message: {len(msg_frames)} frames after delimiter")
+        last = msg_frames[-1]
+        if len(last) == len(CUT) and as_bytes(last) == CUT:
+            raise MessageError("a message its sender cut short (an exception between frames)")
         parts = [as_bytes(f) for f in msg_frames[1:5]]
         if self._hmac is None:
             return parts
@@ -568,9 +571,11 @@ def send_frames(
     Frames go one call each, from Python: an exception between two (a signal handler's,
     which Python runs between any two bytecodes) would leave part of a message in the
     socket, and the next message would be glued to it, a garbled message its peer drops
-    (and a request lost with it). So an exception ends the message with an empty frame
-    first: the peer drops that fragment alone (as it drops the empty message this sends
-    when the exception came after the last frame)."""
+    (and a request lost with it). So an exception ends the message with :data:`CUT`,
+    which makes the fragment one that every peer refuses (:meth:`Wire.verify`): ended
+    with an empty frame instead, a fragment cut among its buffers (which the signature
+    does not cover) was a valid message with an argument missing, and ran. When the
+    exception came after the last frame, ``CUT`` goes alone, a malformed message dropped."""
     try:
         if track:
             return sock.send_multipart(frames, flags, copy=False, track=True)
@@ -583,10 +588,15 @@ def send_frames(
         return None
     except BaseException:
         try:
-            sock.send(b"", zmq.NOBLOCK)
+            sock.send(CUT, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # (closed, or nothing could be sent: then no fragment either)
         raise
+
+
+CUT = b"\x00<PX|MESSAGE CUT SHORT BY ITS SENDER>\x00"
+"""The frame that ends a message whose sending an exception cut short (see
+:func:`send_frames`); a message ending with it is refused."""
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
