@@ -356,7 +356,12 @@ class Client:
         host signals itself when asked, and takes only SIGINT, SIGTERM, SIGKILL, SIGHUP,
         SIGQUIT, SIGUSR1 and SIGUSR2 (anything else is refused, for all targets, with a
         ValueError). Returns the engines signalled (an AsyncResult-like future of them
-        without ``block``)."""
+        without ``block``).
+
+        An engine named by id that the controller is still adopting (busy with a task
+        when its last controller died: not in ``ids`` until that task ends) is signalled
+        too, so that ``SIGINT`` can end a runaway task; the controller refuses ids it
+        does not know (InvalidTarget)."""
         if isinstance(sig, str):
             name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
             try:
@@ -367,10 +372,22 @@ class Client:
             raise TypeError(f"a signal is a number or a name, not {sig!r}")
         if sig not in signal.valid_signals():
             raise ValueError(f"{sig} is not a signal of this system")
-        request = protocol.SignalRequest(int(sig), tuple(self.transport.targets(targets)))
+        request = protocol.SignalRequest(int(sig), tuple(self._signal_targets(targets)))
         if block:
             return list(self.transport.ask(protocol.SIGNAL_REQUEST, request)["targets"])
         return self.transport.tell(protocol.SIGNAL_REQUEST, request)
+
+    def _signal_targets(self, targets: Any) -> list[int]:
+        """The ids a signal goes to: as for any call, but an explicit id this client does
+        not know (and has not seen die) is left for the controller to check."""
+        explicit = [targets] if isinstance(targets, int) else targets
+        if isinstance(explicit, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in explicit
+        ):
+            known = self.transport.engines
+            if any(t not in known and t not in self.transport.dead for t in explicit):
+                return list(dict.fromkeys(explicit))
+        return self.transport.targets(targets)
 
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the engines are running (SIGINT through their kernel managers)."""

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from kernel_engine import protocol
+from kernel_engine.errors import InvalidTarget
 from kernel_engine.wire import Message, dumps_json, parse_date
 
 from .balancer import Balancer
@@ -146,7 +147,7 @@ class HubRequests:
             return ready
         missing = sorted(set(targets) - set(self.engines.engines))
         if missing:
-            raise ValueError(f"no engines with ids {missing}")
+            raise InvalidTarget(f"no engines with ids {missing}")
         return list(dict.fromkeys(targets))
 
     def _connect(self, request: protocol.ConnectRequest, msg: Message, client: bytes) -> Answer:
