@@ -25,7 +25,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol, wire
-from kernel_engine.errors import EngineError
 
 from ._interrupts import deferred_interrupts
 from ._metadata import Metadata
@@ -120,18 +119,6 @@ class SubmitBatch:
             transport = self.transport
             try:
                 transport.requests.add_balanced(reqs)
-            except Refused as exc:
-                error = (
-                    RuntimeError(str(exc))
-                    if transport.closed
-                    else EngineError("EngineError", str(exc))
-                )
-                transport._withdraw(reqs, error)
-                raise error from None
-            except BaseException as exc:  # (another signal's handler raising, say)
-                transport._withdraw(reqs, exc)
-                raise
-            try:
                 msg_ids = [req.msg_id for req in reqs]
                 transport.metadata.put_all(msg_ids, [req.metadata for req in reqs])
                 transport.history.extend(msg_ids)
@@ -140,6 +127,10 @@ class SubmitBatch:
                 else:
                     frames = [protocol.LB_ROUTE, *wire.pack_batch([part for part, _ in tasks])]
                 tracker = transport.io.send(frames, track=self.track)
+            except Refused as exc:  # (none taken: their futures end with the error)
+                error = transport.refused(exc)
+                transport._withdraw(reqs, error)
+                raise error from None
             except BaseException as exc:  # (not sent: nobody is to wait for them)
                 transport._withdraw(reqs, exc)
                 raise

@@ -89,9 +89,9 @@ class _Section:
             state.depth = 0  # (sections cut short before their end: see STALE)
         if state.depth == 0:
             state.since = now
-            if _signal.getsignal(signal.SIGINT) is not _note:
-                state.pending = None
-                state.saved = _signal.getsignal(signal.SIGINT)
+            handler = _signal.getsignal(signal.SIGINT)
+            if handler is not _note:
+                state.pending, state.saved = None, handler
                 _signal.signal(signal.SIGINT, _note)
         state.depth += 1
         return self

@@ -344,20 +344,14 @@ class Transport:
         with deferred_interrupts():  # (taken into the table and sent, or neither)
             try:
                 path = self.requests.add(req)
-            except Refused as exc:
-                if self.closed:
-                    raise RuntimeError(str(exc)) from None
-                raise EngineError("EngineError", str(exc)) from None
-            except BaseException as exc:  # (another signal's handler raising, say)
-                self._withdraw([req], exc)
-                raise
-            try:
                 if kind != "hub":
                     self.metadata[msg_id] = md
                     self.history.append(msg_id)
                 if path is not None:
                     self._send(req, path)
-            except BaseException as exc:
+            except Refused as exc:  # (not taken: nothing to withdraw)
+                raise self.refused(exc) from None
+            except BaseException as exc:  # (another signal's handler raising, say)
                 self._withdraw([req], exc)
                 raise
         return req
@@ -421,14 +415,6 @@ class Transport:
             try:
                 if not self.requests.add_all(reqs, "routed" if channel == "lane" else "shell"):
                     return None
-            except Refused as exc:
-                if self.closed:
-                    raise RuntimeError(str(exc)) from None
-                raise EngineError("EngineError", str(exc)) from None
-            except BaseException as exc:
-                self._withdraw(reqs, exc)
-                raise
-            try:
                 hooks = self._submit_hooks
                 if hooks:
                     for msg_id in request.msg_ids:
@@ -438,6 +424,8 @@ class Transport:
                 self.history.extend(request.msg_ids)
                 self._broadcasts[header["msg_id"]] = request.msg_ids
                 tracker = self.io.send([protocol.BROADCAST_ROUTE, *frames], track=track)
+            except Refused as exc:  # (none taken)
+                raise self.refused(exc) from None
             except BaseException as exc:
                 self._withdraw(reqs, exc)
                 raise
@@ -445,6 +433,13 @@ class Transport:
             for req in reqs:
                 req.tracker = tracker
         return reqs
+
+    def refused(self, exc: Refused) -> Exception:
+        """What a caller raises when the table refused a request: RuntimeError when this
+        client is closed, else EngineError (the controller is lost)."""
+        if self.closed:
+            return RuntimeError(str(exc))
+        return EngineError("EngineError", str(exc))
 
     def _withdraw(self, reqs: list[Request], exc: BaseException) -> None:
         """Requests the table took that were not sent after all (``exc`` stopped their
