@@ -135,20 +135,29 @@ class DirectLanes:
             return
         url = protocol.endpoint(conn, port)
         server = conn.get("curve_publickey")
+        login = not server and conn.get("lane_auth") == wire.LANE_AUTH
         with self.send_lock:
             sock = self.context.socket(zmq.DEALER)
             sock.linger = 1000
             sock.identity = self.identity + b":s"
             if server:  # an encrypted cluster: the lane is a CurveZMQ server
                 wire.curve_client(sock, server.encode(), self.keypair)
+            elif login:  # the lane lets in only peers with its password
+                wire.lane_client(sock, self.wire.key, int(port))
             sock.connect(url)
+        # a connection keeps the options it was made with: the receiver's link to the
+        # controller is not changed by these
         if server:
-            # a connection keeps the options it was made with: the receiver's link to
-            # the controller is not changed by this
             self.receiver.curve_serverkey = server.encode()
             self.receiver.connect(url)
             if self.controller_key is not None:
                 self.receiver.curve_serverkey = self.controller_key
+        elif login:
+            wire.lane_client(self.receiver, self.wire.key, int(port))
+            try:
+                self.receiver.connect(url)
+            finally:
+                wire.null_client(self.receiver)
         else:
             self.receiver.connect(url)
         self.lanes[eid] = _Lane(eid, url, info.get("pid"), sock)

@@ -637,6 +637,36 @@ def curve_client(
     sock.curve_serverkey = server_public
 
 
+LANE_AUTH = "plain"
+"""An engine's ``lane_auth`` (in its kernel info and connection info) when its task lane
+takes only peers that log in with the lane's password (ZMQ PLAIN, checked by the
+engine's ZAP handler, :mod:`kernel_engine.engine.guard`). Without it, any local process
+could connect and, while the engine runs a task, have it hold whatever it sends (the lane
+reads nothing then). Engines that encrypt use CurveZMQ instead."""
+LANE_USER = b"px"
+LANE_DOMAIN = b"px-lane"
+
+
+def lane_password(key: bytes, port: int) -> bytes:
+    """The password of the task lane on ``port`` of a cluster signing with ``key``.
+
+    Bound to the port: PLAIN sends it in the clear, and a process that takes over a dead
+    engine's port learns the password of that port only, which opens no other lane."""
+    return hmac.new(key, b"jupyter-px lane %d" % port, hashlib.sha256).hexdigest().encode()
+
+
+def lane_client(sock: zmq.Socket[Any], key: bytes, port: int) -> None:
+    """Make ``sock``'s next connection (to the lane on ``port``) log in with its password;
+    a connection keeps the options it was made with (see :func:`null_client`)."""
+    sock.plain_username = LANE_USER
+    sock.plain_password = lane_password(key, port)
+
+
+def null_client(sock: zmq.Socket[Any]) -> None:
+    """Make ``sock``'s next connections use no security mechanism again."""
+    sock.plain_server = False  # (libzmq: setting it to 0 sets the NULL mechanism)
+
+
 class SeenWindow:
     """The msg_ids of the last ``size`` messages accepted: a replay of one is refused.
 

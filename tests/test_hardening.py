@@ -6,6 +6,7 @@ as it would be met, against real controllers and engines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import zmq
 
 import jupyter_ext as jx
 from kernel_engine import protocol, wire
+from kernel_engine.engine.guard import LaneGuard
 from kernel_engine.serialize import pack_apply
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,13 +35,17 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 class Raw:
     """A keyed peer speaking the wire by hand (what a careless or hostile client sends)."""
 
-    def __init__(self, info: dict[str, Any], port: int, identity: bytes | None = None):
+    def __init__(
+        self, info: dict[str, Any], port: int, identity: bytes | None = None, lane_key: str = ""
+    ):
         self.wire = wire.Wire(info["key"].encode())
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 0
         if identity is not None:
             self.socket.identity = identity
+        if lane_key:  # a task lane: log in with the password of this key (engine/guard.py)
+            wire.lane_client(self.socket, lane_key.encode(), port)
         self.socket.connect(f"tcp://127.0.0.1:{port}")
 
     def send(self, frames: list[Any]) -> None:
@@ -207,7 +213,7 @@ def test_a_duplicated_submission_is_refused_and_the_original_runs(cluster_factor
 
 def test_a_replayed_direct_request_runs_once(rc):
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
-    raw = Raw(_info(rc), lane)
+    raw = Raw(_info(rc), lane, lane_key=_info(rc)["key"])
     try:
         header, frames = raw.pack(
             "apply_request", None, buffers=pack_apply(_bump, ("dup_direct",), {})
@@ -226,10 +232,14 @@ def test_a_replayed_direct_request_runs_once(rc):
 
 
 def test_an_imposter_on_a_lane_breaks_nothing(rc):
-    """A process without the key connecting with identities it should not have."""
+    """A process without the key connecting with identities it should not have (logged in
+    at the lane's door, as one that learned the password would be)."""
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
     stem = protocol.client_identity(os.urandom(8))
-    imposters = [Raw({"key": "wrong"}, lane, i) for i in (b"px-controller", stem + b":r")]
+    key = _info(rc)["key"]
+    imposters = [
+        Raw({"key": "wrong"}, lane, i, lane_key=key) for i in (b"px-controller", stem + b":r")
+    ]
     try:
         for raw in imposters:
             _, frames = raw.pack("apply_request", None, buffers=pack_apply(abs, (1,), {}))
@@ -473,7 +483,7 @@ def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cl
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
     log_path = Path(cluster.folder) / "engine-0.log"
     size = log_path.stat().st_size
-    raw = Raw({"key": "no key"}, lane)
+    raw = Raw({"key": "no key"}, lane, lane_key=_info(rc)["key"])  # (past the lane's door)
     try:
         # a 1.2 MB index: 150,000 messages of 7 frames that are not there
         counts = b"".join(n.to_bytes(8, "little") for n in [150_000] + [7] * 150_000)
@@ -488,6 +498,83 @@ def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cl
         raw.close()
     time.sleep(0.5)
     assert log_path.stat().st_size - size < 5_000
+
+
+def test_nobody_without_the_key_gets_data_into_a_busy_engines_lane(rc):
+    """The lane is read on the engine's main thread, so while a task runs, what peers send
+    waits in the engine's memory (zmq bounds the queue by count, not size). A process
+    without the key (no login, the password of a wrong key, or another lane's password)
+    fails the lane's handshake: what it sends stays in its own memory, and the engine and
+    its work are untouched. (With the password, the same peers made the engine hold 650
+    MiB in 2 s.)"""
+    info = rc.engine_info(0)
+    conn = info["connection_info"]
+    assert conn["lane_auth"] == wire.LANE_AUTH
+    lane, other = conn["lane_port"], rc.engine_info(1)["connection_info"]["lane_port"]
+    key = _info(rc)["key"].encode()
+    ctx: zmq.Context[Any] = zmq.Context()
+    busy = rc[0].apply_async(time.sleep, 3)
+    attackers = []
+    try:
+        time.sleep(0.3)
+        before = psutil.Process(info["pid"]).memory_info().rss
+        for login in (None, (b"wrong key", lane), (key, other)):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.sndhwm = 2  # (what zmq queues here is the attacker's own memory)
+            if login is not None:
+                wire.lane_client(sock, *login)
+            sock.connect(f"tcp://127.0.0.1:{lane}")
+            attackers.append(sock)
+        chunk = b"\0" * (25 << 20)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            for sock in attackers:
+                with contextlib.suppress(zmq.Again):
+                    sock.send(chunk, zmq.NOBLOCK)
+            time.sleep(0.01)
+        time.sleep(0.3)
+        grown = psutil.Process(info["pid"]).memory_info().rss - before
+    finally:
+        for sock in attackers:
+            sock.close(linger=0)
+        ctx.term()
+    assert grown < 64 << 20, f"the busy engine grew by {grown >> 20} MiB"
+    assert busy.get(10) is None
+    assert rc[0].apply_sync(abs, -2) == 2
+
+
+def test_the_lane_guard_lets_in_only_the_lanes_own_login():
+    """The ZAP handler by itself (RFC 27 requests as libzmq sends them)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    guard = LaneGuard(ctx, wire.lane_password(b"key", 5000))
+    try:
+
+        def ask(*fields: bytes, domain: bytes = wire.LANE_DOMAIN, mech: bytes = b"PLAIN") -> bytes:
+            request = [b"1.0", b"7", domain, b"127.0.0.1", b"", mech, *fields]
+            reply = guard.answer(request)
+            assert reply[:2] == [b"1.0", b"7"], reply
+            return reply[2]
+
+        good = wire.lane_password(b"key", 5000)
+        assert ask(b"px", good) == b"200"
+        assert ask(b"px", wire.lane_password(b"key", 5001)) == b"400"
+        assert ask(b"px", wire.lane_password(b"other", 5000)) == b"400"
+        assert ask(b"root", good) == b"400"
+        assert ask(b"px", good, b"more") == b"400"
+        assert ask(b"px") == b"400"
+        assert ask(b"px", good, domain=b"") == b"400"
+        assert ask(mech=b"NULL") == b"400"
+        assert ask(b"\0" * 32, mech=b"CURVE") == b"400"
+        assert (
+            guard.answer([b"2.0", b"7", wire.LANE_DOMAIN, b"", b"", b"PLAIN", b"px", good])[2]
+            == b"400"
+        )
+        assert guard.answer([b"1.0"])[2] == b"400"
+        assert guard.answer([])[2] == b"400"
+    finally:
+        guard.stop()
+    ctx.term()  # (returns: the guard's sockets are closed)
 
 
 def test_with_curve_a_keyless_subscriber_reads_nothing(cluster_factory):

@@ -492,9 +492,16 @@ class EngineSet:
                     engine.pid_started = processes.start_time(engine.pid)
             engine.hostname = str(px.get("hostname", ""))
             engine.connection_info["lane_port"] = px["lane_port"]
+            if px.get("lane_auth") == wire.LANE_AUTH:
+                engine.connection_info["lane_auth"] = wire.LANE_AUTH
+            else:
+                engine.connection_info.pop("lane_auth", None)
             try:
                 lane = self._socket(engine, zmq.DEALER)
                 lane.linger = 0
+                info = engine.connection_info
+                if info.get("lane_auth") and not info.get("curve_publickey"):
+                    wire.lane_client(lane, self.wire.key, px["lane_port"])
                 engine.sockets["lane"] = lane
                 lane.connect(engine.url(px["lane_port"]))
                 self.loop.add_socket(lane, self._handler(engine, "lane"))

@@ -13,9 +13,11 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
 
+from kernel_engine import wire
 from kernel_engine.clusters import CONTROLLER_PID_ENV, PROFILE_DIR_ENV, engine_grace
 
 from . import logs
+from .guard import LaneGuard
 from .kernel import EngineKernel
 from .watch import ControllerWatch
 
@@ -32,6 +34,8 @@ class EngineApp(IPKernelApp):
 
     lane_socket: Any = None
     lane_port = 0
+    lane_auth = ""
+    lane_guard: LaneGuard | None = None
 
     def init_poller(self) -> None:
         """Watch the controller instead of ipykernel's parent poller, which would end the
@@ -53,14 +57,22 @@ class EngineApp(IPKernelApp):
         self.lane_socket.sndhwm = 0
         # tasks not yet read wait in their sender's memory past this, not in the engine's
         self.lane_socket.rcvhwm = 10_000
+        key = self.session.key
         if self.curve_secretkey is not None:  # the kernel's channels encrypt: so does the lane
             self._apply_curve_server_options(self.lane_socket)
+        elif key:  # only peers with the key's password for this port connect (see .guard)
+            self.lane_socket.plain_server = True
+            self.lane_socket.zap_domain = wire.LANE_DOMAIN
         # no router_handover: a peer connecting with an identity already in use is refused,
         # so nobody can take over the controller's (or a client's) place on the lane
         # mandatory: a reply to a peer that is gone raises, so the lane can keep a lost
         # controller's replies for the next one (see lane.py)
         self.lane_socket.router_mandatory = 1
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
+        if self.curve_secretkey is None and key:
+            # (peers that connect before it runs are refused, and retry)
+            self.lane_guard = LaneGuard(self.context, wire.lane_password(key, self.lane_port))
+            self.lane_auth = wire.LANE_AUTH
         self.log.debug("task lane ROUTER on port %i", self.lane_port)
 
     def _requested_lane_port(self) -> int:
@@ -121,6 +133,8 @@ class EngineApp(IPKernelApp):
         """Close the lane socket too, or the zmq context's term() would wait for it forever."""
         if self.lane_socket is not None and not self.lane_socket.closed:
             self.lane_socket.close(linger=0)
+        if self.lane_guard is not None:
+            self.lane_guard.stop()
         super().close()
 
     def initialize(self, argv: Any = None) -> None:
@@ -141,6 +155,7 @@ class EngineApp(IPKernelApp):
         kernel = self.kernel
         kernel.lane_socket = self.lane_socket
         kernel.lane_port = self.lane_port
+        kernel.lane_auth = self.lane_auth
         kernel.controller_watch = self.poller
 
 

@@ -66,6 +66,7 @@ class EngineKernel(IPythonKernel):
     implementation = "jupyter-px-engine"
     lane_socket = AnyTrait(None, allow_none=True, help="The bound ROUTER of the task lane.")
     lane_port = Integer(0, help="The task lane's port.")
+    lane_auth = Unicode("", help="How peers log in to the lane: 'plain' or '' (none, or CurveZMQ).")
     engine_id = Integer(None, allow_none=True, help="This engine's id, set by the controller.")
     cluster_id = Unicode("", help="The cluster this engine belongs to.")
     controller_watch = AnyTrait(None, allow_none=True, help="The watch on the controller.")
@@ -96,6 +97,7 @@ class EngineKernel(IPythonKernel):
         info = dict(super().kernel_info)
         info["engine"] = {
             "lane_port": self.lane_port,
+            "lane_auth": self.lane_auth,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "engine_id": self.engine_id,
