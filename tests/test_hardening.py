@@ -577,6 +577,44 @@ def test_the_lane_guard_lets_in_only_the_lanes_own_login():
     ctx.term()  # (returns: the guard's sockets are closed)
 
 
+def test_the_lane_guard_survives_its_own_errors():
+    """An answer that raises (a MemoryError in an exhausted engine) refuses that login
+    and the guard goes on: the next login to a real PLAIN server gets in."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    password = wire.lane_password(b"key", 5000)
+    guard = LaneGuard(ctx, password)
+    answer, calls = guard.answer, []
+
+    def failing_once(request: list[bytes]) -> list[bytes]:
+        calls.append(request)
+        if len(calls) == 1:
+            raise MemoryError("no memory for this one")
+        return answer(request)
+
+    guard.answer = failing_once  # type: ignore[method-assign]
+    server = ctx.socket(zmq.ROUTER)
+    clients = [ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)]
+    try:
+        server.plain_server = True
+        server.zap_domain = wire.LANE_DOMAIN
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        for i, client in enumerate(clients):
+            client.plain_username, client.plain_password = wire.LANE_USER, password
+            client.connect(f"tcp://127.0.0.1:{port}")
+            client.send(b"hello %d" % i)
+            if i == 0:  # (refused: its answer raised)
+                assert not server.poll(1000), "let in though its answer failed"
+        assert server.poll(5000), "the login after the failed answer was not let in"
+        assert server.recv_multipart()[-1] == b"hello 1"
+        assert len(calls) == 2 and guard.errors.total == 1
+    finally:
+        server.close(0)
+        for client in clients:
+            client.close(0)
+        guard.stop()
+    ctx.term()
+
+
 def test_with_curve_a_keyless_subscriber_reads_nothing(cluster_factory):
     _, rc = cluster_factory.start(1, curve=True)
     info = _info(rc)

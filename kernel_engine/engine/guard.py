@@ -4,11 +4,14 @@ The lane is read on the kernel's main thread. While a task runs there, whatever 
 send waits in the lane socket's queue, which zmq bounds by count (10,000 messages) but
 not by size: without a login, any local process could have a busy engine hold gigabytes.
 So the lane is a ZMQ PLAIN server. libzmq asks this process's ZAP handler (RFC 27), this
-thread, about every new connection before it takes a single message from it; only
+thread, about every new connection before any message of it reaches the lane; only
 ``LANE_USER`` with the lane's password (:func:`kernel_engine.wire.lane_password`,
-derived from the key) gets in. Everyone else's handshake fails, and what they send stays
-in their own memory. Without a ZAP handler, libzmq refuses every PLAIN peer, so a
-handler that is gone fails closed.
+derived from the key) gets in. Everyone else's handshake fails. Without a ZAP handler,
+libzmq refuses every PLAIN peer, so a handler that is gone fails closed.
+
+Not bounded by this: the handshake's own commands, which libzmq reads whole (of any size)
+before it asks here. Engines on one host with their peers would need an ``ipc://`` lane
+in a private folder for that (the operating system checks before libzmq reads).
 
 The handler runs on a thread of its own: a peer connecting while a long task runs (a
 client, a restarted controller) is let in at once.
@@ -44,6 +47,7 @@ class LaneGuard:
         self.password = password
         self.domain = domain
         self.refused = 0
+        self.errors = wire.DropLog(log, "lane guard: refused logins for errors")
         self._zap = context.socket(zmq.REP)
         self._zap.linger = 0
         self._zap.bind(ZAP_ENDPOINT)
@@ -58,19 +62,36 @@ class LaneGuard:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._stop_in, zmq.POLLIN)
+        stopped = False
         try:
             while True:
                 events = dict(poller.poll())
                 if self._stop_in in events:
+                    stopped = True
                     return
-                request = self._zap.recv_multipart()
-                try:
-                    self._zap.send_multipart(self.answer(request))
-                except zmq.ZMQError as exc:  # (REP: one reply per request, always)
-                    log.warning("lane guard: could not answer: %s", exc)
+                self._serve_one()
+        except BaseException:
+            log.exception("lane guard: ended (new peers of the task lane are refused)")
+            raise
         finally:
+            if not stopped:
+                log.error("lane guard: ended (new peers of the task lane are refused)")
             self._zap.close(linger=0)
             self._stop_in.close(linger=0)
+
+    def _serve_one(self) -> None:
+        """Read one request and answer it: a REP socket takes no new request before it
+        has replied, so an answer that fails is a refusal, never a silence."""
+        request = self._zap.recv_multipart()
+        try:
+            reply = self.answer(request)
+        except Exception as exc:  # (a MemoryError in a nearly exhausted engine, say)
+            self.errors.drop(f"{type(exc).__name__}: {exc}")
+            reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"error", b"", b""]
+        try:
+            self._zap.send_multipart(reply)
+        except zmq.ZMQError as exc:
+            self.errors.drop(f"could not answer: {exc}")
 
     def answer(self, request: list[bytes]) -> list[bytes]:
         """The ZAP reply to ``request``: ``[version, request id, code, text, user, meta]``."""
