@@ -136,6 +136,7 @@ class DirectLanes:
         url = protocol.endpoint(conn, port)
         server = conn.get("curve_publickey")
         login = not server and conn.get("lane_auth") == wire.LANE_AUTH
+        session = str(info.get("uuid") or "")
         with self.send_lock:
             sock = self.context.socket(zmq.DEALER)
             sock.linger = 1000
@@ -143,7 +144,7 @@ class DirectLanes:
             if server:  # an encrypted cluster: the lane is a CurveZMQ server
                 wire.curve_client(sock, server.encode(), self.keypair)
             elif login:  # the lane lets in only peers with its password
-                wire.lane_client(sock, self.wire.key, int(port))
+                wire.lane_client(sock, self.wire.key, int(port), session)
             sock.connect(url)
         # a connection keeps the options it was made with: the receiver's link to the
         # controller is not changed by these
@@ -153,7 +154,7 @@ class DirectLanes:
             if self.controller_key is not None:
                 self.receiver.curve_serverkey = self.controller_key
         elif login:
-            wire.lane_client(self.receiver, self.wire.key, int(port))
+            wire.lane_client(self.receiver, self.wire.key, int(port), session)
             try:
                 self.receiver.connect(url)
             finally:

@@ -647,19 +647,23 @@ LANE_USER = b"px"
 LANE_DOMAIN = b"px-lane"
 
 
-def lane_password(key: bytes, port: int) -> bytes:
-    """The password of the task lane on ``port`` of a cluster signing with ``key``.
+def lane_password(key: bytes, port: int, session: str) -> bytes:
+    """The password of the task lane on ``port`` of the engine whose kernel session id is
+    ``session``, in a cluster signing with ``key``.
 
-    Bound to the port: PLAIN sends it in the clear, and a process that takes over a dead
-    engine's port learns the password of that port only, which opens no other lane."""
-    return hmac.new(key, b"jupyter-px lane %d" % port, hashlib.sha256).hexdigest().encode()
+    Bound to the engine: PLAIN sends it in the clear, and a process that takes over a dead
+    engine's port learns the password of that engine only, which opens no other lane (nor
+    the lane of a later engine on the same port)."""
+    text = b"jupyter-px lane %d %s" % (port, session.encode("utf-8", "replace"))
+    return hmac.new(key, text, hashlib.sha256).hexdigest().encode()
 
 
-def lane_client(sock: zmq.Socket[Any], key: bytes, port: int) -> None:
-    """Make ``sock``'s next connection (to the lane on ``port``) log in with its password;
-    a connection keeps the options it was made with (see :func:`null_client`)."""
+def lane_client(sock: zmq.Socket[Any], key: bytes, port: int, session: str) -> None:
+    """Make ``sock``'s next connection (to the lane on ``port`` of the engine of kernel
+    session ``session``) log in with its password; a connection keeps the options it was
+    made with (see :func:`null_client`)."""
     sock.plain_username = LANE_USER
-    sock.plain_password = lane_password(key, port)
+    sock.plain_password = lane_password(key, port, session)
 
 
 def null_client(sock: zmq.Socket[Any]) -> None:

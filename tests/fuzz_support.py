@@ -66,11 +66,11 @@ def controller_info(rc: Any) -> dict[str, Any]:
     return info
 
 
-LANE_LOGINS: dict[str, bytes] = {}
-"""The cluster key of each lane url :func:`cluster_ports` found: a :class:`Peer` of a lane
-logs in with its password (``kernel_engine.engine.guard``), signer or no signer, so the
-fuzzing reaches what is behind the lane's door too (as a peer that got the password
-would)."""
+LANE_LOGINS: dict[str, tuple[bytes, bytes]] = {}
+"""The cluster key and the engine's kernel session of each lane url that
+:func:`cluster_ports` found: a :class:`Peer` of a lane logs in with its password
+(``kernel_engine.engine.guard``), signer or no signer, so the fuzzing reaches what is
+behind the lane's door too (as a peer that got the password would)."""
 
 
 def cluster_ports(rc: Any) -> tuple[bytes, list[Port]]:
@@ -88,7 +88,10 @@ def cluster_ports(rc: Any) -> tuple[bytes, list[Port]]:
         for name in ("shell", "control", "stdin", "hb", "iopub", "lane"):
             ports.append(Port(f"engine {eid}", name, int(conn[f"{name}_port"])))
         if conn.get("lane_auth") == "plain":
-            LANE_LOGINS[ports[-1].url] = info["key"].encode()
+            LANE_LOGINS[ports[-1].url] = (
+                info["key"].encode(),
+                rc.engine_info(eid)["uuid"].encode(),
+            )
     return info["key"].encode(), ports
 
 
@@ -275,13 +278,12 @@ class Peer:
         self.sock.rcvhwm = 0
         if identity is not None:
             self.sock.identity = identity
-        key = LANE_LOGINS.get(url)
-        if key is not None:  # ZMQ PLAIN: user "px", the password the README gives
-            port = url.rsplit(":", 1)[1].encode()
+        login = LANE_LOGINS.get(url)
+        if login is not None:  # ZMQ PLAIN: user "px", the password the README gives
+            key, session = login
+            text = b"jupyter-px lane %s %s" % (url.rsplit(":", 1)[1].encode(), session)
             self.sock.plain_username = b"px"
-            self.sock.plain_password = (
-                hmac.new(key, b"jupyter-px lane " + port, "sha256").hexdigest().encode()
-            )
+            self.sock.plain_password = hmac.new(key, text, "sha256").hexdigest().encode()
         self.sock.connect(url)
         self.signer = signer
         self.received: list[Reply] = []

@@ -36,7 +36,11 @@ class Raw:
     """A keyed peer speaking the wire by hand (what a careless or hostile client sends)."""
 
     def __init__(
-        self, info: dict[str, Any], port: int, identity: bytes | None = None, lane_key: str = ""
+        self,
+        info: dict[str, Any],
+        port: int,
+        identity: bytes | None = None,
+        lane_login: tuple[str, str] | None = None,
     ):
         self.wire = wire.Wire(info["key"].encode())
         self.context = zmq.Context()
@@ -44,8 +48,8 @@ class Raw:
         self.socket.linger = 0
         if identity is not None:
             self.socket.identity = identity
-        if lane_key:  # a task lane: log in with the password of this key (engine/guard.py)
-            wire.lane_client(self.socket, lane_key.encode(), port)
+        if lane_login:  # a task lane: log in with (key, engine session) (engine/guard.py)
+            wire.lane_client(self.socket, lane_login[0].encode(), port, lane_login[1])
         self.socket.connect(f"tcp://127.0.0.1:{port}")
 
     def send(self, frames: list[Any]) -> None:
@@ -213,7 +217,7 @@ def test_a_duplicated_submission_is_refused_and_the_original_runs(cluster_factor
 
 def test_a_replayed_direct_request_runs_once(rc):
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
-    raw = Raw(_info(rc), lane, lane_key=_info(rc)["key"])
+    raw = Raw(_info(rc), lane, lane_login=(_info(rc)["key"], rc.engine_info(0)["uuid"]))
     try:
         header, frames = raw.pack(
             "apply_request", None, buffers=pack_apply(_bump, ("dup_direct",), {})
@@ -236,9 +240,9 @@ def test_an_imposter_on_a_lane_breaks_nothing(rc):
     at the lane's door, as one that learned the password would be)."""
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
     stem = protocol.client_identity(os.urandom(8))
-    key = _info(rc)["key"]
+    login = (_info(rc)["key"], rc.engine_info(0)["uuid"])
     imposters = [
-        Raw({"key": "wrong"}, lane, i, lane_key=key) for i in (b"px-controller", stem + b":r")
+        Raw({"key": "wrong"}, lane, i, lane_login=login) for i in (b"px-controller", stem + b":r")
     ]
     try:
         for raw in imposters:
@@ -483,7 +487,8 @@ def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cl
     lane = rc.engine_info(0)["connection_info"]["lane_port"]
     log_path = Path(cluster.folder) / "engine-0.log"
     size = log_path.stat().st_size
-    raw = Raw({"key": "no key"}, lane, lane_key=_info(rc)["key"])  # (past the lane's door)
+    login = (_info(rc)["key"], rc.engine_info(0)["uuid"])
+    raw = Raw({"key": "no key"}, lane, lane_login=login)  # (past the lane's door)
     try:
         # a 1.2 MB index: 150,000 messages of 7 frames that are not there
         counts = b"".join(n.to_bytes(8, "little") for n in [150_000] + [7] * 150_000)
@@ -503,22 +508,29 @@ def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cl
 def test_nobody_without_the_key_gets_data_into_a_busy_engines_lane(rc):
     """The lane is read on the engine's main thread, so while a task runs, what peers send
     waits in the engine's memory (zmq bounds the queue by count, not size). A process
-    without the key (no login, the password of a wrong key, or another lane's password)
-    fails the lane's handshake: what it sends stays in its own memory, and the engine and
-    its work are untouched. (With the password, the same peers made the engine hold 650
-    MiB in 2 s.)"""
+    without the key (no login, the password of a wrong key, another engine's password, or
+    the password of a former engine on this port) fails the lane's handshake: what it sends
+    stays in its own memory, and the engine and its work are untouched. (With the
+    password, the same peers made the engine hold 650 MiB in 2 s.)"""
     info = rc.engine_info(0)
     conn = info["connection_info"]
     assert conn["lane_auth"] == wire.LANE_AUTH
-    lane, other = conn["lane_port"], rc.engine_info(1)["connection_info"]["lane_port"]
+    lane, session = conn["lane_port"], info["uuid"]
+    other = rc.engine_info(1)
     key = _info(rc)["key"].encode()
+    logins = [
+        None,
+        (b"wrong key", lane, session),
+        (key, other["connection_info"]["lane_port"], other["uuid"]),
+        (key, lane, other["uuid"]),
+    ]
     ctx: zmq.Context[Any] = zmq.Context()
     busy = rc[0].apply_async(time.sleep, 3)
     attackers = []
     try:
         time.sleep(0.3)
         before = psutil.Process(info["pid"]).memory_info().rss
-        for login in (None, (b"wrong key", lane), (key, other)):
+        for login in logins:
             sock = ctx.socket(zmq.DEALER)
             sock.linger = 0
             sock.sndhwm = 2  # (what zmq queues here is the attacker's own memory)
@@ -547,7 +559,7 @@ def test_nobody_without_the_key_gets_data_into_a_busy_engines_lane(rc):
 def test_the_lane_guard_lets_in_only_the_lanes_own_login():
     """The ZAP handler by itself (RFC 27 requests as libzmq sends them)."""
     ctx: zmq.Context[Any] = zmq.Context()
-    guard = LaneGuard(ctx, wire.lane_password(b"key", 5000))
+    guard = LaneGuard(ctx, wire.lane_password(b"key", 5000, "s1"))
     try:
 
         def ask(*fields: bytes, domain: bytes = wire.LANE_DOMAIN, mech: bytes = b"PLAIN") -> bytes:
@@ -556,10 +568,11 @@ def test_the_lane_guard_lets_in_only_the_lanes_own_login():
             assert reply[:2] == [b"1.0", b"7"], reply
             return reply[2]
 
-        good = wire.lane_password(b"key", 5000)
+        good = wire.lane_password(b"key", 5000, "s1")
         assert ask(b"px", good) == b"200"
-        assert ask(b"px", wire.lane_password(b"key", 5001)) == b"400"
-        assert ask(b"px", wire.lane_password(b"other", 5000)) == b"400"
+        assert ask(b"px", wire.lane_password(b"key", 5001, "s1")) == b"400"
+        assert ask(b"px", wire.lane_password(b"key", 5000, "s2")) == b"400"
+        assert ask(b"px", wire.lane_password(b"other", 5000, "s1")) == b"400"
         assert ask(b"root", good) == b"400"
         assert ask(b"px", good, b"more") == b"400"
         assert ask(b"px") == b"400"
@@ -581,7 +594,7 @@ def test_the_lane_guard_survives_its_own_errors():
     """An answer that raises (a MemoryError in an exhausted engine) refuses that login
     and the guard goes on: the next login to a real PLAIN server gets in."""
     ctx: zmq.Context[Any] = zmq.Context()
-    password = wire.lane_password(b"key", 5000)
+    password = wire.lane_password(b"key", 5000, "s1")
     guard = LaneGuard(ctx, password)
     answer, calls = guard.answer, []
 

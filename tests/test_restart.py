@@ -256,7 +256,7 @@ def test_a_live_controllers_engine_cannot_be_adopted(cluster_factory):
             sock = ctx.socket(zmq.DEALER)
             sock.linger = 0
             if channel == "lane_port":  # (the key opens the lane's door too)
-                wire.lane_client(sock, conn["key"].encode(), conn[channel])
+                wire.lane_client(sock, conn["key"].encode(), conn[channel], info["uuid"])
             sock.connect(f"tcp://{conn['ip']}:{conn[channel]}")
             setup = protocol.EngineSetup(0, "evil", os.getpid())
             signer.send(sock, msg_type, setup.to_content())

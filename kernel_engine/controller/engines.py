@@ -501,7 +501,7 @@ class EngineSet:
                 lane.linger = 0
                 info = engine.connection_info
                 if info.get("lane_auth") and not info.get("curve_publickey"):
-                    wire.lane_client(lane, self.wire.key, px["lane_port"])
+                    wire.lane_client(lane, self.wire.key, px["lane_port"], session)
                 engine.sockets["lane"] = lane
                 lane.connect(engine.url(px["lane_port"]))
                 self.loop.add_socket(lane, self._handler(engine, "lane"))

@@ -71,7 +71,8 @@ class EngineApp(IPKernelApp):
         self.lane_port = self._bind_socket(self.lane_socket, self._requested_lane_port())
         if self.curve_secretkey is None and key:
             # (peers that connect before it runs are refused, and retry)
-            self.lane_guard = LaneGuard(self.context, wire.lane_password(key, self.lane_port))
+            password = wire.lane_password(key, self.lane_port, self.session.session)
+            self.lane_guard = LaneGuard(self.context, password)
             self.lane_auth = wire.LANE_AUTH
         self.log.debug("task lane ROUTER on port %i", self.lane_port)
 
