@@ -312,13 +312,17 @@ class Wire:
         self.session = session or uuid.uuid4().hex
         self.username = username
         self._hmac = hmac.new(key, digestmod=hashlib.sha256) if key else None
+        # (the C object under the HMAC, when there is one: copying it and feeding it
+        # directly costs half as much as through the Python wrapper, on every message)
+        self._hmac_core = getattr(self._hmac, "_hmac", None) or self._hmac
         self._plain = all(c.isalnum() or c in "-_.:" for c in f"{self.session}{self.username}")
 
     def sign(self, parts: Sequence[Any]) -> bytes:
         """The hex HMAC of the four signed parts."""
-        if self._hmac is None:
+        core = self._hmac_core
+        if core is None:
             return b""
-        h = self._hmac.copy()
+        h = core.copy()
         for part in parts:
             h.update(part)
         return h.hexdigest().encode("ascii")

@@ -131,6 +131,20 @@ requests' own (the scheduler's queue has them anyway); a held record costs about
 beside them. A load-balanced map queues its tasks faster than engines take them: bound by
 ``max_pending`` (5,000), as it was, 56% of a 10,000-task map's records were written
 pending, then updated."""
+PAGE_SIZE = 16384
+"""The page size of a new database file (one written before keeps its own). SQLite's
+default, 4 KiB, costs the writer about half again as much per tiny task's record in
+commits and checkpoints (each page is a WAL frame of its own: two writes, a checksum and
+an index entry, then a copy at the checkpoint): records are appended, a batch's pages are
+new and full, so larger pages mean fewer of them for the same bytes. A change to one old
+record (a late reply, output) writes its whole page to the WAL again; a batch's changes
+to records of one page are written once."""
+WAL_BYTES = 16 << 20
+"""Bytes of WAL at most between checkpoints (a 64th of ``max_bytes`` when that is less,
+64 KiB at least)."""
+VACUUM_STEP = 16 << 20
+"""Bytes given back to the file system in one step (writes waiting stop the giving back
+between steps)."""
 HIGH, LOW = 0.95, 0.85
 RECORD_BYTES = 256  # a record's size without its frames, to make room for a batch
 BIG_STEP = 16
@@ -577,7 +591,10 @@ class SqliteLog:
         self._seq = self._con.execute("SELECT coalesce(max(seq), 0) + 1 FROM tasks").fetchone()[0]
         page = self._con.execute("PRAGMA page_size").fetchone()[0]
         # a larger WAL means fewer checkpoints, each with two fsyncs; keep it a 64th of the limit
-        wal_pages = 4096 if max_bytes is None else max(16, min(4096, max_bytes // page // 64))
+        wal_bytes = (
+            WAL_BYTES if max_bytes is None else max(64 << 10, min(WAL_BYTES, max_bytes // 64))
+        )
+        wal_pages = max(1, wal_bytes // page)
         self._wal_limit = wal_pages * page
         # a batch also stays near a 64th of the limit (at 512 bytes a record), or a loaded
         # machine's long batches would overshoot a small limit before it is trimmed
@@ -610,7 +627,8 @@ class SqliteLog:
             app_id = con.execute("PRAGMA application_id").fetchone()[0]
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
             if app_id == 0 and not tables:
-                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
+                con.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # (both before the first table)
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 con.execute("PRAGMA journal_mode = WAL")
                 con.executescript(_SCHEMA)
             elif app_id != APPLICATION_ID:
@@ -865,13 +883,15 @@ class SqliteLog:
 
     def taken(self, msg_id: str) -> None:
         """An engine took ``msg_id``'s task: its held record (:meth:`put_queued`) is due."""
-        _check_id(msg_id)
+        if type(msg_id) is not str or not msg_id.isascii():  # (_check_id, most often)
+            _check_id(msg_id)
         self._queue.append((_TAKEN, msg_id, 0))
 
     def _put(self, msg_id: str, fields: dict[str, Any], tag: str | tuple[str]) -> None:
         if self._stopped:
             self._raise_state()
-        _check_id(msg_id)
+        if type(msg_id) is not str or not msg_id.isascii():  # (_check_id, most often)
+            _check_id(msg_id)
         nbytes = 0
         for key, value in fields.items():
             kind = type(value)
@@ -1722,6 +1742,10 @@ class SqliteLog:
         if self._trimming:  # what a record takes on disk, measured, beats the estimate
             incoming = max(incoming, math.ceil(records * self._row_bytes))
         reserve = self._wal_limit + 3 * incoming + to_files
+        if not self._trimming and self.size_bytes() + reserve <= HIGH * limit:
+            # (the files' sizes bound the live pages': far from the limit, no need to
+            # count the pages, three statements a batch)
+            return
         page, pages, free = self._pages()
         used = (pages - free) * page + self._blob_bytes
         if not self._trimming and used + reserve <= HIGH * limit and self.size_bytes() <= limit:
@@ -1792,11 +1816,13 @@ class SqliteLog:
         """Give free pages back to the file system until ``until`` are left, in steps;
         when callers wait for the writer, stop and go on after the next batch."""
         self._shrink_until = None
+        page = self._con.execute("PRAGMA page_size").fetchone()[0]
         while True:
             free = self._con.execute("PRAGMA freelist_count").fetchone()[0]
             if free <= until:
                 break
-            self._con.execute(f"PRAGMA incremental_vacuum({min(free - until, 4096)})").fetchall()
+            step = min(free - until, max(1, VACUUM_STEP // page))
+            self._con.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
             if not self._starting and (self._urgent or len(self._queue) > 1000):
                 self._shrink_until = until
                 return
