@@ -372,14 +372,15 @@ class Client:
             raise TypeError(f"a signal is a number or a name, not {sig!r}")
         if sig not in signal.valid_signals():
             raise ValueError(f"{sig} is not a signal of this system")
-        request = protocol.SignalRequest(int(sig), tuple(self._signal_targets(targets)))
+        request = protocol.SignalRequest(int(sig), tuple(self._named_targets(targets)))
         if block:
             return list(self.transport.ask(protocol.SIGNAL_REQUEST, request)["targets"])
         return self.transport.tell(protocol.SIGNAL_REQUEST, request)
 
-    def _signal_targets(self, targets: Any) -> list[int]:
-        """The ids a signal goes to: as for any call, but an explicit id this client does
-        not know (and has not seen die) is left for the controller to check."""
+    def _named_targets(self, targets: Any) -> list[int]:
+        """The ids a signal or a shutdown goes to: as for any call, but an explicit id this
+        client does not know (and has not seen die) is left for the controller to check
+        (one it is still adopting, say)."""
         explicit = [targets] if isinstance(targets, int) else targets
         if isinstance(explicit, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in explicit
@@ -402,11 +403,17 @@ class Client:
     ) -> None:
         """Stop engines (and with ``hub=True`` the controller and every engine).
 
-        ``restart`` is not available (nor is it in IPython Parallel): NotImplementedError.
+        An engine named by id that the controller is still adopting (see
+        :meth:`send_signal`) is stopped too; the controller refuses ids it does not know
+        (InvalidTarget). ``restart`` is not available (nor is it in IPython Parallel):
+        NotImplementedError.
         """
         if restart:
             raise NotImplementedError("engines cannot be restarted in place: use Cluster")
-        ids = self.transport.targets(targets) if self.transport.engines else []
+        if self.transport.engines or (targets is not None and not isinstance(targets, str)):
+            ids = self._named_targets(targets)
+        else:
+            ids = []
         request = protocol.ShutdownRequest(tuple(ids), hub)
         if not block:
             self.transport.tell(protocol.SHUTDOWN_REQUEST, request)

@@ -433,3 +433,26 @@ def test_an_engine_still_being_adopted_can_be_interrupted_by_id(cluster_factory)
         rc.send_signal(signal.SIGINT, targets=[77])
     with pytest.raises(Exception):  # noqa: B017  (its client lost it with the controller)
         runaway.get(10)
+
+
+def test_an_engine_still_being_adopted_can_be_shut_down_by_id(cluster_factory):
+    """As a signal, a shutdown naming an engine the restarted controller is still adopting
+    (busy with a task) reaches it: the engine's process ends, its id is gone, the other
+    engine works on; an id nobody knows is refused by the controller."""
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    pids = _engine_pids(rc)
+    rc[0].apply_async(_sleep_then, 120, "never")
+    time.sleep(0.5)
+    _kill(cluster.controller_pid)
+    cluster.restart_controller_sync(timeout=30)
+    cluster_factory.pids.append(cluster.controller_pid)
+    _wait("engine 1 adopted", lambda: 1 in rc.ids, rc=rc)
+    assert 0 not in rc.ids  # (still busy: being adopted)
+    with pytest.raises(jx.InvalidTarget, match="77"):
+        rc.shutdown(targets=[77])
+    rc.shutdown(targets=[0])
+    _wait("engine 0's process gone", lambda: not processes.running(pids[0]), timeout=15, rc=rc)
+    assert rc.ids == [1]
+    assert rc[1].apply_sync(abs, -3) == 3
