@@ -8,6 +8,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
 FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 RETURN_WHEN = (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION)
+
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 def as_timeout(timeout: Any) -> float | None:
@@ -201,12 +204,17 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         RemoteError, CompositeError
             When the task (or several) raised.
         """
-        timeout = as_timeout(timeout)
+        timeout = None if timeout is None else as_timeout(timeout)
         _check_return_when(return_when)
         try:
             if return_when == FIRST_EXCEPTION and not return_exceptions:
                 self._raise_first_error(timeout)
-            ready = self.wait(timeout)
+            if type(self).wait is AsyncResult.wait:  # (what it does, checks done already)
+                if timeout != 0 and self._state not in _DONE:
+                    self._transport.check_blocking("AsyncResult.wait")
+                ready = _wait_one(self, timeout)
+            else:
+                ready = self.wait(timeout)
         except KeyboardInterrupt:
             self._interrupt_running()
             raise
@@ -214,6 +222,11 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
         if return_exceptions:
             return self._reconstruct(self._outcomes())
+        if self._state == FINISHED:  # (set once, never changed: read without the lock)
+            exc = self._exception
+            if exc is not None:
+                raise _fresh(exc)
+            return self._result
         exc = self.exception(0)
         if exc is not None:
             raise _fresh(exc)

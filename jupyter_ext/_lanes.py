@@ -183,8 +183,11 @@ class DirectLanes:
         lane.ping_interval = min(2 * lane.ping_interval, PING_MAX_INTERVAL)
         header, frames = self.wire.pack(protocol.LANE_PING_REQUEST, {})
         self._pings[header["msg_id"]] = lane.engine_id
-        with self.send_lock:
-            lane.socket.send_multipart(frames, copy=False)
+        with self.send_lock:  # (never blocking the IO thread: a lost ping is pinged again)
+            try:
+                lane.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
 
     def on_ping_reply(self, msg_id: str) -> None:
         eid = self._pings.pop(msg_id, None)
@@ -264,10 +267,11 @@ class DirectLanes:
         started, completed = metadata.get("started"), metadata.get("completed")
         sizes, blob = None, None
         if reply is not None:
-            lengths = [len(f) for f in reply]
-            if sum(lengths) <= protocol.MAX_STORED_RESULT:
-                sizes = tuple(lengths)
-                blob = b"".join(getattr(f, "buffer", f) for f in reply)
+            sizes = tuple(map(len, reply))
+            if sum(sizes) <= protocol.MAX_STORED_RESULT:
+                blob = b"".join(reply)  # (zmq frames and bytes alike: buffers)
+            else:
+                sizes = None
         entry = protocol.DirectCompleted(
             msg_id,
             engine_id,

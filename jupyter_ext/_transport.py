@@ -265,6 +265,8 @@ class Transport:
 
     def targets(self, targets: Any) -> list[int]:
         """Engine ids for a view's ``targets``: None/'all', an id, a slice, or ids."""
+        if type(targets) is int and targets in self.engines:  # (``rc[0]``: every call)
+            return [targets]
         ids = self.ids
         if targets is None or (isinstance(targets, str) and targets == "all"):
             if not ids:
@@ -1076,7 +1078,7 @@ class Transport:
     def check_blocking(self, what: str) -> None:
         """Refuse to block the IO thread: a wait there (in a done-callback, say) would wait
         for a reply that only this thread could deliver, for ever."""
-        if threading.current_thread() is self.io.thread:
+        if threading.get_ident() == self.io.thread_id:
             raise RuntimeError(
                 f"{what} would wait for ever: it was called on the client's IO thread "
                 "(from a done-callback?); wait from another thread, or chain futures"

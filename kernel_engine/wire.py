@@ -128,6 +128,9 @@ def dumps_json(obj: Any) -> bytes:
     return _ENCODER.encode(obj).encode("utf8")
 
 
+_EMPTY = b"{}"
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -144,6 +147,8 @@ def loads_json(data: bytes | memoryview, what: str = "frame") -> Any:
     matches for the whitespace, a third of the cost of a header's parse, paid for every
     JSON frame of every message in each process. Anything else (whitespace, data left
     over, an empty frame) goes through ``decode``, which reads it or raises as always."""
+    if data == _EMPTY:  # (most parents, metadata and contents: nothing to parse)
+        return {}
     try:
         text = bytes(data).decode("utf-8")
         try:
@@ -163,9 +168,6 @@ def loads_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise MessageError(f"the {what} is not a JSON object but {type(obj).__name__}")
     return obj
-
-
-_EMPTY = b"{}"
 
 
 def _encode(part: dict[str, Any] | bytes | None) -> bytes:
@@ -396,7 +398,7 @@ class Wire:
         last = msg_frames[-1]
         if len(last) == len(CUT) and as_bytes(last) == CUT:
             raise MessageError("a message its sender cut short (an exception between frames)")
-        parts = [as_bytes(f) for f in msg_frames[1:5]]
+        parts = [f if type(f) is bytes else as_bytes(f) for f in msg_frames[1:5]]
         if self._hmac is None:
             return parts
         signature = msg_frames[0]
@@ -408,8 +410,7 @@ class Wire:
 
     def unpack(self, msg_frames: list[Any]) -> Message:
         """Verify message frames (after the delimiter) and parse them into a Message."""
-        self.verify(msg_frames)
-        header = check_header(loads_json(as_bytes(msg_frames[1]), "header"))
+        header = check_header(loads_json(self.verify(msg_frames)[0], "header"))
         return Message(header=header, frames=msg_frames)
 
     def recv(self, frames: list[Any]) -> Message:
