@@ -383,7 +383,7 @@ class Client:
         (one it is still adopting, say)."""
         explicit = [targets] if isinstance(targets, int) else targets
         if isinstance(explicit, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in explicit
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in explicit
         ):
             known = self.transport.engines
             if any(t not in known and t not in self.transport.dead for t in explicit):
@@ -410,7 +410,9 @@ class Client:
         """
         if restart:
             raise NotImplementedError("engines cannot be restarted in place: use Cluster")
-        if self.transport.engines or (targets is not None and not isinstance(targets, str)):
+        if hub:  # (the controller stops every engine: targets name nothing more)
+            ids = []
+        elif self.transport.engines or (targets is not None and not isinstance(targets, str)):
             ids = self._named_targets(targets)
         else:
             ids = []

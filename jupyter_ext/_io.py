@@ -262,7 +262,10 @@ class IOThread:
                 self._check_controller()
                 self._safely(self.on_tick)
                 self.drops.flush(now)
-        self._close(lanes)
+        try:
+            self._close(lanes)
+        finally:
+            self.thread_id = None  # (an ended thread's ident is given to the next one)
 
     def _close(self, lanes: DirectLanes | None) -> None:
         self._notify(protocol.GOODBYE_NOTICE)
@@ -291,7 +294,7 @@ class IOThread:
             # (the poll said a message waits; after it, the socket's events say whether
             # another does: cheaper than the zmq.Again a receive raises, in the IO
             # thread's steps between waking a caller and letting it run)
-            if i and not sock.getsockopt(_EVENTS) & _POLLIN:
+            if i and not int(sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
                 frames = wire.recv_frames(sock, wire.NOBLOCK)

@@ -127,11 +127,15 @@ def test_from_file_in_another_process(cluster_factory):
 
 
 def test_shutdown_from_the_client(cluster_factory):
+    """Engines by id, then the controller: with ``hub=True`` the targets name nothing more
+    (IPython Parallel's), not even a dead engine's id."""
     cluster, rc = cluster_factory.start(2)
     pids = [rc.engine_info(i)["pid"] for i in rc.ids]
+    with pytest.raises(jx.InvalidTarget):  # (the client's own refusal, as for any call)
+        rc.shutdown(targets=-1)
     rc.shutdown(targets=[0])
     assert wait_gone(pids[:1]) == [] and rc.ids == [1]
-    rc.shutdown(hub=True)
+    rc.shutdown(targets=[0], hub=True)
     assert wait_gone([*pids, cluster.controller_pid]) == []
 
 

@@ -361,7 +361,21 @@ def test_closing_a_client_fails_what_waits_instead_of_leaving_it_pending(rc):
             ar.get(1)
     with pytest.raises(RuntimeError, match="closed"):
         other[0].apply_async(abs, 1)
+    # from a thread that may have the closed IO thread's ident (Linux gives it again):
+    # the error says the client is closed, not that this is its IO thread (review)
+    errors: list[BaseException] = []
+    late = threading.Thread(target=lambda: _catch(errors, other.queue_status))
+    late.start()
+    late.join(30)
+    assert len(errors) == 1 and "closed" in str(errors[0]), errors
     rc[:].apply_sync(time.sleep, 0)  # (the engines finish the sleeps)
+
+
+def _catch(errors: list[BaseException], call: Any) -> None:
+    try:
+        call()
+    except BaseException as exc:
+        errors.append(exc)
 
 
 def test_a_blocking_call_in_a_done_callback_raises_instead_of_hanging(rc):

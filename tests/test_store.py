@@ -24,6 +24,8 @@ from kernel_engine.controller import query as q
 from kernel_engine.controller.sqlite_store import (
     BLOB_MARKER,
     MAX_OUTPUT,
+    PAGE_SIZE,
+    SMALL_LIMIT,
     TRUNCATED,
     SqliteLog,
     StoreError,
@@ -915,6 +917,26 @@ def test_retention_counts_the_blob_files(open_store, tmp_path):
     assert 10 < len(files) < 40
     assert store.count() == len(files)  # (each remaining record has its file, and no more)
     assert store.history()[-1] == "m0299"
+
+
+@pytest.mark.parametrize("limit", [512 << 10, 1 << 30])
+def test_a_small_limit_keeps_small_pages_and_is_kept(open_store, tmp_path, limit):
+    """A new file has 16 KiB pages (fewer WAL frames a commit), but under
+    ``SMALL_LIMIT`` SQLite's 4 KiB: a commit touches the table's page and each index's,
+    which with 16 KiB pages took the WAL past a 512 KiB limit and kept a third of the
+    records (found by review)."""
+    store = open_store(max_bytes=limit, batch_interval=0.01)
+    page = sqlite3.connect(tmp_path / "tasks.db").execute("PRAGMA page_size").fetchone()[0]
+    assert page == (4096 if limit < SMALL_LIMIT else PAGE_SIZE)
+    payload = os.urandom(200)
+    for i in range(3000):
+        msg_id = f"m{i:05d}"
+        submit(store, msg_id, at=NOW + i, request=frames(msg_id, {}, payload))
+        complete(store, msg_id, at=NOW + i, result=frames(msg_id, {"status": "ok"}, b"r"))
+        if i % 500 == 499:
+            store.flush()
+            assert store.size_bytes() <= limit, (i, store.size_bytes())
+    assert store.count() > (300 if limit < SMALL_LIMIT else 2999)
 
 
 def test_history_in_submission_order(open_store):

@@ -145,6 +145,9 @@ WAL_BYTES = 16 << 20
 VACUUM_STEP = 16 << 20
 """Bytes given back to the file system in one step (writes waiting stop the giving back
 between steps)."""
+SMALL_LIMIT = 64 << 20
+"""Below this ``max_bytes``, a new file keeps SQLite's 4 KiB pages: a commit's pages (the
+table's, each index's) and the WAL would take too large a share of the limit."""
 HIGH, LOW = 0.95, 0.85
 RECORD_BYTES = 256  # a record's size without its frames, to make room for a batch
 BIG_STEP = 16
@@ -627,7 +630,9 @@ class SqliteLog:
             app_id = con.execute("PRAGMA application_id").fetchone()[0]
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
             if app_id == 0 and not tables:
-                con.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # (both before the first table)
+                small = self.max_bytes is not None and self.max_bytes < SMALL_LIMIT
+                page = 4096 if small else PAGE_SIZE
+                con.execute(f"PRAGMA page_size = {page}")  # (both before the first table)
                 con.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 con.execute("PRAGMA journal_mode = WAL")
                 con.executescript(_SCHEMA)

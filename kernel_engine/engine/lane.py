@@ -336,7 +336,7 @@ class TaskLane:
             # (msg.as_dict(), without the request's buffers: ipykernel keeps its parent
             # after the task, and a pushed 512 MiB array held that way stayed until the
             # next request)
-            parent = {
+            parent: dict[str, Any] = {
                 "header": msg.header,
                 "parent_header": msg.parent_header,
                 "metadata": msg.metadata,
