@@ -409,11 +409,9 @@ def test_an_interrupted_restore_leaves_the_cluster_for_the_next_one(cluster_fact
     assert rc[:].pull("state", block=True) == ["kept", "kept"]
 
 
-def test_an_engine_still_being_adopted_can_be_interrupted_by_id(cluster_factory):
-    """An engine busy with a long task when its controller died is adopted only once the
-    task ends (its main thread answers then): until that, it is not in ``ids``, but a
-    signal naming it reaches it, so Ctrl-C's SIGINT can end a runaway task; an id nobody
-    knows is refused by the controller."""
+def _restarted_with_engine_0_busy(cluster_factory: Any) -> tuple[jx.Client, dict[int, int], Any]:
+    """A 2-engine cluster whose controller was killed while engine 0 ran a long task, and
+    restarted: engine 1 adopted, engine 0 still being adopted. (client, pids, the task)"""
     cluster = cluster_factory(2, engine_grace=60)
     rc = cluster.start_and_connect_sync()
     cluster_factory.record(cluster, rc)
@@ -425,6 +423,15 @@ def test_an_engine_still_being_adopted_can_be_interrupted_by_id(cluster_factory)
     cluster_factory.pids.append(cluster.controller_pid)
     _wait("engine 1 adopted", lambda: 1 in rc.ids, rc=rc)
     assert 0 not in rc.ids  # (still busy: being adopted)
+    return rc, pids, runaway
+
+
+def test_an_engine_still_being_adopted_can_be_interrupted_by_id(cluster_factory):
+    """An engine busy with a long task when its controller died is adopted only once the
+    task ends (its main thread answers then): until that, it is not in ``ids``, but a
+    signal naming it reaches it, so Ctrl-C's SIGINT can end a runaway task; an id nobody
+    knows is refused by the controller."""
+    rc, pids, runaway = _restarted_with_engine_0_busy(cluster_factory)
     assert rc.send_signal(signal.SIGINT, targets=[0]) == [0]
     _wait("engine 0 adopted once its task ended", lambda: rc.ids == [0, 1], timeout=20, rc=rc)
     assert _engine_pids(rc) == pids
@@ -439,17 +446,7 @@ def test_an_engine_still_being_adopted_can_be_shut_down_by_id(cluster_factory):
     """As a signal, a shutdown naming an engine the restarted controller is still adopting
     (busy with a task) reaches it: the engine's process ends, its id is gone, the other
     engine works on; an id nobody knows is refused by the controller."""
-    cluster = cluster_factory(2, engine_grace=60)
-    rc = cluster.start_and_connect_sync()
-    cluster_factory.record(cluster, rc)
-    pids = _engine_pids(rc)
-    rc[0].apply_async(_sleep_then, 120, "never")
-    time.sleep(0.5)
-    _kill(cluster.controller_pid)
-    cluster.restart_controller_sync(timeout=30)
-    cluster_factory.pids.append(cluster.controller_pid)
-    _wait("engine 1 adopted", lambda: 1 in rc.ids, rc=rc)
-    assert 0 not in rc.ids  # (still busy: being adopted)
+    rc, pids, _ = _restarted_with_engine_0_busy(cluster_factory)
     with pytest.raises(jx.InvalidTarget, match="77"):
         rc.shutdown(targets=[77])
     rc.shutdown(targets=[0])
