@@ -34,7 +34,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -276,7 +276,8 @@ class Transport:
             return ids[targets]
         if isinstance(targets, int) and not isinstance(targets, bool):
             targets = [targets]
-        if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        # (a mapping would name its keys: {0: 1} stopped engine 0 in a shutdown)
+        if isinstance(targets, (str, bytes, Mapping)) or not isinstance(targets, Iterable):
             raise TypeError(f"targets must be an engine id, ids, a slice or 'all', not {targets!r}")
         out = []
         for t in targets:

@@ -35,6 +35,8 @@ def test_ids_and_indexing_as_the_seeds_describe(rc):
         rc[5]
     with pytest.raises(jx.InvalidTarget):
         rc[0, 7]
+    with pytest.raises(TypeError, match="targets must be"):  # (not its keys)
+        rc.queue_status(targets={0: 1})  # (the path shutdown takes too)
 
 
 def test_apply_sync_getpid_and_hostname(rc):
