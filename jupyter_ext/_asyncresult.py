@@ -220,7 +220,7 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             raise
         if not ready:
             raise TimeoutError(f"result not ready within {timeout} s: {self!r}")
-        if return_exceptions:
+        if return_exceptions and self._state not in (CANCELLED, CANCELLED_AND_NOTIFIED):
             return self._reconstruct(self._outcomes())
         if self._state == FINISHED:  # (set once, never changed: read without the lock)
             exc = self._exception

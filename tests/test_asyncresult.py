@@ -123,6 +123,20 @@ def test_abort_queued_work(rc):
         queued.get(10)
 
 
+def test_a_cancelled_result_raises_at_once_even_with_return_exceptions(rc):
+    """Cancelling aborts what has not started; a task that runs on has no outcome to wait
+    for here: get() raises CancelledError at once, return_exceptions or not (it waited
+    for the running task, past any timeout)."""
+    ar = rc[0].apply_async(time.sleep, 3)
+    assert ar.cancel() and ar.cancelled()
+    for kwargs in ({}, {"return_exceptions": True}):
+        t0 = time.monotonic()
+        with pytest.raises(concurrent.futures.CancelledError):
+            ar.get(1, **kwargs)
+        assert time.monotonic() - t0 < 0.5, kwargs
+    rc[0].apply_sync(time.sleep, 0)  # (the engine is done with the sleep)
+
+
 def test_wait_interactive_text(rc, capsys):
     ar = rc[:].apply_async(time.sleep, 0.3)
     assert ar.wait_interactive(interval=0.05, widget=False) is None
