@@ -52,9 +52,6 @@ from ._lanes import DirectLanes, direct_enabled
 
 log = logging.getLogger("jupyter_ext")
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
 THREAD_NAME = "jupyter-px-io"
 
 HEARTBEAT_EVERY = 1.0
@@ -294,7 +291,7 @@ class IOThread:
             # (the poll said a message waits; after it, the socket's events say whether
             # another does: cheaper than the zmq.Again a receive raises, in the IO
             # thread's steps between waking a caller and letting it run)
-            if i and not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            if i and not int(sock.getsockopt(wire.EVENTS)) & wire.POLLIN:
                 return
             try:
                 frames = wire.recv_frames(sock, wire.NOBLOCK)

@@ -30,6 +30,7 @@ reply naming the field) before anything acts on it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import signal
@@ -242,6 +243,7 @@ def client_identity(raw: bytes) -> bytes:
     return raw.hex()[:16].encode()
 
 
+@functools.lru_cache(maxsize=1024)  # (asked for every message; a peer has one identity)
 def reply_identity(sender: bytes) -> bytes:
     """Where replies to a client's request go.
 

@@ -283,8 +283,9 @@ class Message:
     def buffers(self) -> list[Any]:
         return self.frames[5:]
 
-    def as_dict(self) -> dict[str, Any]:
-        """The message in ``jupyter_client.Session`` dict form (for ipykernel's set_parent)."""
+    def as_dict(self, buffers: bool = True) -> dict[str, Any]:
+        """The message in ``jupyter_client.Session`` dict form (for ipykernel's set_parent);
+        without its buffers unless ``buffers``."""
         return {
             "header": self.header,
             "parent_header": self.parent_header,
@@ -292,7 +293,7 @@ class Message:
             "content": self.content,
             "msg_id": self.msg_id,
             "msg_type": self.msg_type,
-            "buffers": self.buffers,
+            "buffers": self.buffers if buffers else [],
         }
 
 
@@ -559,6 +560,8 @@ def unpack_batch(frames: Sequence[Any], limit: int = MAX_BATCH, least: int = 1) 
 _SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 """``zmq.NOBLOCK`` as a plain int (flags that are enums cost an enum operation a frame)."""
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+"""The same for testing ``sock.getsockopt(EVENTS) & POLLIN`` (two enum operations else)."""
 
 _COPY_BELOW = 65536
 """Bytes objects shorter than this are copied into zmq (pyzmq copies them anyway)."""

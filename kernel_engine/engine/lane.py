@@ -54,9 +54,6 @@ FLUSH_AFTER = 0.005
 DRAIN_LIMIT = 1000
 """Messages read per wake-up before the kernel's other channels get their turn."""
 
-MAX_PEERS = 1024
-"""Peers whose reply identity the lane remembers (then it forgets them all)."""
-
 MAX_KEPT = 10_000
 """Replies kept for a controller that is gone, at most (the oldest are dropped)."""
 
@@ -64,8 +61,6 @@ MAX_KEPT_BYTES = 256 * 1024 * 1024
 """Bytes of replies kept for a controller that is gone, at most."""
 
 _SIGINT = int(signal.SIGINT)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)  # (plain ints: enum operands cost two enum operations a test)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,7 +114,6 @@ class TaskLane:
         self._kept_bytes = 0
         self.watch = getattr(kernel, "controller_watch", None)
         self.drops = wire.DropLog(kernel.log, "task lane")
-        self._reply_ids: dict[bytes, bytes] = {}  # peer -> where its replies go
         self.stream: ZMQStream | None = None
         self._asyncio_loop: Any = None
 
@@ -143,7 +137,7 @@ class TaskLane:
     def _on_readable(self) -> None:
         socket = self.socket
         for _ in range(DRAIN_LIMIT):
-            if not socket.getsockopt(_EVENTS) & _POLLIN:
+            if not socket.getsockopt(wire.EVENTS) & wire.POLLIN:
                 return
             try:
                 frames = wire.recv_frames(socket, wire.NOBLOCK)
@@ -250,12 +244,7 @@ class TaskLane:
         if router_ident is None:
             idents = msg.idents
         else:  # a client sending directly gets the reply on its receiving twin
-            reply_id = self._reply_ids.get(router_ident)
-            if reply_id is None:  # (a regular expression per message, else)
-                if len(self._reply_ids) >= MAX_PEERS:
-                    self._reply_ids.clear()
-                reply_id = self._reply_ids[router_ident] = protocol.reply_identity(router_ident)
-            idents = [reply_id, *msg.idents]
+            idents = [protocol.reply_identity(router_ident), *msg.idents]
             if router_ident != self.controller and not self.seen.add(msg.msg_id):
                 self.drops.drop("a msg_id seen before (a replay or a duplicate)")
                 why = f"msg_id {msg.msg_id} was seen before (a replay or a duplicate); ignored"
@@ -333,18 +322,9 @@ class TaskLane:
             aborted = protocol.error_content("TaskAborted", f"task {msg.msg_id} was aborted")
             return self._reply(msg, idents, aborted, metadata, [])
         try:
-            # (msg.as_dict(), without the request's buffers: ipykernel keeps its parent
-            # after the task, and a pushed 512 MiB array held that way stayed until the
-            # next request)
-            parent: dict[str, Any] = {
-                "header": msg.header,
-                "parent_header": msg.parent_header,
-                "metadata": msg.metadata,
-                "content": msg.content,
-                "msg_id": msg.msg_id,
-                "msg_type": msg.msg_type,
-                "buffers": [],
-            }
+            # (without the request's buffers: ipykernel keeps its parent after the task,
+            # and a pushed 512 MiB array held that way stayed until the next request)
+            parent = msg.as_dict(buffers=False)
         except wire.MessageError as exc:
             bad = protocol.error_content("ValueError", f"malformed apply_request: {exc}")
             return self._reply(msg, idents, bad, metadata, [])
