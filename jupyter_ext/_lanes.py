@@ -129,7 +129,7 @@ class DirectLanes:
         eid = int(info["id"])
         conn = info.get("connection_info") or {}
         port = conn.get("lane_port")
-        if eid in self.lanes or not port or conn.get("ip") not in protocol.LOCAL_IPS:
+        if eid in self.lanes or not port or not protocol.on_this_host(conn):
             return
         if info.get("hostname") and info["hostname"] != self._hostname:
             return

@@ -157,6 +157,12 @@ LOCAL_IPS = frozenset({"127.0.0.1", "localhost", "::1"})
 """Addresses that mean "this machine"."""
 
 
+def on_this_host(connection_info: dict[str, Any]) -> bool:
+    """Whether a kernel's connection info names this machine: unix sockets (``ipc``), or
+    a loopback address."""
+    return connection_info.get("transport") == "ipc" or connection_info.get("ip") in LOCAL_IPS
+
+
 def curve_wanted(ip: str, curve: bool | None = None) -> bool:
     """Whether a cluster bound to ``ip`` encrypts (CurveZMQ): as asked, else whenever it
     binds anywhere but loopback (every local user could otherwise read its traffic, and

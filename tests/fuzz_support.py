@@ -46,10 +46,7 @@ class Port:
     owner: str  # "controller" or "engine 0"
     name: str  # client, iopub, shell, control, stdin, hb, lane
     port: int
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+    url: str  # tcp://127.0.0.1:<port>, or ipc://<path> (engines on unix sockets)
 
     @property
     def publishes(self) -> bool:
@@ -60,14 +57,21 @@ class Port:
         return f"{self.owner} {self.name} port ({self.port})"
 
 
+def endpoint(info: dict[str, Any], port: int) -> str:
+    """The zmq URL of ``port`` of a connection info: TCP, or unix sockets (``ipc``)."""
+    if info.get("transport") == "ipc":
+        return f"ipc://{info['ip']}-{port}"
+    return f"tcp://{info['ip']}:{port}"
+
+
 def controller_info(rc: Any) -> dict[str, Any]:
     """The client connection file: client_port, iopub_port, key, ip."""
     info: dict[str, Any] = json.loads(Path(rc.connection_file).read_text())
     return info
 
 
-LANE_LOGINS: dict[str, tuple[bytes, bytes]] = {}
-"""The cluster key and the engine's kernel session of each lane url that
+LANE_LOGINS: dict[str, tuple[bytes, bytes, int]] = {}
+"""The cluster key, the engine's kernel session and the lane's port of each lane url that
 :func:`cluster_ports` found: a :class:`Peer` of a lane logs in with its password
 (``kernel_engine.engine.guard``), signer or no signer, so the fuzzing reaches what is
 behind the lane's door too (as a peer that got the password would)."""
@@ -78,19 +82,20 @@ def cluster_ports(rc: Any) -> tuple[bytes, list[Port]]:
     info = controller_info(rc)
     assert info["ip"] == "127.0.0.1", info["ip"]
     ports = [
-        Port("controller", "client", int(info["client_port"])),
-        Port("controller", "iopub", int(info["iopub_port"])),
-        Port("controller", "hb", int(info["hb_port"])),
+        Port("controller", name, int(info[f"{name}_port"]), endpoint(info, info[f"{name}_port"]))
+        for name in ("client", "iopub", "hb")
     ]
     for eid in rc.ids:
         conn = rc.engine_info(eid)["connection_info"]
-        assert conn["ip"] == "127.0.0.1", conn["ip"]
+        assert conn.get("transport") == "ipc" or conn["ip"] == "127.0.0.1", conn
         for name in ("shell", "control", "stdin", "hb", "iopub", "lane"):
-            ports.append(Port(f"engine {eid}", name, int(conn[f"{name}_port"])))
+            port = int(conn[f"{name}_port"])
+            ports.append(Port(f"engine {eid}", name, port, endpoint(conn, port)))
         if conn.get("lane_auth") == "plain":
             LANE_LOGINS[ports[-1].url] = (
                 info["key"].encode(),
                 rc.engine_info(eid)["uuid"].encode(),
+                ports[-1].port,
             )
     return info["key"].encode(), ports
 
@@ -280,8 +285,8 @@ class Peer:
             self.sock.identity = identity
         login = LANE_LOGINS.get(url)
         if login is not None:  # ZMQ PLAIN: user "px", the password the README gives
-            key, session = login
-            text = b"jupyter-px lane %s %s" % (url.rsplit(":", 1)[1].encode(), session)
+            key, session, port = login
+            text = b"jupyter-px lane %d %s" % (port, session)
             self.sock.plain_username = b"px"
             self.sock.plain_password = hmac.new(key, text, "sha256").hexdigest().encode()
         self.sock.connect(url)
@@ -695,10 +700,26 @@ def _raw_payload(kind: str, rng: random.Random) -> tuple[bytes, bytes]:
     raise ValueError(kind)
 
 
-def raw_tcp(port: int, kind: str, rng: random.Random) -> None:
-    """One hostile TCP connection that does ``kind`` and hangs up."""
+def raw_connect(url: str, timeout: float = 2.0) -> socket.socket:
+    """A plain socket connected to the zmq endpoint ``url`` (``tcp://`` or ``ipc://``)."""
+    scheme, _, where = url.partition("://")
+    if scheme == "ipc":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(where)
+        except OSError:
+            s.close()
+            raise
+        return s
+    host, _, port = where.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout)
+
+
+def raw_tcp(url: str, kind: str, rng: random.Random) -> None:
+    """One hostile connection (TCP, or a unix socket) that does ``kind`` and hangs up."""
     first, then = _raw_payload(kind, rng)
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as s:
+    with contextlib.suppress(OSError), raw_connect(url) as s:
         s.settimeout(2)
         if first:
             s.sendall(first)
@@ -723,10 +744,10 @@ class SlowLoris:
     def __init__(self) -> None:
         self.socks: list[socket.socket] = []
 
-    def open(self, port: int, n: int = 3) -> None:
+    def open(self, url: str, n: int = 3) -> None:
         for _ in range(n):
             with contextlib.suppress(OSError):
-                s = socket.create_connection(("127.0.0.1", port), 2)
+                s = raw_connect(url)
                 s.sendall(zmtp_greeting()[:5])
                 self.socks.append(s)
 

@@ -18,6 +18,7 @@ from conftest import wait_gone
 from jupyter_client import BlockingKernelClient
 
 import jupyter_ext as jx
+from kernel_engine.launchers.local import ipc_unusable
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 JUPYTER_PX = str(Path(sys.executable).parent / "jupyter-px")
@@ -60,8 +61,30 @@ def test_connection_file_is_private_and_local(rc):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     info = json.loads(path.read_text())
     assert info["ip"] == "127.0.0.1"
+    folder = path.parent
+    assert folder.stat().st_mode & 0o777 == 0o700
     for i in rc.ids:
-        assert rc.engine_info(i)["connection_info"]["ip"] == "127.0.0.1"
+        # the engines listen on unix sockets in the cluster's folder, nowhere else
+        conn = rc.engine_info(i)["connection_info"]
+        assert conn["transport"] == "ipc" and conn["ip"] == str(folder / f"e{i}"), conn
+        for name in ("shell", "control", "stdin", "iopub", "hb", "lane"):
+            assert stat.S_ISSOCK(Path(f"{conn['ip']}-{conn[name + '_port']}").stat().st_mode)
+
+
+def test_engines_use_unix_sockets_only_where_other_users_cannot_reach_them(tmp_path, monkeypatch):
+    folder = tmp_path / "cluster"
+    folder.mkdir(mode=0o700)
+    assert ipc_unusable(folder) is None
+    folder.chmod(0o750)
+    assert "is not private" in str(ipc_unusable(folder))
+    folder.chmod(0o700)
+    deep = tmp_path / ("x" * 100)
+    deep.mkdir(mode=0o700)
+    assert "too long" in str(ipc_unusable(deep))
+    assert "unusable" in str(ipc_unusable(folder / "missing"))
+    monkeypatch.setenv("JUPYTER_PX_IPC", "off")
+    assert ipc_unusable(folder) == "JUPYTER_PX_IPC=off"
+    assert list(folder.iterdir()) == []  # (the probe socket is gone)
 
 
 def test_engine_info_and_a_jupyter_client_on_an_engine(rc):

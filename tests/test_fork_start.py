@@ -226,8 +226,11 @@ def test_nothing_is_left_after_stop_cluster(cluster_factory):
     pids = [rc.engine_info(i)["pid"] for i in rc.ids]
     template = _parent(pids[0])
     assert _is_template(template)
+    sockets = [p for p in Path(cluster.folder).glob("e*-*") if p.is_socket()]
+    assert len(sockets) == 2 * 6  # (each engine's five kernel channels and its lane)
     cluster.stop_cluster_sync()
     assert wait_gone([controller, template, *pids], 10) == []
+    assert [p for p in sockets if p.exists()] == []
 
 
 def test_nothing_is_left_after_the_controller_is_killed(cluster_factory):

@@ -274,9 +274,9 @@ def test_hostile_frames_at_every_port_hurt_nobody(cluster_factory):
         stalled.connect(port_of(ports, "controller", "iopub").url)
         sockets.append(stalled)
         for port in ports:
-            loris.open(port.port)
+            loris.open(port.url)
         raw_attacks = [  # (alongside the zmq peers, from threads)
-            pool.submit(raw_tcp, port.port, kind, random.Random(rng.random()))
+            pool.submit(raw_tcp, port.url, kind, random.Random(rng.random()))
             for port in ports
             for kind in RAW_KINDS
             if kind != "huge-subscription" or port.publishes

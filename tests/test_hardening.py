@@ -41,7 +41,9 @@ class Raw:
         port: int,
         identity: bytes | None = None,
         lane_login: tuple[str, str] | None = None,
+        at: dict[str, Any] | None = None,
     ):
+        """``port`` of the connection info ``at`` (an engine's; else 127.0.0.1)."""
         self.wire = wire.Wire(info["key"].encode())
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
@@ -50,7 +52,7 @@ class Raw:
             self.socket.identity = identity
         if lane_login:  # a task lane: log in with (key, engine session) (engine/guard.py)
             wire.lane_client(self.socket, lane_login[0].encode(), port, lane_login[1])
-        self.socket.connect(f"tcp://127.0.0.1:{port}")
+        self.socket.connect(protocol.endpoint(at or {"ip": "127.0.0.1"}, port))
 
     def send(self, frames: list[Any]) -> None:
         self.socket.send_multipart(frames)
@@ -216,8 +218,9 @@ def test_a_duplicated_submission_is_refused_and_the_original_runs(cluster_factor
 
 
 def test_a_replayed_direct_request_runs_once(rc):
-    lane = rc.engine_info(0)["connection_info"]["lane_port"]
-    raw = Raw(_info(rc), lane, lane_login=(_info(rc)["key"], rc.engine_info(0)["uuid"]))
+    conn = rc.engine_info(0)["connection_info"]
+    login = (_info(rc)["key"], rc.engine_info(0)["uuid"])
+    raw = Raw(_info(rc), conn["lane_port"], lane_login=login, at=conn)
     try:
         header, frames = raw.pack(
             "apply_request", None, buffers=pack_apply(_bump, ("dup_direct",), {})
@@ -238,11 +241,12 @@ def test_a_replayed_direct_request_runs_once(rc):
 def test_an_imposter_on_a_lane_breaks_nothing(rc):
     """A process without the key connecting with identities it should not have (logged in
     at the lane's door, as one that learned the password would be)."""
-    lane = rc.engine_info(0)["connection_info"]["lane_port"]
+    conn = rc.engine_info(0)["connection_info"]
     stem = protocol.client_identity(os.urandom(8))
     login = (_info(rc)["key"], rc.engine_info(0)["uuid"])
     imposters = [
-        Raw({"key": "wrong"}, lane, i, lane_login=login) for i in (b"px-controller", stem + b":r")
+        Raw({"key": "wrong"}, conn["lane_port"], i, lane_login=login, at=conn)
+        for i in (b"px-controller", stem + b":r")
     ]
     try:
         for raw in imposters:
@@ -498,11 +502,11 @@ def test_a_stalled_iopub_subscriber_does_not_grow_the_controller(cluster_factory
 
 def test_a_lying_batch_at_a_lane_neither_blocks_the_engine_nor_floods_its_log(cluster_factory):
     cluster, rc = cluster_factory.start(1)
-    lane = rc.engine_info(0)["connection_info"]["lane_port"]
+    conn = rc.engine_info(0)["connection_info"]
     log_path = Path(cluster.folder) / "engine-0.log"
     size = log_path.stat().st_size
     login = (_info(rc)["key"], rc.engine_info(0)["uuid"])
-    raw = Raw({"key": "no key"}, lane, lane_login=login)  # (past the lane's door)
+    raw = Raw({"key": "no key"}, conn["lane_port"], lane_login=login, at=conn)  # (logged in)
     try:
         # a 1.2 MB index: 150,000 messages of 7 frames that are not there
         counts = b"".join(n.to_bytes(8, "little") for n in [150_000] + [7] * 150_000)
@@ -550,7 +554,7 @@ def test_nobody_without_the_key_gets_data_into_a_busy_engines_lane(rc):
             sock.sndhwm = 2  # (what zmq queues here is the attacker's own memory)
             if login is not None:
                 wire.lane_client(sock, *login)
-            sock.connect(f"tcp://127.0.0.1:{lane}")
+            sock.connect(protocol.endpoint(conn, lane))
             attackers.append(sock)
         chunk = b"\0" * (25 << 20)
         deadline = time.monotonic() + 2
@@ -567,6 +571,58 @@ def test_nobody_without_the_key_gets_data_into_a_busy_engines_lane(rc):
         ctx.term()
     assert grown < 64 << 20, f"the busy engine grew by {grown >> 20} MiB"
     assert busy.get(10) is None
+    assert rc[0].apply_sync(abs, -2) == 2
+
+
+_CONNECT_AS_ANOTHER_USER = """
+import json, socket, sys
+out = {}
+for path in json.loads(sys.argv[1]):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        out[path] = "connected"
+    except OSError as exc:
+        out[path] = type(exc).__name__
+    finally:
+        s.close()
+with socket.create_connection(("127.0.0.1", int(sys.argv[2])), 5):
+    out["controller"] = "connected"
+print(json.dumps(out))
+"""
+
+
+def test_another_user_cannot_even_connect_to_an_engine(rc):
+    """The engines listen on unix sockets in the cluster's folder (mode 0700): a process of
+    another user is refused by the system before zmq reads a byte from it, on every
+    channel. Over TCP, a process without the key could make a busy engine hold whatever
+    it sent first (a handshake command of any size: +1.6 GiB measured; unsigned messages
+    to ipykernel's shell, control and stdin: +1.6 GiB). The same process does reach the
+    controller's TCP port, so it is the folder that refuses it."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    python = "/usr/bin/python3"  # (the venv's may live where only root can read)
+    if not os.path.exists(python):
+        pytest.skip(f"no {python} for another user to run")
+    conn = rc.engine_info(0)["connection_info"]
+    names = ("shell", "control", "stdin", "iopub", "hb", "lane")
+    paths = [f"{conn['ip']}-{conn[name + '_port']}" for name in names]
+    controller = _info(rc)["client_port"]
+    nobody = 65534
+    proc = subprocess.run(
+        [python, "-I", "-c", _CONNECT_AS_ANOTHER_USER, json.dumps(paths), str(controller)],
+        user=nobody,
+        group=nobody,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got.pop("controller") == "connected"
+    assert got == dict.fromkeys(paths, "PermissionError")
     assert rc[0].apply_sync(abs, -2) == 2
 
 
@@ -647,10 +703,12 @@ def test_with_curve_a_keyless_subscriber_reads_nothing(cluster_factory):
     info = _info(rc)
     ctx = zmq.Context()
     spies = []
-    for port in (info["iopub_port"], rc.engine_info(0)["connection_info"]["iopub_port"]):
+    conn = rc.engine_info(0)["connection_info"]
+    urls = [protocol.endpoint(c, c["iopub_port"]) for c in (info, conn)]
+    for url in urls:
         spy = ctx.socket(zmq.SUB)
         spy.setsockopt(zmq.SUBSCRIBE, b"")
-        spy.connect(f"tcp://127.0.0.1:{port}")
+        spy.connect(url)
         spies.append(spy)
     try:
         time.sleep(0.3)

@@ -123,6 +123,18 @@ def test_lanes_can_be_switched_off(rc, monkeypatch):
         assert routed[:].apply_sync(os.getpid) == [rc.engine_info(i)["pid"] for i in routed.ids]
 
 
+def test_engines_on_tcp_when_unix_sockets_are_off(cluster_factory, monkeypatch):
+    """``JUPYTER_PX_IPC=0``: the engines listen on loopback TCP, and lanes still serve."""
+    monkeypatch.setenv("JUPYTER_PX_IPC", "0")
+    _, rc = cluster_factory.start(1)
+    conn = rc.engine_info(0)["connection_info"]
+    assert conn["transport"] == "tcp" and conn["ip"] == "127.0.0.1", conn
+    _wait_ready(rc, rc.ids)
+    ar = rc[0].apply_async(pow, 2, 5)
+    assert _path(rc, ar) == "direct"
+    assert ar.get(10) == 32
+
+
 def test_dead_engine_fails_direct_requests_without_the_event(cluster_factory):
     """Should the controller's event be lost, the client's own check fails the requests."""
     _, rc = cluster_factory.start(2)

@@ -257,7 +257,7 @@ def test_a_live_controllers_engine_cannot_be_adopted(cluster_factory):
             sock.linger = 0
             if channel == "lane_port":  # (the key opens the lane's door too)
                 wire.lane_client(sock, conn["key"].encode(), conn[channel], info["uuid"])
-            sock.connect(f"tcp://{conn['ip']}:{conn[channel]}")
+            sock.connect(protocol.endpoint(conn, conn[channel]))
             setup = protocol.EngineSetup(0, "evil", os.getpid())
             signer.send(sock, msg_type, setup.to_content())
             assert sock.poll(5000), f"no reply to {msg_type}"

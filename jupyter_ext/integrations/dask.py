@@ -142,10 +142,12 @@ def _poll(call: Any, what: str, timeout: float) -> Any:
 
 
 def _hosts(client: Client, ids: list[int]) -> dict[int, str | None]:
-    """Each engine's address, as its kernel's connection info says (None: any)."""
+    """Each engine's address, as its kernel's connection info says (None: any; loopback
+    for a kernel on unix sockets)."""
     hosts: dict[int, str | None] = {}
     for eid in ids:
-        ip = client.engine_info(eid).get("connection_info", {}).get("ip")
+        conn = client.engine_info(eid).get("connection_info", {})
+        ip = "127.0.0.1" if conn.get("transport") == "ipc" else conn.get("ip")
         hosts[eid] = None if not isinstance(ip, str) or ip in WILDCARDS else ip
     return hosts
 

@@ -487,7 +487,7 @@ class EngineSet:
             engine.uuid = session
             if not engine.by_pid:
                 engine.pid = pid if isinstance(pid, int) else None
-                local = engine.connection_info.get("ip") in protocol.LOCAL_IPS
+                local = protocol.on_this_host(engine.connection_info)
                 if engine.pid is not None and local:
                     engine.pid_started = processes.start_time(engine.pid)
             engine.hostname = str(px.get("hostname", ""))

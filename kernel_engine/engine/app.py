@@ -77,12 +77,23 @@ class EngineApp(IPKernelApp):
         self.log.debug("task lane ROUTER on port %i", self.lane_port)
 
     def _requested_lane_port(self) -> int:
-        """A lane port the launcher chose, if it put ``lane_port`` in the connection file."""
+        """A lane port the launcher chose, if it put ``lane_port`` in the connection file.
+
+        On unix sockets (``ipc``), the number after the kernel's own: ipykernel would take
+        the first whose path is free, which may be the heartbeat's, not bound yet."""
         try:
             info = json.loads(Path(self.abs_connection_file).read_text())
         except (OSError, ValueError):
-            return 0
-        return int(info.get("lane_port", 0) or 0)
+            info = {}
+        port = int(info.get("lane_port", 0) or 0)
+        if port or self.transport != "ipc":
+            return port
+        port = 1 + max(
+            self.shell_port, self.iopub_port, self.stdin_port, self.hb_port, self.control_port
+        )
+        while Path(f"{self.ip}-{port}").exists():
+            port += 1
+        return port
 
     def write_connection_file(self, **kwargs: Any) -> None:
         super().write_connection_file(**kwargs)
@@ -134,6 +145,9 @@ class EngineApp(IPKernelApp):
         """Close the lane socket too, or the zmq context's term() would wait for it forever."""
         if self.lane_socket is not None and not self.lane_socket.closed:
             self.lane_socket.close(linger=0)
+            if self.transport == "ipc" and self.lane_port:
+                # (the kernel manager removes the kernel's own, which it chose)
+                Path(f"{self.ip}-{self.lane_port}").unlink(missing_ok=True)
         if self.lane_guard is not None:
             self.lane_guard.stop()
         super().close()

@@ -5,20 +5,78 @@ Each engine is a kernel of the installed engine kernel spec, started by a
 and stderr in ``engine-N.log`` in the cluster folder. The controller connects to each
 kernel itself (they do not register): :meth:`LocalLauncher.kernels` hands them over with
 their kernel managers, through which the controller watches, signals and stops them.
+
+The kernels of a cluster on loopback listen on unix sockets (zmq's ``ipc`` transport),
+``e<id>-<n>`` in the cluster's folder, which only its owner can enter (mode 0700): other
+users' processes are refused by the operating system before zmq reads a byte from them,
+on every channel, ipykernel's own included. Over TCP, any local process could connect
+and make a busy engine hold whatever it sent (a handshake of any size, or unsigned
+messages to ipykernel's shell, control and stdin channels) before a signature or login
+was checked. The kernels use TCP when the cluster binds another address (it was asked
+to be reachable there), when the folder could be entered by others or cannot hold unix
+sockets, when its path is too long for one (about 100 characters), or when
+``JUPYTER_PX_IPC=0``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jupyter_client import KernelManager
 
-from kernel_engine import clusters
+from kernel_engine import clusters, protocol
 from kernel_engine.kernelspec import KERNEL_NAME
 
 from .base import LaunchContext, Launcher
+
+log = logging.getLogger("kernel_engine.launchers")
+
+IPC_ENV = "JUPYTER_PX_IPC"
+"""``0`` (or ``no``, ``off``, ``false``) makes local engines listen on TCP, not unix sockets."""
+
+IPC_PATH_MAX = 100
+"""The longest unix socket path used (the system's limit is 107 bytes); the kernel's
+sockets are ``<prefix>-<n>``, with ``n`` small, so the prefix must leave room."""
+
+
+def ipc_unusable(folder: Path) -> str | None:
+    """Why engines in ``folder`` cannot listen on unix sockets there (None: they can)."""
+    if os.environ.get(IPC_ENV, "1").lower() in ("0", "no", "off", "false"):
+        return f"{IPC_ENV}={os.environ[IPC_ENV]}"
+    if not hasattr(socket, "AF_UNIX"):
+        return "no unix sockets on this platform"
+    try:
+        st = folder.stat()
+    except OSError as exc:
+        return f"the cluster folder is unusable: {exc}"
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"the cluster folder {folder} is not private (owner and mode 0700)"
+    if len(os.fsencode(ipc_prefix(folder, 2**20))) + 8 > IPC_PATH_MAX:
+        return f"the cluster folder's path is too long for a unix socket: {folder}"
+    probe = folder / f".ipc-probe-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(probe))
+    except OSError as exc:
+        return f"the cluster folder cannot hold unix sockets: {exc}"
+    finally:
+        sock.close()
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
+
+
+def ipc_prefix(folder: Path, eid: int) -> str:
+    """The path engine ``eid``'s unix sockets start with (``<prefix>-<n>`` each)."""
+    return str(folder / f"e{eid}")
 
 
 @dataclass
@@ -46,6 +104,7 @@ class LocalLauncher(Launcher):
     def __init__(self, context: LaunchContext):
         super().__init__(context)
         self.started: list[LocalKernel] = []
+        self._ipc: bool | None = None
 
     def start(self) -> list[int]:
         self.started = [self.start_kernel(eid) for eid in self.ids]
@@ -62,11 +121,15 @@ class LocalLauncher(Launcher):
         folder = ctx.folder
         log_path = folder / f"engine-{eid}.log"
         key: bytes = opts["key"]
+        ip = opts.get("ip", "127.0.0.1")
+        where = {"ip": ip}
+        if self.use_ipc(ip):
+            where = {"transport": "ipc", "ip": ipc_prefix(folder, eid)}
         km = KernelManager(
             kernel_name=KERNEL_NAME,
             connection_file=str(folder / f"engine-{eid}.json"),
-            ip=opts.get("ip", "127.0.0.1"),
             transport_encryption="required" if opts.get("curve") else "disabled",
+            **where,
         )
         km.session.key = key
         env = {
@@ -80,6 +143,19 @@ class LocalLauncher(Launcher):
         info = km.get_connection_info(session=False)
         info["key"] = key.decode()
         return LocalKernel(eid, km, dict(info), str(log_path))
+
+    def use_ipc(self, ip: str) -> bool:
+        """Whether this cluster's kernels listen on unix sockets (decided once; see the
+        module docstring)."""
+        if self._ipc is None:
+            if ip not in protocol.LOCAL_IPS:  # (asked to be reachable there)
+                self._ipc = False
+                return False
+            why = ipc_unusable(self.context.folder)
+            if why is not None:
+                log.warning("engines listen on TCP at %s, not on unix sockets: %s", ip, why)
+            self._ipc = why is None
+        return self._ipc
 
     def poll(self) -> str | None:
         return None  # (the controller watches each kernel through its manager)
