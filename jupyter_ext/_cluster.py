@@ -266,7 +266,7 @@ class Cluster:
 
     def write_cluster_file(self) -> None:
         """Write :attr:`cluster_file` (mode 0600, atomically)."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clusters.make_private_folder(self.folder)
         clusters.write_private_json(self.cluster_file, self.to_dict())
 
     def update_cluster_file(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import logging
 import os
 import re
 import select
@@ -45,6 +46,8 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from kernel_engine import processes
 from kernel_engine.errors import ClusterError
+
+log = logging.getLogger("kernel_engine.clusters")
 
 CLIENT_FILE = "client.json"
 CLUSTER_FILE = "cluster.json"
@@ -138,6 +141,16 @@ def controller_record(pid: int | None = None) -> dict[str, Any]:
         "controller_started": processes.start_time(pid),
         "hostname": socket.gethostname(),
     }
+
+
+def make_private_folder(folder: Path) -> None:
+    """Make ``folder`` and each missing folder above it, each mode 0700: ``mkdir(parents=
+    True)`` gives the ones above the umask's mode (0777 under umask 0), and another user
+    who can write to the folder above a cluster's can put a folder of theirs in its
+    place (see :func:`kernel_engine.launchers.local.ipc_unusable`)."""
+    for level in (*reversed(folder.parents), folder):
+        if not level.is_dir():
+            level.mkdir(exist_ok=True, mode=0o700)
 
 
 def write_private_json(path: Path, data: dict[str, Any]) -> None:
@@ -237,7 +250,20 @@ def stop_engines(folder: Path, timeout: float = 3.0) -> list[int]:
                 stopped.append(pid)
         except TimeoutError as exc:
             raise ClusterError(f"engine {eid} of {folder}: {exc}") from None
+        remove_engine_sockets(folder, eid)
     return stopped
+
+
+def remove_engine_sockets(folder: Path, engine_id: int) -> None:
+    """Remove the unix socket files of engine ``engine_id`` of ``folder``
+    (``e<id>-<n>``), once it is gone: only its kernel manager would remove some of them.
+    Engine ids are never reused in a folder, so no other engine's are touched."""
+    try:
+        for path in Path(folder).glob(f"e{engine_id}-*"):
+            if path.is_socket():
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("engine %i of %s: socket files left: %s", engine_id, folder, exc)
 
 
 @dataclass
@@ -501,7 +527,7 @@ def launch_controller(
         # a new cluster in the folder of a dead one: the old one's engines must not linger
         stop_engines(folder)
         remove_key_files(folder)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_folder(folder)
     cmd = [sys.executable, "-m", "kernel_engine.controller", "--folder", str(folder)]
     cmd += ["-n", str(n), "--ip", ip, "--cluster-id", cluster_id, "--log-level", log_level]
     if restore:

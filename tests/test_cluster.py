@@ -18,6 +18,7 @@ from conftest import wait_gone
 from jupyter_client import BlockingKernelClient
 
 import jupyter_ext as jx
+from kernel_engine import clusters
 from kernel_engine.launchers.local import ipc_unusable
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -82,6 +83,24 @@ def test_engines_use_unix_sockets_only_where_other_users_cannot_reach_them(tmp_p
     deep.mkdir(mode=0o700)
     assert "too long" in str(ipc_unusable(deep))
     assert "unusable" in str(ipc_unusable(folder / "missing"))
+    # a folder above that others may write to: they could rename the cluster's away and
+    # put theirs in its place, between this check and the engines' bind
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    inside = shared / "px" / "c1"
+    clusters.make_private_folder(inside)
+    assert "could replace the cluster folder" in str(ipc_unusable(inside))
+    shared.chmod(0o1777)  # (sticky: only the owner renames what is in it, as in /tmp)
+    assert ipc_unusable(inside) is None
+    # (each missing level made private, whatever the umask)
+    old_umask = os.umask(0)
+    try:
+        clusters.make_private_folder(tmp_path / "a" / "b" / "c")
+    finally:
+        os.umask(old_umask)
+    for level in ("a", "a/b", "a/b/c"):
+        assert (tmp_path / level).stat().st_mode & 0o777 == 0o700, level
     monkeypatch.setenv("JUPYTER_PX_IPC", "off")
     assert ipc_unusable(folder) == "JUPYTER_PX_IPC=off"
     assert list(folder.iterdir()) == []  # (the probe socket is gone)

@@ -23,7 +23,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_sigkill_engine_fails_its_work_fast(cluster_factory):
-    _, rc = cluster_factory.start(2)
+    cluster, rc = cluster_factory.start(2)
     pid = rc.engine_info(1)["pid"]
     ar = rc[1].apply_async(time.sleep, 60)
     queued = rc[1].apply_async(abs, -1)
@@ -41,6 +41,9 @@ def test_sigkill_engine_fails_its_work_fast(cluster_factory):
         time.sleep(0.02)
     assert rc.ids == [0]
     assert rc[0].apply_sync(lambda: "still here") == "still here"
+    # (its unix sockets went with it: the kernel manager's five and the lane)
+    assert [p.name for p in Path(cluster.folder).glob("e1-*") if p.is_socket()] == []
+    assert len([p for p in Path(cluster.folder).glob("e0-*") if p.is_socket()]) == 6
     with pytest.raises(jx.EngineError, match="SIGKILL"):
         rc[0, 1]
     with pytest.raises(jx.EngineError, match="SIGKILL"):

@@ -244,6 +244,8 @@ def test_nothing_is_left_after_the_controller_is_killed(cluster_factory):
         kill_pids(left)
     assert left == [], "the template outlived its controller"
     assert wait_gone(pids, 15) == []  # (after their grace period)
+    # (nobody else would remove their unix sockets: they do, as they leave)
+    assert [p.name for p in Path(cluster.folder).glob("e*-*") if p.is_socket()] == []
     rc.close()
 
 

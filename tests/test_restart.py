@@ -166,6 +166,9 @@ def test_a_killed_controller_restarts_and_the_same_client_carries_on(cluster_fac
     assert cluster.start_engines_sync(1) == [2]
     cluster_factory.pids.append(rc.engine_info(2)["pid"])
     print(f"restart took {restart_seconds:.2f} s")
+    # the adopted engines' unix sockets go with them too (no kernel manager knew them)
+    cluster.stop_cluster_sync()
+    assert [p.name for p in Path(cluster.folder).glob("e*-*") if p.is_socket()] == []
 
 
 def test_restore_by_cli_then_stop_after_another_death(cluster_factory):
@@ -198,6 +201,7 @@ def test_restore_by_cli_then_stop_after_another_death(cluster_factory):
     cluster.stop_cluster_sync()
     assert wait_gone([pid], timeout=10) == []
     assert not clusters.key_files(cluster.folder)
+    assert [p.name for p in Path(cluster.folder).glob("e*-*") if p.is_socket()] == []
 
 
 def test_an_engine_nobody_adopts_leaves_after_its_grace(cluster_factory):

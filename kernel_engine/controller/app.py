@@ -403,7 +403,7 @@ class Controller:
     def write_files(self) -> None:
         """Write the client connection file (mode 0600) and the cluster description (and,
         for an encrypted cluster, the controller's secret key, for a restarted one)."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clusters.make_private_folder(self.folder)
         if self.keypair is not None:
             save_keypair(self.folder, self.keypair)
         clusters.write_private_json(self.connection_file, self.connection_info())

@@ -659,6 +659,7 @@ class EngineSet:
             self._close_pidfd(engine)
             # (a kernel manager removes its kernel's connection file; this one is ours)
             (self.folder / f"engine-{engine.id}.json").unlink(missing_ok=True)
+            self._remove_sockets(engine)
             return
         km = engine.km
         if km is None:
@@ -670,6 +671,15 @@ class EngineSet:
                 km.cleanup_resources()
         except Exception:
             log.exception("cleaning up engine %i", engine.id)
+        self._remove_sockets(engine)
+
+    def _remove_sockets(self, engine: Engine) -> None:
+        """Remove the unix socket files of an engine that is gone or going, in this
+        cluster's folder (its kernel manager removes only the kernel's own, and an adopted
+        or killed engine none): engine ids are never reused, so they are its alone."""
+        info = engine.connection_info
+        if info.get("transport") == "ipc" and info.get("ip") == str(self.folder / f"e{engine.id}"):
+            clusters.remove_engine_sockets(self.folder, engine.id)
 
     @staticmethod
     def _close_pidfd(engine: Engine) -> None:

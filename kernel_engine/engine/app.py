@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,25 @@ class EngineApp(IPKernelApp):
         except ValueError:
             pid = 0
         pid = pid or int(self.parent_handle or 0)  # (JPY_PARENT_PID, as ipykernel's)
-        self.poller = ControllerWatch(pid if pid > 1 else None, engine_grace(), self.log)
+        self.poller = ControllerWatch(
+            pid if pid > 1 else None, engine_grace(), self.log, exit=self._leave
+        )
+
+    def _leave(self, status: int) -> None:
+        """Exit at once (no controller adopted this engine in time), removing the unix
+        sockets it listens on: nobody else would."""
+        for path in self.socket_paths():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os._exit(status)
+
+    def socket_paths(self) -> list[Path]:
+        """The files of the unix sockets this engine listens on (none on TCP)."""
+        if self.transport != "ipc":
+            return []
+        ports = (self.shell_port, self.iopub_port, self.stdin_port, self.hb_port)
+        ports += (self.control_port, self.lane_port)
+        return [Path(f"{self.ip}-{port}") for port in ports if port]
 
     def init_sockets(self) -> None:
         super().init_sockets()
@@ -147,7 +166,8 @@ class EngineApp(IPKernelApp):
             self.lane_socket.close(linger=0)
             if self.transport == "ipc" and self.lane_port:
                 # (the kernel manager removes the kernel's own, which it chose)
-                Path(f"{self.ip}-{self.lane_port}").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    Path(f"{self.ip}-{self.lane_port}").unlink()
         if self.lane_guard is not None:
             self.lane_guard.stop()
         super().close()

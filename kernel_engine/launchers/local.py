@@ -13,9 +13,11 @@ on every channel, ipykernel's own included. Over TCP, any local process could co
 and make a busy engine hold whatever it sent (a handshake of any size, or unsigned
 messages to ipykernel's shell, control and stdin channels) before a signature or login
 was checked. The kernels use TCP when the cluster binds another address (it was asked
-to be reachable there), when the folder could be entered by others or cannot hold unix
-sockets, when its path is too long for one (about 100 characters), or when
-``JUPYTER_PX_IPC=0``.
+to be reachable there), when the folder could be entered by others, or replaced through
+a folder above it (:func:`unsafe_ancestor`), or cannot hold unix sockets, when its path
+is too long for one (about 100 characters), or when ``JUPYTER_PX_IPC=0``. Socket files
+go with their engine: the engine removes them when it leaves for want of a controller,
+the controller (or ``stop_engines``) those of an engine that died or was stopped.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def ipc_unusable(folder: Path) -> str | None:
         return f"the cluster folder is unusable: {exc}"
     if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         return f"the cluster folder {folder} is not private (owner and mode 0700)"
+    unsafe = unsafe_ancestor(folder)
+    if unsafe is not None:
+        return f"another user could replace the cluster folder: {unsafe}"
     if len(os.fsencode(ipc_prefix(folder, 2**20))) + 8 > IPC_PATH_MAX:
         return f"the cluster folder's path is too long for a unix socket: {folder}"
     probe = folder / f".ipc-probe-{os.getpid()}"
@@ -71,6 +76,26 @@ def ipc_unusable(folder: Path) -> str | None:
             probe.unlink()
         except OSError:
             pass
+    return None
+
+
+def unsafe_ancestor(folder: Path) -> str | None:
+    """A folder above ``folder`` (as named, and as resolved) through which another user
+    could rename it away and put one of theirs in its place, between this check and the
+    engines' bind (None: none): one that is not owned by this user or root, or that
+    others may write to without the sticky bit."""
+    mine = (0, os.geteuid())
+    names = [Path(os.path.abspath(folder)), Path(os.path.realpath(folder))]
+    for path in {p for name in names for p in name.parents}:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            return f"{path}: {exc}"
+        if st.st_uid not in mine:
+            return f"{path} belongs to uid {st.st_uid}"
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if stat.S_ISDIR(st.st_mode) and writable and not st.st_mode & stat.S_ISVTX:
+            return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 
 
