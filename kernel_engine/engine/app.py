@@ -63,8 +63,8 @@ class EngineApp(IPKernelApp):
         """The files of the unix sockets this engine listens on (none on TCP)."""
         if self.transport != "ipc":
             return []
-        ports = (self.shell_port, self.iopub_port, self.stdin_port, self.hb_port)
-        ports += (self.control_port, self.lane_port)
+        ports = [self.shell_port, self.iopub_port, self.stdin_port, self.hb_port]
+        ports += [self.control_port, self.lane_port]
         return [Path(f"{self.ip}-{port}") for port in ports if port]
 
     def init_sockets(self) -> None:
