@@ -23,6 +23,7 @@ Engines are recognised the same way (:func:`is_engine`). Both :mod:`kernel_engin
 from __future__ import annotations
 
 import fnmatch
+import glob
 import itertools
 import json
 import logging
@@ -250,20 +251,28 @@ def stop_engines(folder: Path, timeout: float = 3.0) -> list[int]:
                 stopped.append(pid)
         except TimeoutError as exc:
             raise ClusterError(f"engine {eid} of {folder}: {exc}") from None
-        remove_engine_sockets(folder, eid)
+        info = read_json(folder / f"engine-{eid}.json")
+        remove_engine_sockets(folder, info or {"transport": "ipc", "ip": str(folder / f"e{eid}")})
     return stopped
 
 
-def remove_engine_sockets(folder: Path, engine_id: int) -> None:
-    """Remove the unix socket files of engine ``engine_id`` of ``folder``
-    (``e<id>-<n>``), once it is gone: only its kernel manager would remove some of them.
-    Engine ids are never reused in a folder, so no other engine's are touched."""
+def remove_engine_sockets(folder: Path, connection_info: dict[str, Any]) -> None:
+    """Remove the unix socket files (``<prefix>-<n>``) of an engine that is gone, if its
+    kernel's ``connection_info`` puts them in ``folder``: nothing else would remove them
+    all (a kernel manager removes only the ones it chose). A prefix is one engine's alone
+    (``e<id>``, ids never reused in a folder, or ``r<pid>`` of a registering engine)."""
+    prefix = connection_info.get("ip")
+    if connection_info.get("transport") != "ipc" or not isinstance(prefix, str):
+        return
+    where = Path(prefix)
     try:
-        for path in Path(folder).glob(f"e{engine_id}-*"):
+        if where.parent.resolve() != Path(folder).resolve():
+            return
+        for path in where.parent.glob(f"{glob.escape(where.name)}-*"):
             if path.is_socket():
                 path.unlink(missing_ok=True)
     except OSError as exc:
-        log.warning("engine %i of %s: socket files left: %s", engine_id, folder, exc)
+        log.warning("the unix sockets %s-* were not all removed: %s", prefix, exc)
 
 
 @dataclass

@@ -1064,12 +1064,26 @@ def check_host(name: str, value: Any) -> str:
     return value
 
 
+_SOCKET_PREFIX = re.compile(r"/[A-Za-z0-9_.+/-]{1,90}\Z")
+
+
+def check_socket_prefix(name: str, value: Any) -> str:
+    """The path a kernel's unix sockets start with (``<path>-<port>`` each): absolute,
+    short enough for a socket's address, of plain characters, no ``..``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a unix socket path, not {_kind(value)}")
+    if not _SOCKET_PREFIX.match(value) or "/../" in value + "/" or "//" in value:
+        raise ValueError(f"{name} {value[:100]!r} is not a usable unix socket path")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RegisterRequest:
     """An engine that asks to join the cluster (:data:`REGISTER_REQUEST`).
 
-    ``connection_info`` is its kernel's (address, transport ``tcp``, the five Jupyter
-    ports, ``lane_port`` and, when it encrypts, its CurveZMQ keypair), which the controller
+    ``connection_info`` is its kernel's (address and transport ``tcp``, or a path in the
+    cluster's folder and transport ``ipc`` for unix sockets, the five Jupyter ports,
+    ``lane_port`` and, when it encrypts, its CurveZMQ keypair), which the controller
     connects to; ``engine_id`` the id it asks for (None: any; an MPI rank asks for its
     rank); ``pid``, ``hostname`` and ``uuid`` (its kernel's session id) say which process
     it is, so a repeated registration of the same process gets the same answer.
@@ -1093,11 +1107,16 @@ class RegisterRequest:
     @classmethod
     def from_content(cls, content: dict[str, Any]) -> Self:
         raw = _mapping("connection_info", content.get("connection_info"))
-        info: dict[str, Any] = {"ip": check_host("connection_info.ip", raw.get("ip"))}
         transport = raw.get("transport", "tcp")
-        if transport != "tcp":
-            raise ValueError(f"connection_info.transport must be 'tcp', not {_kind(transport)}")
-        info["transport"] = "tcp"
+        if transport == "ipc":
+            info: dict[str, Any] = {"ip": check_socket_prefix("connection_info.ip", raw.get("ip"))}
+        elif transport == "tcp":
+            info = {"ip": check_host("connection_info.ip", raw.get("ip"))}
+        else:
+            raise ValueError(
+                f"connection_info.transport must be 'tcp' or 'ipc', not {_kind(transport)}"
+            )
+        info["transport"] = transport
         ports = [check_int(f"connection_info.{p}", raw.get(p), 1, 65535) for p in _KERNEL_PORTS]
         if len(set(ports)) != len(ports):
             raise ValueError("connection_info has the same port twice")

@@ -68,6 +68,11 @@ def test_a_registration_is_parsed_and_keeps_only_what_it_names():
     assert (req.pid, req.hostname, req.uuid, req.engine_id) == (1234, "node1", "u-1", None)
     again = protocol.RegisterRequest.from_content(req.to_content())
     assert again == req
+    # unix sockets: a path prefix instead of an address
+    raw["connection_info"].update(ip="/run/px/c1/r42", transport="ipc")
+    req = protocol.RegisterRequest.from_content(raw)
+    assert req.connection_info["ip"] == "/run/px/c1/r42"
+    assert req.connection_info["transport"] == "ipc"
 
 
 @pytest.mark.parametrize(
@@ -76,7 +81,12 @@ def test_a_registration_is_parsed_and_keeps_only_what_it_names():
         ({"connection_info": "tcp://x"}, "connection_info"),
         ({"connection_info": {**PORTS, "ip": "a b"}}, "connection_info.ip"),
         ({"connection_info": {**PORTS, "ip": "tcp://1.2.3.4:5"}}, "connection_info.ip"),
-        ({"connection_info": {**PORTS, "ip": "h", "transport": "ipc"}}, "transport"),
+        ({"connection_info": {**PORTS, "ip": "h", "transport": "udp"}}, "transport"),
+        ({"connection_info": {**PORTS, "ip": "h", "transport": "ipc"}}, "connection_info.ip"),
+        ({"connection_info": {**PORTS, "ip": "/a/../b", "transport": "ipc"}}, "unix socket"),
+        ({"connection_info": {**PORTS, "ip": "/a/" + "b" * 90, "transport": "ipc"}}, "unix"),
+        ({"connection_info": {**PORTS, "ip": "/a b", "transport": "ipc"}}, "unix socket"),
+        ({"connection_info": {**PORTS, "ip": 7, "transport": "ipc"}}, "unix socket"),
         ({"connection_info": {**PORTS, "ip": "h", "shell_port": "5001"}}, "shell_port"),
         ({"connection_info": {**PORTS, "ip": "h", "hb_port": 70000}}, "hb_port"),
         ({"connection_info": {**PORTS, "ip": "h", "lane_port": 5001}}, "same port"),
@@ -304,11 +314,16 @@ def test_an_engine_started_by_hand_joins_leaves_when_killed_and_comes_back_with_
     assert rc[7].apply_sync(os.getpid) == first.pid
     info = rc.engine_info(7)
     assert info["pid"] == first.pid
+    # on this host, it listens on unix sockets in the cluster's folder, as started ones do
+    conn = info["connection_info"]
+    prefix = Path(cluster.folder) / f"r{first.pid}"
+    assert conn["transport"] == "ipc" and conn["ip"] == str(prefix), conn
     rc[7].push({"mark": "first life"}, block=True)
 
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     wait_for(lambda: 7 not in rc.ids, timeout=10)  # (its pid is watched: seen at once)
+    wait_for(lambda: not list(prefix.parent.glob(f"{prefix.name}-*")), timeout=10)
 
     second = hand.start("--cluster-id", cluster.cluster_id, "--id", "7", cli=True)
     wait_for(lambda: 7 in rc.ids)
@@ -331,6 +346,15 @@ def test_an_engine_joins_with_connection_info_in_its_environment(cluster_rc, han
     assert rc[new].apply_sync(os.getpid) == p.pid
     rc.shutdown(targets=[new], block=True)
     assert p.wait(10) == 0
+    assert not list(Path(cluster.folder).glob(f"r{p.pid}-*"))
+    # an address asked for: TCP there
+    tcp = hand.start("--file", str(cluster.connection_file), "--ip", "127.0.0.1")
+    wait_for(lambda: len(rc.ids) == 2)
+    conn = rc.engine_info(max(rc.ids))["connection_info"]
+    assert conn["transport"] == "tcp" and conn["ip"] == "127.0.0.1", conn
+    assert rc[max(rc.ids)].apply_sync(os.getpid) == tcp.pid
+    rc.shutdown(targets=[max(rc.ids)], block=True)
+    assert tcp.wait(10) == 0
 
 
 def test_a_shut_down_engine_closes_nothing_while_its_control_thread_runs(
@@ -450,6 +474,17 @@ def test_bogus_registrations_are_refused_and_displace_nobody(cluster_factory):
     # an engine on another host, never answering
     reply = _ask(cluster, content(engine_id=41, pid=1, hostname="elsewhere", uuid="bogus-3"))
     assert reply["status"] == "ok"
+    # unix sockets the controller would not reach, or that are not in its folder
+    for prefix, host, why in (
+        (f"{cluster.folder}/r1", "elsewhere", "another host"),
+        ("/tmp/elsewhere/r1", here, "not in the cluster's folder"),
+        (f"{cluster.folder}/r1", here, "not visible to the controller"),
+    ):
+        conn = {**PORTS, "ip": prefix, "transport": "ipc"}
+        asked = content(connection_info=conn, pid=os.getpid(), hostname=host, uuid="bogus-4")
+        reply = _ask(cluster, asked)
+        assert reply["status"] == "error" and why in reply["evalue"], reply
+        assert reply["retry"] is False
     assert rc.ids == [0]
     assert rc[0].apply_sync(os.getpid) == pid0
     assert 40 not in rc.ids and 41 not in rc.ids

@@ -302,6 +302,9 @@ class EngineSet:
         if here and not processes.running(request.pid):
             why = f"pid {request.pid} does not run on {request.hostname}, this host"
             return {**protocol.error_content("RegistrationError", why), "retry": False}
+        unusable = self._unusable_sockets(request.connection_info, here)
+        if unusable is not None:
+            return {**protocol.error_content("RegistrationError", unusable), "retry": False}
         info = {**request.connection_info, "key": self.wire.key.decode()}
         engine = Engine(
             eid,
@@ -336,7 +339,11 @@ class EngineSet:
             eid,
             request.pid,
             request.hostname,
-            engine.url(info["shell_port"]).rsplit(":", 1)[0],
+            (
+                info["ip"]
+                if info.get("transport") == "ipc"
+                else engine.url(info["shell_port"]).rsplit(":", 1)[0]
+            ),
         )
         self._send_kernel_info(engine)
         return reply
@@ -673,13 +680,35 @@ class EngineSet:
             log.exception("cleaning up engine %i", engine.id)
         self._remove_sockets(engine)
 
+    def _unusable_sockets(self, info: dict[str, Any], here: bool) -> str | None:
+        """Why a registering engine's unix sockets (``ipc``) will not do (None: they will,
+        or it listens on TCP): they must be on this host, in this cluster's folder (whose
+        mode keeps other users out, and where the controller removes them when the engine
+        is gone), and visible from here."""
+        if info.get("transport") != "ipc":
+            return None
+        prefix = Path(info["ip"])
+        if not here:
+            return "it listens on unix sockets, but runs on another host"
+        try:
+            inside = prefix.parent.resolve() == self.folder.resolve()
+            visible = Path(f"{prefix}-{info['shell_port']}").is_socket()
+        except OSError:
+            inside = visible = False
+        if not inside:
+            return f"its unix sockets {prefix}-* are not in the cluster's folder {self.folder}"
+        if not visible:
+            return (
+                f"its unix sockets {prefix}-* are not visible to the controller (another "
+                "filesystem?): start it with --ip 127.0.0.1 to listen on TCP"
+            )
+        return None
+
     def _remove_sockets(self, engine: Engine) -> None:
         """Remove the unix socket files of an engine that is gone or going, in this
         cluster's folder (its kernel manager removes only the kernel's own, and an adopted
-        or killed engine none): engine ids are never reused, so they are its alone."""
-        info = engine.connection_info
-        if info.get("transport") == "ipc" and info.get("ip") == str(self.folder / f"e{engine.id}"):
-            clusters.remove_engine_sockets(self.folder, engine.id)
+        or killed engine none)."""
+        clusters.remove_engine_sockets(self.folder, engine.connection_info)
 
     @staticmethod
     def _close_pidfd(engine: Engine) -> None:

@@ -164,10 +164,11 @@ class EngineApp(IPKernelApp):
         """Close the lane socket too, or the zmq context's term() would wait for it forever."""
         if self.lane_socket is not None and not self.lane_socket.closed:
             self.lane_socket.close(linger=0)
-            if self.transport == "ipc" and self.lane_port:
-                # (the kernel manager removes the kernel's own, which it chose)
+            # (unix sockets: a kernel manager would remove only those it chose, and
+            # nobody those of an engine that registered)
+            for path in self.socket_paths():
                 with contextlib.suppress(OSError):
-                    Path(f"{self.ip}-{self.lane_port}").unlink()
+                    path.unlink()
         if self.lane_guard is not None:
             self.lane_guard.stop()
         super().close()

@@ -14,9 +14,11 @@ the address and ports that file names (those the spec's provisioner chose), sign
 the cluster's key, and it asks for the id in :data:`ID_ENV` when given no ``--id``.
 
 It starts its kernel (ipykernel's sockets and the task lane, bound to ``--ip``: by default
-loopback for a controller on loopback, else the address this host reaches the controller
-from), then sends a signed :data:`~kernel_engine.protocol.REGISTER_REQUEST` with its
-connection info to the controller's client port and waits for the id it is given. The
+the address this host reaches the controller from; for a controller on loopback whose
+cluster folder is here, unix sockets in that folder, as the engines a cluster starts
+itself use, which other users cannot reach, else loopback), then sends a signed
+:data:`~kernel_engine.protocol.REGISTER_REQUEST` with its connection info to the
+controller's client port and waits for the id it is given. The
 controller then connects to it and sets it up as it does the engines it starts. The id
 asked for is ``--id``, or with ``--id-from-rank`` the process's MPI or Slurm rank plus
 ``--id-offset``; an engine that comes back asks for the id it had.
@@ -192,14 +194,43 @@ def given_ports(path: str) -> tuple[str | None, dict[str, int]]:
     return (ip if isinstance(ip, str) and ip else None), ports
 
 
+def socket_prefix(cluster: dict[str, Any]) -> str | None:
+    """Where this engine's unix sockets go (``<prefix>-<n>``), or None for TCP.
+
+    Unix sockets in the cluster's folder, which other users cannot enter (see
+    :func:`kernel_engine.launchers.local.ipc_unusable`), when the controller is on
+    loopback (so on this host) and that folder is here: it holds the cluster's client
+    file, with the same key. Else (another host, a container with a filesystem of its
+    own, another user) TCP, as the controller would otherwise not reach the sockets."""
+    from kernel_engine.launchers.local import ipc_unusable
+
+    if bind_address(str(cluster["ip"])) != "127.0.0.1":
+        return None
+    try:
+        folder = clusters.cluster_folder(str(cluster.get("cluster_id")))
+        client = json.loads((folder / clusters.CLIENT_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(client, dict) or client.get("key") != cluster.get("key"):
+        return None
+    if ipc_unusable(folder) is not None:
+        return None
+    return str(folder / f"r{os.getpid()}")
+
+
 def kernel_connection_file(
-    folder: Path, ip: str, info: dict[str, Any], ports: dict[str, int] | None = None
+    folder: Path,
+    ip: str,
+    info: dict[str, Any],
+    ports: dict[str, int] | None = None,
+    transport: str = "tcp",
 ) -> Path:
     """A connection file for our kernel: the cluster's key, ``ports`` (else ports chosen
-    by the kernel), and a keypair of its own when the cluster encrypts."""
+    by the kernel), and a keypair of its own when the cluster encrypts; ``ip`` is the
+    sockets' path prefix for ``transport="ipc"``."""
     conn: dict[str, Any] = {
         "ip": ip,
-        "transport": "tcp",
+        "transport": transport,
         "key": info["key"],
         "signature_scheme": "hmac-sha256",
         **(ports or {}),
@@ -216,7 +247,7 @@ def kernel_info(app: Any) -> dict[str, Any]:
     """The bound kernel's connection info, as the registration carries it."""
     info: dict[str, Any] = {
         "ip": app.ip,
-        "transport": "tcp",
+        "transport": app.transport,
         "signature_scheme": "hmac-sha256",
         "shell_port": app.shell_port,
         "control_port": app.control_port,
@@ -357,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="px-engine-"))
     atexit.register(shutil.rmtree, folder, True)
     ip = args.ip or given_ip or bind_address(cluster["ip"])
-    conn = kernel_connection_file(folder, ip, cluster, ports)
+    prefix = None if args.ip or given_ip or ports else socket_prefix(cluster)
+    if prefix is not None:
+        conn = kernel_connection_file(folder, prefix, cluster, transport="ipc")
+    else:
+        conn = kernel_connection_file(folder, ip, cluster, ports)
     app = EngineApp.instance()
     kernel_argv = ["-f", str(conn), *rest]
     profile_dir = os.environ.get(clusters.PROFILE_DIR_ENV)
