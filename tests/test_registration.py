@@ -475,10 +475,12 @@ def test_bogus_registrations_are_refused_and_displace_nobody(cluster_factory):
     reply = _ask(cluster, content(engine_id=41, pid=1, hostname="elsewhere", uuid="bogus-3"))
     assert reply["status"] == "ok"
     # unix sockets the controller would not reach, or that are not in its folder
+    mine = f"r{os.getpid()}"
     for prefix, host, why in (
-        (f"{cluster.folder}/r1", "elsewhere", "another host"),
-        ("/tmp/elsewhere/r1", here, "not in the cluster's folder"),
-        (f"{cluster.folder}/r1", here, "not visible to the controller"),
+        (f"{cluster.folder}/{mine}", "elsewhere", "another host"),
+        (f"/tmp/elsewhere/{mine}", here, "not in the cluster's folder"),
+        (f"{cluster.folder}/{mine}", here, "not visible to the controller"),
+        (f"{cluster.folder}/e0", here, "not named after its pid"),  # (engine 0's sockets)
     ):
         conn = {**PORTS, "ip": prefix, "transport": "ipc"}
         asked = content(connection_info=conn, pid=os.getpid(), hostname=host, uuid="bogus-4")

@@ -302,7 +302,7 @@ class EngineSet:
         if here and not processes.running(request.pid):
             why = f"pid {request.pid} does not run on {request.hostname}, this host"
             return {**protocol.error_content("RegistrationError", why), "retry": False}
-        unusable = self._unusable_sockets(request.connection_info, here)
+        unusable = self._unusable_sockets(request.connection_info, here, request.pid)
         if unusable is not None:
             return {**protocol.error_content("RegistrationError", unusable), "retry": False}
         info = {**request.connection_info, "key": self.wire.key.decode()}
@@ -680,16 +680,19 @@ class EngineSet:
             log.exception("cleaning up engine %i", engine.id)
         self._remove_sockets(engine)
 
-    def _unusable_sockets(self, info: dict[str, Any], here: bool) -> str | None:
+    def _unusable_sockets(self, info: dict[str, Any], here: bool, pid: int) -> str | None:
         """Why a registering engine's unix sockets (``ipc``) will not do (None: they will,
         or it listens on TCP): they must be on this host, in this cluster's folder (whose
         mode keeps other users out, and where the controller removes them when the engine
-        is gone), and visible from here."""
+        is gone) under the name its pid gives (``r<pid>``: never another engine's), and
+        visible from here."""
         if info.get("transport") != "ipc":
             return None
         prefix = Path(info["ip"])
         if not here:
             return "it listens on unix sockets, but runs on another host"
+        if prefix.name != f"r{pid}":
+            return f"its unix sockets {prefix}-* are not named after its pid (r{pid}-*)"
         try:
             inside = prefix.parent.resolve() == self.folder.resolve()
             visible = Path(f"{prefix}-{info['shell_port']}").is_socket()
