@@ -335,9 +335,16 @@ def _dumps_fast(obj: Any) -> list[Any]:
     return [stream.getvalue(), *buffers]
 
 
+_SCALARS = frozenset({type(None), bool, int, float, str})
+"""Result types that ``pickle.dumps`` writes as :func:`_dumps_fast` would (the C pickler
+asks no ``reducer_override`` about them, and they hand out no buffers)."""
+
+
 def dumps_result(obj: Any) -> list[Any]:
     """:func:`dumps` of a task's result, through the standard (C) pickler when that is
     correct (cloudpickle's pickler costs more to set up than a tiny result to pickle)."""
+    if type(obj) in _SCALARS:  # (most results: no pickler or stream to set up)
+        return [pickle.dumps(obj, protocol=5)]
     return _dumps_fast(_wrap_large_bytes(obj))
 
 

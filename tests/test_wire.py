@@ -250,6 +250,34 @@ def test_results_use_the_fast_pickler_and_code_falls_back():
         serialize.dumps_result(threading.Lock())
 
 
+def test_scalar_results_pickle_to_the_same_bytes_by_the_short_way():
+    """None, bools, ints, floats and strs skip the pickler's set-up: the bytes must be
+    the ones the general way writes (a peer could not tell), whatever their size."""
+
+    class Text(str):  # (a subclass: the general way)
+        pass
+
+    for result in (
+        None,
+        True,
+        0,
+        -(2**70),
+        2**200,
+        1.5,
+        float("nan"),
+        float("-inf"),
+        "",
+        "é" * 3,
+        "x" * 100_000,
+        Text("t"),
+    ):
+        frames = serialize.dumps_result(result)
+        assert frames == serialize._dumps_fast(result), result
+        back = serialize.loads(frames)
+        assert back == result or back != back  # (nan)
+        assert type(back) is type(result)
+
+
 def test_a_maps_function_travels_out_of_band_once_pickled():
     @serialize.interactive
     def f(x):

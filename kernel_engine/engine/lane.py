@@ -61,6 +61,9 @@ MAX_KEPT_BYTES = 256 * 1024 * 1024
 """Bytes of replies kept for a controller that is gone, at most."""
 
 _SIGINT = int(signal.SIGINT)
+_OK = {"status": "ok"}
+_OK_JSON = wire.dumps_json(_OK)
+"""The content of a successful reply, encoded once (it is the same for every task)."""
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -135,10 +138,12 @@ class TaskLane:
         asyncio_loop.call_soon(self._on_readable)
 
     def _on_readable(self) -> None:
+        # A wake-up is nearly always for a message: it is read at once, and ``EVENTS`` is
+        # asked only after each one (asking first too cost a second command round in
+        # libzmq per task). Both ways out leave the descriptor armed again: a NOBLOCK
+        # receive that finds nothing processes the socket's commands as ``EVENTS`` does.
         socket = self.socket
         for _ in range(DRAIN_LIMIT):
-            if not socket.getsockopt(wire.EVENTS) & wire.POLLIN:
-                return
             try:
                 frames = wire.recv_frames(socket, wire.NOBLOCK)
             except zmq.Again:
@@ -147,6 +152,8 @@ class TaskLane:
                 self._on_recv(frames)
             except Exception as exc:
                 self.drops.drop(f"error handling a message: {type(exc).__name__}: {exc}")
+            if not socket.getsockopt(wire.EVENTS) & wire.POLLIN:
+                return
         # more are waiting: let the kernel's other channels run, then go on (a zmq
         # descriptor signals edges only, so nobody else would wake us)
         self._asyncio_loop.call_soon(self._on_readable)
@@ -375,12 +382,13 @@ class TaskLane:
         metadata: dict[str, Any],
         buffers: list[Any],
     ) -> list[Any]:
-        metadata["completed"] = wire.utcnow_iso()
+        completed = metadata["completed"] = wire.utcnow_iso()
         metadata["status"] = content["status"]
         if content["status"] == "error":
             content.setdefault("engine_info", {"engine_id": self.kernel.engine_id})
+        encoded = _OK_JSON if content == _OK else content
         # (the parent: the request's header as it came, not encoded again)
         parent = wire.as_bytes(msg.frames[1])
         return self.wire.pack(
-            protocol.APPLY_REPLY, content, parent, metadata, buffers, idents=idents
+            protocol.APPLY_REPLY, encoded, parent, metadata, buffers, idents=idents, date=completed
         )[1]
