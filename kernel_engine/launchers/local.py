@@ -100,8 +100,9 @@ def unsafe_ancestor(folder: Path) -> str | None:
 
 
 def ipc_prefix(folder: Path, eid: int) -> str:
-    """The path engine ``eid``'s unix sockets start with (``<prefix>-<n>`` each)."""
-    return str(folder / f"e{eid}")
+    """The path engine ``eid``'s unix sockets start with (``<prefix>-<n>`` each),
+    absolute: the engines and the client may run in other working directories."""
+    return os.path.join(os.path.abspath(folder), f"e{eid}")
 
 
 @dataclass
