@@ -200,8 +200,9 @@ def socket_prefix(cluster: dict[str, Any]) -> str | None:
     Unix sockets in the cluster's folder, which other users cannot enter (see
     :func:`kernel_engine.launchers.local.ipc_unusable`), when the controller is on
     loopback (so on this host) and that folder is here: it holds the cluster's client
-    file, with the same key. Else (another host, a container with a filesystem of its
-    own, another user) TCP, as the controller would otherwise not reach the sockets."""
+    file, with the same key, naming this hostname. Else (another host, a container with
+    a filesystem or a hostname of its own, another user) TCP, as the controller would
+    otherwise not reach the sockets, or refuse them."""
     from kernel_engine.launchers.local import ipc_unusable
 
     if bind_address(str(cluster["ip"])) != "127.0.0.1":
@@ -213,6 +214,8 @@ def socket_prefix(cluster: dict[str, Any]) -> str | None:
         return None
     if not isinstance(client, dict) or client.get("key") != cluster.get("key"):
         return None
+    if client.get("hostname") not in (None, socket.gethostname()):
+        return None  # (a hostname of its own: the controller would take it for elsewhere)
     if ipc_unusable(folder) is not None:
         return None
     return str(folder / f"r{os.getpid()}")
