@@ -22,6 +22,7 @@ Engines are recognised the same way (:func:`is_engine`). Both :mod:`kernel_engin
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import itertools
@@ -251,9 +252,19 @@ def stop_engines(folder: Path, timeout: float = 3.0) -> list[int]:
                 stopped.append(pid)
         except TimeoutError as exc:
             raise ClusterError(f"engine {eid} of {folder}: {exc}") from None
-        info = read_json(folder / f"engine-{eid}.json")
-        remove_engine_sockets(folder, info or {"transport": "ipc", "ip": str(folder / f"e{eid}")})
+        remove_dead_engine_files(folder, eid, read_json(folder / f"engine-{eid}.json"), keep=True)
     return stopped
+
+
+def remove_dead_engine_files(
+    folder: Path, eid: int, info: dict[str, Any] | None, keep: bool = False
+) -> None:
+    """Remove the unix socket files of ``folder``'s engine ``eid``, which is gone (by its
+    connection ``info``, else ``e<id>-*``), and unless ``keep`` its connection file."""
+    remove_engine_sockets(folder, info or {"transport": "ipc", "ip": str(folder / f"e{eid}")})
+    if not keep:
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"engine-{eid}.json").unlink()
 
 
 def remove_engine_sockets(folder: Path, connection_info: dict[str, Any]) -> None:
@@ -426,8 +437,14 @@ def clean_dead_clusters(
             if not key_files(folder) or (kept and os.path.realpath(folder) == kept):
                 continue
             cluster = read_cluster(folder)
-            if cluster.state == "dead" and not live_engines(folder) and remove_key_files(folder):
-                cleaned.append(cluster)
+            if cluster.state == "dead" and not live_engines(folder):
+                # (their connection files, which name their sockets, go with the key files)
+                for eid in engine_records(folder):
+                    remove_dead_engine_files(
+                        folder, eid, read_json(folder / f"engine-{eid}.json"), keep=True
+                    )
+                if remove_key_files(folder):
+                    cleaned.append(cluster)
         return sorted(cleaned, key=_started_at)
     for cluster in list_clusters(states=("dead",)):
         if kept is not None and os.path.realpath(cluster.folder) == kept:

@@ -1064,15 +1064,33 @@ def check_host(name: str, value: Any) -> str:
     return value
 
 
-_SOCKET_PREFIX = re.compile(r"/[A-Za-z0-9_.+/-]{1,90}\Z")
+SOCKET_PREFIX_MAX = 92
+"""The longest unix socket path prefix, in bytes: what
+:func:`kernel_engine.launchers.local.ipc_unusable` lets an engine use (``IPC_PATH_MAX``
+100, less 8 for ``-<port>``)."""
+
+_SOCKET_PREFIX_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_socket_prefix(name: str, value: Any) -> str:
     """The path a kernel's unix sockets start with (``<path>-<port>`` each): absolute,
-    short enough for a socket's address, of plain characters, no ``..``."""
+    short enough for a socket's address, no control characters, no ``..``. (Any other
+    character a folder's name may hold is fine: the controller takes only a prefix whose
+    folder resolves to its own.)"""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a unix socket path, not {_kind(value)}")
-    if not _SOCKET_PREFIX.match(value) or "/../" in value + "/" or "//" in value:
+    try:
+        size = len(value.encode())
+    except UnicodeError:
+        size = SOCKET_PREFIX_MAX + 1
+    if (
+        not value.startswith("/")
+        or size > SOCKET_PREFIX_MAX
+        or value.endswith("/")
+        or _SOCKET_PREFIX_BAD.search(value)
+        or "/../" in value + "/"
+        or "//" in value
+    ):
         raise ValueError(f"{name} {value[:100]!r} is not a usable unix socket path")
     return value
 

@@ -85,7 +85,8 @@ def test_a_registration_is_parsed_and_keeps_only_what_it_names():
         ({"connection_info": {**PORTS, "ip": "h", "transport": "ipc"}}, "connection_info.ip"),
         ({"connection_info": {**PORTS, "ip": "/a/../b", "transport": "ipc"}}, "unix socket"),
         ({"connection_info": {**PORTS, "ip": "/a/" + "b" * 90, "transport": "ipc"}}, "unix"),
-        ({"connection_info": {**PORTS, "ip": "/a b", "transport": "ipc"}}, "unix socket"),
+        ({"connection_info": {**PORTS, "ip": "/a\nb", "transport": "ipc"}}, "unix socket"),
+        ({"connection_info": {**PORTS, "ip": "a/b", "transport": "ipc"}}, "unix socket"),
         ({"connection_info": {**PORTS, "ip": 7, "transport": "ipc"}}, "unix socket"),
         ({"connection_info": {**PORTS, "ip": "h", "shell_port": "5001"}}, "shell_port"),
         ({"connection_info": {**PORTS, "ip": "h", "hb_port": 70000}}, "hb_port"),
@@ -522,3 +523,61 @@ def test_an_engine_joins_an_encrypted_cluster_with_a_keypair_of_its_own(cluster_
         sock.close()
         ctx.term()
     assert reply["status"] == "error" and "CurveZMQ" in reply["evalue"]
+
+
+def test_an_engine_binds_unix_sockets_the_controller_takes(tmp_path, monkeypatch):
+    """The engine's choice of unix sockets agrees with the controller's checks: a folder
+    name of any characters (an '@' in a home folder), a relative runtime folder, and TCP
+    when the controller would refuse them (a copy of the folder)."""
+    import shutil
+
+    from kernel_engine.engine import register as engine_register
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "u@c"))
+    folder = clusters.cluster_folder("c1")
+    clusters.make_private_folder(folder)
+    clusters.write_private_json(folder / "client.json", {"key": "k", "cluster_id": "c1"})
+    cluster = {"ip": "127.0.0.1", "cluster_id": "c1", "key": "k", "hostname": socket.gethostname()}
+    prefix = engine_register.socket_prefix(cluster)
+    assert prefix == str(folder / f"r{os.getpid()}")
+    assert protocol.check_socket_prefix("ip", prefix) == prefix
+    copy = tmp_path / "copy"
+    clusters.make_private_folder(copy)
+    shutil.copy(folder / "client.json", copy / "client.json")
+    assert engine_register.socket_prefix(cluster, str(copy / "client.json")) is None
+    assert engine_register.socket_prefix(cluster, str(folder / "client.json")) == prefix
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", "u@c")
+    assert engine_register.socket_prefix(cluster) == prefix
+
+
+def test_a_dead_clusters_engine_sockets_go_with_its_key_files(tmp_path, monkeypatch):
+    """`jupyter px list` (clean_dead_clusters) removes the key files of a dead cluster,
+    engine connection files included: the socket files those name go first."""
+    import socket as sockets
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    folder = clusters.cluster_folder("dead1")
+    clusters.make_private_folder(folder)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    engines = {str(i): {"pid": gone.pid, "hostname": here, "pid_started": "0"} for i in (0, 1)}
+    clusters.write_private_json(
+        folder / "cluster.json", {"controller_pid": gone.pid, "engines": engines}
+    )
+    clusters.write_private_json(
+        folder / "engine-1.json", {"transport": "ipc", "ip": str(folder / f"r{gone.pid}")}
+    )
+    bound = []
+    for name in ("e0-1", f"r{gone.pid}-1", f"r{gone.pid}0-1"):  # (the last: not theirs)
+        s = sockets.socket(sockets.AF_UNIX)
+        s.bind(str(folder / name))
+        bound.append(s)
+    old = time.time() - 60
+    for path in [folder, *folder.iterdir()]:
+        os.utime(path, (old, old), follow_symlinks=False)
+    assert [c.folder for c in clusters.clean_dead_clusters()] == [folder]
+    assert sorted(p.name for p in folder.iterdir() if p.is_socket()) == [f"r{gone.pid}0-1"]
+    for s in bound:
+        s.close()

@@ -80,6 +80,7 @@ class Restorer:
             info = clusters.read_json(self.folder / f"engine-{eid}.json")
             if not clusters.is_engine(pid, self.folder, eid, started):
                 log.info("engine %i (pid %i) did not outlive the last controller", eid, pid)
+                clusters.remove_dead_engine_files(self.folder, eid, info)
             elif info is None or info.get("key") != self.wire.key.decode():
                 log.warning("engine %i (pid %i): no usable connection file; left alone", eid, pid)
             elif self.engines.adopt(eid, info, pid, started) is None:

@@ -194,7 +194,7 @@ def given_ports(path: str) -> tuple[str | None, dict[str, int]]:
     return (ip if isinstance(ip, str) and ip else None), ports
 
 
-def socket_prefix(cluster: dict[str, Any]) -> str | None:
+def socket_prefix(cluster: dict[str, Any], file: str | None = None) -> str | None:
     """Where this engine's unix sockets go (``<prefix>-<n>``), or None for TCP.
 
     Unix sockets in the cluster's folder, which other users cannot enter (see
@@ -208,8 +208,12 @@ def socket_prefix(cluster: dict[str, Any]) -> str | None:
     if bind_address(str(cluster["ip"])) != "127.0.0.1":
         return None
     try:
-        folder = clusters.cluster_folder(str(cluster.get("cluster_id")))
+        # (absolute: a relative JUPYTER_RUNTIME_DIR names it from this process's cwd)
+        folder = Path(os.path.abspath(clusters.cluster_folder(str(cluster.get("cluster_id")))))
         client = json.loads((folder / clusters.CLIENT_FILE).read_text())
+        here = folder / clusters.CLIENT_FILE
+        if file is not None and not os.path.samefile(clusters.find_connection_file(file), here):
+            return None  # (a copy of the cluster's folder, not the one it serves: TCP)
     except (OSError, ValueError, TypeError):
         return None
     if not isinstance(client, dict) or client.get("key") != cluster.get("key"):
@@ -218,7 +222,11 @@ def socket_prefix(cluster: dict[str, Any]) -> str | None:
         return None  # (a hostname of its own: the controller would take it for elsewhere)
     if ipc_unusable(folder) is not None:
         return None
-    return str(folder / f"r{os.getpid()}")
+    prefix = str(folder / f"r{os.getpid()}")
+    try:
+        return protocol.check_socket_prefix("prefix", prefix)
+    except ValueError:
+        return None
 
 
 def kernel_connection_file(
@@ -365,7 +373,7 @@ def _watch_setup(app: Any, output: _Output, timeout: float) -> None:
     def check() -> None:
         if getattr(app.kernel, "engine_id", None) is None:
             output.fatal(f"the controller did not set this engine up within {timeout:.0f} s")
-            os._exit(1)
+            app._leave(1)  # (os._exit, once its unix socket files are removed)
 
     timer = threading.Timer(timeout, check)
     timer.daemon = True
@@ -391,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="px-engine-"))
     atexit.register(shutil.rmtree, folder, True)
     ip = args.ip or given_ip or bind_address(cluster["ip"])
-    prefix = None if args.ip or given_ip or ports else socket_prefix(cluster)
+    prefix = None if args.ip or given_ip or ports else socket_prefix(cluster, args.file)
     if prefix is not None:
         conn = kernel_connection_file(folder, prefix, cluster, transport="ipc")
     else:
