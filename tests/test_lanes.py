@@ -227,3 +227,56 @@ def test_task_after_a_direct_one_whose_engine_died(cluster_factory):
         direct.get(5)
     with pytest.raises(jx.ImpossibleDependency):
         dependent.get(5)
+
+
+def test_replies_resolve_in_order_and_callbacks_may_send_direct(rc):
+    """Futures a message settles are resolved at the end of the IO thread's turn: still
+    in the order the replies came, with their results and metadata kept first, and a
+    done-callback (run on the IO thread) that sends to a lane gets its reply, the
+    controller told of it."""
+    _wait_ready(rc, rc.ids)
+    seen, chained = [], []
+
+    def done(ar):
+        msg_id = ar.msg_ids[0]
+        seen.append((ar.get(0), msg_id in rc.results, ar.metadata["status"]))
+        if len(chained) < 3:
+            chained.append(rc[0].apply_async(pow, 3, len(chained)))
+
+    ars = [rc[0].apply_async(abs, -i) for i in range(200)]
+    for ar in ars:
+        ar.add_done_callback(done)
+    assert [ar.get(10) for ar in ars] == list(range(200))
+    assert seen == [(i, True, "ok") for i in range(200)]
+    deadline = time.monotonic() + 10
+    while len(chained) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [c.get(10) for c in chained] == [1, 3, 9]
+    md = chained[-1].metadata
+    assert md["engine_id"] == 0 and md["submitted"] <= md["completed"] <= md["received"]
+    while rc.queue_status(0)["queue"]:  # (the controller heard of the chained ones too)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    records = {r["msg_id"]: r for r in rc.db_query({"engine_id": 0})}
+    assert all(records[c.msg_ids[0]]["status"] == "ok" for c in chained)
+
+
+def test_io_thread_runs_what_wakes_waiters_before_it_waits(rc):
+    """What the IO thread settles (IOThread.soon) is run before call_and_wait returns,
+    before the thread polls again, and when it stops: nothing waits for ever."""
+    import threading
+
+    with jx.Client(rc.connection_file) as other:
+        io = other.transport.io
+        seen = []
+        assert io.call_and_wait(lambda: io.soon(seen.append, 1), 5)
+        assert seen == [1]
+        woken = threading.Event()
+        io.call_soon(lambda: io.call_soon(lambda: io.soon(lambda _: woken.set(), None)))
+        assert woken.wait(5)
+        stopped = threading.Event()
+        io.call_soon(lambda: io.soon(lambda _: stopped.set(), None) or io.stop())
+        assert stopped.wait(5)
+        io.thread.join(5)
+        assert not io.thread.is_alive()
