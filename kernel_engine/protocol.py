@@ -35,7 +35,7 @@ import math
 import re
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
     from typing import Self  # (3.11; only type checkers read it)
@@ -414,6 +414,16 @@ def check_msg_ids(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _plain_id(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is a msg_id :func:`check_msg_id` takes, found without a call of
+    it: a ``str`` of 1 to 256 ASCII characters (the others go through it, which says why
+    it refuses one)."""
+    return type(value) is str and 0 < len(value) <= 256 and value.isascii()
+
+
+_INTS = frozenset({int})
+
+
 def _mapping(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError(f"{name} must be a JSON object, not {_kind(value)}")
@@ -776,6 +786,24 @@ class DirectSubmitted:
 
     @classmethod
     def from_content(cls, item: Any) -> Self:
+        if type(item) is dict:  # (the common case, checked at once: same checks as below)
+            get = item.get
+            msg_id, msg_type, date, eid, label = (
+                get("msg_id"),
+                get("msg_type"),
+                get("date"),
+                get("engine_id"),
+                get("label"),
+            )
+            if (
+                _plain_id(msg_id)
+                and _plain_id(msg_type)
+                and _plain_id(date)
+                and type(eid) is int
+                and 0 <= eid <= MAX_IDS
+                and (label is None or (type(label) is str and len(label) <= 1024))
+            ):
+                return cls(msg_id, msg_type, date, eid, label)
         item = _mapping("submitted", item)
         return cls(
             check_msg_id("msg_id", item.get("msg_id")),
@@ -810,6 +838,36 @@ class DirectCompleted:
 
     @classmethod
     def from_content(cls, item: Any) -> Self:
+        if type(item) is dict:  # (the common case, checked at once: same checks as below)
+            get = item.get
+            msg_id, eid, status, started, completed, sizes = (
+                get("msg_id"),
+                get("engine_id"),
+                get("status"),
+                get("started"),
+                get("completed"),
+                get("sizes"),
+            )
+            if (
+                _plain_id(msg_id)
+                and (eid is None or (type(eid) is int and 0 <= eid <= MAX_IDS))
+                and type(status) is str
+                and status in ("ok", "error", "aborted")
+                and (started is None or (type(started) is str and len(started) <= 1024))
+                and (completed is None or (type(completed) is str and len(completed) <= 1024))
+                and (
+                    sizes is None
+                    or (
+                        type(sizes) is list
+                        and len(sizes) <= MAX_IDS
+                        and _INTS.issuperset(map(type, sizes))
+                        and (not sizes or min(sizes) >= 0)
+                    )
+                )
+            ):
+                return cls(
+                    msg_id, eid, status, started, completed, None if sizes is None else tuple(sizes)
+                )
         item = _mapping("completed", item)
         msg_id = check_msg_id("msg_id", item.get("msg_id"))
         eid = item.get("engine_id")

@@ -4,6 +4,7 @@ that nothing can stop."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -440,3 +441,39 @@ def test_a_maps_flags_are_checked_once_and_a_bad_frame_every_time(monkeypatch):
     assert len(long) > FLAGS_KEPT_BYTES
     balancer._flags_of(_lb_request(w, long))
     assert long not in balancer._flags
+
+
+@pytest.mark.parametrize("kind", [bytes, wire.Part, zmq.Frame, memoryview, bytearray, "mixed"])
+def test_the_hub_keeps_a_reply_s_frames_whatever_their_type(kind):
+    """Frames the hub keeps as they are joined (bytes, received frames) and those it
+    views first (memoryviews...) give the same record: the same bytes, cut alike."""
+    raw = [b"sig", b'{"msg_id": "r"}', b"{}", b'{"status": "ok"}', b"{}", b"", b"x" * 5000]
+    if kind == "mixed":
+        frames: list[Any] = [raw[0], wire.Part(raw[1]), zmq.Frame(raw[2]), *raw[3:5]]
+        frames += [memoryview(raw[5]), bytearray(raw[6])]
+    else:
+        frames = [kind(f) for f in raw]
+    hub = Hub()
+    hub.submitted("m", protocol.APPLY_REQUEST, b"client", 0)
+    hub.completed("m", "ok", "2026-01-02T03:04:05.678901+00:00", "2026-01-02T03:04:06Z", frames)
+    record = hub.get("m")
+    assert record is not None and record.reply is not None
+    assert type(record.reply) is bytes
+    assert [bytes(f) for f in record.reply_frames()] == raw
+    assert record.started == wire.parse_date("2026-01-02T03:04:05.678901+00:00").timestamp()
+    assert record.completed == wire.parse_date("2026-01-02T03:04:06+00:00").timestamp()
+
+
+@pytest.mark.parametrize(
+    "date", ["2026-01-02T03:04:05Z", "2026-01-02T03:04:05.5+01:00", "2026-01-02", "", "x", 5, None]
+)
+def test_the_hub_reads_a_date_as_parse_date_does(date):
+    hub = Hub()
+    hub.submitted("m", protocol.APPLY_REQUEST, b"client", 0, date=date)
+    record = hub.get("m")
+    assert record is not None
+    parsed = wire.parse_date(date) if isinstance(date, str) else None
+    if parsed is not None:
+        assert record.submitted == parsed.timestamp()
+    else:  # (unreadable: the time it was recorded)
+        assert abs(record.submitted - time.time()) < 60

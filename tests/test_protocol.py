@@ -498,3 +498,115 @@ def test_a_message_cut_short_is_refused_wherever_it_was_cut():
         a.close(linger=0)
         b.close(linger=0)
         ctx.term()
+
+
+def _checked_submitted(item: Any) -> protocol.DirectSubmitted:
+    """A direct notice's submitted item checked field by field (what ``from_content``
+    answers, whichever way it checks)."""
+    item = protocol._mapping("submitted", item)
+    return protocol.DirectSubmitted(
+        protocol.check_msg_id("msg_id", item.get("msg_id")),
+        protocol.check_msg_id("msg_type", item.get("msg_type")),
+        protocol.check_msg_id("date", item.get("date")),
+        protocol.check_int("engine_id", item.get("engine_id")),
+        protocol.check_label("label", item.get("label")),
+    )
+
+
+def _checked_completed(item: Any) -> protocol.DirectCompleted:
+    item = protocol._mapping("completed", item)
+    msg_id = protocol.check_msg_id("msg_id", item.get("msg_id"))
+    eid, status = item.get("engine_id"), item.get("status")
+    if status not in ("ok", "error", "aborted"):
+        raise ValueError("status")
+    return protocol.DirectCompleted(
+        msg_id,
+        None if eid is None else protocol.check_int("engine_id", eid),
+        status,
+        protocol.check_label("started", item.get("started")),
+        protocol.check_label("completed", item.get("completed")),
+        protocol.check_ids("sizes", item.get("sizes")),
+    )
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+_EDGE_TEXT = ["", "a", "a" * 256, "a" * 257, "a" * 1025, "é", "\udc80", _Str("s"), None, 3, []]
+_EDGE_INT = [0, -1, 999_999, 1_000_000, 1_000_001, True, 1.0, "1", None, _Int(2)]
+_EDGE_SIZES = [None, [], (), (1, 2), "12", {}, [0, 5], [-1], [True], [1.0], [_Int(3)], [10**12]]
+_MISSING = object()
+_SUBMITTED = {"msg_id": "m", "msg_type": "apply_request", "date": "2026-01-01", "engine_id": 1}
+_COMPLETED = {"msg_id": "m", "engine_id": 1, "status": "ok", "sizes": [3, 4]}
+_SUBMITTED_EDGES = [
+    *((f, v) for f in ("msg_id", "msg_type", "date", "label") for v in [*_EDGE_TEXT, _MISSING]),
+    *(("engine_id", v) for v in [*_EDGE_INT, _MISSING]),
+]
+_COMPLETED_EDGES = [
+    *((f, v) for f in ("msg_id", "started", "completed") for v in [*_EDGE_TEXT, _MISSING]),
+    *(("engine_id", v) for v in [*_EDGE_INT, _MISSING]),
+    *(("status", v) for v in ["error", "aborted", "unknown", _Str("ok"), None, 1, _MISSING]),
+    *(("sizes", v) for v in [*_EDGE_SIZES, _MISSING]),
+]
+
+
+def _outcome(check, item):
+    try:
+        return check(item)
+    except (TypeError, ValueError) as exc:
+        return type(exc)
+
+
+def _same(got, expected):
+    assert got == expected
+    if not isinstance(got, type):
+        assert [type(getattr(got, f)) for f in got.__slots__] == [
+            type(getattr(expected, f)) for f in expected.__slots__
+        ]
+
+
+def _with(base, field, value):
+    item = dict(base)
+    if value is _MISSING:
+        item.pop(field, None)
+    else:
+        item[field] = value
+    return item
+
+
+@pytest.mark.parametrize(("field", "value"), _SUBMITTED_EDGES)
+def test_a_direct_submission_is_checked_as_each_field_check_would(field, value):
+    """The quick check of the common case takes what the field-by-field one takes (the
+    same values) and nothing it refuses: a client with the key is refused as before."""
+    item = _with(_SUBMITTED, field, value)
+    _same(
+        _outcome(protocol.DirectSubmitted.from_content, item),
+        _outcome(_checked_submitted, item),
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), _COMPLETED_EDGES)
+def test_a_direct_completion_is_checked_as_each_field_check_would(field, value):
+    item = _with(_COMPLETED, field, value)
+    _same(
+        _outcome(protocol.DirectCompleted.from_content, item),
+        _outcome(_checked_completed, item),
+    )
+
+
+@SETTINGS
+@given(JSON)
+def test_any_direct_notice_item_is_checked_as_each_field_check_would(item):
+    _same(
+        _outcome(protocol.DirectSubmitted.from_content, item),
+        _outcome(_checked_submitted, item),
+    )
+    _same(
+        _outcome(protocol.DirectCompleted.from_content, item),
+        _outcome(_checked_completed, item),
+    )

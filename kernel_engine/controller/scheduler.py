@@ -514,7 +514,10 @@ class Scheduler:
             self._outcomes[mid] = (where, ok)
             self._known.discard(mid)
             self._remember(mid)
-            for dep in (j for j in self._waiting.pop(mid, ()) if j.state != DONE):
+            waiting = self._waiting.pop(mid, None)
+            if not waiting:  # (most tasks: nothing waits for them)
+                continue
+            for dep in (j for j in waiting if j.state != DONE):
                 for d in (dep.after, dep.follow):
                     if d is not None and mid in d.spec.msg_ids:
                         d.add(where, ok)
