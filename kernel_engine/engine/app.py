@@ -54,10 +54,15 @@ class EngineApp(IPKernelApp):
     def _leave(self, status: int) -> None:
         """Exit at once (no controller adopted this engine in time), removing the unix
         sockets it listens on: nobody else would."""
+        self.remove_socket_files()
+        os._exit(status)
+
+    def remove_socket_files(self) -> None:
+        """Remove the files of the unix sockets this engine listens on (when it leaves: a
+        kernel manager removes only those it chose, and nobody a registered engine's)."""
         for path in self.socket_paths():
             with contextlib.suppress(OSError):
                 path.unlink()
-        os._exit(status)
 
     def socket_paths(self) -> list[Path]:
         """The files of the unix sockets this engine listens on (none on TCP)."""
@@ -164,11 +169,7 @@ class EngineApp(IPKernelApp):
         """Close the lane socket too, or the zmq context's term() would wait for it forever."""
         if self.lane_socket is not None and not self.lane_socket.closed:
             self.lane_socket.close(linger=0)
-            # (unix sockets: a kernel manager would remove only those it chose, and
-            # nobody those of an engine that registered)
-            for path in self.socket_paths():
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self.remove_socket_files()
         if self.lane_guard is not None:
             self.lane_guard.stop()
         super().close()
