@@ -274,8 +274,6 @@ class IOThread:
                 self._drain(self.hb, self._on_echo)
             if self._wake_in in events:
                 self._run_calls()
-            if self._soon:  # (the waiters first: a flush of notices may come next)
-                self.run_soon()
             now = time.monotonic()
             timeout = 250
             if lanes is not None:
