@@ -28,11 +28,6 @@ Liveness, both ways:
 - it sends the controller a keepalive notice every few seconds, and a goodbye when the
   client closes, so the controller drops a vanished client's queued work.
 
-Waking a waiting thread is the last thing of a turn (:meth:`IOThread.soon`): the
-futures this thread settles while it reads are resolved just before it polls again. A
-thread woken earlier only waited for the GIL, which this thread held until its poll: a
-second sleep and wake-up for every blocking call, paid in both threads' CPU.
-
 On the engines' host, requests to engines' task lanes skip the controller: see
 :mod:`jupyter_ext._lanes`, whose sockets this thread also owns.
 """
@@ -67,10 +62,6 @@ MAX_MISSED = 4
 
 IOPUB_HWM = 10_000
 """Output messages buffered for this client before the controller's side drops some."""
-
-WAKE_EVERY = 16
-"""Messages read in a row from one socket after which the futures they settled are
-resolved, without waiting for the end of the turn (see :meth:`IOThread.soon`)."""
 
 
 class IOThread:
@@ -132,8 +123,6 @@ class IOThread:
         self._send_lock = threading.Lock()
         # work for this thread from others (call_soon), and the socket pair that wakes it
         self._calls: deque[Callable[[], None]] = deque()
-        # what wakes other threads, run at the end of this thread's turn (see soon)
-        self._soon: list[tuple[Callable[[Any], None], Any]] = []
         self._wake_url = f"inproc://px-wake-{identity.decode()}"
         self._wake_in = self.context.socket(zmq.PAIR)
         self._wake_in.bind(self._wake_url)
@@ -219,34 +208,12 @@ class IOThread:
             try:
                 callback()
             finally:
-                self.run_soon()  # (what it settled is settled once it returns)
                 ran.set()
 
         self.call_soon(run)
         return ran.wait(timeout)
 
-    def soon(self, call: Callable[[Any], None], arg: Any) -> None:
-        """Have ``call(arg)`` run at the end of this turn of the IO thread (call it on the
-        IO thread), in the order given: what wakes threads waiting on futures (resolving
-        them), so that they find the GIL free instead of waiting for the rest of the turn.
-        A turn ends at the next poll, after a call of :meth:`call_soon`, every
-        :data:`WAKE_EVERY` messages of one socket, and when the thread stops."""
-        self._soon.append((call, arg))
-
-    def run_soon(self) -> None:
-        """Run what :meth:`soon` was given, now (IO thread)."""
-        while self._soon:
-            due, self._soon = self._soon, []
-            for call, arg in due:
-                self._safely(call, arg)
-
     def _run(self) -> None:
-        try:
-            self._loop()
-        finally:
-            self.run_soon()  # (nobody waits for ever on what was settled last)
-
-    def _loop(self) -> None:
         poller = zmq.Poller()
         for sock in (self.dealer, self.sub, self._wake_in, self.hb):
             if sock is not None:
@@ -256,12 +223,6 @@ class IOThread:
         lanes = self.lanes
         timeout = 250
         while self._running:
-            if self._soon:
-                self.run_soon()
-                if lanes is not None:  # (a callback it ran may have used a lane)
-                    due = lanes.flush_due(time.monotonic())
-                    if due is not None:
-                        timeout = min(timeout, int(due * 1000) + 1)
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError:
@@ -298,7 +259,6 @@ class IOThread:
                 self._check_controller()
                 self._safely(self.on_tick)
                 self.drops.flush(now)
-        self.run_soon()
         try:
             self._close(lanes)
         finally:
@@ -325,7 +285,6 @@ class IOThread:
                 break
         while self._calls:
             self._safely(self._calls.popleft())
-            self.run_soon()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Callable[[list[Any]], None]) -> None:
         for i in range(1000):
@@ -334,8 +293,6 @@ class IOThread:
             # thread's steps between waking a caller and letting it run)
             if i and not int(sock.getsockopt(wire.EVENTS)) & wire.POLLIN:
                 return
-            if i % WAKE_EVERY == 0 and self._soon:
-                self.run_soon()
             try:
                 frames = wire.recv_frames(sock, wire.NOBLOCK)
             except zmq.Again:

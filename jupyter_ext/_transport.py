@@ -571,8 +571,7 @@ class Transport:
         if taken:
             read = [(msg_id, outcome, eid) for msg_id, (outcome, eid) in taken.items()]
             taken.clear()
-            done = self.requests.replied_all(read, time.monotonic(), self._send)
-            self._settle(done, soon=True)
+            self._settle(self.requests.replied_all(read, time.monotonic(), self._send))
 
     def _one_of_batch(
         self,
@@ -658,7 +657,7 @@ class Transport:
         else:
             outcome = self._read(req, msg, reply_md, engine_id, datetime.now(timezone.utc))
         done = self.requests.replied(msg_id, outcome, time.monotonic(), self._send, engine_id)
-        self._settle(done, soon=True)
+        self._settle(done)
 
     def _take_replies(self, got: list[tuple[int, replies.Reply]]) -> None:
         """The replies one merged message carried (engine replies to tasks; a
@@ -728,12 +727,8 @@ class Transport:
         md["error"] = err
         return err
 
-    def _settle(self, done: list[Request], soon: bool = False) -> None:
-        """Requests the table finished: keep their results, resolve their futures.
-
-        ``soon``: those a message just answered, which on the IO thread are resolved at
-        the end of its turn (see :meth:`IOThread.soon`); others (failures) at once, after
-        those, in the order they were settled."""
+    def _settle(self, done: list[Request]) -> None:
+        """Requests the table finished: keep their results, resolve their futures."""
         msg_ids, values, sizes = [], [], []
         for req in done:
             if req.kind != "hub" and req.outcome is not None:
@@ -743,14 +738,7 @@ class Transport:
         try:
             self.results.put_all(msg_ids, values, sizes)
         finally:  # (whatever happens there, nobody waits for ever)
-            if threading.get_ident() != self.io.thread_id:
-                settle_all(done)
-            elif soon:
-                if done:
-                    self.io.soon(settle_all, done)
-            else:
-                self.io.run_soon()
-                settle_all(done)
+            settle_all(done)
 
     def _on_iopub(self, frames: list[Any]) -> None:
         topic = frames[0].bytes
@@ -796,7 +784,7 @@ class Transport:
         elif msg_type == DATA_MESSAGE:
             md["data"] = {**md["data"], **serialize.loads(msg.buffers)}
         elif msg_type == "status" and content.get("execution_state") == "idle":
-            self._settle(self.requests.output_done(msg_id), soon=True)
+            self._settle(self.requests.output_done(msg_id))
 
     def _on_event(self, msg: wire.Message) -> None:
         content = msg.content
