@@ -227,3 +227,35 @@ def test_task_after_a_direct_one_whose_engine_died(cluster_factory):
         direct.get(5)
     with pytest.raises(jx.ImpossibleDependency):
         dependent.get(5)
+
+
+def test_replies_resolve_in_order_and_callbacks_may_send_direct(rc):
+    """Futures resolve in the order their replies came, with their results and metadata
+    kept first, and a done-callback (run on the IO thread) that sends to a lane gets its
+    reply, the controller told of it."""
+    _wait_ready(rc, rc.ids)
+    seen, chained = [], []
+
+    def done(ar):
+        msg_id = ar.msg_ids[0]
+        seen.append((ar.get(0), msg_id in rc.results, ar.metadata["status"]))
+        if len(chained) < 3:
+            chained.append(rc[0].apply_async(pow, 3, len(chained)))
+
+    ars = [rc[0].apply_async(abs, -i) for i in range(200)]
+    for ar in ars:
+        ar.add_done_callback(done)
+    assert [ar.get(10) for ar in ars] == list(range(200))
+    assert seen == [(i, True, "ok") for i in range(200)]
+    deadline = time.monotonic() + 10
+    while len(chained) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [c.get(10) for c in chained] == [1, 3, 9]
+    md = chained[-1].metadata
+    assert md["engine_id"] == 0 and md["submitted"] <= md["completed"] <= md["received"]
+    while rc.queue_status(0)["queue"]:  # (the controller heard of the chained ones too)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    records = {r["msg_id"]: r for r in rc.db_query({"engine_id": 0})}
+    assert all(records[c.msg_ids[0]]["status"] == "ok" for c in chained)
