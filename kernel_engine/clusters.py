@@ -252,15 +252,17 @@ def stop_engines(folder: Path, timeout: float = 3.0) -> list[int]:
                 stopped.append(pid)
         except TimeoutError as exc:
             raise ClusterError(f"engine {eid} of {folder}: {exc}") from None
-        remove_dead_engine_files(folder, eid, read_json(folder / f"engine-{eid}.json"), keep=True)
+        remove_dead_engine_files(folder, eid, keep=True)
     return stopped
 
 
 def remove_dead_engine_files(
-    folder: Path, eid: int, info: dict[str, Any] | None, keep: bool = False
+    folder: Path, eid: int, info: dict[str, Any] | None = None, keep: bool = False
 ) -> None:
     """Remove the unix socket files of ``folder``'s engine ``eid``, which is gone (by its
-    connection ``info``, else ``e<id>-*``), and unless ``keep`` its connection file."""
+    connection ``info``, else its connection file's, else ``e<id>-*``), and unless
+    ``keep`` its connection file."""
+    info = info or read_json(Path(folder) / f"engine-{eid}.json")
     remove_engine_sockets(folder, info or {"transport": "ipc", "ip": str(folder / f"e{eid}")})
     if not keep:
         with contextlib.suppress(OSError):
@@ -440,9 +442,7 @@ def clean_dead_clusters(
             if cluster.state == "dead" and not live_engines(folder):
                 # (their connection files, which name their sockets, go with the key files)
                 for eid in engine_records(folder):
-                    remove_dead_engine_files(
-                        folder, eid, read_json(folder / f"engine-{eid}.json"), keep=True
-                    )
+                    remove_dead_engine_files(folder, eid, keep=True)
                 if remove_key_files(folder):
                     cleaned.append(cluster)
         return sorted(cleaned, key=_started_at)

@@ -65,10 +65,11 @@ def utcnow_iso() -> str:
 
 def parse_date(value: str | datetime | None) -> datetime | None:
     """An ISO 8601 string from a header or metadata as an aware ``datetime`` (or None)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
-        return None
+    if type(value) is not str:  # (most often it is: no more checks then)
+        if value is None or isinstance(value, datetime):
+            return value
+        if not isinstance(value, str):
+            return None
     try:
         return datetime.fromisoformat(value)  # (from 3.11, with its "Z" too: no copy)
     except ValueError:
@@ -457,6 +458,11 @@ class Part(bytes):
         return memoryview(self)
 
 
+LEN_IS_BYTES = frozenset({bytes, bytearray, zmq.Frame, Part})
+"""Frame types whose ``len`` is their size in bytes and that ``bytes.join`` takes as they
+are (a memoryview's ``len`` counts items, and each costs a view to join)."""
+
+
 def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     """Frames of one lane message carrying several complete messages (each with its
     idents): ``[BATCH, index, joined, big frames...]``.
@@ -597,18 +603,15 @@ def send_frames(
             return sock.send_multipart(frames, flags, copy=False, track=True)
         more = flags | _SNDMORE
         last = len(frames) - 1
+        send = sock.send
         if type(sock).send is _SUGAR_SEND:
             # (the C method under pyzmq's ``send``, which only adds DRAFT routing ids and
             # groups to it: a third of a small frame's cost; a subclass's own send, an
             # asyncio socket's say, is called as it is)
-            for i, frame in enumerate(frames):
-                copy = isinstance(frame, bytes) and len(frame) < _COPY_BELOW
-                _BACKEND_SEND(sock, frame, more if i < last else flags, copy)
-            return None
-        send = sock.send
+            send = _BACKEND_SEND.__get__(sock)
         for i, frame in enumerate(frames):
             copy = isinstance(frame, bytes) and len(frame) < _COPY_BELOW
-            send(frame, more if i < last else flags, copy=copy)
+            send(frame, more if i < last else flags, copy)
         return None
     except BaseException:
         try:

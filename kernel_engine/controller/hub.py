@@ -43,10 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from kernel_engine import protocol
-from kernel_engine.wire import PROTOCOL_VERSION, Part, parse_date
+from kernel_engine.wire import LEN_IS_BYTES, PROTOCOL_VERSION, parse_date
 
 from .query import DEFAULT_KEYS, check_keys, check_query, matches
 
@@ -60,11 +58,6 @@ saying how it ended."""
 
 def _stamp(date: Any) -> float | None:
     """An ISO date from a message as a timestamp (a float costs a third of the string)."""
-    if type(date) is str:
-        try:  # (what parse_date tries first, without its checks: most dates are plain)
-            return datetime.fromisoformat(date).timestamp()
-        except ValueError:
-            pass
     parsed = parse_date(date) if isinstance(date, str) else None
     return parsed.timestamp() if parsed is not None else None
 
@@ -84,15 +77,10 @@ def _split(blob: bytes | None, sizes: tuple[int, ...]) -> list[memoryview]:
 
 
 def _join(frames: list[Any]) -> tuple[bytes, tuple[int, ...]]:
-    if _LEN_IS_BYTES.issuperset(map(type, frames)):  # (received frames, or bytes)
+    if LEN_IS_BYTES.issuperset(map(type, frames)):  # (received frames, or bytes)
         return b"".join(frames), tuple(map(len, frames))
     views = [memoryview(getattr(f, "buffer", f)) for f in frames]
     return b"".join(views), tuple(v.nbytes for v in views)
-
-
-_LEN_IS_BYTES = frozenset({bytes, zmq.Frame, Part})
-"""Frame types whose ``len`` is their size in bytes and that ``bytes.join`` takes as they
-are (a memoryview's ``len`` counts items)."""
 
 
 class TaskRecord:

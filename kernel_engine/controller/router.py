@@ -18,8 +18,6 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-import zmq
-
 from kernel_engine import protocol, wire
 from kernel_engine.wire import DropLog, Message
 
@@ -267,11 +265,7 @@ class Router:
                 # (as bytes: the frames, sliced copies of a reply the client found small
                 # enough to keep, then go to the hub and the store as they are, where
                 # memoryviews cost each of them more per frame than the copies do)
-                blob = next(blobs, b"")
-                if type(blob) is zmq.Frame:
-                    blob = blob.bytes
-                elif type(blob) is not bytes:
-                    blob = bytes(memoryview(blob))  # (TypeError if not bytes-like)
+                blob = wire.as_bytes(next(blobs, b""))
                 if len(blob) != sum(done.sizes):
                     self.drops.drop("a direct notice whose sizes do not match its buffers")
                     return

@@ -87,8 +87,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import zmq
-
 from kernel_engine import wire
 from kernel_engine.controller import query as q
 from kernel_engine.errors import StoreError
@@ -231,7 +229,7 @@ _CHUNK = 64
 """Records upserted by one statement at most (fewer if they would bind more than
 :data:`_MAX_PARAMS` values)."""
 _MAX_PARAMS = 999  # (the least SQLITE_MAX_VARIABLE_NUMBER of any SQLite build)
-_LEN_IS_BYTES = frozenset({bytes, bytearray, zmq.Frame, wire.Part})
+_LEN_IS_BYTES = wire.LEN_IS_BYTES
 """Frame types whose ``len`` is their size in bytes (a memoryview's counts items)."""
 _MAX_INT = 2**53
 _APPEND = (
@@ -592,7 +590,7 @@ class SqliteLog:
             self._con.close()
             raise StoreError(self.path, str(exc)) from exc
         self._seq = self._con.execute("SELECT coalesce(max(seq), 0) + 1 FROM tasks").fetchone()[0]
-        page = self._con.execute("PRAGMA page_size").fetchone()[0]
+        page = self._page_size = self._con.execute("PRAGMA page_size").fetchone()[0]
         # a larger WAL means fewer checkpoints, each with two fsyncs; keep it a 64th of the limit
         wal_bytes = (
             WAL_BYTES if max_bytes is None else max(64 << 10, min(WAL_BYTES, max_bytes // 64))
@@ -1724,7 +1722,7 @@ class SqliteLog:
         """(page size, pages, free pages) of the database as the writer sees it."""
         con = self._con
         return (
-            con.execute("PRAGMA page_size").fetchone()[0],
+            self._page_size,  # (fixed once the file has a table)
             con.execute("PRAGMA page_count").fetchone()[0],
             con.execute("PRAGMA freelist_count").fetchone()[0],
         )
@@ -1821,7 +1819,7 @@ class SqliteLog:
         """Give free pages back to the file system until ``until`` are left, in steps;
         when callers wait for the writer, stop and go on after the next batch."""
         self._shrink_until = None
-        page = self._con.execute("PRAGMA page_size").fetchone()[0]
+        page = self._page_size
         while True:
             free = self._con.execute("PRAGMA freelist_count").fetchone()[0]
             if free <= until:

@@ -68,9 +68,12 @@ class EngineApp(IPKernelApp):
         """The files of the unix sockets this engine listens on (none on TCP)."""
         if self.transport != "ipc":
             return []
-        ports = [self.shell_port, self.iopub_port, self.stdin_port, self.hb_port]
-        ports += [self.control_port, self.lane_port]
+        ports = [*self._kernel_ports(), self.lane_port]
         return [Path(f"{self.ip}-{port}") for port in ports if port]
+
+    def _kernel_ports(self) -> list[int]:
+        """The ports (socket numbers, on ``ipc``) of ipykernel's five channels."""
+        return [self.shell_port, self.iopub_port, self.stdin_port, self.hb_port, self.control_port]
 
     def init_sockets(self) -> None:
         super().init_sockets()
@@ -112,9 +115,7 @@ class EngineApp(IPKernelApp):
         port = int(info.get("lane_port", 0) or 0)
         if port or self.transport != "ipc":
             return port
-        port = 1 + max(
-            self.shell_port, self.iopub_port, self.stdin_port, self.hb_port, self.control_port
-        )
+        port = 1 + max(self._kernel_ports())
         while Path(f"{self.ip}-{port}").exists():
             port += 1
         return port
