@@ -63,6 +63,14 @@ MAX_MISSED = 4
 IOPUB_HWM = 10_000
 """Output messages buffered for this client before the controller's side drops some."""
 
+HERE_CLOSE_WAIT = 1.0
+"""Seconds the IO thread, closing, waits for threads to be done with their own sockets
+(a thread waiting on one sees the client closed within :data:`._transport.HERE_POLL_MS`)."""
+
+
+def _nothing() -> None:
+    pass
+
 
 class IOThread:
     """Owns the sockets of one client; started on construction, stopped by :meth:`stop`."""
@@ -123,6 +131,10 @@ class IOThread:
         self._send_lock = threading.Lock()
         # work for this thread from others (call_soon), and the socket pair that wakes it
         self._calls: deque[Callable[[], None]] = deque()
+        # sockets other threads gave this one, to read the replies they stopped waiting
+        # for: given, and taken (each with a test of whether it is still wanted)
+        self._given: deque[tuple[zmq.Socket[Any], Callable[[], bool]]] = deque()
+        self._taken: dict[zmq.Socket[Any], Callable[[], bool]] = {}
         self._wake_url = f"inproc://px-wake-{identity.decode()}"
         self._wake_in = self.context.socket(zmq.PAIR)
         self._wake_in.bind(self._wake_url)
@@ -199,6 +211,23 @@ class IOThread:
             if not self._wake_out.closed:  # else the thread has stopped (see stop)
                 self._wake_out.send(b"", zmq.NOBLOCK)
 
+    def take_over(self, sock: zmq.Socket[Any], wanted: Callable[[], bool]) -> None:
+        """Give this thread ``sock`` (any thread, which no longer uses it), whose replies
+        it then reads as the controller's (see :meth:`on_reply`) and which it closes once
+        ``wanted()`` is false; call :meth:`wake` after."""
+        self._given.append((sock, wanted))
+
+    def wake(self) -> None:
+        self.call_soon(_nothing)
+
+    def flush_if_due(self) -> None:
+        """Send the notices of direct requests if they are due (any thread)."""
+        lanes = self.lanes
+        if lanes is not None and lanes.flush_due(time.monotonic()) == 0.0:
+            with self._send_lock:
+                if not self._sender.closed:
+                    lanes.flush(self._sender)
+
     def call_and_wait(self, callback: Callable[[], None], timeout: float) -> bool:
         """Run ``callback`` on this thread and wait for it, ``timeout`` seconds at most
         (any other thread); whether it ran."""
@@ -235,6 +264,8 @@ class IOThread:
                 self._drain(self.hb, self._on_echo)
             if self._wake_in in events:
                 self._run_calls()
+            if self._given or self._taken:
+                self._serve_taken(poller, events)
             now = time.monotonic()
             timeout = 250
             if lanes is not None:
@@ -264,18 +295,40 @@ class IOThread:
         finally:
             self.thread_id = None  # (an ended thread's ident is given to the next one)
 
+    def _serve_taken(self, poller: zmq.Poller, events: dict[Any, int]) -> None:
+        """Read the sockets other threads gave this one; close those no longer wanted."""
+        while self._given:
+            sock, wanted = self._given.popleft()
+            self._taken[sock] = wanted
+            poller.register(sock, zmq.POLLIN)
+            self._drain(sock, self.on_reply)  # (its reply may be there already)
+        for sock, wanted in list(self._taken.items()):
+            if sock in events:
+                self._drain(sock, self.on_reply)
+            if not wanted():
+                poller.unregister(sock)
+                del self._taken[sock]
+                sock.close(linger=0)
+
     def _close(self, lanes: DirectLanes | None) -> None:
         self._notify(protocol.GOODBYE_NOTICE)
+        # (the threads' own sockets first: from then on, none is given to this thread)
+        closed = lanes is None or lanes.close_heres(HERE_CLOSE_WAIT)
         with self._send_lock:
             if lanes is not None:
                 lanes.flush(self._sender)
                 lanes.close()
             self._sender.close(linger=1000)
             self._wake_out.close(linger=0)
-        for sock in (self.dealer, self.sub, self._wake_in, self.hb):
+        for sock in (self.dealer, self.sub, self._wake_in, self.hb, *self._taken):
             if sock is not None:
                 sock.close(linger=0)
-        self.context.term()
+        while self._given:
+            self._given.popleft()[0].close(linger=0)
+        if closed:
+            self.context.term()
+        else:  # (a thread still holds a socket of its own: term would wait for it)
+            log.warning("jupyter-px client: a thread's socket was still in use at close")
 
     def _run_calls(self) -> None:
         while True:

@@ -25,15 +25,20 @@ Rules that keep this as safe as routing through the controller:
   (with the controller's account of how it died); should that event never come, the IO
   thread's own check of the engine's process does, :data:`DEATH_GRACE` seconds later.
 
-Threads: sockets are created, connected and closed on the client's IO thread; user threads
-send on the per-engine sockets under the IO thread's send lock. The notices waiting to be
-sent, shared by both, are guarded by :attr:`DirectLanes.lock`. Which requests are in
+Threads: the lane sockets are created, connected and closed on the client's IO thread;
+user threads send on them under the IO thread's send lock. A thread's own sockets
+(:class:`HereSocket`, for its blocking calls) are made by that thread and used by it
+alone; they are closed by the IO thread when the client closes, by the next thread that
+makes one once their thread has ended, or given to the IO thread when their thread stops
+waiting on one. The notices waiting to be sent, and the set of those sockets, are guarded
+by :attr:`DirectLanes.lock`. Which requests are in
 flight on a lane is the request table's to know (:mod:`jupyter_ext._request`), not this
 module's.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket as _socket
@@ -66,26 +71,62 @@ DEATH_GRACE = 2.0
 when the controller's event has not done it first."""
 
 
+def _said_no(name: str) -> bool:
+    return os.environ.get(name, "1").lower() in ("0", "no", "off", "false")
+
+
 def direct_enabled(controller_ip: str) -> bool:
     """Whether a client may use lanes: it runs beside the controller, and nobody said no."""
-    if os.environ.get("JUPYTER_PX_DIRECT", "1").lower() in ("0", "no", "off", "false"):
-        return False
-    return controller_ip in protocol.LOCAL_IPS
+    return not _said_no("JUPYTER_PX_DIRECT") and controller_ip in protocol.LOCAL_IPS
+
+
+def here_enabled() -> bool:
+    """Whether threads may read the replies to their blocking calls themselves (see
+    :class:`HereSocket`); ``JUPYTER_PX_HERE=0`` says no (every reply then comes through
+    the IO thread, as before: to compare, or should a thread's own socket misbehave)."""
+    return not _said_no("JUPYTER_PX_HERE")
 
 
 class _Lane:
     """One engine's lane as this client sees it."""
 
-    def __init__(self, engine_id: int, url: str, pid: int | None, sock: zmq.Socket[Any]):
+    def __init__(
+        self,
+        engine_id: int,
+        url: str,
+        pid: int | None,
+        sock: zmq.Socket[Any],
+        server: str | None = None,
+        login: tuple[int, str] | None = None,
+    ):
         self.engine_id = engine_id
         self.url = url
         self.pid = pid
         self.socket = sock
+        self.server = server  # the lane's CurveZMQ key, if it encrypts
+        self.login = login  # (port, session) of its password, if it wants one
         self.ready = False
         self.added_at = time.monotonic()
         self.next_ping = 0.0
         self.ping_interval = PING_FIRST_RETRY
         self.gone_since: float | None = None
+
+
+class HereSocket:
+    """A thread's own socket to one engine's lane, for the blocking calls it makes to
+    that engine (see :meth:`DirectLanes.here`). Only that thread uses it, while ``busy``;
+    otherwise the IO thread may close it (at the end), and it takes over one whose thread
+    stopped waiting for its reply (Ctrl-C)."""
+
+    __slots__ = ("busy", "closed", "lane", "msg_id", "socket", "thread")
+
+    def __init__(self, sock: zmq.Socket[Any], lane: _Lane):
+        self.socket = sock
+        self.lane = lane
+        self.thread = threading.current_thread()
+        self.busy = True
+        self.closed = False
+        self.msg_id = ""  # the request it carries now
 
 
 class DirectLanes:
@@ -112,11 +153,22 @@ class DirectLanes:
         self.lanes: dict[int, _Lane] = {}
         self.unready: set[int] = set()  # lanes being pinged
         self._pings: dict[str, int] = {}
-        self._submitted: list[protocol.DirectSubmitted] = []
+        # (the notices waiting: sent and not answered yet, by msg_id; answered, of
+        # requests sent before the last notice; sent and answered since, as pairs; and
+        # the reply frames kept of the last two)
+        self._submitted: dict[str, protocol.DirectSubmitted] = {}
         self._completed: list[protocol.DirectCompleted] = []
+        self._done: list[tuple[protocol.DirectSubmitted, protocol.DirectCompleted]] = []
         self._blobs: list[bytes] = []
+        self._done_blobs: list[bytes] = []
         self._first_pending = 0.0
         self._hostname = _socket.gethostname()
+        # the threads' own sockets (here): each thread's by engine; all those open
+        self._mine = threading.local()
+        self._heres: set[HereSocket] = set()
+        self._here_ids = itertools.count()
+        self._closing = False
+        self._here_on = here_enabled()
 
     # ----- engines (IO thread)
 
@@ -137,15 +189,10 @@ class DirectLanes:
         server = conn.get("curve_publickey")
         login = not server and conn.get("lane_auth") == wire.LANE_AUTH
         session = str(info.get("uuid") or "")
+        password = (int(port), session) if login else None
         with self.send_lock:
-            sock = self.context.socket(zmq.DEALER)
-            sock.linger = 1000
-            sock.identity = self.identity + b":s"
-            if server:  # an encrypted cluster: the lane is a CurveZMQ server
-                wire.curve_client(sock, server.encode(), self.keypair)
-            elif login:  # the lane lets in only peers with its password
-                wire.lane_client(sock, self.wire.key, int(port), session)
-            sock.connect(url)
+            sock = self._connect(self.identity + b":s", url, server, password)
+        lane = _Lane(eid, url, info.get("pid"), sock, server, password)
         # a connection keeps the options it was made with: the receiver's link to the
         # controller is not changed by these
         if server:
@@ -161,9 +208,23 @@ class DirectLanes:
                 wire.null_client(self.receiver)
         else:
             self.receiver.connect(url)
-        self.lanes[eid] = _Lane(eid, url, info.get("pid"), sock)
+        self.lanes[eid] = lane
         self.unready.add(eid)
         self._ping(self.lanes[eid])
+
+    def _connect(
+        self, identity: bytes, url: str, server: str | None, login: tuple[int, str] | None
+    ) -> zmq.Socket[Any]:
+        """A DEALER connected to a lane as ``identity`` (any thread)."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 1000
+        sock.identity = identity
+        if server:  # an encrypted cluster: the lane is a CurveZMQ server
+            wire.curve_client(sock, server.encode(), self.keypair)
+        elif login:  # the lane lets in only peers with its password
+            wire.lane_client(sock, self.wire.key, *login)
+        sock.connect(url)
+        return sock
 
     def remove_engine(self, eid: int) -> None:
         """Stop using an engine's lane (its requests are the request table's to fail)."""
@@ -241,14 +302,100 @@ class DirectLanes:
         lane = self.lanes.get(eid)
         if lane is None:
             return None
+        self.note(eid, header, label)
+        return lane.socket
+
+    def note(self, eid: int, header: dict[str, Any], label: str | None) -> bool:
+        """Note a request about to go to ``eid``'s lane, for the controller; True if no
+        other notice waited (the IO thread then needs to know when to send them)."""
         entry = protocol.DirectSubmitted(
             header["msg_id"], header["msg_type"], header["date"], eid, label
         )
         with self.lock:
-            if not self._first_pending:
+            first = not self._first_pending
+            if first:
                 self._first_pending = time.monotonic()
-            self._submitted.append(entry)
-        return lane.socket
+            self._submitted[entry.msg_id] = entry
+        return first
+
+    # ----- a thread's own sockets
+
+    def here(self, eid: int) -> HereSocket | None:
+        """The calling thread's own socket to ``eid``'s lane, now busy (see :class:`HereSocket`);
+        None if the lane is not usable now, the thread's socket to it is busy still (a
+        callback of its call calling again), the client is closing, or
+        ``JUPYTER_PX_HERE=0``."""
+        lane = self.lanes.get(eid)
+        if lane is None or not lane.ready or not self._here_on:
+            return None
+        mine: dict[int, HereSocket] | None = getattr(self._mine, "heres", None)
+        if mine is None:
+            mine = self._mine.heres = {}
+        here = mine.get(eid)
+        with self.lock:
+            if self._closing:
+                return None
+            if here is not None and here.lane is not lane:  # (its engine is gone)
+                del mine[eid]
+                self._close_here(here)
+                here = None
+            if here is None:
+                for gone in [h for h in self._heres if not h.thread.is_alive()]:
+                    self._close_here(gone)  # (a thread that ended: nobody else uses it)
+                identity = b"%s:h%d" % (self.identity, next(self._here_ids))
+                sock = self._connect(identity, lane.url, lane.server, lane.login)
+                here = mine[eid] = HereSocket(sock, lane)
+                self._heres.add(here)
+                return here
+            if here.busy or here.closed:
+                return None
+            here.busy = True
+            return here
+
+    def here_done(self, here: HereSocket) -> None:
+        """The calling thread is done with its socket for now."""
+        with self.lock:
+            here.busy = False
+            if self._closing:
+                self._close_here(here)
+
+    def abandon(self, here: HereSocket, give: Callable[[zmq.Socket[Any]], None]) -> bool:
+        """The calling thread stops waiting on its socket (Ctrl-C, say) before the reply
+        came: the socket is no longer its own, but given to ``give`` (the IO thread's, to
+        read that reply), or closed if the client is closing (False)."""
+        mine = getattr(self._mine, "heres", {})
+        if mine.get(here.lane.engine_id) is here:
+            del mine[here.lane.engine_id]
+        with self.lock:  # (not given once close_heres began: it would be left open)
+            here.busy = False
+            if self._closing:
+                self._close_here(here)
+                return False
+            self._heres.discard(here)
+            give(here.socket)
+            return True
+
+    def _close_here(self, here: HereSocket) -> None:
+        if not here.closed:
+            here.closed = True
+            here.socket.close(linger=0)
+        self._heres.discard(here)
+
+    def close_heres(self, timeout: float) -> bool:
+        """Close the threads' own sockets (IO thread, at the end); a busy one is closed by
+        its thread when done, waited for ``timeout`` s at most. Whether all are closed."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self._closing = True
+            for here in [h for h in self._heres if not h.busy]:
+                self._close_here(here)
+        while True:
+            with self.lock:
+                if not self._heres:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
 
     # ----- receiving (IO thread)
 
@@ -281,6 +428,12 @@ class DirectLanes:
             sizes,
         )
         with self.lock:
+            sent = self._submitted.pop(msg_id, None)
+            if sent is not None:  # (sent since the last notice: one entry for both)
+                self._done.append((sent, entry))
+                if blob is not None:
+                    self._done_blobs.append(blob)
+                return
             if blob is not None:
                 self._blobs.append(blob)
             if not self._first_pending:
@@ -301,9 +454,12 @@ class DirectLanes:
         if not self._first_pending:
             return
         with self.lock:
-            notice = protocol.DirectNotice(tuple(self._submitted), tuple(self._completed))
-            blobs = self._blobs
-            self._submitted, self._completed, self._blobs = [], [], []
+            notice = protocol.DirectNotice(
+                tuple(self._submitted.values()), tuple(self._completed), tuple(self._done)
+            )
+            blobs = self._done_blobs + self._blobs
+            self._submitted, self._completed, self._done = {}, [], []
+            self._blobs, self._done_blobs = [], []
             self._first_pending = 0.0
         content = notice.to_content()
         frames = self.wire.pack(
@@ -314,7 +470,7 @@ class DirectLanes:
         except zmq.Again:
             log.warning(
                 "jupyter-px client: the controller is not reading; %i notices dropped",
-                len(content["submitted"]) + len(content["completed"]),
+                len(notice.submitted) + len(notice.completed) + len(notice.done),
             )
 
     def close(self) -> None:

@@ -59,6 +59,21 @@ class EngineOrder:
             self._engine_of[msg_id] = eid
             return path
 
+    def admit_alone(self, eid: int, msg_id: str, path: str) -> bool:
+        """Admit ``msg_id`` on ``path`` if nothing of this client's is in flight to
+        ``eid`` or waits for it; else admit nothing and return False. (``path`` is one
+        that :attr:`path_of` never gives: a request released later goes another way.)"""
+        with self.lock:
+            state = self._engines.get(eid)
+            if state is None:
+                state = self._engines[eid] = _Engine()
+            elif state.inflight or state.waiting:
+                return False
+            state.path = path
+            state.inflight = 1
+            self._engine_of[msg_id] = eid
+            return True
+
     def admit_all(self, items: list[tuple[int, str]], path: str) -> bool:
         """Admit several ``(engine id, msg_id)`` on ``path`` at once (the parts of one
         broadcast), if every one of them could go now; else admit none and return False."""

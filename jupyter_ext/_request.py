@@ -60,6 +60,11 @@ status must not keep it pending forever)."""
 ORDERED_CHANNELS = ("lane", "shell")
 """Channels whose requests keep this client's order per engine (see :mod:`._order`)."""
 
+LANE_PATHS = frozenset({"direct", "here"})
+"""The paths of requests sent to an engine's task lane by this client itself: on the
+lane's shared sending socket (``direct``), or on the calling thread's own socket, which
+that thread reads the reply from (``here``, see :meth:`.Transport.wait_here`)."""
+
 
 _MAKING = threading.Lock()
 """Held to make a request's condition and to settle a request that has none (one lock
@@ -396,6 +401,22 @@ class Requests:
             req.state, req.path = SENT, path
             return path
 
+    def add_alone(self, req: Request, path: str) -> bool:
+        """Take a request for its engine on ``path`` if nothing else of this client's is
+        in flight to that engine or waits for it (see :meth:`.EngineOrder.admit_alone`);
+        else take nothing and return False."""
+        eid = req.engine_id
+        assert eid is not None
+        with self.lock:
+            if self.refusing is not None:
+                raise Refused(self.refusing)
+            if not self.order.admit_alone(eid, req.msg_id, path):
+                return False
+            self.live[req.msg_id] = req
+            self._by_engine.setdefault(eid, {})[req.msg_id] = None
+            req.state, req.path = SENT, path
+            return True
+
     def add_all(self, reqs: list[Request], path: str) -> bool:
         """Take the parts of one broadcast, all sent on ``path`` in one message: True, or
         False (none taken) when one of them would have to wait (see :mod:`._order`)."""
@@ -633,7 +654,7 @@ class Requests:
         """The engines of those requests that went to a lane directly."""
         with self.lock:
             reqs = [r for m in msg_ids if (r := self.live.get(m)) is not None]
-        return sorted({e for r in reqs if r.path == "direct" and (e := r.engine_id) is not None})
+        return sorted({e for r in reqs if r.path in LANE_PATHS and (e := r.engine_id) is not None})
 
     def __len__(self) -> int:
         return len(self.live)

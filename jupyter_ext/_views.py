@@ -275,11 +275,14 @@ class DirectView(View):
             return False
         return routed or self._always_fan_out or not self.transport.direct
 
-    def _send_apply(self, targets: list[int], buffers: list[Any], track: bool) -> list[Request]:
+    def _send_apply(
+        self, targets: list[int], buffers: list[Any], track: bool, wait: bool = False
+    ) -> list[Request]:
         """Send an ``apply_request`` to each target: one broadcast message for many
         targets (:attr:`fan_out_from`), else one message per target. Engines of this host
         share its large buffers through one shared-memory segment when there are two or
-        more of them."""
+        more of them. ``wait``: the caller blocks for the result (to one target, it may
+        then read the reply itself: see :meth:`.Transport.submit`)."""
         metadata = {"label": self.label} if self.label else None
         segment, local = None, set()
         if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
@@ -326,6 +329,7 @@ class DirectView(View):
                     engine_id=t,
                     track=track,
                     md_extra={"label": self.label},
+                    wait=wait and len(targets) == 1,
                 )
                 requests.append(request)
                 if content:
@@ -348,7 +352,8 @@ class DirectView(View):
         chosen = self.targets if targets is None else targets
         ids = self._target_ids(chosen)
         buffers = pack_apply(f, args, kwargs)
-        futures = self._send_apply(ids, buffers, self.track if track is None else track)
+        wait = self.block if block is None else bool(block)
+        futures = self._send_apply(ids, buffers, self.track if track is None else track, wait)
         ar = AsyncResult(self.client, futures, _fname(f), ids, single=self._is_single(chosen))
         return self._finish(ar, block)
 

@@ -887,28 +887,47 @@ class DirectCompleted:
 
 @dataclass(frozen=True, slots=True)
 class DirectNotice:
-    """What a client sent to lanes directly, and what came back (see ``_lanes``)."""
+    """What a client sent to lanes directly, and what came back (see ``_lanes``).
+
+    ``done``: requests both sent and answered since the last notice, each as the pair of
+    its two entries, which go as one JSON object (the union of their fields; the
+    submitted entry's engine id, which is never None). A controller records them at
+    once, without holding them in flight. In a loop of blocking calls that is every
+    request: one object to write and read instead of two. Their reply frames come first
+    in the buffers, in order, then those of ``completed``."""
 
     submitted: tuple[DirectSubmitted, ...] = ()
     completed: tuple[DirectCompleted, ...] = ()
+    done: tuple[tuple[DirectSubmitted, DirectCompleted], ...] = ()
 
     def to_content(self) -> dict[str, Any]:
-        return {
+        content = {
             "submitted": [s.to_content() for s in self.submitted],
             "completed": [c.to_content() for c in self.completed],
         }
+        if self.done:
+            content["done"] = [c.to_content() | s.to_content() for s, c in self.done]
+        return content
 
     @classmethod
     def from_content(cls, content: dict[str, Any]) -> Self:
         submitted = content.get("submitted", [])
         completed = content.get("completed", [])
-        for name, items in (("submitted", submitted), ("completed", completed)):
+        done = content.get("done", [])
+        for name, items in (("submitted", submitted), ("completed", completed), ("done", done)):
             if not isinstance(items, list) or len(items) > MAX_IDS:
                 raise TypeError(f"{name} must be a list, not {_kind(items)}")
         return cls(
             tuple(DirectSubmitted.from_content(s) for s in submitted),
             tuple(DirectCompleted.from_content(c) for c in completed),
+            tuple(map(_done_pair, done)),
         )
+
+
+def _done_pair(item: Any) -> tuple[DirectSubmitted, DirectCompleted]:
+    """A ``done`` entry of a :class:`DirectNotice`: both entries, read from one object
+    (so with one engine id, which the submitted entry's check makes an int)."""
+    return DirectSubmitted.from_content(item), DirectCompleted.from_content(item)
 
 
 MAX_BROADCAST_TARGETS = 10_000

@@ -640,6 +640,9 @@ def test_a_peer_cannot_report_another_clients_task_as_finished(cluster_factory):
         with Peer(ctx, port_of(ports, "controller", "client").url, Signer(key)) as peer:
             notice = {"submitted": [], "completed": [forged]}
             peer.request("px_direct_notice", notice, route=b"hub")
+            # (as a request sent and answered since the peer's last notice, too)
+            sent_and_done = {**forged, "msg_type": "apply_request", "date": now_iso()}
+            peer.request("px_direct_notice", {"done": [sent_and_done]}, route=b"hub")
             peer.poll(0.2)
     finally:
         ctx.term()
@@ -826,6 +829,7 @@ INVALID = [
         },
     ),
     Invalid("notice-not-lists", "px_direct_notice", b"hub", {"submitted": 5, "completed": "x"}),
+    Invalid("notice-done-not-a-list", "px_direct_notice", b"hub", {"done": {"msg_id": "x"}}),
     Invalid(
         "hub-shutdown-targets-string",
         "px_shutdown_request",

@@ -196,14 +196,16 @@ def test_an_interrupt_after_the_table_took_a_request_unsends_it(rc, monkeypatch,
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("how", ["direct", "broadcast", "balanced"])
+@pytest.mark.parametrize("how", ["direct", "broadcast", "balanced", "blocking"])
 def test_ctrl_c_at_any_moment_of_a_loop_of_calls_leaves_nothing_waiting(rc, how):
     """Real SIGINTs at random moments while a loop submits (a user's Ctrl-C): after each,
-    every request that was sent ends, and none is left waiting for ever."""
+    every request that was sent ends, and none is left waiting for ever. ``blocking``:
+    calls to one engine that wait, each on the thread's own socket to it."""
     view = {
         "direct": rc[:],
         "broadcast": rc.broadcast_view(),
         "balanced": rc.load_balanced_view(),
+        "blocking": rc[0],
     }[how]
     chance = random.Random(7)
     gc.disable()  # (an interrupt in a collector's callback is swallowed: hypothesis has one)
@@ -230,6 +232,8 @@ def _interrupt_loops(view: Any, how: str, chance: random.Random) -> None:
                 while time.monotonic() < again:
                     if how == "balanced":
                         view.map_async(noop_arg, range(20))
+                    elif how == "blocking":
+                        view.apply_sync(noop)
                     else:
                         view.apply_async(noop)
             except KeyboardInterrupt:

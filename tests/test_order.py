@@ -71,3 +71,23 @@ def test_a_request_that_fails_to_go_lets_the_next_group_go():
     assert order.waiting(0) == 0
     assert _done(order, "e2") == []
     assert order.admit(0, "a2", "lane") == "direct"
+
+
+def test_a_request_alone_goes_only_to_an_engine_with_nothing_in_flight_or_waiting():
+    """``admit_alone``: a blocking call's own path, taken only when nothing of this
+    client's is in flight to the engine or waits for it; requests after it wait for it
+    and are released on a path of their own, never on that one."""
+    order = _order({0})
+    assert order.admit_alone(0, "h1", "here")
+    assert order.admit(0, "a1", "lane") is None  # behind it: waits
+    assert not order.admit_alone(0, "h2", "here")  # not alone: nothing admitted
+    assert order.waiting(0) == 1
+    assert _done(order, "h1") == [("a1", "direct")]
+    assert not order.admit_alone(0, "h3", "here")  # a1 in flight
+    assert _done(order, "a1") == []
+    assert order.admit(0, "e1", "shell") == "shell"
+    assert not order.admit_alone(0, "h4", "here")
+    assert _done(order, "e1") == []
+    assert order.admit_alone(0, "h5", "here") and order.admit_alone(1, "h6", "here")
+    assert _done(order, "h5") == [] and _done(order, "h6") == []
+    assert order.forget_engine(0) == []

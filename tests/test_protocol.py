@@ -145,17 +145,36 @@ def test_hub_requests_parse_or_refuse(msg_type, content):
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["submitted", "completed", "x"]), JSON))
+@given(st.dictionaries(st.sampled_from(["submitted", "completed", "done", "x"]), JSON))
 def test_direct_notices_parse_or_refuse(content):
     try:
         notice = protocol.DirectNotice.from_content(content)
     except (TypeError, ValueError):
         return
-    for sub in notice.submitted:
+    for sub in [*notice.submitted, *(s for s, _ in notice.done)]:
         assert isinstance(sub.msg_id, str) and isinstance(sub.engine_id, int)
-    for done in notice.completed:
+    for done in [*notice.completed, *(d for _, d in notice.done)]:
         assert done.status in ("ok", "error", "aborted")
         assert done.sizes is None or all(isinstance(n, int) and n >= 0 for n in done.sizes)
+    for sub, done in notice.done:
+        assert sub.msg_id == done.msg_id and sub.engine_id == done.engine_id
+    again = protocol.DirectNotice.from_content(
+        wire.loads_json(wire.dumps_json(notice.to_content()))
+    )
+    assert again == notice
+
+
+def test_a_request_sent_and_answered_goes_as_one_entry():
+    """``done``: one object with both entries' fields, read back as the pair; a field of
+    either entry that is wrong refuses the notice."""
+    sub = protocol.DirectSubmitted("m1", "apply_request", "2026-12-03T10:00:00Z", 3, "lbl")
+    done = protocol.DirectCompleted("m1", 3, "ok", "2026-12-03T10:00:01Z", None, (5, 2))
+    content = protocol.DirectNotice(done=((sub, done),)).to_content()
+    assert content["done"] == [{**done.to_content(), **sub.to_content()}]
+    assert protocol.DirectNotice.from_content(content).done == ((sub, done),)
+    for wrong in ({"engine_id": None}, {"status": "bad"}, {"msg_type": 7}, {"sizes": [-1]}):
+        with pytest.raises((TypeError, ValueError)):
+            protocol.DirectNotice.from_content({"done": [{**content["done"][0], **wrong}]})
 
 
 @pytest.mark.parametrize(

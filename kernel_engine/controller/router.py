@@ -15,7 +15,7 @@ and forgotten (:meth:`Router.post`): kernels do not answer them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from kernel_engine import protocol, wire
@@ -239,40 +239,23 @@ class Router:
 
         Each submitted request becomes a hub record (and a valid dependency for the
         scheduler); each completed one gets its outcome and, when small, its reply frames,
-        sliced out of the joined buffers.
+        sliced out of the joined buffers. A request both sent and answered since the
+        client's last notice (``done``) is recorded with its outcome at once.
         """
         notice = protocol.DirectNotice.from_content(msg.content)
         for sub in notice.submitted:
-            if self.hub.known(sub.msg_id) or sub.msg_id in self.inflight:
-                self.drops.drop("a direct notice naming a msg_id seen before")
-                continue
-            header = {"msg_id": sub.msg_id, "msg_type": sub.msg_type, "date": sub.date}
-            self.hub.submitted(sub.msg_id, sub.msg_type, client, sub.engine_id, sub.date, sub.label)
-            if sub.engine_id in self.engines.engines:  # (ready, or still being adopted)
-                pending = Pending(client, header, sub.engine_id, "lane", "direct")
-                self.inflight.add(sub.msg_id, pending)
-            else:  # gone before we heard of it (a notice a restarted controller gets late)
-                why = self.dead.get(sub.engine_id) or f"engine {sub.engine_id} is gone"
-                failed = protocol.fail_reply(
-                    self.wire, client, header, sub.engine_id, "EngineError", why
-                )
-                self.hub.completed(sub.msg_id, "error", frames=failed[3:])
-                self.balancer.outcome(sub.msg_id, sub.engine_id, False)
+            self._direct_submitted(client, sub, True)
         blobs = iter(msg.buffers)
+        for sub, done in notice.done:
+            frames = self._reply_frames(done, blobs)
+            if frames is False:
+                return
+            if self._direct_submitted(client, sub, False):
+                self._direct_completed(done, frames)
         for done in notice.completed:
-            frames = None
-            if done.sizes:
-                # (as bytes: the frames, sliced copies of a reply the client found small
-                # enough to keep, then go to the hub and the store as they are, where
-                # memoryviews cost each of them more per frame than the copies do)
-                blob = wire.as_bytes(next(blobs, b""))
-                if len(blob) != sum(done.sizes):
-                    self.drops.drop("a direct notice whose sizes do not match its buffers")
-                    return
-                frames, at = [], 0
-                for size in done.sizes:
-                    frames.append(blob[at : at + size])
-                    at += size
+            frames = self._reply_frames(done, blobs)
+            if frames is False:
+                return
             held = self.inflight.get(done.msg_id)
             if held is not None and held.kind == "direct" and held.client == client:
                 self.inflight.pop(done.msg_id)
@@ -281,9 +264,56 @@ class Router:
             # the identity's first 16 characters)
             if record is None or record.client[:16] != client[:16]:
                 continue  # not this client's request: nothing to say about it
-            if done.engine_id is not None:
-                self.balancer.outcome(done.msg_id, done.engine_id, done.status == "ok")
-            self.hub.completed(done.msg_id, done.status, done.started, done.completed, frames)
+            self._direct_completed(done, frames)
+
+    def _direct_submitted(
+        self, client: bytes, sub: protocol.DirectSubmitted, in_flight: bool
+    ) -> bool:
+        """Record a direct request (False: its msg_id was seen before, it is ignored);
+        ``in_flight``: not answered yet, so held as in flight on its engine, or failed
+        at once if that engine is gone."""
+        if self.hub.known(sub.msg_id) or sub.msg_id in self.inflight:
+            self.drops.drop("a direct notice naming a msg_id seen before")
+            return False
+        self.hub.submitted(sub.msg_id, sub.msg_type, client, sub.engine_id, sub.date, sub.label)
+        if not in_flight:
+            return True
+        header = {"msg_id": sub.msg_id, "msg_type": sub.msg_type, "date": sub.date}
+        if sub.engine_id in self.engines.engines:  # (ready, or still being adopted)
+            pending = Pending(client, header, sub.engine_id, "lane", "direct")
+            self.inflight.add(sub.msg_id, pending)
+        else:  # gone before we heard of it (a notice a restarted controller gets late)
+            why = self.dead.get(sub.engine_id) or f"engine {sub.engine_id} is gone"
+            failed = protocol.fail_reply(
+                self.wire, client, header, sub.engine_id, "EngineError", why
+            )
+            self.hub.completed(sub.msg_id, "error", frames=failed[3:])
+            self.balancer.outcome(sub.msg_id, sub.engine_id, False)
+        return True
+
+    def _reply_frames(self, done: protocol.DirectCompleted, blobs: Iterator[Any]) -> Any:
+        """The reply frames a notice kept for ``done`` (None: none), taken from
+        ``blobs``; False when their sizes do not match (the rest of the notice is then
+        ignored)."""
+        if not done.sizes:
+            return None
+        # (as bytes: the frames, sliced copies of a reply the client found small enough
+        # to keep, then go to the hub and the store as they are, where memoryviews cost
+        # each of them more per frame than the copies do)
+        blob = wire.as_bytes(next(blobs, b""))
+        if len(blob) != sum(done.sizes):
+            self.drops.drop("a direct notice whose sizes do not match its buffers")
+            return False
+        frames, at = [], 0
+        for size in done.sizes:
+            frames.append(blob[at : at + size])
+            at += size
+        return frames
+
+    def _direct_completed(self, done: protocol.DirectCompleted, frames: list[Any] | None) -> None:
+        if done.engine_id is not None:
+            self.balancer.outcome(done.msg_id, done.engine_id, done.status == "ok")
+        self.hub.completed(done.msg_id, done.status, done.started, done.completed, frames)
 
     def fail_engine(self, engine_id: int, reason: str) -> None:
         """An engine is gone: answer every request it held with an ``EngineError`` (the

@@ -1,0 +1,241 @@
+"""A blocking call to one engine on its lane is read by the calling thread itself, on a
+socket of its own (``Transport.submit(wait=True)``, path ``here``): results, records,
+order, threads, Ctrl-C, a lost engine and a closing client all behave as on the IO
+thread's path, and nothing is left open or waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+import pytest
+
+import jupyter_ext as jx
+from kernel_engine.errors import EngineError, RemoteError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TIMEOUT = 30.0
+
+
+def noop() -> int:
+    return 0
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def note(word: str, delay: float = 0.0) -> list[str]:
+    """Append ``word`` to the engine's list of words, after ``delay`` s; returns it."""
+    import time as _time
+
+    _time.sleep(delay)
+    words = globals().setdefault("_WORDS", [])
+    words.append(word)
+    return list(words)
+
+
+def _mine(rc: Any) -> dict[int, Any]:
+    """The calling thread's own sockets of ``rc``, by engine."""
+    return getattr(rc.transport.io.lanes._mine, "heres", {})
+
+
+def _live(rc: Any) -> list[Any]:
+    transport = rc.transport
+    with transport.requests.lock:
+        return [r for r in transport.requests.live.values() if r.kind != "hub"]
+
+
+def _until(condition: Any, timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _lanes_ready(rc: Any) -> None:
+    """Wait until every lane answered its ping (before, calls go through the controller)."""
+    lanes = rc.transport.io.lanes
+    assert _until(lambda: len(lanes.lanes) == 2 and not lanes.unready), "lanes never ready"
+
+
+def test_a_blocking_call_reads_its_reply_itself_and_is_recorded(rc):
+    _lanes_ready(rc)
+    before = len(rc.history)
+    assert rc[0].apply_sync(add, 2, 3) == 5
+    assert rc[1].apply_sync(add, 4, 5) == 9
+    here = _mine(rc)
+    assert set(here) >= {0, 1} and not any(h.busy for h in here.values())
+    msg_ids = rc.history[before:]
+    assert len(msg_ids) == 2
+    for msg_id, eid, value in zip(msg_ids, (0, 1), (5, 9)):
+        md = rc.metadata[msg_id]
+        assert md["engine_id"] == eid and md["status"] == "ok"
+        assert md["started"] is not None and md["completed"] is not None
+        assert rc.results[msg_id] == value
+    # the controller heard of both (a second client asks: its own notices go first)
+    other = jx.Client(rc.connection_file)
+    try:
+
+        def recorded() -> bool:
+            rows = other.db_query({"msg_id": {"$in": msg_ids}}, keys=["msg_id", "completed"])
+            return len(rows) == 2 and all(r["completed"] for r in rows)
+
+        assert _until(recorded, 5), "the controller never recorded the blocking calls"
+        got = other.get_result(msg_ids[0]).get(TIMEOUT)
+        assert got == 5
+    finally:
+        other.close()
+    # errors come back as they always did
+    with pytest.raises(RemoteError, match="ZeroDivisionError"):
+        rc[0].apply_sync(lambda: 1 / 0)
+    assert rc[0].apply_sync(noop) == 0
+
+
+def test_a_blocking_call_keeps_its_place_behind_work_in_flight(rc):
+    rc[:].execute("_WORDS = []", block=True)
+    first = rc[0].apply_async(note, "first", 0.3)
+    assert rc[0].apply_sync(note, "second") == ["first", "second"]
+    assert first.get(TIMEOUT) == ["first"]
+    # and work sent after a blocking call waits for it, whichever thread sends it
+    late: list[Any] = []
+    timer = threading.Timer(0.1, lambda: late.append(rc[0].apply_async(note, "fourth")))
+    timer.start()
+    try:
+        assert rc[0].apply_sync(note, "third", 0.4) == ["first", "second", "third"]
+    finally:
+        timer.join(TIMEOUT)
+    assert late[0].get(TIMEOUT)[-2:] == ["third", "fourth"]
+
+
+def test_threads_each_read_their_own_replies(rc):
+    errors: list[BaseException] = []
+    idents: list[bytes] = []
+
+    def loop(k: int) -> None:
+        try:
+            for i in range(40):
+                eid = (k + i) % 2
+                assert rc[eid].apply_sync(add, k, i) == k + i
+            idents.extend(h.socket.identity for h in _mine(rc).values())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors, errors[:2]
+    assert len(idents) == len(set(idents)) == 8  # each thread's own, one per engine
+    assert not _live(rc)
+
+
+def test_ctrl_c_in_a_blocking_call_interrupts_it_and_leaves_nothing_behind(rc):
+    _lanes_ready(rc)
+    busy: list[bool] = []
+
+    def interrupt() -> None:
+        busy.append(any(h.busy for h in list(rc.transport.io.lanes._heres)))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(0.5, interrupt)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rc[0].apply_sync(time.sleep, 20)
+    finally:
+        timer.cancel()
+    assert busy == [True], "the call did not wait on its own socket"
+    assert time.monotonic() - started < 10, "the engine was not interrupted"
+    # the socket went to the IO thread, which read the reply, ended the request and
+    # closed it; the thread's next call gets a socket of its own again
+    assert 0 not in _mine(rc)
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    io = rc.transport.io
+    assert _until(lambda: not io._taken and not io._given), "the given socket stayed open"
+    assert rc[0].apply_sync(add, 1, 1) == 2
+    assert 0 in _mine(rc)
+    assert rc[:].apply_sync(noop) == [0, 0]
+
+
+def test_a_lost_engine_ends_a_blocking_call_at_once(cluster_factory):
+    _, rc = cluster_factory.start(2)
+    _lanes_ready(rc)
+    pid = rc[1].apply_sync(os.getpid)
+    assert 1 in _mine(rc)
+    timer = threading.Timer(0.5, lambda: os.kill(pid, signal.SIGKILL))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(EngineError):
+            rc[1].apply_sync(time.sleep, 30)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 10
+    assert rc[0].apply_sync(add, 2, 2) == 4
+    assert not _live(rc)
+
+
+def test_closing_the_client_ends_a_blocking_call_in_another_thread(cluster_factory):
+    cluster, rc = cluster_factory.start(2)
+    _lanes_ready(rc)
+    assert rc[0].apply_sync(noop) == 0  # (this thread's socket: idle at the close)
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(rc[1].apply_sync(time.sleep, 20))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    heres = rc.transport.io.lanes._heres
+    assert _until(lambda: any(h.busy for h in list(heres)), 10), "not on its own socket"
+    time.sleep(0.3)
+    started = time.monotonic()
+    rc.close()
+    assert time.monotonic() - started < 5, "close waited for the blocking call"
+    caller.join(5)
+    assert not caller.is_alive(), "the blocking call did not end when its client closed"
+    assert isinstance(outcome[0], RemoteError) and "closed" in str(outcome[0])
+    assert not rc.transport.io.thread.is_alive()
+    assert not rc.transport.io.lanes._heres  # every thread's socket closed
+    # the cluster serves a new client
+    other = jx.Client(cluster.connection_file)
+    try:
+        other.wait_for_engines(2, timeout=TIMEOUT)
+        assert other[0].apply_sync(add, 3, 4) == 7
+    finally:
+        other.close()
+
+
+def test_threads_that_ended_leave_no_socket_open(rc):
+    """A thread's own socket is closed once the thread has ended (a new thread a call,
+    for ever, must not run the process out of descriptors)."""
+    _lanes_ready(rc)
+    heres = rc.transport.io.lanes._heres
+    for i in range(30):
+        t = threading.Thread(target=lambda i=i: rc[i % 2].apply_sync(noop))
+        t.start()
+        t.join(TIMEOUT)
+    assert len(heres) <= 4, f"{len(heres)} sockets of threads that ended are open"
+    assert sum(1 for h in heres if not h.closed) == len(heres)
+
+
+def test_jupyter_px_here_0_sends_every_reply_through_the_io_thread(cluster_factory, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PX_HERE", "0")
+    _, rc = cluster_factory.start(2)
+    _lanes_ready(rc)
+    assert rc[0].apply_sync(add, 1, 2) == 3
+    assert not _mine(rc) and not rc.transport.io.lanes._heres
