@@ -61,6 +61,19 @@ def _until(condition: Any, timeout: float = TIMEOUT) -> bool:
     return condition()
 
 
+def _stopped(call: Any, action: Any, raised: type[BaseException]) -> float:
+    """Seconds ``call()`` took to raise ``raised`` once ``action()`` ran, 0.5 s into it."""
+    timer = threading.Timer(0.5, action)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(raised):
+            call()
+    finally:
+        timer.cancel()
+    return time.monotonic() - started
+
+
 def _lanes_ready(rc: Any) -> None:
     """Wait until every lane answered its ping (before, calls go through the controller)."""
     lanes = rc.transport.io.lanes
@@ -147,16 +160,9 @@ def test_ctrl_c_in_a_blocking_call_interrupts_it_and_leaves_nothing_behind(rc):
         busy.append(any(h.busy for h in list(rc.transport.io.lanes._heres)))
         os.kill(os.getpid(), signal.SIGINT)
 
-    timer = threading.Timer(0.5, interrupt)
-    timer.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            rc[0].apply_sync(time.sleep, 20)
-    finally:
-        timer.cancel()
+    took = _stopped(lambda: rc[0].apply_sync(time.sleep, 20), interrupt, KeyboardInterrupt)
     assert busy == [True], "the call did not wait on its own socket"
-    assert time.monotonic() - started < 10, "the engine was not interrupted"
+    assert took < 10, "the engine was not interrupted"
     # the socket went to the IO thread, which read the reply, ended the request and
     # closed it; the thread's next call gets a socket of its own again
     assert 0 not in _mine(rc)
@@ -173,15 +179,8 @@ def test_a_lost_engine_ends_a_blocking_call_at_once(cluster_factory):
     _lanes_ready(rc)
     pid = rc[1].apply_sync(os.getpid)
     assert 1 in _mine(rc)
-    timer = threading.Timer(0.5, lambda: os.kill(pid, signal.SIGKILL))
-    timer.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(EngineError):
-            rc[1].apply_sync(time.sleep, 30)
-    finally:
-        timer.cancel()
-    assert time.monotonic() - started < 10
+    kill = lambda: os.kill(pid, signal.SIGKILL)  # noqa: E731
+    assert _stopped(lambda: rc[1].apply_sync(time.sleep, 30), kill, EngineError) < 10
     assert rc[0].apply_sync(add, 2, 2) == 4
     assert not _live(rc)
 
