@@ -111,6 +111,15 @@ METRICS = [
         for p in ("p50", "p90", "p99")
     ),
     Metric(
+        "apply_get_p50_ms",
+        "`rc[0].apply_async(noop).get()` p50",
+        "ms",
+        "lower",
+        ("direct",),
+        False,
+        refs=("ppe",),
+    ),
+    Metric(
         "dv_apply_cps",
         "`rc[:].apply_sync(noop)`, back to back",
         "calls/s",
@@ -448,7 +457,7 @@ class RcTool:
         if only in ("direct", "all"):
             out += [
                 (
-                    ("apply_p50_ms", "apply_p90_ms", "apply_p99_ms"),
+                    ("apply_p50_ms", "apply_p90_ms", "apply_p99_ms", "apply_get_p50_ms"),
                     lambda: W.apply_latency_rc(
                         rc, calls=s["apply_calls"], warmup=s["apply_warmup"]
                     ),
