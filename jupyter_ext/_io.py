@@ -63,9 +63,10 @@ MAX_MISSED = 4
 IOPUB_HWM = 10_000
 """Output messages buffered for this client before the controller's side drops some."""
 
-HERE_CLOSE_WAIT = 1.0
-"""Seconds the IO thread, closing, waits for threads to be done with their own sockets
-(a thread waiting on one sees the client closed within :data:`._transport.HERE_POLL_MS`)."""
+HERE_CLOSE_WAIT = 4.0
+"""Seconds the IO thread, closing, waits for threads to be done with their own sockets (a
+thread waiting on one sees the client closed within :data:`._transport.HERE_POLL_MS`; one
+taking a large result in finishes, within the 5 s that :meth:`IOThread.stop` waits)."""
 
 
 def _nothing() -> None:
@@ -312,8 +313,8 @@ class IOThread:
 
     def _close(self, lanes: DirectLanes | None) -> None:
         self._notify(protocol.GOODBYE_NOTICE)
-        # (the threads' own sockets first: from then on, none is given to this thread)
-        closed = lanes is None or lanes.close_heres(HERE_CLOSE_WAIT)
+        if lanes is not None:  # (first: from then on, no socket is given to this thread)
+            lanes.close_heres()
         with self._send_lock:
             if lanes is not None:
                 lanes.flush(self._sender)
@@ -325,10 +326,10 @@ class IOThread:
                 sock.close(linger=0)
         while self._given:
             self._given.popleft()[0].close(linger=0)
-        if closed:
+        if lanes is None:
             self.context.term()
-        else:  # (a thread still holds a socket of its own: term would wait for it)
-            log.warning("jupyter-px client: a thread's socket was still in use at close")
+        else:  # (once the threads' own sockets are closed: term would wait for them)
+            lanes.after_heres(HERE_CLOSE_WAIT, self.context.term)
 
     def _run_calls(self) -> None:
         while True:

@@ -118,7 +118,7 @@ class HereSocket:
     otherwise the IO thread may close it (at the end), and it takes over one whose thread
     stopped waiting for its reply (Ctrl-C)."""
 
-    __slots__ = ("busy", "closed", "lane", "msg_id", "socket", "thread")
+    __slots__ = ("busy", "closed", "given", "lane", "msg_id", "socket", "thread")
 
     def __init__(self, sock: zmq.Socket[Any], lane: _Lane):
         self.socket = sock
@@ -126,7 +126,8 @@ class HereSocket:
         self.thread = threading.current_thread()
         self.busy = True
         self.closed = False
-        self.msg_id = ""  # the request it carries now
+        self.given = False  # to the IO thread: no longer its thread's
+        self.msg_id = ""  # the request it carries now, not answered yet
 
 
 class DirectLanes:
@@ -168,6 +169,7 @@ class DirectLanes:
         self._heres: set[HereSocket] = set()
         self._here_ids = itertools.count()
         self._closing = False
+        self._then: Callable[[], None] | None = None  # (see after_heres)
         self._here_on = here_enabled()
 
     # ----- engines (IO thread)
@@ -231,6 +233,9 @@ class DirectLanes:
         lane = self.lanes.pop(eid, None)
         self.unready.discard(eid)
         if lane is not None:
+            with self.lock:  # (the threads' own idle ones; a busy one closes when done)
+                for here in [h for h in self._heres if h.lane is lane and not h.busy]:
+                    self._close_here(here)
             with self.send_lock:
                 lane.socket.close(linger=0)
             try:
@@ -353,10 +358,13 @@ class DirectLanes:
             return here
 
     def here_done(self, here: HereSocket) -> None:
-        """The calling thread is done with its socket for now."""
+        """The calling thread is done with its socket for now (nothing if it gave it
+        away); closed if the client is closing or its engine is gone."""
         with self.lock:
+            if here.given:
+                return
             here.busy = False
-            if self._closing:
+            if self._closing or self.lanes.get(here.lane.engine_id) is not here.lane:
                 self._close_here(here)
 
     def abandon(self, here: HereSocket, give: Callable[[zmq.Socket[Any]], None]) -> bool:
@@ -367,10 +375,13 @@ class DirectLanes:
         if mine.get(here.lane.engine_id) is here:
             del mine[here.lane.engine_id]
         with self.lock:  # (not given once close_heres began: it would be left open)
+            if here.given:
+                return False
             here.busy = False
             if self._closing:
                 self._close_here(here)
                 return False
+            here.given = True
             self._heres.discard(here)
             give(here.socket)
             return True
@@ -380,22 +391,34 @@ class DirectLanes:
             here.closed = True
             here.socket.close(linger=0)
         self._heres.discard(here)
+        if self._closing and not self._heres and self._then is not None:
+            then, self._then = self._then, None
+            then()  # (the last one: see close_heres)
 
-    def close_heres(self, timeout: float) -> bool:
-        """Close the threads' own sockets (IO thread, at the end); a busy one is closed by
-        its thread when done, waited for ``timeout`` s at most. Whether all are closed."""
-        deadline = time.monotonic() + timeout
+    def close_heres(self) -> None:
+        """Close the threads' own idle sockets (IO thread, first thing at the end); from
+        now on, none is made or given to the IO thread, and a busy one is closed by its
+        thread when done (see :meth:`after_heres`)."""
         with self.lock:
             self._closing = True
             for here in [h for h in self._heres if not h.busy]:
                 self._close_here(here)
+
+    def after_heres(self, timeout: float, then: Callable[[], None]) -> None:
+        """Call ``then`` (which terminates the context) once the threads' own sockets are
+        closed, waiting ``timeout`` s at most (IO thread); past that, the thread that
+        closes the last one calls it."""
+        deadline = time.monotonic() + timeout
         while True:
             with self.lock:
                 if not self._heres:
-                    return True
-            if time.monotonic() > deadline:
-                return False
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("jupyter-px client: a thread still uses its socket at close")
+                    self._then = then
+                    return
             time.sleep(0.005)
+        then()
 
     # ----- receiving (IO thread)
 

@@ -331,6 +331,7 @@ class Transport:
         kind: str = "apply",
         md_extra: dict[str, Any] | None = None,
         wait: bool = False,
+        on_sent: Callable[[str], None] | None = None,
     ) -> Request:
         """Send a request (any thread) and return it, a future the IO thread resolves.
 
@@ -342,6 +343,7 @@ class Transport:
         would go to an engine's lane directly with nothing else of this client's in
         flight to that engine, it goes on the calling thread's own socket, and this
         returns once the thread has read the reply there itself (see :meth:`_wait_here`).
+        ``on_sent(msg_id)`` is called once it has left (before that wait).
         """
         if self.closed:
             raise RuntimeError("this Client is closed")
@@ -384,21 +386,24 @@ class Transport:
                         sent = True
                     elif path is not None:
                         self._send(req, path)
+                    if on_sent is not None:
+                        on_sent(msg_id)
                 except Refused as exc:  # (not taken: nothing to withdraw)
                     if here is not None:
                         lanes.here_done(here)  # type: ignore[union-attr]
                     raise self.refused(exc) from None
                 except BaseException as exc:  # (another signal's handler raising, say)
-                    self._withdraw([req], exc)
-                    if here is not None:
-                        lanes.here_done(here)  # type: ignore[union-attr]
+                    if not sent:
+                        self._withdraw([req], exc)
+                        if here is not None:
+                            lanes.here_done(here)  # type: ignore[union-attr]
                     raise
-        except BaseException as exc:  # (Ctrl-C held back until the section's end, say)
+            if here is not None:
+                self._wait_here(req, here)
+        except BaseException as exc:  # (Ctrl-C, held back until the section's end, say)
             if sent:
                 self._leave_here(req, here, exc, None)  # type: ignore[arg-type]
             raise
-        if here is not None:
-            self._wait_here(req, here)
         return req
 
     def _send_here(self, req: Request, here: HereSocket) -> None:
@@ -411,58 +416,105 @@ class Transport:
             self.io.wake()  # (it sends the notices when they are due)
         req.tracker = wire.send_frames(here.socket, frames, track=req.track)
 
-    def _leave_here(
-        self, req: Request, here: HereSocket, exc: BaseException, frames: list[Any] | None
-    ) -> None:
-        """The calling thread stops waiting for ``req`` on its own socket (``exc``: Ctrl-C,
-        say): the IO thread takes the socket over, and ``frames`` (a reply read but
-        perhaps not taken in whole) too; Ctrl-C also interrupts the engine and waits
-        :data:`INTERRUPT_GRACE` s at most for it, as a blocking call's wait does."""
-        lanes = self.io.lanes
-        assert lanes is not None
-        if frames is not None:
-            got = frames
-            self.io.call_soon(lambda: self._on_reply(got))
-        msg_id = req.msg_id
-        if lanes.abandon(
-            here, lambda s: self.io.take_over(s, lambda: msg_id in self.requests.live)
-        ):
-            self.io.wake()
-        if isinstance(exc, KeyboardInterrupt) and not req.done():
-            with contextlib.suppress(Exception):
-                self.interrupt([msg_id])
-                concurrent.futures.wait([req], INTERRUPT_GRACE)
-
     def _wait_here(self, req: Request, here: HereSocket) -> None:
-        """Read the reply to ``req`` on the calling thread's own socket, as the IO thread
-        would have read it (one thread hand-off less each way: on this 2-core machine a
-        blocking call's p50 went from 0.44 to ..., and the client's CPU a call from 290 to
-        ... us). Returns when ``req`` has ended, whoever ended it (its engine lost, the
-        client closed: looked at every :data:`HERE_POLL_MS`).
+        """Read the reply to ``req`` on the calling thread's own socket and take it in as
+        the IO thread would have (two thread hand-offs less: see ``benchmarks/
+        roundtrip.py``). Returns when ``req`` has ended, whoever ended it (its engine or
+        the controller lost, the client closed: looked at every :data:`HERE_POLL_MS`).
 
-        Ctrl-C (or any exception) gives the socket to the IO thread, which reads the
-        reply when it comes; Ctrl-C also interrupts the engine, waits for it
-        :data:`INTERRUPT_GRACE` s at most and raises, as a blocking call's wait does."""
+        Ctrl-C and the like: see :meth:`_leave_here`. A reply is read whole or not at
+        all, and the table takes it in with Ctrl-C held back (it may send requests other
+        threads queued behind this one); only reading the reply (unpickling) is
+        interrupted. When ``req`` ended another way, the socket goes to the IO thread
+        too, which reads the reply should it still come (to tell the controller)."""
         lanes = self.io.lanes
         assert lanes is not None
         sock = here.socket
         frames: list[Any] | None = None
         try:
             while not req.done() and not self.closed:
-                if sock.poll(HERE_POLL_MS):
-                    while True:
-                        with deferred_interrupts():  # (a message is read whole or not)
-                            try:
-                                frames = wire.recv_frames(sock, wire.NOBLOCK)
-                            except zmq.Again:
-                                break
-                        self.io._safely(self._on_reply, frames)
+                if not sock.poll(HERE_POLL_MS):
+                    continue
+                while True:
+                    with deferred_interrupts():
+                        try:
+                            frames = wire.recv_frames(sock, wire.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    read = self._read_here(req, frames)
+                    with deferred_interrupts():
+                        if self._take_here(req, frames, *read):
+                            here.msg_id = ""  # (answered: the socket stays the thread's)
                         frames = None
         except BaseException as exc:
             self._leave_here(req, here, exc, frames)
             raise
-        lanes.here_done(here)
+        if here.msg_id == req.msg_id:  # (no reply of its own came: ended another way)
+            self._leave_here(req, here, None, None)
+        else:
+            lanes.here_done(here)
         self.io.flush_if_due()
+
+    def _read_here(self, req: Request, frames: list[Any]) -> tuple[wire.Message, Any]:
+        """A reply read on ``req``'s thread's own socket, and its result unpickled when it
+        answers ``req`` (None otherwise: taken in the general way)."""
+        msg = self.wire.unpack(frames[1:])
+        if msg.parent_id != req.msg_id or msg.content.get("status") != "ok":
+            return msg, None
+        return msg, self.outcome(msg, req.metadata, req.msg_id)
+
+    def _take_here(self, req: Request, frames: list[Any], msg: wire.Message, outcome: Any) -> bool:
+        """Take in the reply :meth:`_read_here` read (call with Ctrl-C held back); whether
+        it was ``req``'s."""
+        if msg.parent_id != req.msg_id:  # (a late reply to an earlier call, say)
+            self.io._safely(self._on_reply, frames)
+            return False
+        lanes = self.io.lanes
+        assert lanes is not None
+        lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, frames[1:])
+        received = datetime.now(timezone.utc)
+        with self.requests.lock:  # (the IO thread adds output under it: see _on_iopub)
+            outcome = self._read(req, msg, msg.metadata, None, received, outcome)
+            done = self.requests.replied(req.msg_id, outcome, time.monotonic(), self._send)
+        self._settle(done)
+        return True
+
+    def _leave_here(
+        self,
+        req: Request,
+        here: HereSocket,
+        exc: BaseException | None,
+        frames: list[Any] | None,
+    ) -> None:
+        """The calling thread stops waiting for ``req`` on its own socket before taking
+        its reply in (``exc``: Ctrl-C, say; None: ``req`` ended another way). The IO
+        thread takes the socket over, and ``frames`` (a reply read but not taken in) too,
+        and reads what still comes while ``req`` is live or its outcome is still to be
+        told to the controller. Ctrl-C also interrupts the engine and waits
+        :data:`INTERRUPT_GRACE` s at most for it, as a blocking call's wait does. Once
+        only for a call (both of ``submit``'s handlers may come here); after its reply
+        was taken in, the socket simply stays the thread's."""
+        lanes = self.io.lanes
+        assert lanes is not None
+        if here.msg_id != req.msg_id:
+            lanes.here_done(here)
+            return
+        msg_id = req.msg_id
+        with deferred_interrupts():
+            here.msg_id = ""
+            if frames is not None:
+                got = frames
+                self.io.call_soon(lambda: self._on_reply(got))
+
+            def wanted() -> bool:
+                return msg_id in self.requests.live or msg_id in self._unreported
+
+            if lanes.abandon(here, lambda s: self.io.take_over(s, wanted)):
+                self.io.wake()
+        if isinstance(exc, KeyboardInterrupt) and not req.done():
+            with contextlib.suppress(Exception):
+                self.interrupt([msg_id])
+                concurrent.futures.wait([req], INTERRUPT_GRACE)
 
     def submit_batch(
         self,
@@ -781,14 +833,17 @@ class Transport:
         reply_md: dict[str, Any],
         engine_id: int | None,
         received: datetime,
+        outcome: tuple[bool, Any] | None = None,
     ) -> tuple[bool, Any]:
-        """A task's reply into its metadata; returns its outcome."""
+        """A task's reply into its metadata; returns its outcome (``outcome``, if it was
+        read already)."""
         md = req.metadata
         if engine_id is not None and md.get("engine_id") is None:
             md["engine_id"] = engine_id
         md["received"] = received
         md.update_from_reply(reply_md)
-        outcome = self.outcome(msg, md, req.msg_id)
+        if outcome is None:
+            outcome = self.outcome(msg, md, req.msg_id)
         md["status"] = "ok" if outcome[0] else "error"
         buffers = msg.buffers
         if buffers and outcome[0]:
@@ -875,9 +930,11 @@ class Transport:
             return
         md = req.metadata
         msg_type, content = msg.msg_type, msg.content
-        if msg_type == "stream" and (req.kind == "execute" or req.outcome is None):
+        if msg_type == "stream":
             name = "stderr" if content.get("name") == "stderr" else "stdout"
-            md[name] = md.get(name, "") + str(content.get("text", ""))
+            with self.requests.lock:  # (a thread taking in its own reply: see _take_here)
+                if req.kind == "execute" or req.outcome is None:
+                    md[name] = md.get(name, "") + str(content.get("text", ""))
         elif msg_type in ("display_data", "update_display_data"):
             md["outputs"] = [*md["outputs"], content]
         elif msg_type == "execute_result":

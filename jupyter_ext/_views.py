@@ -276,13 +276,19 @@ class DirectView(View):
         return routed or self._always_fan_out or not self.transport.direct
 
     def _send_apply(
-        self, targets: list[int], buffers: list[Any], track: bool, wait: bool = False
+        self,
+        targets: list[int],
+        buffers: list[Any],
+        track: bool,
+        wait: bool = False,
+        on_sent: Callable[[str], None] | None = None,
     ) -> list[Request]:
         """Send an ``apply_request`` to each target: one broadcast message for many
         targets (:attr:`fan_out_from`), else one message per target. Engines of this host
         share its large buffers through one shared-memory segment when there are two or
         more of them. ``wait``: the caller blocks for the result (to one target, it may
-        then read the reply itself: see :meth:`.Transport.submit`)."""
+        then read the reply itself: see :meth:`.Transport.submit`); ``on_sent(msg_id)``
+        for each request sent to one target, as it leaves."""
         metadata = {"label": self.label} if self.label else None
         segment, local = None, set()
         if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
@@ -330,6 +336,7 @@ class DirectView(View):
                     track=track,
                     md_extra={"label": self.label},
                     wait=wait and len(targets) == 1,
+                    on_sent=on_sent,
                 )
                 requests.append(request)
                 if content:
@@ -353,7 +360,14 @@ class DirectView(View):
         ids = self._target_ids(chosen)
         buffers = pack_apply(f, args, kwargs)
         wait = self.block if block is None else bool(block)
-        futures = self._send_apply(ids, buffers, self.track if track is None else track, wait)
+        sent: list[str] = []
+        try:
+            futures = self._send_apply(
+                ids, buffers, self.track if track is None else track, wait, sent.append
+            )
+        except BaseException:  # (Ctrl-C in a call that waited: what left is this view's)
+            self.history.extend(sent)
+            raise
         ar = AsyncResult(self.client, futures, _fname(f), ids, single=self._is_single(chosen))
         return self._finish(ar, block)
 

@@ -76,8 +76,12 @@ def _stopped(call: Any, action: Any, raised: type[BaseException]) -> float:
 
 def _lanes_ready(rc: Any) -> None:
     """Wait until every lane answered its ping (before, calls go through the controller)."""
+    _lanes_ready_n(rc, 2)
+
+
+def _lanes_ready_n(rc: Any, n: int) -> None:
     lanes = rc.transport.io.lanes
-    assert _until(lambda: len(lanes.lanes) == 2 and not lanes.unready), "lanes never ready"
+    assert _until(lambda: len(lanes.lanes) >= n and not lanes.unready), "lanes never ready"
 
 
 def test_a_blocking_call_reads_its_reply_itself_and_is_recorded(rc):
@@ -238,3 +242,132 @@ def test_jupyter_px_here_0_sends_every_reply_through_the_io_thread(cluster_facto
     _lanes_ready(rc)
     assert rc[0].apply_sync(add, 1, 2) == 3
     assert not _mine(rc) and not rc.transport.io.lanes._heres
+
+
+# ----- what a review found (each of these failed before its fix)
+
+
+def test_ctrl_c_right_after_the_send_leaves_nothing_waiting(rc, monkeypatch):
+    """The interrupt comes between the send and the wait (a signal checked as the wait
+    begins): the socket still goes to the IO thread, which reads the reply."""
+    _lanes_ready(rc)
+    transport = rc.transport
+    real = transport._wait_here
+    fired: list[int] = []
+
+    def interrupted(req: Any, here: Any) -> None:
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        real(req, here)
+
+    monkeypatch.setattr(transport, "_wait_here", interrupted)
+    view = rc[0]
+    with pytest.raises(KeyboardInterrupt):
+        view.apply_sync(add, 1, 1)
+    assert fired
+    assert len(view.history) == 1  # (the view knows of what it sent)
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    assert rc[0].apply_async(add, 2, 2).get(TIMEOUT) == 4
+    assert rc[0].apply_sync(add, 3, 3) == 6
+
+
+def test_ctrl_c_while_a_reply_is_taken_in_sends_what_waited_behind_it(rc, monkeypatch):
+    """Taking its reply in, the calling thread sends the requests other threads queued
+    behind its call: a Ctrl-C then (a real signal) waits until they have left."""
+    _lanes_ready(rc)
+    transport = rc.transport
+    real_send = transport._send
+    main = threading.main_thread()
+
+    def send_interrupted(req: Any, path: str) -> bool:
+        if threading.current_thread() is main:
+            os.kill(os.getpid(), signal.SIGINT)  # (held back until the section's end)
+        return real_send(req, path)
+
+    monkeypatch.setattr(transport, "_send", send_interrupted)
+    queued: list[Any] = []
+    timer = threading.Timer(0.2, lambda: queued.append(rc[0].apply_async(add, 5, 5)))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rc[0].apply_sync(note, "slow", 0.6)
+    finally:
+        timer.join(TIMEOUT)
+    monkeypatch.undo()
+    assert queued[0].get(TIMEOUT) == 10
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    assert rc[0].execute("y = 1", block=False).wait(TIMEOUT)
+
+
+class SlowToLoad:
+    """A result that takes ``seconds`` to unpickle in the client."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __reduce__(self) -> Any:
+        return (_load_slowly, (self.seconds,))
+
+
+def _load_slowly(seconds: float) -> str:
+    time.sleep(seconds)
+    return "loaded"
+
+
+def print_then(seconds: float) -> Any:
+    print("hello")
+    return SlowToLoad(seconds)
+
+
+def test_output_is_not_counted_twice_while_a_result_loads(rc):
+    """The engine's output comes twice (in the reply, and through the controller): the
+    IO thread must not add the second copy while the calling thread loads the result."""
+    _lanes_ready(rc)
+    view = rc[0]
+    for _ in range(3):
+        assert view.apply_sync(print_then, 0.3) == "loaded"
+        time.sleep(0.2)  # (the copy through the controller has come by now)
+        assert rc.metadata[view.history[-1]]["stdout"] == "hello\n"
+
+
+def test_sockets_to_engines_that_are_gone_are_closed(cluster_factory):
+    cluster, rc = cluster_factory.start(1)
+    _lanes_ready_n(rc, 1)
+    lanes = rc.transport.io.lanes
+    for _ in range(3):
+        old = rc.ids[-1]
+        assert rc[old].apply_sync(noop) == 0
+        (new,) = cluster.start_engines_sync(1)
+        rc.wait_for_engines(2, timeout=TIMEOUT)
+        cluster_factory.pids.append(rc.engine_info(new)["pid"])
+        cluster.stop_engines_sync([old])
+        assert _until(lambda old=old: old not in rc.ids and old not in lanes.lanes)
+        _lanes_ready_n(rc, 1)
+        assert rc[new].apply_sync(noop) == 0
+    stale = [h for h in lanes._heres if lanes.lanes.get(h.lane.engine_id) is not h.lane]
+    assert not stale, f"{len(stale)} sockets to gone engines are open"
+
+
+def test_a_reply_after_the_controller_came_back_is_still_told_to_it(cluster_factory):
+    """The controller is lost during a blocking call (paused past the heartbeats): the
+    call fails; the engine's reply, which comes later, still reaches the controller's
+    record once it is back."""
+    cluster, rc = cluster_factory.start(2)
+    _lanes_ready(rc)
+    pid = cluster.controller_pid
+    threading.Timer(0.5, lambda: os.kill(pid, signal.SIGSTOP)).start()
+    try:
+        with pytest.raises(EngineError):
+            rc[0].apply_sync(note, "late", 7.0)
+        msg_id = rc.history[-1]
+    finally:
+        time.sleep(max(0.0, 8.0 - 0.5))
+        os.kill(pid, signal.SIGCONT)
+    assert _until(lambda: not rc.transport.io.lost, TIMEOUT)
+
+    def told() -> bool:
+        record = rc.transport.fetch_records([msg_id]).get(msg_id)
+        return record is not None and record[0].get("status") == "ok"
+
+    assert _until(told, 10), rc.transport.fetch_records([msg_id])
