@@ -25,19 +25,11 @@ import subprocess
 import sys
 import time
 
+from lb_cpu import cpu_seconds  # (benchmarks/ is this script's folder)
+
 
 def noop() -> None:
     pass
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of every thread of ``pid`` so far."""
-    ticks = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def child(calls: int, db: str) -> dict[str, float]:
