@@ -116,6 +116,38 @@ class _Section:
 _SECTION = _Section()
 
 
+LONG_STALE = 60.0
+"""Seconds after which a :func:`long_deferred_interrupts` section counts as cut short."""
+
+
+class _LongSection(_Section):
+    """A section that may last longer than :data:`STALE` (sending many messages, none
+    of which waits): while it runs, the sections count as stale only after
+    :data:`LONG_STALE` s, nested ones included."""
+
+    __slots__ = ("_since",)
+
+    def __init__(self) -> None:
+        self._since: list[float] = []
+
+    def __enter__(self) -> _Section:
+        super().__enter__()
+        state = _state
+        self._since.append(state.since)
+        state.since = time.monotonic() + LONG_STALE - STALE  # (last: see STALE)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._since:
+            _state.since = self._since.pop()
+        super().__exit__(kind, exc, tb)
+
+
 def deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
     """A context in which Ctrl-C waits until the end (in the main thread; elsewhere, or
     when the SIGINT handler was set by C code and cannot be put back, nothing changes:
@@ -125,3 +157,14 @@ def deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
     if _signal.getsignal(signal.SIGINT) is None:
         return _NOTHING
     return _SECTION
+
+
+def long_deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
+    """:func:`deferred_interrupts` for a section that may send many messages (a reply
+    taken in releases every request queued behind it), so may last longer than
+    :data:`STALE`; it still never waits."""
+    if threading.current_thread() is not threading.main_thread():
+        return _NOTHING
+    if _signal.getsignal(signal.SIGINT) is None:
+        return _NOTHING
+    return _LongSection()

@@ -55,7 +55,7 @@ from kernel_engine.errors import (
 
 from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
-from ._interrupts import deferred_interrupts
+from ._interrupts import deferred_interrupts, long_deferred_interrupts
 from ._io import IOThread
 from ._lanes import HereSocket
 from ._metadata import ExecuteReply, Metadata
@@ -442,7 +442,7 @@ class Transport:
                         except zmq.Again:
                             break
                     read = self._read_here(req, frames)
-                    with deferred_interrupts():
+                    with long_deferred_interrupts():  # (it may send many: see _take_here)
                         if self._take_here(req, frames, *read):
                             here.msg_id = ""  # (answered: the socket stays the thread's)
                         frames = None
@@ -464,8 +464,9 @@ class Transport:
         return msg, self.outcome(msg, req.metadata, req.msg_id)
 
     def _take_here(self, req: Request, frames: list[Any], msg: wire.Message, outcome: Any) -> bool:
-        """Take in the reply :meth:`_read_here` read (call with Ctrl-C held back); whether
-        it was ``req``'s."""
+        """Take in the reply :meth:`_read_here` read (call with Ctrl-C held back, for as
+        long as it takes: the table then sends every request other threads queued behind
+        ``req``, which may be thousands); whether it was ``req``'s."""
         if msg.parent_id != req.msg_id:  # (a late reply to an earlier call, say)
             self.io._safely(self._on_reply, frames)
             return False
@@ -985,6 +986,9 @@ class Transport:
         if lanes is not None:
             lanes.remove_engine(eid)
         done = self.requests.fail_engine(eid, lambda r: _engine_error(first, r))
+        # (no reply can come now to tell the controller of: it sees the engine die)
+        for msg_id in [m for m, e in list(self._unreported.items()) if e == eid]:
+            self._unreported.pop(msg_id, None)
         if lanes is not None:
             for req in done:
                 if req.path in LANE_PATHS:

@@ -371,3 +371,56 @@ def test_a_reply_after_the_controller_came_back_is_still_told_to_it(cluster_fact
         return record is not None and record[0].get("status") == "ok"
 
     assert _until(told, 10), rc.transport.fetch_records([msg_id])
+
+
+def test_ctrl_c_in_a_long_release_waits_until_every_queued_request_has_left(rc, monkeypatch):
+    """Taking its reply in, the calling thread sends what other threads queued behind
+    it, however long that takes: a Ctrl-C (a real signal) waits for the end of it, past
+    the bound of an ordinary section."""
+    _lanes_ready(rc)
+    transport = rc.transport
+    real_send = transport._send
+    main = threading.main_thread()
+    releases: list[int] = []
+
+    def slow_release(req: Any, path: str) -> bool:
+        if threading.current_thread() is main:
+            releases.append(1)
+            if len(releases) == 1:
+                time.sleep(0.4)  # (a release longer than an ordinary section lasts)
+            elif len(releases) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_send(req, path)
+
+    monkeypatch.setattr(transport, "_send", slow_release)
+    queued: list[Any] = []
+
+    def queue() -> None:
+        queued.extend(rc[0].apply_async(add, i, 1) for i in range(20))
+
+    timer = threading.Timer(0.1, queue)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rc[0].apply_sync(note, "slow", 0.8)
+    finally:
+        timer.join(TIMEOUT)
+    monkeypatch.undo()
+    assert len(releases) >= 20
+    assert [ar.get(TIMEOUT) for ar in queued] == [i + 1 for i in range(20)]
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+
+
+def test_a_lost_engine_owes_the_controller_nothing(cluster_factory):
+    """Replies still owed to a controller (``_unreported``: their requests failed while
+    it was lost) are forgotten when their engine dies: none can come, and a socket kept
+    to read one would stay open until the client closes."""
+    _, rc = cluster_factory.start(2)
+    transport = rc.transport
+    transport._unreported["m-of-1"] = 1
+    transport._unreported["m-of-0"] = 0
+    pid = rc.engine_info(1)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert _until(lambda: 1 not in rc.ids)
+    assert _until(lambda: "m-of-1" not in transport._unreported)
+    assert "m-of-0" in transport._unreported

@@ -16,7 +16,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from jupyter_ext._interrupts import deferred_interrupts
+from jupyter_ext._interrupts import STALE, deferred_interrupts, long_deferred_interrupts
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -44,6 +44,29 @@ def test_nested_sections_deliver_one_interrupt_at_the_outermost_end():
             time.sleep(0.05)
         inner_done = True
     assert inner_done
+
+
+def test_a_long_section_holds_ctrl_c_past_the_usual_bound_nested_ones_too():
+    """An ordinary section older than STALE counts as cut short (Ctrl-C then goes
+    through); a long one does not, nor do sections nested in it."""
+    done = []
+    with pytest.raises(KeyboardInterrupt), long_deferred_interrupts():
+        time.sleep(STALE + 0.1)
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        done.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append(2)
+    assert done == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():  # (the usual bound)
+        time.sleep(STALE + 0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append(3)
+    assert done == [1, 2]
 
 
 def test_the_handler_that_was_there_gets_the_interrupt():
