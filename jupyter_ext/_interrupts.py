@@ -117,7 +117,8 @@ _SECTION = _Section()
 
 
 LONG_STALE = 60.0
-"""Seconds after which a :func:`long_deferred_interrupts` section counts as cut short."""
+"""Seconds after which a long section (``deferred_interrupts(long=True)``) counts as cut
+short."""
 
 
 class _LongSection(_Section):
@@ -137,34 +138,20 @@ class _LongSection(_Section):
         state.since = time.monotonic() + LONG_STALE - STALE  # (last: see STALE)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._since:
             _state.since = self._since.pop()
-        super().__exit__(kind, exc, tb)
+        super().__exit__(*exc)
 
 
-def deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
+def deferred_interrupts(long: bool = False) -> contextlib.AbstractContextManager[Any]:
     """A context in which Ctrl-C waits until the end (in the main thread; elsewhere, or
     when the SIGINT handler was set by C code and cannot be put back, nothing changes:
-    no interrupt is raised in another thread)."""
+    no interrupt is raised in another thread). ``long``: a section that may send many
+    messages (a reply taken in releases every request queued behind it), so may last
+    longer than :data:`STALE`; it still never waits."""
     if threading.current_thread() is not threading.main_thread():
         return _NOTHING
     if _signal.getsignal(signal.SIGINT) is None:
         return _NOTHING
-    return _SECTION
-
-
-def long_deferred_interrupts() -> contextlib.AbstractContextManager[Any]:
-    """:func:`deferred_interrupts` for a section that may send many messages (a reply
-    taken in releases every request queued behind it), so may last longer than
-    :data:`STALE`; it still never waits."""
-    if threading.current_thread() is not threading.main_thread():
-        return _NOTHING
-    if _signal.getsignal(signal.SIGINT) is None:
-        return _NOTHING
-    return _LongSection()
+    return _LongSection() if long else _SECTION

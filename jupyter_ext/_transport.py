@@ -55,7 +55,7 @@ from kernel_engine.errors import (
 
 from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
-from ._interrupts import deferred_interrupts, long_deferred_interrupts
+from ._interrupts import deferred_interrupts
 from ._io import IOThread
 from ._lanes import HereSocket
 from ._metadata import ExecuteReply, Metadata
@@ -442,7 +442,7 @@ class Transport:
                         except zmq.Again:
                             break
                     read = self._read_here(req, frames)
-                    with long_deferred_interrupts():  # (it may send many: see _take_here)
+                    with deferred_interrupts(long=True):  # (it may send many: see _take_here)
                         if self._take_here(req, frames, *read):
                             here.msg_id = ""  # (answered: the socket stays the thread's)
                         frames = None

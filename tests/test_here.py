@@ -272,34 +272,6 @@ def test_ctrl_c_right_after_the_send_leaves_nothing_waiting(rc, monkeypatch):
     assert rc[0].apply_sync(add, 3, 3) == 6
 
 
-def test_ctrl_c_while_a_reply_is_taken_in_sends_what_waited_behind_it(rc, monkeypatch):
-    """Taking its reply in, the calling thread sends the requests other threads queued
-    behind its call: a Ctrl-C then (a real signal) waits until they have left."""
-    _lanes_ready(rc)
-    transport = rc.transport
-    real_send = transport._send
-    main = threading.main_thread()
-
-    def send_interrupted(req: Any, path: str) -> bool:
-        if threading.current_thread() is main:
-            os.kill(os.getpid(), signal.SIGINT)  # (held back until the section's end)
-        return real_send(req, path)
-
-    monkeypatch.setattr(transport, "_send", send_interrupted)
-    queued: list[Any] = []
-    timer = threading.Timer(0.2, lambda: queued.append(rc[0].apply_async(add, 5, 5)))
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            rc[0].apply_sync(note, "slow", 0.6)
-    finally:
-        timer.join(TIMEOUT)
-    monkeypatch.undo()
-    assert queued[0].get(TIMEOUT) == 10
-    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
-    assert rc[0].execute("y = 1", block=False).wait(TIMEOUT)
-
-
 class SlowToLoad:
     """A result that takes ``seconds`` to unpickle in the client."""
 
@@ -373,26 +345,27 @@ def test_a_reply_after_the_controller_came_back_is_still_told_to_it(cluster_fact
     assert _until(told, 10), rc.transport.fetch_records([msg_id])
 
 
-def test_ctrl_c_in_a_long_release_waits_until_every_queued_request_has_left(rc, monkeypatch):
-    """Taking its reply in, the calling thread sends what other threads queued behind
-    it, however long that takes: a Ctrl-C (a real signal) waits for the end of it, past
-    the bound of an ordinary section."""
+@pytest.mark.parametrize("slow", [False, True])
+def test_ctrl_c_while_a_reply_is_taken_in_sends_what_waited_behind_it(rc, monkeypatch, slow):
+    """Taking its reply in, the calling thread sends the requests other threads queued
+    behind its call: a Ctrl-C then (a real signal) waits until they have all left, also
+    when that takes longer than an ordinary section's bound (``slow``)."""
     _lanes_ready(rc)
     transport = rc.transport
     real_send = transport._send
     main = threading.main_thread()
     releases: list[int] = []
 
-    def slow_release(req: Any, path: str) -> bool:
+    def interrupted_release(req: Any, path: str) -> bool:
         if threading.current_thread() is main:
             releases.append(1)
-            if len(releases) == 1:
-                time.sleep(0.4)  # (a release longer than an ordinary section lasts)
-            elif len(releases) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
+            if slow and len(releases) == 1:
+                time.sleep(0.4)
+            if len(releases) == 1 + slow:
+                os.kill(os.getpid(), signal.SIGINT)  # (held back until the section's end)
         return real_send(req, path)
 
-    monkeypatch.setattr(transport, "_send", slow_release)
+    monkeypatch.setattr(transport, "_send", interrupted_release)
     queued: list[Any] = []
 
     def queue() -> None:
@@ -409,6 +382,7 @@ def test_ctrl_c_in_a_long_release_waits_until_every_queued_request_has_left(rc, 
     assert len(releases) >= 20
     assert [ar.get(TIMEOUT) for ar in queued] == [i + 1 for i in range(20)]
     assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    assert rc[0].execute("y = 1", block=False).wait(TIMEOUT)
 
 
 def test_a_lost_engine_owes_the_controller_nothing(cluster_factory):

@@ -16,7 +16,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from jupyter_ext._interrupts import STALE, deferred_interrupts, long_deferred_interrupts
+from jupyter_ext._interrupts import STALE, deferred_interrupts
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -50,7 +50,7 @@ def test_a_long_section_holds_ctrl_c_past_the_usual_bound_nested_ones_too():
     """An ordinary section older than STALE counts as cut short (Ctrl-C then goes
     through); a long one does not, nor do sections nested in it."""
     done = []
-    with pytest.raises(KeyboardInterrupt), long_deferred_interrupts():
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts(long=True):
         time.sleep(STALE + 0.1)
         with deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
