@@ -186,6 +186,9 @@ def test_restore_by_cli_then_stop_after_another_death(cluster_factory):
         cluster.restart_controller_sync()
 
     _kill(cluster.controller_pid)
+    # (a request sent before the client sees its controller gone, within 0.5 s, is in
+    # flight when it does, and fails: the restore may be faster than that)
+    _wait("the client to see its controller gone", lambda: rc.transport.io.lost, rc=rc)
     out = px("start", "--restore", "--cluster-id", cluster.cluster_id)
     assert out.returncode == 0, out.stderr
     assert f"cluster {cluster.cluster_id} restored: 1 engines ready [0]" in out.stdout
