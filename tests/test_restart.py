@@ -320,6 +320,7 @@ def test_an_encrypted_cluster_restarts_with_its_keys(cluster_factory):
     connection = _connection(cluster.folder)
     assert connection["curve_serverkey"]
     _kill(cluster.controller_pid)
+    _wait("the client to see its controller gone", lambda: rc.transport.io.lost, rc=rc)
     cluster.restart_controller_sync()
     cluster_factory.pids.append(cluster.controller_pid)
     assert _connection(cluster.folder) == connection
