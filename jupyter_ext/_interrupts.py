@@ -126,21 +126,21 @@ class _LongSection(_Section):
     of which waits): while it runs, the sections count as stale only after
     :data:`LONG_STALE` s, nested ones included."""
 
-    __slots__ = ("_since",)
+    __slots__ = ("_since",)  # (the sections' start before it: one instance a section)
 
     def __init__(self) -> None:
-        self._since: list[float] = []
+        self._since: float | None = None
 
     def __enter__(self) -> _Section:
         super().__enter__()
         state = _state
-        self._since.append(state.since)
+        self._since = state.since
         state.since = time.monotonic() + LONG_STALE - STALE  # (last: see STALE)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._since:
-            _state.since = self._since.pop()
+        if self._since is not None:
+            _state.since = self._since
         super().__exit__(*exc)
 
 
