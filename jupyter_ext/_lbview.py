@@ -123,7 +123,7 @@ class LoadBalancedView(View):
 
     def _task_metadata(self) -> _TaskFlags:
         targets = None if self.targets is None else tuple(self._target_ids())
-        return _TaskFlags(
+        flags = _TaskFlags(
             protocol.TaskFlags(
                 targets=targets,
                 after=_dependency("after", self.after),
@@ -134,6 +134,12 @@ class LoadBalancedView(View):
                 label=protocol.check_label("label", self.label),
             )
         )
+        after, follow = flags.flags.after, flags.flags.follow
+        if after or follow:
+            self.transport.depend_on(
+                [*(after.msg_ids if after else ()), *(follow.msg_ids if follow else ())]
+            )
+        return flags
 
     def _submit(self, buffers: list[Any], track: bool, md: _TaskFlags) -> Request:
         if not self.transport.engines:

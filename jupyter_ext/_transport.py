@@ -538,6 +538,22 @@ class Transport:
         """Whether this client sends requests to the engines' task lanes itself."""
         return self.io.lanes is not None
 
+    def depend_on(self, msg_ids: Sequence[str]) -> None:
+        """Tasks about to be sent wait for ``msg_ids``: those that this client sent to
+        engines directly are watched, so that the controller hears at once when they
+        finish (not up to ``_lanes.FLUSH_EVERY`` later, which would hold the tasks back)."""
+        lanes = self.io.lanes
+        if lanes is None or not msg_ids:
+            return
+        live = self.requests.live
+        mine = [
+            m
+            for m in msg_ids
+            if (req := live.get(m)) is not None and (req.path is None or req.path in LANE_PATHS)
+        ]
+        if mine:
+            lanes.watch(mine)
+
     def submit_broadcast(
         self,
         targets: Sequence[int],

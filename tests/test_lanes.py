@@ -103,7 +103,37 @@ def test_load_balanced_task_after_a_direct_one(rc):
         later = lview.apply(lambda: time.time())
     finished = later.get(5)
     assert direct.get(5) == 5
-    assert finished >= direct.metadata["completed"].timestamp() - 0.01
+    done = direct.metadata["completed"].timestamp()
+    assert finished >= done - 0.01
+    # the controller heard at once that the direct task was done, not FLUSH_EVERY later
+    assert finished - done < 0.15
+
+
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+def test_notices_go_at_once_when_enough_wait(rc, monkeypatch, limit):
+    """Notices wait up to FLUSH_EVERY (here a minute), unless MAX_WAITING of them or
+    MAX_WAITING_BYTES of reply frames wait."""
+    import jupyter_ext._lanes as lanes_module
+
+    _wait_ready(rc, rc.ids)
+    monkeypatch.setattr(lanes_module, "FLUSH_EVERY", 60.0)
+    monkeypatch.setattr(lanes_module, "MAX_WAITING", 4 if limit == "count" else 1000)
+    monkeypatch.setattr(lanes_module, "MAX_WAITING_BYTES", 50_000)
+    with jx.Client(rc.connection_file) as other:
+        rc.queue_status()  # (sends what waited before)
+        small = [rc[0].apply_async(pow, 2, i) for i in range(3)]
+        assert [ar.get(5) for ar in small] == [1, 2, 4]
+        ids = [ar.msg_ids[0] for ar in small]
+        time.sleep(0.6)
+        assert not set(ids) & set(other.hub_history())  # still waiting
+        call = (pow, 2, 3) if limit == "count" else (bytes, 60_000)  # (a reply of 60 kB)
+        last = rc[0].apply_async(*call)
+        last.get(5)
+        ids.append(last.msg_ids[0])
+        deadline = time.monotonic() + 5
+        while not set(ids) <= set(other.hub_history()):
+            assert time.monotonic() < deadline, "the notices were not sent"
+            time.sleep(0.05)
 
 
 def test_interrupting_a_direct_task(rc):
