@@ -140,10 +140,13 @@ class HereSocket:
     otherwise the IO thread may close it (at the end), and it takes over one whose thread
     stopped waiting for its reply (Ctrl-C)."""
 
-    __slots__ = ("busy", "closed", "given", "lane", "msg_id", "socket", "thread")
+    __slots__ = ("busy", "closed", "given", "lane", "msg_id", "poller", "socket", "thread")
 
     def __init__(self, sock: zmq.Socket[Any], lane: _Lane):
         self.socket = sock
+        # (its thread's wait: made once, where ``socket.poll`` makes a poller every call)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
         self.lane = lane
         self.thread = threading.current_thread()
         self.busy = True

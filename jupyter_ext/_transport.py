@@ -433,7 +433,7 @@ class Transport:
         frames: list[Any] | None = None
         try:
             while not req.done() and not self.closed:
-                if not sock.poll(HERE_POLL_MS):
+                if not here.poller.poll(HERE_POLL_MS):
                     continue
                 while True:
                     with deferred_interrupts():
@@ -443,9 +443,12 @@ class Transport:
                             break
                     read = self._read_here(req, frames)
                     with deferred_interrupts(long=True):  # (it may send many: see _take_here)
-                        if self._take_here(req, frames, *read):
+                        answered = self._take_here(req, frames, *read)
+                        if answered:
                             here.msg_id = ""  # (answered: the socket stays the thread's)
                         frames = None
+                    if answered:  # (nothing else comes on it: no receive that finds none)
+                        break
         except BaseException as exc:
             self._leave_here(req, here, exc, frames)
             raise
