@@ -312,12 +312,16 @@ class IOThread:
                 sock.close(linger=0)
 
     def _close(self, lanes: DirectLanes | None) -> None:
-        self._notify(protocol.GOODBYE_NOTICE)
         if lanes is not None:  # (first: from then on, no socket is given to this thread)
             lanes.close_heres()
+            # (before the goodbye, on which the controller marks what this client sent to
+            # lanes and did not report as answered unknown)
+            with self._send_lock:
+                lanes.flush(self._sender)
+        self._notify(protocol.GOODBYE_NOTICE)
         with self._send_lock:
             if lanes is not None:
-                lanes.flush(self._sender)
+                lanes.flush(self._sender)  # (what other threads noted meanwhile)
                 lanes.close()
             self._sender.close(linger=1000)
             self._wake_out.close(linger=0)

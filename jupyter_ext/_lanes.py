@@ -329,14 +329,15 @@ class DirectLanes:
         lane = self.lanes.get(eid)
         return lane is not None and lane.ready
 
-    def start(self, eid: int, header: dict[str, Any], label: str | None) -> zmq.Socket[Any] | None:
+    def start(
+        self, eid: int, header: dict[str, Any], label: str | None
+    ) -> tuple[zmq.Socket[Any] | None, bool]:
         """Note a request about to go to ``eid``'s lane; returns the lane's socket (None
-        if the engine is gone)."""
+        if the engine is gone), and whether the IO thread needs waking (see :meth:`note`)."""
         lane = self.lanes.get(eid)
         if lane is None:
-            return None
-        self.note(eid, header, label)
-        return lane.socket
+            return None, False
+        return lane.socket, self.note(eid, header, label)
 
     def note(self, eid: int, header: dict[str, Any], label: str | None) -> bool:
         """Note a request about to go to ``eid``'s lane, for the controller; True if no

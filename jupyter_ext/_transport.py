@@ -649,13 +649,15 @@ class Transport:
             return True
         eid = req.engine_id
         lanes = self.io.lanes
-        lane = None
+        lane, first = None, False
         if lanes is not None and eid is not None:
-            lane = lanes.start(eid, req.header or {}, req.metadata.get("label"))
+            lane, first = lanes.start(eid, req.header or {}, req.metadata.get("label"))
         try:
             if lane is None:
                 raise zmq.ZMQError(msg="no lane")
             req.tracker = self.io.send(frames, track=req.track, lane=lane)
+            if first:
+                self.io.wake()  # (it sends the notices when they are due)
             return True
         except zmq.ZMQError:  # the lane closed under us: its engine just died
             if eid is not None:

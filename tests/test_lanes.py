@@ -136,6 +136,32 @@ def test_notices_go_at_once_when_enough_wait(rc, monkeypatch, limit):
             time.sleep(0.05)
 
 
+def test_a_client_closed_right_after_a_direct_call_leaves_its_record(rc):
+    """The notices that wait go before the goodbye (on which the controller marks what
+    the client did not report as answered as unknown)."""
+    for wait in ("get", "blocking"):
+        client = jx.Client(rc.connection_file)
+        try:
+            _wait_ready(client, client.ids)
+            if wait == "get":
+                ar = client[0].apply_async(_set_later, "closed_x", 7, 0.4)
+                assert ar.get(5) == 7
+                msg_id = ar.msg_ids[0]
+            else:
+                assert client[0].apply_sync(_set_later, "closed_x", 7, 0.4) == 7
+                msg_id = client.history[-1]
+        finally:
+            client.close()
+        deadline = time.monotonic() + 5
+        while (
+            status := rc.db_query({"msg_id": msg_id}, keys=["status"])[0]["status"]
+        ) == "pending":
+            assert time.monotonic() < deadline, "the record stayed pending"
+            time.sleep(0.05)
+        assert status == "ok", wait
+        assert rc.get_result(msg_id).get(5) == 7
+
+
 def test_interrupting_a_direct_task(rc):
     _wait_ready(rc, rc.ids)
     ar = rc[1].apply_async(time.sleep, 30)

@@ -171,6 +171,33 @@ def test_a_killed_controller_restarts_and_the_same_client_carries_on(cluster_fac
     assert [p.name for p in Path(cluster.folder).glob("e*-*") if p.is_socket()] == []
 
 
+def test_direct_calls_answered_just_before_the_controller_died_keep_their_outcome(
+    cluster_factory,
+):
+    """Their replies went to the client, whose notices of them had not left when the
+    controller was killed: the restarted controller waits for them (NOTICE_GRACE) before
+    it ends the records with the restart's error."""
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    lanes = rc.transport.io.lanes
+    _wait("the lanes", lambda: all(lanes.usable(i) for i in (0, 1)), rc=rc)
+    # (its sending was reported while it ran; its answer waits in the client)
+    slow = rc[0].apply_async(_sleep_then, 0.4, "slow")
+    assert slow.get(5) == "slow"
+    assert rc[1].apply_sync(_sleep_then, 0, "quick") == "quick"
+    quick = rc.history[-1]
+    _kill(cluster.controller_pid)
+    _wait("the client to see its controller gone", lambda: rc.transport.io.lost, rc=rc)
+    cluster.restart_controller_sync()
+    cluster_factory.pids.append(cluster.controller_pid)
+    for msg_id, value in ((slow.msg_ids[0], "slow"), (quick, "quick")):
+        record = _wait("the record", lambda m=msg_id: _ended(rc, m), timeout=20, rc=rc)
+        assert record["status"] == "ok", record
+        with jx.Client(cluster.cluster_id) as other:
+            assert other.get_result(msg_id).get(10) == value
+
+
 def test_restore_by_cli_then_stop_after_another_death(cluster_factory):
     cluster = cluster_factory(1, engine_grace=60)
     rc = cluster.start_and_connect_sync()

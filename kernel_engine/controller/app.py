@@ -338,7 +338,9 @@ class Controller:
             start_timeout,
             self._startup_done,
         )
-        self.restorer = Restorer(folder, self.wire, self.engines, self.hub, self.balancer.outcome)
+        self.restorer = Restorer(
+            folder, self.wire, self.engines, self.hub, self.balancer.outcome, self.loop.call_later
+        )
         self.router.adopting = self.restorer.adopting
         self._ticks = 0
         self._startup_reported = False

@@ -37,6 +37,13 @@ log = logging.getLogger("kernel_engine.controller")
 RESTARTED = "the controller restarted while this task was in flight"
 """How a record a dead controller left pending ends, when no reply was kept for it."""
 
+NOTICE_GRACE = 3.0
+"""Seconds a record left pending on an engine that was adopted waits before it is ended
+with an error. A request a client sent to the engine's lane directly was answered to
+the client, which tells the controller in its next notice of direct requests (up to
+0.25 s late, and only once its socket has reconnected to this controller): the notice
+then ends the record with its true outcome."""
+
 Outcome = Callable[[str, int | None, bool], None]
 
 
@@ -53,16 +60,26 @@ class Restorer:
         The engine set (which adopts) and the task records.
     outcome
         Tells load balancing how a record ended (its dependents may run).
+    call_later
+        ``call_later(delay, callback)``: a timer on the controller's loop (for
+        :data:`NOTICE_GRACE`; None: records are ended at once).
     """
 
     def __init__(
-        self, folder: Path, wire: wire.Wire, engines: EngineSet, hub: Hub, outcome: Outcome
+        self,
+        folder: Path,
+        wire: wire.Wire,
+        engines: EngineSet,
+        hub: Hub,
+        outcome: Outcome,
+        call_later: Callable[[float, Callable[[], None]], None] | None = None,
     ):
         self.folder = folder
         self.wire = wire
         self.engines = engines
         self.hub = hub
         self.outcome = outcome
+        self.call_later = call_later
         self.adopting: set[int] = set()
         # records left pending, by the engine they were on (None: not known)
         self._pending: dict[int | None, list[tuple[TaskRecord, dict[str, Any]]]] = {}
@@ -101,7 +118,7 @@ class Restorer:
         what it held and is still pending got none."""
         if eid in self.adopting:
             self.adopting.discard(eid)
-            self._end(eid)
+            self._end(eid, grace=NOTICE_GRACE)
 
     def engine_lost(self, eid: int, why: str) -> None:
         """Engine ``eid`` died (or refused) before it was adopted."""
@@ -109,12 +126,21 @@ class Restorer:
             self.adopting.discard(eid)
             self._end(eid, why)
 
-    def _end(self, eid: int | None, why: str = "no engine kept a reply for it") -> None:
-        """End the records left pending on engine ``eid``; those of no known engine once
-        no engine is left to adopt."""
+    def _end(
+        self, eid: int | None, why: str = "no engine kept a reply for it", grace: float = 0.0
+    ) -> None:
+        """End the records left pending on engine ``eid`` (after ``grace`` seconds, unless
+        a client's notice ends them first); those of no known engine once no engine is
+        left to adopt."""
         ended = self._pending.pop(eid, []) if eid is not None else []
+        if ended and grace and self.call_later is not None:
+            self.call_later(grace, lambda: self._fail_all(ended, why))
+            ended = []
         if not self.adopting:
             ended += self._pending.pop(None, [])
+        self._fail_all(ended, why)
+
+    def _fail_all(self, ended: list[tuple[TaskRecord, dict[str, Any]]], why: str) -> None:
         for record, header in ended:
             if self.hub.is_restored(record.msg_id):
                 self._fail(record, header, why)
