@@ -341,7 +341,8 @@ class DirectLanes:
 
     def note(self, eid: int, header: dict[str, Any], label: str | None) -> bool:
         """Note a request about to go to ``eid``'s lane, for the controller; True if no
-        other notice waited (the IO thread then needs to know when to send them)."""
+        other notice waited, or this one makes :data:`MAX_WAITING` (the IO thread then
+        needs to know when to send them)."""
         entry = protocol.DirectSubmitted(
             header["msg_id"], header["msg_type"], header["date"], eid, label
         )
@@ -350,7 +351,8 @@ class DirectLanes:
             if first:
                 self._first_pending = time.monotonic()
             self._submitted[entry.msg_id] = entry
-        return first
+            waiting = len(self._submitted) + len(self._completed) + len(self._done)
+        return first or waiting == MAX_WAITING
 
     # ----- a thread's own sockets
 

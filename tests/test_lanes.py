@@ -136,6 +136,30 @@ def test_notices_go_at_once_when_enough_wait(rc, monkeypatch, limit):
             time.sleep(0.05)
 
 
+def test_notices_go_as_soon_as_enough_wait_with_no_reply_to_wake_the_io_thread(rc, monkeypatch):
+    """The note that makes MAX_WAITING wakes the IO thread (which else sleeps up to a
+    quarter of a second) while nothing is answered."""
+    import jupyter_ext._lanes as lanes_module
+
+    _wait_ready(rc, rc.ids)
+    monkeypatch.setattr(lanes_module, "FLUSH_EVERY", 60.0)
+    monkeypatch.setattr(lanes_module, "MAX_WAITING", 4)
+    with jx.Client(rc.connection_file) as other:
+        delays = []
+        for _ in range(5):
+            rc.queue_status()  # (sends what waited before)
+            busy = [rc[0].apply_async(time.sleep, 0.6)]  # (nothing answered meanwhile)
+            t0 = time.monotonic()
+            busy += [rc[0].apply_async(abs, -i) for i in range(3)]
+            ids = {ar.msg_ids[0] for ar in busy}
+            while not ids <= set(other.hub_history()):
+                assert time.monotonic() - t0 < 5, "the notices were not sent"
+                time.sleep(0.005)
+            delays.append(time.monotonic() - t0)
+            assert [ar.get(5) for ar in busy] == [None, 0, 1, 2]
+        assert max(delays) < 0.15, delays
+
+
 def test_a_client_closed_right_after_a_direct_call_leaves_its_record(rc):
     """The notices that wait go before the goodbye (on which the controller marks what
     the client did not report as answered as unknown)."""
