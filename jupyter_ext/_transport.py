@@ -332,6 +332,7 @@ class Transport:
         md_extra: dict[str, Any] | None = None,
         wait: bool = False,
         on_sent: Callable[[str], None] | None = None,
+        here_later: list[tuple[Request, HereSocket]] | None = None,
     ) -> Request:
         """Send a request (any thread) and return it, a future the IO thread resolves.
 
@@ -344,6 +345,10 @@ class Transport:
         flight to that engine, it goes on the calling thread's own socket, and this
         returns once the thread has read the reply there itself (see :meth:`_wait_here`).
         ``on_sent(msg_id)`` is called once it has left (before that wait).
+
+        ``here_later``: a call that waits for several requests sends them all first: one
+        sent on the calling thread's own socket is added to this list, for
+        :meth:`wait_here_all` to wait for, instead of being waited for here.
         """
         if self.closed:
             raise RuntimeError("this Client is closed")
@@ -384,6 +389,8 @@ class Transport:
                     if here is not None:
                         self._send_here(req, here)
                         sent = True
+                        if here_later is not None:  # (its caller's to wait for, or leave)
+                            here_later.append((req, here))
                     elif path is not None:
                         self._send(req, path)
                     if on_sent is not None:
@@ -398,10 +405,10 @@ class Transport:
                         if here is not None:
                             lanes.here_done(here)  # type: ignore[union-attr]
                     raise
-            if here is not None:
+            if here is not None and here_later is None:
                 self._wait_here(req, here)
         except BaseException as exc:  # (Ctrl-C, held back until the section's end, say)
-            if sent:
+            if sent and here_later is None:
                 self._leave_here(req, here, exc, None)  # type: ignore[arg-type]
             raise
         return req
@@ -489,6 +496,7 @@ class Transport:
         here: HereSocket,
         exc: BaseException | None,
         frames: list[Any] | None,
+        interrupt: bool = True,
     ) -> None:
         """The calling thread stops waiting for ``req`` on its own socket before taking
         its reply in (``exc``: Ctrl-C, say; None: ``req`` ended another way). The IO
@@ -497,7 +505,8 @@ class Transport:
         told to the controller. Ctrl-C also interrupts the engine and waits
         :data:`INTERRUPT_GRACE` s at most for it, as a blocking call's wait does. Once
         only for a call (both of ``submit``'s handlers may come here); after its reply
-        was taken in, the socket simply stays the thread's."""
+        was taken in, the socket simply stays the thread's. ``interrupt``: False when the
+        caller interrupts (several requests at once, see :meth:`wait_here_all`)."""
         lanes = self.io.lanes
         assert lanes is not None
         if here.msg_id != req.msg_id:
@@ -515,10 +524,86 @@ class Transport:
 
             if lanes.abandon(here, lambda s: self.io.take_over(s, wanted)):
                 self.io.wake()
-        if isinstance(exc, KeyboardInterrupt) and not req.done():
-            with contextlib.suppress(Exception):
-                self.interrupt([msg_id])
-                concurrent.futures.wait([req], INTERRUPT_GRACE)
+        if interrupt and isinstance(exc, KeyboardInterrupt) and not req.done():
+            self._interrupt_and_wait([req])
+
+    def _interrupt_and_wait(self, reqs: list[Request]) -> None:
+        """After Ctrl-C in a blocking call: interrupt the engines running ``reqs`` and
+        wait :data:`INTERRUPT_GRACE` s at most for them to end."""
+        with contextlib.suppress(Exception):
+            self.interrupt([r.msg_id for r in reqs])
+            concurrent.futures.wait(reqs, INTERRUPT_GRACE)
+
+    def wait_here_all(self, pairs: list[tuple[Request, HereSocket]]) -> None:
+        """:meth:`_wait_here` for several requests at once, each on the calling thread's
+        own socket to its engine (``submit(here_later=pairs)``): returns once each has
+        ended; on any exception, gives the sockets of those not answered to the IO thread
+        (Ctrl-C also interrupts their engines, together) and raises it. ``pairs`` is
+        emptied as they are dealt with, so a caller that leaves them (see
+        :meth:`leave_here_all`) after an exception leaves none twice."""
+        poller = zmq.Poller()
+        for _, here in pairs:
+            poller.register(here.socket, zmq.POLLIN)
+        by_socket = {here.socket: (req, here) for req, here in pairs}
+        lanes = self.io.lanes
+        assert lanes is not None
+        frames: list[Any] | None = None
+        reading: tuple[Request, HereSocket] | None = None
+        try:
+            while pairs and not self.closed:
+                ended = [p for p in pairs if p[0].done()]  # (ended another way)
+                for req, here in ended:
+                    _drop_pair(pairs, here)
+                    poller.unregister(here.socket)
+                    self._leave_here(req, here, None, None)
+                if not pairs:
+                    break
+                for sock, _ in poller.poll(HERE_POLL_MS):
+                    reading = by_socket[sock]
+                    with deferred_interrupts():
+                        try:
+                            frames = wire.recv_frames(sock, wire.NOBLOCK)
+                        except zmq.Again:
+                            reading = None
+                            continue
+                    req, here = reading
+                    read = self._read_here(req, frames)
+                    with deferred_interrupts(long=True):  # (it may send many: see _take_here)
+                        answered = self._take_here(req, frames, *read)
+                        frames = None
+                        if answered:
+                            here.msg_id = ""  # (answered: the socket stays the thread's)
+                            _drop_pair(pairs, here)
+                            poller.unregister(sock)
+                            lanes.here_done(here)
+                    reading = None
+        except BaseException as exc:
+            got, frames = frames, None
+            self.leave_here_all(pairs, exc, reading, got)
+            raise
+        self.leave_here_all(pairs, None)  # (the client closed)
+        self.io.flush_if_due()
+
+    def leave_here_all(
+        self,
+        pairs: list[tuple[Request, HereSocket]],
+        exc: BaseException | None,
+        reading: tuple[Request, HereSocket] | None = None,
+        frames: list[Any] | None = None,
+    ) -> None:
+        """:meth:`_leave_here` for each of ``pairs`` (emptied), ``frames`` being a reply
+        read on ``reading``'s socket and not taken in; after Ctrl-C, their engines are
+        interrupted together."""
+        left = []
+        while pairs:
+            req, here = pairs.pop()
+            got = frames if reading is not None and reading[1] is here else None
+            self._leave_here(req, here, exc, got, False)
+            left.append(req)
+        if isinstance(exc, KeyboardInterrupt):
+            live = [r for r in left if not r.done()]
+            if live:
+                self._interrupt_and_wait(live)
 
     def submit_batch(
         self,
@@ -1299,3 +1384,8 @@ def _hub_error(reply: dict[str, Any]) -> Exception:
     if ename == "LaunchError":  # (engines it could not start: as when a cluster starts)
         return LaunchError(evalue)
     return RemoteError(ename, evalue)
+
+
+def _drop_pair(pairs: list[tuple[Request, HereSocket]], here: HereSocket) -> None:
+    """Take the pair of ``here`` out of ``pairs`` (by identity)."""
+    pairs[:] = [p for p in pairs if p[1] is not here]

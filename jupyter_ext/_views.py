@@ -297,6 +297,9 @@ class DirectView(View):
             segment = shm.share(buffers) if len(local) > 1 else None
         requests: list[Request] = []
         shared: list[Request] = []
+        # (a call that waits for several engines sends to each first, then waits for
+        # those sent on the thread's own sockets together)
+        here_later: list[Any] | None = [] if wait and len(targets) > 1 else None
         try:
             # (a segment goes in a broadcast only when every target maps it; then the
             # broadcast's one small message beats N sends, lanes or not)
@@ -335,12 +338,19 @@ class DirectView(View):
                     engine_id=t,
                     track=track,
                     md_extra={"label": self.label},
-                    wait=wait and len(targets) == 1,
+                    wait=wait,
                     on_sent=on_sent,
+                    here_later=here_later,
                 )
                 requests.append(request)
                 if content:
                     shared.append(request)
+            if here_later:
+                self.transport.wait_here_all(here_later)
+        except BaseException as exc:
+            if here_later:  # (sent, not waited for yet)
+                self.transport.leave_here_all(here_later, exc)
+            raise
         finally:
             if segment is not None:  # (its name goes once every engine has answered)
                 parts = Parts.of(shared)

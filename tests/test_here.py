@@ -398,3 +398,107 @@ def test_a_lost_engine_owes_the_controller_nothing(cluster_factory):
     assert _until(lambda: 1 not in rc.ids)
     assert _until(lambda: "m-of-1" not in transport._unreported)
     assert "m-of-0" in transport._unreported
+
+
+# ----- a blocking call to several engines: each reply read on the thread's own sockets
+
+
+def sleep_if(pid: int, seconds: float) -> int:
+    """Sleep ``seconds`` on the engine whose process is ``pid``; return the engine's pid."""
+    import os as _os
+    import time as _time
+
+    if _os.getpid() == pid:
+        _time.sleep(seconds)
+    return _os.getpid()
+
+
+def _busy_sockets(rc: Any) -> int:
+    return sum(1 for h in list(rc.transport.io.lanes._heres) if h.busy)
+
+
+def test_a_blocking_call_to_several_engines_reads_every_reply_itself(rc):
+    _lanes_ready(rc)
+    dv = rc[:]
+    busy: list[int] = []
+    timer = threading.Timer(0.3, lambda: busy.append(_busy_sockets(rc)))
+    timer.start()
+    before = len(rc.history)
+    assert dv.apply_sync(note, "x", 0.6)[0][-1] == "x"
+    timer.join(TIMEOUT)
+    assert busy == [2], "the replies were not read on the thread's own sockets"
+    msg_ids = rc.history[before:]
+    assert len(msg_ids) == 2
+    assert {rc.metadata[m]["engine_id"] for m in msg_ids} == {0, 1}
+    assert all(rc.metadata[m]["status"] == "ok" for m in msg_ids)
+    for _ in range(100):
+        assert dv.apply_sync(add, 1, 2) == [3, 3]
+    dv.push({"here_a": 5}, block=True)
+    assert dv.pull("here_a", block=True) == [5, 5]
+    with pytest.raises(jx.CompositeError, match="ZeroDivisionError"):
+        dv.apply_sync(lambda: 1 / 0)
+    assert not _live(rc)
+    assert not any(h.busy for h in _mine(rc).values())
+    other = jx.Client(rc.connection_file)
+    try:
+
+        def recorded() -> bool:
+            rows = other.db_query({"msg_id": {"$in": msg_ids}}, keys=["msg_id", "completed"])
+            return len(rows) == 2 and all(r["completed"] for r in rows)
+
+        assert _until(recorded, 5), "the controller never recorded the blocking calls"
+    finally:
+        other.close()
+
+
+def test_ctrl_c_in_a_blocking_call_to_several_engines_interrupts_them_together(rc):
+    _lanes_ready(rc)
+    busy: list[int] = []
+
+    def interrupt() -> None:
+        busy.append(_busy_sockets(rc))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    took = _stopped(lambda: rc[:].apply_sync(time.sleep, 20), interrupt, KeyboardInterrupt)
+    assert busy == [2], "the call did not wait on its own sockets"
+    assert took < 8, "the engines were not interrupted"
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    io = rc.transport.io
+    assert _until(lambda: not io._taken and not io._given), "the given sockets stayed open"
+    assert rc[:].apply_sync(add, 1, 1) == [2, 2]
+
+
+def test_ctrl_c_between_the_sends_to_several_engines_leaves_nothing_waiting(rc, monkeypatch):
+    """The interrupt comes after the first engine's request left and before the second's:
+    the first's socket goes to the IO thread, which reads its reply."""
+    _lanes_ready(rc)
+    transport = rc.transport
+    real = transport._send_here
+    sent: list[str] = []
+
+    def send_then_interrupt(req: Any, here: Any) -> None:
+        real(req, here)
+        sent.append(req.msg_id)
+        if len(sent) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(transport, "_send_here", send_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rc[:].apply_sync(note, "between", 0.3)
+    assert len(sent) == 1
+    monkeypatch.undo()
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    io = rc.transport.io
+    assert _until(lambda: not io._taken and not io._given), "the given socket stayed open"
+    assert rc[:].apply_sync(add, 2, 2) == [4, 4]
+
+
+def test_a_lost_engine_ends_a_blocking_call_to_several_engines(cluster_factory):
+    _, rc = cluster_factory.start(2)
+    _lanes_ready(rc)
+    pids = rc[:].apply_sync(os.getpid)
+    kill = lambda: os.kill(pids[1], signal.SIGKILL)  # noqa: E731
+    took = _stopped(lambda: rc[:].apply_sync(sleep_if, pids[1], 30), kill, jx.CompositeError)
+    assert took < 10
+    assert rc[0].apply_sync(add, 2, 2) == 4
+    assert not _live(rc)
