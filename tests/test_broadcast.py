@@ -269,16 +269,23 @@ def test_errors_are_per_engine(rc4) -> None:
 
 
 def _count_sends(rc, monkeypatch) -> list[bytes]:
-    """Record the first frame (the route) of every message the client sends."""
+    """Record the first frame (the route) of every message the client sends (``lane``
+    for one to an engine's lane, the calling thread's own socket's included)."""
     io = rc.transport.io
     routes: list[bytes] = []
     real = io.send
+    real_here = rc.transport._send_here
 
     def send(frames, track=False, lane=None):  # type: ignore[no-untyped-def]
         routes.append(b"lane" if lane is not None else frames[0])
         return real(frames, track=track, lane=lane)
 
+    def send_here(req, here):  # type: ignore[no-untyped-def]
+        routes.append(b"lane")
+        return real_here(req, here)
+
     monkeypatch.setattr(io, "send", send)
+    monkeypatch.setattr(rc.transport, "_send_here", send_here)
     return routes
 
 
