@@ -160,6 +160,7 @@ class Transport:
         self._probe_sent = 0.0
         self.closed = False
         self._welcomed = threading.Event()
+        self._loading = threading.local()  # (see wait_here_all, check_blocking)
         self.io = IOThread(
             self.info,
             self.wire,
@@ -467,11 +468,20 @@ class Transport:
 
     def _read_here(self, req: Request, frames: list[Any]) -> tuple[wire.Message, Any]:
         """A reply read on ``req``'s thread's own socket, and its result unpickled when it
-        answers ``req`` (None otherwise: taken in the general way)."""
+        answers ``req`` (None otherwise: taken in the general way).
+
+        A blocking call that code run by the unpickling makes, and that would wait in
+        the general way, is refused (:meth:`check_blocking`): it could wait behind ``req``
+        (or another reply of the same call) that only this thread takes in."""
         msg = self.wire.unpack(frames[1:])
         if msg.parent_id != req.msg_id or msg.content.get("status") != "ok":
             return msg, None
-        return msg, self.outcome(msg, req.metadata, req.msg_id)
+        loading = getattr(self._loading, "now", False)
+        self._loading.now = True
+        try:
+            return msg, self.outcome(msg, req.metadata, req.msg_id)
+        finally:
+            self._loading.now = loading
 
     def _take_here(self, req: Request, frames: list[Any], msg: wire.Message, outcome: Any) -> bool:
         """Take in the reply :meth:`_read_here` read (call with Ctrl-C held back, for as
@@ -534,7 +544,9 @@ class Transport:
             self.interrupt([r.msg_id for r in reqs])
             concurrent.futures.wait(reqs, INTERRUPT_GRACE)
 
-    def wait_here_all(self, pairs: list[tuple[Request, HereSocket]]) -> None:
+    def wait_here_all(
+        self, pairs: list[tuple[Request, HereSocket]], also: Sequence[Request] = ()
+    ) -> None:
         """:meth:`_wait_here` for several requests at once, each on the calling thread's
         own socket to its engine (``submit(here_later=pairs)``): returns once each has
         ended; on any exception, gives the sockets of those not answered to the IO thread
@@ -553,9 +565,10 @@ class Transport:
             while pairs and not self.closed:
                 ended = [p for p in pairs if p[0].done()]  # (ended another way)
                 for req, here in ended:
-                    _drop_pair(pairs, here)
-                    poller.unregister(here.socket)
-                    self._leave_here(req, here, None, None)
+                    with deferred_interrupts():  # (dropped and left, or neither)
+                        poller.unregister(here.socket)
+                        self._leave_here(req, here, None, None)
+                        _drop_pair(pairs, here)
                 if not pairs:
                     break
                 for sock, _ in poller.poll(HERE_POLL_MS):
@@ -579,7 +592,7 @@ class Transport:
                     reading = None
         except BaseException as exc:
             got, frames = frames, None
-            self.leave_here_all(pairs, exc, reading, got)
+            self.leave_here_all(pairs, exc, reading, got, also)
             raise
         self.leave_here_all(pairs, None)  # (the client closed)
         self.io.flush_if_due()
@@ -590,16 +603,19 @@ class Transport:
         exc: BaseException | None,
         reading: tuple[Request, HereSocket] | None = None,
         frames: list[Any] | None = None,
+        also: Sequence[Request] = (),
     ) -> None:
         """:meth:`_leave_here` for each of ``pairs`` (emptied), ``frames`` being a reply
         read on ``reading``'s socket and not taken in; after Ctrl-C, their engines are
         interrupted together."""
-        left = []
+        left = list(also)
         while pairs:
-            req, here = pairs.pop()
-            got = frames if reading is not None and reading[1] is here else None
-            self._leave_here(req, here, exc, got, False)
-            left.append(req)
+            with deferred_interrupts():  # (taken out of ``pairs`` once left, not before)
+                req, here = pairs[-1]
+                got = frames if reading is not None and reading[1] is here else None
+                self._leave_here(req, here, exc, got, False)
+                pairs.pop()
+                left.append(req)
         if isinstance(exc, KeyboardInterrupt):
             live = [r for r in left if not r.done()]
             if live:
@@ -1355,6 +1371,12 @@ class Transport:
             raise RuntimeError(
                 f"{what} would wait for ever: it was called on the client's IO thread "
                 "(from a done-callback?); wait from another thread, or chain futures"
+            )
+        if getattr(self._loading, "now", False):
+            raise RuntimeError(
+                f"{what} would wait for ever: it was called while the result of a blocking "
+                "call was loading (unpickling) on this thread, and could wait behind a "
+                "reply that only this thread takes in; make the call after the result loads"
             )
 
 

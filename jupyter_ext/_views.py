@@ -346,10 +346,11 @@ class DirectView(View):
                 if content:
                     shared.append(request)
             if here_later:
-                self.transport.wait_here_all(here_later)
+                self.transport.wait_here_all(here_later, _not_here(requests, here_later))
         except BaseException as exc:
-            if here_later:  # (sent, not waited for yet)
-                self.transport.leave_here_all(here_later, exc)
+            if here_later:  # (sent, not waited for yet; the others interrupted too)
+                also = _not_here(requests, here_later)
+                self.transport.leave_here_all(here_later, exc, also=also)
             raise
         finally:
             if segment is not None:  # (its name goes once every engine has answered)
@@ -638,3 +639,10 @@ class _GatherResult(AsyncResult):
         for p in parts:
             joined.extend(p)
         return joined
+
+
+def _not_here(requests: list[Request], pairs: list[Any]) -> list[Request]:
+    """The requests of a call that did not go on the calling thread's own sockets
+    (``pairs``: those that did, with their sockets)."""
+    mine = {id(r) for r, _ in pairs}
+    return [r for r in requests if id(r) not in mine]

@@ -469,28 +469,99 @@ def test_ctrl_c_in_a_blocking_call_to_several_engines_interrupts_them_together(r
 
 
 def test_ctrl_c_between_the_sends_to_several_engines_leaves_nothing_waiting(rc, monkeypatch):
-    """The interrupt comes after the first engine's request left and before the second's:
-    the first's socket goes to the IO thread, which reads its reply."""
+    """A real Ctrl-C during the first engine's send (held back to the end of its section):
+    the request that left goes to the IO thread (``leave_here_all``), which reads its
+    reply; its engine is interrupted."""
     _lanes_ready(rc)
     transport = rc.transport
-    real = transport._send_here
+    real_send, real_leave = transport._send_here, transport.leave_here_all
     sent: list[str] = []
+    left: list[int] = []
 
-    def send_then_interrupt(req: Any, here: Any) -> None:
-        real(req, here)
+    def send_then_ctrl_c(req: Any, here: Any) -> None:
+        real_send(req, here)
         sent.append(req.msg_id)
         if len(sent) == 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(transport, "_send_here", send_then_interrupt)
+    def leave(pairs: Any, *args: Any, **kwargs: Any) -> None:
+        left.append(len(pairs))
+        real_leave(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "_send_here", send_then_ctrl_c)
+    monkeypatch.setattr(transport, "leave_here_all", leave)
+    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        rc[:].apply_sync(note, "between", 0.3)
-    assert len(sent) == 1
+        rc[:].apply_sync(note, "between", 1.0)
     monkeypatch.undo()
-    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    assert len(sent) == 1 and left == [1]
+    assert time.monotonic() - started < 8
+    assert _until(lambda: not _live(rc), 8), f"left waiting: {_live(rc)}"
     io = rc.transport.io
     assert _until(lambda: not io._taken and not io._given), "the given socket stayed open"
     assert rc[:].apply_sync(add, 2, 2) == [4, 4]
+
+
+def test_ctrl_c_interrupts_the_engines_a_call_reached_through_the_controller(rc):
+    """Ctrl-C in a blocking call to several engines, one of them reached the general way
+    (its lane not answering yet): every engine is interrupted, not only the others."""
+    _lanes_ready(rc)
+    lanes = rc.transport.io.lanes
+    lanes.lanes[1].ready = False  # (as a lane that has not answered its ping yet)
+    try:
+        sigint = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+        took = _stopped(lambda: rc[:].apply_sync(time.sleep, 20), sigint, KeyboardInterrupt)
+        assert took < 8
+        assert _until(lambda: not _live(rc), 3), f"still running: {_live(rc)}"
+    finally:
+        lanes.lanes[1].ready = True
+    assert rc[:].apply_sync(add, 1, 2) == [3, 3]
+
+
+class NestedLoad:
+    """A result whose loading in the client makes a blocking call to engine 1."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __reduce__(self) -> Any:
+        return (_load_nested, (self.pid,))
+
+
+def _load_nested(pid: int) -> Any:
+    import builtins
+    import os as _os
+
+    rc = getattr(builtins, "_px_here_test_rc", None)  # (set in the client only)
+    return ("loaded", pid, None if rc is None else rc[1].apply_sync(_os.getpid))
+
+
+def nested_result(slow_pid: int) -> NestedLoad:
+    import os as _os
+    import time as _time
+
+    if _os.getpid() == slow_pid:
+        _time.sleep(0.5)
+    return NestedLoad(_os.getpid())
+
+
+def test_a_blocking_call_made_while_a_result_loads_is_refused_not_hung(rc):
+    """Engine 0's result loads while engine 1's reply still waits for this thread to read
+    it; the loading code's blocking call to engine 1 would wait behind it for ever."""
+    import builtins
+
+    _lanes_ready(rc)
+    pids = rc[:].apply_sync(os.getpid)
+    builtins._px_here_test_rc = rc  # type: ignore[attr-defined]
+    started = time.monotonic()
+    try:
+        with pytest.raises(jx.CompositeError, match="would wait for ever"):
+            rc[:].apply_sync(nested_result, pids[1])
+    finally:
+        del builtins._px_here_test_rc  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 10
+    assert _until(lambda: not _live(rc)), f"left waiting: {_live(rc)}"
+    assert rc[:].apply_sync(add, 1, 1) == [2, 2]
 
 
 def test_a_lost_engine_ends_a_blocking_call_to_several_engines(cluster_factory):
