@@ -84,6 +84,23 @@ def _lanes_ready_n(rc: Any, n: int) -> None:
     assert _until(lambda: len(lanes.lanes) >= n and not lanes.unready), "lanes never ready"
 
 
+def _recorded_elsewhere(rc: Any, msg_ids: list[str], first_result: Any = None) -> None:
+    """A second client finds the controller's records of ``msg_ids``, finished (and the
+    first one's result, when given)."""
+    other = jx.Client(rc.connection_file)
+    try:
+
+        def recorded() -> bool:
+            rows = other.db_query({"msg_id": {"$in": msg_ids}}, keys=["msg_id", "completed"])
+            return len(rows) == len(msg_ids) and all(r["completed"] for r in rows)
+
+        assert _until(recorded, 5), "the controller never recorded the blocking calls"
+        if first_result is not None:
+            assert other.get_result(msg_ids[0]).get(TIMEOUT) == first_result
+    finally:
+        other.close()
+
+
 def test_a_blocking_call_reads_its_reply_itself_and_is_recorded(rc):
     _lanes_ready(rc)
     before = len(rc.history)
@@ -99,18 +116,7 @@ def test_a_blocking_call_reads_its_reply_itself_and_is_recorded(rc):
         assert md["started"] is not None and md["completed"] is not None
         assert rc.results[msg_id] == value
     # the controller heard of both (a second client asks: its own notices go first)
-    other = jx.Client(rc.connection_file)
-    try:
-
-        def recorded() -> bool:
-            rows = other.db_query({"msg_id": {"$in": msg_ids}}, keys=["msg_id", "completed"])
-            return len(rows) == 2 and all(r["completed"] for r in rows)
-
-        assert _until(recorded, 5), "the controller never recorded the blocking calls"
-        got = other.get_result(msg_ids[0]).get(TIMEOUT)
-        assert got == 5
-    finally:
-        other.close()
+    _recorded_elsewhere(rc, msg_ids, first_result=5)
     # errors come back as they always did
     with pytest.raises(RemoteError, match="ZeroDivisionError"):
         rc[0].apply_sync(lambda: 1 / 0)
@@ -272,14 +278,14 @@ def test_ctrl_c_right_after_the_send_leaves_nothing_waiting(rc, monkeypatch):
     assert rc[0].apply_sync(add, 3, 3) == 6
 
 
-class SlowToLoad:
-    """A result that takes ``seconds`` to unpickle in the client."""
+class LoadsWith:
+    """A result that the client loads by calling ``loader(arg)`` (as it unpickles it)."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, loader: Any, arg: Any):
+        self.loader, self.arg = loader, arg
 
     def __reduce__(self) -> Any:
-        return (_load_slowly, (self.seconds,))
+        return (self.loader, (self.arg,))
 
 
 def _load_slowly(seconds: float) -> str:
@@ -289,7 +295,7 @@ def _load_slowly(seconds: float) -> str:
 
 def print_then(seconds: float) -> Any:
     print("hello")
-    return SlowToLoad(seconds)
+    return LoadsWith(_load_slowly, seconds)
 
 
 def test_output_is_not_counted_twice_while_a_result_loads(rc):
@@ -439,16 +445,7 @@ def test_a_blocking_call_to_several_engines_reads_every_reply_itself(rc):
         dv.apply_sync(lambda: 1 / 0)
     assert not _live(rc)
     assert not any(h.busy for h in _mine(rc).values())
-    other = jx.Client(rc.connection_file)
-    try:
-
-        def recorded() -> bool:
-            rows = other.db_query({"msg_id": {"$in": msg_ids}}, keys=["msg_id", "completed"])
-            return len(rows) == 2 and all(r["completed"] for r in rows)
-
-        assert _until(recorded, 5), "the controller never recorded the blocking calls"
-    finally:
-        other.close()
+    _recorded_elsewhere(rc, msg_ids)
 
 
 def test_ctrl_c_in_a_blocking_call_to_several_engines_interrupts_them_together(rc):
@@ -518,17 +515,8 @@ def test_ctrl_c_interrupts_the_engines_a_call_reached_through_the_controller(rc)
     assert rc[:].apply_sync(add, 1, 2) == [3, 3]
 
 
-class NestedLoad:
-    """A result whose loading in the client makes a blocking call to engine 1."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def __reduce__(self) -> Any:
-        return (_load_nested, (self.pid,))
-
-
 def _load_nested(pid: int) -> Any:
+    """Loading a result makes a blocking call to engine 1 (in the client only)."""
     import builtins
     import os as _os
 
@@ -536,13 +524,13 @@ def _load_nested(pid: int) -> Any:
     return ("loaded", pid, None if rc is None else rc[1].apply_sync(_os.getpid))
 
 
-def nested_result(slow_pid: int) -> NestedLoad:
+def nested_result(slow_pid: int) -> LoadsWith:
     import os as _os
     import time as _time
 
     if _os.getpid() == slow_pid:
         _time.sleep(0.5)
-    return NestedLoad(_os.getpid())
+    return LoadsWith(_load_nested, _os.getpid())
 
 
 def test_a_blocking_call_made_while_a_result_loads_is_refused_not_hung(rc):
