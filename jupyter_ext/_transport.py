@@ -160,7 +160,7 @@ class Transport:
         self._probe_sent = 0.0
         self.closed = False
         self._welcomed = threading.Event()
-        self._loading = threading.local()  # (see wait_here_all, check_blocking)
+        self._loading = threading.local()  # (see _read_here, check_blocking)
         self.io = IOThread(
             self.info,
             self.wire,
@@ -550,9 +550,10 @@ class Transport:
         """:meth:`_wait_here` for several requests at once, each on the calling thread's
         own socket to its engine (``submit(here_later=pairs)``): returns once each has
         ended; on any exception, gives the sockets of those not answered to the IO thread
-        (Ctrl-C also interrupts their engines, together) and raises it. ``pairs`` is
-        emptied as they are dealt with, so a caller that leaves them (see
-        :meth:`leave_here_all`) after an exception leaves none twice."""
+        (Ctrl-C also interrupts their engines, together with those of ``also``, the
+        call's requests that went the general way) and raises it. ``pairs`` is emptied as
+        they are dealt with, so a caller that leaves them (see :meth:`leave_here_all`)
+        after an exception leaves none twice."""
         poller = zmq.Poller()
         for _, here in pairs:
             poller.register(here.socket, zmq.POLLIN)
@@ -606,8 +607,8 @@ class Transport:
         also: Sequence[Request] = (),
     ) -> None:
         """:meth:`_leave_here` for each of ``pairs`` (emptied), ``frames`` being a reply
-        read on ``reading``'s socket and not taken in; after Ctrl-C, their engines are
-        interrupted together."""
+        read on ``reading``'s socket and not taken in; after Ctrl-C, their engines and
+        those running ``also`` are interrupted together."""
         left = list(also)
         while pairs:
             with deferred_interrupts():  # (taken out of ``pairs`` once left, not before)
