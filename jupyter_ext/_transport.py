@@ -344,7 +344,7 @@ class Transport:
         ``wait``: the caller waits for the request anyway (a blocking call). When it
         would go to an engine's lane directly with nothing else of this client's in
         flight to that engine, it goes on the calling thread's own socket, and this
-        returns once the thread has read the reply there itself (see :meth:`_wait_here`).
+        returns once the thread has read the reply there itself (see :meth:`wait_here_all`).
         ``on_sent(msg_id)`` is called once it has left (before that wait).
 
         ``here_later``: a call that waits for several requests sends them all first: one
@@ -367,6 +367,7 @@ class Transport:
             for hook in self._submit_hooks:  # (before it is sent: before any of its output)
                 hook(msg_id)
         lanes, here, sent = self.io.lanes, None, False
+        pairs = [] if here_later is None else here_later  # (sent on the thread's own socket)
         try:
             with deferred_interrupts():  # (taken into the table and sent, or neither)
                 if (
@@ -390,8 +391,7 @@ class Transport:
                     if here is not None:
                         self._send_here(req, here)
                         sent = True
-                        if here_later is not None:  # (its caller's to wait for, or leave)
-                            here_later.append((req, here))
+                        pairs.append((req, here))  # (waited for, or left: never neither)
                     elif path is not None:
                         self._send(req, path)
                     if on_sent is not None:
@@ -406,11 +406,11 @@ class Transport:
                         if here is not None:
                             lanes.here_done(here)  # type: ignore[union-attr]
                     raise
-            if here is not None and here_later is None:
-                self._wait_here(req, here)
+            if pairs and here_later is None:
+                self.wait_here_all(pairs)
         except BaseException as exc:  # (Ctrl-C, held back until the section's end, say)
-            if sent and here_later is None:
-                self._leave_here(req, here, exc, None)  # type: ignore[arg-type]
+            if here_later is None:
+                self.leave_here_all(pairs, exc)  # (what wait_here_all has not left)
             raise
         return req
 
@@ -423,48 +423,6 @@ class Transport:
         if lanes.note(req.engine_id, req.header or {}, req.metadata.get("label")):
             self.io.wake()  # (it sends the notices when they are due)
         req.tracker = wire.send_frames(here.socket, frames, track=req.track)
-
-    def _wait_here(self, req: Request, here: HereSocket) -> None:
-        """Read the reply to ``req`` on the calling thread's own socket and take it in as
-        the IO thread would have (two thread hand-offs less: see ``benchmarks/
-        roundtrip.py``). Returns when ``req`` has ended, whoever ended it (its engine or
-        the controller lost, the client closed: looked at every :data:`HERE_POLL_MS`).
-
-        Ctrl-C and the like: see :meth:`_leave_here`. A reply is read whole or not at
-        all, and the table takes it in with Ctrl-C held back (it may send requests other
-        threads queued behind this one); only reading the reply (unpickling) is
-        interrupted. When ``req`` ended another way, the socket goes to the IO thread
-        too, which reads the reply should it still come (to tell the controller)."""
-        lanes = self.io.lanes
-        assert lanes is not None
-        sock = here.socket
-        frames: list[Any] | None = None
-        try:
-            while not req.done() and not self.closed:
-                if not here.poller.poll(HERE_POLL_MS):
-                    continue
-                while True:
-                    with deferred_interrupts():
-                        try:
-                            frames = wire.recv_frames(sock, wire.NOBLOCK)
-                        except zmq.Again:
-                            break
-                    read = self._read_here(req, frames)
-                    with deferred_interrupts(long=True):  # (it may send many: see _take_here)
-                        answered = self._take_here(req, frames, *read)
-                        if answered:
-                            here.msg_id = ""  # (answered: the socket stays the thread's)
-                        frames = None
-                    if answered:  # (nothing else comes on it: no receive that finds none)
-                        break
-        except BaseException as exc:
-            self._leave_here(req, here, exc, frames)
-            raise
-        if here.msg_id == req.msg_id:  # (no reply of its own came: ended another way)
-            self._leave_here(req, here, None, None)
-        else:
-            lanes.here_done(here)
-        self.io.flush_if_due()
 
     def _read_here(self, req: Request, frames: list[Any]) -> tuple[wire.Message, Any]:
         """A reply read on ``req``'s thread's own socket, and its result unpickled when it
@@ -506,17 +464,13 @@ class Transport:
         here: HereSocket,
         exc: BaseException | None,
         frames: list[Any] | None,
-        interrupt: bool = True,
     ) -> None:
         """The calling thread stops waiting for ``req`` on its own socket before taking
         its reply in (``exc``: Ctrl-C, say; None: ``req`` ended another way). The IO
         thread takes the socket over, and ``frames`` (a reply read but not taken in) too,
         and reads what still comes while ``req`` is live or its outcome is still to be
-        told to the controller. Ctrl-C also interrupts the engine and waits
-        :data:`INTERRUPT_GRACE` s at most for it, as a blocking call's wait does. Once
-        only for a call (both of ``submit``'s handlers may come here); after its reply
-        was taken in, the socket simply stays the thread's. ``interrupt``: False when the
-        caller interrupts (several requests at once, see :meth:`wait_here_all`)."""
+        told to the controller (after Ctrl-C, :meth:`leave_here_all` interrupts the
+        engine). After its reply was taken in, the socket simply stays the thread's."""
         lanes = self.io.lanes
         assert lanes is not None
         if here.msg_id != req.msg_id:
@@ -534,28 +488,29 @@ class Transport:
 
             if lanes.abandon(here, lambda s: self.io.take_over(s, wanted)):
                 self.io.wake()
-        if interrupt and isinstance(exc, KeyboardInterrupt) and not req.done():
-            self._interrupt_and_wait([req])
-
-    def _interrupt_and_wait(self, reqs: list[Request]) -> None:
-        """After Ctrl-C in a blocking call: interrupt the engines running ``reqs`` and
-        wait :data:`INTERRUPT_GRACE` s at most for them to end."""
-        with contextlib.suppress(Exception):
-            self.interrupt([r.msg_id for r in reqs])
-            concurrent.futures.wait(reqs, INTERRUPT_GRACE)
 
     def wait_here_all(
         self, pairs: list[tuple[Request, HereSocket]], also: Sequence[Request] = ()
     ) -> None:
-        """:meth:`_wait_here` for several requests at once, each on the calling thread's
-        own socket to its engine (``submit(here_later=pairs)``): returns once each has
-        ended; on any exception, gives the sockets of those not answered to the IO thread
-        (Ctrl-C also interrupts their engines, together with those of ``also``, the
-        call's requests that went the general way) and raises it. ``pairs`` is emptied as
-        they are dealt with, so a caller that leaves them (see :meth:`leave_here_all`)
-        after an exception leaves none twice."""
-        poller = zmq.Poller()
-        for _, here in pairs:
+        """Read the replies to ``pairs``' requests, each on the calling thread's own socket
+        to its engine, and take them in as the IO thread would have (two thread hand-offs
+        less: see ``benchmarks/roundtrip.py``). Returns once each has ended, whoever ended
+        it (its engine or the controller lost, the client closed: looked at every
+        :data:`HERE_POLL_MS`); one that ended another way leaves its socket to the IO
+        thread, which reads the reply should it still come (to tell the controller).
+
+        A reply is read whole or not at all, and the table takes it in with Ctrl-C held
+        back (it may send requests other threads queued behind it); only reading it
+        (unpickling) is interrupted. On any exception, the sockets of those not answered
+        go to the IO thread (:meth:`leave_here_all`: after Ctrl-C, their engines and
+        those running ``also``, the call's requests that went the general way, are
+        interrupted together) and it is raised. ``pairs`` is emptied as they are dealt
+        with, so a caller that leaves them after an exception leaves none twice."""
+        # (a call to one engine polls with its socket's own poller: it ends once that
+        # pair is dealt with; a call to several unregisters each pair dealt with)
+        own = len(pairs) > 1
+        poller = zmq.Poller() if own else pairs[0][1].poller
+        for _, here in pairs if own else ():
             poller.register(here.socket, zmq.POLLIN)
         by_socket = {here.socket: (req, here) for req, here in pairs}
         lanes = self.io.lanes
@@ -567,7 +522,8 @@ class Transport:
                 ended = [p for p in pairs if p[0].done()]  # (ended another way)
                 for req, here in ended:
                     with deferred_interrupts():  # (dropped and left, or neither)
-                        poller.unregister(here.socket)
+                        if own:
+                            poller.unregister(here.socket)
                         self._leave_here(req, here, None, None)
                         _drop_pair(pairs, here)
                 if not pairs:
@@ -588,7 +544,8 @@ class Transport:
                         if answered:
                             here.msg_id = ""  # (answered: the socket stays the thread's)
                             _drop_pair(pairs, here)
-                            poller.unregister(sock)
+                            if own:
+                                poller.unregister(sock)
                             lanes.here_done(here)
                     reading = None
         except BaseException as exc:
@@ -614,13 +571,15 @@ class Transport:
             with deferred_interrupts():  # (taken out of ``pairs`` once left, not before)
                 req, here = pairs[-1]
                 got = frames if reading is not None and reading[1] is here else None
-                self._leave_here(req, here, exc, got, False)
+                self._leave_here(req, here, exc, got)
                 pairs.pop()
                 left.append(req)
         if isinstance(exc, KeyboardInterrupt):
             live = [r for r in left if not r.done()]
-            if live:
-                self._interrupt_and_wait(live)
+            if live:  # (as a blocking call's wait does: at most INTERRUPT_GRACE s)
+                with contextlib.suppress(Exception):
+                    self.interrupt([r.msg_id for r in live])
+                    concurrent.futures.wait(live, INTERRUPT_GRACE)
 
     def submit_batch(
         self,

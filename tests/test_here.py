@@ -258,16 +258,16 @@ def test_ctrl_c_right_after_the_send_leaves_nothing_waiting(rc, monkeypatch):
     begins): the socket still goes to the IO thread, which reads the reply."""
     _lanes_ready(rc)
     transport = rc.transport
-    real = transport._wait_here
+    real = transport.wait_here_all
     fired: list[int] = []
 
-    def interrupted(req: Any, here: Any) -> None:
+    def interrupted(pairs: Any, also: Any = ()) -> None:
         if not fired:
             fired.append(1)
             raise KeyboardInterrupt
-        real(req, here)
+        real(pairs, also)
 
-    monkeypatch.setattr(transport, "_wait_here", interrupted)
+    monkeypatch.setattr(transport, "wait_here_all", interrupted)
     view = rc[0]
     with pytest.raises(KeyboardInterrupt):
         view.apply_sync(add, 1, 1)
