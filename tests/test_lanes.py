@@ -109,6 +109,35 @@ def test_load_balanced_task_after_a_direct_one(rc):
     assert finished - done < 0.15
 
 
+def test_another_client_may_name_a_direct_task_at_once(rc):
+    """Another client hears of a direct call's msg_id before the controller does (its
+    client tells it up to FLUSH_EVERY later): a task that names it waits for it, where it
+    used to fail with InvalidDependency; a msg_id no one ever sends still fails so, after
+    the scheduler's grace."""
+    from kernel_engine.controller.balancer import UNKNOWN_GRACE
+
+    _wait_ready(rc, rc.ids)
+    other = jx.Client(rc.connection_file)
+    try:
+        lview = other.load_balanced_view()
+        # (the first runs past the grace: the controller heard of it while it ran)
+        for seconds in (UNKNOWN_GRACE + 0.5, 0.3, 0.3):
+            running = rc[0].apply_async(_set_later, "named_x", 3, seconds)
+            answered = rc[1].apply_async(os.getpid)
+            answered.get(5)
+            with lview.temp_flags(after=[running.msg_ids[0], answered.msg_ids[0]]):
+                later = lview.apply_async(time.time)
+            started = later.get(10)
+            assert started >= running.metadata["completed"].timestamp() - 0.01
+        with lview.temp_flags(after=["never-sent"]):
+            start = time.monotonic()
+            with pytest.raises(jx.InvalidDependency, match="never-sent"):
+                lview.apply_sync(abs, 1)
+        assert UNKNOWN_GRACE - 0.1 < time.monotonic() - start < UNKNOWN_GRACE + 3
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("limit", ["count", "bytes"])
 def test_notices_go_at_once_when_enough_wait(rc, monkeypatch, limit):
     """Notices wait up to FLUSH_EVERY (here a minute), unless MAX_WAITING of them or

@@ -427,6 +427,60 @@ def test_invalid_dependency() -> None:
     assert fails(sim.submit(task("w", after=dep("other_direct")))) == {"w": "InvalidDependency"}
 
 
+def test_unknown_dependency_waits_for_the_grace() -> None:
+    # the controller hears of a request sent outside load balancing a little after it
+    # was sent: a task that names it meanwhile waits for it, not fails
+    sim = Sim(Scheduler(unknown_grace=2.0))
+    assert sim.submit(task("t", after=dep("direct"))) == []
+    assert sim.s.next_deadline() == 2.0
+    sim.s.heard_of("direct")
+    assert sim.tick(2.0) == [] and sim.schedule() == []  # known now: waits for its outcome
+    sim.direct_done("direct", 0, True)
+    assert dispatched(sim.schedule()) == {0: ["t"]}
+
+    sim.now = 10.0
+    assert sim.submit(task("u", after=dep("ghost", "direct2"), retries=1)) == []
+    assert sim.submit(task("child", after=dep("u"))) == []
+    sim.direct_done("direct2", 1, True)  # an outcome is news enough
+    assert sim.tick(11.9) == []
+    acts = sim.tick(12.0)
+    assert fails(acts) == {"u": "InvalidDependency", "child": "ImpossibleDependency"}
+    reason = next(a.reason for a in acts if isinstance(a, Fail) and a.msg_id == "u")
+    assert "ghost" in reason and "direct2" not in reason
+    assert sim.s.knows("u")  # (a failed task is a known, failed, dependency)
+
+
+def test_unknown_dependency_never_makes_a_cycle_or_a_leak() -> None:
+    sim = Sim(Scheduler(unknown_grace=2.0))
+    # a task naming itself, or one submitted after it, fails at once, grace or not: so
+    # a task only ever waits for tasks submitted before it (no cycle can form)
+    assert fails(sim.submit(task("self", after=dep("self", "x")))) == {"self": "InvalidDependency"}
+    assert sim.submit(task("early", after=dep("late"))) == []
+    assert sim.submit(task("early2", after=dep("late", "a"), follow=dep("late"))) == []
+    acts = sim.submit(task("late", after=dep("early")))
+    expected = {"early": "InvalidDependency", "early2": "InvalidDependency"}
+    assert fails(acts) == {**expected, "late": "ImpossibleDependency"}  # (late named early)
+    assert "submitted after" in acts[0].reason  # type: ignore[union-attr]
+    assert fails(sim.submit(task("on_time"))) == {}
+    assert fails(sim.submit(task("after_it", after=dep("on_time")))) == {}
+    sim.run()
+    assert sim.finals["after_it"] == ["ok"]
+    # a task that ends otherwise while it waits drops what it waited on, unknown
+    sim.submit(task("timed", after=dep("ghost1"), timeout=0.5))
+    sim.submit(task("aborted", after=dep("ghost2", "ghost3")))
+    sim.submit(task("gone", b"other", after=dep("ghost3")))
+    assert fails(sim.tick(0.5)) == {"timed": "DependencyTimeout"}
+    assert fails(sim.s.abort(["aborted"], 0.5)) == {"aborted": "TaskAborted"}
+    assert fails(sim.s.drop_client(b"other", 0.5)) == {"gone": "TaskAborted"}
+    assert sim.tick(10.0) == [] and sim.s.pending() == 0
+    assert sim.s._unknown == {} and sim.s._waiting == {}
+    # many tasks naming many unknown ids: each ends in time linear in what it names
+    for i in range(200):
+        sim.submit(task(f"m{i}", after=dep(*(f"g{j}" for j in range(2000)))))
+    assert len(fails(sim.tick(20.0))) == 200
+    assert sim.s._unknown == {} and sim.s._waiting == {}
+
+
 def test_empty_dependency_is_met() -> None:
     sim = Sim(Scheduler())
     sim.submit(task("t", after=dep(), follow=dep(all=False)))
@@ -555,10 +609,16 @@ def test_dag_runs_in_topological_order() -> None:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
     rng = random.Random(seed)
-    sim = Sim(Scheduler(hwm=rng.choice([0, 1, 2, 4]), max_batch=rng.choice([1, 3, 32])))
+    grace = 0.0 if seed % 2 else 6.0
+    sim = Sim(
+        Scheduler(
+            hwm=rng.choice([0, 1, 2, 4]), max_batch=rng.choice([1, 3, 32]), unknown_grace=grace
+        )
+    )
     next_eid = 2
     direct: list[str] = []
     ids: list[str] = []
+    upcoming: list[str] = []  # direct requests named before the scheduler hears of them
 
     def random_dep() -> Dependency | None:
         pool = ids + direct + list(sim.outcome)
@@ -567,6 +627,9 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
         names = set(rng.sample(pool, min(len(pool), rng.randint(1, 3))))
         if rng.random() < 0.03:
             names.add("ghost")
+        if rng.random() < 0.05:
+            upcoming.append(f"u{seed}-{len(ids)}-{len(upcoming)}")
+            names.add(upcoming[-1])
         return Dependency(frozenset(names), rng.random() < 0.7, rng.random() < 0.9,
                           rng.random() < 0.3)  # fmt: skip
 
@@ -599,8 +662,12 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
         elif r < 0.94 and ids:
             sim.apply(sim.s.abort(rng.sample(ids, min(len(ids), 3)), sim.now))
         elif r < 0.97:
-            direct.append(f"d{seed}-{step}")
-            sim.s.note_known(direct[-1])
+            if upcoming and rng.random() < 0.9:
+                direct.append(upcoming.pop(0))
+                sim.s.heard_of(direct[-1])
+            else:
+                direct.append(f"d{seed}-{step}")
+                sim.s.note_known(direct[-1])
         elif direct:
             sim.direct_done(direct.pop(0), rng.randrange(next_eid), rng.random() < 0.8)
         for eid, ms in sim.running.items():
@@ -618,6 +685,7 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
             break
     assert sim.s.pending() == 0
     assert all(len(sim.finals[m]) == 1 for m in ids), [m for m in ids if len(sim.finals[m]) != 1]
+    assert not sim.s._unknown
 
 
 # ---- batches of tasks (a client's map in one message) ---------------------------------------

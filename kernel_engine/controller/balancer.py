@@ -44,6 +44,12 @@ for each task (4% of the controller's loop with tiny tasks, measured with py-spy
 FLAGS_KEPT_BYTES = 4096
 """Metadata frames longer than this are checked each time, not kept."""
 
+UNKNOWN_GRACE = 2.0
+"""Seconds a task waits on a dependency no record names yet before it fails with
+InvalidDependency: a client tells the controller of the requests it sends to engines
+itself up to 0.25 s later (``jupyter_ext._lanes.FLUSH_EVERY``), so another client that
+names one at once would otherwise be refused (see :class:`.scheduler.Scheduler`)."""
+
 
 def _dependency(spec: protocol.DependencySpec | None) -> Dependency | None:
     if spec is None:
@@ -88,7 +94,7 @@ class Balancer:
         self.inflight = inflight
         self.hub = hub
         self.send_client = send_client
-        self.scheduler = Scheduler(hwm=hwm, max_batch=max_batch)
+        self.scheduler = Scheduler(hwm=hwm, max_batch=max_batch, unknown_grace=UNKNOWN_GRACE)
         self.tasks: dict[str, _Queued] = {}
         self._flags: dict[bytes, protocol.TaskFlags] = {}  # metadata frame -> its flags
 
@@ -208,6 +214,11 @@ class Balancer:
             self.tasks.pop(msg_id, None)
         self.apply(actions)
         return final
+
+    def heard_of(self, msg_id: str) -> None:
+        """A request outside load balancing was recorded: tasks that named it before
+        the controller heard of it wait for its outcome now."""
+        self.scheduler.heard_of(msg_id)
 
     def outcome(self, msg_id: str, engine_id: int | None, success: bool) -> None:
         """A request outside load balancing finished (its dependents may run now)."""

@@ -120,6 +120,7 @@ class Router:
             wire.header_date(msg.header),
             request=frames[1:] if keep_request else None,  # (from the header on)
         )
+        self.balancer.heard_of(msg.msg_id)
         self.engines.send(eid, channel, [client, wire.DELIM, *frames])
 
     def post(self, client: bytes, eid: int, frames: list[Any]) -> None:
@@ -276,6 +277,7 @@ class Router:
             self.drops.drop("a direct notice naming a msg_id seen before")
             return False
         self.hub.submitted(sub.msg_id, sub.msg_type, client, sub.engine_id, sub.date, sub.label)
+        self.balancer.heard_of(sub.msg_id)
         if not in_flight:
             return True
         header = {"msg_id": sub.msg_id, "msg_type": sub.msg_type, "date": sub.date}

@@ -102,7 +102,8 @@ class _Deps:  # incremental state of a Dependency; "located" deps count only on 
 
 class _Job:
     __slots__ = ("aborting", "after", "avoid", "deadline", "eid", "fixed", "follow", "gen",
-                 "interrupted", "limit", "mid", "refused", "retries", "state", "task")  # fmt: skip
+                 "interrupted", "limit", "mid", "refused", "retries", "state", "task",
+                 "unknown", "unknown_until")  # fmt: skip
 
     def __init__(self, task: Task, after: _Deps | None, follow: _Deps | None) -> None:
         self.task, self.mid, self.after, self.follow = task, task.msg_id, after, follow
@@ -112,6 +113,8 @@ class _Job:
         self.avoid: int | None = None  # soft: the engine the last attempt failed on
         self.deadline: float | None = None
         self.interrupted = self.aborting = False
+        self.unknown: set[str] | None = None  # dependencies not known yet (unknown_grace)
+        self.unknown_until = 0.0
 
 
 class Scheduler:
@@ -137,11 +140,26 @@ class Scheduler:
         Most msg_ids in one :class:`Dispatch`.
     max_outcomes : int
         Most outcomes (and known msg_ids) remembered.
+    unknown_grace : float
+        Seconds a task may wait on dependencies the scheduler has not heard of, for
+        :meth:`heard_of`, :meth:`note_known` or :meth:`record_outcome` to name them (a
+        request sent outside load balancing, which the controller hears of a little
+        later); then it fails with InvalidDependency. 0: at once. A msg_id submitted as a
+        task after another task named it fails that task at once: a task may only
+        depend on tasks submitted before it, so dependencies never form a cycle.
     """
 
-    def __init__(self, hwm: int = 4, max_batch: int = 32, max_outcomes: int = 10_000) -> None:
+    def __init__(
+        self,
+        hwm: int = 4,
+        max_batch: int = 32,
+        max_outcomes: int = 10_000,
+        unknown_grace: float = 0.0,
+    ) -> None:
         self.hwm, self.max_batch = max(hwm, 0), max(max_batch, 1)
         self.max_outcomes = max(max_outcomes, 1)
+        self.unknown_grace = max(unknown_grace, 0.0)
+        self._unknown: dict[str, dict[_Job, None]] = {}  # unknown dep msg_id -> jobs naming it
         self._order: deque[str] = deque()  # outcomes and known ids, oldest first (evicted first)
         self._inflight: dict[int, dict[str, None]] = {}  # live engines: ordered msg_id sets
         self._last: dict[int, int] = {}  # engine -> when it was last given a task
@@ -149,7 +167,7 @@ class Scheduler:
         self._jobs: dict[str, _Job] = {}  # every task without a final outcome
         self._outcomes: dict[str, tuple[int | None, bool]] = {}
         self._known: set[str] = set()
-        self._waiting: dict[str, list[_Job]] = {}  # dep msg_id -> jobs depending on it
+        self._waiting: dict[str, dict[_Job, None]] = {}  # dep msg_id -> jobs depending on it
         self._queues: dict[bytes, deque[tuple[int, _Job]]] = {}  # ready jobs per client
         self._rr: deque[bytes] = deque()  # clients with a queue, round-robin order
         self._parked: dict[int, deque[tuple[int, _Job]]] = {}
@@ -191,6 +209,14 @@ class Scheduler:
         if msg_id not in self._jobs and msg_id not in self._outcomes:
             self._known.add(msg_id)
             self._remember(msg_id)
+            if self._unknown:
+                self._now_known(msg_id)
+
+    def heard_of(self, msg_id: str) -> None:
+        """A request outside load balancing was made: :meth:`note_known` if a task waits
+        on ``msg_id`` as an unknown dependency (a dict lookup otherwise)."""
+        if msg_id in self._unknown:
+            self.note_known(msg_id)
 
     def record_outcome(self, msg_id: str, eid: int | None, success: bool) -> list[Action]:
         """Record that ``msg_id`` finished on ``eid``; wakes dependents (may fail some). Ignored
@@ -212,16 +238,26 @@ class Scheduler:
                 raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
         if not isinstance(task.retries, int) or task.retries < 0:
             raise ValueError(f"retries must be an int at least 0, not {task.retries!r}")
+        if mid in self._unknown:  # named before it was submitted: see unknown_grace
+            for job in self._unknown.pop(mid):
+                if job.state != DONE:
+                    why = f"unknown dependencies: {mid} (submitted after this task)"
+                    self._fail(job, "InvalidDependency", why, out)
         ids = {m for d in (task.after, task.follow) if d is not None for m in d.msg_ids}
         known = (self._jobs, self._outcomes, self._known)
         bad = sorted(m for m in ids if m == mid or not any(m in k for k in known))
-        if bad:
+        if bad and (not self.unknown_grace or mid in ids):
             out.append(Fail(mid, "InvalidDependency", f"unknown dependencies: {', '.join(bad)}"))
             self._finish(mid, None, False, out)
             return out
         self._jobs[mid] = job = _Job(task, self._deps(task.after), self._deps(task.follow, True))
         for m in ids.difference(self._outcomes):  # (iterates ids, not all outcomes)
-            self._waiting.setdefault(m, []).append(job)
+            self._waiting.setdefault(m, {})[job] = None
+        if bad:
+            job.unknown, job.unknown_until = set(bad), now + self.unknown_grace
+            for m in bad:
+                self._unknown.setdefault(m, {})[job] = None
+            heapq.heappush(self._timers, (job.unknown_until, next(self._count), job))
         if task.targets is not None or job.follow is not None:
             self._placed[mid] = job
         job.deadline = now + task.timeout if task.timeout and ids else None
@@ -290,6 +326,9 @@ class Scheduler:
             job = heapq.heappop(self._timers)[2]
             if job.state == BLOCKED and job.deadline is not None and job.deadline <= now:
                 self._fail(job, "DependencyTimeout", f"not met within {job.task.timeout}s", out)
+            elif job.state == BLOCKED and job.unknown and job.unknown_until <= now:
+                why = f"unknown dependencies: {', '.join(sorted(job.unknown))}"
+                self._fail(job, "InvalidDependency", why, out)
             elif job.state == RUNNING and job.limit <= now and not job.interrupted:
                 job.interrupted = True
                 out.append(Interrupt(job.eid, job.mid))
@@ -375,6 +414,24 @@ class Scheduler:
             if old not in self._jobs:
                 self._outcomes.pop(old, None)
                 self._known.discard(old)
+
+    def _now_known(self, msg_id: str) -> None:
+        """Tasks that named ``msg_id`` before it was known now just wait for it."""
+        for job in self._unknown.pop(msg_id, ()):
+            if job.unknown:
+                job.unknown.discard(msg_id)
+
+    def _drop_unknown(self, job: _Job) -> None:
+        """A job that ended forgets the dependencies it waited on, unknown (which may
+        never come: nothing else would remove its entries)."""
+        for m in job.unknown or ():
+            for table in (self._unknown, self._waiting):
+                jobs = table.get(m)
+                if jobs is not None:
+                    jobs.pop(job, None)
+                    if not jobs:
+                        del table[m]
+        job.unknown = None
 
     def _deps(self, spec: Dependency | None, located: bool = False) -> _Deps | None:
         return _Deps(spec, located, self._outcomes) if spec and spec.msg_ids else None
@@ -510,6 +567,10 @@ class Scheduler:
             mid, where, ok = stack.pop()
             if (job := self._jobs.pop(mid, None)) is not None:
                 self._move(job, DONE)
+                if job.unknown:
+                    self._drop_unknown(job)
+            if self._unknown:
+                self._now_known(mid)
             self._placed.pop(mid, None)
             self._outcomes[mid] = (where, ok)
             self._known.discard(mid)
