@@ -291,16 +291,17 @@ class DirectView(View):
         for each request sent to one target, as it leaves."""
         metadata = {"label": self.label} if self.label else None
         segment, local = None, set()
-        if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
-            engines = self.transport.engines
-            local = {t for t in targets if shm.is_local(engines.get(t))}
-            segment = shm.share(buffers) if len(local) > 1 else None
         requests: list[Request] = []
         shared: list[Request] = []
         # (a call that waits for several engines sends to each first, then waits for
         # those sent on the thread's own sockets together)
         here_later: list[Any] | None = [] if wait and len(targets) > 1 else None
         try:
+            # (in the try: a Ctrl-C just after the segment is made still releases it)
+            if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
+                engines = self.transport.engines
+                local = {t for t in targets if shm.is_local(engines.get(t))}
+                segment = shm.share(buffers) if len(local) > 1 else None
             # (a segment goes in a broadcast only when every target maps it; then the
             # broadcast's one small message beats N sends, lanes or not)
             by_segment = segment is not None and len(targets) >= SEGMENT_FAN_OUT

@@ -184,24 +184,25 @@ def share(frames: Sequence[Any]) -> Segment | None:
     name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
     path = os.path.join(SHM_DIR, name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        log.debug("no shared-memory segment (%s): sending buffers as messages", exc)
-        return None
     segment = Segment(name, size, layout)
+    # (named live before the file exists, and unlinked on any exception, Ctrl-C's
+    # KeyboardInterrupt included: no step leaves a file that nothing removes)
     with _live_lock:
         _live.add(name)
     try:
+        fd = os.open(path, flags, 0o600)
         try:
             os.ftruncate(fd, size)
             for index, offset, _ in layout:
                 _write_all(fd, memoryview(frames[index]).cast("B"), offset)
         finally:
             os.close(fd)
-    except OSError as exc:  # (write(2) on a full tmpfs says ENOSPC; no SIGBUS as with mmap)
+    except BaseException as exc:
         segment.unlink()
-        log.debug("shared-memory segment failed (%s): sending buffers as messages", exc)
+        if not isinstance(exc, OSError):
+            raise
+        # (no /dev/shm, or write(2) on a full tmpfs says ENOSPC; no SIGBUS as with mmap)
+        log.debug("no shared-memory segment (%s): sending buffers as messages", exc)
         return None
     return segment
 

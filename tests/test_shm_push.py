@@ -100,6 +100,28 @@ def test_segment_goes_when_the_last_request_is_done() -> None:
     assert segment.name not in os.listdir(shm.SHM_DIR)
 
 
+def test_an_interrupt_while_a_segment_is_made_leaves_no_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frames = _frames(shm.THRESHOLD)
+    for step in ("_write_all", "os.ftruncate"):
+
+        def interrupted(*args: Any) -> None:
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(shm, "_write_all", interrupted) if step == "_write_all" else (
+                patch.setattr(shm.os, "ftruncate", interrupted)
+            )
+            with pytest.raises(KeyboardInterrupt):
+                shm.share(frames)
+        assert _mine() == [] and shm.live_segments() == [], step
+    with monkeypatch.context() as patch:  # (a full /dev/shm: no segment, buffers by message)
+        patch.setattr(shm.os, "ftruncate", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+        assert shm.share(frames) is None
+    assert _mine() == [] and shm.live_segments() == []
+
+
 def test_stale_segments_of_dead_clients_are_swept() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=10)
@@ -255,6 +277,41 @@ def test_push_to_four_engines_costs_one_copy(rc4: Any) -> None:
         rc4[0].execute("a[0] = 1.0", block=True)
     assert _mine() == []
     dv.execute("a = None", block=True)
+
+
+def test_an_interrupt_just_after_the_segment_is_made_releases_it(
+    rc4: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C's KeyboardInterrupt comes at the first call after share() returned (where
+    # Python runs signal handlers); it used to come before the try that releases the
+    # segment, which then stayed until the client's process exited
+    from jupyter_ext._views import DirectView
+
+    real, code, armed = shm.share, DirectView._send_apply.__code__, []
+
+    def share_and_arm(frames: Any) -> Any:
+        segment = real(frames)
+        armed.append(segment)
+        return segment
+
+    def interrupt_next_call(frame: Any, event: str, arg: Any) -> None:
+        caller = frame if event == "c_call" else frame.f_back
+        if armed and event in ("call", "c_call") and caller and caller.f_code is code:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shm, "share", share_and_arm)
+    sys.setprofile(interrupt_next_call)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rc4[:].push({"a": np.ones(2 * shm.THRESHOLD, dtype=np.uint8)}, block=True)
+    finally:
+        sys.setprofile(None)
+    assert armed and armed[0] is not None
+    assert _mine() == [] and shm.live_segments() == []
+    monkeypatch.setattr(shm, "share", real)
+    rc4[:].push({"a": 1}, block=True)  # (the views work on)
+    assert rc4[:].pull("a", block=True) == [1] * 4
 
 
 def test_single_engine_and_small_arrays_keep_the_zmq_path(rc4: Any) -> None:
