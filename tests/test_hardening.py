@@ -412,6 +412,52 @@ def test_another_client_sees_a_failed_tasks_real_error(rc):
 # ----- 7. memory that must shrink, and history that must not grow
 
 
+@pytest.mark.parametrize("path", ["lane", "load-balanced", "cell"])
+def test_interrupts_at_any_moment_end_tasks_never_the_engine_nor_a_reply(cluster_factory, path):
+    """SIGINT every 0.5 ms at an engine serving requests: a request it cuts short ends
+    with KeyboardInterrupt, every request is answered, and the engine lives on. An
+    interrupt that fell between a task's end and the lane's handler swap left the loop
+    and ended the engine; one between a cell's end and its reply lost the reply, and
+    every later request to that engine waited behind it."""
+    _, rc = cluster_factory.start(1)
+    pid = rc[0].apply_sync(os.getpid)
+    view = rc.load_balanced_view()
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.wait(0.0005):
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                return
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    outcomes: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if path == "lane":
+                ar = rc[0].apply_async(abs, -1)
+            elif path == "load-balanced":
+                ar = view.map_async(abs, range(20))
+            else:
+                ar = rc[0].execute("x = sum(range(1000))", block=False)
+            try:
+                ar.get(10)
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            except (jx.RemoteError, jx.CompositeError) as exc:
+                assert "KeyboardInterrupt" in str(exc), exc
+                outcomes["interrupted"] = outcomes.get("interrupted", 0) + 1
+    finally:
+        stop.set()
+        flooder.join(5)
+    assert outcomes.get("interrupted", 0) > 0, outcomes  # (the interrupts reached tasks)
+    assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    assert rc[0].apply_sync(os.getpid) == pid
+    assert rc[0].execute("y = 1", block=True).get(10) is not None
+
+
 def test_client_history_and_results_are_bounded(rc):
     with jx.Client(rc.connection_file, max_results=50) as small:
         view = small.load_balanced_view()

@@ -13,7 +13,9 @@ an engine on another host, whose process the controller cannot signal).
 
 from __future__ import annotations
 
+import _signal
 import os
+import signal
 import socket
 import sys
 import time
@@ -26,8 +28,10 @@ from traitlets import Integer, Unicode
 from kernel_engine import protocol
 from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
 
-from .lane import TaskLane
+from .lane import Interruptible, TaskLane, interrupt_user_code
 from .usage import Usage
+
+_SIGINT = int(signal.SIGINT)
 
 
 def without_debugger() -> None:
@@ -113,6 +117,40 @@ class EngineKernel(IPythonKernel):
             await super().execute_request(stream, ident, parent)
         finally:
             self.current_task = None
+
+    # Interrupts (SIGINT: jupyter_client's interrupt, the controller's time limits) cut
+    # user code short and nothing else. ipykernel's hooks install Python's
+    # default_int_handler for every shell message, so an interrupt raised anywhere in
+    # its handling: one between the cell's end and its reply lost the reply (ipykernel
+    # logs "KeyboardInterrupt caught in kernel" and sends none), and every later request
+    # to the engine waited behind it; one pending when the hook put the handler back
+    # raised out of ipykernel's dispatch.
+
+    def pre_handler_hook(self) -> None:
+        self.saved_sigint_handler = _signal.signal(_SIGINT, interrupt_user_code)
+
+    def post_handler_hook(self) -> None:
+        _signal.signal(_SIGINT, self.saved_sigint_handler)
+
+    async def do_execute(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """ipykernel's, with interrupts armed; one that escapes IPython's own handling of
+        the cell (raised in its steps around the code) still gets an error reply."""
+        outer, Interruptible.armed = Interruptible.armed, True
+        try:
+            return await super().do_execute(*args, **kwargs)  # type: ignore[no-any-return]
+        except KeyboardInterrupt:
+            Interruptible.armed = False
+            return {
+                "status": "error",
+                "ename": "KeyboardInterrupt",
+                "evalue": "interrupted",
+                "traceback": [],
+                "execution_count": self.execution_count,
+                "user_expressions": {},
+                "payload": [],
+            }
+        finally:
+            Interruptible.armed = outer
 
     async def px_engine_status_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]

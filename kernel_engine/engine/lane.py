@@ -61,6 +61,23 @@ MAX_KEPT_BYTES = 256 * 1024 * 1024
 """Bytes of replies kept for a controller that is gone, at most."""
 
 _SIGINT = int(signal.SIGINT)
+
+
+class Interruptible:
+    """Whether an interrupt (SIGINT) may cut what runs short now: user code (a task, a
+    cell) runs armed; the engine's own steps around it do not."""
+
+    armed = False
+
+
+def interrupt_user_code(signum: int, frame: Any) -> None:
+    """SIGINT's handler while the engine handles a request: KeyboardInterrupt in user
+    code; dropped anywhere else. Raised in the engine's own steps (after a task ended,
+    while its error was written up, in the swap of handlers back), it left the lane's
+    loop and ended the engine, or lost a cell's reply."""
+    if Interruptible.armed:
+        raise KeyboardInterrupt
+
 _OK = {"status": "ok"}
 _OK_JSON = wire.dumps_json(_OK)
 """The content of a successful reply, encoded once (it is the same for every task)."""
@@ -341,10 +358,12 @@ class TaskLane:
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
         # (the C function: signal.signal converts both handlers to and from enums, an
         # exception caught on each call when the handler is a function)
-        saved_sigint = _signal.signal(_SIGINT, signal.default_int_handler)
+        saved_sigint = _signal.signal(_SIGINT, interrupt_user_code)
+        outer = Interruptible.armed  # (a cell awaiting meanwhile: armed again after)
         buffers: list[Any] = []
         content: dict[str, Any]
         try:
+            Interruptible.armed = True
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
@@ -353,18 +372,25 @@ class TaskLane:
             kernel.current_task = (msg.msg_id, task_name(f, args), time.time())
             result = f(*args, **kwargs)
             buffers = dumps_result(result)
+            Interruptible.armed = False
             content = {"status": "ok"}
         except SerializationError as exc:
+            Interruptible.armed = False
             content = protocol.error_content(
                 "SerializationError", f"the result could not be sent back: {exc}"
             )
         except BaseException as exc:
+            Interruptible.armed = False  # (first: no handler runs between the raise and here)
             content = protocol.error_content(type(exc).__name__, str(exc), format_traceback(exc))
             if type(exc).__name__ == "UnmetDependency":
                 content["px_error"] = "UnmetDependency"
         finally:
+            Interruptible.armed = False
             kernel.current_task = None
+            # (a SIGINT pending now runs interrupt_user_code, disarmed, before the swap:
+            # with default_int_handler it raised here, out of the lane)
             _signal.signal(_SIGINT, saved_sigint)
+            Interruptible.armed = outer
             sys.stdout, sys.stderr = saved_out, saved_err
             if out.parts:
                 saved_out.flush()
