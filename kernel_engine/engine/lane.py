@@ -78,6 +78,7 @@ def interrupt_user_code(signum: int, frame: Any) -> None:
     if Interruptible.armed:
         raise KeyboardInterrupt
 
+
 _OK = {"status": "ok"}
 _OK_JSON = wire.dumps_json(_OK)
 """The content of a successful reply, encoded once (it is the same for every task)."""
