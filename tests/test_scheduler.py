@@ -481,6 +481,39 @@ def test_unknown_dependency_never_makes_a_cycle_or_a_leak() -> None:
     assert sim.s._unknown == {} and sim.s._waiting == {}
 
 
+def test_a_task_that_may_run_counts_an_unknown_dependency_as_failed() -> None:
+    # (an any-of dependency met: it is not failed, nor interrupted, by what it named)
+    sim = Sim(Scheduler(unknown_grace=2.0, hwm=4), engines=(0,))
+    sim.submit(task("t", after=dep("x")))  # its grace timer: no time limit to interrupt
+    sim.now = 0.3
+    sim.s.heard_of("x")
+    sim.direct_done("x", 0, True)
+    assert dispatched(sim.schedule()) == {0: ["t"]}
+    assert sim.tick(2.0) == []
+    sim.finish("t")
+    # a task submitted under an id that a running task named: the running one runs on
+    sim.submit(task("a"))
+    sim.run()
+    sim.submit(task("j", after=dep("a", "y", all=False), retries=1))
+    sim.submit(task("k", retries=1))
+    assert dispatched(sim.schedule()) == {0: ["j", "k"]}
+    assert fails(sim.submit(task("y"))) == {}
+    assert sorted(sim.s.in_flight(0)) == ["j", "k"]
+    assert sim.remove(0) and sim.s.pending() == 3  # (retried: no KeyError, none lost)
+    sim.add(1)
+    sim.run()
+    assert [sim.finals[m] for m in ("j", "k", "y")] == [["ok"]] * 3
+    # one still unknown at its grace's end counts as failed for a task that could run:
+    # it never waits on it later (here its follow's engine dies, and it has none left)
+    sim.submit(task("b"))
+    sim.run()
+    sim.submit(task("f", follow=dep("b", "ghost", all=False)))
+    sim.tick(sim.now + 5.0)
+    sim.remove(1)
+    assert fails(sim.tick(sim.now + 1.0)) == {} and sim.finals["f"] == ["Fail:ImpossibleDependency"]
+    assert sim.s.pending() == 0 and not sim.s._unknown and not sim.s._waiting
+
+
 def test_empty_dependency_is_met() -> None:
     sim = Sim(Scheduler())
     sim.submit(task("t", after=dep(), follow=dep(all=False)))
@@ -685,7 +718,7 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
             break
     assert sim.s.pending() == 0
     assert all(len(sim.finals[m]) == 1 for m in ids), [m for m in ids if len(sim.finals[m]) != 1]
-    assert not sim.s._unknown
+    assert not sim.s._unknown and not sim.s._waiting
 
 
 # ---- batches of tasks (a client's map in one message) ---------------------------------------

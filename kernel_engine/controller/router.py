@@ -313,8 +313,8 @@ class Router:
         return frames
 
     def _direct_completed(self, done: protocol.DirectCompleted, frames: list[Any] | None) -> None:
-        if done.engine_id is not None:
-            self.balancer.outcome(done.msg_id, done.engine_id, done.status == "ok")
+        # (with no engine too: a request the client failed itself; dependents wait for it)
+        self.balancer.outcome(done.msg_id, done.engine_id, done.status == "ok")
         self.hub.completed(done.msg_id, done.status, done.started, done.completed, frames)
 
     def fail_engine(self, engine_id: int, reason: str) -> None:

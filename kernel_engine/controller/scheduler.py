@@ -89,6 +89,10 @@ class _Deps:  # incremental state of a Dependency; "located" deps count only on 
         for m in spec.msg_ids & done.keys():
             self.add(*done[m])
 
+    def void(self) -> None:  # one of its msg_ids will never count
+        self.pending -= 1
+        self.bad += 1
+
     def add(self, eid: int | None, success: bool) -> None:
         self.pending -= 1
         counts = self.spec.success if success else self.spec.failure
@@ -146,7 +150,9 @@ class Scheduler:
         request sent outside load balancing, which the controller hears of a little
         later); then it fails with InvalidDependency. 0: at once. A msg_id submitted as a
         task after another task named it fails that task at once: a task may only
-        depend on tasks submitted before it, so dependencies never form a cycle.
+        depend on tasks submitted before it, so dependencies never form a cycle. (A task
+        that may run already, an any-of dependency met, is not failed: such an id, or one
+        still unknown when its grace ends, counts as a failed dependency of it.)
     """
 
     def __init__(
@@ -239,10 +245,13 @@ class Scheduler:
         if not isinstance(task.retries, int) or task.retries < 0:
             raise ValueError(f"retries must be an int at least 0, not {task.retries!r}")
         if mid in self._unknown:  # named before it was submitted: see unknown_grace
-            for job in self._unknown.pop(mid):
-                if job.state != DONE:
+            for job in list(self._unknown[mid]):
+                if job.state == BLOCKED:
                     why = f"unknown dependencies: {mid} (submitted after this task)"
                     self._fail(job, "InvalidDependency", why, out)
+                elif job.state != DONE:  # (an any-of met already: it may run, or runs)
+                    self._void(job, (mid,))
+            self._unknown.pop(mid, None)
         ids = {m for d in (task.after, task.follow) if d is not None for m in d.msg_ids}
         known = (self._jobs, self._outcomes, self._known)
         bad = sorted(m for m in ids if m == mid or not any(m in k for k in known))
@@ -324,12 +333,24 @@ class Scheduler:
         out: list[Action] = []
         while self._timers and self._timers[0][0] <= now:
             job = heapq.heappop(self._timers)[2]
+            if job.state == DONE:
+                continue
+            if job.unknown and job.unknown_until <= now:
+                if job.state == BLOCKED:
+                    why = f"unknown dependencies: {', '.join(sorted(job.unknown))}"
+                    self._fail(job, "InvalidDependency", why, out)
+                    continue
+                # (an any-of met already: those still unknown count as failed for it,
+                # so that it never waits on them later, after a retry, say)
+                self._void(job, tuple(job.unknown))
             if job.state == BLOCKED and job.deadline is not None and job.deadline <= now:
                 self._fail(job, "DependencyTimeout", f"not met within {job.task.timeout}s", out)
-            elif job.state == BLOCKED and job.unknown and job.unknown_until <= now:
-                why = f"unknown dependencies: {', '.join(sorted(job.unknown))}"
-                self._fail(job, "InvalidDependency", why, out)
-            elif job.state == RUNNING and job.limit <= now and not job.interrupted:
+            elif (
+                job.state == RUNNING
+                and job.task.time_limit is not None  # (not another timer's entry)
+                and job.limit <= now
+                and not job.interrupted
+            ):
                 job.interrupted = True
                 out.append(Interrupt(job.eid, job.mid))
         return out
@@ -425,13 +446,26 @@ class Scheduler:
         """A job that ended forgets the dependencies it waited on, unknown (which may
         never come: nothing else would remove its entries)."""
         for m in job.unknown or ():
-            for table in (self._unknown, self._waiting):
-                jobs = table.get(m)
-                if jobs is not None:
-                    jobs.pop(job, None)
-                    if not jobs:
-                        del table[m]
+            self._unlink(job, m)
         job.unknown = None
+
+    def _void(self, job: _Job, msg_ids: tuple[str, ...]) -> None:
+        """Count these unknown dependencies of ``job`` as failed: it waits on them no more."""
+        for m in msg_ids:
+            if job.unknown:
+                job.unknown.discard(m)
+            self._unlink(job, m)
+            for d in (job.after, job.follow):
+                if d is not None and m in d.spec.msg_ids:
+                    d.void()
+
+    def _unlink(self, job: _Job, msg_id: str) -> None:
+        for table in (self._unknown, self._waiting):
+            jobs = table.get(msg_id)
+            if jobs is not None:
+                jobs.pop(job, None)
+                if not jobs:
+                    del table[msg_id]
 
     def _deps(self, spec: Dependency | None, located: bool = False) -> _Deps | None:
         return _Deps(spec, located, self._outcomes) if spec and spec.msg_ids else None
