@@ -393,7 +393,9 @@ def test_a_blocking_call_in_a_done_callback_raises_instead_of_hanging(rc):
             seen.append(exc)
         done.set()
 
-    rc[0].apply_async(abs, 1).add_done_callback(callback)
+    # (a task that takes a while: one done before add_done_callback runs the callback
+    # at once, on this thread, where a blocking call is fine; a loaded machine did that)
+    rc[0].apply_async(time.sleep, 0.3).add_done_callback(callback)
     assert done.wait(5)
     assert isinstance(seen[0], RuntimeError) and "IO thread" in str(seen[0])
     assert rc[0].apply_sync(abs, -2) == 2  # the client is fine
