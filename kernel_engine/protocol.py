@@ -73,6 +73,12 @@ ENGINE_ABORT_REPLY = "px_abort_reply"
 # ``interrupt_request`` instead.
 ENGINE_SIGNAL_REQUEST = "px_engine_signal_request"
 ENGINE_SIGNAL_REPLY = "px_engine_signal_reply"
+# Sent on an engine's control channel to interrupt requests, ``{"msg_ids": [...]}``: the
+# one the engine runs now (it sends itself SIGINT) and any of them that starts later (it
+# ends with KeyboardInterrupt as it starts, and does not run). A bare SIGINT that reached
+# an engine before the request it was meant for was lost, and the request ran in full.
+ENGINE_INTERRUPT_REQUEST = "px_interrupt_request"
+ENGINE_INTERRUPT_REPLY = "px_interrupt_reply"
 
 # A client checks that a lane's replies reach it before sending tasks to it directly.
 LANE_PING_REQUEST = "px_lane_ping_request"

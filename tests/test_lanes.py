@@ -225,6 +225,28 @@ def test_interrupting_a_direct_task(rc):
     assert rc[1].apply_sync(abs, -3) == 3
 
 
+@pytest.mark.parametrize("path", ["lane", "cell"])
+def test_an_interrupt_meant_for_a_request_not_started_yet_is_not_lost(rc, path):
+    """A bare SIGINT hit whatever ran on the engine (here the request before), and the
+    one it was meant for ran in full when its turn came; the engine is now told which
+    requests to interrupt."""
+    _wait_ready(rc, rc.ids)
+    rc[1].execute("meant_ran = False", block=True)
+    if path == "lane":
+        first = rc[1].apply_async(_set_later, "first_done", 1, 0.8)
+        meant = rc[1].apply_async(_set_later, "meant_ran", True, 0.0)  # (waits behind it)
+    else:
+        first = rc[1].execute("import time; time.sleep(0.8); first_done = 1", block=False)
+        meant = rc[1].execute("meant_ran = True", block=False)
+    time.sleep(0.3)
+    assert rc.transport.interrupt(meant.msg_ids) == [1]
+    with pytest.raises(jx.RemoteError, match="KeyboardInterrupt"):
+        meant.get(10)
+    first.get(10)  # (not its target: it ran to its end)
+    assert rc[1].pull(["first_done", "meant_ran"], block=True) == [1, False]
+    assert rc[1].apply_sync(abs, -3) == 3
+
+
 def test_lanes_can_be_switched_off(rc, monkeypatch):
     monkeypatch.setenv("JUPYTER_PX_DIRECT", "0")
     with jx.Client(rc.connection_file) as routed:

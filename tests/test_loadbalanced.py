@@ -228,6 +228,19 @@ def test_time_limit_interrupts_and_fails_with_task_timeout(view):
     assert view.apply_sync(lambda: "engine still usable") == "engine still usable"
 
 
+def test_a_time_limit_interrupts_its_own_task_not_the_one_before_it(view):
+    """A task's time limit counts from its dispatch; when it runs out while the task
+    still waits behind another on its engine, the task ends as it starts (TaskTimeout),
+    and the one running there is not the one interrupted."""
+    with view.temp_flags(targets=[0]):
+        first = view.apply_async(time.sleep, 1.0)
+        with view.temp_flags(time_limit=0.3):
+            limited = view.apply_async(lambda: "ran")
+    with pytest.raises(jx.TaskTimeout):
+        limited.get(10)
+    assert first.get(10) is None
+
+
 def test_abort_queued_tasks(view, rc):
     blockers = [view.apply_async(time.sleep, 0.5) for _ in range(len(rc) * 20)]
     last = view.apply_async(lambda: "never")

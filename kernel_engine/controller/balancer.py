@@ -286,7 +286,9 @@ class Balancer:
     def _interrupt(self, action: Interrupt) -> None:
         if action.msg_id in self.scheduler.in_flight(action.eid):
             try:
-                self.engines.signal(action.eid, signal.SIGINT)
+                # (the task, not whatever runs: it may still wait behind others there)
+                if not self.engines.interrupt(action.eid, (action.msg_id,)):
+                    self.engines.signal(action.eid, signal.SIGINT)
             except (KeyError, ValueError) as exc:
                 log.error("could not interrupt engine %i: %s", action.eid, exc)
 

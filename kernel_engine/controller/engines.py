@@ -466,7 +466,7 @@ class EngineSet:
         if msg.msg_type == protocol.ENGINE_STATUS_REPLY:
             if engine.state == "ready":
                 self.on_report(engine, msg.content)
-        elif msg.msg_type == protocol.ENGINE_SIGNAL_REPLY:
+        elif msg.msg_type in (protocol.ENGINE_SIGNAL_REPLY, protocol.ENGINE_INTERRUPT_REPLY):
             if msg.content.get("status") != "ok":
                 why = str(msg.content.get("evalue", "no reason given"))[:200]
                 log.warning("engine %i refused a signal: %s", engine.id, why)
@@ -749,6 +749,17 @@ class EngineSet:
                 return f"engine {eid} runs on {engine.hostname or 'another host'}: {exc}"
             return None
         return None if engine.km is not None else f"engine {eid} was not started by this controller"
+
+    def interrupt(self, eid: int, msg_ids: tuple[str, ...]) -> bool:
+        """Interrupt these requests on engine ``eid`` (see
+        :data:`protocol.ENGINE_INTERRUPT_REQUEST`: unlike a bare SIGINT, one that has not
+        started yet is not missed); False if it has no control channel to ask on."""
+        engine = self.engines[eid]
+        control = engine.sockets.get("control")
+        if control is None or engine.state != "ready":
+            return False
+        self.wire.send(control, protocol.ENGINE_INTERRUPT_REQUEST, {"msg_ids": list(msg_ids)})
+        return True
 
     def signal(self, eid: int, signum: int) -> None:
         """Send a signal to an engine's process (SIGINT through its kernel manager). An

@@ -7,6 +7,7 @@ Each request's content is parsed into its typed structure first
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -232,8 +233,10 @@ class HubRequests:
             why = self.engines.signal_problem(eid, request.signum)
             if why is not None:
                 raise ValueError(why)
+        named = request.msg_ids if request.signum == signal.SIGINT else None
         for eid in targets:
-            self.engines.signal(eid, request.signum)
+            if named is None or not self.engines.interrupt(eid, named):
+                self.engines.signal(eid, request.signum)
         return {"targets": targets}, []
 
     def _shutdown(self, request: protocol.ShutdownRequest, msg: Message, client: bytes) -> Answer:

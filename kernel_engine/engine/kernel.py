@@ -25,7 +25,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Any as AnyTrait
 from traitlets import Integer, Unicode
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
 
 from .lane import Interruptible, TaskLane, interrupt_user_code
@@ -81,16 +81,23 @@ class EngineKernel(IPythonKernel):
         protocol.ENGINE_ADOPT_REQUEST,
         protocol.ENGINE_STATUS_REQUEST,
         protocol.ENGINE_SIGNAL_REQUEST,
+        protocol.ENGINE_INTERRUPT_REQUEST,
     ]
 
     current_task: tuple[str, str, float] | None = None
     """(msg_id, function name, Unix time started) of what the main thread runs, if any: a
     plain attribute, set per task by the lane (and per cell), read by the control thread."""
     _usage: Usage | None = None
+    interrupted: wire.SeenWindow = wire.SeenWindow(0)
+    """msg_ids to interrupt (:data:`protocol.ENGINE_INTERRUPT_REQUEST`): one that starts
+    ends at once; added by the control thread, read by the main thread as a request
+    starts (after it sets :attr:`current_task`, which the control thread reads after
+    adding: one of the two sees the other, so no interrupt is lost)."""
 
     def start(self) -> None:
         """Start ipykernel's channels, then the task lane on the same (main) event loop."""
         super().start()
+        self.interrupted = wire.SeenWindow(16384)
         self._usage = Usage()  # (a first report tells the CPU used since the start)
         if self.lane_socket is not None:
             self.lane = TaskLane(self, self.lane_socket)
@@ -137,6 +144,8 @@ class EngineKernel(IPythonKernel):
         the cell (raised in its steps around the code) still gets an error reply."""
         outer, Interruptible.armed = Interruptible.armed, True
         try:
+            if self.interrupt_due():
+                raise KeyboardInterrupt
             return await super().do_execute(*args, **kwargs)  # type: ignore[no-any-return]
         except KeyboardInterrupt:
             Interruptible.armed = False
@@ -178,6 +187,34 @@ class EngineKernel(IPythonKernel):
         self.session.send(  # type: ignore[union-attr]
             stream, protocol.ENGINE_ABORT_REPLY, reply, parent, ident
         )
+
+    def interrupt_due(self) -> bool:
+        """Whether the request :attr:`current_task` names was interrupted before it
+        started (see :data:`protocol.ENGINE_INTERRUPT_REQUEST`)."""
+        task = self.current_task
+        return task is not None and task[0] in self.interrupted
+
+    async def px_interrupt_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """Control channel: interrupt these requests, running or yet to start."""
+        try:
+            msg_ids = protocol.check_msg_ids("msg_ids", parent["content"].get("msg_ids", []))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            reply: dict[str, Any] = protocol.error_content(type(exc).__name__, str(exc))
+            msg_ids = ()
+        else:
+            reply = {"status": "ok"}
+        for msg_id in msg_ids:  # (first: see interrupted)
+            self.interrupted.add(msg_id)
+        task = self.current_task
+        self.session.send(  # type: ignore[union-attr]
+            stream, protocol.ENGINE_INTERRUPT_REPLY, reply, parent, ident
+        )
+        if task is not None and task[0] in msg_ids:
+            pid = os.getpid()
+            if os.getpgid(0) == pid:  # (as a kernel manager interrupts: the group)
+                os.killpg(pid, signal.SIGINT)
+            else:
+                os.kill(pid, signal.SIGINT)
 
     async def px_engine_signal_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]

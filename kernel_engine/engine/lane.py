@@ -365,6 +365,9 @@ class TaskLane:
         content: dict[str, Any]
         try:
             Interruptible.armed = True
+            kernel.current_task = (msg.msg_id, "apply", time.time())
+            if msg.msg_id in kernel.interrupted:  # (after current_task: see interrupted)
+                raise KeyboardInterrupt
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
