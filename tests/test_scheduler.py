@@ -594,6 +594,27 @@ def test_unmet_reroutes_then_fails() -> None:
 
 
 # ---- time limits, abort -----------------------------------------------------------------------
+def test_a_time_limited_task_goes_only_to_an_idle_engine() -> None:
+    # (its clock starts at dispatch: queued behind others there, it would run out first)
+    sim = Sim(Scheduler(hwm=4), engines=(0,))
+    for i in range(3):
+        sim.submit(task(f"t{i}", time_limit=1.0))
+    sim.submit(task("free"))
+    # (one without a limit does not wait for them: it may go behind one)
+    assert dispatched(sim.schedule()) == {0: ["t0", "free"]}
+    sim.finish("t0")
+    assert dispatched(sim.schedule()) == {}  # (the engine still has "free")
+    sim.finish("free")
+    assert dispatched(sim.schedule()) == {0: ["t1"]}
+    sim.now = 0.9
+    assert sim.tick(0.9) == []
+    sim.finish("t1")
+    assert dispatched(sim.schedule()) == {0: ["t2"]}
+    assert sim.tick(1.8) == [] and sim.tick(1.9) == [Interrupt(0, "t2")]
+    sim.finish("t2", "error")
+    assert sim.finals["t2"] == ["Fail:TaskTimeout"] and sim.s.pending() == 0
+
+
 def test_time_limit_interrupt_then_task_timeout() -> None:
     sim = Sim(Scheduler())
     sim.now = 100.0

@@ -130,6 +130,8 @@ class Scheduler:
     ``Fail``/``Resubmit`` for it. Least load wins; ties and clients go round-robin. While more
     tasks are ready than free slots at ``hwm``, the cap is ``max(hwm, max_batch)`` so engines get
     pipelines of ``max_batch`` tasks per Dispatch (``max_batch <= hwm`` keeps ``hwm`` strict).
+    A task with a time limit goes only to an engine with none of these tasks in flight, so
+    that its clock, which starts at dispatch, counts its run.
 
     Outcomes of finished tasks (what dependencies look up) are a bounded memory of the
     ``max_outcomes`` most recent, evicted oldest first in O(1); the controller's task records
@@ -347,7 +349,7 @@ class Scheduler:
                 self._fail(job, "DependencyTimeout", f"not met within {job.task.timeout}s", out)
             elif (
                 job.state == RUNNING
-                and job.task.time_limit is not None  # (not another timer's entry)
+                and job.task.time_limit  # (not another timer's entry)
                 and job.limit <= now
                 and not job.interrupted
             ):
@@ -366,10 +368,13 @@ class Scheduler:
         cap = cap if self.hwm else sys.maxsize
         for eid in list(self._parked):  # parked tasks first: they already had their turn
             parked = self._parked[eid]
-            while parked and len(inflight[eid]) < cap:
-                gen, job = parked.popleft()
+            while parked:
+                gen, job = parked[0]
                 if job.state == PARKED and job.gen == gen:
+                    if len(inflight[eid]) >= (1 if job.task.time_limit else cap):
+                        break
                     self._assign(job, eid, now, batches)
+                parked.popleft()
             if not parked:
                 del self._parked[eid]
         rr, queues = self._rr, self._queues
@@ -378,7 +383,9 @@ class Scheduler:
             gen, job = queue[0]
             target: int | None = None
             if job.state == READY and job.gen == gen:
-                if job.fixed is not None or job.refused or job.avoid is not None:
+                if job.task.time_limit:  # (to an idle engine: its clock starts as it runs)
+                    target = self._place(job, 1)
+                elif job.fixed is not None or job.refused or job.avoid is not None:
                     target = self._place(job, cap)
                 elif len(inflight[heap[0][2]]) < cap:  # common case: the least loaded engine
                     target = heap[0][2]
