@@ -629,3 +629,17 @@ def test_any_direct_notice_item_is_checked_as_each_field_check_would(item):
         _outcome(protocol.DirectCompleted.from_content, item),
         _outcome(_checked_completed, item),
     )
+
+
+def test_interrupt_marks_are_bounded_and_taken_once():
+    from kernel_engine.engine.kernel import Marks
+
+    marks = Marks(3)
+    for m in "abcd":
+        marks.add(m)
+    assert len(marks) == 3 and not marks.take("a")  # (the oldest went)
+    assert marks.take("b") and not marks.take("b")
+    marks.add("c")  # (again: no second place)
+    for m in "ef":
+        marks.add(m)
+    assert len(marks) == 3 and [marks.take(m) for m in "cdef"] == [False, True, True, True]

@@ -233,11 +233,25 @@ class HubRequests:
             why = self.engines.signal_problem(eid, request.signum)
             if why is not None:
                 raise ValueError(why)
-        named = request.msg_ids if request.signum == signal.SIGINT else None
+        named = self._named(request) if request.signum == signal.SIGINT else {}
         for eid in targets:
-            if named is None or not self.engines.interrupt(eid, named):
+            if eid not in named or not self.engines.interrupt(eid, named[eid]):
                 self.engines.signal(eid, request.signum)
         return {"targets": targets}, []
+
+    def _named(self, request: protocol.SignalRequest) -> dict[int, tuple[str, ...]]:
+        """For an interrupt of requests: each engine's share of them (those it holds;
+        those the controller has no engine for, a client's direct ones, to the engines
+        the client named)."""
+        if request.msg_ids is None:
+            return {}
+        named: dict[int, list[str]] = {}
+        direct = [t for t in request.targets or () if t in self.engines.engines]
+        for msg_id in request.msg_ids:
+            held = self.inflight.get(msg_id)
+            for eid in (held.engine_id,) if held is not None else direct:
+                named.setdefault(eid, []).append(msg_id)
+        return {eid: tuple(ids) for eid, ids in named.items()}
 
     def _shutdown(self, request: protocol.ShutdownRequest, msg: Message, client: bytes) -> Answer:
         targets = self._targets(request.targets)

@@ -366,7 +366,7 @@ class TaskLane:
         try:
             Interruptible.armed = True
             kernel.current_task = (msg.msg_id, "apply", time.time())
-            if msg.msg_id in kernel.interrupted:  # (after current_task: see interrupted)
+            if kernel.interrupted.take(msg.msg_id):  # (after current_task: see interrupted)
                 raise KeyboardInterrupt
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
