@@ -3,6 +3,7 @@ no controller; one child process for the crash test)."""
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -443,6 +444,50 @@ def test_put_checks_fields(store):
         "header": None,  # b"h" is not JSON
     }
     assert store.frames("m", "request") == [b"h", b"p", b"x"]
+
+
+def test_put_made_checks_only_what_peers_may_send(open_store, tmp_path, caplog):
+    """The hub's put: its values are of the right types; their text (a client's label,
+    an engine's uuid) may still not be valid Unicode, and frames may be too big or of
+    buffers whose len is not their size."""
+    store = open_store(blob_threshold=1024, max_frames_bytes=100_000, batch_interval=0.01)
+    made = {
+        "msg_type": "apply_request",
+        "client_uuid": "client-1",
+        "label": "bad \udc80 surrogate",
+        "status": "pending",
+        "submitted": NOW,
+        "after": ["a"],
+        "follow": [],
+        "request": frames("m", {}, memoryview(array.array("q", [1, 2]))),
+    }
+    store.put_made("m", made, queued=True)
+    time.sleep(0.1)
+    assert not _in_file(store, "m")  # (held as put_queued holds it)
+    store.taken("m")
+    big, huge = os.urandom(5_000), bytearray(200_000)
+    store.put_made(
+        "m",
+        {"engine_id": 1, "engine_uuid": None, "status": "ok", "completed": NOW, "result": [big]},
+    )
+    store.put_made("h", {"msg_type": "\udc80", "status": "error", "result": [huge]})
+    record = store.get("m", ["label", "after", "engine_id", "engine_uuid", "status", "buffers"])
+    assert record == {
+        "msg_id": "m",
+        "label": "bad ? surrogate",
+        "after": ["a"],
+        "engine_id": 1,
+        "engine_uuid": None,
+        "status": "ok",
+        "buffers": [array.array("q", [1, 2]).tobytes()],
+    }
+    assert store.frames("m", "result") == [big] and _blob_files(tmp_path) == ["1.1"]
+    assert store.get("h", ["msg_type", "result_buffers"]) == {
+        "msg_id": "h",
+        "msg_type": "?",
+        "result_buffers": None,
+    }
+    assert "result of h not stored: 200000 bytes" in caplog.text
 
 
 def test_a_record_without_fields_is_pending(store):

@@ -255,23 +255,22 @@ class Hub:
                 record.request, record.request_sizes = blob, sizes
                 self._count_stored(record)
         if self.log is not None:
-            # a task for no engine yet waits in the queue: its record is held back until
-            # an engine takes it (see SqliteLog.put_queued)
-            put = self.log.put if engine_id is not None else self.log.put_queued
             # (None is left out: a new record's fields are NULL by default, and the store
             # writes records without a None faster)
-            put(
-                msg_id,
-                msg_type=msg_type,
-                client_uuid=_client_uuid(client),
-                **({} if engine_id is None else self._engine_fields(engine_id)),
-                **({} if label is None else {"label": label}),
-                status=PENDING,
-                submitted=submitted,
-                after=list(after),
-                follow=list(follow),
-                **({} if request is None else {"request": request}),
-            )
+            fields: dict[str, Any] = {"msg_type": msg_type, "client_uuid": _client_uuid(client)}
+            if engine_id is not None:
+                fields.update(self._engine_fields(engine_id))
+            if label is not None:
+                fields["label"] = label
+            fields["status"] = PENDING
+            fields["submitted"] = submitted
+            fields["after"] = list(after)
+            fields["follow"] = list(follow)
+            if request is not None:
+                fields["request"] = request
+            # a task for no engine yet waits in the queue: its record is held back until
+            # an engine takes it (see SqliteLog.put_queued)
+            self.log.put_made(msg_id, fields, queued=engine_id is None)
         while len(self.records) > self.max_records and self._evict_finished():
             pass
         return record
@@ -359,19 +358,17 @@ class Hub:
                 record.reply, record.reply_sizes = blob, sizes
                 self._count_stored(record)
         if self.log is not None:
-            self.log.put(
-                msg_id,
-                **(
-                    {}
-                    if record.engine_id is None
-                    else self._engine_fields(record.engine_id, new=False)
-                ),
-                status=record.status,
-                started=record.started,
-                completed=record.completed,
-                received=time.time(),
-                **({} if frames is None else {"result": _to_store(frames)}),
+            fields = (
+                {} if record.engine_id is None else self._engine_fields(record.engine_id, False)
             )
+            fields["status"] = record.status
+            if record.started is not None:
+                fields["started"] = record.started
+            fields["completed"] = record.completed
+            fields["received"] = time.time()
+            if frames is not None:
+                fields["result"] = _to_store(frames)
+            self.log.put_made(msg_id, fields)
         self._compact()
 
     def resubmitted(self, old: str, new: str) -> None:
