@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import time
 from functools import reduce
 from math import sqrt
@@ -249,6 +250,27 @@ def test_a_time_limit_counts_the_run_not_the_wait(view):
     started = limited.get(10)
     assert first.get(10) is None
     assert started >= first.metadata["completed"].timestamp() - 0.01
+
+
+def test_ctrl_c_on_a_task_still_queued_returns_at_once_and_it_never_runs(view, rc):
+    """Ctrl-C in a wait interrupts the work's engines and waits a grace for them; a task
+    not on an engine yet (here it waits for a dependency) is aborted, so the wait ends at
+    once instead of after the grace, and the task does not run later."""
+    blocker = rc[0].apply_async(time.sleep, 3)
+    with view.temp_flags(after=[blocker]):
+        queued = view.apply_async(os.getpid)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            queued.get(30)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.5
+    with pytest.raises(jx.TaskAborted):
+        queued.get(5)
+    blocker.get(10)
 
 
 def test_abort_queued_tasks(view, rc):

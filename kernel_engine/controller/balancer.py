@@ -198,6 +198,10 @@ class Balancer:
     def owns(self, msg_id: str) -> bool:
         return msg_id in self.tasks
 
+    def queued(self, msg_id: str) -> bool:
+        """Whether ``msg_id`` is a load-balanced task not dispatched to an engine yet."""
+        return msg_id in self.tasks and msg_id not in self.inflight
+
     def reply(self, eid: int, msg_id: str, frames: list[Any], status: str) -> bool:
         """An engine answered a load-balanced task; returns whether to forward the reply."""
         verdict: Any = "ok" if status == "ok" else "error"

@@ -234,6 +234,12 @@ class HubRequests:
             if why is not None:
                 raise ValueError(why)
         named = self._named(request) if request.signum == signal.SIGINT else {}
+        if request.signum == signal.SIGINT and request.msg_ids:
+            # load-balanced tasks not on an engine yet do not run: an interrupt of work
+            # still queued here (Ctrl-C in a wait) is answered at once, not by a grace
+            queued = [m for m in request.msg_ids or () if self.balancer.queued(m)]
+            if queued:
+                self.balancer.abort(tuple(queued))
         for eid in targets:
             if eid not in named or not self.engines.interrupt(eid, named[eid]):
                 self.engines.signal(eid, request.signum)
