@@ -237,9 +237,9 @@ def _nap_and_say(i):
 
 
 def test_a_time_limit_counts_the_run_not_the_wait(view):
-    """Tasks with a time limit go only to an idle engine, so that their clock (started
-    at dispatch) is their run time: four 0.3 s tasks with 0.5 s limits on one engine all
-    run (queued behind each other there, the last three ran out of time waiting)."""
+    """A task's time limit counts from its start on the engine: four 0.3 s tasks with
+    0.5 s limits queued on one engine all run (counted from their dispatch, the last
+    three ran out of time waiting behind each other)."""
     with view.temp_flags(targets=[0], time_limit=0.5):
         ars = [view.apply_async(_nap_and_say, i) for i in range(4)]
     assert [ar.get(20) for ar in ars] == [0, 1, 2, 3]
@@ -250,6 +250,25 @@ def test_a_time_limit_counts_the_run_not_the_wait(view):
     started = limited.get(10)
     assert first.get(10) is None
     assert started >= first.metadata["completed"].timestamp() - 0.01
+
+
+def _counted_sleep(seconds):
+    import time
+
+    from IPython import get_ipython
+
+    ns = get_ipython().user_ns
+    ns["timed_runs"] = ns.get("timed_runs", 0) + 1
+    time.sleep(seconds)
+
+
+def test_a_task_over_its_time_limit_is_not_retried(view, rc):
+    rc[0].execute("timed_runs = 0", block=True)
+    with view.temp_flags(targets=[0], time_limit=0.5, retries=2):
+        ar = view.apply_async(_counted_sleep, 5)
+    with pytest.raises(jx.TaskTimeout, match=r"0\.5s time limit"):
+        ar.get(10)
+    assert rc[0].pull("timed_runs", block=True) == 1
 
 
 def test_ctrl_c_on_a_task_still_queued_returns_at_once_and_it_never_runs(view, rc):

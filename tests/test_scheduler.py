@@ -14,7 +14,6 @@ from kernel_engine.controller.scheduler import (
     Dependency,
     Dispatch,
     Fail,
-    Interrupt,
     Resubmit,
     Scheduler,
     Task,
@@ -55,7 +54,6 @@ class Sim:
         self.outcome: dict[str, tuple[int | None, bool]] = {}
         self.refused: dict[str, set[int]] = defaultdict(set)
         self.log: list[tuple[str, str, object]] = []
-        self.interrupted: set[str] = set()
         for eid in engines:
             self.add(eid)
 
@@ -140,9 +138,6 @@ class Sim:
                     self.log.append(("dispatch", m, a.eid))
             elif isinstance(a, Fail):
                 self.final(a.msg_id, "Fail:" + a.kind, ((on or {}).get(a.msg_id), False))
-            elif isinstance(a, Interrupt):
-                assert self.where[a.msg_id] == a.eid and a.msg_id not in self.interrupted
-                self.interrupted.add(a.msg_id)
 
     def met(self, d: Dependency | None, eid: int | None = None) -> bool:
         if d is None or not d.msg_ids:
@@ -594,40 +589,20 @@ def test_unmet_reroutes_then_fails() -> None:
 
 
 # ---- time limits, abort -----------------------------------------------------------------------
-def test_a_time_limited_task_goes_only_to_an_idle_engine() -> None:
-    # (its clock starts at dispatch: queued behind others there, it would run out first)
+def test_a_timeout_reply_is_final() -> None:
+    # (the engine counts a task's time limit from its start and replies TaskTimeout: the
+    # scheduler neither times tasks, which would count their wait behind others on an
+    # engine, nor retries one that ran out of time)
     sim = Sim(Scheduler(hwm=4), engines=(0,))
-    for i in range(3):
-        sim.submit(task(f"t{i}", time_limit=1.0))
-    sim.submit(task("free"))
-    # (one without a limit does not wait for them: it may go behind one)
-    assert dispatched(sim.schedule()) == {0: ["t0", "free"]}
-    sim.finish("t0")
-    assert dispatched(sim.schedule()) == {}  # (the engine still has "free")
-    sim.finish("free")
-    assert dispatched(sim.schedule()) == {0: ["t1"]}
-    sim.now = 0.9
-    assert sim.tick(0.9) == []
-    sim.finish("t1")
-    assert dispatched(sim.schedule()) == {0: ["t2"]}
-    assert sim.tick(1.8) == [] and sim.tick(1.9) == [Interrupt(0, "t2")]
-    sim.finish("t2", "error")
-    assert sim.finals["t2"] == ["Fail:TaskTimeout"] and sim.s.pending() == 0
-
-
-def test_time_limit_interrupt_then_task_timeout() -> None:
-    sim = Sim(Scheduler())
-    sim.now = 100.0
-    sim.submit(task("t", time_limit=10.0, retries=3))
-    sim.submit(task("quick", time_limit=10.0))
-    sim.schedule()
-    assert sim.s.next_deadline() == 110.0
-    assert sim.tick(109.0) == []
-    sim.finish("quick")
-    assert sim.tick(110.0) == [Interrupt(sim.where["t"], "t")]
-    assert sim.tick(120.0) == [] and sim.s.next_deadline() is None
-    acts = sim.finish("t", "error")
-    assert fails(acts) == {"t": "TaskTimeout"}  # not retried
+    for name in ("t", "u"):
+        sim.submit(task(name, time_limit=1.0, retries=3))
+    assert dispatched(sim.schedule()) == {0: ["t", "u"]}
+    assert sim.s.next_deadline() is None and sim.tick(100.0) == []
+    assert sim.finish("t", "timeout") == []
+    assert sim.finals["t"] == ["timeout"]
+    assert fails(sim.submit(task("after_t", after=dep("t")))) == {"after_t": "ImpossibleDependency"}
+    sim.finish("u")
+    assert sim.finals["u"] == ["ok"] and sim.s.pending() == 0
 
 
 def test_abort() -> None:
@@ -705,7 +680,8 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
         elif r < 0.5:
             sim.schedule()
         elif r < 0.75 and busy:
-            sim.finish(rng.choice(busy), rng.choices(["ok", "error", "unmet"], [7, 2, 1])[0])
+            status = rng.choices(["ok", "error", "unmet", "timeout"], [7, 2, 1, 1])[0]
+            sim.finish(rng.choice(busy), status)
         elif r < 0.83:
             sim.tick(sim.now + rng.uniform(0, 2))
         elif r < 0.87:

@@ -11,7 +11,6 @@ that the scheduler does not take as final (a retried attempt) are dropped.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from .scheduler import (
     Dependency,
     Dispatch,
     Fail,
-    Interrupt,
     Resubmit,
     Scheduler,
     Task,
@@ -212,6 +210,8 @@ class Balancer:
                 content = {}
             if content.get("px_error") == "UnmetDependency":
                 verdict = "unmet"
+            elif content.get("px_error") == "TaskTimeout":  # (its engine timed it)
+                verdict = "timeout"
         actions = self.scheduler.finished(msg_id, eid, verdict, time.monotonic())
         final = not any(isinstance(a, (Fail, Resubmit)) and a.msg_id == msg_id for a in actions)
         if final:
@@ -269,8 +269,6 @@ class Balancer:
                 self.inflight.pop(action.msg_id, answered=False)
                 if queued is not None:
                     self._reply_error(queued, action.kind, action.reason, action.eid)
-            elif isinstance(action, Interrupt):
-                self._interrupt(action)
             elif isinstance(action, Resubmit):
                 log.info("task %s goes to another engine: %s", action.msg_id, action.reason)
 
@@ -286,15 +284,6 @@ class Balancer:
             if not self.engines.send(action.eid, "lane", frames):
                 log.error("the scheduler chose engine %i, which is gone", action.eid)
                 return
-
-    def _interrupt(self, action: Interrupt) -> None:
-        if action.msg_id in self.scheduler.in_flight(action.eid):
-            try:
-                # (the task, not whatever runs: it may still wait behind others there)
-                if not self.engines.interrupt(action.eid, (action.msg_id,)):
-                    self.engines.signal(action.eid, signal.SIGINT)
-            except (KeyError, ValueError) as exc:
-                log.error("could not interrupt engine %i: %s", action.eid, exc)
 
     def _refuse(
         self,

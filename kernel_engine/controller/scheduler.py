@@ -12,7 +12,7 @@ from typing import Literal, TypeAlias
 
 FailKind = Literal["EngineError", "ImpossibleDependency", "DependencyTimeout",
                    "InvalidDependency", "TaskAborted", "TaskTimeout"]  # fmt: skip
-Status = Literal["ok", "error", "unmet"]
+Status = Literal["ok", "error", "unmet", "timeout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,8 @@ class Dependency:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """A task: ``timeout`` bounds the dependency wait, ``time_limit`` the run time (seconds)."""
+    """A task: ``timeout`` bounds the dependency wait, ``time_limit`` the run time (seconds:
+    the engine enforces it from the task's start, and replies "timeout")."""
 
     msg_id: str
     client: bytes
@@ -59,14 +60,6 @@ class Fail:
 
 
 @dataclass(frozen=True, slots=True)
-class Interrupt:
-    """Interrupt engine ``eid``: ``msg_id`` ran over its time limit."""
-
-    eid: int
-    msg_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class Resubmit:
     """``msg_id`` went back to the queue: what ``eid`` replied (if anything) is not final."""
 
@@ -75,7 +68,7 @@ class Resubmit:
     reason: str
 
 
-Action: TypeAlias = Dispatch | Fail | Interrupt | Resubmit
+Action: TypeAlias = Dispatch | Fail | Resubmit
 BLOCKED, READY, PARKED, RUNNING, DONE, NEW = range(6)  # job states; "queued" is <= PARKED
 _IMPOSSIBLE: FailKind = "ImpossibleDependency"
 
@@ -106,17 +99,17 @@ class _Deps:  # incremental state of a Dependency; "located" deps count only on 
 
 class _Job:
     __slots__ = ("aborting", "after", "avoid", "deadline", "eid", "fixed", "follow", "gen",
-                 "interrupted", "limit", "mid", "refused", "retries", "state", "task",
+                 "mid", "refused", "retries", "state", "task",
                  "unknown", "unknown_until")  # fmt: skip
 
     def __init__(self, task: Task, after: _Deps | None, follow: _Deps | None) -> None:
         self.task, self.mid, self.after, self.follow = task, task.msg_id, after, follow
-        self.state, self.gen, self.eid, self.limit, self.retries = NEW, 0, -1, 0.0, task.retries
+        self.state, self.gen, self.eid, self.retries = NEW, 0, -1, task.retries
         self.fixed: set[int] | None = None  # engines allowed by targets/follow (None: any)
         self.refused: set[int] = set()
         self.avoid: int | None = None  # soft: the engine the last attempt failed on
         self.deadline: float | None = None
-        self.interrupted = self.aborting = False
+        self.aborting = False
         self.unknown: set[str] | None = None  # dependencies not known yet (unknown_grace)
         self.unknown_until = 0.0
 
@@ -125,13 +118,11 @@ class Scheduler:
     """Least-load task scheduler with dependencies, retries, time limits and client fairness.
 
     Pure logic (``now``: monotonic seconds). Only :meth:`schedule` returns :class:`Dispatch`; other
-    events return the decisions they force (:class:`Fail`, :class:`Resubmit`, :class:`Interrupt`).
+    events return the decisions they force (:class:`Fail`, :class:`Resubmit`).
     A task's final outcome is a ``Fail`` or the reply to :meth:`finished` if that returns no
     ``Fail``/``Resubmit`` for it. Least load wins; ties and clients go round-robin. While more
     tasks are ready than free slots at ``hwm``, the cap is ``max(hwm, max_batch)`` so engines get
     pipelines of ``max_batch`` tasks per Dispatch (``max_batch <= hwm`` keeps ``hwm`` strict).
-    A task with a time limit goes only to an engine with none of these tasks in flight, so
-    that its clock, which starts at dispatch, counts its run.
 
     Outcomes of finished tasks (what dependencies look up) are a bounded memory of the
     ``max_outcomes`` most recent, evicted oldest first in O(1); the controller's task records
@@ -180,7 +171,7 @@ class Scheduler:
         self._rr: deque[bytes] = deque()  # clients with a queue, round-robin order
         self._parked: dict[int, deque[tuple[int, _Job]]] = {}
         self._placed: dict[str, _Job] = {}  # jobs with targets/follow/refusals
-        self._timers: list[tuple[float, int, _Job]] = []  # dependency deadlines, time limits
+        self._timers: list[tuple[float, int, _Job]] = []  # dependency deadlines, unknown graces
         self._count = itertools.count(1)
         self._backlog = self._load = 0  # ready + parked jobs; dispatched jobs
 
@@ -296,8 +287,8 @@ class Scheduler:
 
     def finished(self, msg_id: str, eid: int, status: Status, now: float) -> list[Action]:
         """Take ``eid``'s reply to ``msg_id`` (stale ones are ignored). "unmet" (@require) reroutes,
-        "error" with retries left resubmits (preferring another engine), a non-ok reply after an
-        Interrupt is a TaskTimeout, an error reply after abort is final; else "error"."""
+        "error" with retries left resubmits (preferring another engine), "timeout" (over its time
+        limit) and an error reply after abort are final; else "error"."""
         job, out = self._jobs.get(msg_id), list[Action]()
         if job is not None and job.state == RUNNING and job.eid == eid:
             del self._inflight[eid][msg_id]
@@ -331,7 +322,7 @@ class Scheduler:
                 if j.task.client == client and j.state == RUNNING]  # fmt: skip
 
     def tick(self, now: float) -> list[Action]:
-        """Fail tasks whose dependency timeout passed; interrupt tasks over their time limit."""
+        """Fail tasks whose dependency timeout or unknown dependency grace passed."""
         out: list[Action] = []
         while self._timers and self._timers[0][0] <= now:
             job = heapq.heappop(self._timers)[2]
@@ -347,14 +338,6 @@ class Scheduler:
                 self._void(job, tuple(job.unknown))
             if job.state == BLOCKED and job.deadline is not None and job.deadline <= now:
                 self._fail(job, "DependencyTimeout", f"not met within {job.task.timeout}s", out)
-            elif (
-                job.state == RUNNING
-                and job.task.time_limit  # (not another timer's entry)
-                and job.limit <= now
-                and not job.interrupted
-            ):
-                job.interrupted = True
-                out.append(Interrupt(job.eid, job.mid))
         return out
 
     def schedule(self, now: float) -> list[Action]:
@@ -368,13 +351,10 @@ class Scheduler:
         cap = cap if self.hwm else sys.maxsize
         for eid in list(self._parked):  # parked tasks first: they already had their turn
             parked = self._parked[eid]
-            while parked:
-                gen, job = parked[0]
+            while parked and len(inflight[eid]) < cap:
+                gen, job = parked.popleft()
                 if job.state == PARKED and job.gen == gen:
-                    if len(inflight[eid]) >= (1 if job.task.time_limit else cap):
-                        break
                     self._assign(job, eid, now, batches)
-                parked.popleft()
             if not parked:
                 del self._parked[eid]
         rr, queues = self._rr, self._queues
@@ -383,9 +363,7 @@ class Scheduler:
             gen, job = queue[0]
             target: int | None = None
             if job.state == READY and job.gen == gen:
-                if job.task.time_limit:  # (to an idle engine: its clock starts as it runs)
-                    target = self._place(job, 1)
-                elif job.fixed is not None or job.refused or job.avoid is not None:
+                if job.fixed is not None or job.refused or job.avoid is not None:
                     target = self._place(job, cap)
                 elif len(inflight[heap[0][2]]) < cap:  # common case: the least loaded engine
                     target = heap[0][2]
@@ -525,9 +503,6 @@ class Scheduler:
         job.eid, self._inflight[eid][job.mid], self._last[eid] = eid, None, next(self._count)
         self._load += 1
         self._push(eid)
-        if job.task.time_limit:
-            job.limit = now + job.task.time_limit
-            heapq.heappush(self._timers, (job.limit, next(self._count), job))
         batches.setdefault(eid, []).append(job.mid)
 
     def _reply(self, job: _Job, eid: int, status: str, out: list[Action], why: str = "") -> None:
@@ -535,8 +510,8 @@ class Scheduler:
         ``why`` says how)."""
         if status == "ok" or (job.aborting and status == "error"):
             self._finish(job.mid, eid, status == "ok", out)
-        elif job.interrupted:
-            self._fail(job, "TaskTimeout", f"over its {job.task.time_limit}s time limit", out)
+        elif status == "timeout":  # (the engine's reply says so: final, retries or not)
+            self._finish(job.mid, eid, False, out)
         elif job.aborting:
             self._fail(job, "TaskAborted", "aborted", out)
         elif status == "unmet":

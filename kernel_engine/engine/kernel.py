@@ -29,7 +29,7 @@ from traitlets import Integer, Unicode
 from kernel_engine import protocol
 from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
 
-from .lane import Interruptible, TaskLane, interrupt_user_code
+from .lane import Interruptible, TaskLane, interrupt_self, interrupt_user_code
 from .usage import Usage
 
 _SIGINT = int(signal.SIGINT)
@@ -243,11 +243,7 @@ class EngineKernel(IPythonKernel):
             stream, protocol.ENGINE_INTERRUPT_REPLY, reply, parent, ident
         )
         if task is not None and task[0] in msg_ids:
-            pid = os.getpid()
-            if os.getpgid(0) == pid:  # (as a kernel manager interrupts: the group)
-                os.killpg(pid, signal.SIGINT)
-            else:
-                os.kill(pid, signal.SIGINT)
+            interrupt_self()
 
     async def px_engine_signal_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]

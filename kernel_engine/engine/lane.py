@@ -31,6 +31,7 @@ import _signal
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -77,6 +78,49 @@ def interrupt_user_code(signum: int, frame: Any) -> None:
     loop and ended the engine, or lost a cell's reply."""
     if Interruptible.armed:
         raise KeyboardInterrupt
+
+
+def interrupt_self() -> None:
+    """SIGINT to this engine, as a kernel manager interrupts a kernel: to its process
+    group when it leads one (a task's child processes too)."""
+    pid = os.getpid()
+    if os.getpgid(0) == pid:
+        os.killpg(pid, signal.SIGINT)
+    else:
+        os.kill(pid, signal.SIGINT)
+
+
+def time_limit_of(parent: dict[str, Any]) -> float | None:
+    """A request's ``time_limit`` (seconds it may run, from its start), if it has a valid one."""
+    metadata = parent.get("metadata")
+    value = metadata.get("time_limit") if isinstance(metadata, dict) else None
+    try:
+        return protocol.check_seconds("time_limit", value, positive=True)
+    except (TypeError, ValueError):
+        return None
+
+
+class _TimeLimit:
+    """A running task's time limit: when it runs out while the task still runs, the
+    engine interrupts itself and the task's reply says TaskTimeout. Counted here, from the
+    task's start: the controller, which can only count from its dispatch, timed out tasks
+    that waited behind others on their engine."""
+
+    def __init__(self, kernel: EngineKernel, msg_id: str, seconds: float):
+        self.kernel, self.msg_id, self.seconds = kernel, msg_id, seconds
+        self.ran_out = False
+        self._timer = threading.Timer(seconds, self._run_out)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _run_out(self) -> None:
+        task = self.kernel.current_task
+        if task is not None and task[0] == self.msg_id:
+            self.ran_out = True
+            interrupt_self()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 _OK = {"status": "ok"}
@@ -363,11 +407,15 @@ class TaskLane:
         outer = Interruptible.armed  # (a cell awaiting meanwhile: armed again after)
         buffers: list[Any] = []
         content: dict[str, Any]
+        limit = time_limit_of(parent)
+        timer: _TimeLimit | None = None
         try:
             Interruptible.armed = True
             kernel.current_task = (msg.msg_id, "apply", time.time())
             if kernel.interrupted.take(msg.msg_id):  # (after current_task: see interrupted)
                 raise KeyboardInterrupt
+            if limit is not None:
+                timer = _TimeLimit(kernel, msg.msg_id, limit)
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
@@ -385,11 +433,18 @@ class TaskLane:
             )
         except BaseException as exc:
             Interruptible.armed = False  # (first: no handler runs between the raise and here)
-            content = protocol.error_content(type(exc).__name__, str(exc), format_traceback(exc))
+            if timer is not None and timer.ran_out:
+                why = f"over its {limit}s time limit"
+                content = protocol.error_content("TaskTimeout", why, format_traceback(exc))
+            else:
+                tb = format_traceback(exc)
+                content = protocol.error_content(type(exc).__name__, str(exc), tb)
             if type(exc).__name__ == "UnmetDependency":
                 content["px_error"] = "UnmetDependency"
         finally:
             Interruptible.armed = False
+            if timer is not None:
+                timer.cancel()
             kernel.current_task = None
             # (a SIGINT pending now runs interrupt_user_code, disarmed, before the swap:
             # with default_int_handler it raised here, out of the lane)
