@@ -162,6 +162,28 @@ def test_bad_flags_that_reach_the_controller_get_errors_and_hurt_nobody(cluster_
     assert rc[:].apply_sync(abs, -2) == [2, 2]
 
 
+def test_a_date_the_clock_cannot_take_is_no_reason_to_hold_a_task(rc):
+    """A header dated year 1 with no time zone (a naive date, read in local time, which
+    cannot go back that far): the controller's records raised on it, and the
+    load-balanced task was held for ever, with no reply, its memory never freed."""
+    raw = Raw(_info(rc), _info(rc)["client_port"])
+    sent = []
+    try:
+        for route in (protocol.LB_ROUTE, b"lane:0"):
+            header, frames = raw.pack(
+                "apply_request", route, buffers=pack_apply(abs, (-3,), {}),
+                date="0001-01-01T00:00:00",
+            )  # fmt: skip
+            raw.send(frames)
+            sent.append(header["msg_id"])
+        replies = raw.replies(len(sent), timeout=10)
+    finally:
+        raw.close()
+    assert [replies[m].content["status"] for m in sent] == ["ok", "ok"]
+    assert rc.queue_status()["unassigned"] == 0
+    assert rc.load_balanced_view().apply_sync(abs, -4) == 4
+
+
 @pytest.mark.parametrize(
     ("route", "msg_type"),
     [

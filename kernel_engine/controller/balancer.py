@@ -152,7 +152,6 @@ class Balancer:
             retries=flags.retries,
             time_limit=flags.time_limit,
         )
-        self.tasks[msg.msg_id] = _Queued(client, msg.header, frames)
         self.hub.submitted(
             msg.msg_id,
             msg.msg_type,
@@ -164,6 +163,8 @@ class Balancer:
             after=() if flags.after is None else flags.after.msg_ids,
             follow=() if flags.follow is None else flags.follow.msg_ids,
         )
+        # (once recorded: a task the records refused raising would be held for ever)
+        self.tasks[msg.msg_id] = _Queued(client, msg.header, frames)
         return task
 
     def _flags_of(self, msg: Message) -> protocol.TaskFlags:

@@ -59,7 +59,12 @@ saying how it ended."""
 def _stamp(date: Any) -> float | None:
     """An ISO date from a message as a timestamp (a float costs a third of the string)."""
     parsed = parse_date(date) if isinstance(date, str) else None
-    return parsed.timestamp() if parsed is not None else None
+    if parsed is None:
+        return None
+    try:
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError):  # (a naive date the local clock cannot take)
+        return None
 
 
 def _iso(stamp: float | None) -> str | None:
