@@ -150,6 +150,9 @@ CONTROLLER_ERRORS = frozenset(
         "InvalidTarget",
     }
 )
+INTERRUPTED = "Interrupted"
+"""``px_error`` of a task's reply when an interrupt that named it (see
+:data:`ENGINE_INTERRUPT_REQUEST`) ended it: final, never retried on another engine."""
 DUPLICATE = "DuplicateRequest"
 """``px_error`` of the reply to a request whose msg_id was seen before: the reply answers
 the copy, never the original, so a client never resolves a request from it."""

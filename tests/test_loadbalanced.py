@@ -271,6 +271,20 @@ def test_a_task_over_its_time_limit_is_not_retried(view, rc):
     assert rc[0].pull("timed_runs", block=True) == 1
 
 
+def test_an_interrupted_task_is_not_retried_elsewhere(view, rc):
+    """An interrupt that names a running task ends it: with retries left it used to run
+    again on another engine, after the user's Ctrl-C had returned."""
+    rc[:].execute("timed_runs = 0", block=True)
+    with view.temp_flags(retries=1):
+        ar = view.apply_async(_counted_sleep, 3)
+    time.sleep(0.5)  # (running: a pull would wait behind it)
+    assert len(rc.transport.interrupt(ar.msg_ids)) == 1
+    with pytest.raises(jx.RemoteError, match="KeyboardInterrupt"):
+        ar.get(10)
+    time.sleep(0.5)
+    assert sum(rc[:].pull("timed_runs", block=True)) == 1
+
+
 def test_ctrl_c_on_a_task_still_queued_returns_at_once_and_it_never_runs(view, rc):
     """Ctrl-C in a wait interrupts the work's engines and waits a grace for them; a task
     not on an engine yet (here it waits for a dependency) is aborted, so the wait ends at

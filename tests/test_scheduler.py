@@ -598,8 +598,8 @@ def test_a_timeout_reply_is_final() -> None:
         sim.submit(task(name, time_limit=1.0, retries=3))
     assert dispatched(sim.schedule()) == {0: ["t", "u"]}
     assert sim.s.next_deadline() is None and sim.tick(100.0) == []
-    assert sim.finish("t", "timeout") == []
-    assert sim.finals["t"] == ["timeout"]
+    assert sim.finish("t", "final") == []
+    assert sim.finals["t"] == ["final"]
     assert fails(sim.submit(task("after_t", after=dep("t")))) == {"after_t": "ImpossibleDependency"}
     sim.finish("u")
     assert sim.finals["u"] == ["ok"] and sim.s.pending() == 0
@@ -680,7 +680,7 @@ def test_random_events_every_task_has_exactly_one_outcome(seed: int) -> None:
         elif r < 0.5:
             sim.schedule()
         elif r < 0.75 and busy:
-            status = rng.choices(["ok", "error", "unmet", "timeout"], [7, 2, 1, 1])[0]
+            status = rng.choices(["ok", "error", "unmet", "final"], [7, 2, 1, 1])[0]
             sim.finish(rng.choice(busy), status)
         elif r < 0.83:
             sim.tick(sim.now + rng.uniform(0, 2))

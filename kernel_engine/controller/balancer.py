@@ -211,8 +211,8 @@ class Balancer:
                 content = {}
             if content.get("px_error") == "UnmetDependency":
                 verdict = "unmet"
-            elif content.get("px_error") == "TaskTimeout":  # (its engine timed it)
-                verdict = "timeout"
+            elif content.get("px_error") in ("TaskTimeout", protocol.INTERRUPTED):
+                verdict = "final"  # (its engine timed it, or an interrupt named it)
         actions = self.scheduler.finished(msg_id, eid, verdict, time.monotonic())
         final = not any(isinstance(a, (Fail, Resubmit)) and a.msg_id == msg_id for a in actions)
         if final:

@@ -12,7 +12,7 @@ from typing import Literal, TypeAlias
 
 FailKind = Literal["EngineError", "ImpossibleDependency", "DependencyTimeout",
                    "InvalidDependency", "TaskAborted", "TaskTimeout"]  # fmt: skip
-Status = Literal["ok", "error", "unmet", "timeout"]
+Status = Literal["ok", "error", "unmet", "final"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Dependency:
 @dataclass(frozen=True, slots=True)
 class Task:
     """A task: ``timeout`` bounds the dependency wait, ``time_limit`` the run time (seconds:
-    the engine enforces it from the task's start, and replies "timeout")."""
+    the engine enforces it from the task's start; its error reply is "final")."""
 
     msg_id: str
     client: bytes
@@ -287,8 +287,9 @@ class Scheduler:
 
     def finished(self, msg_id: str, eid: int, status: Status, now: float) -> list[Action]:
         """Take ``eid``'s reply to ``msg_id`` (stale ones are ignored). "unmet" (@require) reroutes,
-        "error" with retries left resubmits (preferring another engine), "timeout" (over its time
-        limit) and an error reply after abort are final; else "error"."""
+        "error" with retries left resubmits (preferring another engine); "final" (an error not to
+        retry: over its time limit, or an interrupt named it) and an error reply after abort
+        are final; else "error"."""
         job, out = self._jobs.get(msg_id), list[Action]()
         if job is not None and job.state == RUNNING and job.eid == eid:
             del self._inflight[eid][msg_id]
@@ -510,7 +511,7 @@ class Scheduler:
         ``why`` says how)."""
         if status == "ok" or (job.aborting and status == "error"):
             self._finish(job.mid, eid, status == "ok", out)
-        elif status == "timeout":  # (the engine's reply says so: final, retries or not)
+        elif status == "final":  # (the engine's reply says so: retries or not)
             self._finish(job.mid, eid, False, out)
         elif job.aborting:
             self._fail(job, "TaskAborted", "aborted", out)

@@ -117,6 +117,8 @@ class EngineKernel(IPythonKernel):
         protocol.ENGINE_INTERRUPT_REQUEST,
     ]
 
+    interrupting: str | None = None
+    """The msg_id of the running request an interrupt named (its reply says so)."""
     current_task: tuple[str, str, float] | None = None
     """(msg_id, function name, Unix time started) of what the main thread runs, if any: a
     plain attribute, set per task by the lane (and per cell), read by the control thread."""
@@ -243,6 +245,7 @@ class EngineKernel(IPythonKernel):
             stream, protocol.ENGINE_INTERRUPT_REPLY, reply, parent, ident
         )
         if task is not None and task[0] in msg_ids:
+            self.interrupting = task[0]
             interrupt_self()
 
     async def px_engine_signal_request(

@@ -413,6 +413,7 @@ class TaskLane:
             Interruptible.armed = True
             kernel.current_task = (msg.msg_id, "apply", time.time())
             if kernel.interrupted.take(msg.msg_id):  # (after current_task: see interrupted)
+                kernel.interrupting = msg.msg_id
                 raise KeyboardInterrupt
             if limit is not None:
                 timer = _TimeLimit(kernel, msg.msg_id, limit)
@@ -441,11 +442,16 @@ class TaskLane:
                 content = protocol.error_content(type(exc).__name__, str(exc), tb)
             if type(exc).__name__ == "UnmetDependency":
                 content["px_error"] = "UnmetDependency"
+            elif kernel.interrupting == msg.msg_id and content.get("px_error") is None:
+                content["px_error"] = protocol.INTERRUPTED  # (final: not retried)
         finally:
             Interruptible.armed = False
             if timer is not None:
                 timer.cancel()
             kernel.current_task = None
+            if kernel.interrupting is not None:
+                kernel.interrupting = None
+                kernel.interrupted.take(msg.msg_id)  # (a mark added while it ran)
             # (a SIGINT pending now runs interrupt_user_code, disarmed, before the swap:
             # with default_int_handler it raised here, out of the lane)
             _signal.signal(_SIGINT, saved_sigint)
