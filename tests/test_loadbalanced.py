@@ -271,6 +271,27 @@ def test_a_task_over_its_time_limit_is_not_retried(view, rc):
     assert rc[0].pull("timed_runs", block=True) == 1
 
 
+def _raise_own_task_timeout():
+    from IPython import get_ipython
+
+    ns = get_ipython().user_ns
+    ns["timed_runs"] = ns.get("timed_runs", 0) + 1
+
+    class TaskTimeout(Exception):  # (a user's class of that name: curio has one)
+        pass
+
+    raise TaskTimeout("mine")
+
+
+def test_a_users_exception_named_like_a_verdict_is_retried(view, rc):
+    rc[0].execute("timed_runs = 0", block=True)
+    with view.temp_flags(targets=[0], retries=2):
+        ar = view.apply_async(_raise_own_task_timeout)
+    with pytest.raises(jx.RemoteError, match="mine"):
+        ar.get(10)
+    assert rc[0].pull("timed_runs", block=True) == 3
+
+
 def test_an_interrupted_task_is_not_retried_elsewhere(view, rc):
     """An interrupt that names a running task ends it: with retries left it used to run
     again on another engine, after the user's Ctrl-C had returned."""

@@ -111,6 +111,10 @@ class _TimeLimit:
         self.ran_out = False
         self._timer = threading.Timer(seconds, self._run_out)
         self._timer.daemon = True
+
+    def start(self) -> None:
+        """(Apart from making it: the caller holds it before it can run out, so a limit
+        that runs out while the thread starts still reads as TaskTimeout.)"""
         self._timer.start()
 
     def _run_out(self) -> None:
@@ -417,6 +421,7 @@ class TaskLane:
                 raise KeyboardInterrupt
             if limit is not None:
                 timer = _TimeLimit(kernel, msg.msg_id, limit)
+                timer.start()
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
@@ -440,6 +445,9 @@ class TaskLane:
             else:
                 tb = format_traceback(exc)
                 content = protocol.error_content(type(exc).__name__, str(exc), tb)
+                # (the user's own exception: a class of theirs named TaskTimeout, say,
+                # is not the controller's verdict, which skips retries)
+                content.pop("px_error", None)
             if type(exc).__name__ == "UnmetDependency":
                 content["px_error"] = "UnmetDependency"
             elif kernel.interrupting == msg.msg_id and content.get("px_error") is None:
