@@ -722,6 +722,14 @@ class SeenWindow:
             self._ids.discard(self._order.popleft())
         return True
 
+    def take(self, msg_id: str) -> bool:
+        """Whether ``msg_id`` is remembered; it is not any more (its place in the order
+        passes out in its turn)."""
+        if msg_id not in self._ids:
+            return False
+        self._ids.discard(msg_id)
+        return True
+
     def __contains__(self, msg_id: object) -> bool:
         return msg_id in self._ids
 

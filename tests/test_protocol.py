@@ -632,9 +632,7 @@ def test_any_direct_notice_item_is_checked_as_each_field_check_would(item):
 
 
 def test_interrupt_marks_are_bounded_and_taken_once():
-    from kernel_engine.engine.kernel import Marks
-
-    marks = Marks(3)
+    marks = wire.SeenWindow(3)
     for m in "abcd":
         marks.add(m)
     assert len(marks) == 3 and not marks.take("a")  # (the oldest went)

@@ -222,22 +222,19 @@ class HubRequests:
         return content, []
 
     def _signal(self, request: protocol.SignalRequest, msg: Message, client: bytes) -> Answer:
-        if request.msg_ids is not None:  # the engines running (or holding) these requests
-            held = self.inflight.engines_of(request.msg_ids)
-            # a client names the engines of requests it sent to their lanes itself
-            held.update(t for t in request.targets or () if t in self.engines.engines)
-            targets = sorted(held)
-        else:
-            targets = self._targets(request.targets)
+        # the engines running (or holding) these requests, and each one's share of them
+        named = self._named(request)
+        targets = sorted(named) if request.msg_ids is not None else self._targets(request.targets)
         for eid in targets:  # (all or none)
             why = self.engines.signal_problem(eid, request.signum)
             if why is not None:
                 raise ValueError(why)
-        named = self._named(request) if request.signum == signal.SIGINT else {}
-        if request.signum == signal.SIGINT and request.msg_ids:
+        if request.signum != signal.SIGINT:
+            named = {}
+        elif request.msg_ids:
             # load-balanced tasks not on an engine yet do not run: an interrupt of work
             # still queued here (Ctrl-C in a wait) is answered at once, not by a grace
-            queued = [m for m in request.msg_ids or () if self.balancer.queued(m)]
+            queued = [m for m in request.msg_ids if self.balancer.queued(m)]
             if queued:
                 self.balancer.abort(tuple(queued))
         for eid in targets:
@@ -246,9 +243,9 @@ class HubRequests:
         return {"targets": targets}, []
 
     def _named(self, request: protocol.SignalRequest) -> dict[int, tuple[str, ...]]:
-        """For an interrupt of requests: each engine's share of them (those it holds;
-        those the controller has no engine for, a client's direct ones, to the engines
-        the client named)."""
+        """For a signal to requests: each engine's share of them (those it holds; those
+        the controller has no engine for, a client's direct ones, to the engines the
+        client named)."""
         if request.msg_ids is None:
             return {}
         named: dict[int, list[str]] = {}

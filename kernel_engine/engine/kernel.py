@@ -19,17 +19,16 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Any as AnyTrait
 from traitlets import Integer, Unicode
 
-from kernel_engine import protocol
+from kernel_engine import protocol, wire
 from kernel_engine.clusters import ENGINE_DEBUGGER_ENV
 
-from .lane import Interruptible, TaskLane, interrupt_self, interrupt_user_code
+from .lane import Interruptible, TaskLane, interrupt_user_code, signal_self
 from .usage import Usage
 
 _SIGINT = int(signal.SIGINT)
@@ -38,33 +37,6 @@ MAX_INTERRUPTED = 65536
 """msg_ids an engine keeps marked to interrupt when they start, at most (the oldest go
 first; one is unmarked as its request starts). The controller sends an engine only the
 ids of requests it holds, or that a client sent it directly."""
-
-
-class Marks:
-    """A bounded set of msg_ids, the oldest dropped first; :meth:`take` unmarks one."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._ids: set[str] = set()
-        self._order: deque[str] = deque()  # (ids taken stay here until they pass out)
-
-    def add(self, msg_id: str) -> None:
-        if msg_id in self._ids:
-            return
-        self._ids.add(msg_id)
-        self._order.append(msg_id)
-        while len(self._order) > self.size:
-            self._ids.discard(self._order.popleft())
-
-    def take(self, msg_id: str) -> bool:
-        """Whether ``msg_id`` was marked; it is not any more."""
-        if msg_id not in self._ids:
-            return False
-        self._ids.discard(msg_id)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
 
 def without_debugger() -> None:
@@ -123,7 +95,7 @@ class EngineKernel(IPythonKernel):
     """(msg_id, function name, Unix time started) of what the main thread runs, if any: a
     plain attribute, set per task by the lane (and per cell), read by the control thread."""
     _usage: Usage | None = None
-    interrupted: Marks
+    interrupted: wire.SeenWindow
     """msg_ids to interrupt (:data:`protocol.ENGINE_INTERRUPT_REQUEST`): one that starts
     ends at once; added by the control thread, taken by the main thread as a request
     starts (after it sets :attr:`current_task`, which the control thread reads after
@@ -132,7 +104,7 @@ class EngineKernel(IPythonKernel):
     def start(self) -> None:
         """Start ipykernel's channels, then the task lane on the same (main) event loop."""
         super().start()
-        self.interrupted = Marks(MAX_INTERRUPTED)
+        self.interrupted = wire.SeenWindow(MAX_INTERRUPTED)
         self._usage = Usage()  # (a first report tells the CPU used since the start)
         if self.lane_socket is not None:
             self.lane = TaskLane(self, self.lane_socket)
@@ -246,7 +218,7 @@ class EngineKernel(IPythonKernel):
         )
         if task is not None and task[0] in msg_ids:
             self.interrupting = task[0]
-            interrupt_self()
+            signal_self(signal.SIGINT)
 
     async def px_engine_signal_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]
@@ -266,11 +238,7 @@ class EngineKernel(IPythonKernel):
         )
         if signum is None:
             return
-        pid = os.getpid()
-        if os.getpgid(0) == pid:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
+        signal_self(signum)
 
     async def px_adopt_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """Control channel: a restarted controller will set this engine up; answered at

@@ -80,14 +80,14 @@ def interrupt_user_code(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
-def interrupt_self() -> None:
-    """SIGINT to this engine, as a kernel manager interrupts a kernel: to its process
+def signal_self(signum: int) -> None:
+    """A signal to this engine, as a kernel manager signals a kernel: to its process
     group when it leads one (a task's child processes too)."""
     pid = os.getpid()
     if os.getpgid(0) == pid:
-        os.killpg(pid, signal.SIGINT)
+        os.killpg(pid, signum)
     else:
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signum)
 
 
 def time_limit_of(parent: dict[str, Any]) -> float | None:
@@ -121,7 +121,7 @@ class _TimeLimit:
         task = self.kernel.current_task
         if task is not None and task[0] == self.msg_id:
             self.ran_out = True
-            interrupt_self()
+            signal_self(signal.SIGINT)
 
     def cancel(self) -> None:
         self._timer.cancel()
