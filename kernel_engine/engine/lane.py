@@ -107,7 +107,7 @@ class _TimeLimit:
     that waited behind others on their engine."""
 
     def __init__(self, kernel: EngineKernel, msg_id: str, seconds: float):
-        self.kernel, self.msg_id, self.seconds = kernel, msg_id, seconds
+        self.kernel, self.msg_id = kernel, msg_id
         self.ran_out = False
         self._timer = threading.Timer(seconds, self._run_out)
         self._timer.daemon = True
