@@ -229,6 +229,115 @@ def test_time_limit_interrupts_and_fails_with_task_timeout(view):
     assert view.apply_sync(lambda: "engine still usable") == "engine still usable"
 
 
+def _stubborn_sleep(seconds):
+    """Sleeps, and carries on after the first KeyboardInterrupt."""
+    import time
+
+    end = time.monotonic() + seconds
+    caught = 0
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            caught += 1
+            if caught > 1:
+                raise
+
+
+def test_a_task_that_catches_the_first_interrupt_still_ends_at_its_time_limit(view):
+    """Over its limit, a task gets an interrupt every REPEAT_INTERRUPT seconds while it
+    still runs (one interrupt, as before, left it running for its 30 s)."""
+    t0 = time.monotonic()
+    with view.temp_flags(time_limit=0.3), pytest.raises(jx.TaskTimeout):
+        view.apply_sync(_stubborn_sleep, 30)
+    assert time.monotonic() - t0 < 10
+
+
+class _Engine:
+    """What the watchdog sees of an engine: the task running, and the interrupts it got."""
+
+    def __init__(self):
+        self.task: str | None = None
+        self.fired: list[tuple[str | None, float]] = []
+
+    def running(self):
+        return self.task
+
+    def fire(self):
+        self.fired.append((self.task, time.monotonic()))
+
+
+def _until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_watchdog_interrupts_a_task_over_its_limit_and_again_while_it_runs(monkeypatch):
+    from kernel_engine.engine import lane
+
+    monkeypatch.setattr(lane, "REPEAT_INTERRUPT", 0.05)
+    engine = _Engine()
+    dog = lane.Watchdog(engine.running, engine.fire)
+    engine.task = "a"
+    t0 = time.monotonic()
+    dog.arm("a", 0.1)
+    _until(lambda: len(engine.fired) >= 3)
+    assert dog.disarm("a") is True  # (it ran out)
+    assert engine.fired[0][1] - t0 >= 0.1
+    assert {task for task, _ in engine.fired} == {"a"}
+    count = len(engine.fired)
+    time.sleep(0.2)
+    assert len(engine.fired) == count  # (disarmed: no more)
+    assert dog.disarm("a") is False  # (told once)
+
+
+def test_the_watchdog_leaves_tasks_that_end_in_time_alone():
+    from kernel_engine.engine import lane
+
+    def watchdogs():
+        return [t.name for t in threading.enumerate()].count("px-time-limits")
+
+    before = watchdogs()
+    engine = _Engine()
+    dog = lane.Watchdog(engine.running, engine.fire)
+    for i in range(2000):  # (one thread for every task, however many)
+        engine.task = f"t{i}"
+        dog.arm(engine.task, 0.05)
+        assert dog.disarm(engine.task) is False
+        engine.task = None
+    assert watchdogs() == before + 1
+    time.sleep(0.2)
+    assert engine.fired == []
+    # a task that ended but is not disarmed yet (its engine runs another): not interrupted
+    engine.task = "ended"
+    dog.arm("ended", 0.05)
+    engine.task = "next"
+    time.sleep(0.2)
+    assert engine.fired == []
+    assert dog.disarm("ended") is False
+
+
+def test_the_watchdog_wakes_for_an_earlier_deadline():
+    """A task armed with a shorter limit than the one the thread sleeps toward is
+    interrupted at its own deadline, not the earlier task's."""
+    from kernel_engine.engine import lane
+
+    engine = _Engine()
+    dog = lane.Watchdog(engine.running, engine.fire)
+    engine.task = "long"
+    dog.arm("long", 60)
+    time.sleep(0.05)  # (the thread now sleeps toward 60 s)
+    dog.disarm("long")
+    engine.task = "short"
+    t0 = time.monotonic()
+    dog.arm("short", 0.1)
+    _until(lambda: engine.fired, timeout=5)
+    assert engine.fired[0][0] == "short" and engine.fired[0][1] - t0 < 2
+    assert dog.disarm("short") is True
+
+
 def _nap_and_say(i):
     import time
 

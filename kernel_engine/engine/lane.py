@@ -28,6 +28,7 @@ running when the controller died still complete in its records.
 from __future__ import annotations
 
 import _signal
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -100,31 +102,83 @@ def time_limit_of(parent: dict[str, Any]) -> float | None:
         return None
 
 
-class _TimeLimit:
-    """A running task's time limit: when it runs out while the task still runs, the
-    engine interrupts itself and the task's reply says TaskTimeout. Counted here, from the
-    task's start: the controller, which can only count from its dispatch, timed out tasks
-    that waited behind others on their engine."""
+REPEAT_INTERRUPT = 1.0
+"""Seconds between the interrupts a task over its time limit gets while it still runs
+(user code that catches KeyboardInterrupt and carries on gets the next one)."""
 
-    def __init__(self, kernel: EngineKernel, msg_id: str, seconds: float):
-        self.kernel, self.msg_id = kernel, msg_id
-        self.ran_out = False
-        self._timer = threading.Timer(seconds, self._run_out)
-        self._timer.daemon = True
 
-    def start(self) -> None:
-        """(Apart from making it: the caller holds it before it can run out, so a limit
-        that runs out while the thread starts still reads as TaskTimeout.)"""
-        self._timer.start()
+class Watchdog:
+    """The engine's time limits: one thread that interrupts the running task once its
+    limit, counted from its start, has run out, and again every ``REPEAT_INTERRUPT``
+    seconds while it still runs; the task's reply then says TaskTimeout. Counted here, in
+    the engine: the controller, which can only count from its dispatch, timed out tasks
+    that waited behind others on their engine.
 
-    def _run_out(self) -> None:
-        task = self.kernel.current_task
-        if task is not None and task[0] == self.msg_id:
-            self.ran_out = True
-            signal_self(signal.SIGINT)
+    One task runs at a time, so one slot and one thread serve every task: arming and
+    disarming take a lock and set the slot (a thread per task, as before, cost a tiny task
+    more than its own run). The thread wakes only at the deadline it last read, or when a
+    task is armed with an earlier one.
 
-    def cancel(self) -> None:
-        self._timer.cancel()
+    ``running()`` gives the msg_id of the task the engine runs now (or None) and ``fire()``
+    interrupts it; both are called on the watchdog's thread, under its lock, so a task
+    that has disarmed cannot be interrupted for its limit afterwards.
+    """
+
+    def __init__(self, running: Callable[[], str | None], fire: Callable[[], None]):
+        self._running, self._fire = running, fire
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._slot: tuple[str, float] | None = None
+        self._wakes_at = math.inf
+        self._ran_out: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, msg_id: str, seconds: float) -> None:
+        """Time ``msg_id``, which starts now, for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            self._slot, self._ran_out = (msg_id, deadline), None
+            if self._thread is None:  # (started on first use: engines may be forked)
+                self._thread = threading.Thread(
+                    target=self._run, name="px-time-limits", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._wakes_at:
+                self._wake.notify()
+
+    def disarm(self, msg_id: str) -> bool:
+        """Stop timing ``msg_id``; whether its limit ran out (it was interrupted for it)."""
+        with self._lock:
+            ran_out = self._ran_out == msg_id
+            if self._slot is not None and self._slot[0] == msg_id:
+                self._slot = None
+            if ran_out:
+                self._ran_out = None
+            return ran_out
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                slot = self._slot
+                if slot is None:
+                    self._wakes_at = math.inf
+                    self._wake.wait()
+                    continue
+                msg_id, deadline = slot
+                now = time.monotonic()
+                if now < deadline:
+                    self._wakes_at = deadline
+                    self._wake.wait(deadline - now)
+                    continue
+                if self._running() != msg_id:  # (ended, its disarm not yet taken)
+                    self._slot = None
+                    continue
+                self._ran_out = msg_id
+                self._slot = (msg_id, now + REPEAT_INTERRUPT)
+                try:
+                    self._fire()
+                except Exception:  # (an engine that cannot signal itself: the thread stays)
+                    pass
 
 
 _OK = {"status": "ok"}
@@ -185,6 +239,11 @@ class TaskLane:
         self.drops = wire.DropLog(kernel.log, "task lane")
         self.stream: ZMQStream | None = None
         self._asyncio_loop: Any = None
+        self.watchdog = Watchdog(self._running, lambda: signal_self(signal.SIGINT))
+
+    def _running(self) -> str | None:
+        task = self.kernel.current_task
+        return None if task is None else task[0]
 
     def start(self) -> None:
         """Serve the lane on the kernel's main event loop.
@@ -412,7 +471,6 @@ class TaskLane:
         buffers: list[Any] = []
         content: dict[str, Any]
         limit = time_limit_of(parent)
-        timer: _TimeLimit | None = None
         try:
             Interruptible.armed = True
             kernel.current_task = (msg.msg_id, "apply", time.time())
@@ -420,8 +478,7 @@ class TaskLane:
                 kernel.interrupting = msg.msg_id
                 raise KeyboardInterrupt
             if limit is not None:
-                timer = _TimeLimit(kernel, msg.msg_id, limit)
-                timer.start()
+                self.watchdog.arm(msg.msg_id, limit)
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
@@ -439,7 +496,7 @@ class TaskLane:
             )
         except BaseException as exc:
             Interruptible.armed = False  # (first: no handler runs between the raise and here)
-            if timer is not None and timer.ran_out:
+            if limit is not None and self.watchdog.disarm(msg.msg_id):
                 why = f"over its {limit}s time limit"
                 content = protocol.error_content("TaskTimeout", why, format_traceback(exc))
             else:
@@ -454,8 +511,8 @@ class TaskLane:
                 content["px_error"] = protocol.INTERRUPTED  # (final: not retried)
         finally:
             Interruptible.armed = False
-            if timer is not None:
-                timer.cancel()
+            if limit is not None:
+                self.watchdog.disarm(msg.msg_id)
             kernel.current_task = None
             if kernel.interrupting is not None:
                 kernel.interrupting = None
