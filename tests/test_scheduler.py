@@ -545,6 +545,26 @@ def test_retry_falls_back_to_same_engine_when_alone() -> None:
     assert dispatched(sim.schedule()) == {0: ["t"]}
 
 
+def test_a_lost_task_retried_then_failed_by_the_cascade_gets_one_verdict() -> None:
+    """A follows B or C: C ran on engine 0, A runs there, B is retried there behind it.
+    Engine 0 dies: A is retried (B may still run), then B fails for good, and with it A's
+    follow-dependency. A's only verdict is that Fail (it used to get a Resubmit too)."""
+    sim = Sim(Scheduler())
+    sim.submit(task("C", targets=frozenset({0})))
+    sim.schedule()
+    sim.finish("C")
+    sim.submit(task("B", retries=1, targets=frozenset({0})))
+    sim.schedule()
+    sim.submit(task("A", follow=dep("B", "C", all=False), retries=1))
+    assert dispatched(sim.schedule()) == {0: ["A"]}
+    sim.finish("B", "error")  # (retried on 0, behind A)
+    assert dispatched(sim.schedule()) == {0: ["B"]}
+    acts = sim.remove(0)  # (asserts one verdict for each of A and B)
+    assert fails(acts) == {"B": "EngineError", "A": "ImpossibleDependency"}
+    assert not [a for a in acts if isinstance(a, Resubmit)]
+    assert sim.s.pending() == 0
+
+
 @pytest.mark.parametrize("retries", [0, 1])
 def test_engine_removed_mid_workload(retries: int) -> None:
     rng = random.Random(7)

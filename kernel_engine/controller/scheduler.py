@@ -197,6 +197,11 @@ class Scheduler:
             for job in list(self._placed.values()):
                 if job.state <= PARKED:  # (not failed by a cascade meanwhile)
                     self._check(job, out)
+            # a task sent to be retried, then failed by a cascade from another of the
+            # engine's tasks (the one it follows), gets its Fail alone: one verdict a task
+            failed = {a.msg_id for a in out if isinstance(a, Fail)}
+            if failed:
+                out = [a for a in out if not (isinstance(a, Resubmit) and a.msg_id in failed)]
         return out
 
     def knows(self, msg_id: str) -> bool:
