@@ -286,9 +286,10 @@ class DirectView(View):
         """Send an ``apply_request`` to each target: one broadcast message for many
         targets (:attr:`fan_out_from`), else one message per target. Engines of this host
         share its large buffers through one shared-memory segment when there are two or
-        more of them. ``wait``: the caller blocks for the result (to one target, it may
-        then read the reply itself: see :meth:`.Transport.submit`); ``on_sent(msg_id)``
-        for each request sent to one target, as it leaves."""
+        more of them (one, for buffers of 32 MiB or more). ``wait``: the caller blocks
+        for the result (to one target, it may then read the reply itself: see
+        :meth:`.Transport.submit`); ``on_sent(msg_id)`` for each request sent to one
+        target, as it leaves."""
         metadata = {"label": self.label} if self.label else None
         segment, local = None, set()
         requests: list[Request] = []
@@ -298,10 +299,12 @@ class DirectView(View):
         here_later: list[Any] | None = [] if wait and len(targets) > 1 else None
         try:
             # (in the try: a Ctrl-C just after the segment is made still releases it)
-            if len(targets) > 1 and shm.worth_sharing(buffers) and shm.enabled():
+            # (to one engine, only for very large buffers: see shm.ONE_ENGINE_THRESHOLD)
+            if shm.worth_sharing(buffers, len(targets)) and shm.enabled():
                 engines = self.transport.engines
                 local = {t for t in targets if shm.is_local(engines.get(t))}
-                segment = shm.share(buffers) if len(local) > 1 else None
+                one = len(targets) == 1
+                segment = shm.share(buffers) if len(local) > 1 or (one and local) else None
             # (a segment goes in a broadcast only when every target maps it; then the
             # broadcast's one small message beats N sends, lanes or not)
             by_segment = segment is not None and len(targets) >= SEGMENT_FAN_OUT
@@ -493,8 +496,9 @@ class DirectView(View):
         Engines receive arrays read-only. When two or more target engines run on this
         host, buffers of 1 MiB or more (numpy arrays, large bytes) are written once into a
         shared-memory segment that those engines map read-only, so pushing an array to N
-        engines costs one copy of it in all, not N (see :mod:`kernel_engine.shm`; set
-        ``JUPYTER_PX_SHM=0`` to turn it off).
+        engines costs one copy of it in all, not N; to one engine of this host, buffers of
+        32 MiB or more go that way too, one copy instead of two through a socket (see
+        :mod:`kernel_engine.shm`; set ``JUPYTER_PX_SHM=0`` to turn it off).
         """
         if not isinstance(ns, dict) or not all(isinstance(k, str) for k in ns):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")

@@ -314,6 +314,30 @@ def test_an_interrupt_just_after_the_segment_is_made_releases_it(
     assert rc4[:].pull("a", block=True) == [1] * 4
 
 
+def test_small_buffers_to_one_engine_are_not_shared() -> None:
+    frames = _frames(shm.ONE_ENGINE_THRESHOLD - 1)
+    assert shm.worth_sharing(frames) and not shm.worth_sharing(frames, 1)
+    assert shm.worth_sharing(_frames(shm.ONE_ENGINE_THRESHOLD), 1)
+
+
+def test_a_very_large_array_to_one_engine_goes_through_a_segment(rc4: Any) -> None:
+    """One copy, not two: the engine maps the client's segment; the segment's name goes
+    once the engine answered, blocking or not, and the array reads back the same."""
+    arr = np.arange(shm.ONE_ENGINE_THRESHOLD // 8, dtype=np.float64)
+    expected = zlib.crc32(arr)
+    rc4[0].push({"a": arr}, block=True)
+    assert _mine() == [] and shm.live_segments() == []
+    assert rc4[0].apply_sync(_backing, "a") == "mmap"
+    assert rc4[0].apply_sync(_checksum, jx.Reference("a")) == (expected, False)
+    ar = rc4[1].apply_async(_checksum, arr)  # (apply arguments too; the IO thread's path)
+    assert ar.get(timeout=30) == (expected, False)
+    assert _wait_for(lambda: _mine() == [] and shm.live_segments() == [])
+    assert np.array_equal(rc4[0].pull("a", block=True), arr)
+    with pytest.raises(RemoteError, match="read-only"):
+        rc4[0].execute("a[0] = 1.0", block=True)
+    rc4[0].execute("a = None", block=True)
+
+
 def test_single_engine_and_small_arrays_keep_the_zmq_path(rc4: Any) -> None:
     rc4[0].push({"a": np.ones(2 * MIB, dtype=np.uint8)}, block=True)
     rc4[:2].push({"b": np.ones(shm.THRESHOLD // 2, dtype=np.uint8)}, block=True)
