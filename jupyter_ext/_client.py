@@ -217,16 +217,39 @@ class Client:
     def _jobs(self, jobs: Any) -> Any:
         """History indices (ints) as msg_ids; the rest as given."""
         if isinstance(jobs, int) and not isinstance(jobs, bool):
-            return self.history[jobs]
+            return self._history_at(jobs)
         if isinstance(jobs, (list, tuple)):
-            return [self.history[j] if isinstance(j, int) else j for j in jobs]
+            return [self._history_at(j) if isinstance(j, int) else j for j in jobs]
         return jobs
+
+    def _history_at(self, index: int) -> str:
+        """The msg_id at this index of :attr:`history` (IndexError saying so)."""
+        try:
+            return self.history[index]
+        except IndexError:
+            n = len(self.history)
+            raise IndexError(f"no task at history index {index}: the history holds {n}") from None
+
+    def _msg_ids_of_jobs(self, jobs: Any) -> list[str]:
+        """msg_ids from history indices (ints), msg_ids, AsyncResults, or a collection of
+        those, as IPython Parallel's ``_msg_ids_from_jobs`` takes them (None: none)."""
+        if isinstance(jobs, str) or not isinstance(jobs, (list, tuple, set, Iterator)):
+            jobs = [jobs]
+        out: list[str] = []
+        for job in jobs:
+            if isinstance(job, int) and not isinstance(job, bool):
+                out.append(self._history_at(job))
+            else:
+                out.extend(msg_ids_of(job))
+        return out
 
     def wait_interactive(
         self, jobs: Any = None, interval: float = 0.1, timeout: float | None = None
     ) -> None:
-        """Wait with a progress display for outstanding work (or ``jobs``)."""
-        wait_futures_with_progress(self.transport.futures_for(jobs), interval, timeout)
+        """Wait with a progress display for outstanding work (or ``jobs``: as for
+        :meth:`wait`)."""
+        futures = self.transport.futures_for(self._jobs(jobs))
+        wait_futures_with_progress(futures, interval, timeout)
 
     def spin(self) -> None:
         """Kept for IPython Parallel compatibility: results arrive on the IO thread."""
@@ -311,7 +334,7 @@ class Client:
         msg_ids: list[str] = []
         for item in items:
             if isinstance(item, int) and not isinstance(item, bool):
-                msg_ids.append(self.history[item])
+                msg_ids.append(self._history_at(item))
             elif isinstance(item, AsyncResult):
                 msg_ids.extend(item.msg_ids)
             else:
@@ -489,7 +512,7 @@ class Client:
         nor this client has outstanding (never sent, or forgotten: purged, or past the
         database's limits), as IPython Parallel does; they were reported pending, for
         ever. (This client's own requests still waiting to be sent are pending.)"""
-        wanted = msg_ids_of(msg_ids)
+        wanted = self._msg_ids_of_jobs(msg_ids)
         outstanding = self.outstanding  # (before asking: one may end while the answer comes)
         records = self.transport.fetch_records(wanted)
         missing = [m for m in wanted if m not in records]
@@ -507,13 +530,20 @@ class Client:
                 status[msg_id] = outcome[0][1]
         return status
 
-    def purge_local_results(self, jobs: Any = "all", targets: Any = None) -> None:
-        """Forget results held by this client: ``jobs`` (msg_ids, AsyncResults) or
-        ``"all"``. Work still outstanding cannot be purged: RuntimeError."""
+    def purge_local_results(self, jobs: Any = None, targets: Any = None) -> None:
+        """Forget results held by this client: ``jobs`` (history indices, msg_ids,
+        AsyncResults) and those of the engines ``targets``, or ``"all"`` (the default when
+        neither is given). Work still outstanding cannot be purged: RuntimeError."""
         results, metadata = self.transport.results, self.transport.metadata
         outstanding = self.outstanding
-        everything = isinstance(jobs, str) and jobs == "all"
-        chosen = list(results) if everything else msg_ids_of(jobs)
+        everything = _purges_everything(jobs, targets)
+        if everything:
+            chosen = list(results)
+        else:
+            chosen = self._msg_ids_of_jobs(jobs)
+            if targets is not None:
+                engines = set(self.transport.targets(targets))
+                chosen += [m for m, md in metadata.items() if md.get("engine_id") in engines]
         busy = sorted(outstanding if everything else outstanding.intersection(chosen))
         if busy:
             raise RuntimeError(f"cannot purge outstanding work: {busy[:5]}")
@@ -521,18 +551,22 @@ class Client:
             results.pop(msg_id, None)
             metadata.pop(msg_id, None)
 
-    def purge_hub_results(self, jobs: Any = "all", targets: Any = None) -> int:
-        """Forget finished task records on the controller; returns how many."""
-        everything = isinstance(jobs, str) and jobs == "all"
+    def purge_hub_results(self, jobs: Any = None, targets: Any = None) -> int:
+        """Forget finished task records on the controller: ``jobs`` and those of the
+        engines ``targets``, or ``"all"`` (the default when neither is given); returns
+        how many."""
+        everything = _purges_everything(jobs, targets)  # (with targets: just theirs)
         request = protocol.PurgeRequest(
-            None if everything else tuple(msg_ids_of(jobs)),
+            None if everything else tuple(self._msg_ids_of_jobs(jobs)),
             None if targets is None else tuple(self.transport.targets(targets)),
         )
         return int(self.transport.ask(protocol.PURGE_REQUEST, request)["purged"])
 
-    def purge_results(self, jobs: Any = "all", targets: Any = None) -> None:
-        """Forget finished results here and on the controller."""
-        self.purge_local_results(jobs)
+    def purge_results(self, jobs: Any = None, targets: Any = None) -> None:
+        """Forget finished results here and on the controller: ``jobs`` (history indices,
+        msg_ids, AsyncResults) and those of the engines ``targets``; ``"all"`` (the
+        default when neither is given) forgets every one."""
+        self.purge_local_results(jobs, targets)
         self.purge_hub_results(jobs, targets)
 
     # ----- integrations
@@ -640,3 +674,9 @@ class Client:
             display({"text/plain": plain, "text/html": html}, raw=True)
             return
         own._ipython_display_()
+
+
+def _purges_everything(jobs: Any, targets: Any) -> bool:
+    """Whether a purge's ``jobs`` and ``targets`` name every result: ``"all"``, or neither
+    given."""
+    return (jobs is None and targets is None) or (isinstance(jobs, str) and jobs == "all")

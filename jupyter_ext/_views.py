@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol, serialize, shm
@@ -27,11 +27,20 @@ def partition(seq: Any, n: int, i: int, dist: str = "b") -> Any:
     """Part ``i`` of ``n`` of a sequence: contiguous blocks (``'b'``) or round robin (``'r'``)."""
     if dist == "r":
         return seq[i::n]
-    if dist != "b":
-        raise ValueError(f"dist must be 'b' (blocks) or 'r' (round robin), not {dist!r}")
+    _check_dist(dist)
     base, extra = divmod(len(seq), n)
     start = i * base + min(i, extra)
     return seq[start : start + base + (1 if i < extra else 0)]
+
+
+def _check_dist(dist: Any) -> None:
+    if not (isinstance(dist, str) and dist in ("b", "r")):
+        raise ValueError(f"dist must be 'b' (blocks) or 'r' (round robin), not {dist!r}")
+
+
+def _check_key(call: str, key: Any) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"{call} takes a name (a string) as key, not {key!r}")
 
 
 def _sliceable(seq: Any) -> Any:
@@ -182,7 +191,13 @@ class View:
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         return self.client.queue_status(targets if targets is not None else self.targets)
 
-    def purge_results(self, jobs: Any = "all", targets: Any = None) -> None:
+    def purge_results(self, jobs: Any = None, targets: Any = None) -> None:
+        """Forget finished results here and on the controller: ``jobs`` and those of the
+        engines ``targets``, as the client's; neither given: this view's own finished
+        results, not those of other views or clients (``"all"``: every one)."""
+        if jobs is None and targets is None:
+            outstanding = self.client.outstanding
+            jobs = [m for m in self.history if m not in outstanding]
         self.client.purge_results(jobs, targets)
 
     def remote(self, block: bool | None = None, **flags: Any) -> Callable[..., Any]:
@@ -500,8 +515,11 @@ class DirectView(View):
         32 MiB or more go that way too, one copy instead of two through a socket (see
         :mod:`kernel_engine.shm`; set ``JUPYTER_PX_SHM=0`` to turn it off).
         """
-        if not isinstance(ns, dict) or not all(isinstance(k, str) for k in ns):
+        if not isinstance(ns, dict):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
+        bad = [k for k in ns if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"push takes names (strings) as keys, not {bad[0]!r}")
         return self._really_apply(ops.push, (ns,), {}, targets, block, track)
 
     update = push
@@ -511,6 +529,8 @@ class DirectView(View):
     ) -> Any:
         """Values of names on the engines (one name: a value per engine; a list: lists)."""
         if not isinstance(names, str):
+            if not isinstance(names, Iterable):
+                raise TypeError(f"pull takes a name or a list of names, not {names!r}")
             names = list(names)
             if not all(isinstance(n, str) for n in names):
                 raise TypeError(f"pull takes a name or a list of names, not {names!r}")
@@ -540,6 +560,8 @@ class DirectView(View):
 
         ``flatten=True`` assigns a part of one element as that element.
         """
+        _check_key("scatter", key)
+        _check_dist(dist)
         ids = self._target_ids(targets)
         seq = _sliceable(seq)
         track = bool(self.track if track is None else track)
@@ -556,6 +578,8 @@ class DirectView(View):
         self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None
     ) -> Any:
         """Pull ``key`` from each engine and join the parts (the inverse of scatter)."""
+        _check_key("gather", key)
+        _check_dist(dist)
         ids = self._target_ids(targets)
         futures = [
             f for t in ids for f in self._send_apply([t], pack_apply(ops.pull, (key,), {}), False)

@@ -123,6 +123,29 @@ def test_a_bad_flag_is_refused_in_the_client_naming_it(rc, flag, value, error):
             view.apply_async(abs, 1)
 
 
+def test_bad_keys_and_dists_of_the_namespace_calls_are_refused_naming_them(rc):
+    """gather ignored a bad ``dist``, scatter stored a non-str key on the engines, pull(1)
+    said "'int' object is not iterable" and push({1: 2}) "not dict"."""
+    view = rc[:]
+    view.block = True
+    view.scatter("a", [1, 2, 3])
+    with pytest.raises(ValueError, match=r"dist must be .* not 'x'"):
+        view.gather("a", dist="x")
+    with pytest.raises(TypeError, match=r"scatter takes a name .* not 1"):
+        view.scatter(1, [1, 2])
+    with pytest.raises(TypeError, match=r"gather takes a name .* not 1"):
+        view.gather(1)
+    with pytest.raises(TypeError, match="not 1"):
+        view.pull(1)
+    with pytest.raises(TypeError, match="not None"):
+        view.pull(None)
+    with pytest.raises(TypeError, match="keys, not 1"):
+        view.push({1: 2})
+    with pytest.raises(TypeError, match="keys, not 1"):
+        view[1] = 2
+    assert view.gather("a") == [1, 2, 3]
+
+
 def test_bad_flags_that_reach_the_controller_get_errors_and_hurt_nobody(cluster_factory):
     """What the controller did before: exit on a str time_limit (every engine with it),
     hang on timeout="5" with after or on retries="two", switch every time limit off after

@@ -68,6 +68,50 @@ def test_purge_local_results_refuses_outstanding_work(rc):
     assert ar.msg_ids[0] not in rc.results
 
 
+def test_purging_an_engines_results_keeps_the_other_engines(rc):
+    """``purge_results(targets=...)`` forgets those engines' results, here and on the
+    controller, as IPython Parallel's does; it used to forget every result here."""
+    on0, on1 = rc[0].apply_async(abs, -1), rc[1].apply_async(abs, -2)
+    assert rc.wait([on0, on1], timeout=5)
+    records = lambda: {  # noqa: E731
+        r["msg_id"] for r in rc.db_query({"msg_id": {"$in": on0.msg_ids + on1.msg_ids}})
+    }
+    rc.purge_results(targets=0)
+    assert on0.msg_ids[0] not in rc.results and on1.msg_ids[0] in rc.results
+    assert records() == set(on1.msg_ids)
+    rc.purge_local_results(targets=[1])
+    assert on1.msg_ids[0] not in rc.results
+
+
+def test_a_views_purge_results_forgets_only_its_own(rc):
+    """``view.purge_results()`` used to forget every result of every client, on the
+    controller too."""
+    view = rc[0]
+    other = rc.load_balanced_view().apply_async(abs, -3)
+    mine = view.apply_async(abs, -4)
+    assert rc.wait([other, mine], timeout=5)
+    view.purge_results()
+    assert mine.msg_ids[0] not in rc.results and other.msg_ids[0] in rc.results
+    assert rc.result_status(other)["completed"] == other.msg_ids
+    with pytest.raises(KeyError, match=mine.msg_ids[0]):
+        rc.result_status(mine)
+
+
+def test_calls_on_jobs_take_history_indices(rc):
+    """As IPython Parallel's ``_msg_ids_from_jobs``: result_status, purge_* and
+    wait_interactive take indices into ``rc.history`` as wait and get_result do."""
+    ar = rc[0].apply_async(abs, -1)
+    ar.get(5)
+    rc.wait_interactive(-1)
+    rc.wait_interactive([-1])
+    assert rc.result_status(-1)["completed"] == ar.msg_ids
+    assert rc.result_status([-1])["completed"] == ar.msg_ids
+    rc.purge_results(-1)
+    assert ar.msg_ids[0] not in rc.results
+    with pytest.raises(IndexError, match="history index -100000"):
+        rc.result_status(-100000)
+
+
 def test_send_signal_takes_names_and_says_who(rc):
     ar = rc[1].apply_async(time.sleep, 30)
     time.sleep(0.3)
