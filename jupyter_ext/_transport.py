@@ -41,7 +41,7 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import clusters, processes, protocol, replies, serialize, wire
+from kernel_engine import clusters, processes, protocol, replies, serialize, shm, wire
 from kernel_engine.engine.datapub import DATA_MESSAGE
 from kernel_engine.errors import (
     REMOTE_ERROR_CLASSES,
@@ -143,6 +143,7 @@ class Transport:
         self.history: History[str] = History(max_results)
         self.engines: dict[int, dict[str, Any]] = {}
         self.dead: dict[int, str] = {}
+        self._maps: dict[tuple[int, Any], bool] = {}  # (engine id, pid): see maps_results
         self._iopub_handlers: list[IopubHandler] = []
         self._submit_hooks: list[SubmitHook] = []
         self._engine_gone_handlers: list[EngineGoneHandler] = []
@@ -450,7 +451,7 @@ class Transport:
             return False
         lanes = self.io.lanes
         assert lanes is not None
-        lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, frames[1:])
+        lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, _kept_reply(msg, frames))
         received = datetime.now(timezone.utc)
         with self.requests.lock:  # (the IO thread adds output under it: see _on_iopub)
             outcome = self._read(req, msg, msg.metadata, None, received, outcome)
@@ -601,6 +602,21 @@ class Transport:
     def direct(self) -> bool:
         """Whether this client sends requests to the engines' task lanes itself."""
         return self.io.lanes is not None
+
+    def maps_results(self, engine_id: int) -> bool:
+        """Whether engine ``engine_id`` may send this client its very large results in
+        shared memory (:data:`kernel_engine.shm.REPLY_KEY`): this client reaches its lane
+        and maps its host's segments (asked once per engine process)."""
+        info = self.engines.get(engine_id)
+        if info is None or self.io.lanes is None:
+            return False
+        key = (engine_id, info.get("pid"))
+        known = self._maps.get(key)
+        if known is None:
+            if len(self._maps) > 4096:
+                self._maps.clear()
+            known = self._maps[key] = shm.enabled() and shm.is_local(info)
+        return known
 
     def depend_on(self, msg_ids: Sequence[str]) -> None:
         """Tasks about to be sent wait for ``msg_ids``: those that this client sent to
@@ -863,12 +879,11 @@ class Transport:
             return
         req = self.requests.get(msg.parent_id)
         if lanes is not None and req is not None and req.path in LANE_PATHS:
-            lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, frames[1:])
+            lanes.direct_done(req.msg_id, req.engine_id, msg.metadata, _kept_reply(msg, frames))
         elif lanes is not None and req is None and msg.parent_id in self._unreported:
             # failed here when the controller was lost; the controller still waits to hear
-            lanes.direct_done(
-                msg.parent_id, self._unreported.pop(msg.parent_id), msg.metadata, frames[1:]
-            )
+            eid = self._unreported.pop(msg.parent_id)
+            lanes.direct_done(msg.parent_id, eid, msg.metadata, _kept_reply(msg, frames))
         self._take_reply(msg, msg.metadata, None)
 
     def _take_reply(
@@ -931,6 +946,9 @@ class Transport:
         buffers = msg.buffers
         if buffers and outcome[0]:
             size = sum(map(len, buffers))  # (received frames: len is bytes)
+            shared = msg.content.get(shm.CONTENT_KEY)
+            if shared is not None:  # (a mapped segment's: it read, so its size is valid)
+                size += shared["size"]
             if size >= WEIGHED_FROM:
                 req.nbytes = size
         return outcome
@@ -945,7 +963,10 @@ class Transport:
         if msg.msg_type != protocol.APPLY_REPLY:
             return True, ExecuteReply(msg_id, content, md)
         try:
-            return True, serialize.loads(msg.buffers)
+            shared = content.get(shm.CONTENT_KEY)
+            if shared is None:
+                return True, serialize.loads(msg.buffers)
+            return True, serialize.loads(shm.take_result(shared, msg.buffers))
         except Exception as exc:
             info = {"engine_id": md["engine_id"], "msg_id": msg_id}
             return False, RemoteError(
@@ -1338,6 +1359,13 @@ class Transport:
                 "call was loading (unpickling) on this thread, and could wait behind a "
                 "reply that only this thread takes in; make the call after the result loads"
             )
+
+
+def _kept_reply(msg: wire.Message, frames: list[Any]) -> list[Any] | None:
+    """A lane reply's frames (after the delimiter) for the controller's record of the
+    request; None for one whose result was in a segment, which its reader unlinked: the
+    record keeps no result, as for any too large to keep."""
+    return None if shm.CONTENT_KEY in msg.content else frames[1:]
 
 
 def _engine_of(route: bytes) -> int | None:

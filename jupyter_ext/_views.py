@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kernel_engine import protocol, serialize, shm
+from kernel_engine import protocol, serialize, shm, wire
 from kernel_engine.engine import ops
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
@@ -41,6 +41,15 @@ def _check_dist(dist: Any) -> None:
 def _check_key(call: str, key: Any) -> None:
     if not isinstance(key, str):
         raise TypeError(f"{call} takes a name (a string) as key, not {key!r}")
+
+
+_MAPS_RESULTS = wire.dumps_json({shm.REPLY_KEY: True})
+
+
+def _mapping_results(metadata: dict[str, Any] | None) -> dict[str, Any] | bytes:
+    """A request's metadata saying that its engine may send a very large result in
+    shared memory (see :data:`kernel_engine.shm.REPLY_KEY`)."""
+    return _MAPS_RESULTS if metadata is None else {**metadata, shm.REPLY_KEY: True}
 
 
 def _sliceable(seq: Any) -> Any:
@@ -343,6 +352,7 @@ class DirectView(View):
                     if segment is not None:
                         shared = sent
                     return sent
+            maps = self.transport.maps_results
             for t in targets:
                 content, frames = {}, buffers
                 if segment is not None and t in local:
@@ -353,7 +363,7 @@ class DirectView(View):
                     protocol.APPLY_REQUEST,
                     content,
                     frames,
-                    metadata=metadata,
+                    metadata=_mapping_results(metadata) if maps(t) else metadata,
                     engine_id=t,
                     track=track,
                     md_extra={"label": self.label},

@@ -18,6 +18,16 @@ engine mapped it, or a failure: engine gone, client closed), and at exit. Segmen
 named ``jxpx-<client pid>-<random>``; one left by a client that was killed is removed by
 the next client on the host that shares a segment (:func:`sweep_stale`).
 
+Results. A client that maps this host's segments says so in its requests' metadata
+(:data:`REPLY_KEY`); an engine that gets such a request on its lane from the client itself
+writes a result's buffers of :data:`ONE_ENGINE_THRESHOLD` bytes or more into a segment of
+its own (named after the engine's pid) and replies with its reference. The client maps it
+and removes its name as it reads the reply (:func:`take_result`); the engine removes one
+that nobody read within :data:`REPLY_TTL` seconds (a client stopped or gone before it read
+its reply: that client then gets an error saying so), and at exit. A request that came
+through the controller never gets one: the controller passes on, or keeps for other
+clients, the reply itself.
+
 Trust. Whoever can sign a request can run code on the engine, but a reference is still
 checked as any other input: only a name of this module's form, opened without following
 links, a regular file of this user's that nobody else may read or write, whose size is
@@ -42,6 +52,8 @@ import secrets
 import socket
 import stat
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +86,31 @@ CONTENT_KEY = "px_shm"
 MAX_FRAMES = 4096
 """Most buffers one reference may stand for."""
 
+REPLY_KEY = "px_shm_reply"
+"""Set (True) in a request's metadata by a client that maps this host's segments. An
+engine that gets such a request straight from that client (on its task lane, not through
+the controller) may send its result's very large buffers (:data:`ONE_ENGINE_THRESHOLD`)
+in a segment of its own (the reply's content holds its reference under
+:data:`CONTENT_KEY`), which the client maps and unlinks as it reads the reply
+(:func:`take_result`): one copy instead of two through the socket."""
+
+
+def _reply_ttl() -> float:
+    raw = os.environ.get("JUPYTER_PX_SHM_REPLY_TTL", "")
+    try:
+        value = float(raw) if raw else 300.0
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:
+        log.warning("JUPYTER_PX_SHM_REPLY_TTL=%r is not a number of seconds: 300 s", raw[:40])
+        return 300.0
+    return value
+
+
+REPLY_TTL = _reply_ttl()
+"""Seconds after which an engine unlinks a result's segment that no client took (its
+client gone, or closed, before it read the reply); ``JUPYTER_PX_SHM_REPLY_TTL``."""
+
 _NAME = re.compile(r"jxpx-([0-9]{1,10})-[0-9a-f]{32}\Z")
 
 _live: set[str] = set()
@@ -88,11 +125,12 @@ def enabled() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK | os.X_OK)
 
 
-def worth_sharing(frames: Sequence[Any], engines: int = 2) -> bool:
+def worth_sharing(frames: Sequence[Any], engines: int = 2, first: int = 2) -> bool:
     """Whether any out-of-band buffer of an ``apply_request`` to this many engines is
-    large enough to share."""
+    large enough to share (``first``: the index of the first buffer among ``frames``: 1
+    for a result's)."""
     least = ONE_ENGINE_THRESHOLD if engines == 1 else THRESHOLD
-    return any(memoryview(f).nbytes >= least for f in frames[2:])
+    return any(memoryview(f).nbytes >= least for f in frames[first:])
 
 
 def is_local(info: dict[str, Any] | None) -> bool:
@@ -170,8 +208,9 @@ class Segment:
             self.unlink()
 
 
-def share(frames: Sequence[Any]) -> Segment | None:
-    """Write the large buffers of ``frames`` (an ``apply_request``'s) into a new segment.
+def share(frames: Sequence[Any], first: int = 2) -> Segment | None:
+    """Write the large buffers of ``frames`` (an ``apply_request``'s; with ``first=1``, a
+    result's) into a new segment.
 
     None when nothing is large enough or the segment cannot be made (``/dev/shm`` full,
     say): the caller then sends the frames as they are.
@@ -185,7 +224,7 @@ def share(frames: Sequence[Any]) -> Segment | None:
             log.warning("sweeping stale shared-memory segments failed: %s", exc)
     layout: list[list[int]] = []
     size = 0
-    for index in range(2, len(frames)):
+    for index in range(first, len(frames)):
         nbytes = memoryview(frames[index]).nbytes
         if nbytes >= THRESHOLD and len(layout) < MAX_FRAMES:
             size = -(-size // ALIGN) * ALIGN
@@ -223,6 +262,58 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < data.nbytes:
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+class ResultSegments:
+    """An engine's segments of results sent to clients of its host (see
+    :data:`REPLY_KEY`): each client unlinks its own as it maps it; one that no client
+    took is unlinked :data:`REPLY_TTL` s after it was made (:meth:`expire`)."""
+
+    def __init__(self) -> None:
+        self._made: deque[tuple[float, Segment]] = deque()
+
+    def share(self, buffers: Sequence[Any]) -> Segment | None:
+        """A segment of a result's large buffers (None: none made; send them as they are)."""
+        self.expire()
+        segment = share(buffers, first=1)
+        if segment is not None:
+            self._made.append((time.monotonic(), segment))
+        return segment
+
+    def expire(self) -> None:
+        """Unlink the segments made :data:`REPLY_TTL` s ago or more (those their client
+        took are gone already: nothing happens to them)."""
+        now = time.monotonic()
+        while self._made and now - self._made[0][0] >= REPLY_TTL:
+            self._made.popleft()[1].unlink()
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+
+def take_result(reference: Any, frames: Sequence[Any]) -> list[Any]:
+    """A result's frames (a reply's buffers) with its large buffers read-only views on
+    the engine's segment, whose name is then removed: the client that maps it is its
+    only reader, and the mapping keeps the pages. ValueError as :func:`attach` raises it."""
+    try:
+        out = attach(reference, frames, first=1)
+    except ValueError:
+        name = reference.get("name") if isinstance(reference, dict) else None
+        if (
+            isinstance(name, str)
+            and _NAME.match(name)
+            and not os.path.lexists(os.path.join(SHM_DIR, name))
+        ):
+            raise ValueError(
+                f"the result's shared-memory segment {name} is gone: its engine removes one "
+                f"that no client read within {REPLY_TTL:g} s (JUPYTER_PX_SHM_REPLY_TTL)"
+            ) from None
+        raise
+    try:
+        os.unlink(os.path.join(SHM_DIR, reference["name"]))  # (a name attach checked)
+    except OSError:
+        pass  # (the engine's expiry came first: the mapping is valid all the same)
+    return out
 
 
 def sweep_stale() -> list[str]:
@@ -293,9 +384,10 @@ def _int(name: Any, field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def attach(reference: Any, frames: Sequence[Any]) -> list[Any]:
-    """``frames`` (an ``apply_request``'s buffers) with the placeholders that ``reference``
-    names replaced by read-only views on the mapped segment.
+def attach(reference: Any, frames: Sequence[Any], first: int = 2) -> list[Any]:
+    """``frames`` (an ``apply_request``'s buffers; with ``first=1``, a result's) with the
+    placeholders that ``reference`` names replaced by read-only views on the mapped
+    segment.
 
     Raises
     ------
@@ -317,7 +409,7 @@ def attach(reference: Any, frames: Sequence[Any]) -> list[Any]:
     for entry in layout:
         if not isinstance(entry, list) or len(entry) != 3:
             raise _refuse(name, f"a frame entry must be [index, offset, nbytes], not {entry!r:.60}")
-        index = _int(name, "a frame index", entry[0], 2, len(frames) - 1)
+        index = _int(name, "a frame index", entry[0], first, len(frames) - 1)
         offset = _int(name, "an offset", entry[1], 0, size - 1)
         nbytes = _int(name, "a frame's nbytes", entry[2], 1, size - offset)
         if memoryview(frames[index]).nbytes != 0 or any(i == index for i, _, _ in extents):

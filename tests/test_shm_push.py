@@ -1,4 +1,5 @@
-"""Pushing one array to many engines on this host: one shared-memory segment, one copy.
+"""Pushing one array to many engines on this host: one shared-memory segment, one copy
+(and very large arrays to one engine, or from it as a result).
 
 The segment's checks and lifetime without processes first (:mod:`kernel_engine.shm`),
 then real clusters: every engine gets the same read-only array on the one segment, the
@@ -268,9 +269,9 @@ def test_push_to_four_engines_costs_one_copy(rc4: Any) -> None:
     # every engine reads every page: equal, read-only, on the one segment
     assert dv.apply_sync(_checksum, jx.Reference("a")) == [(expected, False)] * 4
     assert dv.apply_sync(_backing, "a") == ["mmap"] * 4
-    assert np.array_equal(rc4[3].pull("a", block=True), arr)  # (and back, over zmq)
     grown = sum(_uss(p) for p in pids) - uss + _host_shmem() - shared
     assert grown < 2 * arr.nbytes, f"{grown / arr.nbytes:.2f} copies"
+    assert np.array_equal(rc4[3].pull("a", block=True), arr)  # (and back)
     # apply arguments take the same path; writing to a received array is refused
     assert dv.apply_sync(_checksum, arr) == [(expected, False)] * 4
     with pytest.raises(RemoteError, match="read-only"):
@@ -336,6 +337,101 @@ def test_a_very_large_array_to_one_engine_goes_through_a_segment(rc4: Any) -> No
     with pytest.raises(RemoteError, match="read-only"):
         rc4[0].execute("a[0] = 1.0", block=True)
     rc4[0].execute("a = None", block=True)
+
+
+def _held_by(x: Any) -> str:
+    """What a received array lives on (``mmap``: a segment; ``Frame``: a zmq message)."""
+    while isinstance(x, np.ndarray) and x.base is not None:
+        x = x.base
+    return type(x.obj).__name__ if isinstance(x, memoryview) else type(x).__name__
+
+
+def _engine_segments(pid: int) -> list[str]:
+    prefix = f"{shm.PREFIX}{pid}-"
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+
+
+def test_a_very_large_result_comes_back_through_a_segment(rc4: Any) -> None:
+    """One copy, not two: the engine writes a result of 32 MiB or more into a segment,
+    the client maps it read-only and removes its name as it reads the reply; the
+    controller's record keeps no result for it (as for any result too large to keep)."""
+    pid = rc4.engine_info(2)["pid"]
+    rc4[2].execute("import numpy; a = numpy.arange(4 * 2**20, dtype=numpy.float64)", block=True)
+    view = rc4[2]
+    view.apply_sync(abs, -1)  # (the lane is in use: requests go to it directly)
+    expected = np.arange(4 * 2**20, dtype=np.float64)
+    blocking = view.pull("a", block=True)
+    ar = view.pull("a", block=False)
+    waited = ar.get(timeout=30)
+    for got in (blocking, waited):
+        assert np.array_equal(got, expected) and not got.flags.writeable
+        assert _held_by(got) == "mmap"
+    assert _engine_segments(pid) == []
+    [record] = rc4.db_query({"msg_id": ar.msg_ids[0]}, keys=["status", "result_buffers"])
+    assert record["status"] == "ok" and not record["result_buffers"]
+    rc4[2].execute("a = None", block=True)
+
+
+def test_results_through_the_controller_keep_their_buffers(
+    rc4: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that does not reach the lanes (its requests go through the controller)
+    gets its result in the reply itself: a segment is only for a client that sent the
+    request to the engine itself and said it maps them."""
+    monkeypatch.setenv("JUPYTER_PX_DIRECT", "0")
+    routed = jx.Client(rc4.connection_file)
+    try:
+        routed[3].execute("import numpy; a = numpy.ones(4 * 2**20)", block=True)
+        got = routed[3].pull("a", block=True)
+        assert _held_by(got) == "Frame"
+        assert float(got.sum()) == 4 * 2**20
+        routed[3].execute("a = None", block=True)
+    finally:
+        routed.close()
+
+
+_STOPPED_CLIENT = """
+import os, signal, sys, jupyter_ext as jx
+rc = jx.Client(sys.argv[1])
+rc[0].apply_sync(abs, -1)
+ar = rc[0].pull("a", block=False)
+os.kill(os.getpid(), signal.SIGSTOP)  # (the reply waits in its socket, unread)
+try:
+    ar.get(timeout=30)
+    print("no error")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+rc.close()
+"""
+
+
+def test_a_result_segment_no_client_reads_goes_after_its_time(
+    cluster_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client stopped before it read its reply never removes the result's segment:
+    the engine does, JUPYTER_PX_SHM_REPLY_TTL s after it made it, and the client, once it
+    runs again, gets an error that says so (not a result, not a hang)."""
+    monkeypatch.setenv("JUPYTER_PX_SHM_REPLY_TTL", "2")
+    _, rc = cluster_factory.start(1)
+    pid = rc.engine_info(0)["pid"]
+    rc[0].execute("import numpy; a = numpy.ones(4 * 2**20)", block=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_CLIENT, rc.connection_file],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_for(lambda: _engine_segments(pid) != [], timeout=30)
+        assert _wait_for(lambda: _engine_segments(pid) == [], timeout=15)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "SerializationError" in out and "is gone" in out and "JUPYTER_PX_SHM_REPLY_TTL" in out
+    assert rc[0].apply_sync(abs, -3) == 3
 
 
 def test_single_engine_and_small_arrays_keep_the_zmq_path(rc4: Any) -> None:

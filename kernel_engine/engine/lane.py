@@ -240,6 +240,7 @@ class TaskLane:
         self.stream: ZMQStream | None = None
         self._asyncio_loop: Any = None
         self.watchdog = Watchdog(self._running, lambda: signal_self(signal.SIGINT))
+        self.result_segments = shm.ResultSegments()
 
     def _running(self) -> str | None:
         task = self.kernel.current_task
@@ -385,7 +386,8 @@ class TaskLane:
                     protocol.APPLY_REPLY, duplicate, msg.header, {"status": "error"}, idents=idents
                 )[1]
         if msg.msg_type == protocol.APPLY_REQUEST:
-            return self._apply(msg, idents)
+            direct = router_ident is not None and router_ident != self.controller
+            return self._apply(msg, idents, direct)
         if msg.msg_type == protocol.LANE_PING_REQUEST:
             return self.wire.pack(
                 protocol.LANE_PING_REPLY,
@@ -442,7 +444,9 @@ class TaskLane:
         refused = protocol.error_content("ValueError", why)
         return self.wire.pack(protocol.ENGINE_SETUP_REPLY, refused, msg.header, idents=idents)[1]
 
-    def _apply(self, msg: wire.Message, idents: list[bytes]) -> list[Any]:
+    def _apply(self, msg: wire.Message, idents: list[bytes], direct: bool = False) -> list[Any]:
+        """Run an ``apply_request``; its reply's frames. ``direct``: it came from a client
+        itself, not through the controller (see :meth:`_share_result`)."""
         kernel = self.kernel
         started = wire.utcnow_iso()
         metadata: dict[str, Any] = {
@@ -526,9 +530,34 @@ class TaskLane:
                 saved_out.flush()
             if err.parts:
                 saved_err.flush()
+        if direct and len(buffers) > 1 and content.get("status") == "ok":
+            segment = self._share_result(parent, buffers)
+            if segment is not None:
+                content = {"status": "ok", shm.CONTENT_KEY: segment.reference}
+                buffers = segment.placeholders(buffers)
         metadata["stdout"] = out.text()
         metadata["stderr"] = err.text()
         return self._reply(msg, idents, content, metadata, buffers)
+
+    def _share_result(self, parent: dict[str, Any], buffers: list[Any]) -> shm.Segment | None:
+        """A segment of a result's very large buffers, for a client of this host that
+        asked for one (:data:`kernel_engine.shm.REPLY_KEY`) and sent the request itself:
+        a request that came through the controller may be a remote client's, and a reply
+        the controller passes on or keeps (for another client's ``get_result``) must hold
+        its buffers. None: the buffers go in the reply."""
+        request_md = parent.get("metadata")
+        if not isinstance(request_md, dict) or request_md.get(shm.REPLY_KEY) is not True:
+            return None
+        if not shm.worth_sharing(buffers, 1, first=1) or not shm.enabled():
+            return None
+        try:
+            segment = self.result_segments.share(buffers)
+        except Exception as exc:  # (MemoryError, say: the reply carries the buffers)
+            self.kernel.log.warning("no shared-memory segment for a result: %s", exc)
+            return None
+        if segment is not None and self.kernel.io_loop is not None:
+            self.kernel.io_loop.call_later(shm.REPLY_TTL + 1, self.result_segments.expire)
+        return segment
 
     def _reply(
         self,
