@@ -187,8 +187,8 @@ class Client:
 
     def load_balanced_view(self, targets: Any = None, **flags: Any) -> LoadBalancedView:
         """A LoadBalancedView over ``targets`` (None: all engines), with ``flags`` set."""
-        view = LoadBalancedView(self, targets)
-        view.set_flags(**flags)
+        view = LoadBalancedView(self, None)
+        view.set_flags(targets=targets, **flags)  # (bad targets refused here, not at first use)
         return view
 
     def broadcast_view(
@@ -279,6 +279,7 @@ class Client:
             n = self.cluster.n if self.cluster is not None else len(self.ids)
         n = protocol.check_int("n", n, 0, protocol.MAX_IDS)
         wait = as_timeout(timeout)
+        protocol.check_bool("block", block)
         if block:
             self.transport.wait_for_engines(n, wait)
             return None
@@ -358,12 +359,14 @@ class Client:
 
     def abort(self, jobs: Any = None, targets: Any = None, block: bool = True) -> None:
         """Do not run these tasks (msg_ids or AsyncResults; default: all outstanding)."""
+        protocol.check_bool("block", block)
         msg_ids = list(self.outstanding) if jobs is None else msg_ids_of(jobs)
         ids = None if targets is None else self.transport.targets(targets)
         self.transport.abort(msg_ids, ids, block)
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
         """Per engine: requests queued or running (``queue``), ``completed``, ``tasks``."""
+        protocol.check_bool("verbose", verbose)
         ids = None if targets is None else tuple(self.transport.targets(targets))
         reply = self.transport.ask(protocol.QUEUE_REQUEST, protocol.QueueRequest(ids))
         out: dict[Any, Any] = {}

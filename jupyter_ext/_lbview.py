@@ -113,13 +113,12 @@ class LoadBalancedView(View):
             )
         raise AttributeError(name)
 
-    def set_flags(self, **flags: Any) -> None:
-        """Set view flags; a value of the wrong type or range raises TypeError/ValueError
-        naming the flag (and sets nothing)."""
+    def _check_flags(self, flags: dict[str, Any]) -> None:
+        """A value of the wrong type or range raises TypeError/ValueError naming the flag."""
         for name, value in flags.items():
             if name in self._flag_names:
                 check_flag(name, value)
-        super().set_flags(**flags)
+        super()._check_flags(flags)
 
     def _task_metadata(self) -> _TaskFlags:
         targets = None if self.targets is None else tuple(self._target_ids())
@@ -200,6 +199,8 @@ class LoadBalancedView(View):
         if not sequences:
             raise TypeError("map needs at least one sequence")
         protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
+        protocol.check_bool("ordered", ordered)
+        protocol.check_bool("return_exceptions", return_exceptions)
         seqs = [_sliceable(s) for s in sequences]
         length = min(len(s) for s in seqs)
         md = self._task_metadata()
@@ -241,6 +242,8 @@ class LoadBalancedView(View):
         element that raised gives its error as its result instead of ending the map.
         """
         protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
+        protocol.check_bool("ordered", ordered)
+        protocol.check_bool("return_exceptions", return_exceptions)
         if max_outstanding == "auto":
             limit = 64 * max(1, len(self.client.ids))
         else:

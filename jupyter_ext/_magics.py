@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import no_var_expand
 
+from kernel_engine import protocol
 from kernel_engine.errors import AlreadyDisplayedError, CompositeError, RemoteError
 
 from ._client import current_client
@@ -77,6 +78,18 @@ def _signum(text: str) -> int:
         raise ValueError(f"no signal {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds: finite, at least 0 (argparse names the option if not)."""
+    try:
+        seconds = protocol.check_seconds("seconds", float(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds at least 0, not {text!r}"
+        ) from None
+    assert seconds is not None
+    return seconds
+
+
 def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"%{name}", add_help=False, exit_on_error=False)
     p.add_argument("-t", "--targets", type=str, default=None)
@@ -92,8 +105,8 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--verbose", dest="verbose", action="store_true", default=None)
     p.add_argument("--no-verbose", dest="verbose", action="store_false")
     p.add_argument("-o", "--out", "--save-name", dest="save_name", type=str, default=None)
-    p.add_argument("--progress-after", type=float, default=None)
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--progress-after", type=_seconds, default=None)
+    p.add_argument("--timeout", type=_seconds, default=None)
     return p
 
 

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kernel_engine import protocol
 from kernel_engine.engine import ops
 from kernel_engine.serialize import pack_apply
 
@@ -21,6 +22,7 @@ class RemoteFunction:
         self.func = f
         self.block = block
         self.flags = flags
+        view._check_flags(self._flags())  # (a bad flag is refused here, not at the call)
         functools.update_wrapper(self, f)
 
     def _flags(self) -> dict[str, Any]:
@@ -59,6 +61,7 @@ class ParallelFunction(RemoteFunction):
         super().__init__(view, f, block=block, **flags)
         if dist != "b":
             raise ValueError("only dist='b' (contiguous blocks) is supported")
+        protocol.check_bool("ordered", ordered)
         self.chunksize = chunksize
         self.ordered = ordered
 
@@ -77,8 +80,15 @@ class ParallelFunction(RemoteFunction):
             return self.view.map(self.func, *sequences, **kwargs)
 
 
+def _check_view(name: str, view: Any) -> None:
+    if not isinstance(view, View):
+        raise TypeError(f"{name} takes a view (e.g. rc[:]) as view, not {type(view).__name__}")
+
+
 def remote(view: View, block: bool | None = None, **flags: Any) -> Callable[..., RemoteFunction]:
     """Decorator: calls of the function run on ``view``'s engines."""
+    _check_view("remote", view)
+    view._check_flags({**flags, **({} if block is None else {"block": block})})
 
     def decorate(f: Callable[..., Any]) -> RemoteFunction:
         return RemoteFunction(view, f, block=block, **flags)
@@ -90,6 +100,9 @@ def parallel(
     view: View, dist: str = "b", block: bool | None = None, **flags: Any
 ) -> Callable[..., ParallelFunction]:
     """Decorator: the function is called on parts of its sequence arguments in parallel."""
+    _check_view("parallel", view)
+    view_flags = {k: v for k, v in flags.items() if k not in ("chunksize", "ordered")}
+    view._check_flags({**view_flags, **({} if block is None else {"block": block})})
 
     def decorate(f: Callable[..., Any]) -> ParallelFunction:
         return ParallelFunction(view, f, dist=dist, block=block, **flags)

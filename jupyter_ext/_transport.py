@@ -129,6 +129,12 @@ class Transport:
         max_results: int = 10_000,
         max_result_bytes: int | None = MAX_RESULT_BYTES,
     ):
+        if connection_file is not None and not isinstance(connection_file, (str, os.PathLike)):
+            raise TypeError(
+                "connection_file must be a path, a cluster id or None, not "
+                f"{type(connection_file).__name__} ({connection_file!r:.40})"
+            )
+        protocol.check_seconds("timeout", timeout)
         protocol.check_int("max_results", max_results, 1, 2**40)
         if max_result_bytes is not None:
             protocol.check_int("max_result_bytes", max_result_bytes, 0, 2**62)

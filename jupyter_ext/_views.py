@@ -91,6 +91,12 @@ class View:
         Every flag is checked before any is set: an unknown one raises KeyError, a value
         of the wrong type or range TypeError/ValueError naming the flag.
         """
+        self._check_flags(flags)
+        for name, value in flags.items():
+            setattr(self, name, value)
+
+    def _check_flags(self, flags: dict[str, Any]) -> None:
+        """What :meth:`set_flags` checks (also ``remote(...)``/``parallel(...)``'s flags)."""
         for name, value in flags.items():
             if name not in self._flag_names:
                 raise KeyError(f"invalid flag {name!r}; flags are {self._flag_names}")
@@ -100,8 +106,6 @@ class View:
                 protocol.check_label(name, value)
             elif name == "targets" and value is not None:
                 self.transport.targets(value)
-        for name, value in flags.items():
-            setattr(self, name, value)
 
     @contextlib.contextmanager
     def temp_flags(self, **flags: Any) -> Iterator[None]:
@@ -176,7 +180,7 @@ class View:
         if jobs is None:
             outstanding = self.client.outstanding
             jobs = [m for m in self.history if m in outstanding]
-        self.client.abort(jobs, targets=targets, block=bool(block))
+        self.client.abort(jobs, targets=targets, block=False if block is None else block)
 
     @property
     def outstanding(self) -> set[str]:
@@ -198,7 +202,9 @@ class View:
         self.client.shutdown(chosen, restart=restart, hub=hub)
 
     def queue_status(self, targets: Any = None, verbose: bool = False) -> dict[Any, Any]:
-        return self.client.queue_status(targets if targets is not None else self.targets)
+        return self.client.queue_status(
+            targets if targets is not None else self.targets, verbose=verbose
+        )
 
     def purge_results(self, jobs: Any = None, targets: Any = None) -> None:
         """Forget finished results here and on the controller: ``jobs`` and those of the
@@ -314,7 +320,8 @@ class DirectView(View):
         for the result (to one target, it may then read the reply itself: see
         :meth:`.Transport.submit`); ``on_sent(msg_id)`` for each request sent to one
         target, as it leaves."""
-        metadata = {"label": self.label} if self.label else None
+        label = protocol.check_label("label", self.label)  # (set behind set_flags' back?)
+        metadata = {"label": label} if label else None
         segment, local = None, set()
         requests: list[Request] = []
         shared: list[Request] = []
@@ -346,7 +353,7 @@ class DirectView(View):
                     frames,
                     metadata,
                     track,
-                    md_extra={"label": self.label},
+                    md_extra={"label": label},
                 )
                 if sent is not None:
                     if segment is not None:
@@ -366,7 +373,7 @@ class DirectView(View):
                     metadata=_mapping_results(metadata) if maps(t) else metadata,
                     engine_id=t,
                     track=track,
-                    md_extra={"label": self.label},
+                    md_extra={"label": label},
                     wait=wait,
                     on_sent=on_sent,
                     here_later=here_later,
@@ -422,6 +429,7 @@ class DirectView(View):
         """Static map: each engine gets one contiguous chunk of the sequences."""
         if not sequences:
             raise TypeError("map needs at least one sequence")
+        protocol.check_bool("return_exceptions", return_exceptions)
         seqs = [_sliceable(s) for s in sequences]
         length = min(len(s) for s in seqs)
         seqs = [s[:length] if len(s) != length else s for s in seqs]
@@ -459,6 +467,7 @@ class DirectView(View):
         if not isinstance(code, str):
             raise TypeError(f"execute takes code as a string, not {type(code).__name__}")
         protocol.check_label("label", label)
+        protocol.check_label("label", self.label)
         chosen = self.targets if targets is None else targets
         ids = self._target_ids(chosen)
         content = {
@@ -572,6 +581,7 @@ class DirectView(View):
         """
         _check_key("scatter", key)
         _check_dist(dist)
+        protocol.check_bool("flatten", flatten)
         ids = self._target_ids(targets)
         seq = _sliceable(seq)
         track = bool(self.track if track is None else track)

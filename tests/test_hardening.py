@@ -123,6 +123,78 @@ def test_a_bad_flag_is_refused_in_the_client_naming_it(rc, flag, value, error):
             view.apply_async(abs, 1)
 
 
+def _lview(rc):
+    return rc.load_balanced_view()
+
+
+@pytest.mark.parametrize(
+    ("flag", "call"),
+    [
+        ("ordered", lambda rc: _lview(rc).map(abs, [1], ordered="no")),
+        ("ordered", lambda rc: _lview(rc).map(abs, [1], ordered=None)),
+        ("ordered", lambda rc: _lview(rc).imap(abs, [1], ordered="no")),
+        ("return_exceptions", lambda rc: _lview(rc).map(abs, [1], return_exceptions="x")),
+        ("return_exceptions", lambda rc: _lview(rc).imap(abs, [1], return_exceptions="x")),
+        ("return_exceptions", lambda rc: rc[:].map(abs, [1], return_exceptions="x")),
+        ("flatten", lambda rc: rc[:].scatter("a", [1, 2], flatten="x")),
+        ("block", lambda rc: rc.wait_for_engines(1, block="x")),
+        ("block", lambda rc: rc.abort([], block="x")),
+        ("block", lambda rc: rc[:].abort([], block="x")),
+        ("verbose", lambda rc: rc.queue_status(verbose="x")),
+    ],
+)  # fmt: skip
+def test_a_flag_that_is_not_a_bool_is_refused_naming_it(rc, flag, call):
+    """Each was taken by its truthiness: ordered="no" ordered, return_exceptions="x"
+    returned exceptions, wait_for_engines(block="x") blocked."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+        call(rc)
+
+
+def test_a_client_refuses_a_bad_timeout_or_connection_file_naming_it():
+    """Client(timeout="x") said "unsupported operand type(s) for +: 'float' and 'str'"
+    (after finding the cluster), Client(5) a pathlib TypeError naming nothing."""
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        jx.Client(timeout="x")
+    with pytest.raises(ValueError, match="timeout must be a finite"):
+        jx.Client(timeout=math.nan)
+    with pytest.raises(TypeError, match="connection_file must be a path"):
+        jx.Client(5)
+
+
+def test_remote_functions_and_executors_refuse_bad_flags_when_made(rc):
+    """view.remote(bogus=1) failed (AttributeError) only when the function was called;
+    jx.remote(5) and rc.executor(targets="x") only when first used."""
+    view = rc[:]
+    for make in (view.remote, view.parallel, lambda **kw: jx.remote(view, **kw)):
+        with pytest.raises(KeyError, match="invalid flag 'bogus'"):
+            make(bogus=1)
+    with pytest.raises(TypeError, match="block must be True or False"):
+        view.remote(block="x")
+    with pytest.raises(TypeError, match="retries must be an int"):
+        rc.load_balanced_view().remote(retries="x")
+    with pytest.raises(TypeError, match="remote takes a view"):
+        jx.remote(5)
+    with pytest.raises(TypeError, match="parallel takes a view"):
+        jx.parallel("x")
+    with pytest.raises(TypeError, match="targets must be"):
+        rc.executor(targets="x")
+    assert view.remote(block=True)(abs)(-1) == [1, 1]  # (good flags still work)
+    assert rc.executor(targets=[0]).submit(abs, -2).result(10) == 2
+
+
+def test_a_label_set_on_a_direct_view_is_checked_when_used(rc):
+    """As a load-balanced view's flags set behind set_flags' back are: a DirectView sent
+    label=5 to its engines."""
+    view = rc[:]
+    view.label = 5
+    with pytest.raises(TypeError, match="label must be a string"):
+        view.apply_async(abs, -1)
+    with pytest.raises(TypeError, match="label must be a string"):
+        view.execute("a = 1")
+    view.label = "fine"
+    assert view.apply_sync(abs, -1) == [1, 1]
+
+
 def test_bad_keys_and_dists_of_the_namespace_calls_are_refused_naming_them(rc):
     """gather ignored a bad ``dist``, scatter stored a non-str key on the engines, pull(1)
     said "'int' object is not iterable" and push({1: 2}) "not dict"."""

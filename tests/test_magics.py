@@ -279,6 +279,21 @@ def test_a_bad_signal_name_is_a_usage_error(executed):
     assert "UsageError: --signal-on-interrupt: no signal 'SIGNOPE'" in text, text
 
 
+def test_bad_seconds_options_are_usage_errors_naming_them():
+    """--progress-after nan (or -1) was taken; so was --timeout nan."""
+    from IPython.core.error import UsageError
+
+    from jupyter_ext._magics import PXMagics
+
+    magics = PXMagics(shell=None)
+    for option in ("--progress-after", "--timeout"):
+        for bad in ("nan", "-1", "inf", "x"):
+            with pytest.raises(UsageError, match=f"argument {option}: must be a finite"):
+                magics._parse("px", f"{option} {bad}")
+    args = magics._parse("px", "--progress-after 0.5 --timeout 2")
+    assert (args.progress_after, args.timeout) == (0.5, 2.0)
+
+
 def test_activate_registers_a_suffixed_set(executed):
     cells, _ = executed
     text = text_of(cells["activate"])
