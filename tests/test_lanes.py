@@ -247,6 +247,45 @@ def test_an_interrupt_meant_for_a_request_not_started_yet_is_not_lost(rc, path):
     assert rc[1].apply_sync(abs, -3) == 3
 
 
+def _end_once_interrupt_is_asked():
+    """Spins until the engine is asked to interrupt it, then ends: the interrupt's signal
+    comes when the engine already runs the next request. (Threads switch often meanwhile,
+    so that the main thread ends it while the control thread answers the interrupt.)"""
+    import sys
+    import time
+
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    me = kernel.current_task[0]
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        end = time.monotonic() + 5
+        while me not in kernel.interrupted and time.monotonic() < end:
+            pass
+    finally:
+        sys.setswitchinterval(saved)
+    return "ended"
+
+
+def test_an_interrupt_for_a_request_that_just_ended_spares_the_next_one(rc):
+    """The control thread checked that the request runs, answered, then signalled: a
+    request that ended meanwhile left the SIGINT to the next one, which failed with a
+    KeyboardInterrupt nobody asked for."""
+    _wait_ready(rc, rc.ids)
+    for _ in range(25):
+        meant = rc[1].apply_async(_end_once_interrupt_is_asked)
+        after = rc[1].apply_async(time.sleep, 0.15)
+        time.sleep(0.05)
+        assert rc.transport.interrupt(meant.msg_ids) == [1]
+        try:
+            meant.get(10)
+        except jx.RemoteError as exc:
+            assert exc.ename == "KeyboardInterrupt"
+        assert after.get(10) is None
+
+
 def test_lanes_can_be_switched_off(rc, monkeypatch):
     monkeypatch.setenv("JUPYTER_PX_DIRECT", "0")
     with jx.Client(rc.connection_file) as routed:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -95,6 +96,12 @@ class EngineKernel(IPythonKernel):
     """(msg_id, function name, Unix time started) of what the main thread runs, if any: a
     plain attribute, set per task by the lane (and per cell), read by the control thread."""
     _usage: Usage | None = None
+    task_lock: threading.Lock
+    """Held by the main thread as a request ends (:attr:`current_task` cleared) and by the
+    control thread from its reading of :attr:`current_task` to its SIGINT: an interrupt
+    for a request is signalled before that request ends or not at all (the control thread
+    read the request running, answered, then signalled: one that ended meanwhile left the
+    SIGINT to the next request, which failed with a KeyboardInterrupt nobody asked for)."""
     interrupted: wire.SeenWindow
     """msg_ids to interrupt (:data:`protocol.ENGINE_INTERRUPT_REQUEST`): one that starts
     ends at once; added by the control thread, taken by the main thread as a request
@@ -103,6 +110,7 @@ class EngineKernel(IPythonKernel):
 
     def start(self) -> None:
         """Start ipykernel's channels, then the task lane on the same (main) event loop."""
+        self.task_lock = threading.Lock()
         super().start()
         self.interrupted = wire.SeenWindow(MAX_INTERRUPTED)
         self._usage = Usage()  # (a first report tells the CPU used since the start)
@@ -130,7 +138,8 @@ class EngineKernel(IPythonKernel):
         try:
             await super().execute_request(stream, ident, parent)
         finally:
-            self.current_task = None
+            with self.task_lock:  # (see task_lock)
+                self.current_task = None
 
     # Interrupts (SIGINT: jupyter_client's interrupt, the controller's time limits) cut
     # user code short and nothing else. ipykernel's hooks install Python's
@@ -212,13 +221,14 @@ class EngineKernel(IPythonKernel):
             reply = {"status": "ok"}
         for msg_id in msg_ids:  # (first: see interrupted)
             self.interrupted.add(msg_id)
-        task = self.current_task
         self.session.send(  # type: ignore[union-attr]
             stream, protocol.ENGINE_INTERRUPT_REPLY, reply, parent, ident
         )
-        if task is not None and task[0] in msg_ids:
-            self.interrupting = task[0]
-            signal_self(signal.SIGINT)
+        with self.task_lock:  # (the request cannot end between the check and the signal)
+            task = self.current_task
+            if task is not None and task[0] in msg_ids:
+                self.interrupting = task[0]
+                signal_self(signal.SIGINT)
 
     async def px_engine_signal_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]

@@ -517,7 +517,8 @@ class TaskLane:
             Interruptible.armed = False
             if limit is not None:
                 self.watchdog.disarm(msg.msg_id)
-            kernel.current_task = None
+            with kernel.task_lock:  # (an interrupt for it is signalled by now, or never)
+                kernel.current_task = None
             if kernel.interrupting is not None:
                 kernel.interrupting = None
                 kernel.interrupted.take(msg.msg_id)  # (a mark added while it ran)
