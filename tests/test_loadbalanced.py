@@ -16,6 +16,7 @@ from math import sqrt
 import cloudpickle
 import numpy as np
 import pytest
+import zmq
 
 import jupyter_ext as jx
 
@@ -336,6 +337,50 @@ def test_the_watchdog_wakes_for_an_earlier_deadline():
     _until(lambda: engine.fired, timeout=5)
     assert engine.fired[0][0] == "short" and engine.fired[0][1] - t0 < 2
     assert dog.disarm("short") is True
+
+
+def _subshell_cell(kc, subshell_id, code):
+    """Run ``code`` in a kernel subshell (a thread of its own, beside the main thread)."""
+    msg = kc.session.msg(
+        "execute_request",
+        {"code": code, "silent": False, "store_history": False, "user_expressions": {}},
+    )
+    msg["header"]["subshell_id"] = subshell_id
+    kc.shell_channel.send(msg)
+    deadline = time.monotonic() + 10
+    while True:
+        reply = kc.shell_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            return reply["content"]
+
+
+def test_a_cell_in_a_kernel_subshell_leaves_a_tasks_time_limit_alone(rc):
+    """A subshell's cell (a frontend attached to the engine, on ipykernel 7) took the slot
+    of the task the main thread ran, and cleared it at its end: the watchdog found the task
+    no longer running, and it ran to its end past its limit."""
+    from jupyter_client import BlockingKernelClient
+
+    context = zmq.Context()
+    kc = BlockingKernelClient(context=context)
+    try:
+        kc.load_connection_info(rc.engine_info(0)["connection_info"])
+        kc.start_channels()
+        kc.wait_for_ready(timeout=10)
+        kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
+        subshell_id = kc.control_channel.get_msg(timeout=10)["content"]["subshell_id"]
+        view = rc.load_balanced_view(targets=[0])
+        with view.temp_flags(time_limit=0.5):
+            ar = view.apply_async(time.sleep, 10)
+        time.sleep(0.2)  # (the task runs)
+        assert _subshell_cell(kc, subshell_id, "1 + 1")["status"] == "ok"
+        t0 = time.monotonic()
+        with pytest.raises(jx.TaskTimeout):
+            ar.get(15)
+        assert time.monotonic() - t0 < 3
+    finally:
+        kc.stop_channels()
+        context.destroy(linger=0)
+    assert rc[0].apply_sync(abs, -3) == 3
 
 
 def _nap_and_say(i):

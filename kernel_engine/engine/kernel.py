@@ -70,6 +70,16 @@ def without_debugger() -> None:
 without_debugger()
 
 
+def in_subshell() -> bool:
+    """Whether this request runs in a kernel subshell (ipykernel 7 runs those on threads
+    of their own, beside the main thread's cells and tasks). Such a cell is left out of
+    the engine's bookkeeping of interrupts, which is the main thread's: it took the slot
+    of :attr:`EngineKernel.current_task` from the task the main thread ran (and cleared
+    it), so that task's time limit, then its interrupts, were dropped, and it ran to its
+    end; its ``Interruptible.armed`` disarmed that task too."""
+    return threading.current_thread() is not threading.main_thread()
+
+
 class EngineKernel(IPythonKernel):
     """An IPython kernel that also serves the task lane of a jupyter-px cluster."""
 
@@ -132,7 +142,11 @@ class EngineKernel(IPythonKernel):
         return info
 
     async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """ipykernel's, noting the cell as the engine's current task meanwhile."""
+        """ipykernel's, noting the cell as the engine's current task meanwhile (a cell of
+        the main shell: see :func:`in_subshell`)."""
+        if in_subshell():
+            await super().execute_request(stream, ident, parent)
+            return
         msg_id = str(parent.get("header", {}).get("msg_id", ""))
         self.current_task = (msg_id, "execute", time.time())
         try:
@@ -158,6 +172,8 @@ class EngineKernel(IPythonKernel):
     async def do_execute(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """ipykernel's, with interrupts armed; one that escapes IPython's own handling of
         the cell (raised in its steps around the code) still gets an error reply."""
+        if in_subshell():  # (SIGINT reaches the main thread only)
+            return await super().do_execute(*args, **kwargs)  # type: ignore[no-any-return]
         outer, Interruptible.armed = Interruptible.armed, True
         try:
             if self.interrupt_due():
