@@ -286,6 +286,29 @@ def test_an_interrupt_for_a_request_that_just_ended_spares_the_next_one(rc):
         assert after.get(10) is None
 
 
+def test_a_task_run_while_a_cell_awaits_leaves_the_cell_interruptible(rc):
+    """Another client's task, sent to the lane, runs while a cell awaits; at its end it
+    cleared the engine's current request, so an interrupt of the cell found nothing
+    running there and the cell ran to its end."""
+    _wait_ready(rc, rc.ids)
+    cell = rc[1].execute(
+        "import asyncio\nfor _ in range(100):\n    await asyncio.sleep(0.05)\nawaited = 1",
+        block=False,
+    )
+    time.sleep(0.3)  # (the cell awaits)
+    with jx.Client(rc.connection_file) as other:
+        _wait_ready(other, [1])
+        ar = other[1].apply_async(abs, -2)
+        assert _path(other, ar) == "direct"
+        assert ar.get(2) == 2  # (it ran meanwhile)
+    t0 = time.monotonic()
+    assert rc.transport.interrupt(cell.msg_ids) == [1]
+    with pytest.raises(jx.RemoteError):
+        cell.get(10)
+    assert time.monotonic() - t0 < 3
+    assert rc[1].apply_sync(abs, -3) == 3
+
+
 def test_lanes_can_be_switched_off(rc, monkeypatch):
     monkeypatch.setenv("JUPYTER_PX_DIRECT", "0")
     with jx.Client(rc.connection_file) as routed:

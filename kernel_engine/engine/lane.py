@@ -472,6 +472,7 @@ class TaskLane:
         # exception caught on each call when the handler is a function)
         saved_sigint = _signal.signal(_SIGINT, interrupt_user_code)
         outer = Interruptible.armed  # (a cell awaiting meanwhile: armed again after)
+        outer_task = kernel.current_task  # (that cell: its interrupts still find it after)
         buffers: list[Any] = []
         content: dict[str, Any]
         limit = time_limit_of(parent)
@@ -518,7 +519,7 @@ class TaskLane:
             if limit is not None:
                 self.watchdog.disarm(msg.msg_id)
             with kernel.task_lock:  # (an interrupt for it is signalled by now, or never)
-                kernel.current_task = None
+                kernel.current_task = outer_task
             if kernel.interrupting is not None:
                 kernel.interrupting = None
                 kernel.interrupted.take(msg.msg_id)  # (a mark added while it ran)
