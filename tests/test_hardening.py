@@ -577,6 +577,39 @@ def test_interrupts_at_any_moment_end_tasks_never_the_engine_nor_a_reply(cluster
     assert rc[0].execute("y = 1", block=True).get(10) is not None
 
 
+_BREAK_RUN_CELL = """
+ip = get_ipython()
+_real_run_cell = ip.run_cell
+
+
+def _broken_run_cell(*args, **kwargs):
+    del ip.run_cell  # (once: the class's own from now on)
+    if {interrupted}:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # (IPython's "finally: return result", result unbound)
+            raise UnboundLocalError("cannot access local variable 'result'")
+    raise RuntimeError("broken in the kernel")
+
+
+ip.run_cell = _broken_run_cell
+"""
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_a_cell_whose_handling_fails_in_ipython_still_gets_a_reply(rc, interrupted):
+    """An interrupt in IPython's own steps of a cell made its run_cell raise
+    UnboundLocalError; escaping the kernel's handler, it left the cell with no reply (the
+    flood test above met it about once in five runs on a loaded machine)."""
+    rc[0].execute(_BREAK_RUN_CELL.format(interrupted=interrupted), block=True)
+    ar = rc[0].execute("z = 1", block=False)
+    name = "KeyboardInterrupt" if interrupted else "RuntimeError"
+    with pytest.raises(jx.RemoteError, match=name):
+        ar.get(10)
+    assert rc[0].execute("z = 2", block=True).get(10) is not None
+    assert rc[0].pull("z", block=True) == 2
+
+
 def test_client_history_and_results_are_bounded(rc):
     with jx.Client(rc.connection_file, max_results=50) as small:
         view = small.load_balanced_view()

@@ -181,17 +181,30 @@ class EngineKernel(IPythonKernel):
             return await super().do_execute(*args, **kwargs)  # type: ignore[no-any-return]
         except KeyboardInterrupt:
             Interruptible.armed = False
-            return {
-                "status": "error",
-                "ename": "KeyboardInterrupt",
-                "evalue": "interrupted",
-                "traceback": [],
-                "execution_count": self.execution_count,
-                "user_expressions": {},
-                "payload": [],
-            }
+            return self._execute_failed("KeyboardInterrupt", "interrupted")
+        except Exception as exc:
+            # (IPython's own steps, cut by an interrupt: its run_cell then raised
+            # UnboundLocalError from a ``finally: return result``; escaping, it left the
+            # cell with no reply, and every later request to the engine waited behind it)
+            Interruptible.armed = False
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                return self._execute_failed("KeyboardInterrupt", f"interrupted ({exc!r:.200})")
+            self.log.error("executing a cell failed in the kernel", exc_info=True)
+            return self._execute_failed(type(exc).__name__, str(exc))
         finally:
             Interruptible.armed = outer
+
+    def _execute_failed(self, ename: str, evalue: str) -> dict[str, Any]:
+        """The content of the error reply to a cell that failed outside its code."""
+        return {
+            "status": "error",
+            "ename": ename,
+            "evalue": evalue,
+            "traceback": [],
+            "execution_count": self.execution_count,
+            "user_expressions": {},
+            "payload": [],
+        }
 
     async def px_engine_status_request(
         self, stream: Any, ident: Any, parent: dict[str, Any]
