@@ -438,6 +438,12 @@ class IOThread:
         # answers again: the transport rejoins (and then calls back())
         self._safely(self.on_answer)
 
+    @property
+    def lost_by_heartbeat(self) -> bool:
+        """Whether the controller is lost because its heartbeat went unanswered (paused,
+        or out of reach) rather than known to be gone (its process ended)."""
+        return bool(self.lost) and self._lost_by_heartbeat
+
     def back(self) -> None:
         """The client is in step with the controller that answers again (IO thread; the
         transport calls it once it has rejoined): nothing is lost any more, and whoever

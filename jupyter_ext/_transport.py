@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -183,8 +184,9 @@ class Transport:
             try:
                 reply = self._connect(timeout)
             except (TimeoutError, EngineError) as exc:
+                within = "in time" if timeout is None else f"within {timeout} s"
                 raise TimeoutError(
-                    f"the controller at {self.io.address} did not answer within {timeout} s "
+                    f"the controller at {self.io.address} did not answer {within} "
                     f"(connection file {self.connection_file}): {exc}"
                 ) from None
             self._take_engines(reply)
@@ -222,7 +224,12 @@ class Transport:
                     self.requests.drop([sent.pop(0).msg_id])
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
                 if answered.wait(max(wait, 0)):
-                    break
+                    if not self._back_in_time(first[0], deadline):
+                        break
+                    answered.clear()  # (the controller was silent a while: ask it again)
+                    first.clear()
+                    interval = CONNECT_RETRY_S
+                    continue
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(
                         f"the controller did not answer {protocol.CONNECT_REQUEST} in {timeout} s"
@@ -234,6 +241,16 @@ class Transport:
         if reply.get("status") == "error":
             raise _hub_error(reply)
         return reply
+
+    def _back_in_time(self, answer: Request, deadline: float | None) -> bool:
+        """Whether a connect request that failed because the controller fell silent (its
+        heartbeat unanswered: paused or out of reach, not known dead) is to go again: the
+        controller answered again before ``deadline`` (None: waiting for ever). A silence
+        shorter than the time the caller gave is not a failure to answer in that time."""
+        if not isinstance(answer.exception(), EngineError) or not self.io.lost_by_heartbeat:
+            return False
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        return left > 0 and self.io.wait_back(left)
 
     def _await_iopub(self, timeout: float | None) -> None:
         """Return once this client's iopub subscription receives (so no output is missed).

@@ -419,6 +419,44 @@ def test_a_paused_controller_kills_no_healthy_engine(cluster_factory):
     assert rc.queue_status(1)["queue"] == 0
 
 
+@pytest.mark.parametrize("timeout", [20.0, None])
+def test_a_new_client_waits_out_a_pause_shorter_than_its_timeout(cluster_factory, timeout):
+    """A controller paused (SIGSTOP) for less than a new client's ``timeout`` (None: for
+    ever): the client connects once it resumes. (It gave up after 5 s, when its heartbeat
+    counted the controller lost, saying it "did not answer within 20.0 s", or "None s".)"""
+    cluster, rc = cluster_factory.start(1)
+    pid = cluster.controller_pid
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(7.0, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        started = time.monotonic()
+        with jx.Client(rc.connection_file, timeout=timeout) as other:
+            took = time.monotonic() - started
+            assert other.ids == [0]
+            assert other[0].apply_sync(abs, -4) == 4
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    assert 6.5 < took < 15
+
+
+def test_a_new_client_gives_up_on_a_paused_controller_at_its_timeout(cluster_factory):
+    """Paused past the new client's ``timeout``: a TimeoutError at that time, saying why."""
+    cluster, rc = cluster_factory.start(1)
+    pid = cluster.controller_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"did not answer within 7.0 s.*lost contact"):
+            jx.Client(rc.connection_file, timeout=7.0)
+        assert 6.5 < time.monotonic() - started < 10
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait_back(rc)
+    assert rc[0].apply_sync(abs, -5) == 5
+
+
 def _wait_back(*clients: jx.Client, timeout: float = 10.0) -> None:
     """Wait until clients that lost their controller have it again."""
     deadline = time.monotonic() + timeout
