@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kernel_engine import clusters
+from kernel_engine import clusters, shm
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -278,6 +278,8 @@ def _engines(args: argparse.Namespace) -> int:
 
 def _clean(args: argparse.Namespace) -> int:
     cleaned = clusters.clean_dead_clusters(remove_folders=True)
+    for name in shm.sweep_stale():  # (left named by clients that were killed)
+        print(f"removed shared-memory segment {name} of a client that is gone")
     for c in cleaned:
         print(f"removed dead cluster {c.cluster_id} ({c.folder})")
     if not cleaned:

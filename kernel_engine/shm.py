@@ -16,7 +16,8 @@ the segment's name goes as soon as it is no longer needed to reach them: the cli
 it once every request that names it has its outcome (a reply, which comes only after the
 engine mapped it, or a failure: engine gone, client closed), and at exit. Segments are
 named ``jxpx-<client pid>-<random>``; one left by a client that was killed is removed by
-the next client on the host that shares a segment (:func:`sweep_stale`).
+the next client on the host that shares a segment, by the next stop of a cluster here and
+by ``jupyter px clean`` (:func:`sweep_stale`).
 
 Results. A client that maps this host's segments says so in its requests' metadata
 (:data:`REPLY_KEY`); an engine that gets such a request on its lane from the client itself

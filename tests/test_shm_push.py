@@ -522,6 +522,42 @@ def test_segment_removed_when_an_engine_dies_mid_push(cluster_factory: Any) -> N
         busy.get(timeout=20)
 
 
+_PUSHER = """
+import sys, time
+import numpy as np
+import jupyter_ext as jx
+rc = jx.Client(sys.argv[1])
+rc[1].apply_async(time.sleep, 30)  # engine 1 is yet to map the segment
+rc[:].push({"a": np.ones(4 * 1024 * 1024, dtype=np.uint8)}, block=False)
+print("pushed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_clients_segment_goes_when_the_cluster_stops(cluster_factory: Any) -> None:
+    """A client SIGKILLed mid-push cannot remove its segment, and no client of this host
+    may share one again: stopping the cluster removes it (it outlived the cluster, in
+    memory, until a client somewhere shared a segment)."""
+    cluster, rc = cluster_factory.start(2)
+    pusher = subprocess.Popen(
+        [sys.executable, "-c", _PUSHER, rc.connection_file], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert pusher.stdout is not None and pusher.stdout.readline() == "pushed\n"
+        prefix = f"{shm.PREFIX}{pusher.pid}-"
+        left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix)]
+        assert len(left) == 1
+    finally:
+        pusher.kill()
+        pusher.wait(10)
+        if pusher.stdout is not None:
+            pusher.stdout.close()
+    assert os.path.exists(os.path.join(shm.SHM_DIR, left[0]))
+    rc.send_signal(signal.SIGINT, [1])  # (the pusher's sleep)
+    cluster.stop_cluster_sync(timeout=10)
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, left[0]))
+
+
 @pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare, as root"
 )
