@@ -391,9 +391,13 @@ def test_results_through_the_controller_keep_their_buffers(
 
 
 _STOPPED_CLIENT = """
-import os, signal, sys, jupyter_ext as jx
+import os, signal, sys, time, jupyter_ext as jx
 rc = jx.Client(sys.argv[1])
-rc[0].apply_sync(abs, -1)
+lanes = rc.transport.io.lanes
+deadline = time.monotonic() + 30
+while not (0 in lanes.lanes and lanes.lanes[0].ready):  # (else it goes through the controller)
+    assert time.monotonic() < deadline, "the lane did not answer its ping"
+    time.sleep(0.01)
 ar = rc[0].pull("a", block=False)
 os.kill(os.getpid(), signal.SIGSTOP)  # (the reply waits in its socket, unread)
 try:
@@ -430,6 +434,8 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
     assert "SerializationError" in out and "is gone" in out and "JUPYTER_PX_SHM_REPLY_TTL" in out
     assert rc[0].apply_sync(abs, -3) == 3
 
