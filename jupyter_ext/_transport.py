@@ -461,7 +461,9 @@ class Transport:
         loading = getattr(self._loading, "now", False)
         self._loading.now = True
         try:
-            return msg, self.outcome(msg, req.metadata, req.msg_id)
+            # (a result's segment keeps its name until the reply is taken in: Ctrl-C
+            # before that gives the reply to the IO thread, which reads it again)
+            return msg, self.outcome(msg, req.metadata, req.msg_id, unlink=False)
         finally:
             self._loading.now = loading
 
@@ -963,13 +965,15 @@ class Transport:
             md["engine_id"] = engine_id
         md["received"] = received
         md.update_from_reply(reply_md)
+        shared = msg.content.get(shm.CONTENT_KEY)
         if outcome is None:
             outcome = self.outcome(msg, md, req.msg_id)
+        elif outcome[0] and shared is not None:  # (read by _read_here, its name kept)
+            shm.drop_result(shared)
         md["status"] = "ok" if outcome[0] else "error"
         buffers = msg.buffers
         if buffers and outcome[0]:
             size = sum(map(len, buffers))  # (received frames: len is bytes)
-            shared = msg.content.get(shm.CONTENT_KEY)
             if shared is not None:  # (a mapped segment's: it read, so its size is valid)
                 size += shared["size"]
             if size >= WEIGHED_FROM:
@@ -977,9 +981,10 @@ class Transport:
         return outcome
 
     def outcome(
-        self, msg: wire.Message | replies.Reply, md: Metadata, msg_id: str
+        self, msg: wire.Message | replies.Reply, md: Metadata, msg_id: str, unlink: bool = True
     ) -> tuple[bool, Any]:
-        """(succeeded, result or error) of a reply."""
+        """(succeeded, result or error) of a reply (``unlink=False``: the name of a
+        result's segment stays, see :func:`kernel_engine.shm.take_result`)."""
         content = msg.content
         if content.get("status") != "ok":
             return False, self._error(content, md, msg_id)
@@ -989,7 +994,13 @@ class Transport:
             shared = content.get(shm.CONTENT_KEY)
             if shared is None:
                 return True, serialize.loads(msg.buffers)
-            return True, serialize.loads(shm.take_result(shared, msg.buffers))
+            frames = shm.take_result(shared, msg.buffers, unlink)
+            try:
+                return True, serialize.loads(frames)
+            except Exception:
+                if not unlink:  # (a failed outcome: no reading again would do better)
+                    shm.drop_result(shared)
+                raise
         except Exception as exc:
             info = {"engine_id": md["engine_id"], "msg_id": msg_id}
             return False, RemoteError(

@@ -292,10 +292,15 @@ class ResultSegments:
         return len(self._made)
 
 
-def take_result(reference: Any, frames: Sequence[Any]) -> list[Any]:
+def take_result(reference: Any, frames: Sequence[Any], unlink: bool = True) -> list[Any]:
     """A result's frames (a reply's buffers) with its large buffers read-only views on
     the engine's segment, whose name is then removed: the client that maps it is its
-    only reader, and the mapping keeps the pages. ValueError as :func:`attach` raises it."""
+    only reader, and the mapping keeps the pages. ValueError as :func:`attach` raises it.
+
+    ``unlink=False``: the name stays, for a reply that may still be read again (one read
+    on a thread that Ctrl-C may interrupt before the reply is taken in: the reply then
+    goes to the IO thread, which reads it again); :func:`drop_result` removes it once
+    the reply is taken in."""
     try:
         out = attach(reference, frames, first=1)
     except ValueError:
@@ -310,11 +315,17 @@ def take_result(reference: Any, frames: Sequence[Any]) -> list[Any]:
                 f"that no client read within {REPLY_TTL:g} s (JUPYTER_PX_SHM_REPLY_TTL)"
             ) from None
         raise
+    if unlink:
+        drop_result(reference)
+    return out
+
+
+def drop_result(reference: dict[str, Any]) -> None:
+    """Remove the name of a result's segment, a reference :func:`take_result` took."""
     try:
         os.unlink(os.path.join(SHM_DIR, reference["name"]))  # (a name attach checked)
     except OSError:
         pass  # (the engine's expiry came first: the mapping is valid all the same)
-    return out
 
 
 def sweep_stale() -> list[str]:

@@ -390,6 +390,51 @@ def test_results_through_the_controller_keep_their_buffers(
         routed.close()
 
 
+def test_a_result_read_again_after_ctrl_c_is_still_there(rc4: Any) -> None:
+    """Ctrl-C while a blocking call unpickles its result (read on the calling thread, its
+    segment mapped) hands the reply to the IO thread, which reads it again: the segment's
+    name stays until the reply is taken in, so that reading gets the result too (it got
+    an error saying the engine removed the segment, no client having read it in 300 s)."""
+
+    def _interrupting_result(client_pid: int) -> Any:
+        """A very large result whose unpickling interrupts the client (Ctrl-C), then lasts."""
+        import os
+        import signal
+        import time
+
+        import numpy
+
+        class Interrupts:
+            def __reduce__(self) -> Any:
+                return (os.kill, (client_pid, signal.SIGINT))
+
+        class Slow:
+            def __reduce__(self) -> Any:
+                return (time.sleep, (0.5,))
+
+        return [numpy.ones(5 * 2**20), Interrupts(), Slow()]
+
+    pid = rc4.engine_info(1)["pid"]
+    view = rc4[1]
+    view.apply_sync(abs, -1)  # (the lane is in use: requests go to it directly)
+    fired: list[int] = []
+
+    def once(signum: int, frame: Any) -> None:  # (the second reading signals too)
+        if not fired:
+            fired.append(signum)
+            raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGINT, once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            view.apply_sync(_interrupting_result, os.getpid())
+        got = rc4.get_result(rc4.history[-1]).get(timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert float(got[0].sum()) == 5 * 2**20 and _held_by(got[0]) == "mmap"
+    assert _wait_for(lambda: _engine_segments(pid) == [])
+
+
 _STOPPED_CLIENT = """
 import os, signal, sys, time, jupyter_ext as jx
 rc = jx.Client(sys.argv[1])
