@@ -281,6 +281,16 @@ class ResultSegments:
             self._made.append((time.monotonic(), segment))
         return segment
 
+    def drop(self, name: Any) -> bool:
+        """Unlink the segment named ``name`` now (its reply will not be read); whether it
+        was one of these."""
+        for i, (_, segment) in enumerate(self._made):
+            if segment.name == name:
+                del self._made[i]
+                segment.unlink()
+                return True
+        return False
+
     def expire(self) -> None:
         """Unlink the segments made :data:`REPLY_TTL` s ago or more (those their client
         took are gone already: nothing happens to them)."""

@@ -485,6 +485,56 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
     assert rc[0].apply_sync(abs, -3) == 3
 
 
+_KILLED_CLIENT = """
+import sys, time, jupyter_ext as jx
+
+
+def late_big_result():
+    import time, numpy
+
+    time.sleep(2)
+    return numpy.ones(4 * 2**20)
+
+
+rc = jx.Client(sys.argv[1])
+lanes = rc.transport.io.lanes
+deadline = time.monotonic() + 30
+while not (0 in lanes.lanes and lanes.lanes[0].ready):  # (else it goes through the controller)
+    assert time.monotonic() < deadline, "the lane did not answer its ping"
+    time.sleep(0.01)
+rc[0].apply_async(late_big_result)
+time.sleep(0.5)  # (sent: the engine runs it)
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_result_segment_for_a_client_that_left_goes_at_once(cluster_factory: Any) -> None:
+    """A client killed while its task ran never reads the reply: the engine, whose send
+    to it fails, removes the result's segment then, not JUPYTER_PX_SHM_REPLY_TTL (300 s)
+    later."""
+    _, rc = cluster_factory.start(1)
+    pid = rc.engine_info(0)["pid"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, rc.connection_file],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
+        proc.kill()
+        proc.wait(timeout=10)
+        time.sleep(2)  # (the task ends: its reply has nobody to go to)
+        assert _wait_for(lambda: _engine_segments(pid) == [], timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert rc[0].apply_sync(abs, -4) == 4
+
+
 def test_single_engine_and_small_arrays_keep_the_zmq_path(rc4: Any) -> None:
     rc4[0].push({"a": np.ones(2 * MIB, dtype=np.uint8)}, block=True)
     rc4[:2].push({"b": np.ones(shm.THRESHOLD // 2, dtype=np.uint8)}, block=True)

@@ -321,6 +321,24 @@ class TaskLane:
                 self._keep(frames[1:])
             else:
                 self.drops.drop("a reply to a peer that has left")
+                if len(self.result_segments):
+                    self._drop_result_segment(frames)
+
+    def _drop_result_segment(self, frames: list[Any]) -> None:
+        """The segment of a result in a reply that no client will read (its peer has
+        left) goes now, not :data:`~kernel_engine.shm.REPLY_TTL` s later: its memory is
+        the host's RAM."""
+        delim = len(wire.DELIM)
+        at = next((i for i, f in enumerate(frames) if len(f) == delim and f == wire.DELIM), -1)
+        if at < 0 or len(frames) <= at + 5:
+            return
+        try:
+            content = wire.loads_object(wire.as_bytes(frames[at + 5]), "content")
+        except wire.MessageError:
+            return
+        shared = content.get(shm.CONTENT_KEY)
+        if isinstance(shared, dict):
+            self.result_segments.drop(shared.get("name"))
 
     def _keep(self, frames: list[Any]) -> None:
         """Keep a reply whose controller is gone, within :data:`MAX_KEPT` and
