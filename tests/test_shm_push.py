@@ -435,7 +435,7 @@ def test_a_result_read_again_after_ctrl_c_is_still_there(rc4: Any) -> None:
     assert _wait_for(lambda: _engine_segments(pid) == [])
 
 
-_STOPPED_CLIENT = """
+_LANE_CLIENT = """
 import os, signal, sys, time, jupyter_ext as jx
 rc = jx.Client(sys.argv[1])
 lanes = rc.transport.io.lanes
@@ -443,6 +443,12 @@ deadline = time.monotonic() + 30
 while not (0 in lanes.lanes and lanes.lanes[0].ready):  # (else it goes through the controller)
     assert time.monotonic() < deadline, "the lane did not answer its ping"
     time.sleep(0.01)
+"""
+"""A client process whose requests to engine 0 go to its lane (argv[1]: the connection file)."""
+
+_STOPPED_CLIENT = (
+    _LANE_CLIENT
+    + """
 ar = rc[0].pull("a", block=False)
 os.kill(os.getpid(), signal.SIGSTOP)  # (the reply waits in its socket, unread)
 try:
@@ -452,6 +458,7 @@ except Exception as exc:
     print(type(exc).__name__, exc)
 rc.close()
 """
+)
 
 
 def test_a_result_segment_no_client_reads_goes_after_its_time(
@@ -485,8 +492,9 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
     assert rc[0].apply_sync(abs, -3) == 3
 
 
-_KILLED_CLIENT = """
-import sys, time, jupyter_ext as jx
+_KILLED_CLIENT = (
+    _LANE_CLIENT
+    + """
 
 
 def late_big_result():
@@ -496,17 +504,12 @@ def late_big_result():
     return numpy.ones(4 * 2**20)
 
 
-rc = jx.Client(sys.argv[1])
-lanes = rc.transport.io.lanes
-deadline = time.monotonic() + 30
-while not (0 in lanes.lanes and lanes.lanes[0].ready):  # (else it goes through the controller)
-    assert time.monotonic() < deadline, "the lane did not answer its ping"
-    time.sleep(0.01)
 rc[0].apply_async(late_big_result)
 time.sleep(0.5)  # (sent: the engine runs it)
 print("sent", flush=True)
 time.sleep(60)
 """
+)
 
 
 def test_a_result_segment_for_a_client_that_left_goes_at_once(cluster_factory: Any) -> None:
