@@ -495,13 +495,13 @@ class TaskLane:
         content: dict[str, Any]
         limit = time_limit_of(parent)
         try:
-            Interruptible.armed = True
             kernel.current_task = (msg.msg_id, "apply", time.time())
+            if limit is not None:  # (before interrupts are armed: none cuts it in half)
+                self.watchdog.arm(msg.msg_id, limit)
+            Interruptible.armed = True
             if kernel.interrupted.take(msg.msg_id):  # (after current_task: see interrupted)
                 kernel.interrupting = msg.msg_id
                 raise KeyboardInterrupt
-            if limit is not None:
-                self.watchdog.arm(msg.msg_id, limit)
             frames = msg.buffers
             shared = parent["content"].get(shm.CONTENT_KEY)
             if shared is not None:  # buffers in a shared-memory segment (see ..shm)
