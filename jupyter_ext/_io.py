@@ -516,11 +516,17 @@ class IOThread:
 
     def _check_controller(self) -> None:
         """A controller on this machine that has exited fails everything still waiting."""
-        if self.lost or not (self._local and self._controller_pid):
+        if not (self._local and self._controller_pid):
+            return
+        if self.lost and not self._lost_by_heartbeat:
             return
         if not processes.running(self._controller_pid):
+            gone = f"the controller (pid {self._controller_pid}) is gone"
             self._lost_by_heartbeat = False
-            self._set_lost(f"the controller (pid {self._controller_pid}) is gone")
+            if self.lost:  # (lost by heartbeat first: paused, then killed; what waits
+                self.lost = gone  # for it to answer again, in _back_in_time, stops)
+                return
+            self._set_lost(gone)
 
     def _set_lost(self, reason: str) -> None:
         self.lost = reason

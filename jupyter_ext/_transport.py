@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -249,8 +250,33 @@ class Transport:
         shorter than the time the caller gave is not a failure to answer in that time."""
         if not isinstance(answer.exception(), EngineError) or not self.io.lost_by_heartbeat:
             return False
-        left = math.inf if deadline is None else deadline - time.monotonic()
-        return left > 0 and self.io.wait_back(left)
+        # (a while at a time: a controller known gone meanwhile, killed while paused, is
+        # not waited for, for ever when the caller gave no timeout)
+        while True:
+            if not self._heartbeat_listens():
+                return False  # (nobody there: a wrong port, a controller that stopped)
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.io.wait_back(min(left, 2.0)):
+                return True
+            if not self.io.lost_by_heartbeat:
+                return not self.io.lost
+
+    def _heartbeat_listens(self) -> bool:
+        """Whether the controller's heartbeat address takes TCP connections: a paused
+        controller's does (its system accepts them for it), a wrong port or a controller
+        that is gone refuses them. No answer at all (out of reach) counts as taking them."""
+        if self.info.get("transport", "tcp") != "tcp":
+            return True
+        try:
+            address = (self.info["ip"], int(self.info["hb_port"]))
+            with socket.create_connection(address, timeout=1.0):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except (OSError, KeyError, TypeError, ValueError):
+            return True
 
     def _await_iopub(self, timeout: float | None) -> None:
         """Return once this client's iopub subscription receives (so no output is missed).

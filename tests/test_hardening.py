@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -455,6 +456,72 @@ def test_a_new_client_gives_up_on_a_paused_controller_at_its_timeout(cluster_fac
         os.kill(pid, signal.SIGCONT)
     _wait_back(rc)
     assert rc[0].apply_sync(abs, -5) == 5
+
+
+def _connect_in_thread(path: str, outcome: list[BaseException | None]) -> threading.Thread:
+    """A thread making a ``Client(path, timeout=None)`` (closed at once), its error (or
+    None) in ``outcome``."""
+
+    def connect() -> None:
+        try:
+            jx.Client(path, timeout=None).close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_new_client_fails_on_a_controller_killed_while_paused(cluster_factory):
+    """A new client with no timeout that counted a paused controller lost by its
+    heartbeat waited for it to answer again for ever, after it was killed too."""
+    cluster, rc = cluster_factory.start(1)
+    pid = cluster.controller_pid
+    outcome: list[BaseException | None] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread = _connect_in_thread(rc.connection_file, outcome)
+        time.sleep(6.0)  # (the new client counts it lost after 4 s without a heartbeat)
+        assert thread.is_alive()
+        os.kill(pid, signal.SIGKILL)
+        thread.join(10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], TimeoutError), outcome
+    assert "did not answer in time" in str(outcome[0])
+
+
+def test_a_new_client_with_no_timeout_fails_where_nobody_listens(cluster_factory, tmp_path):
+    """Waiting out a pause waited for ever (timeout None) on a controller that nothing
+    showed was paused: a stopped cluster's connection file read from another host (no
+    controller pid), or wrong ports; it fails after its heartbeat's 4 s, as before."""
+    cluster, rc = cluster_factory.start(1)
+    info = _info(rc)
+    wrong = dict(info, hb_port=_free_port(), client_port=_free_port())
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    info.pop("controller_pid")
+    (tmp_path / "stopped.json").write_text(json.dumps(info))
+    outcome: list[BaseException | None] = []
+    thread = _connect_in_thread(str(tmp_path / "wrong.json"), outcome)
+    thread.join(15)
+    rc.close()
+    cluster.stop_cluster_sync(timeout=20)
+    assert not thread.is_alive()
+    thread = _connect_in_thread(str(tmp_path / "stopped.json"), outcome)
+    thread.join(15)
+    assert not thread.is_alive()
+    assert [type(exc) for exc in outcome] == [TimeoutError, TimeoutError], outcome
+    assert all("lost contact" in str(exc) for exc in outcome)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _wait_back(*clients: jx.Client, timeout: float = 10.0) -> None:
