@@ -357,9 +357,10 @@ class Client:
 
     # ----- requests to the controller
 
-    def abort(self, jobs: Any = None, targets: Any = None, block: bool = True) -> None:
-        """Do not run these tasks (msg_ids or AsyncResults; default: all outstanding)."""
-        protocol.check_bool("block", block)
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = True) -> None:
+        """Do not run these tasks (msg_ids or AsyncResults; default: all outstanding);
+        ``block`` None: the client's :attr:`block`, as IPython Parallel's."""
+        block = protocol.check_bool("block", self.block if block is None else block)
         msg_ids = list(self.outstanding) if jobs is None else msg_ids_of(jobs)
         ids = None if targets is None else self.transport.targets(targets)
         self.transport.abort(msg_ids, ids, block)

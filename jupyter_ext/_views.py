@@ -38,6 +38,10 @@ def _check_dist(dist: Any) -> None:
         raise ValueError(f"dist must be 'b' (blocks) or 'r' (round robin), not {dist!r}")
 
 
+def _all(targets: Any) -> bool:
+    return isinstance(targets, str) and targets == "all"
+
+
 def _check_key(call: str, key: Any) -> None:
     if not isinstance(key, str):
         raise TypeError(f"{call} takes a name (a string) as key, not {key!r}")
@@ -104,8 +108,8 @@ class View:
                 protocol.check_bool(name, value)
             elif name == "label":
                 protocol.check_label(name, value)
-            elif name == "targets" and value is not None:
-                self.transport.targets(value)
+            elif name == "targets" and value is not None and not _all(value):
+                self.transport.targets(value)  # ('all': whichever engines there are at use)
 
     @contextlib.contextmanager
     def temp_flags(self, **flags: Any) -> Iterator[None]:
@@ -208,11 +212,14 @@ class View:
 
     def purge_results(self, jobs: Any = None, targets: Any = None) -> None:
         """Forget finished results here and on the controller: ``jobs`` and those of the
-        engines ``targets``, as the client's; neither given: this view's own finished
-        results, not those of other views or clients (``"all"``: every one)."""
+        engines ``targets``, as the client's (``targets="all"``: this view's engines);
+        neither given: this view's own finished results, not those of other views or
+        clients (``jobs="all"``: every one)."""
         if jobs is None and targets is None:
             outstanding = self.client.outstanding
             jobs = [m for m in self.history if m not in outstanding]
+        elif _all(targets) and self.targets is not None:
+            targets = self.targets  # (as IPython Parallel's: this view's engines, not all)
         self.client.purge_results(jobs, targets)
 
     def remote(self, block: bool | None = None, **flags: Any) -> Callable[..., Any]:

@@ -97,6 +97,46 @@ def test_a_views_purge_results_forgets_only_its_own(rc):
         rc.result_status(mine)
 
 
+def test_a_views_purge_of_all_targets_means_its_own_engines(rc):
+    """IPython Parallel's ``view.purge_results(targets="all")`` purges the view's engines'
+    results; ``rc[0]``'s forgot engine 1's too, here and on the controller."""
+    on0, on1 = rc[0].apply_async(abs, -1), rc[1].apply_async(abs, -2)
+    assert rc.wait([on0, on1], timeout=5)
+    rc[0].purge_results(targets="all")
+    assert on0.msg_ids[0] not in rc.results and on1.msg_ids[0] in rc.results
+    assert rc.result_status(on1)["completed"] == on1.msg_ids
+    with pytest.raises(KeyError, match=on0.msg_ids[0]):
+        rc.result_status(on0)
+
+
+def test_a_load_balanced_view_of_all_engines_can_be_made_before_they_register(
+    cluster_factory,
+):
+    """As IPython Parallel's: ``targets="all"`` names whichever engines there are when
+    the view is used (it raised NoEnginesRegistered when made before engines came)."""
+    cluster, rc = cluster_factory.start(0)
+    view = rc.load_balanced_view(targets="all")
+    executor = rc.executor("all")
+    rc.load_balanced_view().set_flags(targets="all")
+    cluster.start_engines_sync(1)
+    rc.wait_for_engines(1, timeout=30)
+    cluster_factory.record(cluster, rc)
+    assert view.apply_sync(abs, -3) == 3
+    assert executor.submit(abs, -4).result(10) == 4
+
+
+def test_abort_takes_block_none_as_ipython_parallels(rc):
+    """``abort(block=None)``: the client's ``block`` (it raised TypeError)."""
+    ar = rc[0].apply_async(time.sleep, 2)
+    queued = rc[0].apply_async(abs, -1)
+    rc.abort(queued, block=None)
+    with pytest.raises(jx.TaskAborted):
+        queued.get(10)
+    ar.get(10)
+    with pytest.raises(TypeError, match="block must be True or False"):
+        rc.abort(queued, block=1)
+
+
 def test_calls_on_jobs_take_history_indices(rc):
     """As IPython Parallel's ``_msg_ids_from_jobs``: result_status, purge_* and
     wait_interactive take indices into ``rc.history`` as wait and get_result do."""
