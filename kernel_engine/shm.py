@@ -233,7 +233,7 @@ def share(frames: Sequence[Any], first: int = 2) -> Segment | None:
             size += nbytes
     if not layout:
         return None
-    name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
+    name = _new_name()
     path = os.path.join(SHM_DIR, name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     segment = Segment(name, size, layout)
@@ -338,17 +338,35 @@ def drop_result(reference: dict[str, Any]) -> None:
         pass  # (the engine's expiry came first: the mapping is valid all the same)
 
 
+def _pid_namespace() -> str:
+    """8 hex digits naming this process's PID namespace (from its inode; zeros when not
+    known)."""
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino & 0xFFFFFFFF:08x}"
+    except OSError:
+        return "0" * 8
+
+
+def _new_name() -> str:
+    """A new segment's name: ``jxpx-<pid>-`` then 32 hex digits, the first 8 this PID
+    namespace's (the pid means something only there: see :func:`sweep_stale`)."""
+    return f"{PREFIX}{os.getpid()}-{_pid_namespace()}{secrets.token_hex(12)}"
+
+
 def sweep_stale() -> list[str]:
-    """Remove segments of this user's clients whose process is gone; returns their names."""
+    """Remove segments of this user's clients whose process is gone; returns their names.
+    Only those made in this PID namespace: another's pid (a client in a container that
+    shares /dev/shm) names no process here, dead or alive."""
     removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return removed
     uid = os.geteuid()
+    namespace = _pid_namespace()
     for name in names:
         match = _NAME.match(name)
-        if match is None:
+        if match is None or name[match.end(1) + 1 :][:8] != namespace:
             continue
         path = os.path.join(SHM_DIR, name)
         try:

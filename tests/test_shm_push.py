@@ -126,9 +126,10 @@ def test_an_interrupt_while_a_segment_is_made_leaves_no_file(
 def test_stale_segments_of_dead_clients_are_swept() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=10)
-    stale = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{'a' * 32}")
+    here = shm._pid_namespace()  # (a segment's name says its PID namespace)
+    stale = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{here}{'a' * 24}")
     alive = os.path.join(shm.SHM_DIR, _name("b"))
-    huge = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}9999999999-{'c' * 32}")  # (no such pid)
+    huge = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}9999999999-{here}{'c' * 24}")  # (no pid)
     for path in (stale, alive, huge):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     try:
@@ -140,6 +141,41 @@ def test_stale_segments_of_dead_clients_are_swept() -> None:
         for path in (stale, alive, huge):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+def test_a_sweep_spares_the_segments_of_clients_in_another_pid_namespace() -> None:
+    """A client in a container that shares /dev/shm names its segments with a pid of its
+    own namespace; here that pid named no process, and a sweep (a cluster's stop,
+    ``jupyter px clean``) removed the segment of a live client."""
+    code = (
+        "import sys; from kernel_engine import shm\n"
+        "segment = shm.share([b'', b'', bytes(shm.THRESHOLD)])\n"
+        "print(segment.name, flush=True); sys.stdin.read(); segment.unlink()\n"
+    )
+    # (a few hundred processes first: its pid, not a small one, is no process here)
+    script = (
+        f'i=0; while [ $i -lt 400 ]; do /bin/true; i=$((i+1)); done; "{sys.executable}" -c "$0"'
+    )
+    try:
+        client = subprocess.Popen(
+            ["unshare", "-Urpf", "--mount-proc", "sh", "-c", script, code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    except OSError as exc:
+        pytest.skip(f"unshare: {exc}")
+    try:
+        name = client.stdout.readline().strip() if client.stdout else ""
+        if not name:
+            pytest.skip("no PID namespace here (unshare refused)")
+        if os.path.exists(f"/proc/{name.split('-')[1]}"):
+            pytest.skip("its pid names a process here too")
+        assert name not in shm.sweep_stale()
+        assert os.path.exists(os.path.join(shm.SHM_DIR, name))
+    finally:
+        client.communicate("", timeout=20)
 
 
 def test_locality_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
