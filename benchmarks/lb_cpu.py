@@ -2,6 +2,7 @@
 """Where a load-balanced tiny task's CPU goes: each process's CPU per task over long maps.
 
     .venv/bin/python benchmarks/lb_cpu.py [--db sqlite,memory] [--tasks 10000] [--rounds 3]
+        [--time-limit S]
 
 For each task store in ``--db`` (taking turns, ``--rounds`` times), a fresh 2-engine
 cluster runs ``--tasks``-task maps of ``noop1`` with ``chunksize=1`` (after a warm-up
@@ -42,13 +43,17 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(db: str, tasks: int) -> list[tuple[float, float, float, float]]:
-    """(tasks/s, engines, controller and client CPU per task in us) of three maps."""
+def one_round(
+    db: str, tasks: int, time_limit: float | None = None
+) -> list[tuple[float, float, float, float]]:
+    """(tasks/s, engines, controller and client CPU per task in us) of three maps
+    (each task with ``time_limit``, if given)."""
     cluster = jx.Cluster(n=2, db=db)
     rc = cluster.start_and_connect_sync()
     try:
         rc.wait_for_engines(2, timeout=60)
         view = rc.load_balanced_view()
+        view.time_limit = time_limit
         view.map_sync(noop1, range(min(tasks, 3000)), chunksize=1)
         engines = rc[:].apply_sync(os.getpid)
         controller = cluster.controller_pid
@@ -76,12 +81,15 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite,memory", help="task stores, in turn")
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks a map")
     parser.add_argument("--rounds", type=int, default=3, help="clusters per store")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="every task's time_limit (s)"
+    )
     args = parser.parse_args()
     stores = args.db.split(",")
     samples: dict[str, list[tuple[float, float, float, float]]] = {db: [] for db in stores}
     for r in range(args.rounds):
         for db in stores if r % 2 == 0 else stores[::-1]:
-            samples[db].extend(one_round(db, args.tasks))
+            samples[db].extend(one_round(db, args.tasks, args.time_limit))
             print(f"round {r + 1}: {db} done", file=sys.stderr)
     print("| store | tasks/s | engines us/task | controller us/task | client us/task |")
     print("|---|---|---|---|---|")
