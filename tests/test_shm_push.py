@@ -479,13 +479,22 @@ deadline = time.monotonic() + 30
 while not (0 in lanes.lanes and lanes.lanes[0].ready):  # (else it goes through the controller)
     assert time.monotonic() < deadline, "the lane did not answer its ping"
     time.sleep(0.01)
+
+
+def late_big_result():
+    import time, numpy
+
+    time.sleep(3)
+    return numpy.ones(4 * 2**20)
 """
-"""A client process whose requests to engine 0 go to its lane (argv[1]: the connection file)."""
+"""A client process whose requests to engine 0 go to its lane (argv[1]: the connection
+file), and a task whose very large result comes 3 s after it starts."""
 
 _STOPPED_CLIENT = (
     _LANE_CLIENT
     + """
-ar = rc[0].pull("a", block=False)
+ar = rc[0].apply_async(late_big_result)
+time.sleep(0.5)  # (sent: stopped at once, zmq's thread might not have sent it)
 os.kill(os.getpid(), signal.SIGSTOP)  # (the reply waits in its socket, unread)
 try:
     ar.get(timeout=30)
@@ -506,7 +515,6 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
     monkeypatch.setenv("JUPYTER_PX_SHM_REPLY_TTL", "2")
     _, rc = cluster_factory.start(1)
     pid = rc.engine_info(0)["pid"]
-    rc[0].execute("import numpy; a = numpy.ones(4 * 2**20)", block=True)
     proc = subprocess.Popen(
         [sys.executable, "-c", _STOPPED_CLIENT, rc.connection_file],
         stdout=subprocess.PIPE,
@@ -531,15 +539,6 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
 _KILLED_CLIENT = (
     _LANE_CLIENT
     + """
-
-
-def late_big_result():
-    import time, numpy
-
-    time.sleep(2)
-    return numpy.ones(4 * 2**20)
-
-
 rc[0].apply_async(late_big_result)
 time.sleep(0.5)  # (sent: the engine runs it)
 print("sent", flush=True)
@@ -563,7 +562,7 @@ def test_a_result_segment_for_a_client_that_left_goes_at_once(cluster_factory: A
         assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
         proc.kill()
         proc.wait(timeout=10)
-        time.sleep(2)  # (the task ends: its reply has nobody to go to)
+        time.sleep(3)  # (the task ends: its reply has nobody to go to)
         assert _wait_for(lambda: _engine_segments(pid) == [], timeout=5)
     finally:
         if proc.poll() is None:
