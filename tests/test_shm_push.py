@@ -11,6 +11,7 @@ error reply naming the segment, never an engine crash. Every wait is bounded.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -506,6 +507,24 @@ rc.close()
 )
 
 
+@contextlib.contextmanager
+def _client_process(script: str, connection_file: str) -> Iterator[subprocess.Popen[str]]:
+    """A client process running ``script``, stopped by its PID (and its pipe closed)
+    whatever happens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, connection_file], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # (a stopped process takes no SIGKILL late)
+            proc.kill()
+            proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 def test_a_result_segment_no_client_reads_goes_after_its_time(
     cluster_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -515,23 +534,11 @@ def test_a_result_segment_no_client_reads_goes_after_its_time(
     monkeypatch.setenv("JUPYTER_PX_SHM_REPLY_TTL", "2")
     _, rc = cluster_factory.start(1)
     pid = rc.engine_info(0)["pid"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _STOPPED_CLIENT, rc.connection_file],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with _client_process(_STOPPED_CLIENT, rc.connection_file) as proc:
         assert _wait_for(lambda: _engine_segments(pid) != [], timeout=30)
         assert _wait_for(lambda: _engine_segments(pid) == [], timeout=15)
         os.kill(proc.pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
     assert "SerializationError" in out and "is gone" in out and "JUPYTER_PX_SHM_REPLY_TTL" in out
     assert rc[0].apply_sync(abs, -3) == 3
 
@@ -553,23 +560,12 @@ def test_a_result_segment_for_a_client_that_left_goes_at_once(cluster_factory: A
     later."""
     _, rc = cluster_factory.start(1)
     pid = rc.engine_info(0)["pid"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, rc.connection_file],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with _client_process(_KILLED_CLIENT, rc.connection_file) as proc:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
         proc.kill()
         proc.wait(timeout=10)
         time.sleep(3)  # (the task ends: its reply has nobody to go to)
         assert _wait_for(lambda: _engine_segments(pid) == [], timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
     assert rc[0].apply_sync(abs, -4) == 4
 
 
