@@ -325,22 +325,7 @@ class Client:
 
     def _msg_ids_from(self, indices_or_msg_ids: Any) -> list[str]:
         """msg_ids from history indices (default: the last), msg_ids or AsyncResults."""
-        if indices_or_msg_ids is None:
-            indices_or_msg_ids = -1
-        items = (
-            indices_or_msg_ids
-            if isinstance(indices_or_msg_ids, (list, tuple))
-            else [indices_or_msg_ids]
-        )
-        msg_ids: list[str] = []
-        for item in items:
-            if isinstance(item, int) and not isinstance(item, bool):
-                msg_ids.append(self._history_at(item))
-            elif isinstance(item, AsyncResult):
-                msg_ids.extend(item.msg_ids)
-            else:
-                msg_ids.append(str(item))
-        return msg_ids
+        return self._msg_ids_of_jobs(-1 if indices_or_msg_ids is None else indices_or_msg_ids)
 
     def _local_future(self, msg_id: str) -> Request | None:
         transport = self.transport

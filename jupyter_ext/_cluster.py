@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
-import logging
 import os
 import subprocess
 from pathlib import Path
@@ -17,8 +16,6 @@ from kernel_engine.errors import ClusterError
 
 from ._client import Client
 from ._reprs import client_html, cluster_html
-
-log = logging.getLogger("jupyter_ext")
 
 
 def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None) -> str | None:
@@ -624,7 +621,7 @@ class Cluster:
         self.remove_cluster_file()
         # a client of it that was killed left its shared-memory segment named; nothing
         # needs it now (a client of any cluster sweeps too, when it first shares one)
-        _sweep_segments()
+        shm.tidy()
 
     async def stop_cluster(self, timeout: float = 30.0) -> None:
         """Stop every engine and the controller; return when they are gone."""
@@ -675,11 +672,3 @@ class Cluster:
         if "engines" in state.info:
             self.n = len(state.info["engines"])
         return self
-
-
-def _sweep_segments() -> None:
-    """Remove the shared-memory segments of this user's clients that are gone."""
-    try:
-        shm.sweep_stale()
-    except Exception as exc:  # (tidying up never fails a stop)
-        log.warning("sweeping stale shared-memory segments failed: %s", exc)

@@ -219,10 +219,7 @@ def share(frames: Sequence[Any], first: int = 2) -> Segment | None:
     global _swept
     if not _swept:
         _swept = True
-        try:
-            sweep_stale()
-        except Exception as exc:  # (tidying up must never fail a push)
-            log.warning("sweeping stale shared-memory segments failed: %s", exc)
+        tidy()
     layout: list[list[int]] = []
     size = 0
     for index in range(first, len(frames)):
@@ -351,6 +348,16 @@ def _new_name() -> str:
     """A new segment's name: ``jxpx-<pid>-`` then 32 hex digits, the first 8 this PID
     namespace's (the pid means something only there: see :func:`sweep_stale`)."""
     return f"{PREFIX}{os.getpid()}-{_pid_namespace()}{secrets.token_hex(12)}"
+
+
+def tidy() -> list[str]:
+    """:func:`sweep_stale`, logging what fails instead of raising it (tidying up never
+    fails a push, nor a cluster's stop)."""
+    try:
+        return sweep_stale()
+    except Exception as exc:
+        log.warning("sweeping stale shared-memory segments failed: %s", exc)
+        return []
 
 
 def sweep_stale() -> list[str]:
