@@ -526,8 +526,8 @@ class Client:
         results, metadata = self.transport.results, self.transport.metadata
         outstanding = self.outstanding
         everything = _purges_everything(jobs, targets)
-        if everything:
-            chosen = list(results)
+        if everything:  # (every result and every metadata, as IPython Parallel's "all")
+            chosen = [*results, *metadata]
         else:
             chosen = self._msg_ids_of_jobs(jobs)
             if targets is not None:
@@ -577,8 +577,11 @@ class Client:
         return _dask.become_dask(self, targets, port, nanny, scheduler_args, **worker_args)
 
     def purge_everything(self) -> None:
-        """Forget every finished result, here and on the controller."""
+        """Forget every finished result, here and on the controller, and :attr:`history`
+        (as IPython Parallel does). Work still outstanding cannot be purged: RuntimeError,
+        and nothing is forgotten."""
         self.purge_results("all")
+        self.transport.history.clear()
 
     def become_distributed(self, *args: Any, **kwargs: Any) -> Any:
         """IPython Parallel's other name of :meth:`become_dask`."""

@@ -207,8 +207,14 @@ def test_purges(db_rc):
     rc.purge_hub_results("all")  # running tasks keep their records
     assert [r["msg_id"] for r in rc.db_query({"status": "pending"}, ["msg_id"])] == running.msg_ids
     running.get(10)
+    pending = rc.load_balanced_view().apply_async(time.sleep, 0.5)
+    with pytest.raises(RuntimeError, match="outstanding"):
+        rc.purge_everything()
+    assert pending.msg_ids[0] in rc.history  # (nothing forgotten)
+    pending.get(10)
     rc.purge_everything()
     assert rc.db_query({}, ["msg_id"]) == []
+    assert list(rc.history) == [] and rc.results == {} and rc.metadata == {}
 
 
 def test_big_requests_and_replies_from_another_client_and_again(db_rc):
