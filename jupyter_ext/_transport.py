@@ -1020,7 +1020,9 @@ class Transport:
             shared = content.get(shm.CONTENT_KEY)
             if shared is None:
                 return True, serialize.loads(msg.buffers)
-            frames = shm.take_result(shared, msg.buffers, unlink)
+            info = self.engines.get(md["engine_id"])
+            pid = info.get("pid") if info is not None else None
+            frames = shm.take_result(shared, msg.buffers, unlink, pid if type(pid) is int else None)
             try:
                 return True, serialize.loads(frames)
             except Exception:

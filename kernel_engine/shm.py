@@ -299,24 +299,30 @@ class ResultSegments:
         return len(self._made)
 
 
-def take_result(reference: Any, frames: Sequence[Any], unlink: bool = True) -> list[Any]:
+def take_result(
+    reference: Any, frames: Sequence[Any], unlink: bool = True, pid: int | None = None
+) -> list[Any]:
     """A result's frames (a reply's buffers) with its large buffers read-only views on
     the engine's segment, whose name is then removed: the client that maps it is its
-    only reader, and the mapping keeps the pages. ValueError as :func:`attach` raises it.
+    only reader, and the mapping keeps the pages. ValueError as :func:`attach` raises it,
+    and when ``pid`` (the replying engine's, if known) did not make the segment: a reply
+    names only a segment of its own engine's, never another of this user's (a client's
+    own push segment, say, which taking would unlink).
 
     ``unlink=False``: the name stays, for a reply that may still be read again (one read
     on a thread that Ctrl-C may interrupt before the reply is taken in: the reply then
     goes to the IO thread, which reads it again); :func:`drop_result` removes it once
     the reply is taken in."""
+    name = reference.get("name") if isinstance(reference, dict) else None
+    match = _NAME.match(name) if isinstance(name, str) else None
+    if pid is not None and match is not None and int(match.group(1)) != pid:
+        raise _refuse(
+            name, f"it was made by process {match.group(1)}, not by the engine (pid {pid})"
+        )
     try:
         out = attach(reference, frames, first=1)
     except ValueError:
-        name = reference.get("name") if isinstance(reference, dict) else None
-        if (
-            isinstance(name, str)
-            and _NAME.match(name)
-            and not os.path.lexists(os.path.join(SHM_DIR, name))
-        ):
+        if match is not None and not os.path.lexists(os.path.join(SHM_DIR, match.group(0))):
             raise ValueError(
                 f"the result's shared-memory segment {name} is gone: its engine removes one "
                 f"that no client read within {REPLY_TTL:g} s (JUPYTER_PX_SHM_REPLY_TTL)"

@@ -84,6 +84,22 @@ def test_share_and_attach_round_trip() -> None:
     assert segment.name not in shm.live_segments()
 
 
+def test_a_result_names_only_a_segment_its_engine_made() -> None:
+    result = [b"", b"x" * (2 * MIB)]
+    segment = shm.share(result, first=1)  # (made by this process, as a push segment is)
+    assert segment is not None
+    try:
+        sent = segment.placeholders(result)
+        with pytest.raises(ValueError, match=f"made by process {os.getpid()}, not by the engine"):
+            shm.take_result(segment.reference, sent, pid=os.getpid() + 1)
+        assert segment.name in os.listdir(shm.SHM_DIR)  # (not unlinked)
+        got = shm.take_result(segment.reference, sent, pid=os.getpid())
+        assert bytes(got[1]) == result[1]
+        assert segment.name not in os.listdir(shm.SHM_DIR)
+    finally:
+        segment.unlink()
+
+
 def test_small_buffers_are_not_shared() -> None:
     frames = _frames(shm.THRESHOLD - 1)
     assert not shm.worth_sharing(frames)
