@@ -420,7 +420,10 @@ class Cluster:
         ------
         ClusterError
             When the controller still runs, or cannot take its ports back.
+        TypeError, ValueError
+            When ``timeout`` is not a number of seconds (before anything starts).
         """
+        timeout = protocol.check_seconds("timeout", timeout)
         state = clusters.read_cluster(self.folder)
         if state.running:
             raise ClusterError(

@@ -607,9 +607,10 @@ def wait_ready(
     """
     assert process.stdout is not None
     log_path = folder / "controller.log"
-    deadline = time.monotonic() + timeout + 10
     line = b""
     try:
+        # (in the try: a timeout that is no number must not leave the controller running)
+        deadline = time.monotonic() + timeout + 10
         while not line.endswith(b"\n"):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from conftest import wait_gone
+from conftest import descendants, wait_gone
 
 import jupyter_ext as jx
 from kernel_engine import clusters, processes, protocol, wire
@@ -407,6 +407,27 @@ def test_a_failed_restore_leaves_the_cluster_for_the_next_one(cluster_factory):
     _wait("both engines adopted", lambda: rc.ids == [0, 1], rc=rc)
     assert _engine_pids(rc) == pids
     assert rc[:].pull("state", block=True) == ["kept", "kept"]
+
+
+def test_a_restart_with_a_bad_timeout_starts_nothing(cluster_factory):
+    """A timeout that is no number of seconds is refused before a controller starts: the
+    wait for it failed after it was started, and left it running behind a TypeError that
+    did not name the argument."""
+    cluster = cluster_factory(1, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    [pid] = _engine_pids(rc).values()
+    _kill(cluster.controller_pid)
+    before = set(descendants())
+    for bad, error in (("5", TypeError), (float("nan"), ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="timeout"):
+            cluster.restart_controller_sync(timeout=bad)
+    assert set(descendants()) == before, "a controller was started"
+    assert clusters.read_cluster(cluster.folder).state == "dead"
+    cluster.restart_controller_sync(timeout=30)
+    cluster_factory.pids.append(cluster.controller_pid)
+    _wait("the engine back", lambda: rc.ids == [0], rc=rc)
+    assert rc[0].apply_sync(os.getpid) == pid
 
 
 def test_an_interrupted_restore_leaves_the_cluster_for_the_next_one(cluster_factory):
