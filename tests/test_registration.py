@@ -121,6 +121,16 @@ def test_an_engine_asking_for_no_id_gets_the_next_unused_one():
     assert decide(request(), {}, 7).engine_id == 7
 
 
+def test_an_engine_that_asked_for_the_highest_id_leaves_ids_to_the_others():
+    """One registration of ``--id 999999`` moved the next id past the highest, and every
+    engine asking for no id was refused ("no engine id left") for the controller's life."""
+    past = protocol.MAX_ENGINE_ID + 1
+    top = {protocol.MAX_ENGINE_ID: held()}
+    assert decide(request(), top, past).engine_id == 0
+    assert decide(request(), {**top, 0: held("a"), 2: held("b")}, past).engine_id == 1
+    assert decide(request(), {}, past).engine_id == 0
+
+
 def test_an_engine_gets_the_id_it_asks_for_when_free():
     decision = decide(request(engine_id=5), {0: held()}, 1)
     assert (decision.engine_id, decision.again, decision.refusal) == (5, False, "")

@@ -6,7 +6,8 @@ fields (:class:`~kernel_engine.protocol.RegisterRequest`) before :func:`decide` 
 What is decided here:
 
 - an id: the one asked for (an MPI rank asks for its rank; an engine that comes back asks
-  for the id it had), else the next unused one;
+  for the id it had), else the next unused one (past the highest id, the lowest one no
+  engine holds);
 - a live engine is never displaced: an id in use by another engine (starting, ready or
   being adopted) is refused, with ``retry`` set, since that engine may just have died
   and not been noticed yet (its registrant tries again for a while);
@@ -76,7 +77,11 @@ def decide(request: RegisterRequest, engines: Mapping[int, Occupant], next_id: i
         while free in engines:
             free += 1
         if free > MAX_ENGINE_ID:
-            return Decision(refusal=f"no engine id left (the highest is {MAX_ENGINE_ID})")
+            # (one engine that asked for a high id must not leave none to the others:
+            # the lowest that no engine holds)
+            free = next(i for i in range(len(engines) + 1) if i not in engines)
+            if free > MAX_ENGINE_ID:
+                return Decision(refusal=f"no engine id left (the highest is {MAX_ENGINE_ID})")
         return Decision(free)
     holder = engines.get(wanted)
     if holder is None:
