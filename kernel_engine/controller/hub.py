@@ -269,8 +269,11 @@ class Hub:
                 fields["label"] = label
             fields["status"] = PENDING
             fields["submitted"] = submitted
-            fields["after"] = list(after)
-            fields["follow"] = list(follow)
+            # (empty dependencies are left out too: NULL reads as [] as "[]" does)
+            if after:
+                fields["after"] = list(after)
+            if follow:
+                fields["follow"] = list(follow)
             if request is not None:
                 fields["request"] = request
             # a task for no engine yet waits in the queue: its record is held back until
