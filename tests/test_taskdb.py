@@ -86,8 +86,6 @@ def test_default_keys_leave_out_buffers_and_buffers_come_as_bytes(db_rc):
 
 def test_output_is_kept_with_the_record(db_rc):
     rc = db_rc
-    if rc.db_kind == "memory":
-        pytest.skip("only the file keeps what tasks printed")
     _, printed = _finished_work(rc)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -96,6 +94,28 @@ def test_output_is_kept_with_the_record(db_rc):
             break
         time.sleep(0.1)
     assert record["stdout"] == "to the record\n"
+
+
+def test_dependencies_and_engine_are_in_the_record(db_rc):
+    rc = db_rc
+    lv = rc.load_balanced_view()
+    first = lv.apply_async(abs, -1)
+    first.get(10)
+    with lv.temp_flags(after=first, follow=first):
+        second = lv.apply_async(abs, -2)
+    second.get(10)
+    ids = first.msg_ids + second.msg_ids
+    keys = ["msg_id", "after", "follow", "engine_uuid"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # (until the file has the replies)
+        got = {r["msg_id"]: r for r in rc.db_query({"msg_id": {"$in": ids}}, keys)}
+        if len(got) == 2 and all(r["engine_uuid"] for r in got.values()):
+            break
+        time.sleep(0.1)
+    assert (got[ids[0]]["after"], got[ids[0]]["follow"]) == ([], [])
+    assert (got[ids[1]]["after"], got[ids[1]]["follow"]) == (first.msg_ids, first.msg_ids)
+    for msg_id in ids:
+        assert got[msg_id]["engine_uuid"] == rc.metadata[msg_id]["engine_uuid"]
 
 
 def test_history_is_in_submission_order(db_rc):

@@ -628,16 +628,25 @@ def _row_of(record: TaskRecord) -> dict[str, Any]:
         "completed": record.completed,
         "received": record.completed,
         "resubmitted": None,
-        "stdout": None,
-        "stderr": None,
-        "after": None,
-        "follow": None,
     }
     request = _decode_request(record.request_frames()) if record.request else {}
     row.update({k: request.get(k) for k in ("header", "metadata", "content", "buffers")})
     reply = _decode_request(record.reply_frames()[1:]) if record.reply else {}
     for key in ("header", "metadata", "content", "buffers"):
         row[f"result_{key}"] = reply.get(key)
+    # (what the file's rows have as columns of their own, read from the request's flags and
+    # the reply's metadata, which memory keeps)
+    flags = row["metadata"] if isinstance(row["metadata"], dict) else {}
+    for name in ("after", "follow"):
+        try:
+            spec = protocol.DependencySpec.from_content(name, flags.get(name))
+        except (TypeError, ValueError):
+            spec = None
+        row[name] = [] if spec is None else list(spec.msg_ids)
+    done = row["result_metadata"] if isinstance(row["result_metadata"], dict) else {}
+    for key in ("engine_uuid", "stdout", "stderr"):
+        value = done.get(key)
+        row[key] = value if isinstance(value, str) else None
     return row
 
 
