@@ -521,8 +521,10 @@ class Client:
 
     def purge_local_results(self, jobs: Any = None, targets: Any = None) -> None:
         """Forget results held by this client: ``jobs`` (history indices, msg_ids,
-        AsyncResults) and those of the engines ``targets``, or ``"all"`` (the default when
-        neither is given). Work still outstanding cannot be purged: RuntimeError."""
+        AsyncResults, or ``"all"``) and those of the engines ``targets``. Neither given:
+        ValueError, as IPython Parallel's (a bare call used to forget everything). Work
+        still outstanding cannot be purged: RuntimeError."""
+        _check_purge(jobs, targets)
         results, metadata = self.transport.results, self.transport.metadata
         outstanding = self.outstanding
         everything = _purges_everything(jobs, targets)
@@ -541,9 +543,9 @@ class Client:
             metadata.pop(msg_id, None)
 
     def purge_hub_results(self, jobs: Any = None, targets: Any = None) -> int:
-        """Forget finished task records on the controller: ``jobs`` and those of the
-        engines ``targets``, or ``"all"`` (the default when neither is given); returns
-        how many."""
+        """Forget finished task records on the controller: ``jobs`` (or ``"all"``) and those
+        of the engines ``targets`` (neither given: ValueError); returns how many."""
+        _check_purge(jobs, targets)
         everything = _purges_everything(jobs, targets)  # (with targets: just theirs)
         request = protocol.PurgeRequest(
             None if everything else tuple(self._msg_ids_of_jobs(jobs)),
@@ -553,8 +555,8 @@ class Client:
 
     def purge_results(self, jobs: Any = None, targets: Any = None) -> None:
         """Forget finished results here and on the controller: ``jobs`` (history indices,
-        msg_ids, AsyncResults) and those of the engines ``targets``; ``"all"`` (the
-        default when neither is given) forgets every one."""
+        msg_ids, AsyncResults) and those of the engines ``targets``; ``jobs="all"``
+        forgets every one (neither given: ValueError, nothing forgotten)."""
         self.purge_local_results(jobs, targets)
         self.purge_hub_results(jobs, targets)
 
@@ -668,7 +670,14 @@ class Client:
         own._ipython_display_()
 
 
+def _check_purge(jobs: Any, targets: Any) -> None:
+    """A purge names what it forgets: a bare ``purge_results()`` is refused, as IPython
+    Parallel refuses it, rather than taken to mean everything (empty lists name nothing
+    and forget nothing)."""
+    if jobs is None and targets is None:
+        raise ValueError('name the jobs or targets to purge (jobs="all" purges every one)')
+
+
 def _purges_everything(jobs: Any, targets: Any) -> bool:
-    """Whether a purge's ``jobs`` and ``targets`` name every result: ``"all"``, or neither
-    given."""
-    return (jobs is None and targets is None) or (isinstance(jobs, str) and jobs == "all")
+    """Whether a purge's ``jobs`` name every result (``"all"``)."""
+    return isinstance(jobs, str) and jobs == "all"

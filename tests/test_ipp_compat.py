@@ -83,6 +83,24 @@ def test_purging_an_engines_results_keeps_the_other_engines(rc):
     assert on1.msg_ids[0] not in rc.results
 
 
+def test_a_bare_purge_is_refused_and_forgets_nothing(rc):
+    """``rc.purge_results()`` with no argument forgot every result, here and on the
+    controller; IPython Parallel refuses it (ValueError). An empty list names nothing."""
+    ar = rc[0].apply_async(abs, -5)
+    assert ar.get(timeout=10) == 5
+    msg_id = ar.msg_ids[0]
+    for purge in (rc.purge_results, rc.purge_local_results, rc.purge_hub_results):
+        with pytest.raises(ValueError, match="jobs or targets"):
+            purge()
+    assert msg_id in rc.results and msg_id in rc.metadata
+    assert rc.result_status(ar)["completed"] == [msg_id]
+    rc.purge_results([])
+    assert rc.purge_hub_results(jobs=[]) == 0
+    assert msg_id in rc.results and rc.result_status(ar)["completed"] == [msg_id]
+    rc[1].purge_results()  # (a view's bare purge: its own results; engine 1 made none)
+    assert msg_id in rc.results and rc.result_status(ar)["completed"] == [msg_id]
+
+
 def test_a_views_purge_results_forgets_only_its_own(rc):
     """``view.purge_results()`` used to forget every result of every client, on the
     controller too."""
