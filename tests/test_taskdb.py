@@ -4,6 +4,7 @@ purges (issue: the task database), with the SQLite store and the in-memory one."
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -307,6 +308,27 @@ def test_an_unreadable_database_is_moved_aside_not_lost(cluster_factory):
     # its blob files go with it (a new database would remove them: no record names them)
     assert (folder / f"{aside[0]}-blobs" / "1.1").read_bytes() == b"a big result"
     assert "unreadable" in (folder / "controller.log").read_text()
+
+
+@pytest.mark.parametrize("kind", ["text", "sqlite"])
+def test_a_file_of_the_users_named_as_db_is_refused_and_left_alone(cluster_factory, tmp_path, kind):
+    """``Cluster(db=path)`` naming a file that is not a task database (the user's data,
+    or another application's SQLite file) renamed it ``.corrupt-<time>`` and started a
+    database in its place: the start now fails, naming the file, and nothing is moved."""
+    path = tmp_path / ("results.csv" if kind == "text" else "app.sqlite")
+    if kind == "text":
+        path.write_bytes(b"a,b\n1,2\n" * 1000)
+    else:
+        with sqlite3.connect(path) as con:
+            con.execute("CREATE TABLE mine (x)")
+            con.execute("INSERT INTO mine VALUES (42)")
+        con.close()
+    before = path.read_bytes()
+    cluster = cluster_factory(1, db=str(path))
+    with pytest.raises(Exception, match=f"{path.name}.*left as it is"):
+        cluster.start_and_connect_sync()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_a_blob_folder_in_the_way_stops_the_start_and_moves_nothing(cluster_factory):

@@ -558,8 +558,10 @@ def open_log(
     folder: Path, db: str, max_bytes: int | None = None, max_age: float | None = None
 ) -> Any:
     """The file the records go to: ``db`` is ``"memory"`` (none), ``"sqlite"`` (the
-    cluster folder's ``tasks.db``) or a path. A file SQLite cannot read is moved aside
-    (``.corrupt-<time>``), never lost, and a new one started."""
+    cluster folder's ``tasks.db``) or a path. A cluster folder's file that cannot be read
+    is moved aside (``.corrupt-<time>``), never lost, and a new one started; a file at a
+    path the user named is left as it is, and the start fails (StoreUnusable): it may be
+    theirs, not a task database at all (``db="results.csv"``)."""
     if db == "memory":
         return None
     from .sqlite_store import BLOB_SUFFIX, SqliteLog, StoreUnusable
@@ -575,6 +577,13 @@ def open_log(
     except StoreUnusable:
         raise  # (not damaged: a folder in the way, which the message names)
     except Exception as exc:
+        if db != "sqlite":
+            reason = str(exc).removeprefix(f"task database {path}: ")
+            raise StoreUnusable(
+                str(path),
+                f"not usable as the task database ({reason}); left as it is: move it "
+                "aside, or give another path",
+            ) from exc
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error("task database %s unreadable (%s); moved to %s", path, exc, aside)
         path.rename(aside)
