@@ -208,7 +208,12 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         _check_return_when(return_when)
         try:
             if return_when == FIRST_EXCEPTION and not return_exceptions:
+                started = time.monotonic()
                 self._raise_first_error(timeout)
+                if all(f.done() for f in self._children):
+                    timeout = None  # (this result is being set from them: a moment)
+                elif timeout is not None:  # (one timeout for both waits, not one each)
+                    timeout = max(0.0, timeout - (time.monotonic() - started))
             if type(self).wait is AsyncResult.wait:  # (what it does, checks done already)
                 if timeout != 0 and self._state not in _DONE:
                     self._transport.check_blocking("AsyncResult.wait")

@@ -241,3 +241,14 @@ def test_a_result_of_futures_done_already_counts_them_together():
     end(first, [0])
     assert amr.get(1) == [1, 2, 0]
     assert AsyncMapResult(client, [finished([5]), finished([6])], [1, 1]).get(0) == [5, 6]
+
+
+def test_get_with_first_exception_waits_its_timeout_once(rc):
+    """``get(T, return_when=FIRST_EXCEPTION)`` waited T for a failure, then T again for
+    the whole: about 2T before its TimeoutError."""
+    ar = rc[:].apply_async(time.sleep, 3)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ar.get(1, return_when=jx.FIRST_EXCEPTION)
+    assert time.monotonic() - started < 1.6
+    assert ar.get(10) == [None, None]
