@@ -394,8 +394,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             if not f.done():
                 self._transport.check_blocking("iterating an AsyncResult")
             _wait_one(f, None)
-            if f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+            exc = f.exception()
+            if exc is not None:
+                raise _fresh(exc)  # (as get: the kept error never takes the caller's frames)
             yield f.result()
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -651,7 +652,7 @@ class AsyncMapResult(AsyncResult):
     def _raise(self, f: Request) -> Any:
         exc = f.exception()
         if exc is not None:
-            raise exc
+            raise _fresh(exc)
         return f.result()
 
     def _completion_iter(self) -> Iterator[int]:

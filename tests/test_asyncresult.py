@@ -252,3 +252,23 @@ def test_get_with_first_exception_waits_its_timeout_once(rc):
         ar.get(1, return_when=jx.FIRST_EXCEPTION)
     assert time.monotonic() - started < 1.6
     assert ar.get(10) == [None, None]
+
+
+@pytest.mark.parametrize("kind", ["apply", "map"])
+def test_iterating_a_failed_result_raises_a_fresh_error_as_get_does(rc, kind):
+    """Iteration raised the error the result keeps: each raise grew its traceback and
+    kept the iterating frames (and their locals) alive with it."""
+    if kind == "apply":
+        ar = rc[:].apply_async(lambda: 1 / 0)
+    else:
+        ar = rc.load_balanced_view().map(lambda x: 1 / x, [0, 0])
+    assert ar.wait(10)
+    kept = ar._children[0].exception()
+    raised = []
+    for _ in range(3):
+        with pytest.raises(jx.RemoteError, match="ZeroDivisionError") as info:
+            list(ar)
+        raised.append(info.value)
+    assert all(exc is not kept for exc in raised)
+    assert kept.__traceback__ is None
+    assert len({id(exc) for exc in raised}) == 3
