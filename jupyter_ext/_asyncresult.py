@@ -562,7 +562,8 @@ class AsyncMapResult(AsyncResult):
     """The result of a map: chunks reassembled into one list of items.
 
     Iteration yields items as they arrive: in order, or with ``ordered=False`` in the
-    order chunks complete. ``len`` and ``progress`` count items, not messages.
+    order chunks complete; ``get()`` gives them in the order of the input either way.
+    ``len`` and ``progress`` count items, not messages.
     """
 
     def __init__(
@@ -620,11 +621,10 @@ class AsyncMapResult(AsyncResult):
         )
 
     def _reconstruct(self, results: list[Any]) -> list[Any]:
-        ordered = results
-        if not self._ordered:
-            ordered = [results[i] for i in self._completion_order]
+        # (in submission order even with ordered=False, as IPython Parallel's: ordered
+        # is the order of iteration only)
         items: list[Any] = []
-        for chunk in ordered:
+        for chunk in results:
             items.extend(chunk)
         return items
 

@@ -193,8 +193,9 @@ class LoadBalancedView(View):
         """Load-balanced map: one task per ``chunksize`` elements.
 
         The AsyncMapResult iterates as results arrive (in completion order with
-        ``ordered=False``); with ``return_exceptions`` an element that raised gives its
-        error as its result instead of failing the map.
+        ``ordered=False``; ``get()`` and ``block=True`` give the input's order); with
+        ``return_exceptions`` an element that raised gives its error as its result instead
+        of failing the map.
         """
         if not sequences:
             raise TypeError("map needs at least one sequence")

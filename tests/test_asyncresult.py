@@ -203,8 +203,8 @@ def test_results_that_cannot_be_put_together_raise_instead_of_hanging(rc):
 
 def test_a_result_of_futures_done_already_counts_them_together():
     """Children done before their result exists (most of a long map's) are counted in
-    one go; those still pending call back; a failed one still fails the whole, and a map
-    keeps the order its chunks completed in."""
+    one go; those still pending call back; a failed one still fails the whole, and an
+    unordered map's get() keeps the input's order (ordered is iteration's order)."""
     from types import SimpleNamespace
 
     from jupyter_ext._asyncresult import AsyncMapResult, AsyncResult
@@ -239,7 +239,7 @@ def test_a_result_of_futures_done_already_counts_them_together():
     amr = AsyncMapResult(client, [first, finished([1]), finished([2])], [1, 1, 1], ordered=False)
     assert not amr.done()
     end(first, [0])
-    assert amr.get(1) == [1, 2, 0]
+    assert amr.get(1) == [0, 1, 2]  # (the input's order: ordered is iteration's order)
     assert AsyncMapResult(client, [finished([5]), finished([6])], [1, 1]).get(0) == [5, 6]
 
 

@@ -64,7 +64,9 @@ def test_map_iterates_as_results_arrive_seed(view):
     slept = [r[1] for r in amr]
     assert sorted(slept) == sorted(0.05 * t for t in range(8, 0, -1))
     assert slept != [0.05 * t for t in range(8, 0, -1)]  # completion order, not submission
-    assert [r[1] for r in amr.get()] == slept
+    # get() gives the input's order, as IPython Parallel's: ordered is iteration's order
+    assert [r[1] for r in amr.get()] == [0.05 * t for t in range(8, 0, -1)]
+    assert [r[1] for r in view.map_sync(sleep_here, [0.2, 0.01], ordered=False)] == [0.2, 0.01]
 
 
 def test_one_line_rms_with_builtin_reduce(view):
