@@ -61,6 +61,26 @@ def _wait_one(future: concurrent.futures.Future, timeout: float | None) -> bool:
     return True
 
 
+def interrupt_running(
+    transport: Any,
+    futures: Sequence[Request],
+    grace: float = 5.0,
+    signum: int = 2,
+) -> list[int]:
+    """Ctrl-C while waiting for ``futures``: interrupt the engines running those still
+    pending (those still queued are aborted), and wait ``grace`` s for them to end.
+    Returns the engines interrupted."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        return []
+    try:
+        engines: list[int] = transport.interrupt([f.msg_id for f in pending], signum)
+    except Exception:
+        return []
+    concurrent.futures.wait(pending, grace)
+    return engines
+
+
 def _fresh(exc: BaseException) -> BaseException:
     """A copy of ``exc`` to raise: the error is also kept (``rc.results``, the metadata's
     ``error``, this AsyncResult), and raising it would give it a traceback holding the
@@ -256,14 +276,9 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
 
         Returns the engines interrupted.
         """
-        pending = [f.msg_id for f in self._children if not f.done()]
-        if not pending:
-            return []
-        try:
-            engines = self._transport.interrupt(pending, signum)
-        except Exception:
-            return []
-        _wait_one(self, grace)
+        engines = interrupt_running(self._transport, self._children, grace, signum)
+        if all(f.done() for f in self._children):
+            _wait_one(self, 1.0)  # (the whole is set from its parts in a moment)
         return engines
 
     def result(self, timeout: float | None = None) -> Any:
@@ -393,7 +408,11 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         for f in self._children:
             if not f.done():
                 self._transport.check_blocking("iterating an AsyncResult")
-            _wait_one(f, None)
+                try:
+                    _wait_one(f, None)
+                except KeyboardInterrupt:  # (as in get: the engines stop too)
+                    self._interrupt_running()
+                    raise
             exc = f.exception()
             if exc is not None:
                 raise _fresh(exc)  # (as get: the kept error never takes the caller's frames)
@@ -644,9 +663,17 @@ class AsyncMapResult(AsyncResult):
             order: Iterator[int] = iter(range(len(self._children)))
         else:
             order = self._completion_iter()
-        for i in order:
-            f = self._children[i]
-            self._transport.wait([f], None)
+        while True:
+            try:
+                i = next(order, None)
+                if i is None:
+                    return
+                f = self._children[i]
+                if not f.done():
+                    self._transport.wait([f], None)
+            except KeyboardInterrupt:  # (as in get: the engines stop too)
+                self._interrupt_running()
+                raise
             yield from self._chunk_result(f) if self._return_exceptions else self._raise(f)
 
     def _raise(self, f: Request) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from kernel_engine.engine import ops
 from kernel_engine.errors import NoEnginesRegistered
 from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 
-from ._asyncresult import AsyncMapResult, AsyncResult
+from ._asyncresult import AsyncMapResult, AsyncResult, interrupt_running
 from ._batch import SubmitBatch
 from ._dependency import as_dependency
 from ._request import Request
@@ -293,10 +292,16 @@ class LoadBalancedView(View):
                         pending.append(ar)
             if not pending:
                 return
-            if ordered:
-                ar = pending.popleft()
-            else:
-                concurrent.futures.wait(pending, None, concurrent.futures.FIRST_COMPLETED)
-                ar = next(a for a in pending if a.done())
-                pending.remove(ar)
+            try:
+                if ordered:
+                    ar = pending[0]
+                    self.transport.wait(ar._children, None)
+                else:
+                    self.transport.wait(pending, None, first=True)
+                    ar = next(a for a in pending if a.done())
+            except KeyboardInterrupt:  # (as in get: the engines stop, and no more is sent)
+                state.cancelled = True
+                interrupt_running(self.transport, [f for a in pending for f in a._children])
+                raise
+            pending.remove(ar)
             yield from ar.get()

@@ -638,3 +638,34 @@ def test_results_arrive_one_by_one_not_per_batch(view):
         time.sleep(0.01)
     assert amr.get(5) == list(range(20))
     assert len({p for p in seen if 0 < p < 20}) >= 5, sorted(seen)
+
+
+def _interrupted_after(seconds: float, iterate) -> float:
+    """Seconds until ``iterate()`` raised KeyboardInterrupt, Ctrl-C coming ``seconds`` in."""
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            iterate()
+    finally:
+        timer.cancel()
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["map", "imap", "imap-unordered", "apply"])
+def test_ctrl_c_while_iterating_results_stops_the_engines_work(view, rc, how):
+    """Ctrl-C in ``get()`` interrupts the engines (and aborts what is queued); in a loop
+    over a map's results, or over imap, it only stopped the loop, and the engines ran on
+    (here for 20 s) with the rest of the work queued behind them."""
+    if how == "map":
+        results = view.map(time.sleep, [20] * 4)
+    elif how == "apply":
+        results = rc[:].apply_async(time.sleep, 20)
+    else:
+        results = view.imap(time.sleep, [20] * 4, ordered=how == "imap")
+    took = _interrupted_after(0.5, lambda: list(results))
+    assert took < 10
+    assert rc.wait(timeout=5), "the engines still run the work"
+    if how.startswith("imap"):
+        assert list(results) == []  # (ended: nothing more submitted or yielded)
