@@ -240,6 +240,9 @@ class LoadBalancedView(View):
         (``'auto'``: 64 per engine). The iterator's ``cancel()`` stops consuming the
         input (what was submitted is still yielded). With ``return_exceptions``, an
         element that raised gives its error as its result instead of ending the map.
+
+        When the input itself raises (a generator failing part way), the results of the
+        elements before the failure are yielded, and then its exception is raised.
         """
         protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         protocol.check_bool("ordered", ordered)
@@ -271,17 +274,19 @@ class LoadBalancedView(View):
         head = dumps_function(mapper)
         pending: deque[AsyncResult] = deque()
         exhausted = False
+        failed: BaseException | None = None  # (what the input raised, for after its results)
         while True:
             if not (exhausted or state.cancelled) and len(pending) < limit:
                 with self._batch(False, md) as batch:  # (the refill leaves in batches)
                     while not (exhausted or state.cancelled) and len(pending) < limit:
                         chunk: list[tuple[Any, ...]] = []
-                        for _ in range(chunksize):
-                            try:
-                                chunk.append(tuple(next(it) for it in iterators))
-                            except (StopIteration, RuntimeError):
-                                exhausted = True
-                                break
+                        try:
+                            while len(chunk) < chunksize:
+                                chunk.append(tuple([next(it) for it in iterators]))
+                        except StopIteration:
+                            exhausted = True
+                        except Exception as exc:  # (the user's input failed: see imap)
+                            exhausted, failed = True, exc
                         if not chunk:
                             exhausted = True
                             break
@@ -291,6 +296,8 @@ class LoadBalancedView(View):
                         self.history.extend(ar.msg_ids)
                         pending.append(ar)
             if not pending:
+                if failed is not None:
+                    raise failed
                 return
             try:
                 if ordered:

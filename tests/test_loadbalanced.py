@@ -669,3 +669,23 @@ def test_ctrl_c_while_iterating_results_stops_the_engines_work(view, rc, how):
     assert rc.wait(timeout=5), "the engines still run the work"
     if how.startswith("imap"):
         assert list(results) == []  # (ended: nothing more submitted or yielded)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_yields_what_came_before_a_failing_input_then_raises_its_error(view, error, ordered):
+    """A RuntimeError from the input was taken as its end (the rest silently lost); any
+    other error was raised at once, and the results of what was submitted before it were
+    lost. Now those results come first, then the input's own error."""
+
+    def numbers():
+        yield from range(10)
+        raise error("the input broke")
+
+    got = []
+    with pytest.raises(error, match="the input broke"):
+        for r in view.imap(lambda x: 2 * x, numbers(), chunksize=3, ordered=ordered):
+            got.append(r)
+    assert (got if ordered else sorted(got)) == [2 * i for i in range(10)]
+    stops = view.imap(lambda x, y: x + y, iter(range(5)), iter(range(100)), chunksize=2)
+    assert list(stops) == [0, 2, 4, 6, 8]  # (the shortest input ends it, as zip)
