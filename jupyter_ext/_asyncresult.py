@@ -630,6 +630,23 @@ class AsyncMapResult(AsyncResult):
     def _outcomes(self) -> list[Any]:
         return [self._chunk_result(f) for f in self._children]
 
+    def get_dict(self, timeout: float | None = None) -> dict[int, Any]:
+        """Each engine's items (the list its chunk gave), keyed by engine id: a
+        DirectView's map sends one chunk to each engine. ValueError when one engine ran
+        several chunks (as a load-balanced map's may): :meth:`split` gives each chunk's.
+
+        (IPython Parallel pairs the engines with the first items instead, and drops the
+        rest.)
+        """
+        self.get(timeout)  # (raises as get does)
+        engine_ids = [md["engine_id"] for md in self._metadata_list()]
+        if len(set(engine_ids)) != len(engine_ids):
+            raise ValueError(
+                f"cannot make a dict of results: {len(engine_ids)} chunks ran on "
+                f"{len(set(engine_ids))} engines; split() gives each chunk's results"
+            )
+        return {eid: self._chunk_result(f) for eid, f in zip(engine_ids, self._children)}
+
     def _part(self, i: int) -> AsyncResult:
         return AsyncMapResult(
             self._client,

@@ -274,6 +274,17 @@ def test_get_dict_pid_map_seed(rc):
     assert rc[:]["pid_map"] == [pids, pids]
 
 
+def test_get_dict_of_a_map_gives_each_engine_its_items(rc):
+    """A map's get_dict paired the engines with its first items and dropped the others
+    ({0: 0, 1: 10} for six items): each engine now has the items its chunk gave."""
+    got = rc[:].map(lambda x: 10 * x, range(6)).get_dict(10)
+    assert got == {0: [0, 10, 20], 1: [30, 40, 50]}
+    lb = rc.load_balanced_view(targets=[1]).map(lambda x: x, range(4))
+    with pytest.raises(ValueError, match="4 chunks ran on 1 engines; split"):
+        lb.get_dict(10)
+    assert [part.get_dict(10) for part in lb.split()] == [{1: [i]} for i in range(4)]
+
+
 def test_output_is_captured_per_task(rc):
     def talk(x):
         print("out", x)
