@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from datetime import datetime, timezone
@@ -712,21 +713,92 @@ class AsyncMapResult(AsyncResult):
                 yield i
 
 
+class _HubPoller:
+    """Asks the controller about pending :class:`AsyncHubResult` s in the background, so
+    that they complete however they are waited for (iterated, awaited, passed to
+    ``concurrent.futures.wait``), not only in ``get``/``wait``, which ask themselves.
+
+    One thread for all of them (``jupyter-px-hub-poll``), started by the first pending
+    one and ending once none is left: a result dropped by its owner is not kept alive
+    (weak references), nor asked about. It asks every :data:`AsyncHubResult.interval` s
+    at first, then less and less often, every :data:`SLOWEST` s at most: a long task
+    costs the controller one question a second.
+    """
+
+    SLOWEST = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results: weakref.WeakSet[AsyncHubResult] = weakref.WeakSet()
+        self._running = False
+
+    def add(self, ar: AsyncHubResult) -> None:
+        with self._lock:
+            self._results.add(ar)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="jupyter-px-hub-poll", daemon=True).start()
+
+    def _pending(self) -> list[AsyncHubResult]:
+        with self._lock:
+            pending = [ar for ar in self._results if not ar.done()]
+            if not pending:
+                self._running = False
+            return pending
+
+    def _run(self) -> None:
+        delay = AsyncHubResult.interval
+        while True:
+            time.sleep(delay)
+            pending = self._pending()
+            if not pending:
+                return
+            for ar in pending:
+                ar._poll_quietly()
+            del pending, ar  # (no strong reference while asleep)
+            delay = min(self.SLOWEST, delay * 1.5)
+
+
 class AsyncHubResult(AsyncResult):
     """Results another client submitted, fetched from the controller's records.
 
     While they are pending, ``wait`` asks the controller again every ``interval`` s,
-    which costs more than the passive waiting of an ordinary AsyncResult.
+    which costs more than the passive waiting of an ordinary AsyncResult; otherwise one
+    thread asks now and then for all of them (see :class:`_HubPoller`), so that iterating,
+    awaiting or ``concurrent.futures.wait`` see them end too.
     """
 
     interval = 0.1
 
     def __init__(self, client: Client, msg_ids: list[str], single: bool = False):
         futures = [Request(m, Metadata(msg_id=m)) for m in msg_ids]
+        self._polling = threading.Lock()  # (wait's questions and the poller's)
         super().__init__(client, futures, "get_result", single=single)
         self._poll()
+        if not self.done():
+            _POLLER.add(self)
+
+    def _poll_quietly(self) -> None:
+        """:meth:`_poll` for the background poller: an error is for the next try, but
+        once the client is closed none can come, and the pending tasks fail."""
+        try:
+            self._poll()
+        except Exception:
+            if not self._transport.closed:
+                return
+            why = RuntimeError("this Client is closed: the controller's records are out of reach")
+            with self._polling:
+                pending = [f for f in self._children if not f.done()]
+                for f in pending:
+                    f.outcome = False, why
+                settle_all(pending)
 
     def _poll(self) -> None:
+        with self._polling:
+            self._poll_pending()
+
+    def _poll_pending(self) -> None:
         pending = [f for f in self._children if not f.done()]
         if not pending:
             return
@@ -751,15 +823,30 @@ class AsyncHubResult(AsyncResult):
         settle_all(ended)  # (as the IO thread settles requests: watchers are told)
 
     def wait(self, timeout: float | None = None, return_when: str | None = None) -> Any:
-        """Ask the controller until done (or ``timeout`` s); then as
-        :meth:`AsyncResult.wait`."""
+        """Ask the controller until done, or as ``return_when`` says (or ``timeout`` s);
+        then as :meth:`AsyncResult.wait`."""
         timeout = as_timeout(timeout)
+        _check_return_when(return_when)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done():
+        while not self._ended(return_when):
             self._poll()
-            if self.done():
+            if self._ended(return_when):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(self.interval)
         return super().wait(0, return_when)
+
+    def _ended(self, return_when: str | None) -> bool:
+        """Whether a wait with ``return_when`` is over."""
+        if self.done():
+            return True
+        done = [f for f in self._children if f.done()]
+        if return_when == FIRST_COMPLETED:
+            return bool(done)
+        if return_when == FIRST_EXCEPTION:
+            return any(not f.cancelled() and f.exception() is not None for f in done)
+        return False
+
+
+_POLLER = _HubPoller()

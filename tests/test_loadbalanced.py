@@ -689,3 +689,48 @@ def test_imap_yields_what_came_before_a_failing_input_then_raises_its_error(view
     assert (got if ordered else sorted(got)) == [2 * i for i in range(10)]
     stops = view.imap(lambda x, y: x + y, iter(range(5)), iter(range(100)), chunksize=2)
     assert list(stops) == [0, 2, 4, 6, 8]  # (the shortest input ends it, as zip)
+
+
+def test_a_pending_hub_result_ends_however_it_is_waited_for(rc):
+    """Another client's task, still running: only get() and wait() asked the controller,
+    so iterating, awaiting or concurrent.futures.wait waited for ever."""
+    ar = rc.load_balanced_view().apply_async(lambda: (time.sleep(1.5), "late")[1])
+    other = jx.Client(rc.connection_file)
+    try:
+        by_futures, by_loop, by_await = (other.get_result(ar.msg_ids[0]) for _ in range(3))
+        assert isinstance(by_futures, jx.AsyncHubResult) and not by_futures.done()
+        got: list = []
+        looping = threading.Thread(target=lambda: got.extend(by_loop), daemon=True)
+        looping.start()
+
+        async def awaited():
+            return await asyncio.wait_for(asyncio.ensure_future(by_await), 10)
+
+        assert asyncio.run(awaited()) == "late"
+        done, _ = concurrent.futures.wait([by_futures], 10)
+        assert done == {by_futures} and by_futures.result() == "late"
+        looping.join(10)
+        assert got == ["late"]
+        ended = [t for t in threading.enumerate() if t.name == "jupyter-px-hub-poll"]
+        for t in ended:  # (the poller stops once none is pending)
+            t.join(5)
+            assert not t.is_alive()
+    finally:
+        other.close()
+
+
+def test_a_hub_result_waits_as_return_when_says(rc):
+    """wait(return_when=FIRST_COMPLETED) on a hub result waited for all of them."""
+    view = rc.load_balanced_view()
+    quick, slow = view.apply_async(abs, -1), view.apply_async(time.sleep, 4)
+    quick.get(10)
+    other = jx.Client(rc.connection_file)
+    try:
+        both = other.get_result(quick.msg_ids + slow.msg_ids)
+        started = time.monotonic()
+        done, pending = both.wait(8, return_when=jx.FIRST_COMPLETED)
+        assert time.monotonic() - started < 2
+        assert len(done) == 1 and len(pending) == 1
+    finally:
+        other.close()
+        slow.get(10)
