@@ -433,7 +433,11 @@ class DirectView(View):
         track: bool | None = None,
         return_exceptions: bool = False,
     ) -> Any:
-        """Static map: each engine gets one contiguous chunk of the sequences."""
+        """Static map: each engine gets one contiguous chunk of the sequences.
+
+        With ``return_exceptions``, an element that raised gives its error as its result
+        (the other elements of its engine's chunk their results) instead of failing the map.
+        """
         if not sequences:
             raise TypeError("map needs at least one sequence")
         protocol.check_bool("return_exceptions", return_exceptions)
@@ -443,11 +447,12 @@ class DirectView(View):
         ids = self._target_ids()
         n = min(len(ids), length) or 1
         futures, sizes = [], []
+        mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
         once = PickledFunction(f)
-        head = dumps_function(ops.map_chunk)
+        head = dumps_function(mapper)
         for i, t in enumerate(ids[:n]):
             parts = [partition(s, n, i) for s in seqs]
-            buffers = pack_apply(ops.map_chunk, (once, *parts), {}, head)
+            buffers = pack_apply(mapper, (once, *parts), {}, head)
             futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(

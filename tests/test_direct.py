@@ -140,6 +140,25 @@ def test_static_map(dv):
     assert len(set(pids)) == 2  # one chunk per engine
 
 
+def test_static_map_return_exceptions_keeps_each_elements_outcome(dv):
+    """An element that raised gives its error in its place; the other elements of its
+    engine's chunk keep their results (the whole chunk read as the error before), and
+    the iteration yields the same."""
+
+    def inv(x):
+        return 1 / x
+
+    out = dv.map(inv, [1, 0, 2, 4], return_exceptions=True)
+    assert out[0] == 1.0 and out[2:] == [0.5, 0.25]
+    assert isinstance(out[1], jx.RemoteError) and out[1].ename == "ZeroDivisionError"
+    ar = dv.map_async(inv, [0, 1, 2, 0], return_exceptions=True)
+    items = list(ar)
+    assert items[1:3] == [1.0, 0.5]
+    assert [type(items[i]).__name__ for i in (0, 3)] == ["RemoteError", "RemoteError"]
+    with pytest.raises(jx.RemoteError):  # (without it, the map fails)
+        dv.map(inv, [1, 0])
+
+
 def test_execute_and_run(dv, tmp_path):
     ar = dv.execute("b = 5\nprint('hi')\nb * 2", silent=False)  # as a notebook cell
     replies = ar.get()
