@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._asyncresult import AsyncResult
     from ._views import View
 
 
@@ -19,6 +20,14 @@ class ViewExecutor(concurrent.futures.Executor):
     def __init__(self, view: View):
         self.view = view
         self._shutdown = False
+        # (what this executor made and is not done: shutdown(cancel_futures=True)
+        # aborts these, not the rest of the view's work)
+        self._pending: set[AsyncResult] = set()
+
+    def _track(self, ar: AsyncResult) -> AsyncResult:
+        self._pending.add(ar)
+        ar.add_done_callback(self._pending.discard)
+        return ar
 
     def __repr__(self) -> str:
         return f"<ViewExecutor {self.view!r}>"
@@ -26,7 +35,7 @@ class ViewExecutor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
-        return self.view.apply_async(fn, *args, **kwargs)
+        return self._track(self.view.apply_async(fn, *args, **kwargs))
 
     def map(
         self,
@@ -41,7 +50,7 @@ class ViewExecutor(concurrent.futures.Executor):
         kwargs: dict[str, Any] = {}
         if chunksize != 1:
             kwargs["chunksize"] = chunksize
-        ar = self.view.map(fn, *iterables, block=False, **kwargs)
+        ar = self._track(self.view.map(fn, *iterables, block=False, **kwargs))
         if timeout is None:
             return iter(ar)
 
@@ -54,9 +63,16 @@ class ViewExecutor(concurrent.futures.Executor):
         return bounded()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; with ``wait``, wait for what this view submitted."""
+        """Stop accepting work; with ``wait``, wait for what this view submitted.
+
+        ``cancel_futures``: abort the tasks of this executor's futures that have not
+        started (they end with TaskAborted); the view's other work is left alone.
+        """
         self._shutdown = True
         if cancel_futures:
-            self.view.abort()
+            outstanding = self.view.client.outstanding
+            mine = [m for ar in list(self._pending) for m in ar.msg_ids if m in outstanding]
+            if mine:
+                self.view.abort(mine)
         if wait:
             self.view.wait()
