@@ -46,6 +46,9 @@ class ParallelFunction(RemoteFunction):
     ``pf(seq)`` calls the function once per part (one part per engine on a DirectView,
     ``chunksize`` elements on a LoadBalancedView) and joins the results; ``pf.map(seq)``
     calls it once per element, like the builtin ``map``.
+
+    ``return_exceptions``: a call that raised gives its error in place of its part of
+    the joined result (``pf.map``: in place of its element) instead of failing them all.
     """
 
     def __init__(
@@ -56,18 +59,28 @@ class ParallelFunction(RemoteFunction):
         block: bool | None = None,
         chunksize: int | None = None,
         ordered: bool = True,
+        return_exceptions: bool = False,
         **flags: Any,
     ):
         super().__init__(view, f, block=block, **flags)
         if dist != "b":
             raise ValueError("only dist='b' (contiguous blocks) is supported")
         protocol.check_bool("ordered", ordered)
+        protocol.check_bool("return_exceptions", return_exceptions)
         self.chunksize = chunksize
         self.ordered = ordered
+        self.return_exceptions = return_exceptions
 
     def __call__(self, *sequences: Any) -> Any:
         with self.view.temp_flags(**self._flags()):
-            return call_on_parts(self.view, self.func, sequences, self.chunksize, self.ordered)
+            return call_on_parts(
+                self.view,
+                self.func,
+                sequences,
+                self.chunksize,
+                self.ordered,
+                self.return_exceptions,
+            )
 
     def map(self, *sequences: Any) -> Any:
         """``map(f, *sequences)`` in parallel, one call per element."""
@@ -76,6 +89,8 @@ class ParallelFunction(RemoteFunction):
             kwargs["chunksize"] = self.chunksize
         if not self.ordered:
             kwargs["ordered"] = False
+        if self.return_exceptions:
+            kwargs["return_exceptions"] = True
         with self.view.temp_flags(**self._flags()):
             return self.view.map(self.func, *sequences, **kwargs)
 
@@ -96,12 +111,19 @@ def remote(view: View, block: bool | None = None, **flags: Any) -> Callable[...,
     return decorate
 
 
+_PARALLEL_ARGUMENTS = ("chunksize", "ordered", "return_exceptions")
+"""``parallel(...)``'s keywords that go to the ParallelFunction, not to the view's flags."""
+
+
 def parallel(
     view: View, dist: str = "b", block: bool | None = None, **flags: Any
 ) -> Callable[..., ParallelFunction]:
     """Decorator: the function is called on parts of its sequence arguments in parallel."""
     _check_view("parallel", view)
-    view_flags = {k: v for k, v in flags.items() if k not in ("chunksize", "ordered")}
+    for name in ("ordered", "return_exceptions"):
+        if name in flags:
+            protocol.check_bool(name, flags[name])
+    view_flags = {k: v for k, v in flags.items() if k not in _PARALLEL_ARGUMENTS}
     view._check_flags({**view_flags, **({} if block is None else {"block": block})})
 
     def decorate(f: Callable[..., Any]) -> ParallelFunction:
@@ -116,8 +138,10 @@ def call_on_parts(
     sequences: Sequence[Any],
     chunksize: int | None,
     ordered: bool,
+    return_exceptions: bool = False,
 ) -> Any:
-    """A ParallelFunction's call: ``f`` on parts of the sequences, results joined."""
+    """A ParallelFunction's call: ``f`` on parts of the sequences, results joined
+    (``return_exceptions``: a part that raised joined as its error)."""
     seqs = [_sliceable(s) for s in sequences]
     length = min(len(s) for s in seqs)
     if isinstance(view, DirectView):
@@ -137,5 +161,5 @@ def call_on_parts(
             )
             for i in range(0, length, size)
         ]
-    ar = _GatherResult(view.client, futures, _fname(f))
+    ar = _GatherResult(view.client, futures, _fname(f), return_exceptions=return_exceptions)
     return view._finish(ar, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -674,11 +675,24 @@ class BroadcastView(DirectView):
 
 
 class _GatherResult(AsyncResult):
-    """Joins the parts a gather pulled: arrays concatenated, sequences chained."""
+    """Joins the parts a gather pulled: arrays concatenated, sequences chained.
 
-    def __init__(self, *args: Any, dist: str = "b", **kwargs: Any):
+    ``return_exceptions``: a part that failed is joined as its error (one element).
+    """
+
+    def __init__(self, *args: Any, dist: str = "b", return_exceptions: bool = False, **kwargs: Any):
         self._dist = dist
+        self._return_exceptions = return_exceptions
         super().__init__(*args, **kwargs)
+
+    def _finish(self) -> None:
+        if not self._return_exceptions:
+            super()._finish()
+            return
+        try:
+            self._set_reconstructed(self._outcomes())
+        except concurrent.futures.InvalidStateError:
+            pass  # (cancelled meanwhile)
 
     def _reconstruct(self, results: list[Any]) -> Any:
         parts = [
