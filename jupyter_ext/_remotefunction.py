@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ class ParallelFunction(RemoteFunction):
     ``chunksize`` elements on a LoadBalancedView) and joins the results; ``pf.map(seq)``
     calls it once per element, like the builtin ``map``.
 
+    On a DirectView, ``chunksize`` is ignored, with a warning (as IPython Parallel's).
+
     ``return_exceptions``: a call that raised gives its error in place of its part of
     the joined result (``pf.map``: in place of its element) instead of failing them all.
     """
@@ -67,6 +70,13 @@ class ParallelFunction(RemoteFunction):
             raise ValueError("only dist='b' (contiguous blocks) is supported")
         protocol.check_bool("ordered", ordered)
         protocol.check_bool("return_exceptions", return_exceptions)
+        if chunksize is not None and isinstance(view, DirectView):
+            warnings.warn(
+                "chunksize is ignored on a DirectView: its calls get one part per engine",
+                UserWarning,
+                stacklevel=2,
+            )
+            chunksize = None
         self.chunksize = chunksize
         self.ordered = ordered
         self.return_exceptions = return_exceptions
@@ -84,6 +94,11 @@ class ParallelFunction(RemoteFunction):
 
     def map(self, *sequences: Any) -> Any:
         """``map(f, *sequences)`` in parallel, one call per element."""
+        if isinstance(self.view, DirectView):
+            with self.view.temp_flags(**self._flags()):
+                return self.view._static_map(
+                    self.func, sequences, None, None, self.return_exceptions, self.ordered
+                )
         kwargs: dict[str, Any] = {}
         if self.chunksize is not None:
             kwargs["chunksize"] = self.chunksize

@@ -439,6 +439,19 @@ class DirectView(View):
         With ``return_exceptions``, an element that raised gives its error as its result
         (the other elements of its engine's chunk their results) instead of failing the map.
         """
+        return self._static_map(f, sequences, block, track, return_exceptions)
+
+    def _static_map(
+        self,
+        f: Callable[..., Any],
+        sequences: Sequence[Any],
+        block: bool | None,
+        track: bool | None,
+        return_exceptions: bool,
+        ordered: bool = True,
+    ) -> Any:
+        """:meth:`map`; ``ordered=False`` (a ParallelFunction's): its AsyncMapResult
+        iterates in the order the engines' chunks complete."""
         if not sequences:
             raise TypeError("map needs at least one sequence")
         protocol.check_bool("return_exceptions", return_exceptions)
@@ -457,7 +470,12 @@ class DirectView(View):
             futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
             sizes.append(len(parts[0]))
         ar = AsyncMapResult(
-            self.client, futures, sizes, _fname(f), return_exceptions=return_exceptions
+            self.client,
+            futures,
+            sizes,
+            _fname(f),
+            ordered=ordered,
+            return_exceptions=return_exceptions,
         )
         return self._finish(ar, block)
 

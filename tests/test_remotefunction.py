@@ -31,3 +31,25 @@ def test_parallel_return_exceptions(rc, kind):
         view.parallel(block=True)(_inverse).map([1, 0])
     with pytest.raises(TypeError, match="return_exceptions"):
         view.parallel(return_exceptions="yes")
+
+
+def test_parallel_chunksize_on_a_direct_view_is_ignored_with_a_warning(rc):
+    """As IPython Parallel's: ``chunksize`` means nothing to a DirectView (one part per
+    engine), so it warns and is ignored (pf.map raised TypeError: DirectView.map has no
+    chunksize)."""
+    with pytest.warns(UserWarning, match="chunksize is ignored on a DirectView"):
+        pf = rc[:].parallel(block=True, chunksize=2)(lambda xs: [2 * x for x in xs])
+    assert pf([1, 2, 3]) == [2, 4, 6]
+    assert pf.map([[1], [2, 3], []]) == [[2], [4, 6], []]  # (one call per element)
+    lpf = rc.load_balanced_view().parallel(block=True, chunksize=2)(lambda x: x + 1)
+    assert lpf.map(range(5)) == [1, 2, 3, 4, 5]
+
+
+def test_parallel_ordered_false_on_a_direct_view(rc):
+    """``parallel(ordered=False)`` on a DirectView: pf.map iterates in the order the
+    engines finish (it raised TypeError: DirectView.map has no ordered)."""
+    import time
+
+    pf = rc[:].parallel(block=False, ordered=False)(lambda x: time.sleep(x) or x)
+    ar = pf.map([1.0, 0.0])  # (engine 0 sleeps 1 s, engine 1 none)
+    assert list(ar) == [0.0, 1.0]
