@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from kernel_engine import protocol
 
 if TYPE_CHECKING:
     from ._asyncresult import AsyncResult
@@ -44,23 +47,21 @@ class ViewExecutor(concurrent.futures.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[Any]:
-        """Results in order, as an iterator; ``timeout`` bounds the whole map."""
+        """Results in order, as an iterator, as ``concurrent.futures``' map.
+
+        ``timeout`` counts from this call: the iterator raises
+        ``concurrent.futures.TimeoutError`` for a result not there by then (those there
+        are still given), and aborts the rest of the map.
+        """
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
+        _check_timeout(timeout)
         kwargs: dict[str, Any] = {}
         if chunksize != 1:
             kwargs["chunksize"] = chunksize
         ar = self._track(self.view.map(fn, *iterables, block=False, **kwargs))
-        if timeout is None:
-            return iter(ar)
-
-        def bounded() -> Iterator[Any]:
-            if not ar.wait(timeout):
-                ar.abort()
-                raise TimeoutError(f"map did not finish within {timeout} s")
-            yield from ar
-
-        return bounded()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _results(ar, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with ``wait``, wait for what this view submitted.
@@ -76,3 +77,21 @@ class ViewExecutor(concurrent.futures.Executor):
                 self.view.abort(mine)
         if wait:
             self.view.wait()
+
+
+def _check_timeout(timeout: Any) -> None:
+    """A number of seconds or None; a negative one has passed already (as in
+    ``concurrent.futures``: only the results there are given)."""
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = abs(timeout)
+    protocol.check_seconds("timeout", timeout)
+
+
+def _results(ar: AsyncResult, deadline: float | None) -> Iterator[Any]:
+    """The items of a map, chunk by chunk, each waited for until ``deadline`` at most."""
+    for part in ar.split():
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not part.wait(left):
+            ar.abort()
+            raise concurrent.futures.TimeoutError(f"{ar!r} not done by the map's timeout")
+        yield from part  # (done: its items, or the error of its chunk as it was raised)

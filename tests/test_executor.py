@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 import time
 
@@ -32,3 +33,21 @@ def test_shutdown_cancel_futures_aborts_only_the_executors_own_work(rc):
     busy.get(10)
     with pytest.raises(RuntimeError, match="shutdown"):
         ex.submit(abs, 1)
+
+
+def test_map_timeout_counts_from_the_call_and_gives_the_results_there(rc):
+    """As ``concurrent.futures``' map: the timeout counts from the call to map (it
+    counted from the first ``next``), the results there by then are given (none was:
+    the whole map had to be done), and ``next`` raises ``concurrent.futures.TimeoutError``
+    for the first one not there."""
+    ex = rc.load_balanced_view().executor
+    started = time.monotonic()
+    bounded = ex.map(lambda x: time.sleep(x) or x, [0.1, 2.5], timeout=1)
+    time.sleep(max(0, started + 0.8 - time.monotonic()))
+    assert next(bounded) == 0.1  # (there before the timeout, asked for after 0.8 s)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        next(bounded)
+    assert time.monotonic() - started < 1.7  # (1 s from the call, not 1 s from next)
+    with pytest.raises(TypeError, match="timeout"):
+        ex.map(abs, [1], timeout="1")
+    rc.wait(timeout=30)
