@@ -51,7 +51,8 @@ class ViewExecutor(concurrent.futures.Executor):
 
         ``timeout`` counts from this call: the iterator raises
         ``concurrent.futures.TimeoutError`` for a result not there by then (those there
-        are still given), and aborts the rest of the map.
+        are still given), and aborts the rest of the map. Ctrl-C while it waits
+        interrupts the engines running the map, as in ``AsyncResult.get``.
         """
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
@@ -91,7 +92,12 @@ def _results(ar: AsyncResult, deadline: float | None) -> Iterator[Any]:
     """The items of a map, chunk by chunk, each waited for until ``deadline`` at most."""
     for part in ar.split():
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not part.wait(left):
+        try:
+            ready = part.wait(left)
+        except KeyboardInterrupt:
+            ar._interrupt_running()
+            raise
+        if not ready:
             ar.abort()
             raise concurrent.futures.TimeoutError(f"{ar!r} not done by the map's timeout")
         yield from part  # (done: its items, or the error of its chunk as it was raised)

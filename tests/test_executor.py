@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -51,3 +54,21 @@ def test_map_timeout_counts_from_the_call_and_gives_the_results_there(rc):
     with pytest.raises(TypeError, match="timeout"):
         ex.map(abs, [1], timeout="1")
     rc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("timeout", [None, 30])
+def test_ctrl_c_while_iterating_a_map_interrupts_its_engines(rc, timeout):
+    """Ctrl-C while waiting for the next result of executor.map interrupts the engines
+    running the map, as Ctrl-C in ``AsyncResult.get`` does (they ran on)."""
+    ex = rc.load_balanced_view().executor
+    results = ex.map(time.sleep, [5, 5], timeout=timeout)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(results)
+    finally:
+        timer.cancel()
+    assert rc.wait(timeout=10)
+    assert time.monotonic() - started < 3.5  # (the sleeps of 5 s were cut short)
