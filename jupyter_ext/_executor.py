@@ -57,6 +57,7 @@ class ViewExecutor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         _check_timeout(timeout)
+        chunksize = protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         kwargs: dict[str, Any] = {}
         if chunksize != 1:
             kwargs["chunksize"] = chunksize

@@ -70,6 +70,8 @@ class ParallelFunction(RemoteFunction):
             raise ValueError("only dist='b' (contiguous blocks) is supported")
         protocol.check_bool("ordered", ordered)
         protocol.check_bool("return_exceptions", return_exceptions)
+        if chunksize is not None:
+            chunksize = protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         if chunksize is not None and isinstance(view, DirectView):
             warnings.warn(
                 "chunksize is ignored on a DirectView: its calls get one part per engine",
@@ -138,6 +140,8 @@ def parallel(
     for name in ("ordered", "return_exceptions"):
         if name in flags:
             protocol.check_bool(name, flags[name])
+    if flags.get("chunksize") is not None:
+        protocol.check_int("chunksize", flags["chunksize"], 1, protocol.MAX_IDS)
     view_flags = {k: v for k, v in flags.items() if k not in _PARALLEL_ARGUMENTS}
     view._check_flags({**view_flags, **({} if block is None else {"block": block})})
 

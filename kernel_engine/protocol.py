@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 import signal
 from dataclasses import dataclass
@@ -358,9 +359,15 @@ def check_seconds(name: str, value: Any, positive: bool = False) -> float | None
 
 
 def check_int(name: str, value: Any, low: int = 0, high: int = MAX_IDS) -> int:
-    """An int (not a bool) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer in ``[low, high]``, returned as an int: an int or any integral type
+    (``operator.index``: numpy's ``int64``...), not a bool (numpy's neither)."""
+    if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not {_kind(value)}")
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, not {_kind(value)}") from None
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
     return value

@@ -53,3 +53,29 @@ def test_parallel_ordered_false_on_a_direct_view(rc):
     pf = rc[:].parallel(block=False, ordered=False)(lambda x: time.sleep(x) or x)
     ar = pf.map([1.0, 0.0])  # (engine 0 sleeps 1 s, engine 1 none)
     assert list(ar) == [0.0, 1.0]
+
+
+def test_chunksize_takes_any_integral_and_refuses_the_rest_naming_it(rc):
+    """A numpy integer is a chunksize as an int is (``operator.index``; it was refused);
+    a bool, a float, zero or a negative number are refused with an error naming it."""
+    np = pytest.importorskip("numpy")
+    view = rc.load_balanced_view()
+    assert view.map_sync(abs, [-1, -2, -3], chunksize=np.int64(2)) == [1, 2, 3]
+    assert len(view.map(abs, range(5), chunksize=np.int32(2))) == 5
+    assert list(view.imap(abs, [-1, -2, -3], chunksize=np.int64(2))) == [1, 2, 3]
+    pf = view.parallel(block=True, chunksize=np.int64(2))(lambda xs: [len(xs)] * len(xs))
+    assert pf(range(5)) == [2, 2, 2, 2, 1]
+    assert list(view.executor.map(abs, [-1, -2, -3], chunksize=np.int64(2))) == [1, 2, 3]
+    calls = [
+        lambda size: view.map(abs, [1], chunksize=size),
+        lambda size: view.parallel(chunksize=size),
+        lambda size: jx.ParallelFunction(view, abs, chunksize=size),
+        lambda size: view.executor.map(abs, [1], chunksize=size),
+    ]
+    for call in calls:
+        for bad in (True, np.True_, 2.0, "2"):
+            with pytest.raises(TypeError, match="chunksize must be an int"):
+                call(bad)
+        for bad in (0, -1, np.int64(0)):
+            with pytest.raises(ValueError, match="chunksize must be between 1"):
+                call(bad)
