@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol
 
+from ._views import DirectView, View
+
 if TYPE_CHECKING:
     from ._asyncresult import AsyncResult
-    from ._views import View
 
 
 class ViewExecutor(concurrent.futures.Executor):
@@ -53,13 +54,15 @@ class ViewExecutor(concurrent.futures.Executor):
         ``concurrent.futures.TimeoutError`` for a result not there by then (those there
         are still given), and aborts the rest of the map. Ctrl-C while it waits
         interrupts the engines running the map, as in ``AsyncResult.get``.
+        ``chunksize``: elements per task of a load-balanced view; a DirectView's map
+        sends one chunk per engine whatever it is (as ``ThreadPoolExecutor`` ignores it).
         """
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         _check_timeout(timeout)
         chunksize = protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         kwargs: dict[str, Any] = {}
-        if chunksize != 1:
+        if chunksize != 1 and not isinstance(self.view, DirectView):
             kwargs["chunksize"] = chunksize
         ar = self._track(self.view.map(fn, *iterables, block=False, **kwargs))
         deadline = None if timeout is None else time.monotonic() + timeout

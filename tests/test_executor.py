@@ -72,3 +72,10 @@ def test_ctrl_c_while_iterating_a_map_interrupts_its_engines(rc, timeout):
         timer.cancel()
     assert rc.wait(timeout=10)
     assert time.monotonic() - started < 3.5  # (the sleeps of 5 s were cut short)
+
+
+def test_a_direct_views_executor_map_takes_a_chunksize(rc):
+    """A DirectView's map sends one chunk per engine, so its executor's map ignores
+    ``chunksize`` as ``ThreadPoolExecutor``'s does (it raised TypeError)."""
+    with rc[:].executor as ex:
+        assert list(ex.map(abs, [-1, -2, -3], chunksize=2)) == [1, 2, 3]
