@@ -6,7 +6,9 @@ base URL). ``<key>`` is the cluster's id.
 
 ``GET /clusters``
     Every cluster: those made through this API and those running in the Jupyter runtime
-    dir (:meth:`ClusterManager.load_clusters`), running ones first.
+    dir (:meth:`ClusterManager.load_clusters`), running ones first. One found running
+    there and since stopped elsewhere is forgotten (it is not this server's to start
+    again).
 ``POST /clusters``
     A new cluster from a JSON object of :class:`Cluster` arguments (``n``, ``cluster_id``,
     ``ip``, ``cwd``, ``start_timeout``, ...), plus ``"start": true`` to start it at once:
@@ -177,11 +179,32 @@ class _Registry:
         self.manager = ClusterManager()
         self.default_cwd = default_cwd
         self.busy: dict[str, str] = {}
+        self.made: set[str] = set()
+        """The keys of the clusters made through this API (the others were found running
+        in the runtime dir)."""
         self.loading = asyncio.Lock()
 
+    def _forget_stopped(self, keep: set[str]) -> None:
+        """Forget the clusters found in the runtime dir that no longer run (worker thread).
+
+        Their owner stopped them, or they died: restarting one from here would start a
+        cluster nobody stops (it was adopted without ``shutdown_atexit``), and a new
+        controller on its folder (``--restore``) is found again by the next load.
+        """
+        for key, cluster in list(self.manager.clusters.items()):
+            if key in self.made or key in keep or cluster.running:
+                continue
+            self.manager.clusters.pop(key, None)
+            client, cluster._client = cluster._client, None
+            if client is not None:
+                client.close()
+
     async def load_unlocked(self) -> None:
-        """Add the clusters running in the runtime dir (hold :attr:`loading`)."""
+        """Add the clusters running in the runtime dir, forget those found there before
+        that stopped since (hold :attr:`loading`)."""
+        keep = set(self.busy)
         try:
+            await asyncio.to_thread(self._forget_stopped, keep)
             await asyncio.to_thread(self.manager.load_clusters)
         except Exception:
             # a cluster that stopped while it was being read; the next listing finds the rest
@@ -272,6 +295,7 @@ class ClusterListHandler(_BaseHandler):
             except (TypeError, ValueError) as exc:
                 raise _http_error(400, str(exc)) from None
             key = cluster.cluster_id
+            registry.made.add(key)
         if start:
             with registry.claim(key, "starting"):
                 try:
@@ -279,6 +303,7 @@ class ClusterListHandler(_BaseHandler):
                 except Exception as exc:
                     # a failed start leaves nothing running (Cluster sees to that) nor listed
                     registry.manager.clusters.pop(key, None)
+                    registry.made.discard(key)
                     raise self.failure(exc, f"cluster {key} did not start") from None
         self.set_header("Location", url_path_join(self.request.path, key))
         await self.reply(key, cluster, 201)
@@ -288,9 +313,11 @@ class ClusterHandler(_BaseHandler):
     """One cluster: ``GET`` its model, ``POST`` start or scale it, ``DELETE`` stop it."""
 
     async def _find(self, key: str) -> Cluster:
-        cluster = self.registry.manager.clusters.get(key)
-        if cluster is None:  # perhaps started elsewhere since the last listing
-            cluster = (await self.registry.load()).get(key)
+        registry = self.registry
+        cluster = registry.manager.clusters.get(key)
+        if cluster is None or key not in registry.made:
+            # perhaps started elsewhere since the last listing, or stopped there since
+            cluster = (await registry.load()).get(key)
         if cluster is None:
             raise _http_error(404, f"no cluster {key!r}")
         return cluster
@@ -345,7 +372,9 @@ class ClusterHandler(_BaseHandler):
                 await cluster.stop_cluster()
             except Exception as exc:
                 raise self.failure(exc, f"cluster {key} did not stop") from None
-            self.registry.manager.remove_cluster(key)
+            # (stopped now: forgotten without another stop on the event loop)
+            self.registry.manager.clusters.pop(key, None)
+            self.registry.made.discard(key)
         self.set_status(204)
         self.finish()
 

@@ -302,6 +302,37 @@ def test_no_token_is_403(server: JupyterServer) -> None:
     assert not server.note_pids()
 
 
+def test_a_cluster_stopped_elsewhere_is_forgotten(
+    server: JupyterServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster found running in the runtime dir, then stopped by its owner, is no longer
+    listed, nor started again from here (it would outlive the server: adopted clusters
+    have no shutdown_atexit)."""
+    import jupyter_ext as jx
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.root / "runtime"))
+    cluster = jx.Cluster(n=1, cluster_id="found-elsewhere")
+    try:
+        cluster.start_cluster_sync()
+        listed = server.call("GET", PREFIXES[1])[1]
+        assert [(m["id"], m["state"]) for m in listed] == [("found-elsewhere", "running")]
+        assert server.call("GET", f"{PREFIXES[1]}/found-elsewhere")[0] == 200
+        cluster.stop_cluster_sync()
+        assert server.call("GET", PREFIXES[1])[1] == []
+        for method, body in [("GET", None), ("POST", {}), ("POST", {"n": 1}), ("DELETE", None)]:
+            status, reply, _ = server.call(method, f"{PREFIXES[0]}/found-elsewhere", body)
+            assert status == 404 and "found-elsewhere" in reply["message"], (method, reply)
+        assert not server.note_pids()
+
+        # running again (its owner started it anew): found again
+        cluster.start_cluster_sync()
+        status, model, _ = server.call("GET", f"{PREFIXES[1]}/found-elsewhere")
+        assert (status, model["controller"]) == (200, {"pid": cluster.controller_pid})
+    finally:
+        cluster.stop_cluster_sync()
+    assert server.call("GET", PREFIXES[1])[1] == []
+
+
 def test_install_enables_the_extension(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
