@@ -13,7 +13,8 @@ base URL). ``<key>`` is the cluster's id.
     A new cluster from a JSON object of :class:`Cluster` arguments (``n``, ``cluster_id``,
     ``ip``, ``cwd``, ``start_timeout``, ...), plus ``"start": true`` to start it at once:
     201 with its model. 409 if its ``cluster_id`` is taken. A cluster that fails to start
-    is not kept.
+    is not kept. Its engines run in ``cwd``: by default the server's root dir, which a
+    relative ``cwd`` is relative to (as every path the server's API takes).
 ``GET /clusters/<key>``
     One cluster's model.
 ``POST /clusters/<key>``
@@ -47,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from http.client import responses
 from typing import TYPE_CHECKING, Any
@@ -277,8 +279,10 @@ class ClusterListHandler(_BaseHandler):
     async def post(self) -> None:
         body = _check_body(self.get_json_body(), _NEW_FIELDS)
         start = body.pop("start", False)
-        if body.get("cwd") is None and self.registry.default_cwd:
-            body["cwd"] = self.registry.default_cwd
+        root = self.registry.default_cwd
+        if root and (body.get("cwd") is None or not os.path.isabs(body["cwd"])):
+            # (relative to the root dir, not to wherever the server process was started)
+            body["cwd"] = os.path.join(root, body.get("cwd") or "")
         registry = self.registry
         async with registry.loading:
             await registry.load_unlocked()

@@ -302,6 +302,27 @@ def test_no_token_is_403(server: JupyterServer) -> None:
     assert not server.note_pids()
 
 
+def test_cwd_is_relative_to_the_root_dir(server: JupyterServer) -> None:
+    """Engines run in the server's root dir, or in a relative ``cwd`` below it (the
+    server process runs elsewhere: the tests' folder)."""
+    (server.root / "project").mkdir(exist_ok=True)
+    assert os.getcwd() != str(server.root)
+    for key, body, where in [
+        ("cwd-default", {}, server.root),
+        ("cwd-relative", {"cwd": "project"}, server.root / "project"),
+        ("cwd-absolute", {"cwd": str(server.root / "project")}, server.root / "project"),
+    ]:
+        status, model, _ = server.call(
+            "POST", PREFIXES[1], {"cluster_id": key, "n": 1, "start": True, **body}
+        )
+        try:
+            assert status == 201, model
+            engine_pid = model["engines"]["pids"]["0"]
+            assert psutil.Process(engine_pid).cwd() == str(where)
+        finally:
+            server.call("DELETE", f"{PREFIXES[1]}/{key}")
+
+
 def test_a_cluster_stopped_elsewhere_is_forgotten(
     server: JupyterServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
