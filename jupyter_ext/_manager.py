@@ -24,7 +24,9 @@ class ClusterManager:
         """Add the running clusters not known yet; returns every known cluster."""
         for state in clusters.list_clusters():
             if state.cluster_id not in self.clusters:
-                self.clusters[state.cluster_id] = Cluster.from_file(state.cluster_id)
+                # by its folder: an id is also read as a path, relative to this process's
+                # working folder, where a file of that name may be
+                self.clusters[state.cluster_id] = Cluster.from_file(state.folder)
         return self.clusters
 
     def new_cluster(self, **kwargs: Any) -> Cluster:

@@ -409,6 +409,17 @@ def test_cluster_manager_knows_running_clusters(rc):
         manager.get_cluster("no-such")
 
 
+def test_cluster_manager_finds_a_cluster_named_like_a_file_here(rc, tmp_path, monkeypatch):
+    """A file in the working folder with the cluster's id for a name (a script, a data
+    file: ids may have dots) is not taken for the cluster's connection file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / rc.cluster_id).write_text("print('not a connection file')\n")
+    known = jx.ClusterManager().load_clusters()
+    found = known[rc.cluster_id]
+    assert found.folder.name == rc.cluster_id and found.folder.parent != tmp_path
+    assert found.running
+
+
 def test_px_flags_of_ipython_parallel():
     from jupyter_ext._magics import _parser, _signum
 
