@@ -666,7 +666,7 @@ class Cluster:
             cluster = Path(cluster).parent
         path = clusters.find_connection_file(cluster)
         state = clusters.read_cluster(path.parent)
-        info = json.loads(path.read_text())
+        info = clusters.read_connection_file(path, "cluster_id", "controller_pid")
         self = cls(cluster_id=info["cluster_id"], shutdown_atexit=False)
         self.folder = path.parent
         self.controller_pid = int(info["controller_pid"])

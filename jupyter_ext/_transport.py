@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import logging
 import math
 import os
@@ -38,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -142,7 +140,7 @@ class Transport:
             protocol.check_int("max_result_bytes", max_result_bytes, 0, 2**62)
         path = clusters.find_connection_file(connection_file)
         self.connection_file = str(path)
-        self.info: dict[str, Any] = json.loads(Path(path).read_text())
+        self.info: dict[str, Any] = clusters.read_connection_file(path, "ip")
         self.cluster_id: str = self.info.get("cluster_id", "")
         self.wire = wire.Wire(self.info["key"].encode(), username="client")
         self.requests = Requests(self._path_of)

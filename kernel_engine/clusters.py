@@ -104,21 +104,26 @@ def new_cluster_id() -> str:
 def find_connection_file(spec: str | os.PathLike[str] | None = None) -> Path:
     """The client connection file for ``spec``: a path, a cluster id, or None (newest running).
 
+    A bare name (no folder in it) that is the id of a cluster with a connection file means
+    that cluster, even when a file of that name is in the working folder (a script called
+    ``demo`` beside a notebook using cluster ``demo``): ``./demo`` names the file.
+
     Raises
     ------
     FileNotFoundError
         When there is no such file, or (``spec=None``) no running cluster.
     """
     if spec is not None:
+        text = os.fspath(spec)
+        if isinstance(text, str) and os.sep not in text and _CLUSTER_ID.match(text):
+            by_id = cluster_folder(text) / CLIENT_FILE
+            if by_id.is_file():
+                return by_id
         path = Path(spec)
         if path.is_file():
             return path
         if path.is_dir() and (path / CLIENT_FILE).is_file():
             return path / CLIENT_FILE
-        if _CLUSTER_ID.match(str(spec)):
-            by_id = cluster_folder(str(spec)) / CLIENT_FILE
-            if by_id.is_file():
-                return by_id
         raise FileNotFoundError(f"no cluster connection file at {spec!r} (nor cluster id)")
     running = [c for c in list_clusters() if c.connection_file.is_file()]
     if not running:
@@ -127,6 +132,21 @@ def find_connection_file(spec: str | os.PathLike[str] | None = None) -> Path:
             "jupyter_ext.Cluster(n=...) or `jupyter px start -n N`"
         )
     return running[-1].connection_file
+
+
+def read_connection_file(path: str | os.PathLike[str], *keys: str) -> dict[str, Any]:
+    """The contents of a client connection file, with ``keys`` (and ``key``, the cluster's
+    signing key) present; else ValueError naming the file (not a bare JSONDecodeError or
+    KeyError from deep inside a client)."""
+    try:
+        info = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a cluster connection file: {exc}") from None
+    missing = [k for k in ("key", *keys) if k not in info] if isinstance(info, dict) else ["key"]
+    if missing or not isinstance(info["key"], str):
+        what = ", ".join(missing) or "key"
+        raise ValueError(f"{os.fspath(path)!r} is not a cluster connection file: no {what}")
+    return info
 
 
 def controller_record(pid: int | None = None) -> dict[str, Any]:

@@ -420,6 +420,27 @@ def test_cluster_manager_finds_a_cluster_named_like_a_file_here(rc, tmp_path, mo
     assert found.running
 
 
+def test_a_cluster_id_names_the_cluster_even_beside_a_file_of_that_name(rc, tmp_path, monkeypatch):
+    """``Cluster.from_file("<id>")`` (the code JupyterLab's "insert client code" writes)
+    and ``Client("<id>")`` read a file of that name in the working folder as the
+    connection file (JSONDecodeError); a bare id now means the cluster, ``./<id>`` the
+    file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / rc.cluster_id).write_text("print('not a connection file')\n")
+    cluster = jx.Cluster.from_file(rc.cluster_id)
+    assert cluster.cluster_id == rc.cluster_id
+    other = jx.Client(rc.cluster_id)
+    try:
+        assert other.ids == rc.ids
+    finally:
+        other.close()
+    with pytest.raises(ValueError, match=f"{rc.cluster_id}.* is not a cluster connection file"):
+        jx.Client(f"./{rc.cluster_id}")
+    (tmp_path / "other.json").write_text('{"ip": "127.0.0.1"}')
+    with pytest.raises(ValueError, match="other.json' is not a cluster connection file: no key"):
+        jx.Client("other.json")
+
+
 def test_px_flags_of_ipython_parallel():
     from jupyter_ext._magics import _parser, _signum
 
