@@ -651,15 +651,17 @@ class Cluster:
     @classmethod
     def from_file(
         cls,
-        cluster: str | os.PathLike[str] | None = None,
+        cluster_file: str | os.PathLike[str] | None = None,
         *,
         cluster_id: str = "",
         profile: str | None = None,
         profile_dir: str | os.PathLike[str] | None = None,
     ) -> Cluster:
-        """Attach to a running cluster: by id, folder, cluster file or connection file
-        (default: the newest). ``cluster_id=`` as IPython Parallel's; ``profile`` and
-        ``profile_dir`` are accepted for it and not needed: clusters are found by id."""
+        """Attach to a running cluster: ``cluster_file`` is its id, folder, cluster file
+        or connection file (default: the newest). ``cluster_id=`` as IPython Parallel's;
+        ``profile`` and ``profile_dir`` are accepted for it and not needed: clusters are
+        found by id."""
+        cluster = cluster_file
         if cluster is None and cluster_id:
             cluster = cluster_id
         if cluster is not None and Path(cluster).name == CLUSTER_FILE:

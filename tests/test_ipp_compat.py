@@ -590,6 +590,9 @@ def test_cluster_file_is_written_while_running_and_reattaches(cluster_factory):
     assert jx.Cluster.from_file(cluster_id=cluster.cluster_id).controller_pid == (
         cluster.controller_pid
     )
+    # IPython Parallel names the first argument cluster_file (a TypeError here before)
+    by_name = jx.Cluster.from_file(cluster_file=path)
+    assert by_name.controller_pid == cluster.controller_pid
     cluster.remove_cluster_file()
     assert not path.exists()
     cluster.update_cluster_file()  # only rewrites a file that is there
