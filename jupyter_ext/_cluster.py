@@ -320,8 +320,10 @@ class Cluster:
 
     # ----- starting
 
-    def start_cluster_sync(self, n: int | None = None) -> None:
-        """Start the controller and ``n`` engines; return when every engine is ready.
+    def start_cluster_sync(self, n: int | None = None) -> Cluster:
+        """Start the controller and ``n`` engines; return this cluster (as IPython
+        Parallel's, for chaining: ``Cluster(n=2).start_cluster_sync().connect_client_sync()``)
+        when every engine is ready.
 
         Also removes the key files that clusters whose controller died left behind.
         """
@@ -361,6 +363,7 @@ class Cluster:
             self._atexit_registered = True
         clusters.wait_ready(self.controller, self.folder, self.start_timeout)
         self.write_cluster_file()
+        return self
 
     def _launcher_args(self) -> list[str]:
         """The controller's options for this cluster's launcher."""
@@ -393,9 +396,10 @@ class Cluster:
             out[int(key) if isinstance(key, str) and key.isdigit() else key] = text
         return out
 
-    async def start_cluster(self, n: int | None = None) -> None:
-        """Start the controller and ``n`` engines; return when every engine is ready."""
-        await asyncio.to_thread(self.start_cluster_sync, n)
+    async def start_cluster(self, n: int | None = None) -> Cluster:
+        """Start the controller and ``n`` engines; return this cluster when every engine
+        is ready."""
+        return await asyncio.to_thread(self.start_cluster_sync, n)
 
     def start_controller_sync(self) -> None:
         """Start the controller alone (engines later: :meth:`start_engines`)."""

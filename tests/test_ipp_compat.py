@@ -4,6 +4,7 @@ cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -695,3 +696,15 @@ def test_wait_interactive_returns_when_asked(rc):
     ar.wait_interactive(return_when=jx.FIRST_COMPLETED, widget=False)
     assert time.monotonic() - started < 2.5 and not ar.done()
     ar.get(10)
+
+
+def test_start_cluster_returns_the_cluster_for_chaining(cluster_factory):
+    """As IPython Parallel's (since 7.1): start_cluster() returned None, so
+    ``Cluster(n=1).start_cluster_sync().connect_client_sync()`` failed."""
+    cluster = cluster_factory(n=1)
+    rc = cluster.start_cluster_sync().connect_client_sync()
+    cluster_factory.record(cluster, rc)
+    assert rc[:].apply_sync(abs, -1) == [1]
+    cluster.stop_cluster_sync()
+    assert asyncio.run(cluster.start_cluster()) is cluster and cluster.running
+    cluster_factory.record(cluster, cluster.connect_client_sync())
