@@ -519,16 +519,21 @@ class Cluster:
             self._client.cluster = self
         return self._client
 
-    def start_engines_sync(self, n: int, timeout: float | None = None) -> list[int]:
-        """Start ``n`` more engines; returns their ids once they are ready."""
+    def start_engines_sync(self, n: int | None = None, timeout: float | None = None) -> list[int]:
+        """Start ``n`` more engines (default: the cluster's ``n``, as IPython Parallel's);
+        returns their ids once they are ready."""
+        n = self.n if n is None else n
+        if protocol.check_int("n", n, 0, 4096) == 0:
+            return []
         client = self._client_or_connect()
         reply = client.transport.ask(protocol.START_REQUEST, protocol.StartRequest(n), timeout=30)
         ids = [int(i) for i in reply["ids"]]
         client.transport.wait_for_engines_ready(ids, timeout or self.start_timeout)
         return ids
 
-    async def start_engines(self, n: int, timeout: float | None = None) -> list[int]:
-        """Start ``n`` more engines; returns their ids once they are ready."""
+    async def start_engines(self, n: int | None = None, timeout: float | None = None) -> list[int]:
+        """Start ``n`` more engines (default: the cluster's ``n``); returns their ids once
+        they are ready."""
         return await asyncio.to_thread(self.start_engines_sync, n, timeout)
 
     def stop_engines_sync(self, engine_ids: Any = None) -> None:

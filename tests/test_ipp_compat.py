@@ -708,3 +708,15 @@ def test_start_cluster_returns_the_cluster_for_chaining(cluster_factory):
     cluster.stop_cluster_sync()
     assert asyncio.run(cluster.start_cluster()) is cluster and cluster.running
     cluster_factory.record(cluster, cluster.connect_client_sync())
+
+
+def test_start_engines_defaults_to_the_clusters_n(cluster_factory):
+    """IPython Parallel's start_engines(n=None) starts the cluster's n; ours required n
+    (TypeError). n=0 starts none, as there."""
+    cluster = cluster_factory(n=1)
+    cluster.start_controller_sync()
+    assert cluster.start_engines_sync(0) == []
+    added = cluster.start_engines_sync()
+    rc = cluster.connect_client_sync()
+    cluster_factory.record(cluster, rc)
+    assert added == rc.ids and len(added) == 1
