@@ -90,6 +90,17 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _progress_seconds(text: str) -> float:
+    """``--progress-after``: seconds, or a negative number for never (IPython Parallel's
+    ``-1``), read as -1."""
+    try:
+        if float(text) < 0:
+            return -1.0
+    except ValueError:
+        pass
+    return _seconds(text)
+
+
 def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"%{name}", add_help=False, exit_on_error=False)
     p.add_argument("-t", "--targets", type=str, default=None)
@@ -105,7 +116,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--verbose", dest="verbose", action="store_true", default=None)
     p.add_argument("--no-verbose", dest="verbose", action="store_false")
     p.add_argument("-o", "--out", "--save-name", dest="save_name", type=str, default=None)
-    p.add_argument("--progress-after", type=_seconds, default=None)
+    p.add_argument("--progress-after", type=_progress_seconds, default=None)
     p.add_argument("--timeout", type=_seconds, default=None)
     return p
 
@@ -213,7 +224,7 @@ class PXMagics:
         if args.group_outputs:
             self.group = args.group_outputs
         if args.progress_after is not None:
-            self.progress_after = args.progress_after
+            self.progress_after = None if args.progress_after < 0 else args.progress_after
 
     def px_line(self, line: str) -> Any:
         """Run one line of code on the engines (no flags: ``%pxconfig`` sets them)."""
@@ -283,6 +294,8 @@ class PXMagics:
         progress_after = (
             args.progress_after if args.progress_after is not None else self.progress_after
         )
+        if progress_after is not None and progress_after < 0:
+            progress_after = None  # (-1: never)
         sig_text = getattr(args, "signal_on_interrupt", None) or self.signal_on_interrupt
         signum = self._signal(sig_text)
         ids = view.transport.targets(targets)

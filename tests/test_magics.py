@@ -280,18 +280,31 @@ def test_a_bad_signal_name_is_a_usage_error(executed):
 
 
 def test_bad_seconds_options_are_usage_errors_naming_them():
-    """--progress-after nan (or -1) was taken; so was --timeout nan."""
+    """--progress-after nan was taken; so was --timeout nan (or -1)."""
     from IPython.core.error import UsageError
 
     from jupyter_ext._magics import PXMagics
 
     magics = PXMagics(shell=None)
-    for option in ("--progress-after", "--timeout"):
-        for bad in ("nan", "-1", "inf", "x"):
+    for option, bads in (("--progress-after", "nan inf x"), ("--timeout", "nan -1 inf x")):
+        for bad in bads.split():
             with pytest.raises(UsageError, match=f"argument {option}: must be a finite"):
                 magics._parse("px", f"{option} {bad}")
     args = magics._parse("px", "--progress-after 0.5 --timeout 2")
     assert (args.progress_after, args.timeout) == (0.5, 2.0)
+
+
+def test_progress_after_minus_one_means_never_as_in_ipython_parallel():
+    """IPython Parallel documents ``--progress-after -1`` as "no progress"; it was a
+    UsageError here, in %%px and %pxconfig alike."""
+    from jupyter_ext._magics import PXMagics
+
+    magics = PXMagics(shell=None)
+    assert magics._parse("px", "--progress-after -1").progress_after == -1.0
+    magics.pxconfig_line("--progress-after 3")
+    assert magics.progress_after == 3.0
+    magics.pxconfig_line("--progress-after -1")
+    assert magics.progress_after is None
 
 
 def test_activate_registers_a_suffixed_set(executed):
