@@ -42,6 +42,24 @@ def _profile_dir(profile: str | None, profile_dir: str | os.PathLike[str] | None
         ) from None
 
 
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+
+def _level_name(level: Any) -> str:
+    """A logging level's name, from its name (any case) or its number (``logging.DEBUG``,
+    which IPython Parallel's ``log_level`` takes); ValueError naming ``log_level`` if
+    neither."""
+    if isinstance(level, str) and level.upper() in _LEVELS:
+        return level.upper()
+    if isinstance(level, int) and not isinstance(level, bool):
+        for name, number in _LEVELS.items():
+            if number == level:
+                return name
+    raise ValueError(
+        f"log_level must be a logging level's name or number (DEBUG or 10, ...), not {level!r}"
+    )
+
+
 CLUSTER_FILE = "cluster-file.json"
 """A cluster's :meth:`Cluster.to_dict` in its folder, as IPython Parallel's cluster file
 (beside the controller's own ``cluster.json``, which says how the cluster is doing)."""
@@ -110,7 +128,8 @@ class Cluster:
     shutdown_atexit
         Stop the cluster when this process exits (it also stops if this process dies).
     log_level
-        The controller's log level (its log is ``controller.log`` in the cluster folder).
+        The controller's log level, by name or number (``"DEBUG"``, ``logging.DEBUG``);
+        its log is ``controller.log`` in the cluster folder.
     curve
         Encrypt all traffic with CurveZMQ, so that a process without the connection file
         can neither connect nor read anything. None (the default): on whenever ``ip`` is
@@ -152,7 +171,7 @@ class Cluster:
         cwd: str | None = None,
         start_timeout: float = 60.0,
         shutdown_atexit: bool = True,
-        log_level: str = "INFO",
+        log_level: str | int = "INFO",
         curve: bool | None = None,
         client_timeout: float = 30.0,
         on_client_lost: str = "finish",
@@ -211,8 +230,7 @@ class Cluster:
             protocol.check_bool("curve", curve)
         if on_client_lost not in ("finish", "abort"):
             raise ValueError(f"on_client_lost must be 'finish' or 'abort', not {on_client_lost!r}")
-        if str(log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"log_level must be a logging level name, not {log_level!r}")
+        log_level = _level_name(log_level)
         if cwd is not None and not os.path.isdir(cwd):
             raise ValueError(f"cwd {cwd!r} is not a folder")
         protocol.check_bool("shutdown_atexit", shutdown_atexit)

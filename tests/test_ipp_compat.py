@@ -720,3 +720,21 @@ def test_start_engines_defaults_to_the_clusters_n(cluster_factory):
     rc = cluster.connect_client_sync()
     cluster_factory.record(cluster, rc)
     assert added == rc.ids and len(added) == 1
+
+
+def test_log_level_by_number_as_ipython_parallels(cluster_factory):
+    """IPython Parallel's Cluster.log_level is an int (logging.DEBUG); a number was a
+    ValueError here. Names in any case and numbers both reach the controller."""
+    import logging
+
+    import psutil
+
+    assert jx.Cluster(log_level="warning").log_level == "WARNING"
+    for bad in (15, True, "LOUD", None):
+        with pytest.raises(ValueError, match="log_level must be a logging level"):
+            jx.Cluster(log_level=bad)
+    cluster = cluster_factory(n=0, log_level=logging.DEBUG)
+    cluster.start_controller_sync()
+    cluster_factory.record(cluster, cluster.connect_client_sync())
+    argv = psutil.Process(cluster.controller_pid).cmdline()
+    assert argv[argv.index("--log-level") + 1] == "DEBUG"
