@@ -345,9 +345,9 @@ class Cluster:
 
         Also removes the key files that clusters whose controller died left behind.
         """
+        n = self.n if n is None else protocol.check_int("n", n, 0, 4096)
         if self.running:
             raise ClusterError(f"cluster {self.cluster_id} is already running")
-        n = self.n if n is None else n
         self.controller = clusters.launch_controller(
             self.folder,
             n,

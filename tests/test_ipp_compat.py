@@ -738,3 +738,15 @@ def test_log_level_by_number_as_ipython_parallels(cluster_factory):
     cluster_factory.record(cluster, cluster.connect_client_sync())
     argv = psutil.Process(cluster.controller_pid).cmdline()
     assert argv[argv.index("--log-level") + 1] == "DEBUG"
+
+
+def test_start_cluster_checks_n_before_starting(cluster_factory):
+    """start_cluster_sync(n=-1) started a cluster; n=True or 2.5 started a controller
+    that exited with its usage text. Now TypeError/ValueError naming n, nothing started."""
+    cluster = cluster_factory(n=1)
+    for bad, error in ((-1, ValueError), (True, TypeError), (2.5, TypeError), ("1", TypeError)):
+        with pytest.raises(error, match=r"^n must be"):
+            cluster.start_cluster_sync(bad)
+        with pytest.raises(error, match=r"^n must be"):
+            cluster.start_and_connect_sync(bad)
+        assert not cluster.running and cluster.controller is None
