@@ -180,6 +180,7 @@ class PXMagics:
         self.verbose = False
         self.group = "type"
         self.progress_after: float | None = None
+        self.timeout: float | None = None  # (a blocking %px's, in seconds; None: no limit)
         self.signal_on_interrupt = "SIGINT"  # as given: a name or a number, 0 for none
         self.targets: Any = None
         self.last_result: AsyncResult | None = None
@@ -211,7 +212,8 @@ class PXMagics:
     # ----- the magics
 
     def pxconfig_line(self, line: str) -> None:
-        """Set the defaults of %px: --targets, --[no]block, --[no-]stream, --verbose, ..."""
+        """Set the defaults of %px: --targets, --[no]block, --[no-]stream, --verbose,
+        --timeout (0: none), ..."""
         args = self._parse(f"pxconfig{self.suffix}", line)
         if args.signal_on_interrupt is not None:
             self._signal(args.signal_on_interrupt)  # a bad name fails here, not at Ctrl-C
@@ -225,6 +227,8 @@ class PXMagics:
             self.group = args.group_outputs
         if args.progress_after is not None:
             self.progress_after = None if args.progress_after < 0 else args.progress_after
+        if args.timeout is not None:
+            self.timeout = args.timeout or None  # (0: no limit again)
 
     def px_line(self, line: str) -> Any:
         """Run one line of code on the engines (no flags: ``%pxconfig`` sets them)."""
@@ -313,7 +317,8 @@ class PXMagics:
                 self.shell.run_cell(code, store_history=False)
             if not block:
                 return ar
-            self._wait(ar, live, progress_after, args.timeout, signum)
+            timeout = self.timeout if args.timeout is None else args.timeout
+            self._wait(ar, live, progress_after, timeout, signum)
         except KeyboardInterrupt:
             # also when Ctrl-C lands between submitting and waiting
             if ar is None or not signum:

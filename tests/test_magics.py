@@ -45,6 +45,8 @@ CELLS = {
     "error_nostream": "%%px --no-stream\nprint('shown first')\n1/0",
     "timeout": "%%px --timeout 1\nimport time\ntime.sleep(30)",
     "after_timeout": "%px print('alive after timeout')",
+    "config_timeout": "%pxconfig --timeout 1\n%px import time; time.sleep(30)",
+    "config_timeout_off": "%pxconfig --timeout 0\n%px print('no limit again')",
     "config": "%pxconfig --no-stream --verbose --targets 1\n%px print('configured')",
     "config_reset": "%pxconfig --stream --no-verbose --targets all",
     "autopx_on": "%autopx",
@@ -200,6 +202,14 @@ def test_timeout_interrupts_engines(executed):
     (error,) = errors_of(cells["timeout"])
     assert error.ename == "TimeoutError" and "interrupted engines" in error.evalue
     assert "alive after timeout" in text_of(cells["after_timeout"])
+
+
+def test_pxconfig_timeout_is_the_default_of_px(executed):
+    """%pxconfig --timeout was taken and ignored: the %px after it waited out its sleep."""
+    cells, _ = executed
+    (error,) = errors_of(cells["config_timeout"])
+    assert error.ename == "TimeoutError" and "no result within 1.0 s" in error.evalue
+    assert "[stdout:0] no limit again" in text_of(cells["config_timeout_off"])
 
 
 def test_pxconfig_sets_defaults(executed):
