@@ -54,6 +54,8 @@ def parse_targets(text: str, namespace: dict[str, Any] | None = None) -> Any:
     try:
         if ":" in text:
             parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] == 0):
+                raise UsageError(f"--targets {text!r}: not a slice (start:stop:step, step not 0)")
             return slice(*parts)
         if "," in text:
             return [int(t) for t in text.split(",") if t.strip()]

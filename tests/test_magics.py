@@ -418,3 +418,16 @@ def test_interrupting_a_blocking_px_cell_interrupts_the_engines():
         kc.stop_channels()
         km.shutdown_kernel(now=True)
         kill_pids(pids)
+
+
+def test_a_bad_slice_of_targets_is_a_usage_error_naming_it():
+    """``-t 0:2:1:3`` raised a TypeError from slice() and ``-t ::0`` a ValueError from
+    the view, neither naming --targets."""
+    from IPython.core.error import UsageError
+
+    from jupyter_ext._magics import parse_targets
+
+    for bad in ("0:2:1:3", "::0", "1:3:0"):
+        with pytest.raises(UsageError, match=f"--targets '{bad}': not a slice"):
+            parse_targets(bad)
+    assert parse_targets("1:3") == slice(1, 3) and parse_targets("::2") == slice(None, None, 2)
