@@ -32,6 +32,7 @@ CELLS = {
     "line": "%px a = 5",
     "stream": "%%px\nprint('hello', a)",
     "result": "%%px --targets 0\na * 2",
+    "last_engine": "%%px --targets -1\nprint('on the last engine')",
     "noblock": "%%px --noblock --save-name saved\nimport time\ntime.sleep(0.5)\nprint('later')",
     "after_noblock": "saved.get(10)\n%pxresult",
     "grouped": "%%px --no-stream --group-outputs engine\nimport sys\nprint('o')\n"
@@ -431,3 +432,12 @@ def test_a_bad_slice_of_targets_is_a_usage_error_naming_it():
         with pytest.raises(UsageError, match=f"--targets '{bad}': not a slice"):
             parse_targets(bad)
     assert parse_targets("1:3") == slice(1, 3) and parse_targets("::2") == slice(None, None, 2)
+
+
+def test_a_negative_target_counts_from_the_last_engine(executed):
+    """IPython Parallel's ``%%px -t -1`` runs on the last engine (as ``rc[-1]``); here it
+    was InvalidTarget: no engine with id -1."""
+    cells, _ = executed
+    assert not errors_of(cells["last_engine"])
+    text = text_of(cells["last_engine"])
+    assert "[stdout:1] on the last engine" in text and "[stdout:0]" not in text
