@@ -411,7 +411,9 @@ def parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop a cluster (default: the newest)")
     stop.add_argument("--cluster-id", default=None)
     stop.add_argument("--all", action="store_true", help="every running cluster")
-    stop.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    stop.add_argument(
+        "--timeout", type=_number(float, 0), default=30.0, help="seconds before SIGKILL"
+    )
     stop.set_defaults(func=_stop)
     lst = sub.add_parser("list", help="list running clusters (cleans up after dead ones)")
     lst.add_argument("--json", action="store_true")

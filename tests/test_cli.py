@@ -198,6 +198,16 @@ def test_a_bad_start_flag_exits_with_code_2():
     assert not clusters.cluster_folder(cluster_id).exists()
 
 
+@pytest.mark.parametrize("bad", ["nan", "-1", "inf", "soon"])
+def test_a_bad_stop_timeout_is_refused_before_anything_is_stopped(bad, capsys):
+    """``jupyter px stop --timeout nan`` (or -1) was taken, and SIGKILLed the controller at
+    once instead of letting it stop its engines and close its task store."""
+    with pytest.raises(SystemExit) as exc:
+        px_main(["stop", "--cluster-id", "any", "--timeout", bad])
+    assert exc.value.code == 2
+    assert "argument --timeout: expected a number" in capsys.readouterr().err
+
+
 def _kill_controller(state: clusters.ClusterState) -> None:
     """SIGKILL a controller; its engines then exit by themselves, leaving their files."""
     assert state.controller_pid is not None
