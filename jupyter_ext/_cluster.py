@@ -628,6 +628,8 @@ class Cluster:
     def stop_cluster_sync(self, timeout: float = 30.0) -> None:
         """Stop every engine and the controller; return when they are gone (engines that
         outlived a dead controller too)."""
+        if protocol.check_seconds("timeout", timeout) is None:
+            raise TypeError("timeout must be a number of seconds, not None")
         if self._client is not None:
             self._client.close()
             self._client = None

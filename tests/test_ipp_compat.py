@@ -750,3 +750,13 @@ def test_start_cluster_checks_n_before_starting(cluster_factory):
         with pytest.raises(error, match=r"^n must be"):
             cluster.start_and_connect_sync(bad)
         assert not cluster.running and cluster.controller is None
+
+
+def test_stop_cluster_checks_its_timeout_before_closing_anything(cluster_factory):
+    """stop_cluster_sync(timeout="5") closed the client, then failed with "unsupported
+    operand type(s) for +", leaving the cluster running without its client."""
+    cluster, rc = cluster_factory.start(n=1)
+    for bad, error in (("5", TypeError), (None, TypeError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="timeout must be"):
+            cluster.stop_cluster_sync(timeout=bad)
+    assert cluster.running and rc[:].apply_sync(abs, -2) == [2]
