@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,9 @@ class Cluster:
         self._controller_started: str | None = None
         self._client: Client | None = None
         self._atexit_registered = False
+        # held while a controller is being started (two starts at once each launched
+        # one on the same folder, and both failed after start_timeout)
+        self._starting = threading.Lock()
 
     @property
     def connection_file(self) -> Path:
@@ -346,6 +350,14 @@ class Cluster:
         Also removes the key files that clusters whose controller died left behind.
         """
         n = self.n if n is None else protocol.check_int("n", n, 0, 4096)
+        if not self._starting.acquire(blocking=False):
+            raise ClusterError(f"cluster {self.cluster_id} is already starting")
+        try:
+            return self._start(n)
+        finally:
+            self._starting.release()
+
+    def _start(self, n: int) -> Cluster:
         if self.running:
             raise ClusterError(f"cluster {self.cluster_id} is already running")
         self.controller = clusters.launch_controller(

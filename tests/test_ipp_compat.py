@@ -760,3 +760,24 @@ def test_stop_cluster_checks_its_timeout_before_closing_anything(cluster_factory
         with pytest.raises(error, match="timeout must be"):
             cluster.stop_cluster_sync(timeout=bad)
     assert cluster.running and rc[:].apply_sync(abs, -2) == [2]
+
+
+def test_two_starts_at_once_start_one_controller(cluster_factory):
+    """asyncio.gather(cluster.start_cluster(), cluster.start_cluster()) launched two
+    controllers on one folder: both starts failed after start_timeout, engines not ready.
+    The second now fails at once, and the first starts the cluster."""
+    cluster = cluster_factory(n=1, start_timeout=15)
+
+    async def both() -> list:
+        starts = (cluster.start_cluster(), cluster.start_cluster())
+        return await asyncio.gather(*starts, return_exceptions=True)
+
+    started = time.monotonic()
+    outcomes = asyncio.run(both())
+    assert time.monotonic() - started < 10, outcomes
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(errors) == 1 and "is already " in str(errors[0]), outcomes  # starting
+    assert cluster in outcomes and cluster.running
+    rc = cluster.connect_client_sync()
+    cluster_factory.record(cluster, rc)
+    assert rc[:].apply_sync(abs, -3) == [3]
