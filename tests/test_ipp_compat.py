@@ -438,7 +438,7 @@ def test_a_cluster_id_names_the_cluster_even_beside_a_file_of_that_name(rc, tmp_
     with pytest.raises(ValueError, match=f"{rc.cluster_id}.* is not a cluster connection file"):
         jx.Client(f"./{rc.cluster_id}")
     (tmp_path / "other.json").write_text('{"ip": "127.0.0.1"}')
-    with pytest.raises(ValueError, match="other.json' is not a cluster connection file: no key"):
+    with pytest.raises(ValueError, match=r"other\.json' is not a cluster connection file: no key"):
         jx.Client("other.json")
 
 

@@ -422,7 +422,8 @@ def test_a_restart_with_a_bad_timeout_starts_nothing(cluster_factory):
     for bad, error in (("5", TypeError), (float("nan"), ValueError), (-1, ValueError)):
         with pytest.raises(error, match="timeout"):
             cluster.restart_controller_sync(timeout=bad)
-    assert set(descendants()) == before, "a controller was started"
+    # (fewer is fine: the killed controller, not reaped yet when ``before`` was read)
+    assert not set(descendants()) - before, "a controller was started"
     assert clusters.read_cluster(cluster.folder).state == "dead"
     cluster.restart_controller_sync(timeout=30)
     cluster_factory.pids.append(cluster.controller_pid)
