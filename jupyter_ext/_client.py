@@ -358,8 +358,8 @@ class Client:
         out: dict[Any, Any] = {}
         for key, value in reply["queue_status"].items():
             out[int(key) if key.isdigit() else key] = value
-        if isinstance(targets, int):
-            return dict(out[targets])
+        if isinstance(targets, int) and ids:  # (-1: the last engine's)
+            return dict(out[ids[0]])
         return out
 
     def send_signal(self, sig: int | str, targets: Any = None, block: bool = True) -> Any:

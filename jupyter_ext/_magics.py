@@ -293,10 +293,6 @@ class PXMagics:
             targets = parse_targets(args.targets, self.shell.user_ns)
         else:
             targets = view.targets if self.targets is None else self.targets
-        if isinstance(targets, int) and not isinstance(targets, bool) and targets < 0:
-            ids = view.transport.ids  # (-1: the last engine, as IPython Parallel's -t -1)
-            if -len(ids) <= targets:
-                targets = ids[targets]
         block = self.block if args.block is None else args.block
         stream = self.stream if args.stream is None else args.stream
         verbose = self.verbose if args.verbose is None else args.verbose

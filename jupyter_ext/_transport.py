@@ -321,7 +321,8 @@ class Transport:
         return info
 
     def targets(self, targets: Any) -> list[int]:
-        """Engine ids for a view's ``targets``: None/'all', an id, a slice, or ids."""
+        """Engine ids for a view's ``targets``: None/'all', an id (a negative one counts
+        from the last engine, as IPython Parallel's), a slice, or ids."""
         if type(targets) is int and targets in self.engines:  # (``rc[0]``: every call)
             return [targets]
         ids = self.ids
@@ -332,6 +333,8 @@ class Transport:
         if isinstance(targets, slice):
             return ids[targets]
         if isinstance(targets, int) and not isinstance(targets, bool):
+            if targets < 0 and -len(ids) <= targets:  # (as IPython Parallel's: from the last)
+                targets = ids[targets]
             targets = [targets]
         # (a mapping would name its keys: {0: 1} stopped engine 0 in a shutdown)
         if isinstance(targets, (str, bytes, Mapping)) or not isinstance(targets, Iterable):

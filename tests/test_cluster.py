@@ -174,7 +174,11 @@ def test_shutdown_from_the_client(cluster_factory):
     cluster, rc = cluster_factory.start(2)
     pids = [rc.engine_info(i)["pid"] for i in rc.ids]
     with pytest.raises(jx.InvalidTarget):  # (the client's own refusal, as for any call)
-        rc.shutdown(targets=-1)
+        rc.shutdown(targets=99)
+    with pytest.raises(jx.InvalidTarget):
+        rc.shutdown(targets=-3)
+    assert rc.queue_status(targets=-1) == rc.queue_status()[1]  # (the last, as in IPP)
+    assert rc.direct_view(targets=-1).apply_sync(os.getpid) == pids[1]
     rc.shutdown(targets=[0])
     assert wait_gone(pids[:1]) == [] and rc.ids == [1]
     rc.shutdown(targets=[0], hub=True)
