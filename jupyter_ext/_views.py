@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -713,25 +714,40 @@ class _GatherResult(AsyncResult):
             pass  # (cancelled meanwhile)
 
     def _reconstruct(self, results: list[Any]) -> Any:
-        parts = [
-            r if isinstance(r, (list, tuple, range)) or hasattr(r, "shape") else [r]
-            for r in results
-        ]
-        if parts and all(hasattr(p, "shape") and hasattr(p, "dtype") for p in parts):
+        # (as IPython Parallel's: arrays are joined as arrays, lists, tuples and ranges as
+        # their elements; anything else, a numpy scalar or a DataFrame say, is one element)
+        if results and all(_is_array(r) for r in results):
             import numpy
 
-            if self._dist == "b":
-                return numpy.concatenate(parts)
+            joined = numpy.concatenate(results)
+            if self._dist == "r":  # (the parts' rows interleaved, as scatter dealt them)
+                starts = numpy.cumsum([0, *(len(r) for r in results)])
+                order = [
+                    starts[p] + i
+                    for i in range(max(len(r) for r in results))
+                    for p, r in enumerate(results)
+                    if i < len(r)
+                ]
+                joined = joined[numpy.asarray(order, dtype=numpy.intp)]
+            return joined
+        parts = [r if isinstance(r, (list, tuple, range)) or _is_array(r) else [r] for r in results]
         if self._dist == "r":
             out: list[Any] = []
             longest = max((len(p) for p in parts), default=0)
             for i in range(longest):
                 out.extend(p[i] for p in parts if i < len(p))
             return out
-        joined: list[Any] = []
+        joined_list: list[Any] = []
         for p in parts:
-            joined.extend(p)
-        return joined
+            joined_list.extend(p)
+        return joined_list
+
+
+def _is_array(obj: Any) -> bool:
+    """Whether ``obj`` is a numpy array of one dimension or more (a part of a gather to
+    join as rows; a 0-d array or a numpy scalar is one element)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(obj, numpy.ndarray) and obj.ndim > 0
 
 
 def _not_here(requests: list[Request], pairs: list[Any]) -> list[Request]:

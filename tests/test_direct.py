@@ -129,6 +129,20 @@ def test_scatter_gather_numpy(dv):
     assert isinstance(back, np.ndarray) and back.tolist() == a.tolist()
 
 
+def test_gather_of_numpy_scalars_and_round_robin_arrays(dv):
+    """gather of a numpy scalar or 0-d array per engine raised ValueError (zero-dimensional
+    arrays cannot be concatenated), and of round-robin arrays gave a list of scalars."""
+    dv.scatter("x", np.arange(6.0))
+    dv.execute("s = x.sum(); z = x.sum().reshape(())")
+    assert dv.gather("s") == [3.0, 12.0]
+    assert dv.gather("z") == [3.0, 12.0]
+    a = np.arange(14).reshape(7, 2)
+    dv.scatter("r", a, dist="r")
+    back = dv.gather("r", dist="r")
+    assert isinstance(back, np.ndarray) and back.dtype == a.dtype
+    assert back.tolist() == a.tolist()
+
+
 def test_static_map(dv):
     assert dv.map(lambda x: x * x, range(10)) == [x * x for x in range(10)]
     assert dv.map(lambda x, y: x + y, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
