@@ -58,8 +58,20 @@ def _mapping_results(metadata: dict[str, Any] | None) -> dict[str, Any] | bytes:
     return _MAPS_RESULTS if metadata is None else {**metadata, shm.REPLY_KEY: True}
 
 
-def _sliceable(seq: Any) -> Any:
-    return seq if hasattr(seq, "__getitem__") and hasattr(seq, "__len__") else list(seq)
+def _sliceable(seq: Any, call: str = "map") -> Any:
+    """``seq`` if it takes slices (a list, an array, a range...), else its elements as a
+    list (a generator, a set, a dict's keys, as IPython Parallel takes them); TypeError
+    naming ``call`` for what is not iterable."""
+    if hasattr(seq, "__getitem__") and hasattr(seq, "__len__"):
+        try:
+            seq[0:0]
+        except (TypeError, KeyError):  # (a mapping: its keys, as iterating it gives)
+            pass
+        else:
+            return seq
+    if not isinstance(seq, Iterable):
+        raise TypeError(f"{call} takes a sequence, not {type(seq).__name__} ({seq!r:.80})")
+    return list(seq)
 
 
 def _function_of(
@@ -615,7 +627,7 @@ class DirectView(View):
         _check_dist(dist)
         protocol.check_bool("flatten", flatten)
         ids = self._target_ids(targets)
-        seq = _sliceable(seq)
+        seq = _sliceable(seq, "scatter")
         track = bool(self.track if track is None else track)
         futures = []
         for i, t in enumerate(ids):

@@ -143,6 +143,20 @@ def test_gather_of_numpy_scalars_and_round_robin_arrays(dv):
     assert back.tolist() == a.tolist()
 
 
+def test_map_and_scatter_take_what_does_not_slice(dv):
+    """A dict (it has __getitem__ and __len__, but takes no slice) failed map and scatter
+    with "unhashable type: 'slice'", and scatter of an int did not say what was wrong;
+    as in IPython Parallel, a dict gives its keys."""
+    assert dv.map(lambda k: k * 2, {"a": 1, "b": 2, "c": 3}) == ["aa", "bb", "cc"]
+    dv.scatter("k", {"a": 1, "b": 2, "c": 3})
+    assert dv["k"] == [["a", "b"], ["c"]]
+    assert dv.map(lambda x: -x, {1, 2}) == [-1, -2]
+    with pytest.raises(TypeError, match="scatter takes a sequence, not int"):
+        dv.scatter("k", 5)
+    with pytest.raises(TypeError, match="map takes a sequence, not int"):
+        dv.map(abs, 5)
+
+
 def test_static_map(dv):
     assert dv.map(lambda x: x * x, range(10)) == [x * x for x in range(10)]
     assert dv.map(lambda x, y: x + y, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
