@@ -100,7 +100,7 @@ def as_dependency(obj: Any) -> dict[str, Any] | None:
 class DependentFunction:
     """A function that first checks, on the engine, that it can run there.
 
-    When ``check(*args, **kwargs)`` is false, the engine refuses the task with
+    When ``check(*args, **kwargs)`` returns False, the engine refuses the task with
     ``UnmetDependency`` and the scheduler tries another engine.
     """
 
@@ -128,15 +128,26 @@ class DependentFunction:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.check(*self.args, **self.kwargs):
+        if _is_false(self.check(*self.args, **self.kwargs)):
             raise UnmetDependency(
                 "UnmetDependency", f"{getattr(self.check, '__name__', 'check')} was false here"
             )
         return self.f(*args, **kwargs)
 
 
+def _is_false(result: Any) -> bool:
+    """Whether a dependency check said no: it returned False (numpy's too). As in IPython
+    Parallel, any other result, None say, lets the task run; raising UnmetDependency
+    refuses it as well."""
+    if isinstance(result, bool):
+        return not result
+    kind = type(result)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_") and not result
+
+
 def depend(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-    """Decorator: run the function only on engines where ``check(*args, **kwargs)`` is true."""
+    """Decorator: run the function only on engines where ``check(*args, **kwargs)`` does
+    not return False (nor raise UnmetDependency)."""
 
     def decorate(f: Callable[..., Any]) -> DependentFunction:
         return DependentFunction(f, check, *args, **kwargs)
@@ -224,5 +235,6 @@ def require(*modules: str | ModuleType | Callable[..., Any], **objects: Any) -> 
 
 
 def dependent(f: Callable[..., Any], df: Callable[..., Any], *dargs: Any, **dkwargs: Any) -> Any:
-    """``f``, run only where ``df(*dargs, **dkwargs)`` is true (what ``@depend`` makes)."""
+    """``f``, run only where ``df(*dargs, **dkwargs)`` does not return False (what
+    ``@depend`` makes)."""
     return DependentFunction(f, df, *dargs, **dkwargs)

@@ -206,6 +206,29 @@ def test_require_and_depend(view, rc):
         assert view.apply_sync(where) == target_pid
 
 
+def test_depend_refuses_only_a_false_check(view, rc):
+    """A check returning None (one that only imports, say) refused the task everywhere
+    (ImpossibleDependency): any falsy result counted as unmet, where IPython Parallel
+    refuses only on False."""
+
+    def imports_json():
+        import json  # noqa: F401
+
+    @jx.depend(imports_json)
+    def runs():
+        return "ran"
+
+    assert view.apply_sync(runs) == "ran"
+    assert rc[:].apply_sync(jx.depend(lambda: 0)(lambda: 1)) == [1, 1]
+
+    @jx.depend(lambda: np.bool_(False))
+    def never():
+        return 1
+
+    with pytest.raises(jx.ImpossibleDependency):
+        view.apply_sync(never)
+
+
 def test_retries_resubmit_failed_tasks(view, rc):
     rc[:].execute("attempts = 0", block=True)
 
