@@ -10,6 +10,8 @@ from typing import Any
 from kernel_engine.errors import UnmetDependency
 from kernel_engine.serialize import bind_interactive
 
+_FLAGS = ("all", "success", "failure")
+
 
 class Dependency(set[str]):
     """A set of msg_ids a task waits for (``after``) or must run beside (``follow``).
@@ -17,7 +19,9 @@ class Dependency(set[str]):
     Parameters
     ----------
     dependencies
-        msg_ids, AsyncResults, or other Dependencies (or an iterable of them).
+        msg_ids, AsyncResults, or other Dependencies (or an iterable of them); or the dict
+        form of a Dependency (:meth:`as_dict`'s, or IPython Parallel's, whose msg_ids are
+        under ``dependencies``), whose flags then override these.
     all
         Every dependency must be met (else: any one).
     success, failure
@@ -31,6 +35,17 @@ class Dependency(set[str]):
         success: bool = True,
         failure: bool = False,
     ):
+        if isinstance(dependencies, dict):
+            unknown = set(dependencies) - {"msg_ids", "dependencies", *_FLAGS}
+            if unknown:
+                raise ValueError(
+                    f"a Dependency's dict form has msg_ids (or dependencies), all, success and "
+                    f"failure, not {sorted(map(str, unknown))}"
+                )
+            all = dependencies.get("all", all)
+            success = dependencies.get("success", success)
+            failure = dependencies.get("failure", failure)
+            dependencies = [dependencies.get(k, ()) for k in ("msg_ids", "dependencies")]
         super().__init__(msg_ids_of(dependencies))
         self.all = bool(all)
         self.success = bool(success)

@@ -229,6 +229,26 @@ def test_depend_refuses_only_a_false_check(view, rc):
         view.apply_sync(never)
 
 
+def test_after_takes_a_dependency_in_its_dict_form(view):
+    """after=Dependency(...).as_dict(), or IPython Parallel's dict form ({"dependencies":
+    [...], "all": ...}), was taken as its keys: the task failed with InvalidDependency
+    (unknown dependencies: all, dependencies...)."""
+    failed = view.apply_async(lambda: 1 / 0)
+    with pytest.raises(jx.RemoteError):
+        failed.get(10)
+    for form in (
+        jx.Dependency(failed, failure=True).as_dict(),
+        {"dependencies": failed.msg_ids, "all": True, "success": True, "failure": True},
+    ):
+        with view.temp_flags(after=form):
+            assert view.apply_sync(lambda: "ran") == "ran"
+    only_success = {"dependencies": failed.msg_ids}
+    with view.temp_flags(after=only_success), pytest.raises(jx.ImpossibleDependency):
+        view.apply_sync(lambda: "ran")
+    with pytest.raises(ValueError, match=r"not \['ids'\]"):
+        view.set_flags(after={"ids": failed.msg_ids})
+
+
 def test_retries_resubmit_failed_tasks(view, rc):
     rc[:].execute("attempts = 0", block=True)
 
