@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import dis
+import itertools
 import sys
-from types import FrameType, ModuleType
+from types import CodeType, FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 from kernel_engine.engine import ops
@@ -23,6 +25,33 @@ def _remote_bind(bindings: list[tuple[str, str, str | None]]) -> None:
         ns[name] = getattr(mod, attr) if attr else mod
 
 
+def _stored_names(code: CodeType, offset: int, fromlist: bool) -> list[tuple[str, str | None]]:
+    """What the import statement whose ``IMPORT_NAME`` is at ``offset`` binds: ``(name,
+    attribute)`` pairs, read from the bytecode that follows it. The attribute is the name
+    imported from the module (``from m import a as b``: ``("b", "a")``), None for the
+    module itself, or ``"?"`` for a submodule reached through the import's own
+    ``IMPORT_FROM`` chain (``import a.b as c``)."""
+    after = itertools.dropwhile(lambda i: i.offset <= offset, dis.get_instructions(code))
+    stored: list[tuple[str, str | None]] = []
+    attr: str | None = None
+    for ins in after:
+        op = ins.opname
+        if op == "IMPORT_STAR" or (op == "CALL_INTRINSIC_1" and "IMPORT_STAR" in ins.argrepr):
+            return []  # (import *: not followed)
+        if op == "IMPORT_FROM":
+            attr = str(ins.argval) if fromlist else "?"
+        elif op.startswith("STORE_"):
+            stored.append((str(ins.argval), attr))
+            attr = None
+            if not fromlist:
+                break
+        elif op in ("SWAP", "COPY", "ROT_TWO") or (op == "POP_TOP" and not fromlist):
+            continue
+        else:
+            break
+    return stored
+
+
 class SyncImports:
     """Context manager of :meth:`DirectView.sync_imports`.
 
@@ -36,8 +65,7 @@ class SyncImports:
         self.local = local
         self.quiet = quiet
         self.frame: FrameType | None = None
-        self.before: dict[str, Any] = {}
-        self.imports: list[tuple[str, tuple[str, ...]]] = []
+        self.imports: list[tuple[str, tuple[str, ...], int]] = []
         self._saved_import: Any = None
 
     def _namespace(self) -> dict[str, Any]:
@@ -48,7 +76,6 @@ class SyncImports:
 
     def __enter__(self) -> SyncImports:
         self.frame = sys._getframe(1)
-        self.before = dict(self._namespace())
         self._saved_import = builtins.__import__
         saved = self._saved_import
 
@@ -56,8 +83,9 @@ class SyncImports:
             name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
         ) -> ModuleType:
             module: ModuleType = saved(name, globals, locals, fromlist, level)
-            if level == 0 and sys._getframe(1) is self.frame:
-                self.imports.append((name, tuple(fromlist or ())))
+            caller = sys._getframe(1)
+            if level == 0 and caller is self.frame:
+                self.imports.append((name, tuple(fromlist or ()), caller.f_lasti))
             return module
 
         builtins.__import__ = hooked
@@ -78,25 +106,25 @@ class SyncImports:
     def _bindings(self) -> list[tuple[str, str, str | None]]:
         """(name, module, attribute) for every name the block's imports bound.
 
-        Found from what was imported (not from what changed), so a module already imported
-        here before the block is still imported on the engines; aliases (``as``) are the
-        names now bound to the imported objects.
+        Read from each import statement's bytecode (the names it stores), so aliases
+        (``as``) are found, a module already imported here before the block is still
+        imported on the engines, and no other name that happens to hold the same object
+        (``n = 2`` beside ``from errno import ENOENT``) is touched.
         """
-        namespace = self._namespace()
+        assert self.frame is not None
+        code = self.frame.f_code
         bindings: list[tuple[str, str, str | None]] = []
-        for module_name, fromlist in self.imports:
-            module = sys.modules.get(module_name)
-            if module is None:
+        for module_name, fromlist, offset in self.imports:
+            if module_name not in sys.modules:
                 continue
-            wanted: list[tuple[Any, str, str | None]]
-            if fromlist:
-                wanted = [(getattr(module, a, None), module_name, a) for a in fromlist]
-            else:
-                top = module_name.split(".")[0]
-                wanted = [(module, module_name, None), (sys.modules.get(top), top, None)]
-            for value, mod, attr in wanted:
-                if value is None:
-                    continue
-                names = [n for n, v in namespace.items() if v is value]
-                bindings += [(n, mod, attr) for n in names if (n, mod, attr) not in bindings]
+            for name, attr in _stored_names(code, offset, bool(fromlist)):
+                binding: tuple[str, str, str | None]
+                if attr is None:  # (import a.b: binds a)
+                    binding = (name, module_name.split(".")[0], None)
+                elif attr == "?":  # (import a.b as c: binds a.b)
+                    binding = (name, module_name, None)
+                else:
+                    binding = (name, module_name, attr)
+                if binding not in bindings:
+                    bindings.append(binding)
         return bindings

@@ -227,6 +227,19 @@ def test_sync_imports_of_modules_already_imported_here(dv):
     assert dv.apply(interactive(lambda: (math.sqrt(9), os.path.sep))) == [(3.0, "/")] * 2
 
 
+def test_sync_imports_binds_only_what_the_imports_bind(dv):
+    """Every local name holding the imported object was bound on the engines too:
+    ``from errno import ENOENT`` beside a local ``n = 2`` overwrote the engines' ``n``."""
+    dv["n"] = "the engines' own"
+    n = 2
+    with dv.sync_imports(quiet=True):
+        import math as m
+        from errno import ENOENT
+    assert n == ENOENT and m.pi
+    assert dv["n"] == ["the engines' own"] * 2
+    assert dv.apply(interactive(lambda: (ENOENT, m.floor(2.5)))) == [(2, 2)] * 2
+
+
 def test_remote_traceback_lines_are_not_doubled(rc):
     with pytest.raises(jx.RemoteError) as info:
         rc[0].apply_sync(lambda: 1 / 0)
