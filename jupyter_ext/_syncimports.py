@@ -16,13 +16,22 @@ if TYPE_CHECKING:
 
 
 def _remote_bind(bindings: list[tuple[str, str, str | None]]) -> None:
-    """On an engine: ``name = import_module(module)`` or ``name = module.attr``."""
+    """On an engine: ``name = import_module(module)``, ``name = module.attr`` (the
+    submodule ``module.attr`` if the module has no such attribute yet), or, for an attr
+    of ``""``, ``import module`` binding its top-level package (``import a.b``)."""
     import importlib
 
     ns = ops._namespace()
     for name, module, attr in bindings:
         mod = importlib.import_module(module)
-        ns[name] = getattr(mod, attr) if attr else mod
+        if attr is None:
+            ns[name] = mod
+        elif not attr:
+            ns[name] = importlib.import_module(module.split(".")[0])
+        elif hasattr(mod, attr):
+            ns[name] = getattr(mod, attr)
+        else:  # (from a import b, b a submodule not imported there yet)
+            ns[name] = importlib.import_module(f"{module}.{attr}")
 
 
 def _stored_names(code: CodeType, offset: int, fromlist: bool) -> list[tuple[str, str | None]]:
@@ -119,8 +128,9 @@ class SyncImports:
                 continue
             for name, attr in _stored_names(code, offset, bool(fromlist)):
                 binding: tuple[str, str, str | None]
-                if attr is None:  # (import a.b: binds a)
-                    binding = (name, module_name.split(".")[0], None)
+                if attr is None:  # (import a.b: binds a, a.b imported)
+                    top = module_name.split(".")[0]
+                    binding = (name, module_name, "") if top != module_name else (name, top, None)
                 elif attr == "?":  # (import a.b as c: binds a.b)
                     binding = (name, module_name, None)
                 else:

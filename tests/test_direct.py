@@ -240,6 +240,20 @@ def test_sync_imports_binds_only_what_the_imports_bind(dv):
     assert dv.apply(interactive(lambda: (ENOENT, m.floor(2.5)))) == [(2, 2)] * 2
 
 
+def test_sync_imports_of_submodules_the_engines_have_not_imported(dv):
+    """``from xml.etree import ElementTree`` failed on the engines (AttributeError: module
+    'xml.etree' has no attribute 'ElementTree') and ``import xml.dom.minidom`` imported
+    only ``xml`` there, when the engines had not imported the submodule yet."""
+    fresh = ("xml.etree.ElementTree", "xml.dom.minidom")
+    assert dv.apply(lambda: [m for m in fresh if m in sys.modules]) == [[], []]
+    with dv.sync_imports(quiet=True):
+        import xml.dom.minidom
+        from xml.etree import ElementTree
+    assert ElementTree and xml.dom.minidom
+    got = dv.apply(interactive(lambda: (ElementTree.__name__, xml.dom.minidom.__name__)))
+    assert got == [fresh] * 2
+
+
 def test_remote_traceback_lines_are_not_doubled(rc):
     with pytest.raises(jx.RemoteError) as info:
         rc[0].apply_sync(lambda: 1 / 0)
