@@ -44,6 +44,14 @@ def _all(targets: Any) -> bool:
     return isinstance(targets, str) and targets == "all"
 
 
+def _check_flags(**flags: Any) -> None:
+    """A call's ``block``/``track``/``silent`` given (not None) must be a bool, as
+    set_flags requires: TypeError naming it (rather than "no" taken as True)."""
+    for name, value in flags.items():
+        if value is not None:
+            protocol.check_bool(name, value)
+
+
 def _check_key(call: str, key: Any) -> None:
     if not isinstance(key, str):
         raise TypeError(f"{call} takes a name (a string) as key, not {key!r}")
@@ -252,6 +260,7 @@ class View:
 
     def get_result(self, msg_ids: Any, block: bool | None = None) -> Any:
         """The result of earlier work (msg_ids or AsyncResults), as an AsyncResult."""
+        _check_flags(block=block)
         ar = self.client.get_result(msg_ids)
         return ar.get() if (self.block if block is None else block) else ar
 
@@ -424,6 +433,7 @@ class DirectView(View):
         block: bool | None = None,
         track: bool | None = None,
     ) -> Any:
+        _check_flags(block=block, track=track)
         chosen = self.targets if targets is None else targets
         ids = self._target_ids(chosen)
         buffers = pack_apply(f, args, kwargs)
@@ -465,6 +475,7 @@ class DirectView(View):
     ) -> Any:
         """:meth:`map`; ``ordered=False`` (a ParallelFunction's): its AsyncMapResult
         iterates in the order the engines' chunks complete."""
+        _check_flags(block=block, track=track)
         if not sequences:
             raise TypeError("map needs at least one sequence")
         protocol.check_bool("return_exceptions", return_exceptions)
@@ -508,6 +519,7 @@ class DirectView(View):
         (raising the engines' errors). ``get()`` gives ExecuteReply objects (execution
         count, result, outputs).
         """
+        _check_flags(silent=silent, block=block)
         if not isinstance(code, str):
             raise TypeError(f"execute takes code as a string, not {type(code).__name__}")
         protocol.check_label("label", label)
@@ -623,6 +635,7 @@ class DirectView(View):
 
         ``flatten=True`` assigns a part of one element as that element.
         """
+        _check_flags(block=block, track=track)
         _check_key("scatter", key)
         _check_dist(dist)
         protocol.check_bool("flatten", flatten)
@@ -642,6 +655,7 @@ class DirectView(View):
         self, key: str, dist: str = "b", targets: Any = None, block: bool | None = None
     ) -> Any:
         """Pull ``key`` from each engine and join the parts (the inverse of scatter)."""
+        _check_flags(block=block)
         _check_key("gather", key)
         _check_dist(dist)
         ids = self._target_ids(targets)

@@ -142,11 +142,24 @@ def _lview(rc):
         ("block", lambda rc: rc.abort([], block="x")),
         ("block", lambda rc: rc[:].abort([], block="x")),
         ("verbose", lambda rc: rc.queue_status(verbose="x")),
+        ("block", lambda rc: rc[:].push({"a": 1}, block="no")),
+        ("block", lambda rc: rc[:].pull("a", block="no")),
+        ("block", lambda rc: rc[:].scatter("a", [1, 2], block="no")),
+        ("block", lambda rc: rc[:].gather("a", block="no")),
+        ("block", lambda rc: rc[:].execute("a = 1", block="no")),
+        ("block", lambda rc: rc[:].map(abs, [1], block="no")),
+        ("block", lambda rc: rc[:].clear(block="no")),
+        ("block", lambda rc: rc[:].get_result([], block="no")),
+        ("track", lambda rc: rc[:].push({"a": 1}, track="yes")),
+        ("track", lambda rc: rc[:].scatter("a", [1, 2], track="yes")),
+        ("silent", lambda rc: rc[:].execute("a = 1", silent="no")),
     ],
 )  # fmt: skip
 def test_a_flag_that_is_not_a_bool_is_refused_naming_it(rc, flag, call):
     """Each was taken by its truthiness: ordered="no" ordered, return_exceptions="x"
-    returned exceptions, wait_for_engines(block="x") blocked."""
+    returned exceptions, wait_for_engines(block="x") blocked; a DirectView's push, pull,
+    scatter, gather, execute... (block="no") blocked, and execute(silent="no") ran
+    quietly."""
     with pytest.raises(TypeError, match=f"{flag} must be True or False"):
         call(rc)
 
