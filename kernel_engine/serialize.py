@@ -12,6 +12,7 @@ tiny arrays does not become thousands of frames.
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 from collections.abc import Callable, Sequence
 from types import CellType, FunctionType, ModuleType
@@ -374,11 +375,34 @@ def _find_culprit(f: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | 
     candidates += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
     candidates += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
     for label, value in candidates:
-        try:
-            cloudpickle.dumps(value, protocol=5, buffer_callback=lambda pb: False)
-        except Exception:
-            return f"cannot serialize {label}"
+        if not _pickles(value):
+            return f"cannot serialize {label}{_where_inside(value)}"
     return None
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value, protocol=5, buffer_callback=lambda pb: False)
+    except Exception:
+        return False
+    return True
+
+
+def _where_inside(value: Any, depth: int = 0) -> str:
+    """Where in a dict, list or tuple that does not pickle the item that does not is
+    (`` at ['l'] (lock)``: a push's name, say); empty when not found (searched down to
+    three levels, among the first :data:`RESOLVE_ITEMS` ** 2 items of each)."""
+    if depth >= 3 or type(value) not in (dict, list, tuple):
+        return ""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in itertools.islice(items, RESOLVE_ITEMS**2):
+        if not _pickles(item):
+            inner = _where_inside(item, depth + 1)
+            here = f"[{key!r}]"
+            if inner.startswith(" at "):
+                return f" at {here}{inner[4:]}"
+            return f" at {here} ({type(item).__name__})"
+    return ""
 
 
 def bind_interactive(obj: Any, namespace: dict[str, Any]) -> Any:

@@ -157,6 +157,19 @@ def test_map_and_scatter_take_what_does_not_slice(dv):
         dv.map(abs, 5)
 
 
+def test_a_push_that_does_not_pickle_names_the_name(dv):
+    """push({"ok": 1, "l": Lock()}) said "cannot serialize argument 0 (dict)": not which
+    name; scatter and apply did not say where in their argument either."""
+    import threading
+
+    with pytest.raises(jx.SerializationError, match=r"at \['l'\] \(lock\)"):
+        dv.push({"ok": 1, "l": threading.Lock()})
+    with pytest.raises(jx.SerializationError, match=r"at \['part'\]\[1\] \(lock\)"):
+        dv.scatter("part", [1, threading.Lock(), 3, 4])
+    with pytest.raises(jx.SerializationError, match=r"argument 0 \(dict\) at \['x'\]\[0\]"):
+        dv.apply(len, {"x": [threading.Lock()]})
+
+
 def test_static_map(dv):
     assert dv.map(lambda x: x * x, range(10)) == [x * x for x in range(10)]
     assert dv.map(lambda x, y: x + y, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
