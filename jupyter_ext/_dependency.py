@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
+from kernel_engine import protocol
 from kernel_engine.errors import UnmetDependency
 from kernel_engine.serialize import bind_interactive
 
@@ -47,9 +48,10 @@ class Dependency(set[str]):
             failure = dependencies.get("failure", failure)
             dependencies = [dependencies.get(k, ()) for k in ("msg_ids", "dependencies")]
         super().__init__(msg_ids_of(dependencies))
-        self.all = bool(all)
-        self.success = bool(success)
-        self.failure = bool(failure)
+        # (checked: success="no" counted successes; the wire form takes bools only)
+        self.all = protocol.check_bool("Dependency's all", all)
+        self.success = protocol.check_bool("Dependency's success", success)
+        self.failure = protocol.check_bool("Dependency's failure", failure)
         if not (success or failure):
             raise ValueError("a dependency must count success, failure, or both as met")
 

@@ -349,6 +349,17 @@ def test_dependency_check_and_unreachable():
     assert jx.Dependency([]).check(set()) and not jx.Dependency([]).unreachable(set())
 
 
+def test_dependency_flags_must_be_bools():
+    """Dependency(ids, success="no") counted successes as met (its flags were taken by
+    their truthiness), and so did the dict form's."""
+    for flag in ("all", "success", "failure"):
+        with pytest.raises(TypeError, match=f"Dependency's {flag} must be True or False"):
+            jx.Dependency(["a"], **{flag: "no"})
+        with pytest.raises(TypeError, match=f"Dependency's {flag} must be True or False"):
+            jx.Dependency({"dependencies": ["a"], flag: "no"})
+    assert jx.Dependency(["a"], success=False, failure=True).success is False
+
+
 def test_require_imports_and_pushes_objects_and_functions(rc):
     def helper():
         return "helped"
