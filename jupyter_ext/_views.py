@@ -745,7 +745,8 @@ class _GatherResult(AsyncResult):
         if results and all(_is_array(r) for r in results):
             import numpy
 
-            joined = numpy.concatenate(results)
+            masked = any(isinstance(r, numpy.ma.MaskedArray) for r in results)
+            joined = (numpy.ma.concatenate if masked else numpy.concatenate)(results)
             if self._dist == "r":  # (the parts' rows interleaved, as scatter dealt them)
                 starts = numpy.cumsum([0, *(len(r) for r in results)])
                 order = [

@@ -143,6 +143,16 @@ def test_gather_of_numpy_scalars_and_round_robin_arrays(dv):
     assert back.tolist() == a.tolist()
 
 
+def test_gather_keeps_the_masks_of_masked_arrays(dv):
+    """numpy.concatenate dropped the parts' masks: the gathered array had none."""
+    m = np.ma.masked_array(np.arange(7), mask=[True, False] * 3 + [True])
+    for dist in ("b", "r"):
+        dv.scatter("m", m, dist=dist)
+        back = dv.gather("m", dist=dist)
+        assert isinstance(back, np.ma.MaskedArray)
+        assert back.mask.tolist() == m.mask.tolist() and back.data.tolist() == m.data.tolist()
+
+
 def test_map_and_scatter_take_what_does_not_slice(dv):
     """A dict (it has __getitem__ and __len__, but takes no slice) failed map and scatter
     with "unhashable type: 'slice'", and scatter of an int did not say what was wrong;
