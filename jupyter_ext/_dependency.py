@@ -240,10 +240,13 @@ def require(*modules: str | ModuleType | Callable[..., Any], **objects: Any) -> 
             names.append(item.__name__)
         elif isinstance(item, str):
             names.append(item)
-        elif callable(item):
-            functions.append(item)
-        else:
-            raise TypeError(f"require takes modules, module names or functions, not {item!r}")
+        elif callable(item) and isinstance(getattr(item, "__name__", None), str):
+            functions.append(item)  # (put on the engine under its __name__)
+        else:  # (a partial, say: no name to put it under)
+            raise TypeError(
+                f"require takes modules, module names or functions (objects with a "
+                f"__name__); pass other objects by keyword (name=obj), not {item!r}"
+            )
 
     def decorate(f: Callable[..., Any]) -> DependentFunction:
         return DependentFunction(f, _Requirements(tuple(names), tuple(functions), objects))

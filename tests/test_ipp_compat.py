@@ -377,6 +377,17 @@ def test_require_imports_and_pushes_objects_and_functions(rc):
     assert view.apply_sync(checked) == 1
 
 
+def test_require_refuses_a_callable_without_a_name_when_decorating():
+    """@require(functools.partial(f, 1)) was accepted, and every task of the function
+    then failed on its engine with AttributeError: 'functools.partial' object has no
+    attribute '__name__' (IPython Parallel refuses it when decorating)."""
+    import functools
+
+    with pytest.raises(TypeError, match="pass other objects by keyword"):
+        jx.require(functools.partial(max, 1))
+    assert jx.require("json", max, part=functools.partial(max, 1))(abs)(-1) == 1
+
+
 def test_canning_helpers_round_trip():
     obj = {"a": [1, 2]}
     assert jx.can(obj) is obj and jx.uncan(obj) is obj
