@@ -9,7 +9,8 @@ and they do what that code expects of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kernel_engine import serialize
@@ -41,8 +42,22 @@ def serialize_object(obj: Any, buffer_threshold: int = 1024, item_threshold: int
 def deserialize_object(
     buffers: Sequence[Any], g: dict[str, Any] | None = None
 ) -> tuple[Any, list[Any]]:
-    """``(obj, remaining buffers)`` from :func:`serialize_object` frames."""
-    return uncan(serialize.loads(buffers), g), []
+    """``(obj, remaining buffers)`` from :func:`serialize_object` frames: the frames an
+    object took are those its pickle asks for, so objects serialized one after the other
+    into one list come back one per call."""
+    frames = list(buffers)
+    if not frames:
+        raise ValueError("deserialize_object needs the frames of serialize_object")
+    taken = 0
+
+    def out_of_band() -> Iterator[memoryview]:
+        nonlocal taken
+        for frame in frames[1:]:
+            taken += 1
+            yield memoryview(frame).toreadonly()
+
+    obj = pickle.loads(frames[0], buffers=out_of_band())
+    return uncan(obj, g), frames[1 + taken :]
 
 
 def pack_apply_message(f: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:

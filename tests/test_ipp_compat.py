@@ -388,6 +388,24 @@ def test_require_refuses_a_callable_without_a_name_when_decorating():
     assert jx.require("json", max, part=functools.partial(max, 1))(abs)(-1) == 1
 
 
+def test_deserialize_object_returns_the_frames_it_did_not_use():
+    """Objects serialized one after the other into one list (as IPython Parallel's code
+    does) came back as the first alone: deserialize_object returned no remaining frames,
+    and the next call raised IndexError."""
+    import numpy as np
+
+    frames = (
+        jx.serialize_object(np.arange(300_000))
+        + jx.serialize_object({"x": np.ones(5000)})
+        + jx.serialize_object("last")
+    )
+    first, rest = jx.deserialize_object(frames)
+    second, rest = jx.deserialize_object(rest)
+    third, rest = jx.deserialize_object(rest)
+    assert first.tolist() == list(range(300_000)) and second["x"].sum() == 5000
+    assert third == "last" and rest == []
+
+
 def test_canning_helpers_round_trip():
     obj = {"a": [1, 2]}
     assert jx.can(obj) is obj and jx.uncan(obj) is obj
