@@ -28,6 +28,7 @@ from kernel_engine.errors import (
 )
 from kernel_engine.serialize import Reference, interactive
 
+from . import error  # (IPython Parallel's ``ipp.error``)
 from ._asyncresult import AsyncHubResult, AsyncMapResult, AsyncResult
 from ._canning import (
     PrePickled,
@@ -118,6 +119,7 @@ __all__ = [
     "depend",
     "dependent",
     "deserialize_object",
+    "error",
     "interactive",
     "load_ipython_extension",
     "pack_apply_message",

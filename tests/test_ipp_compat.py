@@ -821,3 +821,24 @@ def test_two_starts_at_once_start_one_controller(cluster_factory):
     rc = cluster.connect_client_sync()
     cluster_factory.record(cluster, rc)
     assert rc[:].apply_sync(abs, -3) == [3]
+
+
+def test_the_error_module_of_ipython_parallel(rc):
+    """``ipp.error.RemoteError`` and ``from ipyparallel.error import ...`` were an
+    AttributeError and an ImportError; ``except ipp.error.TimeoutError`` must catch the
+    timeout of ``get``."""
+    import jupyter_ext as ipp
+    from jupyter_ext.error import CompositeError, RemoteError, TaskAborted
+
+    assert (RemoteError, CompositeError, TaskAborted) == (
+        ipp.RemoteError,
+        ipp.CompositeError,
+        ipp.TaskAborted,
+    )
+    with pytest.raises(ipp.error.RemoteError):
+        rc[0].apply_sync(lambda: 1 / 0)
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(ipp.error.TimeoutError):
+        ar.get(timeout=0.05)
+    ar.get(timeout=10)
+    assert not set(ipp.error.__all__) - set(vars(ipp.error))
