@@ -4,28 +4,6 @@
 ``rc[:]`` (DirectView), ``rc.load_balanced_view()``, AsyncResults, ``%load_ext jupyter_ext``.
 """
 
-from kernel_engine.errors import (
-    AlreadyDisplayedError,
-    ClusterError,
-    CompositeError,
-    DependencyTimeout,
-    EngineError,
-    ImpossibleDependency,
-    InvalidDependency,
-    InvalidTarget,
-    IPythonError,
-    KernelError,
-    NoEnginesRegistered,
-    RemoteError,
-    SerializationError,
-    TaskAborted,
-    TaskRejectError,
-    TaskTimeout,
-    UnmetDependency,
-    collect_exceptions,
-    unwrap_exception,
-    wrap_exception,
-)
 from kernel_engine.serialize import Reference, interactive
 
 from . import error  # (IPython Parallel's ``ipp.error``)
@@ -54,12 +32,12 @@ from ._manager import ClusterManager
 from ._metadata import ExecuteReply, Metadata
 from ._remotefunction import ParallelFunction, RemoteFunction, parallel, remote
 from ._views import BroadcastView, DirectView, View
+from .error import *  # noqa: F403  (the exceptions, as IPython Parallel's top level has them)
+from .error import __all__ as _errors
 from .integrations.joblib import register_joblib_backend
 
 __version__ = "0.1.0"
 version_info = (0, 1, 0)
-
-TimeoutError = TimeoutError  # (the builtin, as IPython Parallel re-exports it)
 
 
 def bind_kernel(**kwargs: object) -> None:
@@ -75,47 +53,28 @@ __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
-    "AlreadyDisplayedError",
     "AsyncHubResult",
     "AsyncMapResult",
     "AsyncResult",
     "BroadcastView",
     "Client",
     "Cluster",
-    "ClusterError",
     "ClusterManager",
-    "CompositeError",
     "Dependency",
-    "DependencyTimeout",
     "DirectView",
-    "EngineError",
     "ExecuteReply",
-    "IPythonError",
-    "ImpossibleDependency",
-    "InvalidDependency",
-    "InvalidTarget",
-    "KernelError",
     "LazyMapIterator",
     "LoadBalancedView",
     "Metadata",
-    "NoEnginesRegistered",
     "ParallelFunction",
     "PrePickled",
     "Reference",
-    "RemoteError",
     "RemoteFunction",
-    "SerializationError",
-    "TaskAborted",
-    "TaskRejectError",
-    "TaskTimeout",
-    "TimeoutError",
-    "UnmetDependency",
     "View",
     "ViewExecutor",
     "bind_kernel",
     "can",
     "can_map",
-    "collect_exceptions",
     "depend",
     "dependent",
     "deserialize_object",
@@ -131,10 +90,9 @@ __all__ = [
     "uncan",
     "uncan_map",
     "unpack_apply_message",
-    "unwrap_exception",
     "use_cloudpickle",
     "use_dill",
     "use_pickle",
     "version_info",
-    "wrap_exception",
+    *_errors,
 ]

@@ -7,15 +7,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kernel_engine import protocol, wire
-from kernel_engine.engine import ops
 from kernel_engine.errors import NoEnginesRegistered
-from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
+from kernel_engine.serialize import pack_apply
 
-from ._asyncresult import AsyncMapResult, AsyncResult, interrupt_running
+from ._asyncresult import AsyncResult, interrupt_running
 from ._batch import SubmitBatch
 from ._dependency import as_dependency
 from ._request import Request
-from ._views import View, _fname, _sliceable
+from ._views import View, _fname, _sliceable, chunk_packer
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -205,25 +204,15 @@ class LoadBalancedView(View):
         length = min(len(s) for s in seqs)
         md = self._task_metadata()
         track = bool(self.track if track is None else track)
-        mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
-        once = PickledFunction(f)
-        head = dumps_function(mapper)
+        pack = chunk_packer(f, return_exceptions)
         futures: list[Request] = []
         sizes: list[int] = []
         with self._batch(track, md) as batch:
             for start in range(0, length, chunksize):
                 parts = [s[start : start + chunksize] for s in seqs]
-                futures.append(batch.add(pack_apply(mapper, (once, *parts), {}, head)))
+                futures.append(batch.add(pack(parts)))
                 sizes.append(len(parts[0]))
-        ar = AsyncMapResult(
-            self.client,
-            futures,
-            sizes,
-            _fname(f),
-            ordered=ordered,
-            return_exceptions=return_exceptions,
-        )
-        return self._finish(ar, block)
+        return self._map_result(futures, sizes, f, ordered, return_exceptions, block)
 
     def imap(
         self,
@@ -269,9 +258,7 @@ class LoadBalancedView(View):
     ) -> Iterator[Any]:
         iterators = [iter(s) for s in sequences]
         md = self._task_metadata()
-        once = PickledFunction(f)
-        mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
-        head = dumps_function(mapper)
+        pack = chunk_packer(f, return_exceptions)
         pending: deque[AsyncResult] = deque()
         exhausted = False
         failed: BaseException | None = None  # (what the input raised, for after its results)
@@ -291,7 +278,7 @@ class LoadBalancedView(View):
                             exhausted = True
                             break
                         parts = [list(p) for p in zip(*chunk)]
-                        future = batch.add(pack_apply(mapper, (once, *parts), {}, head))
+                        future = batch.add(pack(parts))
                         ar = AsyncResult(self.client, [future], _fname(f), single=True)
                         self.history.extend(ar.msg_ids)
                         pending.append(ar)

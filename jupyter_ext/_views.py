@@ -21,6 +21,18 @@ if TYPE_CHECKING:
     from ._syncimports import SyncImports
 
 
+def chunk_packer(
+    f: Callable[..., Any], return_exceptions: bool
+) -> Callable[[list[Any]], list[Any]]:
+    """The frames of each chunk's ``apply_request`` of a map of ``f`` (given the chunk's
+    slice of each sequence): the mapper (per element with ``return_exceptions``) and ``f``
+    pickled once for all the map's chunks."""
+    mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
+    once = PickledFunction(f)
+    head = dumps_function(mapper)
+    return lambda parts: pack_apply(mapper, (once, *parts), {}, head)
+
+
 def _fname(f: Any) -> str:
     return str(getattr(f, "__name__", None) or type(f).__name__)
 
@@ -192,6 +204,27 @@ class View:
         if not (self.block if block is None else block):
             return ar
         return self._block_on(ar)
+
+    def _map_result(
+        self,
+        futures: list[Any],
+        sizes: list[int],
+        f: Callable[..., Any],
+        ordered: bool,
+        return_exceptions: bool,
+        block: bool | None,
+    ) -> Any:
+        """The AsyncMapResult of a map's chunks (``sizes``: their elements), as
+        :meth:`_finish` gives it."""
+        ar = AsyncMapResult(
+            self.client,
+            futures,
+            sizes,
+            _fname(f),
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+        )
+        return self._finish(ar, block)
 
     def _block_on(self, ar: AsyncResult) -> Any:
         """Wait for ``ar``; Ctrl-C interrupts the engines running it, then re-raises."""
@@ -485,23 +518,14 @@ class DirectView(View):
         ids = self._target_ids()
         n = min(len(ids), length) or 1
         futures, sizes = [], []
-        mapper = ops.map_chunk_safe if return_exceptions else ops.map_chunk
-        once = PickledFunction(f)
-        head = dumps_function(mapper)
+        pack = chunk_packer(f, return_exceptions)
         for i, t in enumerate(ids[:n]):
             parts = [partition(s, n, i) for s in seqs]
-            buffers = pack_apply(mapper, (once, *parts), {}, head)
-            futures += self._send_apply([t], buffers, bool(self.track if track is None else track))
+            futures += self._send_apply(
+                [t], pack(parts), bool(self.track if track is None else track)
+            )
             sizes.append(len(parts[0]))
-        ar = AsyncMapResult(
-            self.client,
-            futures,
-            sizes,
-            _fname(f),
-            ordered=ordered,
-            return_exceptions=return_exceptions,
-        )
-        return self._finish(ar, block)
+        return self._map_result(futures, sizes, f, ordered, return_exceptions, block)
 
     def execute(
         self,
