@@ -197,6 +197,11 @@ class Balancer:
     def owns(self, msg_id: str) -> bool:
         return msg_id in self.tasks
 
+    def runs_on(self, msg_id: str, eid: int) -> bool:
+        """Whether the load-balanced task ``msg_id`` was dispatched to ``eid`` and has not
+        finished there (only then is ``eid``'s reply to it taken)."""
+        return self.scheduler.runs_on(msg_id, eid)
+
     def queued(self, msg_id: str) -> bool:
         """Whether ``msg_id`` is a load-balanced task not dispatched to an engine yet."""
         return msg_id in self.tasks and msg_id not in self.inflight

@@ -165,7 +165,14 @@ class Router:
         if not isinstance(msg_id, str):
             self.drops.drop(f"reply from engine {engine.id} without a parent msg_id")
             return
-        pending = self.inflight.pop(msg_id)
+        pending = self.inflight.get(msg_id)
+        if pending is not None:
+            if pending.engine_id != engine.id:
+                # (an engine answering another's request, a buggy or hostile one: the
+                # request stays where it is, and its real reply still finds its client)
+                self.drops.drop(f"reply from engine {engine.id} to another engine's request")
+                return
+            self.inflight.pop(msg_id)
         if pending is None and self.hub.is_restored(msg_id):
             # a task a dead controller sent: the engine kept its reply for us. Its client
             # was told its controller was lost; the record gets the real outcome.
@@ -179,6 +186,11 @@ class Router:
         if pending is None or pending.kind == "lb":
             if not self.balancer.owns(msg_id):
                 self.drops.drop(f"reply from engine {engine.id} to nothing it was sent")
+                return
+            if not self.balancer.runs_on(msg_id, engine.id):
+                # (a task queued here, or dispatched to another engine: taken as final,
+                # this reply ended the task for its client, and the real one was dropped)
+                self.drops.drop(f"reply from engine {engine.id} to a task it was not given")
                 return
             if not self.balancer.reply(engine.id, msg_id, frames, status):
                 return  # a retried attempt: the scheduler sent the task elsewhere

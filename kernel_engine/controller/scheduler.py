@@ -397,6 +397,10 @@ class Scheduler:
             status[str(eid)] = {"queue": len(mids), "tasks": len(mids)}
         return status
 
+    def runs_on(self, msg_id: str, eid: int) -> bool:
+        """Whether ``msg_id`` was dispatched to ``eid`` and has not finished there."""
+        return msg_id in self._inflight.get(eid, ())
+
     def in_flight(self, eid: int) -> tuple[str, ...]:
         """msg_ids dispatched to ``eid`` and not finished, in dispatch order."""
         return tuple(self._inflight.get(eid, ()))

@@ -1,0 +1,103 @@
+"""A peer holding the cluster's key, posing as an engine (a stand-in that registered
+itself), against a real controller and a real engine: what it sends about tasks it was
+never given must neither reach their clients nor take their real results away.
+
+Everything started here is stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kernel_engine import protocol, wire
+from kernel_engine.serialize import dumps_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from standins import Fleet  # (benchmarks/ is not a package)
+
+
+def _forge_reply(standin: Any, msg_id: str, msg_type: str, value: Any) -> None:
+    """The stand-in answers ``msg_id``, which it was never sent, with ``value``."""
+    now = wire.utcnow_iso()
+    metadata = {
+        "started": now,
+        "completed": now,
+        "engine_id": standin.engine_id,
+        "engine_uuid": standin.uuid,
+        "status": "ok",
+        "stdout": "",
+        "stderr": "",
+    }
+    parent = {"msg_id": msg_id, "msg_type": msg_type, "date": now}
+    _, frames = standin.wire.pack(
+        protocol.APPLY_REPLY,
+        {"status": "ok"},
+        parent,
+        metadata,
+        dumps_result(value),
+        idents=[standin.controller, b"client-of-nobody"],
+    )
+    standin.sockets["lane"].send_multipart(frames, copy=False)
+
+
+def _with_standin(cluster_factory: Any) -> tuple[Any, Any, Any, threading.Event, threading.Thread]:
+    cluster = cluster_factory(n=1)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    fleet = Fleet(json.loads(cluster.connection_file.read_text()), 1, "standin-test")
+    stop = threading.Event()
+    server = threading.Thread(target=fleet.serve, args=(stop,), name="standins", daemon=True)
+    server.start()
+    fleet.register(timeout=30)
+    rc.wait_for_engines(2, timeout=30)
+    return cluster, rc, fleet, stop, server
+
+
+def _stop(cluster: Any, fleet: Any, stop: threading.Event, server: threading.Thread) -> None:
+    cluster.stop_cluster_sync(timeout=20)
+    server.join(10)
+    stop.set()
+    server.join(5)
+    fleet.close()
+
+
+def test_an_engines_reply_to_another_engines_task_is_dropped(cluster_factory):
+    # (before: the forged reply ended the request, routed or load-balanced, in the
+    # controller's books and went to whatever client it named; the real engine's reply
+    # was then dropped as "to nothing it was sent", and its client waited for ever; the
+    # scheduler kept counting the task on the real engine)
+    cluster, rc, fleet, stop, server = _with_standin(cluster_factory)
+    try:
+        impostor = fleet.standins[0]
+        real = next(i for i in rc.ids if i != impostor.engine_id)
+
+        def _slow(x: Any) -> Any:
+            import time
+
+            time.sleep(1.5)
+            return x
+
+        direct = rc[real].apply_async(_slow, "real direct")
+        balanced = rc.load_balanced_view(targets=[real]).apply_async(_slow, "real balanced")
+        cell = rc[real].execute("x = 1", block=False)  # (routed through the controller)
+        time.sleep(0.3)  # (all on the real engine: the first runs, the others wait there)
+        for ar in (direct, balanced):
+            _forge_reply(impostor, ar.msg_ids[0], protocol.APPLY_REQUEST, "forged")
+        _forge_reply(impostor, cell.msg_ids[0], "execute_request", "forged")
+        assert direct.get(timeout=20) == "real direct"
+        cell.get(timeout=20)
+        assert balanced.get(timeout=20) == "real balanced"
+        assert direct.engine_id == real and balanced.engine_id == real and cell.engine_id == real
+        # the real engine's place in the scheduler is free again: it takes more work
+        more = rc.load_balanced_view(targets=[real]).map_async(lambda x: x, range(20))
+        assert more.get(timeout=20) == list(range(20))
+    finally:
+        _stop(cluster, fleet, stop, server)
+    log = (cluster.folder / "controller.log").read_text()
+    assert f"engine {impostor.engine_id}" in log
