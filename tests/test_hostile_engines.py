@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+import zmq
+
 from kernel_engine import protocol, wire
 from kernel_engine.serialize import dumps_result
 
@@ -101,3 +104,43 @@ def test_an_engines_reply_to_another_engines_task_is_dropped(cluster_factory):
         _stop(cluster, fleet, stop, server)
     log = (cluster.folder / "controller.log").read_text()
     assert f"engine {impostor.engine_id}" in log
+
+
+def test_a_peer_that_never_reads_its_replies_does_not_grow_the_controller(cluster_factory):
+    # (before: the client socket had no high-water mark, so every reply to a keyed peer
+    # that never read them stayed in the controller: requests of 48 KiB to no engine, each
+    # answered with an error naming the request, grew it by about as much as they sent)
+    cluster, rc = cluster_factory.start(1, db="memory")
+    info = json.loads((cluster.folder / "client.json").read_text())
+    signer = wire.Wire(info["key"].encode())
+    context = zmq.Context()
+    stalled = context.socket(zmq.DEALER)
+    stalled.linger = 0
+    stalled.rcvhwm = 1
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.sndhwm = 0
+    stalled.connect(f"tcp://127.0.0.1:{info['client_port']}")
+    pid = cluster.controller_pid
+    pad = "x" * (48 << 10)
+    try:
+        before = psutil.Process(pid).memory_info().rss
+        for i in range(12_000):  # (about 560 MiB of replies)
+            if i % 100 == 0:
+                time.sleep(0.02)  # (what the controller has not read yet is not the point)
+            header = signer.header(protocol.APPLY_REQUEST)
+            header["pad"] = pad
+            _, frames = signer.pack(protocol.APPLY_REQUEST, {}, header=header, idents=[b"lane:999"])
+            stalled.send_multipart(frames, copy=False)
+        # the others are served meanwhile, and once the flood is read, so is a new request
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert rc[0].apply_sync(abs, -3) == 3
+            if "which does not read them" in (cluster.folder / "controller.log").read_text():
+                break
+            time.sleep(0.5)
+        grown = psutil.Process(pid).memory_info().rss - before
+    finally:
+        stalled.close(linger=0)
+        context.term()
+    assert grown < 300 << 20, f"the controller grew by {grown >> 20} MiB"
+    assert rc[0].apply_sync(abs, -4) == 4

@@ -68,7 +68,7 @@ from .intake import BatchIntake
 from .launching import Launches
 from .loop import PollLoop
 from .monitor import Monitor
-from .outbox import Outbox
+from .outbox import PIPE_MESSAGES, Outbox
 from .reads import Deferred, FileReads, Reply
 from .requests import HubRequests
 from .restore import Restorer, keypair, port, previous_connection, save_keypair
@@ -264,6 +264,11 @@ class Controller:
         # what one peer has sent and we have not read waits in its own process, not here
         # (a flood pushes back on the flooder; a client queues in its own memory)
         self.clients_socket.rcvhwm = PEER_HWM
+        # what a client does not read: a bounded share here, the rest in the outbox, which
+        # drops it past a bound, naming the client (see .outbox); mandatory, so a send past
+        # the share fails at once rather than blocking or dropping without a word
+        self.clients_socket.sndhwm = PIPE_MESSAGES
+        self.clients_socket.router_mandatory = 1
         self.iopub = self._server_socket(zmq.XPUB)
         self.iopub.setsockopt(zmq.XPUB_VERBOSE, 1)  # (each subscriber to status gets one now)
         self.iopub.linger = 0
@@ -700,6 +705,7 @@ class Controller:
         """
         self.reads.drop(client)
         self.outbox.merge_for(protocol.reply_identity(client), False)
+        self.outbox.forget(protocol.reply_identity(client))
         abort = self.on_client_lost == "abort"
         running = self.balancer.client_lost(client, abort)
         by_engine: dict[int, list[str]] = {}
@@ -745,13 +751,10 @@ class Controller:
             content = self.engines.register(request)
             if content.get("status") == "ok":
                 self._write_cluster_json()
-        self.wire.send(
-            self.clients_socket,
-            protocol.REGISTER_REPLY,
-            content,
-            msg.header,
-            idents=[client, protocol.HUB_ROUTE],
+        _, frames = self.wire.pack(
+            protocol.REGISTER_REPLY, content, msg.header, idents=[client, protocol.HUB_ROUTE]
         )
+        self.send_client(frames)  # (never blocking the loop: see .outbox)
 
     def tell_engines(self, eids: list[int], msg_type: str, content: dict[str, Any]) -> None:
         """Send a message of the controller's own on the engines' control channels."""

@@ -19,10 +19,18 @@ its own speaking the protocol) gets the same messages one by one. Every message 
 client goes through here, so a client gets them in the order the controller sent them
 (the replies to a broadcast's parts reach here together, once :mod:`.fanin` lets them
 go).
+
+A client that does not read what it is sent (a peer that never reads its replies, one
+SIGSTOPped) must not grow the controller without bound: the socket holds at most
+:data:`PIPE_MESSAGES` messages for one client (``router_mandatory``: a send past it fails
+at once instead of blocking the loop or dropping silently); what does not fit waits here,
+in order, and goes as the client reads; past :data:`MAX_BACKLOG_BYTES` waiting, that
+client's waiting messages are dropped and logged, naming it.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import zmq
@@ -36,6 +44,14 @@ MAX_MESSAGES = 256
 MAX_BYTES = 1 << 20
 """Bytes to one client gathered before they are sent at once (a large result goes at
 once)."""
+
+PIPE_MESSAGES = 64
+"""Messages the client socket holds for one client that has not read them (its
+``sndhwm``; each up to about :data:`MAX_BYTES`, but for a single large one)."""
+
+MAX_BACKLOG_BYTES = 128 << 20
+"""Bytes waiting here for one client whose share of the socket is full, at most: past it,
+they are dropped (the client reads nothing, or far too slowly)."""
 
 MAX_MERGED = 100_000
 """Clients remembered as reading merged replies, at most: past it, the one that said so
@@ -65,6 +81,9 @@ class Outbox:
         self._merged: dict[bytes, None] = {}  # clients that read merged replies, oldest first
         self._queued: dict[bytes, list[list[Any]]] = {}
         self._bytes: dict[bytes, int] = {}
+        # messages for clients whose share of the socket is full, in order, and their bytes
+        self._backlog: dict[bytes, deque[list[Any]]] = {}
+        self._backlog_bytes: dict[bytes, int] = {}
 
     def send(self, frames: list[Any]) -> None:
         """Queue ``[client, route, DELIM, signature, ...]`` for its client."""
@@ -88,7 +107,10 @@ class Outbox:
             self._merged[client] = None
 
     def flush(self) -> None:
-        """Send what is queued (one message per client)."""
+        """Send what is queued (one message per client), after what waits for clients
+        that read slowly."""
+        if self._backlog:
+            self._send_backlog()
         if not self._queued:
             return
         queued, self._queued = self._queued, {}
@@ -102,11 +124,60 @@ class Outbox:
                 messages = replies.pack(self.signer, messages)
             if len(messages) > 1:
                 messages = [[client, *m] for m in wire.batches([m[1:] for m in messages])]
+        if client in self._backlog:  # (behind what waits already: in order)
+            self._hold(client, messages)
+            return
+        sent = 0
         try:
             for frames in messages:
-                wire.send_frames(self.socket, frames)
+                wire.send_frames(self.socket, frames, wire.NOBLOCK)
+                sent += 1
+        except zmq.Again:  # (its share of the socket is full: nothing of it was sent)
+            self._hold(client, messages[sent:])
         except zmq.ZMQError as exc:
-            self.drops.drop(f"{len(messages)} message(s) for a client: {exc}")
+            self.drops.drop(f"{len(messages) - sent} message(s) for a client: {exc}")
+
+    def _hold(self, client: bytes, messages: list[list[Any]]) -> None:
+        """Keep ``messages`` for ``client`` until it reads; drop what it has waiting
+        once that is more than :data:`MAX_BACKLOG_BYTES`."""
+        backlog = self._backlog.get(client)
+        if backlog is None:
+            backlog = self._backlog[client] = deque()
+            self._backlog_bytes[client] = 0
+        backlog.extend(messages)
+        size = self._backlog_bytes[client] + sum(sum(map(len, m)) for m in messages)
+        self._backlog_bytes[client] = size
+        if size > MAX_BACKLOG_BYTES:
+            self.forget(client)
+            who = client[:16].decode("ascii", "replace")
+            self.drops.drop(
+                f"{len(backlog)} message(s) for client {who}, which does not read them "
+                f"({size >> 20} MiB waiting)"
+            )
+
+    def _send_backlog(self) -> None:
+        for client in list(self._backlog):
+            backlog = self._backlog[client]
+            try:
+                while backlog:
+                    frames = backlog[0]
+                    wire.send_frames(self.socket, frames, wire.NOBLOCK)
+                    backlog.popleft()
+                    self._backlog_bytes[client] -= sum(map(len, frames))
+            except zmq.Again:
+                continue  # (still full: later)
+            except zmq.ZMQError as exc:
+                self.drops.drop(f"{len(backlog)} message(s) for a client: {exc}")
+            self.forget(client)
+
+    def forget(self, client: bytes) -> None:
+        """Drop what waits for ``client`` (it is gone)."""
+        self._backlog.pop(client, None)
+        self._backlog_bytes.pop(client, None)
+
+    def waiting(self, client: bytes) -> int:
+        """Bytes waiting for ``client`` to read its share of the socket."""
+        return self._backlog_bytes.get(client, 0)
 
     def __len__(self) -> int:
         return sum(map(len, self._queued.values()))
