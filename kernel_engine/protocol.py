@@ -246,6 +246,15 @@ def reply_type(msg_type: str) -> str:
 MAX_IDS = 1_000_000
 """Most msg_ids (or engine ids) one request may name."""
 
+MAX_NOTICE_ENTRIES = 20_000
+"""Most requests one :data:`DIRECT_NOTICE` may name (submitted, completed and done
+together): ten times what a client gathers before it sends them at once
+(``jupyter_ext._lanes.MAX_WAITING``). The controller records them in one turn of its loop
+(about 10 us each), which a notice of a million held for seconds, every client waiting."""
+
+MAX_NOTICE_BYTES = 16 << 20
+"""Most bytes of a :data:`DIRECT_NOTICE`'s content (its JSON), checked before it is read."""
+
 MAX_SECONDS = 1e9
 """Longest timeout or time limit accepted (about 31 years: finite, so deadlines are)."""
 
@@ -931,8 +940,13 @@ class DirectNotice:
         completed = content.get("completed", [])
         done = content.get("done", [])
         for name, items in (("submitted", submitted), ("completed", completed), ("done", done)):
-            if not isinstance(items, list) or len(items) > MAX_IDS:
+            if not isinstance(items, list):
                 raise TypeError(f"{name} must be a list, not {_kind(items)}")
+        total = len(submitted) + len(completed) + len(done)
+        if total > MAX_NOTICE_ENTRIES:
+            raise ValueError(
+                f"a direct notice names at most {MAX_NOTICE_ENTRIES} requests, not {total}"
+            )
         return cls(
             tuple(DirectSubmitted.from_content(s) for s in submitted),
             tuple(DirectCompleted.from_content(c) for c in completed),

@@ -144,3 +144,62 @@ def test_a_peer_that_never_reads_its_replies_does_not_grow_the_controller(cluste
         context.term()
     assert grown < 300 << 20, f"the controller grew by {grown >> 20} MiB"
     assert rc[0].apply_sync(abs, -4) == 4
+
+
+def _phantoms(prefix: str, n: int) -> dict[str, Any]:
+    """A direct notice naming ``n`` requests sent to engine 0's lane that nobody sent."""
+    date = wire.utcnow_iso()
+    return {
+        "submitted": [
+            {
+                "msg_id": f"{prefix}{i:012d}",
+                "msg_type": "apply_request",
+                "engine_id": 0,
+                "date": date,
+            }
+            for i in range(n)
+        ]
+    }
+
+
+def test_huge_direct_notices_neither_stall_the_controller_nor_grow_it(cluster_factory):
+    # (before: a notice could name a million requests, all recorded and held in flight in
+    # one turn of the loop: 300,000 of them held every request to the controller for
+    # about 1.7 s, and each such notice held some 170 MiB more until its sender was lost)
+    cluster, rc = cluster_factory.start(1, db="memory")
+    info = json.loads((cluster.folder / "client.json").read_text())
+    signer = wire.Wire(info["key"].encode())
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.setsockopt(zmq.IDENTITY, b"0123456789abcdef:s")
+    peer.connect(f"tcp://127.0.0.1:{info['client_port']}")
+
+    def notice(content: dict[str, Any]) -> None:
+        _, frames = signer.pack(protocol.DIRECT_NOTICE, content, idents=[protocol.HUB_ROUTE])
+        peer.send_multipart(frames, copy=False)
+
+    try:
+        notice(_phantoms("huge", 300_000))
+        notice(_phantoms("many", 20_001))
+        slowest, until = 0.0, time.monotonic() + 4
+        while time.monotonic() < until:  # (while the controller reads them)
+            t0 = time.monotonic()
+            rc.queue_status()  # (answered by the controller's loop)
+            slowest = max(slowest, time.monotonic() - t0)
+        assert slowest < 1.0, f"a round trip took {slowest:.2f} s"
+        for k in range(12):  # (20,000 each: more than the controller holds)
+            notice(_phantoms(f"held{k:02d}", 20_000))
+        assert rc[0].apply_sync(abs, -2) == 2
+        deadline = time.monotonic() + 30
+        log = cluster.folder / "controller.log"
+        while "are held unanswered already" not in log.read_text():
+            assert time.monotonic() < deadline, "the phantom requests were all held"
+            time.sleep(0.2)
+    finally:
+        peer.close(linger=0)
+        context.term()
+    text = log.read_text()
+    assert "invalid direct notice from client 0123456789abcdef" in text
+    assert "direct request of client 0123456789abcdef" in text
+    assert rc[0].apply_sync(abs, -3) == 3

@@ -553,8 +553,9 @@ class Controller:
         elif msg.msg_type == protocol.DIRECT_NOTICE:
             try:
                 self.router.direct_notice(client, msg)
-            except (TypeError, ValueError) as exc:
-                self.drops.drop(f"invalid direct notice: {exc}")
+            except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
+                who = client[:16].decode("ascii", "replace")
+                self.drops.drop(f"invalid direct notice from client {who}: {str(exc)[:200]}")
 
     def _hub_request(self, client: bytes, msg: Message) -> None:
         """Answer a request the controller serves itself; one that reads the task file is

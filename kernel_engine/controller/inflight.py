@@ -15,6 +15,11 @@ from typing import Any, Literal
 
 Kind = Literal["routed", "lb", "direct"]
 
+MAX_DIRECT = 200_000
+"""Requests that clients said they sent to lanes themselves and that are not answered yet,
+held at most (all clients together): only a client's notice says when one ends, so a peer
+naming requests that never end would otherwise grow this without bound."""
+
 
 @dataclass(slots=True)
 class Pending:
@@ -38,8 +43,12 @@ class Inflight:
         self._by_id: dict[str, Pending] = {}
         self._by_engine: dict[int, dict[str, None]] = {}
         self.completed: Counter[int] = Counter()
+        self.direct = 0
+        """How many of the requests held are ``direct`` ones."""
 
     def add(self, msg_id: str, pending: Pending) -> None:
+        if pending.kind == "direct":
+            self.direct += 1
         self._by_id[msg_id] = pending
         self._by_engine.setdefault(pending.engine_id, {})[msg_id] = None
 
@@ -56,6 +65,8 @@ class Inflight:
         """Forget ``msg_id``; ``answered`` counts it as completed by its engine."""
         pending = self._by_id.pop(msg_id, None)
         if pending is not None:
+            if pending.kind == "direct":
+                self.direct -= 1
             held = self._by_engine.get(pending.engine_id)
             if held is not None:
                 held.pop(msg_id, None)
@@ -84,7 +95,9 @@ class Inflight:
         """Forget everything ``engine_id`` held (it died or stopped), oldest first."""
         held = self._by_engine.pop(engine_id, {})
         self.completed.pop(engine_id, None)
-        return [(m, p) for m in held if (p := self._by_id.pop(m, None)) is not None]
+        gone = [(m, p) for m in held if (p := self._by_id.pop(m, None)) is not None]
+        self.direct -= sum(p.kind == "direct" for _, p in gone)
+        return gone
 
     def of_client(self, client: bytes) -> list[tuple[str, Pending]]:
         """The requests of one client (a scan: only for rare events, a client lost)."""

@@ -24,7 +24,7 @@ from kernel_engine.wire import DropLog, Message
 from .balancer import Balancer
 from .engines import Engine, EngineSet
 from .hub import Hub
-from .inflight import Inflight, Pending
+from .inflight import MAX_DIRECT, Inflight, Pending
 
 Head = tuple[int, bytes]
 """What the router read of an engine's reply to an apply request: (engine id, metadata
@@ -255,6 +255,12 @@ class Router:
         sliced out of the joined buffers. A request both sent and answered since the
         client's last notice (``done``) is recorded with its outcome at once.
         """
+        size = len(msg.frames[4])
+        if size > protocol.MAX_NOTICE_BYTES:  # (before it is parsed)
+            raise ValueError(
+                f"a direct notice's content is at most {protocol.MAX_NOTICE_BYTES} bytes, "
+                f"not {size}"
+            )
         notice = protocol.DirectNotice.from_content(msg.content)
         for sub in notice.submitted:
             self._direct_submitted(client, sub, True)
@@ -287,6 +293,13 @@ class Router:
         at once if that engine is gone."""
         if self.hub.known(sub.msg_id) or sub.msg_id in self.inflight:
             self.drops.drop("a direct notice naming a msg_id seen before")
+            return False
+        if in_flight and self.inflight.direct >= MAX_DIRECT:
+            # (not recorded: its result still reaches its client, straight from the lane)
+            who = client[:16].decode("ascii", "replace")
+            self.drops.drop(
+                f"a direct request of client {who}: {MAX_DIRECT} are held unanswered already"
+            )
             return False
         self.hub.submitted(sub.msg_id, sub.msg_type, client, sub.engine_id, sub.date, sub.label)
         self.balancer.heard_of(sub.msg_id)
