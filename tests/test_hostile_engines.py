@@ -203,3 +203,43 @@ def test_huge_direct_notices_neither_stall_the_controller_nor_grow_it(cluster_fa
     assert "invalid direct notice from client 0123456789abcdef" in text
     assert "direct request of client 0123456789abcdef" in text
     assert rc[0].apply_sync(abs, -3) == 3
+
+
+def test_an_engines_output_for_another_engines_task_is_not_recorded(cluster_factory):
+    # (before: a stream message on any engine's iopub went into the record its parent
+    # named, so a registered engine could write into another engine's task's stdout)
+    cluster, rc, fleet, stop, server = _with_standin(cluster_factory)
+    try:
+        impostor = fleet.standins[0]
+        real = next(i for i in rc.ids if i != impostor.engine_id)
+
+        def _printing() -> None:
+            import time
+
+            print("real")
+            time.sleep(1.5)
+
+        ar = rc.load_balanced_view(targets=[real]).apply_async(_printing)
+        time.sleep(0.5)  # (it runs, and prints, on the real engine)
+        parent = {"msg_id": ar.msg_ids[0], "msg_type": protocol.APPLY_REQUEST}
+        for _ in range(3):
+            impostor.wire.send(
+                impostor.sockets["iopub"],
+                "stream",
+                {"name": "stdout", "text": "forged\n"},
+                parent,
+                idents=[impostor.topic],
+            )
+        ar.get(timeout=20)
+        deadline = time.monotonic() + 20
+        while True:
+            stdout = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["stdout"])[0]["stdout"]
+            if stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # (what the impostor sent had as long to reach the record)
+        stdout = rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["stdout"])[0]["stdout"]
+    finally:
+        _stop(cluster, fleet, stop, server)
+    assert "real" in stdout
+    assert "forged" not in stdout

@@ -632,11 +632,12 @@ class Controller:
         if self.comms.waiting(engine.id):
             self.comms.seen(engine.id, frames)
         if self.hub.log is not None:
-            self._record_output(frames)
+            self._record_output(engine, frames)
 
-    def _record_output(self, frames: list[Any]) -> None:
+    def _record_output(self, engine: Engine, frames: list[Any]) -> None:
         """A ``stream`` message's text, into its task's record (others are skipped cheaply:
-        only a header naming ``stream`` is parsed)."""
+        only a header naming ``stream`` is parsed), unless the record names another
+        engine (a registered engine's output is its own tasks', not another's)."""
         try:
             at = wire.delimiter_at(frames)
             if at < 0 or b'"stream"' not in wire.as_bytes(frames[at + 2]):
@@ -647,6 +648,10 @@ class Controller:
             name = msg.content.get("name")
             text = msg.content.get("text")
             if name in ("stdout", "stderr") and isinstance(text, str):
+                record = self.hub.get(msg.parent_id)
+                if record is not None and record.engine_id not in (None, engine.id):
+                    self.drops.drop(f"output from engine {engine.id} for another engine's task")
+                    return
                 self.hub.output(msg.parent_id, name, text)
         except (ValueError, IndexError):  # (wire.MessageError is a ValueError)
             return
