@@ -32,6 +32,43 @@ def start_time(pid: int) -> str | None:
     return f"{boot_id}:{int(fields[19])}"
 
 
+def session_members(sid: int, since: str | None) -> dict[int, str | None]:
+    """The processes of session ``sid`` (Linux ``/proc``; elsewhere none), by PID with
+    their :func:`start_time`: those that a session leader started with that PID left,
+    even once it exited and they were reparented away from it.
+
+    ``since`` is the leader's start time: members that started before it are left out,
+    and so is everything when a process other than that leader now has the PID (Linux
+    does not reuse a PID that is still some process's session id, so then none is
+    left of the recorded one's session). None when unknown: ``sid`` is taken as is.
+    """
+    if since is not None and running(sid) and start_time(sid) != since:
+        return {}
+    boot, _, tick = (since or "").partition(":")
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    out: dict[int, str | None] = {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[3]) != sid:
+                continue
+        except (OSError, IndexError, ValueError):
+            continue
+        started = start_time(int(entry))
+        if since is not None and started is not None:
+            their_boot, _, their_tick = started.partition(":")
+            if their_boot != boot or int(their_tick) < int(tick or 0):
+                continue
+        out[int(entry)] = started
+    return out
+
+
 def running(pid: int) -> bool:
     """Whether a local process runs (a zombie, dead but not yet reaped, does not)."""
     if pid <= 0:

@@ -77,6 +77,36 @@ def test_a_bad_mpiexec_argument_raises_with_mpiexecs_message(cluster_factory):
     assert "unknown option" in message  # (mpiexec's own words)
 
 
+FAKE_MPIEXEC = """#!/bin/sh
+case "$1" in --version) echo "fake mpiexec 1.0"; exit 0;; esac
+pids="$(dirname "$0")/pids"
+trap '' TERM
+sleep 1000 & echo $! >>"$pids"
+sleep 1001 & echo $! >>"$pids"
+echo $$ >>"$pids"
+wait
+"""
+
+
+def test_a_failed_start_stops_what_a_wrapper_that_does_not_exec_started(cluster_factory, tmp_path):
+    # a site wrapper that runs mpiexec without exec: SIGTERM ends the wrapper, and what
+    # it started (here deaf to SIGTERM, engines never coming) is reparented away from it
+    fake = tmp_path / "fake-mpiexec"
+    fake.write_text(FAKE_MPIEXEC)
+    wrapper = tmp_path / "mpiexec-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n"{fake}" "$@"\n')
+    for script in (fake, wrapper):
+        script.chmod(0o755)
+    cluster = cluster_factory(2, engines="mpi", mpiexec=str(wrapper), start_timeout=2)
+    with pytest.raises(ClusterError, match="0 of 2 engines ready"):
+        cluster.start_cluster_sync()
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 3
+    left = wait_gone(pids, timeout=5)
+    kill_pids(left)
+    assert not left, f"left running after a failed start: {left}"
+
+
 NOTEBOOK = {
     "setup": "import jupyter_ext as jx\n"
     "cluster = jx.Cluster(n=4, engines='mpi', mpi_args=['--oversubscribe'])\n"

@@ -19,7 +19,7 @@ from typing import Any
 
 from kernel_engine import processes
 
-from .base import LaunchContext, Launcher, children, kill_recorded
+from .base import LaunchContext, Launcher, kill_recorded, process_tree
 from .local import LocalLauncher
 from .mpi import MPILauncher
 from .provisioner import ProvisionerLauncher
@@ -136,12 +136,10 @@ def _stop_record(record: dict[str, Any], timeout: float) -> None:
     if isinstance(job, str) and job.isdigit():
         cancel(job, timeout)
     pid, started = record.get("pid"), record.get("pid_started")
-    if (
-        isinstance(pid, int)
-        and pid > 1
-        and isinstance(started, str)
-        and processes.start_time(pid) == started
-    ):
-        tree = {p: processes.start_time(p) for p in children(pid)}
+    if not (isinstance(pid, int) and pid > 1 and isinstance(started, str)):
+        return
+    # (its session too: what it started outlives it there, when it died first)
+    tree = process_tree(pid, started)
+    if processes.start_time(pid) == started:
         processes.terminate(pid, timeout, lambda: processes.start_time(pid) == started)
-        kill_recorded(tree)
+    kill_recorded(tree)

@@ -205,20 +205,36 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def stop_tree(process: subprocess.Popen[bytes], timeout: float) -> None:
+def stop_tree(process: subprocess.Popen[bytes], timeout: float, started: str | None = None) -> None:
     """Stop a launcher process and everything under it: SIGTERM to it (``mpiexec``
     passes it on to its ranks, which lead process groups of their own), ``timeout`` s,
-    then SIGKILL to whatever of the tree is left (each checked by its start time)."""
-    tree = {pid: processes.start_time(pid) for pid in children(process.pid)}
+    then SIGKILL to whatever of the tree is left (each checked by its start time).
+
+    The tree is its descendants and the members of the session it leads (a launcher
+    process is started in a session of its own): what a wrapper that does not ``exec``
+    its ``mpiexec`` leaves when SIGTERM ends it is reparented away from it, but stays in
+    its session. Those get SIGTERM themselves once it is gone (nothing passes it on).
+
+    ``started`` is its start time, taken when it was started: once it has been reaped
+    (``poll`` does that) its PID may be another process's, and without it only what
+    runs under a process not reaped yet is taken for its tree."""
+    if started is None and process.returncode is None:
+        started = processes.start_time(process.pid)  # (not reaped: still that process)
+    tree = process_tree(process.pid, started) if started else {}
     if process.poll() is None:
         try:
             process.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
+    orphans_told = False
     while time.monotonic() < deadline:
-        if process.poll() is not None and not _alive(tree):
-            break
+        if process.poll() is not None:
+            if not _alive(tree):
+                break
+            if not orphans_told:
+                signal_recorded(tree, signal.SIGTERM)
+                orphans_told = True
         time.sleep(0.05)
     if process.poll() is None:
         process.kill()
@@ -229,6 +245,19 @@ def stop_tree(process: subprocess.Popen[bytes], timeout: float) -> None:
         log.warning("launcher process %i does not exit", process.pid)
 
 
+def process_tree(pid: int, started: str | None = None) -> dict[int, str | None]:
+    """Process ``pid``'s descendants and the members of the session it leads (if it
+    does), with their start times; ``started`` is its own when it may be gone already
+    (then its PID's descendants are another process's, and are left out)."""
+    started = started or processes.start_time(pid)
+    tree: dict[int, str | None] = {}
+    if processes.start_time(pid) == started:
+        tree = {p: processes.start_time(p) for p in children(pid)}
+    tree.update(processes.session_members(pid, started))
+    tree.pop(pid, None)
+    return tree
+
+
 def _alive(tree: dict[int, str | None]) -> bool:
     return any(_same(pid, started) for pid, started in tree.items())
 
@@ -237,15 +266,20 @@ def _same(pid: int, started: str | None) -> bool:
     return processes.running(pid) and (started is None or processes.start_time(pid) == started)
 
 
-def kill_recorded(tree: dict[int, str | None], wait: float = 5.0) -> None:
-    """SIGKILL the recorded processes still running (each the one recorded) and wait
-    for them to go."""
+def signal_recorded(tree: dict[int, str | None], signum: int) -> None:
+    """Send ``signum`` to the recorded processes still running (each the one recorded)."""
     for pid, started in tree.items():
         if _same(pid, started):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+
+
+def kill_recorded(tree: dict[int, str | None], wait: float = 5.0) -> None:
+    """SIGKILL the recorded processes still running (each the one recorded) and wait
+    for them to go."""
+    signal_recorded(tree, signal.SIGKILL)
     deadline = time.monotonic() + wait
     while _alive(tree) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -56,6 +56,7 @@ class MPILauncher(Launcher):
         self.mpi_args = check_args("mpi_args", context.options.get("mpi_args"))
         self.mpiexec = str(context.options.get("mpiexec") or "mpiexec")
         self.process: subprocess.Popen[bytes] | None = None
+        self.started: str | None = None  # (its start time, taken at once: see stop_tree)
         self.log_path = context.folder / f"mpiexec-{context.first_id}.log"
         self._stopping = False
 
@@ -100,6 +101,7 @@ class MPILauncher(Launcher):
                 env={**os.environ, **self.context.env},
                 start_new_session=True,
             )
+        self.started = processes.start_time(self.process.pid)
         return self.ids
 
     def poll(self) -> str | None:
@@ -115,12 +117,11 @@ class MPILauncher(Launcher):
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         if self.process is not None:
-            stop_tree(self.process, timeout)
+            stop_tree(self.process, timeout, self.started)
 
     def record(self) -> dict[str, Any]:
         pid = self.process.pid if self.process is not None else None
-        started = processes.start_time(pid) if pid else None
-        return {"launcher": self.name, "ids": self.ids, "pid": pid, "pid_started": started}
+        return {"launcher": self.name, "ids": self.ids, "pid": pid, "pid_started": self.started}
 
     def log_files(self) -> list[Path]:
         return [self.log_path]
