@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -31,7 +32,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, List, Unicode
 
-from kernel_engine import ports, templates
+from kernel_engine import ports, processes, templates
 from kernel_engine.templates import DEFAULT_PRELOAD, ForkedProcess, TemplateError, TemplatePool
 
 log = logging.getLogger("kernel_engine.provisioner")
@@ -78,6 +79,8 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Whether this kernel was forked from a template (else started the plain way)."""
 
     _ports: tuple[int, ...] = ()
+    _session: tuple[int, str | None] | None = None
+    """The kernel's PID (the id of the session it leads) and start time."""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """As the local provisioner's, with the kernel's ports taken outside the
@@ -97,6 +100,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         return result
 
     async def cleanup(self, restart: bool = False) -> None:
+        self._end_session()
         if not restart:
             for port in self._ports:
                 ports.PICKER.give_back(port)
@@ -113,13 +117,32 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             level = logging.INFO if why.startswith("(") else logging.WARNING
             log.log(level, "kernel %s: started without a fork template: %s", self.kernel_id, why)
             self.forked = False
-            return await super().launch_kernel(cmd, **kwargs)
+            info: KernelConnectionInfo = await super().launch_kernel(cmd, **kwargs)
+            self._session = (self.pid, processes.start_time(self.pid)) if self.pid else None
+            return info
         self.forked = True
         self.process = process  # type: ignore[assignment]
         self.pid = process.pid
         self.pgid = process.pid  # (it leads its own session, as a kernel manager's kernel)
+        self._session = (process.pid, processes.start_time(process.pid))
         self.cwd = kwargs.get("cwd") or os.getcwd()
         return self.connection_info
+
+    def _end_session(self) -> None:
+        """SIGKILL what the kernel, now gone, left in its session: the processes a task
+        started, which outlive a kernel that crashed or was killed alone (a forked
+        kernel that has ended is not signalled, so neither is its process group)."""
+        session, self._session = self._session, None
+        if session is None or session[1] is None:
+            return
+        pid, started = session
+        if processes.running(pid) and processes.start_time(pid) == started:
+            return  # (it still runs: not ours to end here)
+        for member in processes.session_members(pid, started):
+            try:
+                os.kill(member, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     @staticmethod
     def _unforkable(cmd: list[str], kwargs: dict[str, Any]) -> str | None:

@@ -233,6 +233,20 @@ def test_nothing_is_left_after_stop_cluster(cluster_factory):
     assert [p for p in sockets if p.exists()] == []
 
 
+def test_a_crashed_engines_task_processes_are_gone_after_stop_cluster(cluster_factory):
+    # (a task's subprocess outlives its kernel when the kernel crashes, or is OOM
+    # killed, alone; nothing signals a forked kernel's process group once it has ended)
+    cluster, rc = cluster_factory.start(2)
+    child = rc[0].apply_sync(lambda: __import__("subprocess").Popen(["sleep", "300"]).pid)
+    with pytest.raises(jx.EngineError):
+        rc[0].apply_sync(lambda: __import__("os")._exit(1))
+    assert psutil.pid_exists(child)
+    cluster.stop_cluster_sync()
+    left = wait_gone([child], 5)
+    kill_pids(left)
+    assert not left, "a crashed engine's task process outlived stop_cluster"
+
+
 def test_nothing_is_left_after_the_controller_is_killed(cluster_factory):
     cluster, rc = cluster_factory.start(2, engine_grace=1.0)
     pids = [rc.engine_info(i)["pid"] for i in rc.ids]
