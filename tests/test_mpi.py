@@ -107,6 +107,18 @@ def test_a_failed_start_stops_what_a_wrapper_that_does_not_exec_started(cluster_
     assert not left, f"left running after a failed start: {left}"
 
 
+def test_an_mpiexec_that_exits_cleanly_without_engines_fails_the_start_at_once(cluster_factory):
+    # (mpiexec --version prints and exits with code 0: no engine will ever register)
+    cluster = cluster_factory(2, engines="mpi", mpi_args=["--version"], start_timeout=60)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="before any of its engines registered") as info:
+        cluster.start_cluster_sync()
+    assert time.monotonic() - started < 15
+    message = str(info.value)
+    assert "mpiexec exited with code 0" in message
+    assert "--version" in message  # (its own output, from the command line on)
+
+
 NOTEBOOK = {
     "setup": "import jupyter_ext as jx\n"
     "cluster = jx.Cluster(n=4, engines='mpi', mpi_args=['--oversubscribe'])\n"

@@ -63,6 +63,9 @@ engines through a kernel spec's command set it in the environment)."""
 SETUP_TIMEOUT = 60.0
 """Seconds an accepted engine waits for the controller to set it up before it leaves."""
 
+REGISTERED = "registered with cluster"
+"""What an engine's output says once the controller took it in (launchers look for it)."""
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         output.fatal(str(exc))
         return 1
     print(
-        f"registered with cluster {cluster.get('cluster_id')} as engine {reply['engine_id']}",
+        f"{REGISTERED} {cluster.get('cluster_id')} as engine {reply['engine_id']}",
         file=sys.__stderr__,
         flush=True,
     )

@@ -9,7 +9,9 @@ environment), and each rank's output goes to ``engine-<id>.log`` in the cluster 
 mpiexec's own output, to ``mpiexec-<first id>.log``.
 
 A failing mpiexec (a bad ``mpi_args`` option, too few slots) exits at once: :meth:`poll`
-reports its exit code with its own messages. Stopping sends mpiexec SIGTERM (Open MPI
+reports its exit code with its own messages. So does one that exits with code 0 before any
+of its engines registered (``mpi_args=["--version"]``, an ``mpiexec`` wrapper that only
+submits): its engines will never come. Stopping sends mpiexec SIGTERM (Open MPI
 passes it on to its ranks, which lead their own process groups), then SIGKILL to
 whatever of its process tree is left. MPI semantics apply: a rank that exits with an
 error makes mpiexec end the others.
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_engine import processes
+from kernel_engine.engine.register import REGISTERED
 from kernel_engine.errors import LaunchError
 
 from .base import LaunchContext, Launcher, stop_tree, tail
@@ -59,6 +62,7 @@ class MPILauncher(Launcher):
         self.started: str | None = None  # (its start time, taken at once: see stop_tree)
         self.log_path = context.folder / f"mpiexec-{context.first_id}.log"
         self._stopping = False
+        self._seen_registered = False
 
     def command(self) -> list[str]:
         """The mpiexec command line."""
@@ -109,10 +113,25 @@ class MPILauncher(Launcher):
         if process is None or self._stopping:
             return None
         code = process.poll()
-        if code is None or code == 0:
+        if code is None or (code == 0 and self._registered()):
             return None
         said = tail(self.log_path) or "(no output)"
-        return f"mpiexec exited with code {code}; its output:\n{said}"
+        why = " before any of its engines registered" if code == 0 else ""
+        return f"mpiexec exited with code {code}{why}; its output:\n{said}"
+
+    def _registered(self) -> bool:
+        """Whether one of its engines said it registered (in its log; remembered once
+        seen, as each poll asks)."""
+        if not self._seen_registered:
+            for eid in self.ids:
+                try:
+                    with open(self.context.folder / f"engine-{eid}.log", "rb") as f:
+                        if REGISTERED.encode() in f.read(1 << 20):
+                            self._seen_registered = True
+                            break
+                except OSError:
+                    continue
+        return self._seen_registered
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
