@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from ssh_support import A_IP, B_IP, HEAD_IP, SshHosts, missing
 
-from kernel_engine.errors import LaunchError
+from kernel_engine.errors import ClusterError, LaunchError
 from kernel_engine.launchers import LaunchContext, find, ssh
 
 # ----- pure decisions
@@ -129,6 +129,18 @@ def test_the_launcher_refuses_bad_options_and_a_loopback_controller(tmp_path):
     with pytest.raises(LaunchError, match="always encrypted"):
         launcher.start()
     assert launcher.sessions == {}
+
+
+def test_an_ssh_that_exits_cleanly_before_its_engine_registers_fails_the_start(cluster_factory):
+    # (ssh -V prints its version and exits with code 0: it connects nowhere)
+    cluster = cluster_factory(
+        2, engines="ssh", hosts={"localhost": 2}, ssh_args=["-V"], start_timeout=30
+    )
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="before its engine registered") as info:
+        cluster.start_cluster_sync()
+    assert time.monotonic() - started < 15
+    assert "OpenSSH" in str(info.value)  # (ssh's own words)
 
 
 # ----- three hosts

@@ -23,7 +23,8 @@ turning it off is refused).
 
 Failures are reported with ssh's own words: an ``ssh`` that exits with an error before
 the start is over (a host refusing the connection, a rejected key, a bad option in
-``ssh_args``, a remote command that fails) fails the start with the end of its output.
+``ssh_args``, a remote command that fails), or that exits before its engine registered
+(``ssh_args=["-V"]``), fails the start with the end of its output.
 
 Stopping: the engines were asked to shut down by the controller; those whose ssh session
 is still there after a moment are ended by PID through ssh (each remote shell prints its
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_engine import clusters, processes, protocol
+from kernel_engine.engine.register import REGISTERED
 from kernel_engine.errors import LaunchError
 
 from .base import LaunchContext, Launcher, tail
@@ -322,12 +324,17 @@ class SSHLauncher(Launcher):
             return None
         for eid, process in self.sessions.items():
             code = process.poll()
-            if code is None or code == 0:
+            if code is None or (code == 0 and self._registered(eid)):
                 continue
             host = self.placed[self.ids.index(eid)]
             said = tail(self.log_path(eid)) or "(no output)"
-            return f"ssh {host} (engine {eid}) exited with code {code}; its output:\n{said}"
+            why = " before its engine registered" if code == 0 else ""
+            return f"ssh {host} (engine {eid}) exited with code {code}{why}; its output:\n{said}"
         return None
+
+    def _registered(self, eid: int) -> bool:
+        """Whether engine ``eid`` said it registered (its output comes back through ssh)."""
+        return REGISTERED in _head(self.log_path(eid), 1 << 20)
 
     def ended(self) -> dict[int, tuple[int | None, str]]:
         out: dict[int, tuple[int | None, str]] = {}
