@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import kill_pids, wait_gone
 from ssh_support import A_IP, B_IP, HEAD_IP, SshHosts, missing
 
 from kernel_engine.errors import ClusterError, LaunchError
@@ -141,6 +142,26 @@ def test_an_ssh_that_exits_cleanly_before_its_engine_registers_fails_the_start(c
         cluster.start_cluster_sync()
     assert time.monotonic() - started < 15
     assert "OpenSSH" in str(info.value)  # (ssh's own words)
+
+
+def test_a_host_that_hangs_leaves_no_proxy_command_behind(cluster_factory, tmp_path):
+    # (a ProxyCommand that never connects: ssh waits on it, the start times out, and
+    # ssh, ended by SIGTERM, leaves its proxy running unless the stop ends it)
+    pid_file = tmp_path / "proxy.pid"
+    proxy = f"sh -c 'echo $$ >{pid_file}; echo px-hanging-host >&2; exec sleep 100'"
+    cluster = cluster_factory(
+        1,
+        engines="ssh",
+        hosts={"localhost": 1},
+        ssh_args=["-o", f"ProxyCommand={proxy}"],
+        start_timeout=3,
+    )
+    with pytest.raises(ClusterError, match="0 of 1 engines ready"):
+        cluster.start_cluster_sync()
+    pids = [int(pid_file.read_text())]
+    left = wait_gone(pids, timeout=5)
+    kill_pids(left)
+    assert not left, f"the ProxyCommand was left running: {left}"
 
 
 # ----- three hosts

@@ -52,7 +52,7 @@ from kernel_engine import clusters, processes, protocol
 from kernel_engine.engine.register import REGISTERED
 from kernel_engine.errors import LaunchError
 
-from .base import LaunchContext, Launcher, tail
+from .base import LaunchContext, Launcher, kill_recorded, process_tree, tail
 from .mpi import check_args
 
 SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
@@ -268,6 +268,7 @@ class SSHLauncher(Launcher):
         self.ssh = str(context.options.get("ssh") or "ssh")
         self.placed = placement(self.hosts, context.n)
         self.sessions: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, str | None] = {}  # (each session's start time)
         self._ended: set[int] = set()
         self._stopping = False
 
@@ -311,6 +312,7 @@ class SSHLauncher(Launcher):
                     self.stop(1.0)
                     raise LaunchError(f"{self.ssh} is not installed (not found on PATH)") from None
             self.sessions[eid] = process
+            self._started[eid] = processes.start_time(process.pid)
             assert process.stdin is not None
             try:
                 process.stdin.write(lines)
@@ -373,8 +375,8 @@ class SSHLauncher(Launcher):
         while time.monotonic() < deadline and any(p.poll() is None for p in self.sessions.values()):
             time.sleep(0.05)
         kill_remote(self.remote_pids(), [self.ssh, *self.ssh_args], timeout)
-        for process in self.sessions.values():
-            _end(process, timeout)
+        for eid, process in self.sessions.items():
+            _end(process, timeout, self._started.get(eid))
 
     def record(self) -> dict[str, Any]:
         engines = []
@@ -386,7 +388,7 @@ class SSHLauncher(Launcher):
                     "host": host,
                     "log": str(self.log_path(eid)),
                     "ssh_pid": process.pid if process else None,
-                    "ssh_started": processes.start_time(process.pid) if process else None,
+                    "ssh_started": self._started.get(eid),
                 }
             )
         return {
@@ -405,8 +407,11 @@ def _head(path: Path, limit: int = 65536) -> str:
         return ""
 
 
-def _end(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """End a local ssh session: SIGTERM, then SIGKILL; reaped."""
+def _end(process: subprocess.Popen[bytes], timeout: float, started: str | None) -> None:
+    """End a local ssh session: SIGTERM, then SIGKILL; reaped. Then SIGKILL to what it
+    left in its session (``started``: its start time; None: unknown, nothing more):
+    ssh does not end its ``ProxyCommand`` when SIGTERM ends it."""
+    tree = process_tree(process.pid, started) if started else {}
     if process.poll() is None:
         try:
             process.send_signal(signal.SIGTERM)
@@ -417,6 +422,7 @@ def _end(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait(5)
     except subprocess.TimeoutExpired:
         pass
+    kill_recorded(tree, 2.0)
 
 
 def kill_remote(
@@ -480,8 +486,10 @@ def _end_recorded(pid: int, started: str, timeout: float) -> None:
     def same() -> bool:
         return processes.start_time(pid) == started
 
+    tree = process_tree(pid, started)  # (its ProxyCommand, say: see _end)
     if same():
         try:
             processes.terminate(pid, timeout, same)
         except TimeoutError:
             pass
+    kill_recorded(tree, 2.0)
