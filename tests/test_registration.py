@@ -21,7 +21,7 @@ import pytest
 import zmq
 from conftest import ClusterFactory, kill_pids, wait_gone
 
-from kernel_engine import clusters, launchers, protocol, wire
+from kernel_engine import clusters, launchers, processes, protocol, wire
 from kernel_engine.controller.registration import MAX_PENDING, Occupant, decide
 from kernel_engine.launchers.mpi import check_args
 from kernel_engine.launchers.state import Startup
@@ -420,6 +420,30 @@ def test_an_engine_that_finds_no_controller_says_so_and_exits(tmp_path, hand):
     assert time.monotonic() - started < 20
     said = (tmp_path / "hand-0.log").read_text()
     assert "not registered with the controller" in said
+
+
+def test_an_engine_given_a_stale_file_says_its_controller_is_gone_at_once(tmp_path, hand):
+    # (a controller of this host that was killed leaves its client.json behind)
+    dead = subprocess.Popen(["true"])
+    started = processes.start_time(dead.pid)  # (not reaped yet: still readable)
+    dead.wait(10)
+    with socketpair_port() as port:
+        stale = {
+            "ip": "127.0.0.1",
+            "client_port": port,
+            "key": "k",
+            "cluster_id": "gone",
+            "controller_pid": dead.pid,
+            "controller_started": started,
+            "hostname": socket.gethostname(),
+        }
+        (tmp_path / "client.json").write_text(json.dumps(stale))
+        begun = time.monotonic()
+        p = hand.start("--file", str(tmp_path / "client.json"), "--timeout", "30", cli=True)
+        assert p.wait(20) == 1
+    assert time.monotonic() - begun < 10
+    said = (tmp_path / "hand-0.log").read_text()
+    assert "is stale: the controller of cluster gone" in said and "is not running" in said
 
 
 class socketpair_port:

@@ -24,9 +24,10 @@ asked for is ``--id``, or with ``--id-from-rank`` the process's MPI or Slurm ran
 ``--id-offset``; an engine that comes back asks for the id it had.
 
 Failures say why and exit with code 1 (to the launcher's output too, when the engine's own
-output goes to ``--log-file``): no controller answering within ``--timeout`` seconds, a
-refusal (an id held by a live engine is retried until then), or a controller that never
-sets the engine up after accepting it.
+output goes to ``--log-file``): connection info naming a controller of this host that is
+gone (a stale ``client.json``: said at once), no controller answering within
+``--timeout`` seconds, a refusal (an id held by a live engine is retried until then), or a
+controller that never sets the engine up after accepting it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import clusters, protocol, wire
+from kernel_engine import clusters, processes, protocol, wire
 from kernel_engine.errors import RegistrationError
 
 RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
@@ -130,7 +131,29 @@ def connection_info(file: str | None, cluster_id: str | None) -> dict[str, Any]:
             raise ValueError("it has no key")
     except (TypeError, ValueError) as exc:
         raise RegistrationError(f"unusable connection info in {source}: {exc}") from None
+    # (a file only: what a launcher hands its engines comes from a running controller,
+    # and may reach a container of this host's name whose PIDs are not this host's)
+    gone = controller_gone(info) if file or cluster_id else None
+    if gone:
+        raise RegistrationError(f"{source} is stale: {gone}")
     return info
+
+
+def controller_gone(info: dict[str, Any]) -> str | None:
+    """Why the controller that ``info`` names surely is not running (None: it may be):
+    it ran on this host, and its process (PID and start time) is gone. Waiting
+    ``--timeout`` seconds for its answer would only end in 'no answer'."""
+    pid, started = info.get("controller_pid"), info.get("controller_started")
+    if info.get("hostname") != socket.gethostname():
+        return None
+    if not (isinstance(pid, int) and pid > 0 and isinstance(started, str) and started):
+        return None
+    if processes.start_time(pid) == started:
+        return None
+    return (
+        f"the controller of cluster {info.get('cluster_id')} (pid {pid} on this host) "
+        "is not running"
+    )
 
 
 def requested_id(args: argparse.Namespace) -> int | None:
