@@ -93,3 +93,19 @@ def test_a_queued_job_is_no_failure_and_its_engines_join_when_it_runs(slurm, clu
     cluster_factory.record(cluster, rc)
     cluster.stop_cluster_sync()
     assert slurm.jobs() == []
+
+
+def test_a_start_that_times_out_on_a_queued_job_says_why_it_waits(slurm, cluster_factory):
+    # (the job waits for its begin time, long after start_timeout: the message must say
+    # so, in Slurm's words, not only that no engine came)
+    cluster = cluster_factory(
+        2, engines="slurm", slurm_args=["--time=10", "--begin=now+600"], start_timeout=4
+    )
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="0 of 2 engines ready") as info:
+        cluster.start_cluster_sync()
+    assert time.monotonic() - started < 15
+    message = str(info.value)
+    assert "PENDING" in message and "BeginTime" in message
+    assert slurm.jobs() == []  # (the failed start cancelled it)
+    assert "PENDING (BeginTime)" in cluster.engine_logs()["slurm-engines-0"]

@@ -13,6 +13,9 @@ sbatch refusing the job (a bad option) raises at once with sbatch's own message.
 waiting in the queue is not a failure: its engines join when it runs (see
 ``Cluster(min_engines=...)``); a job that ends failed, cancelled or at its time limit
 (walltime, ``--time``) is reported with its state, its reason and the end of its output.
+The launcher's own account (the sbatch command, the job id, each state the job was seen
+in with Slurm's reason) goes to ``slurm-engines-<first id>.out``: a start that times out
+on a job still queued quotes it, so the message says why the job waits.
 Stopping cancels the job and returns once Slurm no longer lists it.
 """
 
@@ -68,6 +71,8 @@ class SlurmLauncher(Launcher):
         self.job_id: str | None = None
         self.state = ""
         self.script = context.folder / f"slurm-engines-{context.first_id}.sh"
+        self.account_path = context.folder / f"slurm-engines-{context.first_id}.out"
+        self._seen = ("", "")  # (the state and reason last written to the account)
         self._checked = 0.0
         self._reported = False
         self._stopping = False
@@ -78,6 +83,10 @@ class SlurmLauncher(Launcher):
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.context.env}
+
+    def _say(self, text: str) -> None:
+        with open(self.account_path, "a") as f:
+            f.write(text.rstrip("\n") + "\n")
 
     def start(self) -> list[int]:
         ctx = self.context
@@ -92,12 +101,14 @@ class SlurmLauncher(Launcher):
             *self.slurm_args,
             str(self.script),
         ]
+        self._say(f"$ {shlex.join(cmd)}")
         said = run(cmd, env=self._env()).strip()
         job = said.split(";", 1)[0].strip()
         if not job.isdigit():
             raise LaunchError(f"sbatch did not give a job id: {said[:500]!r}")
         self.job_id = job
         self.state = "PENDING"
+        self._say(f"submitted Slurm job {job}")
         return self.ids
 
     def job_state(self) -> tuple[str, str]:
@@ -129,6 +140,10 @@ class SlurmLauncher(Launcher):
         state, reason = self.job_state()
         if state:
             self.state = state
+        if state and (state, reason) != self._seen:
+            self._seen = (state, reason)
+            why = f" ({reason})" if reason and reason != "None" else ""
+            self._say(f"Slurm job {self.job_id}: {state}{why}")
         if state not in ENDED_BADLY:
             return None
         self._reported = True
@@ -149,7 +164,7 @@ class SlurmLauncher(Launcher):
         return {"launcher": self.name, "ids": self.ids, "job_id": self.job_id}
 
     def log_files(self) -> list[Path]:
-        return [self.output_path] if self.job_id else []
+        return [self.account_path, *([self.output_path] if self.job_id else [])]
 
 
 def cancel(job_id: str, timeout: float, env: dict[str, str] | None = None) -> None:
