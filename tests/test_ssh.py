@@ -144,7 +144,9 @@ def test_an_ssh_that_exits_cleanly_before_its_engine_registers_fails_the_start(c
     assert "OpenSSH" in str(info.value)  # (ssh's own words)
 
 
-def test_a_host_that_hangs_leaves_no_proxy_command_behind(cluster_factory, tmp_path):
+def test_a_host_that_hangs_fails_the_start_with_sshs_output_and_leaves_no_proxy(
+    cluster_factory, tmp_path
+):
     # (a ProxyCommand that never connects: ssh waits on it, the start times out, and
     # ssh, ended by SIGTERM, leaves its proxy running unless the stop ends it)
     pid_file = tmp_path / "proxy.pid"
@@ -156,8 +158,9 @@ def test_a_host_that_hangs_leaves_no_proxy_command_behind(cluster_factory, tmp_p
         ssh_args=["-o", f"ProxyCommand={proxy}"],
         start_timeout=3,
     )
-    with pytest.raises(ClusterError, match="0 of 1 engines ready"):
+    with pytest.raises(ClusterError, match="0 of 1 engines ready") as info:
         cluster.start_cluster_sync()
+    assert "px-hanging-host" in str(info.value)  # (what ssh said, from its engine's log)
     pids = [int(pid_file.read_text())]
     left = wait_gone(pids, timeout=5)
     kill_pids(left)

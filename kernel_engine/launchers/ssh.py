@@ -67,6 +67,9 @@ PID_MARK = "jupyter-px ssh engine pid"
 
 ENGINE_MODULE = "kernel_engine.engine.register"
 
+LOGS_QUOTED = 4
+"""How many engines' logs (ssh's output) a start that times out quotes."""
+
 SETTLE = 2.0
 """Seconds stop gives engines asked to shut down to end their ssh sessions themselves."""
 
@@ -270,6 +273,7 @@ class SSHLauncher(Launcher):
         self.sessions: dict[int, subprocess.Popen[bytes]] = {}
         self._started: dict[int, str | None] = {}  # (each session's start time)
         self._ended: set[int] = set()
+        self._seen_registered: set[int] = set()
         self._stopping = False
 
     def ssh_command(self, host: str, remote: str) -> list[str]:
@@ -335,8 +339,11 @@ class SSHLauncher(Launcher):
         return None
 
     def _registered(self, eid: int) -> bool:
-        """Whether engine ``eid`` said it registered (its output comes back through ssh)."""
-        return REGISTERED in _head(self.log_path(eid), 1 << 20)
+        """Whether engine ``eid`` said it registered (its output comes back through ssh;
+        remembered once seen)."""
+        if eid not in self._seen_registered and REGISTERED in _head(self.log_path(eid), 1 << 20):
+            self._seen_registered.add(eid)
+        return eid in self._seen_registered
 
     def ended(self) -> dict[int, tuple[int | None, str]]:
         out: dict[int, tuple[int | None, str]] = {}
@@ -356,6 +363,12 @@ class SSHLauncher(Launcher):
                 + f" (output in {self.log_path(eid).name})",
             )
         return out
+
+    def log_files(self) -> list[Path]:
+        # (ssh's own output is in its engine's log: a start that times out quotes those
+        # of a few engines not registered yet, a host that hangs, say)
+        waiting = [self.log_path(eid) for eid in self.ids if not self._registered(eid)]
+        return waiting[:LOGS_QUOTED]
 
     def remote_pids(self) -> dict[str, dict[int, int]]:
         """``{pid: engine id}`` of the engines whose ssh session still runs, by host."""
