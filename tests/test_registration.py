@@ -446,6 +446,16 @@ def test_an_engine_given_a_stale_file_says_its_controller_is_gone_at_once(tmp_pa
     assert "is stale: the controller of cluster gone" in said and "is not running" in said
 
 
+@pytest.mark.parametrize("timeout", ["nan", "-5", "0", "soon"])
+def test_an_engine_refuses_a_timeout_that_is_no_wait_before_starting(tmp_path, hand, timeout):
+    dead = {"ip": "127.0.0.1", "client_port": 9, "key": "k", "cluster_id": "gone"}
+    (tmp_path / "client.json").write_text(json.dumps(dead))
+    p = hand.start("--file", str(tmp_path / "client.json"), "--timeout", timeout, cli=True)
+    assert p.wait(30) == 2  # (a usage error, before any kernel starts)
+    said = (tmp_path / "hand-0.log").read_text()
+    assert "--timeout" in said and "not registered" not in said
+
+
 class socketpair_port:
     """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
 

@@ -36,6 +36,7 @@ import argparse
 import atexit
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -93,8 +94,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ip", default=None, help="the interface the engine binds")
     p.add_argument("--log-file", default=None, help="the engine's output ({id}: its id)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the controller")
+    p.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds to wait for the controller"
+    )
     return p
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0 (``nan`` or ``-1`` started the
+    kernel, then gave up at once with 'not registered ... in nan s')."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return value
 
 
 def connection_info(file: str | None, cluster_id: str | None) -> dict[str, Any]:
