@@ -248,6 +248,8 @@ def test_launcher_options_are_checked_before_anything_starts(tmp_path):
     assert check_args("mpi_args", "--oversubscribe -x A") == ["--oversubscribe", "-x", "A"]
     with pytest.raises(TypeError, match="mpi_args"):
         check_args("mpi_args", [1])
+    with pytest.raises(ValueError, match=r"^slurm_args .*No closing quotation"):
+        check_args("slurm_args", "--job-name='my job")  # (an unclosed quote)
     ctx = launchers.LaunchContext(tmp_path, 2, options={"slurm_args": ["--time=1"]})
     with pytest.raises(TypeError, match="takes no option slurm_args"):
         launchers.find("mpi")(ctx)

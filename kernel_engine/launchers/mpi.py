@@ -38,7 +38,10 @@ def check_args(name: str, value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return shlex.split(value)
+        try:
+            return shlex.split(value)
+        except ValueError as exc:  # (an unclosed quote: name the option, not just shlex)
+            raise ValueError(f"{name} {value!r} cannot be split as a shell would: {exc}") from None
     if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
         raise TypeError(f"{name} must be a list of strings, not {value!r}")
     return list(value)
