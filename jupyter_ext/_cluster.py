@@ -219,6 +219,7 @@ class Cluster:
         if n is None and hosts is not None:
             n = sum(self._launcher_options["hosts"].values())  # (an ssh cluster: one per slot)
         self.n = (os.cpu_count() or 1) if n is None else protocol.check_int("n", n, 0, 4096)
+        _check_min_engines(self.min_engines, self.n)
         self.engines = engines
         self.cluster_id = (
             clusters.new_cluster_id()
@@ -350,6 +351,8 @@ class Cluster:
         Also removes the key files that clusters whose controller died left behind.
         """
         n = self.n if n is None else protocol.check_int("n", n, 0, 4096)
+        if n:  # (0: the controller alone, engines later)
+            _check_min_engines(self.min_engines, n)
         if not self._starting.acquire(blocking=False):
             raise ClusterError(f"cluster {self.cluster_id} is already starting")
         try:
@@ -412,6 +415,8 @@ class Cluster:
         """Each engine's output (stdout and stderr, by engine id), and its launcher's own
         (``mpiexec-0``, ``slurm-<job id>``, ``provisioner-0``), as far as they reach the
         cluster folder; ``lines``: only the last so many lines of each."""
+        if lines is not None:
+            lines = protocol.check_int("lines", lines, 0, protocol.MAX_IDS)
         out: dict[int | str, str] = {}
         patterns = ("engine-*.log", "mpiexec-*.log", "slurm-*.out", "provisioner-*.log")
         for path in sorted(p for pattern in patterns for p in self.folder.glob(pattern)):
@@ -420,7 +425,7 @@ class Cluster:
             except OSError:
                 continue
             if lines is not None:
-                text = "\n".join(text.splitlines()[-lines:])
+                text = "\n".join(text.splitlines()[-lines:] if lines else [])
             name = path.name.rsplit(".", 1)[0]
             key: int | str = name.split("-", 1)[1] if name.startswith("engine-") else name
             out[int(key) if isinstance(key, str) and key.isdigit() else key] = text
@@ -718,3 +723,10 @@ class Cluster:
         if "engines" in state.info:
             self.n = len(state.info["engines"])
         return self
+
+
+def _check_min_engines(min_engines: int | None, n: int) -> None:
+    """``min_engines`` cannot be more than the engines started (as ``jupyter px start``
+    refuses it): the start would wait for engines that never come."""
+    if min_engines is not None and min_engines > n:
+        raise ValueError(f"min_engines={min_engines} is more than the {n} engines started")

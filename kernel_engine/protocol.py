@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 import re
 import signal
@@ -356,10 +357,11 @@ def _kind(value: Any) -> str:
 
 
 def check_seconds(name: str, value: Any, positive: bool = False) -> float | None:
-    """A number of seconds (or None): finite, at least 0 (above 0 when ``positive``)."""
+    """A number of seconds (or None): finite, at least 0 (above 0 when ``positive``),
+    returned as a float; any real number (numpy's ``float32``...), not a bool."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name} must be a number of seconds or None, not {_kind(value)}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > MAX_SECONDS:
         low = "above 0" if positive else "at least 0"

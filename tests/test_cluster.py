@@ -284,3 +284,22 @@ def test_the_controller_brings_an_outdated_engine_spec_up_to_date(
     assert spec["metadata"]["jupyter_px"]["spec_version"] == kernelspec.SPEC_VERSION
     assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "jupyter-px-fork"
     assert rc[0].apply_sync(abs, -3) == 3
+
+
+def test_min_engines_and_engine_logs_arguments_are_checked(cluster_factory):
+    """``Cluster(n=2, min_engines=5)`` was taken (``jupyter px start`` refuses it): the start
+    waited for engines that never come. ``engine_logs(lines=0)`` gave whole logs, and
+    ``lines="5"`` a TypeError naming nothing."""
+    with pytest.raises(ValueError, match="min_engines=5 is more than the 2 engines"):
+        jx.Cluster(n=2, min_engines=5)
+    cluster = jx.Cluster(n=3, min_engines=3)
+    with pytest.raises(ValueError, match="min_engines=3 is more than the 1 engines"):
+        cluster.start_cluster_sync(1)
+    assert not cluster.running
+    cluster, rc = cluster_factory.start(1)
+    rc[0].apply_sync(print, "hello")
+    whole = cluster.engine_logs()[0]
+    assert whole and cluster.engine_logs(lines=0)[0] == ""
+    assert cluster.engine_logs(lines=1)[0] == whole.splitlines()[-1]
+    with pytest.raises(TypeError, match="lines"):
+        cluster.engine_logs(lines="5")

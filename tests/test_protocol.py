@@ -641,3 +641,18 @@ def test_interrupt_marks_are_bounded_and_taken_once():
     for m in "ef":
         marks.add(m)
     assert len(marks) == 3 and [marks.take(m) for m in "cdef"] == [False, True, True, True]
+
+
+def test_seconds_and_ints_of_numpy_types_are_taken_as_python_numbers():
+    """``view.time_limit = np.float32(1)`` was refused (np.float64, a float, was taken);
+    an integer flag of numpy's, as chunksize, is an int. Bools stay refused."""
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(1.5), np.float64(1.5), np.int32(2)):
+        got = protocol.check_seconds("time_limit", value, positive=True)
+        assert type(got) is float and got == float(value)
+    assert type(protocol.check_int("chunksize", np.int64(3), 1)) is int
+    for bad in (np.bool_(True), True):
+        with pytest.raises(TypeError, match="time_limit"):
+            protocol.check_seconds("time_limit", bad)
+    with pytest.raises(ValueError, match="time_limit"):
+        protocol.check_seconds("time_limit", np.float32("nan"))
