@@ -363,10 +363,13 @@ def check_seconds(name: str, value: Any, positive: bool = False) -> float | None
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name} must be a number of seconds or None, not {_kind(value)}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > MAX_SECONDS:
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         low = "above 0" if positive else "at least 0"
         raise ValueError(f"{name} must be a finite number of seconds {low}, not {value!r}")
-    return float(value)
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS} seconds, not {value!r}")
+    return seconds
 
 
 def check_int(name: str, value: Any, low: int = 0, high: int = MAX_IDS) -> int:

@@ -842,3 +842,17 @@ def test_the_error_module_of_ipython_parallel(rc):
         ar.get(timeout=0.05)
     ar.get(timeout=10)
     assert not set(ipp.error.__all__) - set(vars(ipp.error))
+
+
+def test_a_task_may_depend_on_a_purged_one(rc):
+    """A task ``after=`` one whose result was purged failed with InvalidDependency
+    ('unknown dependencies'); IPython Parallel's scheduler still counts it as done."""
+    view = rc.load_balanced_view()
+    first = view.apply_async(abs, -1)
+    assert first.get(timeout=10) == 1
+    rc.purge_results(first.msg_ids)
+    with view.temp_flags(after=first.msg_ids):
+        assert view.apply_sync(abs, -2) == 2
+    rc.purge_results("all")
+    with view.temp_flags(after=first.msg_ids):
+        assert view.apply_sync(abs, -3) == 3

@@ -202,9 +202,9 @@ class HubRequests:
         return Deferred(read)
 
     def _purge(self, request: protocol.PurgeRequest, msg: Message, client: bytes) -> Answer:
+        # (the scheduler still knows the purged tasks' outcomes, within its bound: a task
+        # may depend on one after it was purged, as IPython Parallel's may)
         n = self.hub.forget_finished(request.msg_ids, request.engine_ids)
-        if request.engine_ids is None:
-            self.balancer.forget(request.msg_ids)
         if self.hub.log is None:
             return {"purged": n}, []
         hub = self.hub
