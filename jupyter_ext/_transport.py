@@ -166,6 +166,8 @@ class Transport:
         self._welcomes: set[str] = set()
         self._probe_sent = 0.0
         self.closed = False
+        self.pid = os.getpid()
+        """The process this client was connected in (see :meth:`_check_process`)."""
         self._welcomed = threading.Event()
         self._loading = threading.local()  # (see _read_here, check_blocking)
         self.io = IOThread(
@@ -402,8 +404,7 @@ class Transport:
         sent on the calling thread's own socket is added to this list, for
         :meth:`wait_here_all` to wait for, instead of being waited for here.
         """
-        if self.closed:
-            raise RuntimeError("this Client is closed")
+        self._check_open()
         lost = self.io.lost
         if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
             raise EngineError("EngineError", lost)
@@ -643,8 +644,7 @@ class Transport:
     ) -> SubmitBatch:
         """Load-balanced requests of one call, sent many to a message (see
         :mod:`._batch`): ``add`` each, then ``close`` (or use it as a context manager)."""
-        if self.closed:
-            raise RuntimeError("this Client is closed")
+        self._check_open()
         lost = self.io.lost
         if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
             raise EngineError("EngineError", lost)
@@ -705,8 +705,7 @@ class Transport:
         flight on another path (its lane, or its shell for an apply): the caller sends
         per engine then, so that each engine's requests keep their order.
         """
-        if self.closed:
-            raise RuntimeError("this Client is closed")
+        self._check_open()
         lost = self.io.lost
         if lost and not self.io.wait_back(BACK_WAIT, only_if_restarted=True):
             raise EngineError("EngineError", lost)
@@ -822,6 +821,7 @@ class Transport:
         protocol.CommMessage.from_content(content)
         if self.closed or self.io.lost or engine_id not in self.engines:
             return False
+        self._check_process("sending a message")
         header = self.wire.header(msg_type, msg_id)
         _, frames = self.wire.pack(msg_type, content, None, metadata, buffers, header=header)
         protocol.check_comm_size(len(buffers), sum(memoryview(f).nbytes for f in frames[1:]))
@@ -1404,13 +1404,34 @@ class Transport:
         if self.closed:
             return
         self.closed = True
+        if os.getpid() != self.pid:
+            return  # (a forked child's copy: the sockets and the thread are the parent's)
         self.io.stop()
         why = "this Client is closed: no reply can reach it (the work may still run)"
         self._settle(self.requests.fail_all(lambda r: _closed_error(why, r), refuse=why))
 
+    def _check_open(self) -> None:
+        """Refuse a request of a closed client, or of a forked child's copy."""
+        if self.closed:
+            raise RuntimeError("this Client is closed")
+        self._check_process("sending a request")
+
+    def _check_process(self, what: str) -> None:
+        """Refuse to send or wait in a child forked from the process this client was
+        connected in: the child has a copy of the client without its IO thread, so a
+        request there was never sent and a wait never ended."""
+        if os.getpid() != self.pid:
+            raise RuntimeError(
+                f"{what} would wait for ever: this Client was connected in process "
+                f"{self.pid}, and process {os.getpid()} is a child forked from it, which "
+                "has none of its threads; connect a new Client in the child"
+            )
+
     def check_blocking(self, what: str) -> None:
         """Refuse to block the IO thread: a wait there (in a done-callback, say) would wait
-        for a reply that only this thread could deliver, for ever."""
+        for a reply that only this thread could deliver, for ever; or to wait in a forked
+        child (see :meth:`_check_process`)."""
+        self._check_process(what)
         if threading.get_ident() == self.io.thread_id:
             raise RuntimeError(
                 f"{what} would wait for ever: it was called on the client's IO thread "
