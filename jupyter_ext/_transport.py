@@ -351,22 +351,35 @@ class Transport:
         return out
 
     def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> None:
-        """Wait until at least ``n`` engines are ready."""
+        """Wait until at least ``n`` engines are ready; RuntimeError once the client is
+        closed (no engine can register with it then), or on its IO thread (which alone
+        takes registrations in)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if len(self.engines) < n:
+            self.check_blocking("wait_for_engines")
         while len(self.engines) < n:
+            if self.closed:
+                raise RuntimeError(
+                    f"this Client is closed: {len(self.engines)} of {n} engines ready"
+                )
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.engines)} of {n} engines ready after {timeout} s")
             time.sleep(0.02)
 
     def wait_for_engines_ready(self, ids: Sequence[int], timeout: float | None = 60.0) -> None:
-        """Wait until engines ``ids`` are ready; raise ClusterError if one dies starting."""
+        """Wait until engines ``ids`` are ready; raise ClusterError if one dies starting
+        (RuntimeError as :meth:`wait_for_engines`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not all(i in self.engines for i in ids):
+            self.check_blocking("waiting for engines")
         while True:
             dead = [i for i in ids if i in self.dead]
             if dead:
                 raise ClusterError(f"engine {dead[0]} failed to start: {self.dead[dead[0]]}")
             if all(i in self.engines for i in ids):
                 return
+            if self.closed:
+                raise RuntimeError(f"this Client is closed: engines {list(ids)} not ready")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"engines {list(ids)} not ready after {timeout} s")
             time.sleep(0.02)
