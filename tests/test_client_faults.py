@@ -1,17 +1,21 @@
-"""Faults of the client's own process and threads: a forked child of a process that holds
-a Client, waits on a closed client, interrupts of a paused engine."""
+"""Faults of the client's own process and threads (a forked child of a process that holds
+a Client, waits on a closed client) and of engines (an interrupt of a stopped one)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import cloudpickle
 import pytest
+
+import jupyter_ext as jx
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -112,3 +116,52 @@ def test_waiting_for_engines_ends_when_the_client_closes_or_on_its_io_thread(clu
     waiter.join(WAIT)
     assert not waiter.is_alive()
     assert not [t for t in threading.enumerate() if t.name == "jupyter-px-wait-engines"]
+
+
+def _sleep_after_touching(path: str, seconds: float) -> None:
+    with open(path, "w"):
+        pass
+    time.sleep(seconds)
+
+
+def _proc_status(pid: int, field: str) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return line.split()[1]
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _until(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"not {what} after {WAIT} s"
+        time.sleep(0.01)
+
+
+def test_an_interrupt_sent_to_a_stopped_engine_cuts_its_sleep_when_it_continues(
+    cluster_factory, tmp_path
+):
+    """rc.interrupt() of an engine that was stopped (SIGSTOP) and then continued: the
+    SIGINT, pending while it was stopped, went to whichever of its threads woke first
+    (the kernel picks no thread of a stopped process), so the main thread's
+    ``time.sleep`` was not cut short and the interrupt came only when the task would have
+    ended anyway. Now only the main thread takes SIGINT, and the task ends at once."""
+    _, rc = cluster_factory.start(1)
+    pid = rc[0].apply_sync(os.getpid)
+    started = tmp_path / "started"
+    ar = rc[0].apply_async(_sleep_after_touching, str(started), 60)
+    _until(started.exists, "started")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _until(lambda: _proc_status(pid, "State") == "T", "stopped")
+        rc.interrupt(targets=[0])
+        # (the SIGINT is pending on the process, for a thread to take on SIGCONT)
+        _until(lambda: int(_proc_status(pid, "ShdPnd"), 16) & 1 << (signal.SIGINT - 1), "sent")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    with pytest.raises(jx.RemoteError, match="KeyboardInterrupt"):
+        ar.get(WAIT)
+    assert time.monotonic() - t0 < 10
+    assert rc[0].apply_sync(os.getpid) == pid  # (the engine carries on)

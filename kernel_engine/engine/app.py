@@ -6,12 +6,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp
+from tornado import ioloop
 from traitlets import Type
 
 from kernel_engine import wire
@@ -146,6 +148,9 @@ class EngineApp(IPKernelApp):
         thread waits for a flush that the stopped IOPub thread never does (``flush_timeout``,
         10 s) while :meth:`close` joins it. So nothing is closed until they have finished.
         """
+        # (initialize blocked SIGINT before any thread started; the main thread takes it
+        # again once its loop runs, after ipykernel's threads and ours have started)
+        ioloop.IOLoop.current().add_callback(_take_sigint)
         try:
             super().start()
         finally:
@@ -176,6 +181,17 @@ class EngineApp(IPKernelApp):
         super().close()
 
     def initialize(self, argv: Any = None) -> None:
+        """As ipykernel's, with SIGINT blocked in every thread it starts.
+
+        SIGINT (an interrupt, a time limit) is blocked in every thread but the main one: a
+        signal sent to the process goes to any thread that does not block it, and only one
+        that reaches the main thread cuts a blocking call there (``time.sleep``, a wait on
+        I/O) short. The kernel picks the main thread when it can, but not for a signal sent
+        while the engine was stopped (SIGSTOP, a job control's pause): on SIGCONT any thread
+        took it, Python's handler waited for the main thread's call to return, and the task
+        ran to its end. Threads inherit the mask of the thread that starts them, so it is set
+        before ipykernel starts any."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         super().initialize(argv)
         # ipykernel logs every unusable message that anyone sends its channels, at length
         log = self.log
@@ -195,6 +211,11 @@ class EngineApp(IPKernelApp):
         kernel.lane_port = self.lane_port
         kernel.lane_auth = self.lane_auth
         kernel.controller_watch = self.poller
+
+
+def _take_sigint() -> None:
+    """Let SIGINT reach the thread that calls this (the main thread)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def main() -> None:
