@@ -8,7 +8,7 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from ._metadata import METADATA_KEYS, Metadata
 from ._outputs import LiveOutput, display_outputs
 from ._progress import wait_with_progress
 from ._reprs import result_html
-from ._request import Parts, Request, settle_all, watch
+from ._request import Parts, Request, guarded, settle_all, watch
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -128,6 +128,12 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
             self.set_result(None if single else [])
         else:
             self._watch(futures)
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        """As ``Future``'s, but a callback that raises SystemExit or KeyboardInterrupt
+        (``sys.exit()`` in it, say) does not end the client's IO thread, which calls it
+        (see :func:`._request.guarded`)."""
+        super().add_done_callback(guarded(fn))
 
     def _watch(self, futures: list[Request]) -> None:
         """Call :meth:`_finish` once every one of ``futures`` is done: once for all the

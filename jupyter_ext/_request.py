@@ -273,6 +273,11 @@ class Request(concurrent.futures.Future):  # type: ignore[type-arg]
         self._done_callbacks = []
         return True
 
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        """As ``Future``'s, but a callback that raises SystemExit or KeyboardInterrupt
+        does not end the client's IO thread (see :func:`guarded`)."""
+        super().add_done_callback(guarded(fn))
+
     def cancel(self) -> bool:
         """False: a request ends only through the table (its reply, its engine's or the
         controller's loss), as a running future does. Users stop work with
@@ -353,6 +358,29 @@ def _to_watcher(req: Request, watched: dict[Any, list[Request]]) -> None:
 
 
 Send = Callable[[Request, str], bool]
+
+
+def guarded(fn: Callable[[Any], object]) -> Callable[[Any], None]:
+    """A done-callback ``fn`` that cannot end the thread that calls it.
+
+    ``Future`` logs what a callback raises, but lets SystemExit or KeyboardInterrupt
+    (a callback calling ``sys.exit()``) through: on the client's IO thread, which calls
+    the callbacks of what it settles, that ended the thread, and with it every reply
+    still to come, and the rest of the batch it was settling was never resolved. Off the
+    main thread such an exception is logged as any other; on the main thread it passes
+    as ever."""
+
+    def call(future: Any) -> None:
+        try:
+            fn(future)
+        except Exception:
+            raise  # (Future logs it)
+        except BaseException:
+            if threading.current_thread() is threading.main_thread():
+                raise
+            log.exception("jupyter-px: a done-callback of %r raised", future)
+
+    return call
 
 
 class Refused(Exception):

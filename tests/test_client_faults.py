@@ -165,3 +165,30 @@ def test_an_interrupt_sent_to_a_stopped_engine_cuts_its_sleep_when_it_continues(
         ar.get(WAIT)
     assert time.monotonic() - t0 < 10
     assert rc[0].apply_sync(os.getpid) == pid  # (the engine carries on)
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_done_callback_that_exits_leaves_the_io_thread_and_other_results(cluster_factory, raised):
+    """A done-callback that raised SystemExit (``sys.exit()`` in it) or KeyboardInterrupt
+    ended the client's IO thread, which calls callbacks: every result still to come
+    waited for ever, and every later blocking call failed saying it was made on the IO
+    thread. Now the callback's exception is logged and the client carries on."""
+    _, rc = cluster_factory.start(2)
+    called = threading.Event()
+
+    def leave(_: object) -> None:
+        called.set()
+        raise raised
+
+    first = rc[0].apply_async(time.sleep, 0.5)
+    first.add_done_callback(leave)
+    first._children[0].add_done_callback(leave)  # (a request's own callback too)
+    other = rc[1].apply_async(time.sleep, 1)
+    many = rc.load_balanced_view().map_async(time.sleep, [0.2] * 6)
+    many.add_done_callback(leave)
+    assert first.get(WAIT) is None
+    assert called.wait(WAIT)
+    assert other.get(WAIT) is None
+    assert many.get(WAIT) == [None] * 6
+    assert rc.transport.io.thread.is_alive()
+    assert rc[:].apply_sync(abs, -4) == [4, 4]
