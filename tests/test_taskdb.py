@@ -155,6 +155,20 @@ def test_another_client_gets_results_with_their_metadata(db_rc):
         other.close()
 
 
+def test_another_client_gets_a_result_too_big_for_memory_from_the_file(db_rc):
+    """A result over the bound of one kept in memory (1 MiB) is in the file; the record in
+    memory, without it, answered another client's get_result with no result (None)."""
+    if db_rc.db_kind == "memory":
+        pytest.skip("the in-memory store keeps no result over its bound")
+    ar = db_rc.load_balanced_view().apply_async(bytes, 3 << 20)
+    assert len(ar.get(10)) == 3 << 20
+    other = jx.Client(db_rc.connection_file)
+    try:
+        assert other.get_result(ar.msg_ids[0]).get(10) == bytes(3 << 20)
+    finally:
+        other.close()
+
+
 def test_result_status_names_tasks_nobody_knows(db_rc):
     """A msg_id the controller has no record of, and this client is not waiting for, is
     an error that names it (as in IPython Parallel), not a task pending for ever."""

@@ -182,9 +182,12 @@ class HubRequests:
     def _result(self, request: protocol.ResultRequest, msg: Message, client: bytes) -> Answer:
         parts: dict[str, tuple[dict[str, Any], list[Any]] | None] = {}
         missing: list[str] = []
+        file = self.hub.log is not None
         for msg_id in request.msg_ids:
             record = self.hub.get(msg_id)
-            if record is None:
+            # (a finished record whose reply memory did not keep, over its bound or evicted
+            # for bytes, may have it in the file)
+            if record is None or (file and record.finished and record.reply is None):
                 missing.append(msg_id)
             parts[msg_id] = None if record is None else _result_part(record)
         if not missing or self.hub.log is None:
@@ -373,14 +376,15 @@ def _results(
     parts: dict[str, tuple[dict[str, Any], list[Any]] | None], found: Mapping[str, TaskRecord]
 ) -> Reply:
     """The reply to a result request: each task's summary and reply frames, from memory
-    (``parts``, None where memory has none) or else from the file (``found``)."""
+    (``parts``, None where memory has none) or else from the file (``found``, also where
+    memory has the record without its reply)."""
     summaries: dict[str, Any] = {}
     counts: dict[str, int] = {}
     buffers: list[Any] = []
     for msg_id, part in parts.items():
-        if part is None:
-            record = found.get(msg_id)
-            part = None if record is None else _result_part(record)
+        record = found.get(msg_id)
+        if record is not None and (part is None or not part[1]):
+            part = _result_part(record)
         if part is None:
             summaries[msg_id] = None
             continue
