@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -872,6 +873,9 @@ class Transport:
         if route == protocol.HUB_ROUTE and msg.msg_type == replies.REPLIES:
             self._take_replies(replies.unpack(msg))
             return
+        if route == protocol.HUB_ROUTE and msg.msg_type == protocol.REPLIES_DROPPED:
+            self._replies_dropped(msg.content)
+            return
         engine_id = None if route == protocol.HUB_ROUTE else _engine_of(route)
         self._take_reply(msg, msg.metadata, engine_id)
 
@@ -934,6 +938,60 @@ class Transport:
             self._take_reply(msg, msg.metadata, engine_id)  # (the rare way)
             return
         taken[msg_id] = self._read(req, msg, msg.metadata, engine_id, received), engine_id
+
+    def _replies_dropped(self, content: dict[str, Any]) -> None:
+        """The controller dropped messages for this client, which did not read them for
+        long (a process stopped, say; see ``kernel_engine.controller.outbox``): ask for
+        the outcome of each task of ours pending on the controller's paths (IO thread).
+        Those that ended are settled from their records; those still running get their
+        replies as ever; those the controller no longer knows fail, saying why."""
+        log.warning(
+            "jupyter-px client: the controller dropped %s message(s) for this client, "
+            "which did not read them in time; asking for its tasks' outcomes again",
+            content.get("messages", "some"),
+        )
+        with self.requests.lock:
+            pending = [
+                msg_id
+                for msg_id, req in self.requests.live.items()
+                if req.kind != "hub" and req.path not in LANE_PATHS and req.outcome is None
+            ]
+        for start in range(0, len(pending), RECOVER_AT_ONCE):
+            chunk = pending[start : start + RECOVER_AT_ONCE]
+            future = self.tell(protocol.RESULT_REQUEST, protocol.ResultRequest(tuple(chunk)))
+            future.add_done_callback(functools.partial(self._safely_recovered, chunk))
+
+    def _safely_recovered(self, msg_ids: list[str], future: concurrent.futures.Future[Any]) -> None:
+        self.io._safely(self._recovered, msg_ids, future)
+
+    def _recovered(self, msg_ids: list[str], future: concurrent.futures.Future[Any]) -> None:
+        """Settle, from the controller's records, those of ``msg_ids`` that ended."""
+        reply = future.result()
+        if reply.get("status") == "error":
+            log.warning("jupyter-px client: asking for outcomes again failed: %s", reply)
+            return
+        records = self._records(reply)
+        now, done = time.monotonic(), []
+        for msg_id in msg_ids:
+            req = self.requests.get(msg_id)
+            if req is None or req.outcome is not None:
+                continue  # (its reply came meanwhile)
+            record, stored = records.get(msg_id, (None, None))
+            if record is not None and record.get("status") == "pending":
+                continue  # (still running: its reply will come)
+            if stored is not None:
+                outcome, md = stored
+                req.metadata.update((k, v) for k, v in md.items() if v is not None)
+            else:
+                why = (
+                    "its reply was dropped by the controller (this client did not read "
+                    "for too long)"
+                    + ("" if record is None else ", and the controller kept no copy of it")
+                )
+                outcome = (False, EngineError("EngineError", why, None, {"msg_id": msg_id}))
+            eid = req.engine_id if req.engine_id is not None else md_engine(record)
+            done += self.requests.replied(msg_id, outcome, now, self._send, eid)
+        self._settle(done)
 
     def _on_lane_reply(self, frames: list[Any]) -> None:
         msg = self.wire.unpack(frames[1:])
@@ -1358,6 +1416,10 @@ class Transport:
     def fetch_records(self, msg_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
         """The controller's records of these tasks, with their outcome when stored."""
         reply = self.ask(protocol.RESULT_REQUEST, protocol.ResultRequest(tuple(msg_ids)))
+        return self._records(reply)
+
+    def _records(self, reply: dict[str, Any]) -> dict[str, tuple[dict[str, Any], Any]]:
+        """(record, (outcome, metadata) or None) by msg_id, of a result request's reply."""
         frames = list(reply["_buffers"])
         out: dict[str, tuple[dict[str, Any], Any]] = {}
         for msg_id, record in reply["records"].items():
@@ -1463,6 +1525,16 @@ def _kept_reply(msg: wire.Message, frames: list[Any]) -> list[Any] | None:
     request; None for one whose result was in a segment, which its reader unlinked: the
     record keeps no result, as for any too large to keep."""
     return None if shm.CONTENT_KEY in msg.content else frames[1:]
+
+
+RECOVER_AT_ONCE = 1000
+"""Tasks asked about in one request when the controller said it dropped replies."""
+
+
+def md_engine(record: dict[str, Any] | None) -> int | None:
+    """The engine id a task's record names (None: none, or not an int)."""
+    eid = None if record is None else record.get("engine_id")
+    return eid if type(eid) is int else None
 
 
 def _engine_of(route: bytes) -> int | None:

@@ -750,6 +750,12 @@ class StartRequest:
         return cls(check_int("n", content.get("n", 1), 1, 4096))
 
 
+REPLIES_DROPPED = "px_replies_dropped"
+"""The controller's notice to a client that did not read what it was sent for so long that
+messages for it were dropped (see ``controller.outbox``): the client then asks for the
+outcome of every task of its own still pending on the controller's paths (their records
+keep them), so that none waits for a reply that will never come."""
+
 MERGED_REPLIES = "px_replies"
 """A format of the controller's replies a client may say it reads (:class:`ConnectRequest`):
 several engines' task replies in one message, see :mod:`kernel_engine.replies`."""

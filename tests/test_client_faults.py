@@ -192,3 +192,59 @@ def test_a_done_callback_that_exits_leaves_the_io_thread_and_other_results(clust
     assert many.get(WAIT) == [None] * 6
     assert rc.transport.io.thread.is_alive()
     assert rc[:].apply_sync(abs, -4) == [4, 4]
+
+
+_STOPPED_CLIENT = """
+import sys, time
+import jupyter_ext as jx
+
+rc = jx.Client(sys.argv[1])
+rc.wait_for_engines(2, timeout=30)
+
+def big(i):
+    time.sleep(0.01)
+    return bytes(1 << 20)
+
+ar = rc.load_balanced_view().map(big, range(400), chunksize=1, block=False)
+print("submitted", flush=True)
+try:
+    print("DONE", len(ar.get(timeout=90)), flush=True)
+except Exception as exc:
+    print("ERR", type(exc).__name__, str(exc)[:300], flush=True)
+rc.close()
+"""
+
+
+def test_a_client_stopped_long_enough_to_have_replies_dropped_still_gets_them(
+    cluster_factory, tmp_path
+):
+    """A client that reads nothing (SIGSTOPped) while its map's 400 MiB of results come
+    gets the controller's messages past its bound (128 MiB) dropped; it used to wait for
+    them for ever. Told of the drop when it reads again, it asks for its tasks' outcomes,
+    which the task database kept."""
+    import subprocess
+
+    cluster, rc = cluster_factory.start(2)
+    script = tmp_path / "client.py"
+    script.write_text(_STOPPED_CLIENT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(rc.connection_file)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "submitted"
+        time.sleep(0.3)
+        os.kill(child.pid, signal.SIGSTOP)
+        log = cluster.folder / "controller.log"
+        deadline = time.monotonic() + 60
+        while "which does not read them" not in log.read_text():
+            assert time.monotonic() < deadline, "the controller dropped nothing"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGCONT)
+        out, _ = child.communicate(timeout=100)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait(10)
+    assert out.strip().splitlines()[-1] == "DONE 400", out

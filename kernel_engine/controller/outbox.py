@@ -25,7 +25,9 @@ SIGSTOPped) must not grow the controller without bound: the socket holds at most
 :data:`PIPE_MESSAGES` messages for one client (``router_mandatory``: a send past it fails
 at once instead of blocking the loop or dropping silently); what does not fit waits here,
 in order, and goes as the client reads; past :data:`MAX_BACKLOG_BYTES` waiting, that
-client's waiting messages are dropped and logged, naming it.
+client's waiting messages are dropped and logged, naming it, and the client is told first
+thing when it reads again (:data:`~kernel_engine.protocol.REPLIES_DROPPED`): it then
+asks for its tasks' outcomes anew, so that none of its results waits for ever.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from kernel_engine import replies, wire
+from kernel_engine import protocol, replies, wire
 from kernel_engine.wire import DropLog, Wire
 
 MAX_MESSAGES = 256
@@ -154,6 +156,14 @@ class Outbox:
                 f"{len(backlog)} message(s) for client {who}, which does not read them "
                 f"({size >> 20} MiB waiting)"
             )
+            if self.signer is not None:  # (first when it reads again: it asks anew)
+                notice = self.signer.pack(
+                    protocol.REPLIES_DROPPED,
+                    {"messages": len(backlog)},
+                    idents=[client, protocol.HUB_ROUTE],
+                )[1]
+                self._backlog[client] = deque([notice])
+                self._backlog_bytes[client] = sum(map(len, notice))
 
     def _send_backlog(self) -> None:
         for client in list(self._backlog):
