@@ -31,7 +31,7 @@ from ._metadata import Metadata
 from ._progress import wait_futures_with_progress
 from ._reprs import client_html
 from ._request import Request
-from ._transport import MAX_RESULT_BYTES, Transport
+from ._transport import MAX_RESULT_BYTES, Transport, engine_id_of
 from ._views import BroadcastView, DirectView
 from ._widgets import WidgetRelay, attach
 from .integrations import dask as _dask
@@ -167,6 +167,10 @@ class Client:
         ids = self.ids
         if not ids:
             raise NoEnginesRegistered("the cluster has no engines")
+        if not isinstance(key, (int, slice, tuple, list, range)):
+            index = engine_id_of(key)  # (numpy's integers)
+            if index is not None:
+                key = index
         if isinstance(key, int) and not isinstance(key, bool):
             try:
                 return DirectView(self, ids[key] if key < 0 else self.transport.targets(key)[0])

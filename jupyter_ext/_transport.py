@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import math
+import operator
 import os
 import signal
 import socket
@@ -335,19 +336,21 @@ class Transport:
             return ids
         if isinstance(targets, slice):
             return ids[targets]
-        if isinstance(targets, int) and not isinstance(targets, bool):
-            if targets < 0 and -len(ids) <= targets:  # (as IPython Parallel's: from the last)
-                targets = ids[targets]
-            targets = [targets]
+        one = engine_id_of(targets)
+        if one is not None:
+            if one < 0 and -len(ids) <= one:  # (as IPython Parallel's: from the last)
+                one = ids[one]
+            targets = [one]
         # (a mapping would name its keys: {0: 1} stopped engine 0 in a shutdown)
         if isinstance(targets, (str, bytes, Mapping)) or not isinstance(targets, Iterable):
             raise TypeError(f"targets must be an engine id, ids, a slice or 'all', not {targets!r}")
         out = []
-        for t in targets:
-            if isinstance(t, int) and t in self.dead and t not in self.engines:
+        for given in targets:
+            t = engine_id_of(given)
+            if t is not None and t in self.dead and t not in self.engines:
                 raise EngineError("EngineError", self.dead[t], None, {"engine_id": t})
-            if isinstance(t, bool) or not isinstance(t, int) or t not in self.engines:
-                raise InvalidTarget(f"no engine with id {t!r}; ids are {ids}")
+            if t is None or t not in self.engines:
+                raise InvalidTarget(f"no engine with id {given!r}; ids are {ids}")
             out.append(t)
         return out
 
@@ -1525,6 +1528,19 @@ def _kept_reply(msg: wire.Message, frames: list[Any]) -> list[Any] | None:
     request; None for one whose result was in a segment, which its reader unlinked: the
     record keeps no result, as for any too large to keep."""
     return None if shm.CONTENT_KEY in msg.content else frames[1:]
+
+
+def engine_id_of(value: Any) -> int | None:
+    """``value`` as an engine id: an int, or any integral type (numpy's ``int64``, an
+    element of ``np.arange``) as an int; None for anything else, bools included."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 RECOVER_AT_ONCE = 1000

@@ -15,6 +15,7 @@ from kernel_engine.serialize import PickledFunction, dumps_function, pack_apply
 from ._asyncresult import AsyncMapResult, AsyncResult
 from ._bounded import History
 from ._request import Parts, Request
+from ._transport import engine_id_of
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -359,7 +360,7 @@ class DirectView(View):
     _always_fan_out = False
 
     def _is_single(self, targets: Any) -> bool:
-        return isinstance(targets, int)
+        return engine_id_of(targets) is not None  # (an int, or numpy's)
 
     def _fans_out(self, targets: list[int], routed: bool = False) -> bool:
         """Whether to send to ``targets`` as one broadcast (``routed``: one message per

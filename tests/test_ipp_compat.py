@@ -856,3 +856,19 @@ def test_a_task_may_depend_on_a_purged_one(rc):
     rc.purge_results("all")
     with view.temp_flags(after=first.msg_ids):
         assert view.apply_sync(abs, -3) == 3
+
+
+def test_numpy_integers_name_engines(rc):
+    """``targets=np.int64(1)`` was refused as no engine id, ``np.arange(2)`` as 'no engine
+    with id np.int64(0)', and ``rc[np.int64(1)]`` as no index: numpy's integers are ints
+    wherever an engine id is (its bools are not)."""
+    np = pytest.importorskip("numpy")
+    ids = np.arange(len(rc.ids))
+    assert rc[np.int64(1)].targets == 1
+    pids = rc[:].apply_sync(os.getpid)
+    assert rc.direct_view(targets=ids).apply_sync(os.getpid) == pids
+    assert rc.load_balanced_view(targets=ids).apply_sync(os.getpid) in pids
+    assert rc.direct_view(targets=np.int64(0)).apply_sync(os.getpid) == pids[0]
+    assert set(rc.queue_status(targets=ids)) >= set(rc.ids)
+    with pytest.raises(jx.InvalidTarget, match="True"):
+        rc.direct_view(targets=[np.bool_(True)]).apply_sync(abs, 1)
