@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import json
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -363,6 +364,7 @@ class Cluster:
     def _start(self, n: int) -> Cluster:
         if self.running:
             raise ClusterError(f"cluster {self.cluster_id} is already running")
+        _check_local_address(self.ip)
         self.controller = clusters.launch_controller(
             self.folder,
             n,
@@ -730,3 +732,24 @@ def _check_min_engines(min_engines: int | None, n: int) -> None:
     refuses it): the start would wait for engines that never come."""
     if min_engines is not None and min_engines > n:
         raise ValueError(f"min_engines={min_engines} is more than the {n} engines started")
+
+
+def _check_local_address(ip: str) -> None:
+    """``ip`` is an address of this machine (the controller binds to it): ClusterError
+    naming it, before a controller is started to fail with zmq's traceback. A wildcard
+    is left to the launcher to judge."""
+    from kernel_engine.launchers.ssh import WILDCARDS
+
+    if ip in WILDCARDS:
+        return
+    host = ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        raise ClusterError(
+            f"ip={ip!r} is not an address of this machine ({exc.strerror or exc}): the "
+            "controller binds to it; use one of this machine's addresses"
+        ) from None

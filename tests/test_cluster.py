@@ -303,3 +303,14 @@ def test_min_engines_and_engine_logs_arguments_are_checked(cluster_factory):
     assert cluster.engine_logs(lines=1)[0] == whole.splitlines()[-1]
     with pytest.raises(TypeError, match="lines"):
         cluster.engine_logs(lines="5")
+
+
+def test_an_ip_that_is_not_this_machines_is_refused_before_anything_starts():
+    """``Cluster(ip=...)`` of an address this machine does not have started a controller
+    that failed with zmq's traceback; now a ClusterError names the address, and no
+    controller is started. (192.0.2.1 is a documentation address: binding to it fails
+    here without a packet sent.)"""
+    cluster = jx.Cluster(n=1, ip="192.0.2.1")
+    with pytest.raises(jx.ClusterError, match=r"ip='192\.0\.2\.1' is not an address of this"):
+        cluster.start_cluster_sync()
+    assert cluster.controller_pid is None and not cluster.folder.exists()
