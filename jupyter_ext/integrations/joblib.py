@@ -8,6 +8,7 @@ A joblib backend whose workers are a view's engines: each batch joblib makes is 
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ def register_joblib_backend(
         def __init__(self, **kwargs: Any):
             super().__init__(**kwargs)
             self._view = view
+            # what this backend submitted and is not done: the view may run others'
+            # work too (the user's own tasks, another Parallel), which an abort spares
+            self._pending: set[Any] = set()
+            self._lock = threading.Lock()
 
         @property
         def view(self) -> View:
@@ -57,14 +62,25 @@ def register_joblib_backend(
 
         def submit(self, func: Any, callback: Any = None) -> Any:
             ar = self.view.apply_async(func)
+            with self._lock:
+                self._pending.add(ar)
+            ar.add_done_callback(self._forget)
             if callback is not None:
                 ar.add_done_callback(callback)
             return ar
+
+        def _forget(self, ar: Any) -> None:
+            with self._lock:
+                self._pending.discard(ar)
 
         def retrieve_result_callback(self, out: Any) -> Any:
             return out.get()
 
         def abort_everything(self, ensure_ready: bool = True) -> None:
-            self.view.abort()
+            """Abort this backend's tasks that have not started (only its own)."""
+            with self._lock:
+                pending, self._pending = list(self._pending), set()
+            for ar in pending:
+                ar.abort()
 
     joblib.register_parallel_backend(name, ViewBackend, make_default=make_default)
