@@ -163,24 +163,42 @@ def become_dask(
 ) -> Any:
     """Start a dask scheduler on the first target and a worker on every target.
 
-    Returns a connected ``distributed.Client``.
+    Returns a connected ``distributed.Client``. Called again while the cluster it
+    started runs, it keeps that cluster (and its client) and adds workers on the targets
+    that have none, as IPython Parallel's does.
     """
     import distributed
 
     ids = client.transport.targets(targets)
-    hosts = _hosts(client, ids)
-    first = client[ids[0]]
-    first.apply_sync(start_scheduler, port, hosts[ids[0]], dict(scheduler_args or {}))
-    address = _poll(lambda: first.apply_sync(scheduler_address), "scheduler", timeout)
+    before = client._dask
+    if before is not None and before.ids[0] not in client.ids:
+        stop_dask(client, timeout=timeout)  # (its scheduler died with its engine)
+        before = None
+    if before is not None:
+        # a cluster runs already (IPython Parallel's keeps it): its scheduler stays, and
+        # workers join it on the targets that have none; starting a second one left the
+        # first running, unknown to stop_dask, on every engine
+        address = before.address
+        ids = [*before.ids, *(i for i in ids if i not in before.ids)]
+        new = ids[len(before.ids) :]
+    else:
+        hosts = _hosts(client, ids[:1])
+        first = client[ids[0]]
+        first.apply_sync(start_scheduler, port, hosts[ids[0]], dict(scheduler_args or {}))
+        address = _poll(lambda: first.apply_sync(scheduler_address), "scheduler", timeout)
+        new = ids
+    hosts = _hosts(client, new)
     started = [
         client[eid].apply_async(start_worker, address, nanny, hosts[eid], dict(worker_args))
-        for eid in ids
+        for eid in new
     ]
     for ar in started:
         ar.get(timeout)
     workers = client.direct_view(ids)
     _poll(lambda: all(workers.apply_sync(worker_running)), "workers", timeout)
-    dask_client = distributed.Client(address, timeout=timeout)
+    dask_client = before.client if before is not None else None
+    if dask_client is None or dask_client.status != "running":
+        dask_client = distributed.Client(address, timeout=timeout)
     client._dask = DaskState(address, ids, dask_client)
     dask_client.wait_for_workers(len(ids), timeout=timeout)
     return dask_client
