@@ -176,8 +176,9 @@ class ProgressDisplay:
             html, plain = self.snapshot(done, elapsed, outcome(success, interrupted, ended))
             show(widget_bundle(self.widget, html, plain), self._display_id, update=True)
         else:
-            end = " (interrupted)" if interrupted else ""
-            sys.stdout.write(f"{end}\n")
+            # (the outcome, as the widget and the per-engine bars end: "2/2 tasks" alone
+            # read as a success when the tasks failed, and a timed-out wait as done)
+            sys.stdout.write(f" ({outcome(success, interrupted, ended)})\n")
             sys.stdout.flush()
 
 

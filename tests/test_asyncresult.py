@@ -272,3 +272,20 @@ def test_iterating_a_failed_result_raises_a_fresh_error_as_get_does(rc, kind):
     assert all(exc is not kept for exc in raised)
     assert kept.__traceback__ is None
     assert len({id(exc) for exc in raised}) == 3
+
+
+def test_wait_interactive_text_ends_on_its_outcome(rc, capsys):
+    """The text bar ends on what happened, as the widget does: tasks that failed read
+    "(failed)", a wait that timed out "(not finished)" (both ended on "2/2 tasks" or
+    "0/2 tasks" alone, the look of a success)."""
+    ar = rc[:].apply_async(lambda: 1 / 0)
+    ar.wait_interactive(interval=0.05, widget=False)
+    out = capsys.readouterr().out.rstrip()
+    assert "2/2 tasks" in out and out.endswith(" s (failed)")
+    slow = rc[:].apply_async(time.sleep, 2)
+    slow.wait_interactive(interval=0.05, widget=False, timeout=0.2)
+    assert capsys.readouterr().out.rstrip().endswith("(not finished)")
+    ok = rc[:].apply_async(abs, -1)
+    ok.wait_interactive(interval=0.05, widget=False)
+    assert capsys.readouterr().out.rstrip().endswith("(done)")
+    slow.get(10)
