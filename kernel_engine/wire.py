@@ -125,8 +125,17 @@ _ENCODER = json.JSONEncoder(
 def dumps_json(obj: Any) -> bytes:
     """Compact JSON, the encoding of every JSON frame (NaN and infinities, which JSON does
     not have, raise ValueError: no peer would accept them). One encoder for all: making
-    one per call, as ``json.dumps`` with options does, was a third of the cost."""
-    return _ENCODER.encode(obj).encode("utf8")
+    one per call, as ``json.dumps`` with options does, was a third of the cost.
+
+    A lone surrogate in a string (``print(os.fsdecode(b"\\xff"))`` in a task, an error
+    message made of a file name) is no UTF-8: it goes as its escape (``\\udcff``). It
+    raised here, and a task that printed one never had its reply sent (its engine took
+    no more work)."""
+    text = _ENCODER.encode(obj)
+    try:
+        return text.encode("utf8")
+    except UnicodeEncodeError:
+        return text.encode("utf8", "backslashreplace")
 
 
 _EMPTY = b"{}"

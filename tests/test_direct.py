@@ -392,3 +392,24 @@ def test_output_is_captured_per_task(rc):
     assert ar.get(5) == [3, 3]
     assert ar.stdout == ["out 3\n", "out 3\n"]
     assert ar.stderr == ["err 3\n", "err 3\n"]
+
+
+def test_a_task_printing_a_lone_surrogate_is_answered_and_its_engine_serves_on(rc):
+    """``print(os.fsdecode(b"\\xff"))`` in a task (a file name that is no UTF-8): its
+    reply could not be encoded, was never sent, and the engine took no more work; an
+    error message holding one did the same. Both are answered now."""
+
+    def prints() -> str:
+        print("a\udcffb")
+        return "done"
+
+    def fails() -> None:
+        raise ValueError("no file \udcff")
+
+    ar = rc[0].apply_async(prints)
+    assert ar.get(timeout=10) == "done"
+    assert ar.stdout == "a\udcffb\n"
+    with pytest.raises(jx.RemoteError, match="no file"):
+        rc[0].apply_sync(fails)
+    assert rc.load_balanced_view().apply_sync(prints) == "done"
+    assert rc[0].apply_sync(abs, -7) == 7
