@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -450,13 +450,17 @@ class Client:
     def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None) -> list[Any]:
         """The controller's task records matching ``query``, as IPython Parallel's:
         ``{"engine_id": 1}``, or operators ``{"completed": {"$gt": a_datetime}}``
-        (``$in $nin $lt $gt $lte $gte $ne $eq``). ``keys``: the fields wanted (default:
-        all but ``buffers`` and ``result_buffers``). Dates come back as datetimes, buffers
-        as bytes."""
+        (``$in $nin $lt $gt $lte $gte $ne $eq``). ``keys``: the fields wanted, or one
+        field's name (default: all but ``buffers`` and ``result_buffers``). Dates come
+        back as datetimes, buffers as bytes."""
         if not isinstance(query, dict):
             raise TypeError(f"query must be a dict of record keys to values, not {query!r}")
+        if isinstance(keys, str):  # (one key, as IPython Parallel's takes it)
+            keys = [keys]
+        elif isinstance(keys, Iterable) and not isinstance(keys, (bytes, Mapping)):
+            keys = list(keys)  # (read once: a generator's keys are checked, then sent)
         if keys is not None and (
-            isinstance(keys, str) or not all(isinstance(k, str) for k in keys)
+            not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)
         ):
             raise TypeError(f"keys must be a list of record keys, not {keys!r}")
         request = protocol.DbRequest(_jsonable_query(query), None if keys is None else tuple(keys))

@@ -375,3 +375,18 @@ def test_result_requests_of_many_records_at_once_are_all_answered(db_rc):
             assert future.result(15)["status"] == "ok"
     finally:
         other.close()
+
+
+def test_keys_may_be_one_name_or_a_generator(db_rc):
+    """IPython Parallel's db_query takes one key's name as ``keys`` (its documentation's
+    example: ``keys='result_header'``): it raised TypeError here; a generator of keys
+    was read by the check and none were sent (only msg_id came back)."""
+    rc = db_rc
+    ar = rc.load_balanced_view().apply_async(abs, -3)
+    assert ar.get(10) == 3
+    (record,) = rc.db_query({"msg_id": ar.msg_ids[0]}, keys="status")
+    assert record == {"msg_id": ar.msg_ids[0], "status": "ok"}
+    (record,) = rc.db_query({"msg_id": ar.msg_ids[0]}, (k for k in ["status", "engine_id"]))
+    assert set(record) == {"msg_id", "status", "engine_id"}
+    with pytest.raises(TypeError, match="keys"):
+        rc.db_query({}, keys=5)
