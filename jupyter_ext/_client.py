@@ -8,6 +8,7 @@ requests to the controller (queries, aborts, signals, shutdown, purges).
 from __future__ import annotations
 
 import concurrent.futures
+import numbers
 import os
 import signal
 import threading
@@ -44,15 +45,23 @@ _current: Client | None = None
 
 
 def _jsonable_query(query: dict[str, Any]) -> dict[str, Any]:
-    """A db_query's datetimes as timestamps (naive ones in local time, as Python's)."""
+    """A db_query's datetimes as timestamps (naive ones in local time, as Python's); any
+    collection of values (``rc.history``, a range, an array) as a list, numpy's numbers
+    as Python's (an engine id from an array is an id, as it is for a view)."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, datetime):
             return value.timestamp()
-        if isinstance(value, (list, tuple, set)):
-            return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (str, bytes, bool, int, float)) or value is None:
+            return value
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+        if isinstance(value, Iterable) and not isinstance(value, Mapping):
+            return [plain(v) for v in value]
         return value
 
     return {k: plain(v) for k, v in query.items()}

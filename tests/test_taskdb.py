@@ -390,3 +390,21 @@ def test_keys_may_be_one_name_or_a_generator(db_rc):
     assert set(record) == {"msg_id", "status", "engine_id"}
     with pytest.raises(TypeError, match="keys"):
         rc.db_query({}, keys=5)
+
+
+def test_query_values_from_history_ranges_and_numpy(db_rc):
+    """Values a user has at hand: ``rc.history`` itself, a range, numpy's integers (as
+    engine ids are elsewhere): each failed with 'is not JSON serializable'."""
+    np = pytest.importorskip("numpy")
+    rc = db_rc
+    ar = rc[:].apply_async(abs, -4)
+    assert ar.get(10) == [4, 4]
+    keys = ["engine_id"]
+    mine = {r["msg_id"] for r in rc.db_query({"msg_id": {"$in": rc.history}}, keys)}
+    assert set(ar.msg_ids) <= mine
+    on_one = rc.db_query({"msg_id": {"$in": ar.msg_ids}, "engine_id": np.int64(1)}, keys)
+    assert [r["engine_id"] for r in on_one] == [1]
+    both = rc.db_query({"msg_id": {"$in": ar.msg_ids}, "engine_id": {"$in": np.arange(2)}}, keys)
+    assert sorted(r["engine_id"] for r in both) == [0, 1]
+    below = rc.db_query({"msg_id": {"$in": ar.msg_ids}, "engine_id": {"$nin": range(1, 9)}}, keys)
+    assert [r["engine_id"] for r in below] == [0]
