@@ -350,6 +350,30 @@ def test_a_queued_tasks_record_waits_for_its_engine_then_is_written_once(open_st
     assert store.get("q1", ["status"])["status"] == "ok"
 
 
+def test_a_taken_tasks_record_names_its_engine_while_it_runs(open_store, monkeypatch):
+    """The engine that took a held record's task is in the record while the task runs,
+    as memory's record has it (the file heard of it only with the outcome: a query for
+    what runs on an engine found nothing), written once when the record was held, or as
+    a put when a read or the hold had written the record already."""
+    from kernel_engine.controller import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "HOLD", 600.0)
+    store = open_store(batch_interval=0.01)
+    store.flush()
+    before = store._con.total_changes
+    queued(store, "held")
+    store.taken("held", {"engine_id": 3, "engine_uuid": "e-3"})
+    running = store.get("held", ["engine_id", "engine_uuid", "status"])
+    assert running == {"msg_id": "held", "engine_id": 3, "engine_uuid": "e-3", "status": "pending"}
+    assert store._con.total_changes - before == 1
+    queued(store, "read")
+    assert store.get("read", ["engine_id"])["engine_id"] is None  # (the read wrote it)
+    store.taken("read", {"engine_id": 1})
+    assert store.query({"engine_id": 1, "completed": None}, ["msg_id"]) == [{"msg_id": "read"}]
+    complete(store, "read", engine_id=1)
+    assert store.get("read", ["engine_id", "status"])["status"] == "ok"
+
+
 def test_a_long_maps_queued_records_are_each_written_once(open_store, monkeypatch):
     # a map queues more tasks than the puts that may wait for the writer (max_pending):
     # their records are still held until taken, not written pending and then updated

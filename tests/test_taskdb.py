@@ -408,3 +408,27 @@ def test_query_values_from_history_ranges_and_numpy(db_rc):
     assert sorted(r["engine_id"] for r in both) == [0, 1]
     below = rc.db_query({"msg_id": {"$in": ar.msg_ids}, "engine_id": {"$nin": range(1, 9)}}, keys)
     assert [r["engine_id"] for r in below] == [0]
+
+
+def test_a_running_load_balanced_tasks_record_names_its_engine(db_rc):
+    """While it runs, a load-balanced task's record names the engine running it in both
+    stores (with SQLite, the file had it only with the outcome: ``engine_id`` None,
+    where memory said which; IPython Parallel's records name it once it is assigned)."""
+    rc = db_rc
+    running = rc.load_balanced_view().apply_async(time.sleep, 1.5)
+    eid = None
+    deadline = time.monotonic() + 10
+    while eid is None and time.monotonic() < deadline:
+        rc.queue_status()
+        eid = running.metadata.get("engine_id")
+        (record,) = rc.db_query({"msg_id": running.msg_ids[0]}, ["engine_id", "engine_uuid"])
+        if record["engine_id"] is not None:
+            break
+        time.sleep(0.05)
+    assert not running.done(), "the task ended before its record was seen"
+    assert record["engine_id"] in rc.ids and record["engine_uuid"]
+    busy = rc.db_query({"engine_id": record["engine_id"], "completed": None}, ["msg_id"])
+    assert running.msg_ids[0] in {r["msg_id"] for r in busy}
+    running.get(10)
+    (done,) = rc.db_query({"msg_id": running.msg_ids[0]}, ["engine_id", "engine_uuid"])
+    assert done == record

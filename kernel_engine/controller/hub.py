@@ -334,9 +334,9 @@ class Hub:
     def assigned(self, msg_id: str, engine_id: int) -> None:
         record = self.records.get(msg_id)
         if record is not None:
-            record.engine_id = engine_id  # (the file hears of it with the outcome)
-            if self.log is not None:
-                self.log.taken(msg_id)
+            record.engine_id = engine_id
+            if self.log is not None:  # (a running task's record names its engine)
+                self.log.taken(msg_id, self._engine_fields(engine_id))
             if self.on_task is not None:
                 self.on_task("assigned", record, None)
 
@@ -526,7 +526,7 @@ class Hub:
         for record in self.records.values():
             if limit is not None and len(out) >= limit:
                 break
-            row = _row_of(record)
+            row = _row_of(record, self.engine_uuid)
             if matches(row, checked):
                 out.append({k: row.get(k) for k in wanted})
         return out
@@ -622,8 +622,12 @@ def _to_store(reply: list[Any]) -> list[Any]:
     return [reply[1], b"{}", *reply[3:]] if len(reply) > 4 else reply[1:]
 
 
-def _row_of(record: TaskRecord) -> dict[str, Any]:
-    """A memory record as the file's rows look (what queries see)."""
+def _row_of(
+    record: TaskRecord, engine_uuid: Callable[[int], str | None] = lambda eid: None
+) -> dict[str, Any]:
+    """A memory record as the file's rows look (what queries see); ``engine_uuid``: the
+    uuid of a live engine, for a record whose reply does not say it (still running, or
+    an ``execute_request``'s), as the file's has it from the engine set."""
     row: dict[str, Any] = {
         "msg_id": record.msg_id,
         "msg_type": record.msg_type,
@@ -656,6 +660,8 @@ def _row_of(record: TaskRecord) -> dict[str, Any]:
     for key in ("engine_uuid", "stdout", "stderr"):
         value = done.get(key)
         row[key] = value if isinstance(value, str) else None
+    if row["engine_uuid"] is None and record.engine_id is not None:
+        row["engine_uuid"] = engine_uuid(record.engine_id)
     return row
 
 

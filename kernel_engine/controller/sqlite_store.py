@@ -885,11 +885,13 @@ class SqliteLog:
         :data:`HOLD` seconds at most, or until a read or a close needs it."""
         self._put(msg_id, fields, (msg_id,))
 
-    def taken(self, msg_id: str) -> None:
-        """An engine took ``msg_id``'s task: its held record (:meth:`put_queued`) is due."""
+    def taken(self, msg_id: str, fields: dict[str, Any] | None = None) -> None:
+        """An engine took ``msg_id``'s task: its held record (:meth:`put_queued`) is due,
+        with ``fields`` (the engine's, made as for :meth:`put_made`) put into it; a record
+        written already (held past :data:`HOLD`, or for a read) gets them as a put."""
         if type(msg_id) is not str or not msg_id.isascii():  # (_check_id, most often)
             _check_id(msg_id)
-        self._queue.append((_TAKEN, msg_id, 0))
+        self._queue.append((_TAKEN, (msg_id, fields), 0))
 
     def _put(self, msg_id: str, fields: dict[str, Any], tag: str | tuple[str]) -> None:
         if self._stopped:
@@ -1414,10 +1416,22 @@ class SqliteLog:
                     seq += 1
                     held_bytes += size
             elif tag is _TAKEN:
-                taken = held.pop(item, None)
+                msg_id, fields = item
+                taken = held.pop(msg_id, None)
                 if taken is not None:
-                    _, seqs[item], size, records[item] = taken
+                    _, seqs[msg_id], size, record = taken
                     released += size
+                    records[msg_id] = record
+                    if fields:
+                        record.update(fields)
+                elif fields:  # (written already, or in this batch: its engine is news)
+                    record = records.get(msg_id)
+                    if record is not None:
+                        record.update(fields)
+                    else:
+                        records[msg_id] = fields
+                        seqs[msg_id] = seq
+                        seq += 1
             elif tag is _OUTPUT:
                 msg_id, name, text = item
                 if msg_id in held:
