@@ -189,6 +189,7 @@ class Hub:
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
         self._output_chars: dict[tuple[str, str], int] = {}  # output kept per record
         self._restored: set[str] = set()  # pending records a dead controller left
+        self._resubmitted: dict[str, str] = {}  # without a file: old msg_id -> new
         # told of each record started ("submitted"), placed on an engine ("assigned") and
         # ended ("completed", with the reply's frames if any): the status board's feed
         self.on_task: Callable[[str, TaskRecord, list[Any] | None], None] | None = None
@@ -383,6 +384,8 @@ class Hub:
         """``old`` ran again as ``new``."""
         if self.log is not None:
             self.log.put(old, resubmitted=new)
+        elif old in self.records:
+            self._resubmitted[old] = new
 
     def output(self, msg_id: str, name: str, text: str) -> None:
         """What a task printed (``stdout``/``stderr``): kept in the file, if there is one,
@@ -470,6 +473,8 @@ class Hub:
         record = self.records.pop(msg_id, None)
         if record is not None:
             self.result_bytes -= record.stored_bytes
+        if self._resubmitted:
+            self._resubmitted.pop(msg_id, None)
 
     def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
         """Forget finished records: the given ones, those of the engines, or all (None),
@@ -527,6 +532,7 @@ class Hub:
             if limit is not None and len(out) >= limit:
                 break
             row = _row_of(record, self.engine_uuid)
+            row["resubmitted"] = self._resubmitted.get(record.msg_id)
             if matches(row, checked):
                 out.append({k: row.get(k) for k in wanted})
         return out
