@@ -434,3 +434,21 @@ def test_a_running_load_balanced_tasks_record_names_its_engine(db_rc):
     running.get(10)
     (done,) = rc.db_query({"msg_id": running.msg_ids[0]}, ["engine_id", "engine_uuid"])
     assert done == record
+
+
+def test_what_an_execute_printed_is_in_the_record_in_both_stores(db_rc):
+    """``%px``'s execute_request prints on iopub only (its reply carries no copy, as a
+    function call's does): the in-memory store kept none of it, nor the engine's uuid,
+    where the file had both."""
+    rc = db_rc
+    ar = rc[1].execute("print('from an execute')")
+    ar.get(10)
+    ar.wait_for_output(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        (record,) = rc.db_query({"msg_id": ar.msg_ids[0]}, ["stdout", "engine_uuid"])
+        if record["stdout"]:
+            break
+        time.sleep(0.1)
+    assert record["stdout"] == "from an execute\n"
+    assert record["engine_uuid"] == rc.db_query({"engine_id": 1}, ["engine_uuid"])[0]["engine_uuid"]

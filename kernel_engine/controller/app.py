@@ -627,12 +627,12 @@ class Controller:
 
     def _relay_iopub(self, engine: Engine, frames: list[Any]) -> None:
         """Re-publish an engine's iopub message, topic ``engine.<id>``; what tasks print
-        goes to their records too (when they are kept in a file)."""
+        goes to their records too (in memory, only what no reply carries: see
+        :meth:`Hub.output`)."""
         self.iopub.send_multipart([b"engine.%d" % engine.id, *frames[1:]], copy=False)
         if self.comms.waiting(engine.id):
             self.comms.seen(engine.id, frames)
-        if self.hub.log is not None:
-            self._record_output(engine, frames)
+        self._record_output(engine, frames)
 
     def _record_output(self, engine: Engine, frames: list[Any]) -> None:
         """A ``stream`` message's text, into its task's record (others are skipped cheaply:

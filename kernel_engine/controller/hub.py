@@ -189,7 +189,11 @@ class Hub:
         self._clients: dict[bytes, bytes] = {}  # one bytes object per client identity
         self._output_chars: dict[tuple[str, str], int] = {}  # output kept per record
         self._restored: set[str] = set()  # pending records a dead controller left
-        self._resubmitted: dict[str, str] = {}  # without a file: old msg_id -> new
+        # without a file: each resubmitted record's new msg_id, and what tasks that reply
+        # with no copy of their output (an execute_request's) printed, bounded in all
+        self._resubmitted: dict[str, str] = {}
+        self._texts: dict[str, dict[str, str]] = {}
+        self._text_chars = 0
         # told of each record started ("submitted"), placed on an engine ("assigned") and
         # ended ("completed", with the reply's frames if any): the status board's feed
         self.on_task: Callable[[str, TaskRecord, list[Any] | None], None] | None = None
@@ -390,8 +394,10 @@ class Hub:
     def output(self, msg_id: str, name: str, text: str) -> None:
         """What a task printed (``stdout``/``stderr``): kept in the file, if there is one,
         up to the file's limit per record; what is past it is not even queued, so a task
-        that floods its output costs no memory here."""
+        that floods its output costs no memory here. Without a file, what no reply
+        carries is kept in memory (:meth:`_keep_text`)."""
         if self.log is None:
+            self._keep_text(msg_id, name, text)
             return
         key = (msg_id, name)
         seen = self._output_chars.get(key, 0)
@@ -401,6 +407,30 @@ class Hub:
             self._output_chars.clear()
         self._output_chars[key] = seen + len(text)
         self.log.append_output(msg_id, name, text)
+
+    def _keep_text(self, msg_id: str, name: str, text: str) -> None:
+        """Keep what a task printed, in memory, when its reply will not carry it (a
+        function call's reply has its output in its metadata): up to the file's limit per
+        record, and :attr:`max_result_bytes` / 4 characters in all, the oldest dropped."""
+        from .sqlite_store import MAX_OUTPUT, TRUNCATED
+
+        record = self.records.get(msg_id)
+        if record is None or record.msg_type == protocol.APPLY_REQUEST:
+            return
+        texts = self._texts.get(msg_id)
+        if texts is None:
+            texts = self._texts[msg_id] = {}
+        old = texts.get(name, "")
+        if len(old) > MAX_OUTPUT:
+            return
+        new = old + text
+        if len(new) > MAX_OUTPUT:
+            new = new[:MAX_OUTPUT] + TRUNCATED
+        texts[name] = new
+        self._text_chars += len(new) - len(old)
+        while self._text_chars > self.max_result_bytes // 4 and self._texts:
+            dropped = self._texts.pop(next(iter(self._texts)))
+            self._text_chars -= sum(map(len, dropped.values()))
 
     def _count_stored(self, record: TaskRecord) -> None:
         self.result_bytes += record.stored_bytes
@@ -475,6 +505,10 @@ class Hub:
             self.result_bytes -= record.stored_bytes
         if self._resubmitted:
             self._resubmitted.pop(msg_id, None)
+        if self._texts:
+            texts = self._texts.pop(msg_id, None)
+            if texts:
+                self._text_chars -= sum(map(len, texts.values()))
 
     def purge(self, msg_ids: tuple[str, ...] | None, engine_ids: tuple[int, ...] | None) -> int:
         """Forget finished records: the given ones, those of the engines, or all (None),
@@ -533,6 +567,11 @@ class Hub:
                 break
             row = _row_of(record, self.engine_uuid)
             row["resubmitted"] = self._resubmitted.get(record.msg_id)
+            texts = self._texts.get(record.msg_id)
+            if texts:
+                for name, text in texts.items():
+                    if row.get(name) is None:
+                        row[name] = text
             if matches(row, checked):
                 out.append({k: row.get(k) for k in wanted})
         return out
