@@ -1417,9 +1417,17 @@ class Transport:
             self.tell(protocol.ABORT_REQUEST, request)
 
     def fetch_records(self, msg_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], Any]]:
-        """The controller's records of these tasks, with their outcome when stored."""
-        reply = self.ask(protocol.RESULT_REQUEST, protocol.ResultRequest(tuple(msg_ids)))
-        return self._records(reply)
+        """The controller's records of these tasks, with their outcome when stored (asked
+        for :data:`RECORDS_AT_ONCE` at a time: the controller reads at most 10,000 from
+        its file for one request, and after a restart its memory holds none)."""
+        out: dict[str, tuple[dict[str, Any], Any]] = {}
+        ids = list(msg_ids)
+        for start in range(0, max(len(ids), 1), RECORDS_AT_ONCE):
+            chunk = tuple(ids[start : start + RECORDS_AT_ONCE])
+            out.update(
+                self._records(self.ask(protocol.RESULT_REQUEST, protocol.ResultRequest(chunk)))
+            )
+        return out
 
     def _records(self, reply: dict[str, Any]) -> dict[str, tuple[dict[str, Any], Any]]:
         """(record, (outcome, metadata) or None) by msg_id, of a result request's reply."""
@@ -1545,6 +1553,10 @@ def engine_id_of(value: Any) -> int | None:
 
 RECOVER_AT_ONCE = 1000
 """Tasks asked about in one request when the controller said it dropped replies."""
+
+RECORDS_AT_ONCE = 5000
+"""Tasks whose records one request asks for (the controller reads at most 10,000 from
+its file for one)."""
 
 
 def md_engine(record: dict[str, Any] | None) -> int | None:

@@ -510,3 +510,21 @@ def test_an_engine_still_being_adopted_can_be_shut_down_by_id(cluster_factory):
     _wait("engine 0's process gone", lambda: not processes.running(pids[0]), timeout=15, rc=rc)
     assert rc.ids == [1]
     assert rc[1].apply_sync(abs, -3) == 3
+
+
+def test_a_restarted_controllers_records_of_a_long_history_are_all_read(cluster_factory):
+    """After a restart the controller's memory holds no record: every one is read from
+    the file, at most 10,000 for one request, and the result status (or get_result) of a
+    longer history failed with a ValueError. The client asks in parts."""
+    cluster = cluster_factory(2, engine_grace=60)
+    rc = cluster.start_and_connect_sync()
+    cluster_factory.record(cluster, rc)
+    ar = rc.load_balanced_view().map_async(abs, range(-10_500, 0), chunksize=1)
+    assert ar.get(timeout=120)[:2] == [10_500, 10_499]
+    time.sleep(1)  # (the writer commits every 0.05 s: what it had not is lost to a SIGKILL)
+    _kill(cluster.controller_pid)
+    cluster.restart_controller_sync(timeout=60)
+    cluster_factory.pids.append(cluster.controller_pid)
+    _wait("both engines adopted", lambda: rc.ids == [0, 1], rc=rc)
+    status = rc.result_status(ar.msg_ids)
+    assert len(status["completed"]) == 10_500 and status["pending"] == []
