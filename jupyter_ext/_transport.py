@@ -1163,11 +1163,17 @@ class Transport:
             handler(engine_id, msg)
         req = self.requests.get(msg_id)
         if req is None:
-            # data a task published just before it returned may come after its reply
-            # (another path): it still belongs in the task's metadata
-            late = self.metadata.get(msg_id) if msg.msg_type == DATA_MESSAGE else None
-            if late is not None:
+            # data a task published, or what it displayed, just before it returned comes
+            # after its reply when that came straight from the engine's lane (iopub goes
+            # through the controller): it still belongs in the task's metadata (what it
+            # printed does not: the reply carries all of that)
+            late = self.metadata.get(msg_id) if msg.msg_type in _LATE_OUTPUTS else None
+            if late is None:
+                return
+            if msg.msg_type == DATA_MESSAGE:
                 late["data"] = {**late["data"], **serialize.loads(msg.buffers)}
+            else:
+                late["outputs"] = [*late["outputs"], msg.content]
             return
         md = req.metadata
         msg_type, content = msg.msg_type, msg.content
@@ -1550,6 +1556,9 @@ def engine_id_of(value: Any) -> int | None:
     except TypeError:
         return None
 
+
+_LATE_OUTPUTS = frozenset({DATA_MESSAGE, "display_data", "update_display_data"})
+"""What a task published on iopub that is kept when it comes after the task's reply."""
 
 RECOVER_AT_ONCE = 1000
 """Tasks asked about in one request when the controller said it dropped replies."""
