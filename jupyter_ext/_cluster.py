@@ -159,6 +159,13 @@ class Cluster:
         Seconds the engines outlive a controller that dies (SIGKILL included), for
         :meth:`restart_controller_sync` to adopt them with their state; then they exit.
         Default: ``$JUPYTER_PX_ENGINE_GRACE``, else 60.
+    controller_ip, engine_timeout
+        IPython Parallel's names for ``ip`` and ``start_timeout``.
+    delay, load_profile, send_engines_connection_env, controller
+        IPython Parallel's, accepted (checked) with nothing to do: engines start as soon
+        as the controller is ready and get its connection info from it, no
+        ``ipcluster_config.py`` is read, and the controller is local (``controller=None``
+        or ``"local"``; another raises ValueError).
 
     Every argument is checked here: a wrong type or value raises TypeError/ValueError
     naming it, before anything starts.
@@ -190,7 +197,34 @@ class Cluster:
         ssh_args: list[str] | None = None,
         kernel_name: str | None = None,
         mpiexec: str | None = None,
+        *,
+        controller_ip: str | None = None,
+        engine_timeout: float | None = None,
+        delay: float = 1.0,
+        load_profile: bool = True,
+        send_engines_connection_env: bool = True,
+        controller: str | None = None,
     ):
+        # IPython Parallel's names: controller_ip is ip, engine_timeout start_timeout
+        if controller_ip is not None:
+            if ip not in ("127.0.0.1", controller_ip):
+                raise ValueError(f"give ip or controller_ip, not both ({ip!r}, {controller_ip!r})")
+            ip = controller_ip
+        if engine_timeout is not None:
+            if start_timeout not in (60.0, engine_timeout):
+                raise ValueError("give start_timeout or engine_timeout, not both")
+            start_timeout = engine_timeout
+        # accepted for IPython Parallel's code, with nothing to do here: the engines start
+        # once the controller is ready (no delay needed), get its connection info from it,
+        # and no ipcluster_config.py is read
+        self.delay = protocol.check_seconds("delay", delay)
+        protocol.check_bool("load_profile", load_profile)
+        protocol.check_bool("send_engines_connection_env", send_engines_connection_env)
+        if controller not in (None, "local", "Local"):
+            raise ValueError(
+                f"controller={controller!r}: the controller runs on this machine only "
+                "(controller=None or 'local')"
+            )
         if kernel_name is not None and engines == "local":
             engines = "provisioner"  # (the local launcher runs only the engine spec)
         self._launcher = launchers.launcher_name(engines)

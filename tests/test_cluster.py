@@ -314,3 +314,29 @@ def test_an_ip_that_is_not_this_machines_is_refused_before_anything_starts():
     with pytest.raises(jx.ClusterError, match=r"ip='192\.0\.2\.1' is not an address of this"):
         cluster.start_cluster_sync()
     assert cluster.controller_pid is None and not cluster.folder.exists()
+
+
+def test_cluster_takes_ipython_parallels_constructor_names():
+    """``Cluster(n=2, controller_ip=..., engine_timeout=..., delay=..., load_profile=...,
+    send_engines_connection_env=..., controller="local")``, as IPython Parallel's code
+    writes it, was a TypeError (unexpected keyword argument)."""
+    cluster = jx.Cluster(
+        n=2,
+        controller_ip="127.0.0.1",
+        engine_timeout=30,
+        delay=0.5,
+        load_profile=False,
+        send_engines_connection_env=True,
+        controller="local",
+    )
+    assert cluster.ip == "127.0.0.1" and cluster.start_timeout == 30 and cluster.delay == 0.5
+    with pytest.raises(ValueError, match="not both"):
+        jx.Cluster(n=1, ip="127.0.0.2", controller_ip="127.0.0.1")
+    with pytest.raises(ValueError, match="not both"):
+        jx.Cluster(n=1, start_timeout=10, engine_timeout=30)
+    with pytest.raises(ValueError, match="controller='ssh'"):
+        jx.Cluster(n=1, controller="ssh")
+    with pytest.raises(TypeError, match="delay"):
+        jx.Cluster(n=1, delay="1")
+    with pytest.raises(TypeError, match="load_profile"):
+        jx.Cluster(n=1, load_profile=1)
