@@ -590,9 +590,14 @@ class Cluster:
             self._client.cluster = self
         return self._client
 
-    def start_engines_sync(self, n: int | None = None, timeout: float | None = None) -> list[int]:
+    def start_engines_sync(
+        self, n: int | None = None, timeout: float | None = None, *, engine_set_id: Any = None
+    ) -> list[int]:
         """Start ``n`` more engines (default: the cluster's ``n``, as IPython Parallel's);
-        returns their ids once they are ready."""
+        returns their ids once they are ready. Those ids are what IPython Parallel's engine
+        set id is for: :meth:`stop_engines`, :meth:`restart_engines` and
+        :meth:`signal_engines` take them (as ``engine_set_id=`` too). ``engine_set_id`` is
+        accepted for IPython Parallel's code; there are no named engine sets here."""
         n = self.n if n is None else n
         if protocol.check_int("n", n, 0, 4096) == 0:
             return []
@@ -602,38 +607,56 @@ class Cluster:
         client.transport.wait_for_engines_ready(ids, timeout or self.start_timeout)
         return ids
 
-    async def start_engines(self, n: int | None = None, timeout: float | None = None) -> list[int]:
+    async def start_engines(
+        self, n: int | None = None, timeout: float | None = None, *, engine_set_id: Any = None
+    ) -> list[int]:
         """Start ``n`` more engines (default: the cluster's ``n``); returns their ids once
         they are ready."""
         return await asyncio.to_thread(self.start_engines_sync, n, timeout)
 
-    def stop_engines_sync(self, engine_ids: Any = None) -> None:
-        """Stop engines (default: all); the cluster's controller keeps running."""
+    def stop_engines_sync(self, engine_ids: Any = None, *, engine_set_id: Any = None) -> None:
+        """Stop engines (default: all); the cluster's controller keeps running.
+        ``engine_set_id``: IPython Parallel's name of ``engine_ids``."""
+        engine_ids = _engine_ids(engine_ids, engine_set_id)
         client = self._client_or_connect()
         client.shutdown(targets="all" if engine_ids is None else engine_ids)
 
-    async def stop_engines(self, engine_ids: Any = None) -> None:
+    async def stop_engines(self, engine_ids: Any = None, *, engine_set_id: Any = None) -> None:
         """Stop engines (default: all); the cluster's controller keeps running."""
-        await asyncio.to_thread(self.stop_engines_sync, engine_ids)
+        await asyncio.to_thread(self.stop_engines_sync, _engine_ids(engine_ids, engine_set_id))
 
-    def restart_engines_sync(self, engine_ids: Any = None) -> list[int]:
-        """Stop engines and start as many new ones; returns the new ids when ready."""
+    def restart_engines_sync(
+        self, engine_ids: Any = None, *, engine_set_id: Any = None
+    ) -> list[int]:
+        """Stop engines and start as many new ones; returns the new ids when ready.
+        ``engine_set_id``: IPython Parallel's name of ``engine_ids``."""
+        engine_ids = _engine_ids(engine_ids, engine_set_id)
         client = self._client_or_connect()
         ids = client.ids if engine_ids is None else client.transport.targets(engine_ids)
         client.shutdown(targets=ids)
         return self.start_engines_sync(len(ids))
 
-    async def restart_engines(self, engine_ids: Any = None) -> list[int]:
+    async def restart_engines(
+        self, engine_ids: Any = None, *, engine_set_id: Any = None
+    ) -> list[int]:
         """Stop engines and start as many new ones; returns the new ids when ready."""
-        return await asyncio.to_thread(self.restart_engines_sync, engine_ids)
+        ids = _engine_ids(engine_ids, engine_set_id)
+        return await asyncio.to_thread(self.restart_engines_sync, ids)
 
-    def signal_engines_sync(self, signum: int, engine_ids: Any = None) -> None:
-        """Send a signal to engines (default: all)."""
+    def signal_engines_sync(
+        self, signum: int, engine_ids: Any = None, *, engine_set_id: Any = None
+    ) -> None:
+        """Send a signal to engines (default: all). ``engine_set_id``: IPython Parallel's
+        name of ``engine_ids``."""
+        engine_ids = _engine_ids(engine_ids, engine_set_id)
         self._client_or_connect().send_signal(signum, engine_ids)
 
-    async def signal_engines(self, signum: int, engine_ids: Any = None) -> None:
+    async def signal_engines(
+        self, signum: int, engine_ids: Any = None, *, engine_set_id: Any = None
+    ) -> None:
         """Send a signal to engines (default: all)."""
-        await asyncio.to_thread(self.signal_engines_sync, signum, engine_ids)
+        ids = _engine_ids(engine_ids, engine_set_id)
+        await asyncio.to_thread(self.signal_engines_sync, signum, ids)
 
     def stop_engine_sync(self, engine_id: int) -> None:
         """Stop one engine."""
@@ -759,6 +782,16 @@ class Cluster:
         if "engines" in state.info:
             self.n = len(state.info["engines"])
         return self
+
+
+def _engine_ids(engine_ids: Any, engine_set_id: Any) -> Any:
+    """The engines a call names, by ``engine_ids`` or IPython Parallel's ``engine_set_id``
+    (what :meth:`Cluster.start_engines` returned); TypeError if both."""
+    if engine_set_id is None:
+        return engine_ids
+    if engine_ids is not None:
+        raise TypeError("give engine_ids or engine_set_id, not both")
+    return engine_set_id
 
 
 def _check_min_engines(min_engines: int | None, n: int) -> None:

@@ -340,3 +340,25 @@ def test_cluster_takes_ipython_parallels_constructor_names():
         jx.Cluster(n=1, delay="1")
     with pytest.raises(TypeError, match="load_profile"):
         jx.Cluster(n=1, load_profile=1)
+
+
+def test_engine_calls_take_ipython_parallels_engine_set_id(cluster_factory):
+    """``start_engines(n, engine_set_id=...)``, ``stop_engines(engine_set_id=...)``,
+    ``restart_engines(engine_set_id=...)`` and ``signal_engines(sig, engine_set_id=...)``
+    (IPython Parallel's argument name) raised TypeError; the ids start_engines returns
+    are the engine set's handle."""
+    import signal
+
+    cluster, rc = cluster_factory.start(1)
+    added = cluster.start_engines_sync(1, engine_set_id="more")
+    assert len(added) == 1 and added[0] in rc.ids and len(rc.ids) == 2
+    cluster.signal_engines_sync(signal.SIGINT, engine_set_id=added)
+    again = cluster.restart_engines_sync(engine_set_id=added)
+    assert len(again) == 1 and again[0] not in added
+    asyncio.run(cluster.stop_engines(engine_set_id=again))
+    deadline = time.monotonic() + 30
+    while again[0] in rc.ids and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert again[0] not in rc.ids and len(rc.ids) == 1
+    with pytest.raises(TypeError, match="not both"):
+        cluster.stop_engines_sync(again, engine_set_id=again)
