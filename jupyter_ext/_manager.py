@@ -20,8 +20,25 @@ class ClusterManager:
     def __init__(self) -> None:
         self.clusters: dict[str, Cluster] = {}
 
-    def load_clusters(self) -> dict[str, Cluster]:
-        """Add the running clusters not known yet; returns every known cluster."""
+    def load_clusters(
+        self,
+        *,
+        profile_dirs: list[str] | None = None,
+        profile_dir: str | None = None,
+        profiles: list[str] | None = None,
+        profile: str | None = None,
+        init_default_clusters: bool = False,
+    ) -> dict[str, Cluster]:
+        """Add the running clusters not known yet; returns every known cluster.
+
+        The keywords are IPython Parallel's, accepted for its code: clusters here are
+        found by id in the Jupyter runtime dir, not in IPython profiles, so every running
+        cluster is loaded whatever profile they name, and no stopped default cluster is
+        made for ``init_default_clusters``."""
+        if not isinstance(init_default_clusters, bool):
+            raise TypeError(
+                f"init_default_clusters must be True or False, not {init_default_clusters!r}"
+            )
         for state in clusters.list_clusters():
             if state.cluster_id not in self.clusters:
                 # by its folder: an id is also read as a path, relative to this process's

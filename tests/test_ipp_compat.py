@@ -446,6 +446,10 @@ def test_cluster_manager_knows_running_clusters(rc):
     manager = jx.ClusterManager()
     known = manager.load_clusters()
     assert rc.cluster_id in known
+    # IPython Parallel's keywords (a TypeError before)
+    again = manager.load_clusters(profile="default", init_default_clusters=True)
+    assert rc.cluster_id in again
+    assert rc.cluster_id in jx.ClusterManager().load_clusters(profile_dirs=[], profiles=None)
     with pytest.raises(KeyError, match="no-such"):
         manager.get_cluster("no-such")
 
