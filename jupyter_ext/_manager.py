@@ -13,7 +13,7 @@ class ClusterManager:
     """Running clusters by id, and new ones.
 
     ``load_clusters()`` finds the running clusters (their folders under the Jupyter
-    runtime dir); ``new_cluster(**kwargs)`` makes a Cluster (not started);
+    runtime dir); ``new_cluster(**kwargs)`` makes a Cluster (not started; returns its key and it);
     ``remove_cluster(id)`` stops one and forgets it.
     """
 
@@ -46,11 +46,12 @@ class ClusterManager:
                 self.clusters[state.cluster_id] = Cluster.from_file(state.folder)
         return self.clusters
 
-    def new_cluster(self, **kwargs: Any) -> Cluster:
-        """A new Cluster (start it with ``start_cluster``)."""
+    def new_cluster(self, **kwargs: Any) -> tuple[str, Cluster]:
+        """A new Cluster (start it with ``start_cluster``) and its key here, as IPython
+        Parallel's: ``key, cluster = manager.new_cluster(n=2)``."""
         cluster = Cluster(**kwargs)
         self.clusters[cluster.cluster_id] = cluster
-        return cluster
+        return cluster.cluster_id, cluster
 
     def get_cluster(self, cluster_id: str) -> Cluster:
         """A known cluster; KeyError names the ones there are."""

@@ -295,7 +295,7 @@ class ClusterListHandler(_BaseHandler):
                 known = ", ".join(repr(n) for n in BUILTIN_LAUNCHERS)
                 raise _http_error(400, f"engines: {engines!r} is not one of {known}")
             try:
-                cluster = registry.manager.new_cluster(**body)
+                _, cluster = registry.manager.new_cluster(**body)
             except (TypeError, ValueError) as exc:
                 raise _http_error(400, str(exc)) from None
             key = cluster.cluster_id

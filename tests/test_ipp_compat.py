@@ -452,6 +452,11 @@ def test_cluster_manager_knows_running_clusters(rc):
     assert rc.cluster_id in jx.ClusterManager().load_clusters(profile_dirs=[], profiles=None)
     with pytest.raises(KeyError, match="no-such"):
         manager.get_cluster("no-such")
+    # new_cluster gives the key and the cluster, as IPython Parallel's (it gave the cluster)
+    key, cluster = manager.new_cluster(n=1)
+    assert key == cluster.cluster_id and manager.get_cluster(key) is cluster
+    assert not cluster.running
+    manager.remove_cluster(key)
 
 
 def test_cluster_manager_finds_a_cluster_named_like_a_file_here(rc, tmp_path, monkeypatch):
