@@ -283,6 +283,12 @@ class Cluster:
         self.db_max_age = (
             None if db_max_age is None else protocol.check_seconds("db_max_age", db_max_age)
         )
+        if self.db == "memory" and (db_max_bytes is not None or db_max_age is not None):
+            # (they were taken and did nothing: the in-memory store has bounds of its own)
+            raise ValueError(
+                "db_max_bytes and db_max_age bound the task database's file: db='memory' "
+                "keeps none (its records are bounded by count and bytes)"
+            )
         self.engine_grace = protocol.check_seconds("engine_grace", engine_grace)
         if launcher_cls is launchers.provisioner.ProvisionerLauncher:
             if kernel_name is None:

@@ -362,3 +362,12 @@ def test_engine_calls_take_ipython_parallels_engine_set_id(cluster_factory):
     assert again[0] not in rc.ids and len(rc.ids) == 1
     with pytest.raises(TypeError, match="not both"):
         cluster.stop_engines_sync(again, engine_set_id=again)
+
+
+def test_file_retention_with_the_in_memory_store_is_refused():
+    """``Cluster(db="memory", db_max_bytes=...)`` was taken and did nothing (retention
+    bounds the SQLite file): now a ValueError says so."""
+    for retention in ({"db_max_bytes": 64 << 20}, {"db_max_age": 3600}):
+        with pytest.raises(ValueError, match="db='memory' keeps none"):
+            jx.Cluster(n=1, db="memory", **retention)
+    assert jx.Cluster(n=1, db="sqlite", db_max_bytes=64 << 20).db_max_bytes == 64 << 20
