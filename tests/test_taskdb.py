@@ -169,6 +169,15 @@ def test_another_client_gets_a_result_too_big_for_memory_from_the_file(db_rc):
         other.close()
 
 
+def test_received_is_when_the_reply_came_in_both_stores(db_rc):
+    """The in-memory store's ``received`` was the engine's ``completed``; it is when the
+    controller had the reply, as the file's is (later, by the reply's way here)."""
+    ar = db_rc.load_balanced_view().apply_async(abs, -1)
+    assert ar.get(10) == 1
+    [row] = db_rc.db_query({"msg_id": ar.msg_ids[0]}, keys=["completed", "received"])
+    assert row["received"] > row["completed"]
+
+
 def test_result_status_names_tasks_nobody_knows(db_rc):
     """A msg_id the controller has no record of, and this client is not waiting for, is
     an error that names it (as in IPython Parallel), not a task pending for ever."""

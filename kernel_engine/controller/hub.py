@@ -99,6 +99,7 @@ class TaskRecord:
         "label",
         "msg_id",
         "msg_type",
+        "received",
         "reply",
         "reply_sizes",
         "request",
@@ -125,6 +126,7 @@ class TaskRecord:
         self.label = label
         self.started: float | None = None
         self.completed: float | None = None
+        self.received: float | None = None  # (when the reply came here)
         self.status = PENDING
         self.reply: bytes | None = None
         self.reply_sizes: tuple[int, ...] = ()
@@ -361,7 +363,8 @@ class Hub:
             self._restored.discard(msg_id)
         record.status = status if status in STATUSES else "error"
         record.started = _stamp(started) or record.started
-        record.completed = _stamp(completed) or time.time()
+        record.received = received = time.time()
+        record.completed = _stamp(completed) or received
         self._finished.append(record.msg_id)
         if self.on_task is not None:
             self.on_task("completed", record, frames)
@@ -378,7 +381,7 @@ class Hub:
             if record.started is not None:
                 fields["started"] = record.started
             fields["completed"] = record.completed
-            fields["received"] = time.time()
+            fields["received"] = received
             if frames is not None:
                 fields["result"] = _to_store(frames)
             self.log.put_made(msg_id, fields)
@@ -654,6 +657,7 @@ _ROW_KEYS = [
     "submitted",
     "started",
     "completed",
+    "received",
 ]
 
 
@@ -684,7 +688,7 @@ def _row_of(
         "submitted": record.submitted,
         "started": record.started,
         "completed": record.completed,
-        "received": record.completed,
+        "received": record.received,
         "resubmitted": None,
     }
     request = _decode_request(record.request_frames()) if record.request else {}
@@ -744,6 +748,7 @@ def _from_row(
     record.status = row.get("status") or PENDING
     record.started = row.get("started")
     record.completed = row.get("completed")
+    record.received = row.get("received")
     if parts and sign is not None:
         record.reply, record.reply_sizes = _join([sign(list(parts[:4])), *parts])
     return record
