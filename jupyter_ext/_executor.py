@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,32 @@ if TYPE_CHECKING:
     from ._asyncresult import AsyncResult
 
 
+class OwnWork:
+    """The AsyncResults one caller (an executor, a joblib backend) made that are not done
+    yet: what it may abort without touching the rest of its view's work. Results end on
+    the client's IO thread, so the set is guarded (a shutdown iterating it raced them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: set[AsyncResult] = set()
+
+    def add(self, ar: AsyncResult) -> AsyncResult:
+        with self._lock:
+            self._pending.add(ar)
+        ar.add_done_callback(self._discard)
+        return ar
+
+    def _discard(self, ar: AsyncResult) -> None:
+        with self._lock:
+            self._pending.discard(ar)
+
+    def take(self) -> list[AsyncResult]:
+        """Those not done, forgotten here."""
+        with self._lock:
+            pending, self._pending = list(self._pending), set()
+        return pending
+
+
 class ViewExecutor(concurrent.futures.Executor):
     """Submits through a view: ``submit`` is ``apply_async``; ``map`` is lazy.
 
@@ -24,14 +51,9 @@ class ViewExecutor(concurrent.futures.Executor):
     def __init__(self, view: View):
         self.view = view
         self._shutdown = False
-        # (what this executor made and is not done: shutdown(cancel_futures=True)
-        # aborts these, not the rest of the view's work)
-        self._pending: set[AsyncResult] = set()
-
-    def _track(self, ar: AsyncResult) -> AsyncResult:
-        self._pending.add(ar)
-        ar.add_done_callback(self._pending.discard)
-        return ar
+        # (shutdown(cancel_futures=True) aborts these, not the rest of the view's work)
+        self._own = OwnWork()
+        self._track = self._own.add
 
     def __repr__(self) -> str:
         return f"<ViewExecutor {self.view!r}>"
@@ -77,7 +99,7 @@ class ViewExecutor(concurrent.futures.Executor):
         self._shutdown = True
         if cancel_futures:
             outstanding = self.view.client.outstanding
-            mine = [m for ar in list(self._pending) for m in ar.msg_ids if m in outstanding]
+            mine = [m for ar in self._own.take() for m in ar.msg_ids if m in outstanding]
             if mine:
                 self.view.abort(mine)
         if wait:

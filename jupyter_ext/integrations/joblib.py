@@ -8,8 +8,9 @@ A joblib backend whose workers are a view's engines: each batch joblib makes is 
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
+
+from .._executor import OwnWork
 
 if TYPE_CHECKING:
     from .._views import View
@@ -48,8 +49,7 @@ def register_joblib_backend(
             self._view = view
             # what this backend submitted and is not done: the view may run others'
             # work too (the user's own tasks, another Parallel), which an abort spares
-            self._pending: set[Any] = set()
-            self._lock = threading.Lock()
+            self._own = OwnWork()
 
         @property
         def view(self) -> View:
@@ -62,25 +62,17 @@ def register_joblib_backend(
 
         def submit(self, func: Any, callback: Any = None) -> Any:
             ar = self.view.apply_async(func)
-            with self._lock:
-                self._pending.add(ar)
-            ar.add_done_callback(self._forget)
+            self._own.add(ar)
             if callback is not None:
                 ar.add_done_callback(callback)
             return ar
-
-        def _forget(self, ar: Any) -> None:
-            with self._lock:
-                self._pending.discard(ar)
 
         def retrieve_result_callback(self, out: Any) -> Any:
             return out.get()
 
         def abort_everything(self, ensure_ready: bool = True) -> None:
             """Abort this backend's tasks that have not started (only its own)."""
-            with self._lock:
-                pending, self._pending = list(self._pending), set()
-            for ar in pending:
+            for ar in self._own.take():
                 ar.abort()
 
     joblib.register_parallel_backend(name, ViewBackend, make_default=make_default)
