@@ -109,9 +109,7 @@ class ViewExecutor(concurrent.futures.Executor):
 def _check_timeout(timeout: Any) -> None:
     """A number of seconds or None; a negative one has passed already (as in
     ``concurrent.futures``: only the results there are given)."""
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        timeout = abs(timeout)
-    protocol.check_seconds("timeout", timeout)
+    protocol.check_seconds("timeout", timeout, past=True)
 
 
 def _results(ar: AsyncResult, deadline: float | None) -> Iterator[Any]:

@@ -168,7 +168,7 @@ class Transport:
         self._welcomes: set[str] = set()
         self._probe_sent = 0.0
         self.closed = False
-        self.pid = os.getpid()
+        self.pid = _PROCESS[0]
         """The process this client was connected in (see :meth:`_check_process`)."""
         self._welcomed = threading.Event()
         self._loading = threading.local()  # (see _read_here, check_blocking)
@@ -959,13 +959,10 @@ class Transport:
                 for msg_id, req in self.requests.live.items()
                 if req.kind != "hub" and req.path not in LANE_PATHS and req.outcome is None
             ]
-        for start in range(0, len(pending), RECOVER_AT_ONCE):
-            chunk = pending[start : start + RECOVER_AT_ONCE]
+        for start in range(0, len(pending), RECORDS_AT_ONCE):
+            chunk = pending[start : start + RECORDS_AT_ONCE]
             future = self.tell(protocol.RESULT_REQUEST, protocol.ResultRequest(tuple(chunk)))
-            future.add_done_callback(functools.partial(self._safely_recovered, chunk))
-
-    def _safely_recovered(self, msg_ids: list[str], future: concurrent.futures.Future[Any]) -> None:
-        self.io._safely(self._recovered, msg_ids, future)
+            future.add_done_callback(functools.partial(self.io._safely, self._recovered, chunk))
 
     def _recovered(self, msg_ids: list[str], future: concurrent.futures.Future[Any]) -> None:
         """Settle, from the controller's records, those of ``msg_ids`` that ended."""
@@ -992,7 +989,8 @@ class Transport:
                     + ("" if record is None else ", and the controller kept no copy of it")
                 )
                 outcome = (False, EngineError("EngineError", why, None, {"msg_id": msg_id}))
-            eid = req.engine_id if req.engine_id is not None else md_engine(record)
+            if (eid := req.engine_id) is None and record is not None:
+                eid = engine_id_of(record.get("engine_id"))
             done += self.requests.replied(msg_id, outcome, now, self._send, eid)
         self._settle(done)
 
@@ -1496,7 +1494,7 @@ class Transport:
         if self.closed:
             return
         self.closed = True
-        if os.getpid() != self.pid:
+        if _PROCESS[0] != self.pid:
             return  # (a forked child's copy: the sockets and the thread are the parent's)
         self.io.stop()
         why = "this Client is closed: no reply can reach it (the work may still run)"
@@ -1512,7 +1510,7 @@ class Transport:
         """Refuse to send or wait in a child forked from the process this client was
         connected in: the child has a copy of the client without its IO thread, so a
         request there was never sent and a wait never ended."""
-        if os.getpid() != self.pid:
+        if _PROCESS[0] != self.pid:
             raise RuntimeError(
                 f"{what} would wait for ever: this Client was connected in process "
                 f"{self.pid}, and process {os.getpid()} is a child forked from it, which "
@@ -1557,21 +1555,16 @@ def engine_id_of(value: Any) -> int | None:
         return None
 
 
+_PROCESS = [os.getpid()]
+"""This process's id, kept current in forked children (no system call per send)."""
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
 _LATE_OUTPUTS = frozenset({DATA_MESSAGE, "display_data", "update_display_data"})
 """What a task published on iopub that is kept when it comes after the task's reply."""
-
-RECOVER_AT_ONCE = 1000
-"""Tasks asked about in one request when the controller said it dropped replies."""
 
 RECORDS_AT_ONCE = 5000
 """Tasks whose records one request asks for (the controller reads at most 10,000 from
 its file for one)."""
-
-
-def md_engine(record: dict[str, Any] | None) -> int | None:
-    """The engine id a task's record names (None: none, or not an int)."""
-    eid = None if record is None else record.get("engine_id")
-    return eid if type(eid) is int else None
 
 
 def _engine_of(route: bytes) -> int | None:

@@ -356,20 +356,28 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
-def check_seconds(name: str, value: Any, positive: bool = False) -> float | None:
-    """A number of seconds (or None): finite, at least 0 (above 0 when ``positive``),
-    returned as a float; any real number (numpy's ``float32``...), not a bool."""
+def check_seconds(
+    name: str, value: Any, positive: bool = False, past: bool = False
+) -> float | None:
+    """A number of seconds (or None): finite, at least 0 (above 0 when ``positive``; any
+    when ``past``: a negative timeout has passed already), returned as a float; any real
+    number (numpy's ``float32``...), not a bool."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name} must be a number of seconds or None, not {_kind(value)}")
     seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+    if not math.isfinite(seconds) or (seconds < 0 and not past) or (positive and seconds == 0):
         low = "above 0" if positive else "at least 0"
         raise ValueError(f"{name} must be a finite number of seconds {low}, not {value!r}")
     if seconds > MAX_SECONDS:
         raise ValueError(f"{name} must be at most {MAX_SECONDS} seconds, not {value!r}")
     return seconds
+
+
+def client_uuid(route: bytes) -> str:
+    """A client's name in logs and records: its routing id's first 16 bytes, as text."""
+    return route[:16].decode("ascii", "replace")
 
 
 def check_int(name: str, value: Any, low: int = 0, high: int = MAX_IDS) -> int:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import cloudpickle
+import numpy as np
 import pytest
 
 import jupyter_ext as jx
@@ -53,6 +54,12 @@ def test_map_timeout_counts_from_the_call_and_gives_the_results_there(rc):
     assert time.monotonic() - started < 1.7  # (1 s from the call, not 1 s from next)
     with pytest.raises(TypeError, match="timeout"):
         ex.map(abs, [1], timeout="1")
+    # a negative timeout, of any real type, has passed already: what is not there is late
+    started = time.monotonic()
+    late = ex.map(time.sleep, [2], timeout=np.float32(-1))
+    with pytest.raises(concurrent.futures.TimeoutError):
+        next(late)
+    assert time.monotonic() - started < 1.5
     rc.wait(timeout=30)
 
 

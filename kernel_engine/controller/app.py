@@ -554,7 +554,7 @@ class Controller:
             try:
                 self.router.direct_notice(client, msg)
             except (TypeError, ValueError) as exc:  # (wire.MessageError is a ValueError)
-                who = client[:16].decode("ascii", "replace")
+                who = protocol.client_uuid(client)
                 self.drops.drop(f"invalid direct notice from client {who}: {str(exc)[:200]}")
 
     def _hub_request(self, client: bytes, msg: Message) -> None:
@@ -726,7 +726,7 @@ class Controller:
         if abort:
             for eid, msg_ids in by_engine.items():
                 self.tell_engines([eid], protocol.ENGINE_ABORT_REQUEST, {"msg_ids": msg_ids})
-        log.info("client %s %s", client[:16].decode("ascii", "replace"), why)
+        log.info("client %s %s", protocol.client_uuid(client), why)
 
     # ----- engines
 

@@ -154,7 +154,7 @@ class TaskRecord:
         return {
             "msg_id": self.msg_id,
             "msg_type": self.msg_type,
-            "client_uuid": self.client[:16].decode("ascii", "replace"),
+            "client_uuid": protocol.client_uuid(self.client),
             "engine_id": self.engine_id,
             "submitted": _iso(self.submitted),
             "started": _iso(self.started),
@@ -269,7 +269,10 @@ class Hub:
         if self.log is not None:
             # (None is left out: a new record's fields are NULL by default, and the store
             # writes records without a None faster)
-            fields: dict[str, Any] = {"msg_type": msg_type, "client_uuid": _client_uuid(client)}
+            fields: dict[str, Any] = {
+                "msg_type": msg_type,
+                "client_uuid": protocol.client_uuid(client),
+            }
             if engine_id is not None:
                 fields.update(self._engine_fields(engine_id))
             if label is not None:
@@ -661,10 +664,6 @@ _ROW_KEYS = [
 ]
 
 
-def _client_uuid(client: bytes) -> str:
-    return client[:16].decode("ascii", "replace")
-
-
 def _to_store(reply: list[Any]) -> list[Any]:
     """What the task database keeps of a reply's frames: not the signature, and not the
     parent header (the request's header, which the record has; nothing reads it back)."""
@@ -680,7 +679,7 @@ def _row_of(
     row: dict[str, Any] = {
         "msg_id": record.msg_id,
         "msg_type": record.msg_type,
-        "client_uuid": _client_uuid(record.client),
+        "client_uuid": protocol.client_uuid(record.client),
         "engine_id": record.engine_id,
         "engine_uuid": None,
         "label": record.label,

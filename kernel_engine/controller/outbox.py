@@ -151,7 +151,7 @@ class Outbox:
         self._backlog_bytes[client] = size
         if size > MAX_BACKLOG_BYTES:
             self.forget(client)
-            who = client[:16].decode("ascii", "replace")
+            who = protocol.client_uuid(client)
             self.drops.drop(
                 f"{len(backlog)} message(s) for client {who}, which does not read them "
                 f"({size >> 20} MiB waiting)"

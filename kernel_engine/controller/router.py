@@ -296,7 +296,7 @@ class Router:
             return False
         if in_flight and self.inflight.direct >= MAX_DIRECT:
             # (not recorded: its result still reaches its client, straight from the lane)
-            who = client[:16].decode("ascii", "replace")
+            who = protocol.client_uuid(client)
             self.drops.drop(
                 f"a direct request of client {who}: {MAX_DIRECT} are held unanswered already"
             )
