@@ -164,6 +164,9 @@ def test_reference_resolves_in_namespace():
         serialize.Reference("missing").resolve(ns)
     with pytest.raises(ValueError, match="expression"):
         serialize.Reference("not a name")
+    with pytest.raises(ValueError, match="expression"):
+        serialize.Reference("if")  # (a name's shape, but a keyword: still refused)
+    assert serialize.Reference("match").resolve({"match": 1}) == 1  # (a soft keyword is a name)
     with pytest.raises(TypeError):
         serialize.Reference(3)
 
