@@ -174,16 +174,18 @@ class AsyncResult(concurrent.futures.Future):  # type: ignore[type-arg]
         errors: list[RemoteError] = []
         results: list[Any] = []
         for f in self._children:
-            exc = f.exception(0)  # (all are done: never wait here, on the IO thread)
-            if exc is None:
-                results.append(f.result())
+            if type(f) is Request and f._state == FINISHED:  # (what exception() and result() read)
+                exc, value = f._exception, f._result
             else:
-                errors.append(
-                    exc
-                    if isinstance(exc, RemoteError)
-                    else RemoteError(type(exc).__name__, str(exc))
-                )
-                results.append(exc)
+                exc = f.exception(0)  # (all are done: never wait here, on the IO thread)
+                value = f.result() if exc is None else None
+            if exc is None:
+                results.append(value)
+                continue
+            errors.append(
+                exc if isinstance(exc, RemoteError) else RemoteError(type(exc).__name__, str(exc))
+            )
+            results.append(exc)
         try:
             if errors:
                 if self._single and len(self._children) == 1:

@@ -328,9 +328,11 @@ def settle_all(reqs: Iterable[Request]) -> None:
             else:
                 req._exception = value
             req._state = FINISHED
-            if req.parts is not None:
-                settled[req.parts] = settled.get(req.parts, 0) + 1
-            _to_watcher(req, watched)
+            parts = req.parts
+            if parts is not None:
+                settled[parts] = settled.get(parts, 0) + 1
+            if req.watcher is not None:
+                _to_watcher(req, watched)
     notified = [req for req in loud if req._notify()]
     if notified:
         with _MAKING:  # (a watcher set while _notify ran is seen here: see watch)
@@ -504,9 +506,50 @@ class Requests:
         done: list[Request] = []
         with self.lock:
             release = self._releaser(send)
+            live, replied = self.live, self._replied
+            finished: list[Request] = []
             for msg_id, outcome, engine_id in replies:
-                self._replied(msg_id, outcome, now, release, engine_id, done)
+                req = live.get(msg_id)
+                if (
+                    req is not None
+                    and req.output_seen
+                    and req.outcome is None
+                    and req.state == SENT
+                    and req.metadata.get("engine_id") is not None
+                ):
+                    # (a broadcast's part, mostly: the steps of _replied and _finish,
+                    # in one pass below, with the order books told all at once)
+                    req.outcome = outcome
+                    finished.append(req)
+                else:
+                    replied(msg_id, outcome, now, release, engine_id, done)
+            if finished:
+                self._finish_all(finished, release)
+                done += finished
         return done
+
+    def _finish_all(self, reqs: list[Request], release: Callable[[str, str], bool]) -> None:
+        """:meth:`_finish` the replied ``reqs`` (each with its engine id), after the
+        order books were told."""
+        try:
+            self.order.done_all([req.msg_id for req in reqs], release)
+        except Exception:  # (a release whose send failed: these replies are still taken)
+            log.exception("jupyter-px client: sending the requests held behind a reply")
+        live, by_engine = self.live, self._by_engine
+        for req in reqs:
+            req.state = DONE
+            if req.frames is not None:
+                req.frames = None
+            if req.unsent is not None:
+                req.unsent.set()
+            msg_id = req.msg_id
+            live.pop(msg_id, None)
+            eid: int = req.metadata["engine_id"]  # (each has one: see replied_all)
+            held = by_engine.get(eid)
+            if held is not None:
+                held.pop(msg_id, None)
+                if not held:
+                    del by_engine[eid]
 
     def _releaser(self, send: Send) -> Callable[[str, str], bool]:
         return lambda msg_id, path: self._release(msg_id, path, send)

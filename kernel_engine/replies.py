@@ -154,8 +154,14 @@ def _flush(wire_: Wire, run: list[tuple[list[Any], bytes]], out: list[list[Any]]
     run.clear()
 
 
-def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
-    """(engine id, reply) for each reply a verified :data:`REPLIES` message carries.
+Row = tuple[str, int, str, dict[str, Any], dict[str, Any], int]
+"""An entry of a :data:`REPLIES` message, checked: (parent msg_id, engine id, msg_type,
+metadata, content, number of buffers)."""
+
+
+def rows(msg: wire.Message) -> tuple[list[Row], list[Any]]:
+    """The entries a verified :data:`REPLIES` message carries, each checked, and its
+    buffers (each entry's ``n`` of them in turn).
 
     Raises :class:`~kernel_engine.wire.MessageError` when it is malformed (nothing is
     unpacked then)."""
@@ -163,24 +169,36 @@ def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
     if not isinstance(entries, list) or not 0 < len(entries) <= MAX_REPLIES:
         raise MessageError("malformed replies: no list of replies")
     buffers = msg.buffers
-    out: list[tuple[int, Reply]] = []
-    pos = 0
+    left = len(buffers)
     for entry in entries:
-        if not (
-            type(entry) is list
-            and len(entry) == 6
-            and type(entry[0]) is str
-            and type(entry[1]) is int
-            and type(entry[2]) is str
-            and type(entry[3]) is dict
-            and type(entry[4]) is dict
-            and type(entry[5]) is int
-            and 0 <= entry[5] <= len(buffers) - pos
-        ):
+        if type(entry) is not list or len(entry) != 6:
             raise MessageError("malformed replies: an entry is not a reply")
         msg_id, engine_id, msg_type, metadata, content, n = entry
+        if not (
+            type(msg_id) is str
+            and type(engine_id) is int
+            and type(msg_type) is str
+            and type(metadata) is dict
+            and type(content) is dict
+            and type(n) is int
+            and 0 <= n <= left
+        ):
+            raise MessageError("malformed replies: an entry is not a reply")
+        left -= n
+    if left:
+        raise MessageError("malformed replies: buffers left over")
+    return entries, buffers
+
+
+def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
+    """(engine id, reply) for each reply a verified :data:`REPLIES` message carries.
+
+    Raises :class:`~kernel_engine.wire.MessageError` when it is malformed (nothing is
+    unpacked then)."""
+    entries, buffers = rows(msg)
+    out: list[tuple[int, Reply]] = []
+    pos = 0
+    for msg_id, engine_id, msg_type, metadata, content, n in entries:
         out.append((engine_id, Reply(msg_id, msg_type, metadata, content, buffers[pos : pos + n])))
         pos += n
-    if pos != len(buffers):
-        raise MessageError("malformed replies: buffers left over")
     return out

@@ -102,6 +102,12 @@ def new_msg_id() -> str:
     return f"{prefix}{next(count):012x}"
 
 
+def new_msg_ids(n: int) -> tuple[str, ...]:
+    """``n`` msg_ids, as :func:`new_msg_id` makes them one by one (a broadcast's parts)."""
+    prefix, count = _ids
+    return tuple([f"{prefix}{i:012x}" for i in itertools.islice(count, n)])
+
+
 def new_key() -> bytes:
     """A fresh HMAC key for a cluster."""
     return uuid.uuid4().hex.encode("ascii") + os.urandom(8).hex().encode("ascii")

@@ -523,3 +523,88 @@ def test_thirty_two_engines_each_part_keeps_its_metadata_error_and_output(cluste
     assert [p.get(10) for p in ar.split()[1:3]] == pids[1:3]
     # ... and the next broadcast, to the same engines, after it
     assert rc.broadcast_view().apply_sync(os.getpid) == pids
+
+
+def _parts(rc: Any, n: int) -> list[Any]:
+    """``n`` parts of a broadcast to engine 0, taken into the client's table as sent (but
+    sent nowhere: the test answers them itself)."""
+    from datetime import datetime, timezone
+
+    from jupyter_ext._metadata import Metadata
+    from jupyter_ext._request import Request
+
+    targets = [rc.ids[0]] * n
+    msg_ids = wire.new_msg_ids(n)
+    mds = Metadata.many(msg_ids, targets, submitted=datetime.now(timezone.utc))
+    reqs = Request.many(msg_ids, mds, "apply", "lane")
+    assert rc.transport.requests.add_all(reqs, "routed")
+    return reqs
+
+
+def _engine_replies(signer: wire.Wire, eid: int, reqs: list[Any], at: str) -> list[list[Any]]:
+    """Engine ``eid``'s replies to ``reqs`` as the controller would pass them on (tagged):
+    a result, a result printed beside, an error, a result that does not load, a result of
+    two frames, and a reply whose metadata lacks keys and holds others."""
+    base = {"started": at, "engine_id": eid, "engine_uuid": signer.session}
+    base.update(stdout="", stderr="", completed=at, status="ok")
+    error = protocol.error_content("ValueError", "no", ["tb"])
+    cases: list[tuple[dict[str, Any], dict[str, Any], list[Any]]] = [
+        (base, {"status": "ok"}, serialize.dumps(7)),
+        ({**base, "stdout": "hi\n"}, {"status": "ok"}, serialize.dumps([1])),
+        ({**base, "status": "error"}, error, []),
+        (base, {"status": "ok"}, [b"not a pickle"]),
+        (base, {"status": "ok"}, serialize.dumps(bytearray(70_000))),
+        ({"engine_uuid": "u", "msg_id": "forged", "started": ""}, {"status": "ok"}, [b"N."]),
+    ]
+    out = []
+    for req, (md, content, buffers) in zip(reqs, cases):
+        parent = {"msg_id": req.msg_id, "msg_type": "apply_request", "session": "s"}
+        parent.update(username="u", date=wire.utcnow_iso(), version="5.3")
+        _, frames = signer.pack(protocol.APPLY_REPLY, content, parent, md, buffers)
+        tagged = [b"0123456789abcdef:r", str(eid).encode(), *frames]
+        out.append(replies.tag(tagged, req.msg_id, eid, frames[4]))
+    return out
+
+
+def _take(rc: Any, messages: list[list[Any]], reqs: list[Any]) -> None:
+    """Give the client's IO thread ``messages`` (each from its route frame on) as if the
+    controller had sent them; wait until ``reqs`` are settled."""
+
+    def take() -> None:
+        for m in messages:
+            rc.transport._on_reply([zmq.Frame(f if isinstance(f, bytes) else bytes(f)) for f in m])
+
+    rc.transport.io.call_soon(take)
+    for req in reqs:
+        req.exception(10)
+
+
+def test_merged_replies_read_in_one_pass_are_read_as_one_by_one(rc4) -> None:
+    """A broadcast's replies merged in one message (the common ones read in one pass,
+    the others the general way) give each part the outcome and metadata that the same
+    replies give when they come one by one."""
+    merged, alone = _parts(rc4, 6), _parts(rc4, 6)
+    engine = wire.Wire(rc4.transport.wire.key, username="engine")
+    at, eid = wire.utcnow_iso(), rc4.ids[0]
+    signer = wire.Wire(rc4.transport.wire.key, username="controller")
+    (message,) = replies.pack(signer, _engine_replies(engine, eid, merged, at))
+    assert wire.as_bytes(message[1]) == protocol.HUB_ROUTE
+    _take(rc4, [message[1:]], merged)
+    _take(rc4, [r[1:] for r in _engine_replies(engine, eid, alone, at)], alone)
+    skip = {"msg_id", "submitted", "received", "error"}
+    for a, b in zip(merged, alone):
+        assert {k: v for k, v in a.metadata.items() if k not in skip} == {
+            k: v for k, v in b.metadata.items() if k not in skip
+        }
+        assert (a.exception() is None) == (b.exception() is None)
+        assert a.metadata["received"] is not None and a.done() and b.done()
+    values = [r.result() if r.exception() is None else r.exception() for r in merged]
+    assert values[0] == 7 and values[1] == [1] and len(values[4]) == 70_000
+    assert merged[1].metadata["stdout"] == "hi\n" and merged[0].metadata["engine_uuid"]
+    assert isinstance(values[2], jx.RemoteError) and values[2].ename == "ValueError"
+    assert isinstance(values[3], jx.RemoteError) and values[3].ename == "SerializationError"
+    assert merged[3].metadata["status"] == "error" and merged[0].metadata["status"] == "ok"
+    assert merged[5].metadata["msg_id"] == merged[5].msg_id and values[5] is None
+    assert merged[4].nbytes == alone[4].nbytes > 0 and merged[0].nbytes == 0
+    for req in merged + alone:
+        assert rc4.results[req.msg_id] is (req.exception() or req.result())

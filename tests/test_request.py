@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from jupyter_ext._bounded import BoundedDict
 from jupyter_ext._metadata import Metadata
+from jupyter_ext._order import EngineOrder
 from jupyter_ext._request import (
     DONE,
     OUTPUT_GRACE,
@@ -542,3 +543,83 @@ def test_a_request_is_not_cancelled_but_ended_by_the_table():
 def test_metadata_many_refuses_what_each_part_has_of_its_own():
     with pytest.raises(TypeError, match="outputs"):
         Metadata.many(["m1"], [0], outputs=["shared"])
+
+
+def _books(t: Table) -> Any:
+    """What a table's books hold: each request's state, the engines busy, who waits."""
+    order = t.requests.order
+    return (
+        {m: r.state for m, r in t.requests.live.items()},
+        sorted(e for e in range(4) if t.requests.busy(e)),
+        [order.waiting(e) for e in range(4)],
+        dict(order._engine_of),
+    )
+
+
+def _replies_and_waiters(t: Table) -> tuple[list[Request], list[tuple[str, Any, int | None]]]:
+    """Parts on engines 0, 1, 2, a direct apply behind the part of 0, an execute behind
+    the part of 1, a load-balanced task; and replies to them all (with one to nobody, a
+    second one to a part, and the engine that ran the load-balanced task)."""
+    reqs = new_parts(t, [0, 1, 2])
+    t.new(0, "lane")
+    t.new(1, "shell", kind="execute")
+    lb = t.new(None, "controller")
+    got = [(r.msg_id, OK, None) for r in reqs]
+    got[1:1] = [("nobody", OK, None), (lb.msg_id, OK, 3), (reqs[0].msg_id, (False, "x"), None)]
+    return reqs, got
+
+
+def test_replied_all_keeps_the_books_as_replies_one_by_one_do():
+    one, together = Table(direct={0}), Table(direct={0})
+    reqs_one, got_one = _replies_and_waiters(one)
+    reqs_together, got_together = _replies_and_waiters(together)
+    done_one: list[Request] = []
+    for msg_id, outcome, eid in got_one:
+        done_one += one.requests.replied(msg_id, outcome, 0.0, one.send, eid)
+    done_together = together.requests.replied_all(got_together, 0.0, together.send)
+    assert sorted(r.msg_id for r in done_one) == sorted(r.msg_id for r in done_together)
+    assert one.sent == together.sent and _books(one) == _books(together)
+    assert [r.outcome for r in reqs_one] == [r.outcome for r in reqs_together]
+    assert all(r.state == DONE for r in done_together) and len(done_together) == 4
+    (lb,) = [r for r in done_together if r.channel == "controller"]
+    assert lb.metadata["engine_id"] == 3 and together.requests.get(lb.msg_id) is None
+
+
+def test_a_release_that_fails_in_replied_all_still_releases_the_other_engines(caplog):
+    t = Table(direct={0, 1})
+    reqs = new_parts(t, [0, 1])
+    behind = [t.new(0, "lane"), t.new(1, "lane")]
+    sent: list[str] = []
+
+    def send(req: Request, path: str) -> bool:
+        if req is behind[0]:
+            raise RuntimeError("the socket is gone")
+        sent.append(req.msg_id)
+        return True
+
+    done = t.requests.replied_all([(r.msg_id, OK, None) for r in reqs], 0.0, send)
+    assert done == reqs and sent == [behind[1].msg_id] and "held behind" in caplog.text
+    assert behind[1].state == SENT and not t.requests.busy(2)
+
+
+def test_order_done_all_is_done_for_each():
+    sent: dict[str, list[tuple[str, str]]] = {"one": [], "all": []}
+    books = {}
+    for way in sent:
+        order = EngineOrder(lambda eid, channel: "direct" if channel == "lane" else "shell")
+        assert order.admit_all([(0, "a"), (1, "b"), (0, "c")], "routed")
+        assert order.admit(0, "w1", "lane") is None and order.admit(1, "w2", "shell") is None
+        assert order.admit(0, "w3", "lane") is None
+
+        def send(msg_id: str, path: str, way: str = way) -> bool:
+            sent[way].append((msg_id, path))
+            return True
+
+        if way == "one":
+            for msg_id in ["a", "b", "nobody", "c", "a"]:
+                order.done(msg_id, send)
+        else:
+            order.done_all(["a", "b", "nobody", "c", "a"], send)
+        books[way] = (dict(order._engine_of), [order.waiting(e) for e in (0, 1)])
+    assert sent["one"] == sent["all"] == [("w2", "shell"), ("w1", "direct"), ("w3", "direct")]
+    assert books["one"] == books["all"]
