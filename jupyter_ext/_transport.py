@@ -55,6 +55,7 @@ from kernel_engine.errors import (
     NoEnginesRegistered,
     RemoteError,
 )
+from kernel_engine.wire import parse_date
 
 from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
@@ -734,9 +735,10 @@ class Transport:
             msg_type, tuple(targets), wire.new_msg_ids(len(targets)), content
         )
         channel = request.channel
-        header, frames = self.wire.pack(
-            protocol.BROADCAST_REQUEST, request.to_content(), None, metadata, buffers
-        )
+        asked = request.to_content()
+        if channel == "lane":  # (an apply's replies folded, see kernel_engine.replies)
+            asked[replies.FOLD_ASKED] = True
+        header, frames = self.wire.pack(protocol.BROADCAST_REQUEST, asked, None, metadata, buffers)
         common = {"submitted": datetime.now(timezone.utc), **(md_extra or {})}
         mds = Metadata.many(request.msg_ids, request.targets, **common)
         reqs = Request.many(request.msg_ids, mds, kind, channel, track)
@@ -1045,13 +1047,18 @@ class Transport:
     def _take_replies(self, msg: wire.Message) -> None:
         """The replies one merged message carried (engine replies to tasks; a
         broadcast's, mostly): each read as :meth:`_take_reply` would, then taken into the
-        table and settled together (a bad one: dropped, counted, alone).
+        table and settled together (a bad one: dropped, counted, alone; a malformed
+        message fails the tasks it names).
 
         A broadcast's replies are paid for once per part, so the common one (an apply's
-        reply ``{"status": "ok"}`` to a live task of ours) is read here in one pass,
-        without the objects and calls of the general way (:meth:`_take_one`), which
-        takes every other reply, and any that fails here, with the same outcome."""
-        rows, buffers = replies.rows(msg)
+        reply ``{"status": "ok"}`` to a live task of ours, folded or not) is read here in
+        one pass, without the objects and calls of the general way (:meth:`_take_one`),
+        which takes every other reply, and any that fails here, with the same outcome."""
+        try:
+            rows, buffers, columns = replies.rows(msg)
+        except replies.MalformedReplies as exc:
+            self._fail_malformed(exc)
+            raise
         received = datetime.now(timezone.utc)
         taken: dict[str, tuple[tuple[bool, Any], int | None]] = {}
         live, probes, loads = self.requests.live, self._probes, serialize.loads
@@ -1086,7 +1093,67 @@ class Transport:
                     continue
             reply = replies.Reply(msg_id, msg_type, reply_md, content, bufs)
             self.io._safely(self._take_one, reply, eid, taken, received)
+        if columns is not None:
+            self._take_folded(columns, taken, received)
         self._take_all(taken)
+
+    def _take_folded(
+        self,
+        columns: replies.Columns,
+        taken: dict[str, tuple[tuple[bool, Any], int | None]],
+        received: datetime,
+    ) -> None:
+        """The folded replies of a merged message, read into ``taken`` (see
+        :meth:`_take_replies`): each one's metadata is what :meth:`.Metadata.update_from_reply`
+        makes of the engine's (``stdout`` and ``stderr`` empty, ``status`` ok), its result
+        its one frame."""
+        live, probes, pickle_loads = self.requests.live, self._probes, pickle.loads
+        msg_ids, engine_ids, uuids, started, completed, results = columns
+        for i, msg_id in enumerate(msg_ids):
+            req = live.get(msg_id)
+            if (
+                req is not None
+                and req.kind != "hub"
+                and msg_id not in taken
+                and msg_id not in probes
+            ):
+                try:
+                    value = pickle_loads(results[i])
+                except Exception:  # (the general way says so)
+                    pass
+                else:
+                    eid = engine_ids[i]
+                    md = req.metadata
+                    md["received"] = received
+                    if when := started[i]:
+                        md["started"] = parse_date(when)
+                    if when := completed[i]:
+                        md["completed"] = parse_date(when)
+                    md["engine_uuid"] = uuids[i]
+                    md["stdout"] = md["stderr"] = ""
+                    md["engine_id"] = eid
+                    md["status"] = "ok"
+                    taken[msg_id] = (True, value), eid
+                    continue
+            eid, reply = replies.folded_reply(columns, i)
+            self.io._safely(self._take_one, reply, eid, taken, received)
+
+    def _fail_malformed(self, exc: replies.MalformedReplies) -> None:
+        """The controller sent a malformed merged message: the tasks of ours it names fail
+        with an error saying so (rather than wait for ever for replies it lost)."""
+        failed = []
+        for msg_id in exc.msg_ids:
+            req = self.requests.get(msg_id)
+            if req is None or req.kind == "hub":
+                continue
+            md = req.metadata
+            info = {"engine_id": md.get("engine_id"), "msg_id": msg_id}
+            why = f"its reply came in a message the controller garbled ({exc})"
+            md["error"] = error = RemoteError("MessageError", why, None, info)
+            md["status"] = "error"
+            failed.append((msg_id, (False, error), None))
+        if failed:
+            self._settle(self.requests.replied_all(failed, time.monotonic(), self._send))
 
     def _read(
         self,

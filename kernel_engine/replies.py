@@ -60,22 +60,59 @@ JSON parser recurses); merged, it would take the others down with it."""
 _APPLY_REPLY = b'"%s"' % APPLY_REPLY.encode()
 
 
+FOLD_BELOW = 4096
+"""Bytes of a result under which a reply may be folded (its one frame then travels joined
+with the others'; results this small are not weighed by the client either)."""
+
+FOLD_KEYS = frozenset(
+    ("started", "completed", "engine_id", "engine_uuid", "stdout", "stderr", "status")
+)
+"""The keys of the metadata of a reply that may be folded: what an engine's lane sends."""
+
+FOLD_COLUMNS = ("msg_ids", "engine_ids", "engine_uuids", "started", "completed", "sizes")
+"""The columns of the folded replies of a :data:`REPLIES` message, one item a reply."""
+
+FOLD_ASKED = "fold_replies"
+"""The key of a broadcast request's content by which a client asks for its parts' replies
+folded (``True``); a controller that does not know it sends them merged, as ever."""
+
+_OK_CONTENT = b'{"status":"ok"}'
+
+
+class MalformedReplies(MessageError):
+    """Raised when a :data:`REPLIES` message is malformed; ``msg_ids`` are the parents
+    that could be read of it (their requests are failed, not left waiting)."""
+
+    def __init__(self, why: str, msg_ids: Sequence[str] = ()):
+        super().__init__(f"malformed replies: {why}")
+        self.msg_ids = list(msg_ids)
+
+
 class EngineReply(list[Any]):
     """An engine's reply to a task as the router forwards it, ``[client, route, DELIM,
     signature, header, parent, metadata, content, *buffers]``, with what the router read
-    of it: ``head`` = (parent msg_id, engine id, metadata frame as bytes)."""
+    of it: ``head`` = (parent msg_id, engine id, metadata frame as bytes); ``fold``:
+    whether its client reads it folded (see :func:`pack`)."""
 
-    __slots__ = ("head",)
+    __slots__ = ("fold", "head")
     head: tuple[str, int, bytes]
+    fold: bool
 
 
-def tag(frames: list[Any], msg_id: str, engine_id: int, metadata: bytes) -> EngineReply:
+def tag(
+    frames: list[Any], msg_id: str, engine_id: int, metadata: bytes, fold: bool = False
+) -> EngineReply:
     """``frames`` (an apply reply of engine ``engine_id``, whose parent is ``msg_id`` and
     whose metadata frame, already parsed as a JSON object, is ``metadata``) as a reply
-    that may be sent with others."""
+    that may be sent with others (``fold``: folded, for a client that asked)."""
     out = EngineReply(frames)
     out.head = (msg_id, engine_id, metadata or b"{}")  # (an empty part reads as {})
+    out.fold = fold
     return out
+
+
+Folded = tuple[str, int, str, str, str, bytes]
+"""A reply folded: (parent msg_id, engine id, engine_uuid, started, completed, result)."""
 
 
 @dataclass(slots=True)
@@ -89,8 +126,9 @@ class Reply:
     buffers: list[Any]
 
 
-def _entry(wire_: Wire, frames: Any) -> bytes | None:
-    """The JSON entry of a tagged reply, or None for anything to send whole."""
+def _entry(wire_: Wire, frames: Any) -> bytes | Folded | None:
+    """The JSON entry of a tagged reply (or the reply folded), or None for anything to
+    send whole."""
     if type(frames) is not EngineReply or len(frames) < 8:
         return None
     msg_id, engine_id, metadata = frames.head
@@ -109,6 +147,10 @@ def _entry(wire_: Wire, frames: Any) -> bytes | None:
         return None
     if header["msg_type"] != APPLY_REPLY:
         return None
+    if frames.fold and len(frames) == 9 and content == _OK_CONTENT:
+        folded = _folded(msg_id, engine_id, metadata, wire.as_bytes(frames[8]))
+        if folded is not None:
+            return folded
     return b"[%s,%d,%s,%s,%s,%d]" % (
         encode_basestring_ascii(msg_id).encode(),
         engine_id,
@@ -119,6 +161,32 @@ def _entry(wire_: Wire, frames: Any) -> bytes | None:
     )
 
 
+def _folded(msg_id: str, engine_id: int, metadata: bytes, result: bytes) -> Folded | None:
+    """The reply folded, if it is of the one shape folded: ``{"status": "ok"}`` with a
+    small result of one frame, and an engine's metadata with nothing printed."""
+    if len(result) >= FOLD_BELOW:
+        return None
+    try:
+        md = wire.loads_json(metadata, "metadata")
+    except MessageError:
+        return None
+    if type(md) is not dict or md.keys() != FOLD_KEYS:
+        return None
+    uuid, started, completed = md["engine_uuid"], md["started"], md["completed"]
+    if (
+        type(md["engine_id"]) is int
+        and md["engine_id"] == engine_id
+        and md["status"] == "ok"
+        and md["stdout"] == ""
+        and md["stderr"] == ""
+        and type(uuid) is str
+        and type(started) is str
+        and type(completed) is str
+    ):
+        return msg_id, engine_id, uuid, started, completed, result
+    return None
+
+
 def pack(wire_: Wire, messages: Sequence[list[Any]]) -> list[list[Any]]:
     """The messages that carry ``messages``, to one client (each ``[client, route, DELIM,
     signature, ...]`` as the outbox takes them), in their order: each run of two or more
@@ -126,7 +194,7 @@ def pack(wire_: Wire, messages: Sequence[list[Any]]) -> list[list[Any]]:
     if len(messages) < 2:
         return list(messages)
     out: list[list[Any]] = []
-    run: list[tuple[list[Any], bytes]] = []  # (frames, entry)
+    run: list[tuple[list[Any], bytes | Folded]] = []  # (frames, entry)
     for frames in messages:
         entry = _entry(wire_, frames)
         if entry is None or len(run) == MAX_REPLIES:
@@ -139,16 +207,29 @@ def pack(wire_: Wire, messages: Sequence[list[Any]]) -> list[list[Any]]:
     return out
 
 
-def _flush(wire_: Wire, run: list[tuple[list[Any], bytes]], out: list[list[Any]]) -> None:
+def _flush(wire_: Wire, run: list[tuple[list[Any], bytes | Folded]], out: list[list[Any]]) -> None:
     """Append ``run``'s replies to ``out`` (as one message when there are several), and
     empty it."""
     if len(run) == 1:
         out.append(run[0][0])
     elif run:
         buffers: list[Any] = []
-        for frames, _ in run:
-            buffers.extend(frames[8:])
-        content = b'{"replies":[%s]}' % b",".join(entry for _, entry in run)
+        entries: list[bytes] = []
+        folded: list[Folded] = []
+        for frames, entry in run:
+            if type(entry) is bytes:
+                entries.append(entry)
+                buffers.extend(frames[8:])
+            else:
+                folded.append(entry)  # type: ignore[arg-type]
+        content = b'{"replies":[%s]' % b",".join(entries)
+        if folded:
+            *columns, results = zip(*folded)
+            sizes = [len(result) for result in results]
+            named = dict(zip(FOLD_COLUMNS, [*columns, sizes]))
+            content += b',"folded":%s' % wire.dumps_json(named)
+            buffers.append(b"".join(results))
+        content += b"}"
         client = run[0][0][0]
         out.append(wire_.pack(REPLIES, content, buffers=buffers, idents=[client, HUB_ROUTE])[1])
     run.clear()
@@ -158,36 +239,100 @@ Row = tuple[str, int, str, dict[str, Any], dict[str, Any], int]
 """An entry of a :data:`REPLIES` message, checked: (parent msg_id, engine id, msg_type,
 metadata, content, number of buffers)."""
 
+Columns = tuple[list[str], list[int], list[str], list[str], list[str], list[bytes]]
+"""The folded replies of a :data:`REPLIES` message, checked: their parents' msg_ids,
+engine ids, engine_uuids, started, completed, and each one's result (one frame)."""
 
-def rows(msg: wire.Message) -> tuple[list[Row], list[Any]]:
-    """The entries a verified :data:`REPLIES` message carries, each checked, and its
-    buffers (each entry's ``n`` of them in turn).
 
-    Raises :class:`~kernel_engine.wire.MessageError` when it is malformed (nothing is
-    unpacked then)."""
-    entries = msg.content.get("replies")
-    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_REPLIES:
-        raise MessageError("malformed replies: no list of replies")
+def rows(msg: wire.Message) -> tuple[list[Row], list[Any], Columns | None]:
+    """The entries a verified :data:`REPLIES` message carries, each checked, its buffers
+    (each entry's ``n`` of them in turn), and its folded replies.
+
+    Raises :class:`MalformedReplies` when it is malformed (nothing is unpacked then)."""
+    content = msg.content
+    entries = content.get("replies")
+    if not isinstance(entries, list):
+        raise MalformedReplies("no list of replies", _readable(content))
     buffers = msg.buffers
+    folded = content.get("folded")
+    columns = None if folded is None else _columns(folded, buffers, content)
+    if columns is not None:
+        buffers = buffers[:-1]  # (the folded results, joined)
+    if not 0 < len(entries) + (len(columns[0]) if columns else 0) <= MAX_REPLIES:
+        raise MalformedReplies("no replies, or too many", _readable(content))
     left = len(buffers)
     for entry in entries:
         if type(entry) is not list or len(entry) != 6:
-            raise MessageError("malformed replies: an entry is not a reply")
-        msg_id, engine_id, msg_type, metadata, content, n = entry
+            raise MalformedReplies("an entry is not a reply", _readable(content))
+        msg_id, engine_id, msg_type, metadata, content_, n = entry
         if not (
             type(msg_id) is str
             and type(engine_id) is int
             and type(msg_type) is str
             and type(metadata) is dict
-            and type(content) is dict
+            and type(content_) is dict
             and type(n) is int
             and 0 <= n <= left
         ):
-            raise MessageError("malformed replies: an entry is not a reply")
+            raise MalformedReplies("an entry is not a reply", _readable(content))
         left -= n
     if left:
-        raise MessageError("malformed replies: buffers left over")
-    return entries, buffers
+        raise MalformedReplies("buffers left over", _readable(content))
+    return entries, buffers, columns
+
+
+def _columns(folded: Any, buffers: list[Any], content: dict[str, Any]) -> Columns:
+    """The folded replies of ``content``, checked (``buffers``: the message's, the last
+    of which joins their results)."""
+    got = [folded.get(name) for name in FOLD_COLUMNS] if type(folded) is dict else [None]
+    columns: list[list[Any]] = [column for column in got if type(column) is list]
+    if len(columns) != len(FOLD_COLUMNS):
+        raise MalformedReplies("folded replies without their columns", _readable(content))
+    msg_ids, engine_ids, uuids, started, completed, sizes = columns
+    n = len(msg_ids)
+    if not n or any(len(column) != n for column in columns):
+        raise MalformedReplies("folded columns of different lengths", _readable(content))
+    for column, kind in (
+        (msg_ids, str),
+        (uuids, str),
+        (started, str),
+        (completed, str),
+        (engine_ids, int),
+        (sizes, int),
+    ):
+        if set(map(type, column)) != {kind}:
+            raise MalformedReplies(f"a folded column not of {kind.__name__}s", _readable(content))
+    if min(sizes) < 0 or not buffers or sum(sizes) != len(buffers[-1]):
+        raise MalformedReplies("folded results that do not add up", _readable(content))
+    joined = wire.as_bytes(buffers[-1])
+    results, pos = [], 0
+    for size in sizes:
+        results.append(joined[pos : pos + size])
+        pos += size
+    return msg_ids, engine_ids, uuids, started, completed, results
+
+
+def _readable(content: dict[str, Any]) -> list[str]:
+    """The msg_ids that can be read of a malformed :data:`REPLIES` message's content."""
+    out: list[str] = []
+    entries = content.get("replies")
+    if isinstance(entries, list):
+        out += [e[0] for e in entries if type(e) is list and e and type(e[0]) is str]
+    folded = content.get("folded")
+    msg_ids = folded.get("msg_ids") if isinstance(folded, dict) else None
+    if isinstance(msg_ids, list):
+        out += [m for m in msg_ids if type(m) is str]
+    return out[:MAX_REPLIES]
+
+
+def folded_reply(columns: Columns, i: int) -> tuple[int, Reply]:
+    """(engine id, reply) of the ``i``-th folded reply of ``columns``, as the engine sent
+    it."""
+    msg_ids, engine_ids, uuids, started, completed, results = columns
+    eid = engine_ids[i]
+    metadata = {"started": started[i], "engine_id": eid, "engine_uuid": uuids[i]}
+    metadata.update(stdout="", stderr="", completed=completed[i], status="ok")
+    return eid, Reply(msg_ids[i], APPLY_REPLY, metadata, {"status": "ok"}, [results[i]])
 
 
 def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
@@ -195,10 +340,12 @@ def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
 
     Raises :class:`~kernel_engine.wire.MessageError` when it is malformed (nothing is
     unpacked then)."""
-    entries, buffers = rows(msg)
+    entries, buffers, columns = rows(msg)
     out: list[tuple[int, Reply]] = []
     pos = 0
     for msg_id, engine_id, msg_type, metadata, content, n in entries:
         out.append((engine_id, Reply(msg_id, msg_type, metadata, content, buffers[pos : pos + n])))
         pos += n
+    if columns is not None:
+        out += [folded_reply(columns, i) for i in range(len(columns[0]))]
     return out

@@ -164,12 +164,27 @@ def test_broadcasts_tell_the_fan_in_before_any_part_goes() -> None:
         lambda msg_id: False,
         lambda frames: events.append(("refused",)),
         wire.DropLog(__import__("logging").getLogger("test"), "test"),
-        expect=lambda client, msg_ids: events.append(("expect", client, tuple(msg_ids))),
+        expect=lambda client, msg_ids, fold: events.append(
+            ("expect", client, tuple(msg_ids), fold)
+        ),
     )
     msg = _broadcast(wire.Wire(KEY, username="client"), _content(), [])
     broadcasts.submit(b"client", msg, msg.frames)
-    assert events == [("expect", b"client", ("a", "b", "c"))] + [("part", m) for m in "abc"]
+    assert events == [("expect", b"client", ("a", "b", "c"), False)] + [("part", m) for m in "abc"]
     events.clear()
+    # (a client that asks for an apply's replies folded: the fan-in is told so; not for
+    # an execute's, nor asked any other way than True)
+    for changes, fold in [
+        ({replies.FOLD_ASKED: True}, True),
+        ({replies.FOLD_ASKED: 1}, False),
+        ({replies.FOLD_ASKED: True, "msg_type": "execute_request"}, False),
+    ]:
+        ids = [wire.new_msg_id() for _ in range(3)]
+        content = _content(msg_ids=ids, **changes)
+        msg = _broadcast(wire.Wire(KEY, username="client"), content, [])
+        broadcasts.submit(b"client", msg, msg.frames)
+        assert events[0] == ("expect", b"client", tuple(ids), fold)
+        events.clear()
     msg = _broadcast(wire.Wire(KEY, username="client"), _content(msg_ids=list("xxy")), [])
     broadcasts.submit(b"client", msg, msg.frames)
     assert events == [("refused",)]  # (nothing to gather)
@@ -541,10 +556,13 @@ def _parts(rc: Any, n: int) -> list[Any]:
     return reqs
 
 
-def _engine_replies(signer: wire.Wire, eid: int, reqs: list[Any], at: str) -> list[list[Any]]:
-    """Engine ``eid``'s replies to ``reqs`` as the controller would pass them on (tagged):
-    a result, a result printed beside, an error, a result that does not load, a result of
-    two frames, and a reply whose metadata lacks keys and holds others."""
+def _engine_replies(
+    signer: wire.Wire, eid: int, reqs: list[Any], at: str, fold: bool = False
+) -> list[list[Any]]:
+    """Engine ``eid``'s replies to ``reqs`` as the controller would pass them on (tagged,
+    to be folded if ``fold``): a result, a result printed beside, an error, a result that
+    does not load, a result of two frames, a reply whose metadata lacks keys and holds
+    others, and two more results (of the shape that folds)."""
     base = {"started": at, "engine_id": eid, "engine_uuid": signer.session}
     base.update(stdout="", stderr="", completed=at, status="ok")
     error = protocol.error_content("ValueError", "no", ["tb"])
@@ -555,6 +573,8 @@ def _engine_replies(signer: wire.Wire, eid: int, reqs: list[Any], at: str) -> li
         (base, {"status": "ok"}, [b"not a pickle"]),
         (base, {"status": "ok"}, serialize.dumps(bytearray(70_000))),
         ({"engine_uuid": "u", "msg_id": "forged", "started": ""}, {"status": "ok"}, [b"N."]),
+        (base, {"status": "ok"}, serialize.dumps(None)),
+        ({**base, "started": "", "completed": "not a date"}, {"status": "ok"}, [b"N."]),
     ]
     out = []
     for req, (md, content, buffers) in zip(reqs, cases):
@@ -562,7 +582,7 @@ def _engine_replies(signer: wire.Wire, eid: int, reqs: list[Any], at: str) -> li
         parent.update(username="u", date=wire.utcnow_iso(), version="5.3")
         _, frames = signer.pack(protocol.APPLY_REPLY, content, parent, md, buffers)
         tagged = [b"0123456789abcdef:r", str(eid).encode(), *frames]
-        out.append(replies.tag(tagged, req.msg_id, eid, frames[4]))
+        out.append(replies.tag(tagged, req.msg_id, eid, frames[4], fold))
     return out
 
 
@@ -579,16 +599,18 @@ def _take(rc: Any, messages: list[list[Any]], reqs: list[Any]) -> None:
         req.exception(10)
 
 
-def test_merged_replies_read_in_one_pass_are_read_as_one_by_one(rc4) -> None:
+@pytest.mark.parametrize("fold", [False, True])
+def test_merged_replies_read_in_one_pass_are_read_as_one_by_one(rc4, fold: bool) -> None:
     """A broadcast's replies merged in one message (the common ones read in one pass,
-    the others the general way) give each part the outcome and metadata that the same
-    replies give when they come one by one."""
-    merged, alone = _parts(rc4, 6), _parts(rc4, 6)
+    folded or not, the others the general way) give each part the outcome and metadata
+    that the same replies give when they come one by one."""
+    merged, alone = _parts(rc4, 8), _parts(rc4, 8)
     engine = wire.Wire(rc4.transport.wire.key, username="engine")
     at, eid = wire.utcnow_iso(), rc4.ids[0]
     signer = wire.Wire(rc4.transport.wire.key, username="controller")
-    (message,) = replies.pack(signer, _engine_replies(engine, eid, merged, at))
-    assert wire.as_bytes(message[1]) == protocol.HUB_ROUTE
+    (message,) = replies.pack(signer, _engine_replies(engine, eid, merged, at, fold))
+    content = signer.unpack(message[3:]).content
+    assert len(content.get("folded", {}).get("msg_ids", [])) == (4 if fold else 0)
     _take(rc4, [message[1:]], merged)
     _take(rc4, [r[1:] for r in _engine_replies(engine, eid, alone, at)], alone)
     skip = {"msg_id", "submitted", "received", "error"}
@@ -605,6 +627,25 @@ def test_merged_replies_read_in_one_pass_are_read_as_one_by_one(rc4) -> None:
     assert isinstance(values[3], jx.RemoteError) and values[3].ename == "SerializationError"
     assert merged[3].metadata["status"] == "error" and merged[0].metadata["status"] == "ok"
     assert merged[5].metadata["msg_id"] == merged[5].msg_id and values[5] is None
+    assert values[6] is None and merged[7].metadata["completed"] is None
+    assert merged[7].metadata["started"] is None and merged[6].metadata["started"]
     assert merged[4].nbytes == alone[4].nbytes > 0 and merged[0].nbytes == 0
     for req in merged + alone:
         assert rc4.results[req.msg_id] is (req.exception() or req.result())
+
+
+def test_a_garbled_merged_message_fails_the_tasks_it_names(rc4) -> None:
+    """Merged replies the controller garbled (signed, but malformed) fail the parts whose
+    msg_ids can be read, saying so, rather than leave them waiting; the client serves on."""
+    reqs = _parts(rc4, 3)
+    signer = wire.Wire(rc4.transport.wire.key, username="controller")
+    folded = {"msg_ids": [r.msg_id for r in reqs[1:]], "engine_ids": [0, 0], "sizes": [1, 1]}
+    content = {"replies": [[reqs[0].msg_id, 0, "apply_reply", {}, {}, 0]], "folded": folded}
+    _, frames = signer.pack(replies.REPLIES, content, buffers=[b"NN"])
+    _take(rc4, [[protocol.HUB_ROUTE, *frames]], reqs)
+    for req in reqs:
+        error = req.exception()
+        assert isinstance(error, jx.RemoteError) and error.ename == "MessageError"
+        assert "garbled" in str(error) and "columns" in str(error)
+        assert req.metadata["status"] == "error" and rc4.results[req.msg_id] is error
+    assert rc4.broadcast_view().apply_sync(abs, -2) == [2] * len(rc4.ids)

@@ -264,3 +264,105 @@ def test_only_a_broadcasts_held_replies_are_tagged_to_go_merged() -> None:
     assert type(sent[0]) is list  # (sent as it came, untagged)
     (merged,) = replies.pack(signer, sent[1:])
     assert [r.parent_id for _, r in _read(signer, merged)] == ids
+
+
+def _engine_reply(
+    signer: wire.Wire, eid: int, fold: bool = True, result: list[Any] | None = None, **md: Any
+) -> list[Any]:
+    """An engine lane's reply (the metadata it sends, changed by ``md``), tagged as the
+    fan-in tags the reply to a part of a broadcast that asked for folding (``fold``)."""
+    request = signer.header(protocol.APPLY_REQUEST)
+    metadata = {"started": wire.utcnow_iso(), "engine_id": eid, "engine_uuid": f"u{eid}"}
+    metadata.update(stdout="", stderr="", completed=wire.utcnow_iso(), status="ok")
+    metadata.update(md)
+    metadata = {k: v for k, v in metadata.items() if v is not _GONE}
+    buffers = serialize.dumps(eid) if result is None else result
+    _, frames = signer.pack(protocol.APPLY_REPLY, {"status": "ok"}, request, metadata, buffers)
+    return replies.tag(
+        [CLIENT, str(eid).encode(), *frames], request["msg_id"], eid, frames[4], fold
+    )
+
+
+_GONE = object()
+
+
+def test_replies_of_the_common_shape_fold_and_read_as_merged_ones_do() -> None:
+    signer = wire.Wire(KEY)
+    folding = [_engine_reply(signer, eid) for eid in range(4)]
+    others = [
+        _engine_reply(signer, 4, stdout="hi\n"),  # (printed)
+        _engine_reply(signer, 5, status="error"),
+        _engine_reply(signer, 6, result=[*serialize.dumps(6), b"more"]),  # (two frames)
+        _engine_reply(signer, 7, result=[b"x" * replies.FOLD_BELOW]),  # (large)
+        _engine_reply(signer, 8, label="x"),  # (a key more)
+        _engine_reply(signer, 9, stderr=_GONE),  # (a key less)
+        _engine_reply(signer, 10, engine_id=11),  # (another engine's)
+        _engine_reply(signer, 12, engine_id=True),
+        _engine_reply(signer, 13, started=None),
+        _engine_reply(signer, 14, fold=False),  # (not asked)
+    ]
+    held = [*folding[:2], *others, *folding[2:]]
+    (merged,) = replies.pack(signer, held)
+    msg = signer.unpack(merged[3:])
+    assert msg.content["folded"]["msg_ids"] == [f.head[0] for f in folding]
+    assert [e[0] for e in msg.content["replies"]] == [f.head[0] for f in others]
+    assert len(msg.buffers) == 1 + sum(len(f) - 8 for f in others)  # (folded: one frame)
+    got = dict((r.parent_id, (eid, r)) for eid, r in replies.unpack(msg))
+    # ... each read as the reply merged whole is read
+    unfolded = [replies.tag(f, *f.head) for f in held]
+    (whole,) = replies.pack(signer, unfolded)
+    for eid, reply in replies.unpack(signer.unpack(whole[3:])):
+        folded_eid, folded = got[reply.parent_id]
+        assert (folded_eid, folded.msg_type, folded.metadata, folded.content) == (
+            eid,
+            reply.msg_type,
+            reply.metadata,
+            reply.content,
+        )
+        assert [bytes(b) for b in folded.buffers] == [bytes(b) for b in reply.buffers]
+    assert [serialize.loads(got[f.head[0]][1].buffers) for f in folding] == [0, 1, 2, 3]
+
+
+def _folded(**changes: Any) -> tuple[dict[str, Any], list[bytes]]:
+    columns: dict[str, Any] = {
+        "msg_ids": ["a", "b"],
+        "engine_ids": [0, 1],
+        "engine_uuids": ["u", "v"],
+        "started": ["", ""],
+        "completed": ["", ""],
+        "sizes": [1, 2],
+    }
+    columns.update(changes)
+    return columns, [b"xyz"]
+
+
+@pytest.mark.parametrize(
+    "columns, buffers, msg_ids",
+    [
+        ({**_folded()[0], "sizes": [1, 1]}, [b"xyz"], ["a", "b"]),  # (results do not add up)
+        ({**_folded()[0], "sizes": [-1, 4]}, [b"xyz"], ["a", "b"]),
+        (_folded()[0], [], ["a", "b"]),  # (no frame of results)
+        (_folded(engine_ids=[0, "1"])[0], [b"xyz"], ["a", "b"]),
+        (_folded(engine_ids=[0, True])[0], [b"xyz"], ["a", "b"]),
+        (_folded(started=[""])[0], [b"xyz"], ["a", "b"]),  # (a column short)
+        (_folded(msg_ids=["a", 2])[0], [b"xyz"], ["a"]),
+        ({k: v for k, v in _folded()[0].items() if k != "sizes"}, [b"xyz"], ["a", "b"]),
+        (["a", "b"], [b"xyz"], []),
+        (
+            _folded(msg_ids=[], engine_ids=[], engine_uuids=[], started=[], completed=[], sizes=[])[
+                0
+            ],
+            [b""],
+            [],
+        ),
+    ],
+)
+def test_a_malformed_fold_is_refused_naming_the_replies_it_carried(
+    columns: Any, buffers: list[bytes], msg_ids: list[str]
+) -> None:
+    signer = wire.Wire(KEY)
+    content = {"replies": [["c", 0, "apply_reply", {}, {}, 0]], "folded": columns}
+    _, frames = signer.pack(replies.REPLIES, content, buffers=buffers)
+    with pytest.raises(replies.MalformedReplies, match="malformed replies") as info:
+        replies.unpack(signer.unpack(frames[1:]))
+    assert info.value.msg_ids == ["c", *msg_ids]

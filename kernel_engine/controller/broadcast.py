@@ -19,7 +19,9 @@ client had sent each to ``lane:N`` (an apply) or ``shell:N`` (an execute) itself
 
 The replies to the parts go back to the client together, as one batch message, rather
 than one by one (:mod:`.fanin`): the controller is told the parts' msg_ids (``expect``)
-before the first part is sent.
+before the first part is sent. A client that asks for it (``fold_replies`` in the
+broadcast's content, :data:`kernel_engine.replies.FOLD_ASKED`) gets an apply's replies of
+one common shape folded into columns (:func:`kernel_engine.replies.pack`).
 
 A broadcast is checked whole before any part is sent: its content field by field, its
 metadata and parent as JSON objects, and its msg_ids against every msg_id seen lately or
@@ -36,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from kernel_engine import protocol, wire
+from kernel_engine import protocol, replies, wire
 from kernel_engine.wire import DropLog, Message, SeenWindow
 
 Forward = Callable[[bytes, str, int, Message, list[Any], bool], None]
@@ -85,8 +87,9 @@ class Broadcasts:
         are recorded without their request frames (each record would keep a copy: one
         broadcast of 10,000 parts could otherwise write gigabytes to the task store).
     expect
-        ``expect(client, msg_ids)``: told the parts' msg_ids before any is sent (their
-        replies are gathered, see :class:`~.fanin.FanIn`).
+        ``expect(client, msg_ids, fold)``: told the parts' msg_ids before any is sent
+        (their replies are gathered, see :class:`~.fanin.FanIn`; ``fold``: the client
+        asked for an apply's replies folded, see :data:`kernel_engine.replies.FOLD_ASKED`).
     """
 
     def __init__(
@@ -98,7 +101,7 @@ class Broadcasts:
         send_client: Callable[[list[Any]], None],
         drops: DropLog,
         keep_bytes: int = protocol.MAX_STORED_RESULT,
-        expect: Callable[[bytes, Sequence[str]], None] | None = None,
+        expect: Callable[[bytes, Sequence[str], bool], None] | None = None,
     ):
         self.signer = signer
         self.forward = forward
@@ -136,6 +139,7 @@ class Broadcasts:
         keep = sum(len(f) for f in frames[5:]) * len(request.targets) <= self.keep_bytes
         channel = request.channel
         if self.expect is not None:
-            self.expect(client, request.msg_ids)
+            fold = request.channel == "lane" and msg.content.get(replies.FOLD_ASKED) is True
+            self.expect(client, request.msg_ids, fold)
         for eid, part, part_frames in fan_out(self.signer, request, msg.header, frames):
             self.forward(client, channel, eid, part, part_frames, keep)

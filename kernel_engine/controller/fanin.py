@@ -58,9 +58,10 @@ this process."""
 class _Parts:
     """One broadcast's replies: the msg_ids not answered yet and the replies held."""
 
-    __slots__ = ("deadline", "held", "size", "waiting")
+    __slots__ = ("deadline", "fold", "held", "size", "waiting")
 
-    def __init__(self, msg_ids: Sequence[str]):
+    def __init__(self, msg_ids: Sequence[str], fold: bool = False):
+        self.fold = fold
         self.waiting = set(msg_ids)
         self.held: list[list[Any]] = []
         self.size = 0
@@ -101,15 +102,16 @@ class FanIn:
         self._due: deque[tuple[float, _Parts]] = deque()  # (deadline, parts), in order
         self._size = 0  # bytes held, all broadcasts
 
-    def expect(self, client: bytes, msg_ids: Sequence[str]) -> None:
+    def expect(self, client: bytes, msg_ids: Sequence[str], fold: bool = False) -> None:
         """A broadcast of ``client``'s is about to send its parts (before the first is
-        sent): their replies are to be held (for a jupyter-px receiver only)."""
+        sent): their replies are to be held (for a jupyter-px receiver only); ``fold``:
+        the client asked for them folded (:func:`kernel_engine.replies.pack`)."""
         if len(msg_ids) < 2 or not client.endswith(b":r"):
             return
         if len(self._parts) + len(msg_ids) > MAX_EXPECTED:
             self.release_all()
             self._parts.clear()
-        parts = _Parts(msg_ids)
+        parts = _Parts(msg_ids, fold)
         for msg_id in msg_ids:
             self._parts[msg_id] = parts
 
@@ -123,7 +125,7 @@ class FanIn:
             self.send(frames)
             return
         if head is not None:
-            frames = replies.tag(frames, msg_id, *head)
+            frames = replies.tag(frames, msg_id, *head, fold=parts.fold)
         parts.waiting.discard(msg_id)
         size = sum(map(len, frames))
         parts.held.append(frames)
