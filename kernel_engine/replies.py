@@ -24,6 +24,23 @@ controller made itself, a reply to a request that is not an apply) or what fails
 goes whole, in its place, for the client to check or refuse as before: the order of a
 client's messages is kept.
 
+A broadcast's replies are mostly alike: at 32 engines a noop's or a push's replies cost
+the client about 13 us each, their metadata parsed as 32 JSON objects and their results
+received as 32 frames. So a client that asks for it in its broadcast
+(:data:`FOLD_ASKED`) gets those of one shape, an apply's ``{"status": "ok"}`` with a result
+of one frame under :data:`FOLD_BELOW` bytes and an engine's metadata that printed nothing
+(:data:`FOLD_KEYS`), folded into columns beside the entries::
+
+    content = {"replies": [...], "folded": {"msg_ids": [...], "engine_ids": [...],
+               "engine_uuids": [...], "started": [...], "completed": [...], "sizes": [...]}}
+    buffers = the entries' buffers, then the folded results joined in one frame
+
+The controller parses such a reply's metadata to fold it (about 2 us); the client checks
+every column (its type, its length, the sizes adding up to the last frame) and reads each
+folded reply as it would the reply whole (:func:`folded_reply`). A message malformed in any
+way is refused whole, naming the msg_ids it could read (:class:`MalformedReplies`), so that
+the client fails those tasks instead of waiting for them.
+
 Load-balanced replies are not merged, though the outbox gathers them too: a map on 2
 engines of this 2-core machine is bound by the controller, and merging moved work there
 (the client saved about 25 us a task and the controller spent 15 to 40 more; 10,000-task
