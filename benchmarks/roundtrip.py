@@ -12,11 +12,19 @@ the controller's CPU per call in us (from ``/proc``, every thread), and how the 
 slower than 1 ms are spaced: their median gap in ms (the client sends the controller its
 notices of direct calls every 20 ms, and the controller's work on them is what slows
 those calls on this 2-core machine). Linux only.
+
+A second table says where the slowest calls lose their time: each call's three legs from
+its metadata (``submitted`` to ``started``: the request's way to the engine's lane and its
+reading there; ``started`` to ``completed``: the run; ``completed`` to ``received``: the
+reply's way back), as medians over the fastest half of the calls and over the slowest 5%,
+and the share of those slowest calls during which this process collected garbage
+(``gc.callbacks``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -24,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from lb_cpu import cpu_seconds  # (benchmarks/ is this script's folder)
 
@@ -45,18 +54,39 @@ def child(calls: int, db: str) -> dict[str, float]:
         controller = cluster.controller_pid
         assert controller is not None
         k0, c0 = cpu_seconds(controller), cpu_seconds(os.getpid())
-        starts, took = [], []
+        starts, took, legs = [], [], []
+        collections: list[float] = []  # (when this process began a collection)
         perf = time.perf_counter
-        for _ in range(calls):
-            t0 = perf()
-            view.apply_sync(noop)
-            took.append(perf() - t0)
-            starts.append(t0)
+
+        def collected(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                collections.append(perf())
+
+        gc.callbacks.append(collected)
+        try:
+            for _ in range(calls):
+                t0 = perf()
+                view.apply_sync(noop)
+                took.append(perf() - t0)
+                starts.append(t0)
+                legs.append(_legs(rc.metadata[rc.history[-1]]))
+        finally:
+            gc.callbacks.remove(collected)
         k1, c1 = cpu_seconds(controller), cpu_seconds(os.getpid())
     finally:
         rc.close()
         cluster.stop_cluster_sync()
     q = statistics.quantiles(took, n=100)
+    by_time = sorted(range(calls), key=took.__getitem__)
+    fastest, slowest = by_time[: calls // 2], by_time[calls - max(1, calls // 20) :]
+    leg_medians = {
+        f"{leg}_{part}_ms": statistics.median(legs[i][k] for i in part_ids) * 1e3
+        for k, leg in enumerate(LEGS)
+        for part, part_ids in (("fast", fastest), ("slow", slowest))
+    }
+    with_gc = sum(
+        1 for i in slowest if any(starts[i] <= t <= starts[i] + took[i] for t in collections)
+    )
     slow = [t for t, d in zip(starts, took) if d > 1e-3]
     gaps = [b - a for a, b in itertools.pairwise(slow)]
     return {
@@ -67,7 +97,21 @@ def child(calls: int, db: str) -> dict[str, float]:
         "controller_us": (k1 - k0) / calls * 1e6,
         "slow": len(slow),
         "gap_ms": statistics.median(gaps) * 1e3 if gaps else float("nan"),
+        **leg_medians,
+        "slow_with_gc": with_gc / len(slowest),
     }
+
+
+def _legs(md: dict[str, Any]) -> tuple[float, float, float]:
+    """(submitted to started, started to completed, completed to received) in seconds."""
+    submitted, started, completed, received = (
+        md[k] for k in ("submitted", "started", "completed", "received")
+    )
+    return (
+        (started - submitted).total_seconds(),
+        (completed - started).total_seconds(),
+        (received - completed).total_seconds(),
+    )
 
 
 def main() -> None:
@@ -112,6 +156,19 @@ def main() -> None:
             f"{med['client_us']:.0f} | {med['controller_us']:.0f} | {med['slow']:.0f} | "
             f"{med['gap_ms']:.1f} |"
         )
+    print()
+    print(
+        "| JUPYTER_PX_HERE | to the engine, ms: fastest half / slowest 5% | run, ms | "
+        "back, ms | slowest 5% with a GC here |"
+    )
+    print("|---|---|---|---|---|")
+    for here, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        cells = [f"{med[f'{leg}_fast_ms']:.3f} / {med[f'{leg}_slow_ms']:.3f}" for leg in LEGS]
+        print(f"| {here} | {' | '.join(cells)} | {med['slow_with_gc']:.0%} |")
+
+
+LEGS = ("in", "run", "out")
 
 
 if __name__ == "__main__":
