@@ -168,6 +168,7 @@ class Transport:
         self._broadcasts: BoundedDict[str, tuple[str, ...]] = BoundedDict(1024)
         # engines registered since the controller came back (IO thread)
         self._registered: set[int] = set()
+        self._told_no_engines = False  # (warned that tasks wait with every engine gone)
         # rejoining a controller that answers again: probes sent, their replies, welcomes
         self._probes: dict[str, dict[str, Any] | None] = {}
         self._welcomes: set[str] = set()
@@ -1309,6 +1310,7 @@ class Transport:
             info = protocol.EngineInfo.from_content(content.get("engine")).to_content()
             self.engines[info["id"]] = info
             self._registered.add(info["id"])
+            self._told_no_engines = False
             self.dead.pop(info["id"], None)  # (an engine that came back with its id)
             if self.io.lanes is not None:
                 self.io.lanes.add_engine(info)
@@ -1348,6 +1350,28 @@ class Transport:
                 if req.path in LANE_PATHS:
                     lanes.direct_done(req.msg_id, eid, {"status": "error"})
         self._settle(done)
+        if not self.engines and not self._told_no_engines:
+            self._tell_no_engines(eid, first)
+
+    def _tell_no_engines(self, eid: int, reason: str) -> None:
+        """Every engine is gone: warn (once, until one registers) if tasks of ours still
+        wait in the controller's queue, which would otherwise wait in silence (IO thread)."""
+        with self.requests.lock:
+            waiting = sum(
+                1
+                for req in self.requests.live.values()
+                if req.kind != "hub" and req.engine_id is None and req.outcome is None
+            )
+        if waiting:
+            self._told_no_engines = True
+            log.warning(
+                "jupyter-px client: every engine is gone (the last, engine %d: %s); %d "
+                "load-balanced task(s) of this client wait in the controller's queue until "
+                "an engine registers: start engines, or end them with rc.abort()",
+                eid,
+                reason,
+                waiting,
+            )
 
     def engines_gone(self, reasons: dict[int, str], timeout: float = 10.0) -> None:
         """Apply what the controller said of engines it stopped now, not when its event

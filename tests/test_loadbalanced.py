@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import os
 import signal
 import sys
@@ -654,6 +655,35 @@ def test_killed_engine_in_a_map_with_retries_completes_every_item(cluster_factor
         time.sleep(0.01)
     os.kill(rc.engine_info(1)["pid"], signal.SIGKILL)
     assert amr.get(60) == list(range(60))
+
+
+def test_tasks_left_waiting_when_every_engine_died_are_named_and_can_be_aborted(
+    cluster_factory, caplog
+):
+    """A retried task whose every engine died waits for one to register (as a new one
+    may); the client says so once, rather than leave a wait without end unexplained,
+    and ``abort`` ends them."""
+    _, rc = cluster_factory.start(2)
+    v = rc.load_balanced_view()
+    v.retries = 1
+    with caplog.at_level(logging.WARNING, logger="jupyter_ext"):
+        amr = v.map(lambda x: os._exit(3), range(4))
+        deadline = time.monotonic() + 30
+        while rc.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not rc.ids
+        deadline = time.monotonic() + 10
+        while "every engine is gone" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    told = [r.getMessage() for r in caplog.records if "every engine is gone" in r.getMessage()]
+    assert len(told) == 1, told
+    assert "exited with code 3" in told[0] and "rc.abort()" in told[0]
+    assert not amr.wait(0.5)
+    rc.abort(amr)
+    assert amr.wait(10)
+    with pytest.raises(jx.CompositeError) as info:
+        amr.get()
+    assert any(isinstance(e, jx.TaskAborted) for e in info.value.elist)
 
 
 def test_killed_engine_in_a_map_without_retries_fails_lost_items(cluster_factory):
