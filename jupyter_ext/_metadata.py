@@ -37,6 +37,13 @@ _DEFAULTS: dict[str, Any] = dict.fromkeys(METADATA_KEYS)
 _DEFAULTS.update(stdout="", stderr="")
 
 
+def reply_date(value: Any) -> datetime | None:
+    """A date of an engine's reply (an ISO 8601 string) as an aware ``datetime``, or None
+    for anything else (a naive one could not be compared with the other parts' dates)."""
+    when = parse_date(value) if type(value) is str else None
+    return when if when is not None and when.tzinfo is not None else None
+
+
 class Metadata(dict[str, Any]):
     """A task's metadata: a dict with attribute access (``md.stdout``).
 
@@ -88,30 +95,37 @@ class Metadata(dict[str, Any]):
         self[key] = value
 
     def update_from_reply(self, md: dict[str, Any]) -> None:
-        """Merge an engine reply's metadata (dates parsed, its stdout is the whole stdout)."""
+        """Merge an engine reply's metadata (dates parsed, its stdout is the whole stdout).
+
+        What the engine says is checked by type: a date that is not an aware ISO 8601
+        string reads as None, a text that is not a string is not taken, and its
+        ``engine_id`` is taken only by a task whose engine was not known (a load-balanced
+        one's, which the controller's route names first): an engine that named another
+        engine, or a list, made the parts of a broadcast answered with it wait for ever,
+        and left their msg_ids in the client's books of the engines they were sent to."""
         # (written out, not looped over the keys: a broadcast's replies pass here once a
         # part, and the loops cost a third of it)
         get = md.get
         value = get("started")
         if value:
-            self["started"] = parse_date(value)
+            self["started"] = reply_date(value)
         value = get("completed")
         if value:
-            self["completed"] = parse_date(value)
+            self["completed"] = reply_date(value)
         value = get("engine_uuid")
-        if value is not None:
+        if type(value) is str:
             self["engine_uuid"] = value
         value = get("status")
-        if value is not None:
+        if type(value) is str:
             self["status"] = value
         value = get("stdout")
-        if value is not None:
+        if type(value) is str:
             self["stdout"] = value
         value = get("stderr")
-        if value is not None:
+        if type(value) is str:
             self["stderr"] = value
         value = get("engine_id")
-        if value is not None:
+        if type(value) is int and self.get("engine_id") is None:
             self["engine_id"] = value
 
     def duration(self) -> float:

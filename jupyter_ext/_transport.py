@@ -55,14 +55,13 @@ from kernel_engine.errors import (
     NoEnginesRegistered,
     RemoteError,
 )
-from kernel_engine.wire import parse_date
 
 from ._batch import SubmitBatch
 from ._bounded import BoundedDict, History
 from ._interrupts import deferred_interrupts
 from ._io import IOThread
 from ._lanes import HereSocket
-from ._metadata import ExecuteReply, Metadata
+from ._metadata import ExecuteReply, Metadata, reply_date
 from ._request import LANE_PATHS, Refused, Request, Requests, settle_all
 
 log = logging.getLogger("jupyter_ext")
@@ -1127,9 +1126,9 @@ class Transport:
                     md = req.metadata
                     md["received"] = received
                     if when := started[i]:
-                        md["started"] = parse_date(when)
+                        md["started"] = reply_date(when)
                     if when := completed[i]:
-                        md["completed"] = parse_date(when)
+                        md["completed"] = reply_date(when)
                     md["engine_uuid"] = uuids[i]
                     md["stdout"] = md["stderr"] = ""
                     md["engine_id"] = eid

@@ -634,6 +634,50 @@ def test_merged_replies_read_in_one_pass_are_read_as_one_by_one(rc4, fold: bool)
         assert rc4.results[req.msg_id] is (req.exception() or req.result())
 
 
+def test_an_engines_odd_metadata_neither_stalls_nor_relabels_the_other_parts(rc4) -> None:
+    """An engine holds the cluster's key and may say anything in its replies' metadata;
+    the controller passes it on. A reply naming a list for its engine_id made the table
+    raise while it finished the merged message's parts: every part of it, the other
+    engines' too, waited for ever (and one naming another engine, or a string, left its
+    msg_id in the books of the engine it was sent to). Now each part keeps the engine it
+    was sent to, and only the texts and aware dates of the engine's claims are taken."""
+    reqs = _parts(rc4, 6)
+    engine = wire.Wire(rc4.transport.wire.key, username="engine")
+    signer = wire.Wire(rc4.transport.wire.key, username="controller")
+    eid, at = rc4.ids[0], wire.utcnow_iso()
+    base = {"started": at, "engine_id": eid, "engine_uuid": engine.session}
+    base.update(stdout="", stderr="", completed=at, status="ok")
+    odd: list[dict[str, Any]] = [
+        {"engine_id": [1]},
+        {"engine_id": {"a": 1}},
+        {"engine_id": rc4.ids[1]},
+        {"engine_id": "x", "stdout": 5, "stderr": [], "engine_uuid": [1]},
+        {"started": "2026-01-02T03:04:05", "completed": 7, "status": 3},
+        {},  # (the one of them that folds)
+    ]
+    tagged = []
+    for req, changes in zip(reqs, odd):
+        parent = {"msg_id": req.msg_id, "msg_type": "apply_request", "session": "s"}
+        parent.update(username="u", date=at, version="5.3")
+        md = {**base, **changes}
+        _, frames = engine.pack(protocol.APPLY_REPLY, {"status": "ok"}, parent, md, [b"K\x01."])
+        route = [b"0123456789abcdef:r", str(eid).encode()]
+        tagged.append(replies.tag([*route, *frames], req.msg_id, eid, frames[4], True))
+    (message,) = replies.pack(signer, tagged)
+    assert len(signer.unpack(message[3:]).content["folded"]["msg_ids"]) == 1
+    _take(rc4, [message[1:]], reqs)
+    for req in reqs:
+        md = req.metadata
+        assert req.result() == 1 and md["engine_id"] == eid and md["status"] == "ok"
+        assert type(md["stdout"]) is str and type(md["stderr"]) is str
+        assert md["engine_uuid"] == (None if req is reqs[3] else engine.session)
+        for key in ("started", "completed"):
+            assert md[key] is None or md[key].tzinfo is not None
+    assert reqs[4].metadata["started"] is None and reqs[5].metadata["started"] is not None
+    assert not rc4.transport.requests.busy(eid)  # (nothing left in the books)
+    assert rc4.broadcast_view().apply_sync(abs, -2) == [2] * len(rc4.ids)
+
+
 def test_a_garbled_merged_message_fails_the_tasks_it_names(rc4) -> None:
     """Merged replies the controller garbled (signed, but malformed) fail the parts whose
     msg_ids can be read, saying so, rather than leave them waiting; the client serves on."""

@@ -518,6 +518,22 @@ def test_metadata_many_is_metadata_for_each_part():
     assert mds[0].completed is None and mds[0].stdout == "hi" and mds[0].engine_uuid == "u"
 
 
+def test_metadata_takes_of_an_engines_reply_only_what_is_of_its_type():
+    md = Metadata(msg_id="m", engine_id=3, stdout="", stderr="")
+    md.update_from_reply(
+        {"engine_id": 4, "engine_uuid": [1], "stdout": 5, "stderr": None, "status": {}}
+    )
+    assert md.engine_id == 3 and md.engine_uuid is None and md.stdout == "" and md.stderr == ""
+    assert md.status is None
+    md.update_from_reply({"started": "2026-01-02T03:04:05", "completed": 17})  # (naive, int)
+    assert md.started is None and md.completed is None
+    balanced = Metadata(msg_id="b")  # (its engine unknown until the reply names it)
+    balanced.update_from_reply({"engine_id": [1]})
+    assert balanced.engine_id is None
+    balanced.update_from_reply({"engine_id": 2, "completed": "2026-01-02T03:04:05Z"})
+    assert balanced.engine_id == 2 and balanced.completed.tzinfo is not None
+
+
 def test_a_release_that_fails_loses_no_reply_of_the_batch(caplog):
     t = Table(direct={0, 1})
     reqs = new_parts(t, [0, 1])
