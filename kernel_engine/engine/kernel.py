@@ -175,6 +175,7 @@ class EngineKernel(IPythonKernel):
         if in_subshell():  # (SIGINT reaches the main thread only)
             return await super().do_execute(*args, **kwargs)  # type: ignore[no-any-return]
         outer, Interruptible.armed = Interruptible.armed, True
+        raised = Interruptible.raised
         try:
             if self.interrupt_due():
                 raise KeyboardInterrupt
@@ -184,10 +185,12 @@ class EngineKernel(IPythonKernel):
             return self._execute_failed("KeyboardInterrupt", "interrupted")
         except Exception as exc:
             # (IPython's own steps, cut by an interrupt: its run_cell then raised
-            # UnboundLocalError from a ``finally: return result``; escaping, it left the
-            # cell with no reply, and every later request to the engine waited behind it)
+            # UnboundLocalError from a ``finally: return result``, or, where a bare
+            # ``except: pass`` swallowed the interrupt, from the ``return result`` after
+            # it, with no interrupt in its context; escaping, it left the cell with no
+            # reply, and every later request to the engine waited behind it)
             Interruptible.armed = False
-            if isinstance(exc.__context__, KeyboardInterrupt):
+            if isinstance(exc.__context__, KeyboardInterrupt) or Interruptible.raised != raised:
                 return self._execute_failed("KeyboardInterrupt", f"interrupted ({exc!r:.200})")
             self.log.error("executing a cell failed in the kernel", exc_info=True)
             return self._execute_failed(type(exc).__name__, str(exc))

@@ -71,6 +71,8 @@ class Interruptible:
     cell) runs armed; the engine's own steps around it do not."""
 
     armed = False
+    raised = 0
+    """KeyboardInterrupts raised so far (one that code swallowed still counts)."""
 
 
 def interrupt_user_code(signum: int, frame: Any) -> None:
@@ -79,6 +81,7 @@ def interrupt_user_code(signum: int, frame: Any) -> None:
     while its error was written up, in the swap of handlers back), it left the lane's
     loop and ended the engine, or lost a cell's reply."""
     if Interruptible.armed:
+        Interruptible.raised += 1
         raise KeyboardInterrupt
 
 
