@@ -149,8 +149,11 @@ def main() -> None:
         "controller CPU us/call | calls > 1 ms | their median gap ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for here, runs in rows.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    medians = {
+        here: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for here, runs in rows.items()
+    }
+    for here, med in medians.items():
         print(
             f"| {here} | {med['p50']:.3f} | {med['p90']:.3f} | {med['p99']:.3f} | "
             f"{med['client_us']:.0f} | {med['controller_us']:.0f} | {med['slow']:.0f} | "
@@ -162,8 +165,7 @@ def main() -> None:
         "back, ms | slowest 5% with a GC here |"
     )
     print("|---|---|---|---|---|")
-    for here, runs in rows.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    for here, med in medians.items():
         cells = [f"{med[f'{leg}_fast_ms']:.3f} / {med[f'{leg}_slow_ms']:.3f}" for leg in LEGS]
         print(f"| {here} | {' | '.join(cells)} | {med['slow_with_gc']:.0%} |")
 
