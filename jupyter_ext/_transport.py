@@ -168,6 +168,7 @@ class Transport:
         # engines registered since the controller came back (IO thread)
         self._registered: set[int] = set()
         self._told_no_engines = False  # (warned that tasks wait with every engine gone)
+        self._asked_no_engines = False  # (asked the controller before saying so)
         # rejoining a controller that answers again: probes sent, their replies, welcomes
         self._probes: dict[str, dict[str, Any] | None] = {}
         self._welcomes: set[str] = set()
@@ -306,6 +307,8 @@ class Transport:
         ]
         for info in infos:
             self.engines[info["id"]] = info
+        if infos:
+            self._told_no_engines = False  # (engines again: say it anew when all go)
         lanes = self.io.lanes
         if lanes is not None:
             self.io.call_soon(lambda: lanes.add_engines(infos))
@@ -1350,17 +1353,51 @@ class Transport:
                     lanes.direct_done(req.msg_id, eid, {"status": "error"})
         self._settle(done)
         if not self.engines and not self._told_no_engines:
-            self._tell_no_engines(eid, first)
+            self._check_no_engines(eid, first)
 
-    def _tell_no_engines(self, eid: int, reason: str) -> None:
-        """Every engine is gone: warn (once, until one registers) if tasks of ours still
-        wait in the controller's queue, which would otherwise wait in silence (IO thread)."""
+    def _waiting_unassigned(self) -> int:
+        """Our tasks that wait for the controller to assign them an engine."""
         with self.requests.lock:
-            waiting = sum(
+            return sum(
                 1
                 for req in self.requests.live.values()
                 if req.kind != "hub" and req.engine_id is None and req.outcome is None
             )
+
+    def _check_no_engines(self, eid: int, reason: str) -> None:
+        """Every engine is gone: if tasks of ours may wait in the controller's queue, ask
+        it for its queue, and warn once its answer came (IO thread).
+
+        The controller publishes an engine's end (on iopub) before it sends the replies of
+        the tasks that end with it (those it does not retry, on the reply socket): counted
+        now, tasks failing this very moment were said to wait. Its answer to a request sent
+        now comes after those replies, so the count then is what waits. A controller that
+        stops (its cluster stopping) never answers: nothing is said."""
+        if self._asked_no_engines or self.io.lost or self.closed:
+            return
+        if not self._waiting_unassigned():
+            return
+        self._asked_no_engines = True
+        try:
+            future = self.tell(protocol.QUEUE_REQUEST, protocol.QueueRequest(()))
+        except Exception:
+            self._asked_no_engines = False
+            return
+        answered = functools.partial(self._tell_no_engines, eid, reason)
+        future.add_done_callback(functools.partial(self.io._safely, answered))
+
+    def _tell_no_engines(
+        self, eid: int, reason: str, future: concurrent.futures.Future[Any]
+    ) -> None:
+        """The controller answered (see :meth:`_check_no_engines`): warn (once, until an
+        engine registers) if tasks of ours still wait in its queue, which would otherwise
+        wait in silence."""
+        self._asked_no_engines = False
+        if future.exception() is not None or self.engines or self._told_no_engines:
+            return
+        if self.closed or self.io.lost:
+            return
+        waiting = self._waiting_unassigned()
         if waiting:
             self._told_no_engines = True
             log.warning(

@@ -686,6 +686,53 @@ def test_tasks_left_waiting_when_every_engine_died_are_named_and_can_be_aborted(
     assert any(isinstance(e, jx.TaskAborted) for e in info.value.elist)
 
 
+def test_tasks_that_end_with_the_last_engine_are_not_said_to_wait(cluster_factory, caplog):
+    """The controller publishes an engine's end before the replies of the tasks that end
+    with it: the client counted those as waiting in the queue when the last engine went
+    (80 said to wait of a map's 80 tasks, 64 of which had just failed with their engines;
+    a warning for a map whose every task failed). Only what still waits is counted."""
+    cluster, rc = cluster_factory.start(2)
+    v = rc.load_balanced_view()
+    v.retries = 0
+
+    def unassigned() -> int:
+        return int(rc.queue_status()["unassigned"])
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "every engine is gone" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="jupyter_ext"):
+        amr = v.map(time.sleep, [60] * 80)  # (32 to an engine at most: the rest wait)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = rc.queue_status()
+            if sum(status[i]["tasks"] for i in rc.ids) + status["unassigned"] == 80:
+                break
+            time.sleep(0.05)
+        waiting = unassigned()
+        assert 0 < waiting < 80
+        rc.shutdown()
+        assert not rc.ids
+        assert unassigned() == waiting  # (its answer comes after the client's own question's)
+        assert len(told()) == 1, told()
+        assert f"{waiting} load-balanced task(s)" in told()[0], told()
+        assert len(set(amr.msg_ids) & rc.outstanding) == waiting  # (the rest failed)
+        rc.abort(amr)
+        assert amr.wait(10)
+
+        # engines again, then every task ends with them: nothing waits, nothing is said
+        cluster.start_engines_sync(1)
+        caplog.clear()
+        amr = v.map(time.sleep, [60] * 3)
+        deadline = time.monotonic() + 20
+        while rc.queue_status()[rc.ids[0]]["tasks"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rc.shutdown()
+        assert amr.wait(10)
+        assert unassigned() == 0
+        assert told() == []
+
+
 def test_killed_engine_in_a_map_without_retries_fails_lost_items(cluster_factory):
     _, rc = cluster_factory.start(2)
     v = rc.load_balanced_view()
