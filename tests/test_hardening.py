@@ -715,6 +715,12 @@ def _broken_run_cell(*args, **kwargs):
         except KeyboardInterrupt:
             pass
         raise UnboundLocalError("cannot access local variable 'result'")
+    if {mode!r} == "caught":  # (an interrupt the cell's code handled, then another fault)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
     raise RuntimeError("broken in the kernel")
 
 
@@ -722,19 +728,22 @@ ip.run_cell = _broken_run_cell
 """
 
 
-@pytest.mark.parametrize("mode", ["interrupted", "swallowed", "broken"])
+@pytest.mark.parametrize("mode", ["interrupted", "swallowed", "broken", "caught"])
 def test_a_cell_whose_handling_fails_in_ipython_still_gets_a_reply(rc, mode):
     """An interrupt in IPython's own steps of a cell made its run_cell raise
     UnboundLocalError; escaping the kernel's handler, it left the cell with no reply (the
     flood test above met it about once in five runs on a loaded machine). IPython 9's
     ``_run_cell`` swallows an interrupt in its error handling (``except: pass``) and then
     fails on ``return result``, with no interrupt in the error's context: that one is an
-    interrupt too (the flood test met it in CI on 2026-12-04)."""
+    interrupt too (the flood test met it in CI on 2026-12-04). Another fault of the
+    kernel's steps in a cell whose code had handled an interrupt is itself, not an
+    interrupt (it was reported as KeyboardInterrupt)."""
     rc[0].execute(_BREAK_RUN_CELL.format(mode=mode), block=True)
     ar = rc[0].execute("z = 1", block=False)
-    name = "RuntimeError" if mode == "broken" else "KeyboardInterrupt"
-    with pytest.raises(jx.RemoteError, match=name):
+    name = "RuntimeError" if mode in ("broken", "caught") else "KeyboardInterrupt"
+    with pytest.raises(jx.RemoteError, match=name) as info:
         ar.get(10)
+    assert info.value.ename == name
     assert rc[0].execute("z = 2", block=True).get(10) is not None
     assert rc[0].pull("z", block=True) == 2
 

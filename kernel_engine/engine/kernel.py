@@ -188,9 +188,12 @@ class EngineKernel(IPythonKernel):
             # UnboundLocalError from a ``finally: return result``, or, where a bare
             # ``except: pass`` swallowed the interrupt, from the ``return result`` after
             # it, with no interrupt in its context; escaping, it left the cell with no
-            # reply, and every later request to the engine waited behind it)
+            # reply, and every later request to the engine waited behind it. Only that
+            # error counts the interrupts raised: another fault of the kernel's steps,
+            # in a cell whose code handled an interrupt, is reported as itself)
             Interruptible.armed = False
-            if isinstance(exc.__context__, KeyboardInterrupt) or Interruptible.raised != raised:
+            swallowed = isinstance(exc, UnboundLocalError) and Interruptible.raised != raised
+            if isinstance(exc.__context__, KeyboardInterrupt) or swallowed:
                 return self._execute_failed("KeyboardInterrupt", f"interrupted ({exc!r:.200})")
             self.log.error("executing a cell failed in the kernel", exc_info=True)
             return self._execute_failed(type(exc).__name__, str(exc))
