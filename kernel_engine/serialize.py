@@ -57,13 +57,21 @@ class Reference:
         return f"<Reference {self.name}>"
 
     def resolve(self, namespace: dict[str, Any]) -> Any:
-        """The referenced value in ``namespace``."""
-        if self.name.isidentifier():
+        """The referenced value in ``namespace``: what code naming it there would get."""
+        name = self.name
+        if not name.isidentifier():
+            return eval(compile(name, "<Reference>", "eval"), namespace)
+        if not keyword.iskeyword(name):
             try:
-                return namespace[self.name]
+                return namespace[name]  # (a plain name, as every pull sends: no compile)
             except KeyError:
-                raise NameError(f"name {self.name!r} is not defined on this engine") from None
-        return eval(compile(self.name, "<Reference>", "eval"), namespace)
+                pass
+        # a constant (True, None), a builtin (len), or a name Python reads normalized
+        # (NFKC: code's 'ﬁ = 1' binds 'fi'): looked up as code does
+        try:
+            return eval(compile(name, "<Reference>", "eval"), namespace)
+        except NameError:
+            raise NameError(f"name {name!r} is not defined on this engine") from None
 
 
 class _BytesBuffer:

@@ -171,6 +171,21 @@ def test_reference_resolves_in_namespace():
         serialize.Reference(3)
 
 
+def test_a_reference_of_a_name_finds_what_code_naming_it_finds():
+    """A name was looked up in the namespace alone: ``pull('True')``, ``pull('len')`` and
+    ``pull('\ufb01')`` after a cell ran ``\ufb01 = 1`` (Python reads the name normalized:
+    'fi') raised NameError on the engine, where IPython Parallel's pull (an eval) gives
+    the value."""
+    ns: dict[str, object] = {"fi": 1, "len": "shadowed"}
+    assert serialize.Reference("True").resolve(ns) is True
+    assert serialize.Reference("None").resolve(ns) is None
+    assert serialize.Reference("abs").resolve(ns) is abs
+    assert serialize.Reference("len").resolve(ns) == "shadowed"  # (the namespace's first)
+    assert serialize.Reference("\ufb01").resolve(ns) == 1
+    with pytest.raises(NameError, match="'absent' is not defined on this engine"):
+        serialize.Reference("absent").resolve(ns)
+
+
 def test_references_and_interactive_functions_are_found_inside_arguments():
     ns = {"g": [10, 20], "a": 1}
 
