@@ -121,20 +121,11 @@ class EngineOrder:
         (the first of them, if several failed)."""
         error: Exception | None = None
         with self.lock:
-            engine_of, engines = self._engine_of, self._engines
             for msg_id in msg_ids:
-                eid = engine_of.pop(msg_id, None)
-                state = engines.get(eid) if eid is not None else None
-                if state is None or eid is None:
-                    continue
-                state.inflight -= 1
-                if state.inflight == 0 and state.waiting:  # (released the way of done)
-                    engine_of[msg_id] = eid
-                    state.inflight = 1
-                    try:
-                        self.done(msg_id, send)
-                    except Exception as exc:
-                        error = error or exc
+                try:
+                    self.done(msg_id, send)
+                except Exception as exc:
+                    error = error or exc
         if error is not None:
             raise error
 

@@ -535,21 +535,8 @@ class Requests:
             self.order.done_all([req.msg_id for req in reqs], release)
         except Exception:  # (a release whose send failed: these replies are still taken)
             log.exception("jupyter-px client: sending the requests held behind a reply")
-        live, by_engine = self.live, self._by_engine
         for req in reqs:
-            req.state = DONE
-            if req.frames is not None:
-                req.frames = None
-            if req.unsent is not None:
-                req.unsent.set()
-            msg_id = req.msg_id
-            live.pop(msg_id, None)
-            eid: int = req.metadata["engine_id"]  # (each has one: see replied_all)
-            held = by_engine.get(eid)
-            if held is not None:
-                held.pop(msg_id, None)
-                if not held:
-                    del by_engine[eid]
+            self._finish(req)
 
     def _releaser(self, send: Send) -> Callable[[str, str], bool]:
         return lambda msg_id, path: self._release(msg_id, path, send)

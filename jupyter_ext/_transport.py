@@ -61,7 +61,7 @@ from ._bounded import BoundedDict, History
 from ._interrupts import deferred_interrupts
 from ._io import IOThread
 from ._lanes import HereSocket
-from ._metadata import ExecuteReply, Metadata, reply_date
+from ._metadata import ExecuteReply, Metadata
 from ._request import LANE_PATHS, Refused, Request, Requests, settle_all
 
 log = logging.getLogger("jupyter_ext")
@@ -1058,7 +1058,7 @@ class Transport:
         one pass, without the objects and calls of the general way (:meth:`_take_one`),
         which takes every other reply, and any that fails here, with the same outcome."""
         try:
-            rows, buffers, columns = replies.rows(msg)
+            got = replies.parts(msg)
         except replies.MalformedReplies as exc:
             self._fail_malformed(exc)
             raise
@@ -1066,10 +1066,7 @@ class Transport:
         taken: dict[str, tuple[tuple[bool, Any], int | None]] = {}
         live, probes, loads = self.requests.live, self._probes, serialize.loads
         pickle_loads = pickle.loads  # (a result of one frame: what serialize.loads does)
-        pos = 0
-        for msg_id, eid, msg_type, reply_md, content, n in rows:
-            bufs = buffers[pos : pos + n]
-            pos += n
+        for msg_id, eid, msg_type, reply_md, content, bufs in got:
             req = live.get(msg_id)
             if (
                 req is not None
@@ -1085,61 +1082,18 @@ class Transport:
                         md["engine_id"] = eid
                     md["received"] = received
                     md.update_from_reply(reply_md)
-                    value = loads(bufs) if n != 1 else pickle_loads(bufs[0])
+                    value = loads(bufs) if len(bufs) != 1 else pickle_loads(bufs[0])
                 except Exception:  # (a result that does not load: the general way says so)
                     pass
                 else:
                     md["status"] = "ok"
-                    if n and (size := sum(map(len, bufs))) >= WEIGHED_FROM:
+                    if bufs and (size := sum(map(len, bufs))) >= WEIGHED_FROM:
                         req.nbytes = size
                     taken[msg_id] = (True, value), eid
                     continue
             reply = replies.Reply(msg_id, msg_type, reply_md, content, bufs)
             self.io._safely(self._take_one, reply, eid, taken, received)
-        if columns is not None:
-            self._take_folded(columns, taken, received)
         self._take_all(taken)
-
-    def _take_folded(
-        self,
-        columns: replies.Columns,
-        taken: dict[str, tuple[tuple[bool, Any], int | None]],
-        received: datetime,
-    ) -> None:
-        """The folded replies of a merged message, read into ``taken`` (see
-        :meth:`_take_replies`): each one's metadata is what :meth:`.Metadata.update_from_reply`
-        makes of the engine's (``stdout`` and ``stderr`` empty, ``status`` ok), its result
-        its one frame."""
-        live, probes, pickle_loads = self.requests.live, self._probes, pickle.loads
-        msg_ids, engine_ids, uuids, started, completed, results = columns
-        for i, msg_id in enumerate(msg_ids):
-            req = live.get(msg_id)
-            if (
-                req is not None
-                and req.kind != "hub"
-                and msg_id not in taken
-                and msg_id not in probes
-            ):
-                try:
-                    value = pickle_loads(results[i])
-                except Exception:  # (the general way says so)
-                    pass
-                else:
-                    eid = engine_ids[i]
-                    md = req.metadata
-                    md["received"] = received
-                    if when := started[i]:
-                        md["started"] = reply_date(when)
-                    if when := completed[i]:
-                        md["completed"] = reply_date(when)
-                    md["engine_uuid"] = uuids[i]
-                    md["stdout"] = md["stderr"] = ""
-                    md["engine_id"] = eid
-                    md["status"] = "ok"
-                    taken[msg_id] = (True, value), eid
-                    continue
-            eid, reply = replies.folded_reply(columns, i)
-            self.io._safely(self._take_one, reply, eid, taken, received)
 
     def _fail_malformed(self, exc: replies.MalformedReplies) -> None:
         """The controller sent a malformed merged message: the tasks of ours it names fail

@@ -37,7 +37,7 @@ of one frame under :data:`FOLD_BELOW` bytes and an engine's metadata that printe
 
 The controller parses such a reply's metadata to fold it (about 2 us); the client checks
 every column (its type, its length, the sizes adding up to the last frame) and reads each
-folded reply as it would the reply whole (:func:`folded_reply`). A message malformed in any
+folded reply as it would the reply whole (:func:`parts`). A message malformed in any
 way is refused whole, naming the msg_ids it could read (:class:`MalformedReplies`), so that
 the client fails those tasks instead of waiting for them.
 
@@ -342,14 +342,30 @@ def _readable(content: dict[str, Any]) -> list[str]:
     return out[:MAX_REPLIES]
 
 
-def folded_reply(columns: Columns, i: int) -> tuple[int, Reply]:
-    """(engine id, reply) of the ``i``-th folded reply of ``columns``, as the engine sent
-    it."""
-    msg_ids, engine_ids, uuids, started, completed, results = columns
-    eid = engine_ids[i]
-    metadata = {"started": started[i], "engine_id": eid, "engine_uuid": uuids[i]}
-    metadata.update(stdout="", stderr="", completed=completed[i], status="ok")
-    return eid, Reply(msg_ids[i], APPLY_REPLY, metadata, {"status": "ok"}, [results[i]])
+Part = tuple[str, int, str, dict[str, Any], dict[str, Any], list[Any]]
+"""A reply of a :data:`REPLIES` message, checked: (parent msg_id, engine id, msg_type,
+metadata, content, buffers)."""
+
+
+def parts(msg: wire.Message) -> list[Part]:
+    """Each reply a verified :data:`REPLIES` message carries: its entries, then its folded
+    replies, each as the engine sent it.
+
+    Raises :class:`MalformedReplies` when it is malformed (nothing is unpacked then)."""
+    entries, buffers, columns = rows(msg)
+    out: list[Part] = []
+    pos = 0
+    for msg_id, engine_id, msg_type, metadata, content, n in entries:
+        out.append((msg_id, engine_id, msg_type, metadata, content, buffers[pos : pos + n]))
+        pos += n
+    if columns is not None:
+        msg_ids, engine_ids, uuids, started, completed, results = columns
+        for i, msg_id in enumerate(msg_ids):
+            eid = engine_ids[i]
+            metadata = {"started": started[i], "engine_id": eid, "engine_uuid": uuids[i]}
+            metadata.update(stdout="", stderr="", completed=completed[i], status="ok")
+            out.append((msg_id, eid, APPLY_REPLY, metadata, {"status": "ok"}, [results[i]]))
+    return out
 
 
 def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
@@ -357,12 +373,4 @@ def unpack(msg: wire.Message) -> list[tuple[int, Reply]]:
 
     Raises :class:`~kernel_engine.wire.MessageError` when it is malformed (nothing is
     unpacked then)."""
-    entries, buffers, columns = rows(msg)
-    out: list[tuple[int, Reply]] = []
-    pos = 0
-    for msg_id, engine_id, msg_type, metadata, content, n in entries:
-        out.append((engine_id, Reply(msg_id, msg_type, metadata, content, buffers[pos : pos + n])))
-        pos += n
-    if columns is not None:
-        out += [folded_reply(columns, i) for i in range(len(columns[0]))]
-    return out
+    return [(eid, Reply(m, t, md, content, bufs)) for m, eid, t, md, content, bufs in parts(msg)]
