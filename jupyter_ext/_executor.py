@@ -81,7 +81,9 @@ class ViewExecutor(concurrent.futures.Executor):
         """
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
-        _check_timeout(timeout)
+        # (a negative timeout has passed already, as in ``concurrent.futures``: only the
+        # results there are given)
+        protocol.check_seconds("timeout", timeout, past=True)
         chunksize = protocol.check_int("chunksize", chunksize, 1, protocol.MAX_IDS)
         kwargs: dict[str, Any] = {}
         if chunksize != 1 and not isinstance(self.view, DirectView):
@@ -104,12 +106,6 @@ class ViewExecutor(concurrent.futures.Executor):
                 self.view.abort(mine)
         if wait:
             self.view.wait()
-
-
-def _check_timeout(timeout: Any) -> None:
-    """A number of seconds or None; a negative one has passed already (as in
-    ``concurrent.futures``: only the results there are given)."""
-    protocol.check_seconds("timeout", timeout, past=True)
 
 
 def _results(ar: AsyncResult, deadline: float | None) -> Iterator[Any]:

@@ -47,6 +47,7 @@ from kernel_engine import protocol
 from kernel_engine.wire import LEN_IS_BYTES, PROTOCOL_VERSION, parse_date
 
 from .query import DEFAULT_KEYS, check_keys, check_query, matches
+from .sqlite_store import MAX_OUTPUT, TRUNCATED
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +419,6 @@ class Hub:
         """Keep what a task printed, in memory, when its reply will not carry it (a
         function call's reply has its output in its metadata): up to the file's limit per
         record, and :attr:`max_result_bytes` / 4 characters in all, the oldest dropped."""
-        from .sqlite_store import MAX_OUTPUT, TRUNCATED
-
         record = self.records.get(msg_id)
         if record is None or record.msg_type == protocol.APPLY_REQUEST:
             return
